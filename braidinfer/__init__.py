@@ -1,0 +1,34 @@
+"""Braid's inference engine: paged KV cache with exact prefix reuse, continuous batching, streaming.
+
+    from braidinfer import LLM, SamplingParams
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    "LLM": "braidinfer.llm",
+    "EngineConfig": "braidinfer.config",
+    "SamplingParams": "braidinfer.sampling_params",
+    "RequestOutput": "braidinfer.outputs",
+    "CompletionChunk": "braidinfer.outputs",
+    "Usage": "braidinfer.outputs",
+    "BraidError": "braidinfer.errors",
+    "InvalidRequestError": "braidinfer.errors",
+}
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from braidinfer.config import EngineConfig
+    from braidinfer.errors import BraidError, InvalidRequestError
+    from braidinfer.llm import LLM
+    from braidinfer.outputs import CompletionChunk, RequestOutput, Usage
+    from braidinfer.sampling_params import SamplingParams
+
+
+def __getattr__(name: str):
+    # Lazy, so that importing one submodule (or `braid --help`) does not load torch and transformers.
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'braidinfer' has no attribute {name!r}")

@@ -1,0 +1,92 @@
+"""`braid`: generate text or chat in the terminal with any model the engine can load."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from braidinfer.errors import BraidError
+from braidinfer.sampling_params import SamplingParams
+
+DESCRIPTION = """Braid: a local LLM engine with exact KV reuse.
+
+  braid generate "Why is the sky blue?"     stream one answer (chat template applied; --raw to skip it)
+  braid chat                                 interactive multi-turn chat; earlier turns are served from the KV cache
+
+Without --model the embedded SmolLM2-135M-Instruct (CPU-friendly, no download) is used. --model takes a local
+Hugging Face model directory, a .gguf file, or a hub id already in the local Hugging Face cache."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="braid", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", default=None, help="model directory, .gguf file or cached hub id (default: embedded)")
+    common.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    common.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    common.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate per answer")
+    common.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    common.add_argument("--top-p", type=float, default=1.0)
+    common.add_argument("--top-k", type=int, default=0)
+    common.add_argument("--seed", type=int, default=None)
+    common.add_argument("--stats", action="store_true", help="print token counts (incl. cached) after each answer")
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", parents=[common], help="stream an answer to one prompt")
+    g.add_argument("prompt", help="the prompt text")
+    g.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    c = sub.add_parser("chat", parents=[common], help="interactive multi-turn chat (empty line or Ctrl-D ends)")
+    c.add_argument("--system", default=None, help="system prompt")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                top_k=args.top_k, seed=args.seed)
+        from braidinfer.llm import LLM  # imported late so --help stays fast
+
+        with LLM(model=args.model, device=args.device, dtype=args.dtype) as llm:
+            if args.command == "generate":
+                prompt = args.prompt if args.raw else llm.apply_chat_template([{"role": "user", "content": args.prompt}])
+                _answer(llm, prompt, params, args.stats)
+            else:
+                _chat(llm, params, args.system, args.stats)
+    except BraidError as e:
+        print(f"braid: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _answer(llm, prompt, params: SamplingParams, stats: bool) -> str:
+    parts = []
+    for chunk in llm.stream_chunks(prompt, params):
+        parts.append(chunk.text)
+        print(chunk.text, end="", flush=True)
+        if chunk.usage is not None and stats:
+            u = chunk.usage
+            print(f"\n[prompt {u.prompt_tokens} tokens ({u.cached_prompt_tokens} cached), "
+                  f"completion {u.completion_tokens}, finish: {chunk.finish_reason}]", file=sys.stderr, end="")
+    print()
+    return "".join(parts)
+
+
+def _chat(llm, params: SamplingParams, system: str | None, stats: bool) -> None:
+    messages = [{"role": "system", "content": system}] if system else []
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        if interactive:
+            print("braid> ", end="", flush=True)
+        reply = _answer(llm, llm.apply_chat_template(messages), params, stats)
+        messages.append({"role": "assistant", "content": reply})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

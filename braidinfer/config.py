@@ -1,0 +1,61 @@
+"""Engine configuration: validated once at construction, then passed down (never patched at run time)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from braidinfer.errors import InvalidRequestError
+
+
+class EngineConfig(BaseModel):
+    """How to load the model and size the engine. Values discovered at run time (page count, eos ids) live elsewhere."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str | None = None
+    """A local model directory, a `.gguf` file, a hub id in the local Hugging Face cache, or None for the embedded model."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights and KV dtype; auto = bfloat16 on CUDA, float32 on CPU."""
+    device: str | None = None
+    """"cpu", "cuda" or "cuda:N"; None picks CUDA when available."""
+    page_size: int = Field(16, ge=1, le=1024)
+    """Tokens per KV page."""
+    max_num_seqs: int = Field(64, ge=1)
+    """Most sequences decoded together in one step."""
+    max_num_batched_tokens: int = Field(2048, ge=16)
+    """Most tokens (prefill chunks plus decodes) in one forward pass; long prompts are prefilled in chunks of this size."""
+    max_model_len: int | None = Field(None, ge=2)
+    """Longest prompt plus output; defaults to the model's max_position_embeddings."""
+    gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
+    """Fraction of the GPU's memory the engine may use in total (weights, activations and KV pages)."""
+    cpu_kv_cache_bytes: int = Field(1 << 30, ge=1 << 16)
+    """KV page pool size on the CPU, in bytes."""
+    num_kv_pages: int | None = Field(None, ge=1)
+    """Exact number of KV pages, overriding the memory-based sizing (useful in tests)."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV of any identical, already computed page-aligned prompt prefix."""
+    seed: int = 0
+    """Seed of the engine's generator for requests that give none."""
+    progress: bool = True
+    """Show progress bars while loading."""
+
+    def __init__(self, **data):
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise InvalidRequestError(_describe(e)) from None
+
+    @model_validator(mode="after")
+    def _check_device(self):
+        if self.device is not None and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        return self
+
+
+def _describe(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "config"
+        parts.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
+    return "invalid engine configuration: " + "; ".join(parts)

@@ -1,0 +1,196 @@
+"""The single-threaded engine core: schedule -> run the model -> sample -> postprocess, one step at a time.
+
+Not thread-safe: `LLM` owns one engine in one loop thread and feeds it requests from any thread.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from braidinfer.config import EngineConfig
+from braidinfer.detokenizer import IncrementalDetokenizer
+from braidinfer.errors import InvalidRequestError, RequestFailedError
+from braidinfer.kv.page_manager import PageManager
+from braidinfer.loader import resolve_model
+from braidinfer.models import ModelConfig, model_class
+from braidinfer.outputs import CompletionChunk, Usage
+from braidinfer.runner import ModelRunner
+from braidinfer.sampler import Sampler, make_generator
+from braidinfer.sampling_params import SamplingParams
+from braidinfer.scheduler import Scheduler
+from braidinfer.sequence import Sequence
+from braidinfer.weights import load_model
+
+log = logging.getLogger(__name__)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.source = resolve_model(config.model)
+        self.model_config = ModelConfig.from_hf_config(self.source.hf_config)
+        cls = model_class(self.model_config)  # fails fast on an unsupported architecture
+        self.device = _pick_device(config.device)
+        self.dtype = _DTYPES[config.dtype] if config.dtype != "auto" else (
+            torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.tokenizer = self.source.load_tokenizer()
+        self.model = load_model(cls, self.model_config, self.source, self.device, self.dtype, config.progress)
+        self.max_model_len = min(config.max_model_len or 1 << 62, self.model_config.max_position_embeddings)
+        self.eos_token_ids = self._eos_token_ids()
+        num_pages = config.num_kv_pages or self._num_pages_that_fit()
+        self.pages = PageManager(num_pages, config.page_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.pages, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.model_config, num_pages, config.page_size, self.device, self.dtype)
+        self.sampler = Sampler()
+        self.generator = make_generator(config.seed, self.device)
+        self.requests: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+
+    # --- requests --------------------------------------------------------------------------------------------
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a prompt (a string is encoded with the tokenizer's special tokens, e.g. BOS)."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt is empty")
+            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        ids = list(prompt)
+        if not ids:
+            raise InvalidRequestError("prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"prompt token ids must be ints in [0, {vocab}); got {bad[:5]}")
+        return ids
+
+    def make_sequence(self, prompt: str | list[int], params: SamplingParams | None = None,
+                      sink: Callable[[CompletionChunk], None] | None = None,
+                      request_id: str | None = None) -> Sequence:
+        """Validates a request and builds its sequence, without touching engine state (safe from any thread)."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"params must be SamplingParams, got {type(params).__name__}")
+        ids = self.tokenize(prompt)
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt has {len(ids)} tokens but the model's context is {self.max_model_len} tokens "
+                "(prompt plus at least one generated token must fit)")
+        max_tokens = min(params.max_tokens, self.max_model_len - len(ids))
+        capacity = self.pages.num_pages * self.pages.page_size
+        if len(ids) + max_tokens > capacity:
+            raise InvalidRequestError(
+                f"request needs up to {len(ids) + max_tokens} tokens of KV cache but the page pool holds {capacity}; "
+                "lower max_tokens or give the engine more KV memory")
+        seq = Sequence(request_id or f"req-{next(self._ids)}", ids, params, max_tokens, sink)
+        seq.generator = make_generator(params.seed, self.device) if params.seed is not None else self.generator
+        seq.detokenizer = IncrementalDetokenizer(
+            self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens, stop=params.stop,
+            include_stop_str_in_output=params.include_stop_str_in_output)
+        return seq
+
+    def add(self, seq: Sequence) -> None:
+        if seq.request_id in self.requests:
+            raise InvalidRequestError(f"request id {seq.request_id!r} is already running")
+        self.requests[seq.request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> None:
+        """Ends a request now and frees its pages; unknown or finished ids are ignored."""
+        seq = self.requests.get(request_id)
+        if seq is not None:
+            self._finish(seq, "abort", "")
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # --- the step ---------------------------------------------------------------------------------------------
+    def step(self) -> None:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return
+        logits, sample_idx = self.runner.run(batch)
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+            self.scheduler.commit(seq)
+        if not sample_idx:
+            return
+        seqs = [batch.seqs[i] for i in sample_idx]
+        out = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        for seq, token, lp in zip(seqs, out.token_ids.tolist(), out.logprobs):
+            self._append(seq, token, lp)
+
+    def _append(self, seq: Sequence, token: int, logprobs: Any) -> None:
+        seq.token_ids.append(token)
+        if logprobs is not None:
+            seq.logprobs.append(logprobs)
+        params, det = seq.params, seq.detokenizer
+        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
+            reason, delta = "stop", det.flush()  # the stop token itself is never part of the text
+        else:
+            delta, stopped = det.add(token)
+            reason = "stop" if stopped else None
+            if reason is None and (seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len):
+                reason, delta = "length", delta + det.flush()
+        if reason is None:
+            self._emit(seq, delta, [token], logprobs)
+        else:
+            self._finish(seq, reason, delta, [token], logprobs)
+
+    def _finish(self, seq: Sequence, reason: str, delta: str, token_ids: list[int] | None = None,
+                logprobs: Any = None, error: BaseException | None = None) -> None:
+        self.scheduler.finish(seq, reason)
+        self.requests.pop(seq.request_id, None)
+        self._emit(seq, delta, token_ids or [], logprobs, reason, error)
+
+    def _emit(self, seq: Sequence, delta: str, token_ids: list[int], logprobs: Any,
+              reason: str | None = None, error: BaseException | None = None) -> None:
+        if seq.sink is None:
+            return
+        usage = None
+        if reason is not None:
+            usage = Usage(seq.num_prompt_tokens, seq.num_cached_prompt_tokens or 0, seq.num_output_tokens)
+        seq.sink(CompletionChunk(seq.request_id, delta, token_ids, reason, usage,
+                                 [logprobs] if logprobs is not None else [], error))
+
+    def fail_all(self, error: BaseException) -> None:
+        """Fails every request with `error` (after an exception inside a step) and frees their pages."""
+        wrapped = error if isinstance(error, RequestFailedError) else RequestFailedError(
+            f"request failed inside the engine: {type(error).__name__}: {error}")
+        wrapped.__cause__ = error if wrapped is not error else None
+        for seq in list(self.requests.values()):
+            self._finish(seq, "error", "", error=wrapped)
+
+    # --- sizing -----------------------------------------------------------------------------------------------
+    def _eos_token_ids(self) -> frozenset[int]:
+        ids = set(self.model_config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return frozenset(ids)
+
+    def page_bytes(self) -> int:
+        c = self.model_config
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return c.num_hidden_layers * 2 * c.num_key_value_heads * self.config.page_size * c.head_dim * elem
+
+    def _num_pages_that_fit(self) -> int:
+        if self.device.type != "cuda":
+            return max(1, self.config.cpu_kv_cache_bytes // self.page_bytes())
+        free, total = torch.cuda.mem_get_info(self.device)
+        c, elem = self.model_config, torch.empty((), dtype=self.dtype).element_size()
+        # Activations of the largest step (a few hidden/intermediate-wide buffers per token) and its logits.
+        activations = self.config.max_num_batched_tokens * (8 * c.hidden_size + 4 * c.intermediate_size) * elem
+        activations += self.config.max_num_seqs * c.vocab_size * 4 * 3
+        budget = total * self.config.gpu_memory_utilization - (total - free) - activations
+        return max(1, int(budget // self.page_bytes()))
+
+
+def _pick_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidRequestError(f"device {device!r} was asked for but CUDA is not available")
+    return torch.device(device)

@@ -1,0 +1,205 @@
+"""The public entry point: `LLM(model=...)` with generate / stream / chat, from threads or asyncio alike."""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator, Sequence as Seq
+from typing import Any
+
+from braidinfer.config import EngineConfig
+from braidinfer.engine import LLMEngine
+from braidinfer.engine_loop import AsyncChannel, EngineLoop, SyncChannel
+from braidinfer.errors import InvalidRequestError
+from braidinfer.outputs import CompletionChunk, RequestOutput
+from braidinfer.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """A loaded model behind a single engine thread; every method may be called from any thread or task.
+
+    >>> llm = LLM()                                   # the embedded SmolLM2-135M-Instruct
+    >>> llm.chat([{"role": "user", "content": "Hi"}]).text
+    """
+
+    def __init__(self, model: str | None = None, **kwargs: Any):
+        """`model`: a local model directory, a `.gguf` file, a hub id in the local Hugging Face cache, or None for
+        the embedded default model. Other keyword arguments are `EngineConfig` fields (dtype, device,
+        max_num_seqs, max_num_batched_tokens, enable_prefix_caching, ...)."""
+        self.config = EngineConfig(model=model, **kwargs)
+        self.engine = LLMEngine(self.config)
+        self.tokenizer = self.engine.tokenizer
+        self._loop = EngineLoop(self.engine)
+
+    # --- lifecycle ---------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stops the engine thread; requests still running end with an error."""
+        self._loop.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- requests ----------------------------------------------------------------------------------------------
+    def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Runs a batch to completion. `prompts`: a string, a list of token ids, or a list of either.
+        `params`: one SamplingParams for all prompts or one per prompt. Returns outputs in prompt order."""
+        prompt_list = _as_prompt_list(prompts)
+        param_list = _as_param_list(params, len(prompt_list))
+        channels = [SyncChannel() for _ in prompt_list]
+        # Validate every request before submitting any, so a bad prompt costs no work.
+        seqs = [self.engine.make_sequence(p, sp, sink=c.put) for p, sp, c in zip(prompt_list, param_list, channels)]
+        streams = [self._start(seq, c) for seq, c in zip(seqs, channels)]
+        try:
+            return [_collect(s) for s in streams]
+        finally:
+            for s in streams:
+                s.cancel()
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
+        """Yields text deltas as they become final. Leaving the loop early cancels the request."""
+        for chunk in self.stream_chunks(prompt, params):
+            if chunk.text:
+                yield chunk.text
+
+    def stream_chunks(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[CompletionChunk]:
+        """Yields CompletionChunks; the last one has finish_reason and usage. Leaving early cancels the request."""
+        stream = self._submit(prompt, params, SyncChannel())
+        try:
+            while True:
+                chunk = stream.channel.get()
+                _raise_if_failed(chunk)
+                yield chunk
+                if chunk.finish_reason is not None:
+                    stream.done = True
+                    return
+        finally:
+            stream.cancel()
+
+    async def astream(self, prompt: Prompt, params: SamplingParams | None = None) -> AsyncIterator[str]:
+        """Async text deltas; no thread per request. Cancelling the task or closing the iterator cancels the request."""
+        async for chunk in self.astream_chunks(prompt, params):
+            if chunk.text:
+                yield chunk.text
+
+    async def astream_chunks(self, prompt: Prompt, params: SamplingParams | None = None
+                             ) -> AsyncIterator[CompletionChunk]:
+        stream = self._submit(prompt, params, AsyncChannel(asyncio.get_running_loop()))
+        try:
+            while True:
+                chunk = await stream.channel.get()
+                _raise_if_failed(chunk)
+                yield chunk
+                if chunk.finish_reason is not None:
+                    stream.done = True
+                    return
+        finally:
+            stream.cancel()
+
+    async def agenerate(self, prompt: Prompt, params: SamplingParams | None = None) -> RequestOutput:
+        """Async single-request generate."""
+        stream = self._submit(prompt, params, AsyncChannel(asyncio.get_running_loop()))
+        acc = _Accumulator()
+        try:
+            while acc.add(await stream.channel.get()):
+                pass
+        finally:
+            stream.cancel()
+        return acc.output(stream.prompt_token_ids)
+
+    def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None, **template_kwargs: Any
+             ) -> RequestOutput:
+        """Applies the model's chat template (with add_generation_prompt) and generates the assistant's reply.
+        Extra keyword arguments go to the template (e.g. tools=..., enable_thinking=False)."""
+        return self.generate([self.apply_chat_template(messages, **template_kwargs)], params)[0]
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], **template_kwargs: Any) -> list[int]:
+        """Token ids of a conversation rendered by the model's chat template, ready for the assistant's turn."""
+        if not messages:
+            raise InvalidRequestError("messages is empty")
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise InvalidRequestError("the model's tokenizer has no chat template")
+        template_kwargs.setdefault("add_generation_prompt", True)
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, **template_kwargs)
+        except Exception as e:  # jinja errors: a template that cannot render these messages
+            raise InvalidRequestError(f"the chat template cannot render these messages: {e}") from e
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def cache_stats(self) -> dict[str, int | float]:
+        """Pages free / cached / in use, hit rate and tokens served from the prefix cache."""
+        return self._loop.call(self.engine.pages.stats)
+
+    # --- internals ---------------------------------------------------------------------------------------------
+    def _submit(self, prompt: Prompt, params: SamplingParams | None, channel) -> _Stream:
+        return self._start(self.engine.make_sequence(prompt, params, sink=channel.put), channel)
+
+    def _start(self, seq, channel) -> _Stream:
+        stream = _Stream(self._loop, seq.request_id, seq.token_ids[:], channel)
+        self._loop.submit(seq)
+        return stream
+
+
+class _Stream:
+    def __init__(self, loop: EngineLoop, request_id: str, prompt_token_ids: list[int], channel):
+        self.loop, self.request_id, self.channel = loop, request_id, channel
+        self.prompt_token_ids = prompt_token_ids
+        self.done = False
+
+    def cancel(self) -> None:
+        if not self.done:
+            self.done = True
+            self.loop.abort(self.request_id)
+
+
+class _Accumulator:
+    def __init__(self):
+        self.text, self.token_ids, self.logprobs, self.last = [], [], [], None
+
+    def add(self, chunk: CompletionChunk) -> bool:
+        """Takes one chunk; False once the request has finished (raises if it failed)."""
+        _raise_if_failed(chunk)
+        self.text.append(chunk.text)
+        self.token_ids.extend(chunk.token_ids)
+        self.logprobs.extend(chunk.logprobs)
+        self.last = chunk
+        return chunk.finish_reason is None
+
+    def output(self, prompt_token_ids: list[int]) -> RequestOutput:
+        last = self.last
+        return RequestOutput(last.request_id, prompt_token_ids, "".join(self.text), self.token_ids,
+                             last.finish_reason, last.usage, self.logprobs)
+
+
+def _collect(stream: _Stream) -> RequestOutput:
+    acc = _Accumulator()
+    while acc.add(stream.channel.get()):
+        pass
+    stream.done = True
+    return acc.output(stream.prompt_token_ids)
+
+
+def _raise_if_failed(chunk: CompletionChunk) -> None:
+    if chunk.error is not None:
+        raise chunk.error
+
+
+def _as_prompt_list(prompts) -> list[Prompt]:
+    if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        return [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise InvalidRequestError("no prompts given")
+    return prompts
+
+
+def _as_param_list(params, n: int) -> list[SamplingParams | None]:
+    if params is None or isinstance(params, SamplingParams):
+        return [params] * n
+    params = list(params)
+    if len(params) != n:
+        raise InvalidRequestError(f"got {len(params)} SamplingParams for {n} prompts")
+    return params

@@ -1,0 +1,77 @@
+"""Architecture-independent description of a decoder-only transformer, read from a Hugging Face config dict."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from braidinfer.errors import InvalidModelError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape and numerics of a model; everything a model file needs to build itself."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> ModelConfig:
+        """Reads a config.json-style dict; missing required keys give an InvalidModelError naming them."""
+        archs = cfg.get("architectures") or []
+        architecture = archs[0] if archs else _architecture_from_model_type(cfg.get("model_type"))
+        required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
+        missing = [k for k in required if k not in cfg]
+        if missing:
+            raise InvalidModelError(f"model config lacks required keys: {', '.join(missing)}")
+        num_heads = cfg["num_attention_heads"]
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+        rope_theta = cfg.get("rope_theta")
+        rope_scaling = cfg.get("rope_scaling")
+        params = cfg.get("rope_parameters")  # transformers >= 5 folds theta and scaling into one dict
+        if isinstance(params, dict):
+            rope_theta = rope_theta or params.get("rope_theta")
+            if params.get("rope_type", "default") != "default":
+                rope_scaling = rope_scaling or params
+        if rope_scaling is not None and rope_scaling.get("rope_type", rope_scaling.get("type")) in (None, "default"):
+            rope_scaling = None
+        return cls(
+            architecture=architecture,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=num_heads,
+            num_key_value_heads=cfg.get("num_key_value_heads") or num_heads,
+            head_dim=head_dim,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta or 10000.0),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", False)),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+
+def _architecture_from_model_type(model_type: str | None) -> str:
+    known = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+    if model_type not in known:
+        raise InvalidModelError(f"model config names no architecture (model_type={model_type!r})")
+    return known[model_type]

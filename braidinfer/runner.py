@@ -1,0 +1,56 @@
+"""Turns a scheduled batch into tensors, runs the model over it and returns the logits to sample from."""
+from __future__ import annotations
+
+import torch
+
+from braidinfer.attention import AttentionMetadata, SeqSpan, TorchAttention
+from braidinfer.models.config import ModelConfig
+from braidinfer.models.forward_batch import ForwardBatch
+from braidinfer.scheduler import ScheduledBatch
+
+
+class ModelRunner:
+    """Owns the model and the KV page pool [layers, pages, 2, kv_heads, page_size, head_dim] on one device."""
+
+    def __init__(self, model: torch.nn.Module, cfg: ModelConfig, num_pages: int, page_size: int,
+                 device: torch.device, dtype: torch.dtype):
+        self.model = model
+        self.device = device
+        self.page_size = page_size
+        self.kv_cache = torch.zeros(
+            cfg.num_hidden_layers, num_pages, 2, cfg.num_key_value_heads, page_size, cfg.head_dim,
+            dtype=dtype, device=device,
+        )
+        self.attention = TorchAttention(self.kv_cache, scale=cfg.head_dim**-0.5)
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
+        """Computes the batch's new tokens. Returns logits [N, vocab] float32 for the N sequences whose every token now
+        has KV (they sample next), and the indices of those sequences within the batch."""
+        input_ids, positions, slots, spans, sample_rows, sample_idx = [], [], [], [], [], []
+        page_tables = self._page_tables(batch)
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            q_start = len(input_ids)
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            pt, ps = seq.page_table, self.page_size
+            slots.extend(pt[p // ps] * ps + p % ps for p in range(start, end))
+            spans.append(SeqSpan(q_start, n, end, page_tables[i]))
+            if end == seq.num_tokens:
+                sample_rows.append(q_start + n - 1)
+                sample_idx.append(i)
+        meta = AttentionMetadata(spans, self._tensor(slots), len(input_ids))
+        fb = ForwardBatch(positions=self._tensor(positions), meta=meta, attention=self.attention)
+        hidden = self.model(self._tensor(input_ids), fb)  # (T, hidden)
+        if not sample_rows:
+            return hidden.new_empty(0, 0, dtype=torch.float32), []
+        return self.model.compute_logits(hidden[self._tensor(sample_rows)]), sample_idx
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
+
+    def _page_tables(self, batch: ScheduledBatch) -> list[torch.Tensor]:
+        # One host-to-device copy for all page tables, then views per sequence.
+        flat = self._tensor([p for seq in batch.seqs for p in seq.page_table])
+        return list(flat.split([len(seq.page_table) for seq in batch.seqs]))

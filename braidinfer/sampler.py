@@ -1,0 +1,178 @@
+"""Picks the next token of every row of a batch from its logits and sampling parameters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from braidinfer.sampling_params import SamplingParams
+
+_U64_MASK = (1 << 64) - 1
+
+
+@dataclass
+class TokenLogprobs:
+    """Log-probabilities reported for one sampled token.
+
+    `top` holds the `SamplingParams.logprobs` most likely (token id, logprob) pairs, most likely first.
+    """
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class SamplerOutput:
+    """token_ids: [B] int64 on the logits' device; logprobs: one entry per row, None where not requested."""
+
+    token_ids: torch.Tensor
+    logprobs: list[TokenLogprobs | None]
+
+
+def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
+    """A generator on `device` seeded with `seed` (any int; negative seeds wrap to 64 bits)."""
+    generator = torch.Generator(device=torch.device(device))
+    generator.manual_seed(seed & _U64_MASK)
+    return generator
+
+
+class Sampler:
+    """Greedy, temperature, top-k, top-p and min-p sampling, vectorised over the batch."""
+
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        generators: list[torch.Generator],
+    ) -> SamplerOutput:
+        """Pick one token per row.
+
+        logits: [B, vocab], any float dtype (computed in float32). params, generators: B each; the
+        generators live on the logits' device and may be shared between rows. Greedy rows take the
+        argmax. Other rows divide by the temperature, keep the top-k tokens, then the smallest set
+        whose probability reaches top-p (at least one token), then the tokens whose probability is at
+        least min-p times the largest, and draw from what is left with the row's generator.
+        Logprobs are of the unmodified model distribution (log_softmax of the raw logits).
+        """
+        if logits.dim() != 2 or logits.shape[0] != len(params) or len(params) != len(generators):
+            raise ValueError(
+                f"logits {tuple(logits.shape)} need one row per SamplingParams ({len(params)}) "
+                f"and per generator ({len(generators)})"
+            )
+        logits = logits.float()
+        token_ids = logits.argmax(dim=-1)
+        sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
+        if sampled_rows:
+            self._sample_rows(logits, token_ids, params, generators, sampled_rows)
+        return SamplerOutput(token_ids=token_ids, logprobs=_logprobs(logits, token_ids, params))
+
+    def _sample_rows(
+        self,
+        logits: torch.Tensor,
+        token_ids: torch.Tensor,
+        params: list[SamplingParams],
+        generators: list[torch.Generator],
+        rows: list[int],
+    ) -> None:
+        """Overwrite token_ids[rows] with tokens drawn from the filtered distributions of those rows."""
+        if len(rows) == len(params):
+            row_logits = logits
+        else:
+            row_index = torch.tensor(rows, device=logits.device)
+            row_logits = logits.index_select(0, row_index)
+        row_params = [params[i] for i in rows]
+        probs = _filtered_probs(row_logits, row_params)
+        noise = _exponential_noise(probs, [generators[i] for i in rows])
+        # argmax(p_i / E_i) with E_i ~ Exp(1) picks token i with probability p_i (the smallest of
+        # independent Exp(p_i) variables), without a host sync or a cumulative-sum search.
+        drawn = probs.div_(noise).argmax(dim=-1)
+        if len(rows) == len(params):
+            token_ids.copy_(drawn)
+        else:
+            token_ids.index_copy_(0, row_index, drawn)
+
+
+def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """[S, vocab] float32 probabilities after temperature, top-k, top-p and min-p."""
+    vocab = logits.shape[-1]
+    # One host-to-device copy for all four per-row settings.
+    settings = torch.tensor(
+        [[p.temperature, _top_k(p, vocab), p.top_p, p.min_p] for p in params], dtype=torch.float32
+    ).to(logits.device)
+    temperature, top_k, top_p, min_p = settings.unbind(dim=1)
+    scaled = logits / temperature.unsqueeze(1)
+    removed = torch.zeros_like(scaled, dtype=torch.bool)
+    if any(p.top_k > 0 and p.top_k < vocab or p.top_p < 1.0 for p in params):
+        removed |= _top_k_top_p_removed(scaled, top_k.long(), top_p)
+    if any(p.min_p > 0.0 for p in params):
+        # p_i >= min_p * p_max  <=>  logit_i >= logit_max + log(min_p). The ratio to the most likely
+        # token does not change when top-k/top-p renormalise, so this mask composes with theirs.
+        threshold = scaled.amax(dim=-1, keepdim=True) + min_p.log().unsqueeze(1)
+        removed |= scaled < threshold
+    return torch.softmax(scaled.masked_fill_(removed, float("-inf")), dim=-1)
+
+
+def _top_k(params: SamplingParams, vocab: int) -> int:
+    """top_k as a count of tokens kept: the whole vocabulary when off."""
+    return vocab if params.top_k <= 0 else min(params.top_k, vocab)
+
+
+def _top_k_top_p_removed(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """[S, vocab] bool: tokens outside the top-k, or outside the top-p nucleus of what top-k kept."""
+    sorted_logits, order = scaled.sort(dim=-1, descending=True)
+    rank = torch.arange(scaled.shape[-1], device=scaled.device).unsqueeze(0)
+    removed_sorted = rank >= top_k.unsqueeze(1)
+    sorted_probs = torch.softmax(sorted_logits.masked_fill(removed_sorted, float("-inf")), dim=-1)
+    # A token stays in the nucleus while the probability before it is still short of top_p, so the
+    # first token (exactly 0 before it, top_p > 0) always stays. Rows with top_p == 1 skip the test
+    # so that float32 rounding of the cumulative sum cannot cut their tail.
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    outside_nucleus = (mass_before >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
+    removed_sorted |= outside_nucleus
+    return torch.zeros_like(removed_sorted).scatter_(1, order, removed_sorted)
+
+
+def _exponential_noise(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """[S, vocab] Exp(1) noise; row i drawn from generators[i], one draw per distinct generator."""
+    noise = torch.empty_like(probs)
+    rows_by_generator: dict[int, list[int]] = {}
+    for row, generator in enumerate(generators):
+        rows_by_generator.setdefault(id(generator), []).append(row)
+    for rows in rows_by_generator.values():
+        generator = generators[rows[0]]
+        if len(rows) == 1:
+            # A row with its own generator consumes the same numbers wherever it sits in the batch,
+            # so a seeded request samples the same tokens whatever it is batched with.
+            noise[rows[0]].exponential_(generator=generator)
+        else:
+            block = torch.empty((len(rows), probs.shape[-1]), device=probs.device)
+            noise[torch.tensor(rows, device=probs.device)] = block.exponential_(generator=generator)
+    # Exp(1) can come out as exactly 0, which would turn p/E into inf (or NaN for a removed token).
+    return noise.clamp_min_(torch.finfo(torch.float32).tiny)
+
+
+def _logprobs(
+    logits: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]
+) -> list[TokenLogprobs | None]:
+    """Raw-distribution logprobs of the chosen tokens (and top-n) for the rows that asked for them."""
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    result: list[TokenLogprobs | None] = [None] * len(params)
+    if not rows:
+        return result
+    row_index = torch.tensor(rows, device=logits.device)
+    logprobs = torch.log_softmax(logits.index_select(0, row_index), dim=-1)
+    chosen = token_ids.index_select(0, row_index)
+    chosen_logprob = logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1)
+    n = min(max(params[i].logprobs for i in rows), logits.shape[-1])
+    top_logprob, top_id = logprobs.topk(n, dim=-1)
+    # Host copies only of the [R] and [R, n] results, and only for the rows that asked.
+    chosen_l, chosen_lp_l, top_id_l, top_lp_l = (
+        t.tolist() for t in (chosen, chosen_logprob, top_id, top_logprob)
+    )
+    for k, row in enumerate(rows):
+        wanted = params[row].logprobs
+        top = list(zip(top_id_l[k][:wanted], top_lp_l[k][:wanted]))
+        result[row] = TokenLogprobs(token_id=chosen_l[k], logprob=chosen_lp_l[k], top=top)
+    return result

@@ -1,0 +1,121 @@
+"""Per-request sampling parameters, validated before the request is scheduled."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from braidinfer.errors import InvalidRequestError
+
+# Temperatures below this are treated as 0: dividing logits by them can overflow float32, and the
+# distribution they describe is argmax anyway.
+GREEDY_TEMPERATURE = 1e-5
+
+MAX_LOGPROBS = 20
+
+# What each field accepts, in words, for error messages.
+_ALLOWED = {
+    "temperature": "a finite number >= 0 (0 means greedy)",
+    "top_k": "an integer: 0 or -1 (off), or >= 1",
+    "top_p": "a finite number in (0, 1]",
+    "min_p": "a finite number in [0, 1]",
+    "seed": f"an integer in [{-(2**63)}, {2**63 - 1}], or null",
+    "max_tokens": "an integer >= 1",
+    "stop": "a string or a list of strings",
+    "stop_token_ids": "a list of integers >= 0",
+    "ignore_eos": "a boolean",
+    "logprobs": f"an integer in [0, {MAX_LOGPROBS}], or null (off)",
+    "skip_special_tokens": "a boolean",
+    "include_stop_str_in_output": "a boolean",
+}
+
+
+class SamplingParams(BaseModel):
+    """How to pick the tokens of one request and when to stop it.
+
+    Invalid values raise `InvalidRequestError` naming the field and what it accepts.
+    """
+
+    # strict: no silent coercion of True to 1 or "0.5" to 0.5; allow_inf_nan: NaN passes every
+    # range check by comparing False, so it must be rejected explicitly.
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
+
+    temperature: float = Field(1.0, ge=0.0)
+    top_k: int = Field(0, ge=-1)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
+    max_tokens: int = Field(256, ge=1)
+    stop: list[str] = []
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] = []
+    ignore_eos: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except pydantic.ValidationError as exc:
+            raise _request_error(exc) from None
+
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any) -> SamplingParams:
+        """Like `BaseModel.model_validate`, raising `InvalidRequestError` on bad values."""
+        try:
+            return super().model_validate(obj, **kwargs)
+        except pydantic.ValidationError as exc:
+            raise _request_error(exc) from None
+
+    @classmethod
+    def model_validate_json(cls, json_data: str | bytes, **kwargs: Any) -> SamplingParams:
+        """Like `BaseModel.model_validate_json`, raising `InvalidRequestError` on bad values."""
+        try:
+            return super().model_validate_json(json_data, **kwargs)
+        except pydantic.ValidationError as exc:
+            raise _request_error(exc) from None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _normalize_stop(cls, value: Any) -> Any:
+        # An empty stop string would match at every position and end every request at once.
+        if value is None:
+            return []
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, (list, tuple)):
+            return [s for s in value if s != ""]
+        return value
+
+    @field_validator("stop_token_ids", mode="before")
+    @classmethod
+    def _normalize_stop_token_ids(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        return list(value) if isinstance(value, tuple) else value
+
+    @property
+    def greedy(self) -> bool:
+        """True when the request always takes the most likely token (temperature 0)."""
+        return self.temperature < GREEDY_TEMPERATURE
+
+
+def _request_error(exc: pydantic.ValidationError) -> InvalidRequestError:
+    """One readable message for every field that failed validation."""
+    errors = exc.errors(include_url=False)
+    # model_validate runs the overridden __init__ for dict input, so its InvalidRequestError
+    # arrives here wrapped once more by pydantic.
+    if len(errors) == 1 and isinstance(errors[0].get("ctx", {}).get("error"), InvalidRequestError):
+        return errors[0]["ctx"]["error"]
+    problems = []
+    for error in errors:
+        field = str(error["loc"][0]) if error["loc"] else "sampling parameters"
+        if error["type"] == "extra_forbidden":
+            problems.append(f"unknown sampling parameter {field!r}")
+        elif field in _ALLOWED:
+            problems.append(f"sampling parameter {field!r} must be {_ALLOWED[field]}; got {error['input']!r}")
+        else:
+            problems.append(f"{field}: {error['msg']}")
+    return InvalidRequestError("; ".join(problems))

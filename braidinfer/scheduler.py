@@ -1,0 +1,134 @@
+"""Continuous batching: decide each step which sequences advance by how many tokens.
+
+Running sequences go first (a decode costs one token of the step's budget, an unfinished prefill continues in
+chunks), then waiting ones are admitted while the token budget, `max_num_seqs` and the page pool allow. When a
+running sequence needs a page and none is left, the most recently admitted sequences are preempted: their pages
+go back (full ones stay in the prefix cache) and they are recomputed later. Plain Python: no torch here.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from braidinfer.kv.page_manager import PageManager
+from braidinfer.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    """The sequences of one step and how many new tokens of each the step computes."""
+
+    seqs: list[Sequence]
+    num_new_tokens: list[int]
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+
+class Scheduler:
+    def __init__(self, pages: PageManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.pages = pages
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch([], [])
+        budget = self.max_num_batched_tokens
+        preempted = self._schedule_running(batch, budget)
+        budget -= sum(batch.num_new_tokens)
+        if not preempted:
+            self._admit_waiting(batch, budget)
+        return batch
+
+    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> bool:
+        preempted, i = False, 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self._reserve(seq, seq.num_computed_tokens + n):
+                preempted = True
+                victim = self.running[-1]
+                self.preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                break
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(n)
+            budget -= n
+            i += 1
+        return preempted
+
+    def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not seq.page_table:
+                self._match_prefix(seq)
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self._reserve(seq, seq.num_computed_tokens + n):
+                self._release(seq)
+                break
+            self.waiting.popleft()
+            if seq.num_cached_prompt_tokens is None:
+                seq.num_cached_prompt_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(n)
+            budget -= n
+
+    def _match_prefix(self, seq: Sequence) -> None:
+        # The last token is always computed: its logits give the next token.
+        chain = self.pages.match_prefix(seq.token_ids, seq.num_tokens - 1)
+        seq.page_table = [node.page for node in chain]
+        seq.num_computed_tokens = len(chain) * self.pages.page_size
+        seq.num_committed_pages = len(chain)
+        seq.last_node = chain[-1] if chain else None
+
+    def _reserve(self, seq: Sequence, num_tokens: int) -> bool:
+        """Makes seq.page_table cover `num_tokens` slots; False if the pool cannot."""
+        need = self.pages.pages_for(num_tokens) - len(seq.page_table)
+        if need <= 0:
+            return True
+        if need > self.pages.num_available:
+            return False
+        seq.page_table.extend(self.pages.allocate(need))
+        return True
+
+    def commit(self, seq: Sequence) -> None:
+        """Publishes the sequence's computed full pages in the prefix cache."""
+        seq.num_committed_pages, seq.last_node = self.pages.commit(
+            seq.token_ids, seq.num_computed_tokens, seq.page_table, seq.num_committed_pages, seq.last_node
+        )
+
+    def _release(self, seq: Sequence) -> None:
+        self.commit(seq)
+        self.pages.release(seq.page_table)
+        seq.reset_kv()
+
+    def preempt(self, seq: Sequence) -> None:
+        """Returns a running sequence's pages and puts it first in line; it will be recomputed (prompt + output)."""
+        self.running.remove(seq)
+        self._release(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Ends a sequence (running or waiting); its full pages stay cached for later prompts."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        self._release(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason

@@ -1,0 +1,61 @@
+"""One request's state inside the engine: its tokens, how many have KV, and which pages hold it."""
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from braidinfer.kv.prefix_tree import PrefixNode
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    """token_ids = prompt + output. KV exists for token_ids[:num_computed_tokens], in page_table's pages."""
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: Any, max_tokens: int,
+                 sink: Callable[[Any], None] | None = None):
+        self.request_id = request_id
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.params = params
+        self.max_tokens = max_tokens
+        self.sink = sink
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: str | None = None
+        self.num_computed_tokens = 0
+        self.num_cached_prompt_tokens: int | None = None  # set at first admission, for usage
+        self.page_table: list[int] = []
+        self.num_committed_pages = 0
+        self.last_node: PrefixNode | None = None
+        self.generator = None
+        self.detokenizer = None
+        self.logprobs: list[Any] = []
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def reset_kv(self) -> None:
+        """Forget all KV bookkeeping (after the pages were released): the sequence will be recomputed."""
+        self.num_computed_tokens = 0
+        self.page_table = []
+        self.num_committed_pages = 0
+        self.last_node = None

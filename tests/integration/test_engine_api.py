@@ -1,0 +1,150 @@
+"""The LLM API end to end on a tiny random model: streaming, async, pressure, bad input, stop conditions."""
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from braidinfer import LLM, SamplingParams
+from braidinfer.errors import BraidError, InvalidModelError, InvalidRequestError, ModelNotFoundError
+
+GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory, smollm_tokenizer):
+    from tests.conftest import build_tiny_model
+
+    path = tmp_path_factory.mktemp("tiny-llama-api")
+    build_tiny_model("llama", path, smollm_tokenizer, seed=7)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def llm(llama_dir):
+    with LLM(model=llama_dir, device="cpu", dtype="float32", page_size=4, max_model_len=256, progress=False) as llm:
+        yield llm
+
+
+def _prompts(n, length=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 49152, (length + i,), generator=g).tolist() for i in range(n)]
+
+
+def _idle(llm):
+    stats = llm.cache_stats()
+    return stats["in_use"] == 0 and stats["free"] + stats["cached"] == stats["num_pages"]
+
+
+def test_stream_deltas_concatenate_to_generate_text(llm):
+    prompt = "The history of the city begins"
+    expected = llm.generate(prompt, GREEDY)[0]
+    chunks = list(llm.stream_chunks(prompt, GREEDY))
+    assert "".join(c.text for c in chunks) == expected.text
+    assert [t for c in chunks for t in c.token_ids] == expected.token_ids
+    assert [c.finish_reason for c in chunks].count("length") == 1 and chunks[-1].usage.completion_tokens == 16
+    assert "".join(llm.stream(prompt, GREEDY)) == expected.text
+
+
+def test_async_streams_match_sync_results(llm):
+    prompts = _prompts(6, seed=1)
+    expected = [o.text for o in llm.generate(prompts, GREEDY)]
+
+    async def one(p):
+        return "".join([d async for d in llm.astream(p, GREEDY)])
+
+    async def main():
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+    assert asyncio.run(main()) == expected
+
+
+def test_threads_share_one_engine(llm):
+    prompts = _prompts(8, seed=2)
+    expected = [o.token_ids for o in llm.generate(prompts, GREEDY)]
+    results = [None] * len(prompts)
+
+    def work(i):
+        results[i] = llm.generate(prompts[i], GREEDY)[0].token_ids
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert results == expected
+
+
+def test_breaking_out_of_a_stream_frees_its_pages(llm):
+    for i, _ in enumerate(llm.stream(_prompts(1, length=30, seed=3)[0], SamplingParams(max_tokens=200, ignore_eos=True))):
+        if i == 3:
+            break
+    assert _idle(llm)
+
+
+def test_stop_string_and_stop_token(llm):
+    prompt = _prompts(1, seed=4)[0]
+    free = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0]
+    # Stop on the 6th generated token id: output ends with it, finish_reason is "stop".
+    stop_id = free.token_ids[5]
+    first = free.token_ids.index(stop_id)
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[stop_id]))[0]
+    assert out.token_ids == free.token_ids[: first + 1] and out.finish_reason == "stop"
+    # Stop on a piece of the text: the text ends right before its first occurrence.
+    needle = free.text[10:14]
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[needle]))[0]
+    assert out.finish_reason == "stop" and out.text == free.text[: free.text.index(needle)]
+
+
+def test_more_requests_than_pages_finish_through_preemption(llama_dir):
+    prompts = _prompts(10, length=20, seed=5)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    with LLM(model=llama_dir, device="cpu", dtype="float32", page_size=4, progress=False) as roomy:
+        expected = [o.token_ids for o in roomy.generate(prompts, params)]
+    # 30 pages x 4 tokens hold ~2.5 of these requests at full length; 10 run at once.
+    with LLM(model=llama_dir, device="cpu", dtype="float32", page_size=4, num_kv_pages=30, progress=False) as tight:
+        got = [o.token_ids for o in tight.generate(prompts, params)]
+        assert tight.engine.scheduler.num_preemptions > 0
+        assert _idle(tight)
+    assert got == expected
+
+
+@pytest.mark.parametrize("bad", [
+    dict(prompt="", params=None),
+    dict(prompt=[], params=None),
+    dict(prompt=[1, 2, 10**9], params=None),
+    dict(prompt=list(range(3, 300)), params=None),  # longer than max_model_len=256
+])
+def test_bad_prompts_are_rejected_before_any_work(llm, bad):
+    with pytest.raises(InvalidRequestError):
+        llm.generate(bad["prompt"], bad["params"])
+    assert llm.generate("still serving", GREEDY)[0].usage.completion_tokens == 16
+
+
+def test_empty_prompt_list_and_bad_params(llm):
+    with pytest.raises(InvalidRequestError, match="no prompts"):
+        llm.generate([])
+    with pytest.raises(InvalidRequestError, match="temperature"):
+        llm.generate("x", SamplingParams(temperature=-1.0))
+    with pytest.raises(InvalidRequestError, match="SamplingParams"):
+        llm.generate(["a", "b"], [GREEDY])
+
+
+def test_request_that_can_never_fit_is_rejected(llama_dir):
+    with LLM(model=llama_dir, device="cpu", dtype="float32", page_size=4, num_kv_pages=8, progress=False) as small:
+        with pytest.raises(InvalidRequestError, match="page pool"):
+            small.generate(list(range(3, 30)), SamplingParams(max_tokens=10))
+        assert small.generate(list(range(3, 10)), SamplingParams(max_tokens=4))[0].usage.completion_tokens == 4
+
+
+def test_bad_model_paths(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="nope"):
+        LLM(model=str(tmp_path / "nope"))
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(InvalidModelError):
+        LLM(model=str(text))
+    with pytest.raises(BraidError, match="max_num_seqs"):
+        LLM(model=str(text), max_num_seqs=0)

@@ -1,0 +1,203 @@
+"""Sampler: greedy, seeded reproducibility, the filtered distributions it draws from, and logprobs."""
+
+import math
+
+import pytest
+import torch
+
+from braidinfer.sampler import Sampler, make_generator
+from braidinfer.sampling_params import SamplingParams
+
+# Distinct logits with no ties, so every top-k / top-p / min-p boundary is unambiguous.
+LOGITS = [2.0, 1.5, 1.1, 0.4, 0.0, -0.6, -1.3, -3.0]
+
+
+def reference_probs(logits, temperature, top_k, top_p, min_p):
+    """The distribution the sampler should draw from, computed with plain Python loops."""
+    scaled = [x / temperature for x in logits]
+    peak = max(scaled)
+    weights = [math.exp(x - peak) for x in scaled]
+    probs = [w / sum(weights) for w in weights]
+    order = sorted(range(len(probs)), key=lambda i: -probs[i])
+    kept = order[:top_k] if top_k > 0 else order
+    kept_mass = sum(probs[i] for i in kept)
+    nucleus, mass = [], 0.0
+    for i in kept:  # smallest prefix whose renormalised mass reaches top_p
+        nucleus.append(i)
+        mass += probs[i] / kept_mass
+        if mass >= top_p:
+            break
+    final = [i for i in nucleus if probs[i] >= min_p * probs[order[0]]]
+    total = sum(probs[i] for i in final)
+    return [probs[i] / total if i in final else 0.0 for i in range(len(probs))]
+
+
+def sample(logits, params, generators):
+    return Sampler()(logits, params, generators)
+
+
+def test_reference_is_not_trivial():
+    # Guards the distribution tests: each filter must actually remove something here.
+    assert sum(p > 0 for p in reference_probs(LOGITS, 1.0, 3, 1.0, 0.0)) == 3
+    assert sum(p > 0 for p in reference_probs(LOGITS, 1.0, 0, 0.8, 0.0)) == 3
+    assert sum(p > 0 for p in reference_probs(LOGITS, 1.0, 0, 1.0, 0.3)) == 3
+    # All three together: top-k keeps 6, top-p 5 of those, min-p 4 of those.
+    assert sum(p > 0 for p in reference_probs(LOGITS, 1.3, 6, 1.0, 0.0)) == 6
+    assert sum(p > 0 for p in reference_probs(LOGITS, 1.3, 6, 0.9, 0.0)) == 5
+    assert sum(p > 0 for p in reference_probs(LOGITS, 1.3, 6, 0.9, 0.25)) == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_greedy_is_argmax(dtype):
+    logits = torch.randn(16, 1000, generator=torch.Generator().manual_seed(0)).to(dtype)
+    params = [SamplingParams(temperature=0)] * 16
+    out = sample(logits, params, [make_generator(1, "cpu")] * 16)
+    expected = [max(range(1000), key=lambda j: row[j]) for row in logits.float().tolist()]
+    assert out.token_ids.dtype == torch.int64
+    assert out.token_ids.tolist() == expected
+
+
+@pytest.mark.parametrize("temperature", [0.05, 1.0, 7.0, 100.0])
+def test_top_k_one_is_argmax_at_any_temperature(temperature):
+    logits = torch.randn(64, 500, generator=torch.Generator().manual_seed(1))
+    params = [SamplingParams(temperature=temperature, top_k=1)] * 64
+    out = sample(logits, params, [make_generator(2, "cpu")] * 64)
+    assert out.token_ids.tolist() == logits.argmax(dim=-1).tolist()
+
+
+def test_same_seed_same_tokens_different_seed_different_tokens():
+    logits = torch.zeros(64, 1000)  # uniform: every draw is decided by the noise alone
+    params = [SamplingParams(seed=7)] * 64
+
+    def run(seed):
+        return sample(logits, params, [make_generator(seed, "cpu") for _ in range(64)]).token_ids.tolist()
+
+    first = run(7)
+    assert run(7) == first
+    assert run(8) != first
+    # Each row has its own generator with the same seed, so every row draws the same token.
+    assert len(set(first)) == 1
+
+
+def test_seeded_row_does_not_depend_on_its_batch():
+    logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(3))
+    seeded = SamplingParams(seed=11)
+    alone = sample(logits[2:3], [seeded], [make_generator(11, "cpu")]).token_ids.item()
+    shared = make_generator(0, "cpu")
+    params = [SamplingParams(), SamplingParams(temperature=0), seeded, SamplingParams(), SamplingParams()]
+    generators = [shared, shared, make_generator(11, "cpu"), shared, shared]
+    assert sample(logits, params, generators).token_ids[2].item() == alone
+
+
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p, min_p",
+    [
+        (1.0, 0, 1.0, 0.0),
+        (0.7, 3, 1.0, 0.0),
+        (1.0, 0, 0.8, 0.0),
+        (1.3, 0, 1.0, 0.2),
+        (0.9, 5, 0.9, 0.05),
+        (1.3, 6, 0.9, 0.25),
+        (2.0, -1, 0.6, 0.0),
+    ],
+)
+def test_empirical_distribution_matches_reference(temperature, top_k, top_p, min_p):
+    n = 20_000
+    expected = reference_probs(LOGITS, temperature, top_k, top_p, min_p)
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    logits = torch.tensor([LOGITS]).repeat(n, 1)
+    shared = make_generator(1234, "cpu")
+    counts = torch.bincount(sample(logits, [params] * n, [shared] * n).token_ids, minlength=len(LOGITS))
+    for token, (count, p) in enumerate(zip(counts.tolist(), expected)):
+        if p == 0.0:
+            assert count == 0, f"token {token} was filtered out but drawn {count} times"
+        else:
+            stderr = math.sqrt(n * p * (1 - p))
+            assert abs(count - n * p) <= 5 * stderr + 1, (token, count, n * p)
+
+
+def test_empirical_distribution_with_per_row_generators():
+    n = 5_000
+    expected = reference_probs(LOGITS, 0.8, 4, 0.95, 0.0)
+    params = [SamplingParams(temperature=0.8, top_k=4, top_p=0.95, seed=i) for i in range(n)]
+    logits = torch.tensor([LOGITS]).repeat(n, 1)
+    out = sample(logits, params, [make_generator(i, "cpu") for i in range(n)])
+    counts = torch.bincount(out.token_ids, minlength=len(LOGITS)).tolist()
+    for count, p in zip(counts, expected):
+        assert abs(count - n * p) <= 5 * math.sqrt(n * p * (1 - p)) + 1 if p else count == 0
+
+
+def test_tiny_top_p_keeps_only_the_best_token():
+    logits = torch.randn(200, 50, generator=torch.Generator().manual_seed(5))
+    params = [SamplingParams(temperature=3.0, top_p=1e-6)] * 200
+    out = sample(logits, params, [make_generator(0, "cpu")] * 200)
+    assert out.token_ids.tolist() == logits.argmax(dim=-1).tolist()
+
+
+def test_min_p_one_keeps_only_the_best_token():
+    logits = torch.randn(200, 50, generator=torch.Generator().manual_seed(6))
+    params = [SamplingParams(temperature=5.0, min_p=1.0)] * 200
+    out = sample(logits, params, [make_generator(0, "cpu")] * 200)
+    assert out.token_ids.tolist() == logits.argmax(dim=-1).tolist()
+
+
+def test_logprobs_are_of_the_raw_distribution():
+    # Distinct multiples of 1/4, exact in bfloat16, so the top-n order has no ties.
+    rows = [torch.randperm(64, generator=torch.Generator().manual_seed(r)) for r in range(4)]
+    logits = (torch.stack(rows).float() / 4 - 8).to(torch.bfloat16)
+    params = [
+        SamplingParams(temperature=0, logprobs=5),
+        SamplingParams(temperature=0.5, top_k=3, logprobs=2),
+        SamplingParams(logprobs=None),
+        SamplingParams(temperature=1.5, min_p=0.1, logprobs=0),
+    ]
+    out = sample(logits, params, [make_generator(9, "cpu")] * 4)
+    assert out.logprobs[2] is None
+    for row, p in enumerate(params):
+        if p.logprobs is None:
+            continue
+        values = logits[row].double().tolist()
+        log_total = math.log(sum(math.exp(v) for v in values))
+        reference = [v - log_total for v in values]
+        entry = out.logprobs[row]
+        assert entry.token_id == out.token_ids[row].item()
+        assert entry.logprob == pytest.approx(reference[entry.token_id], abs=1e-4)
+        best = sorted(range(64), key=lambda j: -reference[j])[: p.logprobs]
+        assert [token for token, _ in entry.top] == best
+        assert [lp for _, lp in entry.top] == pytest.approx([reference[j] for j in best], abs=1e-4)
+        assert all(a >= b for (_, a), (_, b) in zip(entry.top, entry.top[1:]))
+
+
+def test_logprobs_off_everywhere():
+    out = sample(torch.randn(3, 10), [SamplingParams()] * 3, [make_generator(0, "cpu")] * 3)
+    assert out.logprobs == [None, None, None]
+
+
+def test_mixed_greedy_and_sampled_rows():
+    logits = torch.randn(6, 200, generator=torch.Generator().manual_seed(8))
+    greedy, top2 = SamplingParams(temperature=0), SamplingParams(temperature=1.0, top_k=2)
+    params = [greedy, top2, greedy, top2, top2, greedy]
+    shared = make_generator(4, "cpu")
+    seen = {row: set() for row in range(6)}
+    for _ in range(50):
+        for row, token in enumerate(sample(logits, params, [shared] * 6).token_ids.tolist()):
+            seen[row].add(token)
+    for row, p in enumerate(params):
+        ranked = sorted(range(200), key=lambda j: -logits[row, j].item())
+        if p.greedy:
+            assert seen[row] == {ranked[0]}
+        else:
+            assert seen[row] <= set(ranked[:2])
+    # Over 50 draws each sampled row should have shown both of its two tokens at least once.
+    assert any(len(seen[row]) == 2 for row in (1, 3, 4))
+
+
+def test_mismatched_lengths_are_rejected():
+    with pytest.raises(ValueError):
+        sample(torch.randn(3, 10), [SamplingParams()] * 2, [make_generator(0, "cpu")] * 3)
+
+
+def test_make_generator_accepts_negative_seeds():
+    a = torch.rand(4, generator=make_generator(-1, "cpu"))
+    b = torch.rand(4, generator=make_generator(-1, "cpu"))
+    assert torch.equal(a, b)
