@@ -50,7 +50,9 @@ class IncrementalDetokenizer:
             self._ids = []
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
-        self._emitted = ""
+        # Emitted pieces, joined only when `text` is read: appending to one growing str would copy
+        # the whole text on every token.
+        self._emitted: list[str] = []
         # Decoded text held back because it may be the start of a stop string.
         self._pending = ""
         self._stopped = False
@@ -58,7 +60,7 @@ class IncrementalDetokenizer:
     @property
     def text(self) -> str:
         """Text emitted so far plus text held back as a possible stop prefix (cut once stopped)."""
-        return self._emitted + self._pending
+        return "".join(self._emitted) + self._pending
 
     @property
     def stopped(self) -> bool:
@@ -83,7 +85,7 @@ class IncrementalDetokenizer:
         self._prefix_offset = self._read_offset = len(self._ids)
         delta, _ = self._release(tail)
         delta += self._pending
-        self._emitted += self._pending
+        self._emitted.append(self._pending)
         self._pending = ""
         return delta
 
@@ -120,7 +122,8 @@ class IncrementalDetokenizer:
         else:
             held = self._stop_prefix_length(pending)
             release, self._pending = pending[: len(pending) - held], pending[len(pending) - held :]
-        self._emitted += release
+        if release:
+            self._emitted.append(release)
         return release, self._stopped
 
     def _stop_cut(self, text: str) -> int | None:

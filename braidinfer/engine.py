@@ -14,6 +14,7 @@ import torch
 from braidinfer.config import EngineConfig
 from braidinfer.detokenizer import IncrementalDetokenizer
 from braidinfer.errors import InvalidRequestError, RequestFailedError
+from braidinfer.guided import GrammarCompiler, apply_token_masks
 from braidinfer.kv.page_manager import PageManager
 from braidinfer.loader import resolve_model
 from braidinfer.models import ModelConfig, model_class
@@ -42,6 +43,7 @@ class LLMEngine:
         self.model = load_model(cls, self.model_config, self.source, self.device, self.dtype, config.progress)
         self.max_model_len = min(config.max_model_len or 1 << 62, self.model_config.max_position_embeddings)
         self.eos_token_ids = self._eos_token_ids()
+        self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, sorted(self.eos_token_ids))
         num_pages = config.num_kv_pages or self._num_pages_that_fit()
         self.pages = PageManager(num_pages, config.page_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.pages, config.max_num_seqs, config.max_num_batched_tokens)
@@ -90,6 +92,8 @@ class LLMEngine:
         seq.detokenizer = IncrementalDetokenizer(
             self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens, stop=params.stop,
             include_stop_str_in_output=params.include_stop_str_in_output)
+        if params.guided is not None:
+            seq.matcher = self.grammars.matcher(params.guided)
         return seq
 
     def add(self, seq: Sequence) -> None:
@@ -119,6 +123,7 @@ class LLMEngine:
         if not sample_idx:
             return
         seqs = [batch.seqs[i] for i in sample_idx]
+        apply_token_masks(logits, [s.matcher for s in seqs])
         out = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
         for seq, token, lp in zip(seqs, out.token_ids.tolist(), out.logprobs):
             self._append(seq, token, lp)
@@ -128,7 +133,9 @@ class LLMEngine:
         if logprobs is not None:
             seq.logprobs.append(logprobs)
         params, det = seq.params, seq.detokenizer
-        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
+        # A grammar that has reached its end only allows stop tokens, so a terminated matcher ends the request.
+        grammar_done = seq.matcher is not None and (not seq.matcher.accept_token(token) or seq.matcher.is_terminated())
+        if grammar_done or token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
             reason, delta = "stop", det.flush()  # the stop token itself is never part of the text
         else:
             delta, stopped = det.add(token)

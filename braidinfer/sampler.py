@@ -10,6 +10,10 @@ from braidinfer.sampling_params import SamplingParams
 
 _U64_MASK = (1 << 64) - 1
 
+# Rows whose top_k is at most this are filtered from a partial top-k selection instead of a full
+# sort of the vocabulary.
+_MAX_TOP_K_CANDIDATES = 1024
+
 
 @dataclass
 class TokenLogprobs:
@@ -104,8 +108,10 @@ def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
     temperature, top_k, top_p, min_p = settings.unbind(dim=1)
     scaled = logits / temperature.unsqueeze(1)
     removed = torch.zeros_like(scaled, dtype=torch.bool)
-    if any(p.top_k > 0 and p.top_k < vocab or p.top_p < 1.0 for p in params):
-        removed |= _top_k_top_p_removed(scaled, top_k.long(), top_p)
+    filtered_rows = [_top_k(p, vocab) < vocab or p.top_p < 1.0 for p in params]
+    if any(filtered_rows):
+        candidates = _candidate_count(params, filtered_rows, vocab)
+        removed |= _top_k_top_p_removed(scaled, top_k.long(), top_p, candidates)
     if any(p.min_p > 0.0 for p in params):
         # p_i >= min_p * p_max  <=>  logit_i >= logit_max + log(min_p). The ratio to the most likely
         # token does not change when top-k/top-p renormalise, so this mask composes with theirs.
@@ -119,19 +125,42 @@ def _top_k(params: SamplingParams, vocab: int) -> int:
     return vocab if params.top_k <= 0 else min(params.top_k, vocab)
 
 
-def _top_k_top_p_removed(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """[S, vocab] bool: tokens outside the top-k, or outside the top-p nucleus of what top-k kept."""
-    sorted_logits, order = scaled.sort(dim=-1, descending=True)
-    rank = torch.arange(scaled.shape[-1], device=scaled.device).unsqueeze(0)
+def _candidate_count(params: list[SamplingParams], filtered_rows: list[bool], vocab: int) -> int:
+    """How many of the most likely tokens per row can survive top-k and top-p: the whole vocabulary
+    unless every filtered row has a top-k of at most _MAX_TOP_K_CANDIDATES.
+
+    A partial top-k selection is far cheaper than sorting a 150k vocabulary, and top-p only ever
+    looks at what top-k kept.
+    """
+    ks = [_top_k(p, vocab) for p, filtered in zip(params, filtered_rows) if filtered]
+    return max(ks) if max(ks) <= _MAX_TOP_K_CANDIDATES else vocab
+
+
+def _top_k_top_p_removed(
+    scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, candidates: int
+) -> torch.Tensor:
+    """[S, vocab] bool: tokens outside the top-k, or outside the top-p nucleus of what top-k kept.
+
+    Only the `candidates` most likely tokens of each row are examined; rows with neither filter
+    (top_k == vocab, top_p == 1) keep every token.
+    """
+    vocab = scaled.shape[-1]
+    if candidates < vocab:
+        sorted_logits, order = scaled.topk(candidates, dim=-1, sorted=True)
+    else:
+        sorted_logits, order = scaled.sort(dim=-1, descending=True)
+    rank = torch.arange(candidates, device=scaled.device).unsqueeze(0)
     removed_sorted = rank >= top_k.unsqueeze(1)
     sorted_probs = torch.softmax(sorted_logits.masked_fill(removed_sorted, float("-inf")), dim=-1)
     # A token stays in the nucleus while the probability before it is still short of top_p, so the
     # first token (exactly 0 before it, top_p > 0) always stays. Rows with top_p == 1 skip the test
     # so that float32 rounding of the cumulative sum cannot cut their tail.
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    outside_nucleus = (mass_before >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
-    removed_sorted |= outside_nucleus
-    return torch.zeros_like(removed_sorted).scatter_(1, order, removed_sorted)
+    removed_sorted |= (mass_before >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
+    # Tokens outside the candidates start out removed.
+    removed = torch.ones_like(scaled, dtype=torch.bool).scatter_(1, order, removed_sorted)
+    filtered = (top_k < vocab) | (top_p < 1.0)
+    return removed & filtered.unsqueeze(1)
 
 
 def _exponential_noise(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:

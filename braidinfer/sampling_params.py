@@ -8,6 +8,7 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from braidinfer.errors import InvalidRequestError
+from braidinfer.guided import GuidedDecoding
 
 # Temperatures below this are treated as 0: dividing logits by them can overflow float32, and the
 # distribution they describe is argmax anyway.
@@ -29,6 +30,7 @@ _ALLOWED = {
     "logprobs": f"an integer in [0, {MAX_LOGPROBS}], or null (off)",
     "skip_special_tokens": "a boolean",
     "include_stop_str_in_output": "a boolean",
+    "guided": "a GuidedDecoding (json_schema, json_object, grammar or regex), or null",
 }
 
 
@@ -54,6 +56,8 @@ class SamplingParams(BaseModel):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    guided: GuidedDecoding | None = None
+    """Grammar-constrained decoding: the output must match this JSON schema / grammar / regex."""
 
     def __init__(self, **data: Any) -> None:
         try:

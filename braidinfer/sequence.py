@@ -35,6 +35,7 @@ class Sequence:
         self.last_node: PrefixNode | None = None
         self.generator = None
         self.detokenizer = None
+        self.matcher = None  # xgrammar GrammarMatcher when the request is constrained
         self.logprobs: list[Any] = []
 
     @property

@@ -89,6 +89,16 @@ def test_seeded_row_does_not_depend_on_its_batch():
     assert sample(logits, params, generators).token_ids[2].item() == alone
 
 
+def assert_matches(token_ids, expected):
+    n = len(token_ids)
+    counts = torch.bincount(token_ids, minlength=len(expected)).tolist()
+    for token, (count, p) in enumerate(zip(counts, expected)):
+        if p == 0.0:
+            assert count == 0, f"token {token} was filtered out but drawn {count} times"
+        else:
+            assert abs(count - n * p) <= 5 * math.sqrt(n * p * (1 - p)) + 1, (token, count, n * p)
+
+
 @pytest.mark.parametrize(
     "temperature, top_k, top_p, min_p",
     [
@@ -103,28 +113,48 @@ def test_seeded_row_does_not_depend_on_its_batch():
 )
 def test_empirical_distribution_matches_reference(temperature, top_k, top_p, min_p):
     n = 20_000
-    expected = reference_probs(LOGITS, temperature, top_k, top_p, min_p)
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     logits = torch.tensor([LOGITS]).repeat(n, 1)
-    shared = make_generator(1234, "cpu")
-    counts = torch.bincount(sample(logits, [params] * n, [shared] * n).token_ids, minlength=len(LOGITS))
-    for token, (count, p) in enumerate(zip(counts.tolist(), expected)):
-        if p == 0.0:
-            assert count == 0, f"token {token} was filtered out but drawn {count} times"
-        else:
-            stderr = math.sqrt(n * p * (1 - p))
-            assert abs(count - n * p) <= 5 * stderr + 1, (token, count, n * p)
+    tokens = sample(logits, [params] * n, [make_generator(1234, "cpu")] * n).token_ids
+    assert_matches(tokens, reference_probs(LOGITS, temperature, top_k, top_p, min_p))
+
+
+@pytest.mark.parametrize(
+    "configs",
+    [
+        # top-k rows next to unfiltered rows (the unfiltered ones must still reach every token)
+        [(0.9, 3, 1.0, 0.0), (1.0, 0, 1.0, 0.0)],
+        # a top-p row without top-k next to top-k and unfiltered rows
+        [(0.9, 3, 1.0, 0.0), (1.0, 0, 1.0, 0.0), (1.0, 0, 0.8, 0.0), (1.2, 2, 0.9, 0.3)],
+    ],
+)
+def test_rows_with_different_filters_in_one_batch(configs):
+    n = 8_000
+    params = [SamplingParams(temperature=t, top_k=k, top_p=p, min_p=m) for t, k, p, m in configs]
+    batch = [params[i % len(params)] for i in range(n * len(params))]
+    logits = torch.tensor([LOGITS]).repeat(len(batch), 1)
+    tokens = sample(logits, batch, [make_generator(99, "cpu")] * len(batch)).token_ids
+    for i, config in enumerate(configs):
+        assert_matches(tokens[i :: len(configs)], reference_probs(LOGITS, *config))
 
 
 def test_empirical_distribution_with_per_row_generators():
     n = 5_000
-    expected = reference_probs(LOGITS, 0.8, 4, 0.95, 0.0)
     params = [SamplingParams(temperature=0.8, top_k=4, top_p=0.95, seed=i) for i in range(n)]
     logits = torch.tensor([LOGITS]).repeat(n, 1)
-    out = sample(logits, params, [make_generator(i, "cpu") for i in range(n)])
-    counts = torch.bincount(out.token_ids, minlength=len(LOGITS)).tolist()
-    for count, p in zip(counts, expected):
-        assert abs(count - n * p) <= 5 * math.sqrt(n * p * (1 - p)) + 1 if p else count == 0
+    tokens = sample(logits, params, [make_generator(i, "cpu") for i in range(n)]).token_ids
+    assert_matches(tokens, reference_probs(LOGITS, 0.8, 4, 0.95, 0.0))
+
+
+@pytest.mark.parametrize("top_k", [900, 3000])  # below and above the partial-selection limit
+def test_large_top_k_draws_from_exactly_the_top_k(top_k):
+    vocab, n = 4096, 400
+    logits = torch.randn(n, vocab, generator=torch.Generator().manual_seed(10))
+    params = [SamplingParams(temperature=1000.0, top_k=top_k)] * n  # nearly uniform over the top k
+    tokens = sample(logits, params, [make_generator(3, "cpu")] * n).token_ids.tolist()
+    ranks = [sorted(range(vocab), key=lambda j, r=row: -r[j]).index(t) for row, t in zip(logits.tolist(), tokens)]
+    assert max(ranks) < top_k
+    assert max(ranks) > 0.9 * top_k
 
 
 def test_tiny_top_p_keeps_only_the_best_token():
