@@ -1,0 +1,65 @@
+"""Turns what the user passed as `model` (nothing, a path, or a hub id) into a `ModelSource`."""
+from __future__ import annotations
+
+import glob
+import os
+
+from braidinfer.errors import InvalidModelError, ModelNotFoundError
+from braidinfer.loader.embedded import default_model_path
+from braidinfer.loader.gguf_file import has_gguf_magic, open_gguf
+from braidinfer.loader.hf import CONFIG_FILE, open_hf_dir, read_hf_config
+from braidinfer.loader.hub import find_cached_snapshot, looks_like_hub_id
+from braidinfer.loader.source import ModelSource
+
+
+def resolve_model(model: str | os.PathLike | None) -> ModelSource:
+    """Finds a model on local disk and reads its config; never reads weights and never touches the network.
+
+    `model` is None (the embedded SmolLM2 GGUF), a `.gguf` file, a Hugging Face model directory (config.json plus
+    `model.safetensors` or a sharded `model.safetensors.index.json`), or a hub id such as "Qwen/Qwen3-0.6B" already
+    in the local Hugging Face cache. A path or id that does not exist raises ModelNotFoundError; something that
+    exists but is not a model raises InvalidModelError saying what is missing.
+    """
+    if model is None:
+        return source_from_path(default_model_path())
+    text = os.fspath(model)
+    if not text:
+        raise ModelNotFoundError("model is an empty string: pass a path, a hub id, or None for the embedded model")
+    path = os.path.expanduser(text)
+    if os.path.exists(path):
+        return source_from_path(path)
+    if looks_like_hub_id(text):
+        return source_from_path(find_cached_snapshot(text), name=text)
+    raise ModelNotFoundError(f"model path {text!r} does not exist")
+
+
+def source_from_path(path: str, name: str | None = None) -> ModelSource:
+    """A `ModelSource` for an existing `.gguf` file or model directory."""
+    # abspath, not realpath: hub-cache files are symlinks to blobs whose names lose the `.gguf` suffix.
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        return _from_directory(path, name)
+    if path.endswith(".gguf") or has_gguf_magic(path):
+        return _from_gguf(path, name)
+    hint = "; pass the directory that holds it and its config.json" if path.endswith(".safetensors") else ""
+    raise InvalidModelError(f"{path} is not a model: expected a .gguf file or a Hugging Face model directory{hint}")
+
+
+def _from_directory(path: str, name: str | None) -> ModelSource:
+    name = name or os.path.basename(path)
+    if os.path.isfile(os.path.join(path, CONFIG_FILE)):
+        hf_config = read_hf_config(path)
+        return ModelSource(name, path, "safetensors", hf_config, open_hf_dir(path))
+    ggufs = sorted(glob.glob(os.path.join(glob.escape(path), "*.gguf")))
+    if len(ggufs) == 1:  # e.g. a hub snapshot of a GGUF-only repository
+        return _from_gguf(ggufs[0], name)
+    if ggufs:
+        raise InvalidModelError(f"{path} holds several GGUF files ({', '.join(map(os.path.basename, ggufs))}); "
+                                "pass the path of the one to load")
+    raise InvalidModelError(f"{path} is not a model directory: it has no {CONFIG_FILE} (and no .gguf file)")
+
+
+def _from_gguf(path: str, name: str | None) -> ModelSource:
+    hf_config, checkpoint = open_gguf(path)
+    name = name or os.path.splitext(os.path.basename(path))[0]
+    return ModelSource(name, path, "gguf", hf_config, checkpoint)
