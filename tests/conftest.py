@@ -29,7 +29,7 @@ def embedded_gguf() -> str:
 
 
 @pytest.fixture(scope="session")
-def smollm_tokenizer(embedded_gguf):
+def smollm_tokenizer(request):
     """The embedded model's tokenizer as transformers converts it from the GGUF (slow: load once).
 
     BRAID_TEST_TOKENIZER may name a directory with the same tokenizer saved, for machines without the GGUF package.
@@ -38,6 +38,7 @@ def smollm_tokenizer(embedded_gguf):
 
     if os.environ.get("BRAID_TEST_TOKENIZER"):
         return AutoTokenizer.from_pretrained(os.environ["BRAID_TEST_TOKENIZER"])
+    embedded_gguf = request.getfixturevalue("embedded_gguf")
     return AutoTokenizer.from_pretrained(os.path.dirname(embedded_gguf), gguf_file=GGUF_NAME)
 
 

@@ -29,10 +29,11 @@ class TorchAttention:
         for span in meta.spans:
             qs = q[span.q_start : span.q_start + span.q_len].transpose(0, 1)  # (qh, q_len, hd)
             ks, vs = self._gather(cache, span.page_table, span.context_len)  # (kvh, L, hd)
+            fresh = span.q_len == span.context_len > 1  # a whole prompt: plain causal (the fused kernels take it)
             o = F.scaled_dot_product_attention(
                 qs.unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0),
-                attn_mask=_causal_mask(span.q_len, span.context_len, q.device),
-                scale=self.scale, enable_gqa=True,
+                attn_mask=None if fresh else _causal_mask(span.q_len, span.context_len, q.device),
+                is_causal=fresh, scale=self.scale, enable_gqa=True,
             )  # (1, qh, q_len, hd)
             out[span.q_start : span.q_start + span.q_len] = o[0].transpose(0, 1)
         return out
