@@ -22,20 +22,31 @@ def load_model(cls: type[nn.Module], cfg: ModelConfig, source, device: torch.dev
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     params = dict(model.named_parameters())
-    loaded: set[str] = set()
+    filled = {name: 0 for name in params}  # rows filled so far
     for name, tensor in source.iter_weights(dtype, progress=progress):
         if name.endswith(_IGNORED_SUFFIXES) or (cfg.tie_word_embeddings and name == "lm_head.weight"):
             continue
-        param = params.get(name)
-        if param is None:
-            raise InvalidModelError(f"checkpoint tensor {name!r} has no place in {cls.__name__}")
-        if param.shape != tensor.shape:
+        target, rows = _destination(model, params, name, cls.__name__)
+        if target.shape != tensor.shape:
             raise InvalidModelError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
-                                    f"{cls.__name__} expects {tuple(param.shape)}")
+                                    f"{cls.__name__} expects {tuple(target.shape)}")
         with torch.no_grad():
-            param.copy_(tensor)
-        loaded.add(name)
-    missing = sorted(set(params) - loaded)
+            target.copy_(tensor)
+        filled[rows[0]] += rows[1]
+    missing = sorted(n for n, p in params.items() if filled[n] != p.shape[0])
     if missing:
-        raise InvalidModelError(f"checkpoint lacks {len(missing)} tensors of {cls.__name__}, e.g. {missing[:3]}")
+        raise InvalidModelError(f"checkpoint lacks tensors for {len(missing)} parameters of {cls.__name__}, "
+                                f"e.g. {missing[:3]}")
     return model.eval()
+
+
+def _destination(model: nn.Module, params: dict, name: str, arch: str):
+    """The tensor view a checkpoint tensor is copied into, and (parameter name, rows it fills)."""
+    slot = model.packed_slot(name) if hasattr(model, "packed_slot") else None
+    if slot is not None:
+        packed, start, rows = slot
+        if packed in params:
+            return params[packed][start : start + rows], (packed, rows)
+    if name not in params:
+        raise InvalidModelError(f"checkpoint tensor {name!r} has no place in {arch}")
+    return params[name], (name, params[name].shape[0])

@@ -1,6 +1,8 @@
 """Llama-family decoder (Llama 2/3.x, TinyLlama, SmolLM2): pre-norm blocks, GQA, RoPE, SwiGLU MLP.
 
-Parameter names follow Hugging Face's LlamaForCausalLM so checkpoints load by name.
+Parameter names follow Hugging Face's LlamaForCausalLM so checkpoints load by name, except that q/k/v and
+gate/up projections are fused into one matrix each (one matmul instead of three or two); `packed_slot` tells the
+loader where each checkpoint tensor goes inside them.
 """
 from __future__ import annotations
 
@@ -17,11 +19,10 @@ class LlamaAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         bias = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=bias)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=bias)
 
     def qk_norm(self, q: torch.Tensor, k: torch.Tensor):
         """Hook for architectures that normalise q and k per head before RoPE (Qwen3); identity here."""
@@ -29,9 +30,10 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         T = x.shape[0]
-        q = self.q_proj(x).view(T, self.num_heads, self.head_dim)  # (T, qh, hd)
-        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)  # (T, kvh, hd)
-        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)  # (T, kvh, hd)
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)  # (T, qh, hd)
+        k = k.view(T, self.num_kv_heads, self.head_dim)  # (T, kvh, hd)
+        v = v.view(T, self.num_kv_heads, self.head_dim)  # (T, kvh, hd)
         q, k = self.qk_norm(q, k)
         q, k = apply_rotary(q, batch.cos, batch.sin), apply_rotary(k, batch.cos, batch.sin)
         o = batch.attention(self.layer_idx, q, k, v, batch.meta)  # (T, qh, hd)
@@ -41,12 +43,12 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (T, intermediate) each
+        return self.down_proj(nn.functional.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -96,6 +98,18 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         return self.model(input_ids, batch)
+
+    def packed_slot(self, name: str) -> tuple[str, int, int] | None:
+        """For a checkpoint tensor of a fused projection: (parameter name, first row, number of rows); else None."""
+        c = self.config
+        q, kv, inter = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.intermediate_size
+        slots = {"q_proj": ("qkv_proj", 0, q), "k_proj": ("qkv_proj", q, kv), "v_proj": ("qkv_proj", q + kv, kv),
+                 "gate_proj": ("gate_up_proj", 0, inter), "up_proj": ("gate_up_proj", inter, inter)}
+        parts = name.split(".")
+        if len(parts) < 2 or parts[-2] not in slots:
+            return None
+        packed, start, rows = slots[parts[-2]]
+        return ".".join(parts[:-2] + [packed, parts[-1]]), start, rows
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> logits [N, vocab] in float32."""
