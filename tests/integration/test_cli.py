@@ -1,0 +1,55 @@
+"""The `braid` command line on a tiny random model: its output is the engine's output."""
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from braidinfer import LLM, SamplingParams
+from braidinfer.cli import main
+from braidinfer.errors import UnsupportedModelError
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, smollm_tokenizer):
+    from tests.conftest import build_tiny_model
+
+    path = tmp_path_factory.mktemp("tiny-cli")
+    build_tiny_model("qwen3", path, smollm_tokenizer, seed=3)
+    return str(path)
+
+
+def test_generate_prints_the_greedy_answer(model_dir, capsys):
+    with LLM(model=model_dir, device="cpu", progress=False) as llm:
+        expected = llm.chat([{"role": "user", "content": "Hello there"}],
+                            SamplingParams(temperature=0, max_tokens=6)).text
+    assert main(["generate", "Hello there", "--model", model_dir, "--device", "cpu", "--max-tokens", "6"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_chat_keeps_history_and_reuses_it(model_dir, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("first question\nsecond question\n\n"))
+    assert main(["chat", "--model", model_dir, "--device", "cpu", "--max-tokens", "5", "--stats"]) == 0
+    stats = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[prompt")]
+    assert len(stats) == 2
+    cached_second = int(stats[1].split("(")[1].split()[0])
+    assert cached_second > 0  # the second turn's prompt starts with the first turn, served from the KV cache
+
+
+def test_errors_are_one_line_not_a_traceback(tmp_path, capsys):
+    assert main(["generate", "hi", "--model", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("braid: error:") and "missing" in err and "Traceback" not in err
+
+
+def test_unknown_architecture_names_the_supported_ones(model_dir, tmp_path):
+    import shutil
+
+    bad = tmp_path / "gpt2ish"
+    shutil.copytree(model_dir, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match="LlamaForCausalLM.*Qwen3ForCausalLM"):
+        LLM(model=str(bad), device="cpu", progress=False)
