@@ -69,13 +69,8 @@ class LLM:
         """Yields CompletionChunks; the last one has finish_reason and usage. Leaving early cancels the request."""
         stream = self._submit(prompt, params, SyncChannel())
         try:
-            while True:
-                chunk = stream.channel.get()
-                _raise_if_failed(chunk)
-                yield chunk
-                if chunk.finish_reason is not None:
-                    stream.done = True
-                    return
+            while not stream.done:
+                yield stream.accept(stream.channel.get())
         finally:
             stream.cancel()
 
@@ -89,13 +84,8 @@ class LLM:
                              ) -> AsyncIterator[CompletionChunk]:
         stream = self._submit(prompt, params, AsyncChannel(asyncio.get_running_loop()))
         try:
-            while True:
-                chunk = await stream.channel.get()
-                _raise_if_failed(chunk)
-                yield chunk
-                if chunk.finish_reason is not None:
-                    stream.done = True
-                    return
+            while not stream.done:
+                yield stream.accept(await stream.channel.get())
         finally:
             stream.cancel()
 
@@ -104,8 +94,8 @@ class LLM:
         stream = self._submit(prompt, params, AsyncChannel(asyncio.get_running_loop()))
         acc = _Accumulator()
         try:
-            while acc.add(await stream.channel.get()):
-                pass
+            while not stream.done:
+                acc.add(stream.accept(await stream.channel.get()))
         finally:
             stream.cancel()
         return acc.output(stream.prompt_token_ids)
@@ -149,6 +139,14 @@ class _Stream:
         self.prompt_token_ids = prompt_token_ids
         self.done = False
 
+    def accept(self, chunk: CompletionChunk) -> CompletionChunk:
+        """Takes the next chunk off the channel: raises if the request failed, marks the stream done at its end."""
+        if chunk.error is not None:
+            self.done = True
+            raise chunk.error
+        self.done = chunk.finish_reason is not None
+        return chunk
+
     def cancel(self) -> None:
         if not self.done:
             self.done = True
@@ -159,14 +157,11 @@ class _Accumulator:
     def __init__(self):
         self.text, self.token_ids, self.logprobs, self.last = [], [], [], None
 
-    def add(self, chunk: CompletionChunk) -> bool:
-        """Takes one chunk; False once the request has finished (raises if it failed)."""
-        _raise_if_failed(chunk)
+    def add(self, chunk: CompletionChunk) -> None:
         self.text.append(chunk.text)
         self.token_ids.extend(chunk.token_ids)
         self.logprobs.extend(chunk.logprobs)
         self.last = chunk
-        return chunk.finish_reason is None
 
     def output(self, prompt_token_ids: list[int]) -> RequestOutput:
         last = self.last
@@ -176,15 +171,9 @@ class _Accumulator:
 
 def _collect(stream: _Stream) -> RequestOutput:
     acc = _Accumulator()
-    while acc.add(stream.channel.get()):
-        pass
-    stream.done = True
+    while not stream.done:
+        acc.add(stream.accept(stream.channel.get()))
     return acc.output(stream.prompt_token_ids)
-
-
-def _raise_if_failed(chunk: CompletionChunk) -> None:
-    if chunk.error is not None:
-        raise chunk.error
 
 
 def _as_prompt_list(prompts) -> list[Prompt]:
