@@ -35,6 +35,9 @@ class EngineConfig(BaseModel):
     """Exact number of KV pages, overriding the memory-based sizing (useful in tests)."""
     enable_prefix_caching: bool = True
     """Reuse the KV of any identical, already computed page-aligned prompt prefix."""
+    attention_backend: Literal["auto", "torch", "flashinfer"] = "auto"
+    """Paged attention kernels: "flashinfer" (CUDA, float16/bfloat16), "torch" (anywhere; the reference), or "auto"
+    = flashinfer where it can run, else torch."""
     seed: int = 0
     """Seed of the engine's generator for requests that give none."""
     progress: bool = True
@@ -50,6 +53,9 @@ class EngineConfig(BaseModel):
     def _check_device(self):
         if self.device is not None and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if self.attention_backend == "flashinfer" and (self.device == "cpu" or self.dtype == "float32"):
+            raise ValueError("attention_backend 'flashinfer' needs a CUDA device and dtype float16 or bfloat16, "
+                             f"got device={self.device!r}, dtype={self.dtype!r}")
         return self
 
 

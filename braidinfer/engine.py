@@ -47,7 +47,8 @@ class LLMEngine:
         num_pages = config.num_kv_pages or self._num_pages_that_fit()
         self.pages = PageManager(num_pages, config.page_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.pages, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.model_config, num_pages, config.page_size, self.device, self.dtype)
+        self.runner = ModelRunner(self.model, self.model_config, num_pages, config.page_size, self.device, self.dtype,
+                                  config.attention_backend)
         self.sampler = Sampler()
         self.generator = make_generator(config.seed, self.device)
         self.requests: dict[str, Sequence] = {}

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 
 from braidinfer.attention import AttentionMetadata, SeqSpan, TorchAttention
+from braidinfer.attention.flashinfer_backend import FlashInferAttention, unsupported_reason
+from braidinfer.errors import InvalidRequestError
 from braidinfer.models.config import ModelConfig
 from braidinfer.models.forward_batch import ForwardBatch
 from braidinfer.scheduler import ScheduledBatch
@@ -13,7 +15,7 @@ class ModelRunner:
     """Owns the model and the KV page pool [layers, pages, 2, kv_heads, page_size, head_dim] on one device."""
 
     def __init__(self, model: torch.nn.Module, cfg: ModelConfig, num_pages: int, page_size: int,
-                 device: torch.device, dtype: torch.dtype):
+                 device: torch.device, dtype: torch.dtype, attention_backend: str = "torch"):
         self.model = model
         self.device = device
         self.page_size = page_size
@@ -21,7 +23,8 @@ class ModelRunner:
             cfg.num_hidden_layers, num_pages, 2, cfg.num_key_value_heads, page_size, cfg.head_dim,
             dtype=dtype, device=device,
         )
-        self.attention = TorchAttention(self.kv_cache, scale=cfg.head_dim**-0.5)
+        self.attention = _make_attention(attention_backend, self.kv_cache, cfg)
+        self._plan = getattr(self.attention, "plan", None)  # backends that plan once per step for all layers
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
@@ -41,6 +44,8 @@ class ModelRunner:
                 sample_rows.append(q_start + n - 1)
                 sample_idx.append(i)
         meta = AttentionMetadata(spans, self._tensor(slots), len(input_ids))
+        if self._plan is not None:
+            self._plan(meta)
         fb = ForwardBatch(positions=self._tensor(positions), meta=meta, attention=self.attention)
         hidden = self.model(self._tensor(input_ids), fb)  # (T, hidden)
         if not sample_rows:
@@ -54,3 +59,14 @@ class ModelRunner:
         # One host-to-device copy for all page tables, then views per sequence.
         flat = self._tensor([p for seq in batch.seqs for p in seq.page_table])
         return list(flat.split([len(seq.page_table) for seq in batch.seqs]))
+
+
+def _make_attention(name: str, kv_cache: torch.Tensor, cfg: ModelConfig) -> TorchAttention | FlashInferAttention:
+    """The attention backend `name` ("auto", "torch" or "flashinfer") over the page pool."""
+    scale = cfg.head_dim**-0.5
+    problem = unsupported_reason(kv_cache.device, kv_cache.dtype, cfg.head_dim) if name != "torch" else None
+    if name == "torch" or (name == "auto" and problem):
+        return TorchAttention(kv_cache, scale)
+    if problem:
+        raise InvalidRequestError(f"attention_backend 'flashinfer' cannot run: {problem}")
+    return FlashInferAttention(kv_cache, scale, cfg.num_attention_heads)

@@ -1,0 +1,175 @@
+"""Batch-1 latency on CUDA for a Qwen3-0.6B-shaped model with random bf16 weights: time to first token and decode speed
+at several prompt lengths, for Braid with each attention backend and transformers `generate`, same run.
+
+    BRAID_TEST_TOKENIZER=/path/to/tokenizer python benchmarks/latency.py [--lengths 512,4096,16384] [--tokens 128]
+
+TTFT is the time from submitting the prompt to receiving the first generated token (fresh random prompts, so nothing
+comes from the prefix cache). Decode tok/s is measured from the first streamed token to the last. The bandwidth limit
+is the fastest batch-1 decode can be if every token reads all weights (and, second figure, the whole KV cache) once
+at the measured device copy bandwidth. Speed does not depend on the weight values, so random weights stand in for
+the real checkpoint (the tokenizer only has to be saved beside them).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import torch
+
+QWEN3_0_6B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                  tie_word_embeddings=True, rope_theta=1_000_000.0, bos_token_id=1, eos_token_id=2)
+
+
+def build_model(path: str, tokenizer_dir: str):
+    """A random bf16 Qwen3-0.6B-shaped model on CUDA, saved with the tokenizer to `path`; returns it."""
+    import transformers
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**QWEN3_0_6B)).to(torch.bfloat16).eval()
+    model.save_pretrained(path)
+    transformers.AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+    return model
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, iters: int = 20) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * nbytes * iters / (start.elapsed_time(end) / 1e3)
+
+
+def random_prompt(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 49152, (n,), generator=g).tolist()
+
+
+def braid_latency(llm, prompt: list[int], n: int) -> tuple[float, float]:
+    """(TTFT seconds, decode tok/s) of one streamed greedy request."""
+    from braidinfer import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    t0 = time.perf_counter()
+    stamps = [time.perf_counter() for chunk in llm.stream_chunks(prompt, params) if chunk.token_ids]
+    return stamps[0] - t0, (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+class _Stamps:
+    """A `generate` streamer that only records when each step's tokens arrive (the first call is the prompt)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def hf_latency(model, prompt: list[int], n: int, static: bool) -> tuple[float, float]:
+    ids = torch.tensor([prompt], device="cuda")
+    stamps = _Stamps()
+    extra = dict(cache_implementation="static") if static else {}
+    t0 = time.perf_counter()
+    model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0,
+                   streamer=stamps, **extra)
+    t = stamps.times[1:]
+    return t[0] - t0, (len(t) - 1) / (t[-1] - t[0])
+
+
+def best(runs: list[tuple[float, float]]) -> tuple[float, float]:
+    return min(r[0] for r in runs), max(r[1] for r in runs)
+
+
+def measure_braid(path: str, backend: str, lengths: list[int], n: int, repeats: int) -> dict[int, tuple]:
+    from braidinfer import LLM
+
+    pages = 4 * (max(lengths) + n) // 16 + 64
+    out = {}
+    with LLM(model=path, device="cuda", dtype="bfloat16", attention_backend=backend, num_kv_pages=pages,
+             progress=False) as llm:
+        for length in lengths:
+            braid_latency(llm, random_prompt(length, seed=length), 8)  # warm-up (and FlashInfer's JIT)
+            out[length] = best([braid_latency(llm, random_prompt(length, seed=length + r + 1), n)
+                                for r in range(repeats)])
+    return out
+
+
+def measure_hf(model, lengths: list[int], n: int) -> dict[int, tuple]:
+    """Static cache (compiled decode) where it works; each prompt length is a new cache shape, so a warm-up run of the
+    same length and token count comes first. Falls back to the default dynamic cache."""
+    out = {}
+    for length in lengths:
+        for static in (True, False):
+            try:
+                hf_latency(model, random_prompt(length, seed=length), n, static)
+                out[length] = (*hf_latency(model, random_prompt(length, seed=length + 1), n, static), static)
+                break
+            except Exception as e:  # noqa: BLE001 - any failure of the static path falls back to the default cache
+                print(f"transformers static cache failed at {length} tokens ({type(e).__name__}: {e}); default cache")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", default="512,4096,16384", help="prompt lengths in tokens, comma-separated")
+    ap.add_argument("--tokens", type=int, default=128, help="generated tokens per request")
+    ap.add_argument("--repeats", type=int, default=2, help="Braid: best of this many requests per length")
+    ap.add_argument("--no-transformers", action="store_true")
+    args = ap.parse_args()
+    lengths = [int(x) for x in args.lengths.split(",")]
+    tokenizer_dir = os.environ.get("BRAID_TEST_TOKENIZER")
+    if not tokenizer_dir or not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA device and BRAID_TEST_TOKENIZER (a saved tokenizer directory)")
+
+    import transformers
+
+    from braidinfer.attention.flashinfer_backend import unsupported_reason
+
+    with tempfile.TemporaryDirectory() as path:
+        model = build_model(path, tokenizer_dir)
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied lm_head counted once
+        bandwidth = copy_bandwidth()
+        rows = {"braid, torch attention": measure_braid(path, "torch", lengths, args.tokens, args.repeats)}
+        problem = unsupported_reason(torch.device("cuda"), torch.bfloat16, QWEN3_0_6B["head_dim"])
+        if problem is None:
+            rows["braid, flashinfer attention"] = measure_braid(path, "flashinfer", lengths, args.tokens, args.repeats)
+        else:
+            print(f"skipping the flashinfer backend: {problem}")
+        if not args.no_transformers:
+            hf = measure_hf(model, lengths, args.tokens)
+            for length, (ttft, tps, static) in hf.items():
+                name = f"transformers generate ({'static' if static else 'dynamic'} cache)"
+                rows.setdefault(name, {})[length] = (ttft, tps)
+
+    c = QWEN3_0_6B
+    kv_bytes_per_token = 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * c["head_dim"] * 2
+    fi_version = "absent" if problem else __import__("flashinfer").__version__
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+          f"transformers {transformers.__version__}, flashinfer {fi_version}")
+    print(f"model: Qwen3-0.6B shape, random bf16 weights ({weight_bytes / 1e9:.3f} GB), batch 1, {args.tokens} new "
+          f"tokens, greedy; device copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    print(f"{'prompt':>7}  {'engine':<42}{'TTFT ms':>10}{'decode tok/s':>14}")
+    for length in lengths:
+        for name, results in rows.items():
+            if length in results:
+                ttft, tps = results[length]
+                print(f"{length:>7}  {name:<42}{ttft * 1e3:>10.1f}{tps:>14.1f}")
+        kv = kv_bytes_per_token * (length + args.tokens // 2)
+        print(f"{length:>7}  {'bandwidth limit (weights / weights + KV)':<42}{'':>10}"
+              f"{bandwidth / weight_bytes:>7.0f} / {bandwidth / (weight_bytes + kv):.0f}")
+
+
+if __name__ == "__main__":
+    main()

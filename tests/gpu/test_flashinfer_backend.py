@@ -1,0 +1,142 @@
+"""The FlashInfer attention backend against the torch backend: kernel by kernel on random page pools, then end to
+end."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from braidinfer import LLM, SamplingParams
+from braidinfer.attention import AttentionMetadata, SeqSpan, TorchAttention
+from braidinfer.attention.flashinfer_backend import FlashInferAttention, unsupported_reason
+from tests.conftest import build_tiny_model
+from tests.gpu.test_gpu_parity import SHAPES, _common_prefix, _greedy, _logprobs, _prompts
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available()
+        or unsupported_reason(torch.device("cuda"), torch.bfloat16, 128) is not None,
+        reason="needs CUDA and flashinfer"),
+]
+
+PAGE_SIZE = 16
+HEADS = {"9q3kv-hd64": (9, 3, 64), "16q8kv-hd128": (16, 8, 128)}
+# (q_len, context_len) per sequence; context_len - q_len tokens are already in the pool.
+BATCHES = {
+    "prefill-with-cached-prefix": [(37, 117), (100, 100), (5, 261)],
+    "mixed": [(1, 300), (50, 83), (1, 17), (200, 200), (1, 1), (16, 48)],
+    "decode-only": [(1, 1), (1, 16), (1, 17), (1, 500), (1, 1025)],
+}
+
+
+def _random_batch(spans_shape, num_kv_heads, head_dim, seed):
+    """A page pool holding random cached KV, random non-overlapping page tables (one with a spare page at the end,
+    as a table reserved ahead may have), and metadata for the new tokens as the runner builds it."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    need = [-(-ctx // PAGE_SIZE) + (i == 0) for i, (_, ctx) in enumerate(spans_shape)]
+    num_pages = sum(need) + 7
+    pool = torch.randn(1, num_pages, 2, num_kv_heads, PAGE_SIZE, head_dim, device="cuda", generator=g)
+    order = torch.randperm(num_pages, device="cuda", generator=g)
+    tables = list(order[: sum(need)].split(need))
+    spans, slots, q_start = [], [], 0
+    for (q_len, ctx), table in zip(spans_shape, tables):
+        spans.append(SeqSpan(q_start, q_len, ctx, table))
+        pos = torch.arange(ctx - q_len, ctx, device="cuda")
+        slots.append(table[pos // PAGE_SIZE] * PAGE_SIZE + pos % PAGE_SIZE)
+        q_start += q_len
+    meta = AttentionMetadata(spans, torch.cat(slots), q_start)
+    return pool, meta
+
+
+@pytest.mark.parametrize("batch", sorted(BATCHES))
+@pytest.mark.parametrize("heads", sorted(HEADS))
+def test_kernels_match_torch_backend(batch, heads):
+    num_qo, num_kv, hd = HEADS[heads]
+    pool32, meta = _random_batch(BATCHES[batch], num_kv, hd, seed=sorted(BATCHES).index(batch))
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q, k, v = (torch.randn(meta.num_tokens, h, hd, device="cuda", generator=g) for h in (num_qo, num_kv, num_kv))
+    # Both backends see the same bf16 values; the reference computes on them in fp32.
+    q16, k16, v16, pool16 = (t.to(torch.bfloat16) for t in (q, k, v, pool32))
+    ref_pool = pool16.float()
+    ref = TorchAttention(ref_pool, hd**-0.5)(0, q16.float(), k16.float(), v16.float(), meta)
+    fi = FlashInferAttention(pool16, hd**-0.5, num_qo)
+    fi.plan(meta)
+    out = fi(0, q16, k16, v16, meta)
+    assert out.shape == ref.shape and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    # The new K/V landed in the same slots (an exact copy of bf16 values), nothing else changed.
+    torch.testing.assert_close(pool16.float(), ref_pool, atol=0, rtol=0)
+
+
+def test_run_without_plan_is_refused():
+    pool, meta = _random_batch(BATCHES["mixed"], 8, 128, seed=0)
+    fi = FlashInferAttention(pool.to(torch.bfloat16), 128**-0.5, 16)
+    q = torch.zeros(meta.num_tokens, 16, 128, dtype=torch.bfloat16, device="cuda")
+    kv = torch.zeros(meta.num_tokens, 8, 128, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(RuntimeError, match="plan"):
+        fi(0, q, kv, kv, meta)
+
+
+@pytest.fixture(scope="module", params=sorted(SHAPES))
+def engines(request, tmp_path_factory, smollm_tokenizer):
+    """bf16 engines with each backend (the FlashInfer one chunks prompts, so prefills over a cached prefix and mixed
+    batches occur), and the transformers fp32/bf16 references."""
+    arch = request.param
+    path = tmp_path_factory.mktemp(f"fi-{arch}")
+    ref32 = build_tiny_model(arch, path, smollm_tokenizer, seed=11, **SHAPES[arch]).to("cuda")
+    ref16 = copy.deepcopy(ref32).to(torch.bfloat16)
+    common = dict(model=str(path), device="cuda", dtype="bfloat16", num_kv_pages=4096, progress=False)
+    fi = LLM(attention_backend="flashinfer", max_num_batched_tokens=256, **common)
+    tb = LLM(attention_backend="torch", **common)
+    assert isinstance(fi.engine.runner.attention, FlashInferAttention)
+    assert isinstance(tb.engine.runner.attention, TorchAttention)
+    yield fi, tb, ref16, ref32
+    fi.close()
+    tb.close()
+
+
+def _errors(out, prompt, ref32, ref16) -> tuple[float, float]:
+    """Largest |logprob - fp32 model's| over the generated steps' top tokens, for `out` and for transformers' bf16
+    model at the same (step, token) pairs; both teacher-forced on out's tokens."""
+    exact, hf16 = _logprobs(ref32, prompt + out.token_ids), _logprobs(ref16, prompt + out.token_ids)
+    ours = hf = 0.0
+    for step, lp in enumerate(out.logprobs):
+        row = len(prompt) - 1 + step
+        for token, value in lp.top:
+            ours = max(ours, abs(value - exact[row, token].item()))
+            hf = max(hf, abs(hf16[row, token].item() - exact[row, token].item()))
+    return ours, hf
+
+
+def test_logprobs_within_bf16_tolerance_of_torch_backend(engines):
+    """Against the fp32 model, FlashInfer's bf16 error is of the size of the torch backend's and transformers';
+    on the first generated token (the same context for both backends) their logprobs agree within that size."""
+    fi, tb, ref16, ref32 = engines
+    params = SamplingParams(temperature=0, max_tokens=8, logprobs=5, ignore_eos=True)
+    for prompt in _prompts()[:5]:
+        ours, theirs = fi.generate(prompt, params)[0], tb.generate(prompt, params)[0]
+        (fi_err, hf_err), (torch_err, _) = _errors(ours, prompt, ref32, ref16), _errors(theirs, prompt, ref32, ref16)
+        tol = 2 * max(hf_err, torch_err) + 0.02
+        print(f"prompt {len(prompt)}: max logprob error vs fp32: flashinfer {fi_err:.3f}, torch {torch_err:.3f}, "
+              f"transformers bf16 {hf_err:.3f}")
+        assert fi_err <= tol, f"prompt of {len(prompt)}: flashinfer error {fi_err:.3f}, tolerance {tol:.3f}"
+        first_fi, first_tb = dict(ours.logprobs[0].top), dict(theirs.logprobs[0].top)
+        diff = max(abs(first_fi[t] - first_tb[t]) for t in first_fi.keys() & first_tb.keys())
+        assert diff <= tol, f"prompt of {len(prompt)}: backends differ by {diff:.3f}, tolerance {tol:.3f}"
+
+
+def test_greedy_tokens_agree_like_transformers_bf16(engines):
+    """The same demand as tests/gpu/test_gpu_parity.py, for the FlashInfer backend."""
+    fi, _, ref16, ref32 = engines
+    prompts = _prompts(seed=1, lengths=[5 + 37 * i for i in range(16)])
+    ours = [o.token_ids for o in fi.generate(prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))]
+    exact = [_greedy(ref32, p) for p in prompts]
+    hf16 = [_greedy(ref16, p) for p in prompts]
+    ours_agree = sum(map(_common_prefix, ours, exact)) / len(prompts)
+    hf_agree = sum(map(_common_prefix, hf16, exact)) / len(prompts)
+    print(f"mean identical greedy prefix vs fp32: braid flashinfer bf16 {ours_agree:.1f}, "
+          f"transformers bf16 {hf_agree:.1f}")
+    assert ours_agree >= 0.75 * hf_agree - 0.5
+
