@@ -1,0 +1,43 @@
+"""Retrieved documents -> text after the system prompt, one block per document, in a stable order. Pure.
+
+The engine reuses the KV of any identical, already computed token prefix. Rendering every document the same
+way, in an order that does not depend on retrieval scores, makes the system prompt and each leading document
+a prefix that later questions share: two questions whose retrievals both start with document A (by the order
+below) compute A once.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from langchain_core.documents import Document
+
+DOCUMENTS_HEADER = "Use the following documents to answer."
+
+
+def sort_documents(documents: Sequence[Document | str]) -> list[Document]:
+    """Documents (or plain strings) in a stable order: by id (or metadata "source"), then content; duplicates
+    dropped."""
+    unique = {_key(d): d for d in (Document(d) if isinstance(d, str) else d for d in documents)}
+    return [unique[k] for k in sorted(unique)]
+
+
+def render_document(document: Document) -> str:
+    """One document as a self-contained block; its text depends only on the document, not on its position."""
+    source = document.id or document.metadata.get("source")
+    attrs = f' source={json.dumps(str(source), ensure_ascii=False)}' if source is not None else ""
+    return f"<document{attrs}>\n{document.page_content}\n</document>"
+
+
+def render_documents(documents: Sequence[Document | str], *, header: str = DOCUMENTS_HEADER) -> str:
+    """The documents block ChatBraid appends to the system message (also usable in a prompt template)."""
+    if not documents:
+        return ""
+    blocks = [render_document(d) for d in sort_documents(documents)]
+    return "\n".join([header, *blocks]) if header else "\n".join(blocks)
+
+
+def _key(document: Document) -> tuple[str, str, str]:
+    source: Any = document.id or document.metadata.get("source") or ""
+    return (str(source), document.page_content, json.dumps(document.metadata, sort_keys=True, default=str))

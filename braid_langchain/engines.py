@@ -1,0 +1,53 @@
+"""One engine per (model, device, dtype) per process, shared by every ChatBraid, loaded on first use.
+
+Sharing is what makes reuse work across instances: two ChatBraid objects with the same system prompt read the
+same KV pages. Loading takes seconds, so it happens on the first request, never at construction.
+"""
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from braidinfer import LLM
+
+EngineKey = tuple[str | None, str | None, str]  # (model, device, dtype)
+
+_engines: dict[EngineKey, LLM] = {}
+_lock = threading.Lock()
+
+
+def get_engine(model: str | None, device: str | None, dtype: str = "auto") -> LLM:
+    """The shared engine for `model` on `device`, loading it the first time (the engine's errors pass through:
+    an unknown model path raises `braidinfer.errors.ModelNotFoundError`)."""
+    key = (model, device, dtype)
+    engine = _engines.get(key)
+    if engine is not None:
+        return engine
+    with _lock:  # loads are rare and heavy: one at a time, and never twice for one key
+        if key not in _engines:
+            from braidinfer import LLM
+
+            _engines[key] = LLM(model=model, device=device, dtype=dtype, progress=False)
+        return _engines[key]
+
+
+def is_loaded(model: str | None, device: str | None, dtype: str = "auto") -> bool:
+    return (model, device, dtype) in _engines
+
+
+def close_engine(model: str | None, device: str | None, dtype: str = "auto") -> None:
+    """Closes one shared engine, freeing its weights and KV pages (it loads again on next use)."""
+    with _lock:
+        engine = _engines.pop((model, device, dtype), None)
+    if engine is not None:
+        engine.close()
+
+
+def close_all() -> None:
+    """Closes every shared engine (they load again on next use)."""
+    with _lock:
+        engines = list(_engines.values())
+        _engines.clear()
+    for engine in engines:
+        engine.close()

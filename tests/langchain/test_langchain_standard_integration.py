@@ -1,0 +1,99 @@
+"""LangChain's standard integration suite against the embedded SmolLM2-135M-Instruct on CPU (greedy, short replies).
+
+The xfails below are about what a 135M-parameter model writes, not about ChatBraid: constrained decoding keeps
+every reply valid JSON, but it cannot make a model this small choose sensible content.
+"""
+from __future__ import annotations
+
+import pytest
+from langchain_core.exceptions import OutputParserException
+from langchain_tests.integration_tests import ChatModelIntegrationTests
+
+from braid_langchain import ChatBraid
+from tests.langchain.conftest import GREEDY
+
+REPETITION_LOOP = (
+    "SmolLM2-135M at temperature 0 loops inside the first JSON string ('I'm a cat, I'm a cat, ...') until "
+    "max_tokens, so the object never reaches its second required field (the JSON is valid up to the cut)")
+MISSING_KEY = (
+    "in JSON mode only the syntax is constrained; SmolLM2-135M, asked for 'setup' and 'punchline', writes only "
+    "'setup' and closes the object")
+NO_UNFORCED_CALL = (
+    "with tool_choice left to the model, SmolLM2-135M answers in prose instead of calling the tool "
+    "(forced calls, tool_choice='any', pass in test_tool_calling and test_tool_choice)")
+
+
+class TestChatBraidIntegration(ChatModelIntegrationTests):
+    @property
+    def chat_model_class(self) -> type[ChatBraid]:
+        return ChatBraid
+
+    @property
+    def chat_model_params(self) -> dict:
+        return {**GREEDY, "max_tokens": 64}
+
+    @property
+    def has_tool_calling(self) -> bool:
+        return True
+
+    @property
+    def has_tool_choice(self) -> bool:
+        return True
+
+    @property
+    def has_structured_output(self) -> bool:
+        return True
+
+    @property
+    def supports_json_mode(self) -> bool:
+        return True
+
+    @property
+    def returns_usage_metadata(self) -> bool:
+        return True
+
+    @property
+    def supported_usage_metadata_details(self) -> dict:
+        details = ["cache_read_input", "cache_creation_input"]
+        return {"invoke": details, "stream": details}
+
+    def invoke_with_cache_read_input(self, *, stream: bool = False):
+        return _second_call_with_same_system_prompt(stream)
+
+    def invoke_with_cache_creation_input(self, *, stream: bool = False):
+        return _second_call_with_same_system_prompt(stream)
+
+
+# Standard tests expected to fail, by test id, with why; applied by the fixture below so that the other
+# parametrisations of the same test still have to pass (and the standard tests stay un-overridden).
+EXPECTED_FAILURES = {
+    "test_structured_output[pydantic]": (REPETITION_LOOP, OutputParserException),
+    "test_structured_output_async[pydantic]": (REPETITION_LOOP, OutputParserException),
+    "test_structured_output_pydantic_2_v1": (REPETITION_LOOP, OutputParserException),
+    "test_json_mode": (MISSING_KEY, OutputParserException),
+    "test_agent_loop[model0]": (NO_UNFORCED_CALL, AssertionError),
+    "test_agent_loop[model1]": (NO_UNFORCED_CALL, AssertionError),
+}
+
+
+@pytest.fixture(autouse=True)
+def _expected_failures(request):
+    if request.node.name in EXPECTED_FAILURES:
+        reason, raises = EXPECTED_FAILURES[request.node.name]
+        request.applymarker(pytest.mark.xfail(reason=reason, raises=raises))
+
+
+def _second_call_with_same_system_prompt(stream: bool):
+    """The second of two calls sharing a long system prompt: its prefix is read from the KV cache."""
+    from langchain_core.messages import HumanMessage, SystemMessage
+
+    model = ChatBraid(**GREEDY, max_tokens=4)
+    system = SystemMessage("You answer questions about the solar system. " * 8)
+    model.invoke([system, HumanMessage("Which planet is largest?")])
+    messages = [system, HumanMessage("Which planet is smallest?")]
+    if not stream:
+        return model.invoke(messages)
+    full = None
+    for chunk in model.stream(messages):
+        full = chunk if full is None else full + chunk
+    return full

@@ -1,0 +1,200 @@
+"""Tool-call parsing, tool schemas and chunk building (pure; expected values written by hand)."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+from langchain_core.documents import Document
+
+from braid_langchain.chunks import ChunkBuilder
+from braid_langchain.documents import render_documents
+from braid_langchain.tool_parser import ParsedCall, ToolCallStream, parse_tool_calls
+from braid_langchain.tools import (
+    close_objects,
+    forced_call_schema,
+    normalize_tool_choice,
+    template_supports_tools,
+    tool_prompt,
+)
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather at a place.",
+                                            "parameters": {"type": "object",
+                                                           "properties": {"city": {"type": "string"}},
+                                                           "required": ["city"]}}}
+TIME = {"type": "function", "function": {"name": "get_time", "description": "Current time.",
+                                         "parameters": {"type": "object", "properties": {}}}}
+
+
+def call(name, args):
+    return ParsedCall(name, args, json.dumps({"name": name, "arguments": args}))
+
+
+def named(calls):
+    return [(c.name, c.args) for c in calls]
+
+
+# --- parsing finished replies ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, content, calls", [
+    ("The answer is 4.", "The answer is 4.", []),
+    ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>', "",
+     [call("get_weather", {"city": "Paris"})]),
+    ('Let me check.\n<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>\n'
+     '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>\nDone.', "Let me check.Done.",
+     [call("get_weather", {"city": "Paris"}), call("get_time", {})]),
+    ('{"name": "get_weather", "arguments": {"city": "Paris"}}', "", [call("get_weather", {"city": "Paris"})]),
+    ('  [{"name": "get_time", "arguments": {}}, {"name": "get_time", "parameters": {}}]', "",
+     [call("get_time", {}), call("get_time", {})]),
+    ('{"name": "get_time", "arguments": {}}\n{"name": "get_weather", "arguments": {"city": "Rome"}}', "",
+     [call("get_time", {}), call("get_weather", {"city": "Rome"})]),
+    ('{"type": "function", "function": {"name": "get_weather", "arguments": "{\\"city\\": \\"Oslo\\"}"}}', "",
+     [call("get_weather", {"city": "Oslo"})]),
+    ('{"setup": "Why?", "punchline": "Because."}', '{"setup": "Why?", "punchline": "Because."}', []),
+    ("{not json at all", "{not json at all", []),
+    ("a < b and <tool", "a < b and <tool", []),
+])
+def test_parse_finished_reply(text, content, calls):
+    parsed_content, parsed_calls = parse_tool_calls(text)
+    assert (parsed_content, named(parsed_calls)) == (content, named(calls))
+
+
+def test_malformed_calls_become_invalid_never_exceptions():
+    content, calls = parse_tool_calls('<tool_call>{"name": "get_weather", "arguments": {"city": </tool_call>')
+    assert content == "" and len(calls) == 1
+    assert calls[0].name == "get_weather" and calls[0].args is None and "one JSON object" in calls[0].error
+    assert calls[0].raw == '<tool_call>{"name": "get_weather", "arguments": {"city": </tool_call>'
+
+    _, calls = parse_tool_calls('{"name": "get_weather", "arguments": ["Paris"]}')
+    assert calls == [
+        ParsedCall("get_weather", None, '["Paris"]', "the arguments of 'get_weather' are not a JSON object")]
+
+    _, calls = parse_tool_calls('{"name": "get_weather", "arguments": "Paris"}')
+    assert calls == [ParsedCall("get_weather", None, "Paris", "the arguments of 'get_weather' are not valid JSON")]
+
+    _, calls = parse_tool_calls('<tool_call>{"name": "get_time", "arguments": {}}')  # never closed
+    assert calls == [call("get_time", {})]
+
+    _, calls = parse_tool_calls('{"name": "get_weather", "arguments": {"ci', forced=True)  # cut at max_tokens
+    assert calls[0].name == "get_weather" and calls[0].args is None
+
+
+def test_streaming_holds_back_only_what_may_be_a_call():
+    stream = ToolCallStream()
+    assert stream.feed("Sure") == ["Sure"]
+    assert stream.feed(", one moment <tool") == [", one moment"]  # "<tool" may open a call; " " may precede one
+    assert stream.feed('_call>{"name": "get_time", ') == []
+    assert stream.feed('"arguments": {}}</tool_call> ok') == [call("get_time", {}), "ok"]
+    assert stream.finish() == []
+
+
+def test_streaming_char_by_char_equals_whole():
+    text = 'Hi there.\n<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>\nBye  '
+    stream = ToolCallStream()
+    events = [e for ch in text for e in stream.feed(ch)] + stream.finish()
+    assert "".join(e for e in events if isinstance(e, str)) == "Hi there.Bye"
+    assert [e for e in events if isinstance(e, ParsedCall)] == [call("get_weather", {"city": "Paris"})]
+
+
+# --- tool choice and schemas ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("choice, expected", [
+    (None, "auto"), ("auto", "auto"), ("none", "none"), (False, "none"), ("any", "any"), ("required", "any"),
+    (True, "any"), ("get_time", "get_time"), ({"type": "function", "function": {"name": "get_time"}}, "get_time"),
+])
+def test_normalize_tool_choice(choice, expected):
+    assert normalize_tool_choice(choice, ["get_weather", "get_time"]) == expected
+
+
+def test_unknown_tool_choice_names_the_bound_tools():
+    with pytest.raises(ValueError, match=r"names no bound tool; bound tools: \['get_time'\]"):
+        normalize_tool_choice("get_weather", ["get_time"])
+
+
+def test_forced_call_schema():
+    one = {"type": "object", "properties": {"name": {"const": "get_time"},
+                                            "arguments": {"type": "object", "properties": {},
+                                                          "additionalProperties": False}},
+           "required": ["name", "arguments"], "additionalProperties": False}
+    assert forced_call_schema([WEATHER, TIME], "get_time") == one
+    both = forced_call_schema([WEATHER, TIME], "any")
+    assert [o["properties"]["name"]["const"] for o in both["anyOf"]] == ["get_weather", "get_time"]
+    assert both["anyOf"][0]["properties"]["arguments"]["required"] == ["city"]
+
+
+def test_forced_call_schema_moves_defs_to_the_root():
+    params = {"type": "object", "properties": {"where": {"$ref": "#/$defs/Place"}},
+              "$defs": {"Place": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+    tool = {"type": "function", "function": {"name": "go", "parameters": params}}
+    schema = forced_call_schema([tool], "go")
+    assert schema["properties"]["arguments"]["properties"]["where"] == {"$ref": "#/$defs/go.Place"}
+    assert schema["$defs"] == {"go.Place": {"type": "object", "properties": {"city": {"type": "string"}},
+                                            "additionalProperties": False}}
+
+
+def test_close_objects_leaves_explicit_choices_and_property_names_alone():
+    schema = {"type": "object", "properties": {"properties": {"type": "string"},
+                                               "extra": {"type": "object", "additionalProperties": True,
+                                                         "properties": {}}}}
+    assert close_objects(schema) == {**schema, "additionalProperties": False}
+
+
+def test_template_tool_support_and_prompt():
+    assert template_supports_tools("{% if tools %}...{% endif %}")
+    assert not template_supports_tools("{{ message['content'] }}") and not template_supports_tools(None)
+    prompt = tool_prompt([TIME])
+    assert '{"name": "get_time", "description": "Current time.", "parameters": {"type": "object", ' in prompt
+    assert '{"name": <tool name>, "arguments": <arguments object>}' in prompt
+
+
+# --- engine chunks -> LangChain chunks ------------------------------------------------------------------------
+def engine_chunk(text, finish_reason=None, prompt=20, cached=16, completion=5):
+    usage = SimpleNamespace(prompt_tokens=prompt, cached_prompt_tokens=cached, completion_tokens=completion)
+    return SimpleNamespace(text=text, finish_reason=finish_reason, usage=usage if finish_reason else None)
+
+
+def collect(builder, texts):
+    chunks = [c for t in texts[:-1] for c in builder.add(engine_chunk(t))]
+    return chunks + builder.add(engine_chunk(texts[-1], "stop"))
+
+
+def test_text_chunks_and_exactly_one_usage_chunk():
+    chunks = collect(ChunkBuilder("m"), ["Hel", "lo", ""])
+    assert [c.message.content for c in chunks] == ["Hel", "lo", ""]
+    assert [c.message.usage_metadata is not None for c in chunks] == [False, False, True]
+    last = chunks[-1].message
+    assert last.chunk_position == "last"
+    assert last.usage_metadata == {"input_tokens": 20, "output_tokens": 5, "total_tokens": 25,
+                                   "input_token_details": {"cache_read": 16, "cache_creation": 4}}
+    assert last.response_metadata == {"model_name": "m", "finish_reason": "stop", "model_provider": "braid"}
+
+
+def test_tool_calls_stream_as_tool_call_chunks():
+    texts = ["Checking.", "<tool_call>", '{"name": "get_time", "arguments": {}}', "</tool_call>",
+             '<tool_call>{"name": "get_weather", "arguments": {"city": </tool_call>']
+    chunks = collect(ChunkBuilder("m", "auto"), texts)
+    full = chunks[0].message
+    for c in chunks[1:]:
+        full = full + c.message
+    assert full.content == "Checking."
+    assert [(tc["name"], tc["args"]) for tc in full.tool_calls] == [("get_time", {})]
+    assert [tc["name"] for tc in full.invalid_tool_calls] == ["get_weather"]
+    assert [tcc["index"] for tcc in full.tool_call_chunks] == [0, 1]
+
+
+def test_truncated_forced_call_stays_invalid_after_lenient_merge():
+    chunks = collect(ChunkBuilder("m", "forced"), ['{"name": "get_weather", ', '"arguments": {"city": "Par'])
+    full = chunks[0].message
+    for c in chunks[1:]:
+        full = full + c.message
+    assert full.tool_calls == [] and full.invalid_tool_calls[0]["name"] == "get_weather"
+
+
+# --- documents ------------------------------------------------------------------------------------------------
+def test_documents_render_in_a_stable_order():
+    a = Document("Paris is in France.", metadata={"source": "a.txt"})
+    b = Document("Rome is in Italy.", id="b")
+    expected = ('Use the following documents to answer.\n'
+                '<document source="a.txt">\nParis is in France.\n</document>\n'
+                '<document source="b">\nRome is in Italy.\n</document>')
+    assert render_documents([a, b]) == render_documents([b, a, b]) == expected
+    assert render_documents([]) == ""
+    assert render_documents(["plain text"], header="") == "<document>\nplain text\n</document>"
