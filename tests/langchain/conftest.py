@@ -10,13 +10,38 @@ ENGINE = {"model": None, "device": "cpu"}
 GREEDY = {**ENGINE, "temperature": 0.0}
 
 
+class ChatBraidCapabilities:
+    """What ChatBraid declares to LangChain's standard suites (shared by the unit and integration classes)."""
+
+    @property
+    def chat_model_class(self):
+        from braid_langchain import ChatBraid
+
+        return ChatBraid
+
+    @property
+    def has_tool_calling(self) -> bool:
+        return True
+
+    @property
+    def has_tool_choice(self) -> bool:
+        return True
+
+    @property
+    def has_structured_output(self) -> bool:
+        return True
+
+    @property
+    def supports_json_mode(self) -> bool:
+        return True
+
+
 @pytest.fixture(scope="module")
 def chat():
     """A greedy ChatBraid on the embedded model, one per test module."""
     from braid_langchain import ChatBraid
 
     return ChatBraid(**GREEDY, max_tokens=32)
-
 
 
 @pytest.hookimpl(hookwrapper=True, trylast=True)

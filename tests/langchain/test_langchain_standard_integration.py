@@ -10,7 +10,7 @@ from langchain_core.exceptions import OutputParserException
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 
 from braid_langchain import ChatBraid
-from tests.langchain.conftest import GREEDY
+from tests.langchain.conftest import GREEDY, ChatBraidCapabilities
 
 REPETITION_LOOP = (
     "SmolLM2-135M at temperature 0 loops inside the first JSON string ('I'm a cat, I'm a cat, ...') until "
@@ -23,30 +23,10 @@ NO_UNFORCED_CALL = (
     "(forced calls, tool_choice='any', pass in test_tool_calling and test_tool_choice)")
 
 
-class TestChatBraidIntegration(ChatModelIntegrationTests):
-    @property
-    def chat_model_class(self) -> type[ChatBraid]:
-        return ChatBraid
-
+class TestChatBraidIntegration(ChatBraidCapabilities, ChatModelIntegrationTests):
     @property
     def chat_model_params(self) -> dict:
         return {**GREEDY, "max_tokens": 64}
-
-    @property
-    def has_tool_calling(self) -> bool:
-        return True
-
-    @property
-    def has_tool_choice(self) -> bool:
-        return True
-
-    @property
-    def has_structured_output(self) -> bool:
-        return True
-
-    @property
-    def supports_json_mode(self) -> bool:
-        return True
 
     @property
     def returns_usage_metadata(self) -> bool:

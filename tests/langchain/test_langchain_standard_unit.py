@@ -3,15 +3,10 @@ from __future__ import annotations
 
 from langchain_tests.unit_tests import ChatModelUnitTests
 
-from braid_langchain import ChatBraid
-from tests.langchain.conftest import GREEDY
+from tests.langchain.conftest import GREEDY, ChatBraidCapabilities
 
 
-class TestChatBraidUnit(ChatModelUnitTests):
-    @property
-    def chat_model_class(self) -> type[ChatBraid]:
-        return ChatBraid
-
+class TestChatBraidUnit(ChatBraidCapabilities, ChatModelUnitTests):
     @property
     def chat_model_params(self) -> dict:
         return GREEDY
@@ -22,19 +17,3 @@ class TestChatBraidUnit(ChatModelUnitTests):
         # rejects unknown parameters rather than ignoring them.
         params = super().standard_chat_model_params
         return {k: v for k, v in params.items() if k not in ("api_key", "timeout", "max_retries")}
-
-    @property
-    def has_tool_calling(self) -> bool:
-        return True
-
-    @property
-    def has_tool_choice(self) -> bool:
-        return True
-
-    @property
-    def has_structured_output(self) -> bool:
-        return True
-
-    @property
-    def supports_json_mode(self) -> bool:
-        return True
