@@ -13,7 +13,7 @@ import torch
 
 from braidinfer.config import EngineConfig
 from braidinfer.detokenizer import IncrementalDetokenizer
-from braidinfer.errors import InvalidRequestError, RequestFailedError
+from braidinfer.errors import BraidError, InvalidRequestError, RequestFailedError
 from braidinfer.guided import GrammarCompiler, apply_token_masks
 from braidinfer.kv.page_manager import PageManager
 from braidinfer.loader import resolve_model
@@ -127,7 +127,11 @@ class LLMEngine:
         apply_token_masks(logits, [s.matcher for s in seqs])
         out = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
         for seq, token, lp in zip(seqs, out.token_ids.tolist(), out.logprobs):
-            self._append(seq, token, lp)
+            try:
+                self._append(seq, token, lp)
+            except Exception as e:  # this request's postprocessing (detokenizer, grammar) broke: it alone ends
+                log.exception("request %s failed", seq.request_id)
+                self.fail(seq, e)
 
     def _append(self, seq: Sequence, token: int, logprobs: Any) -> None:
         seq.token_ids.append(token)
@@ -164,13 +168,20 @@ class LLMEngine:
         seq.sink(CompletionChunk(seq.request_id, delta, token_ids, reason, usage,
                                  [logprobs] if logprobs is not None else [], error))
 
+    def fail(self, seq: Sequence, error: BaseException) -> None:
+        """Ends one request with an error (a BraidError as is, anything else wrapped) and frees its pages."""
+        if seq.is_finished:
+            return
+        wrapped = error if isinstance(error, BraidError) else RequestFailedError(
+            f"request {seq.request_id} failed inside the engine: {type(error).__name__}: {error}")
+        if wrapped is not error:
+            wrapped.__cause__ = error
+        self._finish(seq, "error", "", error=wrapped)
+
     def fail_all(self, error: BaseException) -> None:
-        """Fails every request with `error` (after an exception inside a step) and frees their pages."""
-        wrapped = error if isinstance(error, RequestFailedError) else RequestFailedError(
-            f"request failed inside the engine: {type(error).__name__}: {error}")
-        wrapped.__cause__ = error if wrapped is not error else None
+        """Fails every request with `error` (after an exception inside a step, or when the loop stops)."""
         for seq in list(self.requests.values()):
-            self._finish(seq, "error", "", error=wrapped)
+            self.fail(seq, error)
 
     # --- sizing -----------------------------------------------------------------------------------------------
     def _eos_token_ids(self) -> frozenset[int]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from braidinfer import LLM, SamplingParams
-from braidinfer.errors import BraidError, InvalidModelError, InvalidRequestError, ModelNotFoundError
+from braidinfer.errors import BraidError, InvalidModelError, InvalidRequestError, ModelNotFoundError, RequestFailedError
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 
@@ -148,3 +148,32 @@ def test_bad_model_paths(tmp_path):
         LLM(model=str(text))
     with pytest.raises(BraidError, match="max_num_seqs"):
         LLM(model=str(text), max_num_seqs=0)
+
+
+def test_a_failing_request_does_not_take_the_others_down(llm, monkeypatch):
+    prompts = _prompts(4, seed=9)
+    expected = [o.text for o in llm.generate(prompts, GREEDY)]
+    make = llm.engine.make_sequence
+
+    def make_with_fault(prompt, params=None, **kw):
+        seq = make(prompt, params, **kw)
+        if prompt == prompts[1]:
+            def broken(token):
+                raise RuntimeError("injected detokenizer fault")
+            seq.detokenizer.add = broken
+        return seq
+
+    monkeypatch.setattr(llm.engine, "make_sequence", make_with_fault)
+
+    async def one(p):
+        return "".join([d async for d in llm.astream(p, GREEDY)])
+
+    async def main():
+        return await asyncio.gather(*(one(p) for p in prompts), return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert isinstance(results[1], RequestFailedError) and "injected detokenizer fault" in str(results[1])
+    assert [r for i, r in enumerate(results) if i != 1] == [e for i, e in enumerate(expected) if i != 1]
+    assert _idle(llm)
+    monkeypatch.undo()
+    assert llm.generate(prompts[1], GREEDY)[0].text == expected[1]  # the fault is gone: served normally
