@@ -19,6 +19,7 @@ from braidinfer.kv.page_manager import PageManager
 from braidinfer.loader import resolve_model
 from braidinfer.models import ModelConfig, model_class
 from braidinfer.outputs import CompletionChunk, Usage
+from braidinfer.penalties import apply_penalties
 from braidinfer.runner import ModelRunner
 from braidinfer.sampler import Sampler, make_generator
 from braidinfer.sampling_params import SamplingParams
@@ -113,6 +114,7 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     # --- the step ---------------------------------------------------------------------------------------------
+    @torch.inference_mode()
     def step(self) -> None:
         batch = self.scheduler.schedule()
         if not batch:
@@ -124,6 +126,8 @@ class LLMEngine:
         if not sample_idx:
             return
         seqs = [batch.seqs[i] for i in sample_idx]
+        apply_penalties(logits, [s.params for s in seqs], [s.token_ids for s in seqs],
+                        [s.num_prompt_tokens for s in seqs])
         apply_token_masks(logits, [s.matcher for s in seqs])
         out = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
         for seq, token, lp in zip(seqs, out.token_ids.tolist(), out.logprobs):

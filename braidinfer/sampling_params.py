@@ -30,6 +30,9 @@ _ALLOWED = {
     "logprobs": f"an integer in [0, {MAX_LOGPROBS}], or null (off)",
     "skip_special_tokens": "a boolean",
     "include_stop_str_in_output": "a boolean",
+    "repetition_penalty": "a finite number > 0 (1 = off)",
+    "presence_penalty": "a finite number in [-2, 2]",
+    "frequency_penalty": "a finite number in [-2, 2]",
     "guided": "a GuidedDecoding (json_schema, json_object, grammar or regex), or null",
 }
 
@@ -56,6 +59,12 @@ class SamplingParams(BaseModel):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    """Divides positive logits (multiplies negative ones) of tokens already in the prompt or output; 1 = off."""
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    """Subtracted from the logits of tokens already generated."""
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    """Subtracted from each token's logit once per time it was generated."""
     guided: GuidedDecoding | None = None
     """Grammar-constrained decoding: the output must match this JSON schema / grammar / regex."""
 
@@ -99,6 +108,11 @@ class SamplingParams(BaseModel):
         if value is None:
             return []
         return list(value) if isinstance(value, tuple) else value
+
+    @property
+    def penalized(self) -> bool:
+        """True when any repetition, presence or frequency penalty is set."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @property
     def greedy(self) -> bool:

@@ -61,3 +61,13 @@ def test_same_prompt_twice_in_one_batch(engine):
     outs = llm.generate([prompt, prompt, prompt[:20]], params)
     assert outs[0].token_ids == outs[1].token_ids == _hf_greedy(ref, prompt, 16)
     assert outs[2].token_ids == _hf_greedy(ref, prompt[:20], 16)
+
+
+def test_repetition_penalty_matches_transformers_generate(engine):
+    llm, ref = engine
+    prompt = _prompts([12], seed=4)[0]
+    ours = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                                               repetition_penalty=1.5))[0].token_ids
+    hf = ref.generate(torch.tensor([prompt]), max_new_tokens=24, min_new_tokens=24, do_sample=False,
+                      repetition_penalty=1.5, pad_token_id=0, eos_token_id=None)
+    assert ours == hf[0, len(prompt):].tolist()

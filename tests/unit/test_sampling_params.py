@@ -76,8 +76,8 @@ def test_every_invalid_field_is_reported():
 
 
 def test_unknown_field_is_rejected():
-    with pytest.raises(InvalidRequestError, match="'frequency_penalty'"):
-        SamplingParams(frequency_penalty=0.5)
+    with pytest.raises(InvalidRequestError, match="'best_of'"):
+        SamplingParams(best_of=0.5)
 
 
 def test_model_validate_paths_raise_request_error():
