@@ -40,7 +40,8 @@ if TYPE_CHECKING:
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 """What `model=None` loads: the engine's embedded default model."""
 
-_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "seed")
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "seed", "repetition_penalty",
+                    "presence_penalty", "frequency_penalty")
 _CALL_ARGS = frozenset({"tools", "tool_choice", "guided", "documents", "model", *_SAMPLING_FIELDS})
 _IGNORED_CALL_ARGS = frozenset({"stream", "ls_structured_output_format"})  # LangChain's own routing hints
 
@@ -80,6 +81,12 @@ class ChatBraid(BaseChatModel):
     """Drop tokens less likely than min_p times the most likely one, in [0, 1]."""
     seed: int | None = None
     """Per-request seed for reproducible sampling; None = the engine's generator."""
+    repetition_penalty: float = 1.0
+    """Divides the logits of tokens already in the prompt or reply (> 0; 1 = off); breaks small models' loops."""
+    presence_penalty: float = 0.0
+    """Subtracted from the logits of tokens already generated, in [-2, 2]."""
+    frequency_penalty: float = 0.0
+    """Subtracted once per earlier occurrence in the reply, in [-2, 2]."""
     stop: list[str] | None = None
     """Strings that end the reply (not included in it); a call's `stop` replaces these."""
     streaming: bool = False

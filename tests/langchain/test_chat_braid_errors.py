@@ -29,6 +29,8 @@ def test_unknown_model_path_fails_on_first_use_with_the_engines_error():
     ("top_k", -5, "top_k' must be an integer"),
     ("min_p", 2.0, r"min_p' must be a finite number in \[0, 1\]"),
     ("max_tokens", 0, "max_tokens' must be an integer >= 1"),
+    ("repetition_penalty", 0.0, "repetition_penalty' must be a finite number > 0"),
+    ("frequency_penalty", 5.0, r"frequency_penalty' must be a finite number in \[-2, 2\]"),
     ("device", "gpu", "device must be 'cpu', 'cuda' or 'cuda:N'"),
     ("dtype", "float64", "dtype"),
     ("temprature", 0.5, "temprature\n  Extra inputs are not permitted"),
