@@ -11,7 +11,7 @@ from braidinfer import LLM, SamplingParams
 from braidinfer.attention import AttentionMetadata, SeqSpan, TorchAttention
 from braidinfer.attention.flashinfer_backend import FlashInferAttention, unsupported_reason
 from tests.conftest import build_tiny_model
-from tests.gpu.test_gpu_parity import SHAPES, _common_prefix, _greedy, _logprobs, _prompts
+from tests.gpu.test_gpu_parity import SHAPES, _common_prefix, _errors, _greedy, _prompts
 
 pytestmark = [
     pytest.mark.gpu,
@@ -95,19 +95,6 @@ def engines(request, tmp_path_factory, smollm_tokenizer):
     yield fi, tb, ref16, ref32
     fi.close()
     tb.close()
-
-
-def _errors(out, prompt, ref32, ref16) -> tuple[float, float]:
-    """Largest |logprob - fp32 model's| over the generated steps' top tokens, for `out` and for transformers' bf16
-    model at the same (step, token) pairs; both teacher-forced on out's tokens."""
-    exact, hf16 = _logprobs(ref32, prompt + out.token_ids), _logprobs(ref16, prompt + out.token_ids)
-    ours = hf = 0.0
-    for step, lp in enumerate(out.logprobs):
-        row = len(prompt) - 1 + step
-        for token, value in lp.top:
-            ours = max(ours, abs(value - exact[row, token].item()))
-            hf = max(hf, abs(hf16[row, token].item() - exact[row, token].item()))
-    return ours, hf
 
 
 def test_logprobs_within_bf16_tolerance_of_torch_backend(engines):

@@ -42,18 +42,25 @@ def _logprobs(model, ids):
         return torch.log_softmax(model(torch.tensor([ids], device="cuda")).logits[0].float(), -1)
 
 
+def _errors(out, prompt, ref32, ref16) -> tuple[float, float]:
+    """Largest |logprob - fp32 model's| over the generated steps' top tokens, for `out` and for transformers' bf16
+    model at the same (step, token) pairs; both teacher-forced on out's tokens."""
+    exact, hf16 = _logprobs(ref32, prompt + out.token_ids), _logprobs(ref16, prompt + out.token_ids)
+    ours = hf = 0.0
+    for step, lp in enumerate(out.logprobs):
+        row = len(prompt) - 1 + step
+        for token, value in lp.top:
+            ours = max(ours, abs(value - exact[row, token].item()))
+            hf = max(hf, abs(hf16[row, token].item() - exact[row, token].item()))
+    return ours, hf
+
+
 def test_logprobs_within_bf16_tolerance(pair):
     """Our bf16 error against the fp32 model is of the same size as transformers' own bf16 error."""
     llm, ref16, ref32, _ = pair
     for prompt in _prompts()[:4]:
         out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=8, logprobs=5, ignore_eos=True))[0]
-        exact, hf16 = _logprobs(ref32, prompt + out.token_ids), _logprobs(ref16, prompt + out.token_ids)
-        ours_err = hf_err = 0.0
-        for step, lp in enumerate(out.logprobs):
-            row = len(prompt) - 1 + step
-            for token, value in lp.top:
-                ours_err = max(ours_err, abs(value - exact[row, token].item()))
-                hf_err = max(hf_err, abs(hf16[row, token].item() - exact[row, token].item()))
+        ours_err, hf_err = _errors(out, prompt, ref32, ref16)
         assert ours_err <= 2 * hf_err + 0.02, f"bf16 error {ours_err:.3f} vs transformers' {hf_err:.3f}"
 
 
