@@ -35,6 +35,8 @@ class EngineConfig(BaseModel):
     """Exact number of KV pages, overriding the memory-based sizing (useful in tests)."""
     enable_prefix_caching: bool = True
     """Reuse the KV of any identical, already computed page-aligned prompt prefix."""
+    max_pinned_fraction: float = Field(0.75, ge=0.0, le=1.0)
+    """Most of the KV page pool that pinned chunks may hold; the rest stays for requests."""
     attention_backend: Literal["auto", "torch", "flashinfer"] = "auto"
     """Paged attention kernels: "flashinfer" (CUDA, float16/bfloat16), "torch" (anywhere; the reference), or "auto"
     = flashinfer where it can run, else torch."""

@@ -13,7 +13,7 @@ import torch
 
 from braidinfer.config import EngineConfig
 from braidinfer.detokenizer import IncrementalDetokenizer
-from braidinfer.errors import BraidError, InvalidRequestError, RequestFailedError
+from braidinfer.errors import BraidError, InvalidRequestError, OutOfPagesError, RequestFailedError
 from braidinfer.guided import GrammarCompiler, apply_token_masks
 from braidinfer.kv.page_manager import PageManager
 from braidinfer.loader import resolve_model
@@ -47,6 +47,7 @@ class LLMEngine:
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, sorted(self.eos_token_ids))
         num_pages = config.num_kv_pages or self._num_pages_that_fit()
         self.pages = PageManager(num_pages, config.page_size, config.enable_prefix_caching)
+        self.max_pinned_pages = int(num_pages * config.max_pinned_fraction)
         self.scheduler = Scheduler(self.pages, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.model_config, num_pages, config.page_size, self.device, self.dtype,
                                   config.attention_backend)
@@ -56,12 +57,15 @@ class LLMEngine:
         self._ids = itertools.count()
 
     # --- requests --------------------------------------------------------------------------------------------
-    def tokenize(self, prompt: str | list[int]) -> list[int]:
-        """Token ids of a prompt (a string is encoded with the tokenizer's special tokens, e.g. BOS)."""
+    def tokenize(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a prompt (a string is encoded with the tokenizer's special tokens, e.g. BOS, unless
+        `add_special_tokens` is False: a prompt that continues after chunks)."""
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("prompt is empty")
-            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+            return list(self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
+        if not isinstance(prompt, (list, tuple)):
+            raise InvalidRequestError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
         ids = list(prompt)
         if not ids:
             raise InvalidRequestError("prompt is empty")
@@ -73,12 +77,18 @@ class LLMEngine:
 
     def make_sequence(self, prompt: str | list[int], params: SamplingParams | None = None,
                       sink: Callable[[CompletionChunk], None] | None = None,
-                      request_id: str | None = None) -> Sequence:
-        """Validates a request and builds its sequence, without touching engine state (safe from any thread)."""
+                      request_id: str | None = None, prefix: list[int] | None = None) -> Sequence:
+        """Validates a request and builds its sequence, without touching engine state (safe from any thread).
+
+        `prefix`: token ids the prompt continues (chunks); the prompt may then be empty and a string prompt gets no
+        leading special tokens."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"params must be SamplingParams, got {type(params).__name__}")
-        ids = self.tokenize(prompt)
+        if prefix:
+            ids = prefix + (self.tokenize(prompt, add_special_tokens=False) if len(prompt) else [])
+        else:
+            ids = self.tokenize(prompt)
         if len(ids) >= self.max_model_len:
             raise InvalidRequestError(
                 f"prompt has {len(ids)} tokens but the model's context is {self.max_model_len} tokens "
@@ -97,6 +107,27 @@ class LLMEngine:
         if params.guided is not None:
             seq.matcher = self.grammars.matcher(params.guided)
         return seq
+
+    def make_prefill(self, token_ids: list[int], sink: Callable[[CompletionChunk], None] | None = None) -> Sequence:
+        """A request that computes the KV of `token_ids` and pins its full pages (a chunk), sampling nothing."""
+        ids = self.tokenize(token_ids)
+        if not self.config.enable_prefix_caching:
+            raise InvalidRequestError("chunks need the prefix cache: create the LLM with enable_prefix_caching=True")
+        if len(ids) > self.max_model_len:
+            raise InvalidRequestError(f"chunk prefix has {len(ids)} tokens but the model's context is "
+                                      f"{self.max_model_len} tokens")
+        pages = len(ids) // self.pages.page_size
+        if pages > self.max_pinned_pages:
+            raise InvalidRequestError(
+                f"chunk prefix of {len(ids)} tokens needs {pages} pinned KV pages but chunks may pin at most "
+                f"{self.max_pinned_pages} of the pool's {self.pages.num_pages} (max_pinned_fraction="
+                f"{self.config.max_pinned_fraction})")
+        return Sequence(f"prefill-{next(self._ids)}", ids, SamplingParams(max_tokens=1), 0, sink, prefill_only=True)
+
+    def drop_pins(self, seq: Sequence) -> None:
+        """Unpins what a chunk prefill pinned (its caller gave up before taking the chunk)."""
+        pages, seq.pinned_pages = seq.pinned_pages, []
+        self.pages.unpin(pages)
 
     def add(self, seq: Sequence) -> None:
         if seq.request_id in self.requests:
@@ -117,12 +148,16 @@ class LLMEngine:
     @torch.inference_mode()
     def step(self) -> None:
         batch = self.scheduler.schedule()
+        for seq, reason in self.scheduler.take_rejected():
+            self.fail(seq, OutOfPagesError(reason))
         if not batch:
             return
         logits, sample_idx = self.runner.run(batch)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
             self.scheduler.commit(seq)
+            if seq.prefill_only and seq.num_computed_tokens == seq.num_tokens:
+                self._pin(seq)
         if not sample_idx:
             return
         seqs = [batch.seqs[i] for i in sample_idx]
@@ -136,6 +171,20 @@ class LLMEngine:
             except Exception as e:  # this request's postprocessing (detokenizer, grammar) broke: it alone ends
                 log.exception("request %s failed", seq.request_id)
                 self.fail(seq, e)
+
+    def _pin(self, seq: Sequence) -> None:
+        """A chunk's prefill is done: pin its full pages (a root chain in the prefix cache) and end the request."""
+        pages = seq.page_table[: seq.num_committed_pages]
+        total = self.pages.num_pinned + self.pages.num_new_pins(pages)
+        if total > self.max_pinned_pages:
+            self.fail(seq, OutOfPagesError(
+                f"cannot pin {len(pages)} more KV pages: chunks already pin {self.pages.num_pinned} and may pin at "
+                f"most {self.max_pinned_pages} of the pool's {self.pages.num_pages} (max_pinned_fraction="
+                f"{self.config.max_pinned_fraction}); release chunks first"))
+            return
+        self.pages.pin(pages)
+        seq.pinned_pages = list(pages)
+        self._finish(seq, "stop", "")
 
     def _append(self, seq: Sequence, token: int, logprobs: Any) -> None:
         seq.token_ids.append(token)

@@ -68,6 +68,10 @@ class EngineLoop:
         if self.alive:
             self._call(lambda: self.engine.abort(request_id))
 
+    def post(self, fn: Callable[[], None]) -> None:
+        """Queues `fn` to run in the engine thread between steps, in submission order, without waiting for it."""
+        self._call(fn)
+
     def call(self, fn: Callable[[], object]) -> object:
         """Runs `fn` in the engine thread between steps and returns its result (for inspection and bookkeeping)."""
         done, box = threading.Event(), {}

@@ -5,14 +5,16 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator, Sequence as Seq
 from typing import Any
 
+from braidinfer.chunks import Chunk, ChunkStore
 from braidinfer.config import EngineConfig
 from braidinfer.engine import LLMEngine
 from braidinfer.engine_loop import AsyncChannel, EngineLoop, SyncChannel
-from braidinfer.errors import InvalidRequestError
+from braidinfer.errors import EngineDeadError, InvalidRequestError
 from braidinfer.outputs import CompletionChunk, RequestOutput
 from braidinfer.sampling_params import SamplingParams
 
 Prompt = str | list[int]
+Chunks = Chunk | Seq[Chunk] | None
 
 
 class LLM:
@@ -30,10 +32,13 @@ class LLM:
         self.engine = LLMEngine(self.config)
         self.tokenizer = self.engine.tokenizer
         self._loop = EngineLoop(self.engine)
+        self.chunks = ChunkStore(self)
+        """Pinned prompt segments: `llm.chunks.add(text, after=..., kind=...)`, see `braidinfer.chunks`."""
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
     def close(self) -> None:
-        """Stops the engine thread; requests still running end with an error."""
+        """Releases every chunk and stops the engine thread; requests still running end with an error."""
+        self.chunks.release_all()
         self._loop.close()
 
     def __enter__(self) -> LLM:
@@ -43,15 +48,19 @@ class LLM:
         self.close()
 
     # --- requests ----------------------------------------------------------------------------------------------
-    def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None
-                 ) -> list[RequestOutput]:
+    def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None,
+                 *, chunks: Chunks = None) -> list[RequestOutput]:
         """Runs a batch to completion. `prompts`: a string, a list of token ids, or a list of either.
-        `params`: one SamplingParams for all prompts or one per prompt. Returns outputs in prompt order."""
+        `params`: one SamplingParams for all prompts or one per prompt. `chunks`: a chain of chunks (or its last
+        chunk) that every prompt continues; the prompt text then gets no leading special tokens and may be empty.
+        Returns outputs in prompt order."""
+        prefix = self.chunks.prefix_of(chunks)
         prompt_list = _as_prompt_list(prompts)
         param_list = _as_param_list(params, len(prompt_list))
         channels = [SyncChannel() for _ in prompt_list]
         # Validate every request before submitting any, so a bad prompt costs no work.
-        seqs = [self.engine.make_sequence(p, sp, sink=c.put) for p, sp, c in zip(prompt_list, param_list, channels)]
+        seqs = [self.engine.make_sequence(p, sp, sink=c.put, prefix=prefix)
+                for p, sp, c in zip(prompt_list, param_list, channels)]
         streams = [self._start(seq, c) for seq, c in zip(seqs, channels)]
         try:
             return [_collect(s) for s in streams]
@@ -59,39 +68,43 @@ class LLM:
             for s in streams:
                 s.cancel()
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None, *, chunks: Chunks = None
+               ) -> Iterator[str]:
         """Yields text deltas as they become final. Leaving the loop early cancels the request."""
-        for chunk in self.stream_chunks(prompt, params):
+        for chunk in self.stream_chunks(prompt, params, chunks=chunks):
             if chunk.text:
                 yield chunk.text
 
-    def stream_chunks(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[CompletionChunk]:
+    def stream_chunks(self, prompt: Prompt, params: SamplingParams | None = None, *, chunks: Chunks = None
+                      ) -> Iterator[CompletionChunk]:
         """Yields CompletionChunks; the last one has finish_reason and usage. Leaving early cancels the request."""
-        stream = self._submit(prompt, params, SyncChannel())
+        stream = self._submit(prompt, params, SyncChannel(), chunks)
         try:
             while not stream.done:
                 yield stream.accept(stream.channel.get())
         finally:
             stream.cancel()
 
-    async def astream(self, prompt: Prompt, params: SamplingParams | None = None) -> AsyncIterator[str]:
+    async def astream(self, prompt: Prompt, params: SamplingParams | None = None, *, chunks: Chunks = None
+                      ) -> AsyncIterator[str]:
         """Async text deltas; no thread per request. Cancelling the task or closing the iterator cancels the request."""
-        async for chunk in self.astream_chunks(prompt, params):
+        async for chunk in self.astream_chunks(prompt, params, chunks=chunks):
             if chunk.text:
                 yield chunk.text
 
-    async def astream_chunks(self, prompt: Prompt, params: SamplingParams | None = None
+    async def astream_chunks(self, prompt: Prompt, params: SamplingParams | None = None, *, chunks: Chunks = None
                              ) -> AsyncIterator[CompletionChunk]:
-        stream = self._submit(prompt, params, AsyncChannel(asyncio.get_running_loop()))
+        stream = self._submit(prompt, params, AsyncChannel(asyncio.get_running_loop()), chunks)
         try:
             while not stream.done:
                 yield stream.accept(await stream.channel.get())
         finally:
             stream.cancel()
 
-    async def agenerate(self, prompt: Prompt, params: SamplingParams | None = None) -> RequestOutput:
+    async def agenerate(self, prompt: Prompt, params: SamplingParams | None = None, *, chunks: Chunks = None
+                        ) -> RequestOutput:
         """Async single-request generate."""
-        stream = self._submit(prompt, params, AsyncChannel(asyncio.get_running_loop()))
+        stream = self._submit(prompt, params, AsyncChannel(asyncio.get_running_loop()), chunks)
         acc = _Accumulator()
         try:
             while not stream.done:
@@ -100,11 +113,25 @@ class LLM:
             stream.cancel()
         return acc.output(stream.prompt_token_ids)
 
-    def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None, **template_kwargs: Any
-             ) -> RequestOutput:
+    def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None, *, chunks: Chunks = None,
+             **template_kwargs: Any) -> RequestOutput:
         """Applies the model's chat template (with add_generation_prompt) and generates the assistant's reply.
-        Extra keyword arguments go to the template (e.g. tools=..., enable_thinking=False)."""
-        return self.generate([self.apply_chat_template(messages, **template_kwargs)], params)[0]
+        `chunks` (e.g. from `llm.chunks.add_messages([system_message])`) must render as the start of the
+        conversation. Extra keyword arguments go to the template (e.g. tools=..., enable_thinking=False)."""
+        ids = self.chat_prompt(messages, chunks, **template_kwargs)
+        return self.generate([ids], params)[0]
+
+    def chat_prompt(self, messages: list[dict[str, Any]], chunks: Chunks = None, **template_kwargs: Any) -> list[int]:
+        """The conversation's prompt ids, checked to start with the `chunks` prefix (which is then served from
+        its pinned pages)."""
+        prefix = self.chunks.prefix_of(chunks)
+        ids = self.apply_chat_template(messages, **template_kwargs)
+        if ids[: len(prefix)] != prefix:
+            raise InvalidRequestError(
+                "the conversation does not start with the given chunks: the chat template renders different tokens "
+                f"within the first {len(prefix)} (build chunks with llm.chunks.add_messages from the same leading "
+                "messages and template arguments)")
+        return ids
 
     def apply_chat_template(self, messages: list[dict[str, Any]], **template_kwargs: Any) -> list[int]:
         """Token ids of a conversation rendered by the model's chat template, ready for the assistant's turn."""
@@ -124,8 +151,50 @@ class LLM:
         return self._loop.call(self.engine.pages.stats)
 
     # --- internals ---------------------------------------------------------------------------------------------
-    def _submit(self, prompt: Prompt, params: SamplingParams | None, channel) -> _Stream:
-        return self._start(self.engine.make_sequence(prompt, params, sink=channel.put), channel)
+    def _submit(self, prompt: Prompt, params: SamplingParams | None, channel, chunks: Chunks = None) -> _Stream:
+        prefix = self.chunks.prefix_of(chunks)
+        return self._start(self.engine.make_sequence(prompt, params, sink=channel.put, prefix=prefix), channel)
+
+    def _prefill_and_pin(self, token_ids: list[int]) -> list[int]:
+        """Runs a chunk's prefill and returns the pages it pinned (the chunk store takes ownership)."""
+        channel = SyncChannel()
+        seq = self.engine.make_prefill(token_ids, sink=channel.put)
+        stream = self._start(seq, channel)
+        try:
+            _collect(stream)
+        except BaseException:
+            self._abandon_prefill(stream, seq)
+            raise
+        return seq.pinned_pages
+
+    async def _aprefill_and_pin(self, token_ids: list[int]) -> list[int]:
+        channel = AsyncChannel(asyncio.get_running_loop())
+        seq = self.engine.make_prefill(token_ids, sink=channel.put)
+        stream = self._start(seq, channel)
+        try:
+            while not stream.done:
+                stream.accept(await stream.channel.get())
+        except BaseException:
+            self._abandon_prefill(stream, seq)
+            raise
+        return seq.pinned_pages
+
+    def _abandon_prefill(self, stream: _Stream, seq) -> None:
+        # The caller gave up (error, cancellation): nothing may stay pinned without a handle. The abort and the
+        # unpin run in the engine thread in this order, after any pin the prefill made.
+        stream.cancel()
+        try:
+            self._loop.post(lambda: self.engine.drop_pins(seq))
+        except EngineDeadError:
+            pass
+
+    def _unpin(self, pages: list[int]) -> None:
+        if not pages:
+            return
+        try:
+            self._loop.post(lambda: self.engine.pages.unpin(pages))
+        except EngineDeadError:  # the engine is gone, and its page pool with it
+            pass
 
     def _start(self, seq, channel) -> _Stream:
         stream = _Stream(self._loop, seq.request_id, seq.token_ids[:], channel)

@@ -29,7 +29,7 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
         """Computes the batch's new tokens. Returns logits [N, vocab] float32 for the N sequences whose every token now
-        has KV (they sample next), and the indices of those sequences within the batch."""
+        has KV (they sample next; prefill-only sequences never do), and the indices of those sequences in the batch."""
         input_ids, positions, slots, spans, sample_rows, sample_idx = [], [], [], [], [], []
         page_tables = self._page_tables(batch)
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
@@ -40,7 +40,7 @@ class ModelRunner:
             pt, ps = seq.page_table, self.page_size
             slots.extend(pt[p // ps] * ps + p % ps for p in range(start, end))
             spans.append(SeqSpan(q_start, n, end, page_tables[i]))
-            if end == seq.num_tokens:
+            if end == seq.num_tokens and not seq.prefill_only:
                 sample_rows.append(q_start + n - 1)
                 sample_idx.append(i)
         meta = AttentionMetadata(spans, self._tensor(slots), len(input_ids))

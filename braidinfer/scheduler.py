@@ -33,12 +33,18 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self._rejected: list[tuple[Sequence, str]] = []
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def take_rejected(self) -> list[tuple[Sequence, str]]:
+        """Waiting sequences that can never fit next to the pinned pages, with the reason (the caller fails them)."""
+        rejected, self._rejected = self._rejected, []
+        return rejected
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch([], [])
@@ -73,6 +79,12 @@ class Scheduler:
             seq = self.waiting[0]
             if not seq.page_table:
                 self._match_prefix(seq)
+                problem = self._never_fits(seq)
+                if problem:
+                    self.waiting.popleft()
+                    self._release(seq)
+                    self._rejected.append((seq, problem))
+                    continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self._reserve(seq, seq.num_computed_tokens + n):
                 self._release(seq)
@@ -93,6 +105,17 @@ class Scheduler:
         seq.num_computed_tokens = len(chain) * self.pages.page_size
         seq.num_committed_pages = len(chain)
         seq.last_node = chain[-1] if chain else None
+
+    def _never_fits(self, seq: Sequence) -> str | None:
+        """Why `seq` (just matched against the cache) can never run next to the pinned pages, or None if it can."""
+        pm = self.pages
+        need = pm.pages_for(seq.num_prompt_tokens + seq.max_tokens)
+        usable = pm.num_pages - pm.num_pinned + sum(1 for p in seq.page_table if pm.pin_counts[p])
+        if need <= usable:
+            return None
+        return (f"request needs up to {need} KV pages ({seq.num_prompt_tokens} prompt + {seq.max_tokens} output "
+                f"tokens) but only {usable} of the pool's {pm.num_pages} are not pinned by chunks; release chunks or "
+                "lower max_tokens")
 
     def _reserve(self, seq: Sequence, num_tokens: int) -> bool:
         """Makes seq.page_table cover `num_tokens` slots; False if the pool cannot."""

@@ -19,7 +19,7 @@ class Sequence:
     """token_ids = prompt + output. KV exists for token_ids[:num_computed_tokens], in page_table's pages."""
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: Any, max_tokens: int,
-                 sink: Callable[[Any], None] | None = None):
+                 sink: Callable[[Any], None] | None = None, prefill_only: bool = False):
         self.request_id = request_id
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
@@ -37,6 +37,9 @@ class Sequence:
         self.detokenizer = None
         self.matcher = None  # xgrammar GrammarMatcher when the request is constrained
         self.logprobs: list[Any] = []
+        # A chunk's prefill: computes KV for the prompt, samples nothing, and pins the full pages when done.
+        self.prefill_only = prefill_only
+        self.pinned_pages: list[int] = []
 
     @property
     def num_tokens(self) -> int:

@@ -1,9 +1,10 @@
 """Reference-counted KV pages with a prefix cache on top.
 
 A page is in exactly one state: free (on the free list), in use (refcount > 0), or cached (refcount 0 but held by the
-prefix tree, evictable in LRU order). Holders of pages (sequences, and later pinned chunks) always hold a whole chain
-from the root of the prefix tree, so an unreferenced cached page never has a referenced descendant and every cached
-page can be reclaimed by evicting leaves first.
+prefix tree, evictable in LRU order). Holders of pages (sequences and pinned chunks) always hold a whole chain from the
+root of the prefix tree, so an unreferenced cached page never has a referenced descendant and every cached page can
+be reclaimed by evicting leaves first. A pin is a reference like any other, counted separately so that the pool can
+say how many pages chunks keep and refuse pins that would leave too little room to serve requests.
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ class PageManager:
         self.free_pages: deque[int] = deque(range(num_pages))
         self.tree = PrefixTree(page_size)
         self._num_cached = 0  # tree pages with refcount 0
+        self.pin_counts = [0] * num_pages
+        self.num_pinned = 0  # pages with a pin
         self.num_cached_tokens_served = 0
         self.num_lookup_tokens = 0
 
@@ -100,6 +103,29 @@ class PageManager:
             self.ref_counts[p] = 1
         return pages
 
+    # --- pins (chunks) ------------------------------------------------------------------------------------------
+    def pin(self, pages: Sequence[int]) -> None:
+        """Takes a pinning reference on each page (a root chain of cached pages): they are never evicted until
+        `unpin`."""
+        missing = [p for p in pages if p not in self.tree.node_of_page]
+        assert not missing, f"pages {missing} are not in the prefix cache"
+        for p in pages:
+            self._acquire(p)
+            self.num_pinned += self.pin_counts[p] == 0
+            self.pin_counts[p] += 1
+
+    def unpin(self, pages: Sequence[int]) -> None:
+        """Drops the pins of `pin(pages)`; the pages stay cached (evictable) once nothing else holds them."""
+        for p in pages:
+            assert self.pin_counts[p] > 0, f"page {p} unpinned more often than pinned"
+            self.pin_counts[p] -= 1
+            self.num_pinned -= self.pin_counts[p] == 0
+        self.release(pages)
+
+    def num_new_pins(self, pages: Sequence[int]) -> int:
+        """How many of `pages` are not pinned yet (what pinning them would add to `num_pinned`)."""
+        return sum(1 for p in set(pages) if self.pin_counts[p] == 0)
+
     def release(self, pages: Sequence[int]) -> None:
         """Drops one reference on each page; unreferenced pages go to the cache if the tree holds them, else free."""
         for p in pages:
@@ -121,7 +147,8 @@ class PageManager:
             "num_pages": self.num_pages,
             "free": self.num_free,
             "cached": cached,
-            "in_use": self.num_pages - self.num_free - cached,
+            "pinned": self.num_pinned,
+            "in_use": self.num_pages - self.num_free - cached - self.num_pinned,
             "cache_hit_rate": self.num_cached_tokens_served / self.num_lookup_tokens if self.num_lookup_tokens else 0.0,
             "tokens_served_from_cache": self.num_cached_tokens_served,
         }

@@ -17,7 +17,7 @@ def _hold(pm: PageManager, tokens: list[int]) -> dict:
     pages = [n.page for n in chain]
     pages += pm.allocate(pm.pages_for(len(tokens)) - len(pages))
     committed, last = pm.commit(tokens, len(tokens), pages, len(chain), chain[-1] if chain else None)
-    return {"tokens": tokens, "pages": pages}
+    return {"tokens": tokens, "pages": pages, "committed": committed, "last": last}
 
 
 def test_match_returns_longest_full_page_prefix():
@@ -72,13 +72,43 @@ def test_caching_disabled_never_matches():
     assert pm.match_prefix(list(range(8)), 7) == [] and pm.num_free == 8
 
 
+def test_pinned_pages_survive_eviction_and_unpin_returns_them_to_the_cache():
+    pm = PageManager(num_pages=4, page_size=PS)
+    a = _hold(pm, list(range(9)))  # 2 full pages + 1 partial
+    chain = a["pages"][:2]
+    pm.pin(chain)
+    pm.release(a["pages"])
+    assert pm.stats()["pinned"] == 2 and pm.num_available == 2
+    assert sorted(pm.allocate(2)) == sorted(set(range(4)) - set(chain))  # only unpinned pages can be taken
+    with pytest.raises(OutOfPagesError):
+        pm.allocate(1)
+    pm.unpin(chain)
+    assert pm.stats()["pinned"] == 0 and pm.num_cached == 2
+    assert [n.page for n in pm.match_prefix(list(range(9)), 8)] == chain
+
+
+def test_a_page_pinned_twice_stays_pinned_until_both_pins_go():
+    pm = PageManager(num_pages=4, page_size=PS)
+    a = _hold(pm, list(range(8)))
+    pm.pin(a["pages"][:1])
+    pm.pin(a["pages"])
+    pm.release(a["pages"])
+    assert pm.num_pinned == 2 and pm.num_new_pins(a["pages"]) == 0
+    pm.unpin(a["pages"][:1])
+    assert pm.num_pinned == 2
+    pm.unpin(a["pages"])
+    assert pm.num_pinned == 0 and pm.num_cached == 2
+
+
 class PagePoolMachine(RuleBasedStateMachine):
-    """Random sequences share prefixes, grow, finish; after every step the books must balance."""
+    """Random sequences share prefixes, grow, finish, pin and unpin their committed prefixes (chunks); after every
+    step the books must balance and no pinned page may have been evicted."""
 
     def __init__(self):
         super().__init__()
         self.pm = PageManager(num_pages=12, page_size=PS)
         self.live: list[dict] = []
+        self.pins: list[dict] = []  # {"pages": root chain, "keys": the token block each page must still hold}
 
     @rule(prefix=st.integers(0, 3), length=st.integers(1, 14), salt=st.integers(0, 2))
     def start(self, prefix, length, salt):
@@ -98,6 +128,8 @@ class PagePoolMachine(RuleBasedStateMachine):
             return
         seq["pages"] += self.pm.allocate(max(0, need))
         seq["tokens"] = tokens
+        seq["committed"], seq["last"] = self.pm.commit(tokens, len(tokens), seq["pages"], seq["committed"],
+                                                       seq["last"])
 
     @precondition(lambda self: self.live)
     @rule(i=st.integers(0, 100))
@@ -105,12 +137,36 @@ class PagePoolMachine(RuleBasedStateMachine):
         seq = self.live.pop(i % len(self.live))
         self.pm.release(seq["pages"])
 
+    @precondition(lambda self: self.live)
+    @rule(i=st.integers(0, 100), keep=st.integers(1, 4))
+    def pin(self, i, keep):
+        seq = self.live[i % len(self.live)]
+        chain = seq["pages"][: min(keep, seq["committed"])]
+        if not chain:
+            return
+        self.pm.pin(chain)
+        keys = [tuple(seq["tokens"][j * PS : (j + 1) * PS]) for j in range(len(chain))]
+        self.pins.append({"pages": list(chain), "keys": keys})
+
+    @precondition(lambda self: self.pins)
+    @rule(i=st.integers(0, 100))
+    def unpin(self, i):
+        self.pm.unpin(self.pins.pop(i % len(self.pins))["pages"])
+
+    @invariant()
+    def pinned_pages_are_never_evicted(self):
+        for pin in self.pins:
+            for page, key in zip(pin["pages"], pin["keys"]):
+                node = self.pm.tree.node_of_page.get(page)
+                assert node is not None and node.key == key
+        assert self.pm.num_pinned == len({p for pin in self.pins for p in pin["pages"]})
+
     @invariant()
     def books_balance(self):
         pm = self.pm
         held = {}
-        for seq in self.live:
-            for p in seq["pages"]:
+        for holder in self.live + self.pins:
+            for p in holder["pages"]:
                 held[p] = held.get(p, 0) + 1
         for p in range(pm.num_pages):
             assert pm.ref_counts[p] == held.get(p, 0)
@@ -124,6 +180,9 @@ class PagePoolMachine(RuleBasedStateMachine):
     def teardown(self):
         for seq in self.live:
             self.pm.release(seq["pages"])
+        for pin in self.pins:
+            self.pm.unpin(pin["pages"])
+        assert self.pm.num_pinned == 0
         assert self.pm.num_free + self.pm.num_cached == self.pm.num_pages
         self.pm.allocate(self.pm.num_pages)  # everything cached can be evicted
 

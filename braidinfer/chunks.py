@@ -1,0 +1,196 @@
+"""Chunk handles: segments of a prompt (system prompt, document, conversation turn) computed once and pinned.
+
+A chunk is the token prefix `parent's tokens + its own tokens`. Adding it prefills that prefix through the normal
+request path (so it reuses whatever is cached) and then pins the full KV pages of the prefix: pinned pages are never
+evicted, so every later prompt that starts with the chunk's tokens reads them from the cache. Reuse stays exact (same
+tokens at the same positions); a prefix's last partial page is not pinned and is recomputed at use (fewer than
+`page_size` tokens). `release()` unpins; the pages stay cached until evicted.
+
+    >>> system = llm.chunks.add("You are a terse assistant.", kind="system")
+    >>> doc = llm.chunks.add(document_text, after=system, kind="document")
+    >>> llm.generate("Question: ...", chunks=[system, doc])
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+from braidinfer.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from braidinfer.llm import LLM
+
+ChunkKind = Literal["system", "document", "turn"]
+_KINDS = ("system", "document", "turn")
+
+
+class Chunk:
+    """A pinned prompt segment. `token_ids` are its own tokens; `prefix_token_ids` include every ancestor's."""
+
+    def __init__(self, store: ChunkStore, chunk_id: str, kind: ChunkKind, token_ids: list[int],
+                 parent: Chunk | None, pages: list[int]):
+        self._store = store
+        self.id = chunk_id
+        self.kind = kind
+        self.token_ids = token_ids
+        self.parent = parent
+        self.prefix_token_ids: list[int] = (parent.prefix_token_ids if parent else []) + token_ids
+        self.pages = tuple(pages)
+        self.released = False
+
+    @property
+    def num_tokens(self) -> int:
+        """The chunk's own tokens (without its parent's)."""
+        return len(self.token_ids)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens from the start of the prompt to the end of this chunk."""
+        return len(self.prefix_token_ids)
+
+    def chain(self) -> list[Chunk]:
+        """This chunk's ancestors and itself, root first."""
+        node, out = self, []
+        while node is not None:
+            out.append(node)
+            node = node.parent
+        return out[::-1]
+
+    def release(self) -> None:
+        """Unpins the chunk's pages (idempotent). They stay in the prefix cache until the pool needs them."""
+        self._store.release(self)
+
+    def __enter__(self) -> Chunk:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        state = "released" if self.released else f"{len(self.pages)} pinned pages"
+        return f"Chunk({self.id!r}, kind={self.kind!r}, {self.num_tokens} tokens, {state})"
+
+
+class ChunkStore:
+    """`llm.chunks`: adds, lists and releases the chunks of one LLM. Thread-safe."""
+
+    def __init__(self, llm: LLM):
+        self._llm = llm
+        self._chunks: dict[str, Chunk] = {}
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+
+    def add(self, content: str | list[int], *, after: Chunk | None = None, kind: ChunkKind = "document") -> Chunk:
+        """Prefills `content` after `after` (its parent chunk, or None for the start of a prompt) and pins it.
+
+        A string is tokenized with the tokenizer's leading special tokens (e.g. BOS) only when it starts a prompt.
+        Raises InvalidRequestError for empty content, a released or foreign parent, or a chunk that would pin more
+        of the KV pool than the engine allows (`EngineConfig.max_pinned_fraction`).
+        """
+        own, prefix = self._prepare(content, after, kind)
+        pages = self._llm._prefill_and_pin(prefix)
+        return self._register(kind, own, after, pages)
+
+    async def aadd(self, content: str | list[int], *, after: Chunk | None = None,
+                   kind: ChunkKind = "document") -> Chunk:
+        """`add` for asyncio: waits for the prefill without blocking the event loop."""
+        own, prefix = self._prepare(content, after, kind)
+        pages = await self._llm._aprefill_and_pin(prefix)
+        return self._register(kind, own, after, pages)
+
+    def add_messages(self, messages: list[dict[str, Any]], *, after: Chunk | None = None,
+                     kind: ChunkKind = "system", **template_kwargs: Any) -> Chunk:
+        """A chunk holding `messages` rendered by the chat template (no generation prompt), e.g. the system
+        message of every conversation. With `after`, `messages` is the whole conversation so far: the parent must
+        render as its start, and the chunk holds the rest. Use the chunk with `llm.chat(..., chunks=[chunk])`."""
+        return self.add(self._render(messages, after, template_kwargs), after=after, kind=kind)
+
+    def release(self, chunk: Chunk) -> None:
+        """Unpins `chunk` (idempotent); children keep their own pins."""
+        with self._lock:
+            if chunk.released or self._chunks.get(chunk.id) is not chunk:
+                return
+            chunk.released = True
+            del self._chunks[chunk.id]
+        self._llm._unpin(list(chunk.pages))
+
+    def release_all(self) -> None:
+        """Unpins every chunk of this LLM."""
+        for chunk in list(self):
+            chunk.release()
+
+    def get(self, chunk_id: str) -> Chunk:
+        try:
+            return self._chunks[chunk_id]
+        except KeyError:
+            raise InvalidRequestError(f"no chunk {chunk_id!r} (released or never added)") from None
+
+    def __iter__(self) -> Iterator[Chunk]:
+        with self._lock:
+            return iter(list(self._chunks.values()))
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+    # --- internals ---------------------------------------------------------------------------------------------
+    def prefix_of(self, chunks: Chunk | Sequence[Chunk] | None) -> list[int]:
+        """The token prefix a request's `chunks` argument stands for (validated), or [] for None."""
+        if chunks is None:
+            return []
+        chain = [chunks] if isinstance(chunks, Chunk) else list(chunks)
+        if not chain:
+            return []
+        for chunk in chain:
+            self._check_owned(chunk, "chunks")
+        for i, chunk in enumerate(chain[1:], 1):
+            if chunk.parent is not chain[i - 1]:
+                raise InvalidRequestError(
+                    f"chunks must form a chain: {chunk.id!r} does not follow {chain[i - 1].id!r}; pass the chunks "
+                    "in prompt order, or only the last one")
+        if chain[0].parent is not None and len(chain) > 1:
+            raise InvalidRequestError(f"chunks must start at the start of the prompt: {chain[0].id!r} follows "
+                                      f"{chain[0].parent.id!r}; pass the whole chain, or only the last chunk")
+        self._check_usable(chain[-1], "chunks")  # it pins the whole prefix, ancestors' pages included
+        return list(chain[-1].prefix_token_ids)
+
+    def _prepare(self, content: str | list[int], after: Chunk | None, kind: str) -> tuple[list[int], list[int]]:
+        if kind not in _KINDS:
+            raise InvalidRequestError(f"kind must be one of {', '.join(_KINDS)}; got {kind!r}")
+        if after is not None:
+            self._check_usable(after, "after")
+        own = self._llm.engine.tokenize(content, add_special_tokens=after is None)
+        prefix = (after.prefix_token_ids if after else []) + own
+        return own, prefix
+
+    def _render(self, messages: list[dict[str, Any]], after: Chunk | None, template_kwargs: dict[str, Any]
+                ) -> list[int]:
+        template_kwargs.setdefault("add_generation_prompt", False)
+        ids = self._llm.apply_chat_template(messages, **template_kwargs)
+        if after is None:
+            return ids
+        self._check_usable(after, "after")
+        head = after.prefix_token_ids
+        if ids[: len(head)] != head or len(ids) == len(head):
+            raise InvalidRequestError(
+                f"the rendered messages do not extend chunk {after.id!r}: its {len(head)} tokens must be a strict "
+                "prefix of the conversation rendered by the chat template")
+        return ids[len(head):]
+
+    def _register(self, kind: ChunkKind, own: list[int], after: Chunk | None, pages: list[int]) -> Chunk:
+        with self._lock:
+            chunk = Chunk(self, f"chunk-{next(self._ids)}", kind, own, after, pages)
+            self._chunks[chunk.id] = chunk
+        return chunk
+
+    def _check_usable(self, chunk: Any, arg: str) -> None:
+        self._check_owned(chunk, arg)
+        if chunk.released:
+            raise InvalidRequestError(f"{arg}: chunk {chunk.id!r} was released")
+
+    def _check_owned(self, chunk: Any, arg: str) -> None:
+        if not isinstance(chunk, Chunk):
+            raise InvalidRequestError(f"{arg} must be Chunk handles from llm.chunks.add, got {type(chunk).__name__}")
+        if chunk._store is not self:
+            raise InvalidRequestError(f"{arg}: chunk {chunk.id!r} belongs to another LLM")
