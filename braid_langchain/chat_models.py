@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import aclosing, closing, contextmanager
 from dataclasses import dataclass
@@ -20,8 +21,9 @@ from typing_extensions import Self
 
 from braid_langchain import engines
 from braid_langchain.chunks import ChunkBuilder, ToolMode
-from braid_langchain.documents import render_documents
+from braid_langchain.documents import render_documents, sort_documents
 from braid_langchain.messages import to_chat_messages
+from braid_langchain.pinning import pins_for, segment_ends
 from braid_langchain.structured import StructuredOutputMethod, schema_prompt, structured_output
 from braid_langchain.tools import (
     ToolChoice,
@@ -91,6 +93,9 @@ class ChatBraid(BaseChatModel):
     """Strings that end the reply (not included in it); a call's `stop` replaces these."""
     streaming: bool = False
     """Route `invoke` through streaming so callbacks see every token."""
+    pin_prefixes: bool = True
+    """Pin the system prompt and each document as engine chunks, so they stay computed under memory pressure
+    (see `braid_langchain.pinning`); reuse is exact either way."""
 
     @model_validator(mode="after")
     def _validate(self) -> Self:
@@ -139,6 +144,8 @@ class ChatBraid(BaseChatModel):
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         request = self._request(messages, stop, self._engine(kwargs), kwargs)
+        if self.pin_prefixes and request.segments:
+            pins_for(request.engine).pin(request.prompt, request.segments)
         builder = ChunkBuilder(request.model_name, request.tool_mode)
         # closing(): a consumer that stops early cancels the request now, not when the generator is collected.
         with request.explain_errors(), closing(request.engine.stream_chunks(request.prompt, request.params)) as it:
@@ -152,6 +159,8 @@ class ChatBraid(BaseChatModel):
                        run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any
                        ) -> AsyncIterator[ChatGenerationChunk]:
         request = self._request(messages, stop, await self._aengine(kwargs), kwargs)
+        if self.pin_prefixes and request.segments:
+            await pins_for(request.engine).apin(request.prompt, request.segments)
         builder = ChunkBuilder(request.model_name, request.tool_mode)
         with request.explain_errors():
             async with aclosing(request.engine.astream_chunks(request.prompt, request.params)) as it:
@@ -202,7 +211,7 @@ class ChatBraid(BaseChatModel):
         choice = normalize_tool_choice(kwargs.get("tool_choice"), tool_names(tools)) if tools else "none"
         offered = tools if choice != "none" else []
         guided, tool_mode, schema_owner = kwargs.get("guided"), _tool_mode(choice, offered), None
-        prompt = _prompt_ids(engine, messages, offered, guided, kwargs.get("documents") or [])
+        prompt, segments = _prompt_ids(engine, messages, offered, guided, kwargs.get("documents") or [])
         if tool_mode == "forced":
             if guided is not None:
                 raise ValueError("a required tool call (tool_choice) cannot be combined with another `guided` "
@@ -211,7 +220,7 @@ class ChatBraid(BaseChatModel):
             schema_owner = f"the argument schema of tool(s) {tool_names(offered)}"
         params = self._sampling_params(stop, guided, kwargs)
         return _Request(_display_name(kwargs.get("model", self.model)), engine, prompt, params, tool_mode,
-                        schema_owner)
+                        schema_owner, segments)
 
     def _sampling_params(self, stop: list[str] | None, guided: GuidedDecoding | None,
                          overrides: dict[str, Any]) -> SamplingParams:
@@ -229,6 +238,7 @@ class _Request:
     params: SamplingParams
     tool_mode: ToolMode
     schema_owner: str | None  # whose JSON schema drives guided decoding, for error messages
+    segments: list[tuple[int, str]]  # (end, kind) of the system prompt and documents in `prompt`, for pinning
 
     @contextmanager
     def explain_errors(self) -> Iterator[None]:
@@ -244,13 +254,29 @@ class _Request:
 
 
 def _prompt_ids(engine: LLM, messages: list[BaseMessage], tools: list[dict[str, Any]], guided: Any,
-                documents: Sequence[Any]) -> list[int]:
+                documents: Sequence[Any]) -> tuple[list[int], list[tuple[int, str]]]:
     """Renders the conversation with the model's chat template. Tools go through the template when it renders
-    them, else into the system prompt; a JSON schema constraint and documents go after the system prompt."""
+    them, else into the system prompt; a JSON schema constraint and documents go after the system prompt.
+
+    Also returns where the system prompt and each document end in the prompt, as (token count, kind): each is
+    the common prefix of the prompt with the leading system message rendered alone, without documents and then
+    with the first 1, 2, ... of them."""
     native = template_supports_tools(getattr(engine.tokenizer, "chat_template", None))
-    extras = [tool_prompt(tools) if tools and not native else "", schema_prompt(guided), render_documents(documents)]
-    chat = to_chat_messages(messages, inline_tool_calls=not native, system_extras=extras)
-    return engine.apply_chat_template(chat, **({"tools": tools} if tools and native else {}))
+    template_kwargs = {"tools": tools} if tools and native else {}
+    base = [tool_prompt(tools) if tools and not native else "", schema_prompt(guided)]
+    docs = sort_documents(documents)
+    chat = to_chat_messages(messages, inline_tool_calls=not native, system_extras=[*base, render_documents(docs)])
+    prompt = engine.apply_chat_template(chat, **template_kwargs)
+    if not chat or chat[0]["role"] != "system":
+        return prompt, []
+    lead = list(itertools.takewhile(lambda m: m.type == "system", messages))
+    heads = []
+    for i in range(len(docs) + 1):
+        head = to_chat_messages(lead, system_extras=[*base, render_documents(docs[:i])])
+        if head:
+            ids = engine.apply_chat_template(head, add_generation_prompt=False, **template_kwargs)
+            heads.append((ids, "document" if i else "system"))
+    return prompt, segment_ends(prompt, heads)
 
 
 def _tool_mode(choice: str, offered: list[dict[str, Any]]) -> ToolMode:

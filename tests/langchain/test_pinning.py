@@ -1,0 +1,102 @@
+"""ChatBraid pins the system prompt and each document as a chain of engine chunks: exact token prefixes of the
+prompt, reused across calls, bounded, and best effort when the engine refuses a pin."""
+from __future__ import annotations
+
+import asyncio
+
+from langchain_core.documents import Document
+from langchain_core.messages import HumanMessage, SystemMessage
+
+from braid_langchain import ChatBraid, engines
+from braid_langchain.pinning import PrefixPins, common_prefix_length, pins_for, segment_ends
+from tests.langchain.conftest import ENGINE, GREEDY
+
+SYSTEM = SystemMessage("You are a careful librarian. Answer from the documents only, in one short sentence, and "
+                       "say which document you used.")
+DOCS = [Document("The Nile is the longest river in Africa and flows north into the Mediterranean Sea.", id="nile"),
+        Document("Mount Kilimanjaro, in Tanzania, is the highest mountain in Africa, a dormant volcano.", id="kili"),
+        Document("Lake Victoria is the largest lake in Africa, shared by Uganda, Kenya and Tanzania.", id="victoria")]
+
+
+def _engine():
+    return engines.get_engine(ENGINE["model"], ENGINE["device"])
+
+
+def _request(chat: ChatBraid, messages, **kwargs):
+    return chat._request(messages, None, _engine(), kwargs)
+
+
+def test_segments_end_where_the_system_prompt_and_each_document_end():
+    chat = ChatBraid(**GREEDY, max_tokens=4)
+    llm = _engine()
+    request = _request(chat, [SYSTEM, HumanMessage("Which lake is largest?")], documents=DOCS[::-1])
+    ends = [end for end, _ in request.segments]
+    assert [kind for _, kind in request.segments] == ["system", "document", "document", "document"]
+    # Each document segment ends after that document's text and before the next one's.
+    in_order = sorted(DOCS, key=lambda d: d.id)
+    for i, end in enumerate(ends[1:]):
+        head = llm.tokenizer.decode(request.prompt[:end])
+        assert all(d.page_content in head for d in in_order[: i + 1])
+        assert not any(d.page_content[:30] in head for d in in_order[i + 1 :])
+    system_alone = llm.apply_chat_template([{"role": "system", "content": SYSTEM.content}],
+                                           add_generation_prompt=False)
+    assert ends[0] == common_prefix_length(request.prompt, system_alone)
+    assert ends == sorted(set(ends))
+
+
+def test_calls_pin_the_chain_and_reuse_it():
+    llm = _engine()
+    pins = pins_for(llm)
+    pins.release_all()
+    chat = ChatBraid(**GREEDY, max_tokens=4)
+    first = chat.invoke([SYSTEM, HumanMessage("Which river is longest?")], documents=DOCS)
+    request = _request(chat, [SYSTEM, HumanMessage("Which river is longest?")], documents=DOCS)
+    chunks = list(llm.chunks)
+    page = llm.config.page_size
+    useful = [end for end, _ in request.segments]
+    # One chunk per segment that adds a full page; each is exactly the prompt's prefix up to its segment end.
+    assert [c.num_prefix_tokens for c in chunks] == [e for i, e in enumerate(useful)
+                                                    if e // page > (useful[i - 1] // page if i else 0)]
+    for chunk in chunks:
+        assert chunk.prefix_token_ids == request.prompt[: chunk.num_prefix_tokens]
+        assert len(chunk.pages) == chunk.num_prefix_tokens // page
+    assert llm.cache_stats()["pinned"] == len(chunks[-1].pages)
+    second = chat.invoke([SYSTEM, HumanMessage("Which mountain is highest?")], documents=DOCS)
+    assert list(llm.chunks) == chunks  # nothing pinned twice
+    assert second.usage_metadata["input_token_details"]["cache_read"] >= len(chunks[-1].pages) * page
+    assert first.usage_metadata["input_token_details"]["cache_read"] >= len(chunks[-1].pages) * page
+    pins.release_all()
+    assert llm.cache_stats()["pinned"] == 0
+
+
+def test_async_calls_pin_too_and_without_pinning_nothing_is_pinned():
+    llm = _engine()
+    pins_for(llm).release_all()
+    off = ChatBraid(**GREEDY, max_tokens=4, pin_prefixes=False)
+    off.invoke([SYSTEM, HumanMessage("Hi")], documents=DOCS[:1])
+    assert len(llm.chunks) == 0
+    on = ChatBraid(**GREEDY, max_tokens=4)
+    asyncio.run(on.ainvoke([SYSTEM, HumanMessage("Hi")], documents=DOCS[:1]))
+    assert [c.kind for c in llm.chunks][-1] == "document" and llm.cache_stats()["pinned"] > 0
+    pins_for(llm).release_all()
+
+
+def test_the_registry_is_bounded_and_best_effort():
+    llm = _engine()
+    pins_for(llm).release_all()
+    pins = PrefixPins(llm, max_chunks=2)
+    chat = ChatBraid(**GREEDY, max_tokens=4)
+    prompts = []
+    for i in range(3):
+        request = _request(chat, [SystemMessage(f"System prompt number {i}. " + SYSTEM.content), HumanMessage("Hi")])
+        pins.pin(request.prompt, request.segments)
+        prompts.append(request.prompt)
+    assert len(pins) == 2 and len(llm.chunks) == 2  # the oldest was released
+    assert [c.prefix_token_ids for c in llm.chunks] == [p[: c.num_prefix_tokens] for p, c in
+                                                        zip(prompts[1:], llm.chunks)]
+    # A segment longer than the engine lets chunks pin is skipped without an error, and room is made.
+    huge = list(range(10, 10 + llm.engine.max_pinned_pages * llm.config.page_size + 64))
+    pins.pin(huge + [5], segment_ends(huge + [5], [(huge, "document")]))
+    assert len(pins) == 1
+    pins.release_all()
+    assert llm.cache_stats()["pinned"] == 0 and len(llm.chunks) == 0
