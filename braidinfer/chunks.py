@@ -6,6 +6,13 @@ evicted, so every later prompt that starts with the chunk's tokens reads them fr
 tokens at the same positions); a prefix's last partial page is not pinned and is recomputed at use (fewer than
 `page_size` tokens). `release()` unpins; the pages stay cached until evicted.
 
+Composed prompts (opt-in, approximate): `add(doc, independent=True)` computes a segment on its own at positions
+0.. and keeps all of its KV outside the prefix cache. A prompt may then list independent chunks in any order
+(`chunks=[system, doc_b, doc_a]`): each chunk's keys are rotated to its position in the prompt and copied in, and
+only the text after them is computed. Each chunk attends only to itself, so the result differs from computing the
+whole prompt (later tokens do attend to all chunks); the KV of a composed request is never cached. The quality cost
+is measured by `benchmarks/prefix_reuse.py rag`.
+
     >>> system = llm.chunks.add("You are a terse assistant.", kind="system")
     >>> doc = llm.chunks.add(document_text, after=system, kind="document")
     >>> llm.generate("Question: ...", chunks=[system, doc])
@@ -30,7 +37,7 @@ class Chunk:
     """A pinned prompt segment. `token_ids` are its own tokens; `prefix_token_ids` include every ancestor's."""
 
     def __init__(self, store: ChunkStore, chunk_id: str, kind: ChunkKind, token_ids: list[int],
-                 parent: Chunk | None, pages: list[int]):
+                 parent: Chunk | None, pages: list[int], independent: bool = False):
         self._store = store
         self.id = chunk_id
         self.kind = kind
@@ -38,6 +45,7 @@ class Chunk:
         self.parent = parent
         self.prefix_token_ids: list[int] = (parent.prefix_token_ids if parent else []) + token_ids
         self.pages = tuple(pages)
+        self.independent = independent
         self.released = False
 
     @property
@@ -82,23 +90,26 @@ class ChunkStore:
         self._ids = itertools.count()
         self._lock = threading.Lock()
 
-    def add(self, content: str | list[int], *, after: Chunk | None = None, kind: ChunkKind = "document") -> Chunk:
+    def add(self, content: str | list[int], *, after: Chunk | None = None, kind: ChunkKind = "document",
+            independent: bool = False) -> Chunk:
         """Prefills `content` after `after` (its parent chunk, or None for the start of a prompt) and pins it.
 
-        A string is tokenized with the tokenizer's leading special tokens (e.g. BOS) only when it starts a prompt.
-        Raises InvalidRequestError for empty content, a released or foreign parent, or a chunk that would pin more
-        of the KV pool than the engine allows (`EngineConfig.max_pinned_fraction`).
+        A string is tokenized with the tokenizer's leading special tokens (e.g. BOS) only when it starts a prompt
+        (an independent chunk gets them only if kind="system"). `independent=True`: computed on its own at position
+        0, for composed prompts (see the module docs); it has no parent. Raises InvalidRequestError for empty
+        content, a released or foreign parent, or a chunk that would pin more of the KV pool than the engine allows
+        (`EngineConfig.max_pinned_fraction`).
         """
-        own, prefix = self._prepare(content, after, kind)
-        pages = self._llm._prefill_and_pin(prefix)
-        return self._register(kind, own, after, pages)
+        own, prefix = self._prepare(content, after, kind, independent)
+        pages = self._llm._prefill_and_pin(prefix, private=independent)
+        return self._register(kind, own, after, pages, independent)
 
     async def aadd(self, content: str | list[int], *, after: Chunk | None = None,
-                   kind: ChunkKind = "document") -> Chunk:
+                   kind: ChunkKind = "document", independent: bool = False) -> Chunk:
         """`add` for asyncio: waits for the prefill without blocking the event loop."""
-        own, prefix = self._prepare(content, after, kind)
-        pages = await self._llm._aprefill_and_pin(prefix)
-        return self._register(kind, own, after, pages)
+        own, prefix = self._prepare(content, after, kind, independent)
+        pages = await self._llm._aprefill_and_pin(prefix, private=independent)
+        return self._register(kind, own, after, pages, independent)
 
     def add_messages(self, messages: list[dict[str, Any]], *, after: Chunk | None = None,
                      kind: ChunkKind = "system", **template_kwargs: Any) -> Chunk:
@@ -135,15 +146,18 @@ class ChunkStore:
         return len(self._chunks)
 
     # --- internals ---------------------------------------------------------------------------------------------
-    def prefix_of(self, chunks: Chunk | Sequence[Chunk] | None) -> list[int]:
-        """The token prefix a request's `chunks` argument stands for (validated), or [] for None."""
+    def resolve(self, chunks: Chunk | Sequence[Chunk] | None) -> tuple[list[int], list[tuple[int, Chunk]]]:
+        """What a request's `chunks` argument stands for (validated): the token prefix, and for a composed prompt
+        the (position, chunk) of each independent chunk (else [])."""
         if chunks is None:
-            return []
+            return [], []
         chain = [chunks] if isinstance(chunks, Chunk) else list(chunks)
         if not chain:
-            return []
+            return [], []
         for chunk in chain:
             self._check_owned(chunk, "chunks")
+        if any(c.independent for c in chain):
+            return self._composition(chain)
         for i, chunk in enumerate(chain[1:], 1):
             if chunk.parent is not chain[i - 1]:
                 raise InvalidRequestError(
@@ -153,14 +167,30 @@ class ChunkStore:
             raise InvalidRequestError(f"chunks must start at the start of the prompt: {chain[0].id!r} follows "
                                       f"{chain[0].parent.id!r}; pass the whole chain, or only the last chunk")
         self._check_usable(chain[-1], "chunks")  # it pins the whole prefix, ancestors' pages included
-        return list(chain[-1].prefix_token_ids)
+        return list(chain[-1].prefix_token_ids), []
 
-    def _prepare(self, content: str | list[int], after: Chunk | None, kind: str) -> tuple[list[int], list[int]]:
+    def _composition(self, chain: list[Chunk]) -> tuple[list[int], list[tuple[int, Chunk]]]:
+        dependent = [c.id for c in chain if not c.independent]
+        if dependent:
+            raise InvalidRequestError(f"a composed prompt takes only independent chunks; {dependent} are not "
+                                      "(add them with independent=True, or use a chain of ordinary chunks)")
+        prefix, compose = [], []
+        for chunk in chain:
+            self._check_usable(chunk, "chunks")
+            compose.append((len(prefix), chunk))
+            prefix += chunk.token_ids
+        return prefix, compose
+
+    def _prepare(self, content: str | list[int], after: Chunk | None, kind: str, independent: bool = False
+                 ) -> tuple[list[int], list[int]]:
         if kind not in _KINDS:
             raise InvalidRequestError(f"kind must be one of {', '.join(_KINDS)}; got {kind!r}")
+        if independent and after is not None:
+            raise InvalidRequestError("an independent chunk has no parent: it is computed on its own at position 0")
         if after is not None:
             self._check_usable(after, "after")
-        own = self._llm.engine.tokenize(content, add_special_tokens=after is None)
+        bos = kind == "system" if independent else after is None
+        own = self._llm.engine.tokenize(content, add_special_tokens=bos)
         prefix = (after.prefix_token_ids if after else []) + own
         return own, prefix
 
@@ -178,9 +208,10 @@ class ChunkStore:
                 "prefix of the conversation rendered by the chat template")
         return ids[len(head):]
 
-    def _register(self, kind: ChunkKind, own: list[int], after: Chunk | None, pages: list[int]) -> Chunk:
+    def _register(self, kind: ChunkKind, own: list[int], after: Chunk | None, pages: list[int],
+                  independent: bool = False) -> Chunk:
         with self._lock:
-            chunk = Chunk(self, f"chunk-{next(self._ids)}", kind, own, after, pages)
+            chunk = Chunk(self, f"chunk-{next(self._ids)}", kind, own, after, pages, independent)
             self._chunks[chunk.id] = chunk
         return chunk
 

@@ -77,11 +77,15 @@ class LLMEngine:
 
     def make_sequence(self, prompt: str | list[int], params: SamplingParams | None = None,
                       sink: Callable[[CompletionChunk], None] | None = None,
-                      request_id: str | None = None, prefix: list[int] | None = None) -> Sequence:
+                      request_id: str | None = None, prefix: list[int] | None = None,
+                      compose: list[tuple[int, Any]] | None = None) -> Sequence:
         """Validates a request and builds its sequence, without touching engine state (safe from any thread).
 
         `prefix`: token ids the prompt continues (chunks); the prompt may then be empty and a string prompt gets no
-        leading special tokens."""
+        leading special tokens. `compose`: (position, independent chunk) pairs whose KV stands for prefix tokens
+        (a composed prompt, approximate: private KV, never cached)."""
+        if compose and not len(prompt):
+            raise InvalidRequestError("a prompt composed from independent chunks needs some text after them")
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -100,6 +104,8 @@ class LLMEngine:
                 f"request needs up to {len(ids) + max_tokens} tokens of KV cache but the page pool holds {capacity}; "
                 "lower max_tokens or give the engine more KV memory")
         seq = Sequence(request_id or f"req-{next(self._ids)}", ids, params, max_tokens, sink)
+        if compose:
+            seq.private, seq.compose, seq.num_composed_tokens = True, list(compose), len(prefix)
         seq.generator = make_generator(params.seed, self.device) if params.seed is not None else self.generator
         seq.detokenizer = IncrementalDetokenizer(
             self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens, stop=params.stop,
@@ -108,21 +114,26 @@ class LLMEngine:
             seq.matcher = self.grammars.matcher(params.guided)
         return seq
 
-    def make_prefill(self, token_ids: list[int], sink: Callable[[CompletionChunk], None] | None = None) -> Sequence:
-        """A request that computes the KV of `token_ids` and pins its full pages (a chunk), sampling nothing."""
+    def make_prefill(self, token_ids: list[int], sink: Callable[[CompletionChunk], None] | None = None,
+                     private: bool = False) -> Sequence:
+        """A request that computes the KV of `token_ids` and pins its full pages (a chunk), sampling nothing.
+        `private`: computed on its own at positions 0.., outside the prefix cache, keeping every page (an
+        independent chunk for composed prompts)."""
         ids = self.tokenize(token_ids)
         if not self.config.enable_prefix_caching:
             raise InvalidRequestError("chunks need the prefix cache: create the LLM with enable_prefix_caching=True")
         if len(ids) > self.max_model_len:
             raise InvalidRequestError(f"chunk prefix has {len(ids)} tokens but the model's context is "
                                       f"{self.max_model_len} tokens")
-        pages = len(ids) // self.pages.page_size
+        pages = self.pages.pages_for(len(ids)) if private else len(ids) // self.pages.page_size
         if pages > self.max_pinned_pages:
             raise InvalidRequestError(
                 f"chunk prefix of {len(ids)} tokens needs {pages} pinned KV pages but chunks may pin at most "
                 f"{self.max_pinned_pages} of the pool's {self.pages.num_pages} (max_pinned_fraction="
                 f"{self.config.max_pinned_fraction})")
-        return Sequence(f"prefill-{next(self._ids)}", ids, SamplingParams(max_tokens=1), 0, sink, prefill_only=True)
+        seq = Sequence(f"prefill-{next(self._ids)}", ids, SamplingParams(max_tokens=1), 0, sink, prefill_only=True)
+        seq.private = private
+        return seq
 
     def drop_pins(self, seq: Sequence) -> None:
         """Unpins what a chunk prefill pinned (its caller gave up before taking the chunk)."""
@@ -150,6 +161,9 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         for seq, reason in self.scheduler.take_rejected():
             self.fail(seq, OutOfPagesError(reason))
+        for seq in self.scheduler.take_composing():
+            self._compose(seq)
+        batch.drop_finished()
         if not batch:
             return
         logits, sample_idx = self.runner.run(batch)
@@ -172,9 +186,18 @@ class LLMEngine:
                 log.exception("request %s failed", seq.request_id)
                 self.fail(seq, e)
 
+    def _compose(self, seq: Sequence) -> None:
+        """Copies a composed prompt's chunk KV into its freshly reserved pages (fails it if a chunk is gone)."""
+        gone = [chunk.id for _, chunk in seq.compose if chunk.released]
+        if gone:
+            self.fail(seq, InvalidRequestError(f"chunks {gone} were released before the request ran"))
+            return
+        self.runner.copy_composed(seq)
+
     def _pin(self, seq: Sequence) -> None:
-        """A chunk's prefill is done: pin its full pages (a root chain in the prefix cache) and end the request."""
-        pages = seq.page_table[: seq.num_committed_pages]
+        """A chunk's prefill is done: pin its full pages (a root chain in the prefix cache) and end the request.
+        A private (independent) chunk keeps all its pages, the partial last one too, outside the cache."""
+        pages = seq.page_table if seq.private else seq.page_table[: seq.num_committed_pages]
         total = self.pages.num_pinned + self.pages.num_new_pins(pages)
         if total > self.max_pinned_pages:
             self.fail(seq, OutOfPagesError(
@@ -182,7 +205,11 @@ class LLMEngine:
                 f"most {self.max_pinned_pages} of the pool's {self.pages.num_pages} (max_pinned_fraction="
                 f"{self.config.max_pinned_fraction}); release chunks first"))
             return
-        self.pages.pin(pages)
+        if seq.private:
+            self.pages.adopt_as_pins(pages)
+            seq.page_table = []  # the references now belong to the chunk
+        else:
+            self.pages.pin(pages)
         seq.pinned_pages = list(pages)
         self._finish(seq, "stop", "")
 

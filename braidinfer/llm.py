@@ -54,12 +54,12 @@ class LLM:
         `params`: one SamplingParams for all prompts or one per prompt. `chunks`: a chain of chunks (or its last
         chunk) that every prompt continues; the prompt text then gets no leading special tokens and may be empty.
         Returns outputs in prompt order."""
-        prefix = self.chunks.prefix_of(chunks)
+        prefix, compose = self.chunks.resolve(chunks)
         prompt_list = _as_prompt_list(prompts)
         param_list = _as_param_list(params, len(prompt_list))
         channels = [SyncChannel() for _ in prompt_list]
         # Validate every request before submitting any, so a bad prompt costs no work.
-        seqs = [self.engine.make_sequence(p, sp, sink=c.put, prefix=prefix)
+        seqs = [self.engine.make_sequence(p, sp, sink=c.put, prefix=prefix, compose=compose)
                 for p, sp, c in zip(prompt_list, param_list, channels)]
         streams = [self._start(seq, c) for seq, c in zip(seqs, channels)]
         try:
@@ -118,20 +118,14 @@ class LLM:
         """Applies the model's chat template (with add_generation_prompt) and generates the assistant's reply.
         `chunks` (e.g. from `llm.chunks.add_messages([system_message])`) must render as the start of the
         conversation. Extra keyword arguments go to the template (e.g. tools=..., enable_thinking=False)."""
-        ids = self.chat_prompt(messages, chunks, **template_kwargs)
-        return self.generate([ids], params)[0]
-
-    def chat_prompt(self, messages: list[dict[str, Any]], chunks: Chunks = None, **template_kwargs: Any) -> list[int]:
-        """The conversation's prompt ids, checked to start with the `chunks` prefix (which is then served from
-        its pinned pages)."""
-        prefix = self.chunks.prefix_of(chunks)
+        prefix, _ = self.chunks.resolve(chunks)
         ids = self.apply_chat_template(messages, **template_kwargs)
         if ids[: len(prefix)] != prefix:
             raise InvalidRequestError(
                 "the conversation does not start with the given chunks: the chat template renders different tokens "
                 f"within the first {len(prefix)} (build chunks with llm.chunks.add_messages from the same leading "
                 "messages and template arguments)")
-        return ids
+        return self.generate([ids[len(prefix):]], params, chunks=chunks)[0]
 
     def apply_chat_template(self, messages: list[dict[str, Any]], **template_kwargs: Any) -> list[int]:
         """Token ids of a conversation rendered by the model's chat template, ready for the assistant's turn."""
@@ -152,13 +146,14 @@ class LLM:
 
     # --- internals ---------------------------------------------------------------------------------------------
     def _submit(self, prompt: Prompt, params: SamplingParams | None, channel, chunks: Chunks = None) -> _Stream:
-        prefix = self.chunks.prefix_of(chunks)
-        return self._start(self.engine.make_sequence(prompt, params, sink=channel.put, prefix=prefix), channel)
+        prefix, compose = self.chunks.resolve(chunks)
+        seq = self.engine.make_sequence(prompt, params, sink=channel.put, prefix=prefix, compose=compose)
+        return self._start(seq, channel)
 
-    def _prefill_and_pin(self, token_ids: list[int]) -> list[int]:
+    def _prefill_and_pin(self, token_ids: list[int], private: bool = False) -> list[int]:
         """Runs a chunk's prefill and returns the pages it pinned (the chunk store takes ownership)."""
         channel = SyncChannel()
-        seq = self.engine.make_prefill(token_ids, sink=channel.put)
+        seq = self.engine.make_prefill(token_ids, sink=channel.put, private=private)
         stream = self._start(seq, channel)
         try:
             _collect(stream)
@@ -167,9 +162,9 @@ class LLM:
             raise
         return seq.pinned_pages
 
-    async def _aprefill_and_pin(self, token_ids: list[int]) -> list[int]:
+    async def _aprefill_and_pin(self, token_ids: list[int], private: bool = False) -> list[int]:
         channel = AsyncChannel(asyncio.get_running_loop())
-        seq = self.engine.make_prefill(token_ids, sink=channel.put)
+        seq = self.engine.make_prefill(token_ids, sink=channel.put, private=private)
         stream = self._start(seq, channel)
         try:
             while not stream.done:

@@ -52,6 +52,23 @@ class ModelRunner:
             return hidden.new_empty(0, 0, dtype=torch.float32), []
         return self.model.compute_logits(hidden[self._tensor(sample_rows)]), sample_idx
 
+    @torch.inference_mode()
+    def copy_composed(self, seq) -> None:
+        """Copies the KV of a composed prompt's independent chunks into its pages: each chunk was computed at
+        positions 0.. on its own; its keys are rotated to the chunk's position in the prompt, values copied."""
+        ps = self.page_size
+        k_pool = self.kv_cache.select(2, 0).permute(1, 3, 0, 2, 4)  # [pages, page_size, layers, kv_heads, head_dim]
+        v_pool = self.kv_cache.select(2, 1).permute(1, 3, 0, 2, 4)
+        table = self._tensor(seq.page_table)
+        for position, chunk in seq.compose:
+            src = torch.arange(chunk.num_tokens, device=self.device)
+            src_pages, src_off = self._tensor(list(chunk.pages))[src // ps], src % ps
+            dst = src + position
+            dst_pages, dst_off = table[dst // ps], dst % ps
+            k = k_pool[src_pages, src_off]
+            k_pool[dst_pages, dst_off] = self.model.shift_keys(k, position) if position else k
+            v_pool[dst_pages, dst_off] = v_pool[src_pages, src_off]
+
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
 

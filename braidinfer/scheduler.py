@@ -24,6 +24,12 @@ class ScheduledBatch:
     def __len__(self) -> int:
         return len(self.seqs)
 
+    def drop_finished(self) -> None:
+        """Removes sequences that ended after being scheduled (e.g. a composed prompt whose chunk was released)."""
+        keep = [i for i, s in enumerate(self.seqs) if not s.is_finished]
+        self.seqs = [self.seqs[i] for i in keep]
+        self.num_new_tokens = [self.num_new_tokens[i] for i in keep]
+
 
 class Scheduler:
     def __init__(self, pages: PageManager, max_num_seqs: int, max_num_batched_tokens: int):
@@ -34,12 +40,18 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self._rejected: list[tuple[Sequence, str]] = []
+        self._composing: list[Sequence] = []
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def take_composing(self) -> list[Sequence]:
+        """Sequences admitted this step whose composed chunks' KV must be copied in before the forward."""
+        composing, self._composing = self._composing, []
+        return composing
 
     def take_rejected(self) -> list[tuple[Sequence, str]]:
         """Waiting sequences that can never fit next to the pinned pages, with the reason (the caller fails them)."""
@@ -77,8 +89,12 @@ class Scheduler:
     def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not seq.page_table:
-                self._match_prefix(seq)
+            fresh = not seq.page_table
+            if fresh:
+                if seq.private:  # no cache lookup; a composed prompt's chunks are copied in (take_composing)
+                    seq.num_computed_tokens = seq.num_composed_tokens
+                else:
+                    self._match_prefix(seq)
                 problem = self._never_fits(seq)
                 if problem:
                     self.waiting.popleft()
@@ -90,6 +106,8 @@ class Scheduler:
                 self._release(seq)
                 break
             self.waiting.popleft()
+            if fresh and seq.compose:
+                self._composing.append(seq)
             if seq.num_cached_prompt_tokens is None:
                 seq.num_cached_prompt_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
             seq.status = SequenceStatus.RUNNING
@@ -128,7 +146,9 @@ class Scheduler:
         return True
 
     def commit(self, seq: Sequence) -> None:
-        """Publishes the sequence's computed full pages in the prefix cache."""
+        """Publishes the sequence's computed full pages in the prefix cache (never private KV)."""
+        if seq.private:
+            return
         seq.num_committed_pages, seq.last_node = self.pages.commit(
             seq.token_ids, seq.num_computed_tokens, seq.page_table, seq.num_committed_pages, seq.last_node
         )

@@ -40,6 +40,13 @@ class Sequence:
         # A chunk's prefill: computes KV for the prompt, samples nothing, and pins the full pages when done.
         self.prefill_only = prefill_only
         self.pinned_pages: list[int] = []
+        # Private KV is never shared through the prefix cache (neither matched nor committed): independent chunks,
+        # and composed prompts, whose KV is approximate.
+        self.private = False
+        # A composed prompt: (position, chunk) of each independent chunk whose KV is copied in at admission; they
+        # cover token_ids[:num_composed_tokens].
+        self.compose: list[tuple[int, Any]] = []
+        self.num_composed_tokens = 0
 
     @property
     def num_tokens(self) -> int:

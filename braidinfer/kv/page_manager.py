@@ -114,6 +114,13 @@ class PageManager:
             self.num_pinned += self.pin_counts[p] == 0
             self.pin_counts[p] += 1
 
+    def adopt_as_pins(self, pages: Sequence[int]) -> None:
+        """Turns the caller's references on `pages` (private pages, outside the prefix cache) into pins."""
+        for p in pages:
+            assert self.ref_counts[p] > 0, f"page {p} is not held"
+            self.num_pinned += self.pin_counts[p] == 0
+            self.pin_counts[p] += 1
+
     def unpin(self, pages: Sequence[int]) -> None:
         """Drops the pins of `pin(pages)`; the pages stay cached (evictable) once nothing else holds them."""
         for p in pages:

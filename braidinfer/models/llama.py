@@ -111,6 +111,12 @@ class LlamaForCausalLM(nn.Module):
         packed, start, rows = slots[parts[-2]]
         return ".".join(parts[:-2] + [packed, parts[-1]]), start, rows
 
+    def shift_keys(self, k: torch.Tensor, delta: int) -> torch.Tensor:
+        """Rotary-embedded keys [..., kv_heads, head_dim] moved `delta` positions later (RoPE is a rotation per
+        frequency, so rotating by delta composes with the rotation already applied); computed in float32."""
+        cos, sin = self.model.rotary_emb.cos_sin(torch.tensor([delta], device=k.device), torch.float32)
+        return apply_rotary(k.float(), cos, sin).to(k.dtype)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> logits [N, vocab] in float32."""
         return self.lm_head(hidden).float()

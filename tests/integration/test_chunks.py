@@ -169,3 +169,74 @@ def test_system_message_chunk_is_exact_on_the_embedded_model(embedded_gguf):
             system + [{"role": "user", "content": questions[0]}], add_generation_prompt=False)
         on.chunks.release_all()
         assert _idle(on)
+
+
+def _capture_first_logprobs(llm: LLM, prompt, **kwargs) -> torch.Tensor:
+    """The log-distribution the engine samples the first token from (recorded at the sampler's input)."""
+    inner, rows = llm.engine.sampler, []
+
+    def record(logits, params, generators):
+        rows.append(logits.float().log_softmax(-1)[0].clone())
+        return inner(logits, params, generators)
+
+    llm.engine.sampler = record
+    try:
+        llm.generate(prompt, SamplingParams(temperature=0, max_tokens=1), **kwargs)
+    finally:
+        llm.engine.sampler = inner
+    return rows[0]
+
+
+def test_composed_prompt_equals_block_diagonal_attention_in_transformers(tiny_llms, tiny_model):
+    """Independent chunks composed in any order = the whole prompt computed with each chunk attending only to
+    itself and the text after them attending to everything (transformers with that 4D mask, positions 0..N-1)."""
+    on, _ = tiny_llms
+    _, _, ref = tiny_model
+    system = on.chunks.add(_random_ids(50, 10), kind="system", independent=True)
+    a = on.chunks.add(_random_ids(51, 7), independent=True)
+    b = on.chunks.add(_random_ids(52, 13), independent=True)
+    assert [len(c.pages) for c in (system, a, b)] == [2, 1, 2]  # independent chunks keep their partial page
+    question = _random_ids(53, 5)
+    for order in ([system, b, a], [system, a, b], [a, system, b]):
+        got = _capture_first_logprobs(on, question, chunks=order)
+        full = [t for c in order for t in c.token_ids] + question
+        n, mask, start = len(full), torch.zeros(len(full), len(full), dtype=torch.bool), 0
+        for chunk in order:
+            end = start + chunk.num_tokens
+            mask[start:end, start:end] = torch.ones(chunk.num_tokens, chunk.num_tokens).tril().bool()
+            start = end
+        mask[start:] = torch.ones(n, n).tril().bool()[start:]
+        with torch.no_grad():
+            logits = ref(torch.tensor([full]), attention_mask=mask[None, None],
+                         position_ids=torch.arange(n)[None]).logits[0, -1]
+        want = logits.float().log_softmax(-1)
+        assert (got - want).abs().max() < 1e-4
+        exact = _capture_first_logprobs(on, full)  # the exact prompt differs: composition is an approximation
+        assert (exact - want).abs().max() > 1e-3
+    out = on.generate(question, GREEDY, chunks=[system, b, a])[0]
+    assert out.usage.cached_prompt_tokens == 30 and len(out.token_ids) == GREEDY.max_tokens
+    for chunk in (system, a, b):
+        chunk.release()
+    assert _idle(on)
+
+
+def test_composed_prompts_are_never_cached_and_reject_mixing(tiny_llms):
+    on, _ = tiny_llms
+    a = on.chunks.add(_random_ids(60, 16), independent=True)
+    exact = on.chunks.add(_random_ids(61, 16))
+    question = _random_ids(62, 4)
+    on.generate(question, GREEDY, chunks=[a])
+    # The same tokens as an ordinary prompt find nothing of the composed request in the cache.
+    plain = on.generate(a.token_ids + question, GREEDY)[0]
+    assert plain.usage.cached_prompt_tokens == 0
+    with pytest.raises(InvalidRequestError, match="only independent chunks"):
+        on.generate(question, GREEDY, chunks=[a, exact])
+    with pytest.raises(InvalidRequestError, match="no parent"):
+        on.chunks.add([1, 2, 3], after=exact, independent=True)
+    with pytest.raises(InvalidRequestError, match="needs some text"):
+        on.generate("", GREEDY, chunks=[a])
+    a.release()
+    with pytest.raises(InvalidRequestError, match="released"):
+        on.generate(question, GREEDY, chunks=[a])
+    exact.release()
+    assert _idle(on)
