@@ -3,7 +3,10 @@
     python benchmarks/prefix_reuse.py multi-turn      # 10-turn chat on the embedded model: prefill tokens per turn
     python benchmarks/prefix_reuse.py rag             # 8 stdlib docs x 16 questions: exact chunks, and composed
                                                       # (independent) documents in shuffled orders vs exact
-    python benchmarks/prefix_reuse.py all
+    python benchmarks/prefix_reuse.py all             # multi-turn and rag
+    BRAID_TEST_TOKENIZER=/path/to/tokenizer python benchmarks/prefix_reuse.py ttft [--length 8192]
+                                                      # CUDA: time to first token on a pinned 8k-token system chunk
+                                                      # vs the same request cold (Qwen3-0.6B shape, random bf16)
 
 `multi-turn` and `rag` run on the CPU with the embedded SmolLM2-135M-Instruct (greedy). "Prefill tokens" are the
 prompt tokens a request computed (prompt minus those served from the KV cache). The reference for every figure is
@@ -120,7 +123,7 @@ def composed(on: LLM, off: LLM, system_ids, doc_ids, q_ids, params: SamplingPara
     t_add = time.perf_counter() - t0
     orders = [rng.sample(range(len(docs)), len(docs)) for _ in q_ids]
     t_comp = t_exact = 0.0
-    agree_first = agree_all = 0
+    agree_first = agree_all = prefilled = 0
     kls = []
     for q, order in zip(q_ids, orders):
         chunks = [system] + [docs[i] for i in order]
@@ -128,6 +131,7 @@ def composed(on: LLM, off: LLM, system_ids, doc_ids, q_ids, params: SamplingPara
         t0 = time.perf_counter()
         got = on.generate(q, params, chunks=chunks)[0]
         t_comp += time.perf_counter() - t0
+        prefilled += got.usage.prompt_tokens - got.usage.cached_prompt_tokens
         t0 = time.perf_counter()
         want = off.generate(full, params)[0]
         t_exact += time.perf_counter() - t0
@@ -136,8 +140,8 @@ def composed(on: LLM, off: LLM, system_ids, doc_ids, q_ids, params: SamplingPara
         kls.append(_kl(_first_logprobs(off, full), _first_logprobs(on, q, chunks=chunks)))
     n = len(q_ids)
     print("(b) composed independent documents, shuffled order per question (approximate)")
-    print(f"    time for {n} questions: {t_comp:.1f} s (+{t_add:.1f} s to add the documents once) vs {t_exact:.1f} s "
-          f"exact recomputation")
+    print(f"    prefill tokens: {prefilled}; time for {n} questions: {t_comp:.1f} s (+{t_add:.1f} s to add the "
+          f"documents once) vs {t_exact:.1f} s exact recomputation")
     print(f"    quality vs exact: first greedy token equal {agree_first}/{n}, whole {params.max_tokens}-token greedy "
           f"reply equal {agree_all}/{n}, mean KL(exact || composed) of the first next-token distribution "
           f"{sum(kls) / n:.4f} nats")
@@ -165,18 +169,61 @@ def _kl(p: torch.Tensor, q: torch.Tensor) -> float:
     return float((p.exp() * (p - q)).sum())
 
 
+# --- TTFT on a pinned chunk (CUDA) ----------------------------------------------------------------------------
+def ttft(length: int, question: int, repeats: int) -> None:
+    """Cold: a fresh random prompt of `length + question` tokens. Cached: a pinned `length`-token system chunk plus
+    a fresh `question`-token suffix. Both Braid, same engine, same run; best of `repeats`."""
+    import os
+    import sys
+    import tempfile
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from latency import build_model, random_prompt  # the Qwen3-0.6B-shaped random model of the latency benchmark
+
+    tokenizer_dir = os.environ.get("BRAID_TEST_TOKENIZER")
+    if not tokenizer_dir or not torch.cuda.is_available():
+        raise SystemExit("ttft needs a CUDA device and BRAID_TEST_TOKENIZER (a saved tokenizer directory)")
+
+    def first_token_s(llm: LLM, prompt, **kwargs) -> float:
+        t0 = time.perf_counter()
+        for chunk in llm.stream_chunks(prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True),
+                                       **kwargs):
+            if chunk.token_ids:
+                return time.perf_counter() - t0
+        raise RuntimeError("no token")
+
+    with tempfile.TemporaryDirectory() as path:
+        build_model(path, tokenizer_dir)
+        with LLM(model=path, device="cuda", dtype="bfloat16", progress=False) as llm:
+            first_token_s(llm, random_prompt(length + question, seed=1))  # warm-up (kernels, JIT)
+            cold = min(first_token_s(llm, random_prompt(length + question, seed=10 + r)) for r in range(repeats))
+            t0 = time.perf_counter()
+            system = llm.chunks.add(random_prompt(length, seed=2), kind="system")
+            t_add = time.perf_counter() - t0
+            cached = min(first_token_s(llm, random_prompt(question, seed=20 + r), chunks=system)
+                         for r in range(repeats))
+            system.release()
+    print(f"device: {torch.cuda.get_device_name()}; Qwen3-0.6B shape, random bf16 weights, best of {repeats}")
+    print(f"TTFT, {length}-token prefix + {question}-token question: cold {cold * 1e3:.1f} ms, on a pinned chunk "
+          f"{cached * 1e3:.1f} ms ({cached / cold:.1%} of cold; adding the chunk once took {t_add * 1e3:.1f} ms)")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("part", choices=["multi-turn", "rag", "all"])
+    ap.add_argument("part", choices=["multi-turn", "rag", "all", "ttft"])
     ap.add_argument("--model", default=None, help="model path (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--length", type=int, default=8192, help="ttft: tokens in the pinned prefix")
+    ap.add_argument("--repeats", type=int, default=3, help="ttft: best of this many requests")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     if args.part in ("multi-turn", "all"):
         multi_turn(args.model, args.page_size, args.max_tokens)
     if args.part in ("rag", "all"):
         rag(args.model, args.page_size, args.max_tokens)
+    if args.part == "ttft":
+        ttft(args.length, 64, args.repeats)
 
 
 if __name__ == "__main__":
