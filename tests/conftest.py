@@ -85,6 +85,19 @@ def build_tiny_model(arch: str, path, tokenizer, seed: int = 0, **shape):
     return model
 
 
+@pytest.fixture(scope="session")
+def qwen3_chat_model(tmp_path_factory) -> str:
+    """Directory of a tiny random Qwen3 with a Qwen3-style tokenizer and Qwen3's real chat template (see
+    tests/qwen3_fixture.py); the config's vocabulary size and bos/eos ids are the tokenizer's."""
+    from qwen3_fixture import build_qwen3_tokenizer
+
+    tok = build_qwen3_tokenizer()
+    path = tmp_path_factory.mktemp("tiny-qwen3-chat")
+    build_tiny_model("qwen3", path, tok, vocab_size=len(tok),
+                     bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"), eos_token_id=tok.eos_token_id)
+    return str(path)
+
+
 @pytest.fixture(scope="session", params=["llama", "qwen3"])
 def tiny_model(request, tmp_path_factory, smollm_tokenizer):
     """(arch, directory, transformers reference model)."""
