@@ -1,0 +1,15 @@
+"""Fused Triton kernels for Braid's decoder, each beside the plain-PyTorch reference whose rounding it reproduces.
+
+Standalone: nothing here imports braidinfer. The kernels need CUDA tensors, or TRITON_INTERPRET=1 set before this
+package is imported to run them on the CPU (slowly; that is how CI tests them).
+"""
+from kernels.qk_norm_rope import qk_norm_rope_write_kv, qk_norm_rope_write_kv_ref
+from kernels.rmsnorm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
+from kernels.silu_mul import silu_and_mul, silu_and_mul_ref
+
+__all__ = [
+    "fused_add_rms_norm", "fused_add_rms_norm_ref",
+    "qk_norm_rope_write_kv", "qk_norm_rope_write_kv_ref",
+    "rms_norm", "rms_norm_ref",
+    "silu_and_mul", "silu_and_mul_ref",
+]

@@ -1,0 +1,54 @@
+"""Device functions that make Triton round where PyTorch eager rounds, on the GPU and under TRITON_INTERPRET=1.
+
+A model in bf16 rounds every intermediate tensor to bf16; a fused kernel keeps values in float32 registers and must
+round them at the same points, with the same rounding, to give bit-identical results. Three things get in the way:
+
+- Triton's interpreter (3.9) casts float32 to bfloat16 by truncating the mantissa, not to nearest-even as torch
+  and the GPU do, so `round_to_dtype` rounds bf16 with integer arithmetic, identically on both.
+- `tl.exp` is an approximate exp2-based instruction on NVIDIA GPUs and Triton's `/` is `div.full.f32` (2 ulp);
+  torch calls expf and divides exactly, so kernels use `exp` below and `tl.math.div_rn`.
+- LLVM contracts a * b + c into one fused multiply-add, which rounds once where torch rounds twice; launches pass
+  LAUNCH_OPTIONS to turn that off.
+
+Checked on an H100 (torch 2.11, Triton 3.6): libdevice exp with div_rn gives torch's float32 silu bit for bit
+(tl.exp or `/` do not); tl.math.rsqrt is torch's rsqrt; with fp fusion on, a * b + c differs from torch in ~25%.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+from triton.runtime.interpreter import InterpretedFunction
+
+LAUNCH_OPTIONS = {"enable_fp_fusion": False}  # keyword arguments for every kernel launch: no mul+add contraction
+
+
+@triton.jit
+def round_to_dtype(x, dtype: tl.constexpr):
+    """float32 `x` rounded to the nearest `dtype` value (ties to even) and returned as float32: torch's
+    `x.to(dtype).float()`. Storing the result to a `dtype` pointer is then exact."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits += 0x7FFF + ((bits >> 16) & 1)  # round half to even at bit 16
+        rounded = (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
+        return tl.where(x != x, x, rounded)  # a NaN stays NaN
+    else:
+        return x.to(dtype).to(tl.float32)
+
+
+INTERPRETED = tl.constexpr(isinstance(round_to_dtype, InterpretedFunction))
+
+
+@triton.jit
+def exp(x):
+    """float32 e**x as CUDA's expf computes it (libdevice), which is what torch calls; numpy's exp when interpreted,
+    since the interpreter has no libdevice."""
+    if INTERPRETED:
+        return tl.exp(x)
+    else:
+        return libdevice.exp(x)
+
+
+def is_interpreted(kernel) -> bool:
+    """Whether `kernel` was decorated under TRITON_INTERPRET=1 (then it runs on CPU tensors, not CUDA ones)."""
+    return isinstance(kernel, InterpretedFunction)

@@ -1,0 +1,135 @@
+"""RMSNorm, and residual add + RMSNorm, as one Triton kernel beside the PyTorch references it reproduces.
+
+The references are the operations of braidinfer.models.layers.RMSNorm (transformers' Llama/Qwen3 RMSNorm):
+
+    x32 = x.float(); y = weight * (x32 * rsqrt(mean(x32 ** 2) + eps)).to(x.dtype)
+
+so in bf16 the normalised value is rounded to bf16 *before* the weight multiply, and the product is rounded again.
+The kernel rounds at those two points (and at the residual sum), and takes the mean and the rsqrt the way torch does
+on the device at hand. Qwen3's k_norm weights reach ~100, which is why the cast order
+matters: multiplying in float32 first moves a large share of outputs by one bf16 step. What remains different is the
+order in which the squares are summed, which changes the float32 mean by an ulp on some rows.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._checks import FLOAT_DTYPES, check_devices, check_same_dtype, check_shape, check_tensor
+from kernels.numerics import LAUNCH_OPTIONS, round_to_dtype
+
+MAX_HIDDEN = 65536  # one program holds a whole row in registers
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The model's RMSNorm, operation for operation. x: [..., hidden]; weight: [hidden] -> [..., hidden]."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def fused_add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """The decoder layer's `h = h + sublayer(h)` followed by the next RMSNorm -> (rms_norm(h), h)."""
+    h = residual + x
+    return rms_norm_ref(h, weight, eps), h
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension, rounding as `rms_norm_ref` does.
+
+    x: [..., hidden], float32/float16/bfloat16; weight: [hidden], x's dtype; eps: added to the mean square.
+    Returns a new tensor [..., hidden] of x's dtype; x is not modified.
+    """
+    _check(x, weight, eps)
+    out, _ = _launch(x, None, weight, eps)
+    return out
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """h = residual + x (rounded to the activation dtype), then RMSNorm of h, in one pass over memory.
+
+    x (a sublayer's output) and residual (the residual stream): [..., hidden], same dtype; weight: [hidden].
+    Returns (normed, h), both new tensors [..., hidden]: out of place, so x and residual are left intact
+    (vLLM's version overwrites its inputs instead; here no caller has to keep track of which tensor now holds what).
+    """
+    _check(x, weight, eps, residual)
+    return _launch(x, residual, weight, eps)
+
+
+def _check(x, weight, eps, residual=None) -> None:
+    check_tensor("x", x, FLOAT_DTYPES)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension (the one normalised)")
+    check_tensor("weight", weight, FLOAT_DTYPES, ndim=1)
+    check_shape("weight", weight, (x.shape[-1],))
+    tensors = {"x": x, "weight": weight}
+    if residual is not None:
+        check_tensor("residual", residual, FLOAT_DTYPES)
+        check_shape("residual", residual, tuple(x.shape))
+        tensors["residual"] = residual
+    check_same_dtype(**tensors)
+    check_devices(_rms_norm_kernel, **tensors)
+    if not 0 < x.shape[-1] <= MAX_HIDDEN:
+        raise ValueError(f"the normalised dimension must be 1..{MAX_HIDDEN}, got {x.shape[-1]}")
+    if not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t as [rows, hidden] with unit stride along hidden (a view when possible)."""
+    rows = t.reshape(-1, t.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _launch(x, residual, weight, eps):
+    """-> (normed, h), shaped like x; h is None without a residual."""
+    add = residual is not None
+    rows = _rows(x)  # (N, hidden)
+    residual_rows = _rows(residual) if add else None
+    out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+    residual_out = torch.empty_like(out) if add else None
+    if rows.shape[0] > 0:
+        block = triton.next_power_of_2(x.shape[-1])
+        _rms_norm_kernel[(rows.shape[0],)](
+            rows, residual_rows, weight.contiguous(), out, residual_out,
+            rows.stride(0), residual_rows.stride(0) if add else 0, out.stride(0), float(eps),
+            HIDDEN=x.shape[-1], BLOCK=block, ADD_RESIDUAL=add, MEAN_BY_RECIPROCAL=x.is_cuda,
+            num_warps=min(max(block // 256, 1), 16), **LAUNCH_OPTIONS,
+        )
+    return out.view(x.shape), (residual_out.view(x.shape) if add else None)
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
+    x_row_stride, residual_row_stride, out_row_stride,  # residual_out shares out's layout
+    eps,
+    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, ADD_RESIDUAL: tl.constexpr, MEAN_BY_RECIPROCAL: tl.constexpr,
+):
+    """One program per row: [optionally h = residual + x, stored], then RMSNorm(h) * weight."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < HIDDEN
+    dtype: tl.constexpr = out_ptr.dtype.element_ty
+    x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    if ADD_RESIDUAL:
+        residual = tl.load(residual_ptr + row * residual_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        x = round_to_dtype(residual + x, dtype)
+        tl.store(residual_out_ptr + row * out_row_stride + cols, x.to(dtype), mask=mask)
+    scale = rms_scale(tl.sum(x * x, axis=0), HIDDEN, eps, MEAN_BY_RECIPROCAL)
+    x = round_to_dtype(x * scale, dtype)  # x32.to(dtype): rounded before the weight multiply
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * out_row_stride + cols, round_to_dtype(weight * x, dtype).to(dtype), mask=mask)
+
+
+@triton.jit
+def rms_scale(sum_sq, N: tl.constexpr, eps, MEAN_BY_RECIPROCAL: tl.constexpr):
+    """rsqrt(mean + eps) from the float32 sum of N squares, with torch's mean: on CUDA it multiplies the sum by a
+    correctly rounded 1/N, on the CPU it divides by N (the two differ in the last bit when N is no power of two)."""
+    n = tl.full([], N, tl.float32)
+    if MEAN_BY_RECIPROCAL:
+        mean_sq = sum_sq * tl.math.div_rn(1.0, n)
+    else:
+        mean_sq = tl.math.div_rn(sum_sq, n)
+    return tl.math.rsqrt(mean_sq + eps)  # torch's CUDA rsqrt is the same instruction; on the CPU both are 1 / sqrt
