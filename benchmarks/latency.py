@@ -92,13 +92,22 @@ def best(runs: list[tuple[float, float]]) -> tuple[float, float]:
     return min(r[0] for r in runs), max(r[1] for r in runs)
 
 
-def measure_braid(path: str, backend: str, lengths: list[int], n: int, repeats: int) -> dict[int, tuple]:
+BRAID_VARIANTS = {
+    "braid, torch attention": dict(attention_backend="torch"),
+    "braid, flashinfer attention": dict(attention_backend="flashinfer"),
+    "braid, flashinfer + fused kernels": dict(attention_backend="flashinfer", fused_kernels=True),
+    "braid, flashinfer + CUDA graphs": dict(attention_backend="flashinfer", enforce_eager=False),
+    "braid, flashinfer + fused kernels + CUDA graphs": dict(attention_backend="flashinfer", fused_kernels=True,
+                                                             enforce_eager=False),
+}
+
+
+def measure_braid(path: str, engine_kwargs: dict, lengths: list[int], n: int, repeats: int) -> dict[int, tuple]:
     from braidinfer import LLM
 
     pages = 4 * (max(lengths) + n) // 16 + 64
     out = {}
-    with LLM(model=path, device="cuda", dtype="bfloat16", attention_backend=backend, num_kv_pages=pages,
-             progress=False) as llm:
+    with LLM(model=path, device="cuda", dtype="bfloat16", num_kv_pages=pages, progress=False, **engine_kwargs) as llm:
         for length in lengths:
             braid_latency(llm, random_prompt(length, seed=length), 8)  # warm-up (and FlashInfer's JIT)
             out[length] = best([braid_latency(llm, random_prompt(length, seed=length + r + 1), n)
@@ -127,6 +136,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128, help="generated tokens per request")
     ap.add_argument("--repeats", type=int, default=2, help="Braid: best of this many requests per length")
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--variants", default=";".join(BRAID_VARIANTS),
+                    help="semicolon-separated Braid configurations to run, from: " + "; ".join(BRAID_VARIANTS))
     args = ap.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
     tokenizer_dir = os.environ.get("BRAID_TEST_TOKENIZER")
@@ -141,12 +152,14 @@ def main() -> None:
         model = build_model(path, tokenizer_dir)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied lm_head counted once
         bandwidth = copy_bandwidth()
-        rows = {"braid, torch attention": measure_braid(path, "torch", lengths, args.tokens, args.repeats)}
+        rows = {}
         problem = unsupported_reason(torch.device("cuda"), torch.bfloat16, QWEN3_0_6B["head_dim"])
-        if problem is None:
-            rows["braid, flashinfer attention"] = measure_braid(path, "flashinfer", lengths, args.tokens, args.repeats)
-        else:
-            print(f"skipping the flashinfer backend: {problem}")
+        for name in args.variants.split(";"):
+            kwargs = BRAID_VARIANTS[name]
+            if problem is not None and kwargs["attention_backend"] == "flashinfer":
+                print(f"skipping {name}: {problem}")
+                continue
+            rows[name] = measure_braid(path, kwargs, lengths, args.tokens, args.repeats)
         if not args.no_transformers:
             hf = measure_hf(model, lengths, args.tokens)
             for length, (ttft, tps, static) in hf.items():
@@ -160,14 +173,14 @@ def main() -> None:
           f"transformers {transformers.__version__}, flashinfer {fi_version}")
     print(f"model: Qwen3-0.6B shape, random bf16 weights ({weight_bytes / 1e9:.3f} GB), batch 1, {args.tokens} new "
           f"tokens, greedy; device copy bandwidth {bandwidth / 1e12:.2f} TB/s")
-    print(f"{'prompt':>7}  {'engine':<42}{'TTFT ms':>10}{'decode tok/s':>14}")
+    print(f"{'prompt':>7}  {'engine':<50}{'TTFT ms':>10}{'decode tok/s':>14}")
     for length in lengths:
         for name, results in rows.items():
             if length in results:
                 ttft, tps = results[length]
-                print(f"{length:>7}  {name:<42}{ttft * 1e3:>10.1f}{tps:>14.1f}")
+                print(f"{length:>7}  {name:<50}{ttft * 1e3:>10.1f}{tps:>14.1f}")
         kv = kv_bytes_per_token * (length + args.tokens // 2)
-        print(f"{length:>7}  {'bandwidth limit (weights / weights + KV)':<42}{'':>10}"
+        print(f"{length:>7}  {'bandwidth limit (weights / weights + KV)':<50}{'':>10}"
               f"{bandwidth / weight_bytes:>7.0f} / {bandwidth / (weight_bytes + kv):.0f}")
 
 

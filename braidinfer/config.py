@@ -40,6 +40,14 @@ class EngineConfig(BaseModel):
     attention_backend: Literal["auto", "torch", "flashinfer"] = "auto"
     """Paged attention kernels: "flashinfer" (CUDA, float16/bfloat16), "torch" (anywhere; the reference), or "auto"
     = flashinfer where it can run, else torch."""
+    enforce_eager: bool = False
+    """Run every step eagerly. When False (the default), decode-only steps are captured in CUDA graphs, one per
+    batch-size bucket up to max_num_seqs (at most 512), when the attention backend is FlashInfer; elsewhere (torch
+    backend, CPU) steps run eagerly anyway."""
+    fused_kernels: bool = True
+    """Use the Triton kernels of `kernels/` for RMSNorm (with the residual add) and SiLU-and-mul on CUDA (the CPU
+    always runs the PyTorch path). They keep the PyTorch path's rounding points; only the order of RMSNorm's sum
+    differs."""
     seed: int = 0
     """Seed of the engine's generator for requests that give none."""
     progress: bool = True

@@ -42,6 +42,8 @@ class LLMEngine:
             torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.tokenizer = self.source.load_tokenizer()
         self.model = load_model(cls, self.model_config, self.source, self.device, self.dtype, config.progress)
+        if config.fused_kernels and self.device.type == "cuda":
+            self.model.use_fused_kernels()
         self.max_model_len = min(config.max_model_len or 1 << 62, self.model_config.max_position_embeddings)
         self.eos_token_ids = self._eos_token_ids()
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, sorted(self.eos_token_ids))
@@ -50,7 +52,7 @@ class LLMEngine:
         self.max_pinned_pages = int(num_pages * config.max_pinned_fraction)
         self.scheduler = Scheduler(self.pages, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.model_config, num_pages, config.page_size, self.device, self.dtype,
-                                  config.attention_backend)
+                                  config.attention_backend, config.enforce_eager, config.max_num_seqs)
         self.sampler = Sampler()
         self.generator = make_generator(config.seed, self.device)
         self.requests: dict[str, Sequence] = {}

@@ -1,56 +1,90 @@
 """Turns a scheduled batch into tensors, runs the model over it and returns the logits to sample from."""
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from braidinfer.attention import AttentionMetadata, SeqSpan, TorchAttention
 from braidinfer.attention.flashinfer_backend import FlashInferAttention, unsupported_reason
+from braidinfer.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from braidinfer.errors import InvalidRequestError
 from braidinfer.models.config import ModelConfig
 from braidinfer.models.forward_batch import ForwardBatch
 from braidinfer.scheduler import ScheduledBatch
 
+log = logging.getLogger(__name__)
+
 
 class ModelRunner:
-    """Owns the model and the KV page pool [layers, pages, 2, kv_heads, page_size, head_dim] on one device."""
+    """Owns the model and the KV page pool [layers, pages, 2, kv_heads, page_size, head_dim] on one device.
+
+    With CUDA graphs (enforce_eager=False on the FlashInfer backend) the pool has one page more than the page manager
+    hands out, the scratch page that padded graph rows write and read; decode-only steps of up to max_num_seqs
+    sequences replay a captured graph, every other step runs eagerly.
+    """
 
     def __init__(self, model: torch.nn.Module, cfg: ModelConfig, num_pages: int, page_size: int,
-                 device: torch.device, dtype: torch.dtype, attention_backend: str = "torch"):
+                 device: torch.device, dtype: torch.dtype, attention_backend: str = "torch",
+                 enforce_eager: bool = True, max_num_seqs: int = 64):
         self.model = model
         self.device = device
         self.page_size = page_size
+        backend = _backend_name(attention_backend, device, dtype, cfg.head_dim)
+        use_graphs = backend == "flashinfer" and not enforce_eager
+        if not enforce_eager and not use_graphs:
+            log.info("CUDA graphs need the FlashInfer attention backend; running eagerly on the torch backend")
+        num_pool_pages = num_pages + 1 if use_graphs else num_pages  # page num_pages: the graphs' scratch page
         self.kv_cache = torch.zeros(
-            cfg.num_hidden_layers, num_pages, 2, cfg.num_key_value_heads, page_size, cfg.head_dim,
+            cfg.num_hidden_layers, num_pool_pages, 2, cfg.num_key_value_heads, page_size, cfg.head_dim,
             dtype=dtype, device=device,
         )
-        self.attention = _make_attention(attention_backend, self.kv_cache, cfg)
+        scale = cfg.head_dim**-0.5
+        self.attention = (FlashInferAttention(self.kv_cache, scale, cfg.num_attention_heads) if backend == "flashinfer"
+                          else TorchAttention(self.kv_cache, scale))
         self._plan = getattr(self.attention, "plan", None)  # backends that plan once per step for all layers
+        self.graphs = self._capture_graphs(cfg, num_pages, max_num_seqs) if use_graphs else None
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
         """Computes the batch's new tokens. Returns logits [N, vocab] float32 for the N sequences whose every token now
         has KV (they sample next; prefill-only sequences never do), and the indices of those sequences in the batch."""
-        input_ids, positions, slots, spans, sample_rows, sample_idx = [], [], [], [], [], []
-        page_tables = self._page_tables(batch)
+        input_ids, positions, sample_rows, sample_idx = [], [], [], []
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            q_start = len(input_ids)
             input_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
-            pt, ps = seq.page_table, self.page_size
-            slots.extend(pt[p // ps] * ps + p % ps for p in range(start, end))
-            spans.append(SeqSpan(q_start, n, end, page_tables[i]))
             if end == seq.num_tokens and not seq.prefill_only:
-                sample_rows.append(q_start + n - 1)
+                sample_rows.append(len(input_ids) - 1)
                 sample_idx.append(i)
+        hidden = None  # (T, hidden)
+        if self.graphs is not None and all(n == 1 for n in batch.num_new_tokens):  # decode-only
+            hidden = self.graphs.run(input_ids, positions, [seq.page_table for seq in batch.seqs])
+        if hidden is None:
+            hidden = self._forward(batch, input_ids, positions)
+        if not sample_rows:
+            return hidden.new_empty(0, 0, dtype=torch.float32), []
+        return self.model.compute_logits(hidden[self._tensor(sample_rows)]), sample_idx
+
+    def _capture_graphs(self, cfg: ModelConfig, num_pages: int, max_num_seqs: int) -> DecodeGraphs:
+        sizes = graph_batch_sizes(max_num_seqs)
+        max_pages_per_seq = min(num_pages, -(-cfg.max_position_embeddings // self.page_size))  # context fits both
+        return DecodeGraphs(self.model, self.attention, sizes, cfg.hidden_size, scratch_page=num_pages,
+                            max_num_kv_indices=sizes[-1] * max_pages_per_seq)
+
+    def _forward(self, batch: ScheduledBatch, input_ids: list[int], positions: list[int]) -> torch.Tensor:
+        """The eager forward: final hidden states [T, hidden] of the batch's new tokens."""
+        slots, spans, ps = [], [], self.page_size
+        for seq, n, table in zip(batch.seqs, batch.num_new_tokens, self._page_tables(batch)):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            q_start = len(slots)  # one slot per new token, in row order
+            slots.extend(seq.page_table[p // ps] * ps + p % ps for p in range(start, end))
+            spans.append(SeqSpan(q_start, n, end, table))
         meta = AttentionMetadata(spans, self._tensor(slots), len(input_ids))
         if self._plan is not None:
             self._plan(meta)
         fb = ForwardBatch(positions=self._tensor(positions), meta=meta, attention=self.attention)
-        hidden = self.model(self._tensor(input_ids), fb)  # (T, hidden)
-        if not sample_rows:
-            return hidden.new_empty(0, 0, dtype=torch.float32), []
-        return self.model.compute_logits(hidden[self._tensor(sample_rows)]), sample_idx
+        return self.model(self._tensor(input_ids), fb)
 
     @torch.inference_mode()
     def copy_composed(self, seq) -> None:
@@ -78,12 +112,11 @@ class ModelRunner:
         return list(flat.split([len(seq.page_table) for seq in batch.seqs]))
 
 
-def _make_attention(name: str, kv_cache: torch.Tensor, cfg: ModelConfig) -> TorchAttention | FlashInferAttention:
-    """The attention backend `name` ("auto", "torch" or "flashinfer") over the page pool."""
-    scale = cfg.head_dim**-0.5
-    problem = unsupported_reason(kv_cache.device, kv_cache.dtype, cfg.head_dim) if name != "torch" else None
+def _backend_name(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """The attention backend that `name` ("auto", "torch" or "flashinfer") resolves to: "torch" or "flashinfer"."""
+    problem = unsupported_reason(device, dtype, head_dim) if name != "torch" else None
     if name == "torch" or (name == "auto" and problem):
-        return TorchAttention(kv_cache, scale)
+        return "torch"
     if problem:
         raise InvalidRequestError(f"attention_backend 'flashinfer' cannot run: {problem}")
-    return FlashInferAttention(kv_cache, scale, cfg.num_attention_heads)
+    return "flashinfer"

@@ -1,9 +1,12 @@
 """Paged attention through FlashInfer on CUDA: one plan per step shared by every layer, then two kernels per layer
 (append the new K/V to the page pool, attend through the page tables).
 
+`FlashInferGraphDecode` is the same decode for a fixed batch size in a form that a CUDA graph can capture.
 FlashInfer is imported only when this backend is built, so the engine runs where it is not installed.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -44,10 +47,11 @@ class FlashInferAttention:
         _, _, _, self.num_kv_heads, self.page_size, self.head_dim = kv_cache.shape
         self.num_qo_heads = num_qo_heads
         self.scale = scale
-        # Shared by both wrappers: only one of them runs in a step. Zeroed, as the decode wrapper asks on first use.
-        workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=kv_cache.device)
-        self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, kv_layout="HND")
-        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, kv_layout="HND")
+        # Shared by every wrapper (these two and the CUDA-graph ones): one of them runs at a time, on one stream.
+        # Zeroed, as the decode wrapper asks on first use.
+        self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=kv_cache.device)
+        self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, kv_layout="HND")
+        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, kv_layout="HND")
         self._append_kv = flashinfer.append_paged_kv_cache
         self._planned: AttentionMetadata | None = None  # the step that plan() last prepared
         self._wrapper = None
@@ -85,6 +89,84 @@ class FlashInferAttention:
             raise TypeError(f"k/v dtype {k.dtype}/{v.dtype} differs from the KV cache's {cache.dtype}")
         self._append_kv(k, v, *self._new_tokens, cache, *self._pages, kv_layout="HND")  # k, v may be strided views
         return self._wrapper.run(q, cache)
+
+    def graph_decoders(self, batch_sizes: list[int], max_num_kv_indices: int) -> dict[int, FlashInferGraphDecode]:
+        """A CUDA-graph decode attention for each batch size, all over one set of static page-table buffers (only one
+        graph replays at a time). `max_num_kv_indices`: most page indices one step's page tables may hold."""
+        buffers = _GraphBuffers.allocate(max(batch_sizes), max_num_kv_indices, self.kv_cache.device)
+        return {b: FlashInferGraphDecode(self, b, buffers) for b in batch_sizes}
+
+
+@dataclass(frozen=True)
+class _GraphBuffers:
+    """Device arrays that captured decode steps read; `FlashInferGraphDecode.plan` refills them before each replay."""
+
+    batch_indices: torch.Tensor  # [max_batch] int32: 0, 1, 2, ... (row b's new token belongs to sequence b)
+    kv_positions: torch.Tensor  # [max_batch] int32: each row's new token's position in its sequence's KV
+    kv_indptr: torch.Tensor  # [max_batch + 1] int32
+    kv_indices: torch.Tensor  # [max_num_kv_indices] int32
+    kv_last_page_len: torch.Tensor  # [max_batch] int32
+
+    @classmethod
+    def allocate(cls, max_batch: int, max_num_kv_indices: int, device: torch.device) -> _GraphBuffers:
+        def zeros(n):
+            return torch.zeros(n, dtype=torch.int32, device=device)
+
+        return cls(torch.arange(max_batch, dtype=torch.int32, device=device), zeros(max_batch),
+                   zeros(max_batch + 1), zeros(max_num_kv_indices), zeros(max_batch))
+
+
+class FlashInferGraphDecode:
+    """Decode attention for exactly `batch_size` sequences (one new token each) that a CUDA graph can capture.
+
+    FlashInfer's CUDA-graph decode wrapper reads the page tables from static buffers (views of `_GraphBuffers`) and
+    keeps its split-KV schedule at fixed workspace offsets; `plan` (host side, never captured) rewrites both before
+    each replay, so the captured kernels see the new step. The new K/V are appended through the same static
+    buffers. Same call as FlashInferAttention; the metadata argument is not read.
+    """
+
+    def __init__(self, backend: FlashInferAttention, batch_size: int, buffers: _GraphBuffers):
+        import flashinfer
+
+        b = batch_size
+        self.kv_cache = backend.kv_cache
+        self.page_size = backend.page_size
+        self._dims = (backend.num_qo_heads, backend.num_kv_heads, backend.head_dim, backend.page_size)
+        self._scale = backend.scale
+        indptr, last_page_len = buffers.kv_indptr[: b + 1], buffers.kv_last_page_len[:b]
+        self._wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            backend.workspace, kv_layout="HND", use_cuda_graph=True, paged_kv_indptr_buffer=indptr,
+            paged_kv_indices_buffer=buffers.kv_indices, paged_kv_last_page_len_buffer=last_page_len)
+        self._kv_positions = buffers.kv_positions[:b]
+        self._new_tokens = (buffers.batch_indices[:b], self._kv_positions)
+        self._pages = (buffers.kv_indices, indptr, last_page_len)  # the kernel reads indices through indptr
+        self._append_kv = flashinfer.append_paged_kv_cache
+
+    def plan(self, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor) -> None:
+        """The next replay's page tables, int32 on the host in FlashInfer's CSR form: kv_indptr [b + 1],
+        kv_indices [kv_indptr[-1]], kv_last_page_len [b] in [1, page_size]. Row i's new token is the last of its
+        KV. Must run outside capture, before each replay (or the eager warm-up run)."""
+        positions = last_token_positions(kv_indptr, kv_last_page_len, self.page_size)
+        self._kv_positions.copy_(positions, non_blocking=True)
+        dtype = self.kv_cache.dtype
+        # The wrapper copies indptr and last_page_len from the host (it plans on them there) and the indices on the
+        # device; a host tensor there would be copied synchronously.
+        indices = kv_indices.to(self.kv_cache.device, non_blocking=True)
+        self._wrapper.plan(kv_indptr, indices, kv_last_page_len, *self._dims,
+                           q_data_type=dtype, kv_data_type=dtype, sm_scale=self._scale)
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata):
+        """q: [b, num_qo_heads, head_dim]; k, v: [b, num_kv_heads, head_dim] -> out: [b, num_qo_heads, head_dim]."""
+        cache = self.kv_cache[layer]  # (pages, 2, kvh, ps, hd)
+        self._append_kv(k, v, *self._new_tokens, cache, *self._pages, kv_layout="HND")
+        return self._wrapper.run(q, cache)
+
+
+def last_token_positions(kv_indptr: torch.Tensor, kv_last_page_len: torch.Tensor, page_size: int) -> torch.Tensor:
+    """Position of each sequence's last KV token [B] from its CSR page counts (kv_indptr [B + 1]) and last-page
+    fill (kv_last_page_len [B])."""
+    num_pages = kv_indptr[1:] - kv_indptr[:-1]  # (B,)
+    return (num_pages - 1) * page_size + kv_last_page_len - 1
 
 
 def _host_arrays(meta: AttentionMetadata, page_size: int) -> dict[str, torch.Tensor]:

@@ -13,14 +13,31 @@ from braidinfer.errors import UnsupportedModelError
 
 
 class RMSNorm(nn.Module):
-    """y = w * (x / rms(x)), computed in float32 and cast back before the weight multiply, as transformers does."""
+    """y = w * (x / rms(x)), computed in float32 and cast back before the weight multiply, as transformers does.
+
+    With `residual`, first adds it (h = x + residual, in the model dtype) and returns (norm(h), h). `fused` selects
+    the Triton kernels of `kernels/` (CUDA only), which reproduce these rounding points.
+    """
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.fused = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if self.fused:
+            import kernels
+
+            if residual is None:
+                return kernels.rms_norm(x, self.weight, self.eps)
+            return kernels.fused_add_rms_norm(x, residual, self.weight, self.eps)
+        if residual is None:
+            return self._norm(x)
+        h = x + residual
+        return self._norm(h), h
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)

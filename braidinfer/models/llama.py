@@ -45,9 +45,15 @@ class LlamaMLP(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.fused = False  # the Triton SiLU-and-mul kernel (CUDA only), same rounding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (T, intermediate) each
+        gate_up = self.gate_up_proj(x)  # (T, 2 * intermediate): gate then up
+        if self.fused:
+            import kernels
+
+            return self.down_proj(kernels.silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(nn.functional.silu(gate) * up)
 
 
@@ -61,9 +67,17 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), batch)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous block's MLP output (the embeddings for the first layer, residual None); residual: the
+        stream before it. Returns (this block's MLP output, the residual stream before it); the adds happen inside
+        the next norm, so a fused add+RMSNorm kernel can do both."""
+        if residual is None:
+            residual, normed = x, self.input_layernorm(x)
+        else:
+            normed, residual = self.input_layernorm(x, residual)
+        normed, residual = self.post_attention_layernorm(self.self_attn(normed, batch), residual)
+        return self.mlp(normed), residual
 
 
 class LlamaModel(nn.Module):
@@ -80,9 +94,10 @@ class LlamaModel(nn.Module):
         """input_ids: [T] -> final hidden states [T, hidden]."""
         h = self.embed_tokens(input_ids)  # (T, hidden)
         batch.cos, batch.sin = self.rotary_emb.cos_sin(batch.positions, h.dtype)
+        residual = None
         for layer in self.layers:
-            h = layer(h, batch)
-        return self.norm(h)
+            h, residual = layer(h, residual, batch)
+        return self.norm(h, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):
@@ -110,6 +125,13 @@ class LlamaForCausalLM(nn.Module):
             return None
         packed, start, rows = slots[parts[-2]]
         return ".".join(parts[:-2] + [packed, parts[-1]]), start, rows
+
+    def use_fused_kernels(self, enabled: bool = True) -> None:
+        """Switches RMSNorm (plain and with the residual add) and SiLU-and-mul to the Triton kernels of `kernels/`
+        (CUDA tensors only); they reproduce the PyTorch path's bf16 rounding."""
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, LlamaMLP)):
+                module.fused = enabled
 
     def shift_keys(self, k: torch.Tensor, delta: int) -> torch.Tensor:
         """Rotary-embedded keys [..., kv_heads, head_dim] moved `delta` positions later (RoPE is a rotation per

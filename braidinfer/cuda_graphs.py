@@ -1,0 +1,145 @@
+"""CUDA-graph decode: the model's forward for a decode-only step, captured once per batch-size bucket and replayed.
+
+A decode step issues one kernel per operation (hundreds per step); for small batches launching them from Python costs
+more than running them. A step of B sequences (one new token each) instead replays the graph of the smallest bucket
+>= B. Its rows past B are padding: token 0 at position 0 over a one-page KV made of the scratch page, a page of the
+pool that the page manager never hands out, so padding writes and reads only that page and its outputs are dropped.
+
+Everything a graph reads lives in static buffers: token ids and positions here, page tables and the split-KV schedule
+in the attention's (FlashInferGraphDecode). Replay = copy the step into them, plan the attention (host side), replay,
+read the hidden states of the first B rows. Prefill and mixed steps, and larger batches, run eagerly.
+"""
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from braidinfer.attention.flashinfer_backend import FlashInferAttention
+from braidinfer.attention.metadata import AttentionMetadata
+from braidinfer.models.forward_batch import ForwardBatch
+
+MAX_GRAPH_BATCH_SIZE = 512  # larger decode batches are GPU-bound: launch overhead no longer matters
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """The buckets to capture: 1, 2, 4, 8, then every 8 up to 32, every 16 up to 128, every 32 beyond; none above
+    min(max_num_seqs, MAX_GRAPH_BATCH_SIZE), which is itself a bucket so that every batch up to it has one."""
+    top = min(max_num_seqs, MAX_GRAPH_BATCH_SIZE)
+    sizes = [1, 2, 4, 8, *range(16, 33, 8), *range(48, 129, 16), *range(160, MAX_GRAPH_BATCH_SIZE + 1, 32)]
+    return [b for b in sizes if b < top] + [top]
+
+
+def bucket_for(batch_size: int, sizes: Sequence[int]) -> int | None:
+    """The smallest bucket in `sizes` (ascending) holding batch_size rows, or None when none does."""
+    i = bisect_left(sizes, batch_size)
+    return sizes[i] if i < len(sizes) else None
+
+
+@dataclass(frozen=True)
+class PaddedDecode:
+    """One decode step's inputs padded to a bucket of `batch_size` rows; page tables in FlashInfer's CSR form."""
+
+    input_ids: list[int]  # [batch_size]
+    positions: list[int]  # [batch_size]: each row's new token's position (its KV holds positions + 1 tokens)
+    kv_indptr: list[int]  # [batch_size + 1]: row i's pages are kv_indices[kv_indptr[i]:kv_indptr[i + 1]]
+    kv_indices: list[int]  # [kv_indptr[-1]]
+    kv_last_page_len: list[int]  # [batch_size]: tokens in each row's last page, in [1, page_size]
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.input_ids)
+
+
+def pad_decode_batch(input_ids: Sequence[int], positions: Sequence[int], page_tables: Sequence[Sequence[int]],
+                     page_size: int, batch_size: int, scratch_page: int) -> PaddedDecode:
+    """The step where sequence i adds token input_ids[i] at positions[i], its KV in page_tables[i] (which may hold
+    spare pages past the ones in use), padded with rows of one token at position 0 in `scratch_page`."""
+    num_pad = batch_size - len(input_ids)
+    if num_pad < 0:
+        raise ValueError(f"{len(input_ids)} sequences do not fit a batch of {batch_size}")
+    kv_indptr, kv_indices, kv_last_page_len = [0], [], []
+    for pos, table in zip(positions, page_tables, strict=True):
+        kv_indices.extend(table[: pos // page_size + 1])
+        kv_indptr.append(len(kv_indices))
+        kv_last_page_len.append(pos % page_size + 1)
+    kv_indices.extend([scratch_page] * num_pad)
+    kv_indptr.extend(range(kv_indptr[-1] + 1, kv_indptr[-1] + num_pad + 1))
+    kv_last_page_len.extend([1] * num_pad)
+    return PaddedDecode([*input_ids, *[0] * num_pad], [*positions, *[0] * num_pad],
+                        kv_indptr, kv_indices, kv_last_page_len)
+
+
+class DecodeGraphs:
+    """The captured decode forwards of `model` over the FlashInfer backend's page pool, one per bucket.
+
+    scratch_page: a page of the pool outside the page manager's, which padding rows write and read.
+    max_num_kv_indices: most page indices a step's page tables may hold; a step needing more runs eagerly.
+    """
+
+    def __init__(self, model: torch.nn.Module, attention: FlashInferAttention, batch_sizes: Sequence[int],
+                 hidden_size: int, scratch_page: int, max_num_kv_indices: int):
+        self.model = model
+        self.batch_sizes = sorted(batch_sizes)
+        self.page_size = attention.page_size
+        self.scratch_page = scratch_page
+        self.max_num_kv_indices = max_num_kv_indices
+        device, max_batch = attention.kv_cache.device, self.batch_sizes[-1]
+        self.input_ids = torch.zeros(max_batch, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(max_batch, dtype=torch.int64, device=device)
+        self.hidden = torch.zeros(max_batch, hidden_size, dtype=attention.kv_cache.dtype, device=device)
+        self.attention = attention.graph_decoders(self.batch_sizes, max_num_kv_indices)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.num_replays = 0
+        """Decode steps run through a graph so far."""
+        self._capture()
+
+    def run(self, input_ids: list[int], positions: list[int], page_tables: list[list[int]]) -> torch.Tensor | None:
+        """Final hidden states [B, hidden] of a decode step of B sequences (see pad_decode_batch for the arguments),
+        or None when it fits no graph (the caller runs it eagerly). The result is a view of a static buffer that
+        the next run overwrites."""
+        batch_size = bucket_for(len(input_ids), self.batch_sizes)
+        if batch_size is None:
+            return None
+        step = pad_decode_batch(input_ids, positions, page_tables, self.page_size, batch_size, self.scratch_page)
+        if len(step.kv_indices) > self.max_num_kv_indices:
+            return None
+        self._load(step)
+        self.graphs[batch_size].replay()
+        self.num_replays += 1
+        return self.hidden[: len(input_ids)]
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        # Largest first, all in one memory pool: a smaller graph reuses the larger ones' intermediate buffers. Warm-up
+        # and capture run on one side stream, so lazily created state (rotary tables, FlashInfer's modules and
+        # cached buffers, cuBLAS workspaces) exists for it before capture begins.
+        pool, stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(self.hidden.device)
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for b in reversed(self.batch_sizes):
+                self._load(pad_decode_batch([], [], [], self.page_size, b, self.scratch_page))  # all padding
+                self._forward(b)  # warm-up, eager
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+                    self._forward(b)
+                self.graphs[b] = graph
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+
+    def _forward(self, batch_size: int) -> None:
+        attention = self.attention[batch_size]
+        # The attention reads its page tables from its static buffers; the metadata only counts the rows.
+        meta = AttentionMetadata([], self.positions[:0], batch_size)
+        batch = ForwardBatch(positions=self.positions[:batch_size], meta=meta, attention=attention)
+        self.hidden[:batch_size] = self.model(self.input_ids[:batch_size], batch)
+
+    def _load(self, step: PaddedDecode) -> None:
+        """Copies a step into the static buffers and plans its bucket's attention (never inside a capture)."""
+        b = step.batch_size
+        self.input_ids[:b].copy_(torch.tensor(step.input_ids, dtype=torch.int64), non_blocking=True)
+        self.positions[:b].copy_(torch.tensor(step.positions, dtype=torch.int64), non_blocking=True)
+        self.attention[b].plan(*(torch.tensor(a, dtype=torch.int32)
+                                 for a in (step.kv_indptr, step.kv_indices, step.kv_last_page_len)))

@@ -1,0 +1,141 @@
+"""CUDA-graph decode (enforce_eager=False) against eager FlashInfer decode: the same greedy tokens and logprobs, the
+same step computed with padding confined to the scratch page, and eager steps wherever a prefill is in the batch.
+
+Graph and eager steps run different kernel configurations (GEMMs over a padded batch, FlashInfer's split-KV decode
+that CUDA-graph mode always uses), so in bf16 they agree to rounding, not bit for bit: a logit of ~30 moves in steps of
+0.25. Greedy paths may therefore part at a near-tie; they are compared up to there, and the parting must be a tie.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from braidinfer import LLM, SamplingParams
+from braidinfer.attention.flashinfer_backend import unsupported_reason
+from braidinfer.config import EngineConfig
+from braidinfer.engine import LLMEngine
+from tests.conftest import build_tiny_model
+from tests.gpu.test_gpu_parity import SHAPES, _common_prefix, _prompts
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available()
+        or unsupported_reason(torch.device("cuda"), torch.bfloat16, 128) is not None,
+        reason="needs CUDA and flashinfer"),
+]
+
+# max_num_seqs 32: buckets 1, 2, 4, 8, 16, 24, 32; 3 sequences pad to 4, 17 to 24.
+COMMON = dict(device="cuda", dtype="bfloat16", attention_backend="flashinfer", num_kv_pages=1024, max_num_seqs=32,
+              progress=False)
+LOGPROB_TOL = 0.5  # nats: two bf16 roundings of a logit near 30, and the shift they give the normaliser
+REL_TOL = 0.03  # |graph - eager| / |eager| for a step's logits and new K/V (a wrong page or position gives ~1)
+
+
+@pytest.fixture(scope="module", params=sorted(SHAPES))
+def model_dir(request, tmp_path_factory, smollm_tokenizer):
+    path = tmp_path_factory.mktemp(f"graphs-{request.param}")
+    build_tiny_model(request.param, path, smollm_tokenizer, seed=11, **SHAPES[request.param])
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def llms(model_dir):
+    eager, graphs = LLM(model_dir, enforce_eager=True, **COMMON), LLM(model_dir, enforce_eager=False, **COMMON)
+    assert eager.engine.runner.graphs is None and graphs.engine.runner.graphs is not None
+    yield eager, graphs
+    eager.close()
+    graphs.close()
+
+
+def _engine(model_dir: str) -> LLMEngine:
+    """An engine with CUDA graphs driven step by step from the test (no engine thread)."""
+    return LLMEngine(EngineConfig(model=model_dir, enforce_eager=False, **COMMON))
+
+
+def _assert_same_greedy(want, got) -> None:
+    """got's greedy tokens equal want's up to a near-tie (if any), and so do the top logprobs at every step whose
+    context is the same."""
+    n = _common_prefix(want.token_ids, got.token_ids)
+    for step in range(min(n + 1, len(want.token_ids))):
+        w, g = dict(want.logprobs[step].top), dict(got.logprobs[step].top)
+        diff = max((abs(w[t] - g[t]) for t in w.keys() & g.keys()), default=float("inf"))
+        assert diff <= LOGPROB_TOL, f"step {step}: logprobs differ by {diff:.3f}"
+    if n < len(want.token_ids):
+        w, token = dict(want.logprobs[n].top), got.token_ids[n]
+        assert token in w and w[want.token_ids[n]] - w[token] <= LOGPROB_TOL, (
+            f"step {n}: graph chose {token}, eager {want.token_ids[n]}, not a near-tie: {want.logprobs[n].top}")
+
+
+@pytest.mark.parametrize("num_seqs", [1, 3, 17])
+def test_greedy_tokens_and_logprobs_equal_eager(llms, num_seqs):
+    eager, graphs = llms
+    prompts = _prompts(seed=num_seqs, lengths=[3 + 29 * i for i in range(num_seqs)])
+    # Outputs of different lengths: the decode batch shrinks through several buckets as sequences finish.
+    params = [SamplingParams(temperature=0, max_tokens=32 - (5 * i) % 12, logprobs=5, ignore_eos=True)
+              for i in range(num_seqs)]
+    replays = graphs.engine.runner.graphs.num_replays
+    want, got = eager.generate(prompts, params), graphs.generate(prompts, params)
+    assert graphs.engine.runner.graphs.num_replays > replays
+    identical = sum(w.token_ids == g.token_ids for w, g in zip(want, got))
+    print(f"{num_seqs} sequences: {identical} with identical greedy tokens")
+    for w, g in zip(want, got):
+        assert len(g.token_ids) == len(w.token_ids)
+        _assert_same_greedy(w, g)
+
+
+def test_steps_with_a_prefill_run_eagerly(model_dir):
+    eng = _engine(model_dir)
+    graphs = eng.runner.graphs
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    a, b = (eng.make_sequence(p, params) for p in _prompts(lengths=(20, 40)))
+    eng.add(a)
+    eng.step()  # a's prefill
+    assert graphs.num_replays == 0
+    eng.step()  # a decodes alone
+    assert graphs.num_replays == 1
+    eng.add(b)
+    eng.step()  # a decodes beside b's prefill: eager
+    assert graphs.num_replays == 1 and a.num_output_tokens == 3 and b.num_output_tokens == 1
+    eng.step()  # both decode
+    assert graphs.num_replays == 2 and a.num_output_tokens == 4 and b.num_output_tokens == 2
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("num_seqs", [3, 17])
+def test_a_graph_step_computes_the_eager_step_and_writes_only_its_slots(model_dir, num_seqs):
+    """One padded decode step through its graph and the same step eagerly, from the same page pool: the same logits,
+    the same new K/V in the same slots, and no other change but (maybe: padding writes the same K/V each time) the
+    scratch page's first slot."""
+    eng = _engine(model_dir)
+    runner, pool = eng.runner, eng.runner.kv_cache
+    scratch = eng.pages.num_pages
+    assert pool.shape[1] == scratch + 1
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    for prompt in _prompts(seed=5, lengths=[7 + 13 * i for i in range(num_seqs)]):
+        eng.add(eng.make_sequence(prompt, params))
+    eng.step()  # every prefill
+    batch = eng.scheduler.schedule()
+    assert batch.num_new_tokens == [1] * num_seqs
+    before = pool.clone()
+    logits_graph, rows = runner.run(batch)
+    assert runner.graphs.num_replays == 1
+    pool_graph = pool.clone()
+    pool.copy_(before)
+    graphs, runner.graphs = runner.graphs, None  # the same step, eagerly
+    logits_eager, rows_eager = runner.run(batch)
+    runner.graphs = graphs
+    assert rows == rows_eager == list(range(num_seqs))
+    assert _rel(logits_graph, logits_eager) < REL_TOL
+
+    ps = eng.config.page_size
+    slots = {(s.page_table[s.num_computed_tokens // ps], s.num_computed_tokens % ps) for s in batch.seqs}
+    changed_graph = (pool_graph != before).any(dim=5).any(dim=3).any(dim=2).any(dim=0)  # (pages, page_size)
+    changed_eager = (pool != before).any(dim=5).any(dim=3).any(dim=2).any(dim=0)
+    assert {tuple(x) for x in changed_eager.nonzero().tolist()} == slots
+    assert slots <= {tuple(x) for x in changed_graph.nonzero().tolist()} <= slots | {(scratch, 0)}
+    pages, offsets = (torch.tensor(x, device="cuda") for x in zip(*sorted(slots)))
+    assert _rel(pool_graph[:, pages, :, :, offsets], pool[:, pages, :, :, offsets]) < REL_TOL
