@@ -1,7 +1,8 @@
 """One engine per (model, device, dtype) per process, shared by every ChatBraid, loaded on first use.
 
 Sharing is what makes reuse work across instances: two ChatBraid objects with the same system prompt read the
-same KV pages. Loading takes seconds, so it happens on the first request, never at construction.
+same KV pages. Loading takes seconds, so it happens on the first request, never at construction. An engine that was
+closed or whose loop died is replaced by a fresh one on the next request.
 """
 from __future__ import annotations
 
@@ -22,18 +23,23 @@ def get_engine(model: str | None, device: str | None, dtype: str = "auto") -> LL
     an unknown model path raises `braidinfer.errors.ModelNotFoundError`)."""
     key = (model, device, dtype)
     engine = _engines.get(key)
-    if engine is not None:
+    if engine is not None and engine.alive:
         return engine
     with _lock:  # loads are rare and heavy: one at a time, and never twice for one key
-        if key not in _engines:
+        engine = _engines.get(key)
+        if engine is None or not engine.alive:
+            if engine is not None:
+                engine.close()  # dead or closed already: this lets go of its chunks and thread
             from braidinfer import LLM
 
-            _engines[key] = LLM(model=model, device=device, dtype=dtype, progress=False)
-        return _engines[key]
+            engine = _engines[key] = LLM(model=model, device=device, dtype=dtype, progress=False)
+        return engine
 
 
 def is_loaded(model: str | None, device: str | None, dtype: str = "auto") -> bool:
-    return (model, device, dtype) in _engines
+    """True when the engine is loaded and serving (get_engine then returns it at once, without loading)."""
+    engine = _engines.get((model, device, dtype))
+    return engine is not None and engine.alive
 
 
 def close_engine(model: str | None, device: str | None, dtype: str = "auto") -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from braidinfer.chat_template import require_valid_unicode
 from braidinfer.config import EngineConfig
 from braidinfer.detokenizer import IncrementalDetokenizer
 from braidinfer.errors import BraidError, InvalidRequestError, OutOfPagesError, RequestFailedError
@@ -65,7 +66,11 @@ class LLMEngine:
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("prompt is empty")
-            return list(self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
+            require_valid_unicode(prompt, "prompt")
+            try:
+                return list(self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
+            except Exception as e:  # named here rather than surfacing from deep inside the tokenizer
+                raise InvalidRequestError(f"the tokenizer cannot encode the prompt: {type(e).__name__}: {e}") from e
         if not isinstance(prompt, (list, tuple)):
             raise InvalidRequestError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
         ids = list(prompt)
@@ -176,17 +181,37 @@ class LLMEngine:
                 self._pin(seq)
         if not sample_idx:
             return
-        seqs = [batch.seqs[i] for i in sample_idx]
-        apply_penalties(logits, [s.params for s in seqs], [s.token_ids for s in seqs],
-                        [s.num_prompt_tokens for s in seqs])
-        apply_token_masks(logits, [s.matcher for s in seqs])
-        out = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        for seq, token, lp in zip(seqs, out.token_ids.tolist(), out.logprobs):
+        for seq, token, lp in self._sample(logits, [batch.seqs[i] for i in sample_idx]):
             try:
                 self._append(seq, token, lp)
             except Exception as e:  # this request's postprocessing (detokenizer, grammar) broke: it alone ends
                 log.exception("request %s failed", seq.request_id)
                 self.fail(seq, e)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[Sequence, int, Any]]:
+        """(seq, token id, logprobs) per sequence. logits: [len(seqs), vocab]. When the batch fails, each row is
+        sampled again alone, so only the requests whose own sampling breaks (penalties, grammar, sampler) end."""
+        # Penalties and grammar masks write into the logits: keep the model's for a retry when any row has them.
+        raw = logits.clone() if any(s.params.penalized or s.matcher is not None for s in seqs) else logits
+        try:
+            return self._sample_rows(logits, seqs)
+        except Exception:
+            log.exception("sampling a batch of %d failed; sampling its rows one at a time", len(seqs))
+        sampled = []
+        for i, seq in enumerate(seqs):
+            try:
+                sampled += self._sample_rows(raw[i : i + 1], [seq])
+            except Exception as e:
+                log.exception("request %s failed", seq.request_id)
+                self.fail(seq, e)
+        return sampled
+
+    def _sample_rows(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[Sequence, int, Any]]:
+        apply_penalties(logits, [s.params for s in seqs], [s.token_ids for s in seqs],
+                        [s.num_prompt_tokens for s in seqs])
+        apply_token_masks(logits, [s.matcher for s in seqs])
+        out = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        return list(zip(seqs, out.token_ids.tolist(), out.logprobs))
 
     def _compose(self, seq: Sequence) -> None:
         """Copies a composed prompt's chunk KV into its freshly reserved pages (fails it if a chunk is gone)."""

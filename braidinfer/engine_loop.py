@@ -6,6 +6,7 @@ Results flow back through a per-request channel: a `queue.Queue` for threads, or
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -46,12 +47,16 @@ class AsyncChannel:
 
 
 class EngineLoop:
-    """Runs `engine.step()` in a daemon thread while there is work; sleeps on its inbox otherwise."""
+    """Runs `engine.step()` in a daemon thread while there is work; sleeps on its inbox otherwise.
+
+    The inbox holds submitted sequences and calls, run in order between steps. When the loop stops (closed, or
+    died of an exception its step handling could not contain) every request it knows of, submitted sequences
+    still in the inbox included, ends with EngineDeadError: no caller waits forever."""
 
     def __init__(self, engine: LLMEngine):
         self.engine = engine
-        self._inbox: queue.Queue[Callable[[], None] | None] = queue.Queue()
-        self._dead: BaseException | None = None
+        self._inbox: queue.Queue[Sequence | Callable[[], None] | None] = queue.Queue()
+        self._dead: BaseException | None = None  # what killed the loop
         self._closed = False
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="braid-engine", daemon=True)
@@ -62,15 +67,18 @@ class EngineLoop:
         return self._dead is None and not self._closed
 
     def submit(self, seq: Sequence) -> None:
-        self._call(lambda: self.engine.add(seq))
+        self._put(seq)
 
     def abort(self, request_id: str) -> None:
-        if self.alive:
-            self._call(lambda: self.engine.abort(request_id))
+        """Asks the engine to end a request; a no-op once the loop stopped (its requests have ended already)."""
+        try:
+            self._put(lambda: self.engine.abort(request_id))
+        except EngineDeadError:
+            pass
 
     def post(self, fn: Callable[[], None]) -> None:
         """Queues `fn` to run in the engine thread between steps, in submission order, without waiting for it."""
-        self._call(fn)
+        self._put(fn)
 
     def call(self, fn: Callable[[], object]) -> object:
         """Runs `fn` in the engine thread between steps and returns its result (for inspection and bookkeeping)."""
@@ -83,19 +91,27 @@ class EngineLoop:
                 box["error"] = e
             done.set()
 
-        self._call(run)
+        self._put(run)
         while not done.wait(0.1):
             if not self.alive:
-                raise EngineDeadError("the engine loop stopped before answering") from self._dead
+                raise self._stopped_error()
         if "error" in box:
             raise box["error"]
         return box["value"]
 
-    def _call(self, fn: Callable[[], None]) -> None:
+    def _put(self, item: Sequence | Callable[[], None]) -> None:
         with self._lock:
             if not self.alive:
-                raise EngineDeadError("the engine loop is not running") from self._dead
-            self._inbox.put(fn)
+                raise self._stopped_error()
+            self._inbox.put(item)
+
+    def _stopped_error(self) -> EngineDeadError:
+        if self._dead is not None:
+            error = EngineDeadError(f"the engine loop died ({type(self._dead).__name__}: {self._dead}); "
+                                    "create a new LLM to continue")
+            error.__cause__ = self._dead
+            return error
+        return EngineDeadError("the LLM was closed; create a new LLM to continue")
 
     def close(self) -> None:
         with self._lock:
@@ -108,30 +124,32 @@ class EngineLoop:
 
     def _run(self) -> None:
         try:
-            while True:
-                if not self._drain(block=not self.engine.has_work()):
-                    break
+            while self._drain(block=not self.engine.has_work()):
                 if self.engine.has_work():
                     self._step()
         except BaseException as e:  # the loop itself broke: nobody may wait forever
             log.exception("engine loop died")
             with self._lock:
                 self._dead = e
-            self.engine.fail_all(EngineDeadError(f"the engine loop died: {type(e).__name__}: {e}"))
-            return
-        self.engine.fail_all(EngineDeadError("the engine was closed"))
+        self._fail_everyone()
 
     def _drain(self, block: bool) -> bool:
-        """Runs queued calls; False once close() was asked for."""
+        """Runs queued calls and adds submitted sequences; False once close() was asked for."""
         try:
-            fn = self._inbox.get(block=block)
+            item = self._inbox.get(block=block)
             while True:
-                if fn is None:
+                if item is None:
                     return False
-                fn()
-                fn = self._inbox.get_nowait()
+                self._run_item(item)
+                item = self._inbox.get_nowait()
         except queue.Empty:
             return True
+
+    def _run_item(self, item: Sequence | Callable[[], None]) -> None:
+        if isinstance(item, Sequence):
+            self.engine.add(item)
+        else:
+            item()
 
     def _step(self) -> None:
         try:
@@ -139,3 +157,21 @@ class EngineLoop:
         except Exception as e:  # a failing step fails its requests; the engine keeps serving
             log.exception("engine step failed")
             self.engine.fail_all(e)
+
+    def _fail_everyone(self) -> None:
+        """Ends every request with EngineDeadError: those the engine holds and those still in the inbox (the loop
+        stopped, under the lock, so nothing more arrives). A caller is told even when the engine's bookkeeping is
+        too broken to end its request the normal way."""
+        pending = []
+        while not self._inbox.empty():
+            item = self._inbox.get_nowait()
+            if isinstance(item, Sequence):
+                pending.append(item)
+        for seq in [*self.engine.requests.values(), *pending]:
+            error = self._stopped_error()
+            try:
+                self.engine.fail(seq, error)
+            except Exception:
+                log.exception("could not end request %s normally", seq.request_id)
+                with contextlib.suppress(Exception):  # a sink that cannot take the news has nobody behind it
+                    seq.sink(CompletionChunk(seq.request_id, "", [], "error", error=error))

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator, Sequence as Seq
+from contextlib import aclosing
 from typing import Any
 
+from braidinfer.chat_template import encode_conversation
 from braidinfer.chunks import Chunk, ChunkStore
 from braidinfer.config import EngineConfig
 from braidinfer.engine import LLMEngine
@@ -40,6 +42,11 @@ class LLM:
         """Releases every chunk and stops the engine thread; requests still running end with an error."""
         self.chunks.release_all()
         self._loop.close()
+
+    @property
+    def alive(self) -> bool:
+        """False once the LLM was closed or its engine loop died; every call then raises EngineDeadError."""
+        return self._loop.alive
 
     def __enter__(self) -> LLM:
         return self
@@ -88,9 +95,12 @@ class LLM:
     async def astream(self, prompt: Prompt, params: SamplingParams | None = None, *, chunks: Chunks = None
                       ) -> AsyncIterator[str]:
         """Async text deltas; no thread per request. Cancelling the task or closing the iterator cancels the request."""
-        async for chunk in self.astream_chunks(prompt, params, chunks=chunks):
-            if chunk.text:
-                yield chunk.text
+        # aclosing: closing this iterator closes the inner one now (and so aborts the request), not once the event
+        # loop gets round to finalizing it.
+        async with aclosing(self.astream_chunks(prompt, params, chunks=chunks)) as completions:
+            async for chunk in completions:
+                if chunk.text:
+                    yield chunk.text
 
     async def astream_chunks(self, prompt: Prompt, params: SamplingParams | None = None, *, chunks: Chunks = None
                              ) -> AsyncIterator[CompletionChunk]:
@@ -128,17 +138,9 @@ class LLM:
         return self.generate([ids[len(prefix):]], params, chunks=chunks)[0]
 
     def apply_chat_template(self, messages: list[dict[str, Any]], **template_kwargs: Any) -> list[int]:
-        """Token ids of a conversation rendered by the model's chat template, ready for the assistant's turn."""
-        if not messages:
-            raise InvalidRequestError("messages is empty")
-        if getattr(self.tokenizer, "chat_template", None) is None:
-            raise InvalidRequestError("the model's tokenizer has no chat template")
-        template_kwargs.setdefault("add_generation_prompt", True)
-        try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, **template_kwargs)
-        except Exception as e:  # jinja errors: a template that cannot render these messages
-            raise InvalidRequestError(f"the chat template cannot render these messages: {e}") from e
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        """Token ids of a conversation rendered by the model's chat template, ready for the assistant's turn.
+        Special-token strings inside message contents (a user typing `<|im_end|>`) stay plain text."""
+        return encode_conversation(self.tokenizer, messages, **template_kwargs)
 
     def cache_stats(self) -> dict[str, int | float]:
         """Pages free / cached / in use, hit rate and tokens served from the prefix cache."""

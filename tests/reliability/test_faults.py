@@ -1,0 +1,204 @@
+"""Faults: an exception inside one request's processing fails that request alone, with a clear error, and the
+others finish as if nothing happened. When the engine loop itself dies, every caller (running, queued, or still
+in the engine's inbox) gets EngineDeadError instead of waiting forever; `LLM` then says to create a new one, and
+ChatBraid's engine registry builds a fresh engine on the next call."""
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from braid_langchain import ChatBraid, engines
+from braidinfer import SamplingParams
+from braidinfer.errors import EngineDeadError, InvalidRequestError, RequestFailedError
+from tests.reliability.support import idle_problems, tiny_engine
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+DEADLINE_S = 60  # a caller left waiting fails the test after this long instead of hanging it
+
+
+class Fatal(BaseException):
+    """Not an Exception: what kills the engine loop itself (the step's own error handling does not catch it)."""
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama):
+    with tiny_engine(tiny_llama) as llm:
+        yield llm
+
+
+def _prompts(n):
+    return [[5 + 97 * i + 13 * j for j in range(10 + i)] for i in range(n)]
+
+
+def _run_all(llm, prompts, params):
+    """Streams every prompt at once; each result is its text or the exception it raised."""
+    async def one(prompt, p):
+        return "".join([d async for d in llm.astream(prompt, p)])
+
+    async def main():
+        return await asyncio.wait_for(asyncio.gather(*(one(p, sp) for p, sp in zip(prompts, params)),
+                                                     return_exceptions=True), DEADLINE_S)
+
+    return asyncio.run(main())
+
+
+def test_a_sampler_fault_fails_only_its_request(tiny, monkeypatch):
+    prompts = _prompts(4)
+    expected = [o.text for o in tiny.generate(prompts, GREEDY)]
+    poisoned = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, seed=666)  # same tokens, own identity
+    sampler = tiny.engine.sampler
+
+    def faulty(logits, params, generators):
+        if any(p is poisoned for p in params):
+            raise RuntimeError("injected sampler fault")
+        return sampler(logits, params, generators)
+
+    monkeypatch.setattr(tiny.engine, "sampler", faulty)
+    results = _run_all(tiny, prompts, [GREEDY, poisoned, GREEDY, GREEDY])
+    assert isinstance(results[1], RequestFailedError) and "injected sampler fault" in str(results[1])
+    assert [r for i, r in enumerate(results) if i != 1] == [e for i, e in enumerate(expected) if i != 1]
+    assert not idle_problems(tiny)
+
+
+def test_a_detokenizer_fault_at_the_last_token_fails_only_its_request(tiny, monkeypatch):
+    prompts = _prompts(3)
+    expected = [o.text for o in tiny.generate(prompts, GREEDY)]
+    make = tiny.engine.make_sequence
+
+    def make_with_fault(prompt, params=None, **kw):
+        seq = make(prompt, params, **kw)
+        if prompt == prompts[2]:
+            def broken():
+                raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected detokenizer fault")
+            seq.detokenizer.flush = broken  # runs only when the request finishes
+        return seq
+
+    monkeypatch.setattr(tiny.engine, "make_sequence", make_with_fault)
+    results = _run_all(tiny, prompts, [GREEDY] * 3)
+    assert isinstance(results[2], RequestFailedError) and "injected detokenizer fault" in str(results[2])
+    assert results[:2] == expected[:2]
+    assert not idle_problems(tiny)
+
+
+def test_a_tokenizer_fault_is_a_clear_error_for_that_request(tiny, monkeypatch):
+    tokenizer = tiny.tokenizer
+
+    class Faulty:
+        """The real tokenizer, except that it breaks on one text."""
+
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def __call__(self, text, *args, **kwargs):
+            if "POISON" in text:
+                raise RuntimeError("injected tokenizer fault")
+            return tokenizer(text, *args, **kwargs)
+
+    monkeypatch.setattr(tiny.engine, "tokenizer", Faulty())
+    monkeypatch.setattr(tiny, "tokenizer", Faulty())
+    with pytest.raises(InvalidRequestError, match="tokenizer cannot encode.*injected tokenizer fault"):
+        tiny.generate("POISON pill", GREEDY)
+    with pytest.raises(InvalidRequestError, match="tokenizer cannot encode.*injected tokenizer fault"):
+        tiny.chat([{"role": "user", "content": "POISON pill"}], GREEDY)
+    assert tiny.generate("a healthy prompt", GREEDY)[0].usage.completion_tokens == 12
+    assert tiny.chat([{"role": "user", "content": "healthy"}], GREEDY).usage.completion_tokens == 12
+
+
+def test_when_the_loop_dies_every_caller_gets_an_error(tiny_llama):
+    """The step blocks, callers queue up behind it (some still in the inbox), then the loop dies."""
+    llm = tiny_engine(tiny_llama)
+    entered, release = threading.Event(), threading.Event()
+
+    def dying_step():
+        entered.set()
+        release.wait(DEADLINE_S)
+        raise Fatal("injected loop fault")
+
+    llm.engine.step = dying_step
+    errors: dict[str, BaseException | None] = {}
+
+    def caller(name, fn) -> threading.Thread:
+        def run():
+            try:
+                fn()
+                errors[name] = None
+            except BaseException as e:
+                errors[name] = e
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return thread
+
+    async def streams():
+        return await asyncio.gather(*(_drain(llm.astream(p, GREEDY)) for p in _prompts(2)), return_exceptions=True)
+
+    first = caller("running", lambda: llm.generate(_prompts(1), GREEDY))
+    assert entered.wait(DEADLINE_S)
+    # These reach the engine's inbox while the step runs: the engine never sees them before it dies.
+    queued = [caller(f"queued-{i}", lambda: llm.generate(_prompts(2), GREEDY)) for i in range(2)]
+    queued.append(caller("async", lambda: _raise_first(asyncio.run(streams()))))
+    _wait_until_queued(llm, 2 * 2 + 2)
+    release.set()
+    for t in [first, *queued]:
+        t.join(DEADLINE_S)
+    assert not any(t.is_alive() for t in [first, *queued]), f"callers still waiting: {errors}"
+    assert all(isinstance(e, EngineDeadError) and "injected loop fault" in str(e) for e in errors.values()), errors
+    assert not llm.alive
+    with pytest.raises(EngineDeadError, match="create a new LLM"):
+        llm.generate("anything", GREEDY)
+    llm.close()  # closing a dead LLM is fine
+    with pytest.raises(EngineDeadError, match="create a new LLM"):
+        llm.cache_stats()
+
+
+def test_a_closed_llm_says_to_create_a_new_one(tiny_llama):
+    llm = tiny_engine(tiny_llama)
+    llm.close()
+    assert not llm.alive
+    with pytest.raises(EngineDeadError, match="closed.*create a new LLM"):
+        llm.generate("anything", GREEDY)
+
+
+def test_chat_braid_replaces_a_dead_or_closed_engine(tiny_llama):
+    key = (tiny_llama, "cpu", "float32")
+    chat = ChatBraid(model=tiny_llama, device="cpu", dtype="float32", temperature=0.0, max_tokens=6)
+    try:
+        expected = chat.invoke("Hello there").content
+        first = engines.get_engine(*key)
+        first._loop.post(_die)  # anything that breaks the loop itself
+        with pytest.raises(EngineDeadError):
+            first.generate("x", GREEDY)
+        assert not engines.is_loaded(*key)  # so the async path loads the next one off the event loop
+        assert chat.invoke("Hello there").content == expected
+        second = engines.get_engine(*key)
+        assert second is not first and second.alive
+        second.close()  # closed by someone else
+        assert asyncio.run(chat.ainvoke("Hello there")).content == expected
+        assert engines.get_engine(*key) not in (first, second)
+    finally:
+        engines.close_engine(*key)
+
+
+def _die():
+    raise Fatal("injected loop fault")
+
+
+async def _drain(deltas):
+    return "".join([d async for d in deltas])
+
+
+def _raise_first(results):
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+
+
+def _wait_until_queued(llm, n):
+    """Waits until `n` calls sit in the engine loop's inbox (the submissions of the queued callers)."""
+    for _ in range(DEADLINE_S * 100):
+        if llm._loop._inbox.qsize() >= n:
+            return
+        threading.Event().wait(0.01)
+    raise AssertionError(f"only {llm._loop._inbox.qsize()} of {n} calls reached the inbox")
