@@ -8,6 +8,7 @@ import asyncio
 import threading
 
 import pytest
+import torch
 
 from braid_langchain import ChatBraid, engines
 from braidinfer import SamplingParams
@@ -202,3 +203,26 @@ def _wait_until_queued(llm, n):
             return
         threading.Event().wait(0.01)
     raise AssertionError(f"only {llm._loop._inbox.qsize()} of {n} calls reached the inbox")
+
+
+def test_an_out_of_memory_error_in_the_forward_fails_that_step_and_the_engine_keeps_serving(tiny, monkeypatch):
+    """What CUDA raises when the device runs out of memory (torch.OutOfMemoryError), injected into one forward: the
+    requests of the step end with a clear error naming it, their pages come back, and the next requests are served
+    exactly as before."""
+    prompts = _prompts(3)
+    expected = [o.text for o in tiny.generate(prompts, GREEDY)]
+    run, calls = tiny.engine.runner.run, []
+
+    def oom_once(batch):
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return run(batch)
+
+    monkeypatch.setattr(tiny.engine.runner, "run", oom_once)
+    results = _run_all(tiny, prompts, [GREEDY] * 3)
+    failed = [r for r in results if isinstance(r, RequestFailedError)]
+    assert failed and all("OutOfMemoryError" in str(r) for r in failed)
+    assert all(r == e for r, e in zip(results, expected) if not isinstance(r, BaseException))
+    assert not idle_problems(tiny)
+    assert [o.text for o in tiny.generate(prompts, GREEDY)] == expected
