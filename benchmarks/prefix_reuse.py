@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
-import math
 import random
 import time
 

@@ -144,7 +144,7 @@ class ChatBraid(BaseChatModel):
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         request = self._request(messages, stop, self._engine(kwargs), kwargs)
-        if self.pin_prefixes and request.segments:
+        if request.segments:
             pins_for(request.engine).pin(request.prompt, request.segments)
         builder = ChunkBuilder(request.model_name, request.tool_mode)
         # closing(): a consumer that stops early cancels the request now, not when the generator is collected.
@@ -159,7 +159,7 @@ class ChatBraid(BaseChatModel):
                        run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any
                        ) -> AsyncIterator[ChatGenerationChunk]:
         request = self._request(messages, stop, await self._aengine(kwargs), kwargs)
-        if self.pin_prefixes and request.segments:
+        if request.segments:
             await pins_for(request.engine).apin(request.prompt, request.segments)
         builder = ChunkBuilder(request.model_name, request.tool_mode)
         with request.explain_errors():
@@ -211,7 +211,8 @@ class ChatBraid(BaseChatModel):
         choice = normalize_tool_choice(kwargs.get("tool_choice"), tool_names(tools)) if tools else "none"
         offered = tools if choice != "none" else []
         guided, tool_mode, schema_owner = kwargs.get("guided"), _tool_mode(choice, offered), None
-        prompt, segments = _prompt_ids(engine, messages, offered, guided, kwargs.get("documents") or [])
+        prompt, segments = _prompt_ids(engine, messages, offered, guided, kwargs.get("documents") or [],
+                                       with_segments=self.pin_prefixes)
         if tool_mode == "forced":
             if guided is not None:
                 raise ValueError("a required tool call (tool_choice) cannot be combined with another `guided` "
@@ -238,7 +239,7 @@ class _Request:
     params: SamplingParams
     tool_mode: ToolMode
     schema_owner: str | None  # whose JSON schema drives guided decoding, for error messages
-    segments: list[tuple[int, str]]  # (end, kind) of the system prompt and documents in `prompt`, for pinning
+    segments: list[tuple[int, str]]  # (end, kind) of the system prompt and documents in `prompt`, to pin; [] = none
 
     @contextmanager
     def explain_errors(self) -> Iterator[None]:
@@ -254,20 +255,20 @@ class _Request:
 
 
 def _prompt_ids(engine: LLM, messages: list[BaseMessage], tools: list[dict[str, Any]], guided: Any,
-                documents: Sequence[Any]) -> tuple[list[int], list[tuple[int, str]]]:
+                documents: Sequence[Any], with_segments: bool = True) -> tuple[list[int], list[tuple[int, str]]]:
     """Renders the conversation with the model's chat template. Tools go through the template when it renders
     them, else into the system prompt; a JSON schema constraint and documents go after the system prompt.
 
-    Also returns where the system prompt and each document end in the prompt, as (token count, kind): each is
-    the common prefix of the prompt with the leading system message rendered alone, without documents and then
-    with the first 1, 2, ... of them."""
+    With `with_segments`, also returns where the system prompt and each document end in the prompt, as (token
+    count, kind): each is the common prefix of the prompt with the leading system message rendered alone, without
+    documents and then with the first 1, 2, ... of them (else [], and those renderings are skipped)."""
     native = template_supports_tools(getattr(engine.tokenizer, "chat_template", None))
     template_kwargs = {"tools": tools} if tools and native else {}
     base = [tool_prompt(tools) if tools and not native else "", schema_prompt(guided)]
     docs = sort_documents(documents)
     chat = to_chat_messages(messages, inline_tool_calls=not native, system_extras=[*base, render_documents(docs)])
     prompt = engine.apply_chat_template(chat, **template_kwargs)
-    if not chat or chat[0]["role"] != "system":
+    if not with_segments or not chat or chat[0]["role"] != "system":
         return prompt, []
     lead = list(itertools.takewhile(lambda m: m.type == "system", messages))
     heads = []

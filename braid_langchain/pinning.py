@@ -13,8 +13,10 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
+
+from braidinfer.errors import InvalidRequestError, OutOfPagesError
 
 if TYPE_CHECKING:
     from braidinfer import LLM
@@ -22,6 +24,8 @@ if TYPE_CHECKING:
 
 MAX_PINNED_CHUNKS = 64
 """Most chunks ChatBraid keeps pinned per engine (least recently used ones are released first)."""
+
+_REFUSED = (OutOfPagesError, InvalidRequestError)  # how the engine refuses a pin (its pin budget is full)
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
@@ -60,9 +64,10 @@ class PrefixPins:
         for end, kind in self._useful(segments):
             chunk = self._lookup(prompt, end)
             if chunk is None:
-                chunk = self._guarded(lambda: self.llm.chunks.add(self._own(prompt, end, parent), after=parent,
-                                                                  kind=kind))
-                if chunk is None:
+                try:
+                    chunk = self.llm.chunks.add(self._own(prompt, end, parent), after=parent, kind=kind)
+                except _REFUSED:
+                    self._release_oldest_half()  # make room for next time
                     return
                 chunk = self._store(prompt, end, chunk)
             parent = chunk
@@ -73,9 +78,10 @@ class PrefixPins:
         for end, kind in self._useful(segments):
             chunk = self._lookup(prompt, end)
             if chunk is None:
-                chunk = await self._aguarded(lambda: self.llm.chunks.aadd(
-                    self._own(prompt, end, parent), after=parent, kind=kind))
-                if chunk is None:
+                try:
+                    chunk = await self.llm.chunks.aadd(self._own(prompt, end, parent), after=parent, kind=kind)
+                except _REFUSED:
+                    self._release_oldest_half()
                     return
                 chunk = self._store(prompt, end, chunk)
             parent = chunk
@@ -129,24 +135,6 @@ class PrefixPins:
         for old in evicted:
             old.release()
         return chunk
-
-    def _guarded(self, add: Callable[[], Chunk]) -> Chunk | None:
-        from braidinfer.errors import InvalidRequestError, OutOfPagesError
-
-        try:
-            return add()
-        except (OutOfPagesError, InvalidRequestError):  # the engine's pin budget is full: make room for next time
-            self._release_oldest_half()
-            return None
-
-    async def _aguarded(self, add: Callable[[], Awaitable[Chunk]]) -> Chunk | None:
-        from braidinfer.errors import InvalidRequestError, OutOfPagesError
-
-        try:
-            return await add()
-        except (OutOfPagesError, InvalidRequestError):
-            self._release_oldest_half()
-            return None
 
     def _release_oldest_half(self) -> None:
         with self._lock:

@@ -112,7 +112,7 @@ class LLMEngine:
                 "lower max_tokens or give the engine more KV memory")
         seq = Sequence(request_id or f"req-{next(self._ids)}", ids, params, max_tokens, sink)
         if compose:
-            seq.private, seq.compose, seq.num_composed_tokens = True, list(compose), len(prefix)
+            seq.private, seq.compose = True, list(compose)
         seq.generator = make_generator(params.seed, self.device) if params.seed is not None else self.generator
         seq.detokenizer = IncrementalDetokenizer(
             self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens, stop=params.stop,

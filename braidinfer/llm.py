@@ -115,13 +115,10 @@ class LLM:
                         ) -> RequestOutput:
         """Async single-request generate."""
         stream = self._submit(prompt, params, AsyncChannel(asyncio.get_running_loop()), chunks)
-        acc = _Accumulator()
         try:
-            while not stream.done:
-                acc.add(stream.accept(await stream.channel.get()))
+            return await _acollect(stream)
         finally:
             stream.cancel()
-        return acc.output(stream.prompt_token_ids)
 
     def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None, *, chunks: Chunks = None,
              **template_kwargs: Any) -> RequestOutput:
@@ -169,8 +166,7 @@ class LLM:
         seq = self.engine.make_prefill(token_ids, sink=channel.put, private=private)
         stream = self._start(seq, channel)
         try:
-            while not stream.done:
-                stream.accept(await stream.channel.get())
+            await _acollect(stream)
         except BaseException:
             self._abandon_prefill(stream, seq)
             raise
@@ -239,6 +235,13 @@ def _collect(stream: _Stream) -> RequestOutput:
     acc = _Accumulator()
     while not stream.done:
         acc.add(stream.accept(stream.channel.get()))
+    return acc.output(stream.prompt_token_ids)
+
+
+async def _acollect(stream: _Stream) -> RequestOutput:
+    acc = _Accumulator()
+    while not stream.done:
+        acc.add(stream.accept(await stream.channel.get()))
     return acc.output(stream.prompt_token_ids)
 
 

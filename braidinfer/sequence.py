@@ -46,11 +46,15 @@ class Sequence:
         # A composed prompt: (position, chunk) of each independent chunk whose KV is copied in at admission; they
         # cover token_ids[:num_composed_tokens].
         self.compose: list[tuple[int, Any]] = []
-        self.num_composed_tokens = 0
 
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_composed_tokens(self) -> int:
+        """Leading tokens whose KV a composed prompt copies in from its chunks (0 for other prompts)."""
+        return sum(chunk.num_tokens for _, chunk in self.compose)
 
     @property
     def num_output_tokens(self) -> int:

@@ -111,8 +111,7 @@ class PageManager:
         assert not missing, f"pages {missing} are not in the prefix cache"
         for p in pages:
             self._acquire(p)
-            self.num_pinned += self.pin_counts[p] == 0
-            self.pin_counts[p] += 1
+        self.adopt_as_pins(pages)
 
     def adopt_as_pins(self, pages: Sequence[int]) -> None:
         """Turns the caller's references on `pages` (private pages, outside the prefix cache) into pins."""

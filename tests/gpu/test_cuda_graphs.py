@@ -11,19 +11,12 @@ import pytest
 import torch
 
 from braidinfer import LLM, SamplingParams
-from braidinfer.attention.flashinfer_backend import unsupported_reason
 from braidinfer.config import EngineConfig
 from braidinfer.engine import LLMEngine
 from tests.conftest import build_tiny_model
-from tests.gpu.test_gpu_parity import SHAPES, _common_prefix, _prompts
+from tests.gpu.test_gpu_parity import NEEDS_FLASHINFER, SHAPES, _common_prefix, _prompts
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(
-        not torch.cuda.is_available()
-        or unsupported_reason(torch.device("cuda"), torch.bfloat16, 128) is not None,
-        reason="needs CUDA and flashinfer"),
-]
+pytestmark = [pytest.mark.gpu, NEEDS_FLASHINFER]
 
 # max_num_seqs 32: buckets 1, 2, 4, 8, 16, 24, 32; 3 sequences pad to 4, 17 to 24.
 COMMON = dict(device="cuda", dtype="bfloat16", attention_backend="flashinfer", num_kv_pages=1024, max_num_seqs=32,

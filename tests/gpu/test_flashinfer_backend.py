@@ -9,17 +9,11 @@ import torch
 
 from braidinfer import LLM, SamplingParams
 from braidinfer.attention import AttentionMetadata, SeqSpan, TorchAttention
-from braidinfer.attention.flashinfer_backend import FlashInferAttention, unsupported_reason
+from braidinfer.attention.flashinfer_backend import FlashInferAttention
 from tests.conftest import build_tiny_model
-from tests.gpu.test_gpu_parity import SHAPES, _common_prefix, _errors, _greedy, _prompts
+from tests.gpu.test_gpu_parity import NEEDS_FLASHINFER, SHAPES, _common_prefix, _errors, _greedy, _prompts
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(
-        not torch.cuda.is_available()
-        or unsupported_reason(torch.device("cuda"), torch.bfloat16, 128) is not None,
-        reason="needs CUDA and flashinfer"),
-]
+pytestmark = [pytest.mark.gpu, NEEDS_FLASHINFER]
 
 PAGE_SIZE = 16
 HEADS = {"9q3kv-hd64": (9, 3, 64), "16q8kv-hd128": (16, 8, 128)}

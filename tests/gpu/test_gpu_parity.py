@@ -7,9 +7,15 @@ import pytest
 import torch
 
 from braidinfer import LLM, SamplingParams
+from braidinfer.attention.flashinfer_backend import unsupported_reason
 from tests.conftest import build_tiny_model
 
 pytestmark = pytest.mark.gpu
+
+NEEDS_FLASHINFER = pytest.mark.skipif(
+    not torch.cuda.is_available() or unsupported_reason(torch.device("cuda"), torch.bfloat16, 128) is not None,
+    reason="needs CUDA and flashinfer")
+"""For the modules that exercise the FlashInfer backend."""
 
 SHAPES = {
     "llama": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=9,
