@@ -23,13 +23,16 @@ QWEN3_0_6B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, n
                   tie_word_embeddings=True, rope_theta=1_000_000.0, bos_token_id=1, eos_token_id=2)
 
 
-def build_model(path: str, tokenizer_dir: str):
-    """A random bf16 Qwen3-0.6B-shaped model on CUDA, saved with the tokenizer to `path`; returns it."""
+def build_model(path: str, tokenizer_dir: str, arch: str = "Qwen3", shape: dict = QWEN3_0_6B,
+                device: str = "cuda", dtype: torch.dtype = torch.bfloat16):
+    """A random transformers model (`arch`: "Qwen3" or "Llama", of `shape`) on `device`, saved with the tokenizer to
+    `path`; returns it. The default is the Qwen3-0.6B shape in bf16 on CUDA."""
     import transformers
 
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**QWEN3_0_6B)).to(torch.bfloat16).eval()
+    with torch.device(device):
+        config = getattr(transformers, f"{arch}Config")(**shape)
+        model = getattr(transformers, f"{arch}ForCausalLM")(config).to(dtype).eval()
     model.save_pretrained(path)
     transformers.AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
     return model
@@ -93,10 +96,10 @@ def best(runs: list[tuple[float, float]]) -> tuple[float, float]:
 
 
 BRAID_VARIANTS = {
-    "braid, torch attention": dict(attention_backend="torch"),
-    "braid, flashinfer attention": dict(attention_backend="flashinfer"),
-    "braid, flashinfer + fused kernels": dict(attention_backend="flashinfer", fused_kernels=True),
-    "braid, flashinfer + CUDA graphs": dict(attention_backend="flashinfer", enforce_eager=False),
+    "braid, torch attention": dict(attention_backend="torch", fused_kernels=False, enforce_eager=True),
+    "braid, flashinfer attention": dict(attention_backend="flashinfer", fused_kernels=False, enforce_eager=True),
+    "braid, flashinfer + fused kernels": dict(attention_backend="flashinfer", fused_kernels=True, enforce_eager=True),
+    "braid, flashinfer + CUDA graphs": dict(attention_backend="flashinfer", fused_kernels=False, enforce_eager=False),
     "braid, flashinfer + fused kernels + CUDA graphs": dict(attention_backend="flashinfer", fused_kernels=True,
                                                              enforce_eager=False),
 }

@@ -7,6 +7,9 @@
     BRAID_TEST_TOKENIZER=/path/to/tokenizer python benchmarks/prefix_reuse.py ttft [--length 8192]
                                                       # CUDA: time to first token on a pinned 8k-token system chunk
                                                       # vs the same request cold (Qwen3-0.6B shape, random bf16)
+    BRAID_TEST_TOKENIZER=/path/to/tokenizer python benchmarks/prefix_reuse.py cascade [--length 8192] [--batch 64]
+                                                      # CUDA: decode step time of 64 requests on one pinned 8k-token
+                                                      # chunk, cascade decode on vs off (same model)
 
 `multi-turn` and `rag` run on the CPU with the embedded SmolLM2-135M-Instruct (greedy). "Prefill tokens" are the
 prompt tokens a request computed (prompt minus those served from the KV cache). The reference for every figure is
@@ -168,20 +171,27 @@ def _kl(p: torch.Tensor, q: torch.Tensor) -> float:
     return float((p.exp() * (p - q)).sum())
 
 
-# --- TTFT on a pinned chunk (CUDA) ----------------------------------------------------------------------------
-def ttft(length: int, question: int, repeats: int) -> None:
-    """Cold: a fresh random prompt of `length + question` tokens. Cached: a pinned `length`-token system chunk plus
-    a fresh `question`-token suffix. Both Braid, same engine, same run; best of `repeats`."""
+# --- On CUDA: TTFT on a pinned chunk, cascade decode -----------------------------------------------------------
+def _cuda_model(path: str) -> None:
+    """Saves the latency benchmark's random Qwen3-0.6B-shaped model (bf16) to `path` (benchmarks/ is on sys.path
+    when this file runs as a script)."""
     import os
-    import sys
-    import tempfile
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from latency import build_model, random_prompt  # the Qwen3-0.6B-shaped random model of the latency benchmark
+    from latency import build_model
 
     tokenizer_dir = os.environ.get("BRAID_TEST_TOKENIZER")
     if not tokenizer_dir or not torch.cuda.is_available():
-        raise SystemExit("ttft needs a CUDA device and BRAID_TEST_TOKENIZER (a saved tokenizer directory)")
+        raise SystemExit("needs a CUDA device and BRAID_TEST_TOKENIZER (a saved tokenizer directory)")
+    build_model(path, tokenizer_dir)
+    torch.cuda.empty_cache()
+
+
+def ttft(length: int, question: int, repeats: int) -> None:
+    """Cold: a fresh random prompt of `length + question` tokens. Cached: a pinned `length`-token system chunk plus
+    a fresh `question`-token suffix. Both Braid, same engine, same run; best of `repeats`."""
+    import tempfile
+
+    from latency import random_prompt
 
     def first_token_s(llm: LLM, prompt, **kwargs) -> float:
         t0 = time.perf_counter()
@@ -192,7 +202,7 @@ def ttft(length: int, question: int, repeats: int) -> None:
         raise RuntimeError("no token")
 
     with tempfile.TemporaryDirectory() as path:
-        build_model(path, tokenizer_dir)
+        _cuda_model(path)
         with LLM(model=path, device="cuda", dtype="bfloat16", progress=False) as llm:
             first_token_s(llm, random_prompt(length + question, seed=1))  # warm-up (kernels, JIT)
             cold = min(first_token_s(llm, random_prompt(length + question, seed=10 + r)) for r in range(repeats))
@@ -207,14 +217,67 @@ def ttft(length: int, question: int, repeats: int) -> None:
           f"{cached * 1e3:.1f} ms ({cached / cold:.1%} of cold; adding the chunk once took {t_add * 1e3:.1f} ms)")
 
 
+def cascade(length: int, batch: int, steps: int) -> None:
+    """`batch` requests, each a pinned `length`-token chunk plus its own 16-token question, decode together; the
+    decode step time is measured over `steps` steps once every request is past its prefill, with cascade decode on
+    (any sharing) and off, on engines driven step by step in this thread. Reference: the time plain decode needs just
+    to read every request's KV once at the measured copy bandwidth."""
+    import tempfile
+
+    from braidinfer.config import EngineConfig
+    from braidinfer.engine import LLMEngine
+    from latency import QWEN3_0_6B, copy_bandwidth, random_prompt
+
+    def step_ms(path: str, **options) -> tuple[float, int]:
+        engine = LLMEngine(EngineConfig(model=path, device="cuda", dtype="bfloat16", max_num_seqs=batch,
+                                        progress=False, **options))
+        prefix = random_prompt(length, seed=2)
+        chunk = engine.make_prefill(prefix)
+        engine.add(chunk)
+        while engine.has_work():
+            engine.step()
+        params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
+        seqs = [engine.make_sequence(prefix + random_prompt(16, seed=100 + i), params) for i in range(batch)]
+        for seq in seqs:
+            engine.add(seq)
+        while any(seq.num_output_tokens == 0 for seq in seqs):
+            engine.step()
+        graphs = engine.runner.graphs
+        cascades = graphs.num_cascade_replays
+        engine.step()  # warm-up (a re-plan)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+        return elapsed / steps * 1e3, graphs.num_cascade_replays - cascades
+
+    with tempfile.TemporaryDirectory() as path:
+        _cuda_model(path)
+        on, on_replays = step_ms(path, cascade_decode=True, cascade_min_saved_tokens=0)
+        torch.cuda.empty_cache()
+        off, off_replays = step_ms(path, cascade_decode=False)
+    c = QWEN3_0_6B
+    kv_bytes = batch * (length + 16) * 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * c["head_dim"] * 2
+    read_ms = kv_bytes / copy_bandwidth() * 1e3
+    print(f"device: {torch.cuda.get_device_name()}; Qwen3-0.6B shape, random bf16 weights, CUDA graphs + fused kernels")
+    print(f"decode step, {batch} requests on one pinned {length}-token chunk (+16-token questions), greedy:")
+    print(f"  cascade on:  {on:.2f} ms/step ({on_replays} cascade replays of the measured steps + warm-up)")
+    print(f"  cascade off: {off:.2f} ms/step ({off_replays} cascade replays)")
+    print(f"  speed-up {off / on:.2f}x; reading every request's KV once takes {read_ms:.2f} ms at copy bandwidth")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("part", choices=["multi-turn", "rag", "all", "ttft"])
+    ap.add_argument("part", choices=["multi-turn", "rag", "all", "ttft", "cascade"])
     ap.add_argument("--model", default=None, help="model path (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--length", type=int, default=8192, help="ttft: tokens in the pinned prefix")
     ap.add_argument("--repeats", type=int, default=3, help="ttft: best of this many requests")
+    ap.add_argument("--batch", type=int, default=64, help="cascade: requests decoding together")
+    ap.add_argument("--steps", type=int, default=32, help="cascade: decode steps timed")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     if args.part in ("multi-turn", "all"):
@@ -223,6 +286,8 @@ def main(argv: list[str] | None = None) -> None:
         rag(args.model, args.page_size, args.max_tokens)
     if args.part == "ttft":
         ttft(args.length, 64, args.repeats)
+    if args.part == "cascade":
+        cascade(args.length, args.batch, args.steps)
 
 
 if __name__ == "__main__":

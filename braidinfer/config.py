@@ -44,6 +44,13 @@ class EngineConfig(BaseModel):
     """Run every step eagerly. When False (the default), decode-only steps are captured in CUDA graphs, one per
     batch-size bucket up to max_num_seqs (at most 512), when the attention backend is FlashInfer; elsewhere (torch
     backend, CPU) steps run eagerly anyway."""
+    cascade_decode: bool = True
+    """With CUDA graphs: a decode step whose sequences share prefix pages (the same pinned system prompt or document,
+    any common prefix served from the cache) reads the shared KV once per group of sequences rather than once per
+    sequence (cascade attention), when that spares at least `cascade_min_saved_tokens` KV reads per layer and KV
+    head; other steps run plain paged decode. Off: every step runs plain paged decode."""
+    cascade_min_saved_tokens: int = Field(16384, ge=0)
+    """The least sharing, in KV tokens read once instead of repeatedly, for which a step runs cascade decode."""
     fused_kernels: bool = True
     """Use the Triton kernels of `kernels/` for RMSNorm (with the residual add) and SiLU-and-mul on CUDA (the CPU
     always runs the PyTorch path). They keep the PyTorch path's rounding points; only the order of RMSNorm's sum

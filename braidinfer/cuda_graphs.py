@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from braidinfer.attention.cascade import CascadeStep, cascade_decoders, plan_cascade
 from braidinfer.attention.flashinfer_backend import FlashInferAttention
 from braidinfer.attention.metadata import AttentionMetadata
 from braidinfer.models.forward_batch import ForwardBatch
@@ -47,6 +48,7 @@ class PaddedDecode:
     kv_indptr: list[int]  # [batch_size + 1]: row i's pages are kv_indices[kv_indptr[i]:kv_indptr[i + 1]]
     kv_indices: list[int]  # [kv_indptr[-1]]
     kv_last_page_len: list[int]  # [batch_size]: tokens in each row's last page, in [1, page_size]
+    slot_mapping: list[int]  # [batch_size]: page * page_size + offset where each row's new token's KV goes
 
     @property
     def batch_size(self) -> int:
@@ -60,40 +62,53 @@ def pad_decode_batch(input_ids: Sequence[int], positions: Sequence[int], page_ta
     num_pad = batch_size - len(input_ids)
     if num_pad < 0:
         raise ValueError(f"{len(input_ids)} sequences do not fit a batch of {batch_size}")
-    kv_indptr, kv_indices, kv_last_page_len = [0], [], []
+    kv_indptr, kv_indices, kv_last_page_len, slots = [0], [], [], []
     for pos, table in zip(positions, page_tables, strict=True):
         kv_indices.extend(table[: pos // page_size + 1])
         kv_indptr.append(len(kv_indices))
         kv_last_page_len.append(pos % page_size + 1)
+        slots.append(kv_indices[-1] * page_size + pos % page_size)
     kv_indices.extend([scratch_page] * num_pad)
     kv_indptr.extend(range(kv_indptr[-1] + 1, kv_indptr[-1] + num_pad + 1))
     kv_last_page_len.extend([1] * num_pad)
+    slots.extend([scratch_page * page_size] * num_pad)
     return PaddedDecode([*input_ids, *[0] * num_pad], [*positions, *[0] * num_pad],
-                        kv_indptr, kv_indices, kv_last_page_len)
+                        kv_indptr, kv_indices, kv_last_page_len, slots)
 
 
 class DecodeGraphs:
-    """The captured decode forwards of `model` over the FlashInfer backend's page pool, one per bucket.
+    """The captured decode forwards of `model` over the FlashInfer backend's page pool, one per bucket, and with
+    `cascade_min_saved_tokens` set a second graph per bucket of 2 or more rows whose attention is cascade decode
+    (braidinfer.attention.cascade): a step whose sequences share prefix pages replays that one when the sharing
+    spares at least that many KV token reads per layer and KV head; otherwise the plain graph.
 
     scratch_page: a page of the pool outside the page manager's, which padding rows write and read.
     max_num_kv_indices: most page indices a step's page tables may hold; a step needing more runs eagerly.
     """
 
     def __init__(self, model: torch.nn.Module, attention: FlashInferAttention, batch_sizes: Sequence[int],
-                 hidden_size: int, scratch_page: int, max_num_kv_indices: int):
+                 hidden_size: int, scratch_page: int, max_num_kv_indices: int,
+                 cascade_min_saved_tokens: int | None = None):
         self.model = model
         self.batch_sizes = sorted(batch_sizes)
         self.page_size = attention.page_size
         self.scratch_page = scratch_page
         self.max_num_kv_indices = max_num_kv_indices
+        self.cascade_min_saved_tokens = cascade_min_saved_tokens
         device, max_batch = attention.kv_cache.device, self.batch_sizes[-1]
-        self.input_ids = torch.zeros(max_batch, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(max_batch, dtype=torch.int64, device=device)
+        # Token ids, positions and KV slots of the rows: one buffer, so a step's inputs are one host-to-device copy.
+        self.step_inputs = torch.zeros(3, max_batch, dtype=torch.int64, device=device)
+        self.input_ids, self.positions, self.slot_mapping = self.step_inputs.unbind(0)
         self.hidden = torch.zeros(max_batch, hidden_size, dtype=attention.kv_cache.dtype, device=device)
         self.attention = attention.graph_decoders(self.batch_sizes, max_num_kv_indices)
+        cascade_sizes = [b for b in self.batch_sizes if b >= 2] if cascade_min_saved_tokens is not None else []
+        self.cascade = cascade_decoders(attention, cascade_sizes, max_num_kv_indices) if cascade_sizes else {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.cascade_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.num_replays = 0
         """Decode steps run through a graph so far."""
+        self.num_cascade_replays = 0
+        """Of those, the steps that ran cascade decode."""
         self._capture()
 
     def run(self, input_ids: list[int], positions: list[int], page_tables: list[list[int]]) -> torch.Tensor | None:
@@ -103,13 +118,32 @@ class DecodeGraphs:
         batch_size = bucket_for(len(input_ids), self.batch_sizes)
         if batch_size is None:
             return None
-        step = pad_decode_batch(input_ids, positions, page_tables, self.page_size, batch_size, self.scratch_page)
-        if len(step.kv_indices) > self.max_num_kv_indices:
-            return None
-        self._load(step)
-        self.graphs[batch_size].replay()
+        cascade = self._cascade_step(positions, page_tables, batch_size)
+        if cascade is not None:
+            self._load_inputs(input_ids, positions, page_tables, batch_size)
+            self.cascade[batch_size].plan(cascade)
+            graph = self.cascade_graphs[batch_size]
+            self.num_cascade_replays += 1
+        else:
+            step = pad_decode_batch(input_ids, positions, page_tables, self.page_size, batch_size, self.scratch_page)
+            if len(step.kv_indices) > self.max_num_kv_indices:
+                return None
+            self._load(step)
+            graph = self.graphs[batch_size]
+        graph.replay()
         self.num_replays += 1
         return self.hidden[: len(input_ids)]
+
+    def _cascade_step(self, positions: list[int], page_tables: list[list[int]], batch_size: int
+                      ) -> CascadeStep | None:
+        """The step's cascade split when this bucket has a cascade graph and sharing pays, else None."""
+        if batch_size not in self.cascade:
+            return None
+        step = plan_cascade(page_tables, [p + 1 for p in positions], self.page_size, batch_size, self.scratch_page,
+                            self.cascade_min_saved_tokens)
+        if step is None or max(len(step.shared_kv_indices), len(step.own_kv_indices)) > self.max_num_kv_indices:
+            return None
+        return step
 
     @torch.inference_mode()
     def _capture(self) -> None:
@@ -121,25 +155,41 @@ class DecodeGraphs:
         with torch.cuda.stream(stream):
             for b in reversed(self.batch_sizes):
                 self._load(pad_decode_batch([], [], [], self.page_size, b, self.scratch_page))  # all padding
-                self._forward(b)  # warm-up, eager
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
-                    self._forward(b)
-                self.graphs[b] = graph
+                self.graphs[b] = self._capture_one(b, self.attention[b], pool, stream)
+                if b in self.cascade:
+                    self.cascade[b].plan(plan_cascade([], [], self.page_size, b, self.scratch_page, 0))
+                    self.cascade_graphs[b] = self._capture_one(b, self.cascade[b], pool, stream)
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
 
-    def _forward(self, batch_size: int) -> None:
-        attention = self.attention[batch_size]
-        # The attention reads its page tables from its static buffers; the metadata only counts the rows.
-        meta = AttentionMetadata([], self.positions[:0], batch_size)
+    def _capture_one(self, batch_size: int, attention, pool, stream) -> torch.cuda.CUDAGraph:
+        self._forward(batch_size, attention)  # warm-up, eager
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+            self._forward(batch_size, attention)
+        return graph
+
+    def _forward(self, batch_size: int, attention) -> None:
+        # The attention reads its page tables from its static buffers; the metadata gives the rows' KV slots (for
+        # the fused kernel that writes them) and counts the rows.
+        meta = AttentionMetadata([], self.slot_mapping[:batch_size], batch_size)
         batch = ForwardBatch(positions=self.positions[:batch_size], meta=meta, attention=attention)
         self.hidden[:batch_size] = self.model(self.input_ids[:batch_size], batch)
 
     def _load(self, step: PaddedDecode) -> None:
         """Copies a step into the static buffers and plans its bucket's attention (never inside a capture)."""
         b = step.batch_size
-        self.input_ids[:b].copy_(torch.tensor(step.input_ids, dtype=torch.int64), non_blocking=True)
-        self.positions[:b].copy_(torch.tensor(step.positions, dtype=torch.int64), non_blocking=True)
-        self.attention[b].plan(*(torch.tensor(a, dtype=torch.int32)
-                                 for a in (step.kv_indptr, step.kv_indices, step.kv_last_page_len)))
+        self._copy_inputs(step.input_ids, step.positions, step.slot_mapping)
+        self.attention[b].plan(step.kv_indptr, step.kv_indices, step.kv_last_page_len, positions=self.positions[:b])
+
+    def _load_inputs(self, input_ids: list[int], positions: list[int], page_tables: list[list[int]],
+                     batch_size: int) -> None:
+        """Copies a step's token ids, positions and KV slots, padded to batch_size rows as pad_decode_batch pads."""
+        ps, num_pad = self.page_size, batch_size - len(input_ids)
+        slots = [table[pos // ps] * ps + pos % ps for pos, table in zip(positions, page_tables)]
+        self._copy_inputs([*input_ids, *[0] * num_pad], [*positions, *[0] * num_pad],
+                          [*slots, *[self.scratch_page * ps] * num_pad])
+
+    def _copy_inputs(self, input_ids: list[int], positions: list[int], slot_mapping: list[int]) -> None:
+        inputs = torch.tensor([input_ids, positions, slot_mapping], dtype=torch.int64)
+        self.step_inputs[:, : len(input_ids)].copy_(inputs, non_blocking=True)

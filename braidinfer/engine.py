@@ -53,7 +53,8 @@ class LLMEngine:
         self.max_pinned_pages = int(num_pages * config.max_pinned_fraction)
         self.scheduler = Scheduler(self.pages, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.model_config, num_pages, config.page_size, self.device, self.dtype,
-                                  config.attention_backend, config.enforce_eager, config.max_num_seqs)
+                                  config.attention_backend, config.enforce_eager, config.max_num_seqs,
+                                  config.cascade_min_saved_tokens if config.cascade_decode else None)
         self.sampler = Sampler()
         self.generator = make_generator(config.seed, self.device)
         self.requests: dict[str, Sequence] = {}
@@ -211,7 +212,7 @@ class LLMEngine:
                         [s.num_prompt_tokens for s in seqs])
         apply_token_masks(logits, [s.matcher for s in seqs])
         out = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        return list(zip(seqs, out.token_ids.tolist(), out.logprobs))
+        return list(zip(seqs, out.token_id_list(), out.logprobs))
 
     def _compose(self, seq: Sequence) -> None:
         """Copies a composed prompt's chunk KV into its freshly reserved pages (fails it if a chunk is gone)."""

@@ -21,12 +21,13 @@ class ModelRunner:
 
     With CUDA graphs (enforce_eager=False on the FlashInfer backend) the pool has one page more than the page manager
     hands out, the scratch page that padded graph rows write and read; decode-only steps of up to max_num_seqs
-    sequences replay a captured graph, every other step runs eagerly.
+    sequences replay a captured graph, every other step runs eagerly. `cascade_min_saved_tokens` (None: off) adds
+    cascade-decode graphs for steps whose sequences share prefix pages (see DecodeGraphs).
     """
 
     def __init__(self, model: torch.nn.Module, cfg: ModelConfig, num_pages: int, page_size: int,
                  device: torch.device, dtype: torch.dtype, attention_backend: str = "torch",
-                 enforce_eager: bool = True, max_num_seqs: int = 64):
+                 enforce_eager: bool = True, max_num_seqs: int = 64, cascade_min_saved_tokens: int | None = None):
         self.model = model
         self.device = device
         self.page_size = page_size
@@ -43,12 +44,20 @@ class ModelRunner:
         self.attention = (FlashInferAttention(self.kv_cache, scale, cfg.num_attention_heads) if backend == "flashinfer"
                           else TorchAttention(self.kv_cache, scale))
         self._plan = getattr(self.attention, "plan", None)  # backends that plan once per step for all layers
-        self.graphs = self._capture_graphs(cfg, num_pages, max_num_seqs) if use_graphs else None
+        # FlashInfer's plan() stages its schedule in pinned host memory and copies it to the device asynchronously,
+        # so a step must not be planned before the GPU has taken the previous step's copy. Steps that sample wait
+        # for their tokens anyway; after one that does not (a prefill-only step), the next waits on this event.
+        self._unfinished: torch.cuda.Event | None = None
+        self.graphs = (self._capture_graphs(cfg, num_pages, max_num_seqs, cascade_min_saved_tokens) if use_graphs
+                       else None)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
         """Computes the batch's new tokens. Returns logits [N, vocab] float32 for the N sequences whose every token now
         has KV (they sample next; prefill-only sequences never do), and the indices of those sequences in the batch."""
+        if self._unfinished is not None:
+            self._unfinished.synchronize()
+            self._unfinished = None
         input_ids, positions, sample_rows, sample_idx = [], [], [], []
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
@@ -63,14 +72,19 @@ class ModelRunner:
         if hidden is None:
             hidden = self._forward(batch, input_ids, positions)
         if not sample_rows:
+            if self.device.type == "cuda":
+                self._unfinished = torch.cuda.Event()
+                self._unfinished.record()
             return hidden.new_empty(0, 0, dtype=torch.float32), []
         return self.model.compute_logits(hidden[self._tensor(sample_rows)]), sample_idx
 
-    def _capture_graphs(self, cfg: ModelConfig, num_pages: int, max_num_seqs: int) -> DecodeGraphs:
+    def _capture_graphs(self, cfg: ModelConfig, num_pages: int, max_num_seqs: int,
+                        cascade_min_saved_tokens: int | None) -> DecodeGraphs:
         sizes = graph_batch_sizes(max_num_seqs)
         max_pages_per_seq = min(num_pages, -(-cfg.max_position_embeddings // self.page_size))  # context fits both
         return DecodeGraphs(self.model, self.attention, sizes, cfg.hidden_size, scratch_page=num_pages,
-                            max_num_kv_indices=sizes[-1] * max_pages_per_seq)
+                            max_num_kv_indices=sizes[-1] * max_pages_per_seq,
+                            cascade_min_saved_tokens=cascade_min_saved_tokens)
 
     def _forward(self, batch: ScheduledBatch, input_ids: list[int], positions: list[int]) -> torch.Tensor:
         """The eager forward: final hidden states [T, hidden] of the batch's new tokens."""

@@ -34,6 +34,18 @@ class SamplerOutput:
     token_ids: torch.Tensor
     logprobs: list[TokenLogprobs | None]
 
+    def token_id_list(self) -> list[int]:
+        """The sampled ids on the host. On CUDA they come through pinned memory and the wait is on an event, which
+        releases the GIL: threads reading the streams run while the GPU finishes (a blocking copy would hold it)."""
+        if self.token_ids.device.type != "cuda":
+            return self.token_ids.tolist()
+        host = torch.empty(self.token_ids.shape, dtype=self.token_ids.dtype, pin_memory=True)
+        host.copy_(self.token_ids, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        done.synchronize()
+        return host.tolist()
+
 
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
     """A generator on `device` seeded with `seed` (any int; negative seeds wrap to 64 bits)."""

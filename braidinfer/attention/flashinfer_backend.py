@@ -90,6 +90,12 @@ class FlashInferAttention:
         self._append_kv(k, v, *self._new_tokens, cache, *self._pages, kv_layout="HND")  # k, v may be strided views
         return self._wrapper.run(q, cache)
 
+    def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Attention only: the step's new K/V are already in the pool (written at meta.slot_mapping)."""
+        if meta is not self._planned:
+            raise RuntimeError("FlashInferAttention.plan(meta) must be called once per step before the forward")
+        return self._wrapper.run(q, self.kv_cache[layer])
+
     def graph_decoders(self, batch_sizes: list[int], max_num_kv_indices: int) -> dict[int, FlashInferGraphDecode]:
         """A CUDA-graph decode attention for each batch size, all over one set of static page-table buffers (only one
         graph replays at a time). `max_num_kv_indices`: most page indices one step's page tables may hold."""
@@ -99,21 +105,24 @@ class FlashInferAttention:
 
 @dataclass(frozen=True)
 class _GraphBuffers:
-    """Device arrays that captured decode steps read; `FlashInferGraphDecode.plan` refills them before each replay."""
+    """Device arrays that captured decode steps read; `FlashInferGraphDecode.plan` refills them before each replay.
+
+    The page-table arrays are views of one int32 buffer, [kv_indptr | kv_last_page_len | kv_indices], so a step's
+    tables reach the device in one copy."""
 
     batch_indices: torch.Tensor  # [max_batch] int32: 0, 1, 2, ... (row b's new token belongs to sequence b)
     kv_positions: torch.Tensor  # [max_batch] int32: each row's new token's position in its sequence's KV
+    tables: torch.Tensor  # [2 * max_batch + 1 + max_num_kv_indices] int32: the three views below
     kv_indptr: torch.Tensor  # [max_batch + 1] int32
-    kv_indices: torch.Tensor  # [max_num_kv_indices] int32
     kv_last_page_len: torch.Tensor  # [max_batch] int32
+    kv_indices: torch.Tensor  # [max_num_kv_indices] int32
 
     @classmethod
     def allocate(cls, max_batch: int, max_num_kv_indices: int, device: torch.device) -> _GraphBuffers:
-        def zeros(n):
-            return torch.zeros(n, dtype=torch.int32, device=device)
-
-        return cls(torch.arange(max_batch, dtype=torch.int32, device=device), zeros(max_batch),
-                   zeros(max_batch + 1), zeros(max_num_kv_indices), zeros(max_batch))
+        tables = torch.zeros(2 * max_batch + 1 + max_num_kv_indices, dtype=torch.int32, device=device)
+        indptr, last_page_len, indices = tables.split([max_batch + 1, max_batch, max_num_kv_indices])
+        return cls(torch.arange(max_batch, dtype=torch.int32, device=device),
+                   torch.zeros(max_batch, dtype=torch.int32, device=device), tables, indptr, last_page_len, indices)
 
 
 class FlashInferGraphDecode:
@@ -121,8 +130,10 @@ class FlashInferGraphDecode:
 
     FlashInfer's CUDA-graph decode wrapper reads the page tables from static buffers (views of `_GraphBuffers`) and
     keeps its split-KV schedule at fixed workspace offsets; `plan` (host side, never captured) rewrites both before
-    each replay, so the captured kernels see the new step. The new K/V are appended through the same static
-    buffers. Same call as FlashInferAttention; the metadata argument is not read.
+    each replay, so the captured kernels see the new step. The schedule depends only on the rows' page counts, so
+    while those stay the same (a sequence fills a page over page_size steps) only the tables are copied. The new
+    K/V are appended through the same static buffers (or written by the model's fused kernel, then `attend`).
+    Same call as FlashInferAttention; the metadata argument is not read.
     """
 
     def __init__(self, backend: FlashInferAttention, batch_size: int, buffers: _GraphBuffers):
@@ -131,8 +142,10 @@ class FlashInferGraphDecode:
         b = batch_size
         self.kv_cache = backend.kv_cache
         self.page_size = backend.page_size
+        self.batch_size = b
         self._dims = (backend.num_qo_heads, backend.num_kv_heads, backend.head_dim, backend.page_size)
         self._scale = backend.scale
+        self._buffers = buffers
         indptr, last_page_len = buffers.kv_indptr[: b + 1], buffers.kv_last_page_len[:b]
         self._wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             backend.workspace, kv_layout="HND", use_cuda_graph=True, paged_kv_indptr_buffer=indptr,
@@ -141,19 +154,35 @@ class FlashInferGraphDecode:
         self._new_tokens = (buffers.batch_indices[:b], self._kv_positions)
         self._pages = (buffers.kv_indices, indptr, last_page_len)  # the kernel reads indices through indptr
         self._append_kv = flashinfer.append_paged_kv_cache
+        self._planned_indptr: list[int] | None = None  # the page counts the wrapper's schedule was planned for
 
-    def plan(self, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor) -> None:
-        """The next replay's page tables, int32 on the host in FlashInfer's CSR form: kv_indptr [b + 1],
-        kv_indices [kv_indptr[-1]], kv_last_page_len [b] in [1, page_size]. Row i's new token is the last of its
-        KV. Must run outside capture, before each replay (or the eager warm-up run)."""
-        positions = last_token_positions(kv_indptr, kv_last_page_len, self.page_size)
+    def plan(self, kv_indptr: list[int], kv_indices: list[int], kv_last_page_len: list[int],
+             positions: torch.Tensor | None = None) -> None:
+        """The next replay's page tables in FlashInfer's CSR form: kv_indptr [b + 1], kv_indices [kv_indptr[-1]],
+        kv_last_page_len [b] in [1, page_size]. Row i's new token is the last of its KV; `positions` [b] (on the
+        device) are those tokens' positions when the caller has them, else they are derived from the page counts.
+        Must run outside capture, before each replay (or the eager warm-up run)."""
+        b, max_batch = self.batch_size, len(self._buffers.kv_last_page_len)
+        if positions is None:
+            positions = torch.tensor(last_token_positions(kv_indptr, kv_last_page_len, self.page_size),
+                                     dtype=torch.int32).to(self.kv_cache.device, non_blocking=True)
         self._kv_positions.copy_(positions, non_blocking=True)
+        if kv_indptr == self._planned_indptr:
+            # Same schedule: one copy of [indptr | last_page_len (at its offset) | indices] into the static tables.
+            host = torch.zeros(2 * max_batch + 1 + len(kv_indices), dtype=torch.int32)
+            host[: b + 1] = torch.tensor(kv_indptr, dtype=torch.int32)
+            host[max_batch + 1 : max_batch + 1 + b] = torch.tensor(kv_last_page_len, dtype=torch.int32)
+            host[2 * max_batch + 1 :] = torch.tensor(kv_indices, dtype=torch.int32)
+            self._buffers.tables[: len(host)].copy_(host, non_blocking=True)
+            return
         dtype = self.kv_cache.dtype
         # The wrapper copies indptr and last_page_len from the host (it plans on them there) and the indices on the
         # device; a host tensor there would be copied synchronously.
-        indices = kv_indices.to(self.kv_cache.device, non_blocking=True)
-        self._wrapper.plan(kv_indptr, indices, kv_last_page_len, *self._dims,
+        indices = torch.tensor(kv_indices, dtype=torch.int32).to(self.kv_cache.device, non_blocking=True)
+        self._wrapper.plan(torch.tensor(kv_indptr, dtype=torch.int32), indices,
+                           torch.tensor(kv_last_page_len, dtype=torch.int32), *self._dims,
                            q_data_type=dtype, kv_data_type=dtype, sm_scale=self._scale)
+        self._planned_indptr = list(kv_indptr)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata):
         """q: [b, num_qo_heads, head_dim]; k, v: [b, num_kv_heads, head_dim] -> out: [b, num_qo_heads, head_dim]."""
@@ -161,12 +190,16 @@ class FlashInferGraphDecode:
         self._append_kv(k, v, *self._new_tokens, cache, *self._pages, kv_layout="HND")
         return self._wrapper.run(q, cache)
 
+    def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Attention only: the new K/V are already in the pool (the caller wrote them at the step's slots)."""
+        return self._wrapper.run(q, self.kv_cache[layer])
 
-def last_token_positions(kv_indptr: torch.Tensor, kv_last_page_len: torch.Tensor, page_size: int) -> torch.Tensor:
+
+def last_token_positions(kv_indptr: list[int], kv_last_page_len: list[int], page_size: int) -> list[int]:
     """Position of each sequence's last KV token [B] from its CSR page counts (kv_indptr [B + 1]) and last-page
     fill (kv_last_page_len [B])."""
-    num_pages = kv_indptr[1:] - kv_indptr[:-1]  # (B,)
-    return (num_pages - 1) * page_size + kv_last_page_len - 1
+    return [(kv_indptr[i + 1] - kv_indptr[i] - 1) * page_size + kv_last_page_len[i] - 1
+            for i in range(len(kv_last_page_len))]
 
 
 def _host_arrays(meta: AttentionMetadata, page_size: int) -> dict[str, torch.Tensor]:

@@ -25,6 +25,11 @@ class TorchAttention:
         offsets = meta.slot_mapping % self.page_size
         cache[pages, 0, :, offsets] = k.to(cache.dtype)
         cache[pages, 1, :, offsets] = v.to(cache.dtype)
+        return self.attend(layer, q, meta)
+
+    def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Attention only: the step's new K/V are already in the pool."""
+        cache = self.kv_cache[layer]  # (pages, 2, kvh, ps, hd)
         out = torch.empty_like(q)
         for span in meta.spans:
             qs = q[span.q_start : span.q_start + span.q_len].transpose(0, 1)  # (qh, q_len, hd)

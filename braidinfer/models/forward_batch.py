@@ -10,8 +10,14 @@ from braidinfer.attention.metadata import AttentionMetadata
 
 
 class AttentionFn(Protocol):
+    kv_cache: torch.Tensor  # [layers, pages, 2, kv_heads, page_size, head_dim]
+
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 meta: AttentionMetadata) -> torch.Tensor: ...
+                 meta: AttentionMetadata) -> torch.Tensor:
+        """Writes the new k, v into the pool at meta.slot_mapping, then attends (see `attend`)."""
+
+    def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Attention of q [T, qo_heads, head_dim] over the step's KV, the new tokens' already in the pool."""
 
 
 @dataclass
@@ -23,3 +29,4 @@ class ForwardBatch:
     attention: AttentionFn
     cos: torch.Tensor | None = None  # [T, 1, head_dim], filled by the model from positions
     sin: torch.Tensor | None = None
+    rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None  # [max_pos, head_dim] float32, for fused kernels

@@ -83,7 +83,8 @@ class RotaryEmbedding:
         self.max_positions = max_positions
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _table(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin: [max_positions, head_dim] float32 on `device` (row p rotates position p)."""
         if device not in self._tables:
             freqs = torch.arange(self.max_positions, dtype=torch.float32, device="cpu")[:, None] * self.inv_freq[None, :]
             emb = torch.cat((freqs, freqs), dim=-1)  # (max_pos, hd)
@@ -92,7 +93,7 @@ class RotaryEmbedding:
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: [T] int64 -> cos, sin: [T, 1, head_dim] in dtype (computed in float32, then cast)."""
-        cos, sin = self._table(positions.device)
+        cos, sin = self.tables(positions.device)
         return cos[positions][:, None, :].to(dtype), sin[positions][:, None, :].to(dtype)
 
 

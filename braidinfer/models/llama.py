@@ -24,13 +24,29 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=bias)
 
+        self.fused = False  # the Triton QK-norm + RoPE + KV-write kernel (CUDA only), same rounding
+
     def qk_norm(self, q: torch.Tensor, k: torch.Tensor):
         """Hook for architectures that normalise q and k per head before RoPE (Qwen3); identity here."""
         return q, k
 
+    def qk_norm_weights(self) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
+        """(q weight, k weight, eps) of the per-head QK-norm for the fused kernel; no norm here."""
+        return None, None, 1e-6
+
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(x)  # (T, q_size + 2 * kv_size)
+        if self.fused:
+            import kernels
+
+            # One kernel: QK-norm, RoPE, and the new K/V written into the pool; the backend then only attends.
+            q = kernels.qk_norm_rope_write_kv(qkv, batch.positions, *batch.rope_tables,
+                                              batch.attention.kv_cache[self.layer_idx], batch.meta.slot_mapping,
+                                              *self.qk_norm_weights())
+            o = batch.attention.attend(self.layer_idx, q, batch.meta)  # (T, qh, hd)
+            return self.o_proj(o.reshape(T, self.num_heads * self.head_dim))
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(T, self.num_heads, self.head_dim)  # (T, qh, hd)
         k = k.view(T, self.num_kv_heads, self.head_dim)  # (T, kvh, hd)
         v = v.view(T, self.num_kv_heads, self.head_dim)  # (T, kvh, hd)
@@ -89,11 +105,15 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(self.layer_cls(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
+        self.fused_rope = False  # set with the attention modules' `fused` by use_fused_kernels
 
     def forward(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """input_ids: [T] -> final hidden states [T, hidden]."""
         h = self.embed_tokens(input_ids)  # (T, hidden)
-        batch.cos, batch.sin = self.rotary_emb.cos_sin(batch.positions, h.dtype)
+        if self.fused_rope:  # the fused attention kernel indexes the float32 tables itself
+            batch.rope_tables = self.rotary_emb.tables(h.device)
+        else:
+            batch.cos, batch.sin = self.rotary_emb.cos_sin(batch.positions, h.dtype)
         residual = None
         for layer in self.layers:
             h, residual = layer(h, residual, batch)
@@ -127,11 +147,13 @@ class LlamaForCausalLM(nn.Module):
         return ".".join(parts[:-2] + [packed, parts[-1]]), start, rows
 
     def use_fused_kernels(self, enabled: bool = True) -> None:
-        """Switches RMSNorm (plain and with the residual add) and SiLU-and-mul to the Triton kernels of `kernels/`
-        (CUDA tensors only); they reproduce the PyTorch path's bf16 rounding."""
+        """Switches RMSNorm (plain and with the residual add), SiLU-and-mul, and the attention's QK-norm + RoPE +
+        KV write to the Triton kernels of `kernels/` (CUDA tensors only; the attention backend must then offer
+        `attend`); they reproduce the PyTorch path's bf16 rounding."""
         for module in self.modules():
-            if isinstance(module, (RMSNorm, LlamaMLP)):
+            if isinstance(module, (RMSNorm, LlamaMLP, LlamaAttention)):
                 module.fused = enabled
+        self.model.fused_rope = enabled
 
     def shift_keys(self, k: torch.Tensor, delta: int) -> torch.Tensor:
         """Rotary-embedded keys [..., kv_heads, head_dim] moved `delta` positions later (RoPE is a rotation per

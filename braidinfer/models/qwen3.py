@@ -20,6 +20,9 @@ class Qwen3Attention(LlamaAttention):
     def qk_norm(self, q: torch.Tensor, k: torch.Tensor):
         return self.q_norm(q), self.k_norm(k)  # (T, heads, hd): normalised over head_dim
 
+    def qk_norm_weights(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        return self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
+
 
 class Qwen3DecoderLayer(LlamaDecoderLayer):
     attention_cls = Qwen3Attention

@@ -103,14 +103,15 @@ def test_padding_rows_hold_one_token_in_the_scratch_page_only(seed):
 
 @pytest.mark.parametrize("seed", range(5))
 def test_append_positions_follow_from_the_page_tables(seed):
-    """The graph attention derives where each row's new K/V goes from the planned page tables; for a padded step
-    that is the row's position (0 for padding: the scratch page's first slot)."""
+    """Where each row's new K/V goes, derived from the planned page tables, is the row's position (0 for padding:
+    the scratch page's first slot); the slot mapping the fused kernel writes through names the same slot."""
     rng, page_size = random.Random(seed), PAGE_SIZES[seed]
     ids, positions, tables = _random_decode(rng, rng.randrange(1, 30), page_size, num_pages=300)
     step = pad_decode_batch(ids, positions, tables, page_size, bucket_for(len(ids), graph_batch_sizes(32)), 300)
-    derived = last_token_positions(torch.tensor(step.kv_indptr, dtype=torch.int32),
-                                   torch.tensor(step.kv_last_page_len, dtype=torch.int32), page_size)
-    assert derived.tolist() == step.positions
+    assert last_token_positions(step.kv_indptr, step.kv_last_page_len, page_size) == step.positions
+    for r, pos in enumerate(step.positions):
+        table = tables[r] if r < len(ids) else [300]
+        assert step.slot_mapping[r] == table[pos // page_size] * page_size + pos % page_size
 
 
 def test_enforce_eager_is_accepted_with_every_backend_on_the_cpu():

@@ -1,0 +1,158 @@
+"""Offline throughput on the nano-vllm workload, Braid vs transformers' batched `generate`, same run: 256 requests of
+random token ids, prompt and output lengths uniform in [100, 1024] (Python's `random`, seed 0, drawn exactly as
+nano-vllm's bench.py draws them), temperature 0.6, ignore_eos; the figure is total output tok/s.
+
+    BRAID_TEST_TOKENIZER=/path/to/tokenizer python benchmarks/throughput.py [--model qwen3-0.6b|smollm2-135m]
+
+Braid gets every request in one `llm.generate` call after a short warm-up (CUDA graphs are captured when the LLM is
+built, FlashInfer and Triton compile on first use). Transformers runs the first --hf-requests of the same workload in
+left-padded batches of --hf-batch-size, each generating the batch's longest output length for every row (the
+ignore_eos equivalent); only each request's own output length counts as output, but all of the time counts. Speed
+does not depend on the weight values, so random weights stand in for the checkpoints (any tokenizer whose vocabulary
+fits the model's will do). CPU smoke run, a tiny 2-layer model in float32, seconds:
+
+    BRAID_TEST_TOKENIZER=/path/to/tokenizer python benchmarks/throughput.py --model tiny --device cpu \\
+        --num-requests 4 --max-input-len 40 --max-output-len 20 --min-len 10 --hf-requests 4 --hf-batch-size 2
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import random
+import tempfile
+import time
+
+import torch
+from latency import QWEN3_0_6B, build_model
+
+SMOLLM2_135M = {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "max_position_embeddings": 8192,
+                "tie_word_embeddings": True, "rope_theta": 100_000.0, "rms_norm_eps": 1e-5}
+TINY = {**SMOLLM2_135M, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}  # for CPU smoke runs
+MODELS = {"qwen3-0.6b": ("Qwen3", QWEN3_0_6B), "smollm2-135m": ("Llama", SMOLLM2_135M), "tiny": ("Llama", TINY)}
+TEMPERATURE = 0.6
+
+
+def workload(args) -> tuple[list[list[int]], list[int]]:
+    """Prompts (token ids) and output lengths, drawn in nano-vllm's bench.py order: all prompts, then all lengths."""
+    random.seed(args.seed)
+    prompts = [[random.randint(0, 10000) for _ in range(random.randint(args.min_len, args.max_input_len))]
+               for _ in range(args.num_requests)]
+    max_tokens = [random.randint(args.min_len, args.max_output_len) for _ in range(args.num_requests)]
+    return prompts, max_tokens
+
+
+def run_braid(path: str, prompts: list[list[int]], max_tokens: list[int], args) -> tuple[float, int]:
+    """(seconds, output tokens) of one `generate` call over the whole workload."""
+    from braidinfer import LLM, SamplingParams
+
+    params = [SamplingParams(temperature=TEMPERATURE, ignore_eos=True, max_tokens=n) for n in max_tokens]
+    with LLM(model=path, device=args.device, dtype=_dtype(args.device), max_num_seqs=args.max_num_seqs,
+             max_num_batched_tokens=args.max_num_batched_tokens, progress=False) as llm:
+        # Constant prompts, so the timed random ones find nothing of them in the prefix cache.
+        llm.generate([[7] * 17, [8] * 300], SamplingParams(max_tokens=16, ignore_eos=True))
+        t0 = time.perf_counter()
+        outputs = llm.generate(prompts, params)
+        elapsed = time.perf_counter() - t0
+    del llm
+    gc.collect()  # the LLM and its chunk store refer to each other; free its KV pool before transformers runs
+    if args.device != "cpu":
+        torch.cuda.empty_cache()
+    return elapsed, sum(len(o.token_ids) for o in outputs)
+
+
+def run_hf(model, prompts: list[list[int]], max_tokens: list[int], args) -> tuple[float, int]:
+    """(seconds, generated tokens incl. the waste past each row's own length) of batched `generate`, summed over
+    left-padded batches. The first batch runs once untimed first (all of it with --hf-static, which compiles for
+    that shape; other shapes recompile inside the timing)."""
+    elapsed, generated = 0.0, 0
+    for i in range(0, len(prompts), args.hf_batch_size):
+        batch, n = prompts[i:i + args.hf_batch_size], max(max_tokens[i:i + args.hf_batch_size])
+        width = max(map(len, batch))
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in batch], device=args.device)  # (B, width)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=args.device)
+        if i == 0:  # warm-up, untimed: the static cache compiles for this shape; the dynamic one only warms up
+            hf_generate(model, ids, mask, n if args.hf_static else 2, args)
+        t0 = time.perf_counter()
+        hf_generate(model, ids, mask, n, args)
+        elapsed += time.perf_counter() - t0
+        generated += n * len(batch)
+    return elapsed, generated
+
+
+def hf_generate(model, ids: torch.Tensor, mask: torch.Tensor, n: int, args) -> None:
+    """Exactly `n` sampled tokens for every row of the left-padded `ids` (B, T), `mask` (B, T) 0 on padding."""
+    extra = {"cache_implementation": "static"} if args.hf_static else {}
+    model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=True,
+                   temperature=TEMPERATURE, top_k=0, eos_token_id=None, pad_token_id=0, **extra)
+    if args.device != "cpu":
+        torch.cuda.synchronize()
+
+
+def _dtype(device: str) -> str:
+    return "float32" if device == "cpu" else "bfloat16"
+
+
+def device_name(device: str) -> str:
+    if device == "cpu":
+        return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return torch.cuda.get_device_name(device)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=list(MODELS), default="qwen3-0.6b", help="'tiny' is for CPU smoke runs")
+    ap.add_argument("--num-requests", type=int, default=256)
+    ap.add_argument("--max-input-len", type=int, default=1024)
+    ap.add_argument("--max-output-len", type=int, default=1024)
+    ap.add_argument("--min-len", type=int, default=100, help="shortest prompt and output length")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-num-seqs", type=int, default=256, help="Braid: most sequences per step")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=16384, help="Braid: most tokens per forward")
+    ap.add_argument("--hf-requests", type=int, default=64, help="transformers: the first this many requests")
+    ap.add_argument("--hf-batch-size", type=int, default=64)
+    ap.add_argument("--hf-static", action="store_true", help="transformers: static cache (compiled decode)")
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--device", default="cuda")
+    args = ap.parse_args()
+    tokenizer_dir = os.environ.get("BRAID_TEST_TOKENIZER")
+    if not tokenizer_dir:
+        raise SystemExit("needs BRAID_TEST_TOKENIZER (a saved tokenizer directory)")
+
+    import transformers
+
+    prompts, max_tokens = workload(args)
+    rows = []  # (engine, requests, prompt tokens, output tokens, seconds)
+    with tempfile.TemporaryDirectory() as path:
+        model = build_model(path, tokenizer_dir, *MODELS[args.model], args.device, getattr(torch, _dtype(args.device)))
+        seconds, num_out = run_braid(path, prompts, max_tokens, args)
+        assert num_out == sum(max_tokens), f"Braid generated {num_out} tokens, expected {sum(max_tokens)}"
+        rows.append(("braid", len(prompts), sum(map(len, prompts)), num_out, seconds))
+        if not args.skip_hf:
+            hf_prompts, hf_max_tokens = prompts[:args.hf_requests], max_tokens[:args.hf_requests]
+            seconds, generated = run_hf(model, hf_prompts, hf_max_tokens, args)
+            cache = "static" if args.hf_static else "dynamic"
+            rows.append((f"transformers generate ({cache} cache, batch {args.hf_batch_size})", len(hf_prompts),
+                         sum(map(len, hf_prompts)), sum(hf_max_tokens), seconds))
+
+    print(f"device: {device_name(args.device)}, torch {torch.__version__}, transformers {transformers.__version__}")
+    print(f"model: {args.model} shape, random {_dtype(args.device)} weights; workload: {args.num_requests} requests, "
+          f"prompt lengths in [{args.min_len}, {args.max_input_len}], output lengths in [{args.min_len}, "
+          f"{args.max_output_len}], seed {args.seed}, temperature {TEMPERATURE}, ignore_eos")
+    print(f"{'engine':<46}{'requests':>9}{'prompt tok':>11}{'output tok':>11}{'seconds':>9}"
+          f"{'output tok/s':>14}{'total tok/s':>13}")
+    for name, n, num_prompt, num_out, seconds in rows:
+        print(f"{name:<46}{n:>9}{num_prompt:>11}{num_out:>11}{seconds:>9.2f}"
+              f"{num_out / seconds:>14.1f}{(num_prompt + num_out) / seconds:>13.1f}")
+    if len(rows) == 2:
+        print(f"transformers ran the first {rows[1][1]} requests only and generated {generated} tokens for their "
+              f"{rows[1][3]} (rows padded to their batch's longest output); tok/s count only the latter")
+        ratio = (rows[0][3] / rows[0][4]) / (rows[1][3] / rows[1][4])
+        print(f"ratio braid / transformers (output tok/s): {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()

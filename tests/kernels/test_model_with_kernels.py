@@ -1,0 +1,50 @@
+"""The model with every Triton kernel switched on computes what its PyTorch path computes.
+
+On the CPU the kernels run in Triton's interpreter (see conftest.py), so this checks the wiring in CI: which
+tensors reach the kernels, the fused QK-norm + RoPE + KV-write path handing attention over to `attend`, and the
+residual stream through fused add+RMSNorm. float32, so the only difference is the order of RMSNorm's sums.
+"""
+from __future__ import annotations
+
+import pytest
+
+from braidinfer import LLM, SamplingParams
+from tests.conftest import build_tiny_model
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_fused_model_matches_pytorch_path(arch, tmp_path, smollm_tokenizer, device):
+    build_tiny_model(arch, tmp_path, smollm_tokenizer, seed=11, num_hidden_layers=2)
+    kw = dict(device=device, dtype="float32", num_kv_pages=64, page_size=4, attention_backend="torch",
+              fused_kernels=False, progress=False)
+    # Two prompts sharing a page-aligned prefix: the second reuses cached KV written by the fused kernel.
+    prompts = [list(range(10, 31)), list(range(10, 22)) + [7, 8, 9, 40, 41]]
+    params = SamplingParams(temperature=0, max_tokens=6, logprobs=3, ignore_eos=True)
+    with LLM(model=str(tmp_path), **kw) as plain:
+        want = [plain.generate(p, params)[0] for p in prompts]
+    with LLM(model=str(tmp_path), **kw) as fused:
+        fused.engine.model.use_fused_kernels()  # the engine turns them on only on CUDA
+        got = [fused.generate(p, params)[0] for p in prompts]
+        assert fused.cache_stats()["tokens_served_from_cache"] > 0
+    for g, w in zip(got, want):
+        assert g.token_ids == w.token_ids
+        for gl, wl in zip(g.logprobs, w.logprobs):
+            assert gl.logprob == pytest.approx(wl.logprob, abs=1e-4)
+            got_top, want_top = dict(gl.top), dict(wl.top)
+            assert got_top.keys() == want_top.keys()
+            assert all(got_top[t] == pytest.approx(want_top[t], abs=1e-4) for t in want_top)
+
+
+def test_fused_path_is_really_taken(tmp_path, smollm_tokenizer, device, monkeypatch):
+    """Guards the test above against comparing the PyTorch path with itself."""
+    import kernels
+
+    calls = []
+    original = kernels.qk_norm_rope_write_kv
+    monkeypatch.setattr(kernels, "qk_norm_rope_write_kv", lambda *a, **k: calls.append(1) or original(*a, **k))
+    build_tiny_model("qwen3", tmp_path, smollm_tokenizer, seed=1, num_hidden_layers=2)
+    with LLM(model=str(tmp_path), device=device, dtype="float32", num_kv_pages=64, attention_backend="torch",
+             progress=False) as llm:
+        llm.engine.model.use_fused_kernels()
+        llm.generate([5, 6, 7], SamplingParams(temperature=0, max_tokens=2))
+    assert len(calls) == 2 * 2  # two layers, two steps
