@@ -193,3 +193,71 @@ class DecodeGraphs:
     def _copy_inputs(self, input_ids: list[int], positions: list[int], slot_mapping: list[int]) -> None:
         inputs = torch.tensor([input_ids, positions, slot_mapping], dtype=torch.int64)
         self.step_inputs[:, : len(input_ids)].copy_(inputs, non_blocking=True)
+
+
+PREFILL_GRAPH_TOKENS = (16, 32, 64, 128, 256)
+"""Token-count buckets of the captured one-sequence prefills."""
+
+
+class PrefillGraphs:
+    """The captured forwards of one sequence's prefill of up to max(PREFILL_GRAPH_TOKENS) new tokens, one per
+    token-count bucket: the question after a cached prefix or pinned chunk, a new chat turn, a short prompt. Such a
+    step computes little, so run eagerly its cost is the launch of every kernel from Python; replayed, it is the GPU
+    work. Rows past the sequence's tokens are padding: token 0 at position 0, KV slot -1 (nothing written), attending
+    to the scratch page (see FlashInferGraphPrefill).
+    """
+
+    def __init__(self, model: torch.nn.Module, attention: FlashInferAttention, hidden_size: int, scratch_page: int,
+                 max_num_pages: int, token_counts: Sequence[int] = PREFILL_GRAPH_TOKENS):
+        self.model = model
+        self.token_counts = sorted(token_counts)
+        self.page_size = attention.page_size
+        self.scratch_page = scratch_page
+        device, max_rows = attention.kv_cache.device, self.token_counts[-1]
+        self.step_inputs = torch.zeros(3, max_rows, dtype=torch.int64, device=device)  # ids, positions, KV slots
+        self.input_ids, self.positions, self.slot_mapping = self.step_inputs.unbind(0)
+        self.hidden = torch.zeros(max_rows, hidden_size, dtype=attention.kv_cache.dtype, device=device)
+        self.attention = attention.graph_prefills(self.token_counts, max_num_pages)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.num_replays = 0
+        """Prefill steps run through a graph so far."""
+        self._capture()
+
+    def run(self, input_ids: list[int], positions: list[int], page_table: list[int]) -> torch.Tensor | None:
+        """Final hidden states [T, hidden] of one sequence's T new tokens at `positions` (consecutive, ending its
+        KV), its KV in `page_table`; or None when T fits no bucket. A view of a static buffer."""
+        num_rows = bucket_for(len(input_ids), self.token_counts)
+        if num_rows is None:
+            return None
+        ps, num_pad = self.page_size, num_rows - len(input_ids)
+        slots = [page_table[p // ps] * ps + p % ps for p in positions]
+        self._load([*input_ids, *[0] * num_pad], [*positions, *[0] * num_pad], [*slots, *[-1] * num_pad])
+        self.attention[num_rows].plan(len(input_ids), page_table, positions[-1] + 1, self.scratch_page)
+        self.graphs[num_rows].replay()
+        self.num_replays += 1
+        return self.hidden[: len(input_ids)]
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        pool, stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(self.hidden.device)
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for n in reversed(self.token_counts):
+                self._load([0] * n, [0] * n, [-1] * n)  # all padding
+                self.attention[n].plan(0, [self.scratch_page], 1, self.scratch_page)
+                self._forward(n)  # warm-up, eager
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+                    self._forward(n)
+                self.graphs[n] = graph
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+
+    def _forward(self, num_rows: int) -> None:
+        meta = AttentionMetadata([], self.slot_mapping[:num_rows], num_rows)
+        batch = ForwardBatch(positions=self.positions[:num_rows], meta=meta, attention=self.attention[num_rows])
+        self.hidden[:num_rows] = self.model(self.input_ids[:num_rows], batch)
+
+    def _load(self, input_ids: list[int], positions: list[int], slot_mapping: list[int]) -> None:
+        inputs = torch.tensor([input_ids, positions, slot_mapping], dtype=torch.int64)
+        self.step_inputs[:, : len(input_ids)].copy_(inputs, non_blocking=True)

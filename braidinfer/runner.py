@@ -7,7 +7,7 @@ import torch
 
 from braidinfer.attention import AttentionMetadata, SeqSpan, TorchAttention
 from braidinfer.attention.flashinfer_backend import FlashInferAttention, unsupported_reason
-from braidinfer.cuda_graphs import DecodeGraphs, graph_batch_sizes
+from braidinfer.cuda_graphs import DecodeGraphs, PrefillGraphs, graph_batch_sizes
 from braidinfer.errors import InvalidRequestError
 from braidinfer.models.config import ModelConfig
 from braidinfer.models.forward_batch import ForwardBatch
@@ -21,8 +21,9 @@ class ModelRunner:
 
     With CUDA graphs (enforce_eager=False on the FlashInfer backend) the pool has one page more than the page manager
     hands out, the scratch page that padded graph rows write and read; decode-only steps of up to max_num_seqs
-    sequences replay a captured graph, every other step runs eagerly. `cascade_min_saved_tokens` (None: off) adds
-    cascade-decode graphs for steps whose sequences share prefix pages (see DecodeGraphs).
+    sequences replay a captured graph, and so do steps that prefill up to 256 tokens of one sequence (PrefillGraphs);
+    every other step runs eagerly. `cascade_min_saved_tokens` (None: off) adds cascade-decode graphs for steps whose
+    sequences share prefix pages (see DecodeGraphs).
     """
 
     def __init__(self, model: torch.nn.Module, cfg: ModelConfig, num_pages: int, page_size: int,
@@ -50,6 +51,9 @@ class ModelRunner:
         self._unfinished: torch.cuda.Event | None = None
         self.graphs = (self._capture_graphs(cfg, num_pages, max_num_seqs, cascade_min_saved_tokens) if use_graphs
                        else None)
+        self.prefill_graphs = (PrefillGraphs(self.model, self.attention, cfg.hidden_size, scratch_page=num_pages,
+                                             max_num_pages=self._max_pages_per_seq(cfg, num_pages))
+                               if use_graphs else None)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
@@ -69,6 +73,8 @@ class ModelRunner:
         hidden = None  # (T, hidden)
         if self.graphs is not None and all(n == 1 for n in batch.num_new_tokens):  # decode-only
             hidden = self.graphs.run(input_ids, positions, [seq.page_table for seq in batch.seqs])
+        elif self.prefill_graphs is not None and len(batch) == 1:  # one sequence's prefill (or chunk of one)
+            hidden = self.prefill_graphs.run(input_ids, positions, batch.seqs[0].page_table)
         if hidden is None:
             hidden = self._forward(batch, input_ids, positions)
         if not sample_rows:
@@ -81,10 +87,12 @@ class ModelRunner:
     def _capture_graphs(self, cfg: ModelConfig, num_pages: int, max_num_seqs: int,
                         cascade_min_saved_tokens: int | None) -> DecodeGraphs:
         sizes = graph_batch_sizes(max_num_seqs)
-        max_pages_per_seq = min(num_pages, -(-cfg.max_position_embeddings // self.page_size))  # context fits both
         return DecodeGraphs(self.model, self.attention, sizes, cfg.hidden_size, scratch_page=num_pages,
-                            max_num_kv_indices=sizes[-1] * max_pages_per_seq,
+                            max_num_kv_indices=sizes[-1] * self._max_pages_per_seq(cfg, num_pages),
                             cascade_min_saved_tokens=cascade_min_saved_tokens)
+
+    def _max_pages_per_seq(self, cfg: ModelConfig, num_pages: int) -> int:
+        return min(num_pages, -(-cfg.max_position_embeddings // self.page_size))  # the context fits both
 
     def _forward(self, batch: ScheduledBatch, input_ids: list[int], positions: list[int]) -> torch.Tensor:
         """The eager forward: final hidden states [T, hidden] of the batch's new tokens."""

@@ -96,6 +96,12 @@ class FlashInferAttention:
             raise RuntimeError("FlashInferAttention.plan(meta) must be called once per step before the forward")
         return self._wrapper.run(q, self.kv_cache[layer])
 
+    def graph_prefills(self, token_counts: list[int], max_num_pages: int) -> dict[int, FlashInferGraphPrefill]:
+        """A CUDA-graph prefill attention for one sequence and each padded token count, over one set of static
+        buffers. `max_num_pages`: most pages one sequence's KV may span."""
+        buffers = _PrefillBuffers.allocate(max_num_pages + max(token_counts), self.kv_cache.device)
+        return {n: FlashInferGraphPrefill(self, n, buffers) for n in token_counts}
+
     def graph_decoders(self, batch_sizes: list[int], max_num_kv_indices: int) -> dict[int, FlashInferGraphDecode]:
         """A CUDA-graph decode attention for each batch size, all over one set of static page-table buffers (only one
         graph replays at a time). `max_num_kv_indices`: most page indices one step's page tables may hold."""
@@ -192,6 +198,77 @@ class FlashInferGraphDecode:
 
     def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Attention only: the new K/V are already in the pool (the caller wrote them at the step's slots)."""
+        return self._wrapper.run(q, self.kv_cache[layer])
+
+
+@dataclass(frozen=True)
+class _PrefillBuffers:
+    """Device arrays that captured prefills read: two requests (the sequence, then the padding rows)."""
+
+    qo_indptr: torch.Tensor  # [3] int32
+    kv_indptr: torch.Tensor  # [3] int32
+    kv_last_page_len: torch.Tensor  # [2] int32
+    kv_indices: torch.Tensor  # [max_num_kv_indices] int32
+
+    @classmethod
+    def allocate(cls, max_num_kv_indices: int, device: torch.device) -> _PrefillBuffers:
+        def zeros(n):
+            return torch.zeros(n, dtype=torch.int32, device=device)
+
+        return cls(zeros(3), zeros(3), zeros(2), zeros(max_num_kv_indices))
+
+
+class FlashInferGraphPrefill:
+    """Causal paged prefill attention over exactly `num_rows` query rows that a CUDA graph can capture: one sequence's
+    new tokens (the first rows), then padding rows. FlashInfer's CUDA-graph prefill wrapper fixes the request count
+    and the total rows at capture, so the padding is a second request whose rows attend causally to as many tokens of
+    the scratch page (repeated), a valid attention whose output is dropped; with no padding it has no rows (FlashInfer
+    schedules no work for it). The wrapper runs FlashInfer's fa2 kernels, whose CUDA-graph schedule splits a long
+    cached prefix's KV over the SMs. `plan` (host side, never captured) rewrites the buffers before each replay.
+    """
+
+    def __init__(self, backend: FlashInferAttention, num_rows: int, buffers: _PrefillBuffers):
+        import flashinfer
+
+        self.kv_cache = backend.kv_cache
+        self.page_size = backend.page_size
+        self.num_rows = num_rows
+        self._dims = (backend.num_qo_heads, backend.num_kv_heads, backend.head_dim, backend.page_size)
+        self._scale = backend.scale
+        self._wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+            backend.workspace, "HND", use_cuda_graph=True, qo_indptr_buf=buffers.qo_indptr,
+            paged_kv_indptr_buf=buffers.kv_indptr, paged_kv_indices_buf=buffers.kv_indices,
+            paged_kv_last_page_len_buf=buffers.kv_last_page_len, backend="fa2")
+
+    def plan(self, num_tokens: int, pages: list[int], kv_len: int, scratch_page: int) -> None:
+        """The next replay: the sequence's last `num_tokens` (<= num_rows) of its `kv_len` KV tokens are new (their
+        K/V written during the replay), its KV in `pages`; rows past num_tokens are padding over `scratch_page`."""
+        ps, num_pad = self.page_size, self.num_rows - num_tokens
+        if not 0 <= num_tokens <= self.num_rows or kv_len < num_tokens or kv_len < 1:
+            raise ValueError(f"{num_tokens} new of {kv_len} tokens do not fit a prefill of {self.num_rows} rows")
+        num_pages, pad_pages = -(-kv_len // ps), max(1, -(-num_pad // ps))
+        indices = torch.tensor([*pages[:num_pages], *[scratch_page] * pad_pages], dtype=torch.int32)
+        last_page_len = [kv_len - (num_pages - 1) * ps, num_pad - (pad_pages - 1) * ps if num_pad else 1]
+        dtype = self.kv_cache.dtype
+
+        def host(values):
+            return torch.tensor(values, dtype=torch.int32)
+
+        self._wrapper.plan(host([0, num_tokens, self.num_rows]), host([0, num_pages, num_pages + pad_pages]),
+                           indices.to(self.kv_cache.device, non_blocking=True), host(last_page_len), *self._dims,
+                           causal=True, q_data_type=dtype, kv_data_type=dtype, sm_scale=self._scale)
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata):
+        """q: [num_rows, num_qo_heads, head_dim]; k, v: [num_rows, num_kv_heads, head_dim]. Writes the new K/V at
+        meta.slot_mapping (padding rows: -1, the last slot of the pool's last page, the scratch page), then attends."""
+        cache = self.kv_cache[layer]  # (pages, 2, kvh, ps, hd)
+        pages, offsets = meta.slot_mapping // self.page_size, meta.slot_mapping % self.page_size
+        cache[pages, 0, :, offsets] = k
+        cache[pages, 1, :, offsets] = v
+        return self.attend(layer, q, meta)
+
+    def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Attention only: the new K/V are already in the pool (the fused kernel skips the padding rows' slots)."""
         return self._wrapper.run(q, self.kv_cache[layer])
 
 

@@ -163,3 +163,40 @@ def test_sequences_sharing_a_chunk_decode_through_cascade_graphs(model_dir):
             diffs += [abs(want[t] - got[t]) for t in want.keys() & got.keys()]
     print(f"mean |logprob difference| {sum(diffs) / len(diffs):.3f} over {len(diffs)}")
     assert sum(diffs) / len(diffs) < 0.15
+
+
+@pytest.mark.parametrize("new_tokens", [1, 37, 250])
+def test_a_prefill_through_its_graph_computes_the_eager_step(model_dir, new_tokens):
+    """One sequence's prefill after a cached 96-token prefix (4 + new_tokens tokens: padded to a bucket of 16, 64 or
+    256 rows) through its captured graph and eagerly, from the same page pool: the same logits, the same K/V in the
+    same slots, nothing else written (padding rows write no KV)."""
+    eng = _engine(model_dir)
+    runner, pool, ps = eng.runner, eng.runner.kv_cache, eng.config.page_size
+    prefix = _prompts(seed=9, lengths=[100])[0]
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    eng.add(eng.make_sequence(prefix, params))
+    while eng.has_work():
+        eng.step()
+    seq = eng.make_sequence(prefix + _prompts(seed=10, lengths=[new_tokens])[0], params)
+    eng.add(seq)
+    batch = eng.scheduler.schedule()
+    assert batch.seqs == [seq] and batch.num_new_tokens == [new_tokens + 4] and seq.num_computed_tokens == 96
+    before = pool.clone()
+    replays = runner.prefill_graphs.num_replays
+    logits_graph, rows = runner.run(batch)
+    assert runner.prefill_graphs.num_replays == replays + 1
+    pool_graph = pool.clone()
+    pool.copy_(before)
+    graphs, runner.prefill_graphs = runner.prefill_graphs, None  # the same step, eagerly
+    logits_eager, rows_eager = runner.run(batch)
+    runner.prefill_graphs = graphs
+    assert rows == rows_eager == [0]
+    assert _rel(logits_graph, logits_eager) < REL_TOL
+
+    slots = {(seq.page_table[p // ps], p % ps) for p in range(96, seq.num_tokens)}
+    changed_graph = (pool_graph != before).any(dim=5).any(dim=3).any(dim=2).any(dim=0)  # (pages, page_size)
+    changed_eager = (pool != before).any(dim=5).any(dim=3).any(dim=2).any(dim=0)
+    assert {tuple(x) for x in changed_eager.nonzero().tolist()} == slots
+    assert {tuple(x) for x in changed_graph.nonzero().tolist()} == slots
+    pages, offsets = (torch.tensor(x, device="cuda") for x in zip(*sorted(slots)))
+    assert _rel(pool_graph[:, pages, :, :, offsets], pool[:, pages, :, :, offsets]) < REL_TOL
