@@ -1,7 +1,9 @@
-"""Batch-1 latency on CUDA for a Qwen3-0.6B-shaped model with random bf16 weights: time to first token and decode speed
-at several prompt lengths, for Braid with each attention backend and transformers `generate`, same run.
+"""Batch-1 latency on CUDA for a Qwen3-0.6B- or SmolLM2-135M-shaped model with random bf16 weights: time to first
+token and decode speed at several prompt lengths, for Braid with each attention backend and transformers `generate`,
+same run.
 
-    BRAID_TEST_TOKENIZER=/path/to/tokenizer python benchmarks/latency.py [--lengths 512,4096,16384] [--tokens 128]
+    BRAID_TEST_TOKENIZER=/path/to/tokenizer python benchmarks/latency.py [--model qwen3-0.6b|smollm2-135m]
+        [--lengths 512,4096,16384] [--tokens 128]
 
 TTFT is the time from submitting the prompt to receiving the first generated token (fresh random prompts, so nothing
 comes from the prefix cache). Decode tok/s is measured from the first streamed token to the last. The bandwidth limit
@@ -21,6 +23,14 @@ import torch
 QWEN3_0_6B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                   num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
                   tie_word_embeddings=True, rope_theta=1_000_000.0, bos_token_id=1, eos_token_id=2)
+
+
+SMOLLM2_135M = {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "max_position_embeddings": 8192,
+                "tie_word_embeddings": True, "rope_theta": 100_000.0, "rms_norm_eps": 1e-5}
+TINY = {**SMOLLM2_135M, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}  # for CPU smoke runs
+MODELS = {"qwen3-0.6b": ("Qwen3", QWEN3_0_6B), "smollm2-135m": ("Llama", SMOLLM2_135M), "tiny": ("Llama", TINY)}
 
 
 def build_model(path: str, tokenizer_dir: str, arch: str = "Qwen3", shape: dict = QWEN3_0_6B,
@@ -135,6 +145,7 @@ def measure_hf(model, lengths: list[int], n: int) -> dict[int, tuple]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=[m for m in MODELS if m != "tiny"], default="qwen3-0.6b")
     ap.add_argument("--lengths", default="512,4096,16384", help="prompt lengths in tokens, comma-separated")
     ap.add_argument("--tokens", type=int, default=128, help="generated tokens per request")
     ap.add_argument("--repeats", type=int, default=2, help="Braid: best of this many requests per length")
@@ -152,11 +163,12 @@ def main() -> None:
     from braidinfer.attention.flashinfer_backend import unsupported_reason
 
     with tempfile.TemporaryDirectory() as path:
-        model = build_model(path, tokenizer_dir)
+        arch, shape = MODELS[args.model]
+        model = build_model(path, tokenizer_dir, arch, shape)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied lm_head counted once
         bandwidth = copy_bandwidth()
         rows = {}
-        problem = unsupported_reason(torch.device("cuda"), torch.bfloat16, QWEN3_0_6B["head_dim"])
+        problem = unsupported_reason(torch.device("cuda"), torch.bfloat16, shape["head_dim"])
         for name in args.variants.split(";"):
             kwargs = BRAID_VARIANTS[name]
             if problem is not None and kwargs["attention_backend"] == "flashinfer":
@@ -169,12 +181,12 @@ def main() -> None:
                 name = f"transformers generate ({'static' if static else 'dynamic'} cache)"
                 rows.setdefault(name, {})[length] = (ttft, tps)
 
-    c = QWEN3_0_6B
+    c = shape
     kv_bytes_per_token = 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * c["head_dim"] * 2
     fi_version = "absent" if problem else __import__("flashinfer").__version__
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"transformers {transformers.__version__}, flashinfer {fi_version}")
-    print(f"model: Qwen3-0.6B shape, random bf16 weights ({weight_bytes / 1e9:.3f} GB), batch 1, {args.tokens} new "
+    print(f"model: {args.model} shape, random bf16 weights ({weight_bytes / 1e9:.3f} GB), batch 1, {args.tokens} new "
           f"tokens, greedy; device copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     print(f"{'prompt':>7}  {'engine':<50}{'TTFT ms':>10}{'decode tok/s':>14}")
     for length in lengths:

@@ -25,14 +25,8 @@ import tempfile
 import time
 
 import torch
-from latency import QWEN3_0_6B, build_model
+from latency import MODELS, build_model
 
-SMOLLM2_135M = {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-                "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "max_position_embeddings": 8192,
-                "tie_word_embeddings": True, "rope_theta": 100_000.0, "rms_norm_eps": 1e-5}
-TINY = {**SMOLLM2_135M, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}  # for CPU smoke runs
-MODELS = {"qwen3-0.6b": ("Qwen3", QWEN3_0_6B), "smollm2-135m": ("Llama", SMOLLM2_135M), "tiny": ("Llama", TINY)}
 TEMPERATURE = 0.6
 
 

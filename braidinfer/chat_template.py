@@ -1,23 +1,27 @@
-"""Encoding a conversation into token ids safely: text that a message holds never becomes a special token.
+"""Encoding a conversation into token ids safely: text the caller passes never becomes a special token.
 
 The chat template renders a conversation as text in which the model's special tokens (`<|im_start|>`, `<|im_end|>`,
 ...) frame each message. Tokenizing that text parses every special-token string in it, those typed inside a message
-too, so a user who writes `<|im_end|>` would end their own turn and could write the assistant's. Here each
-special-token string inside a message's content is swapped for a private-use placeholder character before rendering;
-the rendered text is tokenized as usual with the pieces that hold placeholders (the text between the template's own
-special tokens) tokenized with special tokens split into ordinary pieces, the placeholders put back first. A
-conversation without such strings is tokenized in one piece, exactly as the template's text always was.
+or a tool's description too, so a user who writes `<|im_end|>` would end their own turn and could write the
+assistant's. Here each special-token string inside the data the template renders (every string of the messages, of
+`tools` and of `documents`, dict keys included; roles may hold none) is swapped for a private-use placeholder
+character before rendering; the rendered text is tokenized as usual with the pieces that hold placeholders (the text
+between the template's own special tokens) tokenized with special tokens split into ordinary pieces, the placeholders
+put back first. A conversation without such strings is tokenized in one piece, exactly as the template's text always
+was.
 """
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from braidinfer.errors import InvalidRequestError
 
 # Supplementary Private Use Area-B: no tokenizer or template gives these characters a meaning.
 _PLACEHOLDER_BASE = 0x100000
+# Template arguments that hold data, rendered like message contents (Hugging Face's names for them).
+_DATA_KWARGS = ("tools", "documents")
 
 
 def require_valid_unicode(text: str, what: str) -> None:
@@ -33,9 +37,10 @@ def require_valid_unicode(text: str, what: str) -> None:
 
 def encode_conversation(tokenizer: Any, messages: list[dict[str, Any]], **template_kwargs: Any) -> list[int]:
     """Token ids of `messages` rendered by the tokenizer's chat template (`template_kwargs` go to the template,
-    add_generation_prompt defaults to True). Special-token strings inside message contents are encoded as plain
-    text. Raises InvalidRequestError for an empty conversation, a malformed message, invalid Unicode, a tokenizer
-    without a template, or a template that cannot render the messages."""
+    add_generation_prompt defaults to True). Special-token strings inside the messages (contents, tool calls, ...)
+    and inside `tools` and `documents` are encoded as plain text. Raises InvalidRequestError for an empty
+    conversation, a malformed message, invalid Unicode, a tokenizer without a template, or a template that cannot
+    render the messages."""
     _check_messages(messages)
     if getattr(tokenizer, "chat_template", None) is None:
         raise InvalidRequestError("the model's tokenizer has no chat template")
@@ -44,12 +49,14 @@ def encode_conversation(tokenizer: Any, messages: list[dict[str, Any]], **templa
     for i, message in enumerate(messages):  # a role is part of the template's frame: it cannot be escaped
         if any(s in message["role"] for s in specials):
             raise InvalidRequestError(f"message {i} role {message['role']!r} contains a special token")
-    typed = [s for s in specials if any(s in text for m in messages for text in _content_texts(m))]
+    data = {"messages": messages, **{k: template_kwargs[k] for k in _DATA_KWARGS if k in template_kwargs}}
+    typed = [s for s in specials if any(s in text for text in _strings(data))]
     if not typed:
         return _encode(tokenizer, _render(tokenizer, messages, template_kwargs))
-    placeholders = _placeholders(typed, messages)
-    escaped = [_map_content(m, lambda text: _escape(text, placeholders)) for m in messages]
-    return _encode_escaped(tokenizer, _render(tokenizer, escaped, template_kwargs), specials, placeholders)
+    placeholders = _placeholders(typed, _strings(data))
+    escaped = _escape(data, placeholders)
+    messages, template_kwargs = escaped.pop("messages"), {**template_kwargs, **escaped}
+    return _encode_escaped(tokenizer, _render(tokenizer, messages, template_kwargs), specials, placeholders)
 
 
 def special_token_strings(tokenizer: Any) -> list[str]:
@@ -107,29 +114,40 @@ def _content_texts(message: Mapping[str, Any]) -> list[str]:
     return []
 
 
-def _map_content(message: Mapping[str, Any], fn: Callable[[str], str]) -> dict[str, Any]:
-    content = message.get("content")
-    if isinstance(content, str):
-        return {**message, "content": fn(content)}
-    if isinstance(content, list):
-        blocks = [{**b, "text": fn(b["text"])} if isinstance(b, Mapping) and isinstance(b.get("text"), str) else b
-                  for b in content]
-        return {**message, "content": blocks}
-    return dict(message)
-
-
 # --- escaping ----------------------------------------------------------------------------------------------------
-def _placeholders(typed: list[str], messages: list[dict[str, Any]]) -> dict[str, str]:
-    """One private-use character per special-token string found in contents, none occurring in any content."""
-    used = {ch for m in messages for text in _content_texts(m) for ch in text if ord(ch) >= _PLACEHOLDER_BASE}
+def _strings(value: Any) -> Iterator[str]:
+    """Every string inside `value`: nested dicts (keys too), lists and tuples. (Roles hold no special-token
+    string by now, so escaping leaves them as they are.)"""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from _strings(key)
+            yield from _strings(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _strings(item)
+
+
+def _placeholders(typed: list[str], texts: Iterable[str]) -> dict[str, str]:
+    """One private-use character per special-token string found in the data, none occurring in any of `texts`."""
+    used = {ch for text in texts for ch in text if ord(ch) >= _PLACEHOLDER_BASE}
     free = (chr(c) for c in range(_PLACEHOLDER_BASE, 0x10FFFE) if chr(c) not in used)
     return {s: next(free) for s in typed}
 
 
-def _escape(text: str, placeholders: dict[str, str]) -> str:
-    for special, placeholder in placeholders.items():  # longest first: a longer special is never cut by a shorter
-        text = text.replace(special, placeholder)
-    return text
+def _escape(value: Any, placeholders: dict[str, str]) -> Any:
+    """`value` with every special-token string in its strings (as `_strings` finds them) swapped for its placeholder;
+    dicts, lists and tuples are copied, everything else (numbers, a tool given as a function) is kept as is."""
+    if isinstance(value, str):
+        for special, placeholder in placeholders.items():  # longest first: a longer one is never cut by a shorter
+            value = value.replace(special, placeholder)
+        return value
+    if isinstance(value, Mapping):
+        return {_escape(k, placeholders): _escape(v, placeholders) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_escape(item, placeholders) for item in value]
+    return value
 
 
 def _encode_escaped(tokenizer: Any, text: str, specials: list[str], placeholders: dict[str, str]) -> list[int]:

@@ -11,6 +11,9 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any
 
 from braidinfer.engine import LLMEngine
 from braidinfer.errors import EngineDeadError
@@ -46,16 +49,39 @@ class AsyncChannel:
         return await self._queue.get()
 
 
+@dataclass(frozen=True)
+class _Call:
+    """A function posted to run in the engine thread, and the future that gets its result or its exception."""
+
+    fn: Callable[[], Any]
+    future: futures.Future
+
+    def run(self) -> None:
+        if not self.future.set_running_or_notify_cancel():  # its poster cancelled it
+            return
+        try:
+            result = self.fn()
+        except Exception as e:  # fails this call alone; logged, for posters that do not wait
+            log.exception("a call posted to the engine loop failed")
+            self.future.set_exception(e)
+        except BaseException as e:  # stops the loop: its poster hears of it too
+            self.future.set_exception(e)
+            raise
+        else:
+            self.future.set_result(result)
+
+
 class EngineLoop:
     """Runs `engine.step()` in a daemon thread while there is work; sleeps on its inbox otherwise.
 
-    The inbox holds submitted sequences and calls, run in order between steps. When the loop stops (closed, or
-    died of an exception its step handling could not contain) every request it knows of, submitted sequences
+    The inbox holds submitted sequences and posted calls, run in order between steps. An exception of one of them
+    (a call that raises, a sequence the engine refuses) fails that one alone; one of a step fails the requests the
+    step ran. When the loop stops (closed, or died of a BaseException) every request and call it knows of, those
     still in the inbox included, ends with EngineDeadError: no caller waits forever."""
 
     def __init__(self, engine: LLMEngine):
         self.engine = engine
-        self._inbox: queue.Queue[Sequence | Callable[[], None] | None] = queue.Queue()
+        self._inbox: queue.Queue[Sequence | _Call | None] = queue.Queue()
         self._dead: BaseException | None = None  # what killed the loop
         self._closed = False
         self._lock = threading.Lock()
@@ -72,34 +98,25 @@ class EngineLoop:
     def abort(self, request_id: str) -> None:
         """Asks the engine to end a request; a no-op once the loop stopped (its requests have ended already)."""
         try:
-            self._put(lambda: self.engine.abort(request_id))
+            self.post(lambda: self.engine.abort(request_id))
         except EngineDeadError:
             pass
 
-    def post(self, fn: Callable[[], None]) -> None:
-        """Queues `fn` to run in the engine thread between steps, in submission order, without waiting for it."""
-        self._put(fn)
+    def post(self, fn: Callable[[], Any]) -> futures.Future:
+        """Queues `fn` to run in the engine thread between steps, in submission order, and returns at once.
 
-    def call(self, fn: Callable[[], object]) -> object:
-        """Runs `fn` in the engine thread between steps and returns its result (for inspection and bookkeeping)."""
-        done, box = threading.Event(), {}
+        The future gets fn's result, or the exception it raised: that fails this call alone (and is logged), the
+        loop goes on serving. A call still queued when the loop stops gets EngineDeadError."""
+        future = futures.Future()
+        self._put(_Call(fn, future))
+        return future
 
-        def run():
-            try:
-                box["value"] = fn()
-            except BaseException as e:  # handed back to the caller
-                box["error"] = e
-            done.set()
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Runs `fn` in the engine thread between steps and returns its result or raises its exception (for
+        inspection and bookkeeping)."""
+        return self.post(fn).result()  # resolved even when the loop stops first (EngineDeadError)
 
-        self._put(run)
-        while not done.wait(0.1):
-            if not self.alive:
-                raise self._stopped_error()
-        if "error" in box:
-            raise box["error"]
-        return box["value"]
-
-    def _put(self, item: Sequence | Callable[[], None]) -> None:
+    def _put(self, item: Sequence | _Call) -> None:
         with self._lock:
             if not self.alive:
                 raise self._stopped_error()
@@ -145,27 +162,38 @@ class EngineLoop:
         except queue.Empty:
             return True
 
-    def _run_item(self, item: Sequence | Callable[[], None]) -> None:
-        if isinstance(item, Sequence):
+    def _run_item(self, item: Sequence | _Call) -> None:
+        if isinstance(item, _Call):
+            item.run()
+            return
+        try:
             self.engine.add(item)
-        else:
-            item()
+        except Exception as e:  # e.g. a request id already running: this request alone is refused
+            log.exception("could not add request %s", item.request_id)
+            _tell(item, e)
 
     def _step(self) -> None:
         try:
             self.engine.step()
-        except Exception as e:  # a failing step fails its requests; the engine keeps serving
+        except Exception as e:  # e.g. out of memory in the forward: the requests the step ran fail, the rest go on
             log.exception("engine step failed")
-            self.engine.fail_all(e)
+            # A scheduled sequence is a running one. With none running the fault is nobody's: fail every request,
+            # or the same fault could repeat on every step.
+            ran = list(self.engine.scheduler.running) or list(self.engine.requests.values())
+            for seq in ran:
+                self.engine.fail(seq, e)
 
     def _fail_everyone(self) -> None:
-        """Ends every request with EngineDeadError: those the engine holds and those still in the inbox (the loop
-        stopped, under the lock, so nothing more arrives). A caller is told even when the engine's bookkeeping is
-        too broken to end its request the normal way."""
+        """Ends every request and queued call with EngineDeadError: the requests the engine holds and everything
+        still in the inbox (the loop stopped, under the lock, so nothing more arrives). A caller is told even when
+        the engine's bookkeeping is too broken to end its request the normal way."""
         pending = []
         while not self._inbox.empty():
             item = self._inbox.get_nowait()
-            if isinstance(item, Sequence):
+            if isinstance(item, _Call):
+                if item.future.set_running_or_notify_cancel():
+                    item.future.set_exception(self._stopped_error())
+            elif isinstance(item, Sequence):
                 pending.append(item)
         for seq in [*self.engine.requests.values(), *pending]:
             error = self._stopped_error()
@@ -173,5 +201,11 @@ class EngineLoop:
                 self.engine.fail(seq, error)
             except Exception:
                 log.exception("could not end request %s normally", seq.request_id)
-                with contextlib.suppress(Exception):  # a sink that cannot take the news has nobody behind it
-                    seq.sink(CompletionChunk(seq.request_id, "", [], "error", error=error))
+                _tell(seq, error)
+
+
+def _tell(seq: Sequence, error: BaseException) -> None:
+    """Ends a request's stream with `error` directly, for a request the engine does not hold (or cannot end)."""
+    if seq.sink is not None:
+        with contextlib.suppress(Exception):  # a sink that cannot take the news has nobody behind it
+            seq.sink(CompletionChunk(seq.request_id, "", [], "error", error=error))

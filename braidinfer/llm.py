@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator, Sequence as Seq
-from contextlib import aclosing
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Sequence as Seq
+from typing import Any, Self
 
 from braidinfer.chat_template import encode_conversation
 from braidinfer.chunks import Chunk, ChunkStore
@@ -48,7 +48,7 @@ class LLM:
         """False once the LLM was closed or its engine loop died; every call then raises EngineDeadError."""
         return self._loop.alive
 
-    def __enter__(self) -> LLM:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -92,29 +92,25 @@ class LLM:
         finally:
             stream.cancel()
 
-    async def astream(self, prompt: Prompt, params: SamplingParams | None = None, *, chunks: Chunks = None
-                      ) -> AsyncIterator[str]:
-        """Async text deltas; no thread per request. Cancelling the task or closing the iterator cancels the request."""
-        # aclosing: closing this iterator closes the inner one now (and so aborts the request), not once the event
-        # loop gets round to finalizing it.
-        async with aclosing(self.astream_chunks(prompt, params, chunks=chunks)) as completions:
-            async for chunk in completions:
-                if chunk.text:
-                    yield chunk.text
+    def astream(self, prompt: Prompt, params: SamplingParams | None = None, *, chunks: Chunks = None
+                ) -> AsyncIterator[str]:
+        """Async text deltas; no thread per request. The request is submitted when the iteration starts.
 
-    async def astream_chunks(self, prompt: Prompt, params: SamplingParams | None = None, *, chunks: Chunks = None
-                             ) -> AsyncIterator[CompletionChunk]:
-        stream = self._submit(prompt, params, AsyncChannel(asyncio.get_running_loop()), chunks)
-        try:
-            while not stream.done:
-                yield stream.accept(await stream.channel.get())
-        finally:
-            stream.cancel()
+        Cancelling the consuming task, `aclose()`, or leaving `async for` early (`break`) ends the request within
+        one engine step, as soon as the iterator is dropped. One still referenced after a `break` (kept in a
+        variable) may be resumed, so it holds its request until it is closed (`contextlib.aclosing`,
+        `await it.aclose()`) or collected."""
+        return _AsyncRequest(lambda: self._submit_async(prompt, params, chunks), texts=True)
+
+    def astream_chunks(self, prompt: Prompt, params: SamplingParams | None = None, *, chunks: Chunks = None
+                       ) -> AsyncIterator[CompletionChunk]:
+        """Async CompletionChunks; the last one has finish_reason and usage. Ends like `astream`."""
+        return _AsyncRequest(lambda: self._submit_async(prompt, params, chunks), texts=False)
 
     async def agenerate(self, prompt: Prompt, params: SamplingParams | None = None, *, chunks: Chunks = None
                         ) -> RequestOutput:
         """Async single-request generate."""
-        stream = self._submit(prompt, params, AsyncChannel(asyncio.get_running_loop()), chunks)
+        stream = self._submit_async(prompt, params, chunks)
         try:
             return await _acollect(stream)
         finally:
@@ -148,6 +144,10 @@ class LLM:
         prefix, compose = self.chunks.resolve(chunks)
         seq = self.engine.make_sequence(prompt, params, sink=channel.put, prefix=prefix, compose=compose)
         return self._start(seq, channel)
+
+    def _submit_async(self, prompt: Prompt, params: SamplingParams | None, chunks: Chunks) -> _Stream:
+        """Submits a request whose chunks go to the running event loop (call it from a coroutine)."""
+        return self._submit(prompt, params, AsyncChannel(asyncio.get_running_loop()), chunks)
 
     def _prefill_and_pin(self, token_ids: list[int], private: bool = False) -> list[int]:
         """Runs a chunk's prefill and returns the pages it pinned (the chunk store takes ownership)."""
@@ -213,6 +213,53 @@ class _Stream:
         if not self.done:
             self.done = True
             self.loop.abort(self.request_id)
+
+
+class _AsyncRequest:
+    """What astream / astream_chunks return: an async iterator over one request, which `start` submits on the
+    first step.
+
+    Not an async generator: dropping one of those only schedules its aclose() on the event loop (asyncio's
+    finalizer hook), so a consumer that breaks out of `async for` and then runs on without yielding to the loop
+    would keep the request generating and its pages held. This one ends the request as it is dropped."""
+
+    def __init__(self, start: Callable[[], _Stream], texts: bool):
+        self._start, self._texts = start, texts  # texts: yield the non-empty text deltas instead of the chunks
+        self._stream: _Stream | None = None
+        self._closed = False
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> str | CompletionChunk:
+        if self._closed:
+            raise StopAsyncIteration
+        if self._stream is None:
+            self._stream = self._start()
+        stream = self._stream
+        try:
+            while not stream.done:
+                chunk = stream.accept(await stream.channel.get())
+                if not self._texts:
+                    return chunk
+                if chunk.text:
+                    return chunk.text
+        except BaseException:  # the task was cancelled (a failed request has ended already)
+            stream.cancel()
+            raise
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        """Ends the request now (a no-op once it has ended); the iterator then stops."""
+        self._close()
+
+    def __del__(self) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        self._closed = True
+        if self._stream is not None:
+            self._stream.cancel()
 
 
 class _Accumulator:

@@ -70,19 +70,29 @@ class ModelRunner:
             if end == seq.num_tokens and not seq.prefill_only:
                 sample_rows.append(len(input_ids) - 1)
                 sample_idx.append(i)
-        hidden = None  # (T, hidden)
+        try:
+            hidden = self._hidden(batch, input_ids, positions)
+            if not sample_rows:
+                self._mark_unfinished()
+                return hidden.new_empty(0, 0, dtype=torch.float32), []
+            return self.model.compute_logits(hidden[self._tensor(sample_rows)]), sample_idx
+        except BaseException:
+            self._mark_unfinished()  # the work it queued before failing must be done before the next plan
+            raise
+
+    def _hidden(self, batch: ScheduledBatch, input_ids: list[int], positions: list[int]) -> torch.Tensor:
+        """Final hidden states [T, hidden]: through a captured graph where one fits the step, else eagerly."""
+        hidden = None
         if self.graphs is not None and all(n == 1 for n in batch.num_new_tokens):  # decode-only
             hidden = self.graphs.run(input_ids, positions, [seq.page_table for seq in batch.seqs])
         elif self.prefill_graphs is not None and len(batch) == 1:  # one sequence's prefill (or chunk of one)
             hidden = self.prefill_graphs.run(input_ids, positions, batch.seqs[0].page_table)
-        if hidden is None:
-            hidden = self._forward(batch, input_ids, positions)
-        if not sample_rows:
-            if self.device.type == "cuda":
-                self._unfinished = torch.cuda.Event()
-                self._unfinished.record()
-            return hidden.new_empty(0, 0, dtype=torch.float32), []
-        return self.model.compute_logits(hidden[self._tensor(sample_rows)]), sample_idx
+        return hidden if hidden is not None else self._forward(batch, input_ids, positions)
+
+    def _mark_unfinished(self) -> None:
+        if self.device.type == "cuda":
+            self._unfinished = torch.cuda.Event()
+            self._unfinished.record()
 
     def _capture_graphs(self, cfg: ModelConfig, num_pages: int, max_num_seqs: int,
                         cascade_min_saved_tokens: int | None) -> DecodeGraphs:

@@ -1,9 +1,13 @@
 """What the reliability tests observe in an engine (whether it is idle, how many steps ran between a cancellation
-and the moment its pages came back) and how they build an engine of their own."""
+and the moment its pages came back), how they line requests up for one step, and how they build an engine of their
+own."""
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Self
 
 
 def idle_problems(llm, pinned: int | None = None) -> list[str]:
@@ -72,11 +76,32 @@ class StepProbe:
     def remove(self) -> None:
         del self.engine.step, self.engine.abort, self.loop.abort
 
-    def __enter__(self) -> StepProbe:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+@contextmanager
+def held_between_steps(llm, timeout_s: float = 60) -> Iterator[None]:
+    """Holds the engine thread between two steps while the block runs (for at most `timeout_s`): the requests
+    submitted inside it all reach the engine before its next step, so that step's batch is known."""
+    release = threading.Event()
+    llm._loop.post(lambda: release.wait(timeout_s))
+    try:
+        yield
+    finally:
+        release.set()
+
+
+def wait_until_idle(llm, timeout_s: float = 10) -> list[str]:
+    """Polls `idle_problems` (blocking the calling thread) until the engine is idle or `timeout_s` passed; returns
+    the problems left (empty when idle)."""
+    deadline = time.monotonic() + timeout_s
+    while (problems := idle_problems(llm)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return problems
 
 
 def tiny_engine(model_dir: str, **config):

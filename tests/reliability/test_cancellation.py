@@ -11,7 +11,7 @@ import pytest
 
 from braid_langchain import ChatBraid
 from braidinfer import SamplingParams
-from tests.reliability.support import StepProbe, idle_problems
+from tests.reliability.support import StepProbe, idle_problems, wait_until_idle
 
 LONG = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)  # far longer than any test waits for
 
@@ -54,23 +54,35 @@ def test_closing_an_async_stream(llm, probe):
     _freed_within_one_step(probe, 1)
 
 
-def test_abandoned_async_stream_is_freed_once_the_loop_finalizes_it(llm, probe):
-    """A plain `break` leaves an async generator suspended; asyncio closes it from its finalizer hook within a few
-    turns of the event loop (a sync generator is closed at once, see above)."""
+def test_breaking_out_of_an_async_stream_frees_it_at_once(llm, probe):
+    """A plain `break`, no aclosing: the request ends as the dropped iterator goes, without the event loop turning
+    again (here it does not: the coroutine goes on with blocking calls), as a sync generator's does."""
     async def main():
         count = 0
         async for _ in llm.astream(_prompt(llm, "Count slowly to fifty."), LONG):
             count += 1
             if count == 3:
                 break
-        turns = 0
-        while not probe.posted and turns < 10:
-            await asyncio.sleep(0)
-            turns += 1
-        return turns, await asyncio.to_thread(idle_problems, llm)
+        return wait_until_idle(llm)  # blocks the event loop
 
-    turns, problems = asyncio.run(main())
-    assert turns < 10 and not problems
+    assert not asyncio.run(main())
+    _freed_within_one_step(probe, 1)
+
+
+def test_an_async_stream_left_behind_by_a_closed_event_loop_is_freed_when_dropped(llm, probe):
+    """Its event loop closed without closing its async generators (no asyncio.run): nothing can run the stream's
+    cleanup on that loop any more; dropping the stream still ends the request."""
+    async def first(deltas):
+        return await anext(deltas)  # called in the loop: an async generator would now belong to it
+
+    loop = asyncio.new_event_loop()
+    deltas = llm.astream(_prompt(llm, "Count slowly to fifty."), LONG)
+    try:
+        loop.run_until_complete(first(deltas))
+    finally:
+        loop.close()
+    del deltas
+    assert not wait_until_idle(llm)
     _freed_within_one_step(probe, 1)
 
 

@@ -1,5 +1,7 @@
 """Faults: an exception inside one request's processing fails that request alone, with a clear error, and the
-others finish as if nothing happened. When the engine loop itself dies, every caller (running, queued, or still
+others finish as if nothing happened; one inside a step (out of memory in the forward) fails the requests of that
+step, and those still waiting are served; one inside a call posted to the engine thread fails that call alone. When
+the engine loop itself dies, every caller (running, queued, or still
 in the engine's inbox) gets EngineDeadError instead of waiting forever; `LLM` then says to create a new one, and
 ChatBraid's engine registry builds a fresh engine on the next call."""
 from __future__ import annotations
@@ -12,8 +14,10 @@ import torch
 
 from braid_langchain import ChatBraid, engines
 from braidinfer import SamplingParams
+from braidinfer.engine_loop import SyncChannel
 from braidinfer.errors import EngineDeadError, InvalidRequestError, RequestFailedError
-from tests.reliability.support import idle_problems, tiny_engine
+from braidinfer.llm import _collect
+from tests.reliability.support import held_between_steps, idle_problems, tiny_engine
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 DEADLINE_S = 60  # a caller left waiting fails the test after this long instead of hanging it
@@ -34,13 +38,17 @@ def _prompts(n):
 
 
 def _run_all(llm, prompts, params):
-    """Streams every prompt at once; each result is its text or the exception it raised."""
+    """Streams every prompt at once, all submitted before the engine's next step (so the first step's batch is
+    the first requests in prompt order); each result is its text or the exception it raised."""
     async def one(prompt, p):
         return "".join([d async for d in llm.astream(prompt, p)])
 
     async def main():
-        return await asyncio.wait_for(asyncio.gather(*(one(p, sp) for p, sp in zip(prompts, params)),
-                                                     return_exceptions=True), DEADLINE_S)
+        with held_between_steps(llm):
+            tasks = [asyncio.ensure_future(one(p, sp)) for p, sp in zip(prompts, params)]
+            await asyncio.sleep(0)  # each task submits its request and waits for its first chunk
+            _wait_until_queued(llm, len(prompts))
+        return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), DEADLINE_S)
 
     return asyncio.run(main())
 
@@ -196,6 +204,26 @@ def _raise_first(results):
             raise r
 
 
+def _within_deadline(fn):
+    """fn() run in a thread of its own: its result, or the exception it raised; fails the test if it still waits
+    after DEADLINE_S (a caller left hanging)."""
+    box = {}
+
+    def run():
+        try:
+            box["result"] = fn()
+        except BaseException as e:  # handed back below
+            box["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(DEADLINE_S)
+    assert not thread.is_alive(), f"still waiting after {DEADLINE_S} s"
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
 def _wait_until_queued(llm, n):
     """Waits until `n` calls sit in the engine loop's inbox (the submissions of the queued callers)."""
     for _ in range(DEADLINE_S * 100):
@@ -226,3 +254,54 @@ def test_an_out_of_memory_error_in_the_forward_fails_that_step_and_the_engine_ke
     assert all(r == e for r, e in zip(results, expected) if not isinstance(r, BaseException))
     assert not idle_problems(tiny)
     assert [o.text for o in tiny.generate(prompts, GREEDY)] == expected
+
+
+def test_a_failing_step_fails_only_the_requests_it_ran(tiny_llama, monkeypatch):
+    """Four requests arrive together and the engine runs two at a time: an out-of-memory error in the first step
+    fails its two requests, and the two still waiting are then served exactly as before."""
+    with tiny_engine(tiny_llama, max_num_seqs=2) as llm:
+        prompts = _prompts(4)
+        expected = [o.text for o in llm.generate(prompts, GREEDY)]
+        run, ran = llm.engine.runner.run, []
+
+        def oom_first(batch):
+            if not ran:
+                ran.append([seq.request_id for seq in batch.seqs])
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+            return run(batch)
+
+        monkeypatch.setattr(llm.engine.runner, "run", oom_first)
+        results = _run_all(llm, prompts, [GREEDY] * 4)
+        assert len(ran[0]) == 2
+        assert all(isinstance(r, RequestFailedError) and "OutOfMemoryError" in str(r) for r in results[:2]), results
+        assert results[2:] == expected[2:]
+        assert not idle_problems(llm)
+
+
+def test_a_failing_posted_call_fails_alone(tiny_llama):
+    """A call posted to the engine thread that raises (a bookkeeping bug: unpinning a page nobody pinned) is
+    logged and handed to its poster; the loop goes on serving."""
+    with tiny_engine(tiny_llama) as llm:
+        expected = [o.text for o in llm.generate(_prompts(2), GREEDY)]
+        llm._unpin([0])  # posted, nobody waits for it
+        assert [o.text for o in llm.generate(_prompts(2), GREEDY)] == expected
+        with pytest.raises(AssertionError, match="unpinned more often than pinned"):
+            llm._loop.post(lambda: llm.engine.pages.unpin([0])).result(DEADLINE_S)
+        with pytest.raises(ZeroDivisionError):
+            llm._loop.call(lambda: 1 / 0)
+        assert llm.alive and not idle_problems(llm)
+
+
+def test_a_request_the_engine_refuses_fails_alone(tiny_llama):
+    """Two requests under one id reach the engine together: the second is refused with a clear error, the first
+    is served, the loop goes on."""
+    with tiny_engine(tiny_llama) as llm:
+        expected = llm.generate(_prompts(1), GREEDY)[0].text
+        channels = [SyncChannel(), SyncChannel()]
+        with held_between_steps(llm):
+            streams = [llm._start(llm.engine.make_sequence(p, GREEDY, sink=c.put, request_id="twin"), c)
+                       for p, c in zip(_prompts(2), channels)]
+        with pytest.raises(InvalidRequestError, match="'twin' is already running"):
+            _within_deadline(lambda: _collect(streams[1]))
+        assert _within_deadline(lambda: _collect(streams[0])).text == expected
+        assert llm.alive and not idle_problems(llm)
