@@ -286,11 +286,6 @@ class LLMEngine:
             wrapped.__cause__ = error
         self._finish(seq, "error", "", error=wrapped)
 
-    def fail_all(self, error: BaseException) -> None:
-        """Fails every request with `error` (after an exception inside a step, or when the loop stops)."""
-        for seq in list(self.requests.values()):
-            self.fail(seq, error)
-
     # --- sizing -----------------------------------------------------------------------------------------------
     def _eos_token_ids(self) -> frozenset[int]:
         ids = set(self.model_config.eos_token_ids)
