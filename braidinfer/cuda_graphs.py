@@ -11,6 +11,7 @@ read the hidden states of the first B rows. Prefill and mixed steps, and larger 
 """
 from __future__ import annotations
 
+import contextlib
 from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,28 +56,87 @@ class PaddedDecode:
         return len(self.input_ids)
 
 
+def pad_inputs(input_ids: Sequence[int], positions: Sequence[int], page_tables: Sequence[Sequence[int]],
+               page_size: int, num_rows: int, pad_slot: int) -> tuple[list[int], list[int], list[int]]:
+    """Token ids, positions and KV slots (page * page_size + offset, from page_tables[i]) of the rows, padded to
+    `num_rows` rows of token 0 at position 0 whose KV goes to `pad_slot`."""
+    num_pad = num_rows - len(input_ids)
+    if num_pad < 0:
+        raise ValueError(f"{len(input_ids)} rows do not fit {num_rows}")
+    slots = [table[pos // page_size] * page_size + pos % page_size
+             for pos, table in zip(positions, page_tables, strict=True)]
+    return [*input_ids, *[0] * num_pad], [*positions, *[0] * num_pad], [*slots, *[pad_slot] * num_pad]
+
+
 def pad_decode_batch(input_ids: Sequence[int], positions: Sequence[int], page_tables: Sequence[Sequence[int]],
                      page_size: int, batch_size: int, scratch_page: int) -> PaddedDecode:
     """The step where sequence i adds token input_ids[i] at positions[i], its KV in page_tables[i] (which may hold
     spare pages past the ones in use), padded with rows of one token at position 0 in `scratch_page`."""
+    ids, padded_positions, slots = pad_inputs(input_ids, positions, page_tables, page_size, batch_size,
+                                              scratch_page * page_size)
     num_pad = batch_size - len(input_ids)
-    if num_pad < 0:
-        raise ValueError(f"{len(input_ids)} sequences do not fit a batch of {batch_size}")
-    kv_indptr, kv_indices, kv_last_page_len, slots = [0], [], [], []
+    kv_indptr, kv_indices, kv_last_page_len = [0], [], []
     for pos, table in zip(positions, page_tables, strict=True):
         kv_indices.extend(table[: pos // page_size + 1])
         kv_indptr.append(len(kv_indices))
         kv_last_page_len.append(pos % page_size + 1)
-        slots.append(kv_indices[-1] * page_size + pos % page_size)
     kv_indices.extend([scratch_page] * num_pad)
     kv_indptr.extend(range(kv_indptr[-1] + 1, kv_indptr[-1] + num_pad + 1))
     kv_last_page_len.extend([1] * num_pad)
-    slots.extend([scratch_page * page_size] * num_pad)
-    return PaddedDecode([*input_ids, *[0] * num_pad], [*positions, *[0] * num_pad],
-                        kv_indptr, kv_indices, kv_last_page_len, slots)
+    return PaddedDecode(ids, padded_positions, kv_indptr, kv_indices, kv_last_page_len, slots)
 
 
-class DecodeGraphs:
+class _CapturedForwards:
+    """The model's forward over static buffers of up to `max_rows` rows, for CUDA graphs to capture and replay: token
+    ids, positions and KV slots in (one int64 buffer, so a step's inputs are one host-to-device copy), final hidden
+    states out. Subclasses pick the row counts to capture and the attention of each."""
+
+    def __init__(self, model: torch.nn.Module, attention: FlashInferAttention, max_rows: int, hidden_size: int,
+                 scratch_page: int):
+        self.model = model
+        self.page_size = attention.page_size
+        self.scratch_page = scratch_page
+        device = attention.kv_cache.device
+        self.step_inputs = torch.zeros(3, max_rows, dtype=torch.int64, device=device)
+        self.input_ids, self.positions, self.slot_mapping = self.step_inputs.unbind(0)
+        self.hidden = torch.zeros(max_rows, hidden_size, dtype=attention.kv_cache.dtype, device=device)
+
+    def _load_inputs(self, input_ids: list[int], positions: list[int], slot_mapping: list[int]) -> None:
+        """Copies a step's (padded) token ids, positions and KV slots into the static buffers, in one copy."""
+        inputs = torch.tensor([input_ids, positions, slot_mapping], dtype=torch.int64)
+        self.step_inputs[:, : len(input_ids)].copy_(inputs, non_blocking=True)
+
+    @contextlib.contextmanager
+    def _capturing(self):
+        """Yields (memory pool, side stream) for `_capture_one`. Capture largest first, all in one memory pool: a
+        smaller graph reuses the larger ones' intermediate buffers. Warm-up and capture run on one side stream, so
+        lazily created state (rotary tables, FlashInfer's modules and cached buffers, cuBLAS workspaces) exists for
+        it before capture begins."""
+        pool, stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(self.hidden.device)
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.inference_mode(), torch.cuda.stream(stream):
+            yield pool, stream
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+
+    def _capture_one(self, num_rows: int, attention, pool, stream) -> torch.cuda.CUDAGraph:
+        """The forward of the first num_rows rows through `attention` (planned for the loaded inputs), run once
+        eagerly as a warm-up, then captured."""
+        self._forward(num_rows, attention)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+            self._forward(num_rows, attention)
+        return graph
+
+    def _forward(self, num_rows: int, attention) -> None:
+        # The attention reads its page tables from its static buffers; the metadata gives the rows' KV slots (for
+        # the fused kernel that writes them) and counts the rows.
+        meta = AttentionMetadata([], self.slot_mapping[:num_rows], num_rows)
+        batch = ForwardBatch(positions=self.positions[:num_rows], meta=meta, attention=attention)
+        self.hidden[:num_rows] = self.model(self.input_ids[:num_rows], batch)
+
+
+class DecodeGraphs(_CapturedForwards):
     """The captured decode forwards of `model` over the FlashInfer backend's page pool, one per bucket, and with
     `cascade_min_saved_tokens` set a second graph per bucket of 2 or more rows whose attention is cascade decode
     (braidinfer.attention.cascade): a step whose sequences share prefix pages replays that one when the sharing
@@ -89,17 +149,10 @@ class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, attention: FlashInferAttention, batch_sizes: Sequence[int],
                  hidden_size: int, scratch_page: int, max_num_kv_indices: int,
                  cascade_min_saved_tokens: int | None = None):
-        self.model = model
         self.batch_sizes = sorted(batch_sizes)
-        self.page_size = attention.page_size
-        self.scratch_page = scratch_page
+        super().__init__(model, attention, self.batch_sizes[-1], hidden_size, scratch_page)
         self.max_num_kv_indices = max_num_kv_indices
         self.cascade_min_saved_tokens = cascade_min_saved_tokens
-        device, max_batch = attention.kv_cache.device, self.batch_sizes[-1]
-        # Token ids, positions and KV slots of the rows: one buffer, so a step's inputs are one host-to-device copy.
-        self.step_inputs = torch.zeros(3, max_batch, dtype=torch.int64, device=device)
-        self.input_ids, self.positions, self.slot_mapping = self.step_inputs.unbind(0)
-        self.hidden = torch.zeros(max_batch, hidden_size, dtype=attention.kv_cache.dtype, device=device)
         self.attention = attention.graph_decoders(self.batch_sizes, max_num_kv_indices)
         cascade_sizes = [b for b in self.batch_sizes if b >= 2] if cascade_min_saved_tokens is not None else []
         self.cascade = cascade_decoders(attention, cascade_sizes, max_num_kv_indices) if cascade_sizes else {}
@@ -120,7 +173,8 @@ class DecodeGraphs:
             return None
         cascade = self._cascade_step(positions, page_tables, batch_size)
         if cascade is not None:
-            self._load_inputs(input_ids, positions, page_tables, batch_size)
+            self._load_inputs(*pad_inputs(input_ids, positions, page_tables, self.page_size, batch_size,
+                                          self.scratch_page * self.page_size))
             self.cascade[batch_size].plan(cascade)
             graph = self.cascade_graphs[batch_size]
             self.num_cascade_replays += 1
@@ -145,61 +199,27 @@ class DecodeGraphs:
             return None
         return step
 
-    @torch.inference_mode()
     def _capture(self) -> None:
-        # Largest first, all in one memory pool: a smaller graph reuses the larger ones' intermediate buffers. Warm-up
-        # and capture run on one side stream, so lazily created state (rotary tables, FlashInfer's modules and
-        # cached buffers, cuBLAS workspaces) exists for it before capture begins.
-        pool, stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(self.hidden.device)
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+        with self._capturing() as (pool, stream):
             for b in reversed(self.batch_sizes):
                 self._load(pad_decode_batch([], [], [], self.page_size, b, self.scratch_page))  # all padding
                 self.graphs[b] = self._capture_one(b, self.attention[b], pool, stream)
                 if b in self.cascade:
                     self.cascade[b].plan(plan_cascade([], [], self.page_size, b, self.scratch_page, 0))
                     self.cascade_graphs[b] = self._capture_one(b, self.cascade[b], pool, stream)
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
-
-    def _capture_one(self, batch_size: int, attention, pool, stream) -> torch.cuda.CUDAGraph:
-        self._forward(batch_size, attention)  # warm-up, eager
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
-            self._forward(batch_size, attention)
-        return graph
-
-    def _forward(self, batch_size: int, attention) -> None:
-        # The attention reads its page tables from its static buffers; the metadata gives the rows' KV slots (for
-        # the fused kernel that writes them) and counts the rows.
-        meta = AttentionMetadata([], self.slot_mapping[:batch_size], batch_size)
-        batch = ForwardBatch(positions=self.positions[:batch_size], meta=meta, attention=attention)
-        self.hidden[:batch_size] = self.model(self.input_ids[:batch_size], batch)
 
     def _load(self, step: PaddedDecode) -> None:
         """Copies a step into the static buffers and plans its bucket's attention (never inside a capture)."""
         b = step.batch_size
-        self._copy_inputs(step.input_ids, step.positions, step.slot_mapping)
+        self._load_inputs(step.input_ids, step.positions, step.slot_mapping)
         self.attention[b].plan(step.kv_indptr, step.kv_indices, step.kv_last_page_len, positions=self.positions[:b])
-
-    def _load_inputs(self, input_ids: list[int], positions: list[int], page_tables: list[list[int]],
-                     batch_size: int) -> None:
-        """Copies a step's token ids, positions and KV slots, padded to batch_size rows as pad_decode_batch pads."""
-        ps, num_pad = self.page_size, batch_size - len(input_ids)
-        slots = [table[pos // ps] * ps + pos % ps for pos, table in zip(positions, page_tables)]
-        self._copy_inputs([*input_ids, *[0] * num_pad], [*positions, *[0] * num_pad],
-                          [*slots, *[self.scratch_page * ps] * num_pad])
-
-    def _copy_inputs(self, input_ids: list[int], positions: list[int], slot_mapping: list[int]) -> None:
-        inputs = torch.tensor([input_ids, positions, slot_mapping], dtype=torch.int64)
-        self.step_inputs[:, : len(input_ids)].copy_(inputs, non_blocking=True)
 
 
 PREFILL_GRAPH_TOKENS = (16, 32, 64, 128, 256)
 """Token-count buckets of the captured one-sequence prefills."""
 
 
-class PrefillGraphs:
+class PrefillGraphs(_CapturedForwards):
     """The captured forwards of one sequence's prefill of up to max(PREFILL_GRAPH_TOKENS) new tokens, one per
     token-count bucket: the question after a cached prefix or pinned chunk, a new chat turn, a short prompt. Such a
     step computes little, so run eagerly its cost is the launch of every kernel from Python; replayed, it is the GPU
@@ -209,14 +229,8 @@ class PrefillGraphs:
 
     def __init__(self, model: torch.nn.Module, attention: FlashInferAttention, hidden_size: int, scratch_page: int,
                  max_num_pages: int, token_counts: Sequence[int] = PREFILL_GRAPH_TOKENS):
-        self.model = model
         self.token_counts = sorted(token_counts)
-        self.page_size = attention.page_size
-        self.scratch_page = scratch_page
-        device, max_rows = attention.kv_cache.device, self.token_counts[-1]
-        self.step_inputs = torch.zeros(3, max_rows, dtype=torch.int64, device=device)  # ids, positions, KV slots
-        self.input_ids, self.positions, self.slot_mapping = self.step_inputs.unbind(0)
-        self.hidden = torch.zeros(max_rows, hidden_size, dtype=attention.kv_cache.dtype, device=device)
+        super().__init__(model, attention, self.token_counts[-1], hidden_size, scratch_page)
         self.attention = attention.graph_prefills(self.token_counts, max_num_pages)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.num_replays = 0
@@ -229,35 +243,16 @@ class PrefillGraphs:
         num_rows = bucket_for(len(input_ids), self.token_counts)
         if num_rows is None:
             return None
-        ps, num_pad = self.page_size, num_rows - len(input_ids)
-        slots = [page_table[p // ps] * ps + p % ps for p in positions]
-        self._load([*input_ids, *[0] * num_pad], [*positions, *[0] * num_pad], [*slots, *[-1] * num_pad])
+        self._load_inputs(*pad_inputs(input_ids, positions, [page_table] * len(positions), self.page_size, num_rows,
+                                      pad_slot=-1))
         self.attention[num_rows].plan(len(input_ids), page_table, positions[-1] + 1, self.scratch_page)
         self.graphs[num_rows].replay()
         self.num_replays += 1
         return self.hidden[: len(input_ids)]
 
-    @torch.inference_mode()
     def _capture(self) -> None:
-        pool, stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(self.hidden.device)
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+        with self._capturing() as (pool, stream):
             for n in reversed(self.token_counts):
-                self._load([0] * n, [0] * n, [-1] * n)  # all padding
+                self._load_inputs(*pad_inputs([], [], [], self.page_size, n, pad_slot=-1))  # all padding
                 self.attention[n].plan(0, [self.scratch_page], 1, self.scratch_page)
-                self._forward(n)  # warm-up, eager
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
-                    self._forward(n)
-                self.graphs[n] = graph
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
-
-    def _forward(self, num_rows: int) -> None:
-        meta = AttentionMetadata([], self.slot_mapping[:num_rows], num_rows)
-        batch = ForwardBatch(positions=self.positions[:num_rows], meta=meta, attention=self.attention[num_rows])
-        self.hidden[:num_rows] = self.model(self.input_ids[:num_rows], batch)
-
-    def _load(self, input_ids: list[int], positions: list[int], slot_mapping: list[int]) -> None:
-        inputs = torch.tensor([input_ids, positions, slot_mapping], dtype=torch.int64)
-        self.step_inputs[:, : len(input_ids)].copy_(inputs, non_blocking=True)
+                self.graphs[n] = self._capture_one(n, self.attention[n], pool, stream)

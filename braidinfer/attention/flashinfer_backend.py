@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from braidinfer.attention.metadata import AttentionMetadata
+from braidinfer.attention.torch_backend import write_kv
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
@@ -163,15 +164,11 @@ class FlashInferGraphDecode:
         self._planned_indptr: list[int] | None = None  # the page counts the wrapper's schedule was planned for
 
     def plan(self, kv_indptr: list[int], kv_indices: list[int], kv_last_page_len: list[int],
-             positions: torch.Tensor | None = None) -> None:
+             positions: torch.Tensor) -> None:
         """The next replay's page tables in FlashInfer's CSR form: kv_indptr [b + 1], kv_indices [kv_indptr[-1]],
-        kv_last_page_len [b] in [1, page_size]. Row i's new token is the last of its KV; `positions` [b] (on the
-        device) are those tokens' positions when the caller has them, else they are derived from the page counts.
-        Must run outside capture, before each replay (or the eager warm-up run)."""
+        kv_last_page_len [b] in [1, page_size]. Row i's new token is the last of its KV, at positions[i] ([b], on
+        the device). Must run outside capture, before each replay (or the eager warm-up run)."""
         b, max_batch = self.batch_size, len(self._buffers.kv_last_page_len)
-        if positions is None:
-            positions = torch.tensor(last_token_positions(kv_indptr, kv_last_page_len, self.page_size),
-                                     dtype=torch.int32).to(self.kv_cache.device, non_blocking=True)
         self._kv_positions.copy_(positions, non_blocking=True)
         if kv_indptr == self._planned_indptr:
             # Same schedule: one copy of [indptr | last_page_len (at its offset) | indices] into the static tables.
@@ -261,22 +258,12 @@ class FlashInferGraphPrefill:
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata):
         """q: [num_rows, num_qo_heads, head_dim]; k, v: [num_rows, num_kv_heads, head_dim]. Writes the new K/V at
         meta.slot_mapping (padding rows: -1, the last slot of the pool's last page, the scratch page), then attends."""
-        cache = self.kv_cache[layer]  # (pages, 2, kvh, ps, hd)
-        pages, offsets = meta.slot_mapping // self.page_size, meta.slot_mapping % self.page_size
-        cache[pages, 0, :, offsets] = k
-        cache[pages, 1, :, offsets] = v
+        write_kv(self.kv_cache[layer], meta.slot_mapping, k, v)
         return self.attend(layer, q, meta)
 
     def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Attention only: the new K/V are already in the pool (the fused kernel skips the padding rows' slots)."""
         return self._wrapper.run(q, self.kv_cache[layer])
-
-
-def last_token_positions(kv_indptr: list[int], kv_last_page_len: list[int], page_size: int) -> list[int]:
-    """Position of each sequence's last KV token [B] from its CSR page counts (kv_indptr [B + 1]) and last-page
-    fill (kv_last_page_len [B])."""
-    return [(kv_indptr[i + 1] - kv_indptr[i] - 1) * page_size + kv_last_page_len[i] - 1
-            for i in range(len(kv_last_page_len))]
 
 
 def _host_arrays(meta: AttentionMetadata, page_size: int) -> dict[str, torch.Tensor]:

@@ -20,11 +20,7 @@ class TorchAttention:
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata):
         """q: [T, num_qo_heads, head_dim]; k, v: [T, num_kv_heads, head_dim] -> out: [T, num_qo_heads, head_dim]."""
-        cache = self.kv_cache[layer]  # (pages, 2, kvh, ps, hd)
-        pages = meta.slot_mapping // self.page_size
-        offsets = meta.slot_mapping % self.page_size
-        cache[pages, 0, :, offsets] = k.to(cache.dtype)
-        cache[pages, 1, :, offsets] = v.to(cache.dtype)
+        write_kv(self.kv_cache[layer], meta.slot_mapping, k, v)
         return self.attend(layer, q, meta)
 
     def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -48,6 +44,15 @@ class TorchAttention:
         kv = cache[page_table]  # (P, 2, kvh, ps, hd)
         kv = kv.permute(1, 2, 0, 3, 4).flatten(2, 3)  # (2, kvh, P * ps, hd)
         return kv[0, :, :context_len], kv[1, :, :context_len]
+
+
+def write_kv(cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Writes k, v [T, kv_heads, head_dim] into one layer's pool [pages, 2, kv_heads, page_size, head_dim] at
+    slot_mapping [T] (page * page_size + offset; a slot of -1 lands in the pool's last slot)."""
+    page_size = cache.shape[3]
+    pages, offsets = slot_mapping // page_size, slot_mapping % page_size
+    cache[pages, 0, :, offsets] = k.to(cache.dtype)
+    cache[pages, 1, :, offsets] = v.to(cache.dtype)
 
 
 def _causal_mask(q_len: int, context_len: int, device) -> torch.Tensor | None:

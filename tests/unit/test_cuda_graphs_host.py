@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from braidinfer.attention import AttentionMetadata, SeqSpan
-from braidinfer.attention.flashinfer_backend import _host_arrays, last_token_positions
+from braidinfer.attention.flashinfer_backend import _host_arrays
 from braidinfer.config import EngineConfig
 from braidinfer.cuda_graphs import MAX_GRAPH_BATCH_SIZE, bucket_for, graph_batch_sizes, pad_decode_batch
 from braidinfer.models.config import ModelConfig
@@ -108,7 +108,9 @@ def test_append_positions_follow_from_the_page_tables(seed):
     rng, page_size = random.Random(seed), PAGE_SIZES[seed]
     ids, positions, tables = _random_decode(rng, rng.randrange(1, 30), page_size, num_pages=300)
     step = pad_decode_batch(ids, positions, tables, page_size, bucket_for(len(ids), graph_batch_sizes(32)), 300)
-    assert last_token_positions(step.kv_indptr, step.kv_last_page_len, page_size) == step.positions
+    from_tables = [(step.kv_indptr[r + 1] - step.kv_indptr[r] - 1) * page_size + step.kv_last_page_len[r] - 1
+                   for r in range(len(step.kv_last_page_len))]
+    assert from_tables == step.positions
     for r, pos in enumerate(step.positions):
         table = tables[r] if r < len(ids) else [300]
         assert step.slot_mapping[r] == table[pos // page_size] * page_size + pos % page_size
