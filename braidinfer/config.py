@@ -51,6 +51,11 @@ class EngineConfig(BaseModel):
     head; other steps run plain paged decode. Off: every step runs plain paged decode."""
     cascade_min_saved_tokens: int = Field(16384, ge=0)
     """The least sharing, in KV tokens read once instead of repeatedly, for which a step runs cascade decode."""
+    async_scheduling: bool | None = None
+    """Queue each step on the device before appending the previous step's tokens on the host, so that the host's
+    work (scheduling, detokenizing, streaming) overlaps the GPU's; requests with penalties, grammars or logprobs
+    still take their steps one at a time. A request that stops on a token has one more token computed, dropped.
+    None (the default): on with CUDA, off on the CPU (where nothing overlaps)."""
     fused_kernels: bool = True
     """Use the Triton kernels of `kernels/` for RMSNorm (with the residual add) and SiLU-and-mul on CUDA (the CPU
     always runs the PyTorch path). They keep the PyTorch path's rounding points; only the order of RMSNorm's sum

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -164,10 +164,12 @@ class DecodeGraphs(_CapturedForwards):
         """Of those, the steps that ran cascade decode."""
         self._capture()
 
-    def run(self, input_ids: list[int], positions: list[int], page_tables: list[list[int]]) -> torch.Tensor | None:
+    def run(self, input_ids: list[int], positions: list[int], page_tables: list[list[int]],
+            ready: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor | None:
         """Final hidden states [B, hidden] of a decode step of B sequences (see pad_decode_batch for the arguments),
-        or None when it fits no graph (the caller runs it eagerly). The result is a view of a static buffer that
-        the next run overwrites."""
+        or None when it fits no graph (the caller runs it eagerly). `ready(token id buffer)` runs once the inputs
+        are loaded and the attention planned, before the replay (to fill in token ids only the device has). The
+        result is a view of a static buffer that the next run overwrites."""
         batch_size = bucket_for(len(input_ids), self.batch_sizes)
         if batch_size is None:
             return None
@@ -184,6 +186,8 @@ class DecodeGraphs(_CapturedForwards):
                 return None
             self._load(step)
             graph = self.graphs[batch_size]
+        if ready is not None:
+            ready(self.input_ids[:batch_size])
         graph.replay()
         self.num_replays += 1
         return self.hidden[: len(input_ids)]
@@ -237,15 +241,19 @@ class PrefillGraphs(_CapturedForwards):
         """Prefill steps run through a graph so far."""
         self._capture()
 
-    def run(self, input_ids: list[int], positions: list[int], page_table: list[int]) -> torch.Tensor | None:
+    def run(self, input_ids: list[int], positions: list[int], page_table: list[int],
+            ready: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor | None:
         """Final hidden states [T, hidden] of one sequence's T new tokens at `positions` (consecutive, ending its
-        KV), its KV in `page_table`; or None when T fits no bucket. A view of a static buffer."""
+        KV), its KV in `page_table`; or None when T fits no bucket. `ready`: as for DecodeGraphs.run. A view of a
+        static buffer."""
         num_rows = bucket_for(len(input_ids), self.token_counts)
         if num_rows is None:
             return None
         self._load_inputs(*pad_inputs(input_ids, positions, [page_table] * len(positions), self.page_size, num_rows,
                                       pad_slot=-1))
         self.attention[num_rows].plan(len(input_ids), page_table, positions[-1] + 1, self.scratch_page)
+        if ready is not None:
+            ready(self.input_ids[:num_rows])
         self.graphs[num_rows].replay()
         self.num_replays += 1
         return self.hidden[: len(input_ids)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from dataclasses import dataclass
 from collections.abc import Callable
 from typing import Any
 
@@ -22,9 +23,9 @@ from braidinfer.models import ModelConfig, model_class
 from braidinfer.outputs import CompletionChunk, Usage
 from braidinfer.penalties import apply_penalties
 from braidinfer.runner import ModelRunner
-from braidinfer.sampler import Sampler, make_generator
+from braidinfer.sampler import HostTokens, Sampler, SamplerOutput, make_generator
 from braidinfer.sampling_params import SamplingParams
-from braidinfer.scheduler import Scheduler
+from braidinfer.scheduler import ScheduledBatch, Scheduler
 from braidinfer.sequence import Sequence
 from braidinfer.weights import load_model
 
@@ -59,6 +60,9 @@ class LLMEngine:
         self.generator = make_generator(config.seed, self.device)
         self.requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
+        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
+                                 else self.device.type == "cuda")
+        self._in_flight: _Step | None = None  # a launched step whose tokens are not appended yet
 
     # --- requests --------------------------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
@@ -161,11 +165,33 @@ class LLMEngine:
             self._finish(seq, "abort", "")
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._in_flight is not None
 
     # --- the step ---------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> None:
+        """Schedule -> run the model -> sample -> append the sampled tokens.
+
+        With asynchronous scheduling a step whose sampled requests need nothing of their previous token on the host
+        (no penalties, grammar or logprobs) is left in flight: its tokens are appended during the next step, once
+        that step's work is queued behind it on the device (its rows read their input tokens there), so the host's
+        work overlaps the GPU's. A request that ends on such a token has had one more token computed, dropped."""
+        in_flight, self._in_flight = self._in_flight, None
+        try:
+            step = self._launch(in_flight)
+        finally:
+            if in_flight is not None:
+                self._process(in_flight)
+        if step is None:
+            return
+        self._advance(step.batch)
+        if self.async_scheduling and step.deferrable:
+            self._in_flight = step
+        else:
+            self._process(step)
+
+    def _launch(self, in_flight: _Step | None) -> _Step | None:
+        """Schedules the next batch and queues its forward and sampling; nothing waits for the device."""
         batch = self.scheduler.schedule()
         for seq, reason in self.scheduler.take_rejected():
             self.fail(seq, OutOfPagesError(reason))
@@ -173,46 +199,70 @@ class LLMEngine:
             self._compose(seq)
         batch.drop_finished()
         if not batch:
-            return
-        logits, sample_idx = self.runner.run(batch)
+            return None
+        pending = in_flight.sampled_rows() if in_flight is not None else {}
+        rows = [pending.get(id(seq)) for seq in batch.seqs]
+        logits, sample_idx = self.runner.run(batch, in_flight.tokens.device_ids if pending else None, rows)
+        sampled, token_ids, logprobs = self._sample(logits, [batch.seqs[i] for i in sample_idx])
+        for seq in sampled:
+            seq.num_pending_tokens += 1
+        return _Step(batch, sampled, HostTokens(token_ids) if sampled else None, logprobs)
+
+    def _advance(self, batch: ScheduledBatch) -> None:
+        """The batch's KV is computed (or queued): count it, publish full pages, pin finished chunk prefills."""
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            if seq.is_finished:  # ended by its previous token, processed after this step was launched
+                continue
             seq.num_computed_tokens += n
             self.scheduler.commit(seq)
             if seq.prefill_only and seq.num_computed_tokens == seq.num_tokens:
                 self._pin(seq)
-        if not sample_idx:
+
+    def _process(self, step: _Step) -> None:
+        """Appends a step's sampled tokens (waiting for them to reach the host)."""
+        if step.tokens is None:
             return
-        for seq, token, lp in self._sample(logits, [batch.seqs[i] for i in sample_idx]):
+        for seq, token, lp in zip(step.sampled, step.tokens.get(), step.logprobs):
+            seq.num_pending_tokens -= 1
+            if seq.is_finished:  # aborted, failed, or ended by the token before
+                continue
             try:
                 self._append(seq, token, lp)
             except Exception as e:  # this request's postprocessing (detokenizer, grammar) broke: it alone ends
                 log.exception("request %s failed", seq.request_id)
                 self.fail(seq, e)
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[Sequence, int, Any]]:
-        """(seq, token id, logprobs) per sequence. logits: [len(seqs), vocab]. When the batch fails, each row is
-        sampled again alone, so only the requests whose own sampling breaks (penalties, grammar, sampler) end."""
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[Sequence], torch.Tensor, list]:
+        """(the sequences sampled, their token ids [n] on the device, their logprobs). logits: [len(seqs), vocab].
+        When the batch fails, each row is sampled again alone, so only the requests whose own sampling breaks
+        (penalties, grammar, sampler) end."""
+        if not seqs:
+            return [], logits.new_empty(0, dtype=torch.int64), []
         # Penalties and grammar masks write into the logits: keep the model's for a retry when any row has them.
         raw = logits.clone() if any(s.params.penalized or s.matcher is not None for s in seqs) else logits
         try:
-            return self._sample_rows(logits, seqs)
+            out = self._sample_rows(logits, seqs)
+            return seqs, out.token_ids, out.logprobs
         except Exception:
             log.exception("sampling a batch of %d failed; sampling its rows one at a time", len(seqs))
-        sampled = []
+        sampled, token_ids, logprobs = [], [], []
         for i, seq in enumerate(seqs):
             try:
-                sampled += self._sample_rows(raw[i : i + 1], [seq])
+                out = self._sample_rows(raw[i : i + 1], [seq])
             except Exception as e:
                 log.exception("request %s failed", seq.request_id)
                 self.fail(seq, e)
-        return sampled
+                continue
+            sampled.append(seq)
+            token_ids.append(out.token_ids)
+            logprobs += out.logprobs
+        return sampled, torch.cat(token_ids) if token_ids else logits.new_empty(0, dtype=torch.int64), logprobs
 
-    def _sample_rows(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[Sequence, int, Any]]:
+    def _sample_rows(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         apply_penalties(logits, [s.params for s in seqs], [s.token_ids for s in seqs],
                         [s.num_prompt_tokens for s in seqs])
         apply_token_masks(logits, [s.matcher for s in seqs])
-        out = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        return list(zip(seqs, out.token_id_list(), out.logprobs))
+        return self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
 
     def _compose(self, seq: Sequence) -> None:
         """Copies a composed prompt's chunk KV into its freshly reserved pages (fails it if a chunk is gone)."""
@@ -253,7 +303,7 @@ class LLMEngine:
         else:
             delta, stopped = det.add(token)
             reason = "stop" if stopped else None
-            if reason is None and (seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len):
+            if reason is None and (seq.num_output_tokens >= seq.max_tokens or len(seq.token_ids) >= self.max_model_len):
                 reason, delta = "length", delta + det.flush()
         if reason is None:
             self._emit(seq, delta, [token], logprobs)
@@ -308,6 +358,26 @@ class LLMEngine:
         activations += self.config.max_num_seqs * c.vocab_size * 4 * 3
         budget = total * self.config.gpu_memory_utilization - (total - free) - activations
         return max(1, int(budget // self.page_bytes()))
+
+
+@dataclass
+class _Step:
+    """A launched step: its batch, the sequences that sampled (row order) and their tokens on the way to the host."""
+
+    batch: ScheduledBatch
+    sampled: list[Sequence]
+    tokens: HostTokens | None
+    logprobs: list
+
+    @property
+    def deferrable(self) -> bool:
+        """Whether the next step may be launched before these tokens are on the host: no sampled request needs its
+        previous token there to sample the next (penalties, grammar) or asks for logprobs."""
+        return all(s.params.logprobs is None and not s.params.penalized and s.matcher is None for s in self.sampled)
+
+    def sampled_rows(self) -> dict[int, int]:
+        """id(sequence) -> its row in `tokens`."""
+        return {id(seq): i for i, seq in enumerate(self.sampled)}
 
 
 def _pick_device(device: str | None) -> torch.device:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -46,9 +47,10 @@ class ModelRunner:
                           else TorchAttention(self.kv_cache, scale))
         self._plan = getattr(self.attention, "plan", None)  # backends that plan once per step for all layers
         # FlashInfer's plan() stages its schedule in pinned host memory and copies it to the device asynchronously,
-        # so a step must not be planned before the GPU has taken the previous step's copy. Steps that sample wait
-        # for their tokens anyway; after one that does not (a prefill-only step), the next waits on this event.
-        self._unfinished: torch.cuda.Event | None = None
+        # so a step must not be planned before the GPU has taken the previous step's copy: with asynchronous
+        # scheduling the host runs a step ahead. Each step records this event once its inputs are loaded and its
+        # attention planned (just before its forward); the next step waits on it before planning.
+        self._planned: torch.cuda.Event | None = None
         self.graphs = (self._capture_graphs(cfg, num_pages, max_num_seqs, cascade_min_saved_tokens) if use_graphs
                        else None)
         self.prefill_graphs = (PrefillGraphs(self.model, self.attention, cfg.hidden_size, scratch_page=num_pages,
@@ -56,43 +58,64 @@ class ModelRunner:
                                if use_graphs else None)
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
+    def run(self, batch: ScheduledBatch, pending_tokens: torch.Tensor | None = None,
+            pending_rows: list[int | None] | None = None) -> tuple[torch.Tensor, list[int]]:
         """Computes the batch's new tokens. Returns logits [N, vocab] float32 for the N sequences whose every token now
-        has KV (they sample next; prefill-only sequences never do), and the indices of those sequences in the batch."""
-        if self._unfinished is not None:
-            self._unfinished.synchronize()
-            self._unfinished = None
+        has KV (they sample next; prefill-only sequences never do), and the indices of those sequences in the batch.
+
+        A sequence whose last token is still on the device (sampled by the step in flight, see Sequence) reads it
+        from pending_tokens[pending_rows[i]], i its index in the batch."""
+        if self._planned is not None:
+            self._planned.synchronize()
+            self._planned = None
         input_ids, positions, sample_rows, sample_idx = [], [], [], []
+        device_rows, source_rows = [], []  # input rows whose token is read from pending_tokens, and from which row
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            input_ids.extend(seq.token_ids[start:end])
+            known = seq.token_ids[start:end]
+            input_ids.extend(known)
+            if len(known) < n:
+                if len(known) != n - 1 or pending_rows is None or pending_rows[i] is None:
+                    raise RuntimeError(f"request {seq.request_id}: token {len(seq.token_ids)} is neither on the host "
+                                       "nor pending on the device")
+                device_rows.append(len(input_ids))
+                source_rows.append(pending_rows[i])
+                input_ids.append(0)  # replaced on the device
             positions.extend(range(start, end))
             if end == seq.num_tokens and not seq.prefill_only:
                 sample_rows.append(len(input_ids) - 1)
                 sample_idx.append(i)
+        patch = _RowCopy(device_rows, pending_tokens, source_rows) if device_rows else None
         try:
-            hidden = self._hidden(batch, input_ids, positions)
-            if not sample_rows:
-                self._mark_unfinished()
-                return hidden.new_empty(0, 0, dtype=torch.float32), []
-            return self.model.compute_logits(hidden[self._tensor(sample_rows)]), sample_idx
+            hidden = self._hidden(batch, input_ids, positions, lambda ids: self._ready(ids, patch))
         except BaseException:
-            self._mark_unfinished()  # the work it queued before failing must be done before the next plan
+            self._ready(None, None)  # whatever it planned before failing must reach the device first
             raise
+        if not sample_rows:
+            return hidden.new_empty(0, 0, dtype=torch.float32), []
+        if len(sample_rows) < len(input_ids):  # (a decode-only step samples every row: no gather)
+            hidden = hidden[self._tensor(sample_rows)]
+        return self.model.compute_logits(hidden), sample_idx
 
-    def _hidden(self, batch: ScheduledBatch, input_ids: list[int], positions: list[int]) -> torch.Tensor:
-        """Final hidden states [T, hidden]: through a captured graph where one fits the step, else eagerly."""
+    def _hidden(self, batch: ScheduledBatch, input_ids: list[int], positions: list[int],
+                ready: Callable[[torch.Tensor], None]) -> torch.Tensor:
+        """Final hidden states [T, hidden]: through a captured graph where one fits the step, else eagerly. Each
+        path calls `ready(input ids on the device)` once the inputs are loaded and the attention planned."""
         hidden = None
         if self.graphs is not None and all(n == 1 for n in batch.num_new_tokens):  # decode-only
-            hidden = self.graphs.run(input_ids, positions, [seq.page_table for seq in batch.seqs])
+            hidden = self.graphs.run(input_ids, positions, [seq.page_table for seq in batch.seqs], ready)
         elif self.prefill_graphs is not None and len(batch) == 1:  # one sequence's prefill (or chunk of one)
-            hidden = self.prefill_graphs.run(input_ids, positions, batch.seqs[0].page_table)
-        return hidden if hidden is not None else self._forward(batch, input_ids, positions)
+            hidden = self.prefill_graphs.run(input_ids, positions, batch.seqs[0].page_table, ready)
+        return hidden if hidden is not None else self._forward(batch, input_ids, positions, ready)
 
-    def _mark_unfinished(self) -> None:
+    def _ready(self, input_ids: torch.Tensor | None, patch: _RowCopy | None) -> None:
+        """The step's inputs are on the device and its attention planned: fill in the tokens only the device has,
+        and mark the point the next step's plan must wait for."""
+        if patch is not None:
+            patch(input_ids)
         if self.device.type == "cuda":
-            self._unfinished = torch.cuda.Event()
-            self._unfinished.record()
+            self._planned = torch.cuda.Event()
+            self._planned.record()
 
     def _capture_graphs(self, cfg: ModelConfig, num_pages: int, max_num_seqs: int,
                         cascade_min_saved_tokens: int | None) -> DecodeGraphs:
@@ -104,7 +127,8 @@ class ModelRunner:
     def _max_pages_per_seq(self, cfg: ModelConfig, num_pages: int) -> int:
         return min(num_pages, -(-cfg.max_position_embeddings // self.page_size))  # the context fits both
 
-    def _forward(self, batch: ScheduledBatch, input_ids: list[int], positions: list[int]) -> torch.Tensor:
+    def _forward(self, batch: ScheduledBatch, input_ids: list[int], positions: list[int],
+                 ready: Callable[[torch.Tensor], None]) -> torch.Tensor:
         """The eager forward: final hidden states [T, hidden] of the batch's new tokens."""
         slots, spans, ps = [], [], self.page_size
         for seq, n, table in zip(batch.seqs, batch.num_new_tokens, self._page_tables(batch)):
@@ -116,7 +140,9 @@ class ModelRunner:
         if self._plan is not None:
             self._plan(meta)
         fb = ForwardBatch(positions=self._tensor(positions), meta=meta, attention=self.attention)
-        return self.model(self._tensor(input_ids), fb)
+        ids = self._tensor(input_ids)
+        ready(ids)
+        return self.model(ids, fb)
 
     @torch.inference_mode()
     def copy_composed(self, seq) -> None:
@@ -142,6 +168,21 @@ class ModelRunner:
         # One host-to-device copy for all page tables, then views per sequence.
         flat = self._tensor([p for seq in batch.seqs for p in seq.page_table])
         return list(flat.split([len(seq.page_table) for seq in batch.seqs]))
+
+
+class _RowCopy:
+    """dst[rows] = src[source_rows] on the device: a step's input tokens that the step before sampled."""
+
+    def __init__(self, rows: list[int], src: torch.Tensor, source_rows: list[int]):
+        self.rows, self.src, self.source_rows = rows, src, source_rows
+
+    def __call__(self, dst: torch.Tensor) -> None:
+        n = len(self.rows)
+        if self.rows == self.source_rows == list(range(n)):  # a decode batch in the previous step's order
+            dst[:n].copy_(self.src[:n])
+            return
+        index = torch.tensor([self.rows, self.source_rows], dtype=torch.int64).to(dst.device, non_blocking=True)
+        dst[index[0]] = self.src[index[1]]
 
 
 def _backend_name(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:

@@ -35,16 +35,32 @@ class SamplerOutput:
     logprobs: list[TokenLogprobs | None]
 
     def token_id_list(self) -> list[int]:
-        """The sampled ids on the host. On CUDA they come through pinned memory and the wait is on an event, which
-        releases the GIL: threads reading the streams run while the GPU finishes (a blocking copy would hold it)."""
-        if self.token_ids.device.type != "cuda":
-            return self.token_ids.tolist()
-        host = torch.empty(self.token_ids.shape, dtype=self.token_ids.dtype, pin_memory=True)
-        host.copy_(self.token_ids, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        done.synchronize()
-        return host.tolist()
+        """The sampled ids on the host (waits for them; see HostTokens)."""
+        return HostTokens(self.token_ids).get()
+
+
+class HostTokens:
+    """Sampled token ids on their way to the host: the copy is queued at construction, `get` waits for it.
+
+    On CUDA they come through pinned memory and the wait is on an event, which releases the GIL: threads reading the
+    streams run while the GPU finishes (a blocking copy would hold it), and the engine can queue the next step first.
+    """
+
+    def __init__(self, token_ids: torch.Tensor):
+        self.device_ids = token_ids
+        self._copied: torch.cuda.Event | None = None
+        if token_ids.device.type == "cuda":
+            self._host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
+            self._host.copy_(token_ids, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        else:
+            self._host = token_ids
+
+    def get(self) -> list[int]:
+        if self._copied is not None:
+            self._copied.synchronize()
+        return self._host.tolist()
 
 
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:

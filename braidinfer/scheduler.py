@@ -71,6 +71,9 @@ class Scheduler:
         preempted, i = False, 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.num_pending_tokens and seq.num_output_tokens + seq.num_pending_tokens >= seq.max_tokens:
+                i += 1  # its last token is on the way: nothing more to compute
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self._reserve(seq, seq.num_computed_tokens + n):
                 preempted = True
@@ -89,6 +92,8 @@ class Scheduler:
     def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.num_pending_tokens:  # preempted with a token in flight: admitted once it is on the host
+                break
             fresh = not seq.page_table
             if fresh:
                 if seq.private:  # no cache lookup; a composed prompt's chunks are copied in (take_composing)

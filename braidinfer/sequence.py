@@ -16,7 +16,13 @@ class SequenceStatus(enum.Enum):
 
 
 class Sequence:
-    """token_ids = prompt + output. KV exists for token_ids[:num_computed_tokens], in page_table's pages."""
+    """token_ids = prompt + output. KV exists for token_ids[:num_computed_tokens], in page_table's pages.
+
+    With asynchronous scheduling the next step is launched before the host has the tokens of the step in flight:
+    `num_pending_tokens` output tokens are then known only on the device (they count in `num_tokens`, so the
+    scheduler plans their KV, and the runner reads them from the device), and are appended to token_ids when the
+    step is processed.
+    """
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: Any, max_tokens: int,
                  sink: Callable[[Any], None] | None = None, prefill_only: bool = False):
@@ -29,6 +35,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.num_computed_tokens = 0
+        self.num_pending_tokens = 0
         self.num_cached_prompt_tokens: int | None = None  # set at first admission, for usage
         self.page_table: list[int] = []
         self.num_committed_pages = 0
@@ -49,7 +56,8 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        """Tokens so far, those still on the device included."""
+        return len(self.token_ids) + self.num_pending_tokens
 
     @property
     def num_composed_tokens(self) -> int:
@@ -58,6 +66,7 @@ class Sequence:
 
     @property
     def num_output_tokens(self) -> int:
+        """Output tokens on the host (pending ones not counted)."""
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property

@@ -90,12 +90,12 @@ def test_an_oom_in_a_mixed_step_fails_that_step_alone(llm, monkeypatch):
     want = _solo(llm, prompts, params)
     run, faulted = llm.engine.runner.run, []
 
-    def oom_in_a_mixed_step(batch):
+    def oom_in_a_mixed_step(batch, *pending):
         prefill, decode = any(n > 1 for n in batch.num_new_tokens), any(n == 1 for n in batch.num_new_tokens)
         if prefill and decode and not faulted:
             faulted.extend(prompts.index(seq.token_ids[: seq.num_prompt_tokens]) for seq in batch.seqs)
             _allocate_too_much()
-        return run(batch)
+        return run(batch, *pending)
 
     monkeypatch.setattr(llm.engine.runner, "run", oom_in_a_mixed_step)
     results = _run_together(llm, prompts, params)
@@ -122,12 +122,12 @@ def test_an_oom_in_a_cuda_graph_decode_step_fails_it_and_the_graphs_keep_serving
     if moment == "before the replay":
         run = llm.engine.runner.run
 
-        def oom(batch):
+        def oom(batch, *pending):
             if len(batch) == 3 and all(n == 1 for n in batch.num_new_tokens):
                 decode_steps.append(True)
                 if len(decode_steps) == 2:
                     _allocate_too_much()
-            return run(batch)
+            return run(batch, *pending)
 
         monkeypatch.setattr(llm.engine.runner, "run", oom)
     else:

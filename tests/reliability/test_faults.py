@@ -241,11 +241,11 @@ def test_an_out_of_memory_error_in_the_forward_fails_that_step_and_the_engine_ke
     expected = [o.text for o in tiny.generate(prompts, GREEDY)]
     run, calls = tiny.engine.runner.run, []
 
-    def oom_once(batch):
+    def oom_once(batch, *pending):
         calls.append(len(batch))
         if len(calls) == 1:
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return run(batch)
+        return run(batch, *pending)
 
     monkeypatch.setattr(tiny.engine.runner, "run", oom_once)
     results = _run_all(tiny, prompts, [GREEDY] * 3)
@@ -264,11 +264,11 @@ def test_a_failing_step_fails_only_the_requests_it_ran(tiny_llama, monkeypatch):
         expected = [o.text for o in llm.generate(prompts, GREEDY)]
         run, ran = llm.engine.runner.run, []
 
-        def oom_first(batch):
+        def oom_first(batch, *pending):
             if not ran:
                 ran.append([seq.request_id for seq in batch.seqs])
                 raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-            return run(batch)
+            return run(batch, *pending)
 
         monkeypatch.setattr(llm.engine.runner, "run", oom_first)
         results = _run_all(llm, prompts, [GREEDY] * 4)
