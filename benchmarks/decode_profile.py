@@ -1,9 +1,11 @@
 """Where the time of one batch-1 decode step goes, for a Qwen3-0.6B-shaped model with random bf16 weights on CUDA.
 
     BRAID_TEST_TOKENIZER=/path/to/tokenizer python benchmarks/decode_profile.py [--context 512] [--steps 256]
+        [--compare-gemv]
 
 Prints, from the same run:
-- the GPU time of the captured decode forward alone (graph replays back to back) and of the logits;
+- the GPU time of the captured decode forward alone (graph replays back to back) and of the logits; with
+  --compare-gemv also that of an engine whose model runs the fused kernels without the GEMV decode path;
 - the engine's own step (schedule, forward, sample, detokenize) driven directly, without the loop thread;
 - the same decode through `LLM.stream_chunks` (loop thread + channel to the caller), as users see it;
 - a cProfile of the engine steps (the Python functions that cost the most).
@@ -11,6 +13,7 @@ Prints, from the same run:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import os
@@ -45,6 +48,20 @@ def gpu_replay_ms(engine, iters: int = 200) -> tuple[float, float]:
     return replay, start.elapsed_time(end) / iters
 
 
+@contextlib.contextmanager
+def gemv_decode_path_off():
+    """Models built inside use the fused kernels but not the GEMV decode path (LlamaDecoderLayer.forward_gemv);
+    the engine switches the kernels on without arguments, so its call is redirected here, for the comparison."""
+    from braidinfer.models.llama import LlamaForCausalLM
+
+    use = LlamaForCausalLM.use_fused_kernels
+    LlamaForCausalLM.use_fused_kernels = lambda self, enabled=True: use(self, enabled, gemv=False)
+    try:
+        yield
+    finally:
+        LlamaForCausalLM.use_fused_kernels = use
+
+
 def engine_steps(engine, prompt: list[int], steps: int, profile: cProfile.Profile | None = None) -> float:
     """Decode tok/s of one greedy request driven by calling engine.step() in this thread."""
     from braidinfer import SamplingParams
@@ -69,6 +86,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=512, help="prompt length in tokens")
     ap.add_argument("--steps", type=int, default=256, help="decode steps per measurement")
     ap.add_argument("--top", type=int, default=30, help="cProfile rows to print")
+    ap.add_argument("--compare-gemv", action="store_true", help="also time the graph without the GEMV decode path")
     args = ap.parse_args()
     tokenizer_dir = os.environ.get("BRAID_TEST_TOKENIZER")
     if not tokenizer_dir or not torch.cuda.is_available():
@@ -82,8 +100,16 @@ def main() -> None:
         build_model(path, tokenizer_dir)  # saved to `path`; the transformers copy is dropped
         torch.cuda.empty_cache()
         pages = 4 * (args.context + args.steps) // 16 + 64
-        engine = LLMEngine(EngineConfig(model=path, device="cuda", dtype="bfloat16", num_kv_pages=pages,
-                                        progress=False))
+        config = EngineConfig(model=path, device="cuda", dtype="bfloat16", num_kv_pages=pages, progress=False)
+        without_gemv = None
+        if args.compare_gemv:
+            with gemv_decode_path_off():
+                engine = LLMEngine(config)
+            engine_steps(engine, random_prompt(args.context, 1), 16)  # warm-up
+            without_gemv = gpu_replay_ms(engine)
+            del engine
+            torch.cuda.empty_cache()
+        engine = LLMEngine(config)
         engine_steps(engine, random_prompt(args.context, 1), 16)  # warm-up
         replay_ms, logits_ms = gpu_replay_ms(engine)
         direct = max(engine_steps(engine, random_prompt(args.context, 2 + r), args.steps) for r in range(2))
@@ -108,6 +134,9 @@ def main() -> None:
           f"context {args.context}, batch 1, greedy, CUDA graphs + fused kernels (defaults)")
     print(f"GPU only: graph replay {replay_ms:.3f} ms + logits {logits_ms:.3f} ms = "
           f"{1e3 / (replay_ms + logits_ms):.0f} tok/s ceiling")
+    if without_gemv is not None:
+        print(f"GPU only, without the GEMV decode path: graph replay {without_gemv[0]:.3f} ms + logits "
+              f"{without_gemv[1]:.3f} ms = {1e3 / sum(without_gemv):.0f} tok/s ceiling")
     print(f"engine.step() driven directly: {direct:.1f} tok/s ({1e3 / direct:.3f} ms/step)")
     print(f"LLM.stream_chunks (loop thread + channel): {through_llm:.1f} tok/s ({1e3 / through_llm:.3f} ms/step)")
     out = io.StringIO()

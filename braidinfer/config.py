@@ -57,9 +57,9 @@ class EngineConfig(BaseModel):
     still take their steps one at a time. A request that stops on a token has one more token computed, dropped.
     None (the default): on with CUDA, off on the CPU (where nothing overlaps)."""
     fused_kernels: bool = True
-    """Use the Triton kernels of `kernels/` for RMSNorm (with the residual add) and SiLU-and-mul on CUDA (the CPU
-    always runs the PyTorch path). They keep the PyTorch path's rounding points; only the order of RMSNorm's sum
-    differs."""
+    """Use the Triton kernels of `kernels/` on CUDA (the CPU always runs the PyTorch path): RMSNorm (with the residual
+    add), SiLU-and-mul, QK-norm + RoPE + KV write, and for one-token steps GEMVs with the norm or SiLU-and-mul in
+    their prologue. They keep the PyTorch path's rounding points; only summation orders differ."""
     seed: int = 0
     """Seed of the engine's generator for requests that give none."""
     progress: bool = True

@@ -1,7 +1,8 @@
 """Paged attention through FlashInfer on CUDA: one plan per step shared by every layer, then two kernels per layer
 (append the new K/V to the page pool, attend through the page tables).
 
-`FlashInferGraphDecode` is the same decode for a fixed batch size in a form that a CUDA graph can capture.
+`FlashInferGraphDecode` is the same decode for a fixed batch size in a form that a CUDA graph can capture; up to
+TRITON_DECODE_MAX_ROWS rows it attends with Braid's Triton kernel (kernels.decode_attention) instead of FlashInfer's.
 FlashInfer is imported only when this backend is built, so the engine runs where it is not installed.
 """
 from __future__ import annotations
@@ -16,6 +17,13 @@ from braidinfer.attention.torch_backend import write_kv
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 WORKSPACE_BYTES = 256 << 20  # split-KV partial results; FlashInfer recommends >= 128 MiB
+TRITON_DECODE_MAX_ROWS = 8
+"""CUDA-graph decodes of up to this many rows use kernels.decode_attention: one launch per layer with the split-KV
+merge inside, where FlashInfer's decode runs two (decode, then merge states). On an H100 at 512 tokens of context it
+takes 6.8 us a layer where FlashInfer takes 9.0 at batch 1 (Qwen3-0.6B heads), 5.6-6.8 vs 7.4-9.7 for SmolLM2's at
+batch 1-8; at 4k-16k tokens it runs at 0.8x-1.1x FlashInfer's speed (benchmarks/decode_attention.py). Qwen3-0.6B's
+graph replay at batch 1 and 512 tokens went from 1.054 to 0.961 ms."""
+TRITON_DECODE_HEAD_DIMS = (64, 128)  # the head dims that benchmark and the GPU tests cover
 
 
 def unsupported_reason(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
@@ -135,10 +143,12 @@ class _GraphBuffers:
 class FlashInferGraphDecode:
     """Decode attention for exactly `batch_size` sequences (one new token each) that a CUDA graph can capture.
 
-    FlashInfer's CUDA-graph decode wrapper reads the page tables from static buffers (views of `_GraphBuffers`) and
-    keeps its split-KV schedule at fixed workspace offsets; `plan` (host side, never captured) rewrites both before
-    each replay, so the captured kernels see the new step. The schedule depends only on the rows' page counts, so
-    while those stay the same (a sequence fills a page over page_size steps) only the tables are copied. The new
+    The attention reads the page tables from static buffers (views of `_GraphBuffers`) that `plan` (host side, never
+    captured) rewrites before each replay, so the captured kernels see the new step. Up to TRITON_DECODE_MAX_ROWS
+    rows that is Braid's Triton decode, whose grid is fixed and which cuts each row's KV into slices on the device:
+    `plan` only copies the tables. Above, FlashInfer's CUDA-graph decode wrapper, which also keeps its split-KV
+    schedule at fixed workspace offsets; the schedule depends only on the rows' page counts, so while those stay the
+    same (a sequence fills a page over page_size steps) only the tables are copied, else `plan` re-plans it. The new
     K/V are appended through the same static buffers (or written by the model's fused kernel, then `attend`).
     Same call as FlashInferAttention; the metadata argument is not read.
     """
@@ -154,14 +164,23 @@ class FlashInferGraphDecode:
         self._scale = backend.scale
         self._buffers = buffers
         indptr, last_page_len = buffers.kv_indptr[: b + 1], buffers.kv_last_page_len[:b]
-        self._wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            backend.workspace, kv_layout="HND", use_cuda_graph=True, paged_kv_indptr_buffer=indptr,
-            paged_kv_indices_buffer=buffers.kv_indices, paged_kv_last_page_len_buffer=last_page_len)
+        self._wrapper = self._triton = None
+        if _triton_decode_fits(backend, b):
+            self._triton = _TritonDecode(backend, b, buffers.kv_indices.numel())
+        else:
+            self._wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                backend.workspace, kv_layout="HND", use_cuda_graph=True, paged_kv_indptr_buffer=indptr,
+                paged_kv_indices_buffer=buffers.kv_indices, paged_kv_last_page_len_buffer=last_page_len)
         self._kv_positions = buffers.kv_positions[:b]
         self._new_tokens = (buffers.batch_indices[:b], self._kv_positions)
         self._pages = (buffers.kv_indices, indptr, last_page_len)  # the kernel reads indices through indptr
         self._append_kv = flashinfer.append_paged_kv_cache
         self._planned_indptr: list[int] | None = None  # the page counts the wrapper's schedule was planned for
+
+    @property
+    def uses_triton_kernel(self) -> bool:
+        """Whether this batch size attends with kernels.decode_attention (else FlashInfer's decode)."""
+        return self._triton is not None
 
     def plan(self, kv_indptr: list[int], kv_indices: list[int], kv_last_page_len: list[int],
              positions: torch.Tensor) -> None:
@@ -170,7 +189,7 @@ class FlashInferGraphDecode:
         the device). Must run outside capture, before each replay (or the eager warm-up run)."""
         b, max_batch = self.batch_size, len(self._buffers.kv_last_page_len)
         self._kv_positions.copy_(positions, non_blocking=True)
-        if kv_indptr == self._planned_indptr:
+        if self._triton is not None or kv_indptr == self._planned_indptr:
             # Same schedule: one copy of [indptr | last_page_len (at its offset) | indices] into the static tables.
             host = torch.zeros(2 * max_batch + 1 + len(kv_indices), dtype=torch.int32)
             host[: b + 1] = torch.tensor(kv_indptr, dtype=torch.int32)
@@ -191,11 +210,48 @@ class FlashInferGraphDecode:
         """q: [b, num_qo_heads, head_dim]; k, v: [b, num_kv_heads, head_dim] -> out: [b, num_qo_heads, head_dim]."""
         cache = self.kv_cache[layer]  # (pages, 2, kvh, ps, hd)
         self._append_kv(k, v, *self._new_tokens, cache, *self._pages, kv_layout="HND")
-        return self._wrapper.run(q, cache)
+        return self.attend(layer, q, meta)
 
     def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Attention only: the new K/V are already in the pool (the caller wrote them at the step's slots)."""
+        if self._triton is not None:
+            indices, indptr, last_page_len = self._pages
+            return self._triton(q, self.kv_cache[layer], indptr, indices, last_page_len)
         return self._wrapper.run(q, self.kv_cache[layer])
+
+
+def _triton_decode_fits(backend: FlashInferAttention, batch_size: int) -> bool:
+    """Whether kernels.decode_attention serves a graph decode of batch_size rows (see TRITON_DECODE_MAX_ROWS)."""
+    page_size = backend.page_size
+    if (batch_size > TRITON_DECODE_MAX_ROWS or backend.head_dim not in TRITON_DECODE_HEAD_DIMS
+            or page_size & (page_size - 1)):
+        return False
+    try:
+        import triton  # noqa: F401  (FlashInfer does not need it; the `gpu` extra installs it)
+    except ImportError:
+        return False
+    return True
+
+
+class _TritonDecode:
+    """kernels.decode_attention for graph decodes of `batch_size` rows, with its split-KV workspace allocated once
+    (its arrival counters must persist from replay to replay) and the slice count fixed for the captured grid."""
+
+    def __init__(self, backend: FlashInferAttention, batch_size: int, max_num_kv_indices: int):
+        from kernels.decode_attention import DecodeWorkspace, decode_attention, default_num_splits
+
+        device = backend.kv_cache.device
+        num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+        splits = default_num_splits(batch_size, backend.num_kv_heads, backend.head_dim, num_sms,
+                                    max_kv_len=max_num_kv_indices * backend.page_size)
+        self._workspace = DecodeWorkspace.allocate(batch_size, backend.num_qo_heads, backend.num_kv_heads,
+                                                   backend.head_dim, splits, device)
+        self._attend = decode_attention
+        self._scale = backend.scale
+
+    def __call__(self, q: torch.Tensor, cache: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
+                 kv_last_page_len: torch.Tensor) -> torch.Tensor:
+        return self._attend(q, cache, kv_indptr, kv_indices, kv_last_page_len, self._scale, workspace=self._workspace)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,11 @@ from braidinfer.models.config import ModelConfig
 from braidinfer.models.forward_batch import ForwardBatch
 from braidinfer.models.layers import RMSNorm, RotaryEmbedding, apply_rotary
 
+# Steps of at most this many rows take the GEMV kernels when they are enabled: one. At two rows a Qwen3-0.6B
+# layer's four GEMVs take as long as cuBLAS and the elementwise kernels (31.4 us both on an H100), at 4-8 rows
+# 2-4x longer (benchmarks/gemv.py, benchmarks/RESULTS.md); the kernels themselves take up to kernels.gemv.MAX_ROWS.
+GEMV_MAX_ROWS = 1
+
 
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
@@ -38,14 +43,7 @@ class LlamaAttention(nn.Module):
         T = x.shape[0]
         qkv = self.qkv_proj(x)  # (T, q_size + 2 * kv_size)
         if self.fused:
-            import kernels
-
-            # One kernel: QK-norm, RoPE, and the new K/V written into the pool; the backend then only attends.
-            q = kernels.qk_norm_rope_write_kv(qkv, batch.positions, *batch.rope_tables,
-                                              batch.attention.kv_cache[self.layer_idx], batch.meta.slot_mapping,
-                                              *self.qk_norm_weights())
-            o = batch.attention.attend(self.layer_idx, q, batch.meta)  # (T, qh, hd)
-            return self.o_proj(o.reshape(T, self.num_heads * self.head_dim))
+            return self.o_proj(self.attend_fused(qkv, batch))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(T, self.num_heads, self.head_dim)  # (T, qh, hd)
         k = k.view(T, self.num_kv_heads, self.head_dim)  # (T, kvh, hd)
@@ -54,6 +52,17 @@ class LlamaAttention(nn.Module):
         q, k = apply_rotary(q, batch.cos, batch.sin), apply_rotary(k, batch.cos, batch.sin)
         o = batch.attention(self.layer_idx, q, k, v, batch.meta)  # (T, qh, hd)
         return self.o_proj(o.reshape(T, self.num_heads * self.head_dim))
+
+    def attend_fused(self, qkv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """qkv [T, q_size + 2 * kv_size] -> attention output [T, q_size], before o_proj. One kernel does QK-norm,
+        RoPE and the write of the new K/V into the pool; the backend then only attends."""
+        import kernels
+
+        q = kernels.qk_norm_rope_write_kv(qkv, batch.positions, *batch.rope_tables,
+                                          batch.attention.kv_cache[self.layer_idx], batch.meta.slot_mapping,
+                                          *self.qk_norm_weights())  # (T, qh, hd)
+        o = batch.attention.attend(self.layer_idx, q, batch.meta)  # (T, qh, hd)
+        return o.reshape(qkv.shape[0], self.q_size)
 
 
 class LlamaMLP(nn.Module):
@@ -82,18 +91,40 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gemv = False  # steps of a few rows through `forward_gemv` (CUDA only), same rounding
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the previous block's MLP output (the embeddings for the first layer, residual None); residual: the
         stream before it. Returns (this block's MLP output, the residual stream before it); the adds happen inside
         the next norm, so a fused add+RMSNorm kernel can do both."""
+        if self.gemv and x.shape[0] <= GEMV_MAX_ROWS:
+            return self.forward_gemv(x, residual, batch)
         if residual is None:
             residual, normed = x, self.input_layernorm(x)
         else:
             normed, residual = self.input_layernorm(x, residual)
         normed, residual = self.post_attention_layernorm(self.self_attn(normed, batch), residual)
         return self.mlp(normed), residual
+
+    def forward_gemv(self, x: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` for a step of at most GEMV_MAX_ROWS rows (batch-1 decode), where each projection is a
+        matrix-vector product bound by reading its weight: four GEMV kernels, each doing the step before its
+        projection (add + RMSNorm, SiLU-and-mul) in its prologue, around the fused attention."""
+        import kernels
+
+        attn, mlp, norm1, norm2 = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
+        if residual is None:
+            residual = x
+            qkv = kernels.rms_norm_gemv(x, norm1.weight, norm1.eps, attn.qkv_proj.weight, attn.qkv_proj.bias)
+        else:
+            qkv, residual = kernels.fused_add_rms_norm_gemv(x, residual, norm1.weight, norm1.eps,
+                                                            attn.qkv_proj.weight, attn.qkv_proj.bias)
+        o = kernels.gemv(attn.attend_fused(qkv, batch), attn.o_proj.weight, attn.o_proj.bias)  # (T, hidden)
+        gate_up, residual = kernels.fused_add_rms_norm_gemv(o, residual, norm2.weight, norm2.eps,
+                                                            mlp.gate_up_proj.weight)  # (T, 2 * intermediate)
+        return kernels.silu_and_mul_gemv(gate_up, mlp.down_proj.weight), residual
 
 
 class LlamaModel(nn.Module):
@@ -146,13 +177,16 @@ class LlamaForCausalLM(nn.Module):
         packed, start, rows = slots[parts[-2]]
         return ".".join(parts[:-2] + [packed, parts[-1]]), start, rows
 
-    def use_fused_kernels(self, enabled: bool = True) -> None:
+    def use_fused_kernels(self, enabled: bool = True, gemv: bool = True) -> None:
         """Switches RMSNorm (plain and with the residual add), SiLU-and-mul, and the attention's QK-norm + RoPE +
         KV write to the Triton kernels of `kernels/` (CUDA tensors only; the attention backend must then offer
-        `attend`); they reproduce the PyTorch path's bf16 rounding."""
+        `attend`), and with `gemv` steps of at most GEMV_MAX_ROWS rows to the GEMV kernels with those steps in
+        their prologues (LlamaDecoderLayer.forward_gemv); all reproduce the PyTorch path's bf16 rounding."""
         for module in self.modules():
             if isinstance(module, (RMSNorm, LlamaMLP, LlamaAttention)):
                 module.fused = enabled
+            if isinstance(module, LlamaDecoderLayer):
+                module.gemv = enabled and gemv
         self.model.fused_rope = enabled
 
     def shift_keys(self, k: torch.Tensor, delta: int) -> torch.Tensor:

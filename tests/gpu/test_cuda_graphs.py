@@ -42,8 +42,25 @@ def llms(model_dir):
 
 
 def _engine(model_dir: str) -> LLMEngine:
-    """An engine with CUDA graphs driven step by step from the test (no engine thread)."""
-    return LLMEngine(EngineConfig(model=model_dir, enforce_eager=False, **COMMON))
+    """An engine with CUDA graphs driven step by step from the test (no engine thread), one step at a time (each
+    step's tokens appended before the next is scheduled)."""
+    return LLMEngine(EngineConfig(model=model_dir, enforce_eager=False, async_scheduling=False, **COMMON))
+
+
+def test_asynchronous_scheduling_gives_the_same_tokens(model_dir):
+    """Steps queued ahead of the host (input tokens read on the device) compute exactly what one-step-at-a-time
+    scheduling computes: with length limits only, both run the same batches through the same graphs."""
+    prompts = _prompts(seed=9, lengths=(9, 30, 70, 5, 300, 17))
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (20, 7, 33, 1, 16)]
+    params.append(SamplingParams(temperature=0.9, top_k=50, seed=3, max_tokens=25, ignore_eos=True))
+    outputs = {}
+    for async_scheduling in (False, True):
+        with LLM(model_dir, enforce_eager=False, async_scheduling=async_scheduling, **COMMON) as llm:
+            outputs[async_scheduling] = [o.token_ids for o in llm.generate(prompts, params)]
+            assert llm.engine.runner.graphs.num_replays > 0 and llm.engine.async_scheduling == async_scheduling
+            assert llm.cache_stats()["in_use"] == 0
+    assert [len(t) for t in outputs[True]] == [20, 7, 33, 1, 16, 25]
+    assert outputs[True] == outputs[False]
 
 
 def _assert_same_greedy(want, got, tol: float = LOGPROB_TOL) -> None:
@@ -98,21 +115,32 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-@pytest.mark.parametrize("num_seqs", [3, 17])
-def test_a_graph_step_computes_the_eager_step_and_writes_only_its_slots(model_dir, num_seqs):
+STEP_PROMPTS = {  # prompt lengths of one decode step's sequences; small buckets attend with kernels.decode_attention
+    "1-long": [1500],  # its KV cut into slices that the kernel merges
+    "3-short": [7, 20, 33],  # bucket 4
+    "3-long": [100, 600, 1200],
+    "17-short": [7 + 13 * i for i in range(17)],  # bucket 24: FlashInfer's decode
+}
+
+
+@pytest.mark.parametrize("prompts", sorted(STEP_PROMPTS))
+def test_a_graph_step_computes_the_eager_step_and_writes_only_its_slots(model_dir, prompts):
     """One padded decode step through its graph and the same step eagerly, from the same page pool: the same logits,
     the same new K/V in the same slots, and no other change but (maybe: padding writes the same K/V each time) the
     scratch page's first slot."""
+    lengths = STEP_PROMPTS[prompts]
+    num_seqs = len(lengths)
     eng = _engine(model_dir)
     runner, pool = eng.runner, eng.runner.kv_cache
     scratch = eng.pages.num_pages
     assert pool.shape[1] == scratch + 1
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    for prompt in _prompts(seed=5, lengths=[7 + 13 * i for i in range(num_seqs)]):
+    for prompt in _prompts(seed=5, lengths=lengths):
         eng.add(eng.make_sequence(prompt, params))
     eng.step()  # every prefill
     batch = eng.scheduler.schedule()
     assert batch.num_new_tokens == [1] * num_seqs
+    assert runner.graphs.attention[1].uses_triton_kernel and not runner.graphs.attention[24].uses_triton_kernel
     before = pool.clone()
     logits_graph, rows = runner.run(batch)
     assert runner.graphs.num_replays == 1

@@ -9,7 +9,7 @@ import torch
 
 from braidinfer import LLM, SamplingParams
 from braidinfer.attention import AttentionMetadata, SeqSpan, TorchAttention
-from braidinfer.attention.flashinfer_backend import FlashInferAttention
+from braidinfer.attention.flashinfer_backend import TRITON_DECODE_MAX_ROWS, FlashInferAttention
 from tests.conftest import build_tiny_model
 from tests.gpu.test_gpu_parity import NEEDS_FLASHINFER, SHAPES, _common_prefix, _errors, _greedy, _prompts
 
@@ -71,6 +71,48 @@ def test_run_without_plan_is_refused():
     kv = torch.zeros(meta.num_tokens, 8, 128, dtype=torch.bfloat16, device="cuda")
     with pytest.raises(RuntimeError, match="plan"):
         fi(0, q, kv, kv, meta)
+
+
+# Rows' context lengths per graph-decode batch size: 1 and 4 attend with the Triton kernel, 16 with FlashInfer.
+GRAPH_STEPS = {1: ([1], [700]), 4: ([1, 16, 17, 300], [1000, 2, 48, 33]),
+               16: ([1 + 61 * i for i in range(16)], [16 * (i + 1) for i in range(16)])}
+
+
+@pytest.mark.parametrize("heads", sorted(HEADS))
+def test_graph_decoders_replay_like_the_torch_backend(heads):
+    """Each batch size's FlashInferGraphDecode captured once (over one page per row) and replayed for steps of other
+    lengths, pages and queries: the torch backend's output for each step."""
+    num_qo, num_kv, hd = HEADS[heads]
+    g = torch.Generator(device="cuda").manual_seed(3)
+    pool = torch.randn(1, 2048, 2, num_kv, PAGE_SIZE, hd, device="cuda", generator=g).to(torch.bfloat16)
+    fi = FlashInferAttention(pool, hd**-0.5, num_qo)
+    ref_backend = TorchAttention(pool.float(), hd**-0.5)
+    decoders = fi.graph_decoders(sorted(GRAPH_STEPS), max_num_kv_indices=2048)
+    for b, steps in GRAPH_STEPS.items():
+        dec = decoders[b]
+        assert dec.uses_triton_kernel == (b <= TRITON_DECODE_MAX_ROWS)
+        q = torch.zeros(b, num_qo, hd, dtype=torch.bfloat16, device="cuda")
+        dec.plan(list(range(b + 1)), list(range(b)), [1] * b, positions=torch.zeros(b, device="cuda"))
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            dec.attend(0, q, None)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                out = dec.attend(0, q, None)
+        torch.cuda.current_stream().wait_stream(stream)
+        for lengths in steps:
+            need = [-(-n // PAGE_SIZE) for n in lengths]
+            pages = torch.randperm(2048, device="cuda", generator=g)[: sum(need)]
+            tables = pages.split(need)
+            indptr = torch.tensor([0, *need]).cumsum(0).tolist()
+            last = [n - (p - 1) * PAGE_SIZE for n, p in zip(lengths, need)]
+            dec.plan(indptr, pages.tolist(), last, positions=torch.tensor(lengths, device="cuda") - 1)
+            q.copy_(torch.randn(b, num_qo, hd, device="cuda", generator=g))
+            graph.replay()
+            spans = [SeqSpan(i, 1, n, t) for i, (n, t) in enumerate(zip(lengths, tables))]
+            ref = ref_backend.attend(0, q.float(), AttentionMetadata(spans, torch.zeros(b), b))
+            torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
 
 
 @pytest.fixture(scope="module", params=sorted(SHAPES))

@@ -1,4 +1,7 @@
-"""The model with the Triton kernels of `kernels/` computes what the PyTorch path computes, to bf16 rounding."""
+"""The model with the Triton kernels of `kernels/` computes what the PyTorch path computes, to bf16 rounding.
+
+Steps of one row (batch-1 decode) run through the GEMV kernels of kernels/gemv.py, the others through cuBLAS and
+the elementwise kernels."""
 from __future__ import annotations
 
 import copy
@@ -8,7 +11,7 @@ import torch
 
 from braidinfer import LLM, SamplingParams
 from tests.conftest import build_tiny_model
-from tests.gpu.test_gpu_parity import SHAPES, _errors, _prompts
+from tests.gpu.test_gpu_parity import NEEDS_FLASHINFER, SHAPES, _errors, _prompts
 
 pytestmark = pytest.mark.gpu
 
@@ -33,3 +36,32 @@ def test_fused_kernels_are_as_accurate_as_the_pytorch_path(arch, tmp_path, smoll
         print(f"{arch}: bf16 error vs fp32, fused {fused_err:.3f}, pytorch path {plain_err:.3f}, transformers {hf_err:.3f}")
         assert fused_err <= 2 * max(plain_err, hf_err) + 0.02
     assert sum(g.token_ids == w.token_ids for g, w in zip(got, want)) >= len(prompts) // 2
+
+
+@NEEDS_FLASHINFER
+@pytest.mark.parametrize("arch", sorted(SHAPES))
+def test_batch_one_decode_through_gemv_graphs(arch, tmp_path, smollm_tokenizer, monkeypatch):
+    """One request at a time on the default engine (FlashInfer, CUDA graphs): its decode steps replay graphs of
+    the GEMV path, and are as accurate against the fp32 model as the PyTorch path's."""
+    import kernels
+
+    calls = []
+    original = kernels.silu_and_mul_gemv
+    monkeypatch.setattr(kernels, "silu_and_mul_gemv", lambda *a, **k: calls.append(1) or original(*a, **k))
+    ref32 = build_tiny_model(arch, tmp_path, smollm_tokenizer, seed=6, **SHAPES[arch]).to("cuda")
+    ref16 = copy.deepcopy(ref32).to(torch.bfloat16)
+    kw = dict(device="cuda", dtype="bfloat16", num_kv_pages=2048, max_num_seqs=8, progress=False)
+    params = SamplingParams(temperature=0, max_tokens=16, logprobs=5, ignore_eos=True)
+    prompts = _prompts(seed=4, lengths=(5, 40, 300))
+    with LLM(model=str(tmp_path), fused_kernels=False, **kw) as plain:
+        want = [plain.generate(p, params)[0] for p in prompts]
+    with LLM(model=str(tmp_path), fused_kernels=True, **kw) as fused:
+        assert calls, "the decode graphs were not captured through the GEMV path"
+        got = [fused.generate(p, params)[0] for p in prompts]
+        assert fused.engine.runner.graphs.num_replays >= len(prompts) * (params.max_tokens - 1)
+    for g, w, prompt in zip(got, want, prompts):
+        fused_err, _ = _errors(g, prompt, ref32, ref16)
+        plain_err, hf_err = _errors(w, prompt, ref32, ref16)
+        print(f"{arch} batch 1: bf16 error vs fp32, GEMV path {fused_err:.3f}, pytorch path {plain_err:.3f}, "
+              f"transformers {hf_err:.3f}")
+        assert fused_err <= 2 * max(plain_err, hf_err) + 0.02

@@ -1,10 +1,13 @@
 """The model with every Triton kernel switched on computes what its PyTorch path computes.
 
 On the CPU the kernels run in Triton's interpreter (see conftest.py), so this checks the wiring in CI: which
-tensors reach the kernels, the fused QK-norm + RoPE + KV-write path handing attention over to `attend`, and the
-residual stream through fused add+RMSNorm. float32, so the only difference is the order of RMSNorm's sums.
+tensors reach the kernels, the fused QK-norm + RoPE + KV-write path handing attention over to `attend`, the
+residual stream through fused add+RMSNorm, and steps of a few rows through the GEMV kernels with those steps in
+their prologues. float32, so the only differences are the order of RMSNorm's sums and of the products' sums.
 """
 from __future__ import annotations
+
+import collections
 
 import pytest
 
@@ -35,16 +38,26 @@ def test_fused_model_matches_pytorch_path(arch, tmp_path, smollm_tokenizer, devi
             assert all(got_top[t] == pytest.approx(want_top[t], abs=1e-4) for t in want_top)
 
 
-def test_fused_path_is_really_taken(tmp_path, smollm_tokenizer, device, monkeypatch):
-    """Guards the test above against comparing the PyTorch path with itself."""
+@pytest.mark.parametrize("gemv", [True, False])
+def test_fused_path_is_really_taken(tmp_path, smollm_tokenizer, device, monkeypatch, gemv):
+    """Guards the test above against comparing the PyTorch path with itself. Steps of one row (the decode steps,
+    not the prefills) go through the GEMV kernels unless they are switched off."""
     import kernels
 
-    calls = []
-    original = kernels.qk_norm_rope_write_kv
-    monkeypatch.setattr(kernels, "qk_norm_rope_write_kv", lambda *a, **k: calls.append(1) or original(*a, **k))
+    calls = collections.Counter()
+    for name in ["qk_norm_rope_write_kv", "fused_add_rms_norm", "rms_norm_gemv", "fused_add_rms_norm_gemv", "gemv",
+                 "silu_and_mul_gemv"]:
+        original = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _name=name, _kernel=original, **k: calls.update([_name]) or
+                            _kernel(*a, **k))
     build_tiny_model("qwen3", tmp_path, smollm_tokenizer, seed=1, num_hidden_layers=2)
     with LLM(model=str(tmp_path), device=device, dtype="float32", num_kv_pages=64, attention_backend="torch",
              progress=False) as llm:
-        llm.engine.model.use_fused_kernels()
-        llm.generate([5, 6, 7], SamplingParams(temperature=0, max_tokens=2))
-    assert len(calls) == 2 * 2  # two layers, two steps
+        llm.engine.model.use_fused_kernels(gemv=gemv)
+        llm.generate([5, 6, 7], SamplingParams(temperature=0, max_tokens=2))  # a 3-token prefill, a decode step
+    layers = 2
+    fused_step = collections.Counter(fused_add_rms_norm=2 * layers)  # layers' norms after the first, final norm
+    gemv_step = collections.Counter(rms_norm_gemv=1, fused_add_rms_norm_gemv=2 * layers - 1, gemv=layers,
+                                    silu_and_mul_gemv=layers, fused_add_rms_norm=1)
+    want = collections.Counter(qk_norm_rope_write_kv=2 * layers) + fused_step + (gemv_step if gemv else fused_step)
+    assert calls == want

@@ -1,0 +1,299 @@
+"""Paged decode attention (one query token per row) for small batches, flash-decoding style, in one kernel.
+
+A batch-1 decode step has too little work per layer for one program per (row, KV head): 8 programs cannot pull 2 MB
+from HBM in under a few microseconds. So each row's KV is cut into `num_splits` contiguous slices, one program per
+(row, KV head, slice), each attending with all q heads of its GQA group (padded to 16 rows for tl.dot) and writing a
+partial output and its log-sum-exp to a workspace. The last program of a (row, KV head) to finish, counted by an
+atomic, merges the partials and resets the counter, so a step is one launch: no second merge kernel.
+
+Slices are cut on the device from each row's KV length (at least `min_split_tokens` tokens each, so a short context
+runs few programs and the rest return at once), so the grid depends only on the batch size: the launch is CUDA-graph
+capturable once and replayable for any lengths. A row whose KV is one slice writes its output directly.
+
+The reference gathers each row's pages and runs plain softmax attention in float32. The kernel multiplies by V on
+tensor cores, whose inputs are bf16 (fp16): each softmax weight goes in as a high part plus its remainder (two
+products), so it keeps ~16 bits and the output matches float32 attention, and FlashInfer's decode (float32 on CUDA
+cores), to the output's rounding. Rounding the weights once to bf16, as prefill kernels do, moves about a third of
+the outputs by one bf16 step, enough for a random-weight model's greedy tokens under CUDA graphs to part from eager
+decode's (tests/gpu/test_cuda_graphs.py).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._checks import check_devices, check_last_dim_contiguous, check_same_dtype, check_shape, check_tensor
+from kernels.numerics import INTERPRETED, round_to_dtype
+
+KV_DTYPES = (torch.float16, torch.bfloat16)
+MIN_SPLIT_TOKENS = 32  # fewest KV tokens a slice gets: below it, a program's fixed latency outweighs its reads
+MIN_SPLITS, MAX_SPLITS = 8, 128
+
+
+def decode_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
+                         kv_last_page_len: torch.Tensor, scale: float) -> torch.Tensor:
+    """Plain float32 softmax attention over each row's gathered pages; same arguments as `decode_attention`."""
+    num_rows, num_qo_heads, _ = q.shape
+    _, _, num_kv_heads, page_size, _ = kv_cache.shape
+    out = torch.empty_like(q)
+    for row in range(num_rows):
+        pages = kv_indices[kv_indptr[row] : kv_indptr[row + 1]].long()
+        kv_len = (len(pages) - 1) * page_size + int(kv_last_page_len[row]) if len(pages) else 0
+        kv = kv_cache[pages].permute(1, 2, 0, 3, 4).flatten(2, 3)[:, :, :kv_len].float()  # (2, kvh, L, hd)
+        k = kv[0].repeat_interleave(num_qo_heads // num_kv_heads, dim=0)  # (qh, L, hd)
+        v = kv[1].repeat_interleave(num_qo_heads // num_kv_heads, dim=0)  # (qh, L, hd)
+        scores = torch.einsum("hd,hld->hl", q[row].float(), k) * scale  # (qh, L)
+        out[row] = torch.einsum("hl,hld->hd", scores.softmax(dim=-1), v).to(q.dtype) if kv_len else 0
+    return out
+
+
+def default_num_splits(num_rows: int, num_kv_heads: int, head_dim: int, num_sms: int,
+                       max_kv_len: int | None = None) -> int:
+    """Slices per (row, KV head) for a launch whose grid must serve every length up to max_kv_len (None: any).
+
+    Measured on an H100 (benchmarks/decode_attention.py --sweep): at long contexts the best grid has about two
+    programs per SM at head_dim 128 and four at 64 (half the bytes per token: more programs to cover the latency);
+    at short contexts more, shorter slices than that win (so at least MIN_SPLITS); the largest power of two within
+    that, and no more than max_kv_len can fill."""
+    programs = 2 * num_sms * max(1, 128 // head_dim)
+    splits = 1 << max(0, (programs // max(1, num_rows * num_kv_heads)).bit_length() - 1)
+    splits = min(max(splits, MIN_SPLITS), MAX_SPLITS)
+    if max_kv_len is not None:
+        splits = min(splits, triton.next_power_of_2(max(1, -(-max_kv_len // MIN_SPLIT_TOKENS))))
+    return splits
+
+
+def default_block_n(head_dim: int) -> int:
+    """KV tokens per loop iteration: 64 up to head_dim 128 (at 128, 64 beat 32 by 5-10% at 4k-16k tokens)."""
+    return 64 if head_dim <= 128 else 32
+
+
+def default_num_warps(num_splits: int, head_dim: int) -> int:
+    """2 warps stream the KV fastest; 4 where the merge's [num_splits, head_dim] float32 tile would need more than
+    64 registers a thread."""
+    return 2 if num_splits * head_dim <= 4096 else 4
+
+
+@dataclass(frozen=True)
+class DecodeWorkspace:
+    """Scratch for the split-KV partials of launches of up to `max_rows` rows; allocate once, reuse every launch
+    (one launch at a time: a launch leaves the arrival counters at zero for the next)."""
+
+    partial_out: torch.Tensor  # [max_rows, num_qo_heads, num_splits, head_dim] float32, each slice's output
+    partial_lse: torch.Tensor  # [max_rows, num_qo_heads, num_splits] float32, its log2-sum-exp2 of scaled scores
+    arrivals: torch.Tensor  # [max_rows, num_kv_heads] int32, slices finished so far; zero between launches
+
+    @classmethod
+    def allocate(cls, max_rows: int, num_qo_heads: int, num_kv_heads: int, head_dim: int, num_splits: int,
+                 device: torch.device | str) -> DecodeWorkspace:
+        if num_splits < 1 or num_splits & (num_splits - 1):
+            raise ValueError(f"num_splits must be a power of two, got {num_splits}")
+        f32 = dict(dtype=torch.float32, device=device)
+        return cls(torch.empty(max_rows, num_qo_heads, num_splits, head_dim, **f32),
+                   torch.empty(max_rows, num_qo_heads, num_splits, **f32),
+                   torch.zeros(max_rows, num_kv_heads, dtype=torch.int32, device=device))
+
+    @property
+    def num_splits(self) -> int:
+        return self.partial_lse.shape[2]
+
+
+def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
+                     kv_last_page_len: torch.Tensor, scale: float, workspace: DecodeWorkspace | None = None,
+                     min_split_tokens: int = MIN_SPLIT_TOKENS, block_n: int | None = None,
+                     num_warps: int | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale) v for one new token per row over its paged KV -> out [num_rows, num_qo_heads, head_dim].
+
+    q: [num_rows, num_qo_heads, head_dim], float16/bfloat16, head_dim a power of two in [16, 256]; q head h attends
+        with KV head h // (num_qo_heads // num_kv_heads).
+    kv_cache: one layer's pool [num_pages, 2, num_kv_heads, page_size, head_dim] (HND; 0: keys, 1: values), q's
+        dtype, page_size a power of two.
+    kv_indptr: [num_rows + 1] int32; row i's pages are kv_indices[kv_indptr[i]:kv_indptr[i + 1]] (FlashInfer's CSR).
+    kv_indices: [>= kv_indptr[-1]] int32 page numbers.
+    kv_last_page_len: [num_rows] int32 in [1, page_size], tokens in each row's last page (a row with no pages gets 0).
+    scale: softmax scale, usually head_dim ** -0.5.
+    workspace: partials and counters for num_rows rows or more; None allocates one (not for graph capture, whose
+        replays must find its counters at zero: allocate it outside and reuse it).
+    min_split_tokens, block_n, num_warps: tuning (see benchmarks/decode_attention.py); None: the defaults above.
+    Page numbers and lengths are not range checked (that would synchronise with the GPU).
+    """
+    num_rows, num_qo_heads, head_dim = _check(q, kv_cache, kv_indptr, kv_indices, kv_last_page_len, scale, workspace,
+                                              min_split_tokens, block_n)
+    block_n = default_block_n(head_dim) if block_n is None else block_n
+    num_kv_heads, page_size = kv_cache.shape[2], kv_cache.shape[3]
+    if workspace is None:
+        splits = default_num_splits(num_rows, num_kv_heads, head_dim, _num_sms(q.device))
+        workspace = DecodeWorkspace.allocate(num_rows, num_qo_heads, num_kv_heads, head_dim, splits, q.device)
+    num_warps = default_num_warps(workspace.num_splits, head_dim) if num_warps is None else num_warps
+    out = torch.empty((num_rows, num_qo_heads, head_dim), dtype=q.dtype, device=q.device)
+    if num_rows == 0:
+        return out
+    group = num_qo_heads // num_kv_heads
+    _decode_kernel[(num_rows, num_kv_heads, workspace.num_splits)](
+        q, kv_cache, kv_indptr, kv_indices, kv_last_page_len, out,
+        workspace.partial_out, workspace.partial_lse, workspace.arrivals,
+        float(scale) * math.log2(math.e), min_split_tokens,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), *kv_cache.stride()[:4],
+        NUM_QO_HEADS=num_qo_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, PAGE_SIZE=page_size, BLOCK_N=block_n,
+        NUM_SPLITS=workspace.num_splits, num_warps=num_warps,
+    )
+    return out
+
+
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n >= 1 and not n & (n - 1)
+
+
+def _check(q, kv_cache, kv_indptr, kv_indices, kv_last_page_len, scale, workspace, min_split_tokens, block_n):
+    check_tensor("q", q, KV_DTYPES, ndim=3)
+    check_tensor("kv_cache", kv_cache, KV_DTYPES, ndim=5)
+    check_same_dtype(q=q, kv_cache=kv_cache)
+    num_rows, num_qo_heads, head_dim = q.shape
+    _, two, num_kv_heads, page_size, cache_head_dim = kv_cache.shape
+    if two != 2 or cache_head_dim != head_dim or not _is_power_of_two(page_size):
+        raise ValueError(f"kv_cache must be [num_pages, 2, num_kv_heads, page_size, {head_dim}] (q's head_dim) with "
+                         f"page_size a power of two, got {tuple(kv_cache.shape)}")
+    if not _is_power_of_two(head_dim) or not 16 <= head_dim <= 256:
+        raise ValueError(f"head_dim must be a power of two in [16, 256], got {head_dim}")
+    if num_kv_heads < 1 or num_qo_heads % num_kv_heads:
+        raise ValueError(f"num_qo_heads ({num_qo_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    for name, t, shape in (("kv_indptr", kv_indptr, (num_rows + 1,)), ("kv_indices", kv_indices, None),
+                           ("kv_last_page_len", kv_last_page_len, (num_rows,))):
+        check_tensor(name, t, (torch.int32,), ndim=1)
+        if shape is not None:
+            check_shape(name, t, shape)
+        check_last_dim_contiguous(name, t)
+    check_last_dim_contiguous("q", q)
+    check_last_dim_contiguous("kv_cache", kv_cache)
+    if not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"scale must be a positive number, got {scale!r}")
+    if block_n is not None and (not _is_power_of_two(block_n) or block_n < 16):
+        raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
+    if not isinstance(min_split_tokens, int) or min_split_tokens < 1:
+        raise ValueError(f"min_split_tokens must be a positive int, got {min_split_tokens!r}")
+    tensors = dict(q=q, kv_cache=kv_cache, kv_indptr=kv_indptr, kv_indices=kv_indices,
+                   kv_last_page_len=kv_last_page_len)
+    if workspace is not None:
+        max_rows, heads, _, dim = workspace.partial_out.shape
+        if max_rows < num_rows or heads != num_qo_heads or dim != head_dim or (
+                tuple(workspace.arrivals.shape) != (max_rows, num_kv_heads)):
+            raise ValueError(f"workspace is for {max_rows} rows of {heads} q heads, {workspace.arrivals.shape[1]} KV "
+                             f"heads, head_dim {dim}; the launch has {num_rows} rows of {num_qo_heads}, "
+                             f"{num_kv_heads}, {head_dim}")
+        tensors.update(partial_out=workspace.partial_out, partial_lse=workspace.partial_lse,
+                       arrivals=workspace.arrivals)
+    check_devices(_decode_kernel, **tensors)
+    return num_rows, num_qo_heads, head_dim
+
+
+@triton.jit
+def _dot(a, b, acc):
+    """acc + a @ b, accumulated in float32; the interpreter (Triton 3.9) multiplies bf16 tiles as raw integers, so
+    there they are widened first."""
+    if INTERPRETED:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, cache_ptr, kv_indptr_ptr, kv_indices_ptr, kv_last_page_len_ptr, out_ptr,
+    partial_out_ptr, partial_lse_ptr, arrivals_ptr,
+    qk_scale, min_split_tokens,
+    q_row_stride, q_head_stride, out_row_stride, out_head_stride,
+    cache_page_stride, cache_kv_stride, cache_head_stride, cache_slot_stride,
+    NUM_QO_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+):
+    """Program (row, KV head, slice): the GROUP q heads of the KV head over the slice's tokens, in the log2 domain
+    (qk_scale = scale * log2(e))."""
+    row = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    page_start = tl.load(kv_indptr_ptr + row)
+    num_pages = tl.load(kv_indptr_ptr + row + 1) - page_start
+    kv_len = tl.where(num_pages > 0, (num_pages - 1) * PAGE_SIZE + tl.load(kv_last_page_len_ptr + row), 0)
+    # Slice length: kv_len / NUM_SPLITS, at least min_split_tokens, rounded up to whole blocks.
+    chunk = tl.maximum(tl.cdiv(kv_len, NUM_SPLITS), min_split_tokens)
+    chunk = tl.cdiv(chunk, BLOCK_N) * BLOCK_N
+    num_active = tl.maximum(tl.cdiv(kv_len, chunk), 1)
+    if split < num_active:
+        g = tl.arange(0, GROUP_PAD)
+        d = tl.arange(0, HEAD_DIM)
+        n = tl.arange(0, BLOCK_N)
+        head = kv_head * GROUP + g  # (G,) q heads of this KV head
+        g_mask = g < GROUP
+        q = tl.load(q_ptr + row.to(tl.int64) * q_row_stride + head[:, None] * q_head_stride + d[None, :],
+                    mask=g_mask[:, None], other=0.0)  # (G, D)
+        k_base = cache_ptr + kv_head.to(tl.int64) * cache_head_stride
+        v_base = k_base + cache_kv_stride
+        start = split * chunk
+        end = tl.minimum(start + chunk, kv_len)
+        m_i = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
+        l_i = tl.zeros((GROUP_PAD,), tl.float32)
+        acc = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)
+        for block in range(start, end, BLOCK_N):  # every block holds at least one token of the slice
+            t = block + n  # (N,) token positions in the row's KV
+            t_mask = t < end
+            page = tl.load(kv_indices_ptr + page_start + t // PAGE_SIZE, mask=t_mask, other=0).to(tl.int64)
+            slot = page * cache_page_stride + (t % PAGE_SIZE) * cache_slot_stride  # (N,)
+            k = tl.load(k_base + slot[:, None] + d[None, :], mask=t_mask[:, None], other=0.0)  # (N, D)
+            v = tl.load(v_base + slot[:, None] + d[None, :], mask=t_mask[:, None], other=0.0)  # (N, D)
+            s = _dot(q, tl.trans(k), tl.zeros((GROUP_PAD, BLOCK_N), tl.float32)) * qk_scale  # (G, N)
+            s = tl.where(t_mask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            # p as a bf16 (fp16) high part plus its remainder: two tensor-core products keep ~16 bits of each weight
+            p_hi = p.to(v.dtype)
+            p_lo = (p - p_hi.to(tl.float32)).to(v.dtype)
+            acc = _dot(p_lo, v, _dot(p_hi, v, acc * alpha[:, None]))
+            m_i = m_new
+        dtype: tl.constexpr = out_ptr.dtype.element_ty
+        out_rows = out_ptr + row.to(tl.int64) * out_row_stride + head[:, None] * out_head_stride + d[None, :]
+        if num_active == 1:
+            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row without KV gets zeros
+            tl.store(out_rows, round_to_dtype(out, dtype).to(dtype), mask=g_mask[:, None])
+        else:
+            partial = (row * NUM_QO_HEADS + head) * NUM_SPLITS  # (G,) each head's first slice
+            tl.store(partial_out_ptr + (partial + split)[:, None] * HEAD_DIM + d[None, :], acc / l_i[:, None],
+                     mask=g_mask[:, None])
+            tl.store(partial_lse_ptr + partial + split, m_i + tl.log2(l_i), mask=g_mask)
+            tl.debug_barrier()  # every thread's partial is written before the release below publishes them
+            arrived = tl.atomic_add(arrivals_ptr + row * NUM_KV_HEADS + kv_head, 1, sem="acq_rel")
+            if arrived == num_active - 1:  # the last slice to finish merges them all
+                tl.store(arrivals_ptr + row * NUM_KV_HEADS + kv_head, 0)  # ready for the next launch
+                _merge(partial_out_ptr, partial_lse_ptr, out_ptr, row, kv_head, num_active, out_row_stride,
+                       out_head_stride, NUM_QO_HEADS, GROUP, HEAD_DIM, NUM_SPLITS)
+
+
+@triton.jit
+def _merge(partial_out_ptr, partial_lse_ptr, out_ptr, row, kv_head, num_active, out_row_stride, out_head_stride,
+           NUM_QO_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """out = sum over slices of exp2(lse_s - lse) * out_s for each q head of the group. Loads bypass L1 (.cg): the
+    partials were written by other SMs during this launch."""
+    s = tl.arange(0, NUM_SPLITS)
+    d = tl.arange(0, HEAD_DIM)
+    s_mask = s < num_active
+    dtype: tl.constexpr = out_ptr.dtype.element_ty
+    for g in tl.static_range(GROUP):
+        head = kv_head * GROUP + g
+        partial = (row * NUM_QO_HEADS + head) * NUM_SPLITS + s  # (S,)
+        lse = tl.load(partial_lse_ptr + partial, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
+        o = tl.load(partial_out_ptr + partial[:, None] * HEAD_DIM + d[None, :], mask=s_mask[:, None], other=0.0,
+                    cache_modifier=".cg")  # (S, D)
+        w = tl.exp2(lse - tl.max(lse, axis=0))
+        out = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
+        tl.store(out_ptr + row.to(tl.int64) * out_row_stride + head * out_head_stride + d,
+                 round_to_dtype(out, dtype).to(dtype))  # to nearest also when interpreted (see kernels.numerics)

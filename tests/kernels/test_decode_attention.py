@@ -1,0 +1,169 @@
+"""decode_attention against its float32 reference: on the CPU through the interpreter at small shapes (rows of 1 token,
+of several pages, with a partial last page; GQA groups of 1, 2 and 3; slices left empty), on the GPU at Qwen3-0.6B and
+SmolLM2-135M head layouts up to 16k tokens, and replayed inside a CUDA graph with the lengths changed in between.
+
+The kernel's output is rounded to bf16, the reference's is float32, so they agree to a bf16 step of the output: a wrong
+page, token or merge weight is off by ~1."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.decode_attention import DecodeWorkspace, decode_attention, decode_attention_ref
+
+ATOL, RTOL = 2e-2, 2e-2
+
+
+def _inputs(lengths, num_qo_heads, num_kv_heads, head_dim, page_size, device, dtype=torch.bfloat16, seed=0,
+            spare_pages=3):
+    """q, a random pool, and CSR page tables over a random permutation of its pages for rows of `lengths` tokens."""
+    g = torch.Generator().manual_seed(seed)
+    need = [-(-n // page_size) for n in lengths]
+    num_pages = sum(need) + spare_pages
+    pool = torch.randn(num_pages, 2, num_kv_heads, page_size, head_dim, generator=g).to(dtype).to(device)
+    q = torch.randn(len(lengths), num_qo_heads, head_dim, generator=g).to(dtype).to(device)
+    indices = torch.randperm(num_pages, generator=g)[: sum(need)]
+    indptr = torch.tensor([0, *need]).cumsum(0)
+    last = torch.tensor([n - (p - 1) * page_size if p else 0 for n, p in zip(lengths, need)])
+    tables = [t.to(torch.int32).to(device) for t in (indptr, indices, last)]
+    return q, pool, tables
+
+
+def _check(q, pool, tables, out):
+    ref = decode_attention_ref(q.float(), pool.float(), *tables, q.shape[-1] ** -0.5)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    torch.testing.assert_close(out.float(), ref, atol=ATOL, rtol=RTOL)
+
+
+CPU_CASES = {  # name: (lengths, num_qo_heads, num_kv_heads, page_size, num_splits, min_split_tokens)
+    "gqa2-splits": ([1, 5, 37, 64], 4, 2, 4, 4, 8),
+    "gqa3-splits": ([1, 70, 16, 33], 6, 2, 4, 4, 8),
+    "gqa1-one-slice-each": ([9, 1, 50], 2, 2, 8, 2, 64),
+    "gqa8-page16": ([100, 3], 8, 1, 16, 8, 16),
+    "more-slices-than-tokens": ([2, 17], 4, 2, 4, 16, 1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CPU_CASES))
+def test_matches_reference(device, case):
+    lengths, num_qo, num_kv, page_size, splits, min_split = CPU_CASES[case]
+    q, pool, tables = _inputs(lengths, num_qo, num_kv, 64, page_size, device, seed=len(case))
+    ws = DecodeWorkspace.allocate(len(lengths), num_qo, num_kv, 64, splits, device)
+    out = decode_attention(q, pool, *tables, 64**-0.5, workspace=ws, min_split_tokens=min_split, block_n=16)
+    _check(q, pool, tables, out)
+    assert not ws.arrivals.any(), "a launch must leave the arrival counters at zero"
+    # The same workspace again (as a graph replay would use it), other lengths.
+    q, pool, tables = _inputs(lengths[::-1], num_qo, num_kv, 64, page_size, device, seed=len(case) + 1)
+    _check(q, pool, tables, decode_attention(q, pool, *tables, 64**-0.5, workspace=ws, min_split_tokens=min_split,
+                                             block_n=16))
+
+
+def test_output_is_float32_attention_rounded_once(device):
+    """The softmax weights keep ~16 bits through the bf16 products with V (see the kernel's docstring): nearly every
+    output is the float32 result rounded to bf16. Weights rounded to bf16 move about a third of them."""
+    q, pool, tables = _inputs([1, 37, 200], 6, 2, 64, 4, device, seed=3)
+    ws = DecodeWorkspace.allocate(3, 6, 2, 64, 4, device)
+    out = decode_attention(q, pool, *tables, 64**-0.5, workspace=ws, block_n=16)
+    ref = decode_attention_ref(q.float(), pool.float(), *tables, 64**-0.5).to(q.dtype)
+    assert (out != ref).float().mean() < 0.02
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_default_workspace_and_dtypes(device, dtype):
+    q, pool, tables = _inputs([3, 40], 4, 2, 64, 8, device, dtype=dtype)
+    _check(q, pool, tables, decode_attention(q, pool, *tables, 64**-0.5, min_split_tokens=16, block_n=16))
+
+
+def test_a_row_without_pages_gets_zeros(device):
+    q, pool, tables = _inputs([0, 5], 4, 2, 64, 4, device)
+    out = decode_attention(q, pool, *tables, 64**-0.5, block_n=16)
+    assert not out[0].any()
+    _check(q[1:], pool, [tables[0][1:] - tables[0][1], tables[1], tables[2][1:]], out[1:])
+
+
+def test_no_rows(device):
+    q, pool, tables = _inputs([1], 4, 2, 64, 4, device)
+    out = decode_attention(q[:0], pool, tables[0][:1], tables[1], tables[2][:0], 0.125)
+    assert out.shape == (0, 4, 64)
+
+
+_BAD = {
+    "q dtype": (lambda a: a.update(q=a["q"].float()), "q must have dtype"),
+    "pool dtype": (lambda a: a.update(kv_cache=a["kv_cache"].half()), "dtypes must match"),
+    "pool layout": (lambda a: a.update(kv_cache=a["kv_cache"][:, :1]), r"\[num_pages, 2, num_kv_heads"),
+    "page size": (lambda a: a.update(kv_cache=a["kv_cache"][:, :, :, :3]), "page_size a power of two"),
+    "head_dim": (lambda a: a.update(q=a["q"][..., :48], kv_cache=a["kv_cache"][..., :48]), "head_dim must be"),
+    "heads": (lambda a: a.update(q=a["q"][:, :3]), "multiple of num_kv_heads"),
+    "indptr length": (lambda a: a.update(kv_indptr=a["kv_indptr"][:-1]), "kv_indptr must have shape"),
+    "int64 indices": (lambda a: a.update(kv_indices=a["kv_indices"].long()), "kv_indices must have dtype"),
+    "strided last_page_len": (lambda a: a.update(kv_last_page_len=a["kv_last_page_len"].repeat_interleave(2)[::2]),
+                              "kv_last_page_len must be contiguous"),
+    "scale": (lambda a: a.update(scale=0.0), "scale must be"),
+    "block_n": (lambda a: a.update(block_n=8), "block_n must be"),
+    "workspace heads": (lambda a: a.update(workspace=DecodeWorkspace.allocate(2, 2, 1, 64, 2, a["q"].device)),
+                        "workspace is for"),
+    "workspace rows": (lambda a: a.update(workspace=DecodeWorkspace.allocate(1, 4, 2, 64, 2, a["q"].device)),
+                       "workspace is for"),
+    "workspace splits": (lambda a: DecodeWorkspace.allocate(2, 4, 2, 64, 3, a["q"].device), "power of two"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_BAD))
+def test_bad_arguments_are_value_errors(device, case):
+    change, message = _BAD[case]
+    q, pool, (indptr, indices, last) = _inputs([3, 9], 4, 2, 64, 4, device)
+    args = dict(q=q, kv_cache=pool, kv_indptr=indptr, kv_indices=indices, kv_last_page_len=last, scale=0.125)
+    with pytest.raises(ValueError, match=message):
+        change(args)
+        decode_attention(**args)
+
+
+REAL = {"qwen3-0.6b": (16, 8, 128), "smollm2-135m": (9, 3, 64)}  # (num_qo_heads, num_kv_heads, head_dim)
+GPU_LENGTHS = {1: [1], 2: [16384, 1], 4: [512, 17, 4096, 1000], 8: [1, 16, 17, 255, 256, 2049, 8191, 700]}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_rows", sorted(GPU_LENGTHS))
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_real_shapes_on_gpu(name, num_rows):
+    num_qo, num_kv, head_dim = REAL[name]
+    for lengths in (GPU_LENGTHS[num_rows], [512] * num_rows, [16384] * num_rows):
+        q, pool, tables = _inputs(lengths, num_qo, num_kv, head_dim, 16, "cuda", seed=num_rows)
+        _check(q, pool, tables, decode_attention(q, pool, *tables, head_dim**-0.5))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_replays_in_a_cuda_graph_with_new_lengths(name):
+    """Captured once over static page tables, replayed for other lengths (and a pool large enough for all)."""
+    num_qo, num_kv, head_dim = REAL[name]
+    rows, max_pages = 4, 4 * 1024
+    q, pool, _ = _inputs([16 * max_pages // rows] * rows, num_qo, num_kv, head_dim, 16, "cuda")
+    static = dict(q=q.clone(), indptr=torch.zeros(rows + 1, dtype=torch.int32, device="cuda"),
+                  indices=torch.zeros(max_pages, dtype=torch.int32, device="cuda"),
+                  last=torch.ones(rows, dtype=torch.int32, device="cuda"))
+    ws = DecodeWorkspace.allocate(rows, num_qo, num_kv, head_dim, 16, "cuda")
+
+    def attend():
+        return decode_attention(static["q"], pool, static["indptr"], static["indices"], static["last"],
+                                head_dim**-0.5, workspace=ws)
+
+    static["indptr"].copy_(torch.arange(rows + 1, dtype=torch.int32))  # one page each, for the warm-up
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        attend()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            out = attend()
+    torch.cuda.current_stream().wait_stream(stream)
+    for seed, lengths in enumerate(([1, 2, 3, 4], [16384, 1, 513, 7000], [40, 16000, 16, 17], [1] * 4)):
+        new_q, _, (indptr, indices, last) = _inputs(lengths, num_qo, num_kv, head_dim, 16, "cuda", seed=seed)
+        indices = torch.randperm(pool.shape[0], device="cuda")[: len(indices)].to(torch.int32)
+        static["q"].copy_(new_q)
+        static["indptr"].copy_(indptr)
+        static["indices"][: len(indices)].copy_(indices)
+        static["last"].copy_(last)
+        graph.replay()
+        _check(new_q, pool, (indptr, indices, last), out)
+    assert not ws.arrivals.any()
