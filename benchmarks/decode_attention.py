@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels.decode_attention import (  # noqa: E402
     DecodeWorkspace, decode_attention, default_block_n, default_num_splits, default_num_warps)
+from latency import time_graph  # noqa: E402
 
 LAYOUTS = {"qwen3-0.6b": (16, 8, 128), "smollm2-135m": (9, 3, 64)}  # (num_qo_heads, num_kv_heads, head_dim)
 PAGE_SIZE = 16
@@ -52,26 +53,6 @@ class Case:
 
     def tables(self):
         return self.kv_indptr.cuda(), self.kv_indices, self.kv_last_page_len.cuda()
-
-
-def time_graph(step, replays: int = 20) -> float:
-    """Microseconds per replay of a CUDA graph of `step()` (warmed up eagerly first)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / replays
 
 
 def triton_us(case: Case, num_splits: int | None = None, **tuning) -> tuple[float, torch.Tensor]:

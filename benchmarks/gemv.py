@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository, for `kernels`
 
-from latency import QWEN3_0_6B, SMOLLM2_135M, copy_bandwidth
+from latency import QWEN3_0_6B, SMOLLM2_135M, copy_bandwidth, time_graph
 
 import kernels
 from kernels.gemv import GemvConfig, launch_config
@@ -98,24 +98,7 @@ class Case:
 
     def us_per_launch(self, fn, replays: int = 20) -> float:
         """Microseconds per call of fn(weight), from a CUDA graph of one call per weight copy."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for w in self.weights[:2]:
-                fn(w)  # compiles, and creates cuBLAS' workspace outside the capture
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for w in self.weights:
-                fn(w)
-        graph.replay()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) * 1e3 / (replays * self.copies)
+        return time_graph(lambda: [fn(w) for w in self.weights], replays) / self.copies
 
     def error(self, config: GemvConfig | None) -> float:
         """Largest |kernel - F.linear in float32|, in units of the largest output: ~0.004 (bf16) when right."""
