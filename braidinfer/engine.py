@@ -1,4 +1,5 @@
-"""The single-threaded engine core: schedule -> run the model -> sample -> postprocess, one step at a time.
+"""The single-threaded engine core: schedule -> run the model -> sample -> postprocess, step after step (with
+asynchronous scheduling, a step's postprocessing runs once the next step is queued on the device).
 
 Not thread-safe: `LLM` owns one engine in one loop thread and feeds it requests from any thread.
 """
@@ -6,8 +7,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -63,6 +64,8 @@ class LLMEngine:
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
                                  else self.device.type == "cuda")
         self._in_flight: _Step | None = None  # a launched step whose tokens are not appended yet
+        self.last_scheduled: list[Sequence] = []
+        """The sequences of the step `step` launched last (those a failing step was running)."""
 
     # --- requests --------------------------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
@@ -191,7 +194,9 @@ class LLMEngine:
             self._process(step)
 
     def _launch(self, in_flight: _Step | None) -> _Step | None:
-        """Schedules the next batch and queues its forward and sampling; nothing waits for the device."""
+        """Schedules the next batch and queues its forward and sampling. Waits for the device only where it must: for
+        the previous step's inputs before planning (see ModelRunner), and for logprobs that were asked for."""
+        self.last_scheduled = []
         batch = self.scheduler.schedule()
         for seq, reason in self.scheduler.take_rejected():
             self.fail(seq, OutOfPagesError(reason))
@@ -200,6 +205,7 @@ class LLMEngine:
         batch.drop_finished()
         if not batch:
             return None
+        self.last_scheduled = list(batch.seqs)
         pending = in_flight.sampled_rows() if in_flight is not None else {}
         rows = [pending.get(id(seq)) for seq in batch.seqs]
         logits, sample_idx = self.runner.run(batch, in_flight.tokens.device_ids if pending else None, rows)
@@ -222,15 +228,19 @@ class LLMEngine:
         """Appends a step's sampled tokens (waiting for them to reach the host)."""
         if step.tokens is None:
             return
-        for seq, token, lp in zip(step.sampled, step.tokens.get(), step.logprobs):
+        for seq in step.sampled:  # first, so that no failure below leaves a token counted as on its way
             seq.num_pending_tokens -= 1
+        for seq, token, lp in zip(step.sampled, step.tokens.get(), step.logprobs):
             if seq.is_finished:  # aborted, failed, or ended by the token before
                 continue
             try:
                 self._append(seq, token, lp)
             except Exception as e:  # this request's postprocessing (detokenizer, grammar) broke: it alone ends
                 log.exception("request %s failed", seq.request_id)
-                self.fail(seq, e)
+                try:
+                    self.fail(seq, e)
+                except Exception:  # its sink cannot take the news either; the others still get their tokens
+                    log.exception("could not end request %s", seq.request_id)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[Sequence], torch.Tensor, list]:
         """(the sequences sampled, their token ids [n] on the device, their logprobs). logits: [len(seqs), vocab].

@@ -177,9 +177,13 @@ class EngineLoop:
             self.engine.step()
         except Exception as e:  # e.g. out of memory in the forward: the requests the step ran fail, the rest go on
             log.exception("engine step failed")
-            # A scheduled sequence is a running one. With none running the fault is nobody's: fail every request,
-            # or the same fault could repeat on every step.
-            ran = list(self.engine.scheduler.running) or list(self.engine.requests.values())
+            # The requests the failing step ran (those its in-flight predecessor did not end meanwhile). If it failed
+            # before it had a batch, the fault is nobody's in particular: fail the running requests, or with none
+            # every request, or the same fault could repeat on every step.
+            if self.engine.last_scheduled:
+                ran = [seq for seq in self.engine.last_scheduled if not seq.is_finished]
+            else:
+                ran = list(self.engine.scheduler.running) or list(self.engine.requests.values())
             for seq in ran:
                 self.engine.fail(seq, e)
 

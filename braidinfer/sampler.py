@@ -58,6 +58,7 @@ class HostTokens:
             self._host = token_ids
 
     def get(self) -> list[int]:
+        """The token ids as a list, once the copy has landed."""
         if self._copied is not None:
             self._copied.synchronize()
         return self._host.tolist()

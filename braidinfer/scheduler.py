@@ -74,6 +74,8 @@ class Scheduler:
             if seq.num_pending_tokens and seq.num_output_tokens + seq.num_pending_tokens >= seq.max_tokens:
                 i += 1  # its last token is on the way: nothing more to compute
                 continue
+            # (A token on the way that turns out to be a stop token ends the request after its next step has been
+            # scheduled: that step's token, and any page reserved for it, are given back when it is processed.)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self._reserve(seq, seq.num_computed_tokens + n):
                 preempted = True

@@ -90,6 +90,8 @@ class DecodeWorkspace:
     @classmethod
     def allocate(cls, max_rows: int, num_qo_heads: int, num_kv_heads: int, head_dim: int, num_splits: int,
                  device: torch.device | str) -> DecodeWorkspace:
+        """Buffers for launches of up to max_rows rows cutting each row's KV into num_splits slices (a power of
+        two); the arrival counters start at zero and every launch leaves them there."""
         if num_splits < 1 or num_splits & (num_splits - 1):
             raise ValueError(f"num_splits must be a power of two, got {num_splits}")
         f32 = dict(dtype=torch.float32, device=device)
@@ -99,6 +101,7 @@ class DecodeWorkspace:
 
     @property
     def num_splits(self) -> int:
+        """Slices per row (the launch grid's last dimension)."""
         return self.partial_lse.shape[2]
 
 

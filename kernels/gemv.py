@@ -44,19 +44,23 @@ NONE, RMS_NORM, ADD_RMS_NORM, SILU_AND_MUL = (tl.constexpr(i) for i in range(4))
 
 
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ weight [N, K]^T (+ bias [N]) -> [M, N]: nn.Linear."""
     return F.linear(x, weight, bias)
 
 
 def rms_norm_gemv_ref(x, norm_weight, eps, weight, bias=None) -> torch.Tensor:
+    """RMSNorm of x [M, K] (norm_weight [K]), then gemv_ref with weight [N, K] -> [M, N]."""
     return F.linear(rms_norm_ref(x, norm_weight, eps), weight, bias)
 
 
 def fused_add_rms_norm_gemv_ref(x, residual, norm_weight, eps, weight, bias=None):
+    """h = residual + x ([M, K] each), RMSNorm of h, then gemv_ref with weight [N, K] -> ([M, N], h)."""
     normed, h = fused_add_rms_norm_ref(x, residual, norm_weight, eps)
     return F.linear(normed, weight, bias), h
 
 
 def silu_and_mul_gemv_ref(x, weight, bias=None) -> torch.Tensor:
+    """silu(gate) * up of x [M, 2K] (gate first), then gemv_ref with weight [N, K] -> [M, N]."""
     return F.linear(silu_and_mul_ref(x), weight, bias)
 
 
@@ -78,8 +82,9 @@ def launch_config(num_rows: int, n: int, k: int, num_sms: int) -> GemvConfig:
     gate_up 6144x1024 (8, 1024, 8, 1) 6.66, (4, 1024, 8, 1) 6.87 [7.07]; down 1024x3072 (4, 1024, 8, 1) 5.10
     [7.59]. Blocks of 1024 columns loaded into registers (num_stages 1) beat the best software-pipelined
     configuration (tl.range num_stages 2-4, through shared memory) by 6-23%; 4 weight rows per program with 8
-    warps was best or within 5% everywhere, except that above ~8 programs per SM (gate_up) 8 rows were better. At 2-8 rows, 4 weight rows and 1024 / rows
-    columns with 4 warps were best of the few tried, but slower than cuBLAS for wide N (e.g. qkv at 2 rows 8.35
+    warps was best or within 5% everywhere, except that above ~8 programs per SM (gate_up) 8 rows were better. At
+    2-8 rows, 4 weight rows and 1024 / rows columns with 4 warps were best of the few tried, but slower than cuBLAS
+    for wide N (e.g. qkv at 2 rows 8.35
     against 5.63 us): each weight element then feeds several rows of a 3-d register tile.
     """
     block_m = triton.next_power_of_2(num_rows)
@@ -152,6 +157,9 @@ def _check(x, weight, bias, norm_weight=None, eps=0.0, residual=None, gate_up=Fa
     check_last_dim_contiguous("x", x)
     if not weight.is_contiguous():
         raise ValueError(f"weight must be contiguous (an nn.Linear weight), got strides {weight.stride()}")
+    if weight.numel() >= 2**31:  # the kernel's weight offsets are 32-bit
+        raise ValueError(f"weight has {weight.numel()} elements, more than a GEMV kernel indexes (2**31 - 1); "
+                         "use F.linear")
     tensors = {"x": x, "weight": weight}
     optional = {"bias": (bias, (weight.shape[0],)), "norm_weight": (norm_weight, (weight.shape[1],)),
                 "residual": (residual, tuple(x.shape))}

@@ -86,10 +86,19 @@ def test_same_outputs_under_preemption(llama_dir):
     outputs = []
     for async_scheduling in (False, True):
         with LLM(**_engine_kwargs(llama_dir, async_scheduling=async_scheduling, num_kv_pages=24)) as llm:
+            scheduler, in_flight_victims = llm.engine.scheduler, []
+            preempt = scheduler.preempt
+
+            def preempt_and_record(seq, preempt=preempt, record=in_flight_victims):
+                record.append(seq.num_pending_tokens)
+                preempt(seq)
+
+            scheduler.preempt = preempt_and_record
             outputs.append([o.token_ids for o in llm.generate(prompts, params)])
-            preemptions = llm.engine.scheduler.num_preemptions
             assert llm.cache_stats()["in_use"] == 0
-        assert preemptions > 0  # the pool is too small for all six at once
+        assert in_flight_victims  # the pool is too small for all six at once
+        if async_scheduling:  # requests were preempted with a token on its way, which they kept
+            assert any(in_flight_victims)
     assert outputs[1] == outputs[0]
 
 
@@ -116,15 +125,49 @@ def test_a_step_stays_in_flight_and_its_token_feeds_the_next_step_on_the_device(
 
 
 def test_abort_while_a_token_is_in_flight_frees_the_request(llama_dir):
-    with LLM(**_engine_kwargs(llama_dir, async_scheduling=True)) as llm:
-        prompts = _prompts(3, seed=5)
-        params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-        expected = [o.token_ids for o in llm.generate(prompts[1:], params)]
-        streams = [llm.stream_chunks(p, params) for p in prompts]
-        first = next(streams[0])  # the first request has started decoding
-        assert first.token_ids
-        streams[0].close()  # aborts it, probably with a token in flight
-        got = [[t for c in s for t in c.token_ids] for s in streams[1:]]
-        assert got == expected
-        stats = llm.cache_stats()
-        assert stats["in_use"] == 0 and stats["free"] + stats["cached"] == stats["num_pages"]
+    engine = LLMEngine(EngineConfig(**_engine_kwargs(llama_dir, async_scheduling=True)))
+    reference = LLMEngine(EngineConfig(**_engine_kwargs(llama_dir, async_scheduling=False)))
+    prompts = _prompts(2, seed=5)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    aborted, kept = (engine.make_sequence(p, params) for p in prompts)
+    ref = reference.make_sequence(prompts[1], params)
+    engine.add(aborted)
+    engine.add(kept)
+    reference.add(ref)
+    for _ in range(3):
+        engine.step()
+    assert aborted.num_pending_tokens == 1 and aborted.page_table
+    engine.abort(aborted.request_id)
+    while engine.has_work():
+        engine.step()
+    while reference.has_work():
+        reference.step()
+    assert aborted.finish_reason == "abort" and aborted.num_output_tokens == 2
+    assert kept.token_ids == ref.token_ids
+    stats = engine.pages.stats()
+    assert stats["in_use"] == 0 and stats["free"] + stats["cached"] == stats["num_pages"]
+
+
+def test_a_failing_step_whose_requests_ended_meanwhile_fails_nobody_else(llama_dir):
+    """A's second token is a stop token; the step after it (already launched when that token is appended) fails.
+    Only A was in that step, and A ended normally: B, still waiting, must not be failed for it."""
+    prompts = _prompts(2, seed=6)
+    with LLM(**_engine_kwargs(llama_dir, async_scheduling=False)) as llm:
+        free = [o.token_ids for o in llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8,
+                                                                            ignore_eos=True))]
+    params = [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, stop_token_ids=[free[0][1]]),
+              SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)]
+    with LLM(**_engine_kwargs(llama_dir, async_scheduling=True, max_num_seqs=1)) as llm:
+        run, calls = llm.engine.runner.run, []
+
+        def fail_third(batch, *pending):
+            calls.append([seq.num_prompt_tokens for seq in batch.seqs])
+            if len(calls) == 3:
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+            return run(batch, *pending)
+
+        llm.engine.runner.run = fail_third
+        a, b = llm.generate(prompts, params)
+    assert calls[2] == [len(prompts[0])]  # the failing step ran A alone
+    assert a.finish_reason == "stop" and a.token_ids == free[0][:2]
+    assert b.finish_reason == "length" and b.token_ids == free[1]
