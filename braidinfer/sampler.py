@@ -34,10 +34,6 @@ class SamplerOutput:
     token_ids: torch.Tensor
     logprobs: list[TokenLogprobs | None]
 
-    def token_id_list(self) -> list[int]:
-        """The sampled ids on the host (waits for them; see HostTokens)."""
-        return HostTokens(self.token_ids).get()
-
 
 class HostTokens:
     """Sampled token ids on their way to the host: the copy is queued at construction, `get` waits for it.

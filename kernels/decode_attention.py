@@ -92,7 +92,7 @@ class DecodeWorkspace:
                  device: torch.device | str) -> DecodeWorkspace:
         """Buffers for launches of up to max_rows rows cutting each row's KV into num_splits slices (a power of
         two); the arrival counters start at zero and every launch leaves them there."""
-        if num_splits < 1 or num_splits & (num_splits - 1):
+        if not _is_power_of_two(num_splits):
             raise ValueError(f"num_splits must be a power of two, got {num_splits}")
         f32 = dict(dtype=torch.float32, device=device)
         return cls(torch.empty(max_rows, num_qo_heads, num_splits, head_dim, **f32),
