@@ -248,8 +248,12 @@ class LLMEngine:
         (penalties, grammar, sampler) end."""
         if not seqs:
             return [], logits.new_empty(0, dtype=torch.int64), []
-        # Penalties and grammar masks write into the logits: keep the model's for a retry when any row has them.
-        raw = logits.clone() if any(s.params.penalized or s.matcher is not None for s in seqs) else logits
+        raw = logits
+        if any(s.params.penalized or s.matcher is not None for s in seqs):
+            # Penalties and grammar masks write into the logits, and in float32 (bf16 would round a penalised logit):
+            # they get a float32 copy, raw keeps the model's for a retry.
+            raw = logits.float()
+            logits = raw.clone()
         try:
             out = self._sample_rows(logits, seqs)
             return seqs, out.token_ids, out.logprobs

@@ -60,8 +60,8 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, pending_tokens: torch.Tensor | None = None,
             pending_rows: list[int | None] | None = None) -> tuple[torch.Tensor, list[int]]:
-        """Computes the batch's new tokens. Returns logits [N, vocab] float32 for the N sequences whose every token now
-        has KV (they sample next; prefill-only sequences never do), and the indices of those sequences in the batch.
+        """Computes the batch's new tokens. Returns logits [N, vocab] in the model's dtype for the N sequences whose
+        every token now has KV (they sample next; prefill-only sequences never do), and their indices in the batch.
 
         A sequence whose last token is still on the device (sampled by the step in flight, see Sequence) reads it
         from pending_tokens[pending_rows[i]], i its index in the batch."""

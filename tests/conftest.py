@@ -1,4 +1,5 @@
-"""Shared fixtures: the embedded model's path and tokenizer, and tiny random Llama / Qwen3 checkpoints on disk."""
+"""Shared fixtures: the embedded model's path and tokenizer, tiny random Llama / Qwen3 checkpoints on disk, and the
+scheduling mode (one step at a time or asynchronous) for tests of the engine's step."""
 from __future__ import annotations
 
 import os
@@ -19,6 +20,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
+def async_scheduling(request) -> bool:
+    """EngineConfig.async_scheduling for the engine under test: steps taken one at a time ("sync", the CPU default)
+    or each queued before the previous step's tokens are appended ("async", the CUDA default). Module-scoped, so a
+    module runs all its tests in one mode, then in the other, and sets up its mode-independent fixtures once."""
+    return request.param
 
 
 @pytest.fixture(scope="session")

@@ -172,6 +172,7 @@ class FlashInferGraphDecode:
                 backend.workspace, kv_layout="HND", use_cuda_graph=True, paged_kv_indptr_buffer=indptr,
                 paged_kv_indices_buffer=buffers.kv_indices, paged_kv_last_page_len_buffer=last_page_len)
         self._kv_positions = buffers.kv_positions[:b]
+        self._positions: torch.Tensor | None = None  # the step's positions (plan's argument), copied by __call__
         self._new_tokens = (buffers.batch_indices[:b], self._kv_positions)
         self._pages = (buffers.kv_indices, indptr, last_page_len)  # the kernel reads indices through indptr
         self._append_kv = flashinfer.append_paged_kv_cache
@@ -186,9 +187,10 @@ class FlashInferGraphDecode:
              positions: torch.Tensor) -> None:
         """The next replay's page tables in FlashInfer's CSR form: kv_indptr [b + 1], kv_indices [kv_indptr[-1]],
         kv_last_page_len [b] in [1, page_size]. Row i's new token is the last of its KV, at positions[i] ([b], on
-        the device). Must run outside capture, before each replay (or the eager warm-up run)."""
+        the device; read by the replay, so a static buffer under CUDA graphs). Must run outside capture, before each
+        replay (or the eager warm-up run)."""
         b, max_batch = self.batch_size, len(self._buffers.kv_last_page_len)
-        self._kv_positions.copy_(positions, non_blocking=True)
+        self._positions = positions
         if self._triton is not None or kv_indptr == self._planned_indptr:
             # Same schedule: one copy of [indptr | last_page_len (at its offset) | indices] into the static tables.
             host = torch.zeros(2 * max_batch + 1 + len(kv_indices), dtype=torch.int32)
@@ -209,6 +211,8 @@ class FlashInferGraphDecode:
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata):
         """q: [b, num_qo_heads, head_dim]; k, v: [b, num_kv_heads, head_dim] -> out: [b, num_qo_heads, head_dim]."""
         cache = self.kv_cache[layer]  # (pages, 2, kvh, ps, hd)
+        if layer == 0:  # once per step, inside the graph (the fused kernels' path, `attend`, does not need it)
+            self._kv_positions.copy_(self._positions)
         self._append_kv(k, v, *self._new_tokens, cache, *self._pages, kv_layout="HND")
         return self.attend(layer, q, meta)
 

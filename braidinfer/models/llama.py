@@ -196,5 +196,6 @@ class LlamaForCausalLM(nn.Module):
         return apply_rotary(k.float(), cos, sin).to(k.dtype)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [N, hidden] -> logits [N, vocab] in float32."""
-        return self.lm_head(hidden).float()
+        """hidden: [N, hidden] -> logits [N, vocab] in the model's dtype. Not cast to float32 here: greedy rows take
+        their argmax as they are, and the engine and sampler convert the rows that need float32 arithmetic."""
+        return self.lm_head(hidden)

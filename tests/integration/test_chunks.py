@@ -23,10 +23,12 @@ def _random_ids(seed: int, n: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def tiny_llms(tiny_model):
+def tiny_llms(tiny_model, async_scheduling):
+    """(an LLM with chunks, scheduling as `async_scheduling` says; the reference without a prefix cache)."""
     _, path, _ = tiny_model
-    kw = dict(device="cpu", dtype="float32", page_size=PS, progress=False)
-    on, off = LLM(model=path, num_kv_pages=64, **kw), LLM(model=path, enable_prefix_caching=False, **kw)
+    kw = dict(device="cpu", dtype="float32", page_size=PS, num_kv_pages=64, progress=False)
+    on = LLM(model=path, async_scheduling=async_scheduling, **kw)
+    off = LLM(model=path, enable_prefix_caching=False, **kw)
     yield on, off
     on.close()
     off.close()
@@ -65,10 +67,11 @@ def test_pinned_chunk_survives_a_flood_that_evicts_everything_else(tiny_llms):
     assert _idle(on)
 
 
-def test_pins_are_refused_beyond_the_pool_share_and_requests_that_cannot_fit_get_a_clear_error(tiny_model):
+def test_pins_are_refused_beyond_the_pool_share_and_requests_that_cannot_fit_get_a_clear_error(
+        tiny_model, async_scheduling):
     _, path, _ = tiny_model
     with LLM(model=path, device="cpu", dtype="float32", page_size=PS, num_kv_pages=16, max_pinned_fraction=0.5,
-             progress=False) as llm:
+             async_scheduling=async_scheduling, progress=False) as llm:
         with pytest.raises(InvalidRequestError, match="at most 8 of the pool's 16"):
             llm.chunks.add(_random_ids(5, 9 * PS))
         a = llm.chunks.add(_random_ids(6, 5 * PS))
@@ -83,10 +86,10 @@ def test_pins_are_refused_beyond_the_pool_share_and_requests_that_cannot_fit_get
         assert _idle(llm)
 
 
-def test_request_sharing_pinned_pages_may_use_them(tiny_model):
+def test_request_sharing_pinned_pages_may_use_them(tiny_model, async_scheduling):
     _, path, _ = tiny_model
     with LLM(model=path, device="cpu", dtype="float32", page_size=PS, num_kv_pages=16, max_pinned_fraction=0.5,
-             progress=False) as llm:
+             async_scheduling=async_scheduling, progress=False) as llm:
         a = llm.chunks.add(_random_ids(6, 5 * PS))
         big = SamplingParams(temperature=0, max_tokens=6 * PS, ignore_eos=True)
         out = llm.generate(_random_ids(9, 4 * PS), big, chunks=a)[0]  # 5 shared + 10 own pages <= 11 unpinned + 5

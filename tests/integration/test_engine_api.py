@@ -23,8 +23,11 @@ def llama_dir(tmp_path_factory, smollm_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def llm(llama_dir):
-    with LLM(model=llama_dir, device="cpu", dtype="float32", page_size=4, max_model_len=256, progress=False) as llm:
+def llm(llama_dir, async_scheduling):
+    """The LLM under test, scheduling as `async_scheduling` says. 1,024 pages of 4 tokens hold every request here
+    (the CPU's default 1 GiB pool takes seconds to set up)."""
+    with LLM(model=llama_dir, device="cpu", dtype="float32", page_size=4, max_model_len=256, num_kv_pages=1024,
+             async_scheduling=async_scheduling, progress=False) as llm:
         yield llm
 
 
@@ -98,13 +101,14 @@ def test_stop_string_and_stop_token(llm):
     assert out.finish_reason == "stop" and out.text == free.text[: free.text.index(needle)]
 
 
-def test_more_requests_than_pages_finish_through_preemption(llama_dir):
+def test_more_requests_than_pages_finish_through_preemption(llama_dir, async_scheduling):
     prompts = _prompts(10, length=20, seed=5)
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    with LLM(model=llama_dir, device="cpu", dtype="float32", page_size=4, progress=False) as roomy:
+    with LLM(model=llama_dir, device="cpu", dtype="float32", page_size=4, num_kv_pages=1024, progress=False) as roomy:
         expected = [o.token_ids for o in roomy.generate(prompts, params)]
     # 30 pages x 4 tokens hold ~2.5 of these requests at full length; 10 run at once.
-    with LLM(model=llama_dir, device="cpu", dtype="float32", page_size=4, num_kv_pages=30, progress=False) as tight:
+    with LLM(model=llama_dir, device="cpu", dtype="float32", page_size=4, num_kv_pages=30,
+             async_scheduling=async_scheduling, progress=False) as tight:
         got = [o.token_ids for o in tight.generate(prompts, params)]
         assert tight.engine.scheduler.num_preemptions > 0
         assert _idle(tight)

@@ -8,10 +8,13 @@ from braidinfer import LLM, SamplingParams
 
 
 @pytest.fixture(scope="module")
-def llms(tiny_model):
+def llms(tiny_model, async_scheduling):
+    """(an LLM with the prefix cache, scheduling as `async_scheduling` says; the reference without it). 512 pages
+    hold every prompt here with room to spare (the CPU's default 1 GiB pool takes seconds to set up)."""
     _, path, _ = tiny_model
-    kw = dict(device="cpu", dtype="float32", page_size=8, progress=False)
-    on, off = LLM(model=path, **kw), LLM(model=path, enable_prefix_caching=False, **kw)
+    kw = dict(device="cpu", dtype="float32", page_size=8, num_kv_pages=512, progress=False)
+    on = LLM(model=path, async_scheduling=async_scheduling, **kw)
+    off = LLM(model=path, enable_prefix_caching=False, **kw)
     yield on, off
     on.close()
     off.close()

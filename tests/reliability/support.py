@@ -105,8 +105,11 @@ def wait_until_idle(llm, timeout_s: float = 10) -> list[str]:
 
 
 def tiny_engine(model_dir: str, **config):
-    """An LLM of its own on the tiny model (small pages, so pressure is cheap to create)."""
+    """An LLM of its own on the tiny model (small pages, so pressure is cheap to create). Its pool holds 4,096 tokens
+    unless `num_kv_pages` says otherwise: the CPU's default 1 GiB would be half a million pages of this model,
+    seconds to set up."""
     from braidinfer import LLM
 
+    config = {"num_kv_pages": 1024, **config}
     return LLM(model=model_dir, device="cpu", dtype="float32", page_size=4, max_model_len=256, progress=False,
                **config)

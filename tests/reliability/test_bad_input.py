@@ -30,6 +30,13 @@ user_text = st.lists(_pieces, max_size=12).map("".join)
 BENIGN = {"role": "user", "content": "benign"}
 
 
+@pytest.fixture(scope="module")
+def llm(embedded_llm):
+    """The shared engine as loaded, one mode only: how input is checked and encoded does not depend on how steps
+    are scheduled."""
+    return embedded_llm
+
+
 def _has_surrogate(text: str) -> bool:
     return any(0xD800 <= ord(ch) <= 0xDFFF for ch in text)
 

@@ -24,13 +24,14 @@ CALLS = (QUESTIONS + QUESTIONS)[:NUM_STREAMS + NUM_THREADS]
 
 
 @pytest.fixture(scope="module")
-def chat(llm):
+def chat(embedded_llm):
     return ChatBraid(device="cpu", temperature=0.0, max_tokens=8)
 
 
 @pytest.fixture(scope="module")
 def answers_alone(chat):
-    """Each question asked with nothing else running: the reference every concurrent answer must equal."""
+    """Each question asked with nothing else running, one step at a time (set up before `llm` switches the mode):
+    the reference every concurrent answer must equal, in either mode."""
     return {q: chat.invoke(q).content for q in QUESTIONS}
 
 

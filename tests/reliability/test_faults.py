@@ -28,8 +28,8 @@ class Fatal(BaseException):
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_llama):
-    with tiny_engine(tiny_llama) as llm:
+def tiny(tiny_llama, async_scheduling):
+    with tiny_engine(tiny_llama, async_scheduling=async_scheduling) as llm:
         yield llm
 
 
@@ -256,10 +256,10 @@ def test_an_out_of_memory_error_in_the_forward_fails_that_step_and_the_engine_ke
     assert [o.text for o in tiny.generate(prompts, GREEDY)] == expected
 
 
-def test_a_failing_step_fails_only_the_requests_it_ran(tiny_llama, monkeypatch):
+def test_a_failing_step_fails_only_the_requests_it_ran(tiny_llama, async_scheduling, monkeypatch):
     """Four requests arrive together and the engine runs two at a time: an out-of-memory error in the first step
     fails its two requests, and the two still waiting are then served exactly as before."""
-    with tiny_engine(tiny_llama, max_num_seqs=2) as llm:
+    with tiny_engine(tiny_llama, async_scheduling=async_scheduling, max_num_seqs=2) as llm:
         prompts = _prompts(4)
         expected = [o.text for o in llm.generate(prompts, GREEDY)]
         run, ran = llm.engine.runner.run, []

@@ -30,6 +30,7 @@ def _params(n):
 
 @pytest.fixture(scope="module")
 def reference(tiny_llama):
+    """(prompts, params, their (token ids, text)) in a roomy pool, one step at a time: what either mode must give."""
     prompts, params = _prompts(10, seed=21), _params(10)
     with tiny_engine(tiny_llama) as roomy:
         return prompts, params, [(o.token_ids, o.text) for o in roomy.generate(prompts, params)]
@@ -47,9 +48,9 @@ async def _stream(llm, prompt, params, stop_after=None):
     return ids, "".join(text)
 
 
-def test_streamed_burst_over_the_pool_loses_nothing(tiny_llama, reference):
+def test_streamed_burst_over_the_pool_loses_nothing(tiny_llama, async_scheduling, reference):
     prompts, params, expected = reference
-    with tiny_engine(tiny_llama, num_kv_pages=NUM_PAGES) as tight:
+    with tiny_engine(tiny_llama, num_kv_pages=NUM_PAGES, async_scheduling=async_scheduling) as tight:
         async def main():
             never_fits = tight.astream_chunks(list(range(3, 200)), SamplingParams(max_tokens=16))
             with pytest.raises(InvalidRequestError, match="page pool holds 120"):
@@ -62,11 +63,11 @@ def test_streamed_burst_over_the_pool_loses_nothing(tiny_llama, reference):
         assert not idle_problems(tight)
 
 
-def test_cancelling_preempted_requests_leaks_nothing(tiny_llama, reference):
+def test_cancelling_preempted_requests_leaks_nothing(tiny_llama, async_scheduling, reference):
     """Half the burst is cancelled the moment the scheduler preempts it (the abort reaches the engine while the
     request waits to resume, holding no pages but its output so far)."""
     prompts, params, expected = reference
-    with tiny_engine(tiny_llama, num_kv_pages=NUM_PAGES) as tight:
+    with tiny_engine(tiny_llama, num_kv_pages=NUM_PAGES, async_scheduling=async_scheduling) as tight:
         scheduler, cancelled = tight.engine.scheduler, []
         preempt = scheduler.preempt
 

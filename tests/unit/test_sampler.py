@@ -1,10 +1,14 @@
-"""Sampler: greedy, seeded reproducibility, the filtered distributions it draws from, and logprobs."""
+"""Sampler: greedy, seeded reproducibility, the filtered distributions it draws from, logprobs, and bf16 logits (the
+model's dtype on CUDA) sampled as their float32 copy would be."""
 
+import functools
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from braidinfer.engine import LLMEngine
 from braidinfer.sampler import Sampler, make_generator
 from braidinfer.sampling_params import SamplingParams
 
@@ -231,3 +235,51 @@ def test_make_generator_accepts_negative_seeds():
     a = torch.rand(4, generator=make_generator(-1, "cpu"))
     b = torch.rand(4, generator=make_generator(-1, "cpu"))
     assert torch.equal(a, b)
+
+
+def first_max(row: list[float]) -> int:
+    return max(range(len(row)), key=lambda j: row[j])
+
+
+def test_greedy_bf16_logits_give_the_tokens_of_their_float32_copy():
+    """An all-greedy batch takes the argmax of the logits as they are: the tokens of their exact float32 copy, the
+    first of tied maxima included (small integers, and values near 20 rounded to bf16's 1/8 steps, tie often)."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.cat([torch.randint(-3, 4, (4, 500), generator=g).float(),
+                        20 + torch.randn(4, 500, generator=g) / 8]).to(torch.bfloat16)
+    out = sample(logits, [SamplingParams(temperature=0)] * 8, [make_generator(0, "cpu")] * 8)
+    assert out.token_ids.dtype == torch.int64
+    assert out.token_ids.tolist() == [first_max(row) for row in logits.float().tolist()]
+    assert out.logprobs == [None] * 8
+
+
+def test_logprobs_of_bf16_logits_are_computed_in_float32():
+    """A row that wants logprobs sends the batch through the float32 copy: the logprobs are log_softmax of that copy,
+    bit for bit (log_softmax in bf16 would be off by its rounding)."""
+    g = torch.Generator().manual_seed(4)
+    logits = (20 + torch.randn(2, 300, generator=g) / 8).to(torch.bfloat16)
+    params = [SamplingParams(temperature=0, logprobs=3), SamplingParams(temperature=0)]
+    out = sample(logits, params, [make_generator(0, "cpu")] * 2)
+    expected = torch.log_softmax(logits.float(), dim=-1)
+    assert out.token_ids.tolist() == [first_max(row) for row in logits.float().tolist()]
+    entry = out.logprobs[0]
+    assert entry.logprob == expected[0, entry.token_id].item()
+    assert [lp for _, lp in entry.top] == expected[0].topk(3).values.tolist()
+    assert abs(torch.log_softmax(logits, dim=-1)[0, entry.token_id].item() - entry.logprob) > 1e-3  # not trivial
+    assert out.logprobs[1] is None
+
+
+def test_engine_penalises_bf16_logits_in_float32():
+    """Token 1 (256) was generated; a presence penalty of 0.6 leaves it at 255.4 in float32, above token 0 (255).
+    In bf16 (steps of 1 there) it would round to 255 and tie, and token 0 would win. The runner's logits stay as
+    they were. (LLMEngine._sample on a stand-in engine: only its sampler is needed.)"""
+    engine = SimpleNamespace(sampler=Sampler())
+    engine._sample_rows = functools.partial(LLMEngine._sample_rows, engine)
+    seq = SimpleNamespace(params=SamplingParams(temperature=0, presence_penalty=0.6), token_ids=[5, 1],
+                          num_prompt_tokens=1, matcher=None, generator=make_generator(0, "cpu"))
+    logits = torch.full((1, 8), -4.0, dtype=torch.bfloat16)
+    logits[0, :2] = torch.tensor([255.0, 256.0])
+    before = logits.clone()
+    sampled, token_ids, _ = LLMEngine._sample(engine, logits, [seq])
+    assert sampled == [seq] and token_ids.tolist() == [1]
+    assert torch.equal(logits, before)
