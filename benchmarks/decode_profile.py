@@ -7,7 +7,7 @@ Prints, from the same run:
 - the GPU time of the captured decode forward alone (graph replays back to back) and of the logits; with
   --compare-gemv also that of an engine whose model runs the fused kernels without the GEMV decode path;
 - the engine's own step (schedule, forward, sample, detokenize) driven directly, without the loop thread;
-- the same decode through `LLM.stream_chunks` (loop thread + channel to the caller), as users see it;
+- the same decode through `LLM.stream_deltas` (loop thread + channel to the caller), as users see it;
 - a cProfile of the engine steps (the Python functions that cost the most).
 """
 from __future__ import annotations
@@ -67,7 +67,7 @@ def engine_steps(engine, prompt: list[int], steps: int, profile: cProfile.Profil
     from braidinfer import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True)
-    seq = engine.make_sequence(prompt, params)
+    seq = engine.requests.sequence(prompt, params)
     engine.add(seq)
     engine.step()  # prefill + first token
     torch.cuda.synchronize()
@@ -126,7 +126,7 @@ def main() -> None:
         with LLM(model=path, device="cuda", dtype="bfloat16", num_kv_pages=pages, progress=False) as llm:
             through_llm = 0.0
             for r in range(3):
-                stamps = [time.perf_counter() for c in llm.stream_chunks(random_prompt(args.context, 20 + r), params)
+                stamps = [time.perf_counter() for c in llm.stream_deltas(random_prompt(args.context, 20 + r), params)
                           if c.token_ids]
                 through_llm = max(through_llm, (len(stamps) - 1) / (stamps[-1] - stamps[0]))
 
@@ -138,7 +138,7 @@ def main() -> None:
         print(f"GPU only, without the GEMV decode path: graph replay {without_gemv[0]:.3f} ms + logits "
               f"{without_gemv[1]:.3f} ms = {1e3 / sum(without_gemv):.0f} tok/s ceiling")
     print(f"engine.step() driven directly: {direct:.1f} tok/s ({1e3 / direct:.3f} ms/step)")
-    print(f"LLM.stream_chunks (loop thread + channel): {through_llm:.1f} tok/s ({1e3 / through_llm:.3f} ms/step)")
+    print(f"LLM.stream_deltas (loop thread + channel): {through_llm:.1f} tok/s ({1e3 / through_llm:.3f} ms/step)")
     out = io.StringIO()
     pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(args.top)
     print(out.getvalue())

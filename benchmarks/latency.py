@@ -93,7 +93,7 @@ def braid_latency(llm, prompt: list[int], n: int) -> tuple[float, float]:
 
     params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
     t0 = time.perf_counter()
-    stamps = [time.perf_counter() for chunk in llm.stream_chunks(prompt, params) if chunk.token_ids]
+    stamps = [time.perf_counter() for chunk in llm.stream_deltas(prompt, params) if chunk.token_ids]
     return stamps[0] - t0, (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 

@@ -88,8 +88,8 @@ def rag(model: str | None, page_size: int, max_tokens: int) -> None:
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
     with _engine(model, True, page_size) as on, _engine(model, False, page_size) as off:
         system_ids = on.apply_chat_template([{"role": "system", "content": SYSTEM}], add_generation_prompt=False)
-        doc_ids = [on.engine.tokenize("\n" + d + "\n", add_special_tokens=False) for d in docs]
-        q_ids = [on.engine.tokenize(f"Question: {q}\nAnswer:", add_special_tokens=False) for q in qs]
+        doc_ids = [on.engine.requests.tokenize("\n" + d + "\n", add_special_tokens=False) for d in docs]
+        q_ids = [on.engine.requests.tokenize(f"Question: {q}\nAnswer:", add_special_tokens=False) for q in qs]
         print(f"\nrag: {len(docs)} documents ({sum(map(len, doc_ids))} tokens, stdlib docstrings) x {len(qs)} "
               f"questions, embedded model, greedy, max_tokens={max_tokens}, page_size={page_size}")
 
@@ -195,7 +195,7 @@ def ttft(length: int, question: int, repeats: int) -> None:
 
     def first_token_s(llm: LLM, prompt, **kwargs) -> float:
         t0 = time.perf_counter()
-        for chunk in llm.stream_chunks(prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True),
+        for chunk in llm.stream_deltas(prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True),
                                        **kwargs):
             if chunk.token_ids:
                 return time.perf_counter() - t0
@@ -232,12 +232,12 @@ def cascade(length: int, batch: int, steps: int) -> None:
         engine = LLMEngine(EngineConfig(model=path, device="cuda", dtype="bfloat16", max_num_seqs=batch,
                                         progress=False, **options))
         prefix = random_prompt(length, seed=2)
-        chunk = engine.make_prefill(prefix)
+        chunk = engine.requests.prefill(prefix, pin_owner="shared-prefix")
         engine.add(chunk)
         while engine.has_work():
             engine.step()
         params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
-        seqs = [engine.make_sequence(prefix + random_prompt(16, seed=100 + i), params) for i in range(batch)]
+        seqs = [engine.requests.sequence(prefix + random_prompt(16, seed=100 + i), params) for i in range(batch)]
         for seq in seqs:
             engine.add(seq)
         while any(seq.num_output_tokens == 0 for seq in seqs):

@@ -148,7 +148,7 @@ class ChatBraid(BaseChatModel):
             pins_for(request.engine).pin(request.prompt, request.segments)
         builder = ChunkBuilder(request.model_name, request.tool_mode)
         # closing(): a consumer that stops early cancels the request now, not when the generator is collected.
-        with request.explain_errors(), closing(request.engine.stream_chunks(request.prompt, request.params)) as it:
+        with request.explain_errors(), closing(request.engine.stream_deltas(request.prompt, request.params)) as it:
             for completion in it:
                 for chunk in builder.add(completion):
                     if run_manager:
@@ -163,7 +163,7 @@ class ChatBraid(BaseChatModel):
             await pins_for(request.engine).apin(request.prompt, request.segments)
         builder = ChunkBuilder(request.model_name, request.tool_mode)
         with request.explain_errors():
-            async with aclosing(request.engine.astream_chunks(request.prompt, request.params)) as it:
+            async with aclosing(request.engine.astream_deltas(request.prompt, request.params)) as it:
                 async for completion in it:
                     for chunk in builder.add(completion):
                         if run_manager:

@@ -29,7 +29,7 @@ class EngineUsage(Protocol):
 
 
 class EngineChunk(Protocol):
-    """What is read from a `braidinfer.CompletionChunk`."""
+    """What is read from a `braidinfer.CompletionDelta`."""
 
     text: str
     finish_reason: str | None

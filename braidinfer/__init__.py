@@ -12,7 +12,7 @@ _EXPORTS = {
     "EngineConfig": "braidinfer.config",
     "SamplingParams": "braidinfer.sampling_params",
     "RequestOutput": "braidinfer.outputs",
-    "CompletionChunk": "braidinfer.outputs",
+    "CompletionDelta": "braidinfer.outputs",
     "Usage": "braidinfer.outputs",
     "BraidError": "braidinfer.errors",
     "InvalidRequestError": "braidinfer.errors",
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from braidinfer.config import EngineConfig
     from braidinfer.errors import BraidError, InvalidRequestError
     from braidinfer.llm import LLM
-    from braidinfer.outputs import CompletionChunk, RequestOutput, Usage
+    from braidinfer.outputs import CompletionDelta, RequestOutput, Usage
     from braidinfer.sampling_params import SamplingParams
 
 

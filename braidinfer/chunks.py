@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from braidinfer.errors import InvalidRequestError
+from braidinfer.sequence import ComposedSegment
 
 if TYPE_CHECKING:
-    from braidinfer.llm import LLM
+    from braidinfer.client import EngineClient
 
 ChunkKind = Literal["system", "document", "turn"]
 _KINDS = ("system", "document", "turn")
@@ -84,8 +85,9 @@ class Chunk:
 class ChunkStore:
     """`llm.chunks`: adds, lists and releases the chunks of one LLM. Thread-safe."""
 
-    def __init__(self, llm: LLM):
-        self._llm = llm
+    def __init__(self, client: EngineClient, render: Callable[..., list[int]]):
+        """`client`: the engine's client (prefills and pins); `render`: the chat template (messages -> token ids)."""
+        self._client, self._render_template = client, render
         self._chunks: dict[str, Chunk] = {}
         self._ids = itertools.count()
         self._lock = threading.Lock()
@@ -101,15 +103,17 @@ class ChunkStore:
         (`EngineConfig.max_pinned_fraction`).
         """
         own, prefix = self._prepare(content, after, kind, independent)
-        pages = self._llm._prefill_and_pin(prefix, private=independent)
-        return self._register(kind, own, after, pages, independent)
+        chunk_id = self._new_id()
+        pages = self._client.prefill_and_pin(prefix, chunk_id, private=independent)
+        return self._register(chunk_id, kind, own, after, pages, independent)
 
     async def aadd(self, content: str | list[int], *, after: Chunk | None = None,
                    kind: ChunkKind = "document", independent: bool = False) -> Chunk:
         """`add` for asyncio: waits for the prefill without blocking the event loop."""
         own, prefix = self._prepare(content, after, kind, independent)
-        pages = await self._llm._aprefill_and_pin(prefix, private=independent)
-        return self._register(kind, own, after, pages, independent)
+        chunk_id = self._new_id()
+        pages = await self._client.aprefill_and_pin(prefix, chunk_id, private=independent)
+        return self._register(chunk_id, kind, own, after, pages, independent)
 
     def add_messages(self, messages: list[dict[str, Any]], *, after: Chunk | None = None,
                      kind: ChunkKind = "system", **template_kwargs: Any) -> Chunk:
@@ -125,7 +129,7 @@ class ChunkStore:
                 return
             chunk.released = True
             del self._chunks[chunk.id]
-        self._llm._unpin(list(chunk.pages))
+        self._client.unpin(chunk.id)
 
     def release_all(self) -> None:
         """Unpins every chunk of this LLM."""
@@ -146,9 +150,9 @@ class ChunkStore:
         return len(self._chunks)
 
     # --- internals ---------------------------------------------------------------------------------------------
-    def resolve(self, chunks: Chunk | Sequence[Chunk] | None) -> tuple[list[int], list[tuple[int, Chunk]]]:
-        """What a request's `chunks` argument stands for (validated): the token prefix, and for a composed prompt
-        the (position, chunk) of each independent chunk (else [])."""
+    def resolve(self, chunks: Chunk | Sequence[Chunk] | None) -> tuple[list[int], list[ComposedSegment]]:
+        """What a request's `chunks` argument stands for (validated), in plain values for the engine: the token
+        prefix, and for a composed prompt where each independent chunk's KV goes (else [])."""
         if chunks is None:
             return [], []
         chain = [chunks] if isinstance(chunks, Chunk) else list(chunks)
@@ -169,7 +173,7 @@ class ChunkStore:
         self._check_usable(chain[-1], "chunks")  # it pins the whole prefix, ancestors' pages included
         return list(chain[-1].prefix_token_ids), []
 
-    def _composition(self, chain: list[Chunk]) -> tuple[list[int], list[tuple[int, Chunk]]]:
+    def _composition(self, chain: list[Chunk]) -> tuple[list[int], list[ComposedSegment]]:
         dependent = [c.id for c in chain if not c.independent]
         if dependent:
             raise InvalidRequestError(f"a composed prompt takes only independent chunks; {dependent} are not "
@@ -177,7 +181,7 @@ class ChunkStore:
         prefix, compose = [], []
         for chunk in chain:
             self._check_usable(chunk, "chunks")
-            compose.append((len(prefix), chunk))
+            compose.append(ComposedSegment(len(prefix), chunk.id, chunk.num_tokens))
             prefix += chunk.token_ids
         return prefix, compose
 
@@ -190,14 +194,14 @@ class ChunkStore:
         if after is not None:
             self._check_usable(after, "after")
         bos = kind == "system" if independent else after is None
-        own = self._llm.engine.tokenize(content, add_special_tokens=bos)
+        own = self._client.engine.requests.tokenize(content, add_special_tokens=bos)
         prefix = (after.prefix_token_ids if after else []) + own
         return own, prefix
 
     def _render(self, messages: list[dict[str, Any]], after: Chunk | None, template_kwargs: dict[str, Any]
                 ) -> list[int]:
         template_kwargs.setdefault("add_generation_prompt", False)
-        ids = self._llm.apply_chat_template(messages, **template_kwargs)
+        ids = self._render_template(messages, **template_kwargs)
         if after is None:
             return ids
         self._check_usable(after, "after")
@@ -208,10 +212,13 @@ class ChunkStore:
                 "prefix of the conversation rendered by the chat template")
         return ids[len(head):]
 
-    def _register(self, kind: ChunkKind, own: list[int], after: Chunk | None, pages: list[int],
+    def _new_id(self) -> str:
+        return f"chunk-{next(self._ids)}"  # itertools.count: atomic under the GIL
+
+    def _register(self, chunk_id: str, kind: ChunkKind, own: list[int], after: Chunk | None, pages: list[int],
                   independent: bool = False) -> Chunk:
         with self._lock:
-            chunk = Chunk(self, f"chunk-{next(self._ids)}", kind, own, after, pages, independent)
+            chunk = Chunk(self, chunk_id, kind, own, after, pages, independent)
             self._chunks[chunk.id] = chunk
         return chunk
 

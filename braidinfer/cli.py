@@ -60,13 +60,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _answer(llm, prompt, params: SamplingParams, stats: bool) -> str:
     parts = []
-    for chunk in llm.stream_chunks(prompt, params):
-        parts.append(chunk.text)
-        print(chunk.text, end="", flush=True)
-        if chunk.usage is not None and stats:
-            u = chunk.usage
+    for delta in llm.stream_deltas(prompt, params):
+        parts.append(delta.text)
+        print(delta.text, end="", flush=True)
+        if delta.usage is not None and stats:
+            u = delta.usage
             print(f"\n[prompt {u.prompt_tokens} tokens ({u.cached_prompt_tokens} cached), "
-                  f"completion {u.completion_tokens}, finish: {chunk.finish_reason}]", file=sys.stderr, end="")
+                  f"completion {u.completion_tokens}, finish: {delta.finish_reason}]", file=sys.stderr, end="")
     print()
     return "".join(parts)
 

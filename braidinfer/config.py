@@ -1,17 +1,17 @@
 """Engine configuration: validated once at construction, then passed down (never patched at run time)."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from braidinfer.errors import InvalidRequestError
+from braidinfer.validation import ValidatedModel
 
 
-class EngineConfig(BaseModel):
+class EngineConfig(ValidatedModel):
     """How to load the model and size the engine. Values discovered at run time (page count, eos ids) live elsewhere."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    error_prefix: ClassVar[str] = "invalid engine configuration"
 
     model: str | None = None
     """A local model directory, a `.gguf` file, a hub id in the local Hugging Face cache, or None for the embedded model."""
@@ -65,12 +65,6 @@ class EngineConfig(BaseModel):
     progress: bool = True
     """Show progress bars while loading."""
 
-    def __init__(self, **data):
-        try:
-            super().__init__(**data)
-        except ValidationError as e:
-            raise InvalidRequestError(_describe(e)) from None
-
     @model_validator(mode="after")
     def _check_device(self):
         if self.device is not None and not (self.device == "cpu" or self.device.startswith("cuda")):
@@ -80,10 +74,3 @@ class EngineConfig(BaseModel):
                              f"got device={self.device!r}, dtype={self.dtype!r}")
         return self
 
-
-def _describe(e: ValidationError) -> str:
-    parts = []
-    for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"]) or "config"
-        parts.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
-    return "invalid engine configuration: " + "; ".join(parts)

@@ -17,7 +17,7 @@ from typing import Any
 
 from braidinfer.engine import LLMEngine
 from braidinfer.errors import EngineDeadError
-from braidinfer.outputs import CompletionChunk
+from braidinfer.outputs import CompletionDelta
 from braidinfer.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -25,27 +25,27 @@ log = logging.getLogger(__name__)
 
 class SyncChannel:
     def __init__(self):
-        self._queue: queue.Queue[CompletionChunk] = queue.Queue()
+        self._queue: queue.Queue[CompletionDelta] = queue.Queue()
 
-    def put(self, chunk: CompletionChunk) -> None:
+    def put(self, chunk: CompletionDelta) -> None:
         self._queue.put(chunk)
 
-    def get(self) -> CompletionChunk:
+    def get(self) -> CompletionDelta:
         return self._queue.get()
 
 
 class AsyncChannel:
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self._loop = loop
-        self._queue: asyncio.Queue[CompletionChunk] = asyncio.Queue()
+        self._queue: asyncio.Queue[CompletionDelta] = asyncio.Queue()
 
-    def put(self, chunk: CompletionChunk) -> None:
+    def put(self, chunk: CompletionDelta) -> None:
         try:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, chunk)
         except RuntimeError:  # the consumer's event loop is closed: nobody is listening any more
             pass
 
-    async def get(self) -> CompletionChunk:
+    async def get(self) -> CompletionDelta:
         return await self._queue.get()
 
 
@@ -177,14 +177,7 @@ class EngineLoop:
             self.engine.step()
         except Exception as e:  # e.g. out of memory in the forward: the requests the step ran fail, the rest go on
             log.exception("engine step failed")
-            # The requests the failing step ran (those its in-flight predecessor did not end meanwhile). If it failed
-            # before it had a batch, the fault is nobody's in particular: fail the running requests, or with none
-            # every request, or the same fault could repeat on every step.
-            if self.engine.last_scheduled:
-                ran = [seq for seq in self.engine.last_scheduled if not seq.is_finished]
-            else:
-                ran = list(self.engine.scheduler.running) or list(self.engine.requests.values())
-            for seq in ran:
+            for seq in self.engine.requests_of_failed_step():
                 self.engine.fail(seq, e)
 
     def _fail_everyone(self) -> None:
@@ -199,7 +192,7 @@ class EngineLoop:
                     item.future.set_exception(self._stopped_error())
             elif isinstance(item, Sequence):
                 pending.append(item)
-        for seq in [*self.engine.requests.values(), *pending]:
+        for seq in [*self.engine.running.values(), *pending]:
             error = self._stopped_error()
             try:
                 self.engine.fail(seq, error)
@@ -212,4 +205,4 @@ def _tell(seq: Sequence, error: BaseException) -> None:
     """Ends a request's stream with `error` directly, for a request the engine does not hold (or cannot end)."""
     if seq.sink is not None:
         with contextlib.suppress(Exception):  # a sink that cannot take the news has nobody behind it
-            seq.sink(CompletionChunk(seq.request_id, "", [], "error", error=error))
+            seq.sink(CompletionDelta(seq.request_id, "", [], "error", error=error))

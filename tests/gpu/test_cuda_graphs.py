@@ -98,7 +98,7 @@ def test_steps_with_a_prefill_run_eagerly(model_dir):
     eng = _engine(model_dir)
     graphs = eng.runner.graphs
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    a, b = (eng.make_sequence(p, params) for p in _prompts(lengths=(20, 40)))
+    a, b = (eng.requests.sequence(p, params) for p in _prompts(lengths=(20, 40)))
     eng.add(a)
     eng.step()  # a's prefill
     assert graphs.num_replays == 0
@@ -136,7 +136,7 @@ def test_a_graph_step_computes_the_eager_step_and_writes_only_its_slots(model_di
     assert pool.shape[1] == scratch + 1
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     for prompt in _prompts(seed=5, lengths=lengths):
-        eng.add(eng.make_sequence(prompt, params))
+        eng.add(eng.requests.sequence(prompt, params))
     eng.step()  # every prefill
     batch = eng.scheduler.schedule()
     assert batch.num_new_tokens == [1] * num_seqs
@@ -202,10 +202,10 @@ def test_a_prefill_through_its_graph_computes_the_eager_step(model_dir, new_toke
     runner, pool, ps = eng.runner, eng.runner.kv_cache, eng.config.page_size
     prefix = _prompts(seed=9, lengths=[100])[0]
     params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    eng.add(eng.make_sequence(prefix, params))
+    eng.add(eng.requests.sequence(prefix, params))
     while eng.has_work():
         eng.step()
-    seq = eng.make_sequence(prefix + _prompts(seed=10, lengths=[new_tokens])[0], params)
+    seq = eng.requests.sequence(prefix + _prompts(seed=10, lengths=[new_tokens])[0], params)
     eng.add(seq)
     batch = eng.scheduler.schedule()
     assert batch.seqs == [seq] and batch.num_new_tokens == [new_tokens + 4] and seq.num_computed_tokens == 96

@@ -109,7 +109,7 @@ def test_a_step_stays_in_flight_and_its_token_feeds_the_next_step_on_the_device(
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     seqs = []
     for e in (engine, reference):
-        seqs.append(e.make_sequence(prompt, params))
+        seqs.append(e.requests.sequence(prompt, params))
         e.add(seqs[-1])
     seq, ref = seqs
     engine.step()  # prefill + first token, left in flight
@@ -129,8 +129,8 @@ def test_abort_while_a_token_is_in_flight_frees_the_request(llama_dir):
     reference = LLMEngine(EngineConfig(**_engine_kwargs(llama_dir, async_scheduling=False)))
     prompts = _prompts(2, seed=5)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    aborted, kept = (engine.make_sequence(p, params) for p in prompts)
-    ref = reference.make_sequence(prompts[1], params)
+    aborted, kept = (engine.requests.sequence(p, params) for p in prompts)
+    ref = reference.requests.sequence(prompts[1], params)
     engine.add(aborted)
     engine.add(kept)
     reference.add(ref)

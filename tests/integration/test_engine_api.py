@@ -44,7 +44,7 @@ def _idle(llm):
 def test_stream_deltas_concatenate_to_generate_text(llm):
     prompt = "The history of the city begins"
     expected = llm.generate(prompt, GREEDY)[0]
-    chunks = list(llm.stream_chunks(prompt, GREEDY))
+    chunks = list(llm.stream_deltas(prompt, GREEDY))
     assert "".join(c.text for c in chunks) == expected.text
     assert [t for c in chunks for t in c.token_ids] == expected.token_ids
     assert [c.finish_reason for c in chunks].count("length") == 1 and chunks[-1].usage.completion_tokens == 16

@@ -95,7 +95,7 @@ def test_the_registry_is_bounded_and_best_effort():
     assert [c.prefix_token_ids for c in llm.chunks] == [p[: c.num_prefix_tokens] for p, c in
                                                         zip(prompts[1:], llm.chunks)]
     # A segment longer than the engine lets chunks pin is skipped without an error, and room is made.
-    huge = list(range(10, 10 + llm.engine.max_pinned_pages * llm.config.page_size + 64))
+    huge = list(range(10, 10 + llm.engine.pins.max_pages * llm.config.page_size + 64))
     pins.pin(huge + [5], segment_ends(huge + [5], [(huge, "document")]))
     assert len(pins) == 1
     pins.release_all()

@@ -15,7 +15,7 @@ def idle_problems(llm, pinned: int | None = None) -> list[str]:
     expected; pass `pinned` to require an exact count of them."""
     def inspect():
         engine = llm.engine
-        return (engine.pages.stats(), len(engine.requests), len(engine.scheduler.waiting),
+        return (engine.pages.stats(), len(engine.running), len(engine.scheduler.waiting),
                 len(engine.scheduler.running), list(engine.pages.ref_counts), list(engine.pages.pin_counts))
 
     stats, num_requests, num_waiting, num_running, refs, pins = llm._loop.call(inspect)
@@ -56,7 +56,7 @@ class StepProbe:
                 self.step_seconds.append(time.perf_counter() - start)
 
         def recorded_abort(request_id):
-            live = request_id in self.engine.requests
+            live = request_id in self.engine.running
             abort(request_id)
             if live:
                 self.freed[request_id] = self.steps

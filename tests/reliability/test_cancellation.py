@@ -91,7 +91,7 @@ def test_cancelling_the_task(llm, probe):
         started = asyncio.Event()
 
         async def consume():
-            async for _ in llm.astream_chunks(_prompt(llm, "Count slowly to fifty."), LONG):
+            async for _ in llm.astream_deltas(_prompt(llm, "Count slowly to fifty."), LONG):
                 started.set()
 
         task = asyncio.create_task(consume())
@@ -157,7 +157,7 @@ def test_cancelling_some_of_many_streams_leaves_the_others_exact(llm, probe):
 
         async def consume():
             nonlocal count
-            async for _ in llm.astream_chunks(prompt, LONG):
+            async for _ in llm.astream_deltas(prompt, LONG):
                 count += 1
                 if count > after:
                     seen.set()
@@ -171,7 +171,7 @@ def test_cancelling_some_of_many_streams_leaves_the_others_exact(llm, probe):
         await asyncio.gather(task, return_exceptions=True)
 
     async def closed(prompt, after):
-        async with aclosing(llm.astream_chunks(prompt, LONG)) as chunks:
+        async with aclosing(llm.astream_deltas(prompt, LONG)) as chunks:
             async for i, _ in _enumerate(chunks):
                 if i == after:
                     break

@@ -16,7 +16,7 @@ from braid_langchain import ChatBraid, engines
 from braidinfer import SamplingParams
 from braidinfer.engine_loop import SyncChannel
 from braidinfer.errors import EngineDeadError, InvalidRequestError, RequestFailedError
-from braidinfer.llm import _collect
+from braidinfer.client import collect as _collect
 from tests.reliability.support import held_between_steps, idle_problems, tiny_engine
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -283,7 +283,7 @@ def test_a_failing_posted_call_fails_alone(tiny_llama):
     logged and handed to its poster; the loop goes on serving."""
     with tiny_engine(tiny_llama) as llm:
         expected = [o.text for o in llm.generate(_prompts(2), GREEDY)]
-        llm._unpin([0])  # posted, nobody waits for it
+        llm._loop.post(lambda: llm.engine.pages.unpin([0]))  # posted, nobody waits for it
         assert [o.text for o in llm.generate(_prompts(2), GREEDY)] == expected
         with pytest.raises(AssertionError, match="unpinned more often than pinned"):
             llm._loop.post(lambda: llm.engine.pages.unpin([0])).result(DEADLINE_S)
@@ -299,7 +299,7 @@ def test_a_request_the_engine_refuses_fails_alone(tiny_llama):
         expected = llm.generate(_prompts(1), GREEDY)[0].text
         channels = [SyncChannel(), SyncChannel()]
         with held_between_steps(llm):
-            streams = [llm._start(llm.engine.make_sequence(p, GREEDY, sink=c.put, request_id="twin"), c)
+            streams = [llm._client.start(llm.engine.requests.sequence(p, GREEDY, sink=c.put, request_id="twin"), c)
                        for p, c in zip(_prompts(2), channels)]
         with pytest.raises(InvalidRequestError, match="'twin' is already running"):
             _within_deadline(lambda: _collect(streams[1]))

@@ -39,7 +39,7 @@ def reference(tiny_llama):
 async def _stream(llm, prompt, params, stop_after=None):
     """(token ids, text) of a streamed request; stops reading after `stop_after` chunks when given."""
     ids, text, count = [], [], 0
-    async for chunk in llm.astream_chunks(prompt, params):
+    async for chunk in llm.astream_deltas(prompt, params):
         ids += chunk.token_ids
         text.append(chunk.text)
         count += 1
@@ -52,7 +52,7 @@ def test_streamed_burst_over_the_pool_loses_nothing(tiny_llama, async_scheduling
     prompts, params, expected = reference
     with tiny_engine(tiny_llama, num_kv_pages=NUM_PAGES, async_scheduling=async_scheduling) as tight:
         async def main():
-            never_fits = tight.astream_chunks(list(range(3, 200)), SamplingParams(max_tokens=16))
+            never_fits = tight.astream_deltas(list(range(3, 200)), SamplingParams(max_tokens=16))
             with pytest.raises(InvalidRequestError, match="page pool holds 120"):
                 await anext(never_fits)
             return await asyncio.wait_for(asyncio.gather(*(_stream(tight, p, sp) for p, sp in zip(prompts, params))),

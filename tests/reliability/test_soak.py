@@ -69,7 +69,7 @@ async def _run(llm, plan: Plan) -> str:
     try:
         if plan.route in ("stream", "stream-break"):
             limit = plan.give_up if plan.route == "stream-break" else None
-            async with contextlib.aclosing(llm.astream_chunks(plan.prompt, plan.params)) as chunks:
+            async with contextlib.aclosing(llm.astream_deltas(plan.prompt, plan.params)) as chunks:
                 async for n, chunk in _numbered(chunks):
                     if chunk.finish_reason is not None:
                         return "completed"
@@ -102,7 +102,7 @@ async def _run(llm, plan: Plan) -> str:
 
 
 def _sync_stream(llm, plan: Plan) -> str:
-    for n, chunk in enumerate(llm.stream_chunks(plan.prompt, plan.params)):
+    for n, chunk in enumerate(llm.stream_deltas(plan.prompt, plan.params)):
         if chunk.finish_reason is not None:
             return "completed"
         if n + 1 == plan.give_up:

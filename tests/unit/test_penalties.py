@@ -6,7 +6,7 @@ import torch
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
 from braidinfer.errors import InvalidRequestError
-from braidinfer.penalties import apply_penalties
+from braidinfer.sampling.penalties import apply_penalties
 from braidinfer.sampling_params import SamplingParams
 
 

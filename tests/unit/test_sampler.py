@@ -1,15 +1,14 @@
 """Sampler: greedy, seeded reproducibility, the filtered distributions it draws from, logprobs, and bf16 logits (the
 model's dtype on CUDA) sampled as their float32 copy would be."""
 
-import functools
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from braidinfer.engine import LLMEngine
-from braidinfer.sampler import Sampler, make_generator
+from braidinfer.sampling.logits import sample_batch
+from braidinfer.sampling.sampler import Sampler, make_generator
 from braidinfer.sampling_params import SamplingParams
 
 # Distinct logits with no ties, so every top-k / top-p / min-p boundary is unambiguous.
@@ -272,14 +271,12 @@ def test_logprobs_of_bf16_logits_are_computed_in_float32():
 def test_engine_penalises_bf16_logits_in_float32():
     """Token 1 (256) was generated; a presence penalty of 0.6 leaves it at 255.4 in float32, above token 0 (255).
     In bf16 (steps of 1 there) it would round to 255 and tie, and token 0 would win. The runner's logits stay as
-    they were. (LLMEngine._sample on a stand-in engine: only its sampler is needed.)"""
-    engine = SimpleNamespace(sampler=Sampler())
-    engine._sample_rows = functools.partial(LLMEngine._sample_rows, engine)
+    they were."""
     seq = SimpleNamespace(params=SamplingParams(temperature=0, presence_penalty=0.6), token_ids=[5, 1],
                           num_prompt_tokens=1, matcher=None, generator=make_generator(0, "cpu"))
     logits = torch.full((1, 8), -4.0, dtype=torch.bfloat16)
     logits[0, :2] = torch.tensor([255.0, 256.0])
     before = logits.clone()
-    sampled, token_ids, _ = LLMEngine._sample(engine, logits, [seq])
-    assert sampled == [seq] and token_ids.tolist() == [1]
+    out = sample_batch(Sampler(), logits, [seq])
+    assert out.seqs == [seq] and out.token_ids.tolist() == [1] and not out.failed
     assert torch.equal(logits, before)

@@ -1,0 +1,57 @@
+"""One base for the engine's validated settings (EngineConfig, SamplingParams, GuidedDecoding): frozen pydantic
+models whose validation errors reach the caller as one readable `InvalidRequestError`, never a pydantic trace."""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import pydantic
+from pydantic import BaseModel, ConfigDict
+
+from braidinfer.errors import InvalidRequestError
+
+
+class ValidatedModel(BaseModel):
+    """A frozen model that rejects unknown fields; bad values raise InvalidRequestError naming each field.
+
+    Subclasses set `error_prefix` (what the message starts with; empty for none) and may override `describe_error` for field-specific wording."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    error_prefix: ClassVar[str] = "invalid settings"
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except pydantic.ValidationError as exc:
+            raise self._request_error(exc) from None
+
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any) -> Any:
+        """Like `BaseModel.model_validate`, raising `InvalidRequestError` on bad values."""
+        try:
+            return super().model_validate(obj, **kwargs)
+        except pydantic.ValidationError as exc:
+            raise cls._request_error(exc) from None
+
+    @classmethod
+    def model_validate_json(cls, json_data: str | bytes, **kwargs: Any) -> Any:
+        """Like `BaseModel.model_validate_json`, raising `InvalidRequestError` on bad values."""
+        try:
+            return super().model_validate_json(json_data, **kwargs)
+        except pydantic.ValidationError as exc:
+            raise cls._request_error(exc) from None
+
+    @classmethod
+    def describe_error(cls, error: dict[str, Any]) -> str:
+        """One failed check in words (pydantic's error dict: loc, msg, type, input)."""
+        loc = ".".join(str(x) for x in error["loc"]) or "value"
+        return f"{loc}: {error['msg']} (got {error.get('input')!r})"
+
+    @classmethod
+    def _request_error(cls, exc: pydantic.ValidationError) -> InvalidRequestError:
+        errors = exc.errors(include_url=False)
+        # model_validate runs the overridden __init__ for dict input, so its InvalidRequestError arrives here
+        # wrapped once more by pydantic.
+        if len(errors) == 1 and isinstance(errors[0].get("ctx", {}).get("error"), InvalidRequestError):
+            return errors[0]["ctx"]["error"]
+        problems = "; ".join(cls.describe_error(e) for e in errors)
+        return InvalidRequestError(f"{cls.error_prefix}: {problems}" if cls.error_prefix else problems)
