@@ -28,9 +28,11 @@ class EngineConfig(ValidatedModel):
     max_model_len: int | None = Field(None, ge=2)
     """Longest prompt plus output; defaults to the model's max_position_embeddings."""
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
-    """Fraction of the GPU's memory the engine may use in total (weights, activations and KV pages)."""
+    """Most of the GPU's memory that may be in use once the engine is built (everything on the card counts: other
+    processes, other engines, this one's weights, activations and KV pages). The KV pool takes what `max_num_seqs`
+    requests of `max_model_len` tokens can use, within this; construction fails if not even one such request fits."""
     cpu_kv_cache_bytes: int = Field(1 << 30, ge=1 << 16)
-    """KV page pool size on the CPU, in bytes."""
+    """Most bytes of the KV page pool on the CPU (it holds at most `max_num_seqs` requests of `max_model_len`)."""
     num_kv_pages: int | None = Field(None, ge=1)
     """Exact number of KV pages, overriding the memory-based sizing (useful in tests)."""
     enable_prefix_caching: bool = True

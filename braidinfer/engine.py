@@ -6,6 +6,7 @@ thread (`EngineLoop`) and feeds it the sequences that callers built.
 """
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass
 
@@ -47,7 +48,7 @@ class LLMEngine:
             self.model.use_fused_kernels()
         max_model_len = min(config.max_model_len or 1 << 62, self.model_config.max_position_embeddings)
         eos_token_ids = self._eos_token_ids()
-        num_pages = num_kv_pages(config, self.model_config, self.dtype, self.device)
+        num_pages = num_kv_pages(config, self.model_config, self.dtype, self.device, max_model_len)
         self.pages = PageManager(num_pages, config.page_size, config.enable_prefix_caching)
         self.pins = Pins(self.pages, int(num_pages * config.max_pinned_fraction),
                          f" (max_pinned_fraction={config.max_pinned_fraction})")
@@ -95,6 +96,17 @@ class LLMEngine:
     def unpin(self, owner: str) -> None:
         """Drops the pin that `owner` (a chunk's id) holds, if any."""
         self.pins.unpin(owner)
+
+    def close(self) -> None:
+        """Frees the engine's device memory (weights, KV pool, CUDA graphs) for others in this process; the engine
+        cannot run afterwards. Call once no thread steps it (LLM.close does, after its loop stopped)."""
+        self.model = self.runner = None
+        self.running.clear()
+        self._in_flight = None
+        self._last_scheduled = []
+        gc.collect()  # the graphs and the model hold reference cycles
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or self._in_flight is not None

@@ -130,6 +130,11 @@ class EngineLoop:
             return error
         return EngineDeadError("the LLM was closed; create a new LLM to continue")
 
+    @property
+    def stopped(self) -> bool:
+        """True once the loop thread has ended (after close, or when it died)."""
+        return not self._thread.is_alive()
+
     def close(self) -> None:
         with self._lock:
             if self._closed:

@@ -41,9 +41,12 @@ class LLM:
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
     def close(self) -> None:
-        """Releases every chunk and stops the engine thread; requests still running end with an error."""
+        """Releases every chunk, stops the engine thread (requests still running end with an error) and frees the
+        engine's device memory."""
         self.chunks.release_all()
         self._loop.close()
+        if self._loop.stopped:  # else a step still runs (it did not stop within the loop's join timeout)
+            self.engine.close()
 
     @property
     def alive(self) -> bool:

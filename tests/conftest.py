@@ -99,6 +99,23 @@ def build_tiny_model(arch: str, path, tokenizer, seed: int = 0, **shape):
 
 
 @pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm_tokenizer):
+    """A factory: `tiny_model_dir(arch, seed=0, **shape)` -> the directory of a tiny random model saved by
+    transformers with SmolLM2's tokenizer, built once per set of arguments in the session."""
+    built: dict[tuple, str] = {}
+
+    def make(arch: str, seed: int = 0, **shape) -> str:
+        key = (arch, seed, tuple(sorted(shape.items())))
+        if key not in built:
+            path = tmp_path_factory.mktemp(f"tiny-{arch}")
+            build_tiny_model(arch, path, smollm_tokenizer, seed=seed, **shape)
+            built[key] = str(path)
+        return built[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def qwen3_chat_model(tmp_path_factory) -> str:
     """Directory of a tiny random Qwen3 with a Qwen3-style tokenizer and Qwen3's real chat template (see
     tests/qwen3_fixture.py); the config's vocabulary size and bos/eos ids are the tokenizer's."""

@@ -18,7 +18,7 @@ from braidinfer.errors import RequestFailedError
 from tests.conftest import build_tiny_model
 from tests.gpu.test_cuda_graphs import _assert_same_greedy
 from tests.gpu.test_gpu_parity import NEEDS_FLASHINFER, SHAPES, _prompts
-from tests.reliability.support import held_between_steps, idle_problems
+from tests.support.engines import held_between_steps, idle_problems
 
 pytestmark = pytest.mark.gpu
 

@@ -14,12 +14,8 @@ from braidinfer.engine import LLMEngine
 
 
 @pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory, smollm_tokenizer):
-    from tests.conftest import build_tiny_model
-
-    path = tmp_path_factory.mktemp("tiny-llama-async")
-    build_tiny_model("llama", path, smollm_tokenizer, seed=3)
-    return str(path)
+def llama_dir(tiny_model_dir):
+    return tiny_model_dir("llama", seed=3)
 
 
 def _engine_kwargs(llama_dir, **kw):

@@ -8,14 +8,14 @@ import torch
 
 from braidinfer import LLM, SamplingParams
 from braidinfer.errors import InvalidRequestError, OutOfPagesError
+from tests.support.engines import idle_problems
 
 PS = 8
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 
 
 def _idle(llm: LLM, pinned: int = 0) -> bool:
-    s = llm.cache_stats()
-    return s["in_use"] == 0 and s["pinned"] == pinned and s["free"] + s["cached"] + s["pinned"] == s["num_pages"]
+    return not idle_problems(llm, pinned=pinned)
 
 
 def _random_ids(seed: int, n: int) -> list[int]:

@@ -12,12 +12,8 @@ from braidinfer.errors import UnsupportedModelError
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, smollm_tokenizer):
-    from tests.conftest import build_tiny_model
-
-    path = tmp_path_factory.mktemp("tiny-cli")
-    build_tiny_model("qwen3", path, smollm_tokenizer, seed=3)
-    return str(path)
+def model_dir(tiny_model_dir):
+    return tiny_model_dir("qwen3", seed=3)
 
 
 def test_generate_prints_the_greedy_answer(model_dir, capsys):

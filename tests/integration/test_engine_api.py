@@ -9,17 +9,14 @@ import torch
 
 from braidinfer import LLM, SamplingParams
 from braidinfer.errors import BraidError, InvalidModelError, InvalidRequestError, ModelNotFoundError, RequestFailedError
+from tests.support.engines import idle_problems
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory, smollm_tokenizer):
-    from tests.conftest import build_tiny_model
-
-    path = tmp_path_factory.mktemp("tiny-llama-api")
-    build_tiny_model("llama", path, smollm_tokenizer, seed=7)
-    return str(path)
+def llama_dir(tiny_model_dir):
+    return tiny_model_dir("llama", seed=7)
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +34,7 @@ def _prompts(n, length=12, seed=0):
 
 
 def _idle(llm):
-    stats = llm.cache_stats()
-    return stats["in_use"] == 0 and stats["free"] + stats["cached"] == stats["num_pages"]
+    return not idle_problems(llm, pinned=0)
 
 
 def test_stream_deltas_concatenate_to_generate_text(llm):
@@ -157,7 +153,7 @@ def test_bad_model_paths(tmp_path):
 def test_a_failing_request_does_not_take_the_others_down(llm, monkeypatch):
     prompts = _prompts(4, seed=9)
     expected = [o.text for o in llm.generate(prompts, GREEDY)]
-    make = llm.engine.make_sequence
+    make = llm.engine.requests.sequence
 
     def make_with_fault(prompt, params=None, **kw):
         seq = make(prompt, params, **kw)
@@ -167,7 +163,7 @@ def test_a_failing_request_does_not_take_the_others_down(llm, monkeypatch):
             seq.detokenizer.add = broken
         return seq
 
-    monkeypatch.setattr(llm.engine, "make_sequence", make_with_fault)
+    monkeypatch.setattr(llm.engine.requests, "sequence", make_with_fault)
 
     async def one(p):
         return "".join([d async for d in llm.astream(p, GREEDY)])

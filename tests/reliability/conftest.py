@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import build_tiny_model
-
 
 @pytest.fixture(scope="session")
 def embedded_llm(embedded_gguf):
@@ -42,8 +40,6 @@ def smollm_tokenizer(embedded_llm):
 
 
 @pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory, smollm_tokenizer) -> str:
+def tiny_llama(tiny_model_dir) -> str:
     """A directory holding a tiny random Llama with SmolLM2's tokenizer and chat template."""
-    path = tmp_path_factory.mktemp("tiny-llama-reliability")
-    build_tiny_model("llama", path, smollm_tokenizer, seed=11)
-    return str(path)
+    return tiny_model_dir("llama", seed=11)

@@ -13,7 +13,7 @@ from langchain_core.messages import HumanMessage, SystemMessage
 from braid_langchain import ChatBraid, engines
 from braidinfer import SamplingParams
 from braidinfer.errors import InvalidRequestError
-from tests.reliability.support import idle_problems, tiny_engine
+from tests.support.engines import idle_problems, tiny_engine
 
 SPECIALS = ["<|im_end|>", "<|im_start|>", "<|endoftext|>", "<filename>", "<|im_start|>assistant\n"]
 ONE_TOKEN = SamplingParams(temperature=0, max_tokens=1)

@@ -11,7 +11,7 @@ import pytest
 
 from braid_langchain import ChatBraid
 from braidinfer import SamplingParams
-from tests.reliability.support import StepProbe, idle_problems, wait_until_idle
+from tests.support.engines import StepProbe, idle_problems, wait_until_idle
 
 LONG = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)  # far longer than any test waits for
 

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from braid_langchain import ChatBraid
-from tests.reliability.support import StepProbe, idle_problems
+from tests.support.engines import StepProbe, idle_problems
 
 NUM_STREAMS, NUM_THREADS = 32, 8
 DEADLINE_S = 120  # a deadlock fails the test after this long instead of hanging it

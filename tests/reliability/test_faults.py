@@ -17,7 +17,7 @@ from braidinfer import SamplingParams
 from braidinfer.engine_loop import SyncChannel
 from braidinfer.errors import EngineDeadError, InvalidRequestError, RequestFailedError
 from braidinfer.client import collect as _collect
-from tests.reliability.support import held_between_steps, idle_problems, tiny_engine
+from tests.support.engines import held_between_steps, idle_problems, tiny_engine
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 DEADLINE_S = 60  # a caller left waiting fails the test after this long instead of hanging it
@@ -74,7 +74,7 @@ def test_a_sampler_fault_fails_only_its_request(tiny, monkeypatch):
 def test_a_detokenizer_fault_at_the_last_token_fails_only_its_request(tiny, monkeypatch):
     prompts = _prompts(3)
     expected = [o.text for o in tiny.generate(prompts, GREEDY)]
-    make = tiny.engine.make_sequence
+    make = tiny.engine.requests.sequence
 
     def make_with_fault(prompt, params=None, **kw):
         seq = make(prompt, params, **kw)
@@ -84,7 +84,7 @@ def test_a_detokenizer_fault_at_the_last_token_fails_only_its_request(tiny, monk
             seq.detokenizer.flush = broken  # runs only when the request finishes
         return seq
 
-    monkeypatch.setattr(tiny.engine, "make_sequence", make_with_fault)
+    monkeypatch.setattr(tiny.engine.requests, "sequence", make_with_fault)
     results = _run_all(tiny, prompts, [GREEDY] * 3)
     assert isinstance(results[2], RequestFailedError) and "injected detokenizer fault" in str(results[2])
     assert results[:2] == expected[:2]

@@ -11,7 +11,7 @@ import torch
 
 from braidinfer import SamplingParams
 from braidinfer.errors import InvalidRequestError
-from tests.reliability.support import idle_problems, tiny_engine
+from tests.support.engines import idle_problems, tiny_engine
 
 NUM_PAGES = 30  # x 4 tokens: about 2.5 of these requests at full length, 10 arriving at once
 

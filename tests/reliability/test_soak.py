@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from braidinfer import SamplingParams
 from braidinfer.errors import InvalidRequestError
-from tests.reliability.support import StepProbe, idle_problems
+from tests.support.engines import StepProbe, idle_problems
 
 NUM_REQUESTS = {False: 1000, True: 300}  # by async_scheduling
 # With asynchronous scheduling a step is left in flight only when none of its requests needs its last token on the
