@@ -1,0 +1,95 @@
+"""GPU memory as a good citizen: the default KV pool is sized to what the engine can use, memory PyTorch caches
+from an engine closed earlier counts as free, closing an engine returns its memory, two engines share one process,
+and a budget without room for one request fails at construction with a message that explains it."""
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from braidinfer import LLM, SamplingParams
+from braidinfer.errors import OutOfPagesError
+from braidinfer.memory import activation_bytes, page_bytes
+
+pytestmark = pytest.mark.gpu
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+BASE = {"device": "cuda", "dtype": "bfloat16", "progress": False}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir):
+    return tiny_model_dir("llama", seed=5)
+
+
+def _prompts():
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(3, 49152, (20 + i,), generator=g).tolist() for i in range(3)]
+
+
+def _budget_utilization(llm_config_kwargs: dict, model_dir: str, headroom: int) -> float:
+    """The gpu_memory_utilization that leaves `headroom` bytes of KV budget beyond what is in use now and what the
+    tiny model's weights and activations take (so that the budget, not the need, sizes the pool)."""
+    from braidinfer.config import EngineConfig
+    from braidinfer.loader import resolve_model
+    from braidinfer.models import ModelConfig
+
+    free, total = torch.cuda.mem_get_info()
+    in_use = total - (free + torch.cuda.memory_reserved() - torch.cuda.memory_allocated())
+    cfg = ModelConfig.from_hf_config(resolve_model(model_dir).hf_config)
+    config = EngineConfig(model=model_dir, **llm_config_kwargs)
+    weights = 64 << 20  # the tiny model's weights are far below this
+    return (in_use + weights + activation_bytes(config, cfg, torch.bfloat16) + headroom) / total
+
+
+def test_the_default_pool_holds_what_the_engine_can_use(model_dir):
+    with LLM(model_dir, max_num_seqs=4, max_model_len=256, **BASE) as llm:
+        assert llm.engine.pages.num_pages == 4 * 256 // 16
+        assert len(llm.generate(_prompts(), GREEDY)) == 3
+
+
+def test_closing_returns_the_memory(model_dir):
+    gc.collect()
+    before = torch.cuda.memory_allocated()
+    llm = LLM(model_dir, max_num_seqs=8, max_model_len=512, **BASE)
+    expected = [o.token_ids for o in llm.generate(_prompts(), GREEDY)]
+    assert torch.cuda.memory_allocated() > before
+    llm.close()
+    assert torch.cuda.memory_allocated() - before < (1 << 20), "tensors of a closed engine are still alive"
+    with LLM(model_dir, max_num_seqs=8, max_model_len=512, **BASE) as again:
+        assert [o.token_ids for o in again.generate(_prompts(), GREEDY)] == expected
+
+
+def test_memory_cached_by_pytorch_counts_as_free(model_dir):
+    """The pool of an engine built while 8 GiB sit in PyTorch's cache (freed, not returned) equals the pool built
+    after the cache was emptied: before, the cached memory counted as used and the second engine got a tiny pool."""
+    kwargs = {**BASE, "max_num_seqs": 512, "max_model_len": 4096}  # a need of 128k pages: the budget binds
+    torch.cuda.empty_cache()
+    util = _budget_utilization(kwargs, model_dir, headroom=256 << 20)
+    with LLM(model_dir, gpu_memory_utilization=util, **kwargs) as llm:
+        returned = llm.engine.pages.num_pages
+    block = torch.empty(8 << 30, dtype=torch.uint8, device="cuda")
+    del block  # stays reserved by the caching allocator
+    assert torch.cuda.memory_reserved() >= 8 << 30
+    with LLM(model_dir, gpu_memory_utilization=util, **kwargs) as llm:
+        cached = llm.engine.pages.num_pages
+        assert len(llm.generate(_prompts(), GREEDY)) == 3
+    per_page = page_bytes(llm.engine.model_config, 16, torch.bfloat16)
+    assert returned >= (128 << 20) // per_page  # the budget, not a leftover sliver
+    assert abs(cached - returned) <= max(4, returned // 100)
+
+
+def test_two_engines_in_one_process_both_serve(model_dir):
+    with LLM(model_dir, max_num_seqs=4, max_model_len=512, **BASE) as one:
+        expected = [o.token_ids for o in one.generate(_prompts(), GREEDY)]
+        with LLM(model_dir, max_num_seqs=4, max_model_len=512, **BASE) as two:
+            assert [o.token_ids for o in two.generate(_prompts(), GREEDY)] == expected
+            assert [o.token_ids for o in one.generate(_prompts(), GREEDY)] == expected
+
+
+def test_a_budget_without_room_for_one_request_fails_at_construction(model_dir):
+    kwargs = {**BASE, "max_num_seqs": 4, "max_model_len": 512}
+    util = _budget_utilization(kwargs, model_dir, headroom=0)  # nothing left for KV
+    with pytest.raises(OutOfPagesError, match=r"max_model_len=512.*gpu_memory_utilization"):
+        LLM(model_dir, gpu_memory_utilization=util, **kwargs)
