@@ -20,7 +20,8 @@ BASE = {"device": "cuda", "dtype": "bfloat16", "progress": False}
 
 @pytest.fixture(scope="module")
 def model_dir(tiny_model_dir):
-    return tiny_model_dir("llama", seed=5)
+    """A tiny Llama (4 KiB per KV page) with a context long enough for requests that need more than a budget."""
+    return tiny_model_dir("llama", seed=5, max_position_embeddings=1 << 20)
 
 
 def _prompts():
@@ -64,7 +65,7 @@ def test_closing_returns_the_memory(model_dir):
 def test_memory_cached_by_pytorch_counts_as_free(model_dir):
     """The pool of an engine built while 8 GiB sit in PyTorch's cache (freed, not returned) equals the pool built
     after the cache was emptied: before, the cached memory counted as used and the second engine got a tiny pool."""
-    kwargs = {**BASE, "max_num_seqs": 512, "max_model_len": 4096}  # a need of 128k pages: the budget binds
+    kwargs = {**BASE, "max_num_seqs": 512, "max_model_len": 4096}  # a need of 512 MiB: the budget binds
     torch.cuda.empty_cache()
     util = _budget_utilization(kwargs, model_dir, headroom=256 << 20)
     with LLM(model_dir, gpu_memory_utilization=util, **kwargs) as llm:
@@ -89,7 +90,7 @@ def test_two_engines_in_one_process_both_serve(model_dir):
 
 
 def test_a_budget_without_room_for_one_request_fails_at_construction(model_dir):
-    kwargs = {**BASE, "max_num_seqs": 4, "max_model_len": 512}
-    util = _budget_utilization(kwargs, model_dir, headroom=0)  # nothing left for KV
-    with pytest.raises(OutOfPagesError, match=r"max_model_len=512.*gpu_memory_utilization"):
+    kwargs = {**BASE, "max_num_seqs": 1, "max_model_len": 1 << 20}  # one request: 256 MiB of KV
+    util = _budget_utilization(kwargs, model_dir, headroom=0)  # < 64 MiB left for KV
+    with pytest.raises(OutOfPagesError, match=r"max_model_len=1048576.*gpu_memory_utilization"):
         LLM(model_dir, gpu_memory_utilization=util, **kwargs)
