@@ -1,89 +1,61 @@
-"""CUDA-graph decode: the model's forward for a decode-only step, captured once per batch-size bucket and replayed.
+"""CUDA graphs: the model's forward for a decode-only step, captured once per batch-size bucket and replayed (plain and
+cascade decode), and one sequence's short prefill, captured once per token-count bucket.
 
 A decode step issues one kernel per operation (hundreds per step); for small batches launching them from Python costs
 more than running them. A step of B sequences (one new token each) instead replays the graph of the smallest bucket
->= B. Its rows past B are padding: token 0 at position 0 over a one-page KV made of the scratch page, a page of the
-pool that the page manager never hands out, so padding writes and reads only that page and its outputs are dropped.
+>= B, padded as braidinfer.graph_buckets describes (the host-side arithmetic lives there, torch-free). Which graph a
+step replays, if any, is decided by braidinfer.step_plan.plan_step.
 
 Everything a graph reads lives in static buffers: token ids and positions here, page tables and the split-KV schedule
 in the attention's (FlashInferGraphDecode). Replay = copy the step into them, plan the attention (host side), replay,
-read the hidden states of the first B rows. Prefill and mixed steps, and larger batches, run eagerly.
+read the hidden states of the first B rows.
 """
 from __future__ import annotations
 
 import contextlib
-from bisect import bisect_left
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 from braidinfer.attention.cascade import CascadeStep, cascade_decoders, plan_cascade
 from braidinfer.attention.flashinfer_backend import FlashInferAttention
 from braidinfer.attention.metadata import AttentionMetadata
+from braidinfer.graph_buckets import (
+    MAX_GRAPH_BATCH_SIZE,
+    PREFILL_GRAPH_TOKENS,
+    PaddedDecode,
+    bucket_for,
+    graph_batch_sizes,
+    pad_decode_batch,
+    pad_inputs,
+)
 from braidinfer.models.forward_batch import ForwardBatch
+from braidinfer.step_plan import DecodeGraphSizes, PrefillGraphSizes
 
-MAX_GRAPH_BATCH_SIZE = 512  # larger decode batches are GPU-bound: launch overhead no longer matters
+__all__ = ["MAX_GRAPH_BATCH_SIZE", "PREFILL_GRAPH_TOKENS", "DecodeGraphs", "PrefillGraphs", "capture",
+           "graph_batch_sizes"]
 
-
-def graph_batch_sizes(max_num_seqs: int) -> list[int]:
-    """The buckets to capture: 1, 2, 4, 8, then every 8 up to 32, every 16 up to 128, every 32 beyond; none above
-    min(max_num_seqs, MAX_GRAPH_BATCH_SIZE), which is itself a bucket so that every batch up to it has one."""
-    top = min(max_num_seqs, MAX_GRAPH_BATCH_SIZE)
-    sizes = [1, 2, 4, 8, *range(16, 33, 8), *range(48, 129, 16), *range(160, MAX_GRAPH_BATCH_SIZE + 1, 32)]
-    return [b for b in sizes if b < top] + [top]
+T = TypeVar("T")
 
 
-def bucket_for(batch_size: int, sizes: Sequence[int]) -> int | None:
-    """The smallest bucket in `sizes` (ascending) holding batch_size rows, or None when none does."""
-    i = bisect_left(sizes, batch_size)
-    return sizes[i] if i < len(sizes) else None
-
-
-@dataclass(frozen=True)
-class PaddedDecode:
-    """One decode step's inputs padded to a bucket of `batch_size` rows; page tables in FlashInfer's CSR form."""
-
-    input_ids: list[int]  # [batch_size]
-    positions: list[int]  # [batch_size]: each row's new token's position (its KV holds positions + 1 tokens)
-    kv_indptr: list[int]  # [batch_size + 1]: row i's pages are kv_indices[kv_indptr[i]:kv_indptr[i + 1]]
-    kv_indices: list[int]  # [kv_indptr[-1]]
-    kv_last_page_len: list[int]  # [batch_size]: tokens in each row's last page, in [1, page_size]
-    slot_mapping: list[int]  # [batch_size]: page * page_size + offset where each row's new token's KV goes
-
-    @property
-    def batch_size(self) -> int:
-        return len(self.input_ids)
-
-
-def pad_inputs(input_ids: Sequence[int], positions: Sequence[int], page_tables: Sequence[Sequence[int]],
-               page_size: int, num_rows: int, pad_slot: int) -> tuple[list[int], list[int], list[int]]:
-    """Token ids, positions and KV slots (page * page_size + offset, from page_tables[i]) of the rows, padded to
-    `num_rows` rows of token 0 at position 0 whose KV goes to `pad_slot`."""
-    num_pad = num_rows - len(input_ids)
-    if num_pad < 0:
-        raise ValueError(f"{len(input_ids)} rows do not fit {num_rows}")
-    slots = [table[pos // page_size] * page_size + pos % page_size
-             for pos, table in zip(positions, page_tables, strict=True)]
-    return [*input_ids, *[0] * num_pad], [*positions, *[0] * num_pad], [*slots, *[pad_slot] * num_pad]
-
-
-def pad_decode_batch(input_ids: Sequence[int], positions: Sequence[int], page_tables: Sequence[Sequence[int]],
-                     page_size: int, batch_size: int, scratch_page: int) -> PaddedDecode:
-    """The step where sequence i adds token input_ids[i] at positions[i], its KV in page_tables[i] (which may hold
-    spare pages past the ones in use), padded with rows of one token at position 0 in `scratch_page`."""
-    ids, padded_positions, slots = pad_inputs(input_ids, positions, page_tables, page_size, batch_size,
-                                              scratch_page * page_size)
-    num_pad = batch_size - len(input_ids)
-    kv_indptr, kv_indices, kv_last_page_len = [0], [], []
-    for pos, table in zip(positions, page_tables, strict=True):
-        kv_indices.extend(table[: pos // page_size + 1])
-        kv_indptr.append(len(kv_indices))
-        kv_last_page_len.append(pos % page_size + 1)
-    kv_indices.extend([scratch_page] * num_pad)
-    kv_indptr.extend(range(kv_indptr[-1] + 1, kv_indptr[-1] + num_pad + 1))
-    kv_last_page_len.extend([1] * num_pad)
-    return PaddedDecode(ids, padded_positions, kv_indptr, kv_indices, kv_last_page_len, slots)
+def capture(fn: Callable[[], T], pool=None, stream: torch.cuda.Stream | None = None
+            ) -> tuple[torch.cuda.CUDAGraph, T]:
+    """Runs `fn()` once eagerly on a side stream, so that whatever it creates lazily (rotary tables, FlashInfer's
+    modules and cached buffers, cuBLAS workspaces, Triton's compiled kernels) exists before capture begins, then
+    captures a second call into a CUDA graph on that stream. Returns the graph and what the captured call returned
+    (static tensors: each replay rewrites them). `pool`: a graph memory pool (`torch.cuda.graph_pool_handle()`) to
+    share with other graphs; `stream`: the side stream (default: a new one). The current stream waits for both runs.
+    Capture runs in "thread_local" error mode, so CUDA work on other threads does not invalidate it."""
+    stream = stream if stream is not None else torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+            out = fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    return graph, out
 
 
 class _CapturedForwards:
@@ -109,23 +81,16 @@ class _CapturedForwards:
     @contextlib.contextmanager
     def _capturing(self):
         """Yields (memory pool, side stream) for `_capture_one`. Capture largest first, all in one memory pool: a
-        smaller graph reuses the larger ones' intermediate buffers. Warm-up and capture run on one side stream, so
-        lazily created state (rotary tables, FlashInfer's modules and cached buffers, cuBLAS workspaces) exists for
-        it before capture begins."""
+        smaller graph reuses the larger ones' intermediate buffers; all on one side stream (see `capture`)."""
         pool, stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(self.hidden.device)
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.inference_mode(), torch.cuda.stream(stream):
+        with torch.inference_mode():
             yield pool, stream
-        torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
 
     def _capture_one(self, num_rows: int, attention, pool, stream) -> torch.cuda.CUDAGraph:
         """The forward of the first num_rows rows through `attention` (planned for the loaded inputs), run once
         eagerly as a warm-up, then captured."""
-        self._forward(num_rows, attention)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
-            self._forward(num_rows, attention)
+        graph, _ = capture(lambda: self._forward(num_rows, attention), pool, stream)
         return graph
 
     def _forward(self, num_rows: int, attention) -> None:
@@ -139,8 +104,8 @@ class _CapturedForwards:
 class DecodeGraphs(_CapturedForwards):
     """The captured decode forwards of `model` over the FlashInfer backend's page pool, one per bucket, and with
     `cascade_min_saved_tokens` set a second graph per bucket of 2 or more rows whose attention is cascade decode
-    (braidinfer.attention.cascade): a step whose sequences share prefix pages replays that one when the sharing
-    spares at least that many KV token reads per layer and KV head; otherwise the plain graph.
+    (braidinfer.attention.cascade): plan_step has a step whose sequences share prefix pages replay that one when the
+    sharing spares at least that many KV token reads per layer and KV head; otherwise the plain graph.
 
     scratch_page: a page of the pool outside the page manager's, which padding rows write and read.
     max_num_kv_indices: most page indices a step's page tables may hold; a step needing more runs eagerly.
@@ -163,18 +128,26 @@ class DecodeGraphs(_CapturedForwards):
         self.num_cascade_replays = 0
         """Of those, the steps that ran cascade decode."""
         self._capture()
+        self.sizes = DecodeGraphSizes(
+            tuple(self.batch_sizes), max_num_kv_indices, scratch_page, frozenset(self.cascade),
+            frozenset(b for b, decoder in self.attention.items() if decoder.uses_triton_kernel))
+        """What was captured, for braidinfer.step_plan.plan_step."""
 
     def run(self, input_ids: list[int], positions: list[int], page_tables: list[list[int]],
-            ready: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor | None:
+            ready: Callable[[torch.Tensor], None] | None = None, cascade: CascadeStep | None = None
+            ) -> torch.Tensor | None:
         """Final hidden states [B, hidden] of a decode step of B sequences (see pad_decode_batch for the arguments),
-        or None when it fits no graph (the caller runs it eagerly). `ready(token id buffer)` runs once the inputs
-        are loaded and the attention planned, before the replay (to fill in token ids only the device has). The
-        result is a view of a static buffer that the next run overwrites."""
+        or None when it fits no graph (the caller runs it eagerly). With `cascade` (the step's split by
+        plan_cascade for its bucket, as plan_step gives it) the bucket's cascade graph replays, else the plain one.
+        `ready(token id buffer)` runs once the inputs are loaded and the attention planned, before the replay (to
+        fill in token ids only the device has). The result is a view of a static buffer that the next run
+        overwrites."""
         batch_size = bucket_for(len(input_ids), self.batch_sizes)
         if batch_size is None:
             return None
-        cascade = self._cascade_step(positions, page_tables, batch_size)
         if cascade is not None:
+            if batch_size not in self.cascade:
+                raise ValueError(f"no cascade graph for a decode step of {len(input_ids)} sequences")
             self._load_inputs(*pad_inputs(input_ids, positions, page_tables, self.page_size, batch_size,
                                           self.scratch_page * self.page_size))
             self.cascade[batch_size].plan(cascade)
@@ -192,17 +165,6 @@ class DecodeGraphs(_CapturedForwards):
         self.num_replays += 1
         return self.hidden[: len(input_ids)]
 
-    def _cascade_step(self, positions: list[int], page_tables: list[list[int]], batch_size: int
-                      ) -> CascadeStep | None:
-        """The step's cascade split when this bucket has a cascade graph and sharing pays, else None."""
-        if batch_size not in self.cascade:
-            return None
-        step = plan_cascade(page_tables, [p + 1 for p in positions], self.page_size, batch_size, self.scratch_page,
-                            self.cascade_min_saved_tokens)
-        if step is None or max(len(step.shared_kv_indices), len(step.own_kv_indices)) > self.max_num_kv_indices:
-            return None
-        return step
-
     def _capture(self) -> None:
         with self._capturing() as (pool, stream):
             for b in reversed(self.batch_sizes):
@@ -217,10 +179,6 @@ class DecodeGraphs(_CapturedForwards):
         b = step.batch_size
         self._load_inputs(step.input_ids, step.positions, step.slot_mapping)
         self.attention[b].plan(step.kv_indptr, step.kv_indices, step.kv_last_page_len, positions=self.positions[:b])
-
-
-PREFILL_GRAPH_TOKENS = (16, 32, 64, 128, 256)
-"""Token-count buckets of the captured one-sequence prefills."""
 
 
 class PrefillGraphs(_CapturedForwards):
@@ -240,6 +198,8 @@ class PrefillGraphs(_CapturedForwards):
         self.num_replays = 0
         """Prefill steps run through a graph so far."""
         self._capture()
+        self.sizes = PrefillGraphSizes(tuple(self.token_counts))
+        """What was captured, for braidinfer.step_plan.plan_step."""
 
     def run(self, input_ids: list[int], positions: list[int], page_table: list[int],
             ready: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor | None:

@@ -8,11 +8,14 @@ import torch
 
 from braidinfer.attention import AttentionMetadata, SeqSpan, TorchAttention
 from braidinfer.attention.flashinfer_backend import FlashInferAttention, unsupported_reason
-from braidinfer.cuda_graphs import DecodeGraphs, PrefillGraphs, graph_batch_sizes
+from braidinfer.attention.metadata import AttentionBackend
+from braidinfer.cuda_graphs import DecodeGraphs, PrefillGraphs
 from braidinfer.errors import InvalidRequestError
+from braidinfer.graph_buckets import graph_batch_sizes
 from braidinfer.models.config import ModelConfig
 from braidinfer.models.forward_batch import ForwardBatch
 from braidinfer.scheduler import ScheduledBatch
+from braidinfer.step_plan import Capabilities, PathConfig, StepFacts, StepPath, plan_step
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +27,8 @@ class ModelRunner:
     hands out, the scratch page that padded graph rows write and read; decode-only steps of up to max_num_seqs
     sequences replay a captured graph, and so do steps that prefill up to 256 tokens of one sequence (PrefillGraphs);
     every other step runs eagerly. `cascade_min_saved_tokens` (None: off) adds cascade-decode graphs for steps whose
-    sequences share prefix pages (see DecodeGraphs).
+    sequences share prefix pages (see DecodeGraphs). Each step's path is chosen by braidinfer.step_plan.plan_step;
+    `last_path` records the latest.
     """
 
     def __init__(self, model: torch.nn.Module, cfg: ModelConfig, num_pages: int, page_size: int,
@@ -43,9 +47,12 @@ class ModelRunner:
             dtype=dtype, device=device,
         )
         scale = cfg.head_dim**-0.5
-        self.attention = (FlashInferAttention(self.kv_cache, scale, cfg.num_attention_heads) if backend == "flashinfer"
-                          else TorchAttention(self.kv_cache, scale))
-        self._plan = getattr(self.attention, "plan", None)  # backends that plan once per step for all layers
+        self.attention: AttentionBackend = (
+            FlashInferAttention(self.kv_cache, scale, cfg.num_attention_heads) if backend == "flashinfer"
+            else TorchAttention(self.kv_cache, scale))
+        self._path_config = PathConfig(backend, page_size, cascade_min_saved_tokens if use_graphs else None)
+        self.last_path: StepPath | None = None
+        """How the latest step ran, and why (see braidinfer.step_plan)."""
         # FlashInfer's plan() stages its schedule in pinned host memory and copies it to the device asynchronously,
         # so a step must not be planned before the GPU has taken the previous step's copy: with asynchronous
         # scheduling the host runs a step ahead. Each step records this event once its inputs are loaded and its
@@ -99,14 +106,26 @@ class ModelRunner:
 
     def _hidden(self, batch: ScheduledBatch, input_ids: list[int], positions: list[int],
                 ready: Callable[[torch.Tensor], None]) -> torch.Tensor:
-        """Final hidden states [T, hidden]: through a captured graph where one fits the step, else eagerly. Each
-        path calls `ready(input ids on the device)` once the inputs are loaded and the attention planned."""
+        """Final hidden states [T, hidden], along the path plan_step picks: a captured graph where one fits the step,
+        else eagerly. Each path calls `ready(input ids on the device)` once the inputs are loaded and the attention
+        planned."""
+        page_tables = [seq.page_table for seq in batch.seqs]
+        path = self.last_path = self.path_for(batch, page_tables)
         hidden = None
-        if self.graphs is not None and all(n == 1 for n in batch.num_new_tokens):  # decode-only
-            hidden = self.graphs.run(input_ids, positions, [seq.page_table for seq in batch.seqs], ready)
-        elif self.prefill_graphs is not None and len(batch) == 1:  # one sequence's prefill (or chunk of one)
-            hidden = self.prefill_graphs.run(input_ids, positions, batch.seqs[0].page_table, ready)
+        if path.kind in ("decode_graph", "cascade_graph"):
+            hidden = self.graphs.run(input_ids, positions, page_tables, ready, cascade=path.cascade)
+        elif path.kind == "prefill_graph":
+            hidden = self.prefill_graphs.run(input_ids, positions, page_tables[0], ready)
         return hidden if hidden is not None else self._forward(batch, input_ids, positions, ready)
+
+    def path_for(self, batch: ScheduledBatch, page_tables: list[list[int]] | None = None) -> StepPath:
+        """The path `run` takes for this batch (eager, decode graph, cascade graph or prefill graph) and why."""
+        facts = StepFacts(batch.num_new_tokens,
+                          [seq.num_computed_tokens + n for seq, n in zip(batch.seqs, batch.num_new_tokens)],
+                          page_tables if page_tables is not None else [seq.page_table for seq in batch.seqs])
+        capabilities = Capabilities(self.graphs.sizes if self.graphs is not None else None,
+                                    self.prefill_graphs.sizes if self.prefill_graphs is not None else None)
+        return plan_step(facts, self._path_config, capabilities)
 
     def _ready(self, input_ids: torch.Tensor | None, patch: _RowCopy | None) -> None:
         """The step's inputs are on the device and its attention planned: fill in the tokens only the device has,
@@ -137,8 +156,7 @@ class ModelRunner:
             slots.extend(seq.page_table[p // ps] * ps + p % ps for p in range(start, end))
             spans.append(SeqSpan(q_start, n, end, table))
         meta = AttentionMetadata(spans, self._tensor(slots), len(input_ids))
-        if self._plan is not None:
-            self._plan(meta)
+        self.attention.plan(meta)
         fb = ForwardBatch(positions=self._tensor(positions), meta=meta, attention=self.attention)
         ids = self._tensor(input_ids)
         ready(ids)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from braidinfer.attention.metadata import AttentionMetadata
+from braidinfer.attention.metadata import AttentionMetadata, paged_kv_layout, paged_kv_tables
 from braidinfer.attention.torch_backend import write_kv
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
@@ -69,10 +69,10 @@ class FlashInferAttention:
 
     def plan(self, meta: AttentionMetadata) -> None:
         """Builds the step's page-table arrays (on the host, one copy to the device) and plans the kernel."""
-        host = _host_arrays(meta, self.page_size)
+        host, kv_indptr = _host_arrays(meta, self.page_size)
         flat = torch.cat(list(host.values())).to(self.kv_cache.device, non_blocking=True)
         dev = dict(zip(host, flat.split([t.numel() for t in host.values()])))
-        num_pages = (host["kv_indptr"][1:] - host["kv_indptr"][:-1]).tolist()
+        num_pages = [end - start for start, end in zip(kv_indptr, kv_indptr[1:])]
         kv_indices = torch.cat([s.page_table[:n] for s, n in zip(meta.spans, num_pages)]).to(torch.int32)
         self._new_tokens = (dev["batch_indices"], dev["positions"])
         self._pages = (kv_indices, dev["kv_indptr"], dev["kv_last_page_len"])
@@ -303,17 +303,17 @@ class FlashInferGraphPrefill:
         ps, num_pad = self.page_size, self.num_rows - num_tokens
         if not 0 <= num_tokens <= self.num_rows or kv_len < num_tokens or kv_len < 1:
             raise ValueError(f"{num_tokens} new of {kv_len} tokens do not fit a prefill of {self.num_rows} rows")
-        num_pages, pad_pages = -(-kv_len // ps), max(1, -(-num_pad // ps))
-        indices = torch.tensor([*pages[:num_pages], *[scratch_page] * pad_pages], dtype=torch.int32)
-        last_page_len = [kv_len - (num_pages - 1) * ps, num_pad - (pad_pages - 1) * ps if num_pad else 1]
+        pad_len = max(1, num_pad)  # with no padding rows, the padding request still spans one page
+        tables = paged_kv_tables([pages, [scratch_page] * (-(-pad_len // ps))], [kv_len, pad_len], ps)
+        indices = torch.tensor(tables.kv_indices, dtype=torch.int32)
         dtype = self.kv_cache.dtype
 
         def host(values):
             return torch.tensor(values, dtype=torch.int32)
 
-        self._wrapper.plan(host([0, num_tokens, self.num_rows]), host([0, num_pages, num_pages + pad_pages]),
-                           indices.to(self.kv_cache.device, non_blocking=True), host(last_page_len), *self._dims,
-                           causal=True, q_data_type=dtype, kv_data_type=dtype, sm_scale=self._scale)
+        self._wrapper.plan(host([0, num_tokens, self.num_rows]), host(tables.kv_indptr),
+                           indices.to(self.kv_cache.device, non_blocking=True), host(tables.kv_last_page_len),
+                           *self._dims, causal=True, q_data_type=dtype, kv_data_type=dtype, sm_scale=self._scale)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata):
         """q: [num_rows, num_qo_heads, head_dim]; k, v: [num_rows, num_kv_heads, head_dim]. Writes the new K/V at
@@ -326,12 +326,14 @@ class FlashInferGraphPrefill:
         return self._wrapper.run(q, self.kv_cache[layer])
 
 
-def _host_arrays(meta: AttentionMetadata, page_size: int) -> dict[str, torch.Tensor]:
-    """int32 CPU arrays in FlashInfer's CSR form: per sequence (B) its query rows and KV pages; per new token (T)
-    its sequence and its position in that sequence's KV."""
+def _host_arrays(meta: AttentionMetadata, page_size: int) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """int32 CPU arrays in FlashInfer's CSR form: per sequence (B) its query rows and KV pages (all but the page ids,
+    which stay on the device); per new token (T) its sequence and its position in that sequence's KV. Also kv_indptr
+    as a list."""
+    kv_lens = [s.context_len for s in meta.spans]
+    kv_indptr, kv_last_page_len = paged_kv_layout(kv_lens, page_size)
     q_len = torch.tensor([s.q_len for s in meta.spans], dtype=torch.int32)  # (B,)
-    kv_len = torch.tensor([s.context_len for s in meta.spans], dtype=torch.int32)  # (B,)
-    num_pages = (kv_len + page_size - 1) // page_size  # (B,)
+    kv_len = torch.tensor(kv_lens, dtype=torch.int32)  # (B,)
     zero = torch.zeros(1, dtype=torch.int32)
     qo_indptr = torch.cat([zero, q_len.cumsum(0, dtype=torch.int32)])  # (B + 1,)
     batch_indices = torch.repeat_interleave(torch.arange(len(meta.spans), dtype=torch.int32), q_len)  # (T,)
@@ -339,8 +341,8 @@ def _host_arrays(meta: AttentionMetadata, page_size: int) -> dict[str, torch.Ten
     positions = torch.arange(meta.num_tokens, dtype=torch.int32) + (kv_len - q_len - qo_indptr[:-1])[batch_indices]
     return {
         "qo_indptr": qo_indptr,
-        "kv_indptr": torch.cat([zero, num_pages.cumsum(0, dtype=torch.int32)]),  # (B + 1,)
-        "kv_last_page_len": kv_len - (num_pages - 1) * page_size,  # (B,) in [1, page_size]
+        "kv_indptr": torch.tensor(kv_indptr, dtype=torch.int32),  # (B + 1,)
+        "kv_last_page_len": torch.tensor(kv_last_page_len, dtype=torch.int32),  # (B,) in [1, page_size]
         "batch_indices": batch_indices,
         "positions": positions,
-    }
+    }, kv_indptr

@@ -18,6 +18,10 @@ class TorchAttention:
         self.page_size = kv_cache.shape[4]
         self.scale = scale
 
+    def plan(self, meta: AttentionMetadata) -> None:
+        """Once per step, before the forward (the call every backend takes): nothing to prepare here, each layer reads
+        the page tables of `meta` itself."""
+
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata):
         """q: [T, num_qo_heads, head_dim]; k, v: [T, num_kv_heads, head_dim] -> out: [T, num_qo_heads, head_dim]."""
         write_kv(self.kv_cache[layer], meta.slot_mapping, k, v)
