@@ -5,6 +5,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from braidinfer.attention.cascade_plan import DEFAULT_MIN_SAVED_TOKENS
 from braidinfer.validation import ValidatedModel
 
 
@@ -51,7 +52,7 @@ class EngineConfig(ValidatedModel):
     any common prefix served from the cache) reads the shared KV once per group of sequences rather than once per
     sequence (cascade attention), when that spares at least `cascade_min_saved_tokens` KV reads per layer and KV
     head; other steps run plain paged decode. Off: every step runs plain paged decode."""
-    cascade_min_saved_tokens: int = Field(16384, ge=0)
+    cascade_min_saved_tokens: int = Field(DEFAULT_MIN_SAVED_TOKENS, ge=0)
     """The least sharing, in KV tokens read once instead of repeatedly, for which a step runs cascade decode."""
     async_scheduling: bool | None = None
     """Queue each step on the device before appending the previous step's tokens on the host, so that the host's

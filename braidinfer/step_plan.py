@@ -119,30 +119,32 @@ def plan_step(facts: StepFacts, config: PathConfig, capabilities: Capabilities) 
                                      f"({prefill.token_counts[-1]} rows)")
     if capabilities.decode_graphs is None and capabilities.prefill_graphs is None:
         return _eager(facts, config, "no CUDA graphs captured")
-    kind = "decode-only" if decode_only else "with prefill tokens"
-    return _eager(facts, config, f"{num_seqs} sequences {kind}: no captured graph runs such a step")
+    kind = "a decode step" if decode_only else "a step with prefill tokens"
+    return _eager(facts, config, f"{kind} of {num_seqs} sequences: no captured graph runs it")
 
 
 def _decode_path(facts: StepFacts, config: PathConfig, graphs: DecodeGraphSizes) -> StepPath:
     num_seqs, page_size = len(facts.num_new_tokens), config.page_size
     bucket = bucket_for(num_seqs, graphs.batch_sizes)
     if bucket is None:
-        return _eager(facts, config, f"{num_seqs} decoding sequences exceed the largest decode graph "
+        return _eager(facts, config, f"a decode step of {num_seqs} sequences exceeds the largest decode graph "
                                      f"({graphs.batch_sizes[-1]} rows)")
     if bucket in graphs.cascade_batch_sizes:
         step = plan_cascade(facts.page_tables, facts.kv_lens, page_size, bucket, graphs.scratch_page,
                             config.cascade_min_saved_tokens)
-        if step is not None and max(len(step.shared_kv_indices), len(step.own_kv_indices)) <= \
-                graphs.max_num_kv_indices:
+        num_indices = None if step is None else max(len(step.shared_kv_indices), len(step.own_kv_indices))
+        if num_indices is not None and num_indices <= graphs.max_num_kv_indices:
             return StepPath("cascade_graph", "flashinfer-cascade", bucket,
-                            f"{num_seqs} decoding sequences in {step.num_groups} groups sharing prefix pages spare "
-                            f"{step.num_saved_tokens} KV token reads", cascade=step)
+                            f"a decode step of {num_seqs} sequences whose {step.num_groups} group(s) sharing prefix "
+                            f"pages spare {step.num_saved_tokens} KV token reads "
+                            f"(>= {config.cascade_min_saved_tokens})", cascade=step)
     num_indices = num_decode_kv_indices(facts.kv_lens, page_size, bucket)
     if num_indices > graphs.max_num_kv_indices:
-        return _eager(facts, config, f"{num_seqs} decoding sequences span {num_indices} pages, more than the decode "
-                                     f"graphs' {graphs.max_num_kv_indices}")
+        return _eager(facts, config, f"a decode step of {num_seqs} sequences whose KV and padding span {num_indices} "
+                                     f"pages, more than the decode graphs' {graphs.max_num_kv_indices}")
     attention = "triton-decode" if bucket in graphs.triton_batch_sizes else "flashinfer-decode"
-    return StepPath("decode_graph", attention, bucket, f"{num_seqs} decoding sequences fit the graph of {bucket} rows")
+    return StepPath("decode_graph", attention, bucket, f"a decode step of {num_seqs} sequences fits the graph of "
+                                                       f"{bucket} rows")
 
 
 def _eager(facts: StepFacts, config: PathConfig, reason: str) -> StepPath:

@@ -59,3 +59,28 @@ def test_without_flashinfer_graphs_are_not_captured_and_the_pool_is_unchanged(ba
                          attention_backend=backend, enforce_eager=False, max_num_seqs=8)
     assert runner.graphs is None
     assert runner.kv_cache.shape[1] == 10
+
+
+def test_the_runner_records_each_steps_path():
+    """On the CPU every step runs eagerly on the torch backend, and the runner says so (and why) after each step."""
+    from braidinfer.scheduler import ScheduledBatch
+    from braidinfer.sequence import Sequence
+
+    model, cfg = _tiny_qwen3()
+    runner = ModelRunner(model, cfg, num_pages=10, page_size=4, device=torch.device("cpu"), dtype=torch.float32,
+                         attention_backend="auto", enforce_eager=False, max_num_seqs=8)
+    a, b = Sequence("a", [1, 2, 3, 4, 5], None, 4), Sequence("b", [6, 7, 8], None, 4)
+    a.page_table, b.page_table = [0, 1], [2]
+    assert runner.last_path is None
+    logits, rows = runner.run(ScheduledBatch([a, b], [5, 3]))
+    print(runner.last_path)
+    assert (runner.last_path.kind, runner.last_path.attention, runner.last_path.num_rows) == ("eager", "torch", 8)
+    assert "no CUDA graphs" in runner.last_path.reason
+    assert rows == [0, 1] and logits.shape == (2, cfg.vocab_size)
+    a.num_computed_tokens, b.num_computed_tokens = 5, 3
+    a.token_ids.append(9)
+    b.token_ids.append(9)
+    batch = ScheduledBatch([a, b], [1, 1])
+    assert runner.path_for(batch).num_rows == 2
+    runner.run(batch)
+    assert (runner.last_path.kind, runner.last_path.num_rows) == ("eager", 2)

@@ -96,3 +96,14 @@ def test_append_positions_follow_from_the_page_tables(seed):
     for r, pos in enumerate(step.positions):
         table = tables[r] if r < len(ids) else [300]
         assert step.slot_mapping[r] == table[pos // page_size] * page_size + pos % page_size
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_page_count_of_a_padded_step_is_known_before_padding_it(seed):
+    """num_decode_kv_indices (what plan_step checks against the graphs' buffers) counts what pad_decode_batch lays
+    out."""
+    rng, page_size = random.Random(seed), PAGE_SIZES[seed]
+    ids, positions, tables = _random_decode(rng, rng.randrange(1, 30), page_size, num_pages=300)
+    bucket = bucket_for(len(ids), graph_batch_sizes(32))
+    step = pad_decode_batch(ids, positions, tables, page_size, bucket, 300)
+    assert num_decode_kv_indices([p + 1 for p in positions], page_size, bucket) == len(step.kv_indices)
