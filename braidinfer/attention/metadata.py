@@ -83,10 +83,13 @@ def paged_kv_tables(page_tables: Sequence[Sequence[int]], kv_lens: Sequence[int]
     may hold spare pages past those)."""
     if len(page_tables) != len(kv_lens):
         raise ValueError(f"{len(page_tables)} page tables for {len(kv_lens)} KV lengths")
-    kv_indptr, kv_last_page_len = paged_kv_layout(kv_lens, page_size)
-    kv_indices: list[int] = []
-    for table, start, end in zip(page_tables, kv_indptr, kv_indptr[1:]):
-        if len(table) < end - start:
-            raise ValueError(f"a page table of {len(table)} pages for KV that spans {end - start}")
-        kv_indices.extend(table[: end - start])  # a slice: one C loop per request, not one per page
+    kv_indptr, kv_indices, kv_last_page_len = [0], [], []
+    for table, kv_len in zip(page_tables, kv_lens):  # as paged_kv_layout, in the same loop (once per graph step)
+        num_pages = (kv_len - 1) // page_size + 1
+        if kv_len < 1 or len(table) < num_pages:
+            raise ValueError(f"a request's KV must hold at least one token in its page table, got {kv_len} tokens "
+                             f"in {len(table)} pages of {page_size}")
+        kv_indices.extend(table[:num_pages])  # a slice: one C loop per request, not one per page
+        kv_indptr.append(len(kv_indices))
+        kv_last_page_len.append(kv_len - (num_pages - 1) * page_size)
     return PagedKVTables(kv_indptr, kv_indices, kv_last_page_len)

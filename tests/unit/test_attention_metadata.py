@@ -55,7 +55,9 @@ def test_by_hand():
 def test_mistakes_are_refused():
     with pytest.raises(ValueError, match="at least one token"):
         paged_kv_layout([3, 0], 4)
-    with pytest.raises(ValueError, match="spans 2"):
+    with pytest.raises(ValueError, match="5 tokens in 1 pages of 4"):
         paged_kv_tables([[1]], [5], 4)
+    with pytest.raises(ValueError, match="0 tokens"):
+        paged_kv_tables([[1]], [0], 4)
     with pytest.raises(ValueError, match="2 page tables for 1"):
         paged_kv_tables([[1], [2]], [1], 4)
