@@ -13,7 +13,6 @@ Prints, from the same run:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
 import io
 import os
@@ -46,20 +45,6 @@ def gpu_replay_ms(engine, iters: int = 200) -> tuple[float, float]:
     end.record()
     torch.cuda.synchronize()
     return replay, start.elapsed_time(end) / iters
-
-
-@contextlib.contextmanager
-def gemv_decode_path_off():
-    """Models built inside use the fused kernels but not the GEMV decode path (LlamaDecoderLayer.forward_gemv);
-    the engine switches the kernels on without arguments, so its call is redirected here, for the comparison."""
-    from braidinfer.models.llama import LlamaForCausalLM
-
-    use = LlamaForCausalLM.use_fused_kernels
-    LlamaForCausalLM.use_fused_kernels = lambda self, enabled=True: use(self, enabled, gemv=False)
-    try:
-        yield
-    finally:
-        LlamaForCausalLM.use_fused_kernels = use
 
 
 def engine_steps(engine, prompt: list[int], steps: int, profile: cProfile.Profile | None = None) -> float:
@@ -103,8 +88,7 @@ def main() -> None:
         config = EngineConfig(model=path, device="cuda", dtype="bfloat16", num_kv_pages=pages, progress=False)
         without_gemv = None
         if args.compare_gemv:
-            with gemv_decode_path_off():
-                engine = LLMEngine(config)
+            engine = LLMEngine(config.model_copy(update={"gemv_decode": False}))
             engine_steps(engine, random_prompt(args.context, 1), 16)  # warm-up
             without_gemv = gpu_replay_ms(engine)
             del engine
