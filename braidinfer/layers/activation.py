@@ -32,7 +32,7 @@ class SiluAndMul(nn.Module):
     def kernel_path(self) -> str:
         path = "triton silu_and_mul" if self.plan.triton else "torch"
         if self.feeds_gemv:
-            path += f"; before a projection, steps of <= {GEMV_MAX_ROWS} row: in the projection's gemv prologue"
+            path += f"; steps of <= {GEMV_MAX_ROWS} row: in the next projection's gemv prologue"
         return f"silu_and_mul: {path}"
 
 

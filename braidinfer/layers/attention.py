@@ -65,7 +65,7 @@ class PagedAttention(nn.Module):
         return o.reshape(qkv.shape[0], self.q_size)
 
     def kernel_path(self) -> str:
-        step = "qk-norm + rope + kv write" if self.qk_norms is not None else "rope + kv write"
+        norm = "qk-norm + " if self.qk_norms is not None else ""
         if self.plan.triton:
-            return f"attention ({step}): triton qk_norm_rope_write_kv, then the backend's attend"
-        return f"attention ({step}): torch, then the backend's write and attend"
+            return f"attention: {norm}rope + kv write in triton qk_norm_rope_write_kv, then the backend's attend"
+        return f"attention: {norm}rope in torch, then the backend's kv write and attend"

@@ -30,5 +30,5 @@ class Linear(nn.Linear):
 
     def kernel_path(self) -> str:
         if self.plan.gemv:
-            return f"linear: torch F.linear; steps of <= {GEMV_MAX_ROWS} row: triton gemv (with the prologue fed to it)"
+            return f"linear: torch F.linear; steps of <= {GEMV_MAX_ROWS} row: triton gemv"
         return "linear: torch F.linear"

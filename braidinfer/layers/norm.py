@@ -51,7 +51,7 @@ class RMSNorm(nn.Module):
     def kernel_path(self) -> str:
         path = "triton rms_norm / fused_add_rms_norm" if self.plan.triton else "torch"
         if self.feeds_gemv:
-            path += f"; before a projection, steps of <= {GEMV_MAX_ROWS} row: in the projection's gemv prologue"
+            path += f"; steps of <= {GEMV_MAX_ROWS} row: in the next projection's gemv prologue"
         return f"rmsnorm: {path}"
 
 

@@ -109,13 +109,24 @@ class _MetaAttention:
 
 
 def describe_kernels(model: nn.Module, attention=None) -> list[str]:
-    """One line per kind of layer in `model`: the path it runs ("rmsnorm: triton rms_norm / fused_add_rms_norm"),
-    then the attention backend's when given (the runner's `attention`)."""
-    lines: list[str] = []
-    for module in model.modules():
-        describe = getattr(module, "kernel_path", None)
-        if describe is not None and describe() not in lines:
-            lines.append(describe())
+    """One line per kind of layer and path, naming the modules that run it (their last name component), e.g.
+    "rmsnorm (input_layernorm, post_attention_layernorm): triton rms_norm / fused_add_rms_norm"; then the attention
+    backend's path when `attention` (the runner's backend object) is given."""
+    inside_attention = {id(norm) for m in model.modules() for norm in (getattr(m, "qk_norms", None) or ())}
+    paths: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        if id(module) in inside_attention:
+            continue  # described by its PagedAttention's line
+        if hasattr(module, "kernel_path"):
+            path = module.kernel_path()
+        elif type(module) is nn.Linear:
+            path = "linear: torch F.linear"
+        else:
+            continue
+        names = paths.setdefault(path, [])
+        if name.rsplit(".", 1)[-1] not in names:
+            names.append(name.rsplit(".", 1)[-1])
+    lines = [path.replace(":", f" ({', '.join(names)}):", 1) for path, names in paths.items()]
     if attention is not None:
         lines.append(f"attention backend: {_backend_path(attention)}")
     return lines
