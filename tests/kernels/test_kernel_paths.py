@@ -34,7 +34,8 @@ def test_paths_of_a_cpu_engine_and_of_the_kernel_plan(tmp_path, smollm_tokenizer
             "linear (qkv_proj, o_proj, gate_up_proj, down_proj): torch F.linear; steps of <= 1 row: triton gemv",
             "attention (attn): qk-norm + rope + kv write in triton qk_norm_rope_write_kv, then the backend's attend",
             f"silu_and_mul (act_fn): triton silu_and_mul; {gemv_prologue}",
-            f"rmsnorm (input_layernorm, post_attention_layernorm): triton rms_norm / fused_add_rms_norm; {gemv_prologue}",
+            "rmsnorm (input_layernorm, post_attention_layernorm): triton rms_norm / fused_add_rms_norm; "
+            + gemv_prologue,
             "rmsnorm (norm): triton rms_norm / fused_add_rms_norm",
             "linear (lm_head): torch F.linear",
             TORCH_BACKEND,
