@@ -4,8 +4,10 @@
         [--compare-gemv]
 
 Prints, from the same run:
+- the path each layer runs (LLMEngine.kernel_paths);
 - the GPU time of the captured decode forward alone (graph replays back to back) and of the logits; with
-  --compare-gemv also that of an engine whose model runs the fused kernels without the GEMV decode path;
+  --compare-gemv also that of an engine with EngineConfig(gemv_decode=False): the fused kernels without the
+  GEMV decode path;
 - the engine's own step (schedule, forward, sample, detokenize) driven directly, without the loop thread;
 - the same decode through `LLM.stream_deltas` (loop thread + channel to the caller), as users see it;
 - a cProfile of the engine steps (the Python functions that cost the most).
@@ -13,7 +15,6 @@ Prints, from the same run:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
 import io
 import os
@@ -46,20 +47,6 @@ def gpu_replay_ms(engine, iters: int = 200) -> tuple[float, float]:
     end.record()
     torch.cuda.synchronize()
     return replay, start.elapsed_time(end) / iters
-
-
-@contextlib.contextmanager
-def gemv_decode_path_off():
-    """Models built inside use the fused kernels but not the GEMV decode path (LlamaDecoderLayer.forward_gemv);
-    the engine switches the kernels on without arguments, so its call is redirected here, for the comparison."""
-    from braidinfer.models.llama import LlamaForCausalLM
-
-    use = LlamaForCausalLM.use_fused_kernels
-    LlamaForCausalLM.use_fused_kernels = lambda self, enabled=True: use(self, enabled, gemv=False)
-    try:
-        yield
-    finally:
-        LlamaForCausalLM.use_fused_kernels = use
 
 
 def engine_steps(engine, prompt: list[int], steps: int, profile: cProfile.Profile | None = None) -> float:
@@ -103,13 +90,13 @@ def main() -> None:
         config = EngineConfig(model=path, device="cuda", dtype="bfloat16", num_kv_pages=pages, progress=False)
         without_gemv = None
         if args.compare_gemv:
-            with gemv_decode_path_off():
-                engine = LLMEngine(config)
+            engine = LLMEngine(config.model_copy(update={"gemv_decode": False}))
             engine_steps(engine, random_prompt(args.context, 1), 16)  # warm-up
             without_gemv = gpu_replay_ms(engine)
             del engine
             torch.cuda.empty_cache()
         engine = LLMEngine(config)
+        kernel_paths = engine.kernel_paths
         engine_steps(engine, random_prompt(args.context, 1), 16)  # warm-up
         replay_ms, logits_ms = gpu_replay_ms(engine)
         direct = max(engine_steps(engine, random_prompt(args.context, 2 + r), args.steps) for r in range(2))
@@ -131,7 +118,8 @@ def main() -> None:
                 through_llm = max(through_llm, (len(stamps) - 1) / (stamps[-1] - stamps[0]))
 
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; Qwen3-0.6B shape, random bf16, "
-          f"context {args.context}, batch 1, greedy, CUDA graphs + fused kernels (defaults)")
+          f"context {args.context}, batch 1, greedy, CUDA graphs + fused kernels (defaults):")
+    print("\n".join(f"  {line}" for line in kernel_paths))
     print(f"GPU only: graph replay {replay_ms:.3f} ms + logits {logits_ms:.3f} ms = "
           f"{1e3 / (replay_ms + logits_ms):.0f} tok/s ceiling")
     if without_gemv is not None:

@@ -16,6 +16,7 @@ from braidinfer.config import EngineConfig
 from braidinfer.errors import InvalidRequestError, OutOfPagesError
 from braidinfer.kv.page_manager import PageManager
 from braidinfer.kv.pins import Pins
+from braidinfer.layers import KernelPlan, describe_kernels, select_kernels
 from braidinfer.loader import resolve_model
 from braidinfer.memory import num_kv_pages
 from braidinfer.models import ModelConfig, model_class
@@ -44,8 +45,8 @@ class LLMEngine:
             torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.tokenizer = self.source.load_tokenizer()
         self.model = load_model(cls, self.model_config, self.source, self.device, self.dtype, config.progress)
-        if config.fused_kernels and self.device.type == "cuda":
-            self.model.use_fused_kernels()
+        self.kernel_plan = KernelPlan.choose(config.fused_kernels, config.gemv_decode, self.device)
+        select_kernels(self.model, self.kernel_plan)  # before the runner captures CUDA graphs
         max_model_len = min(config.max_model_len or 1 << 62, self.model_config.max_position_embeddings)
         eos_token_ids = self._eos_token_ids()
         num_pages = num_kv_pages(config, self.model_config, self.dtype, self.device, max_model_len)
@@ -70,6 +71,11 @@ class LLMEngine:
                                  else self.device.type == "cuda")
         self._in_flight: _Step | None = None  # a launched step whose tokens are not appended yet
         self._last_scheduled: list[Sequence] = []  # the sequences of the step launched last
+
+    @property
+    def kernel_paths(self) -> list[str]:
+        """Which path each kind of layer runs, one line each ("rmsnorm: torch", ...), then the attention backend."""
+        return describe_kernels(self.model, self.runner.attention)
 
     @property
     def max_model_len(self) -> int:

@@ -3,8 +3,8 @@ QK-norm; skipped for Llama), rotate them by position (RoPE), return q and write 
 
 The reference composes the operations the model and the torch attention backend run today:
 
-    q, k, v = qkv.split(...)                       # braidinfer.models.llama.LlamaAttention.forward
-    q, k = q_norm(q), k_norm(k)                    # Qwen3Attention.qk_norm (RMSNorm over head_dim)
+    q, k, v = qkv.split(...)                       # braidinfer.layers.PagedAttention.forward (PyTorch plan)
+    q, k = q_norm(q), k_norm(k)                    # Qwen3's q_norm / k_norm (RMSNorm over head_dim)
     cos, sin = cos[positions].to(dtype), ...       # RotaryEmbedding.cos_sin: float32 tables, cast to the model dtype
     q, k = q * cos + rotate_half(q) * sin, ...     # apply_rotary, three roundings in bf16
     cache[page, 0, :, offset] = k; cache[page, 1, :, offset] = v   # TorchAttention, page, offset from slot_mapping

@@ -1,6 +1,6 @@
 """RMSNorm, and residual add + RMSNorm, as one Triton kernel beside the PyTorch references it reproduces.
 
-The references are the operations of braidinfer.models.layers.RMSNorm (transformers' Llama/Qwen3 RMSNorm):
+The references are the operations of braidinfer.layers.RMSNorm (transformers' Llama/Qwen3 RMSNorm):
 
     x32 = x.float(); y = weight * (x32 * rsqrt(mean(x32 ** 2) + eps)).to(x.dtype)
 

@@ -1,4 +1,4 @@
-"""What one forward pass needs besides the token ids: positions, rotary tables and the attention call."""
+"""What one forward pass needs besides the token ids: positions, the step's rotation and the attention call."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,6 +7,7 @@ from typing import Protocol
 import torch
 
 from braidinfer.attention.metadata import AttentionMetadata
+from braidinfer.layers.rotary import Rotation
 
 
 class AttentionFn(Protocol):
@@ -27,6 +28,4 @@ class ForwardBatch:
     positions: torch.Tensor  # [T] int64
     meta: AttentionMetadata
     attention: AttentionFn
-    cos: torch.Tensor | None = None  # [T, 1, head_dim], filled by the model from positions
-    sin: torch.Tensor | None = None
-    rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None  # [max_pos, head_dim] float32, for fused kernels
+    rope: Rotation | None = None  # the step's rotary tables, set by the model from positions

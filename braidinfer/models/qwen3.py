@@ -4,24 +4,18 @@ Parameter names follow Hugging Face's Qwen3ForCausalLM (q_norm / k_norm inside s
 """
 from __future__ import annotations
 
-import torch
-
+from braidinfer.layers import PagedAttention, RMSNorm
 from braidinfer.models.config import ModelConfig
-from braidinfer.models.layers import RMSNorm
 from braidinfer.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
 
 
 class Qwen3Attention(LlamaAttention):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__(cfg, layer_idx)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)  # over head_dim, each head of q
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
-
-    def qk_norm(self, q: torch.Tensor, k: torch.Tensor):
-        return self.q_norm(q), self.k_norm(k)  # (T, heads, hd): normalised over head_dim
-
-    def qk_norm_weights(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        return self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
+        self.attn = PagedAttention(layer_idx, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                                   q_norm=self.q_norm, k_norm=self.k_norm)
 
 
 class Qwen3DecoderLayer(LlamaDecoderLayer):

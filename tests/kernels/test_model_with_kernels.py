@@ -12,6 +12,7 @@ import collections
 import pytest
 
 from braidinfer import LLM, SamplingParams
+from braidinfer.layers import KernelPlan, select_kernels
 from tests.conftest import build_tiny_model
 
 
@@ -26,7 +27,7 @@ def test_fused_model_matches_pytorch_path(arch, tmp_path, smollm_tokenizer, devi
     with LLM(model=str(tmp_path), **kw) as plain:
         want = [plain.generate(p, params)[0] for p in prompts]
     with LLM(model=str(tmp_path), **kw) as fused:
-        fused.engine.model.use_fused_kernels()  # the engine turns them on only on CUDA
+        select_kernels(fused.engine.model, KernelPlan(triton=True, gemv=True))  # the engine chooses them on CUDA only
         got = [fused.generate(p, params)[0] for p in prompts]
         assert fused.cache_stats()["tokens_served_from_cache"] > 0
     for g, w in zip(got, want):
@@ -53,7 +54,7 @@ def test_fused_path_is_really_taken(tmp_path, smollm_tokenizer, device, monkeypa
     build_tiny_model("qwen3", tmp_path, smollm_tokenizer, seed=1, num_hidden_layers=2)
     with LLM(model=str(tmp_path), device=device, dtype="float32", num_kv_pages=64, attention_backend="torch",
              progress=False) as llm:
-        llm.engine.model.use_fused_kernels(gemv=gemv)
+        select_kernels(llm.engine.model, KernelPlan(triton=True, gemv=gemv))
         llm.generate([5, 6, 7], SamplingParams(temperature=0, max_tokens=2))  # a 3-token prefill, a decode step
     layers = 2
     fused_step = collections.Counter(fused_add_rms_norm=2 * layers)  # layers' norms after the first, final norm

@@ -9,7 +9,7 @@ import torch
 from braidinfer.attention import AttentionMetadata, SeqSpan, TorchAttention
 from braidinfer.models.config import ModelConfig
 from braidinfer.models.forward_batch import ForwardBatch
-from braidinfer.models.layers import RMSNorm, RotaryEmbedding
+from braidinfer.layers import RMSNorm, RotaryEmbedding
 from braidinfer.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
 from braidinfer.models.qwen3 import Qwen3Attention
 from kernels import fused_add_rms_norm_ref, qk_norm_rope_write_kv_ref, rms_norm_ref, silu_and_mul_ref
@@ -91,9 +91,8 @@ def test_qk_norm_rope_write_kv_ref_is_the_models_attention_input(arch, dtype):
         return backend(layer, q, k, v, meta)
 
     qkv = (3 * torch.randn(5, cfg.hidden_size, generator=g)).to(dtype)
-    cos, sin = rotary.cos_sin(positions, dtype)
     with torch.no_grad():
-        attention(qkv, ForwardBatch(positions=positions, meta=meta, attention=record_q, cos=cos, sin=sin))
+        attention(qkv, ForwardBatch(positions=positions, meta=meta, attention=record_q, rope=rotary.at(positions)))
         cos_table, sin_table = (t[:, 0] for t in rotary.cos_sin(torch.arange(cfg.max_position_embeddings),
                                                                 torch.float32))  # the float32 tables
         norms = {}

@@ -1,47 +1,15 @@
-"""Building blocks shared by the model files: RMSNorm and the rotary embedding.
+"""Rotary position embedding (RoPE): the tables, their scaling (linear, Llama 3), and the rotation of q and k.
 
-Numerics follow the Hugging Face implementations operation by operation (where each cast happens matters in bf16).
+Numerics follow transformers: float32 tables, each row cast to the model dtype before the rotation (where each cast
+happens matters in bf16).
 """
 from __future__ import annotations
 
 import math
 
 import torch
-from torch import nn
 
 from braidinfer.errors import UnsupportedModelError
-
-
-class RMSNorm(nn.Module):
-    """y = w * (x / rms(x)), computed in float32 and cast back before the weight multiply, as transformers does.
-
-    With `residual`, first adds it (h = x + residual, in the model dtype) and returns (norm(h), h). `fused` selects
-    the Triton kernels of `kernels/` (CUDA only), which reproduce these rounding points.
-    """
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-        self.fused = False
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        if self.fused:
-            import kernels
-
-            if residual is None:
-                return kernels.rms_norm(x, self.weight, self.eps)
-            return kernels.fused_add_rms_norm(x, residual, self.weight, self.eps)
-        if residual is None:
-            return self._norm(x)
-        h = x + residual
-        return self._norm(h), h
-
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -95,6 +63,39 @@ class RotaryEmbedding:
         """positions: [T] int64 -> cos, sin: [T, 1, head_dim] in dtype (computed in float32, then cast)."""
         cos, sin = self.tables(positions.device)
         return cos[positions][:, None, :].to(dtype), sin[positions][:, None, :].to(dtype)
+
+    def at(self, positions: torch.Tensor) -> Rotation:
+        """The rotation of one step's tokens, shared by every layer."""
+        return Rotation(self, positions)
+
+    def shift_keys(self, k: torch.Tensor, delta: int) -> torch.Tensor:
+        """Rotary-embedded keys [..., kv_heads, head_dim] moved `delta` positions later (RoPE is a rotation per
+        frequency, so rotating by delta composes with the rotation already applied); computed in float32."""
+        cos, sin = self.cos_sin(torch.tensor([delta], device=k.device), torch.float32)
+        return apply_rotary(k.float(), cos, sin).to(k.dtype)
+
+
+class Rotation:
+    """One step's positions with their rotary tables. The PyTorch path reads `cos_sin(dtype)`, computed once per step
+    on first use; the fused attention kernel indexes the float32 `tables` itself, so it never computes them."""
+
+    def __init__(self, rotary: RotaryEmbedding, positions: torch.Tensor):
+        self.rotary, self.positions = rotary, positions
+        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._cos_sin: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin: [max_positions, head_dim] float32 on the positions' device."""
+        if self._tables is None:
+            self._tables = self.rotary.tables(self.positions.device)
+        return self._tables
+
+    def cos_sin(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin: [T, 1, head_dim] in dtype for the step's positions."""
+        if dtype not in self._cos_sin:
+            self._cos_sin[dtype] = self.rotary.cos_sin(self.positions, dtype)
+        return self._cos_sin[dtype]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

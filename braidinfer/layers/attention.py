@@ -1,0 +1,71 @@
+"""One layer's attention over the paged KV pool, from the packed qkv projection to the heads' outputs."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from braidinfer.layers.deferred import triton_kernels
+from braidinfer.layers.norm import RMSNorm
+from braidinfer.layers.plan import KernelPlan
+from braidinfer.layers.rotary import apply_rotary
+
+if TYPE_CHECKING:
+    from braidinfer.models.forward_batch import ForwardBatch
+
+
+class PagedAttention(nn.Module):
+    """QK-norm (optional, per head) + RoPE + write of the new K/V into the pool + attention, for layer `layer_idx`.
+
+    forward(qkv, batch): qkv [T, (num_heads + 2 * num_kv_heads) * head_dim], q then k then v (the packed qkv_proj's
+    output) -> [T, num_heads * head_dim]. The step's rotation is batch.rope, its KV layout batch.meta, and the
+    backend (torch, FlashInfer) batch.attention. PyTorch plan: the norms and the rotation in PyTorch, then the backend
+    writes K/V and attends. Triton plan: one kernel (kernels/qk_norm_rope.py) does the norms, the rotation and the
+    write, then the backend only attends.
+
+    q_norm, k_norm: Qwen3-style RMSNorms over head_dim, owned (and named in the checkpoint) by the caller; both or none.
+    """
+
+    def __init__(self, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None):
+        super().__init__()
+        if (q_norm is None) != (k_norm is None):
+            raise ValueError("PagedAttention takes both q_norm and k_norm, or neither")
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        self.qk_norms = (q_norm, k_norm) if q_norm is not None else None  # a tuple: not registered twice
+        self.plan = KernelPlan()
+
+    def forward(self, qkv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        if self.plan.triton:
+            return self._fused(qkv, batch)
+        T = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)  # (T, qh, hd)
+        k = k.view(T, self.num_kv_heads, self.head_dim)  # (T, kvh, hd)
+        v = v.view(T, self.num_kv_heads, self.head_dim)  # (T, kvh, hd)
+        if self.qk_norms is not None:
+            q, k = self.qk_norms[0](q), self.qk_norms[1](k)  # normalised over head_dim
+        cos, sin = batch.rope.cos_sin(qkv.dtype)  # (T, 1, hd) each
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        o = batch.attention(self.layer_idx, q, k, v, batch.meta)  # (T, qh, hd)
+        return o.reshape(T, self.q_size)
+
+    def _fused(self, qkv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        norm_weights = (None, None, 1e-6)
+        if self.qk_norms is not None:
+            q_norm, k_norm = self.qk_norms
+            norm_weights = (q_norm.weight, k_norm.weight, q_norm.eps)
+        q = triton_kernels().qk_norm_rope_write_kv(qkv, batch.positions, *batch.rope.tables,
+                                                   batch.attention.kv_cache[self.layer_idx], batch.meta.slot_mapping,
+                                                   *norm_weights)  # (T, qh, hd)
+        o = batch.attention.attend(self.layer_idx, q, batch.meta)  # (T, qh, hd)
+        return o.reshape(qkv.shape[0], self.q_size)
+
+    def kernel_path(self) -> str:
+        norm = "qk-norm + " if self.qk_norms is not None else ""
+        if self.plan.triton:
+            return f"attention: {norm}rope + kv write in triton qk_norm_rope_write_kv, then the backend's attend"
+        return f"attention: {norm}rope in torch, then the backend's kv write and attend"

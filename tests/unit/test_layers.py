@@ -1,0 +1,134 @@
+"""braidinfer.layers on the PyTorch plan against plain formulas, the kernel plan's choice, and which steps the GEMV
+path folds into a projection (read off the model's own forward)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from braidinfer.config import EngineConfig
+from braidinfer.errors import InvalidRequestError
+from braidinfer.layers import (
+    GeluAndMul,
+    KernelPlan,
+    Linear,
+    RMSNorm,
+    SiluAndMul,
+    describe_kernels,
+    gemv_prologues,
+    select_kernels,
+)
+from braidinfer.models.config import ModelConfig
+from braidinfer.models.registry import ARCHITECTURES
+
+
+def _config(arch: str, num_layers: int = 2) -> ModelConfig:
+    return ModelConfig(architecture=arch, vocab_size=32, hidden_size=64, intermediate_size=48,
+                       num_hidden_layers=num_layers, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                       rms_norm_eps=1e-6, rope_theta=10_000.0, rope_scaling=None, max_position_embeddings=64,
+                       tie_word_embeddings=False)
+
+
+def test_rmsnorm_is_the_formula():
+    g = torch.Generator().manual_seed(0)
+    norm = RMSNorm(16, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(16, generator=g) + 0.5)
+    x, residual = torch.randn(3, 16, generator=g), torch.randn(3, 16, generator=g)
+
+    def want(h):
+        return norm.weight * h / torch.sqrt((h * h).mean(-1, keepdim=True) + 1e-5)
+
+    with torch.no_grad():
+        torch.testing.assert_close(norm(x), want(x))
+        normed, h = norm(x, residual)
+        torch.testing.assert_close(h, x + residual)
+        torch.testing.assert_close(normed, want(x + residual))
+
+
+def test_gated_activations_are_the_formulas():
+    g = torch.Generator().manual_seed(1)
+    x = 3 * torch.randn(4, 2 * 8, generator=g)
+    gate, up = x[:, :8], x[:, 8:]
+    torch.testing.assert_close(SiluAndMul()(x), gate / (1 + torch.exp(-gate)) * up)
+    tanh_gelu = 0.5 * gate * (1 + torch.tanh(math.sqrt(2 / math.pi) * (gate + 0.044715 * gate**3)))
+    torch.testing.assert_close(GeluAndMul("tanh")(x), tanh_gelu * up)
+    torch.testing.assert_close(GeluAndMul("none")(x), 0.5 * gate * (1 + torch.erf(gate / math.sqrt(2))) * up)
+    with pytest.raises(ValueError, match="approximate"):
+        GeluAndMul("sigmoid")
+
+
+def test_linear_is_nn_linear():
+    g = torch.Generator().manual_seed(2)
+    linear = Linear(8, 5, bias=True)
+    x = torch.randn(1, 8, generator=g)
+    torch.testing.assert_close(linear(x), x @ linear.weight.T + linear.bias)
+    assert set(dict(linear.named_parameters())) == {"weight", "bias"}  # checkpoint names as nn.Linear's
+
+
+@pytest.mark.parametrize("fused, gemv, device, want", [
+    (True, True, "cuda", KernelPlan(triton=True, gemv=True)),
+    (True, False, "cuda", KernelPlan(triton=True, gemv=False)),
+    (False, True, "cuda", KernelPlan()),
+    (True, True, "cpu", KernelPlan()),
+])
+def test_plan_choice(fused, gemv, device, want):
+    assert KernelPlan.choose(fused, gemv, torch.device(device)) == want
+
+
+def test_gemv_needs_the_fused_attention():
+    with pytest.raises(ValueError, match=r"gemv=True\) needs triton=True"):
+        KernelPlan(gemv=True)
+
+
+def test_gemv_decode_is_validated():
+    assert EngineConfig(gemv_decode=False).gemv_decode is False
+    with pytest.raises(InvalidRequestError, match="gemv_decode"):
+        EngineConfig(gemv_decode="sometimes")
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_gemv_prologues_of_the_decoder(arch):
+    """The pre-norms feed qkv_proj and gate_up_proj, the activation down_proj; the final norm (its output leaves the
+    model) and Qwen3's q_norm / k_norm (inside the attention) are no prologues."""
+    model = ARCHITECTURES[arch](_config(arch))
+    want = {f"model.layers.{i}.{name}" for i in range(2)
+            for name in ("input_layernorm", "post_attention_layernorm", "mlp.act_fn")}
+    assert gemv_prologues(model) == want
+    select_kernels(model, KernelPlan(triton=True, gemv=True))
+    assert {name for name, m in model.named_modules() if getattr(m, "feeds_gemv", False)} == want
+    select_kernels(model, KernelPlan(triton=True))
+    assert not any(getattr(m, "feeds_gemv", False) for m in model.modules())
+
+
+class _SandwichNormModel(nn.Module):
+    """A Gemma-2-style block: the norm after the attention projection is added to the stream, not projected."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(8, 16)
+        self.pre_norm, self.proj, self.post_norm = RMSNorm(16, 1e-6), Linear(16, 16), RMSNorm(16, 1e-6)
+        self.up_proj, self.act_fn, self.down_proj = Linear(16, 32), SiluAndMul(), Linear(16, 16)
+
+    def forward(self, input_ids, batch):
+        h = self.embed_tokens(input_ids)
+        h = h + self.post_norm(self.proj(self.pre_norm(h)))
+        return self.down_proj(self.act_fn(self.up_proj(h)))
+
+
+def test_gemv_prologues_follow_the_dataflow():
+    model = _SandwichNormModel(config=None)
+    assert gemv_prologues(model) == {"pre_norm", "act_fn"}
+
+
+def test_describe_names_each_path():
+    model = ARCHITECTURES["Qwen3ForCausalLM"](_config("Qwen3ForCausalLM"))
+    assert describe_kernels(model) == [
+        "linear (qkv_proj, o_proj, gate_up_proj, down_proj, lm_head): torch F.linear",
+        "attention (attn): qk-norm + rope in torch, then the backend's kv write and attend",
+        "silu_and_mul (act_fn): torch",
+        "rmsnorm (input_layernorm, post_attention_layernorm, norm): torch",
+    ]
