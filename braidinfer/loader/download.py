@@ -69,7 +69,8 @@ def needed_files(repo_id: str, files: list[str], selector: str | None) -> list[s
         return ggufs
     if ggufs:
         raise ModelNotFoundError(f"hub repository {repo_id!r} has several GGUF files; pick one with "
-                                 f"\"{repo_id}:QUANT\" (e.g. Q4_K_M) or \"{repo_id}:FILE.gguf\": {', '.join(sorted(ggufs))}")
+                                 f"\"{repo_id}:QUANT\" (e.g. Q4_K_M) or \"{repo_id}:FILE.gguf\": "
+                                 f"{', '.join(sorted(ggufs))}")
     raise InvalidModelError(f"hub repository {repo_id!r} has no weights Braid can load: no {WEIGHTS_FILE}, no "
                             f"{WEIGHTS_INDEX} and no .gguf file (it has: {', '.join(sorted(files)) or 'no files'})")
 

