@@ -3,9 +3,13 @@
 Sharing is what makes reuse work across instances: two ChatBraid objects with the same system prompt read the
 same KV pages. Loading takes seconds, so it happens on the first request, never at construction. An engine that was
 closed or whose loop died is replaced by a fresh one on the next request.
+
+The registry is per process: a process forked from one that had engines starts with none (the parent's engine
+threads do not exist in it), so its ChatBraid loads a fresh engine on first use.
 """
 from __future__ import annotations
 
+import os
 import threading
 from typing import TYPE_CHECKING
 
@@ -57,3 +61,15 @@ def close_all() -> None:
         _engines.clear()
     for engine in engines:
         engine.close()
+
+
+def _forget_parent_engines() -> None:
+    """Runs in a forked child: the parent's engines cannot serve here (their threads stayed in the parent), and the
+    lock may have been held by a parent thread at the fork."""
+    global _lock
+    _lock = threading.Lock()
+    _engines.clear()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX only; elsewhere processes are spawned, not forked
+    os.register_at_fork(after_in_child=_forget_parent_engines)

@@ -12,14 +12,15 @@ DESCRIPTION = """Braid: a local LLM engine with exact KV reuse.
   braid generate "Why is the sky blue?"     stream one answer (chat template applied; --raw to skip it)
   braid chat                                 interactive multi-turn chat; earlier turns are served from the KV cache
 
-Without --model the embedded SmolLM2-135M-Instruct (CPU-friendly, no download) is used. --model takes a local
-Hugging Face model directory, a .gguf file, or a hub id already in the local Hugging Face cache."""
+Without --model the embedded SmolLM2-135M-Instruct (CPU-friendly; its 98 MB file is fetched once on first use) is
+used. --model takes a local Hugging Face model directory, a .gguf file, or a hub id ("org/name", "org/name:Q4_K_M"),
+downloaded on first use unless HF_HUB_OFFLINE=1."""
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="braid", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", default=None, help="model directory, .gguf file or cached hub id (default: embedded)")
+    common.add_argument("--model", default=None, help="model directory, .gguf file or hub id (default: embedded)")
     common.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     common.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     common.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate per answer")

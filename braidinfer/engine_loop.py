@@ -8,12 +8,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from braidinfer.engine import LLMEngine
 from braidinfer.errors import EngineDeadError
@@ -77,10 +80,15 @@ class EngineLoop:
     The inbox holds submitted sequences and posted calls, run in order between steps. An exception of one of them
     (a call that raises, a sequence the engine refuses) fails that one alone; one of a step fails the requests the
     step ran. When the loop stops (closed, or died of a BaseException) every request and call it knows of, those
-    still in the inbox included, ends with EngineDeadError: no caller waits forever."""
+    still in the inbox included, ends with EngineDeadError: no caller waits forever.
+
+    The loop belongs to the process that created it: a process forked from that one inherits the object but not the
+    thread, so there the loop is not alive and every submission raises EngineDeadError at once."""
 
     def __init__(self, engine: LLMEngine):
         self.engine = engine
+        self._pid = os.getpid()  # the thread runs in this process only
+        _guard_forked_children()
         self._inbox: queue.Queue[Sequence | _Call | None] = queue.Queue()
         self._dead: BaseException | None = None  # what killed the loop
         self._closed = False
@@ -90,7 +98,7 @@ class EngineLoop:
 
     @property
     def alive(self) -> bool:
-        return self._dead is None and not self._closed
+        return self._dead is None and not self._closed and not self._forked
 
     def submit(self, seq: Sequence) -> None:
         self._put(seq)
@@ -116,13 +124,24 @@ class EngineLoop:
         inspection and bookkeeping)."""
         return self.post(fn).result()  # resolved even when the loop stops first (EngineDeadError)
 
+    @property
+    def _forked(self) -> bool:
+        """True in a process forked after the loop started, where its thread does not exist."""
+        return os.getpid() != self._pid
+
     def _put(self, item: Sequence | _Call) -> None:
+        if self._forked:  # before taking the lock: the engine thread may have held it at the fork
+            raise self._stopped_error()
         with self._lock:
             if not self.alive:
                 raise self._stopped_error()
             self._inbox.put(item)
 
     def _stopped_error(self) -> EngineDeadError:
+        if self._forked:
+            return EngineDeadError(f"this LLM was created in process {self._pid} and its engine thread runs there; "
+                                   f"process {os.getpid()} (forked from it) cannot use it: create a new LLM in this "
+                                   "process, or start workers with the 'spawn' method")
         if self._dead is not None:
             error = EngineDeadError(f"the engine loop died ({type(self._dead).__name__}: {self._dead}); "
                                     "create a new LLM to continue")
@@ -136,6 +155,9 @@ class EngineLoop:
         return not self._thread.is_alive()
 
     def close(self) -> None:
+        if self._forked:  # the thread, its inbox and its lock belong to the parent process
+            self._closed = True
+            return
         with self._lock:
             if self._closed:
                 return
@@ -204,6 +226,22 @@ class EngineLoop:
             except Exception:
                 log.exception("could not end request %s normally", seq.request_id)
                 _tell(seq, error)
+
+
+_fork_guard_registered = False
+
+
+def _guard_forked_children() -> None:
+    """Makes torch single-threaded in processes forked from this one (once an engine was created here).
+
+    GNU OpenMP, which the CPU torch wheels use, is not fork-safe: a child forked after the parent's main thread ran a
+    parallel region (loading weights does) hangs in its first parallel op; on torch 2.13 a child's first load of a
+    new engine never returned. One thread avoids the pool, as torch's own DataLoader workers do; the child may raise
+    it again with torch.set_num_threads. CUDA cannot be used in a forked child at all (torch says so at once)."""
+    global _fork_guard_registered
+    if not _fork_guard_registered and hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=lambda: torch.set_num_threads(1))
+        _fork_guard_registered = True
 
 
 def _tell(seq: Sequence, error: BaseException) -> None:

