@@ -1,0 +1,1 @@
+"""Helpers shared by several test folders (numeric checks whose power to fail is itself tested)."""
