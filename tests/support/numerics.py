@@ -39,8 +39,15 @@ def assert_attention_close(out: torch.Tensor, ref: torch.Tensor, rel_tol: float 
 
 
 def max_logprob_gap(want: dict[int, float], got: dict[int, float]) -> float:
-    """Largest |want[t] - got[t]| over the tokens both give a logprob for (inf when they share none)."""
-    return max((abs(want[t] - got[t]) for t in want.keys() & got.keys()), default=float("inf"))
+    """Largest difference between two top-k logprob lists ({token: logprob}) of one step: |want[t] - got[t]| where
+    both list t, and where only one does, at least how far the listed value is above the other list's smallest
+    (the unlisted logprob is at most that); inf when either list is empty."""
+    if not want or not got:
+        return float("inf")
+    floor_want, floor_got = min(want.values()), min(got.values())
+    gaps = [abs(want[t] - got[t]) if t in got else want[t] - floor_got for t in want]
+    gaps += [got[t] - floor_want for t in got.keys() - want.keys()]
+    return max(0.0, *gaps)
 
 
 def common_prefix(a, b) -> int:
@@ -65,21 +72,25 @@ def assert_same_greedy(want_tokens, want_top, got_tokens, got_top, tol: float) -
 
 
 def assert_error_like_reference(ours: float, reference: float, abs_tol: float) -> None:
-    """Our largest logprob error against the float32 model (nats) is of the size of a reference's bf16 error
-    (at most twice it, plus 0.02) and, whatever the reference's error, at most `abs_tol`."""
-    assert ours <= 2 * reference + 0.02, f"error {ours:.3f} nats against the reference's {reference:.3f}"
+    """Our largest logprob error against the float32 model (nats) is of the size of a reference's bf16 error (at
+    most twice it, plus 0.1 for errors near zero) and, however large the reference's error, at most `abs_tol`."""
+    assert ours <= 2 * reference + 0.1, f"error {ours:.3f} nats against the reference's {reference:.3f}"
     assert ours <= abs_tol, f"error {ours:.3f} nats, more than the {abs_tol} allowed"
 
 
-def assert_greedy_agreement(ours, reference, exact, min_first_fraction: float, min_mean_fraction: float) -> None:
+def assert_greedy_agreement(ours, reference, exact, min_first_fraction: float) -> None:
     """Greedy continuations (lists of token lists) of ours and of a reference bf16 model, each compared with the
     float32 model's `exact` ones: ours agree on at least `min_first_fraction` of the first tokens, and their mean
-    identical prefix is at least `min_mean_fraction` of the tokens generated and at least 0.75 of the reference's
-    less one token."""
-    n, length = len(exact), len(exact[0])
+    identical prefix is at least 0.75 of the reference's, less one token."""
+    n = len(exact)
     first = sum(o[:1] == e[:1] for o, e in zip(ours, exact))
     ours_mean = sum(map(common_prefix, ours, exact)) / n
     ref_mean = sum(map(common_prefix, reference, exact)) / n
     assert first >= min_first_fraction * n, f"only {first} of {n} first tokens agree"
-    assert ours_mean >= min_mean_fraction * length, f"mean identical prefix {ours_mean:.1f} of {length} tokens"
     assert ours_mean >= 0.75 * ref_mean - 1, f"mean identical prefix {ours_mean:.1f}, reference's {ref_mean:.1f}"
+
+
+def assert_mostly_identical(got, want, max_differing: int) -> None:
+    """At most `max_differing` of the token lists in `got` differ from `want`'s."""
+    differing = sum(g != w for g, w in zip(got, want, strict=True))
+    assert differing <= max_differing, f"{differing} of {len(want)} continuations differ (at most {max_differing})"
