@@ -8,8 +8,8 @@ same run.
 TTFT is the time from submitting the prompt to receiving the first generated token (fresh random prompts, so nothing
 comes from the prefix cache). Decode tok/s is measured from the first streamed token to the last. Every engine, Braid
 and transformers alike, runs one warm-up request and then --repeats timed ones per prompt length; the row reports the
-timed run with the highest decode tok/s, with that same run's TTFT (each pair comes from one request). The bandwidth limit
-is the fastest batch-1 decode can be if every token reads all weights (and, second figure, the whole KV cache) once
+timed run with the highest decode tok/s, with that same run's TTFT (each pair comes from one request).
+The bandwidth limit is the fastest batch-1 decode can be if every token reads all weights (and, second figure, the whole KV cache) once
 at the measured device copy bandwidth. Speed does not depend on the weight values, so random weights stand in for
 the real checkpoint (the tokenizer only has to be saved beside them).
 """

@@ -10,9 +10,9 @@ left-padded batches of --hf-batch-size, each generating the batch's longest outp
 ignore_eos equivalent). By default (--hf-order output) those requests are sorted by output length, then prompt length,
 before batching, so that rows of a batch have similar lengths and little is padded; --hf-order prompt sorts by prompt
 length, --hf-order given keeps the workload's order (with the default --hf-batch-size 64 and --hf-requests 64 there is
-one batch and the order does not matter; --hf-batch-size 16 gives four length-sorted batches). Two ratios are printed: output tok/s counting only each request's
-own output length for transformers (all of its time counts), and counting every token transformers computed
-(padded rows generate up to their batch's longest output). Speed
+one batch and the order does not matter; --hf-batch-size 16 gives four length-sorted batches). Two ratios are
+printed: output tok/s counting only each request's own output length for transformers (all of its time counts), and
+counting every token transformers computed (padded rows generate up to their batch's longest output). Speed
 does not depend on the weight values, so random weights stand in for the checkpoints (any tokenizer whose vocabulary
 fits the model's will do). CPU smoke run, a tiny 2-layer model in float32, seconds:
 

@@ -112,7 +112,8 @@ def is_json_object_prefix(text: str) -> bool:
 
 
 def test_json_prefix_check_accepts_every_prefix_and_rejects_broken_text():
-    doc = json.dumps({"a": [1, -2.5e-3, True, None, {"b\\\"c": "x\u00e9y"}], "de": False, "f": {}}, separators=(",", ":"))
+    value = {"a": [1, -2.5e-3, True, None, {"b\\\"c": "x\u00e9y"}], "de": False, "f": {}}
+    doc = json.dumps(value, separators=(",", ":"))  # with escapes \\, \" and \u00e9
     for i in range(1, len(doc) + 1):
         assert is_json_object_prefix(doc[:i]), doc[:i]
     for bad in ['{"a" 1', '{]', 'x{"a":1}', '{"a":1}}', '{"a":1}x', '{"a":tx', '{1:2', '[1]', '{"a":[1}', '{"a":01']:
