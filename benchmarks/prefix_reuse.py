@@ -172,9 +172,9 @@ def _kl(p: torch.Tensor, q: torch.Tensor) -> float:
 
 
 # --- On CUDA: TTFT on a pinned chunk, cascade decode -----------------------------------------------------------
-def _cuda_model(path: str) -> None:
+def _cuda_model(path: str) -> int:
     """Saves the latency benchmark's random Qwen3-0.6B-shaped model (bf16) to `path` (benchmarks/ is on sys.path
-    when this file runs as a script)."""
+    when this file runs as a script); returns its weights' size in bytes (the tied LM head counted once)."""
     import os
 
     from latency import build_model
@@ -182,8 +182,11 @@ def _cuda_model(path: str) -> None:
     tokenizer_dir = os.environ.get("BRAID_TEST_TOKENIZER")
     if not tokenizer_dir or not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device and BRAID_TEST_TOKENIZER (a saved tokenizer directory)")
-    build_model(path, tokenizer_dir)
+    model = build_model(path, tokenizer_dir)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    del model
     torch.cuda.empty_cache()
+    return weight_bytes
 
 
 def ttft(length: int, question: int, repeats: int) -> None:
@@ -220,8 +223,9 @@ def ttft(length: int, question: int, repeats: int) -> None:
 def cascade(length: int, batch: int, steps: int) -> None:
     """`batch` requests, each a pinned `length`-token chunk plus its own 16-token question, decode together; the
     decode step time is measured over `steps` steps once every request is past its prefill, with cascade decode on
-    (any sharing) and off, on engines driven step by step in this thread. Reference: the time plain decode needs just
-    to read every request's KV once at the measured copy bandwidth."""
+    (any sharing) and off, on engines driven step by step in this thread. Reference: the byte floor of one step, the
+    time to read the weights once, the shared chunk's KV once and each request's own KV (question and output so far)
+    once, at the measured copy bandwidth; no decode step can be faster."""
     import tempfile
 
     from braidinfer.config import EngineConfig
@@ -254,18 +258,26 @@ def cascade(length: int, batch: int, steps: int) -> None:
         return elapsed / steps * 1e3, graphs.num_cascade_replays - cascades
 
     with tempfile.TemporaryDirectory() as path:
-        _cuda_model(path)
+        weight_bytes = _cuda_model(path)
         on, on_replays = step_ms(path, cascade_decode=True, cascade_min_saved_tokens=0)
         torch.cuda.empty_cache()
         off, off_replays = step_ms(path, cascade_decode=False)
     c = QWEN3_0_6B
-    kv_bytes = batch * (length + 16) * 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * c["head_dim"] * 2
-    read_ms = kv_bytes / copy_bandwidth() * 1e3
+    kv_bytes_per_token = 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * c["head_dim"] * 2
+    # Each request's own KV during the timed steps: its 16-token question, the 2 tokens generated before them (the
+    # first token and the warm-up step's) and on average half of the timed steps' tokens.
+    own_tokens = 16 + 2 + steps / 2
+    shared_bytes, own_bytes = length * kv_bytes_per_token, batch * own_tokens * kv_bytes_per_token
+    bandwidth = copy_bandwidth()
+    floor_ms = (weight_bytes + shared_bytes + own_bytes) / bandwidth * 1e3
     print(f"device: {torch.cuda.get_device_name()}; Qwen3-0.6B shape, random bf16 weights, CUDA graphs + fused kernels")
     print(f"decode step, {batch} requests on one pinned {length}-token chunk (+16-token questions), greedy:")
     print(f"  cascade on:  {on:.2f} ms/step ({on_replays} cascade replays of the measured steps + warm-up)")
     print(f"  cascade off: {off:.2f} ms/step ({off_replays} cascade replays)")
-    print(f"  speed-up {off / on:.2f}x; reading every request's KV once takes {read_ms:.2f} ms at copy bandwidth")
+    print(f"  speed-up {off / on:.2f}x")
+    print(f"  byte floor {floor_ms:.2f} ms/step at copy bandwidth {bandwidth / 1e12:.2f} TB/s: weights "
+          f"{weight_bytes / 1e9:.3f} GB + shared KV once {shared_bytes / 1e6:.1f} MB + each row's own KV "
+          f"{own_bytes / 1e6:.1f} MB; cascade on takes {on / floor_ms:.2f}x the floor, off {off / floor_ms:.2f}x")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,7 +7,12 @@ nano-vllm's bench.py draws them), temperature 0.6, ignore_eos; the figure is tot
 Braid gets every request in one `llm.generate` call after a short warm-up (CUDA graphs are captured when the LLM is
 built, FlashInfer and Triton compile on first use). Transformers runs the first --hf-requests of the same workload in
 left-padded batches of --hf-batch-size, each generating the batch's longest output length for every row (the
-ignore_eos equivalent); only each request's own output length counts as output, but all of the time counts. Speed
+ignore_eos equivalent). By default (--hf-order output) those requests are sorted by output length, then prompt length,
+before batching, so that rows of a batch have similar lengths and little is padded; --hf-order prompt sorts by prompt
+length, --hf-order given keeps the workload's order (with the default --hf-batch-size 64 and --hf-requests 64 there is
+one batch and the order does not matter; --hf-batch-size 16 gives four length-sorted batches). Two ratios are
+printed: output tok/s counting only each request's own output length for transformers (all of its time counts), and
+counting every token transformers computed (padded rows generate up to their batch's longest output). Speed
 does not depend on the weight values, so random weights stand in for the checkpoints (any tokenizer whose vocabulary
 fits the model's will do). CPU smoke run, a tiny 2-layer model in float32, seconds:
 
@@ -56,6 +61,22 @@ def run_braid(path: str, prompts: list[list[int]], max_tokens: list[int], args) 
     if args.device != "cpu":
         torch.cuda.empty_cache()
     return elapsed, sum(len(o.token_ids) for o in outputs)
+
+
+HF_ORDERS = {
+    "given": None,
+    "prompt": lambda prompt, n: (len(prompt), n),
+    "output": lambda prompt, n: (n, len(prompt)),
+}
+
+
+def hf_order(prompts: list[list[int]], max_tokens: list[int], order: str) -> tuple[list[list[int]], list[int]]:
+    """The requests in the order transformers batches them (see HF_ORDERS)."""
+    key = HF_ORDERS[order]
+    if key is None:
+        return prompts, max_tokens
+    pairs = sorted(zip(prompts, max_tokens), key=lambda pair: key(*pair))
+    return [p for p, _ in pairs], [n for _, n in pairs]
 
 
 def run_hf(model, prompts: list[list[int]], max_tokens: list[int], args) -> tuple[float, int]:
@@ -108,6 +129,9 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=16384, help="Braid: most tokens per forward")
     ap.add_argument("--hf-requests", type=int, default=64, help="transformers: the first this many requests")
     ap.add_argument("--hf-batch-size", type=int, default=64)
+    ap.add_argument("--hf-order", choices=list(HF_ORDERS), default="output",
+                    help="transformers: sort its requests by output (then prompt) length, by prompt (then output) "
+                         "length, or keep the given order, before cutting them into batches")
     ap.add_argument("--hf-static", action="store_true", help="transformers: static cache (compiled decode)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--device", default="cuda")
@@ -126,26 +150,31 @@ def main() -> None:
         assert num_out == sum(max_tokens), f"Braid generated {num_out} tokens, expected {sum(max_tokens)}"
         rows.append(("braid", len(prompts), sum(map(len, prompts)), num_out, seconds))
         if not args.skip_hf:
-            hf_prompts, hf_max_tokens = prompts[:args.hf_requests], max_tokens[:args.hf_requests]
+            hf_prompts, hf_max_tokens = hf_order(prompts[:args.hf_requests], max_tokens[:args.hf_requests],
+                                                 args.hf_order)
             seconds, generated = run_hf(model, hf_prompts, hf_max_tokens, args)
             cache = "static" if args.hf_static else "dynamic"
-            rows.append((f"transformers generate ({cache} cache, batch {args.hf_batch_size})", len(hf_prompts),
-                         sum(map(len, hf_prompts)), sum(hf_max_tokens), seconds))
+            rows.append((f"transformers generate ({cache} cache, batch {args.hf_batch_size}, {args.hf_order} order)",
+                         len(hf_prompts), sum(map(len, hf_prompts)), sum(hf_max_tokens), seconds))
 
     print(f"device: {device_name(args.device)}, torch {torch.__version__}, transformers {transformers.__version__}")
     print(f"model: {args.model} shape, random {_dtype(args.device)} weights; workload: {args.num_requests} requests, "
           f"prompt lengths in [{args.min_len}, {args.max_input_len}], output lengths in [{args.min_len}, "
           f"{args.max_output_len}], seed {args.seed}, temperature {TEMPERATURE}, ignore_eos")
-    print(f"{'engine':<46}{'requests':>9}{'prompt tok':>11}{'output tok':>11}{'seconds':>9}"
+    print(f"{'engine':<62}{'requests':>9}{'prompt tok':>11}{'output tok':>11}{'seconds':>9}"
           f"{'output tok/s':>14}{'total tok/s':>13}")
     for name, n, num_prompt, num_out, seconds in rows:
-        print(f"{name:<46}{n:>9}{num_prompt:>11}{num_out:>11}{seconds:>9.2f}"
+        print(f"{name:<62}{n:>9}{num_prompt:>11}{num_out:>11}{seconds:>9.2f}"
               f"{num_out / seconds:>14.1f}{(num_prompt + num_out) / seconds:>13.1f}")
     if len(rows) == 2:
-        print(f"transformers ran the first {rows[1][1]} requests only and generated {generated} tokens for their "
-              f"{rows[1][3]} (rows padded to their batch's longest output); tok/s count only the latter")
-        ratio = (rows[0][3] / rows[0][4]) / (rows[1][3] / rows[1][4])
-        print(f"ratio braid / transformers (output tok/s): {ratio:.2f}")
+        braid_tps, hf_tps = rows[0][3] / rows[0][4], rows[1][3] / rows[1][4]
+        print(f"transformers ran the first {rows[1][1]} requests only, in batches of {args.hf_batch_size} "
+              f"({args.hf_order} order), Braid all {rows[0][1]} with up to {args.max_num_seqs} sequences per step; "
+              f"transformers computed {generated} output tokens for their {rows[1][3]} (rows padded to their batch's "
+              f"longest output)")
+        print(f"ratio braid / transformers, output tok/s counting each request's own output: {braid_tps / hf_tps:.2f}")
+        print(f"ratio braid / transformers, output tok/s counting every token transformers computed: "
+              f"{braid_tps / (generated / rows[1][4]):.2f}")
 
 
 if __name__ == "__main__":

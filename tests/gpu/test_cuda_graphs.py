@@ -15,6 +15,7 @@ from braidinfer.config import EngineConfig
 from braidinfer.engine import LLMEngine
 from tests.conftest import build_tiny_model
 from tests.gpu.test_gpu_parity import NEEDS_FLASHINFER, SHAPES, _common_prefix, _prompts
+from tests.support.numerics import assert_same_greedy
 
 pytestmark = [pytest.mark.gpu, NEEDS_FLASHINFER]
 
@@ -65,16 +66,9 @@ def test_asynchronous_scheduling_gives_the_same_tokens(model_dir):
 
 def _assert_same_greedy(want, got, tol: float = LOGPROB_TOL) -> None:
     """got's greedy tokens equal want's up to a near-tie (if any), and so do the top logprobs at every step whose
-    context is the same."""
-    n = _common_prefix(want.token_ids, got.token_ids)
-    for step in range(min(n + 1, len(want.token_ids))):
-        w, g = dict(want.logprobs[step].top), dict(got.logprobs[step].top)
-        diff = max((abs(w[t] - g[t]) for t in w.keys() & g.keys()), default=float("inf"))
-        assert diff <= tol, f"step {step}: logprobs differ by {diff:.3f}"
-    if n < len(want.token_ids):
-        w, token = dict(want.logprobs[n].top), got.token_ids[n]
-        assert token in w and w[want.token_ids[n]] - w[token] <= tol, (
-            f"step {n}: graph chose {token}, eager {want.token_ids[n]}, not a near-tie: {want.logprobs[n].top}")
+    context is the same (tests/support/numerics.py; tests/unit/test_numeric_checks.py shows what it rejects)."""
+    assert_same_greedy(want.token_ids, [dict(x.top) for x in want.logprobs],
+                       got.token_ids, [dict(x.top) for x in got.logprobs], tol)
 
 
 @pytest.mark.parametrize("num_seqs", [1, 3, 17])

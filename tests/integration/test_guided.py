@@ -1,4 +1,5 @@
-"""Grammar-constrained decoding: even a random model's output parses when a constraint is given."""
+"""Grammar-constrained decoding: even a random model's output parses when a constraint is given, checked by parsers
+independent of xgrammar (json, re, and a JSON-prefix check written here)."""
 from __future__ import annotations
 
 import json
@@ -39,15 +40,118 @@ def test_json_schema_output_always_validates(llm, seed):
     assert len(value["name"]) <= 12 and all(t in ("a", "b") for t in value["tags"])
 
 
-def test_regex_and_json_object(llm):
+# A call with up to two arguments, each a number or a call of up to one number: rule references, alternation, character
+# classes, optional parts, one level of nesting. Bounded, so a random model completes it well within max_tokens.
+CALL_GRAMMAR = r"""
+root   ::= call
+call   ::= name "(" args? ")"
+args   ::= arg ("," arg)?
+arg    ::= number | name "(" number? ")"
+name   ::= [a-z] [a-z0-9_]?
+number ::= "-"? [1-9] [0-9]?
+"""
+_NAME, _NUMBER = r"[a-z][a-z0-9_]?", r"-?[1-9][0-9]?"
+_ARG = rf"(?:{_NUMBER}|{_NAME}\((?:{_NUMBER})?\))"
+CALL_REGEX = re.compile(rf"{_NAME}\((?:{_ARG}(?:,{_ARG})?)?\)")
+"""CALL_GRAMMAR's language, written as a regular expression (the nesting is bounded)."""
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_ebnf_grammar_output_parses(llm, seed):
+    params = SamplingParams(temperature=1.0, seed=seed, max_tokens=40, guided=GuidedDecoding(grammar=CALL_GRAMMAR))
+    out = llm.generate("Call a function:", params)[0]
+    assert out.finish_reason == "stop", out.text  # the grammar completed
+    assert CALL_REGEX.fullmatch(out.text), out.text
+    # The same request without the grammar: the random model's text is not in the language.
+    free = llm.generate("Call a function:", SamplingParams(temperature=1.0, seed=seed, max_tokens=len(out.token_ids)))
+    assert not CALL_REGEX.fullmatch(free[0].text)
+
+
+def test_regex(llm):
     out = llm.generate("x", SamplingParams(seed=1, max_tokens=20, guided=GuidedDecoding(regex=r"(yes|no)-[0-9]{3}")))[0]
     assert re.fullmatch(r"(yes|no)-[0-9]{3}", out.text)
+
+
+_STRING_ENDS = ["", '"', 'n"', '0"', '00"', '000"', '0000"']  # close a string, an escape, a \uXXXX escape
+_VALUE_ENDS = ["", "0", ":0", '"k":0', "rue", "ue", "e", "alse", "lse", "se", "ull", "ll", "l"]
+
+
+def _closers(text: str) -> str | None:
+    """The brackets that close every container open at the end of `text`; None if it ends inside a string or a
+    bracket closes one it does not match."""
+    stack, in_string, escaped = [], False, False
+    for ch in text:
+        if in_string:
+            in_string, escaped = (in_string, False) if escaped else (ch != '"', ch == "\\")
+        elif ch == '"':
+            in_string = True
+        elif ch in "{[":
+            stack.append("}" if ch == "{" else "]")
+        elif ch in "}]":
+            if not stack or stack.pop() != ch:
+                return None
+    return None if in_string else "".join(reversed(stack))
+
+
+def is_json_object_prefix(text: str) -> bool:
+    """Whether some text appended to `text` makes a JSON object (json.loads, control characters allowed in strings):
+    tries closing an open string or escape, finishing a number, literal or key-value pair, and closing the open
+    brackets. Enough for any prefix of compact JSON cut at a token boundary (tested below)."""
+    if not text.lstrip().startswith("{"):
+        return False
+    for end in (a + b for a in _STRING_ENDS for b in _VALUE_ENDS):
+        closers = _closers(text + end)
+        if closers is None:
+            continue
+        try:
+            if isinstance(json.loads(text + end + closers, strict=False), dict):
+                return True
+        except ValueError:
+            pass
+    return False
+
+
+def test_json_prefix_check_accepts_every_prefix_and_rejects_broken_text():
+    value = {"a": [1, -2.5e-3, True, None, {"b\\\"c": "x\u00e9y"}], "de": False, "f": {}}
+    doc = json.dumps(value, separators=(",", ":"))  # with escapes \\, \" and \u00e9
+    for i in range(1, len(doc) + 1):
+        assert is_json_object_prefix(doc[:i]), doc[:i]
+    for bad in ['{"a" 1', '{]', 'x{"a":1}', '{"a":1}}', '{"a":1}x', '{"a":tx', '{1:2', '[1]', '{"a":[1}', '{"a":01']:
+        assert not is_json_object_prefix(bad), bad
+
+
+@pytest.mark.parametrize("seed", [2, 5])  # seeds whose objects are still open after 12 tokens (most close at once)
+def test_json_object_cut_at_max_tokens_is_a_json_prefix(llm, seed):
+    """A json_object request stopped by max_tokens ends with finish_reason "length" after exactly max_tokens tokens,
+    its text a prefix of a JSON object."""
+    out = llm.generate("x", SamplingParams(temperature=1.0, seed=seed, max_tokens=12,
+                                           guided=GuidedDecoding(json_object=True)))[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 12, (out.finish_reason, out.text)
+    assert is_json_object_prefix(out.text), out.text
+
+
+def test_json_cut_after_any_token_is_a_json_prefix(llm):
+    """A schema-guided object cut after each of its tokens in turn (after a key, a colon, inside a number, an array):
+    each cut ends with finish_reason "length" and is a prefix of a JSON object."""
+    guided = GuidedDecoding(json_schema=SCHEMA)
+    full = llm.generate("Describe a person:", SamplingParams(temperature=1.0, seed=0, max_tokens=120, guided=guided))[0]
+    assert full.finish_reason == "stop"
+    lengths = range(1, len(full.token_ids))
+    cuts = llm.generate(["Describe a person:"] * len(lengths),
+                        [SamplingParams(temperature=1.0, seed=0, max_tokens=n, guided=guided) for n in lengths])
+    for n, cut in zip(lengths, cuts):
+        assert cut.finish_reason == "length" and len(cut.token_ids) == n, (n, cut.finish_reason, cut.text)
+        assert is_json_object_prefix(cut.text), cut.text
+    assert not is_json_object_prefix(full.text + ",")
+
+
+def test_json_object_completes_within_enough_tokens(llm):
     out = llm.generate("x", SamplingParams(temperature=0.7, seed=2, max_tokens=60,
                                            guided=GuidedDecoding(json_object=True)))[0]
     if out.finish_reason == "stop":
         assert isinstance(json.loads(out.text, strict=False), dict)
-    else:  # cut at max_tokens: still a valid JSON prefix starting an object
-        assert out.text.lstrip().startswith("{")
+    else:
+        assert out.finish_reason == "length" and is_json_object_prefix(out.text), out.text
 
 
 def test_bad_constraints_are_clear_errors(llm):

@@ -2,16 +2,19 @@
 of several pages, with a partial last page; GQA groups of 1, 2 and 3; slices left empty), on the GPU at Qwen3-0.6B and
 SmolLM2-135M head layouts up to 16k tokens, and replayed inside a CUDA graph with the lengths changed in between.
 
-The kernel's output is rounded to bf16, the reference's is float32, so they agree to a bf16 step of the output: a wrong
-page, token or merge weight is off by ~1."""
+The kernel's output is rounded to bf16, the reference's is float32, so each (row, head) output vector agrees with the
+reference to a bf16 step of itself (relative error ~2e-3). An absolute tolerance cannot tell that from a bug at long
+rows: attention over random KV averages V, so the output shrinks as 1/sqrt(tokens) (std ~0.013 at 16k) and a lost
+split or a wrong page moves it by less than 2e-2. The comparison is therefore relative to each vector's norm
+(tests/support/numerics.py), and test_attention_check_* show, at the GPU shapes and on the CPU, that it rejects a
+reference computed without the last 1/16 or 1/8 of each row's KV, or with one wrong page per row."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from kernels.decode_attention import DecodeWorkspace, decode_attention, decode_attention_ref
-
-ATOL, RTOL = 2e-2, 2e-2
+from tests.support.numerics import ATTENTION_REL_TOL, assert_attention_close, relative_errors
 
 
 def _inputs(lengths, num_qo_heads, num_kv_heads, head_dim, page_size, device, dtype=torch.bfloat16, seed=0,
@@ -32,7 +35,7 @@ def _inputs(lengths, num_qo_heads, num_kv_heads, head_dim, page_size, device, dt
 def _check(q, pool, tables, out):
     ref = decode_attention_ref(q.float(), pool.float(), *tables, q.shape[-1] ** -0.5)
     assert out.shape == q.shape and out.dtype == q.dtype
-    torch.testing.assert_close(out.float(), ref, atol=ATOL, rtol=RTOL)
+    assert_attention_close(out, ref)
 
 
 CPU_CASES = {  # name: (lengths, num_qo_heads, num_kv_heads, page_size, num_splits, min_split_tokens)
@@ -167,3 +170,69 @@ def test_replays_in_a_cuda_graph_with_new_lengths(name):
         graph.replay()
         _check(new_q, pool, (indptr, indices, last), out)
     assert not ws.arrivals.any()
+
+
+# The comparison itself, fed outputs with the bugs it must catch, at the GPU shapes (plain torch on the CPU).
+CHECK_LENGTHS = [4096, 16384]
+
+
+@pytest.fixture(scope="module")
+def long_rows():
+    """Rows of 4k and 16k tokens at Qwen3-0.6B's heads, on the CPU, and their float32 reference."""
+    num_qo, num_kv, head_dim = REAL["qwen3-0.6b"]
+    q, pool, tables = _inputs(CHECK_LENGTHS, num_qo, num_kv, head_dim, 16, "cpu", seed=7)
+    q32, pool32 = q.float(), pool.float()
+    return q32, pool32, tables, decode_attention_ref(q32, pool32, *tables, head_dim**-0.5)
+
+
+def _without_tail(tables, fraction, page_size=16):
+    """Page tables with the last `fraction` of each row's pages left out (the rows here fill whole pages)."""
+    indptr, indices, last = tables
+    kept = [indices[a : b - (b - a) * fraction.numerator // fraction.denominator]
+            for a, b in zip(indptr.tolist(), indptr[1:].tolist())]
+    new_indptr = torch.tensor([0, *map(len, kept)]).cumsum(0).to(torch.int32)
+    return new_indptr, torch.cat(kept), torch.full_like(last, page_size)
+
+
+def _one_wrong_page(tables, num_pages):
+    """Page tables where one page of each row (its middle one) is a page no row uses."""
+    indptr, indices, last = tables
+    unused = sorted(set(range(num_pages)) - set(indices.tolist()))
+    indices = indices.clone()
+    for row, (a, b) in enumerate(zip(indptr.tolist(), indptr[1:].tolist())):
+        indices[(a + b) // 2] = unused[row % len(unused)]
+    return indptr, indices, last
+
+
+@pytest.mark.parametrize("fraction", [(1, 16), (1, 8)], ids=["1/16", "1/8"])
+def test_attention_check_rejects_a_lost_split(long_rows, fraction):
+    from fractions import Fraction
+
+    q, pool, tables, ref = long_rows
+    lost = decode_attention_ref(q, pool, *_without_tail(tables, Fraction(*fraction)), q.shape[-1] ** -0.5)
+    print(f"lost {fraction[0]}/{fraction[1]}: smallest relative error {relative_errors(lost, ref).min():.3f}")
+    for row in range(len(CHECK_LENGTHS)):  # each row alone: the check must not need the other row to fail
+        with pytest.raises(AssertionError):
+            assert_attention_close(lost[row : row + 1].to(torch.bfloat16), ref[row : row + 1])
+    if fraction == (1, 16):  # which the old absolute tolerance (2e-2) passed at 16k tokens
+        torch.testing.assert_close(lost[1], ref[1], atol=2e-2, rtol=2e-2)
+
+
+def test_attention_check_rejects_one_wrong_page_per_row(long_rows):
+    q, pool, tables, ref = long_rows
+    wrong = decode_attention_ref(q, pool, *_one_wrong_page(tables, pool.shape[0]), q.shape[-1] ** -0.5)
+    print(f"one wrong page: smallest relative error {relative_errors(wrong, ref).min():.3f}")
+    for row in range(len(CHECK_LENGTHS)):
+        with pytest.raises(AssertionError):
+            assert_attention_close(wrong[row : row + 1].to(torch.bfloat16), ref[row : row + 1])
+    torch.testing.assert_close(wrong, ref, atol=2e-2, rtol=2e-2)  # which the old absolute tolerance passed
+
+
+def test_attention_check_accepts_bf16_rounding(long_rows):
+    """The reference moved by up to two bf16 steps per element (more than the kernel's one rounding), then rounded
+    to bf16, passes with room: its largest relative error is well under the bound."""
+    *_, ref = long_rows
+    g = torch.Generator().manual_seed(0)
+    noisy = (ref * (1 + (torch.rand(ref.shape, generator=g) * 2 - 1) * 2**-8)).to(torch.bfloat16)
+    assert_attention_close(noisy, ref)
+    assert relative_errors(noisy, ref).max() < ATTENTION_REL_TOL / 2
