@@ -30,8 +30,9 @@ class SyncChannel:
     def put(self, chunk: CompletionChunk) -> None:
         self._queue.put(chunk)
 
-    def get(self) -> CompletionChunk:
-        return self._queue.get()
+    def get(self, timeout: float | None = None) -> CompletionChunk:
+        """The next chunk; raises queue.Empty when none arrives within `timeout` seconds (None: waits)."""
+        return self._queue.get(timeout=timeout)
 
 
 class AsyncChannel:

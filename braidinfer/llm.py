@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import asyncio
+import queue
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from collections.abc import Sequence as Seq
 from typing import Any, Self
@@ -11,7 +13,7 @@ from braidinfer.chunks import Chunk, ChunkStore
 from braidinfer.config import EngineConfig
 from braidinfer.engine import LLMEngine
 from braidinfer.engine_loop import AsyncChannel, EngineLoop, SyncChannel
-from braidinfer.errors import EngineDeadError, InvalidRequestError
+from braidinfer.errors import EngineDeadError, InvalidRequestError, RequestTimeoutError
 from braidinfer.outputs import CompletionChunk, RequestOutput
 from braidinfer.sampling_params import SamplingParams
 
@@ -82,13 +84,21 @@ class LLM:
             if chunk.text:
                 yield chunk.text
 
-    def stream_chunks(self, prompt: Prompt, params: SamplingParams | None = None, *, chunks: Chunks = None
-                      ) -> Iterator[CompletionChunk]:
-        """Yields CompletionChunks; the last one has finish_reason and usage. Leaving early cancels the request."""
+    def stream_chunks(self, prompt: Prompt, params: SamplingParams | None = None, *, chunks: Chunks = None,
+                      timeout: float | None = None) -> Iterator[CompletionChunk]:
+        """Yields CompletionChunks; the last one has finish_reason and usage. Leaving early cancels the request.
+        `timeout`: seconds the whole request may take; past them it is aborted and RequestTimeoutError raised."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         stream = self._submit(prompt, params, SyncChannel(), chunks)
         try:
             while not stream.done:
-                yield stream.accept(stream.channel.get())
+                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    chunk = stream.channel.get(wait)
+                except queue.Empty:
+                    raise RequestTimeoutError(f"the request ran past its {timeout:.3g} s deadline and was aborted"
+                                              ) from None
+                yield stream.accept(chunk)
         finally:
             stream.cancel()
 
@@ -134,6 +144,17 @@ class LLM:
         """Token ids of a conversation rendered by the model's chat template, ready for the assistant's turn.
         Special-token strings inside message contents (a user typing `<|im_end|>`) stay plain text."""
         return encode_conversation(self.tokenizer, messages, **template_kwargs)
+
+    def num_cached_tokens(self, prompt: list[int]) -> int:
+        """How many leading tokens of `prompt` (token ids) a request submitted now would read from the prefix cache
+        (whole pages; the last token is always computed). Nothing is reserved: a later request may find more or
+        fewer."""
+        return self._loop.call(lambda: self.engine.pages.cached_prefix_length(prompt, len(prompt) - 1))
+
+    async def anum_cached_tokens(self, prompt: list[int]) -> int:
+        """`num_cached_tokens` for asyncio (waits for the engine thread without blocking the event loop)."""
+        future = self._loop.post(lambda: self.engine.pages.cached_prefix_length(prompt, len(prompt) - 1))
+        return await asyncio.wrap_future(future)
 
     def cache_stats(self) -> dict[str, int | float]:
         """Pages free / cached / in use, hit rate and tokens served from the prefix cache."""

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 from langchain_core.documents import Document
 
-from braid_langchain.chunks import ChunkBuilder
+from braid_langchain.streaming import ReplyBuilder
 from braid_langchain.documents import render_documents
 from braid_langchain.tool_parser import ParsedCall, ToolCallStream, parse_tool_calls
 from braid_langchain.tools import (
@@ -157,7 +157,7 @@ def collect(builder, texts):
 
 
 def test_text_chunks_and_exactly_one_usage_chunk():
-    chunks = collect(ChunkBuilder("m"), ["Hel", "lo", ""])
+    chunks = collect(ReplyBuilder("m"), ["Hel", "lo", ""])
     assert [c.message.content for c in chunks] == ["Hel", "lo", ""]
     assert [c.message.usage_metadata is not None for c in chunks] == [False, False, True]
     last = chunks[-1].message
@@ -170,7 +170,7 @@ def test_text_chunks_and_exactly_one_usage_chunk():
 def test_tool_calls_stream_as_tool_call_chunks():
     texts = ["Checking.", "<tool_call>", '{"name": "get_time", "arguments": {}}', "</tool_call>",
              '<tool_call>{"name": "get_weather", "arguments": {"city": </tool_call>']
-    chunks = collect(ChunkBuilder("m", "auto"), texts)
+    chunks = collect(ReplyBuilder("m", "auto"), texts)
     full = chunks[0].message
     for c in chunks[1:]:
         full = full + c.message
@@ -181,7 +181,7 @@ def test_tool_calls_stream_as_tool_call_chunks():
 
 
 def test_truncated_forced_call_stays_invalid_after_lenient_merge():
-    chunks = collect(ChunkBuilder("m", "forced"), ['{"name": "get_weather", ', '"arguments": {"city": "Par'])
+    chunks = collect(ReplyBuilder("m", "forced"), ['{"name": "get_weather", ', '"arguments": {"city": "Par'])
     full = chunks[0].message
     for c in chunks[1:]:
         full = full + c.message
