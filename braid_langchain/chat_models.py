@@ -227,6 +227,7 @@ class ChatBraid(BaseChatModel):
     def _stream_request(self, request: _Request, builder: ReplyBuilder, deadline: float | None,
                         run_manager: CallbackManagerForLLMRun | None) -> Iterator[ChatGenerationChunk]:
         """One attempt: pin the shared prefixes, then stream the reply, within `deadline` (time.monotonic())."""
+        run_manager = run_manager if run_manager is not None and run_manager.handlers else None
         if request.segments:
             builder.max_cache_read = retries.call_within(
                 deadline, lambda: pins_for(request.engine).pin(request.prompt, request.segments))
@@ -242,6 +243,8 @@ class ChatBraid(BaseChatModel):
     async def _astream_request(self, request: _Request, builder: ReplyBuilder, deadline: float | None,
                                run_manager: AsyncCallbackManagerForLLMRun | None
                                ) -> AsyncIterator[ChatGenerationChunk]:
+        # No handlers, no per-delta callback (a dispatch per token is most of the adapter's cost per delta).
+        run_manager = run_manager if run_manager is not None and run_manager.handlers else None
         if request.segments:
             pins = pins_for(request.engine)
             builder.max_cache_read = await retries.within(deadline, lambda: pins.apin(request.prompt,
