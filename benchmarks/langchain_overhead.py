@@ -20,6 +20,7 @@ import asyncio
 import cProfile
 import os
 import pstats
+import shutil
 import tempfile
 import time
 
@@ -50,12 +51,6 @@ def random_smollm2(tokenizer_dir: str) -> str:
 
 def main() -> None:
     args = _parse()
-    from langchain_core.documents import Document
-    from langchain_core.messages import HumanMessage, SystemMessage
-
-    from braid_langchain import ChatBraid, engines
-    from braidinfer import SamplingParams
-
     model = args.model
     if args.random_smollm2:
         tokenizer = args.tokenizer or os.environ.get("BRAID_TEST_TOKENIZER")
@@ -63,6 +58,20 @@ def main() -> None:
             raise SystemExit("--random-smollm2 needs --tokenizer DIR (or BRAID_TEST_TOKENIZER): a saved SmolLM2 "
                              "tokenizer directory")
         model = random_smollm2(tokenizer)
+    try:
+        run(args, model)
+    finally:
+        if args.random_smollm2:
+            shutil.rmtree(model, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, model: str | None) -> None:
+    from langchain_core.documents import Document
+    from langchain_core.messages import HumanMessage, SystemMessage
+
+    from braid_langchain import ChatBraid, engines
+    from braidinfer import SamplingParams
+
     settings = {"max_num_seqs": max(args.concurrency, 1)}
     chat = ChatBraid(model=model, device=args.device, temperature=0.0, max_tokens=args.max_tokens,
                      engine_kwargs=settings)
