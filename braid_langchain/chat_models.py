@@ -204,9 +204,10 @@ class ChatBraid(BaseChatModel):
             return chunks, next(chunks, None)  # failures up to the first chunk are retried
 
         chunks, first = retries.retrying(self.max_retries)(start)
-        if first is not None:
-            yield first
-            yield from chunks
+        with closing(chunks):  # a consumer that stops after the first chunk ends the request now
+            if first is not None:
+                yield first
+                yield from chunks
 
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any
@@ -219,10 +220,11 @@ class ChatBraid(BaseChatModel):
             return chunks, await anext(chunks, None)
 
         chunks, first = await retries.aretrying(self.max_retries)(start)
-        if first is not None:
-            yield first
-            async for chunk in chunks:
-                yield chunk
+        async with aclosing(chunks):
+            if first is not None:
+                yield first
+                async for chunk in chunks:
+                    yield chunk
 
     def _stream_request(self, request: _Request, builder: ReplyBuilder, deadline: float | None,
                         run_manager: CallbackManagerForLLMRun | None) -> Iterator[ChatGenerationChunk]:
