@@ -24,6 +24,7 @@ from braid_langchain import engines, retries
 from braid_langchain.documents import render_documents, sort_documents
 from braid_langchain.messages import to_chat_messages
 from braid_langchain.pinning import pins_for, segment_heads
+from braid_langchain.prompt_cache import prompt_ids
 from braid_langchain.streaming import ReplyBuilder, ToolMode, with_errors
 from braid_langchain.structured import (
     StructuredOutputMethod,
@@ -389,7 +390,7 @@ def _prompt_ids(engine: LLM, messages: list[BaseMessage], tools: list[dict[str, 
     base = [tool_prompt(tools) if tools and not native else "", schema_prompt(guided)]
     docs = sort_documents(documents)
     chat = to_chat_messages(messages, inline_tool_calls=not native, system_extras=[*base, render_documents(docs)])
-    prompt = engine.apply_chat_template(chat, **template_kwargs)
+    prompt = prompt_ids(engine, chat, template_kwargs)
     if not with_segments or not chat or chat[0]["role"] != "system":
         return prompt, []
     return prompt, segment_heads(engine, prompt, messages, base, docs, template_kwargs)
