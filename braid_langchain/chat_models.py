@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
+import json
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import aclosing, closing, contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Dict, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
@@ -16,15 +17,21 @@ from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable
 from langchain_core.tools import BaseTool
-from pydantic import ConfigDict, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from typing_extensions import Self
 
-from braid_langchain import engines
-from braid_langchain.chunks import ChunkBuilder, ToolMode
+from braid_langchain import engines, retries
 from braid_langchain.documents import render_documents, sort_documents
 from braid_langchain.messages import to_chat_messages
-from braid_langchain.pinning import pins_for, segment_ends
-from braid_langchain.structured import StructuredOutputMethod, schema_prompt, structured_output
+from braid_langchain.pinning import pins_for, segment_heads
+from braid_langchain.prompt_cache import prompt_ids
+from braid_langchain.streaming import ReplyBuilder, ToolMode, with_errors
+from braid_langchain.structured import (
+    StructuredOutputMethod,
+    response_format_guided,
+    schema_prompt,
+    structured_output,
+)
 from braid_langchain.tools import (
     ToolChoice,
     forced_call_schema,
@@ -44,8 +51,10 @@ EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "seed", "repetition_penalty",
                     "presence_penalty", "frequency_penalty")
-_CALL_ARGS = frozenset({"tools", "tool_choice", "guided", "documents", "model", *_SAMPLING_FIELDS})
+_CALL_ARGS = frozenset({"tools", "tool_choice", "guided", "documents", "model", "response_format",
+                        "parallel_tool_calls", *_SAMPLING_FIELDS})
 _IGNORED_CALL_ARGS = frozenset({"stream", "ls_structured_output_format"})  # LangChain's own routing hints
+_ENGINE_FIELDS = ("model", "device", "dtype")  # EngineConfig fields that have a ChatBraid field of their own
 
 
 class ChatBraid(BaseChatModel):
@@ -57,8 +66,13 @@ class ChatBraid(BaseChatModel):
     Call arguments (via `invoke(..., **kwargs)` or `.bind(...)`): `documents` (retrieved `Document`s, rendered
     after the system prompt in a stable order, see `braid_langchain.documents`), `guided` (a
     `braidinfer.guided.GuidedDecoding` constraint; a JSON schema is also shown to the model in the system
-    prompt, since a model that has not seen the schema fills it poorly), `model` (another model for this call),
-    and the sampling fields below.
+    prompt, since a model that has not seen the schema fills it poorly), `response_format` (OpenAI style:
+    `{"type": "json_object"}`, `{"type": "json_schema", "json_schema": {"schema": ...}}`, or a pydantic class /
+    JSON schema; the reply is constrained to it, or to a tool call when tools are offered), `parallel_tool_calls`
+    (False: at most one tool call per reply), `model` (another model for this call), and the sampling fields below.
+
+    Engines are shared per configuration (`model`, `device`, `dtype`, `engine_kwargs`) by every ChatBraid in the
+    process; see `braid_langchain.engines`.
 
     Example: `ChatBraid(temperature=0).invoke("Name a colour.").content`
     """
@@ -96,14 +110,40 @@ class ChatBraid(BaseChatModel):
     pin_prefixes: bool = True
     """Pin the system prompt and each document as engine chunks, so they stay computed under memory pressure
     (see `braid_langchain.pinning`); reuse is exact either way."""
+    timeout: float | None = Field(None, gt=0)
+    """Deadline of one call in seconds (pinning, queueing and generation); past it the request is aborted, its KV
+    pages freed, and `braidinfer.errors.RequestTimeoutError` (a `TimeoutError`) raised. None = no deadline."""
+    max_retries: int = Field(2, ge=0)
+    """Retries of a call that failed for a transient reason: a CUDA out-of-memory error in its engine step, or an
+    engine whose loop died (the retry runs on a freshly loaded engine). Invalid requests are never retried, nor a
+    stream that has already yielded output."""
+    engine_kwargs: Dict[str, Any] = Field(default_factory=dict)  # noqa: UP006 (`dict` here is BaseModel.dict)
+    """Further `braidinfer.config.EngineConfig` fields for the engine (e.g. `max_num_seqs`, `max_model_len`,
+    `gpu_memory_utilization`, `enforce_eager`, `enable_prefix_caching`); ChatBraids with equal settings share
+    one engine."""
 
     @model_validator(mode="after")
     def _validate(self) -> Self:
         from braidinfer.config import EngineConfig
 
-        EngineConfig(model=self.model, device=self.device, dtype=self.dtype)  # device, dtype: no engine is loaded
+        shadowed = sorted(set(self.engine_kwargs) & {*_ENGINE_FIELDS, "progress"})
+        if shadowed:
+            raise ValueError(f"engine_kwargs may not set {shadowed}: use ChatBraid's own fields (model, device, dtype)")
+        # device, dtype and every engine setting are checked here; no engine is loaded.
+        EngineConfig(model=self.model, device=self.device, dtype=self.dtype, **self.engine_kwargs)
         self._sampling_params(None, None, {})  # the engine's own rules for every sampling field
         return self
+
+    # --- serialization ------------------------------------------------------------------------------------------
+    @classmethod
+    def is_lc_serializable(cls) -> bool:
+        """True: a ChatBraid's configuration is plain data (`langchain_core.load.dumps` / `loads` with
+        `valid_namespaces=["braid_langchain"]`)."""
+        return True
+
+    @classmethod
+    def get_lc_namespace(cls) -> list[str]:
+        return ["braid_langchain", "chat_models"]
 
     # --- identity -----------------------------------------------------------------------------------------------
     @property
@@ -117,7 +157,7 @@ class ChatBraid(BaseChatModel):
     @property
     def _identifying_params(self) -> dict[str, Any]:
         return {"model": self.model_name, "device": self.device, "dtype": self.dtype,
-                **{f: getattr(self, f) for f in _SAMPLING_FIELDS}, "stop": self.stop}
+                **{f: getattr(self, f) for f in _SAMPLING_FIELDS}, "stop": self.stop, **self.engine_kwargs}
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = LangSmithParams(ls_provider="braid", ls_model_name=_display_name(kwargs.get("model", self.model)),
@@ -135,49 +175,115 @@ class ChatBraid(BaseChatModel):
     # --- generation ---------------------------------------------------------------------------------------------
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
-        return generate_from_stream(self._stream(messages, stop, run_manager, **kwargs))
+        def attempt() -> ChatResult:
+            deadline = _deadline(self.timeout)
+            request = self._request(messages, stop, self._engine(kwargs), kwargs)
+            builder = request.reply_builder()
+            result = generate_from_stream(self._stream_request(request, builder, deadline, run_manager))
+            return _with_call_errors(result, builder)
+
+        return retries.retrying(self.max_retries)(attempt)
 
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
-        return await agenerate_from_stream(self._astream(messages, stop, run_manager, **kwargs))
+        async def attempt() -> ChatResult:
+            deadline = _deadline(self.timeout)
+            request = self._request(messages, stop, await self._aengine(kwargs), kwargs)
+            builder = request.reply_builder()
+            result = await agenerate_from_stream(self._astream_request(request, builder, deadline, run_manager))
+            return _with_call_errors(result, builder)
+
+        return await retries.aretrying(self.max_retries)(attempt)
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
-        request = self._request(messages, stop, self._engine(kwargs), kwargs)
-        if request.segments:
-            pins_for(request.engine).pin(request.prompt, request.segments)
-        builder = ChunkBuilder(request.model_name, request.tool_mode)
-        # closing(): a consumer that stops early cancels the request now, not when the generator is collected.
-        with request.explain_errors(), closing(request.engine.stream_deltas(request.prompt, request.params)) as it:
-            for completion in it:
-                for chunk in builder.add(completion):
-                    if run_manager:
-                        run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-                    yield chunk
+        def start() -> tuple[Iterator[ChatGenerationChunk], ChatGenerationChunk | None]:
+            deadline = _deadline(self.timeout)
+            request = self._request(messages, stop, self._engine(kwargs), kwargs)
+            builder = request.reply_builder()
+            chunks = self._stream_request(request, builder, deadline, run_manager)
+            return chunks, next(chunks, None)  # failures up to the first chunk are retried
+
+        chunks, first = retries.retrying(self.max_retries)(start)
+        with closing(chunks):  # a consumer that stops after the first chunk ends the request now
+            if first is not None:
+                yield first
+                yield from chunks
 
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any
                        ) -> AsyncIterator[ChatGenerationChunk]:
-        request = self._request(messages, stop, await self._aengine(kwargs), kwargs)
+        async def start() -> tuple[AsyncIterator[ChatGenerationChunk], ChatGenerationChunk | None]:
+            deadline = _deadline(self.timeout)
+            request = self._request(messages, stop, await self._aengine(kwargs), kwargs)
+            builder = request.reply_builder()
+            chunks = self._astream_request(request, builder, deadline, run_manager)
+            return chunks, await anext(chunks, None)
+
+        chunks, first = await retries.aretrying(self.max_retries)(start)
+        async with aclosing(chunks):
+            if first is not None:
+                yield first
+                async for chunk in chunks:
+                    yield chunk
+
+    def _stream_request(self, request: _Request, builder: ReplyBuilder, deadline: float | None,
+                        run_manager: CallbackManagerForLLMRun | None) -> Iterator[ChatGenerationChunk]:
+        """One attempt: pin the shared prefixes, then stream the reply, within `deadline` (time.monotonic())."""
+        run_manager = run_manager if run_manager is not None and run_manager.handlers else None
         if request.segments:
-            await pins_for(request.engine).apin(request.prompt, request.segments)
-        builder = ChunkBuilder(request.model_name, request.tool_mode)
+            builder.max_cache_read = retries.call_within(
+                deadline, lambda: pins_for(request.engine).pin(request.prompt, request.segments))
+        # closing(): a consumer that stops early cancels the request now, not when the generator is collected.
+        with request.explain_errors(), closing(request.engine.stream_deltas(
+                request.prompt, request.params, timeout=retries.remaining(deadline))) as it:
+            for delta in it:
+                for chunk in builder.add(delta):
+                    if run_manager:
+                        run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                    yield chunk
+
+    async def _astream_request(self, request: _Request, builder: ReplyBuilder, deadline: float | None,
+                               run_manager: AsyncCallbackManagerForLLMRun | None
+                               ) -> AsyncIterator[ChatGenerationChunk]:
+        # No handlers, no per-delta callback (a dispatch per token is most of the adapter's cost per delta).
+        run_manager = run_manager if run_manager is not None and run_manager.handlers else None
+        if request.segments:
+            pins = pins_for(request.engine)
+            builder.max_cache_read = await retries.within(deadline, lambda: pins.apin(request.prompt,
+                                                                                       request.segments))
         with request.explain_errors():
             async with aclosing(request.engine.astream_deltas(request.prompt, request.params)) as it:
-                async for completion in it:
-                    for chunk in builder.add(completion):
+                while (delta := await retries.within(deadline, lambda: anext(it, None))) is not None:
+                    for chunk in builder.add(delta):
                         if run_manager:
                             await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
                         yield chunk
 
+    # --- token counting -----------------------------------------------------------------------------------------
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids of `text` with the model's own tokenizer (no special tokens added); loads the engine."""
+        return list(self._engine({}).tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence[Any] | None = None) -> int:
+        """Prompt tokens of `messages` as ChatBraid renders them (chat template, `tools` included): the
+        `input_tokens` that a call with these messages and tools reports."""
+        kwargs = {"tools": to_openai_tools(tools)} if tools else {}
+        return len(self._request(messages, None, self._engine(kwargs), kwargs).prompt)
+
     # --- tools and structured output ----------------------------------------------------------------------------
     def bind_tools(self, tools: Sequence[dict[str, Any] | type | Callable | BaseTool], *,
-                   tool_choice: ToolChoice = None, **kwargs: Any) -> Runnable[LanguageModelInput, AIMessage]:
+                   tool_choice: ToolChoice = None, strict: bool | None = None, parallel_tool_calls: bool | None = None,
+                   **kwargs: Any) -> Runnable[LanguageModelInput, AIMessage]:
         """Binds tools (anything `convert_to_openai_tool` accepts). `tool_choice`: None/"auto" (the model
         decides), "none", "any"/"required"/True (some tool must be called) or a tool name; a required call is
-        produced with constrained decoding, so it always parses."""
+        produced with constrained decoding, so it always parses (`strict` is accepted and changes nothing).
+        `parallel_tool_calls=False`: at most one call per reply (later ones are dropped). Other keyword arguments
+        are call arguments (e.g. `response_format`)."""
         formatted = to_openai_tools(tools)
         normalize_tool_choice(tool_choice, tool_names(formatted))  # a bad choice fails here, not at the call
+        if parallel_tool_calls is not None:
+            kwargs["parallel_tool_calls"] = parallel_tool_calls
         return self.bind(tools=formatted, tool_choice=tool_choice, **kwargs)
 
     def with_structured_output(self, schema: dict[str, Any] | type, *, include_raw: bool = False,
@@ -195,13 +301,14 @@ class ChatBraid(BaseChatModel):
 
     # --- internals ----------------------------------------------------------------------------------------------
     def _engine(self, kwargs: dict[str, Any]) -> LLM:
-        return engines.get_engine(kwargs.get("model", self.model), self.device, self.dtype)
+        return engines.get_engine(kwargs.get("model", self.model), self.device, self.dtype, **self.engine_kwargs)
 
     async def _aengine(self, kwargs: dict[str, Any]) -> LLM:
         model = kwargs.get("model", self.model)
-        if engines.is_loaded(model, self.device, self.dtype):
-            return engines.get_engine(model, self.device, self.dtype)
-        return await asyncio.to_thread(engines.get_engine, model, self.device, self.dtype)  # seconds of loading
+        if engines.is_loaded(model, self.device, self.dtype, **self.engine_kwargs):
+            return engines.get_engine(model, self.device, self.dtype, **self.engine_kwargs)
+        return await asyncio.to_thread(  # seconds of loading, off the event loop
+            lambda: engines.get_engine(model, self.device, self.dtype, **self.engine_kwargs))
 
     def _request(self, messages: list[BaseMessage], stop: list[str] | None, engine: LLM,
                  kwargs: dict[str, Any]) -> _Request:
@@ -211,7 +318,11 @@ class ChatBraid(BaseChatModel):
         choice = normalize_tool_choice(kwargs.get("tool_choice"), tool_names(tools)) if tools else "none"
         offered = tools if choice != "none" else []
         guided, tool_mode, schema_owner = kwargs.get("guided"), _tool_mode(choice, offered), None
-        prompt, segments = _prompt_ids(engine, messages, offered, guided, kwargs.get("documents") or [],
+        response = response_format_guided(kwargs.get("response_format"))
+        if response is not None and guided is not None:
+            raise ValueError("response_format cannot be combined with another `guided` constraint")
+        shown = guided if guided is not None else response  # the schema the system prompt shows
+        prompt, segments = _prompt_ids(engine, messages, offered, shown, kwargs.get("documents") or [],
                                        with_segments=self.pin_prefixes)
         if tool_mode == "forced":
             if guided is not None:
@@ -219,9 +330,16 @@ class ChatBraid(BaseChatModel):
                                  "constraint")
             guided = _guided(json_schema=forced_call_schema(offered, choice))
             schema_owner = f"the argument schema of tool(s) {tool_names(offered)}"
+        elif response is not None and tool_mode == "auto":
+            # The reply is either a tool call or the response object, both as constrained JSON.
+            guided = _guided(json_schema={"anyOf": [forced_call_schema(offered, "any"), _schema_of(response)]})
+            schema_owner = f"response_format or the argument schema of tool(s) {tool_names(offered)}"
+        elif response is not None:
+            guided, schema_owner = response, "response_format"
         params = self._sampling_params(stop, guided, kwargs)
+        max_calls = 1 if kwargs.get("parallel_tool_calls") is False else None
         return _Request(_display_name(kwargs.get("model", self.model)), engine, prompt, params, tool_mode,
-                        schema_owner, segments)
+                        schema_owner, segments, max_calls)
 
     def _sampling_params(self, stop: list[str] | None, guided: GuidedDecoding | None,
                          overrides: dict[str, Any]) -> SamplingParams:
@@ -240,16 +358,22 @@ class _Request:
     tool_mode: ToolMode
     schema_owner: str | None  # whose JSON schema drives guided decoding, for error messages
     segments: list[tuple[int, str]]  # (end, kind) of the system prompt and documents in `prompt`, to pin; [] = none
+    max_calls: int | None = None  # most tool calls kept from one reply (parallel_tool_calls=False: 1)
+
+    def reply_builder(self) -> ReplyBuilder:
+        builder = ReplyBuilder(self.model_name, self.tool_mode, max_calls=self.max_calls)
+        builder.caching = self.engine.config.enable_prefix_caching
+        return builder
 
     @contextmanager
     def explain_errors(self) -> Iterator[None]:
         """Names the tools when the engine cannot compile their schema (its message names only the grammar)."""
-        from braidinfer.errors import InvalidRequestError
+        from braidinfer.errors import GrammarCompileError, InvalidRequestError
 
         try:
             yield
-        except InvalidRequestError as e:
-            if self.schema_owner is None or "cannot be compiled" not in str(e):
+        except GrammarCompileError as e:
+            if self.schema_owner is None:
                 raise
             raise InvalidRequestError(f"{self.schema_owner} cannot be used for constrained decoding: {e}") from e
 
@@ -260,24 +384,16 @@ def _prompt_ids(engine: LLM, messages: list[BaseMessage], tools: list[dict[str, 
     them, else into the system prompt; a JSON schema constraint and documents go after the system prompt.
 
     With `with_segments`, also returns where the system prompt and each document end in the prompt, as (token
-    count, kind): each is the common prefix of the prompt with the leading system message rendered alone, without
-    documents and then with the first 1, 2, ... of them (else [], and those renderings are skipped)."""
+    count, kind), found by `braid_langchain.pinning.segment_heads` (else [])."""
     native = template_supports_tools(getattr(engine.tokenizer, "chat_template", None))
     template_kwargs = {"tools": tools} if tools and native else {}
     base = [tool_prompt(tools) if tools and not native else "", schema_prompt(guided)]
     docs = sort_documents(documents)
     chat = to_chat_messages(messages, inline_tool_calls=not native, system_extras=[*base, render_documents(docs)])
-    prompt = engine.apply_chat_template(chat, **template_kwargs)
+    prompt = prompt_ids(engine, chat, template_kwargs)
     if not with_segments or not chat or chat[0]["role"] != "system":
         return prompt, []
-    lead = list(itertools.takewhile(lambda m: m.type == "system", messages))
-    heads = []
-    for i in range(len(docs) + 1):
-        head = to_chat_messages(lead, system_extras=[*base, render_documents(docs[:i])])
-        if head:
-            ids = engine.apply_chat_template(head, add_generation_prompt=False, **template_kwargs)
-            heads.append((ids, "document" if i else "system"))
-    return prompt, segment_ends(prompt, heads)
+    return prompt, segment_heads(engine, prompt, messages, base, docs, template_kwargs)
 
 
 def _tool_mode(choice: str, offered: list[dict[str, Any]]) -> ToolMode:
@@ -290,6 +406,23 @@ def _check_call_args(kwargs: dict[str, Any]) -> None:
     unknown = sorted(set(kwargs) - _CALL_ARGS - _IGNORED_CALL_ARGS)
     if unknown:
         raise ValueError(f"ChatBraid got unknown call argument(s) {unknown}; it accepts {sorted(_CALL_ARGS)}")
+
+
+def _deadline(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def _with_call_errors(result: ChatResult, builder: ReplyBuilder) -> ChatResult:
+    """Puts back the reasons of invalid tool calls, which LangChain's merging of the streamed chunks drops."""
+    for generation in result.generations:
+        generation.message = with_errors(generation.message, builder.errors)
+    return result
+
+
+def _schema_of(guided: GuidedDecoding) -> dict[str, Any]:
+    if guided.json_schema is not None:
+        return guided.json_schema if isinstance(guided.json_schema, dict) else json.loads(guided.json_schema)
+    return {"type": "object"}  # json_object
 
 
 def _guided(**constraint: Any) -> GuidedDecoding:

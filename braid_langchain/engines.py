@@ -1,4 +1,5 @@
-"""One engine per (model, device, dtype) per process, shared by every ChatBraid, loaded on first use.
+"""One engine per (model, device, dtype, further engine settings) per process, shared by every ChatBraid, loaded
+on first use.
 
 Sharing is what makes reuse work across instances: two ChatBraid objects with the same system prompt read the
 same KV pages. Loading takes seconds, so it happens on the first request, never at construction. An engine that was
@@ -11,21 +12,26 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from braidinfer import LLM
 
-EngineKey = tuple[str | None, str | None, str]  # (model, device, dtype)
+EngineKey = tuple  # (model, device, dtype), then the sorted (name, value) pairs of further EngineConfig settings
 
 _engines: dict[EngineKey, LLM] = {}
 _lock = threading.Lock()
 
 
-def get_engine(model: str | None, device: str | None, dtype: str = "auto") -> LLM:
-    """The shared engine for `model` on `device`, loading it the first time (the engine's errors pass through:
-    an unknown model path raises `braidinfer.errors.ModelNotFoundError`)."""
-    key = (model, device, dtype)
+def engine_key(model: str | None, device: str | None, dtype: str = "auto", **engine_kwargs: Any) -> EngineKey:
+    """The registry key of one engine configuration (`engine_kwargs`: further `EngineConfig` fields)."""
+    return (model, device, dtype, *sorted(engine_kwargs.items()))
+
+
+def get_engine(model: str | None, device: str | None, dtype: str = "auto", **engine_kwargs: Any) -> LLM:
+    """The shared engine for `model` on `device` with these settings, loading it the first time (the engine's
+    errors pass through: an unknown model path raises `braidinfer.errors.ModelNotFoundError`)."""
+    key = engine_key(model, device, dtype, **engine_kwargs)
     engine = _engines.get(key)
     if engine is not None and engine.alive:
         return engine
@@ -36,20 +42,20 @@ def get_engine(model: str | None, device: str | None, dtype: str = "auto") -> LL
                 engine.close()  # dead or closed already: this lets go of its chunks and thread
             from braidinfer import LLM
 
-            engine = _engines[key] = LLM(model=model, device=device, dtype=dtype, progress=False)
+            engine = _engines[key] = LLM(model=model, device=device, dtype=dtype, progress=False, **engine_kwargs)
         return engine
 
 
-def is_loaded(model: str | None, device: str | None, dtype: str = "auto") -> bool:
+def is_loaded(model: str | None, device: str | None, dtype: str = "auto", **engine_kwargs: Any) -> bool:
     """True when the engine is loaded and serving (get_engine then returns it at once, without loading)."""
-    engine = _engines.get((model, device, dtype))
+    engine = _engines.get(engine_key(model, device, dtype, **engine_kwargs))
     return engine is not None and engine.alive
 
 
-def close_engine(model: str | None, device: str | None, dtype: str = "auto") -> None:
+def close_engine(model: str | None, device: str | None, dtype: str = "auto", **engine_kwargs: Any) -> None:
     """Closes one shared engine, freeing its weights and KV pages (it loads again on next use)."""
     with _lock:
-        engine = _engines.pop((model, device, dtype), None)
+        engine = _engines.pop(engine_key(model, device, dtype, **engine_kwargs), None)
     if engine is not None:
         engine.close()
 

@@ -5,18 +5,29 @@ calls share (the system prompt, then the documents in their stable order) keeps 
 found by rendering the system message without documents, then with the first 1, 2, ... documents, and taking the
 longest common token prefix with the real prompt, so they are exact token prefixes whatever the tokenizer merges.
 
+Those head renderings depend only on the system prompt, the documents and the tools, which repeat across calls: they
+are kept per engine (LRU), so a call whose system prompt and documents were seen before renders the chat template
+once, for its own prompt.
+
 Pins are best effort: a registry per engine keeps the most recently used chunks (LRU, bounded); when the engine
 refuses a pin (its pin budget is full) the oldest half is released and the call goes on unpinned.
+
+Usage accounting: a pin prefill computes part of the prompt before the call's request runs, and the engine then
+counts that part as read from the cache. So when a call has to prefill, `pin` first asks the engine how much of the
+prompt was cached before, and returns it as the most the call may report as `cache_read`.
 """
 from __future__ import annotations
 
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from braidinfer.errors import InvalidRequestError, OutOfPagesError
+
+from braid_langchain.documents import render_documents
+from braid_langchain.messages import to_chat_messages
 
 if TYPE_CHECKING:
     from braidinfer import LLM
@@ -24,12 +35,16 @@ if TYPE_CHECKING:
 
 MAX_PINNED_CHUNKS = 64
 """Most chunks ChatBraid keeps pinned per engine (least recently used ones are released first)."""
+MAX_CACHED_HEADS = 256
+"""Most system-prompt-and-documents renderings kept per engine (least recently used ones are dropped first)."""
 
 _REFUSED = (OutOfPagesError, InvalidRequestError)  # how the engine refuses a pin (its pin budget is full)
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
+    if a[:n] == b[:n]:  # the usual case, compared in C
+        return n
     i = 0
     while i < n and a[i] == b[i]:
         i += 1
@@ -49,6 +64,28 @@ def segment_ends(prompt: list[int], heads: Sequence[tuple[list[int], str]]) -> l
     return out
 
 
+def segment_heads(llm: LLM, prompt: list[int], messages: Sequence[Any], base: Sequence[str], documents: Sequence[Any],
+                  template_kwargs: dict[str, Any]) -> list[tuple[int, str]]:
+    """(end, kind) of the system prompt and of each document in `prompt` (see `segment_ends`): the leading system
+    messages of `messages` are rendered with `base` extras and the first 0, 1, ... of `documents` (already in
+    prompt order), once per engine and distinct input (cached)."""
+    lead = []
+    for message in messages:
+        if message.type != "system":
+            break
+        lead.append(message)
+    heads = [to_chat_messages(lead, system_extras=[*base, render_documents(documents[:i])])
+             for i in range(len(documents) + 1)]
+    key = repr((heads, template_kwargs))
+    return segment_ends(prompt, pins_for(llm).heads(key, lambda: _render_heads(llm, heads, template_kwargs)))
+
+
+def _render_heads(llm: LLM, heads: list[list[dict[str, Any]]], template_kwargs: dict[str, Any]
+                  ) -> list[tuple[list[int], str]]:
+    return [(llm.apply_chat_template(head, add_generation_prompt=False, **template_kwargs),
+             "document" if i else "system") for i, head in enumerate(heads) if head]
+
+
 class PrefixPins:
     """The chunks ChatBraid pinned on one engine, keyed by their whole token prefix."""
 
@@ -56,35 +93,59 @@ class PrefixPins:
         self.llm = llm
         self.max_chunks = max_chunks
         self._chunks: OrderedDict[tuple[int, ...], Chunk] = OrderedDict()
+        self._heads: OrderedDict[str, list[tuple[list[int], str]]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def pin(self, prompt: list[int], segments: Sequence[tuple[int, str]]) -> None:
-        """Makes sure prompt[:end] is pinned for every (end, kind) segment (creating chunks as needed)."""
-        parent = None
+    def pin(self, prompt: list[int], segments: Sequence[tuple[int, str]]) -> int | None:
+        """Makes sure prompt[:end] is pinned for every (end, kind) segment (creating chunks as needed).
+
+        Returns None when every segment was pinned already; else how many prompt tokens were cached before the
+        first prefill (the most the call may report as cache_read)."""
+        parent, cached_before = None, None
         for end, kind in self._useful(segments):
             chunk = self._lookup(prompt, end)
             if chunk is None:
+                if cached_before is None:
+                    cached_before = self.llm.num_cached_tokens(prompt)
                 try:
                     chunk = self.llm.chunks.add(self._own(prompt, end, parent), after=parent, kind=kind)
                 except _REFUSED:
                     self._release_oldest_half()  # make room for next time
-                    return
+                    return cached_before
                 chunk = self._store(prompt, end, chunk)
             parent = chunk
+        return cached_before
 
-    async def apin(self, prompt: list[int], segments: Sequence[tuple[int, str]]) -> None:
+    async def apin(self, prompt: list[int], segments: Sequence[tuple[int, str]]) -> int | None:
         """`pin` for asyncio (the prefills do not block the event loop)."""
-        parent = None
+        parent, cached_before = None, None
         for end, kind in self._useful(segments):
             chunk = self._lookup(prompt, end)
             if chunk is None:
+                if cached_before is None:
+                    cached_before = await self.llm.anum_cached_tokens(prompt)
                 try:
                     chunk = await self.llm.chunks.aadd(self._own(prompt, end, parent), after=parent, kind=kind)
                 except _REFUSED:
                     self._release_oldest_half()
-                    return
+                    return cached_before
                 chunk = self._store(prompt, end, chunk)
             parent = chunk
+        return cached_before
+
+    def heads(self, key: str, render: Callable[[], list[tuple[list[int], str]]]) -> list[tuple[list[int], str]]:
+        """The head renderings stored under `key`, rendering them with `render` the first time."""
+        with self._lock:
+            heads = self._heads.get(key)
+            if heads is not None:
+                self._heads.move_to_end(key)
+                return heads
+        heads = render()
+        with self._lock:
+            self._heads[key] = heads
+            while len(self._heads) > MAX_CACHED_HEADS:
+                self._heads.popitem(last=False)
+        return heads
 
     def release_all(self) -> None:
         with self._lock:

@@ -7,7 +7,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
 from langchain_core.output_parsers.openai_tools import JsonOutputKeyToolsParser, PydanticToolsParser
-from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
+from langchain_core.exceptions import OutputParserException
+from langchain_core.messages import AIMessage
+from langchain_core.runnables import Runnable, RunnableLambda, RunnableMap, RunnablePassthrough
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
 
@@ -29,8 +31,9 @@ def structured_output(model: ChatBraid, schema: dict[str, Any] | type, *, method
     if method == "function_calling":
         name = convert_to_openai_tool(schema)["function"]["name"]
         llm = model.bind_tools([schema], tool_choice=name, **trace)
-        parser: Runnable = (PydanticToolsParser(tools=[schema], first_tool_only=True) if is_pydantic
-                            else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True))
+        parser: Runnable = RunnableLambda(require_valid_call) | (
+            PydanticToolsParser(tools=[schema], first_tool_only=True) if is_pydantic
+            else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True))
     elif method in ("json_schema", "json_mode"):
         guided = (GuidedDecoding(json_schema=close_objects(_json_schema(schema)))
                   if method == "json_schema" else GuidedDecoding(json_object=True))
@@ -59,3 +62,42 @@ def _json_schema(schema: dict[str, Any] | type) -> dict[str, Any]:
     if isinstance(schema, dict) and "function" not in schema and "parameters" not in schema:
         return schema
     return convert_to_json_schema(schema)
+
+
+def require_valid_call(message: AIMessage) -> AIMessage:
+    """`message` as is when it holds a valid tool call; OutputParserException saying why the call is invalid (e.g.
+    cut by max_tokens) otherwise, where LangChain's tool parsers would return None without a word."""
+    if message.tool_calls or not message.invalid_tool_calls:
+        return message
+    call = message.invalid_tool_calls[0]
+    reason = call.get("error") or f"finish_reason {message.response_metadata.get('finish_reason')!r}"
+    raise OutputParserException(f"the tool call {call.get('name')!r} is invalid: {reason}",
+                                llm_output=call.get("args") or "")
+
+
+def response_format_guided(response_format: Any) -> Any:
+    """The `GuidedDecoding` for an OpenAI-style `response_format` (None when it asks for nothing):
+    `{"type": "text"}`, `{"type": "json_object"}`, `{"type": "json_schema", "json_schema": {"schema": ...}}`, or
+    a schema given directly (pydantic class, TypedDict, JSON schema dict)."""
+    from braidinfer.guided import GuidedDecoding
+
+    if response_format is None:
+        return None
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return GuidedDecoding(json_object=True)
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise ValueError('response_format {"type": "json_schema"} needs "json_schema": {"schema": {...}}, got '
+                             f"{response_format!r:.200}")
+        return GuidedDecoding(json_schema=close_objects(spec["schema"]))
+    if kind is not None and not ("properties" in response_format or "$defs" in response_format):
+        raise ValueError(f"response_format type {kind!r} is not supported; use 'text', 'json_object' or "
+                         "'json_schema', or pass a schema")
+    try:
+        return GuidedDecoding(json_schema=close_objects(_json_schema(response_format)))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"response_format must be an OpenAI response_format dict or a schema: {e}") from e

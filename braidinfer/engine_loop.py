@@ -33,8 +33,9 @@ class SyncChannel:
     def put(self, chunk: CompletionDelta) -> None:
         self._queue.put(chunk)
 
-    def get(self) -> CompletionDelta:
-        return self._queue.get()
+    def get(self, timeout: float | None = None) -> CompletionDelta:
+        """The next delta; raises queue.Empty when none arrives within `timeout` seconds (None: waits)."""
+        return self._queue.get(timeout=timeout)
 
 
 class AsyncChannel:

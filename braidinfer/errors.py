@@ -39,3 +39,7 @@ class EngineDeadError(BraidError, RuntimeError):
 
 class RequestFailedError(BraidError, RuntimeError):
     """One request failed inside the engine; the engine itself keeps serving."""
+
+
+class RequestTimeoutError(BraidError, TimeoutError):
+    """A request ran past the deadline its caller gave; it was aborted and its KV pages freed."""

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import asyncio
+import queue
+import time
 from collections.abc import AsyncIterator, Iterator
 from collections.abc import Sequence as Seq
 from typing import Any, Self
@@ -12,7 +14,7 @@ from braidinfer.client import AsyncRequest, EngineClient, Stream, acollect, coll
 from braidinfer.config import EngineConfig
 from braidinfer.engine import LLMEngine
 from braidinfer.engine_loop import AsyncChannel, EngineLoop, SyncChannel
-from braidinfer.errors import InvalidRequestError
+from braidinfer.errors import InvalidRequestError, RequestTimeoutError
 from braidinfer.outputs import CompletionDelta, RequestOutput
 from braidinfer.sampling_params import SamplingParams
 
@@ -87,14 +89,22 @@ class LLM:
             if delta.text:
                 yield delta.text
 
-    def stream_deltas(self, prompt: Prompt, params: SamplingParams | None = None, *, chunks: Chunks = None
-                      ) -> Iterator[CompletionDelta]:
+    def stream_deltas(self, prompt: Prompt, params: SamplingParams | None = None, *, chunks: Chunks = None,
+                      timeout: float | None = None) -> Iterator[CompletionDelta]:
         """Yields CompletionDeltas (text, token ids, logprobs of one step); the last one has finish_reason and
-        usage. Leaving early cancels the request."""
+        usage. Leaving early cancels the request. `timeout`: seconds the whole request may take; past them it is
+        aborted and RequestTimeoutError raised."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         stream = self._submit(prompt, params, SyncChannel(), chunks)
         try:
             while not stream.done:
-                yield stream.accept(stream.channel.get())
+                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    delta = stream.channel.get(wait)
+                except queue.Empty:
+                    raise RequestTimeoutError(f"the request ran past its {timeout:.3g} s deadline and was aborted"
+                                              ) from None
+                yield stream.accept(delta)
         finally:
             stream.cancel()
 
@@ -140,6 +150,17 @@ class LLM:
         """Token ids of a conversation rendered by the model's chat template, ready for the assistant's turn.
         Special-token strings inside message contents (a user typing `<|im_end|>`) stay plain text."""
         return encode_conversation(self.tokenizer, messages, **template_kwargs)
+
+    def num_cached_tokens(self, prompt: list[int]) -> int:
+        """How many leading tokens of `prompt` (token ids) a request submitted now would read from the prefix cache
+        (whole pages; the last token is always computed). Nothing is reserved: a later request may find more or
+        fewer."""
+        return self._loop.call(lambda: self.engine.pages.cached_prefix_length(prompt, len(prompt) - 1))
+
+    async def anum_cached_tokens(self, prompt: list[int]) -> int:
+        """`num_cached_tokens` for asyncio (waits for the engine thread without blocking the event loop)."""
+        future = self._loop.post(lambda: self.engine.pages.cached_prefix_length(prompt, len(prompt) - 1))
+        return await asyncio.wrap_future(future)
 
     def cache_stats(self) -> dict[str, int | float]:
         """Pages free / cached / in use, hit rate and tokens served from the prefix cache."""

@@ -62,6 +62,13 @@ class PageManager:
         self.num_cached_tokens_served += len(chain) * self.page_size
         return chain
 
+    def cached_prefix_length(self, token_ids: Sequence[int], max_tokens: int) -> int:
+        """Tokens in the longest cached prefix of at most `max_tokens` tokens (whole pages), looked up only: no
+        reference is taken and nothing is touched."""
+        if not self.enable_prefix_caching:
+            return 0
+        return len(self.tree.match(token_ids, max_tokens)) * self.page_size
+
     def commit(self, token_ids: Sequence[int], num_tokens: int, page_table: Sequence[int], num_committed: int,
                last_node: PrefixNode | None) -> tuple[int, PrefixNode | None]:
         """Records the full pages of a computed prefix in the tree.

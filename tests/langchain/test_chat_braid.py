@@ -6,13 +6,17 @@ import asyncio
 import json
 import time
 
+import pytest
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.documents import Document
+from langchain_core.exceptions import OutputParserException
 from langchain_core.messages import AIMessageChunk, HumanMessage, SystemMessage
 from langchain_core.tools import tool
 from pydantic import BaseModel
 
 from braid_langchain import ChatBraid, engines, render_documents
+from braid_langchain.tools import to_openai_tools, tool_prompt
+from braidinfer import SamplingParams
 from tests.langchain.conftest import ENGINE
 
 SYSTEM = SystemMessage("You are a helpful assistant who answers briefly and kindly, in plain words.")
@@ -116,7 +120,25 @@ def test_tool_result_conversation_continues(chat):
     call = model.bind(tool_choice="any").invoke("What is the weather in Paris?")
     result = get_weather.invoke(call.tool_calls[0])
     reply = model.invoke([HumanMessage("What is the weather in Paris?"), call, result])
-    assert reply.content or reply.tool_calls
+    # Reference: the same conversation written by hand in the format of the tool prompt (SmolLM2's template has no
+    # tool support), generated greedily by the engine itself.
+    engine = engines.get_engine(ENGINE["model"], ENGINE["device"])
+    by_hand = [{"role": "system", "content": tool_prompt(to_openai_tools([get_weather]))},
+               {"role": "user", "content": "What is the weather in Paris?"},
+               {"role": "assistant", "content": '{"name": "get_weather", "arguments": {"city": "Paris"}}'},
+               {"role": "tool", "content": "sunny", "tool_call_id": call.tool_calls[0]["id"]}]
+    expected = engine.generate([engine.apply_chat_template(by_hand)], SamplingParams(temperature=0, max_tokens=32))
+    assert reply.content == expected[0].text and "sunny" in reply.content  # the reply reads the tool's result
+    assert reply.tool_calls == [] and reply.response_metadata["finish_reason"] == "stop"
+
+
+def test_a_forced_call_cut_by_max_tokens_says_so(chat):
+    model = chat.bind_tools([get_weather], tool_choice="get_weather")
+    reply = model.invoke("What is the weather in Paris?", max_tokens=5)
+    assert reply.tool_calls == [] and reply.response_metadata["finish_reason"] == "length"
+    assert "cut by max_tokens" in reply.invalid_tool_calls[0]["error"]
+    with pytest.raises(OutputParserException, match="cut by max_tokens"):
+        chat.with_structured_output(Person, method="function_calling").invoke("Invent a person.", max_tokens=5)
 
 
 class Person(BaseModel):

@@ -5,8 +5,11 @@ every reply valid JSON, but it cannot make a model this small choose sensible co
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 from langchain_core.exceptions import OutputParserException
+from langchain_core.utils.json import parse_partial_json
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 
 from braid_langchain import ChatBraid
@@ -44,23 +47,71 @@ class TestChatBraidIntegration(ChatBraidCapabilities, ChatModelIntegrationTests)
         return _second_call_with_same_system_prompt(stream)
 
 
-# Standard tests expected to fail, by test id, with why; applied by the fixture below so that the other
-# parametrisations of the same test still have to pass (and the standard tests stay un-overridden).
+def _cut_inside_the_object(replies) -> bool:
+    """REPETITION_LOOP: the reply ran to max_tokens ("length") and is a valid JSON prefix of the Joke object that
+    never reached its second field."""
+    last = replies[-1]
+    partial = parse_partial_json(last.content) if last.content.startswith("{") else None
+    return (last.response_metadata["finish_reason"] == "length" and isinstance(partial, dict)
+            and "punchline" not in partial)
+
+
+def _complete_object_without_punchline(replies) -> bool:
+    """MISSING_KEY: a complete JSON object that ended normally, with 'setup' and without 'punchline'."""
+    last = replies[-1]
+    try:
+        value = json.loads(last.content)
+    except ValueError:
+        return False
+    return (last.response_metadata["finish_reason"] == "stop" and isinstance(value, dict) and "setup" in value
+            and "punchline" not in value)
+
+
+def _prose_instead_of_a_call(replies) -> bool:
+    """NO_UNFORCED_CALL: the first reply is text with no tool call, valid or not."""
+    first = replies[0]
+    return bool(first.content) and not first.tool_calls and not first.invalid_tool_calls
+
+
+# Standard tests expected to fail, by test id: why, the exception, and what the replies must show (checked after
+# the test, so a different failure is reported rather than hidden). Applied by the fixture below so that the other
+# parametrisations of the same test still have to pass (and the standard tests stay un-overridden); strict, so a
+# fix is noticed.
 EXPECTED_FAILURES = {
-    "test_structured_output[pydantic]": (REPETITION_LOOP, OutputParserException),
-    "test_structured_output_async[pydantic]": (REPETITION_LOOP, OutputParserException),
-    "test_structured_output_pydantic_2_v1": (REPETITION_LOOP, OutputParserException),
-    "test_json_mode": (MISSING_KEY, OutputParserException),
-    "test_agent_loop[model0]": (NO_UNFORCED_CALL, AssertionError),
-    "test_agent_loop[model1]": (NO_UNFORCED_CALL, AssertionError),
+    "test_structured_output[pydantic]": (REPETITION_LOOP, OutputParserException, _cut_inside_the_object),
+    "test_structured_output_async[pydantic]": (REPETITION_LOOP, OutputParserException, _cut_inside_the_object),
+    "test_structured_output_pydantic_2_v1": (REPETITION_LOOP, OutputParserException, _cut_inside_the_object),
+    "test_json_mode": (MISSING_KEY, OutputParserException, _complete_object_without_punchline),
+    "test_agent_loop[model0]": (NO_UNFORCED_CALL, AssertionError, _prose_instead_of_a_call),
+    "test_agent_loop[model1]": (NO_UNFORCED_CALL, AssertionError, _prose_instead_of_a_call),
 }
 
 
 @pytest.fixture(autouse=True)
-def _expected_failures(request):
-    if request.node.name in EXPECTED_FAILURES:
-        reason, raises = EXPECTED_FAILURES[request.node.name]
-        request.applymarker(pytest.mark.xfail(reason=reason, raises=raises))
+def _expected_failures(request, monkeypatch):
+    if request.node.name not in EXPECTED_FAILURES:
+        yield
+        return
+    reason, raises, why = EXPECTED_FAILURES[request.node.name]
+    request.applymarker(pytest.mark.xfail(reason=reason, raises=raises, strict=True))
+    replies = []
+    generate, agenerate = ChatBraid._generate, ChatBraid._agenerate
+
+    def recorded(self, *args, **kwargs):
+        result = generate(self, *args, **kwargs)
+        replies.append(result.generations[0].message)
+        return result
+
+    async def arecorded(self, *args, **kwargs):
+        result = await agenerate(self, *args, **kwargs)
+        replies.append(result.generations[0].message)
+        return result
+
+    monkeypatch.setattr(ChatBraid, "_generate", recorded)
+    monkeypatch.setattr(ChatBraid, "_agenerate", arecorded)
+    yield
+    assert replies and why(replies), f"{request.node.name} failed for another reason than: {why.__doc__}; " \
+        f"replies: {[(m.content, m.tool_calls, m.response_metadata.get('finish_reason')) for m in replies]}"
 
 
 def _second_call_with_same_system_prompt(stream: bool):

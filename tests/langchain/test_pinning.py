@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 
 from langchain_core.documents import Document
-from langchain_core.messages import HumanMessage, SystemMessage
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 
-from braid_langchain import ChatBraid, engines
+from braid_langchain import ChatBraid, engines, render_documents
 from braid_langchain.pinning import PrefixPins, common_prefix_length, pins_for, segment_ends
 from tests.langchain.conftest import ENGINE, GREEDY
 
@@ -49,8 +49,9 @@ def test_calls_pin_the_chain_and_reuse_it():
     pins = pins_for(llm)
     pins.release_all()
     chat = ChatBraid(**GREEDY, max_tokens=4)
-    first = chat.invoke([SYSTEM, HumanMessage("Which river is longest?")], documents=DOCS)
     request = _request(chat, [SYSTEM, HumanMessage("Which river is longest?")], documents=DOCS)
+    cached_before = llm.num_cached_tokens(request.prompt)
+    first = chat.invoke([SYSTEM, HumanMessage("Which river is longest?")], documents=DOCS)
     chunks = list(llm.chunks)
     page = llm.config.page_size
     useful = [end for end, _ in request.segments]
@@ -64,7 +65,8 @@ def test_calls_pin_the_chain_and_reuse_it():
     second = chat.invoke([SYSTEM, HumanMessage("Which mountain is highest?")], documents=DOCS)
     assert list(llm.chunks) == chunks  # nothing pinned twice
     assert second.usage_metadata["input_token_details"]["cache_read"] >= len(chunks[-1].pages) * page
-    assert first.usage_metadata["input_token_details"]["cache_read"] >= len(chunks[-1].pages) * page
+    # The first call computed the pins itself: only what was cached before it counts as read.
+    assert first.usage_metadata["input_token_details"]["cache_read"] == cached_before
     pins.release_all()
     assert llm.cache_stats()["pinned"] == 0
 
@@ -100,3 +102,20 @@ def test_the_registry_is_bounded_and_best_effort():
     assert len(pins) == 1
     pins.release_all()
     assert llm.cache_stats()["pinned"] == 0 and len(llm.chunks) == 0
+
+
+def test_prompt_ids_reuse_the_system_head_and_equal_the_whole_encoding():
+    from braid_langchain import prompt_cache
+    from braid_langchain.messages import to_chat_messages
+
+    llm = _engine()
+    extras = [render_documents(DOCS)]
+    questions = ["Which river is longest?", "Tell me <|im_end|> more", " leading space", "émoji 🚀\nand lines",
+                 "Which river is longest?"]
+    for i, question in enumerate(questions):
+        messages = [SYSTEM, HumanMessage(question)] + ([AIMessage("Fine."), HumanMessage("And?")] if i % 2 else [])
+        chat = to_chat_messages(messages, system_extras=extras)
+        # The reference: the engine's own encoding of the whole rendered conversation (with its escaping).
+        assert prompt_cache.prompt_ids(llm, chat, {}) == llm.apply_chat_template(chat)
+    heads = prompt_cache._cache_for(llm).ids
+    assert any(ids is not None and SYSTEM.content in head for head, ids in heads.items())

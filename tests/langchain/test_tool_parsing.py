@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 from langchain_core.documents import Document
 
-from braid_langchain.chunks import ChunkBuilder
+from braid_langchain.streaming import ReplyBuilder, with_errors
 from braid_langchain.documents import render_documents
 from braid_langchain.tool_parser import ParsedCall, ToolCallStream, parse_tool_calls
 from braid_langchain.tools import (
@@ -157,7 +157,7 @@ def collect(builder, texts):
 
 
 def test_text_chunks_and_exactly_one_usage_chunk():
-    chunks = collect(ChunkBuilder("m"), ["Hel", "lo", ""])
+    chunks = collect(ReplyBuilder("m"), ["Hel", "lo", ""])
     assert [c.message.content for c in chunks] == ["Hel", "lo", ""]
     assert [c.message.usage_metadata is not None for c in chunks] == [False, False, True]
     last = chunks[-1].message
@@ -170,7 +170,7 @@ def test_text_chunks_and_exactly_one_usage_chunk():
 def test_tool_calls_stream_as_tool_call_chunks():
     texts = ["Checking.", "<tool_call>", '{"name": "get_time", "arguments": {}}', "</tool_call>",
              '<tool_call>{"name": "get_weather", "arguments": {"city": </tool_call>']
-    chunks = collect(ChunkBuilder("m", "auto"), texts)
+    chunks = collect(ReplyBuilder("m", "auto"), texts)
     full = chunks[0].message
     for c in chunks[1:]:
         full = full + c.message
@@ -181,11 +181,45 @@ def test_tool_calls_stream_as_tool_call_chunks():
 
 
 def test_truncated_forced_call_stays_invalid_after_lenient_merge():
-    chunks = collect(ChunkBuilder("m", "forced"), ['{"name": "get_weather", ', '"arguments": {"city": "Par'])
+    builder = ReplyBuilder("m", "forced")
+    texts = ['{"name": "get_weather", ', '"arguments": {"city": "Par']
+    chunks = [c for t in texts[:-1] for c in builder.add(engine_chunk(t))]
+    chunks += builder.add(engine_chunk(texts[-1], "length"))
     full = chunks[0].message
     for c in chunks[1:]:
         full = full + c.message
     assert full.tool_calls == [] and full.invalid_tool_calls[0]["name"] == "get_weather"
+    assert full.response_metadata["finish_reason"] == "length"
+    message = with_errors(full, builder.errors)
+    assert message.invalid_tool_calls[0]["error"] == (
+        "the reply was cut by max_tokens (finish_reason 'length') inside this call: "
+        "the reply is not a complete JSON tool call")
+
+
+def test_finish_reason_is_tool_calls_when_a_call_ends_the_turn():
+    call = '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>'
+    assert collect(ReplyBuilder("m", "auto"), [call, ""])[-1].message.response_metadata["finish_reason"] == \
+        "tool_calls"
+    assert collect(ReplyBuilder("m", "auto"), ["No call.", ""])[-1].message.response_metadata["finish_reason"] == \
+        "stop"
+    bad = '<tool_call>{"name": "get_time"</tool_call>'
+    assert collect(ReplyBuilder("m", "auto"), [bad, ""])[-1].message.response_metadata["finish_reason"] == "stop"
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call_only():
+    two = ('<tool_call>{"name": "a", "arguments": {}}</tool_call>'
+           '<tool_call>{"name": "b", "arguments": {}}</tool_call>')
+    names = lambda builder: [c["name"] for ch in collect(builder, [two, ""])  # noqa: E731
+                             for c in ch.message.tool_call_chunks]
+    assert names(ReplyBuilder("m", "auto")) == ["a", "b"]
+    assert names(ReplyBuilder("m", "auto", max_calls=1)) == ["a"]
+
+
+def test_cache_read_is_capped_by_what_was_cached_before_the_call():
+    builder = ReplyBuilder("m")
+    builder.max_cache_read = 8  # pinning computed tokens 8..16 in this call; the engine saw 16 cached
+    usage = builder.add(engine_chunk("", "stop"))[-1].message.usage_metadata
+    assert usage["input_token_details"] == {"cache_read": 8, "cache_creation": 12}
 
 
 # --- documents ------------------------------------------------------------------------------------------------

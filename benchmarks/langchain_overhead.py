@@ -1,0 +1,148 @@
+"""ChatBraid's host overhead under load: concurrent `ainvoke` calls vs `LLM.generate` on the same prompts, one run.
+
+    python benchmarks/langchain_overhead.py                       # CPU, embedded SmolLM2-135M-Instruct, small sizes
+    python benchmarks/langchain_overhead.py --profile             # and the top host functions of the ChatBraid run
+    python benchmarks/langchain_overhead.py --random-smollm2 --tokenizer DIR --concurrency 128 --doc-tokens 1500
+                                                                  # CUDA: SmolLM2-135M-shaped random bf16 weights
+    python benchmarks/langchain_overhead.py --model PATH          # any local model directory or .gguf
+
+Every call shares one system prompt and one document (RAG-style) and asks its own short question; answers are
+greedy and short (`--max-tokens`). Both sides run on the same engine and the same prompt token ids (rendered once by
+ChatBraid's request builder), after a warm-up that computes the shared prefix for both, so the difference is the
+adapter's host work per call: request building, pinning, streaming deltas into LangChain chunks, callbacks. Output
+tok/s counts the tokens each side generated (greedy, so both generate the same tokens). `--random-smollm2` needs a
+saved SmolLM2 tokenizer directory (`--tokenizer`, or BRAID_TEST_TOKENIZER): the embedded GGUF is not required.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import os
+import pstats
+import shutil
+import tempfile
+import time
+
+SYSTEM = "You are a helpful assistant. Answer from the document in one short sentence."
+SENTENCE = ("The river delta spreads into many channels, and the farmers who live there plant rice in the wet season "
+            "and beans in the dry season. ")
+
+
+def random_smollm2(tokenizer_dir: str) -> str:
+    """A directory holding SmolLM2-135M's shape (30 layers, hidden 576, 9 heads / 3 KV heads) with random bf16
+    weights and the given tokenizer (its chat template included)."""
+    import torch
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = transformers.LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        torch_dtype="bfloat16")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    path = tempfile.mkdtemp(prefix="smollm2-random-")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def main() -> None:
+    args = _parse()
+    model = args.model
+    if args.random_smollm2:
+        tokenizer = args.tokenizer or os.environ.get("BRAID_TEST_TOKENIZER")
+        if not tokenizer:
+            raise SystemExit("--random-smollm2 needs --tokenizer DIR (or BRAID_TEST_TOKENIZER): a saved SmolLM2 "
+                             "tokenizer directory")
+        model = random_smollm2(tokenizer)
+    try:
+        run(args, model)
+    finally:
+        if args.random_smollm2:
+            shutil.rmtree(model, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, model: str | None) -> None:
+    from langchain_core.documents import Document
+    from langchain_core.messages import HumanMessage, SystemMessage
+
+    from braid_langchain import ChatBraid, engines
+    from braidinfer import SamplingParams
+
+    settings = {"max_num_seqs": max(args.concurrency, 1)}
+    chat = ChatBraid(model=model, device=args.device, temperature=0.0, max_tokens=args.max_tokens,
+                     engine_kwargs=settings)
+    llm = engines.get_engine(model, args.device, "auto", **settings)
+    words = SENTENCE.split()
+    doc_words = []
+    while len(llm.tokenizer(" ".join(doc_words))["input_ids"]) < args.doc_tokens:
+        doc_words += words
+    document = Document(" ".join(doc_words), id="delta")
+    conversations = [[SystemMessage(SYSTEM), HumanMessage(f"Question {i}: what do the farmers plant, and when?")]
+                     for i in range(args.calls)]
+    prompts = [chat._request(m, None, llm, {"documents": [document]}).prompt for m in conversations]
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+
+    def run_raw() -> tuple[float, int]:
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params)
+        return time.perf_counter() - start, sum(len(o.token_ids) for o in outputs)
+
+    async def run_chat() -> tuple[float, int]:
+        limit = asyncio.Semaphore(args.concurrency)
+
+        async def one(messages):
+            async with limit:
+                return await chat.ainvoke(messages, documents=[document])
+
+        start = time.perf_counter()
+        replies = await asyncio.gather(*(one(m) for m in conversations))
+        return time.perf_counter() - start, sum(r.usage_metadata["output_tokens"] for r in replies)
+
+    run_raw()  # warm-up: the shared prefix computed and cached, CUDA graphs captured
+    asyncio.run(run_chat())
+    raw, ours = [], []
+    for _ in range(args.repeats):  # interleaved, best of N for both
+        raw.append(run_raw())
+        ours.append(asyncio.run(run_chat()))
+    raw_s, raw_tokens = min(raw)
+    chat_s, chat_tokens = min(ours)
+    prompt_len = sum(map(len, prompts)) / len(prompts)
+    print(f"model {model or 'embedded SmolLM2-135M-Instruct'} on {llm.engine.device}; {args.calls} calls, "
+          f"{args.concurrency} concurrent, prompts of {prompt_len:.0f} tokens (document {args.doc_tokens}), "
+          f"max {args.max_tokens} new tokens, best of {args.repeats}")
+    print(f"LLM.generate          {raw_tokens / raw_s:10.1f} output tok/s  ({raw_tokens} tokens, {raw_s:.3f} s)")
+    print(f"ChatBraid.ainvoke     {chat_tokens / chat_s:10.1f} output tok/s  ({chat_tokens} tokens, {chat_s:.3f} s)")
+    print(f"ratio                 {(chat_tokens / chat_s) / (raw_tokens / raw_s):10.2f}x")
+    print(f"host time per call    {(chat_s - raw_s) / args.calls * 1e3:10.2f} ms more than the raw engine")
+    if args.profile:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        asyncio.run(run_chat())
+        profiler.disable()  # the caller's thread only: the engine thread's work is not in it
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(args.profile_lines)
+
+
+def _parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="local model directory or .gguf (default: the embedded model)")
+    p.add_argument("--random-smollm2", action="store_true", help="SmolLM2-135M-shaped random bf16 weights")
+    p.add_argument("--tokenizer", default=None, help="saved SmolLM2 tokenizer directory, for --random-smollm2")
+    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    p.add_argument("--concurrency", type=int, default=8, help="concurrent ainvoke calls (GPU target: 128)")
+    p.add_argument("--calls", type=int, default=None, help="calls per run (default: 2 x concurrency)")
+    p.add_argument("--doc-tokens", type=int, default=300, help="shared document length (GPU: 1500)")
+    p.add_argument("--max-tokens", type=int, default=8, help="answer length limit")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--profile", action="store_true", help="cProfile one more ChatBraid run (caller thread)")
+    p.add_argument("--profile-lines", type=int, default=25)
+    args = p.parse_args()
+    args.calls = args.calls or 2 * args.concurrency
+    return args
+
+
+if __name__ == "__main__":
+    main()

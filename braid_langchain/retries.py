@@ -1,0 +1,105 @@
+"""ChatBraid's `timeout` and `max_retries`: per-call deadlines and retries of transient engine failures (tenacity).
+
+Transient, so retried: a request failed by a CUDA out-of-memory error in its engine step (the engine keeps serving,
+and memory may be free a moment later), and an engine whose loop died (the engine registry loads a fresh one on
+the next call). Never retried: invalid requests, timeouts, and anything else the engine raises on purpose.
+
+A deadline is a `time.monotonic()` value (None = none); running past it raises
+`braidinfer.errors.RequestTimeoutError`, a `TimeoutError`.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable
+from concurrent import futures
+from typing import Any, TypeVar
+
+from tenacity import AsyncRetrying, Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+T = TypeVar("T")
+
+_BACKOFF = wait_exponential(multiplier=0.05, max=2.0)  # 0.05 s, 0.1 s, ... like an HTTP client's retry backoff
+_executor: futures.ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether a failed call may succeed when tried again (see the module docs)."""
+    from braidinfer.errors import EngineDeadError, RequestFailedError
+
+    if isinstance(error, EngineDeadError):
+        return True
+    if isinstance(error, RequestFailedError):  # the engine wraps what broke inside a step as the cause
+        return any(cls.__name__ == "OutOfMemoryError" for cls in type(error.__cause__).__mro__)
+    return False
+
+
+def retrying(max_retries: int) -> Retrying:
+    """Calls a function, retrying it up to `max_retries` times on transient failures; the last error is re-raised."""
+    return Retrying(retry=retry_if_exception(is_transient), stop=stop_after_attempt(max_retries + 1), wait=_BACKOFF,
+                    reraise=True)
+
+
+def aretrying(max_retries: int) -> AsyncRetrying:
+    """`retrying` for coroutine functions."""
+    return AsyncRetrying(retry=retry_if_exception(is_transient), stop=stop_after_attempt(max_retries + 1),
+                         wait=_BACKOFF, reraise=True)
+
+
+def remaining(deadline: float | None) -> float | None:
+    """Seconds left before `deadline` (None: no deadline); raises RequestTimeoutError once it has passed."""
+    import time
+
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise _timeout_error()
+    return left
+
+
+def call_within(deadline: float | None, fn: Callable[[], T]) -> T:
+    """fn() (blocking engine work that takes no deadline itself, e.g. pinning), given up on at `deadline`.
+
+    With a deadline fn runs in a worker thread; past the deadline the caller gets RequestTimeoutError and fn
+    finishes on its own (a pin that completes late stays pinned, for later calls)."""
+    if deadline is None:
+        return fn()
+    left = remaining(deadline)
+    future = _pool().submit(fn)
+    try:
+        return future.result(timeout=left)
+    except futures.TimeoutError:
+        raise _timeout_error() from None
+
+
+async def within(deadline: float | None, make: Callable[[], Awaitable[T]]) -> T:
+    """await make(), cancelled at `deadline` (cancelling an engine request aborts it and frees its pages)."""
+    if deadline is None:
+        return await make()
+    left = remaining(deadline)
+    try:
+        return await asyncio.wait_for(make(), left)
+    except _timeout_type():
+        raise
+    except asyncio.TimeoutError:
+        raise _timeout_error() from None
+
+
+def _pool() -> futures.ThreadPoolExecutor:
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="braid-pin")
+        return _executor
+
+
+def _timeout_type() -> Any:
+    from braidinfer.errors import RequestTimeoutError
+
+    return RequestTimeoutError
+
+
+def _timeout_error() -> Exception:
+    return _timeout_type()("the call ran past its ChatBraid timeout; its request was aborted")

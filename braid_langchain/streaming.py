@@ -1,0 +1,131 @@
+"""Engine completion deltas -> LangChain `ChatGenerationChunk`s. Shared by `_stream` and `_astream`; no engine calls.
+
+Text streams as it becomes final (text that may be a tool call is held back until it is decided); each complete
+tool call becomes one `tool_call_chunk`; the last chunk, and only it, carries `usage_metadata`,
+`response_metadata` and `chunk_position="last"`.
+
+`finish_reason` follows OpenAI: "tool_calls" when the turn ended with a call, "length" when max_tokens (or the
+context) cut the reply, "stop" otherwise. A malformed call (a call cut by max_tokens included) becomes an
+invalid tool call whose `error` says why; LangChain's own merging of streamed chunks drops that `error`, so
+`ReplyBuilder.errors` keeps it for the non-streaming result (see `with_errors`).
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any, Literal, Protocol
+
+from langchain_core.messages import AIMessageChunk
+from langchain_core.messages.ai import InputTokenDetails, UsageMetadata
+from langchain_core.messages.tool import tool_call_chunk
+from langchain_core.outputs import ChatGenerationChunk
+from langchain_core.utils.json import parse_partial_json
+
+from braid_langchain.tool_parser import ParsedCall, ToolCallStream
+
+ToolMode = Literal["off", "auto", "forced"]
+PROVIDER = "braid"
+
+
+class EngineUsage(Protocol):
+    prompt_tokens: int
+    cached_prompt_tokens: int
+    completion_tokens: int
+
+
+class EngineDelta(Protocol):
+    """What is read from one streamed piece of an engine completion (`braidinfer.CompletionDelta`)."""
+
+    text: str
+    finish_reason: str | None
+    usage: EngineUsage | None
+
+
+class ReplyBuilder:
+    """Turns one request's engine deltas into LangChain chunks. `tool_mode`: "off" (plain text), "auto" (calls
+    parsed from the reply), "forced" (the reply is one constrained JSON call)."""
+
+    def __init__(self, model_name: str, tool_mode: ToolMode = "off", *, max_calls: int | None = None):
+        self.model_name = model_name
+        self._calls = None if tool_mode == "off" else ToolCallStream(forced=tool_mode == "forced")
+        self._num_calls = 0
+        self.max_calls = max_calls
+        """Most tool calls kept from the reply (parallel_tool_calls=False: 1); later ones are dropped."""
+        self.errors: dict[str, str] = {}
+        """Call id -> why the call is invalid, for every invalid call so far."""
+        self.caching = True
+        """Whether the engine keeps computed prompt tokens (prefix caching); when not, cache_creation is 0."""
+        self.max_cache_read: int | None = None
+        """Most prompt tokens that were in the cache before this call began, when the call itself computed some
+        of the prompt before its request ran (pinning prefills); the engine counts those as read from the cache."""
+
+    def add(self, chunk: EngineDelta) -> list[ChatGenerationChunk]:
+        """The LangChain chunks for one engine chunk (possibly none while text is held back)."""
+        events: list[str | ParsedCall]
+        if self._calls is None:
+            events = [chunk.text] if chunk.text else []
+        else:
+            events = self._calls.feed(chunk.text)
+            if chunk.finish_reason is not None:
+                events += self._calls.finish()
+        cut = chunk.finish_reason == "length"
+        messages = [m for m in (self._message(e, cut) for e in events) if m is not None]
+        if chunk.finish_reason is not None:
+            last = messages.pop() if messages else AIMessageChunk(content="")
+            messages.append(self._finish(last, chunk))
+        return [ChatGenerationChunk(message=m) for m in messages]
+
+    def _message(self, event: str | ParsedCall, cut: bool) -> AIMessageChunk | None:
+        if isinstance(event, str):
+            return AIMessageChunk(content=event)
+        if self.max_calls is not None and self._num_calls >= self.max_calls:
+            return None
+        index, self._num_calls = self._num_calls, self._num_calls + 1
+        call_id = f"call_{uuid.uuid4().hex[:24]}"
+        if event.args is not None:
+            args = json.dumps(event.args, ensure_ascii=False)
+        else:
+            args = invalid_args(event.raw)
+            cause = "the reply was cut by max_tokens (finish_reason 'length') inside this call: " if cut else ""
+            self.errors[call_id] = cause + (event.error or "malformed tool call")
+        call = tool_call_chunk(name=event.name, args=args, id=call_id, index=index)
+        return AIMessageChunk(content="", tool_call_chunks=[call])
+
+    def _finish(self, message: AIMessageChunk, chunk: EngineDelta) -> AIMessageChunk:
+        reason = chunk.finish_reason
+        if reason == "stop" and self._num_calls > len(self.errors):  # a valid call ended the turn
+            reason = "tool_calls"
+        metadata = {"model_name": self.model_name, "finish_reason": reason, "model_provider": PROVIDER}
+        usage = usage_metadata(chunk.usage, self.max_cache_read, self.caching) if chunk.usage is not None else None
+        return AIMessageChunk(content=message.content, tool_call_chunks=message.tool_call_chunks,
+                              usage_metadata=usage, response_metadata=metadata, chunk_position="last")
+
+
+def with_errors(message: Any, errors: dict[str, str]) -> Any:
+    """`message` (an AIMessage) with each invalid tool call's `error` filled in from `errors` (call id -> why)."""
+    if not errors or not message.invalid_tool_calls:
+        return message
+    invalid = [{**tc, "error": tc.get("error") or errors.get(tc.get("id") or "")} for tc in message.invalid_tool_calls]
+    return message.model_copy(update={"invalid_tool_calls": invalid})
+
+
+def usage_metadata(usage: EngineUsage, max_cache_read: int | None = None, caching: bool = True) -> UsageMetadata:
+    """Engine token counts as LangChain usage. cache_read: prompt tokens computed before this call began;
+    cache_creation: the rest of the prompt, computed by this call and kept in the prefix cache (0 when the engine
+    runs without one). `max_cache_read`: see `ReplyBuilder.max_cache_read`."""
+    cached = usage.cached_prompt_tokens if max_cache_read is None else min(usage.cached_prompt_tokens, max_cache_read)
+    created = usage.prompt_tokens - cached if caching else 0
+    return UsageMetadata(
+        input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens,
+        total_tokens=usage.prompt_tokens + usage.completion_tokens,
+        input_token_details=InputTokenDetails(cache_read=cached, cache_creation=created))
+
+
+def invalid_args(raw: str) -> str:
+    """The args string of a malformed call. LangChain re-parses streamed args leniently (closing brackets), so
+    raw text that would parse to an object is passed as a JSON string and the call stays invalid."""
+    try:
+        lenient: Any = parse_partial_json(raw)
+    except Exception:  # any parse failure keeps the call invalid, which is the point
+        return raw
+    return json.dumps(raw, ensure_ascii=False) if isinstance(lenient, dict) else raw

@@ -1,0 +1,217 @@
+"""ChatBraid's standard parameters and OpenAI-style arguments: timeout, max_retries (faults injected as in
+tests/reliability/test_faults.py), engine settings, response_format (also through `create_agent`), tool kwargs,
+serialization."""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+import pytest
+import torch
+from langchain_core.load import dumps, loads
+from langchain_core.messages import HumanMessage
+from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.tools import tool
+from langchain_core.utils.json import parse_partial_json
+from pydantic import BaseModel
+
+from braid_langchain import ChatBraid, engines
+from braidinfer.errors import EngineDeadError, InvalidRequestError, RequestFailedError, RequestTimeoutError
+from tests.conftest import build_tiny_model
+from tests.reliability.support import idle_problems
+
+TINY = {"device": "cpu", "dtype": "float32", "temperature": 0.0, "max_tokens": 8}
+
+
+class Fatal(BaseException):
+    """Kills the engine loop itself (not an Exception, so the step's own error handling does not catch it)."""
+
+
+@tool
+def get_weather(city: str) -> str:
+    """Get the current weather in a city."""
+    return "sunny"
+
+
+class Weather(BaseModel):
+    city: str
+    sky: str
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory, smollm_tokenizer) -> str:
+    """A directory holding a tiny random Llama with SmolLM2's tokenizer and chat template."""
+    path = tmp_path_factory.mktemp("tiny-llama-params")
+    build_tiny_model("llama", path, smollm_tokenizer, seed=11)
+    return str(path)
+
+
+@pytest.fixture
+def tiny_chat(tiny_llama):
+    """A ChatBraid on the tiny random model with an engine of its own (closed after the test)."""
+    settings = {"num_kv_pages": 1024, "page_size": 4, "max_model_len": 256}
+    yield ChatBraid(model=tiny_llama, **TINY, engine_kwargs=settings)
+    engines.close_engine(tiny_llama, "cpu", "float32", **settings)
+
+
+def _engine(chat: ChatBraid):
+    return engines.get_engine(chat.model, chat.device, chat.dtype, **chat.engine_kwargs)
+
+
+def _slow_steps(monkeypatch, llm, seconds: float) -> None:
+    step = llm.engine.step
+
+    def slow():
+        threading.Event().wait(seconds)
+        step()
+
+    monkeypatch.setattr(llm.engine, "step", slow)
+
+
+# --- engine settings ---------------------------------------------------------------------------------------------
+def test_engine_kwargs_reach_the_engine_and_engines_are_shared_per_configuration(tiny_chat, tiny_llama):
+    engine = _engine(tiny_chat)
+    assert (engine.config.num_kv_pages, engine.config.page_size, engine.config.max_model_len) == (1024, 4, 256)
+    same = ChatBraid(model=tiny_llama, **TINY, engine_kwargs=dict(reversed(tiny_chat.engine_kwargs.items())))
+    assert _engine(same) is engine
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        ChatBraid(model=tiny_llama, **TINY, engine_kwargs={"max_num_seqs": 0})
+    with pytest.raises(ValueError, match="engine_kwargs may not set \\['dtype'\\]"):
+        ChatBraid(model=tiny_llama, **TINY, engine_kwargs={"dtype": "float16"})
+
+
+# --- timeout -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("how", ["invoke", "stream", "ainvoke"])
+def test_timeout_aborts_the_request_and_frees_its_pages(tiny_chat, monkeypatch, how):
+    llm = _engine(tiny_chat)
+    expected = tiny_chat.invoke("Hello there").content
+    _slow_steps(monkeypatch, llm, 0.2)  # 8 tokens take 1.6 s now
+    chat = tiny_chat.model_copy(update={"timeout": 0.5, "max_retries": 2})
+    with pytest.raises(TimeoutError) as caught:
+        if how == "invoke":
+            chat.invoke("Hello there")
+        elif how == "stream":
+            list(chat.stream("Hello there"))
+        else:
+            asyncio.run(chat.ainvoke("Hello there"))
+    assert isinstance(caught.value, RequestTimeoutError)
+    monkeypatch.undo()
+    assert not idle_problems(llm)  # aborted, nothing left running or holding pages (pins aside)
+    assert tiny_chat.invoke("Hello there").content == expected  # and the engine serves on
+
+
+# --- max_retries -------------------------------------------------------------------------------------------------
+def _oom_first_runs(monkeypatch, llm, times: int) -> list[int]:
+    """The first `times` forwards raise CUDA's out-of-memory error; returns the call counter."""
+    run, calls = llm.engine.runner.run, [0]
+
+    def flaky(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] <= times:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(llm.engine.runner, "run", flaky)
+    return calls
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_a_request_failed_by_out_of_memory_is_retried(tiny_chat, monkeypatch, asynchronous):
+    expected = tiny_chat.invoke("Hello there").content
+    calls = _oom_first_runs(monkeypatch, _engine(tiny_chat), times=2)
+    chat = tiny_chat.model_copy(update={"max_retries": 2})
+    reply = asyncio.run(chat.ainvoke("Hello there")) if asynchronous else chat.invoke("Hello there")
+    assert reply.content == expected and calls[0] > 2
+
+
+def test_retries_stop_at_max_retries(tiny_chat, monkeypatch):
+    _oom_first_runs(monkeypatch, _engine(tiny_chat), times=2)
+    with pytest.raises(RequestFailedError, match="OutOfMemoryError"):
+        tiny_chat.model_copy(update={"max_retries": 1}).invoke("Hello there")
+
+
+def test_a_dead_engine_is_replaced_and_the_call_retried(tiny_chat, monkeypatch):
+    expected = tiny_chat.invoke("Hello there").content
+    first = _engine(tiny_chat)
+
+    def die():
+        raise Fatal("injected loop fault")
+
+    monkeypatch.setattr(first.engine, "step", die)
+    with pytest.raises(EngineDeadError):
+        tiny_chat.model_copy(update={"max_retries": 0}).invoke("Hello there")
+    monkeypatch.undo()
+    monkeypatch.setattr(_engine(tiny_chat).engine, "step", die)  # the fresh engine dies in the first attempt too
+    second = _engine(tiny_chat)
+    assert tiny_chat.invoke("Hello there").content == expected  # max_retries=2: a third engine answers
+    assert _engine(tiny_chat) not in (first, second)
+
+
+def test_invalid_requests_are_never_retried(tiny_chat, monkeypatch):
+    llm = _engine(tiny_chat)
+    make, calls = llm.engine.make_sequence, [0]
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return make(*args, **kwargs)
+
+    monkeypatch.setattr(llm.engine, "make_sequence", counted)
+    with pytest.raises(InvalidRequestError, match="context"):
+        tiny_chat.invoke("word " * 400)  # longer than max_model_len=256
+    assert calls[0] == 1
+
+
+# --- response_format and tool kwargs -----------------------------------------------------------------------------
+def test_response_format_constrains_the_reply(chat):
+    schema_reply = chat.invoke("Weather in Paris, as JSON.", response_format=Weather, max_tokens=48)
+    assert schema_reply.response_metadata["finish_reason"] == "stop"
+    assert sorted(json.loads(schema_reply.content)) == ["city", "sky"]
+    schema = Weather.model_json_schema()
+    openai_style = {"type": "json_schema", "json_schema": {"name": "Weather", "schema": schema}}
+    assert chat.invoke("Weather in Paris, as JSON.", response_format=openai_style, max_tokens=48).content == \
+        chat.invoke("Weather in Paris, as JSON.", response_format=schema, max_tokens=48).content
+    free = chat.invoke("Describe a cat.", max_tokens=16)
+    constrained = chat.invoke("Describe a cat.", max_tokens=16, response_format={"type": "json_object"})
+    assert not free.content.startswith("{")
+    assert constrained.content.startswith("{") and isinstance(parse_partial_json(constrained.content), dict)
+    with pytest.raises(ValueError, match="response_format type 'xml'"):
+        chat.invoke("Hi", response_format={"type": "xml"})
+
+
+def test_create_agent_with_a_structured_response(chat):
+    agents = pytest.importorskip("langchain.agents")
+    agent = agents.create_agent(chat.model_copy(update={"max_tokens": 48}), [], response_format=Weather)
+    result = agent.invoke({"messages": [HumanMessage("What is the weather in Paris? Say the sky is clear.")]})
+    assert isinstance(result["structured_response"], Weather)
+
+
+def test_create_agent_with_tools_and_a_structured_response_gets_a_call_or_the_object(chat):
+    """With tools and response_format the reply is constrained to a tool call or the response object: whichever
+    the model picks, it parses."""
+    model = chat.bind_tools([get_weather], response_format=Weather, parallel_tool_calls=False, strict=True)
+    reply = model.invoke("What is the weather in Paris?", max_tokens=48)
+    assert reply.response_metadata["finish_reason"] in ("tool_calls", "stop")
+    if reply.tool_calls:
+        assert reply.response_metadata["finish_reason"] == "tool_calls"
+        assert [c["name"] for c in reply.tool_calls] == ["get_weather"] and not reply.content
+    else:
+        Weather.model_validate_json(reply.content)
+
+
+def test_unknown_tool_kwargs_are_still_refused(chat):
+    with pytest.raises(ValueError, match="unknown call argument"):
+        chat.bind_tools([get_weather], frobnicate=True).invoke("Hi")
+
+
+# --- serialization -----------------------------------------------------------------------------------------------
+def test_a_chain_holding_chat_braid_round_trips_through_dumps_and_loads(tiny_chat):
+    chain = ChatPromptTemplate.from_messages([("system", "Be brief."), ("human", "{question}")]) | tiny_chat
+    text = dumps(chain)
+    path = ("braid_langchain", "chat_models", "ChatBraid")
+    restored = loads(text, valid_namespaces=["braid_langchain"], allowed_objects="core",
+                     additional_import_mappings={path: path})
+    model = restored.last
+    assert isinstance(model, ChatBraid) and model is not tiny_chat
+    assert model.model_dump() == tiny_chat.model_dump()
+    assert restored.invoke({"question": "Hi"}).content == chain.invoke({"question": "Hi"}).content
