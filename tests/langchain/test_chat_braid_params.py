@@ -150,13 +150,13 @@ def test_a_dead_engine_is_replaced_and_the_call_retried(tiny_chat, monkeypatch):
 
 def test_invalid_requests_are_never_retried(tiny_chat, monkeypatch):
     llm = _engine(tiny_chat)
-    make, calls = llm.engine.make_sequence, [0]
+    make, calls = llm.engine.requests.sequence, [0]
 
     def counted(*args, **kwargs):
         calls[0] += 1
         return make(*args, **kwargs)
 
-    monkeypatch.setattr(llm.engine, "make_sequence", counted)
+    monkeypatch.setattr(llm.engine.requests, "sequence", counted)
     with pytest.raises(InvalidRequestError, match="context"):
         tiny_chat.invoke("word " * 400)  # longer than max_model_len=256
     assert calls[0] == 1
