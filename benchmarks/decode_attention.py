@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels.decode_attention import (  # noqa: E402
+from braid_kernels.decode_attention import (  # noqa: E402
     DecodeWorkspace, decode_attention, default_block_n, default_num_splits, default_num_warps)
 from latency import time_graph  # noqa: E402
 

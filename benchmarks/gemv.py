@@ -27,8 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from latency import QWEN3_0_6B, SMOLLM2_135M, copy_bandwidth, time_graph
 
-import kernels
-from kernels.gemv import GemvConfig, launch_config
+import braid_kernels as kernels
+from braid_kernels.gemv import GemvConfig, launch_config
 
 MODELS = {"qwen3-0.6b": QWEN3_0_6B, "smollm2-135m": SMOLLM2_135M}
 L2_BYTES_TO_DEFEAT = 160e6  # > 3x the H100's 50 MB L2

@@ -3,8 +3,8 @@
 Standalone: nothing here imports braidinfer. The kernels need CUDA tensors, or TRITON_INTERPRET=1 set before this
 package is imported to run them on the CPU (slowly; that is how CI tests them).
 """
-from kernels.decode_attention import DecodeWorkspace, decode_attention, decode_attention_ref
-from kernels.gemv import (
+from .decode_attention import DecodeWorkspace, decode_attention, decode_attention_ref
+from .gemv import (
     fused_add_rms_norm_gemv,
     fused_add_rms_norm_gemv_ref,
     gemv,
@@ -14,9 +14,9 @@ from kernels.gemv import (
     silu_and_mul_gemv,
     silu_and_mul_gemv_ref,
 )
-from kernels.qk_norm_rope import qk_norm_rope_write_kv, qk_norm_rope_write_kv_ref
-from kernels.rmsnorm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
-from kernels.silu_mul import silu_and_mul, silu_and_mul_ref
+from .qk_norm_rope import qk_norm_rope_write_kv, qk_norm_rope_write_kv_ref
+from .rmsnorm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
+from .silu_mul import silu_and_mul, silu_and_mul_ref
 
 __all__ = [
     "DecodeWorkspace", "decode_attention", "decode_attention_ref",

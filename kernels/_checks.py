@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.numerics import is_interpreted
+from .numerics import is_interpreted
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)

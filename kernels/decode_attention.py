@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._checks import check_devices, check_last_dim_contiguous, check_same_dtype, check_shape, check_tensor
-from kernels.numerics import INTERPRETED, round_to_dtype
+from ._checks import check_devices, check_last_dim_contiguous, check_same_dtype, check_shape, check_tensor
+from .numerics import INTERPRETED, round_to_dtype
 
 KV_DTYPES = (torch.float16, torch.bfloat16)
 MIN_SPLIT_TOKENS = 32  # fewest KV tokens a slice gets: below it, a program's fixed latency outweighs its reads

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._checks import (
+from ._checks import (
     FLOAT_DTYPES,
     check_devices,
     check_last_dim_contiguous,
@@ -34,9 +34,9 @@ from kernels._checks import (
     check_shape,
     check_tensor,
 )
-from kernels.numerics import LAUNCH_OPTIONS, exp, round_to_dtype
-from kernels.rmsnorm import fused_add_rms_norm_ref, rms_norm_ref, rms_scale
-from kernels.silu_mul import silu_and_mul_ref
+from .numerics import LAUNCH_OPTIONS, exp, round_to_dtype
+from .rmsnorm import fused_add_rms_norm_ref, rms_norm_ref, rms_scale
+from .silu_mul import silu_and_mul_ref
 
 MAX_ROWS = 8  # rows of x per launch; every program holds BLOCK_M x BLOCK_N x BLOCK_K float32 partial sums
 # The prologue applied to x (constexpr globals, so that the kernel can compare with them).

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._checks import (
+from ._checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
     check_devices,
@@ -27,8 +27,8 @@ from kernels._checks import (
     check_shape,
     check_tensor,
 )
-from kernels.numerics import LAUNCH_OPTIONS, round_to_dtype
-from kernels.rmsnorm import rms_norm_ref, rms_scale
+from .numerics import LAUNCH_OPTIONS, round_to_dtype
+from .rmsnorm import rms_norm_ref, rms_scale
 
 
 def qk_norm_rope_write_kv_ref(qkv, positions, cos, sin, kv_cache, slot_mapping,

@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._checks import FLOAT_DTYPES, check_devices, check_same_dtype, check_shape, check_tensor
-from kernels.numerics import LAUNCH_OPTIONS, round_to_dtype
+from ._checks import FLOAT_DTYPES, check_devices, check_same_dtype, check_shape, check_tensor
+from .numerics import LAUNCH_OPTIONS, round_to_dtype
 
 MAX_HIDDEN = 65536  # one program holds a whole row in registers
 

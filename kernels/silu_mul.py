@@ -13,8 +13,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._checks import FLOAT_DTYPES, check_devices, check_tensor
-from kernels.numerics import LAUNCH_OPTIONS, exp, round_to_dtype
+from ._checks import FLOAT_DTYPES, check_devices, check_tensor
+from .numerics import LAUNCH_OPTIONS, exp, round_to_dtype
 
 BLOCK = 1024
 

@@ -242,7 +242,7 @@ class _TritonDecode:
     (its arrival counters must persist from replay to replay) and the slice count fixed for the captured grid."""
 
     def __init__(self, backend: FlashInferAttention, batch_size: int, max_num_kv_indices: int):
-        from kernels.decode_attention import DecodeWorkspace, decode_attention, default_num_splits
+        from braid_kernels.decode_attention import DecodeWorkspace, decode_attention, default_num_splits
 
         device = backend.kv_cache.device
         num_sms = torch.cuda.get_device_properties(device).multi_processor_count

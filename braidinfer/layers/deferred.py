@@ -19,6 +19,6 @@ class Deferred:
 def triton_kernels():
     """The `kernels` package, imported on first use: importing it decorates its Triton functions, which must happen
     after a test sets TRITON_INTERPRET. Calls go through the module's attributes (tests count them there)."""
-    import kernels
+    import braid_kernels as kernels
 
     return kernels

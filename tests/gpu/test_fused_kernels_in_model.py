@@ -60,7 +60,7 @@ def test_batch_one_decode_through_gemv_graphs(arch, tmp_path, smollm_tokenizer, 
     """One request at a time on the default engine (FlashInfer, CUDA graphs): its decode steps replay graphs of
     the GEMV path, are as accurate against the fp32 model as the PyTorch path's, and give its logprobs within
     DEFAULT_PATH_TOL wherever the context is the same (a gentle model: see test_gpu_parity.py)."""
-    import kernels
+    import braid_kernels as kernels
 
     calls = []
     original = kernels.silu_and_mul_gemv

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.decode_attention import DecodeWorkspace, decode_attention, decode_attention_ref
+from braid_kernels.decode_attention import DecodeWorkspace, decode_attention, decode_attention_ref
 from tests.support.numerics import ATTENTION_REL_TOL, assert_attention_close, relative_errors
 
 

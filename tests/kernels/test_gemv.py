@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import (
+from braid_kernels import (
     fused_add_rms_norm_gemv,
     fused_add_rms_norm_gemv_ref,
     fused_add_rms_norm_ref,
@@ -19,7 +19,7 @@ from kernels import (
     silu_and_mul_gemv_ref,
     silu_and_mul_ref,
 )
-from kernels.gemv import MAX_ROWS, GemvConfig
+from braid_kernels.gemv import MAX_ROWS, GemvConfig
 from tests.kernels.common import (
     assert_rounding_matches,
     assert_same_bits,

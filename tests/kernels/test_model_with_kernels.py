@@ -43,7 +43,7 @@ def test_fused_model_matches_pytorch_path(arch, tmp_path, smollm_tokenizer, devi
 def test_fused_path_is_really_taken(tmp_path, smollm_tokenizer, device, monkeypatch, gemv):
     """Guards the test above against comparing the PyTorch path with itself. Steps of one row (the decode steps,
     not the prefills) go through the GEMV kernels unless they are switched off."""
-    import kernels
+    import braid_kernels as kernels
 
     calls = collections.Counter()
     for name in ["qk_norm_rope_write_kv", "fused_add_rms_norm", "rms_norm_gemv", "fused_add_rms_norm_gemv", "gemv",

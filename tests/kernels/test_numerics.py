@@ -6,12 +6,12 @@ import torch
 import triton
 import triton.language as tl
 
-import kernels.numerics
-from kernels.numerics import LAUNCH_OPTIONS, round_to_dtype
+import braid_kernels.numerics as kernel_numerics
+from braid_kernels.numerics import LAUNCH_OPTIONS, round_to_dtype
 
 
 def test_interpreted_exactly_when_there_is_no_cuda():
-    assert kernels.numerics.INTERPRETED == (not torch.cuda.is_available())
+    assert kernel_numerics.INTERPRETED == (not torch.cuda.is_available())
 
 
 @triton.jit

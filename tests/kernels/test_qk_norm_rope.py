@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import qk_norm_rope_write_kv, qk_norm_rope_write_kv_ref
+from braid_kernels import qk_norm_rope_write_kv, qk_norm_rope_write_kv_ref
 from tests.kernels.common import assert_rounding_matches, assert_same_bits, exact_sum_values, norm_weight, rope_tables
 
 CONFIGS = {  # head layouts scaled down for the interpreter; real ones in test_real_shapes_on_gpu

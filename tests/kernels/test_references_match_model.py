@@ -12,7 +12,7 @@ from braidinfer.models.forward_batch import ForwardBatch
 from braidinfer.layers import RMSNorm, RotaryEmbedding
 from braidinfer.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
 from braidinfer.models.qwen3 import Qwen3Attention
-from kernels import fused_add_rms_norm_ref, qk_norm_rope_write_kv_ref, rms_norm_ref, silu_and_mul_ref
+from braid_kernels import fused_add_rms_norm_ref, qk_norm_rope_write_kv_ref, rms_norm_ref, silu_and_mul_ref
 from tests.kernels.common import assert_same_bits
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

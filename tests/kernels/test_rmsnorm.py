@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
+from braid_kernels import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
 from tests.kernels.common import assert_rounding_matches, assert_same_bits, exact_sum_values, norm_weight
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import silu_and_mul, silu_and_mul_ref
+from braid_kernels import silu_and_mul, silu_and_mul_ref
 from tests.kernels.common import assert_rounding_matches, assert_same_bits
 
 
