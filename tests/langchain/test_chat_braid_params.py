@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from braid_langchain import ChatBraid, engines
 from braidinfer.errors import EngineDeadError, InvalidRequestError, RequestFailedError, RequestTimeoutError
 from tests.conftest import build_tiny_model
-from tests.reliability.support import idle_problems
+from tests.support.engines import idle_problems
 
 TINY = {"device": "cpu", "dtype": "float32", "temperature": 0.0, "max_tokens": 8}
 
