@@ -105,7 +105,7 @@ def test_a_tokenizer_fault_is_a_clear_error_for_that_request(tiny, monkeypatch):
                 raise RuntimeError("injected tokenizer fault")
             return tokenizer(text, *args, **kwargs)
 
-    monkeypatch.setattr(tiny.engine, "tokenizer", Faulty())
+    monkeypatch.setattr(tiny.engine.requests, "tokenizer", Faulty())  # what requests are encoded with
     monkeypatch.setattr(tiny, "tokenizer", Faulty())
     with pytest.raises(InvalidRequestError, match="tokenizer cannot encode.*injected tokenizer fault"):
         tiny.generate("POISON pill", GREEDY)
