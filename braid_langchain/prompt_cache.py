@@ -30,11 +30,18 @@ class _HeadIds:
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
         self.specials = special_token_strings(tokenizer)
+        # A fast tokenizer's Rust backend, called directly: the wrapper's batch call costs more than the short tail
+        # it encodes, and releases the GIL, which a caller then waits to get back from the busy engine thread.
+        self.backend = _rust_backend(tokenizer)
         self.ids: OrderedDict[str, list[int] | None] = OrderedDict()  # None: the split is not exact here
         self.lock = threading.Lock()
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+        if not text:
+            return []
+        if self.backend is not None:
+            return self.backend.encode(text, add_special_tokens=False).ids
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def prompt_ids(llm: Any, chat: list[dict[str, Any]], template_kwargs: dict[str, Any]) -> list[int]:
@@ -86,6 +93,22 @@ def _has_specials(chat: list[dict[str, Any]], template_kwargs: dict[str, Any], s
     texts = [m.get("content") or "" for m in chat] + [repr(m.get("tool_calls", "")) for m in chat]
     texts.append(repr(template_kwargs))
     return any(s in t for t in texts for s in specials)
+
+
+def _rust_backend(tokenizer: Any) -> Any:
+    """The `tokenizers.Tokenizer` behind a transformers fast tokenizer that adds nothing of its own (else None)."""
+    from tokenizers import Tokenizer
+
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if not isinstance(backend, Tokenizer) or backend.truncation is not None or backend.padding is not None:
+        return None
+    return backend if getattr(type(tokenizer), "_encode_plus", None) is _fast_encode_plus() else None
+
+
+def _fast_encode_plus() -> Any:
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast._encode_plus
 
 
 def _cache_for(llm: Any) -> _HeadIds:
