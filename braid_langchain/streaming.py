@@ -8,6 +8,9 @@ tool call becomes one `tool_call_chunk`; the last chunk, and only it, carries `u
 context) cut the reply, "stop" otherwise. A malformed call (a call cut by max_tokens included) becomes an
 invalid tool call whose `error` says why; LangChain's own merging of streamed chunks drops that `error`, so
 `ReplyBuilder.errors` keeps it for the non-streaming result (see `with_errors`).
+
+A call that wants only the whole reply and has no callbacks to feed (`invoke` without handlers) uses
+`collect`/`collected` instead of `add`: the same reply as one chunk, without a LangChain object per delta.
 """
 from __future__ import annotations
 
