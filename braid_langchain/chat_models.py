@@ -179,7 +179,10 @@ class ChatBraid(BaseChatModel):
             deadline = _deadline(self.timeout)
             request = self._request(messages, stop, self._engine(kwargs), kwargs)
             builder = request.reply_builder()
-            result = generate_from_stream(self._stream_request(request, builder, deadline, run_manager))
+            if run_manager is not None and run_manager.handlers:  # callbacks see every delta
+                result = generate_from_stream(self._stream_request(request, builder, deadline, run_manager))
+            else:
+                result = generate_from_stream(iter([self._collect_request(request, builder, deadline)]))
             return _with_call_errors(result, builder)
 
         return retries.retrying(self.max_retries)(attempt)
@@ -190,10 +193,13 @@ class ChatBraid(BaseChatModel):
             deadline = _deadline(self.timeout)
             request = self._request(messages, stop, await self._aengine(kwargs), kwargs)
             builder = request.reply_builder()
-            result = await agenerate_from_stream(self._astream_request(request, builder, deadline, run_manager))
+            if run_manager is not None and run_manager.handlers:  # callbacks see every delta
+                result = await agenerate_from_stream(self._astream_request(request, builder, deadline, run_manager))
+            else:  # one chunk merged on the event loop: no chunk per delta, no executor hop as agenerate_from_stream
+                result = generate_from_stream(iter([await self._acollect_request(request, builder, deadline)]))
             return _with_call_errors(result, builder)
 
-        return await retries.aretrying(self.max_retries)(attempt)
+        return await retries.acall(self.max_retries, attempt)
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
@@ -231,27 +237,37 @@ class ChatBraid(BaseChatModel):
                         run_manager: CallbackManagerForLLMRun | None) -> Iterator[ChatGenerationChunk]:
         """One attempt: pin the shared prefixes, then stream the reply, within `deadline` (time.monotonic())."""
         run_manager = run_manager if run_manager is not None and run_manager.handlers else None
+        with closing(self._deltas(request, builder, deadline)) as deltas:  # an early stop ends the request now
+            for delta in deltas:
+                for chunk in builder.add(delta):
+                    if run_manager:
+                        run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                    yield chunk
+
+    def _collect_request(self, request: _Request, builder: ReplyBuilder, deadline: float | None
+                         ) -> ChatGenerationChunk:
+        """`_stream_request` for a caller that wants only the whole reply, as one chunk (no callbacks)."""
+        with closing(self._deltas(request, builder, deadline)) as deltas:
+            for delta in deltas:
+                builder.collect(delta)
+        return builder.collected()
+
+    @staticmethod
+    def _deltas(request: _Request, builder: ReplyBuilder, deadline: float | None) -> Iterator[Any]:
         if request.segments:
             builder.max_cache_read = retries.call_within(
                 deadline, lambda: pins_for(request.engine).pin(request.prompt, request.segments))
         # closing(): a consumer that stops early cancels the request now, not when the generator is collected.
         with request.explain_errors(), closing(request.engine.stream_deltas(
                 request.prompt, request.params, timeout=retries.remaining(deadline))) as it:
-            for delta in it:
-                for chunk in builder.add(delta):
-                    if run_manager:
-                        run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-                    yield chunk
+            yield from it
 
     async def _astream_request(self, request: _Request, builder: ReplyBuilder, deadline: float | None,
                                run_manager: AsyncCallbackManagerForLLMRun | None
                                ) -> AsyncIterator[ChatGenerationChunk]:
         # No handlers, no per-delta callback (a dispatch per token is most of the adapter's cost per delta).
         run_manager = run_manager if run_manager is not None and run_manager.handlers else None
-        if request.segments:
-            pins = pins_for(request.engine)
-            builder.max_cache_read = await retries.within(deadline, lambda: pins.apin(request.prompt,
-                                                                                       request.segments))
+        await self._apin(request, builder, deadline)
         with request.explain_errors():
             async with aclosing(request.engine.astream_deltas(request.prompt, request.params)) as it:
                 while (delta := await retries.within(deadline, lambda: anext(it, None))) is not None:
@@ -259,6 +275,28 @@ class ChatBraid(BaseChatModel):
                         if run_manager:
                             await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
                         yield chunk
+
+    async def _acollect_request(self, request: _Request, builder: ReplyBuilder, deadline: float | None
+                                ) -> ChatGenerationChunk:
+        """`_astream_request` for a caller that wants only the whole reply, as one chunk (no callbacks)."""
+        await self._apin(request, builder, deadline)
+        with request.explain_errors():
+            async with aclosing(request.engine.astream_deltas(request.prompt, request.params)) as it:
+                if deadline is None:  # the common case, without a wrapper per delta
+                    async for delta in it:
+                        builder.collect(delta)
+                else:
+                    while (delta := await retries.within(deadline, lambda: anext(it, None))) is not None:
+                        builder.collect(delta)
+        return builder.collected()
+
+    @staticmethod
+    async def _apin(request: _Request, builder: ReplyBuilder, deadline: float | None) -> None:
+        """Pins the request's shared prefixes (no engine round trip when they are pinned already)."""
+        if request.segments:
+            pins = pins_for(request.engine)
+            builder.max_cache_read = await retries.within(deadline, lambda: pins.apin(request.prompt,
+                                                                                       request.segments))
 
     # --- token counting -----------------------------------------------------------------------------------------
     def get_token_ids(self, text: str) -> list[int]:

@@ -22,6 +22,8 @@ from braidinfer.chat_template import require_valid_unicode, special_token_string
 MAX_HEADS = 64
 """Most head texts whose token ids are kept per engine."""
 
+_SCANNED_MIN_CHARS = 256  # shorter texts are scanned every time (cheaper than hashing them into the memo)
+
 _caches: weakref.WeakKeyDictionary[Any, _HeadIds] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
@@ -30,18 +32,43 @@ class _HeadIds:
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
         self.specials = special_token_strings(tokenizer)
+        # A fast tokenizer's Rust backend, called directly: the wrapper's batch call costs more than the short tail
+        # it encodes, and releases the GIL, which a caller then waits to get back from the busy engine thread.
+        self.backend = _rust_backend(tokenizer)
         self.ids: OrderedDict[str, list[int] | None] = OrderedDict()  # None: the split is not exact here
+        self.clean: OrderedDict[str, None] = OrderedDict()  # long texts known to hold no special-token string
         self.lock = threading.Lock()
 
+    def has_specials(self, text: str) -> bool:
+        """Whether `text` holds a special-token string; long texts found clean are remembered (the system prompt
+        with its documents, scanned once instead of once per special token on every call)."""
+        if len(text) < _SCANNED_MIN_CHARS:
+            return any(s in text for s in self.specials)
+        with self.lock:
+            if text in self.clean:
+                self.clean.move_to_end(text)
+                return False
+        if any(s in text for s in self.specials):
+            return True
+        with self.lock:
+            self.clean[text] = None
+            while len(self.clean) > MAX_HEADS:
+                self.clean.popitem(last=False)
+        return False
+
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+        if not text:
+            return []
+        if self.backend is not None:
+            return self.backend.encode(text, add_special_tokens=False).ids
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def prompt_ids(llm: Any, chat: list[dict[str, Any]], template_kwargs: dict[str, Any]) -> list[int]:
     """`llm.apply_chat_template(chat, **template_kwargs)`, reusing the ids of the leading system message."""
     cache = _cache_for(llm)
     system = chat[0].get("content") if chat and chat[0]["role"] == "system" else None
-    if not isinstance(system, str) or len(chat) < 2 or _has_specials(chat, template_kwargs, cache.specials):
+    if not isinstance(system, str) or len(chat) < 2 or _has_specials(chat, template_kwargs, cache):
         return llm.apply_chat_template(chat, **template_kwargs)
     try:
         text = llm.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True, **template_kwargs)
@@ -82,10 +109,26 @@ def _cut(text: str, system: str, specials: list[str]) -> int | None:
     return min(found) if found else None
 
 
-def _has_specials(chat: list[dict[str, Any]], template_kwargs: dict[str, Any], specials: list[str]) -> bool:
+def _has_specials(chat: list[dict[str, Any]], template_kwargs: dict[str, Any], cache: _HeadIds) -> bool:
     texts = [m.get("content") or "" for m in chat] + [repr(m.get("tool_calls", "")) for m in chat]
     texts.append(repr(template_kwargs))
-    return any(s in t for t in texts for s in specials)
+    return any(cache.has_specials(t) for t in texts)
+
+
+def _rust_backend(tokenizer: Any) -> Any:
+    """The `tokenizers.Tokenizer` behind a transformers fast tokenizer that adds nothing of its own (else None)."""
+    from tokenizers import Tokenizer
+
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if not isinstance(backend, Tokenizer) or backend.truncation is not None or backend.padding is not None:
+        return None
+    return backend if getattr(type(tokenizer), "_encode_plus", None) is _fast_encode_plus() else None
+
+
+def _fast_encode_plus() -> Any:
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast._encode_plus
 
 
 def _cache_for(llm: Any) -> _HeadIds:

@@ -19,7 +19,9 @@ from tenacity import AsyncRetrying, Retrying, retry_if_exception, stop_after_att
 
 T = TypeVar("T")
 
-_BACKOFF = wait_exponential(multiplier=0.05, max=2.0)  # 0.05 s, 0.1 s, ... like an HTTP client's retry backoff
+_FIRST_WAIT_S = 0.05
+_BACKOFF = wait_exponential(multiplier=_FIRST_WAIT_S, max=2.0)  # 0.05 s, 0.1 s, ... like an HTTP client's backoff
+_LATER_BACKOFF = wait_exponential(multiplier=2 * _FIRST_WAIT_S, max=2.0)  # _BACKOFF's waits from the second on
 _executor: futures.ThreadPoolExecutor | None = None
 _executor_lock = threading.Lock()
 
@@ -45,6 +47,20 @@ def aretrying(max_retries: int) -> AsyncRetrying:
     """`retrying` for coroutine functions."""
     return AsyncRetrying(retry=retry_if_exception(is_transient), stop=stop_after_attempt(max_retries + 1),
                          wait=_BACKOFF, reraise=True)
+
+
+async def acall(max_retries: int, fn: Callable[[], Awaitable[T]]) -> T:
+    """`await aretrying(max_retries)(fn)`, same attempts and waits, with the first attempt outside tenacity: a
+    call that does not fail (nearly all) then skips tenacity's bookkeeping, which otherwise runs on every step of
+    the awaited call (each engine delta)."""
+    try:
+        return await fn()
+    except Exception as e:
+        if max_retries == 0 or not is_transient(e):
+            raise
+    await asyncio.sleep(_FIRST_WAIT_S)
+    return await AsyncRetrying(retry=retry_if_exception(is_transient), stop=stop_after_attempt(max_retries),
+                               wait=_LATER_BACKOFF, reraise=True)(fn)
 
 
 def remaining(deadline: float | None) -> float | None:

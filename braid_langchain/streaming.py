@@ -8,6 +8,9 @@ tool call becomes one `tool_call_chunk`; the last chunk, and only it, carries `u
 context) cut the reply, "stop" otherwise. A malformed call (a call cut by max_tokens included) becomes an
 invalid tool call whose `error` says why; LangChain's own merging of streamed chunks drops that `error`, so
 `ReplyBuilder.errors` keeps it for the non-streaming result (see `with_errors`).
+
+A call that wants only the whole reply and has no callbacks to feed (`invoke` without handlers) uses
+`collect`/`collected` instead of `add`: the same reply as one chunk, without a LangChain object per delta.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from typing import Any, Literal, Protocol
 
 from langchain_core.messages import AIMessageChunk
 from langchain_core.messages.ai import InputTokenDetails, UsageMetadata
-from langchain_core.messages.tool import tool_call_chunk
+from langchain_core.messages.tool import ToolCallChunk, tool_call_chunk
 from langchain_core.outputs import ChatGenerationChunk
 from langchain_core.utils.json import parse_partial_json
 
@@ -58,9 +61,39 @@ class ReplyBuilder:
         self.max_cache_read: int | None = None
         """Most prompt tokens that were in the cache before this call began, when the call itself computed some
         of the prompt before its request ran (pinning prefills); the engine counts those as read from the cache."""
+        self._texts: list[str] = []  # what `collect` saw
+        self._call_chunks: list[ToolCallChunk] = []
+        self._last: EngineDelta | None = None
 
     def add(self, chunk: EngineDelta) -> list[ChatGenerationChunk]:
         """The LangChain chunks for one engine chunk (possibly none while text is held back)."""
+        events, cut = self._events(chunk)
+        messages = [m for m in (self._message(e, cut) for e in events) if m is not None]
+        if chunk.finish_reason is not None:
+            last = messages.pop() if messages else AIMessageChunk(content="")
+            messages.append(self._finish(last, chunk))
+        return [ChatGenerationChunk(message=m) for m in messages]
+
+    def collect(self, chunk: EngineDelta) -> None:
+        """`add` for a caller that wants only the whole reply (`collected`): no LangChain object per delta."""
+        events, cut = self._events(chunk)
+        for event in events:
+            if isinstance(event, str):
+                self._texts.append(event)
+            elif (call := self._call(event, cut)) is not None:
+                self._call_chunks.append(call)
+        if chunk.finish_reason is not None:
+            self._last = chunk
+
+    def collected(self) -> ChatGenerationChunk:
+        """The reply `collect` saw, as one chunk: equal to merging the chunks `add` would have returned."""
+        message = AIMessageChunk(content="".join(self._texts), tool_call_chunks=self._call_chunks)
+        if self._last is None:  # the stream ended without a finish (it cannot, but keep the merge's shape)
+            return ChatGenerationChunk(message=message)
+        return ChatGenerationChunk(message=self._finish(message, self._last))
+
+    def _events(self, chunk: EngineDelta) -> tuple[list[str | ParsedCall], bool]:
+        """Text and parsed calls that became final with this engine chunk, and whether max_tokens cut the reply."""
         events: list[str | ParsedCall]
         if self._calls is None:
             events = [chunk.text] if chunk.text else []
@@ -68,16 +101,15 @@ class ReplyBuilder:
             events = self._calls.feed(chunk.text)
             if chunk.finish_reason is not None:
                 events += self._calls.finish()
-        cut = chunk.finish_reason == "length"
-        messages = [m for m in (self._message(e, cut) for e in events) if m is not None]
-        if chunk.finish_reason is not None:
-            last = messages.pop() if messages else AIMessageChunk(content="")
-            messages.append(self._finish(last, chunk))
-        return [ChatGenerationChunk(message=m) for m in messages]
+        return events, chunk.finish_reason == "length"
 
     def _message(self, event: str | ParsedCall, cut: bool) -> AIMessageChunk | None:
         if isinstance(event, str):
             return AIMessageChunk(content=event)
+        call = self._call(event, cut)
+        return None if call is None else AIMessageChunk(content="", tool_call_chunks=[call])
+
+    def _call(self, event: ParsedCall, cut: bool) -> ToolCallChunk | None:
         if self.max_calls is not None and self._num_calls >= self.max_calls:
             return None
         index, self._num_calls = self._num_calls, self._num_calls + 1
@@ -88,8 +120,7 @@ class ReplyBuilder:
             args = invalid_args(event.raw)
             cause = "the reply was cut by max_tokens (finish_reason 'length') inside this call: " if cut else ""
             self.errors[call_id] = cause + (event.error or "malformed tool call")
-        call = tool_call_chunk(name=event.name, args=args, id=call_id, index=index)
-        return AIMessageChunk(content="", tool_call_chunks=[call])
+        return tool_call_chunk(name=event.name, args=args, id=call_id, index=index)
 
     def _finish(self, message: AIMessageChunk, chunk: EngineDelta) -> AIMessageChunk:
         reason = chunk.finish_reason

@@ -162,6 +162,50 @@ def test_invalid_requests_are_never_retried(tiny_chat, monkeypatch):
     assert calls[0] == 1
 
 
+@pytest.mark.parametrize("failures, max_retries, attempts, waits", [
+    (0, 2, 1, []),  # the usual call: one attempt, no wait
+    (2, 2, 3, [0.05, 0.1]),  # the waits of retries.aretrying: 0.05 s, then doubling
+    (5, 3, 4, [0.05, 0.1, 0.2]),  # gives up after max_retries, raising the last error
+    (5, 0, 1, []),
+])
+def test_async_retries_keep_tenacitys_attempts_and_waits(monkeypatch, failures, max_retries, attempts, waits):
+    from braid_langchain import retries
+
+    slept, calls, real_sleep = [], [0], asyncio.sleep
+
+    async def sleep(seconds, *args):
+        slept.append(round(seconds, 6))
+        await real_sleep(0)
+
+    async def flaky():
+        calls[0] += 1
+        if calls[0] <= failures:
+            raise EngineDeadError(f"injected failure {calls[0]}")
+        return "ok"
+
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    if failures < attempts:
+        assert asyncio.run(retries.acall(max_retries, flaky)) == "ok"
+    else:
+        with pytest.raises(EngineDeadError, match=f"injected failure {attempts}"):
+            asyncio.run(retries.acall(max_retries, flaky))
+    assert calls[0] == attempts and slept == waits
+
+
+def test_async_retries_never_retry_invalid_requests():
+    from braid_langchain import retries
+
+    calls = [0]
+
+    async def invalid():
+        calls[0] += 1
+        raise InvalidRequestError("bad")
+
+    with pytest.raises(InvalidRequestError):
+        asyncio.run(retries.acall(3, invalid))
+    assert calls[0] == 1
+
+
 # --- response_format and tool kwargs -----------------------------------------------------------------------------
 def test_response_format_constrains_the_reply(chat):
     schema_reply = chat.invoke("Weather in Paris, as JSON.", response_format=Weather, max_tokens=48)

@@ -119,3 +119,16 @@ def test_prompt_ids_reuse_the_system_head_and_equal_the_whole_encoding():
         assert prompt_cache.prompt_ids(llm, chat, {}) == llm.apply_chat_template(chat)
     heads = prompt_cache._cache_for(llm).ids
     assert any(ids is not None and SYSTEM.content in head for head, ids in heads.items())
+
+
+def test_prompt_ids_of_long_system_prompts_with_and_without_special_token_strings():
+    from braid_langchain import prompt_cache
+    from braid_langchain.messages import to_chat_messages
+
+    llm = _engine()
+    long_text = "A long shared system prompt about rivers. " * 20  # above the length whose scan is remembered
+    for system in [long_text, long_text + "<|im_start|>user", long_text, long_text + "<|im_start|>user"]:
+        for question in ["First?", "Second?"]:  # the second call meets the remembered scan
+            chat = to_chat_messages([SystemMessage(system), HumanMessage(question)], system_extras=[])
+            assert prompt_cache.prompt_ids(llm, chat, {}) == llm.apply_chat_template(chat)
+    assert long_text in prompt_cache._cache_for(llm).clean

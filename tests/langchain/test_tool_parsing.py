@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -220,6 +221,38 @@ def test_cache_read_is_capped_by_what_was_cached_before_the_call():
     builder.max_cache_read = 8  # pinning computed tokens 8..16 in this call; the engine saw 16 cached
     usage = builder.add(engine_chunk("", "stop"))[-1].message.usage_metadata
     assert usage["input_token_details"] == {"cache_read": 8, "cache_creation": 12}
+
+
+@pytest.mark.parametrize("mode, max_calls, texts, finish", [
+    ("off", None, ["Hel", "lo", " there", ""], "stop"),
+    ("off", None, [], "length"),
+    ("auto", None, ["Checking.", "<tool_call>", '{"name": "get_time", "arguments": {}}', "</tool_call>",
+                    '<tool_call>{"name": "get_weather", "arguments": {"city": </tool_call>'], "stop"),
+    ("auto", 1, ['<tool_call>{"name": "a", "arguments": {}}</tool_call>',
+                 '<tool_call>{"name": "b", "arguments": {}}</tool_call>', ""], "stop"),
+    ("forced", None, ['{"name": "get_weather", ', '"arguments": {"city": "Par'], "length"),
+    ("forced", None, ['{"name": "get_weather", ', '"arguments": {"city": "Paris"}}'], "stop"),
+])
+def test_collected_reply_equals_langchains_merge_of_the_streamed_chunks(mode, max_calls, texts, finish):
+    from langchain_core.language_models.chat_models import generate_from_stream
+
+    streamed, collected = ReplyBuilder("m", mode, max_calls=max_calls), ReplyBuilder("m", mode, max_calls=max_calls)
+    streamed.max_cache_read = collected.max_cache_read = 10
+    deltas = [engine_chunk(t) for t in texts] + [engine_chunk("", finish)]
+    chunks = [c for d in deltas for c in streamed.add(d)]
+    for d in deltas:
+        collected.collect(d)
+    expected = generate_from_stream(iter(chunks)).generations[0].message
+    got = generate_from_stream(iter([collected.collected()])).generations[0].message
+
+    def plain(message, errors):  # call ids are random per builder: number them in order
+        dumped = json.dumps(with_errors(message, errors).model_dump(), sort_keys=True)
+        for i, call_id in enumerate(dict.fromkeys(re.findall(r"call_[0-9a-f]{24}", dumped))):
+            dumped = dumped.replace(call_id, f"call_{i}")
+        return dumped
+
+    assert plain(got, collected.errors) == plain(expected, streamed.errors)
+    assert got.usage_metadata["input_token_details"]["cache_read"] == 10
 
 
 # --- documents ------------------------------------------------------------------------------------------------
