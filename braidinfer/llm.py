@@ -155,18 +155,21 @@ class LLM:
         """How many leading tokens of `prompt` (token ids) a request submitted now would read from the prefix cache
         (whole pages; the last token is always computed). Nothing is reserved: a later request may find more or
         fewer."""
-        return self._loop.call(lambda: self.engine.pages.cached_prefix_length(prompt, len(prompt) - 1))
+        return self._loop.call(self._cached_prefix_length(prompt))
 
     async def anum_cached_tokens(self, prompt: list[int]) -> int:
         """`num_cached_tokens` for asyncio (waits for the engine thread without blocking the event loop)."""
-        future = self._loop.post(lambda: self.engine.pages.cached_prefix_length(prompt, len(prompt) - 1))
-        return await asyncio.wrap_future(future)
+        return await asyncio.wrap_future(self._loop.post(self._cached_prefix_length(prompt)))
 
     def cache_stats(self) -> dict[str, int | float]:
         """Pages free / cached / in use, hit rate and tokens served from the prefix cache."""
         return self._loop.call(self.engine.pages.stats)
 
     # --- internals ---------------------------------------------------------------------------------------------
+    def _cached_prefix_length(self, prompt: list[int]):
+        """The engine-thread call behind num_cached_tokens (the last token is always computed)."""
+        return lambda: self.engine.pages.cached_prefix_length(prompt, len(prompt) - 1)
+
     def _submit(self, prompt: Prompt, params: SamplingParams | None, channel, chunks: Chunks = None) -> Stream:
         prefix, compose = self.chunks.resolve(chunks)
         seq = self.engine.requests.sequence(prompt, params, sink=channel.put, prefix=prefix, compose=compose)

@@ -62,11 +62,11 @@ def activation_bytes(config: EngineConfig, model: ModelConfig, dtype: torch.dtyp
 
 def pages_needed(config: EngineConfig, max_model_len: int) -> int:
     """Pages for `max_num_seqs` requests of `max_model_len` tokens each: more could never be used at once."""
-    return config.max_num_seqs * -(-max_model_len // config.page_size)
+    return config.max_num_seqs * _pages_per_request(config, max_model_len)
 
 
-def pages_in_budget(budget_bytes: float, per_page: int) -> int:
-    return max(0, int(budget_bytes // per_page))
+def _pages_per_request(config: EngineConfig, max_model_len: int) -> int:
+    return -(-max_model_len // config.page_size)
 
 
 def num_kv_pages(config: EngineConfig, model: ModelConfig, dtype: torch.dtype, device: torch.device,
@@ -89,8 +89,8 @@ def gpu_pages(config: EngineConfig, memory: DeviceMemory, per_page: int, activat
     """The CUDA page count from a memory snapshot (pure arithmetic, tested without a GPU)."""
     in_use = memory.total - memory.available  # other processes + live tensors of this one (weights included)
     budget = memory.total * config.gpu_memory_utilization - in_use - activations
-    fits = pages_in_budget(budget, per_page)
-    one_request = -(-max_model_len // config.page_size)
+    fits = max(0, int(budget // per_page))
+    one_request = _pages_per_request(config, max_model_len)
     if fits < one_request:
         raise OutOfPagesError(
             f"the KV cache fits {fits * config.page_size} tokens but one request of max_model_len={max_model_len} "

@@ -44,9 +44,3 @@ class Pins:
     def get(self, owner: str) -> tuple[int, ...] | None:
         """The pages `owner` pins, or None when it holds no pin (never pinned, or released)."""
         return self._owned.get(owner)
-
-    def __contains__(self, owner: str) -> bool:
-        return owner in self._owned
-
-    def __len__(self) -> int:
-        return len(self._owned)
