@@ -74,8 +74,9 @@ class LLMEngine:
 
     @property
     def kernel_paths(self) -> list[str]:
-        """Which path each kind of layer runs, one line each ("rmsnorm: torch", ...), then the attention backend."""
-        return describe_kernels(self.model, self.runner.attention)
+        """Which path each kind of layer runs, one line each ("rmsnorm: torch", ...), then the attention backend, then
+        each faster path this model falls back from, with the reason."""
+        return describe_kernels(self.model, self.runner.attention) + [f"fallback: {f}" for f in self.runner.fallbacks]
 
     @property
     def max_model_len(self) -> int:

@@ -46,10 +46,21 @@ class ModelRunner:
             cfg.num_hidden_layers, num_pool_pages, 2, cfg.num_key_value_heads, page_size, cfg.head_dim,
             dtype=dtype, device=device,
         )
-        scale = cfg.head_dim**-0.5
+        specs = model.attention_specs()
         self.attention: AttentionBackend = (
-            FlashInferAttention(self.kv_cache, scale, cfg.num_attention_heads) if backend == "flashinfer"
-            else TorchAttention(self.kv_cache, scale))
+            FlashInferAttention(self.kv_cache, specs, cfg.num_attention_heads) if backend == "flashinfer"
+            else TorchAttention(self.kv_cache, specs))
+        self.fallbacks: list[str] = []
+        """The faster paths this model cannot take and why (reported by the engine's kernel_paths)."""
+        plain_reason = getattr(self.attention, "plain_reason", None)
+        if plain_reason is not None and use_graphs:
+            self.fallbacks.append(f"CUDA-graph decode attends with FlashInfer, not the Triton decode kernel: "
+                                  f"{plain_reason}")
+            if cascade_min_saved_tokens is not None:
+                self.fallbacks.append(f"cascade decode is off: {plain_reason}")
+                cascade_min_saved_tokens = None
+        for line in self.fallbacks:
+            log.info(line)
         self._path_config = PathConfig(backend, page_size, cascade_min_saved_tokens if use_graphs else None)
         self.last_path: StepPath | None = None
         """How the latest step ran, and why (see braidinfer.step_plan)."""

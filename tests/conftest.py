@@ -91,11 +91,17 @@ def _tiny_config(arch: str, **shape):
 def build_tiny_model(arch: str, path, tokenizer, seed: int = 0, **shape):
     """A random transformers model of `arch` saved (with tokenizer) to `path`; returns the reference model.
     Keyword arguments override the tiny default shape (hidden_size, num_hidden_layers, ...)."""
+    return build_tiny_model_from_config(_tiny_config(arch, **shape), path, tokenizer, seed=seed)
+
+
+def build_tiny_model_from_config(config, path, tokenizer, seed: int = 0):
+    """A random transformers model of any architecture (`config`: a transformers config object) saved with
+    `tokenizer` to `path`; returns the reference model in float32. Norm weights are drawn from [0.5, 4] and matrices
+    from N(0, 0.1) so that every parameter matters to the logits."""
     import transformers
 
     torch.manual_seed(seed)
-    cls = transformers.LlamaForCausalLM if arch == "llama" else transformers.Qwen3ForCausalLM
-    model = cls(_tiny_config(arch, **shape)).eval()
+    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):  # non-trivial norm weights, like Qwen3's large k_norm

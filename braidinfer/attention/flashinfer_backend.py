@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from braidinfer.attention.metadata import AttentionMetadata, paged_kv_layout, paged_kv_tables
+from braidinfer.attention.spec import AttentionSpec, distinct_specs, non_plain_reason, per_layer_specs
 from braidinfer.attention.torch_backend import write_kv
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
@@ -47,23 +48,47 @@ class FlashInferAttention:
     kv_cache: [num_layers, num_pages, 2, num_kv_heads, page_size, head_dim] (HND), float16/bfloat16, on CUDA.
     Steps with any q_len > 1 (prefill, chunked prefill, prefill mixed with decodes) use the paged prefill kernel with
     a causal mask aligned to the end of each sequence's KV; decode-only steps use the paged decode kernel.
+
+    specs: one AttentionSpec per layer (or one scale for plain attention everywhere). Layers with different specs
+    (Gemma's sliding-window and global layers) get a wrapper each, all planned once per step with the spec's
+    sm_scale, window_left and logits_soft_cap.
     """
 
-    def __init__(self, kv_cache: torch.Tensor, scale: float, num_qo_heads: int):
+    def __init__(self, kv_cache: torch.Tensor, specs: list[AttentionSpec] | float, num_qo_heads: int):
         import flashinfer
 
         self.kv_cache = kv_cache
         _, _, _, self.num_kv_heads, self.page_size, self.head_dim = kv_cache.shape
         self.num_qo_heads = num_qo_heads
-        self.scale = scale
-        # Shared by every wrapper (these two and the CUDA-graph ones): one of them runs at a time, on one stream.
+        self.specs = per_layer_specs(specs, kv_cache.shape[0])
+        self.distinct_specs = distinct_specs(self.specs)
+        self.spec_index = [self.distinct_specs.index(s) for s in self.specs]  # layer -> its spec's wrapper
+        # Shared by every wrapper (these and the CUDA-graph ones): one of them runs at a time, on one stream.
         # Zeroed, as the decode wrapper asks on first use.
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=kv_cache.device)
-        self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, kv_layout="HND")
-        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, kv_layout="HND")
+        self._prefill = [flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, kv_layout="HND")
+                         for _ in self.distinct_specs]
+        self._decode = [flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, kv_layout="HND")
+                        for _ in self.distinct_specs]
         self._append_kv = flashinfer.append_paged_kv_cache
         self._planned: AttentionMetadata | None = None  # the step that plan() last prepared
-        self._wrapper = None
+        self._wrappers: list = []  # per distinct spec, the wrapper planned for the step
+
+    @property
+    def plain_reason(self) -> str | None:
+        """Why the paths that compute only plain attention with one scale for every layer (Triton decode, cascade)
+        cannot serve this model, or None when they can."""
+        reason = non_plain_reason(self.specs)
+        if reason is None and len(self.distinct_specs) > 1:
+            reason = "the model's layers differ in their softmax scale"
+        return reason
+
+    @property
+    def scale(self) -> float:
+        """The softmax scale of every layer (the plain paths' one scale; see plain_reason)."""
+        if self.plain_reason is not None:
+            raise RuntimeError(f"no single plain attention scale: {self.plain_reason}")
+        return self.specs[0].scale
         self._new_tokens: tuple[torch.Tensor, ...] = ()  # (batch_indices, positions) on the device
         self._pages: tuple[torch.Tensor, ...] = ()  # (kv_indices, kv_indptr, kv_last_page_len) on the device
 
@@ -80,13 +105,15 @@ class FlashInferAttention:
         # The wrappers take the small indptr arrays from the host (they need them there to plan) and the page
         # indices from the device.
         if meta.is_decode_only:
-            self._decode.plan(host["kv_indptr"], kv_indices, host["kv_last_page_len"], *dims,
-                              q_data_type=dtype, kv_data_type=dtype, sm_scale=self.scale)
-            self._wrapper = self._decode
+            for wrapper, spec in zip(self._decode, self.distinct_specs):
+                wrapper.plan(host["kv_indptr"], kv_indices, host["kv_last_page_len"], *dims,
+                             q_data_type=dtype, kv_data_type=dtype, **spec_kwargs(spec))
+            self._wrappers = self._decode
         else:
-            self._prefill.plan(host["qo_indptr"], host["kv_indptr"], kv_indices, host["kv_last_page_len"], *dims,
-                               causal=True, q_data_type=dtype, kv_data_type=dtype, sm_scale=self.scale)
-            self._wrapper = self._prefill
+            for wrapper, spec in zip(self._prefill, self.distinct_specs):
+                wrapper.plan(host["qo_indptr"], host["kv_indptr"], kv_indices, host["kv_last_page_len"], *dims,
+                             causal=True, q_data_type=dtype, kv_data_type=dtype, **spec_kwargs(spec))
+            self._wrappers = self._prefill
         self._planned = meta
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata):
@@ -97,13 +124,13 @@ class FlashInferAttention:
         if k.dtype != cache.dtype or v.dtype != cache.dtype:  # the kernel reinterprets k/v as the cache's dtype
             raise TypeError(f"k/v dtype {k.dtype}/{v.dtype} differs from the KV cache's {cache.dtype}")
         self._append_kv(k, v, *self._new_tokens, cache, *self._pages, kv_layout="HND")  # k, v may be strided views
-        return self._wrapper.run(q, cache)
+        return self._wrappers[self.spec_index[layer]].run(q, cache)
 
     def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Attention only: the step's new K/V are already in the pool (written at meta.slot_mapping)."""
         if meta is not self._planned:
             raise RuntimeError("FlashInferAttention.plan(meta) must be called once per step before the forward")
-        return self._wrapper.run(q, self.kv_cache[layer])
+        return self._wrappers[self.spec_index[layer]].run(q, self.kv_cache[layer])
 
     def graph_prefills(self, token_counts: list[int], max_num_pages: int) -> dict[int, FlashInferGraphPrefill]:
         """A CUDA-graph prefill attention for one sequence and each padded token count, over one set of static
@@ -161,16 +188,17 @@ class FlashInferGraphDecode:
         self.page_size = backend.page_size
         self.batch_size = b
         self._dims = (backend.num_qo_heads, backend.num_kv_heads, backend.head_dim, backend.page_size)
-        self._scale = backend.scale
+        self._specs, self._spec_index = backend.distinct_specs, backend.spec_index
         self._buffers = buffers
         indptr, last_page_len = buffers.kv_indptr[: b + 1], buffers.kv_last_page_len[:b]
-        self._wrapper = self._triton = None
+        self._wrappers, self._triton = [], None  # one FlashInfer wrapper per distinct spec, or the Triton kernel
         if _triton_decode_fits(backend, b):
             self._triton = _TritonDecode(backend, b, buffers.kv_indices.numel())
         else:
-            self._wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self._wrappers = [flashinfer.BatchDecodeWithPagedKVCacheWrapper(
                 backend.workspace, kv_layout="HND", use_cuda_graph=True, paged_kv_indptr_buffer=indptr,
                 paged_kv_indices_buffer=buffers.kv_indices, paged_kv_last_page_len_buffer=last_page_len)
+                for _ in self._specs]
         self._kv_positions = buffers.kv_positions[:b]
         self._positions: torch.Tensor | None = None  # the step's positions (plan's argument), copied by __call__
         self._new_tokens = (buffers.batch_indices[:b], self._kv_positions)
@@ -203,9 +231,11 @@ class FlashInferGraphDecode:
         # The wrapper copies indptr and last_page_len from the host (it plans on them there) and the indices on the
         # device; a host tensor there would be copied synchronously.
         indices = torch.tensor(kv_indices, dtype=torch.int32).to(self.kv_cache.device, non_blocking=True)
-        self._wrapper.plan(torch.tensor(kv_indptr, dtype=torch.int32), indices,
-                           torch.tensor(kv_last_page_len, dtype=torch.int32), *self._dims,
-                           q_data_type=dtype, kv_data_type=dtype, sm_scale=self._scale)
+        indptr, last_page_len = (torch.tensor(kv_indptr, dtype=torch.int32),
+                                 torch.tensor(kv_last_page_len, dtype=torch.int32))
+        for wrapper, spec in zip(self._wrappers, self._specs):
+            wrapper.plan(indptr, indices, last_page_len, *self._dims, q_data_type=dtype, kv_data_type=dtype,
+                         **spec_kwargs(spec))
         self._planned_indptr = list(kv_indptr)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata):
@@ -221,14 +251,14 @@ class FlashInferGraphDecode:
         if self._triton is not None:
             indices, indptr, last_page_len = self._pages
             return self._triton(q, self.kv_cache[layer], indptr, indices, last_page_len)
-        return self._wrapper.run(q, self.kv_cache[layer])
+        return self._wrappers[self._spec_index[layer]].run(q, self.kv_cache[layer])
 
 
 def _triton_decode_fits(backend: FlashInferAttention, batch_size: int) -> bool:
     """Whether kernels.decode_attention serves a graph decode of batch_size rows (see TRITON_DECODE_MAX_ROWS)."""
     page_size = backend.page_size
     if (batch_size > TRITON_DECODE_MAX_ROWS or backend.head_dim not in TRITON_DECODE_HEAD_DIMS
-            or page_size & (page_size - 1)):
+            or page_size & (page_size - 1) or backend.plain_reason is not None):
         return False
     try:
         import triton  # noqa: F401  (FlashInfer does not need it; the `gpu` extra installs it)
@@ -291,11 +321,11 @@ class FlashInferGraphPrefill:
         self.page_size = backend.page_size
         self.num_rows = num_rows
         self._dims = (backend.num_qo_heads, backend.num_kv_heads, backend.head_dim, backend.page_size)
-        self._scale = backend.scale
-        self._wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+        self._specs, self._spec_index = backend.distinct_specs, backend.spec_index
+        self._wrappers = [flashinfer.BatchPrefillWithPagedKVCacheWrapper(
             backend.workspace, "HND", use_cuda_graph=True, qo_indptr_buf=buffers.qo_indptr,
             paged_kv_indptr_buf=buffers.kv_indptr, paged_kv_indices_buf=buffers.kv_indices,
-            paged_kv_last_page_len_buf=buffers.kv_last_page_len, backend="fa2")
+            paged_kv_last_page_len_buf=buffers.kv_last_page_len, backend="fa2") for _ in self._specs]
 
     def plan(self, num_tokens: int, pages: list[int], kv_len: int, scratch_page: int) -> None:
         """The next replay: the sequence's last `num_tokens` (<= num_rows) of its `kv_len` KV tokens are new (their
@@ -311,9 +341,11 @@ class FlashInferGraphPrefill:
         def host(values):
             return torch.tensor(values, dtype=torch.int32)
 
-        self._wrapper.plan(host([0, num_tokens, self.num_rows]), host(tables.kv_indptr),
-                           indices.to(self.kv_cache.device, non_blocking=True), host(tables.kv_last_page_len),
-                           *self._dims, causal=True, q_data_type=dtype, kv_data_type=dtype, sm_scale=self._scale)
+        dev_indices = indices.to(self.kv_cache.device, non_blocking=True)
+        for wrapper, spec in zip(self._wrappers, self._specs):
+            wrapper.plan(host([0, num_tokens, self.num_rows]), host(tables.kv_indptr), dev_indices,
+                         host(tables.kv_last_page_len), *self._dims, causal=True, q_data_type=dtype,
+                         kv_data_type=dtype, **spec_kwargs(spec))
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata):
         """q: [num_rows, num_qo_heads, head_dim]; k, v: [num_rows, num_kv_heads, head_dim]. Writes the new K/V at
@@ -323,7 +355,12 @@ class FlashInferGraphPrefill:
 
     def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Attention only: the new K/V are already in the pool (the fused kernel skips the padding rows' slots)."""
-        return self._wrapper.run(q, self.kv_cache[layer])
+        return self._wrappers[self._spec_index[layer]].run(q, self.kv_cache[layer])
+
+
+def spec_kwargs(spec: AttentionSpec) -> dict:
+    """A layer spec as the keyword arguments of a FlashInfer wrapper's plan()."""
+    return {"sm_scale": spec.scale, "window_left": spec.window_left, "logits_soft_cap": spec.logits_soft_cap}
 
 
 def _host_arrays(meta: AttentionMetadata, page_size: int) -> tuple[dict[str, torch.Tensor], list[int]]:

@@ -5,18 +5,21 @@ import torch
 import torch.nn.functional as F
 
 from braidinfer.attention.metadata import AttentionMetadata
+from braidinfer.attention.spec import AttentionSpec, per_layer_specs
 
 
 class TorchAttention:
-    """Writes new K/V into the page pool, then runs SDPA per sequence over K/V gathered through its page table.
+    """Writes new K/V into the page pool, then attends per sequence over K/V gathered through its page table: SDPA
+    for plain layers, explicit scores for soft-capped ones (the reference the FlashInfer paths are tested against).
 
     kv_cache: [num_layers, num_pages, 2, num_kv_heads, page_size, head_dim] (FlashInfer's HND layout).
+    specs: one AttentionSpec per layer (scale, sliding window, soft-cap), or one scale for plain attention everywhere.
     """
 
-    def __init__(self, kv_cache: torch.Tensor, scale: float):
+    def __init__(self, kv_cache: torch.Tensor, specs: list[AttentionSpec] | float):
         self.kv_cache = kv_cache
         self.page_size = kv_cache.shape[4]
-        self.scale = scale
+        self.specs = per_layer_specs(specs, kv_cache.shape[0])
 
     def plan(self, meta: AttentionMetadata) -> None:
         """Once per step, before the forward (the call every backend takes): nothing to prepare here, each layer reads
@@ -29,18 +32,21 @@ class TorchAttention:
 
     def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Attention only: the step's new K/V are already in the pool."""
-        cache = self.kv_cache[layer]  # (pages, 2, kvh, ps, hd)
+        cache, spec = self.kv_cache[layer], self.specs[layer]  # (pages, 2, kvh, ps, hd)
         out = torch.empty_like(q)
         for span in meta.spans:
             qs = q[span.q_start : span.q_start + span.q_len].transpose(0, 1)  # (qh, q_len, hd)
             ks, vs = self._gather(cache, span.page_table, span.context_len)  # (kvh, L, hd)
-            fresh = span.q_len == span.context_len > 1  # a whole prompt: plain causal (the fused kernels take it)
-            o = F.scaled_dot_product_attention(
-                qs.unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0),
-                attn_mask=None if fresh else _causal_mask(span.q_len, span.context_len, q.device),
-                is_causal=fresh, scale=self.scale, enable_gqa=True,
-            )  # (1, qh, q_len, hd)
-            out[span.q_start : span.q_start + span.q_len] = o[0].transpose(0, 1)
+            if spec.logits_soft_cap is not None:
+                o = _softcapped_attention(qs, ks, vs, spec, span.context_len)  # (qh, q_len, hd)
+            else:
+                fresh = span.q_len == span.context_len > 1 and spec.sliding_window is None  # plain causal prompt
+                o = F.scaled_dot_product_attention(
+                    qs.unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0),
+                    attn_mask=None if fresh else _mask(span.q_len, span.context_len, spec.sliding_window, q.device),
+                    is_causal=fresh, scale=spec.scale, enable_gqa=True,
+                )[0]  # (qh, q_len, hd)
+            out[span.q_start : span.q_start + span.q_len] = o.transpose(0, 1)
         return out
 
     @staticmethod
@@ -59,9 +65,30 @@ def write_kv(cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor, v
     cache[pages, 1, :, offsets] = v.to(cache.dtype)
 
 
-def _causal_mask(q_len: int, context_len: int, device) -> torch.Tensor | None:
-    """Query i (absolute position context_len - q_len + i) sees keys 0..its own position; None when it sees all."""
-    if q_len == 1:
+def _mask(q_len: int, context_len: int, window: int | None, device) -> torch.Tensor | None:
+    """Query i (absolute position p = context_len - q_len + i) sees keys 0..p, or only p - window + 1..p with a sliding
+    window; None when every query sees every key."""
+    if q_len == 1 and (window is None or window >= context_len):
         return None
-    q_pos = torch.arange(context_len - q_len, context_len, device=device)
-    return torch.arange(context_len, device=device)[None, :] <= q_pos[:, None]  # (q_len, L)
+    q_pos = torch.arange(context_len - q_len, context_len, device=device)[:, None]  # (q_len, 1)
+    k_pos = torch.arange(context_len, device=device)[None, :]  # (1, L)
+    visible = k_pos <= q_pos
+    if window is not None:
+        visible &= k_pos > q_pos - window
+    return visible  # (q_len, L)
+
+
+def _softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec,
+                          context_len: int) -> torch.Tensor:
+    """q: [qh, q_len, hd]; k, v: [kvh, L, hd] -> [qh, q_len, hd]. Scores capped as c * tanh(s / c), then masked,
+    softmax in float32 and cast back, as transformers' Gemma 2 eager attention does."""
+    group = q.shape[0] // k.shape[0]
+    k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)  # (qh, L, hd)
+    scores = torch.matmul(q, k.transpose(1, 2)) * spec.scale  # (qh, q_len, L)
+    cap = spec.logits_soft_cap
+    scores = torch.tanh(scores / cap) * cap
+    mask = _mask(q.shape[1], context_len, spec.sliding_window, q.device)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return torch.matmul(probs, v)

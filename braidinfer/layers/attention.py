@@ -25,10 +25,12 @@ class PagedAttention(nn.Module):
     write, then the backend only attends.
 
     q_norm, k_norm: Qwen3-style RMSNorms over head_dim, owned (and named in the checkpoint) by the caller; both or none.
+    rotary: False for models without rotary embeddings (GPT-2's learned positions): q and k go to the backend as
+    they are. The fused kernel runs only with rotary and plain RMSNorm QK-norms (the rounding it reproduces).
     """
 
     def __init__(self, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None):
+                 q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None, rotary: bool = True):
         super().__init__()
         if (q_norm is None) != (k_norm is None):
             raise ValueError("PagedAttention takes both q_norm and k_norm, or neither")
@@ -36,10 +38,12 @@ class PagedAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
         self.qk_norms = (q_norm, k_norm) if q_norm is not None else None  # a tuple: not registered twice
+        self.rotary = rotary
+        self.fusable = rotary and (q_norm is None or type(q_norm) is RMSNorm and type(k_norm) is RMSNorm)
         self.plan = KernelPlan()
 
     def forward(self, qkv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        if self.plan.triton:
+        if self.plan.triton and self.fusable:
             return self._fused(qkv, batch)
         T = qkv.shape[0]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -48,8 +52,9 @@ class PagedAttention(nn.Module):
         v = v.view(T, self.num_kv_heads, self.head_dim)  # (T, kvh, hd)
         if self.qk_norms is not None:
             q, k = self.qk_norms[0](q), self.qk_norms[1](k)  # normalised over head_dim
-        cos, sin = batch.rope.cos_sin(qkv.dtype)  # (T, 1, hd) each
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.rotary:
+            cos, sin = batch.rope.cos_sin(qkv.dtype)  # (T, 1, hd) each
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         o = batch.attention(self.layer_idx, q, k, v, batch.meta)  # (T, qh, hd)
         return o.reshape(T, self.q_size)
 
@@ -66,6 +71,7 @@ class PagedAttention(nn.Module):
 
     def kernel_path(self) -> str:
         norm = "qk-norm + " if self.qk_norms is not None else ""
-        if self.plan.triton:
+        rope = "rope" if self.rotary else "no rope"
+        if self.plan.triton and self.fusable:
             return f"attention: {norm}rope + kv write in triton qk_norm_rope_write_kv, then the backend's attend"
-        return f"attention: {norm}rope in torch, then the backend's kv write and attend"
+        return f"attention: {norm}{rope} in torch, then the backend's kv write and attend"

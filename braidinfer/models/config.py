@@ -1,7 +1,9 @@
 """Architecture-independent description of a decoder-only transformer, read from a Hugging Face config dict."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from braidinfer.errors import InvalidModelError
@@ -27,10 +29,14 @@ class ModelConfig:
     attention_bias: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    hf_config: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    """The whole config.json (read-only), for the keys only one family has (sliding_window, soft-caps, ...): each
+    model file reads and validates its own."""
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> ModelConfig:
         """Reads a config.json-style dict; missing required keys give an InvalidModelError naming them."""
+        cfg = _with_standard_names(cfg)
         archs = cfg.get("architectures") or []
         architecture = archs[0] if archs else _architecture_from_model_type(cfg.get("model_type"))
         required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
@@ -67,11 +73,29 @@ class ModelConfig:
             attention_bias=bool(cfg.get("attention_bias", False)),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            hf_config=MappingProxyType(dict(cfg)),
         )
 
 
+# GPT-2-era configs name the shape differently (transformers' GPT2Config.attribute_map).
+_ALIASES = {"n_embd": "hidden_size", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
+            "n_positions": "max_position_embeddings", "n_inner": "intermediate_size"}
+
+
+def _with_standard_names(cfg: dict[str, Any]) -> dict[str, Any]:
+    cfg = dict(cfg)
+    for alias, name in _ALIASES.items():
+        if alias in cfg and name not in cfg:
+            cfg[name] = cfg[alias]
+    if cfg.get("intermediate_size") is None and cfg.get("model_type") == "gpt2" and "hidden_size" in cfg:
+        cfg["intermediate_size"] = 4 * cfg["hidden_size"]  # GPT-2's n_inner=None means 4 * n_embd
+    return cfg
+
+
 def _architecture_from_model_type(model_type: str | None) -> str:
-    known = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+    known = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM",
+             "mistral": "MistralForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+             "phi3": "Phi3ForCausalLM", "gpt2": "GPT2LMHeadModel", "ernie4_5": "Ernie4_5ForCausalLM"}
     if model_type not in known:
         raise InvalidModelError(f"model config names no architecture (model_type={model_type!r})")
     return known[model_type]

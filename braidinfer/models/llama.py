@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from braidinfer.attention.spec import AttentionSpec, uniform_specs
 from braidinfer.layers import Linear, PagedAttention, RMSNorm, RotaryEmbedding, SiluAndMul
 from braidinfer.models.config import ModelConfig
 from braidinfer.models.forward_batch import ForwardBatch
@@ -116,5 +117,9 @@ class LlamaForCausalLM(nn.Module):
         return ".".join(parts[:-2] + [packed, parts[-1]]), start, rows
 
     def shift_keys(self, k: torch.Tensor, delta: int) -> torch.Tensor:
-        """Rotary-embedded keys [..., kv_heads, head_dim] moved `delta` positions later (composed prompts)."""
+        """Rotary-embedded keys [..., layers, kv_heads, head_dim] moved `delta` positions later (composed prompts)."""
         return self.model.rotary_emb.shift_keys(k, delta)
+
+    def attention_specs(self) -> list[AttentionSpec]:
+        """One AttentionSpec per layer, for the attention backend: plain causal attention scaled by head_dim ** -0.5."""
+        return uniform_specs(self.config.num_hidden_layers, self.config.head_dim)

@@ -84,7 +84,7 @@ def test_qk_norm_rope_write_kv_ref_is_the_models_attention_input(arch, dtype):
     meta = AttentionMetadata(spans=[SeqSpan(0, 5, 11, page_table)], slot_mapping=slot_mapping, num_tokens=5)
     pool = torch.randn(1, 8, 2, hkv, page_size, hd, generator=g).to(dtype)  # [layers, pages, 2, kvh, ps, hd]
     ref_pool = pool.clone()
-    backend, seen = TorchAttention(pool, scale=hd ** -0.5), {}
+    backend, seen = TorchAttention(pool, hd ** -0.5), {}
 
     def record_q(layer, q, k, v, meta):
         seen["q"] = q.clone()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 TORCH_FREE = ["braidinfer.attention.metadata", "braidinfer.attention.cascade_plan", "braidinfer.graph_buckets",
-              "braidinfer.step_plan", "braidinfer.config"]
+              "braidinfer.step_plan", "braidinfer.config", "braidinfer.attention.spec"]
 
 BLOCK_TORCH = """
 import importlib.abc, sys
