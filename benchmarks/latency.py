@@ -3,7 +3,10 @@ token and decode speed at several prompt lengths, for Braid with each attention 
 same run.
 
     BRAID_TEST_TOKENIZER=/path/to/tokenizer python benchmarks/latency.py [--model qwen3-0.6b|smollm2-135m]
-        [--lengths 512,4096,16384] [--tokens 128] [--repeats 3]
+        [--config benchmarks/configs/mistral-7b-v0.1.json] [--lengths 512,4096,16384] [--tokens 128] [--repeats 3]
+
+--config takes a published config.json (any architecture the engine supports) instead of --model: random weights of
+that exact shape.
 
 TTFT is the time from submitting the prompt to receiving the first generated token (fresh random prompts, so nothing
 comes from the prefix cache). Decode tok/s is measured from the first streamed token to the last. Every engine, Braid
@@ -16,6 +19,7 @@ the real checkpoint (the tokenizer only has to be saved beside them).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -43,8 +47,13 @@ def build_model(path: str, tokenizer_dir: str, arch: str = "Qwen3", shape: dict 
 
     torch.manual_seed(0)
     with torch.device(device):
-        config = getattr(transformers, f"{arch}Config")(**shape)
-        model = getattr(transformers, f"{arch}ForCausalLM")(config).to(dtype).eval()
+        if arch == "config.json":  # a published config: its model_type picks the architecture
+            shape = {k: v for k, v in shape.items() if not k.startswith("_")}
+            config = transformers.AutoConfig.for_model(**shape)
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+        else:
+            config = getattr(transformers, f"{arch}Config")(**shape)
+            model = getattr(transformers, f"{arch}ForCausalLM")(config).to(dtype).eval()
     model.save_pretrained(path)
     transformers.AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
     return model
@@ -172,6 +181,7 @@ def measure_hf(model, lengths: list[int], n: int, repeats: int) -> dict[int, tup
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=[m for m in MODELS if m != "tiny"], default="qwen3-0.6b")
+    ap.add_argument("--config", help="a published config.json (e.g. benchmarks/configs/*.json) instead of --model")
     ap.add_argument("--lengths", default="512,4096,16384", help="prompt lengths in tokens, comma-separated")
     ap.add_argument("--tokens", type=int, default=128, help="generated tokens per request")
     ap.add_argument("--repeats", type=int, default=3,
@@ -191,12 +201,18 @@ def main() -> None:
     from braidinfer.attention.flashinfer_backend import unsupported_reason
 
     with tempfile.TemporaryDirectory() as path:
-        arch, shape = MODELS[args.model]
+        if args.config:
+            with open(args.config, encoding="utf-8") as f:
+                arch, shape = "config.json", json.load(f)
+            model_name = os.path.basename(args.config).removesuffix(".json")
+        else:
+            (arch, shape), model_name = MODELS[args.model], args.model
         model = build_model(path, tokenizer_dir, arch, shape)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied lm_head counted once
         bandwidth = copy_bandwidth()
         rows = {}
-        problem = unsupported_reason(torch.device("cuda"), torch.bfloat16, shape["head_dim"])
+        head_dim = _head_dim(shape)
+        problem = unsupported_reason(torch.device("cuda"), torch.bfloat16, head_dim)
         for name in args.variants.split(";"):
             kwargs = BRAID_VARIANTS[name]
             if problem is not None and kwargs["attention_backend"] == "flashinfer":
@@ -210,11 +226,12 @@ def main() -> None:
                 rows.setdefault(name, {})[length] = (ttft, tps)
 
     c = shape
-    kv_bytes_per_token = 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * c["head_dim"] * 2
+    num_kv_heads = c.get("num_key_value_heads") or c.get("num_attention_heads") or c["n_head"]
+    kv_bytes_per_token = 2 * (c.get("num_hidden_layers") or c["n_layer"]) * num_kv_heads * head_dim * 2
     fi_version = "absent" if problem else __import__("flashinfer").__version__
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"transformers {transformers.__version__}, flashinfer {fi_version}")
-    print(f"model: {args.model} shape, random bf16 weights ({weight_bytes / 1e9:.3f} GB), batch 1, {args.tokens} new "
+    print(f"model: {model_name} shape, random bf16 weights ({weight_bytes / 1e9:.3f} GB), batch 1, {args.tokens} new "
           f"tokens, greedy; device copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     print(f"each row: of {args.repeats} timed requests after a warm-up, the one with the highest decode tok/s and its "
           f"own TTFT")
@@ -227,6 +244,13 @@ def main() -> None:
         kv = kv_bytes_per_token * (length + args.tokens // 2)
         print(f"{length:>7}  {'bandwidth limit (weights / weights + KV)':<50}{'':>10}"
               f"{bandwidth / weight_bytes:>7.0f} / {bandwidth / (weight_bytes + kv):.0f}")
+
+
+def _head_dim(shape: dict) -> int:
+    if shape.get("head_dim"):
+        return shape["head_dim"]
+    hidden, heads = shape.get("hidden_size") or shape["n_embd"], shape.get("num_attention_heads") or shape["n_head"]
+    return hidden // heads
 
 
 if __name__ == "__main__":
