@@ -14,7 +14,9 @@ def load_model(cls: type[nn.Module], cfg: ModelConfig, source, device: torch.dev
                progress: bool = True) -> nn.Module:
     """Instantiates `cls(cfg)` on `device` in `dtype` and copies every parameter from `source.iter_weights`.
 
-    A missing, unexpected or misshapen tensor raises InvalidModelError naming it.
+    A model whose checkpoint names or layouts differ from its parameters (transposed Conv1D weights, permuted rows,
+    buffers saved as tensors) defines `load_hook(name, tensor) -> (name, tensor) | None`: each checkpoint tensor goes
+    through it first, and None drops it. A missing, unexpected or misshapen tensor raises InvalidModelError naming it.
     """
     with torch.device("meta"):
         model = cls(cfg).to(dtype)
@@ -23,7 +25,12 @@ def load_model(cls: type[nn.Module], cfg: ModelConfig, source, device: torch.dev
         model.lm_head.weight = model.model.embed_tokens.weight
     params = dict(model.named_parameters())
     filled = {name: 0 for name in params}  # rows filled so far
+    hook = getattr(model, "load_hook", None)
     for name, tensor in source.iter_weights(dtype, progress=progress):
+        if hook is not None:
+            if (renamed := hook(name, tensor)) is None:
+                continue
+            name, tensor = renamed
         if name.endswith(_IGNORED_SUFFIXES) or (cfg.tie_word_embeddings and name == "lm_head.weight"):
             continue
         target, rows = _destination(model, params, name, cls.__name__)

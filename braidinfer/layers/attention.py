@@ -26,11 +26,15 @@ class PagedAttention(nn.Module):
 
     q_norm, k_norm: Qwen3-style RMSNorms over head_dim, owned (and named in the checkpoint) by the caller; both or none.
     rotary: False for models without rotary embeddings (GPT-2's learned positions): q and k go to the backend as
-    they are. The fused kernel runs only with rotary and plain RMSNorm QK-norms (the rounding it reproduces).
+    they are. rotary_dim: how many leading dims of each head rotate (partial rotary, e.g. Phi-4-mini; the rest pass
+    through); None for all of head_dim. rotate_in_float32: rotate q and k in float32 and round once after (the
+    checkpoints whose reference implementation does so, e.g. ERNIE-4.5). The fused kernel runs only with a full,
+    model-dtype rotation and plain RMSNorm QK-norms (the rounding it reproduces).
     """
 
     def __init__(self, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None, rotary: bool = True):
+                 q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None, rotary: bool = True,
+                 rotary_dim: int | None = None, rotate_in_float32: bool = False):
         super().__init__()
         if (q_norm is None) != (k_norm is None):
             raise ValueError("PagedAttention takes both q_norm and k_norm, or neither")
@@ -39,7 +43,12 @@ class PagedAttention(nn.Module):
         self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
         self.qk_norms = (q_norm, k_norm) if q_norm is not None else None  # a tuple: not registered twice
         self.rotary = rotary
-        self.fusable = rotary and (q_norm is None or type(q_norm) is RMSNorm and type(k_norm) is RMSNorm)
+        self.rotary_dim = head_dim if rotary_dim is None else rotary_dim
+        if not 0 < self.rotary_dim <= head_dim or self.rotary_dim % 2:
+            raise ValueError(f"rotary_dim must be even and in (0, head_dim={head_dim}], got {rotary_dim}")
+        self.rotate_in_float32 = rotate_in_float32
+        plain_rotation = rotary and self.rotary_dim == head_dim and not rotate_in_float32
+        self.fusable = plain_rotation and (q_norm is None or type(q_norm) is RMSNorm and type(k_norm) is RMSNorm)
         self.plan = KernelPlan()
 
     def forward(self, qkv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
@@ -53,10 +62,18 @@ class PagedAttention(nn.Module):
         if self.qk_norms is not None:
             q, k = self.qk_norms[0](q), self.qk_norms[1](k)  # normalised over head_dim
         if self.rotary:
-            cos, sin = batch.rope.cos_sin(qkv.dtype)  # (T, 1, hd) each
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q, k = self._rotate(q, batch), self._rotate(k, batch)
         o = batch.attention(self.layer_idx, q, k, v, batch.meta)  # (T, qh, hd)
         return o.reshape(T, self.q_size)
+
+    def _rotate(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """x: [T, heads, hd] -> its first rotary_dim dims of each head rotated by position, the rest as they are."""
+        dtype = torch.float32 if self.rotate_in_float32 else x.dtype
+        cos, sin = batch.rope.cos_sin(dtype)  # (T, 1, rotary_dim) each
+        if self.rotary_dim == self.head_dim:
+            return apply_rotary(x.to(dtype), cos, sin).to(x.dtype)
+        rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]  # (T, h, rd), (T, h, hd - rd)
+        return torch.cat((apply_rotary(rot.to(dtype), cos, sin).to(x.dtype), rest), dim=-1)
 
     def _fused(self, qkv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         norm_weights = (None, None, 1e-6)

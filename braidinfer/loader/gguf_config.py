@@ -7,13 +7,9 @@ import numpy as np
 from gguf import GGUFReader, dequantize
 
 from braidinfer.errors import InvalidModelError, UnsupportedModelError
+from braidinfer.loader.gguf_families import FAMILIES
 from braidinfer.loader.gguf_rope import llama3_rope_scaling
 
-# GGUF architecture -> (HF architecture, HF model_type)
-ARCHITECTURES = {
-    "llama": ("LlamaForCausalLM", "llama"),
-    "qwen3": ("Qwen3ForCausalLM", "qwen3"),
-}
 # HF key -> GGUF key under "{arch}."
 _REQUIRED = {
     "num_hidden_layers": "block_count",
@@ -34,9 +30,9 @@ def gguf_architecture(reader: GGUFReader, path: str) -> str:
     arch = metadata(reader, "general.architecture")
     if arch is None:
         raise InvalidModelError(f"{path} has no general.architecture metadata")
-    if arch not in ARCHITECTURES:
+    if arch not in FAMILIES:
         raise UnsupportedModelError(f"{path}: GGUF architecture {arch!r} is not supported "
-                                    f"(supported: {', '.join(sorted(ARCHITECTURES))})")
+                                    f"(supported: {', '.join(sorted(FAMILIES))})")
     return arch
 
 
@@ -50,7 +46,8 @@ def gguf_hf_config(reader: GGUFReader, path: str) -> dict[str, Any]:
     missing = [f"{arch}.{key}" for key in _REQUIRED.values() if meta(key) is None]
     if missing:
         raise InvalidModelError(f"{path} lacks GGUF metadata: {', '.join(missing)}")
-    config: dict[str, Any] = {"architectures": [ARCHITECTURES[arch][0]], "model_type": ARCHITECTURES[arch][1]}
+    family = FAMILIES[arch]
+    config: dict[str, Any] = {"architectures": [family.architecture], "model_type": family.model_type}
     config.update({hf: _per_model(meta(key), f"{arch}.{key}") for hf, key in _REQUIRED.items()})
     kv_heads = meta("attention.head_count_kv", config["num_attention_heads"])
     config["num_key_value_heads"] = _per_model(kv_heads, f"{arch}.attention.head_count_kv")
@@ -68,6 +65,8 @@ def gguf_hf_config(reader: GGUFReader, path: str) -> dict[str, Any]:
     rope_scaling = _rope_scaling(reader, arch, config)
     if rope_scaling is not None:
         config["rope_scaling"] = rope_scaling
+    if family.config is not None:
+        family.config(meta, config)
     return config
 
 

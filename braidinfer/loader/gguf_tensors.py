@@ -1,9 +1,12 @@
-"""GGUF tensor names and layouts mapped back to Hugging Face (LlamaForCausalLM / Qwen3ForCausalLM) parameters."""
+"""GGUF tensor names and layouts mapped back to Hugging Face parameters: the Llama table, which each family's
+GGUFFamily (gguf_families.py) extends."""
 from __future__ import annotations
 
 import re
 
 import torch
+
+from braidinfer.loader.gguf_families import GGUFFamily
 
 _GLOBAL_NAMES = {
     "token_embd": "model.embed_tokens",
@@ -29,13 +32,16 @@ _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _GLOBAL_TENSOR = re.compile(r"(\w+)\.(weight|bias)")
 
 
-def hf_name(gguf_name: str) -> str | None:
-    """The HF parameter name of a GGUF tensor ("blk.3.attn_q.weight" -> "model.layers.3.self_attn.q_proj.weight")."""
+def hf_name(gguf_name: str, family: GGUFFamily | None = None) -> str | None:
+    """The HF parameter name of a GGUF tensor ("blk.3.attn_q.weight" -> "model.layers.3.self_attn.q_proj.weight"),
+    by the family's names over the Llama table; None for a tensor neither knows."""
     if m := _LAYER_TENSOR.fullmatch(gguf_name):
-        part = _LAYER_NAMES.get(m[2])
+        part = family.layer_names.get(m[2]) if family is not None else None
+        part = part or _LAYER_NAMES.get(m[2])
         return f"model.layers.{m[1]}.{part}.{m[3]}" if part else None
     if m := _GLOBAL_TENSOR.fullmatch(gguf_name):
-        part = _GLOBAL_NAMES.get(m[1])
+        part = family.global_names.get(m[1]) if family is not None else None
+        part = part or _GLOBAL_NAMES.get(m[1])
         return f"{part}.{m[2]}" if part else None
     return None
 

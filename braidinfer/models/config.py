@@ -94,7 +94,8 @@ def _with_standard_names(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def _architecture_from_model_type(model_type: str | None) -> str:
     known = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM",
-             "mistral": "MistralForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+             "mistral": "MistralForCausalLM", "ministral": "MistralForCausalLM", "gemma2": "Gemma2ForCausalLM",
+             "gemma3_text": "Gemma3ForCausalLM",
              "phi3": "Phi3ForCausalLM", "gpt2": "GPT2LMHeadModel", "ernie4_5": "Ernie4_5ForCausalLM"}
     if model_type not in known:
         raise InvalidModelError(f"model config names no architecture (model_type={model_type!r})")
