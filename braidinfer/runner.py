@@ -37,7 +37,7 @@ class ModelRunner:
         self.model = model
         self.device = device
         self.page_size = page_size
-        backend = _backend_name(attention_backend, device, dtype, cfg.head_dim)
+        backend, problem = _backend_name(attention_backend, device, dtype, cfg.head_dim)
         use_graphs = backend == "flashinfer" and not enforce_eager
         if not enforce_eager and not use_graphs:
             log.info("CUDA graphs need the FlashInfer attention backend; running eagerly on the torch backend")
@@ -52,6 +52,8 @@ class ModelRunner:
             else TorchAttention(self.kv_cache, specs))
         self.fallbacks: list[str] = []
         """The faster paths this model cannot take and why (reported by the engine's kernel_paths)."""
+        if problem is not None and device.type == "cuda":
+            self.fallbacks.append(f"attention backend torch, not flashinfer (so no CUDA graphs): {problem}")
         plain_reason = getattr(self.attention, "plain_reason", None)
         if plain_reason is not None and use_graphs:
             self.fallbacks.append(f"CUDA-graph decode attends with FlashInfer, not the Triton decode kernel: "
@@ -215,11 +217,12 @@ class _RowCopy:
         dst[index[0]] = self.src[index[1]]
 
 
-def _backend_name(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
-    """The attention backend that `name` ("auto", "torch" or "flashinfer") resolves to: "torch" or "flashinfer"."""
+def _backend_name(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple[str, str | None]:
+    """The attention backend that `name` ("auto", "torch" or "flashinfer") resolves to ("torch" or "flashinfer"),
+    and why "auto" could not take FlashInfer (None when it did, or when "torch" was asked for)."""
     problem = unsupported_reason(device, dtype, head_dim) if name != "torch" else None
     if name == "torch" or (name == "auto" and problem):
-        return "torch"
+        return "torch", problem
     if problem:
         raise InvalidRequestError(f"attention_backend 'flashinfer' cannot run: {problem}")
-    return "flashinfer"
+    return "flashinfer", None
