@@ -7,10 +7,15 @@ from braidinfer.errors import UnsupportedModelError
 from braidinfer.models.config import ModelConfig
 from braidinfer.models.llama import LlamaForCausalLM
 from braidinfer.models.qwen3 import Qwen3ForCausalLM
+from braidinfer.models.qwen2 import Qwen2ForCausalLM
+from braidinfer.models.mistral import MistralForCausalLM
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "MistralForCausalLM": MistralForCausalLM,
+    "MinistralForCausalLM": MistralForCausalLM,
 }
 
 
