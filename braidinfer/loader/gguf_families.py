@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from braidinfer.loader.gguf_mistral import mistral_if_windowed
+
 MetadataReader = Callable[[str, Any], Any]
 
 
@@ -39,6 +41,10 @@ class GGUFFamily:
 
 
 FAMILIES: Mapping[str, GGUFFamily] = MappingProxyType({
-    "llama": GGUFFamily("LlamaForCausalLM", "llama", permuted_qk=True),
+    "llama": GGUFFamily("LlamaForCausalLM", "llama", permuted_qk=True, config=mistral_if_windowed),
     "qwen3": GGUFFamily("Qwen3ForCausalLM", "qwen3"),
+    "qwen2": GGUFFamily("Qwen2ForCausalLM", "qwen2"),
+    # llama.cpp keeps ERNIE's interleaved q/k rows (its NORM rope rotates pairs); the model reorders them at load.
+    "ernie4_5": GGUFFamily("Ernie4_5ForCausalLM", "ernie4_5",
+                           config=lambda meta, config: config.update(use_bias=config["attention_bias"])),
 })
