@@ -7,10 +7,17 @@ from braidinfer.errors import UnsupportedModelError
 from braidinfer.models.config import ModelConfig
 from braidinfer.models.llama import LlamaForCausalLM
 from braidinfer.models.qwen3 import Qwen3ForCausalLM
+from braidinfer.models.qwen2 import Qwen2ForCausalLM
+from braidinfer.models.mistral import MistralForCausalLM
+from braidinfer.models.ernie4_5 import Ernie4_5ForCausalLM
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "MistralForCausalLM": MistralForCausalLM,
+    "MinistralForCausalLM": MistralForCausalLM,
+    "Ernie4_5ForCausalLM": Ernie4_5ForCausalLM,
 }
 
 

@@ -1,0 +1,116 @@
+"""The GPU checks every added family runs (tests/gpu/test_gpu_<family>.py), on a gentle tiny model in the style of
+tests/gpu/test_gpu_parity.py: inner weights at std 0.02, norms in [0.5, 1.5], small random biases, so that bf16
+rounding alone does not flip which key wins and the tolerances measured there apply.
+
+- the default CUDA path (FlashInfer, CUDA-graph decode, Triton kernels) against the torch backend run eagerly, both
+  bf16 on the same weights, step by step (DEFAULT_PATH_TOL);
+- the bf16 logprob error against transformers' float32 model of the size of transformers' own bf16 error;
+- fp32 on CUDA: greedy continuations equal transformers' float32 ones;
+- kernel_paths() names the fallback a windowed model takes (FlashInfer decode instead of Triton's, no cascade).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from braidinfer import LLM, SamplingParams
+from braidinfer.attention.flashinfer_backend import FlashInferAttention
+from tests.conftest import build_tiny_model_from_config
+from tests.gpu.test_gpu_parity import DEFAULT_PATH_TOL, MAX_BF16_ERROR
+from tests.support.numerics import assert_error_like_reference, assert_same_greedy
+
+PROMPT_LENGTHS = (7, 31, 64, 129, 200, 300)
+"""Longer than the GPU tests' windows (64), prefilled across several pages."""
+
+
+def gentle_from_config(config, path, tokenizer, seed: int):
+    """build_tiny_model_from_config's model with its inner 2-D weights scaled to std 0.02, its norm weights mapped
+    into [0.5, 1.5] and its biases drawn from N(0, 0.02), saved again to `path`; returns the float32 model."""
+    model = build_tiny_model_from_config(config, path, tokenizer, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.sub_(0.5).mul_(1.0 / 3.5).add_(0.5)
+            elif name.endswith(".bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+            elif p.dim() == 2 and "embed_tokens" not in name and "lm_head" not in name:
+                p.mul_(0.2)
+    model.save_pretrained(path)
+    return model
+
+
+def prompts(seed: int, lengths=PROMPT_LENGTHS) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 49152, (n,), generator=g).tolist() for n in lengths]
+
+
+def _logprobs(model, ids):
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids], device="cuda")).logits[0].float(), -1)
+
+
+def _greedy(model, prompt, n):
+    out = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=n, min_new_tokens=n,
+                         do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def check_default_path_against_torch_backend(path: str) -> list[str]:
+    """The default CUDA engine against the torch backend eagerly, both bf16, alone and batched; returns the default
+    engine's kernel_paths()."""
+    params = SamplingParams(temperature=0, max_tokens=16, logprobs=5, ignore_eos=True)
+    ps = prompts(seed=6)
+    kw = dict(device="cuda", num_kv_pages=4096, progress=False)
+    with LLM(model=path, dtype="bfloat16", attention_backend="torch", enforce_eager=True, fused_kernels=False,
+             **kw) as reference:
+        want = reference.generate(ps, params)
+    with LLM(model=path, **kw) as default:
+        runner = default.engine.runner
+        assert isinstance(runner.attention, FlashInferAttention) and runner.graphs is not None
+        alone = [default.generate(p, params)[0] for p in ps]
+        together = default.generate(ps, params)
+        assert runner.graphs.num_replays > 0
+        paths = default.engine.kernel_paths()
+    for got in (alone, together):
+        for g, w in zip(got, want):
+            assert_same_greedy(w.token_ids, [dict(x.top) for x in w.logprobs],
+                               g.token_ids, [dict(x.top) for x in g.logprobs], DEFAULT_PATH_TOL)
+    return paths
+
+
+def check_bf16_error_like_transformers(path: str, ref32) -> None:
+    """Our bf16 logprobs off transformers' float32 model by no more than transformers' own bf16 model is."""
+    ref32 = ref32.to("cuda")
+    ref16 = copy.deepcopy(ref32).to(torch.bfloat16)
+    params = SamplingParams(temperature=0, max_tokens=8, logprobs=5, ignore_eos=True)
+    with LLM(model=path, device="cuda", dtype="bfloat16", num_kv_pages=4096, progress=False) as llm:
+        for prompt in prompts(seed=0)[:4]:
+            out = llm.generate(prompt, params)[0]
+            ids = prompt + out.token_ids
+            exact, hf16 = _logprobs(ref32, ids), _logprobs(ref16, ids)
+            ours = hf = 0.0
+            for step, lp in enumerate(out.logprobs):
+                row = len(prompt) - 1 + step
+                for token, value in lp.top:
+                    ours = max(ours, abs(value - exact[row, token].item()))
+                    hf = max(hf, abs(hf16[row, token].item() - exact[row, token].item()))
+            print(f"prompt {len(prompt)}: bf16 error vs fp32 {ours:.3f}, transformers' {hf:.3f}")
+            assert_error_like_reference(ours, hf, MAX_BF16_ERROR)
+
+
+def check_fp32_greedy_equals_transformers(path: str, ref32) -> None:
+    """In float32 on CUDA, greedy continuations equal transformers' (one of six may part at a rounding tie)."""
+    ref32 = ref32.to("cuda")
+    ps = prompts(seed=2)
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    with LLM(model=path, device="cuda", dtype="float32", num_kv_pages=4096, progress=False) as llm:
+        ours = [o.token_ids for o in llm.generate(ps, params)]
+    same = sum(got == _greedy(ref32, p, 32) for p, got in zip(ps, ours))
+    assert same >= len(ps) - 1, f"only {same}/{len(ps)} fp32 greedy continuations identical"
+
+
+def has_window_fallback(paths: list[str]) -> bool:
+    """Whether kernel_paths() reports that the sliding windows keep decode off the Triton kernel."""
+    return any(p.startswith("fallback:") and "sliding windows" in p for p in paths)

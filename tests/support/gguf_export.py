@@ -1,0 +1,73 @@
+"""Writes a transformers model as an F32 GGUF the way llama.cpp's convert_hf_to_gguf.py lays it out: tensor names
+from the `gguf` package's map for the architecture, llama's q/k row permutation where the converter applies it, and
+the metadata its TextModel writes (plus any family keys the caller adds)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+
+def llamacpp_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's LlamaModel.permute: each head's rows from (half, dim) to (dim, half), pairs for its NORM rope."""
+    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+            .swapaxes(1, 2).reshape(weights.shape))
+
+
+def write_gguf(model, path, arch: str, permute_qk: bool = False, name: str | None = None,
+               extra: Callable | None = None, tokenizer_from: str | None = None) -> None:
+    """`model`: a transformers causal LM; `arch`: the GGUF architecture name (e.g. "llama" for a Mistral, as
+    llama.cpp exports it); `extra(writer)` adds family metadata; `tokenizer_from` names a GGUF whose
+    tokenizer.* metadata is copied (so that the file loads with a tokenizer)."""
+    import gguf
+
+    cfg = model.config
+    writer = gguf.GGUFWriter(str(path), arch)
+    if name is not None:
+        writer.add_name(name)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    head_dim = getattr(cfg, "head_dim", None)
+    if head_dim is not None and arch == "llama":
+        writer.add_rope_dimension_count(head_dim)
+    elif head_dim is not None:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    if extra is not None:
+        extra(writer)
+    if tokenizer_from is not None:
+        _copy_tokenizer(gguf.GGUFReader(tokenizer_from), writer)
+    model_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    names = gguf.get_tensor_name_map(model_arch, cfg.num_hidden_layers)
+    heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}
+    for hf_name, tensor in model.state_dict().items():
+        if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        base, suffix = hf_name.rsplit(".", 1)
+        data = tensor.float().numpy()
+        projection = base.rsplit(".", 1)[-1]
+        if permute_qk and projection in heads:
+            data = llamacpp_permute(data, heads[projection])
+        writer.add_tensor(f"{names.get_name(base)}.{suffix}", np.ascontiguousarray(data))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _copy_tokenizer(reader, writer) -> None:
+    import gguf
+
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        kind = field.types[0]
+        sub_type = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), kind, sub_type=sub_type)
