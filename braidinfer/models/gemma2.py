@@ -17,7 +17,7 @@ from torch import nn
 
 from braidinfer.attention.spec import AttentionSpec
 from braidinfer.errors import UnsupportedModelError
-from braidinfer.layers import GeluAndMul, GemmaRMSNorm, Linear, RotaryEmbedding
+from braidinfer.layers import GeluAndMul, GemmaRMSNorm, Linear, RotaryEmbedding, Rotation
 from braidinfer.models.config import ModelConfig
 from braidinfer.models.forward_batch import ForwardBatch
 from braidinfer.models.llama import LlamaAttention, LlamaForCausalLM
@@ -70,10 +70,14 @@ class Gemma2Model(nn.Module):
         """input_ids: [T] -> final hidden states [T, hidden]."""
         h = self.embed_tokens(input_ids)  # (T, hidden)
         h = h * embed_scale_in(self.embed_scale, h.dtype)
-        batch.rope = self.rotary_emb.at(batch.positions)
-        for layer in self.layers:
+        for layer, rope in zip(self.layers, self.rotations(batch.positions)):
+            batch.rope = rope  # the rotation this layer's attention reads
             h = layer(h, batch)
         return self.norm(h)
+
+    def rotations(self, positions: torch.Tensor) -> list[Rotation]:
+        """Each layer's rotation of the step's positions: one shared by every layer."""
+        return [self.rotary_emb.at(positions)] * len(self.layers)
 
 
 class Gemma2ForCausalLM(LlamaForCausalLM):
@@ -137,4 +141,4 @@ def embed_scale_in(scale: float, dtype: torch.dtype) -> float:
     """sqrt(hidden) rounded to `dtype`, as transformers multiplies the embeddings by it (55.4256 becomes 55.5 in
     bf16 for hidden 3072; huggingface/transformers#29402). A Python float, so the multiply stays graph-capturable;
     the product rounds once, like a multiply by the rounded scalar tensor."""
-    return torch.tensor(scale, dtype=dtype).item()
+    return torch.tensor(scale, dtype=dtype, device="cpu").item()

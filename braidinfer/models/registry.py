@@ -6,6 +6,7 @@ from torch import nn
 from braidinfer.errors import UnsupportedModelError
 from braidinfer.models.config import ModelConfig
 from braidinfer.models.gemma2 import Gemma2ForCausalLM
+from braidinfer.models.gemma3 import Gemma3ForCausalLM
 from braidinfer.models.llama import LlamaForCausalLM
 from braidinfer.models.qwen3 import Qwen3ForCausalLM
 
@@ -13,6 +14,7 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,
 }
 
 
