@@ -39,8 +39,13 @@ def gemma2_gguf(tmp_path_factory, embedded_gguf):
     return str(path), model
 
 
-def _weights(path: str) -> dict[str, torch.Tensor]:
-    return dict(resolve_model(path).iter_weights(torch.float32, progress=False))
+@pytest.fixture(scope="module")
+def source(gemma2_gguf):
+    return resolve_model(gemma2_gguf[0])  # parsing the header (a 49k-token vocabulary) takes seconds: once
+
+
+def _weights(source) -> dict[str, torch.Tensor]:
+    return dict(source.iter_weights(torch.float32, progress=False))
 
 
 def _assert_same_weights(ours: dict, ref: dict):
@@ -49,22 +54,22 @@ def _assert_same_weights(ours: dict, ref: dict):
         torch.testing.assert_close(tensor, ref[name].float(), msg=name)
 
 
-def test_weights_are_the_checkpoints_with_norms_shifted_back(gemma2_gguf):
-    path, ref = gemma2_gguf
-    _assert_same_weights(_weights(path), ref.state_dict())
+def test_weights_are_the_checkpoints_with_norms_shifted_back(gemma2_gguf, source):
+    _, ref = gemma2_gguf
+    _assert_same_weights(_weights(source), ref.state_dict())
 
 
-def test_weights_match_transformers_gguf_import(gemma2_gguf):
+def test_weights_match_transformers_gguf_import(gemma2_gguf, source):
     from transformers import AutoModelForCausalLM
 
     path, _ = gemma2_gguf
     hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
-    _assert_same_weights(_weights(path), hf.state_dict())
+    _assert_same_weights(_weights(source), hf.state_dict())
 
 
-def test_config_from_metadata(gemma2_gguf):
-    path, ref = gemma2_gguf
-    cfg = ModelConfig.from_hf_config(resolve_model(path).hf_config)
+def test_config_from_metadata(gemma2_gguf, source):
+    _, ref = gemma2_gguf
+    cfg = ModelConfig.from_hf_config(source.hf_config)
     assert cfg.architecture == "Gemma2ForCausalLM" and cfg.tie_word_embeddings and cfg.head_dim == 16
     with torch.device("meta"):
         model = Gemma2ForCausalLM(cfg)
