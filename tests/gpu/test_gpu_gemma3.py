@@ -20,9 +20,9 @@ WINDOW = 64
 def gemma3_config():
     from transformers import Gemma3TextConfig
 
-    # Gemma-3-1B's head layout (head_dim 256, 4 q heads, 1 kv head) at 4 layers, pattern 2 so both kinds repeat.
+    # Gemma-3-1B's heads (4 q heads, 1 kv head) at head_dim 128 and 4 layers, pattern 2 so both kinds repeat.
     return Gemma3TextConfig(vocab_size=49152, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
-                            num_attention_heads=4, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256,
+                            num_attention_heads=4, num_key_value_heads=1, head_dim=128, query_pre_attn_scalar=128,
                             sliding_window=WINDOW, sliding_window_pattern=2, rope_theta=1_000_000.0,
                             rope_local_base_freq=10_000.0, max_position_embeddings=2048, bos_token_id=1,
                             eos_token_id=2, pad_token_id=0, attn_implementation="eager")
