@@ -1,5 +1,5 @@
 """Gemma 2 on the default GPU path in bf16 (FlashInfer with per-layer sliding windows and logit soft-capping, CUDA
-graphs) against transformers, and the fallbacks kernel_paths() reports for it."""
+graphs) against transformers, and the fallbacks kernel_paths reports for it."""
 from __future__ import annotations
 
 import copy
@@ -56,7 +56,7 @@ def test_greedy_tokens_agree_like_transformers_bf16(models):
 
 def test_kernel_paths_report_the_fallbacks(models):
     llm, _, _ = models
-    lines = llm.engine.kernel_paths()
+    lines = llm.engine.kernel_paths
     text = "\n".join(lines)
     assert any(line.startswith("gemma_rmsnorm") for line in lines), text
     fallbacks = [line for line in lines if line.startswith("fallback:")]

@@ -1,5 +1,5 @@
 """Gemma 3 (text) on the default GPU path in bf16 (FlashInfer with sliding windows on local layers, CUDA graphs,
-the QK-norm in PyTorch) against transformers, and the fallbacks kernel_paths() reports for it."""
+the QK-norm in PyTorch) against transformers, and the fallbacks kernel_paths reports for it."""
 from __future__ import annotations
 
 import copy
@@ -56,7 +56,7 @@ def test_greedy_tokens_agree_like_transformers_bf16(models):
 
 def test_kernel_paths_report_the_fallbacks(models):
     llm, _, _ = models
-    lines = llm.engine.kernel_paths()
+    lines = llm.engine.kernel_paths
     text = "\n".join(lines)
     attention = [line for line in lines if line.startswith("attention")]
     assert any("qk-norm" in line and "torch" in line for line in attention), text  # not the fused Triton kernel
