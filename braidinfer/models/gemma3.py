@@ -16,7 +16,6 @@ import torch
 from braidinfer.attention.spec import AttentionSpec
 from braidinfer.layers import GemmaRMSNorm, PagedAttention, RotaryEmbedding, Rotation
 from braidinfer.models.config import ModelConfig
-from braidinfer.models.forward_batch import ForwardBatch
 from braidinfer.models.gemma2 import (Gemma2DecoderLayer, Gemma2ForCausalLM, Gemma2Model, gemma_attention_specs,
                                       layer_types)
 from braidinfer.models.llama import LlamaAttention
