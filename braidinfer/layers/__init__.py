@@ -2,6 +2,7 @@
 `select_kernels` applies a plan to a whole model and `describe_kernels` says which path each kind of layer runs."""
 from braidinfer.layers.activation import GeluAndMul, SiluAndMul
 from braidinfer.layers.attention import PagedAttention
+from braidinfer.layers.gemma_norm import GemmaRMSNorm
 from braidinfer.layers.linear import Linear
 from braidinfer.layers.norm import RMSNorm
 from braidinfer.layers.plan import GEMV_MAX_ROWS, KernelPlan, describe_kernels, gemv_prologues, select_kernels
@@ -11,4 +12,5 @@ __all__ = [
     "GEMV_MAX_ROWS", "GeluAndMul", "KernelPlan", "Linear", "PagedAttention", "RMSNorm", "RotaryEmbedding",
     "Rotation", "SiluAndMul", "apply_rotary", "describe_kernels", "gemv_prologues", "rope_inv_freq",
     "select_kernels",
+    "GemmaRMSNorm",
 ]

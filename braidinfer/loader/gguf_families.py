@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from braidinfer.loader.gguf_mistral import mistral_if_windowed
+from braidinfer.loader import gguf_gemma
 
 MetadataReader = Callable[[str, Any], Any]
 
@@ -47,4 +48,8 @@ FAMILIES: Mapping[str, GGUFFamily] = MappingProxyType({
     # llama.cpp keeps ERNIE's interleaved q/k rows (its NORM rope rotates pairs); the model reorders them at load.
     "ernie4_5": GGUFFamily("Ernie4_5ForCausalLM", "ernie4_5",
                            config=lambda meta, config: config.update(use_bias=config["attention_bias"])),
+    "gemma2": GGUFFamily("Gemma2ForCausalLM", "gemma2", layer_names=gguf_gemma.LAYER_NAMES,
+                         config=gguf_gemma.gemma2_config, tensor=gguf_gemma.norm_weight),
+    "gemma3": GGUFFamily("Gemma3ForCausalLM", "gemma3_text", layer_names=gguf_gemma.LAYER_NAMES,
+                         config=gguf_gemma.gemma3_config, tensor=gguf_gemma.norm_weight),
 })

@@ -81,6 +81,10 @@ class ModelConfig:
 _ALIASES = {"n_embd": "hidden_size", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
             "n_positions": "max_position_embeddings", "n_inner": "intermediate_size"}
 
+# Families whose transformers config defaults tie_word_embeddings to True: their published config.json files leave
+# it out and their checkpoints hold no lm_head.weight.
+_TIED_BY_DEFAULT = frozenset({"gemma", "gemma2", "gemma3_text"})
+
 
 def _with_standard_names(cfg: dict[str, Any]) -> dict[str, Any]:
     cfg = dict(cfg)
@@ -89,6 +93,8 @@ def _with_standard_names(cfg: dict[str, Any]) -> dict[str, Any]:
             cfg[name] = cfg[alias]
     if cfg.get("intermediate_size") is None and cfg.get("model_type") == "gpt2" and "hidden_size" in cfg:
         cfg["intermediate_size"] = 4 * cfg["hidden_size"]  # GPT-2's n_inner=None means 4 * n_embd
+    if cfg.get("model_type") in _TIED_BY_DEFAULT:
+        cfg.setdefault("tie_word_embeddings", True)
     return cfg
 
 

@@ -5,6 +5,8 @@ from torch import nn
 
 from braidinfer.errors import UnsupportedModelError
 from braidinfer.models.config import ModelConfig
+from braidinfer.models.gemma2 import Gemma2ForCausalLM
+from braidinfer.models.gemma3 import Gemma3ForCausalLM
 from braidinfer.models.llama import LlamaForCausalLM
 from braidinfer.models.qwen3 import Qwen3ForCausalLM
 from braidinfer.models.qwen2 import Qwen2ForCausalLM
@@ -18,6 +20,8 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "MistralForCausalLM": MistralForCausalLM,
     "MinistralForCausalLM": MistralForCausalLM,
     "Ernie4_5ForCausalLM": Ernie4_5ForCausalLM,
+    "Gemma2ForCausalLM": Gemma2ForCausalLM,
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,
 }
 
 
