@@ -7,10 +7,12 @@ from braidinfer.errors import UnsupportedModelError
 from braidinfer.models.config import ModelConfig
 from braidinfer.models.llama import LlamaForCausalLM
 from braidinfer.models.qwen3 import Qwen3ForCausalLM
+from braidinfer.models.phi3 import Phi3ForCausalLM
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
 }
 
 
