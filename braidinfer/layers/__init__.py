@@ -6,9 +6,13 @@ from braidinfer.layers.linear import Linear
 from braidinfer.layers.norm import RMSNorm
 from braidinfer.layers.plan import GEMV_MAX_ROWS, KernelPlan, describe_kernels, gemv_prologues, select_kernels
 from braidinfer.layers.rotary import RotaryEmbedding, Rotation, apply_rotary, rope_inv_freq
+from braidinfer.layers.gelu import Gelu
+from braidinfer.layers.layernorm import LayerNorm
+from braidinfer.layers.longrope import LongRoPEEmbedding
 
 __all__ = [
     "GEMV_MAX_ROWS", "GeluAndMul", "KernelPlan", "Linear", "PagedAttention", "RMSNorm", "RotaryEmbedding",
     "Rotation", "SiluAndMul", "apply_rotary", "describe_kernels", "gemv_prologues", "rope_inv_freq",
     "select_kernels",
+    "Gelu", "LayerNorm", "LongRoPEEmbedding",
 ]

@@ -89,6 +89,8 @@ def _with_standard_names(cfg: dict[str, Any]) -> dict[str, Any]:
             cfg[name] = cfg[alias]
     if cfg.get("intermediate_size") is None and cfg.get("model_type") == "gpt2" and "hidden_size" in cfg:
         cfg["intermediate_size"] = 4 * cfg["hidden_size"]  # GPT-2's n_inner=None means 4 * n_embd
+    if cfg.get("model_type") == "gpt2":
+        cfg.setdefault("tie_word_embeddings", True)  # GPT2Config's default; GPT-2's config.json does not say
     return cfg
 
 

@@ -8,11 +8,13 @@ from braidinfer.models.config import ModelConfig
 from braidinfer.models.llama import LlamaForCausalLM
 from braidinfer.models.qwen3 import Qwen3ForCausalLM
 from braidinfer.models.phi3 import Phi3ForCausalLM
+from braidinfer.models.gpt2 import GPT2LMHeadModel
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
+    "GPT2LMHeadModel": GPT2LMHeadModel,
 }
 
 
