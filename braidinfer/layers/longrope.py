@@ -51,8 +51,9 @@ def longrope_parameters(rotary_dim: int, theta: float, scaling: Mapping[str, Any
     attention_factor = scaling.get("attention_factor")
     if attention_factor is None:
         attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
-    ext = torch.tensor(factors, dtype=torch.float32)
-    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+    # On the CPU explicitly: models are built under torch.device("meta"), the tables are not parameters.
+    ext = torch.tensor(factors, dtype=torch.float32, device="cpu")
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device="cpu").float() / rotary_dim
     return 1.0 / (ext * theta**exponents), float(attention_factor)
 
 
