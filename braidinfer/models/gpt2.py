@@ -25,7 +25,7 @@ from braidinfer.models.forward_batch import ForwardBatch
 
 _CONV1D = re.compile(r".*\.(c_attn|c_proj|c_fc)\.weight")
 _DROPPED = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers older checkpoints saved
-_LAYER_PREFIX = re.compile(r"h\.(\d+)\.")
+_LAYER_PREFIX = re.compile(r"^h\.(\d+)\.")
 
 
 def _eps(cfg: ModelConfig) -> float:
