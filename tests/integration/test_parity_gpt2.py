@@ -64,3 +64,17 @@ def test_original_checkpoint_names_and_mask_buffers(gpt2, tmp_path):
     save_file(weights, f"{tmp_path}/model.safetensors")
     with _llm(str(tmp_path)) as llm:
         assert_logprobs_match(llm, ref, random_prompts([12], VOCAB, seed=4)[0])
+
+
+def test_composed_prompt_fails_clearly_and_the_engine_keeps_serving(gpt2):
+    # A chunk's keys carry the learned positions it was computed at: they cannot move to another position.
+    from braidinfer import SamplingParams
+    from braidinfer.errors import UnsupportedModelError
+
+    path, ref = gpt2
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    with _llm(path) as llm:
+        a, b = (llm.chunks.add(p, independent=True) for p in random_prompts([6, 9], VOCAB, seed=5))
+        with pytest.raises(UnsupportedModelError, match="learned"):
+            llm.generate(random_prompts([3], VOCAB, seed=6)[0], params, chunks=[a, b])
+        assert_greedy_matches(llm, ref, random_prompts([10], VOCAB, seed=7), steps=4)
