@@ -60,7 +60,8 @@ def _write_gguf(model, path) -> None:
     writer.add_rope_dimension_count(rope_dims)
     writer.add_rope_freq_base(rope["rope_theta"])
     writer.add_sliding_window(cfg.sliding_window or 0)  # 0: llama.cpp's mark of a model without one (Phi-4)
-    writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(cfg.original_max_position_embeddings)))
+    original = cfg.original_max_position_embeddings
+    writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)))
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.PHI3, cfg.num_hidden_layers)
     for hf_name, tensor in model.state_dict().items():
         if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:

@@ -1,4 +1,4 @@
-"""LongRoPE tables against transformers' own arithmetic, and key shifting with partial rotary and an attention factor."""
+"""LongRoPE tables against transformers' own arithmetic; key shifting with partial rotary and an attention factor."""
 from __future__ import annotations
 
 import pytest
