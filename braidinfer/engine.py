@@ -48,6 +48,11 @@ class LLMEngine:
         self.kernel_plan = KernelPlan.choose(config.fused_kernels, config.gemv_decode, self.device)
         select_kernels(self.model, self.kernel_plan)  # before the runner captures CUDA graphs
         max_model_len = min(config.max_model_len or 1 << 62, self.model_config.max_position_embeddings)
+        if config.max_model_len and config.max_model_len > max_model_len:
+            log.warning("max_model_len=%d exceeds the model's context of %d positions; serving %d",
+                        config.max_model_len, max_model_len, max_model_len)
+        if hasattr(self.model, "set_max_model_len"):  # e.g. LongRoPE picks its factor set by the served context
+            self.model.set_max_model_len(max_model_len)
         eos_token_ids = self._eos_token_ids()
         num_pages = num_kv_pages(config, self.model_config, self.dtype, self.device, max_model_len)
         self.pages = PageManager(num_pages, config.page_size, config.enable_prefix_caching)

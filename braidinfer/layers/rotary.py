@@ -43,8 +43,12 @@ class RotaryEmbedding:
     """Cos/sin tables for rotating q and k by absolute position (HF's half-split "rotate_half" convention).
 
     The tables are float32 and built lazily per device; they are not module buffers, so casting the model to bf16
-    leaves them in float32, as transformers keeps inv_freq.
+    leaves them in float32, as transformers keeps inv_freq. The tables cover len(inv_freq) * 2 dims: a partial rotary
+    embedding (rotary_dim < head_dim) rotates only the leading dims of each head.
     """
+
+    attention_factor = 1.0
+    """Multiplies cos and sin in float32 (LongRoPE's attention scaling, where transformers applies it too)."""
 
     def __init__(self, head_dim: int, theta: float, scaling: dict | None, max_positions: int):
         self.inv_freq = rope_inv_freq(head_dim, theta, scaling)
@@ -56,7 +60,8 @@ class RotaryEmbedding:
         if device not in self._tables:
             freqs = torch.arange(self.max_positions, dtype=torch.float32, device="cpu")[:, None] * self.inv_freq[None, :]
             emb = torch.cat((freqs, freqs), dim=-1)  # (max_pos, hd)
-            self._tables[device] = (emb.cos().to(device), emb.sin().to(device))
+            cos, sin = emb.cos() * self.attention_factor, emb.sin() * self.attention_factor
+            self._tables[device] = (cos.to(device), sin.to(device))
         return self._tables[device]
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,9 +75,13 @@ class RotaryEmbedding:
 
     def shift_keys(self, k: torch.Tensor, delta: int) -> torch.Tensor:
         """Rotary-embedded keys [..., kv_heads, head_dim] moved `delta` positions later (RoPE is a rotation per
-        frequency, so rotating by delta composes with the rotation already applied); computed in float32."""
-        cos, sin = self.cos_sin(torch.tensor([delta], device=k.device), torch.float32)
-        return apply_rotary(k.float(), cos, sin).to(k.dtype)
+        frequency, so rotating by delta composes with the rotation already applied); computed in float32. Only the
+        leading rotary dims turn, and without the attention factor: the key was scaled once when first rotated."""
+        freqs = delta * self.inv_freq  # float32, as a table row
+        emb = torch.cat((freqs, freqs)).to(k.device)  # (rotary_dim,)
+        rotary_dim = emb.numel()
+        rotated = apply_rotary(k[..., :rotary_dim].float(), emb.cos(), emb.sin())
+        return torch.cat((rotated, k[..., rotary_dim:].float()), dim=-1).to(k.dtype)
 
 
 class Rotation:

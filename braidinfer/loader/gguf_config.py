@@ -8,6 +8,7 @@ from gguf import GGUFReader, dequantize
 
 from braidinfer.errors import InvalidModelError, UnsupportedModelError
 from braidinfer.loader.gguf_families import FAMILIES
+from braidinfer.loader.gguf_phi3 import FACTOR_TENSORS, longrope_scaling
 from braidinfer.loader.gguf_rope import llama3_rope_scaling
 
 # HF key -> GGUF key under "{arch}."
@@ -129,6 +130,10 @@ def _rope_scaling(reader: GGUFReader, arch: str, config: dict[str, Any]) -> dict
             if value is not None:
                 scaling[hf_key] = value
         return scaling
+    factors = {key: t for t in reader.tensors for key, name in FACTOR_TENSORS.items() if t.name == name}
+    if factors:
+        arrays = {key: dequantize(t.data, t.tensor_type) for key, t in factors.items()}
+        return longrope_scaling(arrays, lambda key, default=None: metadata(reader, f"{arch}.{key}", default), config)
     freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
     if freqs is None:
         return None

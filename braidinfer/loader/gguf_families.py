@@ -15,8 +15,10 @@ from typing import Any
 
 import torch
 
-from braidinfer.loader.gguf_mistral import mistral_if_windowed
 from braidinfer.loader import gguf_gemma
+from braidinfer.loader.gguf_gpt2 import gpt2_config, gpt2_tensor
+from braidinfer.loader.gguf_mistral import mistral_if_windowed
+from braidinfer.loader.gguf_phi3 import phi3_config
 
 MetadataReader = Callable[[str, Any], Any]
 
@@ -52,4 +54,11 @@ FAMILIES: Mapping[str, GGUFFamily] = MappingProxyType({
                          config=gguf_gemma.gemma2_config, tensor=gguf_gemma.norm_weight),
     "gemma3": GGUFFamily("Gemma3ForCausalLM", "gemma3_text", layer_names=gguf_gemma.LAYER_NAMES,
                          config=gguf_gemma.gemma3_config, tensor=gguf_gemma.norm_weight),
+    "phi3": GGUFFamily("Phi3ForCausalLM", "phi3", layer_names={"attn_qkv": "self_attn.qkv_proj",
+                                                               "ffn_up": "mlp.gate_up_proj"}, config=phi3_config),
+    "gpt2": GGUFFamily("GPT2LMHeadModel", "gpt2",
+                       layer_names={"attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj",
+                                    "ffn_norm": "ln_2", "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"},
+                       global_names={"position_embd": "model.wpe", "output_norm": "model.ln_f"},
+                       config=gpt2_config, tensor=gpt2_tensor),
 })

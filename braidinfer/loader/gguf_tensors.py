@@ -26,8 +26,9 @@ _LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-# Tensors that hold no parameter: llama.cpp's Llama 3 rope divisors become hf_config["rope_scaling"] instead.
-NON_PARAMETERS = frozenset({"rope_freqs.weight"})
+# Tensors that hold no parameter: llama.cpp's Llama 3 rope divisors and Phi-3's LongRoPE factor sets become
+# hf_config["rope_scaling"] instead.
+NON_PARAMETERS = frozenset({"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"})
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _GLOBAL_TENSOR = re.compile(r"(\w+)\.(weight|bias)")
 

@@ -83,7 +83,7 @@ _ALIASES = {"n_embd": "hidden_size", "n_layer": "num_hidden_layers", "n_head": "
 
 # Families whose transformers config defaults tie_word_embeddings to True: their published config.json files leave
 # it out and their checkpoints hold no lm_head.weight.
-_TIED_BY_DEFAULT = frozenset({"gemma", "gemma2", "gemma3_text"})
+_TIED_BY_DEFAULT = frozenset({"gemma", "gemma2", "gemma3_text", "gpt2"})  # GPT2Config ties by default too
 
 
 def _with_standard_names(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -5,13 +5,15 @@ from torch import nn
 
 from braidinfer.errors import UnsupportedModelError
 from braidinfer.models.config import ModelConfig
+from braidinfer.models.ernie4_5 import Ernie4_5ForCausalLM
 from braidinfer.models.gemma2 import Gemma2ForCausalLM
 from braidinfer.models.gemma3 import Gemma3ForCausalLM
+from braidinfer.models.gpt2 import GPT2LMHeadModel
 from braidinfer.models.llama import LlamaForCausalLM
-from braidinfer.models.qwen3 import Qwen3ForCausalLM
-from braidinfer.models.qwen2 import Qwen2ForCausalLM
 from braidinfer.models.mistral import MistralForCausalLM
-from braidinfer.models.ernie4_5 import Ernie4_5ForCausalLM
+from braidinfer.models.phi3 import Phi3ForCausalLM
+from braidinfer.models.qwen2 import Qwen2ForCausalLM
+from braidinfer.models.qwen3 import Qwen3ForCausalLM
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -22,6 +24,8 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "Ernie4_5ForCausalLM": Ernie4_5ForCausalLM,
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
+    "GPT2LMHeadModel": GPT2LMHeadModel,
 }
 
 

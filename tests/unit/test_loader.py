@@ -346,13 +346,13 @@ def test_gguf_unsupported_architecture(tmp_path):
     import gguf
 
     path = tmp_path / "other.gguf"
-    writer = gguf.GGUFWriter(str(path), "gpt2")
+    writer = gguf.GGUFWriter(str(path), "rwkv6")
     writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(UnsupportedModelError, match="gpt2"):
+    with pytest.raises(UnsupportedModelError, match="rwkv6"):
         resolve_model(path)
 
 
