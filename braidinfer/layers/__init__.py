@@ -1,6 +1,5 @@
 """The layers model files are built from. Each runs the path of the KernelPlan it was given (PyTorch by default);
 `select_kernels` applies a plan to a whole model and `describe_kernels` says which path each kind of layer runs."""
-
 from braidinfer.layers.activation import GeluAndMul, SiluAndMul
 from braidinfer.layers.attention import PagedAttention
 from braidinfer.layers.gelu import Gelu
