@@ -34,15 +34,17 @@ class QuantGemvConfig(NamedTuple):
 def launch_config(qtype: str, num_rows: int, n: int, num_sms: int) -> QuantGemvConfig:
     """The configuration for x [num_rows, K] @ W[n, K].T on a device of `num_sms` multiprocessors.
 
-    Not yet tuned on a GPU (benchmarks/quant_kernels.py --sweep tries the neighbours). The reasoning: a step of
-    BLOCK_N x block_k weights should load ~16 bytes per thread of 8 warps (4 x 2048 4-bit weights = 4 KB) so that
-    every thread issues one wide load per step; the float32 accumulator is BLOCK_M x BLOCK_N x block_k / 256 values
-    per thread, so block_k shrinks as rows of x are added; BLOCK_N drops to 2 or 1 where N / 4 would leave fewer
-    than 4 programs per SM (k/v projections, N = 1024).
+    Not yet tuned on a GPU (benchmarks/quant_kernels.py --sweep times the neighbours). The reasoning, checked in
+    the sm_90 PTX and ptxas' report (Triton 3.9): a step of 4 weight rows x 4096 weights gives each of 8 warps'
+    threads 32 contiguous bytes of 4-bit quants (two 16-byte loads; Q8_0, Q6_K: 2-byte loads, their 34/210-byte
+    blocks being only 2-aligned) in flight at once, with 80-100 registers and no spills; the scales are loaded one
+    group per thread and x once per program, then broadcast through shared memory. block_k shrinks as rows of x
+    are added, keeping the float32 accumulator (rows x 4 x block_k / 2 values over 256 threads) at ~32 registers
+    (~120 registers in all at 2-8 rows). BLOCK_N drops to 2 or 1 where N / 4 would give fewer than 4 programs per
+    SM (k/v projections, N = 1024).
     """
     block_m = triton.next_power_of_2(max(num_rows, 1))
-    block_k = 1024 if qtype == "Q8_0" else 2048
-    block_k = max(2 * GROUP_LANES[qtype], block_k // block_m)
+    block_k = max(2 * GROUP_LANES[qtype], 4096 // block_m)
     block_n = 4
     while block_n > 1 and triton.cdiv(n, block_n) < 4 * num_sms:
         block_n //= 2
@@ -59,11 +61,12 @@ def launch_gemv(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.T
         num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
         config = launch_config(qtype, num_rows, n, num_sms)
     lanes = GROUP_LANES[qtype]
-    block_g = max(1, config.block_k // (2 * lanes))
+    num_groups = k // (2 * lanes)
+    block_g = min(max(1, config.block_k // (2 * lanes)), triton.next_power_of_2(num_groups))
     _quant_gemv_kernel[(triton.cdiv(n, config.block_n),)](
         x, blocks, bias, out, num_rows, n, x.stride(0), blocks.shape[1],
         QTYPE=QTYPE_IDS[qtype], BLOCK_SIZE=BLOCK_SIZE[qtype], TYPE_SIZE=TYPE_SIZE[qtype],
-        GROUPS=GROUPS_PER_BLOCK[qtype], LANES=lanes, NUM_GROUPS=k // (2 * lanes), HAS_BIAS=bias is not None,
+        GROUPS=GROUPS_PER_BLOCK[qtype], LANES=lanes, NUM_GROUPS=num_groups, HAS_BIAS=bias is not None,
         BLOCK_M=triton.next_power_of_2(num_rows), BLOCK_N=config.block_n, BLOCK_G=block_g,
         num_warps=config.num_warps,
     )
