@@ -48,7 +48,8 @@ class LLMEngine:
         self.model = load_model(cls, self.model_config, self.source, self.device, self.dtype, config.progress,
                                 quantized=config.weight_format == "auto")
         self.load_summary = load_summary(self.model, self.source.quantized_names() if self.model.quantized_modules
-                                         else {}, self.source.dequantized_names())
+                                         else {}, self.source.dequantized_names(),
+                                         on_cpu=self.device.type == "cpu")
         """Lines describing the loaded weights: bytes, tensors kept quantised, tensors dequantised and why."""
         for line in self.load_summary:
             log.info(line)

@@ -50,15 +50,21 @@ def load_model(cls: type[nn.Module], cfg: ModelConfig, source, device: torch.dev
         with torch.no_grad():
             target.copy_(tensor)
         filled[rows[0]] += rows[1]
+    # On the CPU the projections are decoded once here (QuantLinear says why); embeddings stay quantised there, as
+    # a lookup decodes only its rows, unless tied to an lm_head that holds the decoded table anyway.
+    materialize = torch.device(device).type == "cpu"
     for path in swapped:
         module = model.get_submodule(path)
-        if path == "lm_head" and cfg.tie_word_embeddings:
+        tied = path == "lm_head" and cfg.tie_word_embeddings
+        if tied:
             embedding = model.model.embed_tokens
             module.set_part(0, embedding.quantized() if embedding.qtype else embedding.weight)
         try:
-            module.finalize() if isinstance(module, QuantLinear) else _check_filled(module)
+            module.finalize(materialize) if isinstance(module, QuantLinear) else _check_filled(module)
         except ValueError as e:
             raise InvalidModelError(f"checkpoint tensors for {path} of {cls.__name__}: {e}") from None
+        if tied and materialize:
+            embedding.set_weight(module.part0)
     model.quantized_modules = swapped
     missing = sorted(n for n, p in params.items() if filled[n] != p.shape[0])
     if missing:

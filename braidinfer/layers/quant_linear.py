@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from braidinfer.layers.cpu_int4 import int4pack_linear, int4pack_supported, to_int4pack
 from braidinfer.loader.quantized import QuantizedTensor
 
 
@@ -19,8 +18,11 @@ class QuantLinear(nn.Module):
     mixing types (Q4_K_M's Q4_K q/k beside a Q6_K v) runs one per type, concatenated.
 
     Paths: CUDA: braid_kernels.quant.quant_linear (dequantising GEMV up to 8 rows, else dequantise + matmul).
-    CPU: Q4_0/Q4_1 as torch's int4 weight-only matmul (cpu_int4.py); other types dequantised per call by the
-    PyTorch decoder. Never Triton on the CPU. Takes plain tensors only: plan.gemv_prologues fuses no norm into it.
+    CPU: blocks are dequantised per call by the PyTorch decoder (never Triton), unless `finalize(materialize=True)`
+    decoded them once into a float matrix. The engine materialises on the CPU: torch 2.13's weight-only CPU matmuls
+    (`_weight_int4pack_mm_for_cpu`, which could take Q4_0/Q4_1 exactly, and `_weight_int8pack_mm`) measured 10-20x
+    slower than float32 F.linear for one row of SmolLM2-135M's shapes on an AVX2 machine, and decoding per call
+    slower still. Takes plain tensors only: plan.gemv_prologues fuses no norm into it.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
@@ -30,7 +32,6 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
         self._pending: dict[int, torch.Tensor | QuantizedTensor] = {}  # first row -> part, until finalize
         self.qtypes: list[str | None] = []  # per part (buffer part{i}); None: a float matrix
-        self.int4: list[bool] = []  # per part: held in the CPU int4pack layout (buffers part{i}, scales{i})
 
     def set_part(self, start: int, weight: torch.Tensor | QuantizedTensor) -> None:
         """Rows [start, start + rows) of W: blocks (QuantizedTensor) or a float [rows, in_features] tensor."""
@@ -40,8 +41,10 @@ class QuantLinear(nn.Module):
                              f"{self.in_features}] projection")
         self._pending[start] = weight
 
-    def finalize(self) -> None:
-        """Checks the parts cover every row once and lays them out for computing; call after the last set_part."""
+    def finalize(self, materialize: bool = False) -> None:
+        """Checks the parts cover every row once and lays them out for computing; call after the last set_part.
+        materialize: decode every part now into one float matrix of `dtype` (gguf's values rounded to it) and drop
+        the blocks."""
         parts, row = [], 0
         for start in sorted(self._pending):
             part = self._pending[start]
@@ -57,15 +60,15 @@ class QuantLinear(nn.Module):
         if row != self.out_features:
             raise ValueError(f"rows {row}..{self.out_features} of a projection are missing")
         self._pending.clear()
-        for i, (qtype, tensors) in enumerate(parts):
-            weight = tensors[0] if len(tensors) == 1 else torch.cat(tensors)  # one tensor: shared (tied) blocks
-            int4 = weight.device.type == "cpu" and qtype is not None and int4pack_supported(qtype, self.in_features)
-            if int4:
-                weight, scales = to_int4pack(weight, qtype)
-                self.register_buffer(f"scales{i}", scales, persistent=False)
+        joined = [(q, tensors[0] if len(tensors) == 1 else torch.cat(tensors)) for q, tensors in parts]
+        if materialize:
+            from braid_kernels.quant_formats import dequantize_torch
+
+            decoded = [w if q is None else dequantize_torch(w, q, self.dtype) for q, w in joined]
+            joined = [(None, decoded[0] if len(decoded) == 1 else torch.cat(decoded))]
+        for i, (qtype, weight) in enumerate(joined):  # a single part keeps its tensor: a tied lm_head shares it
             self.register_buffer(f"part{i}", weight, persistent=False)
             self.qtypes.append(qtype)
-            self.int4.append(int4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         outs = [self._part(i, x) for i in range(len(self.qtypes))]
@@ -76,8 +79,6 @@ class QuantLinear(nn.Module):
         qtype, weight = self.qtypes[i], getattr(self, f"part{i}")
         if qtype is None:
             return F.linear(x, weight)
-        if self.int4[i]:
-            return int4pack_linear(x, weight, getattr(self, f"scales{i}"))
         if weight.is_cuda:
             from braid_kernels.quant import quant_linear
 
@@ -91,9 +92,9 @@ class QuantLinear(nn.Module):
         device = getattr(self, "part0").device.type if self.qtypes else "cpu"
         if device == "cuda":
             return f"quant linear {kinds}: triton quant_linear (GEMV <= 8 rows, else dequantise + matmul)"
-        paths = sorted({"int4pack mm" if int4 else "torch dequantize + F.linear" if q else "F.linear"
-                        for q, int4 in zip(self.qtypes, self.int4)})
-        return f"quant linear {kinds}: {', '.join(paths)}"
+        if kinds == "float":
+            return "quant linear (decoded at load): torch F.linear"
+        return f"quant linear {kinds}: torch dequantize per call + F.linear"
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, parts={self.qtypes}"
