@@ -128,3 +128,28 @@ def test_quant_embedding_matches_reference(qtype):
     table.set_weight(QuantizedTensor(blocks, qtype, (40, 256)))
     ids = torch.tensor([3, 0, 39, 3])
     assert torch.equal(table(ids), _reference(blocks, qtype)[ids])
+
+
+def test_family_tensor_hook_dequantises_what_it_changes(quantized_llama):
+    """A family hook that changes a quantised tensor's values gets it dequantised (and reported); one that leaves
+    the values alone keeps it quantised."""
+    from dataclasses import replace
+
+    from gguf import GGUFReader
+
+    from braidinfer.loader.gguf_families import FAMILIES
+    from braidinfer.loader.gguf_file import GGUFCheckpoint
+
+    path, ref, _ = quantized_llama
+    changed = "model.layers.0.mlp.down_proj.weight"
+
+    def hook(name, tensor, config):
+        return tensor * 2 if name == changed else tensor
+
+    source = resolve_model(path)
+    family = replace(FAMILIES["llama"], tensor=hook)
+    checkpoint = GGUFCheckpoint(path, GGUFReader(path), source.hf_config, family)
+    tensors = dict(checkpoint.tensors(quantized=True))
+    assert torch.equal(tensors[changed], ref.state_dict()[changed] * 2)
+    assert checkpoint.dequantized[changed] == "Q5_K: changed by the LlamaForCausalLM tensor hook"
+    assert isinstance(tensors["model.layers.1.mlp.down_proj.weight"], QuantizedTensor)
