@@ -76,9 +76,8 @@ def bench_shape(qtype: str, n: int, k: int, rows: list[int], configs=None) -> No
         t_bf16 = time_rotating(lambda w: torch.matmul(x, w.t()), dense)
         if configs is None or m > 8:
             t_q = time_rotating(lambda w: quant_linear(x, w, qtype), quant)
-            label = "default" if m <= 8 else "dequant+mm"
-            if m <= 8:
-                label = str(tuple(launch_config(qtype, m, n, torch.cuda.get_device_properties(0).multi_processor_count)))
+            num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+            label = str(tuple(launch_config(qtype, m, n, num_sms))) if m <= 8 else "dequantize + matmul"
             print(f"{qtype:5} {n:>6}x{k:<6} M={m:<4} bf16 {t_bf16:8.1f} us {2 * n * k / t_bf16 / 1e3:6.0f} GB/s | "
                   f"{qtype} {t_q:8.1f} us {qbytes / t_q / 1e3:6.0f} GB/s | speedup {t_bf16 / t_q:5.2f}x  {label}",
                   flush=True)
