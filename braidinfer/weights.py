@@ -6,6 +6,7 @@ from torch import nn
 
 from braidinfer.errors import InvalidModelError
 from braidinfer.layers.quant_linear import QuantLinear
+from braidinfer.loader.quantized import QuantizedTensor
 from braidinfer.models.config import ModelConfig
 from braidinfer.quant_modules import module_slot, swap_quantized_modules
 
@@ -41,8 +42,14 @@ def load_model(cls: type[nn.Module], cfg: ModelConfig, source, device: torch.dev
         if name.endswith(_IGNORED_SUFFIXES) or (cfg.tie_word_embeddings and name == "lm_head.weight"):
             continue
         if swapped and name.endswith(".weight") and (slot := module_slot(model, name))[0] in swapped:
-            _fill_quantized(model.get_submodule(slot[0]), slot[1], tensor, device)
+            try:
+                _fill_quantized(model.get_submodule(slot[0]), slot[1], tensor, device)
+            except ValueError as e:
+                raise InvalidModelError(f"checkpoint tensor {name!r}: {e}") from None
             continue
+        if isinstance(tensor, QuantizedTensor):  # a load_hook renamed it away from the module swapped for it
+            raise InvalidModelError(f"checkpoint tensor {name!r} is quantised but fills no quantised layer of "
+                                    f"{cls.__name__}; load with weight_format='dequantize'")
         target, rows = _destination(model, params, name, cls.__name__)
         if target.shape != tensor.shape:
             raise InvalidModelError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
