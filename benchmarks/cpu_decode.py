@@ -79,7 +79,7 @@ def main() -> None:
             rows[f"braid {weight_format}"] = max(braid_decode_tps(llm, prompt, args.tokens)
                                                  for _ in range(args.repeats))
             weights = llm.memory_stats()["weight_bytes"]
-            print(f"braid {weight_format}: {weights / 2**20:.0f} MiB of weights; " + "; ".join(llm.load_summary[1:]))
+            print("; ".join([f"braid {weight_format}: {weights / 2**20:.0f} MiB of weights", *llm.load_summary[1:]]))
     hf_decode_tps(hf, prompt, 8)
     rows["transformers"] = max(hf_decode_tps(hf, prompt, args.tokens) for _ in range(args.repeats))
     cpp = load_llamacpp(gguf)
