@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from braid_kernels.quant import BLOCK_SIZE, TYPE_SIZE, quant_linear  # noqa: E402
 from braid_kernels.quant_gemv import QuantGemvConfig, launch_config  # noqa: E402
 
-# (N, K) of a weight: Llama-3.1-8B / Qwen3-8B's o_proj, gate_up-like, down-like, and a Qwen-sized lm_head.
-SHAPES = [(4096, 4096), (12288, 4096), (4096, 12288), (151936, 4096)]
+# (N, K) of a weight: Llama-3.1-8B / Qwen3-8B's o_proj, gate_up-like, down-like, a Qwen-sized lm_head, k/v_proj.
+SHAPES = [(4096, 4096), (12288, 4096), (4096, 12288), (151936, 4096), (1024, 4096)]
 L2_BYTES_TO_DEFEAT = 240e6  # 4x the H200's 60 MB L2
 FP16_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
 SWEEP = [QuantGemvConfig(n, k, w) for n in (1, 2, 4, 8) for k in (512, 1024, 2048, 4096) for w in (4, 8)]

@@ -22,6 +22,8 @@ from braid_kernels.quant import (
     quant_linear,
     quant_linear_reference,
 )
+from braid_kernels.quant_decode import GROUP_LANES
+from braid_kernels.quant_gemv import MAX_ROWS, launch_config
 from tests.support.gguf_quant import quantize
 
 QTYPE_LIST = sorted(QTYPES)
@@ -95,13 +97,36 @@ def test_gemv_matches_reference(device, qtype, num_rows):
 
 
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "Q8_0"])
-@pytest.mark.parametrize("config", [QuantGemvConfig(1, 64, 4), QuantGemvConfig(4, 256, 4), QuantGemvConfig(8, 4096, 8)])
+@pytest.mark.parametrize("config", [QuantGemvConfig(1, 64, 4), QuantGemvConfig(4, 256, 4), QuantGemvConfig(8, 4096, 8),
+                                    QuantGemvConfig(2, 64, 4, split_k=3), QuantGemvConfig(1, 256, 4, split_k=2)])
 def test_gemv_configs(device, qtype, config):
-    """Tiles of one group to more than the whole row, one row of W per program to more than N."""
+    """Tiles of one group to more than the whole row, one row of W per program to more than N, K split into
+    slices (of uneven numbers of steps)."""
     _, blocks = _weights(7, 768, seed=3, qtype=qtype)
     x = torch.randn(2, 768, generator=torch.Generator().manual_seed(3))
+    bias = torch.randn(7, generator=torch.Generator().manual_seed(4))
+    _assert_close(quant_linear(x.to(device), blocks.to(device), qtype, bias.to(device), config=config).cpu(),
+                  quant_linear_reference(x, blocks, qtype, bias), torch.float32)
+    x = x.to(torch.bfloat16)
     _assert_close(quant_linear(x.to(device), blocks.to(device), qtype, config=config).cpu(),
-                  quant_linear_reference(x, blocks, qtype), torch.float32)
+                  quant_linear_reference(x, blocks, qtype), torch.bfloat16)
+
+
+def test_launch_config_keeps_programs_and_registers_in_bounds():
+    """At least 4 programs per SM down to one weight row per program; the accumulator (rows x block_n x block_k / 2
+    float32 values over the threads) no larger at 8 rows than at 1; a tile of at least one group."""
+    for qtype in QTYPE_LIST:
+        for n in (1024, 4096, 12288, 151936):
+            for num_rows in range(1, MAX_ROWS + 1):
+                config = launch_config(qtype, num_rows, n, num_sms=132)
+                assert config.block_n == 1 or -(-n // config.block_n) >= 4 * 132
+                block_m = 1 << (num_rows - 1).bit_length()
+                assert block_m * config.block_n * config.block_k <= 4 * 4096
+                assert config.block_k >= 2 * GROUP_LANES[qtype]
+    assert launch_config("Q4_K", 1, 4096, 132).block_n == 4
+    assert launch_config("Q4_K", 1, 1024, 132, k=4096) == launch_config("Q4_K", 1, 1024, 132)  # 1024 programs
+    narrow = launch_config("Q4_K", 1, 64, 132, k=4096)
+    assert narrow.block_n == 1 and narrow.split_k > 1 and narrow.block_k * narrow.split_k >= 4096
 
 
 def test_gemv_strided_rows(device):

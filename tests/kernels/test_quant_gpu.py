@@ -37,8 +37,8 @@ def test_real_shape_on_gpu(qtype):
 
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "Q8_0"])
 def test_narrow_and_wide_outputs_on_gpu(qtype):
-    """N = 1024 (k/v projections: fewer rows per program) and a ragged N."""
-    for n, k in ((1024, 4096), (1000, 2048)):
+    """N = 1024 (k/v projections: fewer rows per program), a ragged N, and N = 128 (K split into slices)."""
+    for n, k in ((1024, 4096), (1000, 2048), (128, 4096)):
         _, blocks = _weights(n, k, seed=n, qtype=qtype)
         x = torch.randn(1, k, generator=torch.Generator().manual_seed(n)).to(torch.bfloat16)
         _assert_close(quant_linear(x.cuda(), blocks.cuda(), qtype).cpu(), quant_linear_reference(x, blocks, qtype),
