@@ -153,3 +153,26 @@ def test_family_tensor_hook_dequantises_what_it_changes(quantized_llama):
     assert torch.equal(tensors[changed], ref.state_dict()[changed] * 2)
     assert checkpoint.dequantized[changed] == "Q5_K: changed by the LlamaForCausalLM tensor hook"
     assert isinstance(tensors["model.layers.1.mlp.down_proj.weight"], QuantizedTensor)
+
+
+def test_no_gemv_prologue_into_a_quant_linear(quantized_llama):
+    """On the GEMV plan a norm or activation is deferred only into plain Linears: the Q5_0 layer's projections that
+    stay Linear keep their prologue, the quantised ones get computed tensors."""
+    from braidinfer.layers.plan import gemv_prologues
+    from braidinfer.models import ModelConfig, model_class
+    from braidinfer.quant_modules import swap_quantized_modules
+
+    path, _, _ = quantized_llama
+    source = resolve_model(path)
+    cfg = ModelConfig.from_hf_config(source.hf_config)
+    with torch.device("meta"):
+        plain = model_class(cfg)(cfg)
+        model = model_class(cfg)(cfg)
+    names = {n: q for n, q in source.quantized_names().items() if ".layers.1.mlp." not in n}
+    swapped = swap_quantized_modules(model, names, torch.float32, cfg.tie_word_embeddings)
+    assert "model.layers.1.mlp.gate_up_proj" not in swapped and "model.layers.0.mlp.gate_up_proj" in swapped
+    every = gemv_prologues(plain)
+    kept = gemv_prologues(model)
+    assert {"model.layers.1.post_attention_layernorm", "model.layers.1.mlp.act_fn"} <= kept
+    layer1_mlp = ("model.layers.1.mlp", "model.layers.1.post_attention_layernorm")
+    assert kept == {n for n in every if n.startswith(layer1_mlp)}
