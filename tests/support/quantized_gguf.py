@@ -64,7 +64,8 @@ def write_quantized_gguf(model, path, qtype_of: QTypeOf) -> dict[str, str]:
         qtype = qtype_of(hf_name)
         if qtype is not None:
             # Rows are independent: quantising before permuting rows is the same. gguf writes the legacy types.
-            data = quantize(data, qtype) if qtype in QUANTIZED else gguf_quantize(data, gguf.GGMLQuantizationType[qtype])
+            data = (quantize(data, qtype) if qtype in QUANTIZED
+                    else gguf_quantize(data, gguf.GGMLQuantizationType[qtype]))
             with torch.no_grad():
                 values = dequantize(data, gguf.GGMLQuantizationType[qtype])
                 params[hf_name].copy_(torch.from_numpy(values.reshape(tensor.shape)))
