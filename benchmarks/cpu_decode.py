@@ -1,9 +1,10 @@
-"""Batch-1 decode speed of the embedded SmolLM2-135M on the CPU: Braid vs transformers `generate`, same run.
+"""Batch-1 decode speed of the embedded SmolLM2-135M on the CPU: Braid (weight_format "auto" and "dequantize") vs
+transformers `generate` and, when llama-cpp-python is installed, llama.cpp on the same GGUF, same run.
 
     python benchmarks/cpu_decode.py [--tokens 128] [--repeats 3]
 
-Decode tok/s excludes the prefill: for Braid, the time from the first streamed token to the last; for transformers,
-the time of generate(N tokens) minus generate(1 token) on the same prompt.
+Decode tok/s excludes the prefill: for Braid, the time from the first streamed token to the last; for transformers
+and llama.cpp, the time of generating N tokens minus generating 1 token from the same prompt.
 """
 from __future__ import annotations
 
@@ -35,6 +36,27 @@ def hf_decode_tps(model, prompt: list[int], n: int) -> float:
     return (n - 1) / (timed(n) - timed(1))
 
 
+def llamacpp_decode_tps(model, prompt: list[int], n: int) -> float:
+    def timed(k):
+        model.reset()
+        t = time.perf_counter()
+        for i, _ in enumerate(model.generate(prompt, temp=0.0, reset=True)):
+            if i + 1 == k:
+                break
+        return time.perf_counter() - t
+
+    return (n - 1) / (timed(n) - timed(1))
+
+
+def load_llamacpp(gguf: str):
+    """A llama_cpp.Llama on the file with as many threads as torch uses, or None when llama-cpp-python is absent."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    return Llama(gguf, n_ctx=2048, n_threads=torch.get_num_threads(), verbose=False)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=128)
@@ -48,18 +70,32 @@ def main() -> None:
 
     gguf = default_model_path()
     hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf)).eval()
-    with LLM(device="cpu", progress=False) as llm:
-        prompt = llm.apply_chat_template([{"role": "user", "content": "Tell me a long story about a lighthouse."}])
-        braid_decode_tps(llm, prompt, 8)  # warm-up
-        hf_decode_tps(hf, prompt, 8)
-        braid = max(braid_decode_tps(llm, prompt, args.tokens) for _ in range(args.repeats))
-        ref = max(hf_decode_tps(hf, prompt, args.tokens) for _ in range(args.repeats))
+    rows: dict[str, float] = {}
+    prompt = None
+    for weight_format in ("auto", "dequantize"):
+        with LLM(device="cpu", progress=False, weight_format=weight_format) as llm:
+            prompt = llm.apply_chat_template([{"role": "user", "content": "Tell me a long story about a lighthouse."}])
+            braid_decode_tps(llm, prompt, 8)  # warm-up
+            rows[f"braid {weight_format}"] = max(braid_decode_tps(llm, prompt, args.tokens)
+                                                 for _ in range(args.repeats))
+            weights = llm.memory_stats()["weight_bytes"]
+            print("; ".join([f"braid {weight_format}: {weights / 2**20:.0f} MiB of weights", *llm.load_summary[1:]]))
+    hf_decode_tps(hf, prompt, 8)
+    rows["transformers"] = max(hf_decode_tps(hf, prompt, args.tokens) for _ in range(args.repeats))
+    cpp = load_llamacpp(gguf)
+    if cpp is not None:
+        llamacpp_decode_tps(cpp, prompt, 8)
+        rows["llama.cpp"] = max(llamacpp_decode_tps(cpp, prompt, args.tokens) for _ in range(args.repeats))
     print(f"device: CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
           f"torch {torch.__version__}, fp32, prompt {len(prompt)} tokens, {args.tokens} new tokens, best of {args.repeats}")
-    print(f"{'engine':<14}{'decode tok/s':>14}")
-    print(f"{'braid':<14}{braid:>14.1f}")
-    print(f"{'transformers':<14}{ref:>14.1f}")
-    print(f"ratio braid/transformers: {braid / ref:.2f}")
+    if cpp is None:
+        print("llama.cpp: not measured (pip install llama-cpp-python)")
+    print(f"{'engine':<18}{'decode tok/s':>14}")
+    for name, tps in rows.items():
+        print(f"{name:<18}{tps:>14.1f}")
+    for name in rows:
+        if name != "braid auto":
+            print(f"ratio braid auto/{name}: {rows['braid auto'] / rows[name]:.2f}")
 
 
 if __name__ == "__main__":

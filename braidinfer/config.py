@@ -18,6 +18,12 @@ class EngineConfig(ValidatedModel):
     """A local model directory, a `.gguf` file, a hub id in the local Hugging Face cache, or None for the embedded model."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights and KV dtype; auto = bfloat16 on CUDA, float32 on CPU."""
+    weight_format: Literal["auto", "dequantize"] = "auto"
+    """How a GGUF checkpoint's quantised weights are held. "auto": Q8_0, Q4_0, Q4_1, Q4_K, Q5_K and Q6_K tensors
+    stay quantised in memory and the engine computes from the blocks (GPU kernels; on the CPU, torch's int4 matmul
+    for Q4_0/Q4_1 and per-call dequantisation otherwise); tensors of other types are dequantised and the load summary
+    (the log, `LLM.load_summary`) names them. "dequantize": every tensor is dequantised to `dtype` at load.
+    Safetensors checkpoints are loaded as they are either way."""
     device: str | None = None
     """"cpu", "cuda" or "cuda:N"; None picks CUDA when available."""
     page_size: int = Field(16, ge=1, le=1024)

@@ -28,6 +28,7 @@ from braidinfer.sampling.logits import sample_batch
 from braidinfer.sampling.sampler import HostTokens, Sampler, make_generator
 from braidinfer.scheduler import ScheduledBatch, Scheduler
 from braidinfer.sequence import Sequence
+from braidinfer.weight_report import load_summary, weight_bytes
 from braidinfer.weights import load_model
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,14 @@ class LLMEngine:
         self.dtype = _DTYPES[config.dtype] if config.dtype != "auto" else (
             torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.tokenizer = self.source.load_tokenizer()
-        self.model = load_model(cls, self.model_config, self.source, self.device, self.dtype, config.progress)
+        self.model = load_model(cls, self.model_config, self.source, self.device, self.dtype, config.progress,
+                                quantized=config.weight_format == "auto")
+        self.load_summary = load_summary(self.model, self.source.quantized_names() if self.model.quantized_modules
+                                         else {}, self.source.dequantized_names(),
+                                         on_cpu=self.device.type == "cpu")
+        """Lines describing the loaded weights: bytes, tensors kept quantised, tensors dequantised and why."""
+        for line in self.load_summary:
+            log.info(line)
         self.kernel_plan = KernelPlan.choose(config.fused_kernels, config.gemv_decode, self.device)
         select_kernels(self.model, self.kernel_plan)  # before the runner captures CUDA graphs
         max_model_len = min(config.max_model_len or 1 << 62, self.model_config.max_position_embeddings)
@@ -82,6 +90,11 @@ class LLMEngine:
         """Which path each kind of layer runs, one line each ("rmsnorm: torch", ...), then the attention backend, then
         each faster path this model falls back from, with the reason."""
         return describe_kernels(self.model, self.runner.attention) + [f"fallback: {f}" for f in self.runner.fallbacks]
+
+    def memory_stats(self) -> dict[str, int]:
+        """Bytes of the weights (each storage once; quantised ones as their blocks) and of the KV page pool."""
+        kv = self.runner.kv_cache
+        return {"weight_bytes": weight_bytes(self.model), "kv_bytes": kv.numel() * kv.element_size()}
 
     @property
     def max_model_len(self) -> int:

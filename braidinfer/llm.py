@@ -165,6 +165,17 @@ class LLM:
         """Pages free / cached / in use, hit rate and tokens served from the prefix cache."""
         return self._loop.call(self.engine.pages.stats)
 
+    def memory_stats(self) -> dict[str, int]:
+        """Device memory the engine holds: weight_bytes (quantised weights count their GGUF blocks) and kv_bytes
+        (the KV page pool). See `load_summary` for which weights stayed quantised."""
+        return self._loop.call(self.engine.memory_stats)
+
+    @property
+    def load_summary(self) -> list[str]:
+        """How the weights were loaded, one line each: their size, the tensors kept quantised per GGUF type, and each
+        quantised tensor dequantised anyway, with the reason (EngineConfig.weight_format)."""
+        return list(self.engine.load_summary)
+
     # --- internals ---------------------------------------------------------------------------------------------
     def _cached_prefix_length(self, prompt: list[int]):
         """The engine-thread call behind num_cached_tokens (the last token is always computed)."""

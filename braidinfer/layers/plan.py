@@ -59,7 +59,8 @@ def select_kernels(model: nn.Module, plan: KernelPlan) -> None:
 
 def gemv_prologues(model: nn.Module) -> set[str]:
     """Names of the modules with a `feeds_gemv` attribute (norms, activations) whose output, in a one-row forward,
-    goes straight into a braidinfer.layers.Linear: the steps a GEMV kernel can take into its prologue.
+    goes straight into a braidinfer.layers.Linear (in `model` itself, not a QuantLinear): the steps a GEMV kernel can
+    take into its prologue.
 
     Found by running the forward of a twin of the model (`type(model)(model.config)`) on the meta device, so nothing
     is computed; forward hooks note each candidate's output and each Linear's input. A norm whose output also goes
@@ -69,7 +70,7 @@ def gemv_prologues(model: nn.Module) -> set[str]:
     with torch.device("meta"):
         twin = type(model)(model.config)
     produced: dict[int, tuple[str, torch.Tensor]] = {}  # id(output) -> (module name, output kept alive)
-    fed: set[str] = set()
+    fed: dict[str, list[str]] = {}  # candidate -> the Linears its output goes into
 
     def note_output(name):
         def hook(module, args, out):
@@ -77,16 +78,18 @@ def gemv_prologues(model: nn.Module) -> set[str]:
             produced[id(t)] = (name, t)
         return hook
 
-    def note_input(module, args):
-        if args and id(args[0]) in produced:
-            fed.add(produced[id(args[0])][0])
+    def note_input(name):
+        def hook(module, args):
+            if args and id(args[0]) in produced:
+                fed.setdefault(produced[id(args[0])][0], []).append(name)
+        return hook
 
     hooks = []
     for name, module in twin.named_modules():
         if hasattr(module, "feeds_gemv"):
             hooks.append(module.register_forward_hook(note_output(name)))
         elif isinstance(module, Linear):
-            hooks.append(module.register_forward_pre_hook(note_input))
+            hooks.append(module.register_forward_pre_hook(note_input(name)))
     one = torch.zeros(1, dtype=torch.int64, device="meta")
     batch = SimpleNamespace(positions=one, meta=None, attention=_MetaAttention(), rope=None)
     try:
@@ -95,7 +98,10 @@ def gemv_prologues(model: nn.Module) -> set[str]:
     finally:
         for h in hooks:
             h.remove()
-    return fed
+    # The twin has plain Linears; where the loaded model holds a QuantLinear instead (quantised weights), the step
+    # stays unfused: QuantLinear takes computed tensors.
+    modules = dict(model.named_modules())
+    return {norm for norm, users in fed.items() if all(isinstance(modules.get(u), Linear) for u in users)}
 
 
 class _MetaAttention:

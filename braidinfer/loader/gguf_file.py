@@ -12,6 +12,7 @@ from braidinfer.errors import InvalidModelError, UnsupportedModelError
 from braidinfer.loader.gguf_config import gguf_architecture, gguf_hf_config
 from braidinfer.loader.gguf_families import FAMILIES, GGUFFamily
 from braidinfer.loader.gguf_tensors import NON_PARAMETERS, hf_name, permuted_projection, unpermute_rows
+from braidinfer.loader.quantized import QUANTIZED_TYPES, QuantizedTensor
 
 GGUF_MAGIC = b"GGUF"
 
@@ -28,20 +29,56 @@ class GGUFCheckpoint:
         self.params = [(t, hf_name(t.name, family)) for t in reader.tensors if t.name not in NON_PARAMETERS]
         self.tensor_count = len(self.params)
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF name, float32 tensor in HF shape and row order) for every parameter of the file."""
+    def tensors(self, quantized: bool = False) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
+        """(HF name, float32 tensor in HF shape and row order) for every parameter of the file.
+
+        quantized: tensors of a type in QUANTIZED_TYPES come as QuantizedTensor (their blocks, rows in HF order)
+        instead, except where the family's tensor hook changes the values (then dequantised, noted in
+        `dequantized`). Every tensor dequantised despite `quantized` is noted there with the reason.
+        """
+        self.dequantized: dict[str, str] = {}
         for info, name in self.params:
-            try:
-                array = dequantize(info.data, info.tensor_type)
-            except NotImplementedError as e:
-                raise UnsupportedModelError(f"{self.path}: tensor {info.name}: {e}") from None
-            weight = torch.from_numpy(array if array.flags.writeable else array.copy())
-            projection = permuted_projection(info.name) if self.family.permuted_qk else None
-            if projection is not None:
-                weight = unpermute_rows(weight, self.heads[projection])
-            if self.family.tensor is not None:
-                weight = self.family.tensor(name, weight, self.hf_config)
-            yield name, weight
+            qtype = info.tensor_type.name
+            if quantized and qtype in QUANTIZED_TYPES:
+                yield name, self._quantized(info, name, qtype)
+                continue
+            if quantized and len(info.shape) >= 2 and qtype not in ("F32", "F16", "BF16"):
+                self.dequantized[name] = f"{qtype}: no kernel for this type"
+            yield name, self._dequantized(info, name)
+
+    def quantized_names(self) -> dict[str, str]:
+        """HF name -> qtype of the tensors `tensors(quantized=True)` yields as QuantizedTensor (from the header)."""
+        return {name: info.tensor_type.name for info, name in self.params if info.tensor_type.name in QUANTIZED_TYPES}
+
+    def _dequantized(self, info, name: str) -> torch.Tensor:
+        try:
+            array = dequantize(info.data, info.tensor_type)
+        except NotImplementedError as e:
+            raise UnsupportedModelError(f"{self.path}: tensor {info.name}: {e}") from None
+        weight = torch.from_numpy(array if array.flags.writeable else array.copy())
+        projection = permuted_projection(info.name) if self.family.permuted_qk else None
+        if projection is not None:
+            weight = unpermute_rows(weight, self.heads[projection])
+        if self.family.tensor is not None:
+            weight = self.family.tensor(name, weight, self.hf_config)
+        return weight
+
+    def _quantized(self, info, name: str, qtype: str) -> torch.Tensor | QuantizedTensor:
+        blocks = torch.from_numpy(info.data.copy()).view(torch.uint8)  # the mmap is read-only
+        shape = tuple(int(n) for n in reversed(info.shape))
+        blocks = blocks.reshape(shape[0], -1)
+        projection = permuted_projection(info.name) if self.family.permuted_qk else None
+        if projection is not None:  # whole rows of blocks move: exact
+            blocks = unpermute_rows(blocks, self.heads[projection]).contiguous()
+        tensor = QuantizedTensor(blocks, qtype, shape)
+        if self.family.tensor is not None:
+            # The hooks work on float values; a tensor one changes cannot stay quantised.
+            values = tensor.dequantize()
+            changed = self.family.tensor(name, values.clone(), self.hf_config)
+            if changed.shape != values.shape or not torch.equal(changed, values):
+                self.dequantized[name] = f"{qtype}: changed by the {self.family.architecture} tensor hook"
+                return changed
+        return tensor
 
     def load_tokenizer(self) -> Any:
         """transformers' conversion of the GGUF vocabulary; the chat template comes from the GGUF metadata."""

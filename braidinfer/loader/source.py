@@ -8,6 +8,8 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
+from braidinfer.loader.quantized import QuantizedTensor
+
 
 class Checkpoint(Protocol):
     """What a checkpoint format provides to `ModelSource` (see `hf.py` and `gguf_file.py`)."""
@@ -38,8 +40,12 @@ class ModelSource:
     def __hash__(self) -> int:  # hf_config is a dict, so hash by identity of the files instead
         return hash((self.path, self.format))
 
-    def iter_weights(self, dtype: torch.dtype, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_weights(self, dtype: torch.dtype, progress: bool = True,
+                     quantized: bool = False) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
         """Yields (Hugging Face parameter name, CPU tensor cast to `dtype`) for every tensor, one at a time.
+
+        quantized: a checkpoint that stores quantised tensors (GGUF) yields those of a type the engine computes from
+        as QuantizedTensor (uncast); see `quantized_names`.
 
         Names match transformers' state_dict keys ("model.layers.0.self_attn.q_proj.weight", ...); "lm_head.weight"
         is absent when the checkpoint ties it to the embeddings. A tqdm bar counts tensors unless `progress` is False.
@@ -47,9 +53,21 @@ class ModelSource:
         bar = tqdm(total=self.checkpoint.tensor_count, desc=f"Loading {self.name}", unit="tensor",
                    disable=not progress, leave=False)
         with bar:
-            for name, tensor in self.checkpoint.tensors():
-                yield name, tensor.to(dtype)
+            tensors = self.checkpoint.tensors(quantized=True) if quantized and self.quantized_names() else \
+                self.checkpoint.tensors()
+            for name, tensor in tensors:
+                yield name, tensor if isinstance(tensor, QuantizedTensor) else tensor.to(dtype)
                 bar.update(1)
+
+    def quantized_names(self) -> dict[str, str]:
+        """HF name -> qtype of the tensors `iter_weights(quantized=True)` yields as QuantizedTensor; {} for formats
+        without quantised tensors."""
+        names = getattr(self.checkpoint, "quantized_names", None)
+        return names() if names is not None else {}
+
+    def dequantized_names(self) -> dict[str, str]:
+        """After `iter_weights(quantized=True)`: HF name -> why a quantised tensor was dequantised anyway."""
+        return dict(getattr(self.checkpoint, "dequantized", {}))
 
     def load_tokenizer(self) -> Any:
         """The model's transformers tokenizer (a PreTrainedTokenizerBase) with its chat template, loaded offline."""

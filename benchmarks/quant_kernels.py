@@ -1,0 +1,134 @@
+"""quant_linear (kernels/quant.py) on GGML blocks against bf16 torch.matmul of the same shape, per GGML type, weight
+shape and number of rows; and a sweep of the GEMV's launch configurations to choose quant_gemv.launch_config from.
+
+    python benchmarks/quant_kernels.py [--qtypes Q4_K,Q8_0] [--rows 1,2,4,8,16,128,512] [--sweep] [--check]
+
+Each time is the median over replays of one launch's share of a CUDA graph of back-to-back launches (like the decode
+graph's layers), each launch reading a different copy of the weight, and more copies than L2 holds, so weights come
+from HBM as in a model. GB/s counts the weight bytes only. The blocks are random bytes with valid fp16 scales:
+the kernels' speed does not depend on the values. --check first compares each kernel with the reference once.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
+
+from braid_kernels.quant import BLOCK_SIZE, TYPE_SIZE, quant_linear  # noqa: E402
+from braid_kernels.quant_gemv import QuantGemvConfig, launch_config  # noqa: E402
+
+# (N, K) of a weight: Llama-3.1-8B / Qwen3-8B's o_proj, gate_up-like, down-like, a Qwen-sized lm_head, k/v_proj.
+SHAPES = [(4096, 4096), (12288, 4096), (4096, 12288), (151936, 4096), (1024, 4096)]
+L2_BYTES_TO_DEFEAT = 240e6  # 4x the H200's 60 MB L2
+FP16_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+SWEEP = [QuantGemvConfig(n, k, w) for n in (1, 2, 4, 8) for k in (512, 1024, 2048, 4096) for w in (4, 8)]
+
+
+def random_blocks(qtype: str, n: int, k: int, device="cuda") -> torch.Tensor:
+    """uint8 [n, k / BLOCK_SIZE * TYPE_SIZE] random quants with every fp16 scale 0.01."""
+    blocks = torch.randint(0, 256, (n * k // BLOCK_SIZE[qtype], TYPE_SIZE[qtype]), dtype=torch.uint8, device=device)
+    scale = torch.tensor([0.01], dtype=torch.float16).view(torch.uint8).to(device)
+    for offset in FP16_FIELDS[qtype]:
+        blocks[:, offset:offset + 2] = scale
+    return blocks.reshape(n, -1)
+
+
+def time_rotating(fn, weights: list, replays: int = 20) -> float:
+    """Median microseconds of one fn(w) within a CUDA graph that calls it on each of `weights` in turn."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for w in weights:
+            fn(w)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            for w in weights:
+                fn(w)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(weights))
+    del graph
+    return statistics.median(times)
+
+
+def copies(make, nbytes: int) -> list:
+    return [make() for _ in range(max(2, int(L2_BYTES_TO_DEFEAT // nbytes) + 1))]
+
+
+def bench_shape(qtype: str, n: int, k: int, rows: list[int], configs=None) -> None:
+    qbytes = n * k // BLOCK_SIZE[qtype] * TYPE_SIZE[qtype]
+    dense = copies(lambda: torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02, 2 * n * k)
+    quant = copies(lambda: random_blocks(qtype, n, k), qbytes)
+    for m in rows:
+        x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+        t_bf16 = time_rotating(lambda w: torch.matmul(x, w.t()), dense)
+        if configs is None or m > 8:
+            t_q = time_rotating(lambda w: quant_linear(x, w, qtype), quant)
+            num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+            label = str(tuple(launch_config(qtype, m, n, num_sms))) if m <= 8 else "dequantize + matmul"
+            print(f"{qtype:5} {n:>6}x{k:<6} M={m:<4} bf16 {t_bf16:8.1f} us {2 * n * k / t_bf16 / 1e3:6.0f} GB/s | "
+                  f"{qtype} {t_q:8.1f} us {qbytes / t_q / 1e3:6.0f} GB/s | speedup {t_bf16 / t_q:5.2f}x  {label}",
+                  flush=True)
+            continue
+        results = []
+        for config in configs:
+            try:
+                results.append((time_rotating(lambda w: quant_linear(x, w, qtype, config=config), quant), config))
+            except Exception as error:  # a configuration out of registers or shared memory: skip it
+                print(f"  {tuple(config)} failed: {type(error).__name__}: {str(error)[:80]}")
+        results.sort()
+        best = ", ".join(f"{tuple(c)} {t:.1f}" for t, c in results[:4])
+        print(f"{qtype:5} {n:>6}x{k:<6} M={m:<4} bf16 {t_bf16:8.1f} us | best {best} | "
+              f"speedup {t_bf16 / results[0][0]:5.2f}x", flush=True)
+    del dense, quant
+    torch.cuda.empty_cache()
+
+
+def check(qtypes) -> None:
+    """One comparison per type with the float32 dequantised matmul (the kernels' own tests are in tests/kernels)."""
+    from braid_kernels.quant import dequantize, dequantize_torch
+    for qtype in qtypes:
+        blocks = random_blocks(qtype, 1024, 2048)
+        w = dequantize(blocks, qtype, torch.float32)
+        same = torch.equal(w.view(torch.int32), dequantize_torch(blocks, qtype).view(torch.int32))
+        print(f"check {qtype} Triton dequantize is the torch decoder's bit for bit: {same}")
+        for m in (1, 3, 8, 64):
+            x = torch.randn(m, 2048, dtype=torch.bfloat16, device="cuda")
+            want = x.float() @ w.t()
+            err = (quant_linear(x, blocks, qtype).float() - want).abs().max().item()
+            print(f"check {qtype} M={m}: max error {err:.3g} (output scale {want.abs().mean().item():.3g})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--qtypes", default="Q4_K,Q8_0,Q6_K,Q5_K,Q4_0,Q4_1")
+    parser.add_argument("--rows", default="1,2,4,8,16,128,512")
+    parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
+    parser.add_argument("--sweep", action="store_true", help="time SWEEP's GEMV configurations instead")
+    parser.add_argument("--check", action="store_true", help="compare with the reference first")
+    args = parser.parse_args()
+    qtypes = args.qtypes.split(",")
+    rows = [int(r) for r in args.rows.split(",")]
+    if args.check:
+        check(qtypes)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    for shape in args.shapes.split(","):
+        n, k = (int(v) for v in shape.split("x"))
+        for qtype in qtypes:
+            bench_shape(qtype, n, k, rows, SWEEP if args.sweep else None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""A token embedding whose table stays as GGUF blocks: replaces nn.Embedding when the checkpoint holds it quantised."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from braidinfer.loader.quantized import QuantizedTensor
+
+
+class QuantEmbedding(nn.Module):
+    """ids [T] -> rows [T, embedding_dim] of a table held as GGUF blocks (only the rows looked up are dequantised),
+    or as a float table when the loader had to dequantise it. CUDA: braid_kernels.quant.quant_embedding; CPU: the
+    blocks of the rows, decoded by the PyTorch decoder (never Triton)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.dtype = num_embeddings, embedding_dim, dtype
+        self.qtype: str | None = None
+        self.register_buffer("weight", None, persistent=False)  # blocks, or the float table when qtype is None
+
+    def set_weight(self, weight: torch.Tensor | QuantizedTensor) -> None:
+        if tuple(weight.shape) != (self.num_embeddings, self.embedding_dim):
+            raise ValueError(f"an embedding of shape {tuple(weight.shape)} does not fit "
+                             f"[{self.num_embeddings}, {self.embedding_dim}]")
+        self.qtype = weight.qtype if isinstance(weight, QuantizedTensor) else None
+        self.weight = weight.blocks if self.qtype else weight.to(self.dtype)
+
+    def quantized(self) -> QuantizedTensor | None:
+        """The table as a QuantizedTensor (for an lm_head tied to it), or None when it is float."""
+        if self.qtype is None:
+            return None
+        return QuantizedTensor(self.weight, self.qtype, (self.num_embeddings, self.embedding_dim))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.qtype is None:
+            return F.embedding(ids, self.weight)
+        if self.weight.is_cuda:
+            from braid_kernels.quant import quant_embedding
+
+            return quant_embedding(ids, self.weight, self.qtype, self.dtype)
+        from braid_kernels.quant_formats import dequantize_torch
+
+        return dequantize_torch(self.weight[ids], self.qtype, self.dtype)
+
+    def kernel_path(self) -> str:
+        where = "triton quant_embedding" if self.weight is not None and self.weight.is_cuda else "torch dequantize"
+        return f"quant embedding {self.qtype or 'float'}: {where if self.qtype else 'F.embedding'}"

@@ -1,0 +1,153 @@
+"""Computing from weights kept as GGML blocks (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K; layouts in quant_formats.py):
+dequantisation, the linear layer and the embedding lookup, each beside its reference.
+
+The references are independent of this code: gguf.quants.dequantize (the gguf package's numpy decoder) to float32,
+then a plain float32 torch matmul or index. The kernels differ from them only in the order of the float32 sums
+(quant_linear's GEMV) or, on the GEMM path, by rounding the weights to x's dtype before the tensor cores.
+
+Where they run: Triton on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1, as the tests do); on the CPU
+otherwise, the PyTorch decoder `dequantize_torch` followed by torch's matmul or index.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_devices, check_last_dim_contiguous, check_shape, check_tensor
+from .numerics import is_interpreted
+from .quant_dequant import _dequantize_kernel, launch_dequantize
+from .quant_formats import BLOCK_SIZE, QTYPES, TYPE_SIZE, check_qtype, dequantize_torch
+from .quant_gemv import MAX_ROWS, QuantGemvConfig, launch_gemv
+
+__all__ = [
+    "BLOCK_SIZE", "MAX_ROWS", "QTYPES", "TYPE_SIZE", "QuantGemvConfig",
+    "dequantize", "dequantize_reference", "dequantize_torch",
+    "quant_embedding", "quant_embedding_reference",
+    "quant_linear", "quant_linear_reference",
+    "num_columns",
+]
+
+
+def num_columns(blocks: torch.Tensor, qtype: str) -> int:
+    """Weights per row of blocks [rows, row_bytes] of `qtype`."""
+    return blocks.shape[1] // TYPE_SIZE[qtype] * BLOCK_SIZE[qtype]
+
+
+def dequantize_reference(blocks: torch.Tensor, qtype: str, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """gguf.quants.dequantize of blocks [rows, row_bytes] -> [rows, cols] of out_dtype on blocks' device."""
+    import gguf.quants
+    from gguf import GGMLQuantizationType
+
+    check_qtype(qtype)
+    w = gguf.quants.dequantize(blocks.cpu().numpy(), GGMLQuantizationType[qtype])
+    return torch.from_numpy(w).to(device=blocks.device, dtype=out_dtype)
+
+
+def quant_linear_reference(x: torch.Tensor, blocks: torch.Tensor, qtype: str,
+                           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ W.T (+ bias) in float32 with W = dequantize_reference(blocks) [N, K], rounded to x's dtype."""
+    w = dequantize_reference(blocks, qtype)
+    return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
+
+
+def quant_embedding_reference(ids: torch.Tensor, blocks: torch.Tensor, qtype: str,
+                              out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """dequantize_reference(blocks)[ids] -> [T, H] of out_dtype."""
+    return dequantize_reference(blocks, qtype)[ids.long()].to(out_dtype)
+
+
+def dequantize(blocks: torch.Tensor, qtype: str, out_dtype: torch.dtype = torch.bfloat16,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """The weights of blocks, gguf.quants.dequantize's float32 values rounded to out_dtype.
+
+    blocks: uint8 [rows, row_bytes] contiguous, row_bytes a multiple of TYPE_SIZE[qtype]; qtype: one of QTYPES;
+    out_dtype: float32/float16/bfloat16. out: optional [rows, cols] tensor of out_dtype to write into (a reusable
+    buffer). Returns [rows, cols = row_bytes / TYPE_SIZE * BLOCK_SIZE].
+    """
+    _check_blocks(blocks, qtype)
+    _check_out_dtype(out_dtype)
+    shape = (blocks.shape[0], num_columns(blocks, qtype))
+    if out is None:
+        out = torch.empty(shape, dtype=out_dtype, device=blocks.device)
+    else:
+        check_tensor("out", out, (out_dtype,), ndim=2)
+        check_shape("out", out, shape)
+        if not out.is_contiguous():
+            raise ValueError(f"out must be contiguous, got strides {out.stride()}")
+        check_devices(_dequantize_kernel, blocks=blocks, out=out)
+    if _use_torch(blocks):
+        return out.copy_(dequantize_torch(blocks, qtype, out_dtype))
+    launch_dequantize(blocks, qtype, out)
+    return out
+
+
+def quant_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.Tensor | None = None,
+                 config: QuantGemvConfig | None = None) -> torch.Tensor:
+    """x @ W.T + bias with W [N, K] held as GGML blocks, as F.linear on the dequantised weight.
+
+    x: [M, K] float32/float16/bfloat16, unit stride along K; blocks: uint8 [N, K / BLOCK_SIZE * TYPE_SIZE]
+    contiguous (a GGUF tensor's bytes); qtype: one of QTYPES; bias: [N] of x's dtype or None. Returns a new
+    [M, N] tensor of x's dtype. M <= MAX_ROWS (8) runs the dequantising GEMV (float32 sums; `config` overrides its
+    launch configuration); larger M dequantises W to x's dtype and multiplies on the tensor cores.
+    """
+    _check_blocks(blocks, qtype)
+    check_tensor("x", x, FLOAT_DTYPES, ndim=2)
+    k = num_columns(blocks, qtype)
+    if x.shape[1] != k:
+        raise ValueError(f"x must have {k} columns for {qtype} blocks of shape {tuple(blocks.shape)}, got "
+                         f"{tuple(x.shape)}")
+    check_last_dim_contiguous("x", x)
+    tensors = {"x": x, "blocks": blocks}
+    if bias is not None:
+        check_tensor("bias", bias, (x.dtype,), ndim=1)
+        check_shape("bias", bias, (blocks.shape[0],))
+        tensors["bias"] = bias
+    check_devices(_dequantize_kernel, **tensors)
+    if _use_torch(blocks):
+        return F.linear(x, dequantize_torch(blocks, qtype, x.dtype), bias)
+    if x.shape[0] > MAX_ROWS:
+        # Tensor cores need the weights in x's dtype; a reusable buffer from the caching allocator holds them.
+        return F.linear(x, dequantize(blocks, qtype, x.dtype), bias)
+    out = torch.empty((x.shape[0], blocks.shape[0]), dtype=x.dtype, device=x.device)
+    launch_gemv(x, blocks, qtype, bias, out, config=config)
+    return out
+
+
+def quant_embedding(ids: torch.Tensor, blocks: torch.Tensor, qtype: str,
+                    out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Rows ids of the table W [V, H] held as GGML blocks, dequantising only those rows.
+
+    ids: int32/int64 [T], each in [0, V) (not checked on the device: that would synchronise; an id out of range
+    leaves its output row unwritten); blocks: uint8 [V, H / BLOCK_SIZE * TYPE_SIZE] contiguous; out_dtype:
+    float32/float16/bfloat16. Returns a new [T, H] tensor of out_dtype, gguf's float32 values rounded to it.
+    """
+    _check_blocks(blocks, qtype)
+    _check_out_dtype(out_dtype)
+    check_tensor("ids", ids, INDEX_DTYPES, ndim=1)
+    check_devices(_dequantize_kernel, ids=ids, blocks=blocks)
+    if _use_torch(blocks):
+        return dequantize_torch(blocks[ids.long()], qtype, out_dtype)
+    out = torch.empty((ids.shape[0], num_columns(blocks, qtype)), dtype=out_dtype, device=blocks.device)
+    launch_dequantize(blocks, qtype, out, ids=ids.contiguous())
+    return out
+
+
+def _use_torch(blocks: torch.Tensor) -> bool:
+    """CPU tensors without Triton's interpreter take the PyTorch decoder."""
+    return not blocks.is_cuda and not is_interpreted(_dequantize_kernel)
+
+
+def _check_blocks(blocks, qtype) -> None:
+    check_qtype(qtype)
+    check_tensor("blocks", blocks, (torch.uint8,), ndim=2)
+    if blocks.shape[1] % TYPE_SIZE[qtype]:
+        raise ValueError(f"blocks must have a multiple of {TYPE_SIZE[qtype]} bytes per row for {qtype} "
+                         f"({BLOCK_SIZE[qtype]} weights per block), got shape {tuple(blocks.shape)}")
+    if not blocks.is_contiguous():
+        raise ValueError(f"blocks must be contiguous, got strides {blocks.stride()}")
+
+
+def _check_out_dtype(out_dtype) -> None:
+    if out_dtype not in FLOAT_DTYPES:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in FLOAT_DTYPES)
+        raise ValueError(f"out_dtype must be one of {allowed}; got {out_dtype!r}")

@@ -1,0 +1,113 @@
+"""Triton device code that decodes GGML blocks (layouts in kernels/quant_formats.py) into float32 weights, shared by
+the dequantising kernels (kernels/quant_dequant.py) and the GEMV (kernels/quant_gemv.py).
+
+Every format is read in *groups*: GROUP_LANES consecutive bytes of a block whose low and high parts (nibbles, or the
+two halves of Q8_0's bytes) are two runs of GROUP_LANES consecutive weights, `lo` and `hi`. A tile of groups is then
+a tile of contiguous byte runs, which Triton loads as wide vectors wherever the block size keeps them aligned (16
+bytes for Q4_K/Q5_K), not byte by byte, and each group's scales are decoded once for its 2 * GROUP_LANES weights:
+
+    type  lanes groups/block  group c of a block: quant bytes        lo weights        hi weights
+    Q8_0  16    1             qs[0:16] | qs[16:32]                  0..15             16..31
+    Q4_0  16    1             qs[0:16]                              0..15             16..31
+    Q4_1  16    1             qs[0:16]                              0..15             16..31
+    Q4_K  32    4             qs[32c : 32c + 32]                    64c + 0..31       64c + 32..63
+    Q5_K  32    4             qs[32c : 32c + 32], qh[0:32]          64c + 0..31       64c + 32..63
+    Q6_K  16    8 (h, t)      ql[64h + 16t ...], qh[32h + 16(t%2)]  128h + 16t + ...  128h + 64 + 16t + ...
+
+The arithmetic is gguf.quants' in float32 ((d * sc) * q - dmin * m, ...), so with mul+add contraction off
+(numerics.LAUNCH_OPTIONS) a decoded weight is gguf's bit for bit.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# GGML types as kernel constants (constexpr globals, so that kernels can compare with them).
+Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K = (tl.constexpr(i) for i in range(6))
+QTYPE_IDS = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2, "Q4_K": 3, "Q5_K": 4, "Q6_K": 5}
+GROUP_LANES = {"Q8_0": 16, "Q4_0": 16, "Q4_1": 16, "Q4_K": 32, "Q5_K": 32, "Q6_K": 16}
+GROUPS_PER_BLOCK = {"Q8_0": 1, "Q4_0": 1, "Q4_1": 1, "Q4_K": 4, "Q5_K": 4, "Q6_K": 8}
+
+
+@triton.jit
+def _byte(ptr, mask):
+    return tl.load(ptr, mask=mask, other=0).to(tl.int32)
+
+
+@triton.jit
+def _fp16(ptr, mask):
+    """The little-endian fp16 at ptr (a uint8 pointer, any alignment) as float32."""
+    bits = _byte(ptr, mask) | (_byte(ptr + 1, mask) << 8)
+    return bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _k_scale_min(scales_ptr, s, mask):
+    """Q4_K/Q5_K: 6-bit scale and min of sub-block s (0-7) from the 12 packed bytes at scales_ptr, as float32."""
+    a = _byte(scales_ptr + s, mask)
+    b = _byte(scales_ptr + s + 4, mask)
+    c = _byte(scales_ptr + (s % 4), mask)  # scales[s - 4] for s >= 4
+    low = s < 4
+    sc = tl.where(low, a & 63, (b & 15) | ((c >> 6) << 4))
+    mn = tl.where(low, b & 63, (b >> 4) | ((a >> 6) << 4))
+    return sc.to(tl.float32), mn.to(tl.float32)
+
+
+@triton.jit
+def decode_groups(blocks_ptr, row_offset, g, lane, mask, QTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                  TYPE_SIZE: tl.constexpr, GROUPS: tl.constexpr, LANES: tl.constexpr):
+    """Weights of groups g (broadcastable index tensors) of the rows starting at byte row_offset (int64).
+
+    row_offset, g and lane broadcast together (e.g. (BN, 1, 1), (1, S, 1), (1, 1, LANES)); mask says which are
+    real. Returns (w_lo, w_hi, col_lo, col_hi): float32 weights and their columns in the row, col_hi = col_lo + a
+    constant stride, zeros where masked.
+    """
+    blk = g // GROUPS
+    c = g % GROUPS
+    base = blocks_ptr + row_offset + blk * TYPE_SIZE  # the block's first byte
+    col = blk * BLOCK_SIZE
+    if QTYPE == Q8_0:
+        d = _fp16(base, mask)
+        lo = tl.load(base + 2 + lane, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+        hi = tl.load(base + 18 + lane, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+        return d * lo, d * hi, col + lane, col + 16 + lane
+    elif QTYPE == Q4_0:
+        d = _fp16(base, mask)
+        q = _byte(base + 2 + lane, mask)
+        return d * ((q & 15) - 8).to(tl.float32), d * ((q >> 4) - 8).to(tl.float32), col + lane, col + 16 + lane
+    elif QTYPE == Q4_1:
+        d = _fp16(base, mask)
+        m = _fp16(base + 2, mask)
+        q = _byte(base + 4 + lane, mask)
+        return (d * (q & 15).to(tl.float32) + m, d * (q >> 4).to(tl.float32) + m, col + lane, col + 16 + lane)
+    elif QTYPE == Q4_K or QTYPE == Q5_K:
+        d = _fp16(base, mask)
+        dmin = _fp16(base + 2, mask)
+        sc_lo, mn_lo = _k_scale_min(base + 4, 2 * c, mask)
+        sc_hi, mn_hi = _k_scale_min(base + 4, 2 * c + 1, mask)
+        if QTYPE == Q4_K:
+            q = _byte(base + 16 + c * 32 + lane, mask)
+            q_lo = q & 15
+            q_hi = q >> 4
+        else:
+            q = _byte(base + 48 + c * 32 + lane, mask)
+            qh = _byte(base + 16 + lane, mask)  # bit s of qh[i] is bit 4 of sub-block s's weight i
+            q_lo = (q & 15) | (((qh >> (2 * c)) & 1) << 4)
+            q_hi = (q >> 4) | (((qh >> (2 * c + 1)) & 1) << 4)
+        w_lo = (d * sc_lo) * q_lo.to(tl.float32) - dmin * mn_lo
+        w_hi = (d * sc_hi) * q_hi.to(tl.float32) - dmin * mn_hi
+        col_lo = col + c * 64 + lane
+        return w_lo, w_hi, col_lo, col_lo + 32
+    else:  # Q6_K: group c = (half h, quarter t) of the 128-weight halves
+        h = c // 4
+        t = c % 4
+        d = _fp16(base + 208, mask)
+        sc_lo = tl.load(base + 192 + h * 8 + t, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+        sc_hi = tl.load(base + 196 + h * 8 + t, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+        ql = _byte(base + h * 64 + t * 16 + lane, mask)
+        qh = _byte(base + 128 + h * 32 + (t % 2) * 16 + lane, mask)
+        shift = 2 * (t // 2)
+        q_lo = ((ql & 15) | (((qh >> shift) & 3) << 4)) - 32
+        q_hi = ((ql >> 4) | (((qh >> (shift + 4)) & 3) << 4)) - 32
+        col_lo = col + h * 128 + t * 16 + lane
+        return (d * sc_lo) * q_lo.to(tl.float32), (d * sc_hi) * q_hi.to(tl.float32), col_lo, col_lo + 64

@@ -1,0 +1,57 @@
+"""Triton kernel that writes the weights of GGML blocks out in a float dtype: whole matrices (the GEMM path of
+quant_linear dequantises into a buffer and calls the tensor cores) and looked-up rows (quant_embedding).
+
+Launchers with argument checks are in kernels/quant.py; this file only launches."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .numerics import LAUNCH_OPTIONS, round_to_dtype
+from .quant_decode import GROUP_LANES, GROUPS_PER_BLOCK, QTYPE_IDS, decode_groups
+from .quant_formats import BLOCK_SIZE, TYPE_SIZE
+
+ROWS_PER_PROGRAM = 4
+GROUPS_PER_PROGRAM = 16  # 256-1024 weights of a row per program
+
+
+def launch_dequantize(blocks: torch.Tensor, qtype: str, out: torch.Tensor, ids: torch.Tensor | None = None) -> None:
+    """out[r] = the weights of blocks[ids[r]] (blocks[r] when ids is None), rounded to out's dtype.
+    blocks: uint8 [rows, row_bytes] contiguous; out: [len(ids) or rows, cols] contiguous; ids: int [T]."""
+    num_rows, cols = out.shape
+    if num_rows == 0 or cols == 0:
+        return
+    groups = cols // (2 * GROUP_LANES[qtype])
+    grid = (triton.cdiv(num_rows, ROWS_PER_PROGRAM), triton.cdiv(groups, GROUPS_PER_PROGRAM))
+    _dequantize_kernel[grid](
+        blocks, ids, out, num_rows, blocks.shape[0], blocks.shape[1], cols,
+        QTYPE=QTYPE_IDS[qtype], BLOCK_SIZE=BLOCK_SIZE[qtype], TYPE_SIZE=TYPE_SIZE[qtype],
+        GROUPS=GROUPS_PER_BLOCK[qtype], LANES=GROUP_LANES[qtype], NUM_GROUPS=groups, HAS_IDS=ids is not None,
+        BLOCK_R=ROWS_PER_PROGRAM, BLOCK_G=GROUPS_PER_PROGRAM, num_warps=4, **LAUNCH_OPTIONS,
+    )
+
+
+@triton.jit
+def _dequantize_kernel(
+    blocks_ptr, ids_ptr, out_ptr, num_rows, num_block_rows, row_bytes, cols,
+    QTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr, TYPE_SIZE: tl.constexpr, GROUPS: tl.constexpr,
+    LANES: tl.constexpr, NUM_GROUPS: tl.constexpr, HAS_IDS: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
+    """Program (r, g): BLOCK_R output rows x BLOCK_G groups of each. Tiles are (row, group, lane)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None, None]
+    g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)[None, :, None]
+    lane = tl.arange(0, LANES)[None, None, :]
+    row_ok = rows < num_rows
+    src = rows
+    if HAS_IDS:
+        src = tl.load(ids_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        row_ok = row_ok & (src >= 0) & (src < num_block_rows)  # an id out of range leaves its row unwritten
+    mask = row_ok & (g < NUM_GROUPS)
+    w_lo, w_hi, col_lo, col_hi = decode_groups(blocks_ptr, src.to(tl.int64) * row_bytes, g, lane, mask,
+                                               QTYPE, BLOCK_SIZE, TYPE_SIZE, GROUPS, LANES)
+    dtype: tl.constexpr = out_ptr.dtype.element_ty
+    out_row = out_ptr + rows.to(tl.int64) * cols
+    tl.store(out_row + col_lo, round_to_dtype(w_lo, dtype).to(dtype), mask=mask)
+    tl.store(out_row + col_hi, round_to_dtype(w_hi, dtype).to(dtype), mask=mask)

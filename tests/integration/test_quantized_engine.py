@@ -1,0 +1,109 @@
+"""The engine on GGUF checkpoints kept quantised (weight_format="auto") against the same files dequantised at load
+and against transformers models holding the dequantised weights (CPU, float32): logprobs and greedy tokens, the
+load summary, memory_stats, and the embedded model both ways."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from braidinfer import LLM, SamplingParams
+from braidinfer.errors import InvalidRequestError
+from braidinfer.loader.gguf_file import GGUFCheckpoint
+from tests.support.family_parity import assert_greedy_matches, assert_logprobs_match, random_prompts
+from tests.support.quantized_gguf import write_quantized_gguf
+from tests.unit.test_quantized_weights import SHAPE, llama_qtype
+
+QWEN3_TYPES = {"q_proj": "Q8_0", "k_proj": "Q8_0", "v_proj": "Q8_0", "o_proj": "Q4_1", "gate_proj": "Q4_K",
+               "up_proj": "Q4_K", "down_proj": "Q6_K", "embed_tokens": "Q4_K", "lm_head": "Q6_K"}
+BASE = dict(device="cpu", dtype="float32", progress=False, num_kv_pages=64)
+
+
+def qwen3_qtype(name: str) -> str | None:
+    return QWEN3_TYPES.get(name.split(".")[-2]) if name.endswith(".weight") else None
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def quantized_model(request, tmp_path_factory, smollm_tokenizer):
+    """(path, transformers reference with the dequantised weights); the GGUF's tokenizer is SmolLM2's."""
+    import transformers
+
+    torch.manual_seed(3)
+    if request.param == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPE, tie_word_embeddings=True))
+        qtype_of = llama_qtype
+    else:
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**SHAPE, head_dim=64,
+                                                                       tie_word_embeddings=False))
+        qtype_of = qwen3_qtype
+    with torch.no_grad():  # non-trivial norms so every parameter matters to the logits
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 4.0)
+    path = tmp_path_factory.mktemp("qengine") / f"tiny-{request.param}.gguf"
+    write_quantized_gguf(model.eval(), path, qtype_of)
+    with pytest.MonkeyPatch.context() as mp:  # the tiny files carry no vocabulary of their own
+        mp.setattr(GGUFCheckpoint, "load_tokenizer", lambda self: smollm_tokenizer)
+        yield str(path), model
+
+
+@pytest.fixture(scope="module")
+def engines(quantized_model):
+    path, _ = quantized_model
+    with LLM(model=path, **BASE) as auto, LLM(model=path, weight_format="dequantize", **BASE) as plain:
+        yield auto, plain
+
+
+def test_quantised_matches_transformers(engines, quantized_model):
+    auto, _ = engines
+    _, ref = quantized_model
+    prompts = random_prompts([5, 17], SHAPE["vocab_size"], seed=1)
+    assert_logprobs_match(auto, ref, prompts[1], steps=6)
+    assert_greedy_matches(auto, ref, prompts, steps=12)
+
+
+def test_quantised_matches_dequantised(engines):
+    auto, plain = engines
+    prompt = random_prompts([23], SHAPE["vocab_size"], seed=2)[0]
+    params = SamplingParams(temperature=0, max_tokens=10, logprobs=5, ignore_eos=True)
+    a, p = auto.generate(prompt, params)[0], plain.generate(prompt, params)[0]
+    assert a.token_ids == p.token_ids
+    for la, lp in zip(a.logprobs, p.logprobs):
+        assert [t for t, _ in la.top] == [t for t, _ in lp.top]
+        for (_, va), (_, vp) in zip(la.top, lp.top):
+            assert va == pytest.approx(vp, abs=1e-5)
+
+
+def test_load_summary_and_memory_stats(engines, quantized_model):
+    auto, plain = engines
+    path, _ = quantized_model
+    summary = "\n".join(auto.load_summary)
+    assert "quantised tensors (" in summary
+    assert plain.load_summary == [plain.load_summary[0]] and plain.load_summary[0].startswith("weights: ")
+    mem_auto, mem_plain = auto.memory_stats(), plain.memory_stats()
+    assert mem_auto["kv_bytes"] == mem_plain["kv_bytes"] > 0
+    if "llama" in path:  # one Q5_0 tensor has no kernel: dequantised and said so
+        assert "dequantised: model.layers.1.self_attn.o_proj.weight (Q5_0: no kernel for this type)" in summary
+        assert mem_auto["weight_bytes"] == mem_plain["weight_bytes"]  # the tied table is decoded for the lm_head
+    else:  # the untied embedding stays Q4_K (4.5 bits a weight instead of 32)
+        table = SHAPE["vocab_size"] * SHAPE["hidden_size"]
+        assert mem_plain["weight_bytes"] - mem_auto["weight_bytes"] == table * 4 - table * 144 // 256
+
+
+def test_weight_format_is_validated():
+    with pytest.raises(InvalidRequestError, match="weight_format"):
+        LLM(weight_format="int4", **BASE)
+
+
+def test_embedded_model_quantised_equals_dequantised(embedded_gguf):
+    """The embedded Q4_1 model both ways: the same greedy tokens and logprobs (the CPU decodes projections at load,
+    so both compute from the same float32 values)."""
+    with LLM(model=embedded_gguf, **BASE) as auto, \
+            LLM(model=embedded_gguf, weight_format="dequantize", **BASE) as plain:
+        prompt = auto.apply_chat_template([{"role": "user", "content": "Name three rivers."}])
+        params = SamplingParams(temperature=0, max_tokens=16, logprobs=3, ignore_eos=True)
+        a, p = auto.generate(prompt, params)[0], plain.generate(prompt, params)[0]
+        assert a.token_ids == p.token_ids
+        for la, lp in zip(a.logprobs, p.logprobs):
+            for (ta, va), (tp, vp) in zip(la.top, lp.top):
+                assert ta == tp and va == pytest.approx(vp, abs=1e-5)
+        assert "210 Q4_1" in auto.load_summary[1]

@@ -1,0 +1,195 @@
+"""The GGML-block kernels of kernels/quant.py against the gguf package's decoder (gguf.quants.dequantize) followed by
+plain float32 torch: the decoders bit for bit, the GEMV and GEMM to the rounding of their output dtype.
+
+Blocks come from tests/support/gguf_quant.py (gguf's own quantiser for Q8_0/Q4_0/Q4_1, a simple encoder for the
+K-types); test_quantiser_round_trips checks those blocks hold the values they were made from."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from braid_kernels.quant import (
+    BLOCK_SIZE,
+    QTYPES,
+    TYPE_SIZE,
+    QuantGemvConfig,
+    dequantize,
+    dequantize_reference,
+    dequantize_torch,
+    quant_embedding,
+    quant_embedding_reference,
+    quant_linear,
+    quant_linear_reference,
+)
+from braid_kernels.quant_decode import GROUP_LANES
+from braid_kernels.quant_gemv import MAX_ROWS, launch_config
+from tests.support.gguf_quant import quantize
+
+QTYPE_LIST = sorted(QTYPES)
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Output rounding allowed against the float32 reference: one step of the dtype (the GEMM path also rounds the
+# weights to it, which moves a sum of K products by about that much again), a few float32 ulps of the sum order.
+REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+# Quantisation error of each type on N(0, 1) values, RMS: a bound a few times what the encoders give (Q8_0 0.005,
+# Q4_* ~0.08, Q5_K 0.04, Q6_K 0.02), far below the 1.0 that garbage blocks would give.
+ROUND_TRIP_RMS = {"Q8_0": 0.02, "Q4_0": 0.2, "Q4_1": 0.2, "Q4_K": 0.2, "Q5_K": 0.1, "Q6_K": 0.05}
+
+
+def _weights(rows: int, cols: int, seed: int = 0, qtype: str = "Q4_K") -> tuple[np.ndarray, torch.Tensor]:
+    """float32 weights [rows, cols] with per-row scale and offset differences, and their `qtype` blocks."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((rows, cols)) * rng.uniform(0.5, 2.0, (rows, 1)) + rng.uniform(-0.5, 0.5, (rows, 1)))
+    w = w.astype(np.float32)
+    return w, torch.from_numpy(quantize(w, qtype))
+
+
+def _assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    assert got.dtype == want.dtype and got.shape == want.shape
+    got, want = got.float(), want.float()
+    bound = REL_TOL[dtype] * (want.abs() + want.abs().mean())
+    worst = ((got - want).abs() - bound).max().item()
+    assert worst <= 0, f"max excess error {worst}; max error {(got - want).abs().max().item()}"
+
+
+@pytest.mark.parametrize("qtype", QTYPE_LIST)
+def test_quantiser_round_trips(qtype):
+    w, blocks = _weights(6, 512, qtype=qtype)
+    assert blocks.shape == (6, 512 // BLOCK_SIZE[qtype] * TYPE_SIZE[qtype])
+    back = dequantize_reference(blocks, qtype).numpy()
+    assert np.sqrt(np.mean((back - w) ** 2)) < ROUND_TRIP_RMS[qtype]
+
+
+@pytest.mark.parametrize("qtype", QTYPE_LIST)
+def test_torch_decoder_is_gguf_bit_for_bit(qtype):
+    _, blocks = _weights(9, 1024, seed=1, qtype=qtype)
+    want = dequantize_reference(blocks, qtype)
+    got = dequantize_torch(blocks, qtype)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    assert torch.equal(dequantize_torch(blocks, qtype, torch.bfloat16), want.bfloat16())
+
+
+@pytest.mark.parametrize("qtype", QTYPE_LIST)
+@pytest.mark.parametrize("out_dtype", DTYPES)
+def test_dequantize_is_gguf_rounded(device, qtype, out_dtype):
+    _, blocks = _weights(5, 768, seed=2, qtype=qtype)  # rows and groups both ragged against the program tiles
+    want = dequantize_reference(blocks, qtype, out_dtype)
+    got = dequantize(blocks.to(device), qtype, out_dtype)
+    assert torch.equal(got.cpu(), want)
+    buffer = torch.full_like(got, float("nan"))
+    assert dequantize(blocks.to(device), qtype, out_dtype, out=buffer) is buffer
+    assert torch.equal(buffer.cpu(), want)
+
+
+@pytest.mark.parametrize("qtype", QTYPE_LIST)
+@pytest.mark.parametrize("num_rows", [1, 2, 3, 5, 8])
+def test_gemv_matches_reference(device, qtype, num_rows):
+    n, k = 13, 512  # odd N: the last program's rows are ragged
+    _, blocks = _weights(n, k, seed=num_rows, qtype=qtype)
+    x = torch.randn(num_rows, k, generator=torch.Generator().manual_seed(num_rows))
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(7))
+    for dtype in DTYPES:
+        xd, bd = x.to(dtype), bias.to(dtype)
+        want = quant_linear_reference(xd, blocks, qtype, bd)
+        _assert_close(quant_linear(xd.to(device), blocks.to(device), qtype, bd.to(device)).cpu(), want, dtype)
+    want = quant_linear_reference(x, blocks, qtype)
+    _assert_close(quant_linear(x.to(device), blocks.to(device), qtype).cpu(), want, torch.float32)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "Q8_0"])
+@pytest.mark.parametrize("config", [QuantGemvConfig(1, 64, 4), QuantGemvConfig(4, 256, 4), QuantGemvConfig(8, 4096, 8),
+                                    QuantGemvConfig(2, 64, 4, split_k=3), QuantGemvConfig(1, 256, 4, split_k=2)])
+def test_gemv_configs(device, qtype, config):
+    """Tiles of one group to more than the whole row, one row of W per program to more than N, K split into
+    slices (of uneven numbers of steps)."""
+    _, blocks = _weights(7, 768, seed=3, qtype=qtype)
+    x = torch.randn(2, 768, generator=torch.Generator().manual_seed(3))
+    bias = torch.randn(7, generator=torch.Generator().manual_seed(4))
+    _assert_close(quant_linear(x.to(device), blocks.to(device), qtype, bias.to(device), config=config).cpu(),
+                  quant_linear_reference(x, blocks, qtype, bias), torch.float32)
+    x = x.to(torch.bfloat16)
+    _assert_close(quant_linear(x.to(device), blocks.to(device), qtype, config=config).cpu(),
+                  quant_linear_reference(x, blocks, qtype), torch.bfloat16)
+
+
+def test_launch_config_keeps_programs_and_registers_in_bounds():
+    """At least 4 programs per SM down to one weight row per program; the accumulator (rows x block_n x block_k / 2
+    float32 values over the threads) no larger at 8 rows than at 1; a tile of at least one group."""
+    for qtype in QTYPE_LIST:
+        for n in (1024, 4096, 12288, 151936):
+            for num_rows in range(1, MAX_ROWS + 1):
+                config = launch_config(qtype, num_rows, n, num_sms=132)
+                assert config.block_n == 1 or -(-n // config.block_n) >= 4 * 132
+                block_m = 1 << (num_rows - 1).bit_length()
+                assert block_m * config.block_n * config.block_k <= 4 * 4096
+                assert config.block_k >= 2 * GROUP_LANES[qtype]
+    assert launch_config("Q4_K", 1, 4096, 132).block_n == 4
+    assert launch_config("Q4_K", 1, 1024, 132, k=4096) == launch_config("Q4_K", 1, 1024, 132)  # 1024 programs
+    narrow = launch_config("Q4_K", 1, 64, 132, k=4096)
+    assert narrow.block_n == 1 and narrow.split_k > 1 and narrow.block_k * narrow.split_k >= 4096
+
+
+def test_gemv_strided_rows(device):
+    _, blocks = _weights(8, 256, seed=4)
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(4))[:, :256]
+    _assert_close(quant_linear(x.to(device), blocks.to(device), "Q4_K").cpu(),
+                  quant_linear_reference(x, blocks, "Q4_K"), torch.float32)
+
+
+@pytest.mark.parametrize("qtype", QTYPE_LIST)
+@pytest.mark.parametrize("num_rows", [16, 33])
+def test_gemm_matches_reference(device, qtype, num_rows):
+    n, k = 24, 512
+    _, blocks = _weights(n, k, seed=5, qtype=qtype)
+    x = torch.randn(num_rows, k, generator=torch.Generator().manual_seed(5))
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(6))
+    for dtype in (torch.float32, torch.bfloat16):
+        xd, bd = x.to(dtype), bias.to(dtype)
+        _assert_close(quant_linear(xd.to(device), blocks.to(device), qtype, bd.to(device)).cpu(),
+                      quant_linear_reference(xd, blocks, qtype, bd), dtype)
+
+
+@pytest.mark.parametrize("qtype", QTYPE_LIST)
+def test_embedding_is_gguf_rounded(device, qtype):
+    _, blocks = _weights(11, 512, seed=8, qtype=qtype)
+    ids = torch.tensor([10, 0, 3, 3, 7])
+    for id_dtype, out_dtype in ((torch.int64, torch.bfloat16), (torch.int32, torch.float32)):
+        want = quant_embedding_reference(ids, blocks, qtype, out_dtype)
+        got = quant_embedding(ids.to(id_dtype).to(device), blocks.to(device), qtype, out_dtype)
+        assert torch.equal(got.cpu(), want)
+
+
+def test_empty_inputs(device):
+    _, blocks = _weights(4, 256)
+    blocks = blocks.to(device)
+    assert quant_linear(torch.empty(0, 256, device=device), blocks, "Q4_K").shape == (0, 4)
+    assert quant_embedding(torch.empty(0, dtype=torch.int64, device=device), blocks, "Q4_K").shape == (0, 256)
+    assert dequantize(blocks[:0], "Q4_K").shape == (0, 256)
+
+
+def _bad_calls():
+    _, blocks = _weights(4, 256)
+    x = torch.randn(1, 256)
+    ids = torch.tensor([0, 1])
+    return [
+        (lambda: quant_linear(x, blocks, "Q5_0"), "qtype must be one of"),
+        (lambda: quant_linear(x, blocks.view(torch.int8), "Q4_K"), "blocks must have dtype uint8"),
+        (lambda: quant_linear(x, blocks[:, :100], "Q4_K"), "multiple of 144 bytes"),
+        (lambda: quant_linear(x, blocks.t().contiguous().t(), "Q4_K"), "blocks must be contiguous"),
+        (lambda: quant_linear(torch.randn(1, 512), blocks, "Q4_K"), "x must have 256 columns"),
+        (lambda: quant_linear(x.to(torch.int32), blocks, "Q4_K"), "x must have dtype"),
+        (lambda: quant_linear(x[0], blocks, "Q4_K"), "x must be 2-dimensional"),
+        (lambda: quant_linear(x, blocks, "Q4_K", bias=torch.zeros(5)), "bias must have shape"),
+        (lambda: quant_linear(x, blocks, "Q4_K", bias=torch.zeros(4, dtype=torch.bfloat16)), "bias must have"),
+        (lambda: quant_embedding(ids.float(), blocks, "Q4_K"), "ids must have dtype"),
+        (lambda: quant_embedding(ids, blocks, "Q4_K", torch.int8), "out_dtype must be one of"),
+        (lambda: dequantize(blocks, "Q8_0"), "multiple of 34 bytes"),
+        (lambda: dequantize(blocks, "Q4_K", out=torch.empty(4, 255, dtype=torch.bfloat16)), "out must have shape"),
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(_bad_calls())))
+def test_bad_arguments_are_value_errors(index):
+    call, message = _bad_calls()[index]
+    with pytest.raises(ValueError, match=message):
+        call()

@@ -1,0 +1,72 @@
+"""The GGML-block kernels on CUDA at a decoder's real shapes, against gguf's decoder plus float32 torch, and replayed
+from a CUDA graph (the engine captures decode steps)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from braid_kernels.quant import (
+    QTYPES,
+    dequantize,
+    dequantize_reference,
+    quant_embedding,
+    quant_embedding_reference,
+    quant_linear,
+    quant_linear_reference,
+)
+from tests.kernels.test_quant import _assert_close, _weights
+
+pytestmark = pytest.mark.gpu
+QTYPE_LIST = sorted(QTYPES)
+
+
+@pytest.mark.parametrize("qtype", QTYPE_LIST)
+def test_real_shape_on_gpu(qtype):
+    n, k = 4096, 4096
+    _, blocks = _weights(n, k, seed=11, qtype=qtype)
+    gpu_blocks = blocks.cuda()
+    assert torch.equal(dequantize(gpu_blocks, qtype, torch.float32).cpu(), dequantize_reference(blocks, qtype))
+    for num_rows in (1, 2, 5, 8, 16, 130):
+        x = torch.randn(num_rows, k, generator=torch.Generator().manual_seed(num_rows)).to(torch.bfloat16)
+        want = quant_linear_reference(x, blocks, qtype)
+        _assert_close(quant_linear(x.cuda(), gpu_blocks, qtype).cpu(), want, torch.bfloat16)
+    ids = torch.tensor([4095, 0, 17, 17])
+    assert torch.equal(quant_embedding(ids.cuda(), gpu_blocks, qtype).cpu(),
+                       quant_embedding_reference(ids, blocks, qtype, torch.bfloat16))
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "Q8_0"])
+def test_narrow_and_wide_outputs_on_gpu(qtype):
+    """N = 1024 (k/v projections: fewer rows per program), a ragged N, and N = 128 (K split into slices)."""
+    for n, k in ((1024, 4096), (1000, 2048), (128, 4096)):
+        _, blocks = _weights(n, k, seed=n, qtype=qtype)
+        x = torch.randn(1, k, generator=torch.Generator().manual_seed(n)).to(torch.bfloat16)
+        _assert_close(quant_linear(x.cuda(), blocks.cuda(), qtype).cpu(), quant_linear_reference(x, blocks, qtype),
+                      torch.bfloat16)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q8_0"])
+def test_replays_from_a_cuda_graph(qtype):
+    n, k = 2048, 1024
+    _, blocks = _weights(n, k, seed=12, qtype=qtype)
+    gpu_blocks = blocks.cuda()
+    x = torch.zeros(4, k, dtype=torch.bfloat16, device="cuda")
+    ids = torch.zeros(3, dtype=torch.int64, device="cuda")
+    quant_linear(x, gpu_blocks, qtype)  # compile outside the capture
+    quant_embedding(ids, gpu_blocks, qtype)
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        with torch.cuda.graph(graph, stream=stream):
+            y = quant_linear(x, gpu_blocks, qtype)
+            e = quant_embedding(ids, gpu_blocks, qtype)
+    torch.cuda.current_stream().wait_stream(stream)
+    for seed in (1, 2):
+        new_x = torch.randn(4, k, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+        new_ids = torch.randint(0, n, (3,), generator=torch.Generator().manual_seed(seed))
+        x.copy_(new_x)
+        ids.copy_(new_ids)
+        graph.replay()
+        torch.cuda.synchronize()
+        _assert_close(y.cpu(), quant_linear_reference(new_x, blocks, qtype), torch.bfloat16)
+        assert torch.equal(e.cpu(), quant_embedding_reference(new_ids, blocks, qtype, torch.bfloat16))

@@ -1,0 +1,178 @@
+"""GGUF weights kept quantised: the loader's QuantizedTensor (rows in HF order, q/k un-permuted as whole rows of
+blocks), QuantLinear with parts of mixed types and QuantEmbedding, each against gguf's numpy decoder followed by a
+plain float32 matmul or index (the independent reference)."""
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf.quants import dequantize as gguf_dequantize
+
+from braidinfer.layers.quant_embedding import QuantEmbedding
+from braidinfer.layers.quant_linear import QuantLinear
+from braidinfer.loader import resolve_model
+from braidinfer.loader.quantized import QUANTIZED_TYPES, QuantizedTensor
+from tests.support.gguf_quant import quantize
+from tests.support.quantized_gguf import write_quantized_gguf
+
+SHAPE = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+# Every supported type, a Q4_K_M-like mix inside the fused q/k/v, and one type without a kernel (Q5_0).
+LLAMA_TYPES = {"q_proj": "Q4_K", "k_proj": "Q4_K", "v_proj": "Q6_K", "o_proj": "Q8_0", "gate_proj": "Q4_0",
+               "up_proj": "Q4_1", "down_proj": "Q5_K", "embed_tokens": "Q8_0"}
+
+
+def llama_qtype(name: str) -> str | None:
+    if name == "model.layers.1.self_attn.o_proj.weight":
+        return "Q5_0"
+    return LLAMA_TYPES.get(name.split(".")[-2]) if name.endswith(".weight") else None
+
+
+def _reference(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
+    return torch.from_numpy(gguf_dequantize(blocks.numpy(), gguf.GGMLQuantizationType[qtype])).float()
+
+
+@pytest.fixture(scope="module")
+def quantized_llama(tmp_path_factory):
+    """(path, reference model holding the dequantised weights, HF name -> qtype written)."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPE, tie_word_embeddings=True)).eval()
+    path = tmp_path_factory.mktemp("qgguf") / "tiny-llama.mixed.gguf"
+    written = write_quantized_gguf(model, path, llama_qtype)
+    return str(path), model, written
+
+
+def test_quantized_names_are_in_the_kernel_types():
+    from braid_kernels.quant import QTYPES
+
+    assert QUANTIZED_TYPES == QTYPES
+
+
+def test_loader_keeps_supported_types_quantised(quantized_llama):
+    path, ref, written = quantized_llama
+    source = resolve_model(path)
+    tensors = dict(source.iter_weights(torch.float32, progress=False, quantized=True))
+    state = ref.state_dict()
+    assert set(tensors) == set(state) - {"lm_head.weight"}
+    for name, tensor in tensors.items():
+        qtype = written.get(name)
+        if qtype in QUANTIZED_TYPES:
+            assert isinstance(tensor, QuantizedTensor) and tensor.qtype == qtype, name
+            assert tensor.shape == tuple(state[name].shape)
+            # Rows back in HF order (llama q/k un-permuted as whole rows of blocks) decode to the reference.
+            assert torch.equal(_reference(tensor.blocks, qtype), state[name]), name
+            assert torch.equal(tensor.dequantize(), state[name]), name
+        else:
+            assert isinstance(tensor, torch.Tensor), name
+            assert torch.equal(tensor, state[name]), name
+    assert source.dequantized_names() == {"model.layers.1.self_attn.o_proj.weight": "Q5_0: no kernel for this type"}
+    assert set(source.quantized_names()) == {n for n, q in written.items() if q in QUANTIZED_TYPES}
+
+
+def test_loader_dequantises_everything_by_default(quantized_llama):
+    path, ref, _ = quantized_llama
+    tensors = dict(resolve_model(path).iter_weights(torch.float32, progress=False))
+    for name, tensor in tensors.items():
+        assert isinstance(tensor, torch.Tensor) and torch.equal(tensor, ref.state_dict()[name]), name
+
+
+def _blocks(rows: int, cols: int, qtype: str, seed: int) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(quantize(rng.standard_normal((rows, cols)).astype(np.float32), qtype))
+
+
+@pytest.mark.parametrize("materialize", [False, True], ids=["per-call", "decoded-at-load"])
+def test_quant_linear_mixed_parts_match_reference(materialize):
+    cols = 256
+    parts = [(0, _blocks(64, cols, "Q4_K", 1), "Q4_K"), (64, _blocks(32, cols, "Q4_K", 2), "Q4_K"),
+             (96, _blocks(32, cols, "Q6_K", 3), "Q6_K"), (128, torch.randn(16, cols), None)]
+    layer = QuantLinear(cols, 144, bias=True, dtype=torch.float32)
+    with torch.no_grad():
+        layer.bias.copy_(torch.randn(144))
+    for start, blocks, qtype in reversed(parts):  # any order
+        layer.set_part(start, QuantizedTensor(blocks, qtype, (blocks.shape[0], cols)) if qtype else blocks)
+    layer.finalize(materialize)
+    # Q4_K neighbours join into one matrix of blocks: one product per type.
+    assert layer.qtypes == ([None] if materialize else ["Q4_K", "Q6_K", None])
+    weight = torch.cat([_reference(b, q) if q else b for _, b, q in parts])
+    x = torch.randn(3, cols)
+    torch.testing.assert_close(layer(x), F.linear(x, weight, layer.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_quant_linear_rejects_gaps_and_misfits():
+    layer = QuantLinear(256, 64, bias=False, dtype=torch.float32)
+    layer.set_part(0, QuantizedTensor(_blocks(32, 256, "Q8_0", 0), "Q8_0", (32, 256)))
+    with pytest.raises(ValueError, match="missing"):
+        layer.finalize()
+    with pytest.raises(ValueError, match="does not fit"):
+        layer.set_part(48, torch.zeros(32, 256))
+    with pytest.raises(ValueError, match="does not fit"):
+        layer.set_part(32, torch.zeros(32, 128))
+
+
+def test_quantized_tensor_checks_its_arguments():
+    with pytest.raises(ValueError, match="qtype"):
+        QuantizedTensor(torch.zeros(2, 34, dtype=torch.uint8), "Q5_0", (2, 32))
+    with pytest.raises(ValueError, match="uint8"):
+        QuantizedTensor(torch.zeros(2, 34), "Q8_0", (2, 32))
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1", "Q6_K"])
+def test_quant_embedding_matches_reference(qtype):
+    blocks = _blocks(40, 256, qtype, 7)
+    table = QuantEmbedding(40, 256, torch.float32)
+    table.set_weight(QuantizedTensor(blocks, qtype, (40, 256)))
+    ids = torch.tensor([3, 0, 39, 3])
+    assert torch.equal(table(ids), _reference(blocks, qtype)[ids])
+
+
+def test_family_tensor_hook_dequantises_what_it_changes(quantized_llama):
+    """A family hook that changes a quantised tensor's values gets it dequantised (and reported); one that leaves
+    the values alone keeps it quantised."""
+    from dataclasses import replace
+
+    from gguf import GGUFReader
+
+    from braidinfer.loader.gguf_families import FAMILIES
+    from braidinfer.loader.gguf_file import GGUFCheckpoint
+
+    path, ref, _ = quantized_llama
+    changed = "model.layers.0.mlp.down_proj.weight"
+
+    def hook(name, tensor, config):
+        return tensor * 2 if name == changed else tensor
+
+    source = resolve_model(path)
+    family = replace(FAMILIES["llama"], tensor=hook)
+    checkpoint = GGUFCheckpoint(path, GGUFReader(path), source.hf_config, family)
+    tensors = dict(checkpoint.tensors(quantized=True))
+    assert torch.equal(tensors[changed], ref.state_dict()[changed] * 2)
+    assert checkpoint.dequantized[changed] == "Q5_K: changed by the LlamaForCausalLM tensor hook"
+    assert isinstance(tensors["model.layers.1.mlp.down_proj.weight"], QuantizedTensor)
+
+
+def test_no_gemv_prologue_into_a_quant_linear(quantized_llama):
+    """On the GEMV plan a norm or activation is deferred only into plain Linears: the Q5_0 layer's projections that
+    stay Linear keep their prologue, the quantised ones get computed tensors."""
+    from braidinfer.layers.plan import gemv_prologues
+    from braidinfer.models import ModelConfig, model_class
+    from braidinfer.quant_modules import swap_quantized_modules
+
+    path, _, _ = quantized_llama
+    source = resolve_model(path)
+    cfg = ModelConfig.from_hf_config(source.hf_config)
+    with torch.device("meta"):
+        plain = model_class(cfg)(cfg)
+        model = model_class(cfg)(cfg)
+    names = {n: q for n, q in source.quantized_names().items() if ".layers.1.mlp." not in n}
+    swapped = swap_quantized_modules(model, names, torch.float32, cfg.tie_word_embeddings)
+    assert "model.layers.1.mlp.gate_up_proj" not in swapped and "model.layers.0.mlp.gate_up_proj" in swapped
+    every = gemv_prologues(plain)
+    kept = gemv_prologues(model)
+    assert {"model.layers.1.post_attention_layernorm", "model.layers.1.mlp.act_fn"} <= kept
+    layer1_mlp = ("model.layers.1.mlp", "model.layers.1.post_attention_layernorm")
+    assert kept == {n for n in every if n.startswith(layer1_mlp)}
