@@ -42,7 +42,7 @@ from braid_langchain.tools import (
     tool_names,
     tool_prompt,
 )
-from braid_langchain.tool_formats import forced_call_tag, history_call_id, rename_arguments
+from braid_langchain.tool_formats import forced_call_tag, history_call_id, history_calls, rename_arguments
 
 if TYPE_CHECKING:
     from braidinfer import LLM, SamplingParams
@@ -464,7 +464,8 @@ def _prompt_ids(engine: LLM, messages: list[BaseMessage], tools: list[dict[str, 
     native = fmt.tools.native
     base = [tool_prompt(tools) if tools and not native else "", schema_prompt(guided)]
     docs = sort_documents(documents)
-    chat = to_chat_messages(messages, inline_tool_calls=not native, system_extras=[*base, render_documents(docs)],
+    chat = to_chat_messages(messages, inline_tool_calls=history_calls(fmt.tools),
+                            system_extras=[*base, render_documents(docs)],
                             call_id=lambda call_id: history_call_id(fmt.tools, call_id))
     chat, template_kwargs = template_inputs(fmt, chat, tools, reasoning)
     prompt = prompt_ids(engine, chat, template_kwargs)

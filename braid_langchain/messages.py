@@ -4,7 +4,8 @@ Pure functions, shared by the sync and async paths. The output follows the chat-
 "system" / "user" / "assistant" / "tool"; an assistant's tool calls in its `tool_calls` field as
 `{"type": "function", "id", "function": {"name", "arguments": dict}}`; a tool result as role "tool" with
 `tool_call_id` and `name`. For a template that knows nothing of tools, `inline_tool_calls=True` writes an
-assistant's calls into its content in the JSON format the tool prompt asks for (see `tools.format_tool_call`).
+assistant's calls into its content in the JSON format the tool prompt asks for (see `tools.format_tool_call`), and
+a function `inline_tool_calls([(name, args), ...]) -> text` writes them in a family's own format.
 An assistant's reasoning (`additional_kwargs["reasoning_content"]`) goes in its `reasoning_content` field, which the
 templates of reasoning models (Qwen3) render or drop by their own rules; other templates ignore the field.
 """
@@ -31,7 +32,7 @@ _SKIPPED_BLOCKS = frozenset({"tool_use", "tool_call", "tool_call_chunk", "reason
 _MERGED_ROLES = frozenset({"system", "user", "assistant"})
 
 
-def to_chat_messages(messages: Sequence[BaseMessage], *, inline_tool_calls: bool = False,
+def to_chat_messages(messages: Sequence[BaseMessage], *, inline_tool_calls: bool | Callable[..., str] = False,
                      system_extras: Sequence[str] = (), call_id: Callable[[str], str] | None = None
                      ) -> list[dict[str, Any]]:
     """The chat-template dicts of `messages`, consecutive same-role messages merged.
@@ -44,7 +45,7 @@ def to_chat_messages(messages: Sequence[BaseMessage], *, inline_tool_calls: bool
     return add_to_system(merge_consecutive(converted), system_extras)
 
 
-def message_to_dict(message: BaseMessage, *, inline_tool_calls: bool = False,
+def message_to_dict(message: BaseMessage, *, inline_tool_calls: bool | Callable[..., str] = False,
                     call_id: Callable[[str], str] | None = None) -> dict[str, Any]:
     """One LangChain message as a chat-template dict."""
     text = content_text(message.content)
@@ -71,10 +72,13 @@ def _same(call_id: str) -> str:
     return call_id
 
 
-def _assistant_dict(message: AIMessage, text: str, inline_tool_calls: bool,
+def _assistant_dict(message: AIMessage, text: str, inline_tool_calls: bool | Callable[..., str],
                     call_id: Callable[[str], str]) -> dict[str, Any]:
     if not message.tool_calls:
         return {"role": "assistant", "content": text}
+    if callable(inline_tool_calls):
+        calls = inline_tool_calls([(tc["name"], tc["args"]) for tc in message.tool_calls])
+        return {"role": "assistant", "content": text + calls}
     if inline_tool_calls:
         calls = "\n".join(format_tool_call(tc["name"], tc["args"]) for tc in message.tool_calls)
         return {"role": "assistant", "content": f"{text}\n{calls}" if text else calls}

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,6 +96,20 @@ def template_tools(fmt: ToolFormat, chat: list[dict[str, Any]], tools: list[dict
     if chat and chat[0]["role"] == "system":
         return [{**chat[0], "tools": text}, *chat[1:]], {}
     return [{"role": "system", "content": "", "tools": text}, *chat], {}
+
+
+def history_calls(fmt: ToolFormat) -> bool | Callable[[list[tuple[str, dict[str, Any]]]], str]:
+    """How earlier turns' calls reach the template (`messages.to_chat_messages(inline_tool_calls=...)`): in the
+    `tool_calls` field (False), as JSON lines in the content (True: the tool prompt's format), or written into
+    the content by a function (Phi-4-mini, whose template renders no `tool_calls`)."""
+    if fmt is PHI4:
+        return _phi4_calls
+    return not fmt.native
+
+
+def _phi4_calls(calls: list[tuple[str, dict[str, Any]]]) -> str:
+    body = json.dumps([{"name": name, "arguments": args} for name, args in calls], ensure_ascii=False)
+    return f"{PHI4.open}{body}{PHI4.close}"
 
 
 def history_call_id(fmt: ToolFormat, call_id: str) -> str:
