@@ -24,7 +24,9 @@ class ChatFormat:
     tools: ToolFormat
     reasoning: ReasoningFormat | None
     system_role: bool
-    special_tokens: frozenset[str]
+    single_tokens: frozenset[str]
+    """The tokenizer's added tokens (`<tool_call>`, `[TOOL_CALLS]`, ...): a forced call writes each as its one token,
+    as the model does, not spelled out in ordinary tokens."""
 
 
 _formats: weakref.WeakKeyDictionary[Any, ChatFormat] = weakref.WeakKeyDictionary()
@@ -41,10 +43,15 @@ def chat_format(tokenizer: Any) -> ChatFormat:
     template = template if isinstance(template, str) else None
     fmt = ChatFormat(detect_tool_format(template), reasoning_format(tokenizer),
                      system_role=not (template and _NO_SYSTEM_ROLE in template),
-                     special_tokens=frozenset(special_token_strings(tokenizer)))
+                     single_tokens=_added_tokens(tokenizer))
     with _lock:
         _formats[tokenizer] = fmt
     return fmt
+
+
+def _added_tokens(tokenizer: Any) -> frozenset[str]:
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return frozenset(t.content for t in added.values()) | frozenset(special_token_strings(tokenizer))
 
 
 def template_inputs(fmt: ChatFormat, chat: list[dict[str, Any]], tools: list[dict[str, Any]],

@@ -506,7 +506,7 @@ def _schema_of(guided: GuidedDecoding) -> dict[str, Any]:
 def _forced_call(fmt: ChatFormat, call_schema: dict[str, Any]) -> GuidedDecoding:
     """A forced call in the family's own format: its fixed text around the constrained JSON (a structural tag)."""
     call_schema = rename_arguments(call_schema, fmt.tools.args_key)
-    tag = forced_call_tag(fmt.tools, call_schema, fmt.special_tokens)
+    tag = forced_call_tag(fmt.tools, call_schema, fmt.single_tokens)
     return _guided(structural_tag=tag) if tag is not None else _guided(json_schema=call_schema)
 
 

@@ -159,7 +159,7 @@ class ReplyBuilder:
 
 def _reasoning_kwargs(thought: str) -> dict[str, Any]:
     # Where ChatOllama and ChatDeepSeek put it; langchain-core reads it into v1 "reasoning" content blocks.
-    return {"reasoning_content": thought} if thought else {}
+    return {"reasoning_content": str(thought)} if thought else {}  # a plain str: chunks merge by type
 
 
 def with_errors(message: Any, errors: dict[str, str]) -> Any:

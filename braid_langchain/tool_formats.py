@@ -128,25 +128,25 @@ def forced_call_text(fmt: ToolFormat) -> tuple[str, str]:
     return begin, end
 
 
-def forced_call_tag(fmt: ToolFormat, call_schema: dict[str, Any], special_tokens: Collection[str] = ()
+def forced_call_tag(fmt: ToolFormat, call_schema: dict[str, Any], single_tokens: Collection[str] = ()
                     ) -> dict[str, Any] | None:
     """An xgrammar structural tag for one forced call: the format's fixed text around JSON matching
     `call_schema` (a list of one call for list formats); None for formats without fixed text (plain JSON).
 
-    A tag that is one of `special_tokens` (Mistral's `[TOOL_CALLS]` is) is matched as that token, as the model
-    writes it, not spelled out in ordinary tokens."""
+    A tag that is one of `single_tokens` (the tokenizer's added tokens: Qwen's `<tool_call>`, Mistral's
+    `[TOOL_CALLS]`) is matched as that token, as the model writes it, not spelled out in ordinary tokens."""
     begin, end = forced_call_text(fmt)
     if not begin and not end:
         return None
     schema = {"type": "array", "items": call_schema, "minItems": 1, "maxItems": 1} if fmt.list_body else call_schema
     content = {"type": "json_schema", "json_schema": schema}
-    elements = [*_text_elements(begin, special_tokens), content, *_text_elements(end, special_tokens)]
+    elements = [*_text_elements(begin, single_tokens), content, *_text_elements(end, single_tokens)]
     return {"type": "structural_tag", "format": {"type": "sequence", "elements": elements}}
 
 
-def _text_elements(text: str, special_tokens: Collection[str]) -> list[dict[str, Any]]:
+def _text_elements(text: str, single_tokens: Collection[str]) -> list[dict[str, Any]]:
     tag = text.strip()
-    if not tag or tag not in special_tokens:
+    if not tag or tag not in single_tokens:
         return [{"type": "const_string", "value": text}] if text else []
     before, _, after = text.partition(tag)
     return [*_text_elements(before, ()), {"type": "token", "token": tag}, *_text_elements(after, ())]

@@ -222,7 +222,7 @@ def test_llama_forces_bare_json_with_parameters():
 def test_a_special_token_tag_is_matched_as_that_token(grammar_compiler):
     tok, _ = grammar_compiler
     schema = forced_call_schema([WEATHER], "get_weather")
-    tag = forced_call_tag(HERMES, schema, special_tokens={"<tool_call>"})
+    tag = forced_call_tag(HERMES, schema, single_tokens={"<tool_call>"})
     assert tag["format"]["elements"][:2] == [{"type": "token", "token": "<tool_call>"},
                                              {"type": "const_string", "value": "\n"}]
     matcher = _matcher(grammar_compiler, tag)
