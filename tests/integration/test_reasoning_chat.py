@@ -96,7 +96,9 @@ def test_reasoning_false_closes_the_thought_through_the_template(qwen3_chat_mode
     assert tok.decode(expected).endswith("<think>\n\n</think>\n\n")
     assert reply.usage_metadata["input_tokens"] == len(expected)
     plain = off.generate(expected, SamplingParams(temperature=0, max_tokens=4))[0]
-    assert reply.content + reply.additional_kwargs.get("reasoning_content", "") != "" or plain.text.strip() == ""
+    assert "<think>" not in plain.text  # the model did not open a thought of its own, so all is answer
+    assert reply.content == plain.text and "reasoning_content" not in reply.additional_kwargs
+    assert reply.usage_metadata["output_token_details"] == {"reasoning": 0}
 
 
 def test_a_turn_with_thinking_is_reused_exactly_as_the_template_re_renders_it(qwen3_chat_model, ref):
