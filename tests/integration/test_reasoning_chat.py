@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import pathlib
+import shutil
 
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage
@@ -45,14 +47,13 @@ def prompt_of(tok, chat, **kwargs) -> list[int]:
     return ids(tok, tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True, **kwargs))
 
 
-def reference_reply(off: LLM, tok, prompt: list[int], max_thought: int):
-    """(thought ids, answer ids, [finished sequences]) as the design says: think after `<think>\\n` until `</think>`
-    or max_thought tokens, then `</think>\\n\\n` and the constrained answer."""
+def reference_reply(off: LLM, tok, opened: list[int], max_thought: int):
+    """(thought ids, answer ids, [finished sequences]) as the design says, for a prompt that opens the thought:
+    think until `</think>` or max_thought tokens, then `</think>\n\n` and the constrained answer."""
     close = tok.convert_tokens_to_ids("</think>")
-    opened = prompt + ids(tok, "<think>\n")
     first = off.generate(opened, SamplingParams(temperature=0, max_tokens=max_thought, stop_token_ids=[close]))[0]
-    thought = [t for t in first.token_ids if t != close]
     assert first.finish_reason == "length" or first.token_ids[-1] == close, "the model ended inside its thought"
+    thought = [t for t in first.token_ids if t != close]
     closing = [close, *ids(tok, "\n\n")]
     second = off.generate(opened + thought + closing, SamplingParams(
         temperature=0, max_tokens=MAX_TOKENS - len(thought) - len(closing), guided=ANSWER))[0]
@@ -66,7 +67,7 @@ def test_max_reasoning_tokens_closes_the_thought_and_the_answer_follows(qwen3_ch
                       max_reasoning_tokens=max_thought, engine_kwargs=engine_kwargs(1))
     reply = model.invoke("Name a colour.", guided=ANSWER)
     prompt = prompt_of(tok, [{"role": "user", "content": "Name a colour."}])
-    thought, answer, _ = reference_reply(off, tok, prompt, max_thought)
+    thought, answer, _ = reference_reply(off, tok, prompt + ids(tok, "<think>\n"), max_thought)
     assert reply.usage_metadata["input_tokens"] == len(prompt) + len(ids(tok, "<think>\n"))  # opened by ChatBraid
     assert len(thought) <= max_thought
     assert reply.content == tok.decode(answer, skip_special_tokens=True) and reply.content in ("red", "green", "blue")
@@ -107,7 +108,7 @@ def test_a_turn_with_thinking_is_reused_exactly_as_the_template_re_renders_it(qw
                       max_reasoning_tokens=4, engine_kwargs=engine_kwargs(3))
     first = model.invoke([HumanMessage("Name a colour.")], guided=ANSWER)
     prompt1 = prompt_of(tok, [{"role": "user", "content": "Name a colour."}])
-    _, _, finished = reference_reply(off, tok, prompt1, 4)
+    _, _, finished = reference_reply(off, tok, prompt1 + ids(tok, "<think>\n"), 4)
     assert first.additional_kwargs["reasoning_content"]
 
     history = [HumanMessage("Name a colour."), first, HumanMessage("Another?")]
@@ -120,10 +121,10 @@ def test_a_turn_with_thinking_is_reused_exactly_as_the_template_re_renders_it(qw
     prompt2 = prompt_of(tok, chat)
     assert first.additional_kwargs["reasoning_content"] not in tok.decode(prompt2)
     assert second.usage_metadata["input_tokens"] == len(prompt2) + len(ids(tok, "<think>\n"))
-    thought, answer, _ = reference_reply(off, tok, prompt2, 4)
+    thought, answer, _ = reference_reply(off, tok, prompt2 + ids(tok, "<think>\n"), 4)
     assert second.content == tok.decode(answer, skip_special_tokens=True)
     # Exact reuse: what the first turn computed, up to where the re-rendered history differs, floored to pages.
-    opened2 = prompt2 + ids(tok, "<think>\n")
+    opened2 = prompt2 + ids(tok, "<think>\n")  # ChatBraid opens Qwen3's thought itself for a budget
     shared = max(_common(opened2, seq[:-1]) for seq in finished)
     assert second.usage_metadata["input_token_details"]["cache_read"] == min(shared, len(opened2) - 1) // PAGE * PAGE
 
@@ -164,3 +165,48 @@ def test_a_forced_call_after_a_thought(qwen3_chat_model):
     assert [c["name"] for c in reply.tool_calls] == ["get_weather"], reply
     assert reply.usage_metadata["output_token_details"]["reasoning"] <= 3 + 1
     assert "<tool_call>" not in reply.additional_kwargs.get("reasoning_content", "")
+
+
+# --- DeepSeek-R1-distill: the template opens the thought and drops it from the history --------------------------
+R1_TEMPLATE = pathlib.Path(__file__).parents[1] / "fixtures" / "deepseek_r1_distill_chat_template.jinja"
+
+
+@pytest.fixture(scope="module")
+def r1_chat_model(qwen3_chat_model, tmp_path_factory):
+    """The tiny Qwen3 under the R1-distill chat template (its `<｜User｜>` markers are ordinary text here)."""
+    path = tmp_path_factory.mktemp("tiny-r1")
+    shutil.copytree(qwen3_chat_model, path, dirs_exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.chat_template = R1_TEMPLATE.read_text(encoding="utf-8")
+    tok.save_pretrained(path)
+    yield str(path)
+    for num in (6, 7):
+        engines.close_engine(str(path), "cpu", **engine_kwargs(num))
+
+
+def test_r1_template_opens_the_thought_and_its_history_is_reused_exactly(r1_chat_model, ref):
+    off, _ = ref
+    tok = AutoTokenizer.from_pretrained(r1_chat_model)
+    model = ChatBraid(model=r1_chat_model, device="cpu", temperature=0, max_tokens=MAX_TOKENS,
+                      max_reasoning_tokens=3, engine_kwargs=engine_kwargs(6))
+    first = model.invoke("Name a colour.", guided=ANSWER)
+    opened = prompt_of(tok, [{"role": "user", "content": "Name a colour."}])
+    assert tok.decode(opened).endswith("<think>\n")
+    assert first.usage_metadata["input_tokens"] == len(opened)  # the template's own `<think>\n`, nothing added
+    thought, answer, finished = reference_reply(off, tok, opened, 3)
+    assert first.content == tok.decode(answer, skip_special_tokens=True)
+    assert first.additional_kwargs["reasoning_content"] == tok.decode(thought, skip_special_tokens=True).strip()
+    assert first.usage_metadata["output_token_details"]["reasoning"] == len(thought) + 1
+
+    second = model.invoke([HumanMessage("Name a colour."), first, HumanMessage("Another?")], guided=ANSWER)
+    chat = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": first.content},
+            {"role": "user", "content": "Another?"}]
+    prompt2 = prompt_of(tok, chat)  # the R1 template keeps no thought of earlier turns
+    assert second.usage_metadata["input_tokens"] == len(prompt2)
+    shared = max(_common(prompt2, seq[:-1]) for seq in finished)
+    assert second.usage_metadata["input_token_details"]["cache_read"] == min(shared, len(prompt2) - 1) // PAGE * PAGE
+
+    silent = ChatBraid(model=r1_chat_model, device="cpu", max_tokens=2, reasoning=False,
+                       engine_kwargs=engine_kwargs(7)).invoke("Hi")
+    closed = prompt_of(tok, [{"role": "user", "content": "Hi"}]) + ids(tok, "\n</think>\n\n")
+    assert silent.usage_metadata["input_tokens"] == len(closed)
