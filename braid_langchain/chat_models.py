@@ -26,14 +26,15 @@ from braid_langchain.documents import render_documents, sort_documents
 from braid_langchain.messages import to_chat_messages
 from braid_langchain.pinning import pins_for, segment_heads
 from braid_langchain.prompt_cache import prompt_ids
-from braid_langchain.streaming import ReplyBuilder, ToolMode, with_errors
 from braid_langchain.reasoning import ThoughtSplitter
+from braid_langchain.streaming import ReplyBuilder, ToolMode, with_errors
 from braid_langchain.structured import (
     StructuredOutputMethod,
     response_format_guided,
     schema_prompt,
     structured_output,
 )
+from braid_langchain.tool_formats import forced_call_tag, history_call_id, history_calls, rename_arguments
 from braid_langchain.tools import (
     ToolChoice,
     forced_call_schema,
@@ -42,7 +43,6 @@ from braid_langchain.tools import (
     tool_names,
     tool_prompt,
 )
-from braid_langchain.tool_formats import forced_call_tag, history_call_id, history_calls, rename_arguments
 
 if TYPE_CHECKING:
     from braidinfer import LLM, SamplingParams

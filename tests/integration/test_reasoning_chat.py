@@ -11,7 +11,7 @@ import pathlib
 import shutil
 
 import pytest
-from langchain_core.messages import AIMessage, HumanMessage
+from langchain_core.messages import HumanMessage
 from transformers import AutoTokenizer
 
 from braid_langchain import ChatBraid, engines
