@@ -7,6 +7,8 @@ prefills a few tokens), with the request's own constraint (tool call or structur
 applies to the answer only. The caller sees one stream of deltas, as if the model had written `</think>` itself,
 and one usage: completion tokens of both phases and the closing tokens, the prompt as phase 1 read it.
 
+The request's stop strings apply to the answer only (a thought that mentions one goes on).
+
 The thought must be open when phase 1 starts: when the template does not open it in the generation prompt
 (Qwen3), `<think>\\n` is appended to the prompt first (as the R1-distill templates do).
 """
