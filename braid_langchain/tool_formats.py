@@ -1,13 +1,13 @@
 """Each model family's own tool-call format: how calls are written in a reply, how the chat template is given the
 tools, and the fixed text a forced call keeps around its constrained JSON. Pure functions.
 
-| format   | families                           | a call in the reply                                          |
-| -------- | ---------------------------------- | ------------------------------------------------------------ |
-| hermes   | Qwen2.5, Qwen3, Hermes, QwQ        | `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` |
-| mistral  | Mistral 7B v0.3, Ministral, Nemo   | `[TOOL_CALLS] [{"name": ..., "arguments": {...}}]` (or `name[ARGS]{...}`) |
-| llama3   | Llama 3.1, 3.2, 3.3                | `{"name": ..., "parameters": {...}}` (maybe after `<|python_tag|>`) |
-| phi4     | Phi-4-mini                         | `<|tool_call|>[{"name": ..., "arguments": {...}}]<|/tool_call|>` |
-| json     | Gemma, SmolLM2, templates without tools | `{"name": ..., "arguments": {...}}`, asked for in the system prompt |
+- hermes (Qwen2.5, Qwen3, Hermes, QwQ): `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`;
+- mistral (Mistral 7B v0.3, Ministral, Nemo): `[TOOL_CALLS] [{"name": ..., "arguments": {...}}]`, or
+  `[TOOL_CALLS]name[ARGS]{...}` in later templates;
+- llama3 (Llama 3.1, 3.2, 3.3): `{"name": ..., "parameters": {...}}`, maybe after `<|python_tag|>`;
+- phi4 (Phi-4-mini): `<|tool_call|>[{"name": ..., "arguments": {...}}]<|/tool_call|>`;
+- json (Gemma, SmolLM2, templates without tools): `{"name": ..., "arguments": {...}}`, asked for in the system
+  prompt.
 
 The family is recognised from the chat template's text (the markers it renders), so a fine-tune that keeps its
 base model's template keeps the format. A marker the tokenizer treats as a special token is dropped from the

@@ -50,7 +50,8 @@ class ToolCallStream:
     "call" (inside `<tool_call>`), "json" (a JSON reply, parsed at the end).
     """
 
-    def __init__(self, *, forced: bool = False, open_tag: str = TOOL_CALL_OPEN, close_tag: str | None = TOOL_CALL_CLOSE):
+    def __init__(self, *, forced: bool = False, open_tag: str = TOOL_CALL_OPEN,
+                 close_tag: str | None = TOOL_CALL_CLOSE):
         self._state = "json" if forced else "start"
         self._forced = forced
         self._open, self._close = open_tag, close_tag

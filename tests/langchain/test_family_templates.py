@@ -80,7 +80,7 @@ def test_gemma_folds_the_system_prompt_into_the_first_user_turn(family_dirs):
     assert model.invoke([SystemMessage("Be brief."), HumanMessage("Hi")]).usage_metadata["input_tokens"] > 0
 
 
-@pytest.mark.parametrize("family", ["qwen2.5", "mistral", "llama3.1", "phi4-mini"])  # gemma2: the JSON format of SmolLM2's tests
+@pytest.mark.parametrize("family", ["qwen2.5", "mistral", "llama3.1", "phi4-mini"])  # gemma2: JSON, as SmolLM2
 def test_a_forced_call_parses_in_every_family(family_dirs, family):
     model = ChatBraid(model=family_dirs[family], device="cpu", temperature=0, max_tokens=96)
     reply = model.bind_tools([WEATHER], tool_choice="any").invoke([HumanMessage("Weather in Rome?")])
