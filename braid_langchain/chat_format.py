@@ -1,6 +1,7 @@
 """What a checkpoint's chat template expects of the conversation, read once per tokenizer: its tool-call format,
-its reasoning format, and whether it accepts a system role (Gemma's templates raise on one: the system message is
-folded into the first user turn, as Gemma's own documentation does). Pure apart from the per-tokenizer cache."""
+its reasoning format, and whether it accepts a system role. Gemma's templates raise on a system role and on any role
+but user and model in turn: the system message is folded into the first user turn (as Gemma's own documentation
+does), and tool results become user turns. Pure apart from the per-tokenizer cache."""
 from __future__ import annotations
 
 import threading
@@ -10,6 +11,7 @@ from typing import Any
 
 from braidinfer.chat_template import special_token_strings
 
+from braid_langchain.messages import merge_consecutive
 from braid_langchain.reasoning import ReasoningFormat, reasoning_format
 from braid_langchain.reasoning import template_kwargs as reasoning_kwargs
 from braid_langchain.tool_formats import ToolFormat, detect_tool_format, template_tools
@@ -60,8 +62,13 @@ def template_inputs(fmt: ChatFormat, chat: list[dict[str, Any]], tools: list[dic
     and the system message folded into the first user turn for templates without a system role."""
     chat, kwargs = template_tools(fmt.tools, chat, tools)
     if not fmt.system_role:
-        chat = fold_system(chat)
+        chat = merge_consecutive(fold_system([_as_user(m) if m["role"] == "tool" else m for m in chat]))
     return chat, {**kwargs, **(reasoning_kwargs(reasoning) if fmt.reasoning is not None else {})}
+
+
+def _as_user(result: dict[str, Any]) -> dict[str, Any]:
+    name = f" {result['name']}" if result.get("name") else ""
+    return {"role": "user", "content": f"Result of the tool call{name}:\n{result['content']}"}
 
 
 def fold_system(chat: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -87,3 +87,11 @@ def test_a_forced_call_parses_in_every_family(family_dirs, family):
     assert [c["name"] for c in reply.tool_calls] == ["get_weather"], reply
     assert reply.tool_calls[0]["args"]["city"] in ("Paris", "Rome")
     assert reply.content == ""
+
+
+def test_gemma_gets_tool_results_as_user_turns(family_dirs):
+    model = ChatBraid(model=family_dirs["gemma2"], device="cpu", temperature=0)
+    text = _prompt_text(model, [SystemMessage("Be brief."), *AGENT_LOOP], tools=[WEATHER])
+    assert '<start_of_turn>model\n{"name": "get_weather", "arguments": {"city": "Paris"}}<end_of_turn>\n' in text
+    assert "<start_of_turn>user\nResult of the tool call:\nsunny<end_of_turn>\n<start_of_turn>model\n" in text
+    assert text.count("<start_of_turn>user\nBe brief.") == 1  # with the tool prompt, in the first user turn
