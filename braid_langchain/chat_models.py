@@ -20,11 +20,13 @@ from langchain_core.tools import BaseTool
 from pydantic import ConfigDict, Field, model_validator
 from typing_extensions import Self
 
-from braid_langchain import engines, retries
+from braid_langchain import engines, retries, thinking
+from braid_langchain.chat_format import ChatFormat, chat_format, template_inputs
 from braid_langchain.documents import render_documents, sort_documents
 from braid_langchain.messages import to_chat_messages
 from braid_langchain.pinning import pins_for, segment_heads
 from braid_langchain.prompt_cache import prompt_ids
+from braid_langchain.reasoning import ThoughtSplitter
 from braid_langchain.streaming import ReplyBuilder, ToolMode, with_errors
 from braid_langchain.structured import (
     StructuredOutputMethod,
@@ -32,11 +34,11 @@ from braid_langchain.structured import (
     schema_prompt,
     structured_output,
 )
+from braid_langchain.tool_formats import forced_call_tag, history_call_id, history_calls, rename_arguments
 from braid_langchain.tools import (
     ToolChoice,
     forced_call_schema,
     normalize_tool_choice,
-    template_supports_tools,
     to_openai_tools,
     tool_names,
     tool_prompt,
@@ -52,7 +54,7 @@ EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "seed", "repetition_penalty",
                     "presence_penalty", "frequency_penalty")
 _CALL_ARGS = frozenset({"tools", "tool_choice", "guided", "documents", "model", "response_format",
-                        "parallel_tool_calls", *_SAMPLING_FIELDS})
+                        "parallel_tool_calls", "reasoning", "max_reasoning_tokens", *_SAMPLING_FIELDS})
 _IGNORED_CALL_ARGS = frozenset({"stream", "ls_structured_output_format"})  # LangChain's own routing hints
 _ENGINE_FIELDS = ("model", "device", "dtype")  # EngineConfig fields that have a ChatBraid field of their own
 
@@ -69,7 +71,14 @@ class ChatBraid(BaseChatModel):
     prompt, since a model that has not seen the schema fills it poorly), `response_format` (OpenAI style:
     `{"type": "json_object"}`, `{"type": "json_schema", "json_schema": {"schema": ...}}`, or a pydantic class /
     JSON schema; the reply is constrained to it, or to a tool call when tools are offered), `parallel_tool_calls`
-    (False: at most one tool call per reply), `model` (another model for this call), and the sampling fields below.
+    (False: at most one tool call per reply), `model` (another model for this call), `reasoning` and
+    `max_reasoning_tokens` (below), and the sampling fields below.
+
+    Reasoning models (Qwen3, DeepSeek-R1-distill: a template that knows `</think>`) reply with their thought in
+    `additional_kwargs["reasoning_content"]` (LangChain's "reasoning" content blocks), never in `content`, and count
+    its tokens in `usage_metadata["output_token_details"]["reasoning"]`; tool calls and constrained output apply to
+    the answer after the thought. Tool calls are written and parsed in each family's own format
+    (`braid_langchain.tool_formats`).
 
     Engines are shared per configuration (`model`, `device`, `dtype`, `engine_kwargs`) by every ChatBraid in the
     process; see `braid_langchain.engines`.
@@ -105,6 +114,12 @@ class ChatBraid(BaseChatModel):
     """Subtracted once per earlier occurrence in the reply, in [-2, 2]."""
     stop: list[str] | None = None
     """Strings that end the reply (not included in it); a call's `stop` replaces these."""
+    reasoning: bool | None = None
+    """Reasoning models: True/False switches thinking through the chat template (`enable_thinking`; a template
+    that always thinks gets an empty, closed thought for False); None keeps the model's default."""
+    max_reasoning_tokens: int | None = Field(None, ge=1)
+    """Reasoning models: the most tokens of thought; past it the thought is closed (`</think>`) and the model
+    answers. None = no limit but max_tokens. Ignored for models that do not reason."""
     streaming: bool = False
     """Route `invoke` through streaming so callbacks see every token."""
     pin_prefixes: bool = True
@@ -258,8 +273,7 @@ class ChatBraid(BaseChatModel):
             builder.max_cache_read = retries.call_within(
                 deadline, lambda: pins_for(request.engine).pin(request.prompt, request.segments))
         # closing(): a consumer that stops early cancels the request now, not when the generator is collected.
-        with request.explain_errors(), closing(request.engine.stream_deltas(
-                request.prompt, request.params, timeout=retries.remaining(deadline))) as it:
+        with request.explain_errors(), closing(request.stream_deltas(retries.remaining(deadline))) as it:
             yield from it
 
     async def _astream_request(self, request: _Request, builder: ReplyBuilder, deadline: float | None,
@@ -269,7 +283,7 @@ class ChatBraid(BaseChatModel):
         run_manager = run_manager if run_manager is not None and run_manager.handlers else None
         await self._apin(request, builder, deadline)
         with request.explain_errors():
-            async with aclosing(request.engine.astream_deltas(request.prompt, request.params)) as it:
+            async with aclosing(request.astream_deltas()) as it:
                 while (delta := await retries.within(deadline, lambda: anext(it, None))) is not None:
                     for chunk in builder.add(delta):
                         if run_manager:
@@ -281,7 +295,7 @@ class ChatBraid(BaseChatModel):
         """`_astream_request` for a caller that wants only the whole reply, as one chunk (no callbacks)."""
         await self._apin(request, builder, deadline)
         with request.explain_errors():
-            async with aclosing(request.engine.astream_deltas(request.prompt, request.params)) as it:
+            async with aclosing(request.astream_deltas()) as it:
                 if deadline is None:  # the common case, without a wrapper per delta
                     async for delta in it:
                         builder.collect(delta)
@@ -360,13 +374,15 @@ class ChatBraid(BaseChatModel):
         if response is not None and guided is not None:
             raise ValueError("response_format cannot be combined with another `guided` constraint")
         shown = guided if guided is not None else response  # the schema the system prompt shows
+        fmt = chat_format(engine.tokenizer)
+        reasoning = kwargs.get("reasoning", self.reasoning)
         prompt, segments = _prompt_ids(engine, messages, offered, shown, kwargs.get("documents") or [],
-                                       with_segments=self.pin_prefixes)
+                                       with_segments=self.pin_prefixes, reasoning=reasoning)
         if tool_mode == "forced":
             if guided is not None:
                 raise ValueError("a required tool call (tool_choice) cannot be combined with another `guided` "
                                  "constraint")
-            guided = _guided(json_schema=forced_call_schema(offered, choice))
+            guided = _forced_call(fmt, forced_call_schema(offered, choice))
             schema_owner = f"the argument schema of tool(s) {tool_names(offered)}"
         elif response is not None and tool_mode == "auto":
             # The reply is either a tool call or the response object, both as constrained JSON.
@@ -376,8 +392,11 @@ class ChatBraid(BaseChatModel):
             guided, schema_owner = response, "response_format"
         params = self._sampling_params(stop, guided, kwargs)
         max_calls = 1 if kwargs.get("parallel_tool_calls") is False else None
+        max_thought = kwargs.get("max_reasoning_tokens", self.max_reasoning_tokens)
+        prompt, opened, budget = thinking.plan_thought(engine.tokenizer, fmt.reasoning, prompt, reasoning,
+                                                       max_thought, guided is not None)
         return _Request(_display_name(kwargs.get("model", self.model)), engine, prompt, params, tool_mode,
-                        schema_owner, segments, max_calls)
+                        schema_owner, segments, max_calls, fmt, opened, budget)
 
     def _sampling_params(self, stop: list[str] | None, guided: GuidedDecoding | None,
                          overrides: dict[str, Any]) -> SamplingParams:
@@ -397,11 +416,27 @@ class _Request:
     schema_owner: str | None  # whose JSON schema drives guided decoding, for error messages
     segments: list[tuple[int, str]]  # (end, kind) of the system prompt and documents in `prompt`, to pin; [] = none
     max_calls: int | None = None  # most tool calls kept from one reply (parallel_tool_calls=False: 1)
+    chat: ChatFormat | None = None  # the model's tool-call and reasoning formats (None: defaults)
+    opened: bool = False  # the prompt opens the thought (the reply starts inside it)
+    budget: thinking.ThoughtBudget | None = None  # the reply is generated thought first, then answer
 
     def reply_builder(self) -> ReplyBuilder:
-        builder = ReplyBuilder(self.model_name, self.tool_mode, max_calls=self.max_calls)
+        calls = self.chat.tools.parser(forced=self.tool_mode == "forced") if self.chat is not None else None
+        builder = ReplyBuilder(self.model_name, self.tool_mode, max_calls=self.max_calls, calls=calls)
         builder.caching = self.engine.config.enable_prefix_caching
+        if self.chat is not None and self.chat.reasoning is not None:
+            builder.thoughts = ThoughtSplitter(self.chat.reasoning, opened=self.opened)
         return builder
+
+    def stream_deltas(self, timeout: float | None) -> Iterator[Any]:
+        if self.budget is None:
+            return self.engine.stream_deltas(self.prompt, self.params, timeout=timeout)
+        return thinking.stream_deltas(self.engine, self.prompt, self.params, self.budget, timeout)
+
+    def astream_deltas(self) -> AsyncIterator[Any]:
+        if self.budget is None:
+            return self.engine.astream_deltas(self.prompt, self.params)
+        return thinking.astream_deltas(self.engine, self.prompt, self.params, self.budget)
 
     @contextmanager
     def explain_errors(self) -> Iterator[None]:
@@ -417,17 +452,22 @@ class _Request:
 
 
 def _prompt_ids(engine: LLM, messages: list[BaseMessage], tools: list[dict[str, Any]], guided: Any,
-                documents: Sequence[Any], with_segments: bool = True) -> tuple[list[int], list[tuple[int, str]]]:
+                documents: Sequence[Any], with_segments: bool = True, reasoning: bool | None = None
+                ) -> tuple[list[int], list[tuple[int, str]]]:
     """Renders the conversation with the model's chat template. Tools go through the template when it renders
-    them, else into the system prompt; a JSON schema constraint and documents go after the system prompt.
+    them (in the family's way, see `chat_format.template_inputs`), else into the system prompt; a JSON schema
+    constraint and documents go after the system prompt.
 
     With `with_segments`, also returns where the system prompt and each document end in the prompt, as (token
     count, kind), found by `braid_langchain.pinning.segment_heads` (else [])."""
-    native = template_supports_tools(getattr(engine.tokenizer, "chat_template", None))
-    template_kwargs = {"tools": tools} if tools and native else {}
+    fmt = chat_format(engine.tokenizer)
+    native = fmt.tools.native
     base = [tool_prompt(tools) if tools and not native else "", schema_prompt(guided)]
     docs = sort_documents(documents)
-    chat = to_chat_messages(messages, inline_tool_calls=not native, system_extras=[*base, render_documents(docs)])
+    chat = to_chat_messages(messages, inline_tool_calls=history_calls(fmt.tools),
+                            system_extras=[*base, render_documents(docs)],
+                            call_id=lambda call_id: history_call_id(fmt.tools, call_id))
+    chat, template_kwargs = template_inputs(fmt, chat, tools, reasoning)
     prompt = prompt_ids(engine, chat, template_kwargs)
     if not with_segments or not chat or chat[0]["role"] != "system":
         return prompt, []
@@ -461,6 +501,13 @@ def _schema_of(guided: GuidedDecoding) -> dict[str, Any]:
     if guided.json_schema is not None:
         return guided.json_schema if isinstance(guided.json_schema, dict) else json.loads(guided.json_schema)
     return {"type": "object"}  # json_object
+
+
+def _forced_call(fmt: ChatFormat, call_schema: dict[str, Any]) -> GuidedDecoding:
+    """A forced call in the family's own format: its fixed text around the constrained JSON (a structural tag)."""
+    call_schema = rename_arguments(call_schema, fmt.tools.args_key)
+    tag = forced_call_tag(fmt.tools, call_schema, fmt.single_tokens)
+    return _guided(structural_tag=tag) if tag is not None else _guided(json_schema=call_schema)
 
 
 def _guided(**constraint: Any) -> GuidedDecoding:

@@ -110,7 +110,8 @@ def _cut(text: str, system: str, specials: list[str]) -> int | None:
 
 
 def _has_specials(chat: list[dict[str, Any]], template_kwargs: dict[str, Any], cache: _HeadIds) -> bool:
-    texts = [m.get("content") or "" for m in chat] + [repr(m.get("tool_calls", "")) for m in chat]
+    # Every field a template may render: content, tool calls, reasoning_content, Phi-4-mini's system `tools`.
+    texts = [v if isinstance(v, str) else repr(v) for m in chat for k, v in m.items() if k != "role" and v]
     texts.append(repr(template_kwargs))
     return any(cache.has_specials(t) for t in texts)
 

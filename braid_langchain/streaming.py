@@ -19,11 +19,12 @@ import uuid
 from typing import Any, Literal, Protocol
 
 from langchain_core.messages import AIMessageChunk
-from langchain_core.messages.ai import InputTokenDetails, UsageMetadata
+from langchain_core.messages.ai import InputTokenDetails, OutputTokenDetails, UsageMetadata
 from langchain_core.messages.tool import ToolCallChunk, tool_call_chunk
 from langchain_core.outputs import ChatGenerationChunk
 from langchain_core.utils.json import parse_partial_json
 
+from braid_langchain.reasoning import ThoughtSplitter
 from braid_langchain.tool_parser import ParsedCall, ToolCallStream
 
 ToolMode = Literal["off", "auto", "forced"]
@@ -40,17 +41,24 @@ class EngineDelta(Protocol):
     """What is read from one streamed piece of an engine completion (`braidinfer.CompletionDelta`)."""
 
     text: str
+    token_ids: list[int]
     finish_reason: str | None
     usage: EngineUsage | None
+
+
+class Thought(str):
+    """A piece of the reply's reasoning (`<think>` text), which goes to `additional_kwargs["reasoning_content"]`."""
 
 
 class ReplyBuilder:
     """Turns one request's engine deltas into LangChain chunks. `tool_mode`: "off" (plain text), "auto" (calls
     parsed from the reply), "forced" (the reply is one constrained JSON call)."""
 
-    def __init__(self, model_name: str, tool_mode: ToolMode = "off", *, max_calls: int | None = None):
+    def __init__(self, model_name: str, tool_mode: ToolMode = "off", *, max_calls: int | None = None,
+                 calls: ToolCallStream | None = None):
         self.model_name = model_name
-        self._calls = None if tool_mode == "off" else ToolCallStream(forced=tool_mode == "forced")
+        # `calls`: a parser of the model's own call format (default: Hermes blocks and bare JSON).
+        self._calls = None if tool_mode == "off" else calls or ToolCallStream(forced=tool_mode == "forced")
         self._num_calls = 0
         self.max_calls = max_calls
         """Most tool calls kept from the reply (parallel_tool_calls=False: 1); later ones are dropped."""
@@ -64,6 +72,9 @@ class ReplyBuilder:
         self._texts: list[str] = []  # what `collect` saw
         self._call_chunks: list[ToolCallChunk] = []
         self._last: EngineDelta | None = None
+        self.thoughts: ThoughtSplitter | None = None
+        """Splits a reasoning model's thought from its answer (None: the reply is all answer)."""
+        self._thought_texts: list[str] = []
 
     def add(self, chunk: EngineDelta) -> list[ChatGenerationChunk]:
         """The LangChain chunks for one engine chunk (possibly none while text is held back)."""
@@ -78,7 +89,9 @@ class ReplyBuilder:
         """`add` for a caller that wants only the whole reply (`collected`): no LangChain object per delta."""
         events, cut = self._events(chunk)
         for event in events:
-            if isinstance(event, str):
+            if isinstance(event, Thought):
+                self._thought_texts.append(event)
+            elif isinstance(event, str):
                 self._texts.append(event)
             elif (call := self._call(event, cut)) is not None:
                 self._call_chunks.append(call)
@@ -87,7 +100,8 @@ class ReplyBuilder:
 
     def collected(self) -> ChatGenerationChunk:
         """The reply `collect` saw, as one chunk: equal to merging the chunks `add` would have returned."""
-        message = AIMessageChunk(content="".join(self._texts), tool_call_chunks=self._call_chunks)
+        message = AIMessageChunk(content="".join(self._texts), tool_call_chunks=self._call_chunks,
+                                 additional_kwargs=_reasoning_kwargs("".join(self._thought_texts)))
         if self._last is None:  # the stream ended without a finish (it cannot, but keep the merge's shape)
             return ChatGenerationChunk(message=message)
         return ChatGenerationChunk(message=self._finish(message, self._last))
@@ -95,15 +109,23 @@ class ReplyBuilder:
     def _events(self, chunk: EngineDelta) -> tuple[list[str | ParsedCall], bool]:
         """Text and parsed calls that became final with this engine chunk, and whether max_tokens cut the reply."""
         events: list[str | ParsedCall]
+        text, thought = chunk.text, ""
+        if self.thoughts is not None:
+            thought, text = self.thoughts.feed(text, chunk.token_ids)
+            if chunk.finish_reason is not None:
+                more_thought, more_text = self.thoughts.finish()
+                thought, text = thought + more_thought, text + more_text
         if self._calls is None:
-            events = [chunk.text] if chunk.text else []
+            events = [text] if text else []
         else:
-            events = self._calls.feed(chunk.text)
+            events = self._calls.feed(text)
             if chunk.finish_reason is not None:
                 events += self._calls.finish()
-        return events, chunk.finish_reason == "length"
+        return ([Thought(thought)] if thought else []) + events, chunk.finish_reason == "length"
 
     def _message(self, event: str | ParsedCall, cut: bool) -> AIMessageChunk | None:
+        if isinstance(event, Thought):
+            return AIMessageChunk(content="", additional_kwargs=_reasoning_kwargs(event))
         if isinstance(event, str):
             return AIMessageChunk(content=event)
         call = self._call(event, cut)
@@ -128,8 +150,16 @@ class ReplyBuilder:
             reason = "tool_calls"
         metadata = {"model_name": self.model_name, "finish_reason": reason, "model_provider": PROVIDER}
         usage = usage_metadata(chunk.usage, self.max_cache_read, self.caching) if chunk.usage is not None else None
+        if usage is not None and self.thoughts is not None:
+            usage["output_token_details"] = OutputTokenDetails(reasoning=self.thoughts.num_tokens)
         return AIMessageChunk(content=message.content, tool_call_chunks=message.tool_call_chunks,
-                              usage_metadata=usage, response_metadata=metadata, chunk_position="last")
+                              additional_kwargs=message.additional_kwargs, usage_metadata=usage,
+                              response_metadata=metadata, chunk_position="last")
+
+
+def _reasoning_kwargs(thought: str) -> dict[str, Any]:
+    # Where ChatOllama and ChatDeepSeek put it; langchain-core reads it into v1 "reasoning" content blocks.
+    return {"reasoning_content": str(thought)} if thought else {}  # a plain str: chunks merge by type
 
 
 def with_errors(message: Any, errors: dict[str, str]) -> Any:

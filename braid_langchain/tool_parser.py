@@ -1,7 +1,9 @@
 """Finds tool calls in a model's reply, incrementally, so text can stream while calls are held back. Pure.
 
 Recognised forms (one reply may hold several calls):
-- Qwen3 / Hermes style blocks anywhere in the reply: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`;
+- blocks of the model's own format anywhere in the reply, by default Qwen / Hermes style
+  `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (see `braid_langchain.tool_formats` for the others:
+  a block may hold one call, a JSON list of calls, or Mistral's `name[ARGS]{...}`, and may run to the reply's end);
 - a reply that is only JSON: one object `{"name": ..., "arguments": {...}}`, a list of them, or one per line
   (`"parameters"` is accepted for `"arguments"`, as is the OpenAI `{"function": {...}}` wrapping, and
   arguments given as a JSON string).
@@ -31,24 +33,28 @@ class ParsedCall:
 Event = str | ParsedCall  # a piece of reply text, or a complete call
 
 
-def parse_tool_calls(text: str, *, forced: bool = False) -> tuple[str, list[ParsedCall]]:
+def parse_tool_calls(text: str, *, forced: bool = False, open_tag: str = TOOL_CALL_OPEN,
+                     close_tag: str | None = TOOL_CALL_CLOSE) -> tuple[str, list[ParsedCall]]:
     """A finished reply split into its text (calls removed, whitespace trimmed) and its calls, in order."""
-    stream = ToolCallStream(forced=forced)
+    stream = ToolCallStream(forced=forced, open_tag=open_tag, close_tag=close_tag)
     events = stream.feed(text) + stream.finish()
     return "".join(e for e in events if isinstance(e, str)), [e for e in events if isinstance(e, ParsedCall)]
 
 
 class ToolCallStream:
     """Feed reply text as it arrives; get back text that is certainly not part of a call, and each call once
-    it is complete. `forced`: the whole reply is one constrained JSON call (guided decoding).
+    it is complete. `forced`: the whole reply is one constrained JSON call (guided decoding). `open_tag` /
+    `close_tag`: what frames a block of calls (`close_tag` None: the block runs to the end of the reply).
 
     States: "start" (only whitespace so far: a leading `{` or `[` means a JSON reply), "text",
     "call" (inside `<tool_call>`), "json" (a JSON reply, parsed at the end).
     """
 
-    def __init__(self, *, forced: bool = False):
+    def __init__(self, *, forced: bool = False, open_tag: str = TOOL_CALL_OPEN,
+                 close_tag: str | None = TOOL_CALL_CLOSE):
         self._state = "json" if forced else "start"
         self._forced = forced
+        self._open, self._close = open_tag, close_tag
         self._buf = ""
 
     def feed(self, delta: str) -> list[Event]:
@@ -61,8 +67,9 @@ class ToolCallStream:
     def finish(self) -> list[Event]:
         """Everything still held back, at the end of the reply."""
         buf, state, self._buf = self._buf, self._state, ""
-        if state == "call":
-            return [parse_call_block(buf, TOOL_CALL_OPEN + buf)]
+        if state == "call":  # a block cut inside its closing tag still holds its whole calls
+            body = buf[:len(buf) - _partial_tag_len(buf, self._close)] if self._close else buf
+            return parse_call_block(body, self._open + buf, self._open)
         if state == "json":
             calls = parse_json_calls(buf)
             if calls is not None:
@@ -84,20 +91,20 @@ class ToolCallStream:
 
     def _step_start(self) -> bool:
         head = self._buf.lstrip()
-        if not head or (len(head) < len(TOOL_CALL_OPEN) and TOOL_CALL_OPEN.startswith(head)):
+        if not head or (len(head) < len(self._open) and self._open.startswith(head)):
             return False
         self._buf = head
-        self._state = "json" if head[0] in "{[" else "text"
+        self._state = "json" if head[0] in "{[" and not head.startswith(self._open) else "text"
         return True
 
     def _step_text(self, events: list[Event]) -> bool:
-        i = self._buf.find(TOOL_CALL_OPEN)
+        i = self._buf.find(self._open)
         if i >= 0:
             _emit(events, self._buf[:i].rstrip())
-            self._buf, self._state = self._buf[i + len(TOOL_CALL_OPEN):], "call"
+            self._buf, self._state = self._buf[i + len(self._open):], "call"
             return True
         # Hold back a possible start of the tag, and trailing whitespace (it may precede a call).
-        keep = _partial_tag_len(self._buf)
+        keep = _partial_tag_len(self._buf, self._open)
         body, tail = self._buf[:len(self._buf) - keep], self._buf[len(self._buf) - keep:]
         stripped = body.rstrip()
         _emit(events, stripped)
@@ -105,22 +112,41 @@ class ToolCallStream:
         return False
 
     def _step_call(self, events: list[Event]) -> bool:
-        j = self._buf.find(TOOL_CALL_CLOSE)
+        j = self._buf.find(self._close) if self._close is not None else -1
         if j < 0:
             return False
         body = self._buf[:j]
-        events.append(parse_call_block(body, TOOL_CALL_OPEN + body + TOOL_CALL_CLOSE))
-        self._buf, self._state = self._buf[j + len(TOOL_CALL_CLOSE):], "start"
+        events.extend(parse_call_block(body, self._open + body + self._close, self._open))
+        self._buf, self._state = self._buf[j + len(self._close):], "start"
         return True
 
 
-def parse_call_block(body: str, raw: str) -> ParsedCall:
-    """The call inside one `<tool_call>` block (exactly one call expected)."""
+def parse_call_block(body: str, raw: str, open_tag: str = TOOL_CALL_OPEN) -> list[ParsedCall]:
+    """The calls inside one block: a JSON object, a JSON list of them, or Mistral's `name[ARGS]{...}` (several
+    joined by `open_tag`). A malformed block is one invalid call."""
+    if _ARGS in body and not body.lstrip().startswith(("{", "[")):
+        return [_named_args_call(part, open_tag + part) for part in body.split(open_tag) if part.strip()]
     calls = parse_json_calls(body)
-    if calls is None or len(calls) != 1:
-        return ParsedCall(_guess_name(body), None, raw,
-                          'a <tool_call> block must hold one JSON object {"name": ..., "arguments": {...}}')
-    return calls[0]
+    if not calls:
+        return [ParsedCall(_guess_name(body), None, raw,
+                           f'a {open_tag} block must hold one JSON object {{"name": ..., "arguments": {{...}}}} '
+                           "or a JSON list of them")]
+    return calls
+
+
+_ARGS = "[ARGS]"  # Mistral's templates since v0.3 tekken: [TOOL_CALLS]name[ARGS]{...}
+
+
+def _named_args_call(part: str, raw: str) -> ParsedCall:
+    name, _, args = part.partition(_ARGS)
+    name = name.strip()
+    try:
+        value = json.loads(args, strict=False)
+    except ValueError:
+        return ParsedCall(name or None, None, raw, f"the arguments of {name!r} are not valid JSON")
+    if not name or not isinstance(value, dict):
+        return ParsedCall(name or None, None, raw, f"the arguments of {name!r} are not a JSON object")
+    return ParsedCall(name, value, raw)
 
 
 def parse_json_calls(text: str) -> list[ParsedCall] | None:
@@ -169,10 +195,10 @@ def _emit(events: list[Event], text: str) -> None:
         events.append(text)
 
 
-def _partial_tag_len(buf: str) -> int:
-    """Length of the longest suffix of `buf` that is a proper prefix of the opening tag."""
-    for k in range(min(len(buf), len(TOOL_CALL_OPEN) - 1), 0, -1):
-        if buf.endswith(TOOL_CALL_OPEN[:k]):
+def _partial_tag_len(buf: str, tag: str) -> int:
+    """Length of the longest suffix of `buf` that is a proper prefix of `tag`."""
+    for k in range(min(len(buf), len(tag) - 1), 0, -1):
+        if buf.endswith(tag[:k]):
             return k
     return 0
 

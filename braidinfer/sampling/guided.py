@@ -50,9 +50,28 @@ class GrammarCompiler:
                 return c.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
             if guided.grammar is not None:
                 return c.compile_grammar(guided.grammar)
+            if guided.structural_tag is not None:
+                tag = guided.structural_tag
+                tag = json.loads(tag) if isinstance(tag, str) else tag
+                return c.compile_structural_tag(json.dumps(_without_free_whitespace(tag, self._xgr())))
             return c.compile_regex(guided.regex)
         except Exception as e:  # xgrammar raises RuntimeError/ValueError with its parser's message
             raise GrammarCompileError(f"the guided-decoding constraint cannot be compiled to a grammar: {e}") from e
+
+
+def _without_free_whitespace(node: Any, xgr: Any) -> Any:
+    """A structural tag whose JSON-schema parts allow no whitespace beyond json.dumps' own, as the engine's
+    json_schema constraints do (xgrammar's structural-tag JSON takes at least one free whitespace character
+    between tokens, which a weak model fills until max_tokens); a part that sets max_whitespace_cnt is kept."""
+    if isinstance(node, list):
+        return [_without_free_whitespace(v, xgr) for v in node]
+    if not isinstance(node, dict):
+        return node
+    if node.get("type") == "json_schema" and node.get("style", "json") == "json" and "max_whitespace_cnt" not in node:
+        grammar = xgr.Grammar.from_json_schema(json.dumps(node["json_schema"]), any_whitespace=False,
+                                               strict_mode=False)
+        return {"type": "grammar", "grammar": str(grammar)}
+    return {k: _without_free_whitespace(v, xgr) for k, v in node.items()}
 
 
 def apply_token_masks(logits: torch.Tensor, matchers: list) -> None:

@@ -1,0 +1,212 @@
+"""ChatBraid on a reasoning model: a tiny random Qwen3 with Qwen3's real chat template (tests/qwen3_fixture.py).
+Random weights write nonsense, so answers are forced through guided decoding, and each reply is compared with the
+engine's own greedy continuation on an engine without prefix caching (the reference): the thought is what the
+model writes after `<think>\\n` (at most max_reasoning_tokens tokens), the answer what it writes after the closed
+thought, and a second turn reuses the first turn's KV exactly where the template re-renders the same tokens."""
+from __future__ import annotations
+
+import asyncio
+import json
+import pathlib
+import shutil
+
+import pytest
+from langchain_core.messages import HumanMessage
+from transformers import AutoTokenizer
+
+from braid_langchain import ChatBraid, engines
+from braid_langchain.tool_parser import parse_tool_calls
+from braidinfer import LLM, SamplingParams
+from braidinfer.guided import GuidedDecoding
+
+PAGE = 4
+ANSWER = GuidedDecoding(regex="(red|green|blue)")
+MAX_TOKENS = 24
+
+
+def engine_kwargs(num: int) -> dict:
+    # A distinct max_num_seqs per test gives each test an engine (and prefix cache) of its own.
+    return {"page_size": PAGE, "cpu_kv_cache_bytes": 1 << 22, "max_num_seqs": num}
+
+
+@pytest.fixture(scope="module")
+def ref(qwen3_chat_model):
+    """(reference engine without prefix caching, the tokenizer loaded on its own)."""
+    with LLM(model=qwen3_chat_model, device="cpu", dtype="float32", page_size=PAGE, cpu_kv_cache_bytes=1 << 22,
+             enable_prefix_caching=False, progress=False) as off:
+        yield off, AutoTokenizer.from_pretrained(qwen3_chat_model)
+    for num in range(1, 6):
+        engines.close_engine(qwen3_chat_model, "cpu", **engine_kwargs(num))
+
+
+def ids(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def prompt_of(tok, chat, **kwargs) -> list[int]:
+    return ids(tok, tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True, **kwargs))
+
+
+def reference_reply(off: LLM, tok, opened: list[int], max_thought: int):
+    """(thought ids, answer ids, [finished sequences]) as the design says, for a prompt that opens the thought:
+    think until `</think>` or max_thought tokens, then `</think>\n\n` and the constrained answer."""
+    close = tok.convert_tokens_to_ids("</think>")
+    first = off.generate(opened, SamplingParams(temperature=0, max_tokens=max_thought, stop_token_ids=[close]))[0]
+    assert first.finish_reason == "length" or first.token_ids[-1] == close, "the model ended inside its thought"
+    thought = [t for t in first.token_ids if t != close]
+    closing = [close, *ids(tok, "\n\n")]
+    second = off.generate(opened + thought + closing, SamplingParams(
+        temperature=0, max_tokens=MAX_TOKENS - len(thought) - len(closing), guided=ANSWER))[0]
+    return thought, second.token_ids, [opened + first.token_ids, opened + thought + closing + second.token_ids]
+
+
+@pytest.mark.parametrize("max_thought", [3, 6])
+def test_max_reasoning_tokens_closes_the_thought_and_the_answer_follows(qwen3_chat_model, ref, max_thought):
+    off, tok = ref
+    model = ChatBraid(model=qwen3_chat_model, device="cpu", temperature=0, max_tokens=MAX_TOKENS,
+                      max_reasoning_tokens=max_thought, engine_kwargs=engine_kwargs(1))
+    reply = model.invoke("Name a colour.", guided=ANSWER)
+    prompt = prompt_of(tok, [{"role": "user", "content": "Name a colour."}])
+    thought, answer, _ = reference_reply(off, tok, prompt + ids(tok, "<think>\n"), max_thought)
+    assert reply.usage_metadata["input_tokens"] == len(prompt) + len(ids(tok, "<think>\n"))  # opened by ChatBraid
+    assert len(thought) <= max_thought
+    assert reply.content == tok.decode(answer, skip_special_tokens=True) and reply.content in ("red", "green", "blue")
+    assert reply.additional_kwargs["reasoning_content"] == tok.decode(thought, skip_special_tokens=True).strip()
+    assert "<think>" not in reply.content and "</think>" not in reply.content
+    # The thought's tokens and the closing `</think>` (the prompt's `<think>\n` is not generated).
+    assert reply.usage_metadata["output_token_details"]["reasoning"] == len(thought) + 1
+    assert reply.usage_metadata["output_tokens"] == len(thought) + len(ids(tok, "</think>\n\n")) + len(answer)
+
+    streamed = None
+    for chunk in model.stream("Name a colour.", guided=ANSWER):
+        assert "</think>" not in chunk.content
+        streamed = chunk if streamed is None else streamed + chunk
+    asynced = asyncio.run(model.ainvoke("Name a colour.", guided=ANSWER))
+    for other in (streamed, asynced):
+        assert other.content == reply.content
+        assert other.additional_kwargs == reply.additional_kwargs
+        assert other.usage_metadata["output_token_details"] == reply.usage_metadata["output_token_details"]
+
+
+def test_reasoning_false_closes_the_thought_through_the_template(qwen3_chat_model, ref):
+    off, tok = ref
+    model = ChatBraid(model=qwen3_chat_model, device="cpu", temperature=0, max_tokens=4, reasoning=False,
+                      engine_kwargs=engine_kwargs(2))
+    reply = model.invoke("Hi")
+    expected = prompt_of(tok, [{"role": "user", "content": "Hi"}], enable_thinking=False)
+    assert tok.decode(expected).endswith("<think>\n\n</think>\n\n")
+    assert reply.usage_metadata["input_tokens"] == len(expected)
+    plain = off.generate(expected, SamplingParams(temperature=0, max_tokens=4))[0]
+    assert "<think>" not in plain.text  # the model did not open a thought of its own, so all is answer
+    assert reply.content == plain.text and "reasoning_content" not in reply.additional_kwargs
+    assert reply.usage_metadata["output_token_details"] == {"reasoning": 0}
+
+
+def test_a_turn_with_thinking_is_reused_exactly_as_the_template_re_renders_it(qwen3_chat_model, ref):
+    off, tok = ref
+    model = ChatBraid(model=qwen3_chat_model, device="cpu", temperature=0, max_tokens=MAX_TOKENS,
+                      max_reasoning_tokens=4, engine_kwargs=engine_kwargs(3))
+    first = model.invoke([HumanMessage("Name a colour.")], guided=ANSWER)
+    prompt1 = prompt_of(tok, [{"role": "user", "content": "Name a colour."}])
+    _, _, finished = reference_reply(off, tok, prompt1 + ids(tok, "<think>\n"), 4)
+    assert first.additional_kwargs["reasoning_content"]
+
+    history = [HumanMessage("Name a colour."), first, HumanMessage("Another?")]
+    second = model.invoke(history, guided=ANSWER)
+    # The template drops the earlier turn's thought; ChatBraid passed it as reasoning_content, as Qwen3 expects.
+    chat = [{"role": "user", "content": "Name a colour."},
+            {"role": "assistant", "content": first.content,
+             "reasoning_content": first.additional_kwargs["reasoning_content"]},
+            {"role": "user", "content": "Another?"}]
+    prompt2 = prompt_of(tok, chat)
+    assert first.additional_kwargs["reasoning_content"] not in tok.decode(prompt2)
+    assert second.usage_metadata["input_tokens"] == len(prompt2) + len(ids(tok, "<think>\n"))
+    thought, answer, _ = reference_reply(off, tok, prompt2 + ids(tok, "<think>\n"), 4)
+    assert second.content == tok.decode(answer, skip_special_tokens=True)
+    # Exact reuse: what the first turn computed, up to where the re-rendered history differs, floored to pages.
+    opened2 = prompt2 + ids(tok, "<think>\n")  # ChatBraid opens Qwen3's thought itself for a budget
+    shared = max(_common(opened2, seq[:-1]) for seq in finished)
+    assert second.usage_metadata["input_token_details"]["cache_read"] == min(shared, len(opened2) - 1) // PAGE * PAGE
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"]}}}
+
+
+def test_a_forced_call_keeps_the_family_text_and_parses(qwen3_chat_model):
+    model = ChatBraid(model=qwen3_chat_model, device="cpu", temperature=0, max_tokens=64, reasoning=False,
+                      engine_kwargs=engine_kwargs(4))
+    bound = model.bind_tools([WEATHER], tool_choice="any")
+    reply = bound.invoke("Weather in Paris?")
+    assert [c["name"] for c in reply.tool_calls] == ["get_weather"] and reply.tool_calls[0]["args"]["city"] in (
+        "Paris", "Rome")
+    # The reply's text as generated: Qwen3's own block around the constrained JSON.
+    engine = model._engine({})
+    request = model._request([HumanMessage("Weather in Paris?")], None, engine,
+                             {"tools": [WEATHER], "tool_choice": "any"})
+    out = engine.generate(request.prompt, request.params)[0]
+    assert out.text.startswith("<tool_call>\n{") and out.text.endswith("}\n</tool_call>"), out.text
+    _, calls = parse_tool_calls(out.text)
+    assert json.dumps(calls[0].args) == json.dumps(reply.tool_calls[0]["args"])
+
+
+def test_a_forced_call_after_a_thought(qwen3_chat_model):
+    model = ChatBraid(model=qwen3_chat_model, device="cpu", temperature=0, max_tokens=64, max_reasoning_tokens=3,
+                      engine_kwargs=engine_kwargs(5))
+    reply = model.bind_tools([WEATHER], tool_choice="get_weather").invoke("Weather in Rome?")
+    assert [c["name"] for c in reply.tool_calls] == ["get_weather"], reply
+    assert reply.usage_metadata["output_token_details"]["reasoning"] <= 3 + 1
+    assert "<tool_call>" not in reply.additional_kwargs.get("reasoning_content", "")
+
+
+# --- DeepSeek-R1-distill: the template opens the thought and drops it from the history --------------------------
+R1_TEMPLATE = pathlib.Path(__file__).parents[1] / "fixtures" / "deepseek_r1_distill_chat_template.jinja"
+
+
+@pytest.fixture(scope="module")
+def r1_chat_model(qwen3_chat_model, tmp_path_factory):
+    """The tiny Qwen3 under the R1-distill chat template (its `<｜User｜>` markers are ordinary text here)."""
+    path = tmp_path_factory.mktemp("tiny-r1")
+    shutil.copytree(qwen3_chat_model, path, dirs_exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.chat_template = R1_TEMPLATE.read_text(encoding="utf-8")
+    tok.save_pretrained(path)
+    yield str(path)
+    for num in (6, 7):
+        engines.close_engine(str(path), "cpu", **engine_kwargs(num))
+
+
+def test_r1_template_opens_the_thought_and_its_history_is_reused_exactly(r1_chat_model, ref):
+    off, _ = ref
+    tok = AutoTokenizer.from_pretrained(r1_chat_model)
+    model = ChatBraid(model=r1_chat_model, device="cpu", temperature=0, max_tokens=MAX_TOKENS,
+                      max_reasoning_tokens=3, engine_kwargs=engine_kwargs(6))
+    first = model.invoke("Name a colour.", guided=ANSWER)
+    opened = prompt_of(tok, [{"role": "user", "content": "Name a colour."}])
+    assert tok.decode(opened).endswith("<think>\n")
+    assert first.usage_metadata["input_tokens"] == len(opened)  # the template's own `<think>\n`, nothing added
+    thought, answer, finished = reference_reply(off, tok, opened, 3)
+    assert first.content == tok.decode(answer, skip_special_tokens=True)
+    assert first.additional_kwargs["reasoning_content"] == tok.decode(thought, skip_special_tokens=True).strip()
+    assert first.usage_metadata["output_token_details"]["reasoning"] == len(thought) + 1
+
+    second = model.invoke([HumanMessage("Name a colour."), first, HumanMessage("Another?")], guided=ANSWER)
+    chat = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": first.content},
+            {"role": "user", "content": "Another?"}]
+    prompt2 = prompt_of(tok, chat)  # the R1 template keeps no thought of earlier turns
+    assert second.usage_metadata["input_tokens"] == len(prompt2)
+    shared = max(_common(prompt2, seq[:-1]) for seq in finished)
+    assert second.usage_metadata["input_token_details"]["cache_read"] == min(shared, len(prompt2) - 1) // PAGE * PAGE
+
+    silent = ChatBraid(model=r1_chat_model, device="cpu", max_tokens=2, reasoning=False,
+                       engine_kwargs=engine_kwargs(7)).invoke("Hi")
+    closed = prompt_of(tok, [{"role": "user", "content": "Hi"}]) + ids(tok, "\n</think>\n\n")
+    assert silent.usage_metadata["input_tokens"] == len(closed)
