@@ -10,7 +10,9 @@ Every call shares one system prompt and one document (RAG-style) and asks its ow
 greedy and short (`--max-tokens`). Both sides run on the same engine and the same prompt token ids (rendered once by
 ChatBraid's request builder), after a warm-up that computes the shared prefix for both, so the difference is the
 adapter's host work per call: request building, pinning, streaming deltas into LangChain chunks, callbacks. Output
-tok/s counts the tokens each side generated (greedy, so both generate the same tokens). `--random-smollm2` needs a
+tok/s counts the tokens each side generated (greedy, so both generate the same tokens). Host CPU time per call is
+printed for both sides too (the whole process, the caller's thread, the engine thread), from the run with the least
+process CPU time: on CPU, where the forward itself dominates the wall clock, it is what shows the adapter's cost. `--random-smollm2` needs a
 saved SmolLM2 tokenizer directory (`--tokenizer`, or BRAID_TEST_TOKENIZER): the embedded GGUF is not required.
 """
 from __future__ import annotations
@@ -86,6 +88,8 @@ def run(args: argparse.Namespace, model: str | None) -> None:
     prompts = [chat._request(m, None, llm, {"documents": [document]}).prompt for m in conversations]
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
 
+    engine_thread = llm._loop._thread
+
     def run_raw() -> tuple[float, int]:
         start = time.perf_counter()
         outputs = llm.generate(prompts, params)
@@ -104,10 +108,10 @@ def run(args: argparse.Namespace, model: str | None) -> None:
 
     run_raw()  # warm-up: the shared prefix computed and cached, CUDA graphs captured
     asyncio.run(run_chat())
-    raw, ours = [], []
+    raw, ours, raw_cpu, chat_cpu = [], [], [], []
     for _ in range(args.repeats):  # interleaved, best of N for both
-        raw.append(run_raw())
-        ours.append(asyncio.run(run_chat()))
+        raw.append(_timed(run_raw, engine_thread, raw_cpu))
+        ours.append(_timed(lambda: asyncio.run(run_chat()), engine_thread, chat_cpu))
     raw_s, raw_tokens = min(raw)
     chat_s, chat_tokens = min(ours)
     prompt_len = sum(map(len, prompts)) / len(prompts)
@@ -118,12 +122,30 @@ def run(args: argparse.Namespace, model: str | None) -> None:
     print(f"ChatBraid.ainvoke     {chat_tokens / chat_s:10.1f} output tok/s  ({chat_tokens} tokens, {chat_s:.3f} s)")
     print(f"ratio                 {(chat_tokens / chat_s) / (raw_tokens / raw_s):10.2f}x")
     print(f"host time per call    {(chat_s - raw_s) / args.calls * 1e3:10.2f} ms more than the raw engine")
+    for name, cpu in (("LLM.generate", min(raw_cpu)), ("ChatBraid.ainvoke", min(chat_cpu))):
+        process, caller, engine = (t / args.calls * 1e3 for t in cpu)
+        print(f"CPU per call {name:18s} {process:7.2f} ms process, {caller:6.2f} ms caller thread, "
+              f"{engine:6.2f} ms engine thread")
     if args.profile:
         profiler = cProfile.Profile()
         profiler.enable()
         asyncio.run(run_chat())
         profiler.disable()  # the caller's thread only: the engine thread's work is not in it
         pstats.Stats(profiler).sort_stats("tottime").print_stats(args.profile_lines)
+
+
+def _cpu_times(engine_thread) -> tuple[float, float, float]:
+    """CPU seconds so far of the process, the calling thread and the engine thread."""
+    engine = time.clock_gettime(time.pthread_getcpuclockid(engine_thread.ident))
+    return time.process_time(), time.thread_time(), engine
+
+
+def _timed(run, engine_thread, cpu: list) -> tuple[float, int]:
+    """run()'s result; appends the CPU seconds it took (process, caller thread, engine thread) to `cpu`."""
+    before = _cpu_times(engine_thread)
+    result = run()
+    cpu.append(tuple(b - a for a, b in zip(before, _cpu_times(engine_thread))))
+    return result
 
 
 def _parse() -> argparse.Namespace:
