@@ -131,7 +131,7 @@ def run(args: argparse.Namespace, model: str | None) -> None:
         profiler.enable()
         asyncio.run(run_chat())
         profiler.disable()  # the caller's thread only: the engine thread's work is not in it
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(args.profile_lines)
+        pstats.Stats(profiler).sort_stats(args.profile_sort).print_stats(args.profile_lines)
 
 
 def _cpu_times(engine_thread) -> tuple[float, float, float]:
@@ -161,6 +161,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--profile", action="store_true", help="cProfile one more ChatBraid run (caller thread)")
     p.add_argument("--profile-lines", type=int, default=25)
+    p.add_argument("--profile-sort", default="tottime", help="pstats sort key (tottime, cumulative, ...)")
     args = p.parse_args()
     args.calls = args.calls or 2 * args.concurrency
     return args

@@ -20,6 +20,8 @@ from langchain_core.tools import BaseTool
 from pydantic import ConfigDict, Field, model_validator
 from typing_extensions import Self
 
+from braidinfer.tokenized_prompt import TokenizedPrompt
+
 from braid_langchain import engines, retries
 from braid_langchain.documents import render_documents, sort_documents
 from braid_langchain.messages import to_chat_messages
@@ -259,7 +261,7 @@ class ChatBraid(BaseChatModel):
                 deadline, lambda: pins_for(request.engine).pin(request.prompt, request.segments))
         # closing(): a consumer that stops early cancels the request now, not when the generator is collected.
         with request.explain_errors(), closing(request.engine.stream_deltas(
-                request.prompt, request.params, timeout=retries.remaining(deadline))) as it:
+                request.tokenized(), request.params, timeout=retries.remaining(deadline))) as it:
             yield from it
 
     async def _astream_request(self, request: _Request, builder: ReplyBuilder, deadline: float | None,
@@ -269,7 +271,7 @@ class ChatBraid(BaseChatModel):
         run_manager = run_manager if run_manager is not None and run_manager.handlers else None
         await self._apin(request, builder, deadline)
         with request.explain_errors():
-            async with aclosing(request.engine.astream_deltas(request.prompt, request.params)) as it:
+            async with aclosing(request.engine.astream_deltas(request.tokenized(), request.params)) as it:
                 while (delta := await retries.within(deadline, lambda: anext(it, None))) is not None:
                     for chunk in builder.add(delta):
                         if run_manager:
@@ -281,13 +283,10 @@ class ChatBraid(BaseChatModel):
         """`_astream_request` for a caller that wants only the whole reply, as one chunk (no callbacks)."""
         await self._apin(request, builder, deadline)
         with request.explain_errors():
-            async with aclosing(request.engine.astream_deltas(request.prompt, request.params)) as it:
-                if deadline is None:  # the common case, without a wrapper per delta
-                    async for delta in it:
-                        builder.collect(delta)
-                else:
-                    while (delta := await retries.within(deadline, lambda: anext(it, None))) is not None:
-                        builder.collect(delta)
+            # Woken once when the reply is done, not per delta; the whole text is one delta to the builder.
+            output = await retries.within(deadline, lambda: request.engine.agenerate(request.tokenized(),
+                                                                                     request.params))
+        builder.collect(output)
         return builder.collected()
 
     @staticmethod
@@ -397,6 +396,10 @@ class _Request:
     schema_owner: str | None  # whose JSON schema drives guided decoding, for error messages
     segments: list[tuple[int, str]]  # (end, kind) of the system prompt and documents in `prompt`, to pin; [] = none
     max_calls: int | None = None  # most tool calls kept from one reply (parallel_tool_calls=False: 1)
+
+    def tokenized(self) -> TokenizedPrompt:
+        """The prompt for the engine: ids of its own tokenizer (`_prompt_ids` made them), so not checked one by one."""
+        return TokenizedPrompt(self.prompt, self.engine.tokenizer)
 
     def reply_builder(self) -> ReplyBuilder:
         builder = ReplyBuilder(self.model_name, self.tool_mode, max_calls=self.max_calls)
