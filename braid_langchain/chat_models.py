@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -23,7 +24,7 @@ from typing_extensions import Self
 from braidinfer.tokenized_prompt import TokenizedPrompt
 
 from braid_langchain import engines, retries
-from braid_langchain.documents import render_documents, sort_documents
+from braid_langchain.documents import render_sorted_documents, sort_documents
 from braid_langchain.messages import to_chat_messages
 from braid_langchain.pinning import pins_for, segment_heads
 from braid_langchain.prompt_cache import prompt_ids
@@ -380,10 +381,27 @@ class ChatBraid(BaseChatModel):
 
     def _sampling_params(self, stop: list[str] | None, guided: GuidedDecoding | None,
                          overrides: dict[str, Any]) -> SamplingParams:
-        from braidinfer import SamplingParams
+        values = tuple(overrides.get(f, getattr(self, f)) for f in _SAMPLING_FIELDS)
+        stop = stop if stop is not None else (self.stop or [])
+        if guided is None and all(isinstance(v, _PLAIN) for v in values) and all(isinstance(s, str) for s in stop):
+            return _plain_sampling_params(values, tuple(stop))  # the same few settings call after call
+        return _new_sampling_params(values, stop, guided)
 
-        values = {f: overrides.get(f, getattr(self, f)) for f in _SAMPLING_FIELDS}
-        return SamplingParams(**values, stop=stop if stop is not None else (self.stop or []), guided=guided)
+
+_PLAIN = (int, float, type(None))  # sampling values that may key the cache below (bool is an int)
+
+
+@functools.lru_cache(maxsize=256)
+def _plain_sampling_params(values: tuple[Any, ...], stop: tuple[str, ...]) -> SamplingParams:
+    """SamplingParams (frozen, so shareable) built once per distinct settings: validating them costs tens of
+    microseconds per call."""
+    return _new_sampling_params(values, list(stop), None)
+
+
+def _new_sampling_params(values: tuple[Any, ...], stop: list[str], guided: GuidedDecoding | None) -> SamplingParams:
+    from braidinfer import SamplingParams
+
+    return SamplingParams(**dict(zip(_SAMPLING_FIELDS, values)), stop=stop, guided=guided)
 
 
 @dataclass(frozen=True)
@@ -430,7 +448,7 @@ def _prompt_ids(engine: LLM, messages: list[BaseMessage], tools: list[dict[str, 
     template_kwargs = {"tools": tools} if tools and native else {}
     base = [tool_prompt(tools) if tools and not native else "", schema_prompt(guided)]
     docs = sort_documents(documents)
-    chat = to_chat_messages(messages, inline_tool_calls=not native, system_extras=[*base, render_documents(docs)])
+    chat = to_chat_messages(messages, inline_tool_calls=not native, system_extras=[*base, render_sorted_documents(docs)])
     prompt = prompt_ids(engine, chat, template_kwargs)
     if not with_segments or not chat or chat[0]["role"] != "system":
         return prompt, []
