@@ -4,6 +4,8 @@
     python benchmarks/langchain_overhead.py --profile             # and the top host functions of the ChatBraid run
     python benchmarks/langchain_overhead.py --random-smollm2 --tokenizer DIR --concurrency 128 --doc-tokens 1500
                                                                   # CUDA: SmolLM2-135M-shaped random bf16 weights
+    python benchmarks/langchain_overhead.py --tiny-random --device cpu --concurrency 64 --doc-tokens 1500
+                                                                  # CPU, tiny random model: the host work shows
     python benchmarks/langchain_overhead.py --model PATH          # any local model directory or .gguf
 
 Every call shares one system prompt and one document (RAG-style) and asks its own short question; answers are
@@ -12,8 +14,9 @@ ChatBraid's request builder), after a warm-up that computes the shared prefix fo
 adapter's host work per call: request building, pinning, streaming deltas into LangChain chunks, callbacks. Output
 tok/s counts the tokens each side generated (greedy, so both generate the same tokens). Host CPU time per call is
 printed for both sides too (the whole process, the caller's thread, the engine thread), from the run with the least
-process CPU time: on CPU, where the forward itself dominates the wall clock, it is what shows the adapter's cost. `--random-smollm2` needs a
-saved SmolLM2 tokenizer directory (`--tokenizer`, or BRAID_TEST_TOKENIZER): the embedded GGUF is not required.
+process CPU time: on CPU, where the forward itself dominates the wall clock, it is what shows the adapter's cost.
+`--random-smollm2` needs a saved SmolLM2 tokenizer directory (`--tokenizer`, or BRAID_TEST_TOKENIZER): the
+embedded GGUF is not required.
 """
 from __future__ import annotations
 
@@ -34,18 +37,32 @@ SENTENCE = ("The river delta spreads into many channels, and the farmers who liv
 def random_smollm2(tokenizer_dir: str) -> str:
     """A directory holding SmolLM2-135M's shape (30 layers, hidden 576, 9 heads / 3 KV heads) with random bf16
     weights and the given tokenizer (its chat template included)."""
+    import transformers
+
+    return _random_llama(transformers.AutoTokenizer.from_pretrained(tokenizer_dir), "bfloat16", hidden_size=576,
+                         intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3)
+
+
+def tiny_random() -> str:
+    """A 2-layer Llama (hidden 64) with random float32 weights and the embedded model's tokenizer: its forward costs
+    little, so on a CPU the host work around it weighs about as much as beside a GPU's short step."""
+    from braidinfer.loader import resolve_model
+
+    return _random_llama(resolve_model(None).load_tokenizer(), "float32", hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+
+
+def _random_llama(tokenizer, dtype: str, **shape) -> str:
     import torch
     import transformers
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
     config = transformers.LlamaConfig(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-        num_key_value_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
+        vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        torch_dtype="bfloat16")
+        torch_dtype=dtype, **shape)
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
-    path = tempfile.mkdtemp(prefix="smollm2-random-")
+    model = transformers.LlamaForCausalLM(config).to(getattr(torch, dtype))
+    path = tempfile.mkdtemp(prefix="llama-random-")
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -60,10 +77,12 @@ def main() -> None:
             raise SystemExit("--random-smollm2 needs --tokenizer DIR (or BRAID_TEST_TOKENIZER): a saved SmolLM2 "
                              "tokenizer directory")
         model = random_smollm2(tokenizer)
+    elif args.tiny_random:
+        model = tiny_random()
     try:
         run(args, model)
     finally:
-        if args.random_smollm2:
+        if args.random_smollm2 or args.tiny_random:
             shutil.rmtree(model, ignore_errors=True)
 
 
@@ -152,6 +171,8 @@ def _parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="local model directory or .gguf (default: the embedded model)")
     p.add_argument("--random-smollm2", action="store_true", help="SmolLM2-135M-shaped random bf16 weights")
+    p.add_argument("--tiny-random", action="store_true",
+                   help="a 2-layer random Llama with the embedded tokenizer: host overhead on CPU")
     p.add_argument("--tokenizer", default=None, help="saved SmolLM2 tokenizer directory, for --random-smollm2")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     p.add_argument("--concurrency", type=int, default=8, help="concurrent ainvoke calls (GPU target: 128)")

@@ -384,7 +384,8 @@ class ChatBraid(BaseChatModel):
         values = tuple(overrides.get(f, getattr(self, f)) for f in _SAMPLING_FIELDS)
         stop = stop if stop is not None else (self.stop or [])
         if guided is None and all(isinstance(v, _PLAIN) for v in values) and all(isinstance(s, str) for s in stop):
-            return _plain_sampling_params(values, tuple(stop))  # the same few settings call after call
+            # The same few settings call after call; keyed by type too, since 1 == 1.0 == True for the cache.
+            return _plain_sampling_params(values, tuple(map(type, values)), tuple(stop))
         return _new_sampling_params(values, stop, guided)
 
 
@@ -392,7 +393,8 @@ _PLAIN = (int, float, type(None))  # sampling values that may key the cache belo
 
 
 @functools.lru_cache(maxsize=256)
-def _plain_sampling_params(values: tuple[Any, ...], stop: tuple[str, ...]) -> SamplingParams:
+def _plain_sampling_params(values: tuple[Any, ...], types: tuple[type, ...], stop: tuple[str, ...]
+                           ) -> SamplingParams:
     """SamplingParams (frozen, so shareable) built once per distinct settings: validating them costs tens of
     microseconds per call."""
     return _new_sampling_params(values, list(stop), None)
@@ -448,7 +450,8 @@ def _prompt_ids(engine: LLM, messages: list[BaseMessage], tools: list[dict[str, 
     template_kwargs = {"tools": tools} if tools and native else {}
     base = [tool_prompt(tools) if tools and not native else "", schema_prompt(guided)]
     docs = sort_documents(documents)
-    chat = to_chat_messages(messages, inline_tool_calls=not native, system_extras=[*base, render_sorted_documents(docs)])
+    chat = to_chat_messages(messages, inline_tool_calls=not native,
+                            system_extras=[*base, render_sorted_documents(docs)])
     prompt = prompt_ids(engine, chat, template_kwargs)
     if not with_segments or not chat or chat[0]["role"] != "system":
         return prompt, []

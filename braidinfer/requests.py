@@ -81,8 +81,8 @@ class RequestBuilder:
             raise InvalidRequestError(f"prompt token ids must be ints in [0, {vocab}); got {bad[:5]}")
         return list(token_ids)
 
-    def sequence(self, prompt: str | list[int] | TokenizedPrompt, params: SamplingParams | None = None, sink: Sink | None = None,
-                 request_id: str | None = None, prefix: list[int] | None = None,
+    def sequence(self, prompt: str | list[int] | TokenizedPrompt, params: SamplingParams | None = None,
+                 sink: Sink | None = None, request_id: str | None = None, prefix: list[int] | None = None,
                  compose: list[ComposedSegment] | None = None) -> Sequence:
         """Validates a request and builds its sequence.
 
