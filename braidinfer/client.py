@@ -7,8 +7,8 @@ import asyncio
 from collections.abc import Callable
 from typing import Self
 
-from braidinfer.engine import LLMEngine
 from braidinfer.channels import AsyncChannel, SyncChannel
+from braidinfer.engine import LLMEngine
 from braidinfer.engine_loop import EngineLoop
 from braidinfer.errors import EngineDeadError
 from braidinfer.outputs import CompletionDelta, RequestOutput
