@@ -4,14 +4,19 @@
     python benchmarks/langchain_overhead.py --profile             # and the top host functions of the ChatBraid run
     python benchmarks/langchain_overhead.py --random-smollm2 --tokenizer DIR --concurrency 128 --doc-tokens 1500
                                                                   # CUDA: SmolLM2-135M-shaped random bf16 weights
+    python benchmarks/langchain_overhead.py --tiny-random --device cpu --concurrency 64 --doc-tokens 1500
+                                                                  # CPU, tiny random model: the host work shows
     python benchmarks/langchain_overhead.py --model PATH          # any local model directory or .gguf
 
 Every call shares one system prompt and one document (RAG-style) and asks its own short question; answers are
 greedy and short (`--max-tokens`). Both sides run on the same engine and the same prompt token ids (rendered once by
 ChatBraid's request builder), after a warm-up that computes the shared prefix for both, so the difference is the
 adapter's host work per call: request building, pinning, streaming deltas into LangChain chunks, callbacks. Output
-tok/s counts the tokens each side generated (greedy, so both generate the same tokens). `--random-smollm2` needs a
-saved SmolLM2 tokenizer directory (`--tokenizer`, or BRAID_TEST_TOKENIZER): the embedded GGUF is not required.
+tok/s counts the tokens each side generated (greedy, so both generate the same tokens). Host CPU time per call is
+printed for both sides too (the whole process, the caller's thread, the engine thread), from the run with the least
+process CPU time: on CPU, where the forward itself dominates the wall clock, it is what shows the adapter's cost.
+`--random-smollm2` needs a saved SmolLM2 tokenizer directory (`--tokenizer`, or BRAID_TEST_TOKENIZER): the
+embedded GGUF is not required.
 """
 from __future__ import annotations
 
@@ -32,18 +37,32 @@ SENTENCE = ("The river delta spreads into many channels, and the farmers who liv
 def random_smollm2(tokenizer_dir: str) -> str:
     """A directory holding SmolLM2-135M's shape (30 layers, hidden 576, 9 heads / 3 KV heads) with random bf16
     weights and the given tokenizer (its chat template included)."""
+    import transformers
+
+    return _random_llama(transformers.AutoTokenizer.from_pretrained(tokenizer_dir), "bfloat16", hidden_size=576,
+                         intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3)
+
+
+def tiny_random() -> str:
+    """A 2-layer Llama (hidden 64) with random float32 weights and the embedded model's tokenizer: its forward costs
+    little, so on a CPU the host work around it weighs about as much as beside a GPU's short step."""
+    from braidinfer.loader import resolve_model
+
+    return _random_llama(resolve_model(None).load_tokenizer(), "float32", hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+
+
+def _random_llama(tokenizer, dtype: str, **shape) -> str:
     import torch
     import transformers
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
     config = transformers.LlamaConfig(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-        num_key_value_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
+        vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        torch_dtype="bfloat16")
+        torch_dtype=dtype, **shape)
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
-    path = tempfile.mkdtemp(prefix="smollm2-random-")
+    model = transformers.LlamaForCausalLM(config).to(getattr(torch, dtype))
+    path = tempfile.mkdtemp(prefix="llama-random-")
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -58,10 +77,12 @@ def main() -> None:
             raise SystemExit("--random-smollm2 needs --tokenizer DIR (or BRAID_TEST_TOKENIZER): a saved SmolLM2 "
                              "tokenizer directory")
         model = random_smollm2(tokenizer)
+    elif args.tiny_random:
+        model = tiny_random()
     try:
         run(args, model)
     finally:
-        if args.random_smollm2:
+        if args.random_smollm2 or args.tiny_random:
             shutil.rmtree(model, ignore_errors=True)
 
 
@@ -86,6 +107,8 @@ def run(args: argparse.Namespace, model: str | None) -> None:
     prompts = [chat._request(m, None, llm, {"documents": [document]}).prompt for m in conversations]
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
 
+    engine_thread = llm._loop._thread
+
     def run_raw() -> tuple[float, int]:
         start = time.perf_counter()
         outputs = llm.generate(prompts, params)
@@ -104,10 +127,10 @@ def run(args: argparse.Namespace, model: str | None) -> None:
 
     run_raw()  # warm-up: the shared prefix computed and cached, CUDA graphs captured
     asyncio.run(run_chat())
-    raw, ours = [], []
+    raw, ours, raw_cpu, chat_cpu = [], [], [], []
     for _ in range(args.repeats):  # interleaved, best of N for both
-        raw.append(run_raw())
-        ours.append(asyncio.run(run_chat()))
+        raw.append(_timed(run_raw, engine_thread, raw_cpu))
+        ours.append(_timed(lambda: asyncio.run(run_chat()), engine_thread, chat_cpu))
     raw_s, raw_tokens = min(raw)
     chat_s, chat_tokens = min(ours)
     prompt_len = sum(map(len, prompts)) / len(prompts)
@@ -118,18 +141,38 @@ def run(args: argparse.Namespace, model: str | None) -> None:
     print(f"ChatBraid.ainvoke     {chat_tokens / chat_s:10.1f} output tok/s  ({chat_tokens} tokens, {chat_s:.3f} s)")
     print(f"ratio                 {(chat_tokens / chat_s) / (raw_tokens / raw_s):10.2f}x")
     print(f"host time per call    {(chat_s - raw_s) / args.calls * 1e3:10.2f} ms more than the raw engine")
+    for name, cpu in (("LLM.generate", min(raw_cpu)), ("ChatBraid.ainvoke", min(chat_cpu))):
+        process, caller, engine = (t / args.calls * 1e3 for t in cpu)
+        print(f"CPU per call {name:18s} {process:7.2f} ms process, {caller:6.2f} ms caller thread, "
+              f"{engine:6.2f} ms engine thread")
     if args.profile:
         profiler = cProfile.Profile()
         profiler.enable()
         asyncio.run(run_chat())
         profiler.disable()  # the caller's thread only: the engine thread's work is not in it
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(args.profile_lines)
+        pstats.Stats(profiler).sort_stats(args.profile_sort).print_stats(args.profile_lines)
+
+
+def _cpu_times(engine_thread) -> tuple[float, float, float]:
+    """CPU seconds so far of the process, the calling thread and the engine thread."""
+    engine = time.clock_gettime(time.pthread_getcpuclockid(engine_thread.ident))
+    return time.process_time(), time.thread_time(), engine
+
+
+def _timed(run, engine_thread, cpu: list) -> tuple[float, int]:
+    """run()'s result; appends the CPU seconds it took (process, caller thread, engine thread) to `cpu`."""
+    before = _cpu_times(engine_thread)
+    result = run()
+    cpu.append(tuple(b - a for a, b in zip(before, _cpu_times(engine_thread))))
+    return result
 
 
 def _parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="local model directory or .gguf (default: the embedded model)")
     p.add_argument("--random-smollm2", action="store_true", help="SmolLM2-135M-shaped random bf16 weights")
+    p.add_argument("--tiny-random", action="store_true",
+                   help="a 2-layer random Llama with the embedded tokenizer: host overhead on CPU")
     p.add_argument("--tokenizer", default=None, help="saved SmolLM2 tokenizer directory, for --random-smollm2")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     p.add_argument("--concurrency", type=int, default=8, help="concurrent ainvoke calls (GPU target: 128)")
@@ -139,6 +182,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--profile", action="store_true", help="cProfile one more ChatBraid run (caller thread)")
     p.add_argument("--profile-lines", type=int, default=25)
+    p.add_argument("--profile-sort", default="tottime", help="pstats sort key (tottime, cumulative, ...)")
     args = p.parse_args()
     args.calls = args.calls or 2 * args.concurrency
     return args

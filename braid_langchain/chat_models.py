@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -20,9 +21,11 @@ from langchain_core.tools import BaseTool
 from pydantic import ConfigDict, Field, model_validator
 from typing_extensions import Self
 
+from braidinfer.tokenized_prompt import TokenizedPrompt
+
 from braid_langchain import engines, retries, thinking
 from braid_langchain.chat_format import ChatFormat, chat_format, template_inputs
-from braid_langchain.documents import render_documents, sort_documents
+from braid_langchain.documents import render_sorted_documents, sort_documents
 from braid_langchain.messages import to_chat_messages
 from braid_langchain.pinning import pins_for, segment_heads
 from braid_langchain.prompt_cache import prompt_ids
@@ -295,13 +298,15 @@ class ChatBraid(BaseChatModel):
         """`_astream_request` for a caller that wants only the whole reply, as one chunk (no callbacks)."""
         await self._apin(request, builder, deadline)
         with request.explain_errors():
+            if request.budget is None:
+                # Woken once when the reply is done, not per delta; the whole text is one delta to the builder.
+                output = await retries.within(deadline, lambda: request.engine.agenerate(request.tokenized(),
+                                                                                         request.params))
+                builder.collect(output)
+                return builder.collected()
             async with aclosing(request.astream_deltas()) as it:
-                if deadline is None:  # the common case, without a wrapper per delta
-                    async for delta in it:
-                        builder.collect(delta)
-                else:
-                    while (delta := await retries.within(deadline, lambda: anext(it, None))) is not None:
-                        builder.collect(delta)
+                while (delta := await retries.within(deadline, lambda: anext(it, None))) is not None:
+                    builder.collect(delta)
         return builder.collected()
 
     @staticmethod
@@ -400,10 +405,29 @@ class ChatBraid(BaseChatModel):
 
     def _sampling_params(self, stop: list[str] | None, guided: GuidedDecoding | None,
                          overrides: dict[str, Any]) -> SamplingParams:
-        from braidinfer import SamplingParams
+        values = tuple(overrides.get(f, getattr(self, f)) for f in _SAMPLING_FIELDS)
+        stop = stop if stop is not None else (self.stop or [])
+        if guided is None and all(isinstance(v, _PLAIN) for v in values) and all(isinstance(s, str) for s in stop):
+            # The same few settings call after call; keyed by type too, since 1 == 1.0 == True for the cache.
+            return _plain_sampling_params(values, tuple(map(type, values)), tuple(stop))
+        return _new_sampling_params(values, stop, guided)
 
-        values = {f: overrides.get(f, getattr(self, f)) for f in _SAMPLING_FIELDS}
-        return SamplingParams(**values, stop=stop if stop is not None else (self.stop or []), guided=guided)
+
+_PLAIN = (int, float, type(None))  # sampling values that may key the cache below (bool is an int)
+
+
+@functools.lru_cache(maxsize=256)
+def _plain_sampling_params(values: tuple[Any, ...], types: tuple[type, ...], stop: tuple[str, ...]
+                           ) -> SamplingParams:
+    """SamplingParams (frozen, so shareable) built once per distinct settings: validating them costs tens of
+    microseconds per call."""
+    return _new_sampling_params(values, list(stop), None)
+
+
+def _new_sampling_params(values: tuple[Any, ...], stop: list[str], guided: GuidedDecoding | None) -> SamplingParams:
+    from braidinfer import SamplingParams
+
+    return SamplingParams(**dict(zip(_SAMPLING_FIELDS, values)), stop=stop, guided=guided)
 
 
 @dataclass(frozen=True)
@@ -420,6 +444,10 @@ class _Request:
     opened: bool = False  # the prompt opens the thought (the reply starts inside it)
     budget: thinking.ThoughtBudget | None = None  # the reply is generated thought first, then answer
 
+    def tokenized(self) -> TokenizedPrompt:
+        """The prompt for the engine: ids of its own tokenizer (`_prompt_ids` made them), so not checked one by one."""
+        return TokenizedPrompt(self.prompt, self.engine.tokenizer)
+
     def reply_builder(self) -> ReplyBuilder:
         calls = self.chat.tools.parser(forced=self.tool_mode == "forced") if self.chat is not None else None
         builder = ReplyBuilder(self.model_name, self.tool_mode, max_calls=self.max_calls, calls=calls)
@@ -430,12 +458,12 @@ class _Request:
 
     def stream_deltas(self, timeout: float | None) -> Iterator[Any]:
         if self.budget is None:
-            return self.engine.stream_deltas(self.prompt, self.params, timeout=timeout)
+            return self.engine.stream_deltas(self.tokenized(), self.params, timeout=timeout)
         return thinking.stream_deltas(self.engine, self.prompt, self.params, self.budget, timeout)
 
     def astream_deltas(self) -> AsyncIterator[Any]:
         if self.budget is None:
-            return self.engine.astream_deltas(self.prompt, self.params)
+            return self.engine.astream_deltas(self.tokenized(), self.params)
         return thinking.astream_deltas(self.engine, self.prompt, self.params, self.budget)
 
     @contextmanager
@@ -465,7 +493,7 @@ def _prompt_ids(engine: LLM, messages: list[BaseMessage], tools: list[dict[str, 
     base = [tool_prompt(tools) if tools and not native else "", schema_prompt(guided)]
     docs = sort_documents(documents)
     chat = to_chat_messages(messages, inline_tool_calls=history_calls(fmt.tools),
-                            system_extras=[*base, render_documents(docs)],
+                            system_extras=[*base, render_sorted_documents(docs)],
                             call_id=lambda call_id: history_call_id(fmt.tools, call_id))
     chat, template_kwargs = template_inputs(fmt, chat, tools, reasoning)
     prompt = prompt_ids(engine, chat, template_kwargs)

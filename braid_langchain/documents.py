@@ -32,9 +32,15 @@ def render_document(document: Document) -> str:
 
 def render_documents(documents: Sequence[Document | str], *, header: str = DOCUMENTS_HEADER) -> str:
     """The documents block ChatBraid appends to the system message (also usable in a prompt template)."""
+    return render_sorted_documents(sort_documents(documents), header=header)
+
+
+def render_sorted_documents(documents: Sequence[Document], *, header: str = DOCUMENTS_HEADER) -> str:
+    """`render_documents` of documents already in `sort_documents` order (what it returns, or a prefix of it): the
+    same text without sorting again (ChatBraid renders the block for every prefix of a call's documents)."""
     if not documents:
         return ""
-    blocks = [render_document(d) for d in sort_documents(documents)]
+    blocks = [render_document(d) for d in documents]
     return "\n".join([header, *blocks]) if header else "\n".join(blocks)
 
 

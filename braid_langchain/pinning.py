@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from braidinfer.errors import InvalidRequestError, OutOfPagesError
 
-from braid_langchain.documents import render_documents
+from braid_langchain.documents import render_sorted_documents
 from braid_langchain.messages import to_chat_messages
 
 if TYPE_CHECKING:
@@ -68,16 +68,23 @@ def segment_heads(llm: LLM, prompt: list[int], messages: Sequence[Any], base: Se
                   template_kwargs: dict[str, Any]) -> list[tuple[int, str]]:
     """(end, kind) of the system prompt and of each document in `prompt` (see `segment_ends`): the leading system
     messages of `messages` are rendered with `base` extras and the first 0, 1, ... of `documents` (already in
-    prompt order), once per engine and distinct input (cached)."""
+    `sort_documents` order, as in the prompt), once per engine and distinct input (cached)."""
     lead = []
     for message in messages:
         if message.type != "system":
             break
         lead.append(message)
-    heads = [to_chat_messages(lead, system_extras=[*base, render_documents(documents[:i])])
-             for i in range(len(documents) + 1)]
-    key = repr((heads, template_kwargs))
-    return segment_ends(prompt, pins_for(llm).heads(key, lambda: _render_heads(llm, heads, template_kwargs)))
+    # The key holds each text once (the heads repeat the system prompt and every earlier document); the heads
+    # themselves are built only when they are not stored yet.
+    key = repr((to_chat_messages(lead), [*base], [render_sorted_documents([d], header="") for d in documents],
+                template_kwargs))
+
+    def render() -> list[tuple[list[int], str]]:
+        heads = [to_chat_messages(lead, system_extras=[*base, render_sorted_documents(documents[:i])])
+                 for i in range(len(documents) + 1)]
+        return _render_heads(llm, heads, template_kwargs)
+
+    return segment_ends(prompt, pins_for(llm).heads(key, render))
 
 
 def _render_heads(llm: LLM, heads: list[list[dict[str, Any]]], template_kwargs: dict[str, Any]

@@ -16,6 +16,7 @@ _EXPORTS = {
     "Usage": "braidinfer.outputs",
     "BraidError": "braidinfer.errors",
     "InvalidRequestError": "braidinfer.errors",
+    "TokenizedPrompt": "braidinfer.tokenized_prompt",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from braidinfer.llm import LLM
     from braidinfer.outputs import CompletionDelta, RequestOutput, Usage
     from braidinfer.sampling_params import SamplingParams
+    from braidinfer.tokenized_prompt import TokenizedPrompt
 
 
 def __getattr__(name: str):

@@ -7,8 +7,9 @@ import asyncio
 from collections.abc import Callable
 from typing import Self
 
+from braidinfer.channels import AsyncChannel, SyncChannel
 from braidinfer.engine import LLMEngine
-from braidinfer.engine_loop import AsyncChannel, EngineLoop, SyncChannel
+from braidinfer.engine_loop import EngineLoop
 from braidinfer.errors import EngineDeadError
 from braidinfer.outputs import CompletionDelta, RequestOutput
 from braidinfer.sequence import Sequence
@@ -23,6 +24,10 @@ class EngineClient:
         stream = Stream(self.loop, seq.request_id, seq.token_ids[:], channel)
         self.loop.submit(seq)
         return stream
+
+    def async_channel(self, final_only: bool = False) -> AsyncChannel:
+        """A channel to the running event loop (call it from a coroutine); `final_only`: see `AsyncChannel`."""
+        return AsyncChannel(asyncio.get_running_loop(), self.loop.outbox, final_only)
 
     def prefill_and_pin(self, token_ids: list[int], owner: str, private: bool = False) -> list[int]:
         """Runs a chunk's prefill, pins its pages for `owner` and returns them. Nothing stays pinned when the
@@ -39,7 +44,7 @@ class EngineClient:
 
     async def aprefill_and_pin(self, token_ids: list[int], owner: str, private: bool = False) -> list[int]:
         """`prefill_and_pin` for asyncio: waits without blocking the event loop."""
-        channel = AsyncChannel(asyncio.get_running_loop())
+        channel = self.async_channel(final_only=True)
         seq = self.engine.requests.prefill(token_ids, owner, sink=channel.put, private=private)
         stream = self.start(seq, channel)
         try:

@@ -1,11 +1,11 @@
 """One thread owns the engine (and so the device); callers in any thread or event loop submit to it.
 
-Results flow back through a per-request channel: a `queue.Queue` for threads, or an asyncio queue fed with
-`call_soon_threadsafe` for coroutines, so an `async for` consumer needs no thread of its own.
+Results flow back through a per-request channel (`braidinfer.channels`): a `queue.Queue` for threads, or for
+coroutines a channel that the loop's outbox fills once per step per event loop, so an `async for` consumer needs no
+thread of its own.
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -18,39 +18,13 @@ from typing import Any
 
 import torch
 
+from braidinfer.channels import Outbox
 from braidinfer.engine import LLMEngine
 from braidinfer.errors import EngineDeadError
 from braidinfer.outputs import CompletionDelta
 from braidinfer.sequence import Sequence
 
 log = logging.getLogger(__name__)
-
-
-class SyncChannel:
-    def __init__(self):
-        self._queue: queue.Queue[CompletionDelta] = queue.Queue()
-
-    def put(self, chunk: CompletionDelta) -> None:
-        self._queue.put(chunk)
-
-    def get(self, timeout: float | None = None) -> CompletionDelta:
-        """The next delta; raises queue.Empty when none arrives within `timeout` seconds (None: waits)."""
-        return self._queue.get(timeout=timeout)
-
-
-class AsyncChannel:
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self._loop = loop
-        self._queue: asyncio.Queue[CompletionDelta] = asyncio.Queue()
-
-    def put(self, chunk: CompletionDelta) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, chunk)
-        except RuntimeError:  # the consumer's event loop is closed: nobody is listening any more
-            pass
-
-    async def get(self) -> CompletionDelta:
-        return await self._queue.get()
 
 
 @dataclass(frozen=True)
@@ -94,6 +68,8 @@ class EngineLoop:
         self._dead: BaseException | None = None  # what killed the loop
         self._closed = False
         self._lock = threading.Lock()
+        self.outbox = Outbox()
+        """Deltas for asyncio consumers, sent after every step and every batch of inbox items (engine thread)."""
         self._thread = threading.Thread(target=self._run, name="braid-engine", daemon=True)
         self._thread.start()
 
@@ -172,11 +148,15 @@ class EngineLoop:
             while self._drain(block=not self.engine.has_work()):
                 if self.engine.has_work():
                     self._step()
+                self.outbox.flush()
         except BaseException as e:  # the loop itself broke: nobody may wait forever
             log.exception("engine loop died")
             with self._lock:
                 self._dead = e
-        self._fail_everyone()
+        try:
+            self._fail_everyone()
+        finally:
+            self.outbox.flush()
 
     def _drain(self, block: bool) -> bool:
         """Runs queued calls and adds submitted sequences; False once close() was asked for."""

@@ -8,17 +8,19 @@ from collections.abc import AsyncIterator, Iterator
 from collections.abc import Sequence as Seq
 from typing import Any, Self
 
+from braidinfer.channels import SyncChannel
 from braidinfer.chat_template import encode_conversation
 from braidinfer.chunks import Chunk, ChunkStore
 from braidinfer.client import AsyncRequest, EngineClient, Stream, acollect, collect
 from braidinfer.config import EngineConfig
 from braidinfer.engine import LLMEngine
-from braidinfer.engine_loop import AsyncChannel, EngineLoop, SyncChannel
+from braidinfer.engine_loop import EngineLoop
 from braidinfer.errors import InvalidRequestError, RequestTimeoutError
 from braidinfer.outputs import CompletionDelta, RequestOutput
 from braidinfer.sampling_params import SamplingParams
+from braidinfer.tokenized_prompt import TokenizedPrompt
 
-Prompt = str | list[int]
+Prompt = str | list[int] | TokenizedPrompt
 Chunks = Chunk | Seq[Chunk] | None
 
 
@@ -64,7 +66,8 @@ class LLM:
     # --- requests ----------------------------------------------------------------------------------------------
     def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None,
                  *, chunks: Chunks = None) -> list[RequestOutput]:
-        """Runs a batch to completion. `prompts`: a string, a list of token ids, or a list of either.
+        """Runs a batch to completion. `prompts`: a string, a list of token ids, a `TokenizedPrompt`, or a list of
+        any of them.
         `params`: one SamplingParams for all prompts or one per prompt. `chunks`: a chain of chunks (or its last
         chunk) that every prompt continues; the prompt text then gets no leading special tokens and may be empty.
         Returns outputs in prompt order."""
@@ -125,8 +128,8 @@ class LLM:
 
     async def agenerate(self, prompt: Prompt, params: SamplingParams | None = None, *, chunks: Chunks = None
                         ) -> RequestOutput:
-        """Async single-request generate."""
-        stream = self._submit_async(prompt, params, chunks)
+        """Async single-request generate. The waiting task is woken once, when the request ends, not per step."""
+        stream = self._submit_async(prompt, params, chunks, final_only=True)
         try:
             return await acollect(stream)
         finally:
@@ -186,13 +189,16 @@ class LLM:
         seq = self.engine.requests.sequence(prompt, params, sink=channel.put, prefix=prefix, compose=compose)
         return self._client.start(seq, channel)
 
-    def _submit_async(self, prompt: Prompt, params: SamplingParams | None, chunks: Chunks) -> Stream:
-        """Submits a request whose deltas go to the running event loop (call it from a coroutine)."""
-        return self._submit(prompt, params, AsyncChannel(asyncio.get_running_loop()), chunks)
+    def _submit_async(self, prompt: Prompt, params: SamplingParams | None, chunks: Chunks,
+                      final_only: bool = False) -> Stream:
+        """Submits a request whose deltas go to the running event loop (call it from a coroutine); `final_only`:
+        all of them at once when it ends."""
+        return self._submit(prompt, params, self._client.async_channel(final_only), chunks)
 
 
 def _as_prompt_list(prompts) -> list[Prompt]:
-    if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+    if isinstance(prompts, (str, TokenizedPrompt)) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
         return [prompts]
     prompts = list(prompts)
     if not prompts:

@@ -14,7 +14,7 @@ import torch
 
 from braid_langchain import ChatBraid, engines
 from braidinfer import SamplingParams
-from braidinfer.engine_loop import SyncChannel
+from braidinfer.channels import SyncChannel
 from braidinfer.errors import EngineDeadError, InvalidRequestError, RequestFailedError
 from braidinfer.client import collect as _collect
 from tests.support.engines import held_between_steps, idle_problems, tiny_engine

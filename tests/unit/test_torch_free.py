@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 TORCH_FREE = ["braidinfer.attention.metadata", "braidinfer.attention.cascade_plan", "braidinfer.graph_buckets",
-              "braidinfer.step_plan", "braidinfer.config", "braidinfer.attention.spec"]
+              "braidinfer.step_plan", "braidinfer.config", "braidinfer.attention.spec", "braidinfer.channels",
+              "braidinfer.tokenized_prompt"]
 
 BLOCK_TORCH = """
 import importlib.abc, sys

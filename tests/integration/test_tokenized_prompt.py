@@ -1,0 +1,74 @@
+"""TokenizedPrompt: ids of the engine's own tokenizer are taken without the per-id check and give what the same
+prompt as a string or a plain list gives; ids of any other tokenizer are checked like a plain list, and ids the
+model's vocabulary cannot hold are refused either way."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from braidinfer import LLM, SamplingParams, TokenizedPrompt
+from braidinfer.errors import InvalidRequestError
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+TEXT = "The river delta spreads into many channels"
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir):
+    with LLM(model=tiny_model_dir("llama", seed=3), device="cpu", dtype="float32", page_size=4, max_model_len=128,
+             num_kv_pages=256, progress=False) as llm:
+        yield llm
+
+
+def _summary(output):
+    return output.prompt_token_ids, output.token_ids, output.text, output.usage.prompt_tokens
+
+
+def test_equal_to_the_string_prompt(llm):
+    ids = llm.tokenizer(TEXT)["input_ids"]
+    by_text = llm.generate(TEXT, GREEDY)[0]
+    tokenized = llm.generate(TokenizedPrompt(ids, llm.tokenizer), GREEDY)[0]
+    assert _summary(tokenized) == _summary(by_text)
+    assert by_text.prompt_token_ids == list(ids)  # the string went through the same tokenizer
+    async_output = asyncio.run(llm.agenerate(TokenizedPrompt(ids, llm.tokenizer), GREEDY))
+    assert _summary(async_output) == _summary(by_text)
+    streamed = [d.text for d in llm.stream_deltas(TokenizedPrompt(ids, llm.tokenizer), GREEDY)]
+    assert "".join(streamed) == by_text.text
+
+
+def test_several_in_one_batch_and_the_ids_are_not_modified(llm):
+    ids = [llm.tokenizer(f"{TEXT}, {i}")["input_ids"] for i in range(3)]
+    copies = [list(x) for x in ids]
+    outputs = llm.generate([TokenizedPrompt(x, llm.tokenizer) for x in ids], GREEDY)
+    assert [o.token_ids for o in outputs] == [o.token_ids for o in llm.generate(copies, GREEDY)]
+    assert ids == copies  # the engine appended its output to its own copy
+
+
+class OtherTokenizer:
+    """Stands for another engine's tokenizer."""
+
+
+@pytest.mark.parametrize("ids, message", [
+    ([1, 2, 10**9], "must be ints in"),
+    ([1, -1], "must be ints in"),
+    ([1, 2.0], "must be ints in"),
+    ([1, True], "must be ints in"),
+    ([], "empty"),
+])
+def test_ids_of_another_tokenizer_are_checked_one_by_one(llm, ids, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        llm.generate(TokenizedPrompt(ids, OtherTokenizer()), GREEDY)
+
+
+@pytest.mark.parametrize("ids, message", [([1, 2, 10**9], "must be ints in"), ([-3, 1], "must be ints in"),
+                                          ([], "empty")])
+def test_own_ids_out_of_the_model_vocabulary_are_refused(llm, ids, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        llm.generate(TokenizedPrompt(ids, llm.tokenizer), GREEDY)
+
+
+def test_ids_of_another_tokenizer_in_range_are_served(llm):
+    ids = llm.tokenizer(TEXT)["input_ids"]
+    other = llm.generate(TokenizedPrompt(ids, OtherTokenizer()), GREEDY)[0]
+    assert other.token_ids == llm.generate(list(ids), GREEDY)[0].token_ids
