@@ -93,9 +93,12 @@ def time_graph(step, replays: int = 20) -> float:
     return start.elapsed_time(end) * 1e3 / replays
 
 
+PROMPT_VOCAB = 32000  # prompt ids are drawn below every benchmarked model's vocabulary (Mistral's is 32,000)
+
+
 def random_prompt(n: int, seed: int) -> list[int]:
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 49152, (n,), generator=g).tolist()
+    return torch.randint(3, PROMPT_VOCAB, (n,), generator=g).tolist()
 
 
 def braid_latency(llm, prompt: list[int], n: int) -> tuple[float, float]:

@@ -108,7 +108,8 @@ class FlashInferCascadeDecode:
         own_indptr, own_last_page_len = buffers.own_kv_indptr[: b + 1], buffers.own_kv_last_page_len[:b]
         self._own = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             backend.workspace, kv_layout="HND", use_cuda_graph=True, paged_kv_indptr_buffer=own_indptr,
-            paged_kv_indices_buffer=buffers.own_kv_indices, paged_kv_last_page_len_buffer=own_last_page_len)
+            paged_kv_indices_buffer=buffers.own_kv_indices, paged_kv_last_page_len_buffer=own_last_page_len,
+            **backend.decode_options)
         self._own_pages = (buffers.own_kv_indices, own_indptr, own_last_page_len)  # the new token's page is own
         self._max_num_kv_indices = len(buffers.own_kv_indices)
         self._append_kv = flashinfer.append_paged_kv_cache

@@ -42,6 +42,16 @@ def unsupported_reason(device: torch.device, dtype: torch.dtype, head_dim: int) 
     return None
 
 
+DECODE_GROUP_SIZES = (1, 2, 3, 4, 8)
+"""Query heads per KV head that FlashInfer's decode kernels are compiled for ("Unsupported group_size: 7" for
+Qwen2.5-7B's 28 / 4); other group sizes decode through its tensor-core (prefill) kernel, which takes any."""
+
+
+def decode_options(num_qo_heads: int, num_kv_heads: int) -> dict:
+    """Keyword arguments for a BatchDecodeWithPagedKVCacheWrapper serving this head layout."""
+    return {"use_tensor_cores": True} if num_qo_heads // num_kv_heads not in DECODE_GROUP_SIZES else {}
+
+
 class FlashInferAttention:
     """Same call as TorchAttention; `plan(meta)` runs once per step, before the forward, for all layers.
 
@@ -68,7 +78,9 @@ class FlashInferAttention:
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=kv_cache.device)
         self._prefill = [flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, kv_layout="HND")
                          for _ in self.distinct_specs]
-        self._decode = [flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, kv_layout="HND")
+        self.decode_options = decode_options(num_qo_heads, self.num_kv_heads)
+        self._decode = [flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, kv_layout="HND",
+                                                                      **self.decode_options)
                         for _ in self.distinct_specs]
         self._append_kv = flashinfer.append_paged_kv_cache
         self._planned: AttentionMetadata | None = None  # the step that plan() last prepared
@@ -197,7 +209,8 @@ class FlashInferGraphDecode:
         else:
             self._wrappers = [flashinfer.BatchDecodeWithPagedKVCacheWrapper(
                 backend.workspace, kv_layout="HND", use_cuda_graph=True, paged_kv_indptr_buffer=indptr,
-                paged_kv_indices_buffer=buffers.kv_indices, paged_kv_last_page_len_buffer=last_page_len)
+                paged_kv_indices_buffer=buffers.kv_indices, paged_kv_last_page_len_buffer=last_page_len,
+                **backend.decode_options)
                 for _ in self._specs]
         self._kv_positions = buffers.kv_positions[:b]
         self._positions: torch.Tensor | None = None  # the step's positions (plan's argument), copied by __call__

@@ -42,10 +42,10 @@ def test_errors_are_one_line_not_a_traceback(tmp_path, capsys):
 def test_unknown_architecture_names_the_supported_ones(model_dir, tmp_path):
     import shutil
 
-    bad = tmp_path / "gpt2ish"
+    bad = tmp_path / "mambaish"
     shutil.copytree(model_dir, bad)
     cfg = json.loads((bad / "config.json").read_text())
-    cfg["architectures"] = ["GPT2LMHeadModel"]
+    cfg["architectures"] = ["MambaForCausalLM"]
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedModelError, match="LlamaForCausalLM.*Qwen3ForCausalLM"):
         LLM(model=str(bad), device="cpu", progress=False)

@@ -72,7 +72,7 @@ def check_default_path_against_torch_backend(path: str) -> list[str]:
         alone = [default.generate(p, params)[0] for p in ps]
         together = default.generate(ps, params)
         assert runner.graphs.num_replays > 0
-        paths = default.engine.kernel_paths()
+        paths = default.engine.kernel_paths
     for got in (alone, together):
         for g, w in zip(got, want):
             assert_same_greedy(w.token_ids, [dict(x.top) for x in w.logprobs],

@@ -89,6 +89,11 @@ def test_gemv_decode_is_validated():
         EngineConfig(gemv_decode="sometimes")
 
 
+# Gemma's (1 + w) float32 norms, GPT-2's LayerNorm and GELU have no prologue form in the GEMV kernel: they run in
+# PyTorch and their projections take plain inputs.
+_NO_PROLOGUES = {"Gemma2ForCausalLM", "Gemma3ForCausalLM", "GPT2LMHeadModel"}
+
+
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_gemv_prologues_of_the_decoder(arch):
     """The pre-norms feed qkv_proj and gate_up_proj, the activation down_proj; the final norm (its output leaves the
@@ -96,6 +101,8 @@ def test_gemv_prologues_of_the_decoder(arch):
     model = ARCHITECTURES[arch](_config(arch))
     want = {f"model.layers.{i}.{name}" for i in range(2)
             for name in ("input_layernorm", "post_attention_layernorm", "mlp.act_fn")}
+    if arch in _NO_PROLOGUES:
+        want = set()
     assert gemv_prologues(model) == want
     select_kernels(model, KernelPlan(triton=True, gemv=True))
     assert {name for name, m in model.named_modules() if getattr(m, "feeds_gemv", False)} == want
