@@ -9,9 +9,12 @@ and the shared half-split rotation then computes ERNIE's. transformers rotates i
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from braidinfer.layers import Linear, PagedAttention
+from braidinfer.loader.quantized import QuantizedTensor
 from braidinfer.models.config import ModelConfig
 from braidinfer.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP, LlamaModel
 
@@ -56,6 +59,8 @@ class Ernie4_5ForCausalLM(LlamaForCausalLM):
         """q_proj / k_proj weights and biases with each head's rows reordered from interleaved pairs to halves."""
         parts = name.split(".")
         if len(parts) >= 2 and parts[-2] in ("q_proj", "k_proj"):
+            if isinstance(tensor, QuantizedTensor):  # GGUF blocks: rows are independent, so reorder whole rows
+                return name, replace(tensor, blocks=pairs_to_halves(tensor.blocks, self.config.head_dim))
             tensor = pairs_to_halves(tensor, self.config.head_dim)
         return name, tensor
 

@@ -15,10 +15,11 @@ def llamacpp_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def write_gguf(model, path, arch: str, permute_qk: bool = False, name: str | None = None,
-               extra: Callable | None = None, tokenizer_from: str | None = None) -> None:
+               extra: Callable | None = None, tokenizer_from: str | None = None, qtype: str | None = None) -> None:
     """`model`: a transformers causal LM; `arch`: the GGUF architecture name (e.g. "llama" for a Mistral, as
     llama.cpp exports it); `extra(writer)` adds family metadata; `tokenizer_from` names a GGUF whose
-    tokenizer.* metadata is copied (so that the file loads with a tokenizer)."""
+    tokenizer.* metadata is copied (so that the file loads with a tokenizer); `qtype` (e.g. "Q8_0") stores the
+    2-D weight matrices quantised with the `gguf` package's quantiser (norms and biases stay float32)."""
     import gguf
 
     cfg = model.config
@@ -55,7 +56,12 @@ def write_gguf(model, path, arch: str, permute_qk: bool = False, name: str | Non
         projection = base.rsplit(".", 1)[-1]
         if permute_qk and projection in heads:
             data = llamacpp_permute(data, heads[projection])
-        writer.add_tensor(f"{names.get_name(base)}.{suffix}", np.ascontiguousarray(data))
+        data = np.ascontiguousarray(data)
+        if qtype is not None and data.ndim == 2 and suffix == "weight":
+            kind = gguf.GGMLQuantizationType[qtype]
+            writer.add_tensor(f"{names.get_name(base)}.{suffix}", gguf.quants.quantize(data, kind), raw_dtype=kind)
+            continue
+        writer.add_tensor(f"{names.get_name(base)}.{suffix}", data)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -64,3 +64,21 @@ def test_loaded_model_equals_the_safetensors_load(ernie):
     assert set(ours) == set(theirs)
     for name, p in theirs.items():
         assert torch.equal(ours[name], p), name
+
+
+def test_quantised_gguf_keeps_blocks_and_matches_its_dequantised_load(ernie, tmp_path):
+    """Q8_0 q/k blocks go through the model's row reordering as whole rows: every projection computing from the
+    blocks gives what the same file dequantised at load gives."""
+    _, _, model = ernie
+    path = tmp_path / "tiny-ernie4_5.Q8_0.gguf"
+    write_gguf(model, path, "ernie4_5", qtype="Q8_0")
+    source = resolve_model(str(path))
+    cfg = ModelConfig.from_hf_config(source.hf_config)
+    cpu = torch.device("cpu")
+    kept = load_model(Ernie4_5ForCausalLM, cfg, source, cpu, torch.float32, progress=False, quantized=True)
+    decoded = load_model(Ernie4_5ForCausalLM, cfg, source, cpu, torch.float32, progress=False)
+    assert any(name.endswith("qkv_proj") for name in kept.quantized_modules), kept.quantized_modules
+    x = torch.randn(3, SHAPE["hidden_size"], generator=torch.Generator().manual_seed(0))
+    for layer_kept, layer_decoded in zip(kept.model.layers, decoded.model.layers):
+        torch.testing.assert_close(layer_kept.self_attn.qkv_proj(x), layer_decoded.self_attn.qkv_proj(x),
+                                   rtol=1e-5, atol=1e-5)
