@@ -8,6 +8,7 @@ A new family is one entry in FAMILIES, with its hooks in a module of its own whe
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -41,6 +42,13 @@ class GGUFFamily:
     """Adds or changes config.json keys from the family's metadata, in place."""
     tensor: Callable[[str, torch.Tensor, dict[str, Any]], torch.Tensor] | None = None
     """(HF name, float32 tensor, config) -> the tensor in HF layout (e.g. undoing a stored offset)."""
+    tensor_names: str = ".*"
+    """A regular expression of the HF names `tensor` may change: quantised tensors of other names stay blocks
+    without being decoded to check (decoding every matrix of a large file at load takes minutes)."""
+
+    def hooks(self, name: str) -> bool:
+        """Whether the tensor hook may change the tensor of this HF name."""
+        return self.tensor is not None and re.fullmatch(self.tensor_names, name) is not None
 
 
 FAMILIES: Mapping[str, GGUFFamily] = MappingProxyType({
@@ -51,14 +59,16 @@ FAMILIES: Mapping[str, GGUFFamily] = MappingProxyType({
     "ernie4_5": GGUFFamily("Ernie4_5ForCausalLM", "ernie4_5",
                            config=lambda meta, config: config.update(use_bias=config["attention_bias"])),
     "gemma2": GGUFFamily("Gemma2ForCausalLM", "gemma2", layer_names=gguf_gemma.LAYER_NAMES,
-                         config=gguf_gemma.gemma2_config, tensor=gguf_gemma.norm_weight),
+                         config=gguf_gemma.gemma2_config, tensor=gguf_gemma.norm_weight,
+                         tensor_names=r".*norm\.weight"),
     "gemma3": GGUFFamily("Gemma3ForCausalLM", "gemma3_text", layer_names=gguf_gemma.LAYER_NAMES,
-                         config=gguf_gemma.gemma3_config, tensor=gguf_gemma.norm_weight),
+                         config=gguf_gemma.gemma3_config, tensor=gguf_gemma.norm_weight,
+                         tensor_names=r".*norm\.weight"),
     "phi3": GGUFFamily("Phi3ForCausalLM", "phi3", layer_names={"attn_qkv": "self_attn.qkv_proj",
                                                                "ffn_up": "mlp.gate_up_proj"}, config=phi3_config),
     "gpt2": GGUFFamily("GPT2LMHeadModel", "gpt2",
                        layer_names={"attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj",
                                     "ffn_norm": "ln_2", "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"},
                        global_names={"position_embd": "model.wpe", "output_norm": "model.ln_f"},
-                       config=gpt2_config, tensor=gpt2_tensor),
+                       config=gpt2_config, tensor=gpt2_tensor, tensor_names=r".*\.(c_attn|c_proj|c_fc)\.weight"),
 })

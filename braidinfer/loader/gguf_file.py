@@ -71,7 +71,7 @@ class GGUFCheckpoint:
         if projection is not None:  # whole rows of blocks move: exact
             blocks = unpermute_rows(blocks, self.heads[projection]).contiguous()
         tensor = QuantizedTensor(blocks, qtype, shape)
-        if self.family.tensor is not None:
+        if self.family.hooks(name):
             # The hooks work on float values; a tensor one changes cannot stay quantised.
             values = tensor.dequantize()
             changed = self.family.tensor(name, values.clone(), self.hf_config)
