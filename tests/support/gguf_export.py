@@ -14,6 +14,19 @@ def llamacpp_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weights.shape))
 
 
+def add_shape_metadata(writer, cfg) -> None:
+    """The size, head, RoPE-base and norm keys llama.cpp's converter writes for a Llama-like transformers config."""
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+
+
 def write_gguf(model, path, arch: str, permute_qk: bool = False, name: str | None = None,
                extra: Callable | None = None, tokenizer_from: str | None = None, qtype: str | None = None) -> None:
     """`model`: a transformers causal LM; `arch`: the GGUF architecture name (e.g. "llama" for a Mistral, as
@@ -26,15 +39,7 @@ def write_gguf(model, path, arch: str, permute_qk: bool = False, name: str | Non
     writer = gguf.GGUFWriter(str(path), arch)
     if name is not None:
         writer.add_name(name)
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_vocab_size(cfg.vocab_size)
+    add_shape_metadata(writer, cfg)
     head_dim = getattr(cfg, "head_dim", None)
     if head_dim is not None and arch == "llama":
         writer.add_rope_dimension_count(head_dim)

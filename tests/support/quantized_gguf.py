@@ -10,19 +10,12 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from tests.support.gguf_export import add_shape_metadata, llamacpp_permute
 from tests.support.gguf_quant import quantize
 
 QUANTIZED = frozenset({"Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"})
 QTypeOf = Callable[[str], "str | None"]
 """HF parameter name -> GGML type name to store it in ("Q4_K", "Q5_0", ...), or None for F32."""
-
-
-def llamacpp_permute(weights: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
-    """llama.cpp convert_hf_to_gguf.py LlamaModel.permute, verbatim arithmetic (rows of any trailing shape)."""
-    if n_head_kv is not None and n_head != n_head_kv:
-        n_head = n_head_kv
-    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
-            .swapaxes(1, 2).reshape(weights.shape))
 
 
 def write_quantized_gguf(model, path, qtype_of: QTypeOf) -> dict[str, str]:
@@ -35,15 +28,7 @@ def write_quantized_gguf(model, path, qtype_of: QTypeOf) -> dict[str, str]:
     cfg = model.config
     arch = cfg.model_type
     writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_vocab_size(cfg.vocab_size)
+    add_shape_metadata(writer, cfg)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     if arch == "llama":
         writer.add_rope_dimension_count(head_dim)
@@ -71,9 +56,9 @@ def write_quantized_gguf(model, path, qtype_of: QTypeOf) -> dict[str, str]:
                 params[hf_name].copy_(torch.from_numpy(values.reshape(tensor.shape)))
             written[hf_name] = qtype
         if arch == "llama" and base.endswith("q_proj"):
-            data = llamacpp_permute(data, cfg.num_attention_heads, cfg.num_attention_heads)
+            data = llamacpp_permute(data, cfg.num_attention_heads)
         elif arch == "llama" and base.endswith("k_proj"):
-            data = llamacpp_permute(data, cfg.num_attention_heads, cfg.num_key_value_heads)
+            data = llamacpp_permute(data, cfg.num_key_value_heads)
         raw = {} if qtype is None else {"raw_dtype": gguf.GGMLQuantizationType[qtype]}
         writer.add_tensor(f"{names.get_name(base)}.{suffix}", np.ascontiguousarray(data), **raw)
     writer.write_header_to_file()

@@ -19,6 +19,7 @@ import torch
 from braidinfer.errors import InvalidModelError, ModelNotFoundError, UnsupportedModelError
 from braidinfer.loader import ModelSource, default_model_path, resolve_model
 from tests.conftest import build_tiny_model
+from tests.support.gguf_export import add_shape_metadata, llamacpp_permute
 
 TINY = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2)
@@ -197,13 +198,6 @@ def test_hub_id_absent_from_cache(tmp_path, monkeypatch):
 
 
 # --- tiny GGUF files written from transformers models ---------------------------------------------------------------
-def _llamacpp_permute(weights: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:
-    # llama.cpp convert_hf_to_gguf.py LlamaModel.permute, verbatim arithmetic.
-    if n_head_kv is not None and n_head != n_head_kv:
-        n_head = n_head_kv
-    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
-            .swapaxes(1, 2).reshape(weights.shape))
-
 
 def _llamacpp_rope_freqs(head_dim, theta, factor, low, high, old_len) -> np.ndarray:
     # llama.cpp convert_hf_to_gguf.py LlamaModel.generate_extra_tensors (llama3 rope), verbatim arithmetic.
@@ -228,15 +222,7 @@ def _write_gguf(model, path, rope_freqs: np.ndarray | None = None) -> None:
     cfg = model.config
     arch = cfg.model_type
     writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_vocab_size(cfg.vocab_size)
+    add_shape_metadata(writer, cfg)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     if arch == "llama":
         writer.add_rope_dimension_count(head_dim)
@@ -255,9 +241,9 @@ def _write_gguf(model, path, rope_freqs: np.ndarray | None = None) -> None:
         base, suffix = hf_name.rsplit(".", 1)
         data = tensor.float().numpy()
         if arch == "llama" and base.endswith("q_proj"):
-            data = _llamacpp_permute(data, cfg.num_attention_heads, cfg.num_attention_heads)
+            data = llamacpp_permute(data, cfg.num_attention_heads)
         elif arch == "llama" and base.endswith("k_proj"):
-            data = _llamacpp_permute(data, cfg.num_attention_heads, cfg.num_key_value_heads)
+            data = llamacpp_permute(data, cfg.num_key_value_heads)
         writer.add_tensor(f"{names.get_name(base)}.{suffix}", np.ascontiguousarray(data))
     if rope_freqs is not None:
         writer.add_tensor("rope_freqs.weight", rope_freqs)
