@@ -17,13 +17,21 @@ from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_devices, check_last_dim_c
 from .numerics import is_interpreted
 from .quant_dequant import _dequantize_kernel, launch_dequantize
 from .quant_formats import BLOCK_SIZE, QTYPES, TYPE_SIZE, check_qtype, dequantize_torch
+from .quant_gemm import QuantGemmConfig, launch_gemm
 from .quant_gemv import MAX_ROWS, QuantGemvConfig, launch_gemv
 
+# Rows of x above which quant_linear dequantises W to x's dtype and calls cuBLAS instead of the fused GEMM: there
+# the matmul is compute-bound and the fused GEMM's decode, repeated for every BLOCK_M rows, costs more than one
+# dequantisation of the whole matrix (see quant_gemm.py's notes; to be checked against
+# `benchmarks/quant_kernels.py --gemm` on the GPU).
+GEMM_MAX_ROWS = 1024
+PATHS = ("gemv", "gemm", "dequantize")
+
 __all__ = [
-    "BLOCK_SIZE", "MAX_ROWS", "QTYPES", "TYPE_SIZE", "QuantGemvConfig",
+    "BLOCK_SIZE", "GEMM_MAX_ROWS", "MAX_ROWS", "PATHS", "QTYPES", "TYPE_SIZE", "QuantGemmConfig", "QuantGemvConfig",
     "dequantize", "dequantize_reference", "dequantize_torch",
     "quant_embedding", "quant_embedding_reference",
-    "quant_linear", "quant_linear_reference",
+    "linear_path", "quant_linear", "quant_linear_reference",
     "num_columns",
 ]
 
@@ -82,13 +90,16 @@ def dequantize(blocks: torch.Tensor, qtype: str, out_dtype: torch.dtype = torch.
 
 
 def quant_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.Tensor | None = None,
-                 config: QuantGemvConfig | None = None) -> torch.Tensor:
+                 config: QuantGemvConfig | QuantGemmConfig | None = None, path: str | None = None) -> torch.Tensor:
     """x @ W.T + bias with W [N, K] held as GGML blocks, as F.linear on the dequantised weight.
 
     x: [M, K] float32/float16/bfloat16, unit stride along K; blocks: uint8 [N, K / BLOCK_SIZE * TYPE_SIZE]
     contiguous (a GGUF tensor's bytes); qtype: one of QTYPES; bias: [N] of x's dtype or None. Returns a new
-    [M, N] tensor of x's dtype. M <= MAX_ROWS (8) runs the dequantising GEMV (float32 sums; `config` overrides its
-    launch configuration); larger M dequantises W to x's dtype and multiplies on the tensor cores.
+    [M, N] tensor of x's dtype. The path, by M unless `path` names one of PATHS:
+    - "gemv", M <= MAX_ROWS (8): the dequantising GEMV, float32 sums (`config`: a QuantGemvConfig);
+    - "gemm", M <= GEMM_MAX_ROWS: the fused dequantising GEMM on the tensor cores, the weights rounded to x's dtype
+      in registers (`config`: a QuantGemmConfig);
+    - "dequantize", larger M: W dequantised to x's dtype into a buffer, then F.linear (cuBLAS).
     """
     _check_blocks(blocks, qtype)
     check_tensor("x", x, FLOAT_DTYPES, ndim=2)
@@ -103,14 +114,26 @@ def quant_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.
         check_shape("bias", bias, (blocks.shape[0],))
         tensors["bias"] = bias
     check_devices(_dequantize_kernel, **tensors)
+    path = path or linear_path(x.shape[0])
+    if path not in PATHS or (path == "gemv" and x.shape[0] > MAX_ROWS):
+        raise ValueError(f"path must be one of {', '.join(PATHS)} (gemv for at most {MAX_ROWS} rows), got "
+                         f"{path!r} for {x.shape[0]} rows")
     if _use_torch(blocks):
         return F.linear(x, dequantize_torch(blocks, qtype, x.dtype), bias)
-    if x.shape[0] > MAX_ROWS:
+    if path == "dequantize":
         # Tensor cores need the weights in x's dtype; a reusable buffer from the caching allocator holds them.
         return F.linear(x, dequantize(blocks, qtype, x.dtype), bias)
     out = torch.empty((x.shape[0], blocks.shape[0]), dtype=x.dtype, device=x.device)
-    launch_gemv(x, blocks, qtype, bias, out, config=config)
+    launch = launch_gemv if path == "gemv" else launch_gemm
+    launch(x, blocks, qtype, bias, out, config=config)
     return out
+
+
+def linear_path(num_rows: int) -> str:
+    """quant_linear's path for x of num_rows rows: "gemv", "gemm" or "dequantize" (see quant_linear)."""
+    if num_rows <= MAX_ROWS:
+        return "gemv"
+    return "gemm" if num_rows <= GEMM_MAX_ROWS else "dequantize"
 
 
 def quant_embedding(ids: torch.Tensor, blocks: torch.Tensor, qtype: str,

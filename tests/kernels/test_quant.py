@@ -1,5 +1,6 @@
 """The GGML-block kernels of kernels/quant.py against the gguf package's decoder (gguf.quants.dequantize) followed by
-plain float32 torch: the decoders bit for bit, the GEMV and GEMM to the rounding of their output dtype.
+plain float32 torch: the decoders bit for bit, the GEMV and GEMM to the rounding of their output dtype (the GEMM
+paths also round the weights to x's dtype, which _gemm_reference does too).
 
 Blocks come from tests/support/gguf_quant.py (gguf's own quantiser for Q8_0/Q4_0/Q4_1, a simple encoder for the
 K-types); test_quantiser_round_trips checks those blocks hold the values they were made from."""
@@ -8,21 +9,26 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from braid_kernels.quant import (
     BLOCK_SIZE,
+    GEMM_MAX_ROWS,
     QTYPES,
     TYPE_SIZE,
+    QuantGemmConfig,
     QuantGemvConfig,
     dequantize,
     dequantize_reference,
     dequantize_torch,
+    linear_path,
     quant_embedding,
     quant_embedding_reference,
     quant_linear,
     quant_linear_reference,
 )
 from braid_kernels.quant_decode import GROUP_LANES
+from braid_kernels.quant_gemm import launch_config as gemm_launch_config
 from braid_kernels.quant_gemv import MAX_ROWS, launch_config
 from tests.support.gguf_quant import quantize
 
@@ -136,17 +142,64 @@ def test_gemv_strided_rows(device):
                   quant_linear_reference(x, blocks, "Q4_K"), torch.float32)
 
 
+def _gemm_reference(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.Tensor | None = None):
+    """The GEMM paths' rounding: gguf's weights rounded to x's dtype, then a float32 matmul rounded to x's dtype."""
+    w = dequantize_reference(blocks, qtype).to(x.dtype).float()
+    return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
+
+
 @pytest.mark.parametrize("qtype", QTYPE_LIST)
-@pytest.mark.parametrize("num_rows", [16, 33])
+@pytest.mark.parametrize("num_rows", [9, 16, 33, 130])
 def test_gemm_matches_reference(device, qtype, num_rows):
+    """The fused GEMM (the default path for these M) against gguf's decoder; N = 24 leaves most of a BLOCK_N tile
+    out, and 130 rows a ragged BLOCK_M tile."""
     n, k = 24, 512
     _, blocks = _weights(n, k, seed=5, qtype=qtype)
     x = torch.randn(num_rows, k, generator=torch.Generator().manual_seed(5))
     bias = torch.randn(n, generator=torch.Generator().manual_seed(6))
+    assert linear_path(num_rows) == "gemm"
     for dtype in (torch.float32, torch.bfloat16):
         xd, bd = x.to(dtype), bias.to(dtype)
         _assert_close(quant_linear(xd.to(device), blocks.to(device), qtype, bd.to(device)).cpu(),
-                      quant_linear_reference(xd, blocks, qtype, bd), dtype)
+                      _gemm_reference(xd, blocks, qtype, bd), dtype)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "Q8_0"])
+@pytest.mark.parametrize("config", [QuantGemmConfig(16, 16, 64, 4, 1), QuantGemmConfig(32, 64, 512, 4, 2),
+                                    QuantGemmConfig(64, 32, 256, 8, 3)])
+def test_gemm_configs(device, qtype, config):
+    """Tiles narrower than a K-block to K steps that end past the row (768 = 3 blocks of 256), ragged M and N tiles,
+    and M <= MAX_ROWS through the GEMM (BLOCK_M padding); float16 x too."""
+    n, k = 40, 768
+    _, blocks = _weights(n, k, seed=9, qtype=qtype)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(9))
+    for num_rows, dtype in ((3, torch.bfloat16), (21, torch.float16), (24, torch.float32)):
+        x = torch.randn(num_rows, k, generator=torch.Generator().manual_seed(num_rows)).to(dtype)
+        got = quant_linear(x.to(device), blocks.to(device), qtype, bias.to(dtype).to(device), config=config,
+                           path="gemm")
+        _assert_close(got.cpu(), _gemm_reference(x, blocks, qtype, bias.to(dtype)), dtype)
+
+
+def test_gemm_strided_rows_and_paths(device):
+    _, blocks = _weights(8, 256, seed=4)
+    x = torch.randn(12, 512, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)[:, :256]
+    want = _gemm_reference(x, blocks, "Q4_K")
+    for path in ("gemm", "dequantize"):
+        _assert_close(quant_linear(x.to(device), blocks.to(device), "Q4_K", path=path).cpu(), want, torch.bfloat16)
+    assert [linear_path(m) for m in (1, MAX_ROWS, MAX_ROWS + 1, GEMM_MAX_ROWS, GEMM_MAX_ROWS + 1)] == [
+        "gemv", "gemv", "gemm", "gemm", "dequantize"]
+
+
+def test_gemm_launch_config_fits_the_tensor_cores():
+    """BLOCK_M a power of two from 16 (one MMA N side) that wastes at most half its rows when M > 16; BLOCK_N a
+    multiple of 64 (wgmma's M); a K step of whole groups."""
+    for qtype in QTYPE_LIST:
+        for num_rows in (1, 9, 16, 17, 100, 256, 1000, 5000):
+            for n in (128, 1024, 4096, 151936):
+                config = gemm_launch_config(qtype, num_rows, n)
+                assert config.block_m >= 16 and config.block_m & (config.block_m - 1) == 0
+                assert num_rows <= 16 or config.block_m < 2 * num_rows
+                assert config.block_n % 64 == 0 and config.block_k % (2 * GROUP_LANES[qtype]) == 0
 
 
 @pytest.mark.parametrize("qtype", QTYPE_LIST)
@@ -180,6 +233,8 @@ def _bad_calls():
         (lambda: quant_linear(x.to(torch.int32), blocks, "Q4_K"), "x must have dtype"),
         (lambda: quant_linear(x[0], blocks, "Q4_K"), "x must be 2-dimensional"),
         (lambda: quant_linear(x, blocks, "Q4_K", bias=torch.zeros(5)), "bias must have shape"),
+        (lambda: quant_linear(x, blocks, "Q4_K", path="cublas"), "path must be one of"),
+        (lambda: quant_linear(torch.randn(9, 256), blocks, "Q4_K", path="gemv"), "gemv for at most 8 rows"),
         (lambda: quant_linear(x, blocks, "Q4_K", bias=torch.zeros(4, dtype=torch.bfloat16)), "bias must have"),
         (lambda: quant_embedding(ids.float(), blocks, "Q4_K"), "ids must have dtype"),
         (lambda: quant_embedding(ids, blocks, "Q4_K", torch.int8), "out_dtype must be one of"),
