@@ -1,7 +1,13 @@
 """quant_linear (kernels/quant.py) on GGML blocks against bf16 torch.matmul of the same shape, per GGML type, weight
-shape and number of rows; and a sweep of the GEMV's launch configurations to choose quant_gemv.launch_config from.
+shape and number of rows; and sweeps of the GEMV's and the fused GEMM's launch configurations to choose
+quant_gemv.launch_config and quant_gemm.launch_config from.
 
     python benchmarks/quant_kernels.py [--qtypes Q4_K,Q8_0] [--rows 1,2,4,8,16,128,512] [--sweep] [--check]
+    python benchmarks/quant_kernels.py --gemm [--gemm-sweep] --rows 2,4,8,16,32,64,128,256,512,1024,2048
+
+--gemm times, at each M, the three paths of quant_linear side by side: the GEMV (M <= 8), the fused GEMM at its
+launch_config and dequantise + cuBLAS, each against bf16; --gemm-sweep adds GEMM_SWEEP's neighbours of the
+launch_config and prints the best four.
 
 Each time is the median over replays of one launch's share of a CUDA graph of back-to-back launches (like the decode
 graph's layers), each launch reading a different copy of the weight, and more copies than L2 holds, so weights come
@@ -19,7 +25,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
-from braid_kernels.quant import BLOCK_SIZE, TYPE_SIZE, quant_linear  # noqa: E402
+from braid_kernels.quant import BLOCK_SIZE, MAX_ROWS, TYPE_SIZE, QuantGemmConfig, quant_linear  # noqa: E402
+from braid_kernels.quant_gemm import launch_config as gemm_launch_config  # noqa: E402
 from braid_kernels.quant_gemv import QuantGemvConfig, launch_config  # noqa: E402
 
 # (N, K) of a weight: Llama-3.1-8B / Qwen3-8B's o_proj, gate_up-like, down-like, a Qwen-sized lm_head, k/v_proj.
@@ -27,6 +34,16 @@ SHAPES = [(4096, 4096), (12288, 4096), (4096, 12288), (151936, 4096), (1024, 409
 L2_BYTES_TO_DEFEAT = 240e6  # 4x the H200's 60 MB L2
 FP16_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
 SWEEP = [QuantGemvConfig(n, k, w) for n in (1, 2, 4, 8) for k in (512, 1024, 2048, 4096) for w in (4, 8)]
+
+
+def gemm_sweep(qtype: str, m: int, n: int) -> list[QuantGemmConfig]:
+    """launch_config's neighbours: BLOCK_M halved or doubled, both BLOCK_N, K steps of 64-256, 4 or 8 warps, 2-4
+    stages (those over the registers or shared memory fail to compile and are skipped)."""
+    default = gemm_launch_config(qtype, m, n)
+    block_ms = sorted({max(16, min(256, default.block_m * f)) for f in (0.5, 1, 2)})
+    return [default] + [QuantGemmConfig(bn, int(bm), bk, w, s) for bm in block_ms for bn in (64, 128)
+                        for bk in (64, 128, 256) for w, s in ((4, 2), (4, 3), (8, 3), (8, 4))
+                        if QuantGemmConfig(bn, int(bm), bk, w, s) != default]
 
 
 def random_blocks(qtype: str, n: int, k: int, device="cuda") -> torch.Tensor:
@@ -77,7 +94,7 @@ def bench_shape(qtype: str, n: int, k: int, rows: list[int], configs=None) -> No
         if configs is None or m > 8:
             t_q = time_rotating(lambda w: quant_linear(x, w, qtype), quant)
             num_sms = torch.cuda.get_device_properties(0).multi_processor_count
-            label = str(tuple(launch_config(qtype, m, n, num_sms))) if m <= 8 else "dequantize + matmul"
+            label = str(tuple(launch_config(qtype, m, n, num_sms))) if m <= 8 else "fused GEMM or dequantize"
             print(f"{qtype:5} {n:>6}x{k:<6} M={m:<4} bf16 {t_bf16:8.1f} us {2 * n * k / t_bf16 / 1e3:6.0f} GB/s | "
                   f"{qtype} {t_q:8.1f} us {qbytes / t_q / 1e3:6.0f} GB/s | speedup {t_bf16 / t_q:5.2f}x  {label}",
                   flush=True)
@@ -96,6 +113,35 @@ def bench_shape(qtype: str, n: int, k: int, rows: list[int], configs=None) -> No
     torch.cuda.empty_cache()
 
 
+def bench_gemm(qtype: str, n: int, k: int, rows: list[int], sweep: bool) -> None:
+    """Per M: bf16 matmul, then each path of quant_linear (GEMV up to MAX_ROWS, fused GEMM, dequantise + cuBLAS)
+    and, with `sweep`, the best GEMM configurations."""
+    qbytes = n * k // BLOCK_SIZE[qtype] * TYPE_SIZE[qtype]
+    dense = copies(lambda: torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02, 2 * n * k)
+    quant = copies(lambda: random_blocks(qtype, n, k), qbytes)
+    for m in rows:
+        x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+        t_bf16 = time_rotating(lambda w: torch.matmul(x, w.t()), dense)
+        times = {path: time_rotating(lambda w: quant_linear(x, w, qtype, path=path), quant)
+                 for path in (("gemv",) if m <= MAX_ROWS else ()) + ("gemm", "dequantize")}
+        paths = " | ".join(f"{path} {t:7.1f} us {t_bf16 / t:5.2f}x" for path, t in times.items())
+        print(f"{qtype:5} {n:>6}x{k:<6} M={m:<5} bf16 {t_bf16:7.1f} us {2 * m * n * k / t_bf16 / 1e6:5.0f} TFLOP/s "
+              f"| {paths} | gemm {tuple(gemm_launch_config(qtype, m, n))}", flush=True)
+        if not sweep:
+            continue
+        results = []
+        for config in gemm_sweep(qtype, m, n):
+            try:
+                results.append((time_rotating(lambda w: quant_linear(x, w, qtype, config=config, path="gemm"),
+                                              quant, replays=10), config))
+            except Exception as error:  # out of registers or shared memory: skip it
+                print(f"  {tuple(config)} failed: {type(error).__name__}: {str(error)[:80]}")
+        results.sort()
+        print("  best " + ", ".join(f"{tuple(c)} {t:.1f} us {t_bf16 / t:.2f}x" for t, c in results[:4]), flush=True)
+    del dense, quant
+    torch.cuda.empty_cache()
+
+
 def check(qtypes) -> None:
     """One comparison per type with the float32 dequantised matmul (the kernels' own tests are in tests/kernels)."""
     from braid_kernels.quant import dequantize, dequantize_torch
@@ -104,7 +150,7 @@ def check(qtypes) -> None:
         w = dequantize(blocks, qtype, torch.float32)
         same = torch.equal(w.view(torch.int32), dequantize_torch(blocks, qtype).view(torch.int32))
         print(f"check {qtype} Triton dequantize is the torch decoder's bit for bit: {same}")
-        for m in (1, 3, 8, 64):
+        for m in (1, 3, 8, 64, 300):
             x = torch.randn(m, 2048, dtype=torch.bfloat16, device="cuda")
             want = x.float() @ w.t()
             err = (quant_linear(x, blocks, qtype).float() - want).abs().max().item()
@@ -117,6 +163,8 @@ def main() -> None:
     parser.add_argument("--rows", default="1,2,4,8,16,128,512")
     parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
     parser.add_argument("--sweep", action="store_true", help="time SWEEP's GEMV configurations instead")
+    parser.add_argument("--gemm", action="store_true", help="time quant_linear's paths (GEMV, GEMM, dequantise)")
+    parser.add_argument("--gemm-sweep", action="store_true", help="with --gemm, also time GEMM configurations")
     parser.add_argument("--check", action="store_true", help="compare with the reference first")
     args = parser.parse_args()
     qtypes = args.qtypes.split(",")
@@ -127,7 +175,10 @@ def main() -> None:
     for shape in args.shapes.split(","):
         n, k = (int(v) for v in shape.split("x"))
         for qtype in qtypes:
-            bench_shape(qtype, n, k, rows, SWEEP if args.sweep else None)
+            if args.gemm:
+                bench_gemm(qtype, n, k, rows, args.gemm_sweep)
+            else:
+                bench_shape(qtype, n, k, rows, SWEEP if args.sweep else None)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,9 @@ import triton
 import triton.language as tl
 
 from .numerics import INTERPRETED, round_to_dtype
-from .quant_decode import GROUP_LANES, GROUPS_PER_BLOCK, Q4_K, Q5_K, Q6_K, QTYPE_IDS, decode_groups
+from .quant_decode import (
+    GROUP_LANES, GROUPS_PER_BLOCK, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0, QTYPE_IDS, _byte, _fp16, _k_scale_min,
+)
 from .quant_formats import BLOCK_SIZE, TYPE_SIZE
 
 
@@ -36,12 +38,16 @@ class QuantGemmConfig(NamedTuple):
     num_stages: int
 
 
-def launch_config(qtype: str, num_rows: int, n: int) -> QuantGemmConfig:
-    """The configuration for x [num_rows, K] @ W[n, K].T; see the module notes at the end for the reasoning."""
+def launch_config(qtype: str, num_rows: int, n: int, num_sms: int = 132) -> QuantGemmConfig:
+    """The configuration for x [num_rows, K] @ W[n, K].T on a device of `num_sms` multiprocessors (see the notes
+    at the end of this file for the reasoning; not yet timed on a GPU)."""
     block_m = min(128, max(16, triton.next_power_of_2(num_rows)))
-    block_k = 128 if GROUP_LANES[qtype] == 16 else 128
-    return QuantGemmConfig(block_n=128 if block_m <= 64 else 64, block_m=block_m, block_k=block_k, num_warps=4,
-                           num_stages=3)
+    m_tiles = triton.cdiv(num_rows, block_m)
+    block_n = 128
+    while block_n > 16 and triton.cdiv(n, block_n) * m_tiles < 2 * num_sms:
+        block_n //= 2
+    block_k = 256 if block_n <= 32 else (128 if GROUP_LANES[qtype] == 32 else 64)
+    return QuantGemmConfig(block_n, block_m, block_k, num_warps=8 if block_n == 128 else 4, num_stages=3)
 
 
 def launch_gemm(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.Tensor | None, out: torch.Tensor,
@@ -50,7 +56,9 @@ def launch_gemm(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.T
     (num_rows, k), n = x.shape, blocks.shape[0]
     if num_rows == 0 or n == 0:
         return
-    config = config or launch_config(qtype, num_rows, n)
+    if config is None:
+        num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+        config = launch_config(qtype, num_rows, n, num_sms)
     lanes = GROUP_LANES[qtype]
     num_groups = k // (2 * lanes)
     block_g = max(1, config.block_k // (2 * lanes))
@@ -62,6 +70,73 @@ def launch_gemm(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.T
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_G=block_g,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
+
+
+@triton.jit
+def _unit(code, shift: tl.constexpr):
+    """float32 1 + code / 2^(23 - shift) for an integer code below 2^(23 - shift): the code placed in the mantissa of
+    1.0, two integer operations where an int-to-float conversion would be one of sm_90's quarter-rate ones."""
+    return ((code << shift) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def decode_affine(blocks_ptr, row_offset, g, lane, mask, QTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                  TYPE_SIZE: tl.constexpr, GROUPS: tl.constexpr, LANES: tl.constexpr):
+    """decode_groups' (w_lo, w_hi) (kernels/quant_decode.py: same groups, lanes and masking) computed as a * f + b:
+    a code q of B bits is f = 1 + q / 2^B in [1, 2) (_unit), and a = 2^B * scale, b = offset - a per group, for
+    the format's weight = scale * q + offset. One fused multiply-add per weight instead of a conversion, a multiply
+    and a subtraction; the float32 result is within an ulp or two of gguf's value (b rounds once), so after
+    rounding to bf16/fp16 it is gguf's weight rounded to that dtype except at the rare near-ties."""
+    blk = g // GROUPS
+    c = g % GROUPS
+    base = blocks_ptr + row_offset + blk * TYPE_SIZE  # the block's first byte
+    if QTYPE == Q8_0:  # int8 q as u = q + 128 (top bit flipped): d * q = 256 d (1 + u / 256) - 384 d
+        a = 256.0 * _fp16(base, mask)
+        f_lo = _unit(_byte(base + 2 + lane, mask) ^ 0x80, 15)
+        f_hi = _unit(_byte(base + 18 + lane, mask) ^ 0x80, 15)
+        return a * f_lo - 1.5 * a, a * f_hi - 1.5 * a
+    elif QTYPE == Q4_0 or QTYPE == Q4_1:
+        d = _fp16(base, mask)
+        a = 16.0 * d
+        if QTYPE == Q4_0:  # d * (q - 8)
+            q = _byte(base + 2 + lane, mask)
+            b = -1.5 * a
+        else:  # d * q + m
+            q = _byte(base + 4 + lane, mask)
+            b = _fp16(base + 2, mask) - a
+        return a * _unit(q & 15, 19) + b, a * _unit(q >> 4, 19) + b
+    elif QTYPE == Q4_K or QTYPE == Q5_K:  # (d * sc) * q - dmin * m
+        d = _fp16(base, mask)
+        dmin = _fp16(base + 2, mask)
+        sc_lo, mn_lo = _k_scale_min(base + 4, 2 * c, mask)
+        sc_hi, mn_hi = _k_scale_min(base + 4, 2 * c + 1, mask)
+        if QTYPE == Q4_K:
+            q = _byte(base + 16 + c * 32 + lane, mask)
+            f_lo = _unit(q & 15, 19)
+            f_hi = _unit(q >> 4, 19)
+            unit: tl.constexpr = 16.0
+        else:
+            q = _byte(base + 48 + c * 32 + lane, mask)
+            qh = _byte(base + 16 + lane, mask)  # bit s of qh[i] is bit 4 of sub-block s's weight i
+            f_lo = _unit((q & 15) | (((qh >> (2 * c)) & 1) << 4), 18)
+            f_hi = _unit((q >> 4) | (((qh >> (2 * c + 1)) & 1) << 4), 18)
+            unit: tl.constexpr = 32.0
+        a_lo = unit * (d * sc_lo)
+        a_hi = unit * (d * sc_hi)
+        return a_lo * f_lo + (-a_lo - dmin * mn_lo), a_hi * f_hi + (-a_hi - dmin * mn_hi)
+    else:  # Q6_K, group c = (half h, quarter t): (d * sc) * (q - 32) = 64 d sc (1 + q / 64) - 96 d sc
+        h = c // 4
+        t = c % 4
+        d = _fp16(base + 208, mask)
+        sc_lo = tl.load(base + 192 + h * 8 + t, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+        sc_hi = tl.load(base + 196 + h * 8 + t, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+        ql = _byte(base + h * 64 + t * 16 + lane, mask)
+        qh = _byte(base + 128 + h * 32 + (t % 2) * 16 + lane, mask) >> (2 * (t // 2))
+        a_lo = 64.0 * (d * sc_lo)
+        a_hi = 64.0 * (d * sc_hi)
+        f_lo = _unit((ql & 15) | ((qh & 3) << 4), 17)
+        f_hi = _unit((ql >> 4) | (((qh >> 4) & 3) << 4), 17)
+        return a_lo * f_lo - 1.5 * a_lo, a_hi * f_hi - 1.5 * a_hi
 
 
 @triton.jit
@@ -99,8 +174,8 @@ def _quant_gemm_kernel(
     for g0 in range(0, NUM_GROUPS, BLOCK_G):
         g = g0 + tl.arange(0, BLOCK_G)[:, None]  # (BG, 1)
         g_ok = g < NUM_GROUPS
-        w_lo, w_hi, _, _ = decode_groups(blocks_ptr, row_offset, g[None], lane[None], col_ok & g_ok[None],
-                                         QTYPE, BLOCK_SIZE, TYPE_SIZE, GROUPS, LANES)  # (BN, BG, L)
+        w_lo, w_hi = decode_affine(blocks_ptr, row_offset, g[None], lane[None], col_ok & g_ok[None],
+                                   QTYPE, BLOCK_SIZE, TYPE_SIZE, GROUPS, LANES)  # (BN, BG, L)
         col_lo, hi_stride = _group_columns(g, lane, QTYPE, BLOCK_SIZE, GROUPS)  # (BG, L)
         k_lo = tl.reshape(col_lo, (BLOCK_G * LANES, 1))  # (BG * L, 1)
         k_ok = tl.reshape(g_ok & (lane >= 0), (BLOCK_G * LANES, 1)) & row_ok

@@ -30,12 +30,27 @@ def test_real_shape_on_gpu(qtype):
     for num_rows in (1, 2, 5, 8, 16, 130):
         x = torch.randn(num_rows, k, generator=torch.Generator().manual_seed(num_rows)).to(torch.bfloat16)
         want = quant_linear_reference(x, blocks, qtype)
-        if num_rows > MAX_ROWS:  # dequantised to x's dtype, then cuBLAS: the weights are rounded to bf16 first
+        if num_rows > MAX_ROWS:  # the GEMM paths round the weights to x's dtype first
             want = (x.float() @ dequantize_reference(blocks, qtype).to(torch.bfloat16).float().t()).to(torch.bfloat16)
         _assert_close(quant_linear(x.cuda(), gpu_blocks, qtype).cpu(), want, torch.bfloat16)
     ids = torch.tensor([4095, 0, 17, 17])
     assert torch.equal(quant_embedding(ids.cuda(), gpu_blocks, qtype).cpu(),
                        quant_embedding_reference(ids, blocks, qtype, torch.bfloat16))
+
+
+@pytest.mark.parametrize("qtype", QTYPE_LIST)
+def test_fused_gemm_on_gpu(qtype):
+    """The fused GEMM at prefill-like M on a ragged N (1000) and a full one, against gguf's weights rounded to bf16
+    (as the GEMM rounds them) and float32 sums; then the same M through dequantise + cuBLAS."""
+    for n, k in ((1000, 2048), (4096, 4096)):
+        _, blocks = _weights(n, k, seed=n + 1, qtype=qtype)
+        gpu_blocks = blocks.cuda()
+        w = dequantize_reference(blocks, qtype).to(torch.bfloat16).float()
+        for num_rows in (3, 9, 64, 300):
+            x = torch.randn(num_rows, k, generator=torch.Generator().manual_seed(num_rows)).to(torch.bfloat16)
+            want = (x.float() @ w.t()).to(torch.bfloat16)
+            for path in ("gemm", "dequantize"):
+                _assert_close(quant_linear(x.cuda(), gpu_blocks, qtype, path=path).cpu(), want, torch.bfloat16)
 
 
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "Q8_0"])
