@@ -4,10 +4,10 @@ in registers, tile by tile, straight into the tensor cores; the dequantised weig
 Each program owns an output tile of BLOCK_N weight rows x BLOCK_M rows of x, computed transposed (acc [BLOCK_N,
 BLOCK_M] = W_tile @ x_tile.T, "swap AB"): the decoded weights are the MMA's A operand, which Hopper's wgmma takes
 from registers, and x is the B operand, whose N side may be as narrow as 8, so M = 16 or 32 wastes no MMA rows.
-K is walked in steps of BLOCK_G groups (kernels/quant_decode.py): decode_groups gives each group's weights as a
-`lo` and a `hi` run of LANES contiguous columns, so a step is two dots, lo and hi, each against the x columns of
-its run (contiguous runs, loaded as vectors). The weights are rounded to x's dtype before the dot and the sums are
-float32; float32 x multiplies in full float32 precision ("ieee", no tf32).
+K is walked in steps of BLOCK_G groups (kernels/quant_decode.py's groups, decoded here by decode_affine): each
+group's weights are a `lo` and a `hi` run of LANES contiguous columns, so a step is two dots, lo and hi, each
+against the x columns of its run (contiguous runs, loaded as vectors). The weights are rounded to x's dtype
+before the dot and the sums are float32; float32 x multiplies in full float32 precision ("ieee", no tf32).
 
 The programs walk M fastest: the BLOCK_M tiles that share a weight tile run side by side and read it once from
 HBM and again from L2.
@@ -39,12 +39,13 @@ class QuantGemmConfig(NamedTuple):
 
 
 def launch_config(qtype: str, num_rows: int, n: int, num_sms: int = 132) -> QuantGemmConfig:
-    """The configuration for x [num_rows, K] @ W[n, K].T on a device of `num_sms` multiprocessors (see the notes
-    at the end of this file for the reasoning; not yet timed on a GPU)."""
+    """The configuration for x [num_rows, K] @ W[n, K].T on a device of `num_sms` multiprocessors: chosen from
+    SASS, not yet timed on a GPU (the reasoning is in the notes at the end of this file)."""
     block_m = min(128, max(16, triton.next_power_of_2(num_rows)))
     m_tiles = triton.cdiv(num_rows, block_m)
+    min_block_n = 16 if block_m <= 32 else 64
     block_n = 128
-    while block_n > 16 and triton.cdiv(n, block_n) * m_tiles < 2 * num_sms:
+    while block_n > min_block_n and triton.cdiv(n, block_n) * m_tiles < num_sms // 2:
         block_n //= 2
     block_k = 256 if block_n <= 32 else (128 if GROUP_LANES[qtype] == 32 else 64)
     return QuantGemmConfig(block_n, block_m, block_k, num_warps=8 if block_n == 128 else 4, num_stages=3)
@@ -212,3 +213,28 @@ def _dot(w, x, acc, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         return tl.dot(w.to(tl.float32), x.to(tl.float32), acc, input_precision="ieee")
     else:
         return tl.dot(w, x, acc)
+
+
+# Notes on launch_config, from the sm_90 SASS of Triton 3.9 (ptxas' registers and spills, instructions in the
+# K loop per decoded weight, counted over all threads; no GPU was at hand, so these are the reasoning to check
+# with `benchmarks/quant_kernels.py --gemm --gemm-sweep`):
+#
+# - The decode is the cost, paid once per weight per BLOCK_M tile, against 2 * BLOCK_M tensor-core flops per
+#   weight: at BLOCK_M = 128 an SM's 128 instruction slots a cycle and ~4,000 bf16 flops a cycle make ~8 thread
+#   instructions per weight as long as the MMA. So BLOCK_M is the next power of two of M up to 128 (at least 16,
+#   the narrowest N side that wastes little of an MMA); 256 would halve the decode per output but needs 255
+#   registers at BLOCK_N = 128 and spills for Q6_K.
+# - BLOCK_N = 128 with 8 warps (two warpgroups, wgmma m64 each), BLOCK_M = 128, 3 stages: no spills, 156-200
+#   registers; per weight Q4_K 8.0, Q4_0 9.7, Q5_K 11.3, Q8_0 13.9, Q6_K 19.7 instructions (Q8_0, Q4_0/1 and
+#   Q6_K blocks are only 2-byte aligned, so their bytes load 2 at a time and 8 threads share a group's scales,
+#   each recomputing them). decode_affine's codes-in-the-mantissa removed the int-to-float conversions (26 I2F +
+#   42 I2FP per 64 Q4_K weights a thread with decode_groups; I2F is quarter rate).
+# - BLOCK_N halves (down to 64, wgmma's M) while there would be fewer than half as many programs as SMs: the
+#   decode is spread over the SMs, not queued behind a few. Below 64 rows of W there is no wgmma; mma.sync with a
+#   128-wide x tile costs 25-35 instructions per weight, so BLOCK_N goes to 32 or 16 only for BLOCK_M <= 32, where
+#   the GEMM is bound by reading the weights and BLOCK_K = 256 keeps more bytes in flight (Q4_K 16 x 16: 16.7,
+#   32 x 16: 10.5 instructions per weight, 80-128 registers).
+# - BLOCK_K: two 64-weight groups (128) for Q4_K/Q5_K; 64 for the 16-lane types, whose decode holds more registers
+#   per weight (Q6_K at BLOCK_K = 128, BLOCK_M = 128 spills 144 bytes at 4 warps).
+# Left for the GPU: split K for M = 64-256 on narrow N (N = 4096 gives 64 programs at BLOCK_N = 64, each decoding
+# 64 rows of W serially), BLOCK_M = 256 for M >= 512, and GEMM_MAX_ROWS in kernels/quant.py.
