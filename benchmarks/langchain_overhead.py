@@ -2,6 +2,7 @@
 
     python benchmarks/langchain_overhead.py                       # CPU, embedded SmolLM2-135M-Instruct, small sizes
     python benchmarks/langchain_overhead.py --profile             # and the top host functions of the ChatBraid run
+    python benchmarks/langchain_overhead.py --profile-engine      # the engine thread's, both sides and their difference
     python benchmarks/langchain_overhead.py --random-smollm2 --tokenizer DIR --concurrency 128 --doc-tokens 1500
                                                                   # CUDA: SmolLM2-135M-shaped random bf16 weights
     python benchmarks/langchain_overhead.py --tiny-random --device cpu --concurrency 64 --doc-tokens 1500
@@ -151,6 +152,52 @@ def run(args: argparse.Namespace, model: str | None) -> None:
         asyncio.run(run_chat())
         profiler.disable()  # the caller's thread only: the engine thread's work is not in it
         pstats.Stats(profiler).sort_stats(args.profile_sort).print_stats(args.profile_lines)
+    if args.profile_engine:
+        raw_stats, raw_steps = _engine_profile(llm, run_raw)
+        chat_stats, chat_steps = _engine_profile(llm, lambda: asyncio.run(run_chat()))
+        for name, stats in (("LLM.generate", raw_stats), ("ChatBraid.ainvoke", chat_stats)):
+            print(f"engine thread, {name}:")
+            stats.sort_stats(args.profile_sort).print_stats(args.profile_lines)
+        _print_engine_difference(raw_stats, chat_stats, args.calls, args.profile_lines)
+        for name, (decode, mixed) in (("LLM.generate", raw_steps), ("ChatBraid.ainvoke", chat_steps)):
+            print(f"engine steps {name:18s} {decode:5d} decode-only, {mixed:5d} with prefill")
+
+
+def _engine_profile(llm, run) -> tuple[pstats.Stats, list[int]]:
+    """cProfile of the engine thread during run() (Python 3.11's profiler hooks the thread that enables it), and
+    the steps it took: [decode-only, with some prefill]. On a GPU only decode-only steps replay a CUDA graph; a
+    step that admits a request runs eagerly, so requests arriving spread over many steps cost host time there."""
+    profiler, steps, scheduler = cProfile.Profile(), [0, 0], llm.engine.scheduler
+    schedule = scheduler.schedule
+
+    def counted():
+        batch = schedule()
+        if batch:
+            steps[any(n > 1 for n in batch.num_new_tokens)] += 1
+        return batch
+
+    llm._loop.call(profiler.enable)
+    scheduler.schedule = counted
+    try:
+        run()
+    finally:
+        llm._loop.call(profiler.disable)
+        del scheduler.schedule
+    return pstats.Stats(profiler), steps
+
+
+def _print_engine_difference(raw: pstats.Stats, chat: pstats.Stats, calls: int, lines: int) -> None:
+    """The engine-thread functions whose own time per call grew most from LLM.generate to ChatBraid."""
+    def own_times(stats):
+        return {func: (tt, cc) for func, (cc, nc, tt, ct, callers) in stats.stats.items()}
+
+    raw_times, chat_times = own_times(raw), own_times(chat)
+    grown = sorted(((chat_times[f][0] - raw_times.get(f, (0.0, 0))[0], f) for f in chat_times), reverse=True)
+    print(f"engine thread: own time per call, ChatBraid minus LLM.generate (top {lines})")
+    for delta, (file, line, name) in grown[:lines]:
+        calls_raw, calls_chat = raw_times.get((file, line, name), (0.0, 0))[1], chat_times[(file, line, name)][1]
+        print(f"{delta / calls * 1e3:8.3f} ms  calls {calls_raw:6d} -> {calls_chat:6d}  "
+              f"{os.path.basename(file)}:{line}({name})")
 
 
 def _cpu_times(engine_thread) -> tuple[float, float, float]:
@@ -181,6 +228,8 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=8, help="answer length limit")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--profile", action="store_true", help="cProfile one more ChatBraid run (caller thread)")
+    p.add_argument("--profile-engine", action="store_true",
+                   help="cProfile the engine thread over one more run of each side, and their difference")
     p.add_argument("--profile-lines", type=int, default=25)
     p.add_argument("--profile-sort", default="tottime", help="pstats sort key (tottime, cumulative, ...)")
     args = p.parse_args()

@@ -4,6 +4,7 @@ values (token ids, pin owners), never the handles callers hold."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Self
 
@@ -20,9 +21,13 @@ class EngineClient:
         self.engine, self.loop = engine, loop
 
     def start(self, seq: Sequence, channel: SyncChannel | AsyncChannel) -> Stream:
-        """Submits a sequence built with `channel.put` as its sink; returns its stream."""
+        """Submits a sequence built with `channel.put` as its sink; returns its stream. One for an event loop (an
+        AsyncChannel) reaches the engine with the others submitted in the same iteration of that loop."""
         stream = Stream(self.loop, seq.request_id, seq.token_ids[:], channel)
-        self.loop.submit(seq)
+        if isinstance(channel, AsyncChannel):
+            self.loop.submit_soon(seq)
+        else:
+            self.loop.submit(seq)
         return stream
 
     def async_channel(self, final_only: bool = False) -> AsyncChannel:
@@ -32,7 +37,7 @@ class EngineClient:
     def prefill_and_pin(self, token_ids: list[int], owner: str, private: bool = False) -> list[int]:
         """Runs a chunk's prefill, pins its pages for `owner` and returns them. Nothing stays pinned when the
         prefill fails or the caller gives up."""
-        channel = SyncChannel()
+        channel = SyncChannel(final_only=True)
         seq = self.engine.requests.prefill(token_ids, owner, sink=channel.put, private=private)
         stream = self.start(seq, channel)
         try:
@@ -141,11 +146,13 @@ class _Accumulator:
     def __init__(self):
         self.text, self.token_ids, self.logprobs, self.last = [], [], [], None
 
-    def add(self, delta: CompletionDelta) -> None:
-        self.text.append(delta.text)
-        self.token_ids.extend(delta.token_ids)
-        self.logprobs.extend(delta.logprobs)
-        self.last = delta
+    def add_all(self, stream: Stream, deltas: list[CompletionDelta]) -> None:
+        for delta in deltas:
+            stream.accept(delta)  # raises the request's error
+            self.text.append(delta.text)
+            self.token_ids.extend(delta.token_ids)
+            self.logprobs.extend(delta.logprobs)
+            self.last = delta
 
     def output(self, prompt_token_ids: list[int]) -> RequestOutput:
         last = self.last
@@ -153,11 +160,13 @@ class _Accumulator:
                              last.finish_reason, last.usage, self.logprobs)
 
 
-def collect(stream: Stream) -> RequestOutput:
-    """Waits for a request to finish and returns its output (raises its error)."""
+def collect(stream: Stream, deadline: float | None = None) -> RequestOutput:
+    """Waits for a request to finish and returns its output (raises its error). `deadline` (time.monotonic()):
+    past it, raises queue.Empty (the caller aborts the request)."""
     acc = _Accumulator()
     while not stream.done:
-        acc.add(stream.accept(stream.channel.get()))
+        wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+        acc.add_all(stream, stream.channel.get_many(wait))
     return acc.output(stream.prompt_token_ids)
 
 
@@ -165,5 +174,5 @@ async def acollect(stream: Stream) -> RequestOutput:
     """`collect` for asyncio."""
     acc = _Accumulator()
     while not stream.done:
-        acc.add(stream.accept(await stream.channel.get()))
+        acc.add_all(stream, await stream.channel.get_many())
     return acc.output(stream.prompt_token_ids)

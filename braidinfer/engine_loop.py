@@ -1,11 +1,18 @@
 """One thread owns the engine (and so the device); callers in any thread or event loop submit to it.
 
-Results flow back through a per-request channel (`braidinfer.channels`): a `queue.Queue` for threads, or for
-coroutines a channel that the loop's outbox fills once per step per event loop, so an `async for` consumer needs no
-thread of its own.
+Results flow back through a per-request channel (`braidinfer.channels`): a queue for threads, or for coroutines a
+channel that the loop's outbox fills once per step per event loop, so an `async for` consumer needs no thread of its
+own.
+
+Requests submitted from an event loop travel the other way in batches: those submitted during one iteration of the
+event loop reach the inbox together, at its end (`submit_soon`). Put one by one, the engine thread would wake for
+the first of many callers that a step's results set going (each builds its request in turn), and take its next step
+with it alone; the rest then join over the following steps, each of those a prefill step (on a GPU an eager step,
+without a CUDA graph), where `LLM.generate` gets all of them admitted in one step.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -64,7 +71,8 @@ class EngineLoop:
         self.engine = engine
         self._pid = os.getpid()  # the thread runs in this process only
         _guard_forked_children()
-        self._inbox: queue.Queue[Sequence | _Call | None] = queue.Queue()
+        self._inbox: queue.Queue[Sequence | list[Sequence] | _Call | None] = queue.Queue()
+        self._batches: dict[asyncio.AbstractEventLoop, list[Sequence]] = {}  # submit_soon's, per event loop
         self._dead: BaseException | None = None  # what killed the loop
         self._closed = False
         self._lock = threading.Lock()
@@ -80,8 +88,33 @@ class EngineLoop:
     def submit(self, seq: Sequence) -> None:
         self._put(seq)
 
+    def submit_soon(self, seq: Sequence) -> None:
+        """`submit` from a coroutine of the running event loop: the sequence reaches the engine at the end of the
+        loop's current iteration, with every other one submitted during it (see the module docs)."""
+        if self._forked:
+            raise self._stopped_error()
+        event_loop = asyncio.get_running_loop()
+        with self._lock:
+            if not self.alive:
+                raise self._stopped_error()
+            batch = self._batches.get(event_loop)
+            if batch is None:
+                batch = self._batches[event_loop] = []
+                event_loop.call_soon(self._submit_batch, event_loop)
+            batch.append(seq)
+
     def abort(self, request_id: str) -> None:
-        """Asks the engine to end a request; a no-op once the loop stopped (its requests have ended already)."""
+        """Asks the engine to end a request; a no-op once the loop stopped (its requests have ended already). A
+        request still waiting in an event loop's batch is dropped from it instead: it never reaches the engine."""
+        with self._lock:
+            for event_loop, batch in self._batches.items():
+                kept = [seq for seq in batch if seq.request_id != request_id]
+                if len(kept) < len(batch):
+                    if kept:
+                        self._batches[event_loop] = kept
+                    else:  # its flush finds nothing; a loop that closes first is not kept alive by this entry
+                        del self._batches[event_loop]
+                    return
         try:
             self.post(lambda: self.engine.abort(request_id))
         except EngineDeadError:
@@ -105,6 +138,18 @@ class EngineLoop:
     def _forked(self) -> bool:
         """True in a process forked after the loop started, where its thread does not exist."""
         return os.getpid() != self._pid
+
+    def _submit_batch(self, event_loop: asyncio.AbstractEventLoop) -> None:
+        """Runs in `event_loop` at the end of the iteration that submitted the batch: one inbox item for all."""
+        with self._lock:
+            batch = self._batches.pop(event_loop, None)
+            if batch and self.alive:
+                self._inbox.put(batch)
+                return
+        if batch:  # the engine loop stopped meanwhile; its thread flushes the outbox no more
+            for seq in batch:
+                _tell(seq, self._stopped_error())
+            self.outbox.flush()
 
     def _put(self, item: Sequence | _Call) -> None:
         if self._forked:  # before taking the lock: the engine thread may have held it at the fork
@@ -170,15 +215,16 @@ class EngineLoop:
         except queue.Empty:
             return True
 
-    def _run_item(self, item: Sequence | _Call) -> None:
+    def _run_item(self, item: Sequence | list[Sequence] | _Call) -> None:
         if isinstance(item, _Call):
             item.run()
             return
-        try:
-            self.engine.add(item)
-        except Exception as e:  # e.g. a request id already running: this request alone is refused
-            log.exception("could not add request %s", item.request_id)
-            _tell(item, e)
+        for seq in item if isinstance(item, list) else [item]:
+            try:
+                self.engine.add(seq)
+            except Exception as e:  # e.g. a request id already running: this request alone is refused
+                log.exception("could not add request %s", seq.request_id)
+                _tell(seq, e)
 
     def _step(self) -> None:
         try:
@@ -200,6 +246,8 @@ class EngineLoop:
                     item.future.set_exception(self._stopped_error())
             elif isinstance(item, Sequence):
                 pending.append(item)
+            elif isinstance(item, list):
+                pending.extend(item)
         for seq in [*self.engine.running.values(), *pending]:
             error = self._stopped_error()
             try:

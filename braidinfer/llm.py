@@ -65,22 +65,26 @@ class LLM:
 
     # --- requests ----------------------------------------------------------------------------------------------
     def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None,
-                 *, chunks: Chunks = None) -> list[RequestOutput]:
+                 *, chunks: Chunks = None, timeout: float | None = None) -> list[RequestOutput]:
         """Runs a batch to completion. `prompts`: a string, a list of token ids, a `TokenizedPrompt`, or a list of
         any of them.
         `params`: one SamplingParams for all prompts or one per prompt. `chunks`: a chain of chunks (or its last
         chunk) that every prompt continues; the prompt text then gets no leading special tokens and may be empty.
-        Returns outputs in prompt order."""
+        `timeout`: seconds the whole batch may take; past them every request is aborted and RequestTimeoutError
+        raised. Returns outputs in prompt order. The caller is woken once per request, when it ends."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         prefix, compose = self.chunks.resolve(chunks)
         prompt_list = _as_prompt_list(prompts)
         param_list = _as_param_list(params, len(prompt_list))
-        channels = [SyncChannel() for _ in prompt_list]
+        channels = [SyncChannel(final_only=True) for _ in prompt_list]
         # Validate every request before submitting any, so a bad prompt costs no work.
         seqs = [self.engine.requests.sequence(p, sp, sink=c.put, prefix=prefix, compose=compose)
                 for p, sp, c in zip(prompt_list, param_list, channels)]
         streams = [self._client.start(seq, c) for seq, c in zip(seqs, channels)]
         try:
-            return [collect(s) for s in streams]
+            return [collect(s, deadline) for s in streams]
+        except queue.Empty:
+            raise _timeout_error(timeout) from None
         finally:
             for s in streams:
                 s.cancel()
@@ -105,8 +109,7 @@ class LLM:
                 try:
                     delta = stream.channel.get(wait)
                 except queue.Empty:
-                    raise RequestTimeoutError(f"the request ran past its {timeout:.3g} s deadline and was aborted"
-                                              ) from None
+                    raise _timeout_error(timeout) from None
                 yield stream.accept(delta)
         finally:
             stream.cancel()
@@ -194,6 +197,10 @@ class LLM:
         """Submits a request whose deltas go to the running event loop (call it from a coroutine); `final_only`:
         all of them at once when it ends."""
         return self._submit(prompt, params, self._client.async_channel(final_only), chunks)
+
+
+def _timeout_error(timeout: float) -> RequestTimeoutError:
+    return RequestTimeoutError(f"the request ran past its {timeout:.3g} s deadline and was aborted")
 
 
 def _as_prompt_list(prompts) -> list[Prompt]:

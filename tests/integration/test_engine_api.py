@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 import torch
 
 from braidinfer import LLM, SamplingParams
-from braidinfer.errors import BraidError, InvalidModelError, InvalidRequestError, ModelNotFoundError, RequestFailedError
+from braidinfer.errors import (BraidError, EngineDeadError, InvalidModelError, InvalidRequestError, ModelNotFoundError, RequestFailedError,
+                               RequestTimeoutError)
 from tests.support.engines import idle_problems
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
@@ -95,6 +97,84 @@ def test_stop_string_and_stop_token(llm):
     needle = free.text[10:14]
     out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[needle]))[0]
     assert out.finish_reason == "stop" and out.text == free.text[: free.text.index(needle)]
+
+
+def test_generate_past_its_timeout_aborts_every_request(llm, monkeypatch):
+    step = llm.engine.step
+
+    def slow():
+        threading.Event().wait(0.05)
+        step()
+
+    monkeypatch.setattr(llm.engine, "step", slow)  # 16 tokens take 0.8 s now
+    with pytest.raises(RequestTimeoutError, match="deadline"):
+        llm.generate(_prompts(3, seed=5), GREEDY, timeout=0.2)
+    monkeypatch.undo()
+    assert _idle(llm)
+    assert [len(o.token_ids) for o in llm.generate(_prompts(3, seed=5), GREEDY, timeout=60)] == [16, 16, 16]
+
+
+def _prefill_steps(llm, monkeypatch) -> list[int]:
+    """Counts the engine's steps that compute some prompt (a prefill) from now on."""
+    schedule, count = llm.engine.scheduler.schedule, [0]
+
+    def counted():
+        batch = schedule()
+        count[0] += any(n > 1 for n in batch.num_new_tokens)
+        return batch
+
+    monkeypatch.setattr(llm.engine.scheduler, "schedule", counted)
+    return count
+
+
+def test_async_requests_of_one_event_loop_iteration_are_admitted_together(llm, monkeypatch):
+    """Coroutines that submit in one iteration of their event loop reach the engine together: as few prefill steps
+    as LLM.generate, which submits the same prompts at once, and the same outputs."""
+    prompts = _prompts(6, seed=8)
+    steps = _prefill_steps(llm, monkeypatch)
+    expected = [o.token_ids for o in llm.generate(prompts, GREEDY)]
+    together = steps[0]
+
+    async def one(prompt):
+        time.sleep(0.05)  # building a request can let the engine thread run (a tokenizer releases the GIL)
+        return await llm.agenerate(prompt, GREEDY)
+
+    async def main():
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+    steps[0] = 0
+    assert [o.token_ids for o in asyncio.run(main())] == expected
+    assert steps[0] == together
+
+
+def test_a_request_cancelled_before_it_reaches_the_engine_costs_nothing(llm):
+    prompts = _prompts(3, seed=9)
+    expected = [o.token_ids for o in llm.generate(prompts, GREEDY)]
+
+    async def main():
+        tasks = [asyncio.ensure_future(llm.agenerate(p, GREEDY)) for p in prompts]
+        await asyncio.sleep(0)  # submitted, still in this event loop's batch
+        tasks[1].cancel()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert isinstance(results[1], asyncio.CancelledError)
+    assert [results[0].token_ids, results[2].token_ids] == [expected[0], expected[2]]
+    assert _idle(llm)
+
+
+def test_a_request_submitted_as_its_engine_closes_ends_with_an_error(llama_dir):
+    closing = LLM(model=llama_dir, device="cpu", dtype="float32", page_size=4, max_model_len=256, num_kv_pages=64,
+                  progress=False)
+
+    async def main():
+        task = asyncio.ensure_future(closing.agenerate(_prompts(1)[0], GREEDY))
+        await asyncio.sleep(0)  # submitted, still in this event loop's batch
+        closing.close()
+        return await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 60)
+
+    (result,) = asyncio.run(main())
+    assert isinstance(result, EngineDeadError)
 
 
 def test_more_requests_than_pages_finish_through_preemption(llama_dir, async_scheduling):

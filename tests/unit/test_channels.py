@@ -1,15 +1,17 @@
-"""The asyncio channels and their outbox on their own (no engine): deltas arrive in order, one cross-thread wakeup
-per event loop per flush, a final-only channel is handed everything once, with its last delta, and an error
-delta reaches the consumer as an exception."""
+"""The channels and the asyncio outbox on their own (no engine): deltas arrive in order, one cross-thread wakeup
+per event loop per flush, a final-only channel (thread or asyncio) is handed everything once, with its last delta,
+and an error delta reaches the consumer as an exception."""
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
+import time
 
 import pytest
 
-from braidinfer.channels import AsyncChannel, Outbox
-from braidinfer.client import Stream, acollect
+from braidinfer.channels import AsyncChannel, Outbox, SyncChannel
+from braidinfer.client import Stream, acollect, collect
 from braidinfer.outputs import CompletionDelta, Usage
 
 
@@ -165,3 +167,58 @@ def test_deltas_for_a_closed_event_loop_are_dropped():
     outbox = Outbox()
     AsyncChannel(closed, outbox).put(_delta("r", 0))
     outbox.flush()  # no error: nobody listens on a closed loop
+
+
+# --- the thread channel ------------------------------------------------------------------------------------------
+def test_a_sync_channel_hands_over_each_delta_in_order():
+    channel = SyncChannel()
+    sent = [_delta("r", i, last=i == 4) for i in range(5)]
+    _in_thread(lambda: [channel.put(d) for d in sent[:2]])
+    assert channel.get(timeout=0) == sent[0]
+    _in_thread(lambda: [channel.put(d) for d in sent[2:]])
+    assert channel.get_many(timeout=0) == sent[1:]  # everything that has arrived, at once
+    with pytest.raises(queue.Empty):
+        channel.get(timeout=0)
+
+
+def test_a_final_only_sync_channel_holds_every_delta_until_the_last():
+    channel = SyncChannel(final_only=True)
+    sent = [_delta("r", i, last=i == 5) for i in range(6)]
+    _in_thread(lambda: [channel.put(d) for d in sent[:-1]])
+    with pytest.raises(queue.Empty):  # nothing reaches the consumer before the request ends
+        channel.get(timeout=0)
+    _in_thread(lambda: channel.put(sent[-1]))
+    output = collect(Stream(FakeLoop(), "r", [1, 2, 3], channel))
+    assert output.text == "".join(d.text for d in sent)
+    assert output.token_ids == [t for d in sent for t in d.token_ids]
+    assert (output.finish_reason, output.usage) == ("stop", sent[-1].usage)
+
+
+@pytest.mark.parametrize("final_only", [False, True], ids=["streamed", "final-only"])
+def test_an_error_delta_is_raised_to_a_collecting_thread(final_only):
+    channel = SyncChannel(final_only=final_only)
+    channel.put(_delta("r", 0))
+    channel.put(_delta("r", 1, last=True, error=RuntimeError("the step broke")))
+    stream = Stream(FakeLoop(), "r", [1], channel)
+    with pytest.raises(RuntimeError, match="the step broke"):
+        collect(stream)
+    assert stream.done
+
+
+def test_collect_gives_up_at_its_deadline():
+    channel = SyncChannel(final_only=True)
+    channel.put(_delta("r", 0))  # held: the request has not ended
+    start = time.monotonic()
+    with pytest.raises(queue.Empty):
+        collect(Stream(FakeLoop(), "r", [1], channel), deadline=start + 0.05)
+    assert 0.04 <= time.monotonic() - start < 5
+
+
+def test_get_many_takes_every_delta_delivered_to_an_asyncio_channel(loop):
+    outbox = Outbox()
+    channel = AsyncChannel(loop, outbox)
+    sent = [_delta("r", i, last=i == 3) for i in range(4)]
+    for delta in sent:
+        channel.put(delta)
+    outbox.flush()
+    assert loop.run_until_complete(channel.get_many()) == sent
