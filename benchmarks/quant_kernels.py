@@ -114,7 +114,8 @@ def bench_shape(qtype: str, n: int, k: int, rows: list[int], configs=None) -> No
 
 
 def bench_gemm(qtype: str, n: int, k: int, rows: list[int], sweep: bool) -> None:
-    """Per M: bf16 matmul, then each path of quant_linear (GEMV up to MAX_ROWS, fused GEMM, dequantise + cuBLAS)
+    """Per M: bf16 matmul, then each path of quant_linear (int8-dot and float GEMVs up to MAX_ROWS, fused GEMM,
+    dequantise + cuBLAS)
     and, with `sweep`, the best GEMM configurations."""
     qbytes = n * k // BLOCK_SIZE[qtype] * TYPE_SIZE[qtype]
     dense = copies(lambda: torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02, 2 * n * k)
@@ -123,7 +124,7 @@ def bench_gemm(qtype: str, n: int, k: int, rows: list[int], sweep: bool) -> None
         x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
         t_bf16 = time_rotating(lambda w: torch.matmul(x, w.t()), dense)
         times = {path: time_rotating(lambda w: quant_linear(x, w, qtype, path=path), quant)
-                 for path in (("gemv",) if m <= MAX_ROWS else ()) + ("gemm", "dequantize")}
+                 for path in (("dot", "gemv") if m <= MAX_ROWS else ()) + ("gemm", "dequantize")}
         paths = " | ".join(f"{path} {t:7.1f} us {t_bf16 / t:5.2f}x" for path, t in times.items())
         print(f"{qtype:5} {n:>6}x{k:<6} M={m:<5} bf16 {t_bf16:7.1f} us {2 * m * n * k / t_bf16 / 1e6:5.0f} TFLOP/s "
               f"| {paths} | gemm {tuple(gemm_launch_config(qtype, m, n))}", flush=True)

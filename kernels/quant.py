@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_devices, check_last_dim_contiguous, check_shape, check_tensor
 from .numerics import is_interpreted
 from .quant_dequant import _dequantize_kernel, launch_dequantize
+from .quant_dot import dot_launch_config, launch_dot_gemv
 from .quant_formats import BLOCK_SIZE, QTYPES, TYPE_SIZE, check_qtype, dequantize_torch
 from .quant_gemm import QuantGemmConfig, launch_gemm
 from .quant_gemv import MAX_ROWS, QuantGemvConfig, launch_gemv
@@ -25,7 +26,7 @@ from .quant_gemv import MAX_ROWS, QuantGemvConfig, launch_gemv
 # dequantisation of the whole matrix (see quant_gemm.py's notes; to be checked against
 # `benchmarks/quant_kernels.py --gemm` on the GPU).
 GEMM_MAX_ROWS = 1024
-PATHS = ("gemv", "gemm", "dequantize")
+PATHS = ("dot", "gemv", "gemm", "dequantize")
 
 __all__ = [
     "BLOCK_SIZE", "GEMM_MAX_ROWS", "MAX_ROWS", "PATHS", "QTYPES", "TYPE_SIZE", "QuantGemmConfig", "QuantGemvConfig",
@@ -95,8 +96,10 @@ def quant_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.
 
     x: [M, K] float32/float16/bfloat16, unit stride along K; blocks: uint8 [N, K / BLOCK_SIZE * TYPE_SIZE]
     contiguous (a GGUF tensor's bytes); qtype: one of QTYPES; bias: [N] of x's dtype or None. Returns a new
-    [M, N] tensor of x's dtype. The path, by M unless `path` names one of PATHS:
-    - "gemv", M <= MAX_ROWS (8): the dequantising GEMV, float32 sums (`config`: a QuantGemvConfig);
+    [M, N] tensor of x's dtype. The path, by M and x's dtype unless `path` names one of PATHS:
+    - "dot", M <= MAX_ROWS (8) and 16-bit x: x rounded to int8 per 32 columns, integer dot products with the
+      weights' codes (kernels/quant_dot.py; `config`: a QuantGemvConfig);
+    - "gemv", M <= MAX_ROWS and float32 x: the dequantising GEMV, float32 sums (`config`: a QuantGemvConfig);
     - "gemm", M <= GEMM_MAX_ROWS: the fused dequantising GEMM on the tensor cores, the weights rounded to x's dtype
       in registers (`config`: a QuantGemmConfig);
     - "dequantize", larger M: W dequantised to x's dtype into a buffer, then F.linear (cuBLAS).
@@ -114,9 +117,9 @@ def quant_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.
         check_shape("bias", bias, (blocks.shape[0],))
         tensors["bias"] = bias
     check_devices(_dequantize_kernel, **tensors)
-    path = path or linear_path(x.shape[0])
-    if path not in PATHS or (path == "gemv" and x.shape[0] > MAX_ROWS):
-        raise ValueError(f"path must be one of {', '.join(PATHS)} (gemv for at most {MAX_ROWS} rows), got "
+    path = path or linear_path(x.shape[0], x.dtype)
+    if path not in PATHS or (path in ("dot", "gemv") and x.shape[0] > MAX_ROWS):
+        raise ValueError(f"path must be one of {', '.join(PATHS)} (dot and gemv for at most {MAX_ROWS} rows), got "
                          f"{path!r} for {x.shape[0]} rows")
     if _use_torch(blocks):
         return F.linear(x, dequantize_torch(blocks, qtype, x.dtype), bias)
@@ -124,15 +127,21 @@ def quant_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.
         # Tensor cores need the weights in x's dtype; a reusable buffer from the caching allocator holds them.
         return F.linear(x, dequantize(blocks, qtype, x.dtype), bias)
     out = torch.empty((x.shape[0], blocks.shape[0]), dtype=x.dtype, device=x.device)
-    launch = launch_gemv if path == "gemv" else launch_gemm
-    launch(x, blocks, qtype, bias, out, config=config)
+    if path == "dot":
+        num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+        launch_dot_gemv(x, blocks, qtype, bias, out,
+                        config or dot_launch_config(qtype, x.shape[0], blocks.shape[0], num_sms, k))
+    else:
+        launch = launch_gemv if path == "gemv" else launch_gemm
+        launch(x, blocks, qtype, bias, out, config=config)
     return out
 
 
-def linear_path(num_rows: int) -> str:
-    """quant_linear's path for x of num_rows rows: "gemv", "gemm" or "dequantize" (see quant_linear)."""
+def linear_path(num_rows: int, dtype: torch.dtype = torch.bfloat16) -> str:
+    """quant_linear's path for x of num_rows rows of dtype: "dot", "gemv", "gemm" or "dequantize" (see
+    quant_linear)."""
     if num_rows <= MAX_ROWS:
-        return "gemv"
+        return "gemv" if dtype == torch.float32 else "dot"
     return "gemm" if num_rows <= GEMM_MAX_ROWS else "dequantize"
 
 

@@ -111,3 +111,78 @@ def decode_groups(blocks_ptr, row_offset, g, lane, mask, QTYPE: tl.constexpr, BL
         q_hi = ((ql >> 4) | (((qh >> (shift + 4)) & 3) << 4)) - 32
         col_lo = col + h * 128 + t * 16 + lane
         return (d * sc_lo) * q_lo.to(tl.float32), (d * sc_hi) * q_hi.to(tl.float32), col_lo, col_lo + 64
+
+
+@triton.jit
+def _unit(bits):
+    """float32 1 + m / 2^23 for the mantissa bits m (int32, below 2^23): a quant code made a float by placing it in
+    the mantissa of 1.0, one integer operation instead of an int-to-float conversion (quarter rate on sm_90)."""
+    return (bits | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def decode_codes(blocks_ptr, row_offset, g, lane, mask, QTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                 TYPE_SIZE: tl.constexpr, GROUPS: tl.constexpr, LANES: tl.constexpr):
+    """The weights of groups g as codes and per-group affine maps: weight = a * f + b, f in [1, 2).
+
+    Arguments as decode_groups. Returns (f_lo, f_hi, a_lo, b_lo, a_hi, b_hi, col_lo, col_hi): f of the shape of
+    row_offset, g and lane broadcast together; a and b of the shape of row_offset and g (no lane dimension), so that
+    a dot product over a group's lanes costs one multiply-add per weight, sum(w * x) = a * sum(f * x) + b * sum(x).
+    A code q of B bits is f = 1 + q / 2^B (exact), so a = 2^B * scale and b = offset - a for the format's
+    weight = scale * q + offset. Masked groups give f = 1 with a = b = 0.
+    """
+    blk = g // GROUPS
+    c = g % GROUPS
+    base = blocks_ptr + row_offset + blk * TYPE_SIZE  # the block's first byte
+    col = blk * BLOCK_SIZE
+    if QTYPE == Q8_0:
+        d = _fp16(base, mask)
+        # int8 q as the byte u = q + 128 (top bit flipped) in bits 15-22: 1 + u / 256; weight = d * (u - 128).
+        lo = _unit((_byte(base + 2 + lane, mask) << 15) ^ 0x400000)
+        hi = _unit((_byte(base + 18 + lane, mask) << 15) ^ 0x400000)
+        a = 256.0 * d
+        return lo, hi, a, -1.5 * a, a, -1.5 * a, col + lane, col + 16 + lane
+    elif QTYPE == Q4_0 or QTYPE == Q4_1:
+        d = _fp16(base, mask)
+        if QTYPE == Q4_0:
+            q = _byte(base + 2 + lane, mask)
+            b = -24.0 * d  # d * (q - 8) = 16 d f - 24 d
+        else:
+            q = _byte(base + 4 + lane, mask)
+            b = _fp16(base + 2, mask) - 16.0 * d  # d * q + m = 16 d f - 16 d + m
+        a = 16.0 * d
+        return (_unit((q << 19) & 0x780000), _unit((q << 15) & 0x780000), a, b, a, b, col + lane, col + 16 + lane)
+    elif QTYPE == Q4_K or QTYPE == Q5_K:
+        d = _fp16(base, mask)
+        dmin = _fp16(base + 2, mask)
+        sc_lo, mn_lo = _k_scale_min(base + 4, 2 * c, mask)
+        sc_hi, mn_hi = _k_scale_min(base + 4, 2 * c + 1, mask)
+        if QTYPE == Q4_K:
+            q = _byte(base + 16 + c * 32 + lane, mask)
+            lo = _unit((q << 19) & 0x780000)
+            hi = _unit((q << 15) & 0x780000)
+            unit = 16.0
+        else:
+            q = _byte(base + 48 + c * 32 + lane, mask)
+            qh = _byte(base + 16 + lane, mask)  # bit s of qh[i] is bit 4 of sub-block s's weight i
+            lo = _unit(((q << 18) & 0x3C0000) | (((qh >> (2 * c)) & 1) << 22))
+            hi = _unit(((q << 14) & 0x3C0000) | (((qh >> (2 * c + 1)) & 1) << 22))
+            unit = 32.0
+        a_lo = unit * (d * sc_lo)
+        a_hi = unit * (d * sc_hi)
+        col_lo = col + c * 64 + lane
+        return lo, hi, a_lo, -a_lo - dmin * mn_lo, a_hi, -a_hi - dmin * mn_hi, col_lo, col_lo + 32
+    else:  # Q6_K, groups as in decode_groups; weight = d * sc * (q - 32) = 64 d sc f - 96 d sc
+        h = c // 4
+        t = c % 4
+        d = _fp16(base + 208, mask)
+        sc_lo = tl.load(base + 192 + h * 8 + t, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+        sc_hi = tl.load(base + 196 + h * 8 + t, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+        ql = _byte(base + h * 64 + t * 16 + lane, mask)
+        qh = _byte(base + 128 + h * 32 + (t % 2) * 16 + lane, mask) >> (2 * (t // 2))
+        lo = _unit(((ql << 17) & 0x1E0000) | ((qh << 21) & 0x600000))
+        hi = _unit(((ql << 13) & 0x1E0000) | ((qh << 17) & 0x600000))
+        a_lo = 64.0 * (d * sc_lo)
+        a_hi = 64.0 * (d * sc_hi)
+        col_lo = col + h * 128 + t * 16 + lane
+        return lo, hi, a_lo, -1.5 * a_lo, a_hi, -1.5 * a_hi, col_lo, col_lo + 64

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .numerics import round_to_dtype
-from .quant_decode import GROUP_LANES, GROUPS_PER_BLOCK, QTYPE_IDS, decode_groups
+from .quant_decode import GROUP_LANES, GROUPS_PER_BLOCK, QTYPE_IDS, decode_codes
 from .quant_formats import BLOCK_SIZE, TYPE_SIZE
 
 MAX_ROWS = 8  # rows of x per launch; larger batches take the GEMM path
@@ -111,15 +111,17 @@ def _quant_gemv_kernel(
     row_offset = cols.to(tl.int64) * row_bytes
     x_row = x_ptr + rows * x_row_stride
 
-    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_G, LANES], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_G, 1], tl.float32)
     for g0 in range(g_start, tl.minimum(g_start + SPLIT_GROUPS, NUM_GROUPS), BLOCK_G):
         g = g0 + tl.arange(0, BLOCK_G)[None, None, :, None]  # (1, 1, BG, 1)
         g_ok = g < NUM_GROUPS
-        w_lo, w_hi, col_lo, col_hi = decode_groups(blocks_ptr, row_offset, g, lane, col_ok & g_ok,
-                                                   QTYPE, BLOCK_SIZE, TYPE_SIZE, GROUPS, LANES)
-        x_lo = tl.load(x_row + col_lo, mask=row_ok & g_ok, other=0.0).to(tl.float32)  # (BM, 1, BG, L)
-        x_hi = tl.load(x_row + col_hi, mask=row_ok & g_ok, other=0.0).to(tl.float32)
-        acc += w_lo * x_lo + w_hi * x_hi
+        f_lo, f_hi, a_lo, b_lo, a_hi, b_hi, col_lo, col_hi = decode_codes(
+            blocks_ptr, row_offset, g, lane, col_ok & g_ok, QTYPE, BLOCK_SIZE, TYPE_SIZE, GROUPS, LANES)
+        x_lo = tl.load(x_row + col_lo + 0 * cols, mask=row_ok & g_ok, other=0.0).to(tl.float32)  # (BM, BN, BG, L)
+        x_hi = tl.load(x_row + col_hi + 0 * cols, mask=row_ok & g_ok, other=0.0).to(tl.float32)
+        # sum over a group of (a f + b) x = a sum(f x) + b sum(x): one multiply-add per weight and row of x.
+        acc += (a_lo * tl.sum(f_lo * x_lo, axis=3, keep_dims=True) + b_lo * tl.sum(x_lo, axis=3, keep_dims=True)
+                + a_hi * tl.sum(f_hi * x_hi, axis=3, keep_dims=True) + b_hi * tl.sum(x_hi, axis=3, keep_dims=True))
 
     y = tl.sum(tl.sum(acc, axis=3), axis=2)  # (BM, BN)
     rows2 = tl.arange(0, BLOCK_M)[:, None]

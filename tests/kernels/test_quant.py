@@ -97,9 +97,53 @@ def test_gemv_matches_reference(device, qtype, num_rows):
     for dtype in DTYPES:
         xd, bd = x.to(dtype), bias.to(dtype)
         want = quant_linear_reference(xd, blocks, qtype, bd)
-        _assert_close(quant_linear(xd.to(device), blocks.to(device), qtype, bd.to(device)).cpu(), want, dtype)
+        got = quant_linear(xd.to(device), blocks.to(device), qtype, bd.to(device), path="gemv")
+        _assert_close(got.cpu(), want, dtype)
     want = quant_linear_reference(x, blocks, qtype)
     _assert_close(quant_linear(x.to(device), blocks.to(device), qtype).cpu(), want, torch.float32)
+
+
+def _int8_rows(x: torch.Tensor) -> torch.Tensor:
+    """x rounded as llama.cpp's q8 activations: per run of 32 columns, 127 levels of the run's largest magnitude
+    (rounded half away from zero), returned dequantised in float32."""
+    runs = x.float().reshape(x.shape[0], -1, 32)
+    amax = runs.abs().amax(dim=2, keepdim=True)
+    scaled = runs * torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    q = torch.sign(scaled) * torch.floor(scaled.abs() + 0.5)
+    return (q * (amax / 127.0)).reshape(x.shape)
+
+
+@pytest.mark.parametrize("qtype", QTYPE_LIST)
+@pytest.mark.parametrize("num_rows", [1, 3, 8])
+def test_dot_gemv_is_the_int8_rounded_product(device, qtype, num_rows):
+    """16-bit x takes the integer-dot path at M <= 8: W @ x with x rounded to int8 per 32 columns, to the output's
+    rounding; and within the int8 rounding's error of the exact product."""
+    n, k = 13, 512
+    _, blocks = _weights(n, k, seed=10 + num_rows, qtype=qtype)
+    x = torch.randn(num_rows, k, generator=torch.Generator().manual_seed(10 + num_rows))
+    x[:, 64:96] = 0.0  # an all-zero run of 32: scale 0
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(8))
+    assert linear_path(num_rows, torch.bfloat16) == "dot" and linear_path(num_rows, torch.float32) == "gemv"
+    for dtype in (torch.bfloat16, torch.float16):
+        xd, bd = x.to(dtype), bias.to(dtype)
+        got = quant_linear(xd.to(device), blocks.to(device), qtype, bd.to(device)).cpu()
+        rounded = quant_linear_reference(_int8_rows(xd), blocks, qtype, bd.float()).to(dtype)
+        _assert_close(got, rounded, dtype)
+        exact = quant_linear_reference(xd, blocks, qtype, bd).float()
+        rel = ((got.float() - exact).norm() / exact.norm()).item()
+        assert rel < 0.02, f"int8 rounding moved the product by {rel:.3g} of its norm"
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "Q8_0", "Q5_K"])
+@pytest.mark.parametrize("config", [QuantGemvConfig(1, 64, 4), QuantGemvConfig(8, 4096, 8),
+                                    QuantGemvConfig(2, 64, 4, split_k=3)])
+def test_dot_gemv_configs(device, qtype, config):
+    _, blocks = _weights(7, 768, seed=3, qtype=qtype)
+    x = torch.randn(2, 768, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    bias = torch.randn(7, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    got = quant_linear(x.to(device), blocks.to(device), qtype, bias.to(device), config=config, path="dot")
+    _assert_close(got.cpu(), quant_linear_reference(_int8_rows(x), blocks, qtype, bias.float()).to(torch.bfloat16),
+                  torch.bfloat16)
 
 
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "Q8_0"])
@@ -114,7 +158,7 @@ def test_gemv_configs(device, qtype, config):
     _assert_close(quant_linear(x.to(device), blocks.to(device), qtype, bias.to(device), config=config).cpu(),
                   quant_linear_reference(x, blocks, qtype, bias), torch.float32)
     x = x.to(torch.bfloat16)
-    _assert_close(quant_linear(x.to(device), blocks.to(device), qtype, config=config).cpu(),
+    _assert_close(quant_linear(x.to(device), blocks.to(device), qtype, config=config, path="gemv").cpu(),
                   quant_linear_reference(x, blocks, qtype), torch.bfloat16)
 
 
@@ -187,7 +231,8 @@ def test_gemm_strided_rows_and_paths(device):
     for path in ("gemm", "dequantize"):
         _assert_close(quant_linear(x.to(device), blocks.to(device), "Q4_K", path=path).cpu(), want, torch.bfloat16)
     assert [linear_path(m) for m in (1, MAX_ROWS, MAX_ROWS + 1, GEMM_MAX_ROWS, GEMM_MAX_ROWS + 1)] == [
-        "gemv", "gemv", "gemm", "gemm", "dequantize"]
+        "dot", "dot", "gemm", "gemm", "dequantize"]
+    assert [linear_path(m, torch.float32) for m in (1, MAX_ROWS)] == ["gemv", "gemv"]
 
 
 def test_gemm_launch_config_fits_the_tensor_cores():

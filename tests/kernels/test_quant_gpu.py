@@ -15,7 +15,7 @@ from braid_kernels.quant import (
     quant_linear,
     quant_linear_reference,
 )
-from tests.kernels.test_quant import _assert_close, _weights
+from tests.kernels.test_quant import _assert_close, _int8_rows, _weights
 
 pytestmark = pytest.mark.gpu
 QTYPE_LIST = sorted(QTYPES)
@@ -32,6 +32,9 @@ def test_real_shape_on_gpu(qtype):
         want = quant_linear_reference(x, blocks, qtype)
         if num_rows > MAX_ROWS:  # the GEMM paths round the weights to x's dtype first
             want = (x.float() @ dequantize_reference(blocks, qtype).to(torch.bfloat16).float().t()).to(torch.bfloat16)
+        else:  # the float GEMV; the default integer-dot path computes with x rounded to int8 per 32 columns
+            _assert_close(quant_linear(x.cuda(), gpu_blocks, qtype, path="gemv").cpu(), want, torch.bfloat16)
+            want = quant_linear_reference(_int8_rows(x), blocks, qtype).to(torch.bfloat16)
         _assert_close(quant_linear(x.cuda(), gpu_blocks, qtype).cpu(), want, torch.bfloat16)
     ids = torch.tensor([4095, 0, 17, 17])
     assert torch.equal(quant_embedding(ids.cuda(), gpu_blocks, qtype).cpu(),
@@ -59,8 +62,10 @@ def test_narrow_and_wide_outputs_on_gpu(qtype):
     for n, k in ((1024, 4096), (1000, 2048), (128, 4096)):
         _, blocks = _weights(n, k, seed=n, qtype=qtype)
         x = torch.randn(1, k, generator=torch.Generator().manual_seed(n)).to(torch.bfloat16)
-        _assert_close(quant_linear(x.cuda(), blocks.cuda(), qtype).cpu(), quant_linear_reference(x, blocks, qtype),
-                      torch.bfloat16)
+        _assert_close(quant_linear(x.cuda(), blocks.cuda(), qtype, path="gemv").cpu(),
+                      quant_linear_reference(x, blocks, qtype), torch.bfloat16)
+        _assert_close(quant_linear(x.cuda(), blocks.cuda(), qtype).cpu(),
+                      quant_linear_reference(_int8_rows(x), blocks, qtype).to(torch.bfloat16), torch.bfloat16)
 
 
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q8_0"])

@@ -1,0 +1,248 @@
+"""The integer-dot GEMV: y = x @ W.T for a few rows of 16-bit x, with x quantised to int8 per 32 columns and the
+weights' quant codes multiplied by it four at a time (sm_61+ `dp4a`), as llama.cpp's MMVQ kernels do.
+
+Why: at batch 1 a 4-bit weight must be consumed at ~36 weights per SM per clock to keep up with the H200's memory,
+which leaves ~3.5 instructions per weight. Decoding every code to float and multiplying (kernels/quant_gemv.py)
+takes ~12; here one 32-bit word of a block holds four codes (8 for 4-bit types: low and high nibbles), two masks
+make them four int8 lanes and one dp4a multiplies them by four int8 x values: ~0.5 instructions per weight in the
+inner loop, ~3 per weight with the scales, x and the reductions (sm_90 SASS of the Q4_K kernel at 1 row).
+
+The cost is x's rounding: x is split into runs of 32 columns, each stored as 127 levels of its largest magnitude
+(`quantize_rows`), so a product carries ~0.2% of that magnitude of error, a few times bf16's own rounding of x;
+float32 x therefore keeps the float GEMV. Per group of codes c with weight = a * c + b:
+
+    sum_i w_i x_i  ~  a * dx * sum_i c_i q_i + b * dx * sum_i q_i     (q_i = round(x_i / dx), dx = max|x| / 127)
+
+with the integer sums exact: the result is W @ (q * dx) up to float32 rounding (llama.cpp's q8_1 activations). Code words per type (each word = 4 weights of a
+group's low run and 4 of its high run; `lo` / `hi` as in kernels/quant_decode.py):
+
+    Q8_0  qs word j (lo) and j + 4 (hi), signed codes            a = d, b = 0
+    Q4_0  nibbles of qs word j                                    a = d, b = -8 d
+    Q4_1  nibbles of qs word j                                    a = d, b = m
+    Q4_K  nibbles of qs[32c + 4j ...]                             a = d sc, b = -dmin m  (sub-blocks 2c, 2c + 1)
+    Q5_K  as Q4_K, bit 4 from qh[4j ...] >> (2c, 2c + 1)          a = d sc, b = -dmin m
+    Q6_K  nibbles of ql, bits 4-5 from qh >> 2 (t // 2)           a = d sc, b = -32 d sc
+
+Blocks whose size keeps words 4-byte aligned (Q4_1, Q4_K, Q5_K) load words directly (16-byte vectors); the others
+(Q8_0, Q4_0 at 34 / 18 bytes, Q6_K at 210) assemble them from two 16-bit loads.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .numerics import INTERPRETED, round_to_dtype
+from .quant_decode import GROUP_LANES, GROUPS_PER_BLOCK, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0, QTYPE_IDS, _fp16, \
+    _k_scale_min
+from .quant_formats import BLOCK_SIZE, TYPE_SIZE
+from .quant_gemv import QuantGemvConfig, launch_config
+
+X_BLOCK = 32  # columns of x per int8 scale
+WORD_ALIGNED = {"Q8_0": False, "Q4_0": False, "Q4_1": True, "Q4_K": True, "Q5_K": True, "Q6_K": False}
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, K] (K a multiple of 32, unit stride along K) -> (q int8 [M, K], dx float32 [M, K / 32],
+    sx float32 [M, K / 16]): q * dx approximates x per run of 32 columns (q = x * (127 / max|x|) rounded half away
+    from zero); sx = dx * sum(q) per half run (16 columns: the shortest run of codes sharing a weight offset), so
+    that the GEMV computes W @ (q * dx) exactly up to float32 sums."""
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    dx = torch.empty((m, k // X_BLOCK), dtype=torch.float32, device=x.device)
+    sx = torch.empty((m, 2 * (k // X_BLOCK)), dtype=torch.float32, device=x.device)
+    runs = 16
+    _quantize_rows_kernel[(m, triton.cdiv(k // X_BLOCK, runs))](
+        x, q, dx, sx, x.stride(0), k, RUNS=runs, WIDTH=X_BLOCK, num_warps=2)
+    return q, dx, sx
+
+
+def dot_launch_config(qtype: str, num_rows: int, n: int, num_sms: int, k: int | None = None) -> QuantGemvConfig:
+    """The float GEMV's configuration (quant_gemv.launch_config: rows of W per program, K split for narrow N) with
+    4 warps instead of 8: each thread then holds twice the weights (128 at one row of x), which the sm_90 SASS shows
+    halves the reductions' and scales' share (Q4_K at 1 row: 7.4 -> 4.4 instructions per weight). Not yet tuned
+    on a GPU (benchmarks/quant_kernels.py --sweep --path dot)."""
+    return launch_config(qtype, num_rows, n, num_sms, k)._replace(num_warps=4)
+
+
+def launch_dot_gemv(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.Tensor | None, out: torch.Tensor,
+                    config: QuantGemvConfig) -> None:
+    """out [M, N] = x [M, K] @ W.T (+ bias), W as GGML blocks [N, row_bytes], x rounded to int8 per 32 columns;
+    arguments checked by the caller. config: as the float GEMV's (block_n rows of W per program, block_k columns
+    per step, split_k slices)."""
+    (num_rows, k), n = x.shape, blocks.shape[0]
+    q, dx, sx = quantize_rows(x)
+    lanes = GROUP_LANES[qtype]
+    num_groups = k // (2 * lanes)
+    block_g = min(max(1, config.block_k // (2 * lanes)), triton.next_power_of_2(num_groups))
+    split_groups = triton.cdiv(triton.cdiv(num_groups, max(1, config.split_k)), block_g) * block_g
+    split_k = triton.cdiv(num_groups, split_groups)
+    partial = out if split_k == 1 else torch.empty((split_k, num_rows, n), dtype=torch.float32, device=x.device)
+    _dot_gemv_kernel[(triton.cdiv(n, config.block_n), split_k)](
+        q, dx, sx, blocks, bias, partial, num_rows, n, k, blocks.shape[1],
+        QTYPE=QTYPE_IDS[qtype], BLOCK_SIZE=BLOCK_SIZE[qtype], TYPE_SIZE=TYPE_SIZE[qtype],
+        GROUPS=GROUPS_PER_BLOCK[qtype], WORDS=lanes // 4, ALIGNED=WORD_ALIGNED[qtype], NUM_GROUPS=num_groups,
+        SPLIT_GROUPS=split_groups, HAS_BIAS=bias is not None and split_k == 1,
+        BLOCK_M=triton.next_power_of_2(num_rows), BLOCK_N=config.block_n, BLOCK_G=block_g,
+        num_warps=config.num_warps,
+    )
+    if split_k > 1:
+        y = partial.sum(dim=0)
+        if bias is not None:
+            y += bias.float()
+        out.copy_(y)
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, q_ptr, dx_ptr, sx_ptr, x_row_stride, K, RUNS: tl.constexpr, WIDTH: tl.constexpr):
+    """Program (row, r): runs [r * RUNS, (r + 1) * RUNS) of 32 columns of one row of x."""
+    row = tl.program_id(0)
+    run = tl.program_id(1) * RUNS + tl.arange(0, RUNS)[:, None]
+    col = run * WIDTH + tl.arange(0, WIDTH)[None, :]
+    ok = col < K
+    x = tl.load(x_ptr + row * x_row_stride + col, mask=ok, other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=1)
+    d = amax / 127.0
+    inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
+    q = x * inv[:, None]
+    q = tl.where(q >= 0, tl.floor(q + 0.5), -tl.floor(0.5 - q))  # round half away from zero, as llama.cpp
+    tl.store(q_ptr + row * K + col, q.to(tl.int8), mask=ok)
+    run1 = tl.program_id(1) * RUNS + tl.arange(0, RUNS)
+    tl.store(dx_ptr + row * (K // WIDTH) + run1, d, mask=run1 * WIDTH < K)
+    halves = tl.sum(tl.reshape(q, (RUNS, 2, WIDTH // 2)), axis=2)  # (RUNS, 2)
+    half = 2 * run + tl.arange(0, 2)[None, :]
+    tl.store(sx_ptr + row * (2 * K // WIDTH) + half, d[:, None] * halves, mask=run * WIDTH < K)
+
+
+@triton.jit
+def _dp4a(a, b):
+    """Sum of the four products of the signed bytes of int32 a and b (int32)."""
+    if INTERPRETED:
+        s = ((a << 24) >> 24) * ((b << 24) >> 24)
+        s += ((a << 16) >> 24) * ((b << 16) >> 24)
+        s += ((a << 8) >> 24) * ((b << 8) >> 24)
+        return s + (a >> 24) * (b >> 24)
+    else:
+        return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, 0;", "=r,r,r", [a, b], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
+def _word(ptr, j, mask, ALIGNED: tl.constexpr):
+    """The little-endian int32s at byte pointer ptr + 4 j (4-aligned if ALIGNED, else 2-aligned). The word index is
+    added after the cast, so that Triton sees consecutive j as contiguous words (16-byte vector loads)."""
+    if ALIGNED:
+        return tl.load(ptr.to(tl.pointer_type(tl.int32)) + j, mask=mask, other=0)
+    else:
+        p16 = ptr.to(tl.pointer_type(tl.uint16)) + 2 * j
+        lo = tl.load(p16, mask=mask, other=0).to(tl.int32)
+        hi = tl.load(p16 + 1, mask=mask, other=0).to(tl.int32)
+        return lo | (hi << 16)
+
+
+@triton.jit
+def _decode_words(blocks_ptr, row_offset, g, j, mask, QTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                  TYPE_SIZE: tl.constexpr, GROUPS: tl.constexpr, ALIGNED: tl.constexpr):
+    """Code words of groups g, words j (broadcastable index tensors) of the rows at byte row_offset.
+
+    Returns (c_lo, c_hi, a_lo, b_lo, a_hi, b_hi, col_lo, col_hi): int32 words of four int8 codes each for the
+    group's low and high runs; the affine maps weight = a * code + b (float32, no j dimension); and the columns of
+    each run's first weight (col + 4 j are the word's columns). Masked groups give zeros.
+    """
+    blk = g // GROUPS
+    c = g % GROUPS
+    base = blocks_ptr + row_offset + blk * TYPE_SIZE
+    col = blk * BLOCK_SIZE
+    if QTYPE == Q8_0:
+        d = _fp16(base, mask)
+        zero = d * 0.0
+        return (_word(base + 2, j, mask, ALIGNED), _word(base + 18, j, mask, ALIGNED), d, zero, d, zero,
+                col, col + 16)
+    elif QTYPE == Q4_0 or QTYPE == Q4_1:
+        d = _fp16(base, mask)
+        if QTYPE == Q4_0:
+            w = _word(base + 2, j, mask, ALIGNED)
+            b = -8.0 * d
+        else:
+            w = _word(base + 4, j, mask, ALIGNED)
+            b = _fp16(base + 2, mask)
+        return w & 0x0F0F0F0F, (w >> 4) & 0x0F0F0F0F, d, b, d, b, col, col + 16
+    elif QTYPE == Q4_K or QTYPE == Q5_K:
+        d = _fp16(base, mask)
+        dmin = _fp16(base + 2, mask)
+        sc_lo, mn_lo = _k_scale_min(base + 4, 2 * c, mask)
+        sc_hi, mn_hi = _k_scale_min(base + 4, 2 * c + 1, mask)
+        if QTYPE == Q4_K:
+            w = _word(base + 16 + c * 32, j, mask, ALIGNED)
+            c_lo = w & 0x0F0F0F0F
+            c_hi = (w >> 4) & 0x0F0F0F0F
+        else:
+            w = _word(base + 48 + c * 32, j, mask, ALIGNED)
+            qh = _word(base + 16, j, mask, ALIGNED)  # bit s of qh[i] is bit 4 of sub-block s's weight i
+            c_lo = (w & 0x0F0F0F0F) | (((qh >> (2 * c)) & 0x01010101) << 4)
+            c_hi = ((w >> 4) & 0x0F0F0F0F) | (((qh >> (2 * c + 1)) & 0x01010101) << 4)
+        col_lo = col + c * 64
+        return c_lo, c_hi, d * sc_lo, -dmin * mn_lo, d * sc_hi, -dmin * mn_hi, col_lo, col_lo + 32
+    else:  # Q6_K: group c = (half h, quarter t), as in decode_groups
+        h = c // 4
+        t = c % 4
+        d = _fp16(base + 208, mask)
+        sc_lo = tl.load(base + 192 + h * 8 + t, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+        sc_hi = tl.load(base + 196 + h * 8 + t, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+        ql = _word(base + h * 64 + t * 16, j, mask, ALIGNED)
+        qh = _word(base + 128 + h * 32 + (t % 2) * 16, j, mask, ALIGNED) >> (2 * (t // 2))
+        c_lo = (ql & 0x0F0F0F0F) | ((qh & 0x03030303) << 4)
+        c_hi = ((ql >> 4) & 0x0F0F0F0F) | (((qh >> 4) & 0x03030303) << 4)
+        a_lo = d * sc_lo
+        a_hi = d * sc_hi
+        col_lo = col + h * 128 + t * 16
+        return c_lo, c_hi, a_lo, -32.0 * a_lo, a_hi, -32.0 * a_hi, col_lo, col_lo + 64
+
+
+@triton.jit
+def _dot_gemv_kernel(
+    q_ptr, dx_ptr, sx_ptr, blocks_ptr, bias_ptr, out_ptr, M, N, K, row_bytes,
+    QTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr, TYPE_SIZE: tl.constexpr, GROUPS: tl.constexpr,
+    WORDS: tl.constexpr, ALIGNED: tl.constexpr, NUM_GROUPS: tl.constexpr, SPLIT_GROUPS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    """Program (n, s): out[:, n * BLOCK_N : (n + 1) * BLOCK_N] over groups [s * SPLIT_GROUPS, (s + 1) *
+    SPLIT_GROUPS) of K (out is float32 [slices, M, N] with several slices). Tiles (row of x, row of W, group, word)."""
+    pid = tl.program_id(0)
+    g_start = tl.program_id(1) * SPLIT_GROUPS
+    out_ptr += tl.program_id(1) * M * N
+    rows = tl.arange(0, BLOCK_M)[:, None, None, None]
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)[None, :, None, None]
+    j = tl.arange(0, WORDS)[None, None, None, :]
+    row_ok, col_ok = rows < M, cols < N
+    row_offset = cols.to(tl.int64) * row_bytes
+    q_row = q_ptr.to(tl.pointer_type(tl.int32)) + rows * (K // 4)  # x's int8 codes as words
+    s_row = rows * (K // 32)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_G, 1], tl.float32)
+    for g0 in range(g_start, tl.minimum(g_start + SPLIT_GROUPS, NUM_GROUPS), BLOCK_G):
+        g = g0 + tl.arange(0, BLOCK_G)[None, None, :, None]
+        g_ok = g < NUM_GROUPS
+        c_lo, c_hi, a_lo, b_lo, a_hi, b_hi, col_lo, col_hi = _decode_words(
+            blocks_ptr, row_offset, g, j, col_ok & g_ok, QTYPE, BLOCK_SIZE, TYPE_SIZE, GROUPS, ALIGNED)
+        x_ok = row_ok & g_ok
+        x_lo = tl.load(q_row + col_lo // 4 + j, mask=x_ok, other=0)
+        x_hi = tl.load(q_row + col_hi // 4 + j, mask=x_ok, other=0)
+        dot_lo = tl.sum(_dp4a(c_lo, x_lo), axis=3, keep_dims=True).to(tl.float32)
+        dot_hi = tl.sum(_dp4a(c_hi, x_hi), axis=3, keep_dims=True).to(tl.float32)
+        dx_lo = tl.load(dx_ptr + s_row + col_lo // 32, mask=x_ok, other=0.0)
+        dx_hi = tl.load(dx_ptr + s_row + col_hi // 32, mask=x_ok, other=0.0)
+        sx_lo = tl.load(sx_ptr + 2 * s_row + col_lo // 16, mask=x_ok, other=0.0)
+        sx_hi = tl.load(sx_ptr + 2 * s_row + col_hi // 16, mask=x_ok, other=0.0)
+        if WORDS == 8:  # runs of 32 columns: both halves
+            sx_lo += tl.load(sx_ptr + 2 * s_row + col_lo // 16 + 1, mask=x_ok, other=0.0)
+            sx_hi += tl.load(sx_ptr + 2 * s_row + col_hi // 16 + 1, mask=x_ok, other=0.0)
+        acc += a_lo * (dx_lo * dot_lo) + b_lo * sx_lo + a_hi * (dx_hi * dot_hi) + b_hi * sx_hi
+
+    y = tl.sum(tl.sum(acc, axis=3), axis=2)  # (BM, BN)
+    rows2 = tl.arange(0, BLOCK_M)[:, None]
+    cols2 = pid * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + cols2, mask=cols2 < N, other=0.0).to(tl.float32)
+    dtype: tl.constexpr = out_ptr.dtype.element_ty
+    tl.store(out_ptr + rows2 * N + cols2, round_to_dtype(y, dtype).to(dtype), mask=(rows2 < M) & (cols2 < N))
