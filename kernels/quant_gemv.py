@@ -4,10 +4,11 @@ At batch 1 a projection is bound by reading its weight, and a Q4_K weight is 3.5
 must stream the blocks at full bandwidth and keep the decode off the critical path. Each program owns BLOCK_N
 weight rows and walks K in steps of BLOCK_G groups (kernels/quant_decode.py): every step loads BLOCK_N x BLOCK_G
 runs of 16-32 contiguous bytes (vector loads where the block size keeps them aligned), decodes each group's scales
-once, dequantises in registers and accumulates w * x in float32 per (row of x, row of W, group, lane); the sums
-over K happen once at the end. x (a few KB) is re-read by every program from L1/L2. The configurations below keep
-~4 programs per SM by shrinking BLOCK_N for narrow N and, below one row per program, by splitting K into slices
-whose float32 partial sums are added afterwards (a second, tiny pass; no atomics, so results are deterministic).
+once and its codes into floats f in [1, 2) (quant_decode.decode_codes: no int-to-float conversions), and adds
+a * sum(f * x) + b * sum(x) per (row of x, row of W, group): one multiply-add per weight; the sums over K happen
+once at the end. 16-bit x at the same M takes the integer-dot GEMV by default (kernels/quant_dot.py). x (a few
+KB) is re-read by every program from L1/L2. The configurations below keep ~4 programs per SM by shrinking
+BLOCK_N for narrow N and, below one row per program, by splitting K into slices whose float32 partial sums are added afterwards (a second, tiny pass; no atomics, so results are deterministic).
 """
 from __future__ import annotations
 
@@ -117,8 +118,8 @@ def _quant_gemv_kernel(
         g_ok = g < NUM_GROUPS
         f_lo, f_hi, a_lo, b_lo, a_hi, b_hi, col_lo, col_hi = decode_codes(
             blocks_ptr, row_offset, g, lane, col_ok & g_ok, QTYPE, BLOCK_SIZE, TYPE_SIZE, GROUPS, LANES)
-        x_lo = tl.load(x_row + col_lo + 0 * cols, mask=row_ok & g_ok, other=0.0).to(tl.float32)  # (BM, BN, BG, L)
-        x_hi = tl.load(x_row + col_hi + 0 * cols, mask=row_ok & g_ok, other=0.0).to(tl.float32)
+        x_lo = tl.load(x_row + col_lo, mask=row_ok & g_ok, other=0.0).to(tl.float32)  # (BM, 1, BG, L)
+        x_hi = tl.load(x_row + col_hi, mask=row_ok & g_ok, other=0.0).to(tl.float32)
         # sum over a group of (a f + b) x = a sum(f x) + b sum(x): one multiply-add per weight and row of x.
         acc += (a_lo * tl.sum(f_lo * x_lo, axis=3, keep_dims=True) + b_lo * tl.sum(x_lo, axis=3, keep_dims=True)
                 + a_hi * tl.sum(f_hi * x_hi, axis=3, keep_dims=True) + b_hi * tl.sum(x_hi, axis=3, keep_dims=True))
