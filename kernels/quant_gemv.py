@@ -8,7 +8,8 @@ once and its codes into floats f in [1, 2) (quant_decode.decode_codes: no int-to
 a * sum(f * x) + b * sum(x) per (row of x, row of W, group): one multiply-add per weight; the sums over K happen
 once at the end. 16-bit x at the same M takes the integer-dot GEMV by default (kernels/quant_dot.py). x (a few
 KB) is re-read by every program from L1/L2. The configurations below keep ~4 programs per SM by shrinking
-BLOCK_N for narrow N and, below one row per program, by splitting K into slices whose float32 partial sums are added afterwards (a second, tiny pass; no atomics, so results are deterministic).
+BLOCK_N for narrow N and, below one row per program, by splitting K into slices whose float32 partial sums
+are added afterwards (a second, tiny pass; no atomics, so results are deterministic).
 """
 from __future__ import annotations
 
