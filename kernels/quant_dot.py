@@ -13,8 +13,9 @@ float32 x therefore keeps the float GEMV. Per group of codes c with weight = a *
 
     sum_i w_i x_i  ~  a * dx * sum_i c_i q_i + b * dx * sum_i q_i     (q_i = round(x_i / dx), dx = max|x| / 127)
 
-with the integer sums exact: the result is W @ (q * dx) up to float32 rounding (llama.cpp's q8_1 activations). Code words per type (each word = 4 weights of a
-group's low run and 4 of its high run; `lo` / `hi` as in kernels/quant_decode.py):
+with the integer sums exact: the result is W @ (q * dx) up to float32 rounding (llama.cpp's q8_1 activations).
+Code words per type (each word = 4 weights of a group's low run and 4 of its high run; `lo` / `hi` as in
+kernels/quant_decode.py):
 
     Q8_0  qs word j (lo) and j + 4 (hi), signed codes            a = d, b = 0
     Q4_0  nibbles of qs word j                                    a = d, b = -8 d
