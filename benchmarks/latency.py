@@ -141,6 +141,7 @@ def best(runs: list[tuple[float, float]]) -> tuple[float, float]:
 
 
 BRAID_VARIANTS = {
+    "braid, engine defaults": dict(),  # what LLM(model=...) picks, falling back (and saying so) where a path can't run
     "braid, torch attention": dict(attention_backend="torch", fused_kernels=False, enforce_eager=True),
     "braid, flashinfer attention": dict(attention_backend="flashinfer", fused_kernels=False, enforce_eager=True),
     "braid, flashinfer + fused kernels": dict(attention_backend="flashinfer", fused_kernels=True, enforce_eager=True),
@@ -218,7 +219,7 @@ def main() -> None:
         problem = unsupported_reason(torch.device("cuda"), torch.bfloat16, head_dim)
         for name in args.variants.split(";"):
             kwargs = BRAID_VARIANTS[name]
-            if problem is not None and kwargs["attention_backend"] == "flashinfer":
+            if problem is not None and kwargs.get("attention_backend") == "flashinfer":
                 print(f"skipping {name}: {problem}")
                 continue
             rows[name] = measure_braid(path, kwargs, lengths, args.tokens, args.repeats)
