@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .numerics import INTERPRETED, round_to_dtype
-from .quant_decode import GROUP_LANES, GROUPS_PER_BLOCK, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0, QTYPE_IDS, _fp16, \
+from .quant_decode import GROUP_LANES, GROUPS_PER_BLOCK, Q4_0, Q4_1, Q4_K, Q5_K, Q8_0, QTYPE_IDS, _fp16, \
     _k_scale_min
 from .quant_formats import BLOCK_SIZE, TYPE_SIZE
 from .quant_gemv import QuantGemvConfig, launch_config

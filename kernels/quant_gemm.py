@@ -4,7 +4,7 @@ in registers, tile by tile, straight into the tensor cores; the dequantised weig
 Each program owns an output tile of BLOCK_N weight rows x BLOCK_M rows of x, computed transposed (acc [BLOCK_N,
 BLOCK_M] = W_tile @ x_tile.T, "swap AB"): the decoded weights are the MMA's A operand, which Hopper's wgmma takes
 from registers, and x is the B operand, whose N side may be as narrow as 8, so M = 16 or 32 wastes no MMA rows.
-K is walked in steps of BLOCK_G groups (kernels/quant_decode.py's groups, decoded here by decode_affine): each
+K is walked in steps of BLOCK_G groups (kernels/quant_decode.py's groups, decoded by decode_codes): each
 group's weights are a `lo` and a `hi` run of LANES contiguous columns, so a step is two dots, lo and hi, each
 against the x columns of its run (contiguous runs, loaded as vectors). The weights are rounded to x's dtype
 before the dot and the sums are float32; float32 x multiplies in full float32 precision ("ieee", no tf32).
@@ -21,9 +21,7 @@ import triton
 import triton.language as tl
 
 from .numerics import INTERPRETED, round_to_dtype
-from .quant_decode import (
-    GROUP_LANES, GROUPS_PER_BLOCK, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0, QTYPE_IDS, _byte, _fp16, _k_scale_min,
-)
+from .quant_decode import GROUP_LANES, GROUPS_PER_BLOCK, Q4_K, Q5_K, Q6_K, QTYPE_IDS, decode_codes
 from .quant_formats import BLOCK_SIZE, TYPE_SIZE
 
 
@@ -74,73 +72,6 @@ def launch_gemm(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.T
 
 
 @triton.jit
-def _unit(code, shift: tl.constexpr):
-    """float32 1 + code / 2^(23 - shift) for an integer code below 2^(23 - shift): the code placed in the mantissa of
-    1.0, two integer operations where an int-to-float conversion would be one of sm_90's quarter-rate ones."""
-    return ((code << shift) | 0x3F800000).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def decode_affine(blocks_ptr, row_offset, g, lane, mask, QTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                  TYPE_SIZE: tl.constexpr, GROUPS: tl.constexpr, LANES: tl.constexpr):
-    """decode_groups' (w_lo, w_hi) (kernels/quant_decode.py: same groups, lanes and masking) computed as a * f + b:
-    a code q of B bits is f = 1 + q / 2^B in [1, 2) (_unit), and a = 2^B * scale, b = offset - a per group, for
-    the format's weight = scale * q + offset. One fused multiply-add per weight instead of a conversion, a multiply
-    and a subtraction; the float32 result is within an ulp or two of gguf's value (b rounds once), so after
-    rounding to bf16/fp16 it is gguf's weight rounded to that dtype except at the rare near-ties."""
-    blk = g // GROUPS
-    c = g % GROUPS
-    base = blocks_ptr + row_offset + blk * TYPE_SIZE  # the block's first byte
-    if QTYPE == Q8_0:  # int8 q as u = q + 128 (top bit flipped): d * q = 256 d (1 + u / 256) - 384 d
-        a = 256.0 * _fp16(base, mask)
-        f_lo = _unit(_byte(base + 2 + lane, mask) ^ 0x80, 15)
-        f_hi = _unit(_byte(base + 18 + lane, mask) ^ 0x80, 15)
-        return a * f_lo - 1.5 * a, a * f_hi - 1.5 * a
-    elif QTYPE == Q4_0 or QTYPE == Q4_1:
-        d = _fp16(base, mask)
-        a = 16.0 * d
-        if QTYPE == Q4_0:  # d * (q - 8)
-            q = _byte(base + 2 + lane, mask)
-            b = -1.5 * a
-        else:  # d * q + m
-            q = _byte(base + 4 + lane, mask)
-            b = _fp16(base + 2, mask) - a
-        return a * _unit(q & 15, 19) + b, a * _unit(q >> 4, 19) + b
-    elif QTYPE == Q4_K or QTYPE == Q5_K:  # (d * sc) * q - dmin * m
-        d = _fp16(base, mask)
-        dmin = _fp16(base + 2, mask)
-        sc_lo, mn_lo = _k_scale_min(base + 4, 2 * c, mask)
-        sc_hi, mn_hi = _k_scale_min(base + 4, 2 * c + 1, mask)
-        if QTYPE == Q4_K:
-            q = _byte(base + 16 + c * 32 + lane, mask)
-            f_lo = _unit(q & 15, 19)
-            f_hi = _unit(q >> 4, 19)
-            unit: tl.constexpr = 16.0
-        else:
-            q = _byte(base + 48 + c * 32 + lane, mask)
-            qh = _byte(base + 16 + lane, mask)  # bit s of qh[i] is bit 4 of sub-block s's weight i
-            f_lo = _unit((q & 15) | (((qh >> (2 * c)) & 1) << 4), 18)
-            f_hi = _unit((q >> 4) | (((qh >> (2 * c + 1)) & 1) << 4), 18)
-            unit: tl.constexpr = 32.0
-        a_lo = unit * (d * sc_lo)
-        a_hi = unit * (d * sc_hi)
-        return a_lo * f_lo + (-a_lo - dmin * mn_lo), a_hi * f_hi + (-a_hi - dmin * mn_hi)
-    else:  # Q6_K, group c = (half h, quarter t): (d * sc) * (q - 32) = 64 d sc (1 + q / 64) - 96 d sc
-        h = c // 4
-        t = c % 4
-        d = _fp16(base + 208, mask)
-        sc_lo = tl.load(base + 192 + h * 8 + t, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
-        sc_hi = tl.load(base + 196 + h * 8 + t, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
-        ql = _byte(base + h * 64 + t * 16 + lane, mask)
-        qh = _byte(base + 128 + h * 32 + (t % 2) * 16 + lane, mask) >> (2 * (t // 2))
-        a_lo = 64.0 * (d * sc_lo)
-        a_hi = 64.0 * (d * sc_hi)
-        f_lo = _unit((ql & 15) | ((qh & 3) << 4), 17)
-        f_hi = _unit((ql >> 4) | (((qh >> 4) & 3) << 4), 17)
-        return a_lo * f_lo - 1.5 * a_lo, a_hi * f_hi - 1.5 * a_hi
-
-
-@triton.jit
 def _group_columns(g, lane, QTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr, GROUPS: tl.constexpr):
     """Columns of the lo run of groups g (decode_groups' col_lo), and the constant stride to the hi run."""
     c = g % GROUPS
@@ -175,8 +106,11 @@ def _quant_gemm_kernel(
     for g0 in range(0, NUM_GROUPS, BLOCK_G):
         g = g0 + tl.arange(0, BLOCK_G)[:, None]  # (BG, 1)
         g_ok = g < NUM_GROUPS
-        w_lo, w_hi = decode_affine(blocks_ptr, row_offset, g[None], lane[None], col_ok & g_ok[None],
-                                   QTYPE, BLOCK_SIZE, TYPE_SIZE, GROUPS, LANES)  # (BN, BG, L)
+        f_lo, f_hi, a_lo, b_lo, a_hi, b_hi, _, _ = decode_codes(
+            blocks_ptr, row_offset, g[None], lane[None], col_ok & g_ok[None], QTYPE, BLOCK_SIZE, TYPE_SIZE, GROUPS,
+            LANES)  # f: (BN, BG, L); a, b: (BN, BG, 1)
+        w_lo = a_lo * f_lo + b_lo  # one multiply-add per weight
+        w_hi = a_hi * f_hi + b_hi
         col_lo, hi_stride = _group_columns(g, lane, QTYPE, BLOCK_SIZE, GROUPS)  # (BG, L)
         k_lo = tl.reshape(col_lo, (BLOCK_G * LANES, 1))  # (BG * L, 1)
         k_ok = tl.reshape(g_ok & (lane >= 0), (BLOCK_G * LANES, 1)) & row_ok
@@ -227,7 +161,7 @@ def _dot(w, x, acc, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
 # - BLOCK_N = 128 with 8 warps (two warpgroups, wgmma m64 each), BLOCK_M = 128, 3 stages: no spills, 156-200
 #   registers; per weight Q4_K 8.0, Q4_0 9.7, Q5_K 11.3, Q8_0 13.9, Q6_K 19.7 instructions (Q8_0, Q4_0/1 and
 #   Q6_K blocks are only 2-byte aligned, so their bytes load 2 at a time and 8 threads share a group's scales,
-#   each recomputing them). decode_affine's codes-in-the-mantissa removed the int-to-float conversions (26 I2F +
+#   each recomputing them). decode_codes' codes-in-the-mantissa removed the int-to-float conversions (26 I2F +
 #   42 I2FP per 64 Q4_K weights a thread with decode_groups; I2F is quarter rate).
 # - BLOCK_N halves (down to 64, wgmma's M) while there would be fewer than half as many programs as SMs: the
 #   decode is spread over the SMs, not queued behind a few. Below 64 rows of W there is no wgmma; mma.sync with a
