@@ -21,15 +21,17 @@ from .quant_formats import BLOCK_SIZE, QTYPES, TYPE_SIZE, check_qtype, dequantiz
 from .quant_gemm import QuantGemmConfig, launch_gemm
 from .quant_gemv import MAX_ROWS, QuantGemvConfig, launch_gemv
 
-# Rows of x above which quant_linear dequantises W to x's dtype and calls cuBLAS instead of the fused GEMM: there
-# the matmul is compute-bound and the fused GEMM's decode, repeated for every BLOCK_M rows, costs more than one
-# dequantisation of the whole matrix (see quant_gemm.py's notes; to be checked against
-# `benchmarks/quant_kernels.py --gemm` on the GPU).
-GEMM_MAX_ROWS = 1024
+# Rows of x up to which quant_linear's default is a GEMV (integer-dot for 16-bit x, float for float32 x); above,
+# W is dequantised to x's dtype and multiplied by cuBLAS. Measured on an H200 (`benchmarks/quant_kernels.py --gemm
+# --qtypes Q4_K,Q6_K,Q8_0 --shapes 4096x4096,4096x12288 --rows 1,4,8,16,128`), time against bf16 matmul's: at 4
+# rows the integer-dot GEMV 0.64-0.80x, dequantise + cuBLAS 0.38-0.50x; at 8 rows 0.31-0.43x against 0.37-0.49x.
+# The fused GEMM (path="gemm") measured 0.04-0.32x at 1-128 rows, slower than dequantise + cuBLAS everywhere, so it
+# is not a default path.
+GEMV_DEFAULT_ROWS = 4
 PATHS = ("dot", "gemv", "gemm", "dequantize")
 
 __all__ = [
-    "BLOCK_SIZE", "GEMM_MAX_ROWS", "MAX_ROWS", "PATHS", "QTYPES", "TYPE_SIZE", "QuantGemmConfig", "QuantGemvConfig",
+    "BLOCK_SIZE", "GEMV_DEFAULT_ROWS", "MAX_ROWS", "PATHS", "QTYPES", "TYPE_SIZE", "QuantGemmConfig", "QuantGemvConfig",
     "dequantize", "dequantize_reference", "dequantize_torch",
     "quant_embedding", "quant_embedding_reference",
     "linear_path", "quant_linear", "quant_linear_reference",
@@ -96,12 +98,14 @@ def quant_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.
 
     x: [M, K] float32/float16/bfloat16, unit stride along K; blocks: uint8 [N, K / BLOCK_SIZE * TYPE_SIZE]
     contiguous (a GGUF tensor's bytes); qtype: one of QTYPES; bias: [N] of x's dtype or None. Returns a new
-    [M, N] tensor of x's dtype. The path, by M and x's dtype unless `path` names one of PATHS:
-    - "dot", M <= MAX_ROWS (8) and 16-bit x: x rounded to int8 per 32 columns, integer dot products with the
-      weights' codes (kernels/quant_dot.py; `config`: a QuantGemvConfig);
-    - "gemv", M <= MAX_ROWS and float32 x: the dequantising GEMV, float32 sums (`config`: a QuantGemvConfig);
-    - "gemm", M <= GEMM_MAX_ROWS: the fused dequantising GEMM on the tensor cores, the weights rounded to x's dtype
-      in registers (`config`: a QuantGemmConfig);
+    [M, N] tensor of x's dtype. The path, by M and x's dtype (linear_path) unless `path` names one of PATHS:
+    - "dot", by default for M <= GEMV_DEFAULT_ROWS (4) and 16-bit x, possible up to MAX_ROWS (8): x rounded to int8
+      per 32 columns, integer dot products with the weights' codes (kernels/quant_dot.py; `config`: a
+      QuantGemvConfig);
+    - "gemv", by default for M <= GEMV_DEFAULT_ROWS and float32 x, possible up to MAX_ROWS: the dequantising GEMV,
+      float32 sums (`config`: a QuantGemvConfig);
+    - "gemm", never by default (slower than "dequantize" as measured so far): the fused dequantising GEMM on the
+      tensor cores, the weights rounded to x's dtype in registers (`config`: a QuantGemmConfig);
     - "dequantize", larger M: W dequantised to x's dtype into a buffer, then F.linear (cuBLAS).
     """
     _check_blocks(blocks, qtype)
@@ -138,11 +142,11 @@ def quant_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.
 
 
 def linear_path(num_rows: int, dtype: torch.dtype = torch.bfloat16) -> str:
-    """quant_linear's path for x of num_rows rows of dtype: "dot", "gemv", "gemm" or "dequantize" (see
-    quant_linear)."""
-    if num_rows <= MAX_ROWS:
+    """quant_linear's default path for x of num_rows rows of dtype: "dot", "gemv" or "dequantize" (see
+    quant_linear and GEMV_DEFAULT_ROWS)."""
+    if num_rows <= GEMV_DEFAULT_ROWS:
         return "gemv" if dtype == torch.float32 else "dot"
-    return "gemm" if num_rows <= GEMM_MAX_ROWS else "dequantize"
+    return "dequantize"
 
 
 def quant_embedding(ids: torch.Tensor, blocks: torch.Tensor, qtype: str,

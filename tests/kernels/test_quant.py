@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from braid_kernels.quant import (
     BLOCK_SIZE,
-    GEMM_MAX_ROWS,
+    GEMV_DEFAULT_ROWS,
     QTYPES,
     TYPE_SIZE,
     QuantGemmConfig,
@@ -100,7 +100,7 @@ def test_gemv_matches_reference(device, qtype, num_rows):
         got = quant_linear(xd.to(device), blocks.to(device), qtype, bd.to(device), path="gemv")
         _assert_close(got.cpu(), want, dtype)
     want = quant_linear_reference(x, blocks, qtype)
-    _assert_close(quant_linear(x.to(device), blocks.to(device), qtype).cpu(), want, torch.float32)
+    _assert_close(quant_linear(x.to(device), blocks.to(device), qtype, path="gemv").cpu(), want, torch.float32)
 
 
 def _int8_rows(x: torch.Tensor) -> torch.Tensor:
@@ -116,17 +116,18 @@ def _int8_rows(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("qtype", QTYPE_LIST)
 @pytest.mark.parametrize("num_rows", [1, 3, 8])
 def test_dot_gemv_is_the_int8_rounded_product(device, qtype, num_rows):
-    """16-bit x takes the integer-dot path at M <= 8: W @ x with x rounded to int8 per 32 columns, to the output's
+    """16-bit x takes the integer-dot path (the default at M <= GEMV_DEFAULT_ROWS): W @ x with x rounded to int8 per 32 columns, to the output's
     rounding; and within the int8 rounding's error of the exact product."""
     n, k = 13, 512
     _, blocks = _weights(n, k, seed=10 + num_rows, qtype=qtype)
     x = torch.randn(num_rows, k, generator=torch.Generator().manual_seed(10 + num_rows))
     x[:, 64:96] = 0.0  # an all-zero run of 32: scale 0
     bias = torch.randn(n, generator=torch.Generator().manual_seed(8))
-    assert linear_path(num_rows, torch.bfloat16) == "dot" and linear_path(num_rows, torch.float32) == "gemv"
+    if num_rows <= GEMV_DEFAULT_ROWS:
+        assert linear_path(num_rows, torch.bfloat16) == "dot" and linear_path(num_rows, torch.float32) == "gemv"
     for dtype in (torch.bfloat16, torch.float16):
         xd, bd = x.to(dtype), bias.to(dtype)
-        got = quant_linear(xd.to(device), blocks.to(device), qtype, bd.to(device)).cpu()
+        got = quant_linear(xd.to(device), blocks.to(device), qtype, bd.to(device), path="dot").cpu()
         rounded = quant_linear_reference(_int8_rows(xd), blocks, qtype, bd.float()).to(dtype)
         _assert_close(got, rounded, dtype)
         exact = quant_linear_reference(xd, blocks, qtype, bd).float()
@@ -195,16 +196,16 @@ def _gemm_reference(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: tor
 @pytest.mark.parametrize("qtype", QTYPE_LIST)
 @pytest.mark.parametrize("num_rows", [9, 16, 33, 130])
 def test_gemm_matches_reference(device, qtype, num_rows):
-    """The fused GEMM (the default path for these M) against gguf's decoder; N = 24 leaves most of a BLOCK_N tile
+    """The fused GEMM (path="gemm") against gguf's decoder; N = 24 leaves most of a BLOCK_N tile
     out, and 130 rows a ragged BLOCK_M tile."""
     n, k = 24, 512
     _, blocks = _weights(n, k, seed=5, qtype=qtype)
     x = torch.randn(num_rows, k, generator=torch.Generator().manual_seed(5))
     bias = torch.randn(n, generator=torch.Generator().manual_seed(6))
-    assert linear_path(num_rows) == "gemm"
+    assert linear_path(num_rows) == "dequantize"
     for dtype in (torch.float32, torch.bfloat16):
         xd, bd = x.to(dtype), bias.to(dtype)
-        _assert_close(quant_linear(xd.to(device), blocks.to(device), qtype, bd.to(device)).cpu(),
+        _assert_close(quant_linear(xd.to(device), blocks.to(device), qtype, bd.to(device), path="gemm").cpu(),
                       _gemm_reference(xd, blocks, qtype, bd), dtype)
 
 
@@ -230,9 +231,9 @@ def test_gemm_strided_rows_and_paths(device):
     want = _gemm_reference(x, blocks, "Q4_K")
     for path in ("gemm", "dequantize"):
         _assert_close(quant_linear(x.to(device), blocks.to(device), "Q4_K", path=path).cpu(), want, torch.bfloat16)
-    assert [linear_path(m) for m in (1, MAX_ROWS, MAX_ROWS + 1, GEMM_MAX_ROWS, GEMM_MAX_ROWS + 1)] == [
-        "dot", "dot", "gemm", "gemm", "dequantize"]
-    assert [linear_path(m, torch.float32) for m in (1, MAX_ROWS)] == ["gemv", "gemv"]
+    assert [linear_path(m) for m in (1, GEMV_DEFAULT_ROWS, GEMV_DEFAULT_ROWS + 1, MAX_ROWS + 1, 4096)] == [
+        "dot", "dot", "dequantize", "dequantize", "dequantize"]
+    assert [linear_path(m, torch.float32) for m in (1, GEMV_DEFAULT_ROWS, MAX_ROWS)] == ["gemv", "gemv", "dequantize"]
 
 
 def test_gemm_launch_config_fits_the_tensor_cores():

@@ -32,9 +32,12 @@ def test_real_shape_on_gpu(qtype):
         want = quant_linear_reference(x, blocks, qtype)
         if num_rows > MAX_ROWS:  # the GEMM paths round the weights to x's dtype first
             want = (x.float() @ dequantize_reference(blocks, qtype).to(torch.bfloat16).float().t()).to(torch.bfloat16)
-        else:  # the float GEMV; the default integer-dot path computes with x rounded to int8 per 32 columns
+            _assert_close(quant_linear(x.cuda(), gpu_blocks, qtype, path="gemm").cpu(), want, torch.bfloat16)
+        else:  # the float GEMV; the integer-dot path computes with x rounded to int8 per 32 columns
             _assert_close(quant_linear(x.cuda(), gpu_blocks, qtype, path="gemv").cpu(), want, torch.bfloat16)
             want = quant_linear_reference(_int8_rows(x), blocks, qtype).to(torch.bfloat16)
+            _assert_close(quant_linear(x.cuda(), gpu_blocks, qtype, path="dot").cpu(), want, torch.bfloat16)
+            continue
         _assert_close(quant_linear(x.cuda(), gpu_blocks, qtype).cpu(), want, torch.bfloat16)
     ids = torch.tensor([4095, 0, 17, 17])
     assert torch.equal(quant_embedding(ids.cuda(), gpu_blocks, qtype).cpu(),
@@ -64,7 +67,7 @@ def test_narrow_and_wide_outputs_on_gpu(qtype):
         x = torch.randn(1, k, generator=torch.Generator().manual_seed(n)).to(torch.bfloat16)
         _assert_close(quant_linear(x.cuda(), blocks.cuda(), qtype, path="gemv").cpu(),
                       quant_linear_reference(x, blocks, qtype), torch.bfloat16)
-        _assert_close(quant_linear(x.cuda(), blocks.cuda(), qtype).cpu(),
+        _assert_close(quant_linear(x.cuda(), blocks.cuda(), qtype, path="dot").cpu(),
                       quant_linear_reference(_int8_rows(x), blocks, qtype).to(torch.bfloat16), torch.bfloat16)
 
 
@@ -91,5 +94,6 @@ def test_replays_from_a_cuda_graph(qtype):
         ids.copy_(new_ids)
         graph.replay()
         torch.cuda.synchronize()
-        _assert_close(y.cpu(), quant_linear_reference(new_x, blocks, qtype), torch.bfloat16)
+        want = quant_linear_reference(_int8_rows(new_x), blocks, qtype).to(torch.bfloat16)  # the integer-dot path
+        _assert_close(y.cpu(), want, torch.bfloat16)
         assert torch.equal(e.cpu(), quant_embedding_reference(new_ids, blocks, qtype, torch.bfloat16))
