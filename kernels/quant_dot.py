@@ -5,7 +5,9 @@ Why: at batch 1 a 4-bit weight must be consumed at ~36 weights per SM per clock 
 which leaves ~3.5 instructions per weight. Decoding every code to float and multiplying (kernels/quant_gemv.py)
 takes ~12; here one 32-bit word of a block holds four codes (8 for 4-bit types: low and high nibbles), two masks
 make them four int8 lanes and one dp4a multiplies them by four int8 x values: ~0.5 instructions per weight in the
-inner loop, ~3 per weight with the scales, x and the reductions (sm_90 SASS of the Q4_K kernel at 1 row).
+inner loop, ~4.4 per weight with the scales, x and the reductions (sm_90 SASS of the Q4_K kernel at 1 row).
+Measured on an H200 (benchmarks/quant_kernels.py --gemm), against bf16 matmul at 1 row: Q4_K 1.32-1.34x, Q6_K
+1.04-1.06x, Q8_0 0.89-0.91x; at 4 rows 0.64-0.80x (benchmarks/RESULTS.md).
 
 The cost is x's rounding: x is split into runs of 32 columns, each stored as 127 levels of its largest magnitude
 (`quantize_rows`), so a product carries ~0.2% of that magnitude of error, a few times bf16's own rounding of x;
@@ -61,8 +63,8 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 def dot_launch_config(qtype: str, num_rows: int, n: int, num_sms: int, k: int | None = None) -> QuantGemvConfig:
     """The float GEMV's configuration (quant_gemv.launch_config: rows of W per program, K split for narrow N) with
     4 warps instead of 8: each thread then holds twice the weights (128 at one row of x), which the sm_90 SASS shows
-    halves the reductions' and scales' share (Q4_K at 1 row: 7.4 -> 4.4 instructions per weight). Not yet tuned
-    on a GPU (benchmarks/quant_kernels.py --sweep --path dot)."""
+    halves the reductions' and scales' share (Q4_K at 1 row: 7.4 -> 4.4 instructions per weight). Not yet swept
+    on a GPU: the float GEMV's sweep (benchmarks/quant_kernels.py --sweep) does not time this path."""
     return launch_config(qtype, num_rows, n, num_sms, k)._replace(num_warps=4)
 
 
