@@ -1,12 +1,14 @@
 """quant_linear (kernels/quant.py) on GGML blocks against bf16 torch.matmul of the same shape, per GGML type, weight
-shape and number of rows; and sweeps of the GEMV's and the fused GEMM's launch configurations to choose
-quant_gemv.launch_config and quant_gemm.launch_config from.
+shape and number of rows; and sweeps of the GEMVs' and the fused GEMM's launch configurations to choose
+quant_dot.dot_launch_config, quant_gemv.launch_config and quant_gemm.launch_config from.
 
-    python benchmarks/quant_kernels.py [--qtypes Q4_K,Q8_0] [--rows 1,2,4,8,16,128,512] [--sweep] [--check]
+    python benchmarks/quant_kernels.py [--qtypes Q4_K,Q8_0] [--rows 1,2,4,8,16,128,512] [--sweep [--sweep-path gemv]]
     python benchmarks/quant_kernels.py --gemm [--gemm-sweep] --rows 2,4,8,16,32,64,128,256,512,1024,2048
 
---gemm times, at each M, the three paths of quant_linear side by side: the GEMV (M <= 8), the fused GEMM at its
-launch_config and dequantise + cuBLAS, each against bf16; --gemm-sweep adds GEMM_SWEEP's neighbours of the
+Without options, quant_linear's default path at each M. --sweep times SWEEP's configurations (rows of W per program,
+K per step, warps, K slices) on the integer-dot GEMV or, with --sweep-path gemv, the float one, M <= 8.
+--gemm times, at each M, the paths of quant_linear side by side: the integer-dot and float GEMVs (M <= 8), the
+fused GEMM at its launch_config and dequantise + cuBLAS, each against bf16; --gemm-sweep adds GEMM_SWEEP's neighbours of the
 launch_config and prints the best four.
 
 Each time is the median over replays of one launch's share of a CUDA graph of back-to-back launches (like the decode
@@ -25,15 +27,17 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
-from braid_kernels.quant import BLOCK_SIZE, MAX_ROWS, TYPE_SIZE, QuantGemmConfig, quant_linear  # noqa: E402
+from braid_kernels.quant import BLOCK_SIZE, MAX_ROWS, TYPE_SIZE, QuantGemmConfig, linear_path, quant_linear  # noqa: E402
+from braid_kernels.quant_dot import dot_launch_config  # noqa: E402
 from braid_kernels.quant_gemm import launch_config as gemm_launch_config  # noqa: E402
-from braid_kernels.quant_gemv import QuantGemvConfig, launch_config  # noqa: E402
+from braid_kernels.quant_gemv import QuantGemvConfig  # noqa: E402
 
 # (N, K) of a weight: Llama-3.1-8B / Qwen3-8B's o_proj, gate_up-like, down-like, a Qwen-sized lm_head, k/v_proj.
 SHAPES = [(4096, 4096), (12288, 4096), (4096, 12288), (151936, 4096), (1024, 4096)]
 L2_BYTES_TO_DEFEAT = 240e6  # 4x the H200's 60 MB L2
 FP16_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
-SWEEP = [QuantGemvConfig(n, k, w) for n in (1, 2, 4, 8) for k in (512, 1024, 2048, 4096) for w in (4, 8)]
+SWEEP = [QuantGemvConfig(n, k, w, s) for n in (1, 2, 4, 8) for k in (512, 1024, 2048, 4096) for w in (2, 4, 8)
+         for s in (1, 3)]
 
 
 def gemm_sweep(qtype: str, m: int, n: int) -> list[QuantGemmConfig]:
@@ -84,17 +88,21 @@ def copies(make, nbytes: int) -> list:
     return [make() for _ in range(max(2, int(L2_BYTES_TO_DEFEAT // nbytes) + 1))]
 
 
-def bench_shape(qtype: str, n: int, k: int, rows: list[int], configs=None) -> None:
+def bench_shape(qtype: str, n: int, k: int, rows: list[int], configs=None, path: str = "dot") -> None:
+    """Per M: quant_linear's default path against bf16, or with `configs` the best of them on the GEMV `path`
+    ("dot": the integer-dot GEMV, "gemv": the float one)."""
     qbytes = n * k // BLOCK_SIZE[qtype] * TYPE_SIZE[qtype]
     dense = copies(lambda: torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02, 2 * n * k)
     quant = copies(lambda: random_blocks(qtype, n, k), qbytes)
     for m in rows:
         x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
         t_bf16 = time_rotating(lambda w: torch.matmul(x, w.t()), dense)
-        if configs is None or m > 8:
+        if configs is None or m > MAX_ROWS:
             t_q = time_rotating(lambda w: quant_linear(x, w, qtype), quant)
             num_sms = torch.cuda.get_device_properties(0).multi_processor_count
-            label = str(tuple(launch_config(qtype, m, n, num_sms))) if m <= 8 else "fused GEMM or dequantize"
+            label = linear_path(m)
+            if label == "dot":
+                label += " " + str(tuple(dot_launch_config(qtype, m, n, num_sms, k)))
             print(f"{qtype:5} {n:>6}x{k:<6} M={m:<4} bf16 {t_bf16:8.1f} us {2 * n * k / t_bf16 / 1e3:6.0f} GB/s | "
                   f"{qtype} {t_q:8.1f} us {qbytes / t_q / 1e3:6.0f} GB/s | speedup {t_bf16 / t_q:5.2f}x  {label}",
                   flush=True)
@@ -102,12 +110,13 @@ def bench_shape(qtype: str, n: int, k: int, rows: list[int], configs=None) -> No
         results = []
         for config in configs:
             try:
-                results.append((time_rotating(lambda w: quant_linear(x, w, qtype, config=config), quant), config))
+                results.append((time_rotating(lambda w: quant_linear(x, w, qtype, config=config, path=path), quant),
+                                config))
             except Exception as error:  # a configuration out of registers or shared memory: skip it
                 print(f"  {tuple(config)} failed: {type(error).__name__}: {str(error)[:80]}")
         results.sort()
         best = ", ".join(f"{tuple(c)} {t:.1f}" for t, c in results[:4])
-        print(f"{qtype:5} {n:>6}x{k:<6} M={m:<4} bf16 {t_bf16:8.1f} us | best {best} | "
+        print(f"{qtype:5} {n:>6}x{k:<6} M={m:<4} bf16 {t_bf16:8.1f} us | {path} best {best} | "
               f"speedup {t_bf16 / results[0][0]:5.2f}x", flush=True)
     del dense, quant
     torch.cuda.empty_cache()
@@ -164,6 +173,8 @@ def main() -> None:
     parser.add_argument("--rows", default="1,2,4,8,16,128,512")
     parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
     parser.add_argument("--sweep", action="store_true", help="time SWEEP's GEMV configurations instead")
+    parser.add_argument("--sweep-path", default="dot", choices=("dot", "gemv"),
+                        help="the GEMV --sweep times: integer-dot (default) or float")
     parser.add_argument("--gemm", action="store_true", help="time quant_linear's paths (GEMV, GEMM, dequantise)")
     parser.add_argument("--gemm-sweep", action="store_true", help="with --gemm, also time GEMM configurations")
     parser.add_argument("--check", action="store_true", help="compare with the reference first")
@@ -179,7 +190,7 @@ def main() -> None:
             if args.gemm:
                 bench_gemm(qtype, n, k, rows, args.gemm_sweep)
             else:
-                bench_shape(qtype, n, k, rows, SWEEP if args.sweep else None)
+                bench_shape(qtype, n, k, rows, SWEEP if args.sweep else None, args.sweep_path)
 
 
 if __name__ == "__main__":
