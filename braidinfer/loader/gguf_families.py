@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from braidinfer.loader import gguf_gemma
-from braidinfer.loader.gguf_gpt2 import gpt2_config, gpt2_tensor
+from braidinfer.loader.gguf_gpt2 import gpt2_config
 from braidinfer.loader.gguf_mistral import mistral_if_windowed
 from braidinfer.loader.gguf_phi3 import phi3_config
 
@@ -70,5 +70,5 @@ FAMILIES: Mapping[str, GGUFFamily] = MappingProxyType({
                        layer_names={"attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj",
                                     "ffn_norm": "ln_2", "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"},
                        global_names={"position_embd": "model.wpe", "output_norm": "model.ln_f"},
-                       config=gpt2_config, tensor=gpt2_tensor, tensor_names=r".*\.(c_attn|c_proj|c_fc)\.weight"),
+                       config=gpt2_config),
 })

@@ -102,13 +102,17 @@ class GPT2LMHeadModel(nn.Module):
         return self.lm_head(hidden)
 
     def load_hook(self, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
-        """A checkpoint tensor (HF name, HF layout) -> (parameter name, layout), or None for the mask buffers."""
+        """A checkpoint tensor -> (parameter name, layout), or None for the mask buffers. Names of a transformers
+        checkpoint (`transformer.h.N...`) are mapped onto this module tree and its Conv1D projections transposed
+        from [in, out] to nn.Linear's [out, in]; names already in this tree (`model.`, `lm_head.`: a GGUF file, whose
+        projections llama.cpp stores as [out, in]) are taken as they are."""
         if name.endswith(_DROPPED):
             return None
-        if not name.startswith(("model.", "lm_head.")):
-            name = name.removeprefix("transformer.")
-            name = _LAYER_PREFIX.sub(r"layers.\1.", name, count=1)
-            name = "model." + ("embed_tokens." + name.removeprefix("wte.") if name.startswith("wte.") else name)
+        if name.startswith(("model.", "lm_head.")):
+            return name, tensor
+        name = name.removeprefix("transformer.")
+        name = _LAYER_PREFIX.sub(r"layers.\1.", name, count=1)
+        name = "model." + ("embed_tokens." + name.removeprefix("wte.") if name.startswith("wte.") else name)
         if _CONV1D.fullmatch(name):
             tensor = tensor.t()  # Conv1D [in, out] -> Linear [out, in]
         return name, tensor

@@ -13,8 +13,9 @@ from braidinfer.models import ModelConfig, model_class
 from braidinfer.weights import load_model
 
 
-def _write_gguf(model, path) -> None:
-    """llama.cpp's convert_hf_to_gguf.py GPT2Model: metadata, names, transposes and the duplicated head."""
+def _write_gguf(model, path, qtype: str | None = None) -> None:
+    """llama.cpp's convert_hf_to_gguf.py GPT2Model: metadata, names, transposes and the duplicated head; `qtype`
+    (e.g. "Q8_0") stores the layers' projection matrices quantised with the `gguf` package's quantiser."""
     import gguf
 
     cfg = model.config
@@ -37,6 +38,10 @@ def _write_gguf(model, path) -> None:
             data = data.t()
         base, suffix = hf_name.rsplit(".", 1)
         name = f"{names.get_name(base)}.{suffix}"
+        if qtype is not None and name.startswith("blk.") and data.dim() == 2:
+            kind = gguf.GGMLQuantizationType[qtype]
+            writer.add_tensor(name, gguf.quants.quantize(np.ascontiguousarray(data.numpy()), kind), raw_dtype=kind)
+            continue
         writer.add_tensor(name, np.ascontiguousarray(data.numpy()))
         if name == "token_embd.weight":  # "GPT2 output is tied to (same as) wte in original model"
             writer.add_tensor("output.weight", np.ascontiguousarray(data.numpy()))
@@ -106,3 +111,29 @@ def test_matches_transformers_gguf_import(gpt2_gguf):
             expected[mapped[0]] = mapped[1]
     for name, tensor in ours.state_dict().items():
         assert torch.equal(tensor, expected[name].float()), name
+
+
+def test_quantised_projections_stay_blocks_and_match_the_dequantised_load(gpt2_gguf, tmp_path):
+    """llama.cpp stores the projections as [out, in] already: a Q8_0 file's c_attn / c_proj / c_fc stay GGML blocks
+    (no transpose at load) and compute what the same file dequantised at load computes."""
+    _, _, ref = gpt2_gguf
+    path = tmp_path / "tiny-gpt2.Q8_0.gguf"
+    _write_gguf(ref, path, qtype="Q8_0")
+    source = resolve_model(str(path))
+    cfg = ModelConfig.from_hf_config(source.hf_config)
+    cpu = torch.device("cpu")
+    kept = load_model(model_class(cfg), cfg, source, cpu, torch.float32, progress=False, quantized=True)
+    assert not source.dequantized_names(), source.dequantized_names()  # none decoded at load to be transposed
+    decoded = load_model(model_class(cfg), cfg, source, cpu, torch.float32, progress=False)
+    expected = {f"model.layers.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc",
+                                                                    "mlp.c_proj")}
+    assert expected <= set(kept.quantized_modules), kept.quantized_modules
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    h = torch.randn(3, 256, generator=torch.Generator().manual_seed(1))
+    for layer_kept, layer_decoded in zip(kept.model.layers, decoded.model.layers):
+        for module, inp in (("attn.c_attn", x), ("attn.c_proj", x), ("mlp.c_fc", x), ("mlp.c_proj", h)):
+            torch.testing.assert_close(layer_kept.get_submodule(module)(inp), layer_decoded.get_submodule(module)(inp),
+                                       rtol=1e-5, atol=1e-5)
+    # and the dequantised load is the reference's weights up to Q8_0's rounding
+    torch.testing.assert_close(decoded.model.layers[1].attn.c_attn.weight, ref.transformer.h[1].attn.c_attn.weight.t(),
+                               rtol=0, atol=0.02)
