@@ -10,7 +10,7 @@ import torch
 from braidinfer import LLM
 from braidinfer.attention.flashinfer_backend import FlashInferAttention
 from tests.gpu.test_gpu_parity import NEEDS_FLASHINFER
-from tests.support.gpu_family import check_greedy, check_logprobs, gentle_model_from_config, random_prompts
+from tests.support.family_gpu import check_greedy, check_logprobs, gentle_from_config, prompts
 
 pytestmark = [pytest.mark.gpu, NEEDS_FLASHINFER]
 
@@ -32,7 +32,7 @@ def gemma2_config():
 def checkpoint(tmp_path_factory, smollm_tokenizer):
     """(directory, float32 transformers model on CUDA) of the gentle random Gemma 2."""
     path = tmp_path_factory.mktemp("gpu-gemma2")
-    return path, gentle_model_from_config(gemma2_config(), path, smollm_tokenizer, seed=21).to("cuda")
+    return path, gentle_from_config(gemma2_config(), path, smollm_tokenizer, seed=21).to("cuda")
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_default_path_is_flashinfer_with_graphs(models):
 
 def test_logprobs_within_bf16_tolerance(models):
     llm, ref32, ref16 = models
-    check_logprobs(llm, ref32, ref16, random_prompts(0, (7, 70, 129, 300)))
+    check_logprobs(llm, ref32, ref16, prompts(0, (7, 70, 129, 300)))
 
 
 def test_chunked_prefill_with_windows(checkpoint, models):
@@ -64,12 +64,12 @@ def test_chunked_prefill_with_windows(checkpoint, models):
     (path, _), (_, ref32, ref16) = checkpoint, models
     with LLM(model=str(path), device="cuda", dtype="bfloat16", num_kv_pages=1024, max_num_batched_tokens=128,
              progress=False) as chunked:
-        check_logprobs(chunked, ref32, ref16, random_prompts(3, (300, 700)))
+        check_logprobs(chunked, ref32, ref16, prompts(3, (300, 700)))
 
 
 def test_greedy_tokens_agree_like_transformers_bf16(models):
     llm, ref32, ref16 = models
-    check_greedy(llm, ref32, ref16, random_prompts(1, [5 + 37 * i for i in range(16)]))
+    check_greedy(llm, ref32, ref16, prompts(1, [5 + 37 * i for i in range(16)]))
 
 
 def test_kernel_paths_report_the_fallbacks(models):

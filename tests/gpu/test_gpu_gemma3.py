@@ -10,7 +10,7 @@ import torch
 from braidinfer import LLM
 from braidinfer.attention.flashinfer_backend import FlashInferAttention
 from tests.gpu.test_gpu_parity import NEEDS_FLASHINFER
-from tests.support.gpu_family import check_greedy, check_logprobs, gentle_model_from_config, random_prompts
+from tests.support.family_gpu import check_greedy, check_logprobs, gentle_from_config, prompts
 
 pytestmark = [pytest.mark.gpu, NEEDS_FLASHINFER]
 
@@ -31,7 +31,7 @@ def gemma3_config():
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, smollm_tokenizer):
     path = tmp_path_factory.mktemp("gpu-gemma3")
-    ref32 = gentle_model_from_config(gemma3_config(), path, smollm_tokenizer, seed=31).to("cuda")
+    ref32 = gentle_from_config(gemma3_config(), path, smollm_tokenizer, seed=31).to("cuda")
     ref16 = copy.deepcopy(ref32).to(torch.bfloat16)
     llm = LLM(model=str(path), device="cuda", dtype="bfloat16", num_kv_pages=4096, progress=False)
     yield llm, ref32, ref16
@@ -46,12 +46,12 @@ def test_default_path_is_flashinfer_with_graphs(models):
 
 def test_logprobs_within_bf16_tolerance(models):
     llm, ref32, ref16 = models
-    check_logprobs(llm, ref32, ref16, random_prompts(0, (7, 70, 129, 300)))
+    check_logprobs(llm, ref32, ref16, prompts(0, (7, 70, 129, 300)))
 
 
 def test_greedy_tokens_agree_like_transformers_bf16(models):
     llm, ref32, ref16 = models
-    check_greedy(llm, ref32, ref16, random_prompts(1, [5 + 37 * i for i in range(16)]))
+    check_greedy(llm, ref32, ref16, prompts(1, [5 + 37 * i for i in range(16)]))
 
 
 def test_kernel_paths_report_the_fallbacks(models):

@@ -6,7 +6,9 @@ rounding alone does not flip which key wins and the tolerances measured there ap
   bf16 on the same weights, step by step (DEFAULT_PATH_TOL);
 - the bf16 logprob error against transformers' float32 model of the size of transformers' own bf16 error;
 - fp32 on CUDA: greedy continuations equal transformers' float32 ones;
-- kernel_paths() names the fallback a windowed model takes (FlashInfer decode instead of Triton's, no cascade).
+- kernel_paths() names the fallback a windowed model takes (FlashInfer decode instead of Triton's, no cascade);
+- for families whose default path the torch backend cannot mirror step by step (Gemma 2 / 3: window and soft-cap
+  wrappers), the bf16 engine against transformers' float32 and bf16 runs directly (check_logprobs, check_greedy).
 """
 from __future__ import annotations
 
@@ -18,8 +20,10 @@ from braidinfer import LLM, SamplingParams
 from braidinfer.attention.flashinfer_backend import FlashInferAttention
 from tests.conftest import build_tiny_model_from_config
 from tests.gpu.test_gpu_parity import DEFAULT_PATH_TOL, MAX_BF16_ERROR
-from tests.support.numerics import assert_error_like_reference, assert_same_greedy
+from tests.support.numerics import assert_error_like_reference, assert_greedy_agreement, assert_same_greedy
 
+MIN_FIRST_AGREEMENT = 0.5
+"""Fraction of first greedy tokens that must equal the float32 model's (tests/gpu/test_gpu_parity.py)."""
 PROMPT_LENGTHS = (7, 31, 64, 129, 200, 300)
 """Longer than the GPU tests' windows (64), prefilled across several pages."""
 
@@ -51,7 +55,7 @@ def _logprobs(model, ids):
         return torch.log_softmax(model(torch.tensor([ids], device="cuda")).logits[0].float(), -1)
 
 
-def _greedy(model, prompt, n):
+def _greedy(model, prompt, n=32):
     out = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=n, min_new_tokens=n,
                          do_sample=False, eos_token_id=None, pad_token_id=0)
     return out[0, len(prompt):].tolist()
@@ -114,3 +118,28 @@ def check_fp32_greedy_equals_transformers(path: str, ref32) -> None:
 def has_window_fallback(paths: list[str]) -> bool:
     """Whether kernel_paths() reports that the sliding windows keep decode off the Triton kernel."""
     return any(p.startswith("fallback:") and "sliding windows" in p for p in paths)
+
+
+def check_logprobs(llm, ref32, ref16, prompts) -> None:
+    """Our bf16 top-5 logprobs are off the float32 model's by about transformers' own bf16 error, at most
+    MAX_BF16_ERROR."""
+    for prompt in prompts:
+        out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=8, logprobs=5, ignore_eos=True))[0]
+        exact, hf16 = _logprobs(ref32, prompt + out.token_ids), _logprobs(ref16, prompt + out.token_ids)
+        ours = hf = 0.0
+        for step, lp in enumerate(out.logprobs):
+            row = len(prompt) - 1 + step
+            for token, value in lp.top:
+                ours = max(ours, abs(value - exact[row, token].item()))
+                hf = max(hf, abs(hf16[row, token].item() - exact[row, token].item()))
+        print(f"prompt {len(prompt)}: bf16 error vs fp32 {ours:.3f}, transformers' {hf:.3f}")
+        assert_error_like_reference(ours, hf, MAX_BF16_ERROR)
+
+
+def check_greedy(llm, ref32, ref16, prompts) -> None:
+    """Batched bf16 greedy continuations agree with the float32 model about as long as transformers' bf16 ones."""
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    ours = [o.token_ids for o in llm.generate(prompts, params)]
+    exact = [_greedy(ref32, p) for p in prompts]
+    hf16 = [_greedy(ref16, p) for p in prompts]
+    assert_greedy_agreement(ours, hf16, exact, MIN_FIRST_AGREEMENT)
