@@ -54,6 +54,17 @@ def _k_scale_min(scales_ptr, s, mask):
 
 
 @triton.jit
+def k_group_scales(base, c, mask):
+    """Q4_K/Q5_K, the block at byte pointer base, group c (sub-blocks 2c and 2c + 1): (d * sc, dmin * m) of the low
+    sub-block, then of the high one, float32 as gguf computes them."""
+    d = _fp16(base, mask)
+    dmin = _fp16(base + 2, mask)
+    sc_lo, mn_lo = _k_scale_min(base + 4, 2 * c, mask)
+    sc_hi, mn_hi = _k_scale_min(base + 4, 2 * c + 1, mask)
+    return d * sc_lo, dmin * mn_lo, d * sc_hi, dmin * mn_hi
+
+
+@triton.jit
 def decode_groups(blocks_ptr, row_offset, g, lane, mask, QTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                   TYPE_SIZE: tl.constexpr, GROUPS: tl.constexpr, LANES: tl.constexpr):
     """Weights of groups g (broadcastable index tensors) of the rows starting at byte row_offset (int64).
@@ -81,10 +92,7 @@ def decode_groups(blocks_ptr, row_offset, g, lane, mask, QTYPE: tl.constexpr, BL
         q = _byte(base + 4 + lane, mask)
         return (d * (q & 15).to(tl.float32) + m, d * (q >> 4).to(tl.float32) + m, col + lane, col + 16 + lane)
     elif QTYPE == Q4_K or QTYPE == Q5_K:
-        d = _fp16(base, mask)
-        dmin = _fp16(base + 2, mask)
-        sc_lo, mn_lo = _k_scale_min(base + 4, 2 * c, mask)
-        sc_hi, mn_hi = _k_scale_min(base + 4, 2 * c + 1, mask)
+        s_lo, m_lo, s_hi, m_hi = k_group_scales(base, c, mask)
         if QTYPE == Q4_K:
             q = _byte(base + 16 + c * 32 + lane, mask)
             q_lo = q & 15
@@ -94,8 +102,8 @@ def decode_groups(blocks_ptr, row_offset, g, lane, mask, QTYPE: tl.constexpr, BL
             qh = _byte(base + 16 + lane, mask)  # bit s of qh[i] is bit 4 of sub-block s's weight i
             q_lo = (q & 15) | (((qh >> (2 * c)) & 1) << 4)
             q_hi = (q >> 4) | (((qh >> (2 * c + 1)) & 1) << 4)
-        w_lo = (d * sc_lo) * q_lo.to(tl.float32) - dmin * mn_lo
-        w_hi = (d * sc_hi) * q_hi.to(tl.float32) - dmin * mn_hi
+        w_lo = s_lo * q_lo.to(tl.float32) - m_lo
+        w_hi = s_hi * q_hi.to(tl.float32) - m_hi
         col_lo = col + c * 64 + lane
         return w_lo, w_hi, col_lo, col_lo + 32
     else:  # Q6_K: group c = (half h, quarter t) of the 128-weight halves
@@ -153,10 +161,7 @@ def decode_codes(blocks_ptr, row_offset, g, lane, mask, QTYPE: tl.constexpr, BLO
         a = 16.0 * d
         return (_unit((q << 19) & 0x780000), _unit((q << 15) & 0x780000), a, b, a, b, col + lane, col + 16 + lane)
     elif QTYPE == Q4_K or QTYPE == Q5_K:
-        d = _fp16(base, mask)
-        dmin = _fp16(base + 2, mask)
-        sc_lo, mn_lo = _k_scale_min(base + 4, 2 * c, mask)
-        sc_hi, mn_hi = _k_scale_min(base + 4, 2 * c + 1, mask)
+        s_lo, m_lo, s_hi, m_hi = k_group_scales(base, c, mask)
         if QTYPE == Q4_K:
             q = _byte(base + 16 + c * 32 + lane, mask)
             lo = _unit((q << 19) & 0x780000)
@@ -168,10 +173,10 @@ def decode_codes(blocks_ptr, row_offset, g, lane, mask, QTYPE: tl.constexpr, BLO
             lo = _unit(((q << 18) & 0x3C0000) | (((qh >> (2 * c)) & 1) << 22))
             hi = _unit(((q << 14) & 0x3C0000) | (((qh >> (2 * c + 1)) & 1) << 22))
             unit = 32.0
-        a_lo = unit * (d * sc_lo)
-        a_hi = unit * (d * sc_hi)
+        a_lo = unit * s_lo
+        a_hi = unit * s_hi
         col_lo = col + c * 64 + lane
-        return lo, hi, a_lo, -a_lo - dmin * mn_lo, a_hi, -a_hi - dmin * mn_hi, col_lo, col_lo + 32
+        return lo, hi, a_lo, -a_lo - m_lo, a_hi, -a_hi - m_hi, col_lo, col_lo + 32
     else:  # Q6_K, groups as in decode_groups; weight = d * sc * (q - 32) = 64 d sc f - 96 d sc
         h = c // 4
         t = c % 4

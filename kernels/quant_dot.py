@@ -37,9 +37,9 @@ import triton.language as tl
 
 from .numerics import INTERPRETED, round_to_dtype
 from .quant_decode import GROUP_LANES, GROUPS_PER_BLOCK, Q4_0, Q4_1, Q4_K, Q5_K, Q8_0, QTYPE_IDS, _fp16, \
-    _k_scale_min
+    k_group_scales
 from .quant_formats import BLOCK_SIZE, TYPE_SIZE
-from .quant_gemv import QuantGemvConfig, launch_config
+from .quant_gemv import QuantGemvConfig, add_slices, launch_config, split_steps
 
 X_BLOCK = 32  # columns of x per int8 scale
 WORD_ALIGNED = {"Q8_0": False, "Q4_0": False, "Q4_1": True, "Q4_K": True, "Q5_K": True, "Q6_K": False}
@@ -74,26 +74,22 @@ def launch_dot_gemv(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: tor
     arguments checked by the caller. config: as the float GEMV's (block_n rows of W per program, block_k columns
     per step, split_k slices)."""
     (num_rows, k), n = x.shape, blocks.shape[0]
+    if num_rows == 0 or n == 0:
+        return
     q, dx, sx = quantize_rows(x)
-    lanes = GROUP_LANES[qtype]
-    num_groups = k // (2 * lanes)
-    block_g = min(max(1, config.block_k // (2 * lanes)), triton.next_power_of_2(num_groups))
-    split_groups = triton.cdiv(triton.cdiv(num_groups, max(1, config.split_k)), block_g) * block_g
-    split_k = triton.cdiv(num_groups, split_groups)
-    partial = out if split_k == 1 else torch.empty((split_k, num_rows, n), dtype=torch.float32, device=x.device)
-    _dot_gemv_kernel[(triton.cdiv(n, config.block_n), split_k)](
+    steps = split_steps(qtype, k, config)
+    partial = out if steps.split_k == 1 else torch.empty((steps.split_k, num_rows, n), dtype=torch.float32,
+                                                         device=x.device)
+    _dot_gemv_kernel[(triton.cdiv(n, config.block_n), steps.split_k)](
         q, dx, sx, blocks, bias, partial, num_rows, n, k, blocks.shape[1],
         QTYPE=QTYPE_IDS[qtype], BLOCK_SIZE=BLOCK_SIZE[qtype], TYPE_SIZE=TYPE_SIZE[qtype],
-        GROUPS=GROUPS_PER_BLOCK[qtype], WORDS=lanes // 4, ALIGNED=WORD_ALIGNED[qtype], NUM_GROUPS=num_groups,
-        SPLIT_GROUPS=split_groups, HAS_BIAS=bias is not None and split_k == 1,
-        BLOCK_M=triton.next_power_of_2(num_rows), BLOCK_N=config.block_n, BLOCK_G=block_g,
+        GROUPS=GROUPS_PER_BLOCK[qtype], WORDS=GROUP_LANES[qtype] // 4, ALIGNED=WORD_ALIGNED[qtype],
+        NUM_GROUPS=steps.num_groups, SPLIT_GROUPS=steps.split_groups, HAS_BIAS=bias is not None and steps.split_k == 1,
+        BLOCK_M=triton.next_power_of_2(num_rows), BLOCK_N=config.block_n, BLOCK_G=steps.block_g,
         num_warps=config.num_warps,
     )
-    if split_k > 1:
-        y = partial.sum(dim=0)
-        if bias is not None:
-            y += bias.float()
-        out.copy_(y)
+    if steps.split_k > 1:
+        add_slices(partial, bias, out)
 
 
 @triton.jit
@@ -171,10 +167,7 @@ def _decode_words(blocks_ptr, row_offset, g, j, mask, QTYPE: tl.constexpr, BLOCK
             b = _fp16(base + 2, mask)
         return w & 0x0F0F0F0F, (w >> 4) & 0x0F0F0F0F, d, b, d, b, col, col + 16
     elif QTYPE == Q4_K or QTYPE == Q5_K:
-        d = _fp16(base, mask)
-        dmin = _fp16(base + 2, mask)
-        sc_lo, mn_lo = _k_scale_min(base + 4, 2 * c, mask)
-        sc_hi, mn_hi = _k_scale_min(base + 4, 2 * c + 1, mask)
+        s_lo, m_lo, s_hi, m_hi = k_group_scales(base, c, mask)
         if QTYPE == Q4_K:
             w = _word(base + 16 + c * 32, j, mask, ALIGNED)
             c_lo = w & 0x0F0F0F0F
@@ -185,7 +178,7 @@ def _decode_words(blocks_ptr, row_offset, g, j, mask, QTYPE: tl.constexpr, BLOCK
             c_lo = (w & 0x0F0F0F0F) | (((qh >> (2 * c)) & 0x01010101) << 4)
             c_hi = ((w >> 4) & 0x0F0F0F0F) | (((qh >> (2 * c + 1)) & 0x01010101) << 4)
         col_lo = col + c * 64
-        return c_lo, c_hi, d * sc_lo, -dmin * mn_lo, d * sc_hi, -dmin * mn_hi, col_lo, col_lo + 32
+        return c_lo, c_hi, s_lo, -m_lo, s_hi, -m_hi, col_lo, col_lo + 32
     else:  # Q6_K: group c = (half h, quarter t), as in decode_groups
         h = c // 4
         t = c % 4

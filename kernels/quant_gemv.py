@@ -72,25 +72,46 @@ def launch_gemv(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.T
     if config is None:
         num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
         config = launch_config(qtype, num_rows, n, num_sms, k)
+    steps = split_steps(qtype, k, config)
+    partial = out if steps.split_k == 1 else torch.empty((steps.split_k, num_rows, n), dtype=torch.float32,
+                                                         device=x.device)
+    _quant_gemv_kernel[(triton.cdiv(n, config.block_n), steps.split_k)](
+        x, blocks, bias, partial, num_rows, n, x.stride(0), blocks.shape[1],
+        QTYPE=QTYPE_IDS[qtype], BLOCK_SIZE=BLOCK_SIZE[qtype], TYPE_SIZE=TYPE_SIZE[qtype],
+        GROUPS=GROUPS_PER_BLOCK[qtype], LANES=GROUP_LANES[qtype], NUM_GROUPS=steps.num_groups,
+        SPLIT_GROUPS=steps.split_groups, HAS_BIAS=bias is not None and steps.split_k == 1,
+        BLOCK_M=triton.next_power_of_2(num_rows), BLOCK_N=config.block_n, BLOCK_G=steps.block_g,
+        num_warps=config.num_warps,
+    )
+    if steps.split_k > 1:
+        add_slices(partial, bias, out)
+
+
+class SplitSteps(NamedTuple):
+    """How a GEMV walks K: groups in all, groups per step, groups per slice (a whole number of steps, so that
+    slices never overlap) and slices."""
+
+    num_groups: int
+    block_g: int
+    split_groups: int
+    split_k: int
+
+
+def split_steps(qtype: str, k: int, config: QuantGemvConfig) -> SplitSteps:
+    """The K walk of config (block_k weights per step, split_k slices asked for) over k columns of qtype."""
     lanes = GROUP_LANES[qtype]
     num_groups = k // (2 * lanes)
     block_g = min(max(1, config.block_k // (2 * lanes)), triton.next_power_of_2(num_groups))
-    # Each slice of K is a whole number of steps, so that slices never overlap.
     split_groups = triton.cdiv(triton.cdiv(num_groups, max(1, config.split_k)), block_g) * block_g
-    split_k = triton.cdiv(num_groups, split_groups)
-    partial = out if split_k == 1 else torch.empty((split_k, num_rows, n), dtype=torch.float32, device=x.device)
-    _quant_gemv_kernel[(triton.cdiv(n, config.block_n), split_k)](
-        x, blocks, bias, partial, num_rows, n, x.stride(0), blocks.shape[1],
-        QTYPE=QTYPE_IDS[qtype], BLOCK_SIZE=BLOCK_SIZE[qtype], TYPE_SIZE=TYPE_SIZE[qtype],
-        GROUPS=GROUPS_PER_BLOCK[qtype], LANES=lanes, NUM_GROUPS=num_groups, SPLIT_GROUPS=split_groups,
-        HAS_BIAS=bias is not None and split_k == 1, BLOCK_M=triton.next_power_of_2(num_rows),
-        BLOCK_N=config.block_n, BLOCK_G=block_g, num_warps=config.num_warps,
-    )
-    if split_k > 1:
-        y = partial.sum(dim=0)  # (M, N) float32
-        if bias is not None:
-            y += bias.float()
-        out.copy_(y)
+    return SplitSteps(num_groups, block_g, split_groups, triton.cdiv(num_groups, split_groups))
+
+
+def add_slices(partial: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    """out = the sum of the float32 slices partial [S, M, N] (+ bias), in out's dtype."""
+    y = partial.sum(dim=0)
+    if bias is not None:
+        y += bias.float()
+    out.copy_(y)
 
 
 @triton.jit
