@@ -65,6 +65,20 @@ def k_group_scales(base, c, mask):
 
 
 @triton.jit
+def q6_group(base, c, mask):
+    """Q6_K, the block at byte pointer base, group c = (half h, quarter t) of its 128-weight halves: (d * sc) of the
+    low and high runs, the pointers to the group's ql and qh bytes, the shift of its 2-bit qh fields and the column
+    of its first weight in the block."""
+    h = c // 4
+    t = c % 4
+    d = _fp16(base + 208, mask)
+    sc_lo = tl.load(base + 192 + h * 8 + t, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+    sc_hi = tl.load(base + 196 + h * 8 + t, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+    return d * sc_lo, d * sc_hi, base + h * 64 + t * 16, base + 128 + h * 32 + (t % 2) * 16, 2 * (t // 2), \
+        h * 128 + t * 16
+
+
+@triton.jit
 def decode_groups(blocks_ptr, row_offset, g, lane, mask, QTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                   TYPE_SIZE: tl.constexpr, GROUPS: tl.constexpr, LANES: tl.constexpr):
     """Weights of groups g (broadcastable index tensors) of the rows starting at byte row_offset (int64).
@@ -107,18 +121,13 @@ def decode_groups(blocks_ptr, row_offset, g, lane, mask, QTYPE: tl.constexpr, BL
         col_lo = col + c * 64 + lane
         return w_lo, w_hi, col_lo, col_lo + 32
     else:  # Q6_K: group c = (half h, quarter t) of the 128-weight halves
-        h = c // 4
-        t = c % 4
-        d = _fp16(base + 208, mask)
-        sc_lo = tl.load(base + 192 + h * 8 + t, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
-        sc_hi = tl.load(base + 196 + h * 8 + t, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
-        ql = _byte(base + h * 64 + t * 16 + lane, mask)
-        qh = _byte(base + 128 + h * 32 + (t % 2) * 16 + lane, mask)
-        shift = 2 * (t // 2)
+        s_lo, s_hi, ql_ptr, qh_ptr, shift, first = q6_group(base, c, mask)
+        ql = _byte(ql_ptr + lane, mask)
+        qh = _byte(qh_ptr + lane, mask)
         q_lo = ((ql & 15) | (((qh >> shift) & 3) << 4)) - 32
         q_hi = ((ql >> 4) | (((qh >> (shift + 4)) & 3) << 4)) - 32
-        col_lo = col + h * 128 + t * 16 + lane
-        return (d * sc_lo) * q_lo.to(tl.float32), (d * sc_hi) * q_hi.to(tl.float32), col_lo, col_lo + 64
+        col_lo = col + first + lane
+        return s_lo * q_lo.to(tl.float32), s_hi * q_hi.to(tl.float32), col_lo, col_lo + 64
 
 
 @triton.jit
@@ -178,16 +187,12 @@ def decode_codes(blocks_ptr, row_offset, g, lane, mask, QTYPE: tl.constexpr, BLO
         col_lo = col + c * 64 + lane
         return lo, hi, a_lo, -a_lo - m_lo, a_hi, -a_hi - m_hi, col_lo, col_lo + 32
     else:  # Q6_K, groups as in decode_groups; weight = d * sc * (q - 32) = 64 d sc f - 96 d sc
-        h = c // 4
-        t = c % 4
-        d = _fp16(base + 208, mask)
-        sc_lo = tl.load(base + 192 + h * 8 + t, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
-        sc_hi = tl.load(base + 196 + h * 8 + t, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
-        ql = _byte(base + h * 64 + t * 16 + lane, mask)
-        qh = _byte(base + 128 + h * 32 + (t % 2) * 16 + lane, mask) >> (2 * (t // 2))
+        s_lo, s_hi, ql_ptr, qh_ptr, shift, first = q6_group(base, c, mask)
+        ql = _byte(ql_ptr + lane, mask)
+        qh = _byte(qh_ptr + lane, mask) >> shift
         lo = _unit(((ql << 17) & 0x1E0000) | ((qh << 21) & 0x600000))
         hi = _unit(((ql << 13) & 0x1E0000) | ((qh << 17) & 0x600000))
-        a_lo = 64.0 * (d * sc_lo)
-        a_hi = 64.0 * (d * sc_hi)
-        col_lo = col + h * 128 + t * 16 + lane
+        a_lo = 64.0 * s_lo
+        a_hi = 64.0 * s_hi
+        col_lo = col + first + lane
         return lo, hi, a_lo, -1.5 * a_lo, a_hi, -1.5 * a_hi, col_lo, col_lo + 64

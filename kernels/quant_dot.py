@@ -35,11 +35,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .numerics import INTERPRETED, round_to_dtype
+from .numerics import INTERPRETED
 from .quant_decode import GROUP_LANES, GROUPS_PER_BLOCK, Q4_0, Q4_1, Q4_K, Q5_K, Q8_0, QTYPE_IDS, _fp16, \
-    k_group_scales
+    k_group_scales, q6_group
 from .quant_formats import BLOCK_SIZE, TYPE_SIZE
-from .quant_gemv import QuantGemvConfig, add_slices, launch_config, split_steps
+from .quant_gemv import QuantGemvConfig, add_slices, launch_config, split_steps, store_rows
 
 X_BLOCK = 32  # columns of x per int8 scale
 WORD_ALIGNED = {"Q8_0": False, "Q4_0": False, "Q4_1": True, "Q4_K": True, "Q5_K": True, "Q6_K": False}
@@ -180,18 +180,12 @@ def _decode_words(blocks_ptr, row_offset, g, j, mask, QTYPE: tl.constexpr, BLOCK
         col_lo = col + c * 64
         return c_lo, c_hi, s_lo, -m_lo, s_hi, -m_hi, col_lo, col_lo + 32
     else:  # Q6_K: group c = (half h, quarter t), as in decode_groups
-        h = c // 4
-        t = c % 4
-        d = _fp16(base + 208, mask)
-        sc_lo = tl.load(base + 192 + h * 8 + t, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
-        sc_hi = tl.load(base + 196 + h * 8 + t, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
-        ql = _word(base + h * 64 + t * 16, j, mask, ALIGNED)
-        qh = _word(base + 128 + h * 32 + (t % 2) * 16, j, mask, ALIGNED) >> (2 * (t // 2))
+        a_lo, a_hi, ql_ptr, qh_ptr, shift, first = q6_group(base, c, mask)
+        ql = _word(ql_ptr, j, mask, ALIGNED)
+        qh = _word(qh_ptr, j, mask, ALIGNED) >> shift
         c_lo = (ql & 0x0F0F0F0F) | ((qh & 0x03030303) << 4)
         c_hi = ((ql >> 4) & 0x0F0F0F0F) | (((qh >> 4) & 0x03030303) << 4)
-        a_lo = d * sc_lo
-        a_hi = d * sc_hi
-        col_lo = col + h * 128 + t * 16
+        col_lo = col + first
         return c_lo, c_hi, a_lo, -32.0 * a_lo, a_hi, -32.0 * a_hi, col_lo, col_lo + 64
 
 
@@ -235,10 +229,4 @@ def _dot_gemv_kernel(
             sx_hi += tl.load(sx_ptr + 2 * s_row + col_hi // 16 + 1, mask=x_ok, other=0.0)
         acc += a_lo * (dx_lo * dot_lo) + b_lo * sx_lo + a_hi * (dx_hi * dot_hi) + b_hi * sx_hi
 
-    y = tl.sum(tl.sum(acc, axis=3), axis=2)  # (BM, BN)
-    rows2 = tl.arange(0, BLOCK_M)[:, None]
-    cols2 = pid * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + cols2, mask=cols2 < N, other=0.0).to(tl.float32)
-    dtype: tl.constexpr = out_ptr.dtype.element_ty
-    tl.store(out_ptr + rows2 * N + cols2, round_to_dtype(y, dtype).to(dtype), mask=(rows2 < M) & (cols2 < N))
+    store_rows(tl.sum(tl.sum(acc, axis=3), axis=2), bias_ptr, out_ptr, pid, M, N, HAS_BIAS, BLOCK_M, BLOCK_N)

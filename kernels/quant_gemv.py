@@ -146,10 +146,16 @@ def _quant_gemv_kernel(
         acc += (a_lo * tl.sum(f_lo * x_lo, axis=3, keep_dims=True) + b_lo * tl.sum(x_lo, axis=3, keep_dims=True)
                 + a_hi * tl.sum(f_hi * x_hi, axis=3, keep_dims=True) + b_hi * tl.sum(x_hi, axis=3, keep_dims=True))
 
-    y = tl.sum(tl.sum(acc, axis=3), axis=2)  # (BM, BN)
-    rows2 = tl.arange(0, BLOCK_M)[:, None]
-    cols2 = pid * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    store_rows(tl.sum(tl.sum(acc, axis=3), axis=2), bias_ptr, out_ptr, pid, M, N, HAS_BIAS, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def store_rows(y, bias_ptr, out_ptr, pid, M, N, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """A GEMV program's float32 sums y (BM, BN) (+ bias) into out[:, pid * BLOCK_N ...], rounded to out's dtype."""
+    rows = tl.arange(0, BLOCK_M)[:, None]
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
     if HAS_BIAS:
-        y += tl.load(bias_ptr + cols2, mask=cols2 < N, other=0.0).to(tl.float32)
+        y += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
     dtype: tl.constexpr = out_ptr.dtype.element_ty
-    tl.store(out_ptr + rows2 * N + cols2, round_to_dtype(y, dtype).to(dtype), mask=(rows2 < M) & (cols2 < N))
+    tl.store(out_ptr + rows * N + cols, round_to_dtype(y, dtype).to(dtype), mask=(rows < M) & (cols < N))
