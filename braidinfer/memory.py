@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from braidinfer.attention.flashinfer_backend import cache_head_dim
 from braidinfer.config import EngineConfig
 from braidinfer.errors import OutOfPagesError
 from braidinfer.models import ModelConfig
@@ -46,10 +47,10 @@ class DeviceMemory:
         return self.total - self.free - self.reserved
 
 
-def page_bytes(model: ModelConfig, page_size: int, dtype: torch.dtype) -> int:
-    """Bytes of one KV page across all layers (K and V)."""
+def page_bytes(model: ModelConfig, page_size: int, dtype: torch.dtype, head_dim: int | None = None) -> int:
+    """Bytes of one KV page across all layers (K and V), of heads `head_dim` wide (None: the model's)."""
     elem = torch.empty((), dtype=dtype).element_size()
-    return model.num_hidden_layers * 2 * model.num_key_value_heads * page_size * model.head_dim * elem
+    return model.num_hidden_layers * 2 * model.num_key_value_heads * page_size * (head_dim or model.head_dim) * elem
 
 
 def activation_bytes(config: EngineConfig, model: ModelConfig, dtype: torch.dtype) -> int:
@@ -76,10 +77,11 @@ def num_kv_pages(config: EngineConfig, model: ModelConfig, dtype: torch.dtype, d
     Raises OutOfPagesError on CUDA when the budget cannot hold one request of `max_model_len` tokens."""
     if config.num_kv_pages:
         return config.num_kv_pages
-    per_page = page_bytes(model, config.page_size, dtype)
     needed = pages_needed(config, max_model_len)
     if device.type != "cuda":
-        return max(1, min(needed, config.cpu_kv_cache_bytes // per_page))
+        return max(1, min(needed, config.cpu_kv_cache_bytes // page_bytes(model, config.page_size, dtype)))
+    # FlashInfer's pool may pad the heads (flashinfer_backend.cache_head_dim); budget for the wider one.
+    per_page = page_bytes(model, config.page_size, dtype, cache_head_dim(model.head_dim))
     memory = DeviceMemory.read(device)
     return gpu_pages(config, memory, per_page, activation_bytes(config, model, dtype), needed, max_model_len)
 

@@ -7,11 +7,12 @@ from collections.abc import Callable
 import torch
 
 from braidinfer.attention import AttentionMetadata, SeqSpan, TorchAttention
-from braidinfer.attention.flashinfer_backend import FlashInferAttention, unsupported_reason
+from braidinfer.attention.flashinfer_backend import FlashInferAttention, cache_head_dim, unsupported_reason
 from braidinfer.attention.metadata import AttentionBackend
 from braidinfer.cuda_graphs import DecodeGraphs, PrefillGraphs
 from braidinfer.errors import InvalidRequestError
 from braidinfer.graph_buckets import graph_batch_sizes
+from braidinfer.layers.attention import pad_heads
 from braidinfer.models.config import ModelConfig
 from braidinfer.models.forward_batch import ForwardBatch
 from braidinfer.scheduler import ScheduledBatch
@@ -42,10 +43,13 @@ class ModelRunner:
         if not enforce_eager and not use_graphs:
             log.info("CUDA graphs need the FlashInfer attention backend; running eagerly on the torch backend")
         num_pool_pages = num_pages + 1 if use_graphs else num_pages  # page num_pages: the graphs' scratch page
+        self.head_dim = cfg.head_dim
+        kv_head_dim = cache_head_dim(cfg.head_dim) if backend == "flashinfer" else cfg.head_dim
         self.kv_cache = torch.zeros(
-            cfg.num_hidden_layers, num_pool_pages, 2, cfg.num_key_value_heads, page_size, cfg.head_dim,
+            cfg.num_hidden_layers, num_pool_pages, 2, cfg.num_key_value_heads, page_size, kv_head_dim,
             dtype=dtype, device=device,
         )
+        pad_heads(model, kv_head_dim)
         specs = model.attention_specs()
         self.attention: AttentionBackend = (
             FlashInferAttention(self.kv_cache, specs, cfg.num_attention_heads) if backend == "flashinfer"
@@ -54,6 +58,11 @@ class ModelRunner:
         """The faster paths this model cannot take and why (reported by the engine's kernel_paths)."""
         if problem is not None and device.type == "cuda":
             self.fallbacks.append(f"attention backend torch, not flashinfer (so no CUDA graphs): {problem}")
+        if kv_head_dim != cfg.head_dim:
+            self.fallbacks.append(
+                f"FlashInfer has no kernels for head_dim {cfg.head_dim}: the KV cache holds heads zero-padded to "
+                f"{kv_head_dim} ({kv_head_dim / cfg.head_dim:.2f}x the KV memory), and the fused QK-norm + RoPE + "
+                f"KV-write kernel is off")
         plain_reason = getattr(self.attention, "plain_reason", None)
         if plain_reason is not None and use_graphs:
             self.fallbacks.append(f"CUDA-graph decode attends with FlashInfer, not the Triton decode kernel: "
@@ -180,7 +189,7 @@ class ModelRunner:
         """Copies the KV of a composed prompt's independent chunks into its pages (`page_table`). segments: (position
         in the prompt, the chunk's pages, its token count) each; a chunk was computed at positions 0.. on its own:
         its keys are rotated to its position, values copied."""
-        ps = self.page_size
+        ps, hd = self.page_size, self.head_dim
         k_pool = self.kv_cache.select(2, 0).permute(1, 3, 0, 2, 4)  # [pages, page_size, layers, kv_heads, head_dim]
         v_pool = self.kv_cache.select(2, 1).permute(1, 3, 0, 2, 4)
         table = self._tensor(page_table)
@@ -189,8 +198,10 @@ class ModelRunner:
             src_pages, src_off = self._tensor(list(pages))[src // ps], src % ps
             dst = src + position
             dst_pages, dst_off = table[dst // ps], dst % ps
-            k = k_pool[src_pages, src_off]
-            k_pool[dst_pages, dst_off] = self.model.shift_keys(k, position) if position else k
+            k = k_pool[src_pages, src_off]  # a copy; only its first head_dim dims when the pool's heads are padded
+            if position:
+                k[..., :hd] = self.model.shift_keys(k[..., :hd], position)
+            k_pool[dst_pages, dst_off] = k
             v_pool[dst_pages, dst_off] = v_pool[src_pages, src_off]
 
     def _tensor(self, values: list[int]) -> torch.Tensor:

@@ -33,13 +33,29 @@ def unsupported_reason(device: torch.device, dtype: torch.dtype, head_dim: int) 
         return f"it needs a CUDA device, the engine runs on {device}"
     if dtype not in SUPPORTED_DTYPES:
         return f"it needs float16 or bfloat16 weights and KV, got {str(dtype).removeprefix('torch.')}"
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        return f"it supports head_dim {SUPPORTED_HEAD_DIMS}, the model has {head_dim}"
+    if not min(SUPPORTED_HEAD_DIMS) <= head_dim <= max(SUPPORTED_HEAD_DIMS):
+        return (f"it supports head_dim {min(SUPPORTED_HEAD_DIMS)} to {max(SUPPORTED_HEAD_DIMS)} (padded up to the next "
+                f"of {SUPPORTED_HEAD_DIMS}), the model has {head_dim}")
     try:
         import flashinfer  # noqa: F401
     except Exception as e:  # ImportError, or a broken install failing on its CUDA libraries
         return f"flashinfer cannot be imported ({type(e).__name__}: {e}); install the `gpu` extra"
     return None
+
+
+def cache_head_dim(head_dim: int) -> int:
+    """The head width of the KV pool that FlashInfer serves a model of `head_dim` with: head_dim itself when
+    FlashInfer has kernels for it, else the next width in SUPPORTED_HEAD_DIMS (Phi-3-mini's 96 -> 128). Head dims
+    below the smallest (tiny test models) are not padded: padding them would double the KV or more, and
+    `unsupported_reason` sends them to the torch backend.
+
+    Padded heads are exact: the model writes K and V zero-padded (PagedAttention, see layers.attention.pad_heads),
+    so the padding adds nothing to q.k whatever q holds there, and the attention output is zero there and dropped;
+    the softmax scale comes from the layer's spec (head_dim ** -0.5 of the real width). It costs
+    cache_head_dim / head_dim more KV memory and bandwidth (1.33x at 96)."""
+    if head_dim < min(SUPPORTED_HEAD_DIMS):
+        return head_dim
+    return next((dim for dim in SUPPORTED_HEAD_DIMS if dim >= head_dim), head_dim)
 
 
 DECODE_GROUP_SIZES = (1, 2, 3, 4, 8)

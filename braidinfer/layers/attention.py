@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from braidinfer.layers.deferred import triton_kernels
@@ -30,6 +31,10 @@ class PagedAttention(nn.Module):
     through); None for all of head_dim. rotate_in_float32: rotate q and k in float32 and round once after (the
     checkpoints whose reference implementation does so, e.g. ERNIE-4.5). The fused kernel runs only with a full,
     model-dtype rotation and plain RMSNorm QK-norms (the rounding it reproduces).
+
+    cache_head_dim: the head width of the KV pool (set by `pad_heads`; head_dim unless the backend has no kernels
+    for head_dim). When wider, q, k and v go to the backend zero-padded and the output is cut back to head_dim; the
+    fused kernel, which writes head_dim-wide rows, is then not used.
     """
 
     def __init__(self, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int,
@@ -49,10 +54,15 @@ class PagedAttention(nn.Module):
         self.rotate_in_float32 = rotate_in_float32
         plain_rotation = rotary and self.rotary_dim == head_dim and not rotate_in_float32
         self.fusable = plain_rotation and (q_norm is None or type(q_norm) is RMSNorm and type(k_norm) is RMSNorm)
+        self.cache_head_dim = head_dim
         self.plan = KernelPlan()
 
+    @property
+    def _runs_fused(self) -> bool:
+        return self.plan.triton and self.fusable and self.cache_head_dim == self.head_dim
+
     def forward(self, qkv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        if self.plan.triton and self.fusable:
+        if self._runs_fused:
             return self._fused(qkv, batch)
         T = qkv.shape[0]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -63,7 +73,12 @@ class PagedAttention(nn.Module):
             q, k = self.qk_norms[0](q), self.qk_norms[1](k)  # normalised over head_dim
         if self.rotary:
             q, k = self._rotate(q, batch), self._rotate(k, batch)
-        o = batch.attention(self.layer_idx, q, k, v, batch.meta)  # (T, qh, hd)
+        if self.cache_head_dim != self.head_dim:
+            pad = (0, self.cache_head_dim - self.head_dim)
+            q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)  # (T, heads, cache_head_dim)
+            o = batch.attention(self.layer_idx, q, k, v, batch.meta)[..., : self.head_dim]
+        else:
+            o = batch.attention(self.layer_idx, q, k, v, batch.meta)  # (T, qh, hd)
         return o.reshape(T, self.q_size)
 
     def _rotate(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
@@ -89,6 +104,18 @@ class PagedAttention(nn.Module):
     def kernel_path(self) -> str:
         norm = "qk-norm + " if self.qk_norms is not None else ""
         rope = "rope" if self.rotary else "no rope"
-        if self.plan.triton and self.fusable:
+        if self._runs_fused:
             return f"attention: {norm}rope + kv write in triton qk_norm_rope_write_kv, then the backend's attend"
-        return f"attention: {norm}{rope} in torch, then the backend's kv write and attend"
+        padded = (f" (heads zero-padded from {self.head_dim} to {self.cache_head_dim})"
+                  if self.cache_head_dim != self.head_dim else "")
+        return f"attention: {norm}{rope} in torch, then the backend's kv write and attend{padded}"
+
+
+def pad_heads(model: nn.Module, cache_head_dim: int) -> None:
+    """Sets the KV pool's head width on every PagedAttention of `model` (see PagedAttention: cache_head_dim). Call
+    before any CUDA graph is captured."""
+    for module in model.modules():
+        if isinstance(module, PagedAttention):
+            if cache_head_dim < module.head_dim:
+                raise ValueError(f"a KV pool of head width {cache_head_dim} cannot hold heads of {module.head_dim}")
+            module.cache_head_dim = cache_head_dim

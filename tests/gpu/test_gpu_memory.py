@@ -76,7 +76,7 @@ def test_memory_cached_by_pytorch_counts_as_free(model_dir):
     with LLM(model_dir, gpu_memory_utilization=util, **kwargs) as llm:
         cached = llm.engine.pages.num_pages
         assert len(llm.generate(_prompts(), GREEDY)) == 3
-    per_page = page_bytes(llm.engine.model_config, 16, torch.bfloat16)
+        per_page = page_bytes(llm.engine.model_config, 16, torch.bfloat16, llm.engine.runner.kv_cache.shape[-1])
     assert returned >= (128 << 20) // per_page  # the budget, not a leftover sliver
     assert abs(cached - returned) <= max(4, returned // 100)
 

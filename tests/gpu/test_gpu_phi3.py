@@ -1,9 +1,9 @@
 """Phi-3 family on CUDA: the default GPU path (FlashInfer, CUDA graphs, Triton kernels) against the torch backend run
 eagerly in bf16 on the same weights, fp32 greedy against transformers, and the paths kernel_paths() reports.
 
-Layouts: Phi-4-mini's head (head_dim 128, partial rotary 0.75) and Phi-3-mini's (head_dim 96, sliding window). The
-FlashInfer backend serves head_dim 64 / 128 / 256 (SUPPORTED_HEAD_DIMS), so head_dim 96 runs on the torch backend,
-eagerly, and kernel_paths() says so. LongRoPE with original_max_position_embeddings 64 and a 4096-token context:
+Layouts: Phi-4-mini's head (head_dim 128, partial rotary 0.75) and Phi-3-mini's (head_dim 96, sliding window).
+FlashInfer has kernels for head_dim 64 / 128 / 256 (SUPPORTED_HEAD_DIMS), so head_dim 96 runs on FlashInfer with its
+heads zero-padded to 128 in the KV cache (cache_head_dim), with CUDA graphs, and kernel_paths() says so. LongRoPE with original_max_position_embeddings 64 and a 4096-token context:
 the long factor set is served, and the prompts are longer than 64 so transformers uses the long set too."""
 from __future__ import annotations
 
@@ -85,12 +85,19 @@ def test_default_gpu_path_equals_torch_backend_eager(layout, tmp_path, smollm_to
                            g.token_ids, [dict(x.top) for x in g.logprobs], DEFAULT_PATH_TOL)
 
 
-def test_head_dim_96_runs_on_the_torch_backend(tmp_path, smollm_tokenizer):
+@NEEDS_FLASHINFER
+def test_head_dim_96_runs_on_flashinfer_with_padded_heads(tmp_path, smollm_tokenizer):
+    """The padded pool and its report; test_default_gpu_path_equals_torch_backend_eager[phi3-mini] compares its
+    tokens and logprobs with the unpadded torch backend."""
     gentle_phi3("phi3-mini", tmp_path, smollm_tokenizer, seed=23)
     with LLM(model=str(tmp_path), device="cuda", num_kv_pages=256, progress=False) as llm:
-        paths = llm.engine.kernel_paths
-        assert any(p.startswith("attention backend: torch") for p in paths), paths
-        assert llm.engine.runner.graphs is None
+        runner, paths = llm.engine.runner, llm.engine.kernel_paths
+        assert isinstance(runner.attention, FlashInferAttention) and runner.graphs is not None
+        assert runner.kv_cache.shape[-1] == 128
+        assert any(p.startswith("fallback:") and "zero-padded to 128" in p for p in paths), paths
+        llm.generate(_prompts(seed=3)[:2], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+        assert runner.graphs.num_replays > 0
+        assert runner.kv_cache[..., 96:].abs().max().item() == 0
 
 
 @NEEDS_FLASHINFER

@@ -66,3 +66,21 @@ def test_cpu_pool_is_sized_to_need_within_its_byte_budget(tiny_model_dir):
 
     with LLM(model=tiny_model_dir("llama"), device="cpu", max_num_seqs=2, max_model_len=64, progress=False) as llm:
         assert llm.engine.pages.num_pages == 2 * 64 // 16
+
+
+def test_flashinfer_pool_width_pads_to_the_next_supported_head_dim():
+    """FlashInfer's kernels cover head_dim 64 / 128 / 256: widths between are padded to the next (Phi-3-mini's 96 to
+    128), smaller ones are not (the torch backend serves them), and a CUDA page is budgeted at the padded width."""
+    import torch
+
+    from braidinfer.attention.flashinfer_backend import cache_head_dim
+    from braidinfer.memory import page_bytes
+    from braidinfer.models.config import ModelConfig
+
+    assert [cache_head_dim(d) for d in (32, 64, 80, 96, 128, 160, 256, 512)] == [32, 64, 128, 128, 128, 256, 256, 512]
+    cfg = ModelConfig(architecture="Phi3ForCausalLM", vocab_size=32, hidden_size=192, intermediate_size=48,
+                      num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2, head_dim=96,
+                      rms_norm_eps=1e-6, rope_theta=10_000.0, rope_scaling=None, max_position_embeddings=64,
+                      tie_word_embeddings=False)
+    assert page_bytes(cfg, 16, torch.bfloat16) == 3 * 2 * 2 * 16 * 96 * 2
+    assert page_bytes(cfg, 16, torch.bfloat16, cache_head_dim(96)) == 3 * 2 * 2 * 16 * 128 * 2

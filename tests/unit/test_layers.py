@@ -139,3 +139,52 @@ def test_describe_names_each_path():
         "silu_and_mul (act_fn): torch",
         "rmsnorm (input_layernorm, post_attention_layernorm, norm): torch",
     ]
+
+
+def test_padded_heads_attend_as_the_unpadded_pool():
+    """A KV pool whose heads are wider than the model's (FlashInfer's 128 for Phi-3-mini's 96): K and V land
+    zero-padded, and the layer's output equals that over a pool of the model's own width (plain SDPA as reference),
+    two sequences, prefill then decode over the cached tokens."""
+    from braidinfer.attention import AttentionMetadata, SeqSpan, TorchAttention
+    from braidinfer.layers.attention import PagedAttention, pad_heads
+    from braidinfer.models.forward_batch import ForwardBatch
+
+    heads, kv_heads, hd, wide, page_size = 4, 2, 24, 32, 4
+    layer = PagedAttention(0, heads, kv_heads, hd, rotary=False)
+    holder = nn.ModuleList([layer])
+    pools = {width: torch.zeros(1, 8, 2, kv_heads, page_size, width) for width in (hd, wide)}
+    backends = {width: TorchAttention(pool, hd**-0.5) for width, pool in pools.items()}
+    g = torch.Generator().manual_seed(3)
+    tables = [torch.tensor([0, 1, 2]), torch.tensor([5, 3])]
+
+    def step(q_lens, ctx_lens):
+        spans, slots, start = [], [], 0
+        for q_len, ctx, table in zip(q_lens, ctx_lens, tables):
+            spans.append(SeqSpan(start, q_len, ctx, table))
+            pos = torch.arange(ctx - q_len, ctx)
+            slots.append(table[pos // page_size] * page_size + pos % page_size)
+            start += q_len
+        meta = AttentionMetadata(spans, torch.cat(slots), start)
+        qkv = torch.randn(start, (heads + 2 * kv_heads) * hd, generator=g)
+        outs = {}
+        for width in (hd, wide):
+            pad_heads(holder, width)
+            batch = ForwardBatch(positions=torch.zeros(start, dtype=torch.int64), meta=meta, attention=backends[width])
+            outs[width] = layer(qkv, batch)
+        return qkv, meta, outs
+
+    for q_lens, ctx_lens in (([9, 5], [9, 5]), ([1, 1], [10, 6])):
+        qkv, meta, outs = step(q_lens, ctx_lens)
+        assert outs[wide].shape == (meta.num_tokens, heads * hd)
+        torch.testing.assert_close(outs[wide], outs[hd], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pools[wide][..., :hd], pools[hd])
+    assert pools[wide][..., hd:].abs().max() == 0
+    # The reference: plain causal SDPA of the last step's first sequence (decode over its 10 tokens).
+    k_cache, v_cache = (pools[hd][0, tables[0], i].permute(1, 0, 2, 3).reshape(kv_heads, -1, hd)[:, :10]
+                        for i in (0, 1))
+    q = qkv[0, : heads * hd].view(heads, 1, hd)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k_cache.repeat_interleave(heads // kv_heads, 0), v_cache.repeat_interleave(heads // kv_heads, 0))
+    torch.testing.assert_close(outs[wide][0], ref.reshape(-1), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="cannot hold"):
+        pad_heads(holder, hd - 8)
