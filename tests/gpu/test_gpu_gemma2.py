@@ -21,9 +21,12 @@ def gemma2_config():
     from transformers import Gemma2Config
 
     # 4 layers of head_dim 128 (FlashInfer's cached kernels); a window shorter than most prompts; caps that bend.
+    # The final cap is Gemma 2's own 30: at 5 the top logits of this model all sit within 0.01 of the cap, so bf16
+    # rounding alone picks the greedy token (transformers' bf16 model agreed with its float32 one on 2 of 16 first
+    # tokens); at 30 the top logit (~27, ~43 before the cap) leads by ~9.
     return Gemma2Config(vocab_size=49152, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
                         num_attention_heads=4, num_key_value_heads=2, head_dim=128, query_pre_attn_scalar=128,
-                        sliding_window=WINDOW, attn_logit_softcapping=5.0, final_logit_softcapping=5.0,
+                        sliding_window=WINDOW, attn_logit_softcapping=5.0, final_logit_softcapping=30.0,
                         max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                         attn_implementation="eager")
 
@@ -57,10 +60,7 @@ def test_logprobs_within_bf16_tolerance(models):
 
 def test_chunked_prefill_with_windows(checkpoint, models):
     """A prompt prefilled in chunks: each continuation chunk attends with fewer query rows than KV rows, through the
-    windowed and the global layers' wrappers. Single prompts of at most 300 tokens (one chunk) pass
-    test_logprobs_within_bf16_tolerance; 16 prompts of up to 560 tokens, 4,520 in all (chunked at the default
-    2,048 per step), failed test_greedy_tokens_agree_like_transformers_bf16 on an H200 while the CPU engine chunked
-    at 200 agreed 16 of 16: this isolates the chunking."""
+    windowed and the global layers' wrappers (FlashInfer's window_left with qo_len < kv_len)."""
     (path, _), (_, ref32, ref16) = checkpoint, models
     with LLM(model=str(path), device="cuda", dtype="bfloat16", num_kv_pages=1024, max_num_batched_tokens=128,
              progress=False) as chunked:
