@@ -19,7 +19,7 @@ DOCUMENTS_HEADER = "Use the following documents to answer."
 def sort_documents(documents: Sequence[Document | str]) -> list[Document]:
     """Documents (or plain strings) in a stable order: by id (or metadata "source"), then content; duplicates
     dropped."""
-    unique = {_key(d): d for d in (Document(d) if isinstance(d, str) else d for d in documents)}
+    unique = {document_key(d): d for d in (Document(d) if isinstance(d, str) else d for d in documents)}
     return [unique[k] for k in sorted(unique)]
 
 
@@ -44,6 +44,7 @@ def render_sorted_documents(documents: Sequence[Document], *, header: str = DOCU
     return "\n".join([header, *blocks]) if header else "\n".join(blocks)
 
 
-def _key(document: Document) -> tuple[str, str, str]:
+def document_key(document: Document) -> tuple[str, str, str]:
+    """What identifies a document's rendering and order: (id or source, content, metadata as JSON)."""
     source: Any = document.id or document.metadata.get("source") or ""
     return (str(source), document.page_content, json.dumps(document.metadata, sort_keys=True, default=str))

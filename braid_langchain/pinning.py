@@ -21,13 +21,13 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from braidinfer.errors import InvalidRequestError, OutOfPagesError
 
-from braid_langchain.documents import render_sorted_documents
-from braid_langchain.messages import to_chat_messages
+from braid_langchain.documents import document_key, render_sorted_documents
+from braid_langchain.messages import content_text, to_chat_messages
 
 if TYPE_CHECKING:
     from braidinfer import LLM
@@ -43,7 +43,7 @@ _REFUSED = (OutOfPagesError, InvalidRequestError)  # how the engine refuses a pi
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
-    if a[:n] == b[:n]:  # the usual case, compared in C
+    if (a if len(a) == n else a[:n]) == (b if len(b) == n else b[:n]):  # the usual case, compared in C
         return n
     i = 0
     while i < n and a[i] == b[i]:
@@ -74,10 +74,11 @@ def segment_heads(llm: LLM, prompt: list[int], messages: Sequence[Any], base: Se
         if message.type != "system":
             break
         lead.append(message)
-    # The key holds each text once (the heads repeat the system prompt and every earlier document); the heads
-    # themselves are built only when they are not stored yet.
-    key = repr((to_chat_messages(lead), [*base], [render_sorted_documents([d], header="") for d in documents],
-                template_kwargs))
+    # The key holds each text once, as the caller's own string objects (the heads repeat the system prompt and every
+    # earlier document): a str caches its hash, so looking up a known system prompt and documents costs no pass over
+    # their text. The heads themselves are built only when they are not stored yet.
+    key = (tuple(content_text(m.content) for m in lead), tuple(base), tuple(map(document_key, documents)),
+           repr(template_kwargs))
 
     def render() -> list[tuple[list[int], str]]:
         heads = [to_chat_messages(lead, system_extras=[*base, render_sorted_documents(documents[:i])])
@@ -100,7 +101,7 @@ class PrefixPins:
         self.llm = llm
         self.max_chunks = max_chunks
         self._chunks: OrderedDict[tuple[int, ...], Chunk] = OrderedDict()
-        self._heads: OrderedDict[str, list[tuple[list[int], str]]] = OrderedDict()
+        self._heads: OrderedDict[Hashable, list[tuple[list[int], str]]] = OrderedDict()
         self._lock = threading.Lock()
 
     def pin(self, prompt: list[int], segments: Sequence[tuple[int, str]]) -> int | None:
@@ -140,7 +141,7 @@ class PrefixPins:
             parent = chunk
         return cached_before
 
-    def heads(self, key: str, render: Callable[[], list[tuple[list[int], str]]]) -> list[tuple[list[int], str]]:
+    def heads(self, key: Hashable, render: Callable[[], list[tuple[list[int], str]]]) -> list[tuple[list[int], str]]:
         """The head renderings stored under `key`, rendering them with `render` the first time."""
         with self._lock:
             heads = self._heads.get(key)
