@@ -250,7 +250,9 @@ def run(args, shape: dict, tokenizer_dir: str | None) -> tuple[dict, float | Non
             print(f"{fmt}: {path} ready in {time.perf_counter() - t0:.0f} s", flush=True)
             t0 = time.perf_counter()
             rows[fmt] = measure(path, fmt, args)
-            print(f"{fmt}: measured in {time.perf_counter() - t0:.0f} s", flush=True)
+            row = rows[fmt]
+            print(f"{fmt}: measured in {time.perf_counter() - t0:.0f} s: {row['weight_bytes'] / 1e9:.2f} GB, batch-1 "
+                  f"{row['batch1']:.1f} tok/s, batch {args.batch} {row['batch']:.1f} tok/s", flush=True)
             for note in rows[fmt]["notes"]:
                 print(f"  {note}", flush=True)
             if all(f.split(":")[0] != base for f in formats[i + 1:]):
