@@ -13,6 +13,7 @@ read the hidden states of the first B rows.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -38,6 +39,23 @@ __all__ = ["MAX_GRAPH_BATCH_SIZE", "PREFILL_GRAPH_TOKENS", "DecodeGraphs", "Pref
 
 T = TypeVar("T")
 
+_capture_lock = threading.Lock()
+_capture_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """The side stream that every engine's CUDA-graph captures on `device` run on, one per process. PyTorch keeps a
+    cuBLAS workspace (tens of MiB) for each stream that ran a cuBLAS call, until the process ends: with a new stream
+    per capture, every engine built and closed would leave its workspaces behind. Hold `_capture_lock` while using
+    it (engines built in two threads at once must not capture on one stream together)."""
+    device = torch.device(device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    stream = _capture_streams.get(device)
+    if stream is None:
+        stream = _capture_streams[device] = torch.cuda.Stream(device)
+    return stream
+
 
 def capture(fn: Callable[[], T], pool=None, stream: torch.cuda.Stream | None = None
             ) -> tuple[torch.cuda.CUDAGraph, T]:
@@ -45,9 +63,10 @@ def capture(fn: Callable[[], T], pool=None, stream: torch.cuda.Stream | None = N
     modules and cached buffers, cuBLAS workspaces, Triton's compiled kernels) exists before capture begins, then
     captures a second call into a CUDA graph on that stream. Returns the graph and what the captured call returned
     (static tensors: each replay rewrites them). `pool`: a graph memory pool (`torch.cuda.graph_pool_handle()`) to
-    share with other graphs; `stream`: the side stream (default: a new one). The current stream waits for both runs.
-    Capture runs in "thread_local" error mode, so CUDA work on other threads does not invalidate it."""
-    stream = stream if stream is not None else torch.cuda.Stream()
+    share with other graphs; `stream`: the side stream (default: the process's, `capture_stream`). The current
+    stream waits for both runs. Capture runs in "thread_local" error mode, so CUDA work on other threads does not
+    invalidate it."""
+    stream = stream if stream is not None else capture_stream(torch.device("cuda", torch.cuda.current_device()))
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         fn()
@@ -81,11 +100,13 @@ class _CapturedForwards:
     @contextlib.contextmanager
     def _capturing(self):
         """Yields (memory pool, side stream) for `_capture_one`. Capture largest first, all in one memory pool: a
-        smaller graph reuses the larger ones' intermediate buffers; all on one side stream (see `capture`)."""
-        pool, stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(self.hidden.device)
-        with torch.inference_mode():
-            yield pool, stream
-        torch.cuda.synchronize()
+        smaller graph reuses the larger ones' intermediate buffers; all on the process's capture stream (see
+        `capture` and `capture_stream`)."""
+        with _capture_lock:
+            pool, stream = torch.cuda.graph_pool_handle(), capture_stream(self.hidden.device)
+            with torch.inference_mode():
+                yield pool, stream
+            torch.cuda.synchronize()
 
     def _capture_one(self, num_rows: int, attention, pool, stream) -> torch.cuda.CUDAGraph:
         """The forward of the first num_rows rows through `attention` (planned for the loaded inputs), run once
