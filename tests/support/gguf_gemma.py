@@ -59,3 +59,37 @@ def _copy_tokenizer(writer, source: str) -> None:
         vtype = field.types[0]
         sub_type = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(key, field.contents(), vtype, sub_type=sub_type)
+
+
+def randomized_gemma_gguf(model, directory, seed: int, tokenizer_gguf: str):
+    """`model` (a fresh transformers Gemma 2 / 3) with its norm weights drawn from [-0.5, 2] (zero-centred in
+    transformers: a missed -1 at load would show) and its matrices from N(0, 0.1), written to `directory` as an F32
+    GGUF; returns (the file's path, the model)."""
+    import torch
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(-0.5, 2.0)
+            elif p.dim() == 2:
+                p.normal_(0, 0.1)
+    path = directory / f"tiny-{model.config.model_type}.F32.gguf"
+    write_gemma_gguf(model.eval(), path, tokenizer_gguf)
+    return str(path), model
+
+
+def gguf_weights(source) -> dict:
+    """Every tensor a resolved GGUF source yields, by checkpoint name, in float32."""
+    import torch
+
+    return dict(source.iter_weights(torch.float32, progress=False))
+
+
+def assert_same_weights(ours: dict, ref: dict) -> None:
+    """Our tensors equal a transformers state dict's, name for name (the tied lm_head aside)."""
+    import torch
+
+    assert set(ours) == set(ref) - {"lm_head.weight"}
+    for name, tensor in ours.items():
+        torch.testing.assert_close(tensor, ref[name].float(), msg=name)

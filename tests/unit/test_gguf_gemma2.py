@@ -13,7 +13,7 @@ from braidinfer.loader import resolve_model
 from braidinfer.models.config import ModelConfig
 from braidinfer.models.gemma2 import Gemma2ForCausalLM
 from tests.support.family_parity import assert_logprobs_match, random_prompts
-from tests.support.gguf_gemma import write_gemma_gguf
+from tests.support.gguf_gemma import assert_same_weights, gguf_weights, randomized_gemma_gguf
 
 # llama.cpp scales attention by head_dim ** -0.5 (query_pre_attn_scalar is not in the file): the model agrees.
 SHAPE = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
@@ -26,17 +26,8 @@ SHAPE = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden
 def gemma2_gguf(tmp_path_factory, embedded_gguf):
     import transformers
 
-    torch.manual_seed(4)
-    model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**SHAPE)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):  # zero-centred in transformers: a missed -1 would show
-                p.uniform_(-0.5, 2.0)
-            elif p.dim() == 2:
-                p.normal_(0, 0.1)
-    path = tmp_path_factory.mktemp("gguf-gemma2") / "tiny-gemma2.F32.gguf"
-    write_gemma_gguf(model, path, embedded_gguf)
-    return str(path), model
+    model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**SHAPE))
+    return randomized_gemma_gguf(model, tmp_path_factory.mktemp("gguf-gemma2"), 4, embedded_gguf)
 
 
 @pytest.fixture(scope="module")
@@ -44,19 +35,9 @@ def source(gemma2_gguf):
     return resolve_model(gemma2_gguf[0])  # parsing the header (a 49k-token vocabulary) takes seconds: once
 
 
-def _weights(source) -> dict[str, torch.Tensor]:
-    return dict(source.iter_weights(torch.float32, progress=False))
-
-
-def _assert_same_weights(ours: dict, ref: dict):
-    assert set(ours) == set(ref) - {"lm_head.weight"}
-    for name, tensor in ours.items():
-        torch.testing.assert_close(tensor, ref[name].float(), msg=name)
-
-
 def test_weights_are_the_checkpoints_with_norms_shifted_back(gemma2_gguf, source):
     _, ref = gemma2_gguf
-    _assert_same_weights(_weights(source), ref.state_dict())
+    assert_same_weights(gguf_weights(source), ref.state_dict())
 
 
 def test_weights_match_transformers_gguf_import(gemma2_gguf, source):
@@ -64,7 +45,7 @@ def test_weights_match_transformers_gguf_import(gemma2_gguf, source):
 
     path, _ = gemma2_gguf
     hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
-    _assert_same_weights(_weights(source), hf.state_dict())
+    assert_same_weights(gguf_weights(source), hf.state_dict())
 
 
 def test_config_from_metadata(gemma2_gguf, source):

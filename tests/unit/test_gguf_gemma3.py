@@ -13,7 +13,7 @@ from braidinfer.loader import resolve_model
 from braidinfer.models.config import ModelConfig
 from braidinfer.models.gemma3 import Gemma3ForCausalLM
 from tests.support.family_parity import assert_logprobs_match, random_prompts
-from tests.support.gguf_gemma import write_gemma_gguf
+from tests.support.gguf_gemma import assert_same_weights, gguf_weights, randomized_gemma_gguf
 
 # What llama.cpp assumes for a gemma3 file: every sixth layer global, local base 10000, attention scaled by
 # head_dim ** -0.5 (query_pre_attn_scalar == head_dim); the model agrees, so transformers is the reference.
@@ -27,17 +27,8 @@ SHAPE = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden
 def gemma3_gguf(tmp_path_factory, embedded_gguf):
     import transformers
 
-    torch.manual_seed(6)
-    model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**SHAPE)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):  # zero-centred in transformers: a missed -1 would show
-                p.uniform_(-0.5, 2.0)
-            elif p.dim() == 2:
-                p.normal_(0, 0.1)
-    path = tmp_path_factory.mktemp("gguf-gemma3") / "tiny-gemma3.F32.gguf"
-    write_gemma_gguf(model, path, embedded_gguf)
-    return str(path), model
+    model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**SHAPE))
+    return randomized_gemma_gguf(model, tmp_path_factory.mktemp("gguf-gemma3"), 6, embedded_gguf)
 
 
 @pytest.fixture(scope="module")
@@ -45,21 +36,11 @@ def source(gemma3_gguf):
     return resolve_model(gemma3_gguf[0])  # parsing the header (a 49k-token vocabulary) takes seconds: once
 
 
-def _weights(source) -> dict[str, torch.Tensor]:
-    return dict(source.iter_weights(torch.float32, progress=False))
-
-
-def _assert_same_weights(ours: dict, ref: dict):
-    assert set(ours) == set(ref) - {"lm_head.weight"}
-    for name, tensor in ours.items():
-        torch.testing.assert_close(tensor, ref[name].float(), msg=name)
-
-
 def test_weights_are_the_checkpoints_with_norms_shifted_back(gemma3_gguf, source):
     _, ref = gemma3_gguf
-    ours = _weights(source)
+    ours = gguf_weights(source)
     assert "model.layers.0.self_attn.q_norm.weight" in ours
-    _assert_same_weights(ours, ref.state_dict())
+    assert_same_weights(ours, ref.state_dict())
 
 
 def test_weights_match_transformers_gguf_import(gemma3_gguf, source):
@@ -67,7 +48,7 @@ def test_weights_match_transformers_gguf_import(gemma3_gguf, source):
 
     path, _ = gemma3_gguf
     hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
-    _assert_same_weights(_weights(source), hf.state_dict())
+    assert_same_weights(gguf_weights(source), hf.state_dict())
 
 
 def test_config_from_metadata(gemma3_gguf, source):
