@@ -19,7 +19,7 @@ import torch
 from braidinfer import LLM, SamplingParams
 from braidinfer.attention.flashinfer_backend import FlashInferAttention
 from tests.conftest import build_tiny_model_from_config
-from tests.gpu.test_gpu_parity import DEFAULT_PATH_TOL, MAX_BF16_ERROR
+from tests.gpu.test_gpu_parity import DEFAULT_PATH_TOL, MAX_BF16_ERROR, _errors, _greedy
 from tests.support.numerics import assert_error_like_reference, assert_greedy_agreement, assert_same_greedy
 
 MIN_FIRST_AGREEMENT = 0.5
@@ -50,17 +50,6 @@ def prompts(seed: int, lengths=PROMPT_LENGTHS) -> list[list[int]]:
     return [torch.randint(3, 49152, (n,), generator=g).tolist() for n in lengths]
 
 
-def _logprobs(model, ids):
-    with torch.no_grad():
-        return torch.log_softmax(model(torch.tensor([ids], device="cuda")).logits[0].float(), -1)
-
-
-def _greedy(model, prompt, n=32):
-    out = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=n, min_new_tokens=n,
-                         do_sample=False, eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
-
-
 def check_default_path_against_torch_backend(path: str) -> list[str]:
     """The default CUDA engine against the torch backend eagerly, both bf16, alone and batched; returns the default
     engine's kernel_paths()."""
@@ -88,20 +77,8 @@ def check_bf16_error_like_transformers(path: str, ref32) -> None:
     """Our bf16 logprobs off transformers' float32 model by no more than transformers' own bf16 model is."""
     ref32 = ref32.to("cuda")
     ref16 = copy.deepcopy(ref32).to(torch.bfloat16)
-    params = SamplingParams(temperature=0, max_tokens=8, logprobs=5, ignore_eos=True)
     with LLM(model=path, device="cuda", dtype="bfloat16", num_kv_pages=4096, progress=False) as llm:
-        for prompt in prompts(seed=0)[:4]:
-            out = llm.generate(prompt, params)[0]
-            ids = prompt + out.token_ids
-            exact, hf16 = _logprobs(ref32, ids), _logprobs(ref16, ids)
-            ours = hf = 0.0
-            for step, lp in enumerate(out.logprobs):
-                row = len(prompt) - 1 + step
-                for token, value in lp.top:
-                    ours = max(ours, abs(value - exact[row, token].item()))
-                    hf = max(hf, abs(hf16[row, token].item() - exact[row, token].item()))
-            print(f"prompt {len(prompt)}: bf16 error vs fp32 {ours:.3f}, transformers' {hf:.3f}")
-            assert_error_like_reference(ours, hf, MAX_BF16_ERROR)
+        check_logprobs(llm, ref32, ref16, prompts(seed=0)[:4])
 
 
 def check_fp32_greedy_equals_transformers(path: str, ref32) -> None:
@@ -125,13 +102,7 @@ def check_logprobs(llm, ref32, ref16, prompts) -> None:
     MAX_BF16_ERROR."""
     for prompt in prompts:
         out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=8, logprobs=5, ignore_eos=True))[0]
-        exact, hf16 = _logprobs(ref32, prompt + out.token_ids), _logprobs(ref16, prompt + out.token_ids)
-        ours = hf = 0.0
-        for step, lp in enumerate(out.logprobs):
-            row = len(prompt) - 1 + step
-            for token, value in lp.top:
-                ours = max(ours, abs(value - exact[row, token].item()))
-                hf = max(hf, abs(hf16[row, token].item() - exact[row, token].item()))
+        ours, hf = _errors(out, prompt, ref32, ref16)
         print(f"prompt {len(prompt)}: bf16 error vs fp32 {ours:.3f}, transformers' {hf:.3f}")
         assert_error_like_reference(ours, hf, MAX_BF16_ERROR)
 
