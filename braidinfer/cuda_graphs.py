@@ -66,7 +66,7 @@ def capture(fn: Callable[[], T], pool=None, stream: torch.cuda.Stream | None = N
     share with other graphs; `stream`: the side stream (default: the process's, `capture_stream`). The current
     stream waits for both runs. Capture runs in "thread_local" error mode, so CUDA work on other threads does not
     invalidate it."""
-    stream = stream if stream is not None else capture_stream(torch.device("cuda", torch.cuda.current_device()))
+    stream = stream if stream is not None else capture_stream(torch.device("cuda"))
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         fn()

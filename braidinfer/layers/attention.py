@@ -76,9 +76,7 @@ class PagedAttention(nn.Module):
         if self.cache_head_dim != self.head_dim:
             pad = (0, self.cache_head_dim - self.head_dim)
             q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)  # (T, heads, cache_head_dim)
-            o = batch.attention(self.layer_idx, q, k, v, batch.meta)[..., : self.head_dim]
-        else:
-            o = batch.attention(self.layer_idx, q, k, v, batch.meta)  # (T, qh, hd)
+        o = batch.attention(self.layer_idx, q, k, v, batch.meta)[..., : self.head_dim]  # (T, qh, hd)
         return o.reshape(T, self.q_size)
 
     def _rotate(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
