@@ -17,14 +17,14 @@ from langchain_core.language_models.chat_models import agenerate_from_stream, ge
 from langchain_core.language_models.model_profile import ModelProfile
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable
+from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.tools import BaseTool
 from pydantic import ConfigDict, Field, model_validator
 from typing_extensions import Self
 
 from braidinfer.tokenized_prompt import TokenizedPrompt
 
-from braid_langchain import engines, retries, thinking
+from braid_langchain import direct_calls, engines, retries, thinking
 from braid_langchain.chat_format import ChatFormat, chat_format, template_inputs
 from braid_langchain.documents import render_sorted_documents, sort_documents
 from braid_langchain.messages import to_chat_messages
@@ -199,6 +199,26 @@ class ChatBraid(BaseChatModel):
                             tool_choice=True, tool_call_streaming=True, structured_output=True, temperature=True)
 
     # --- generation ---------------------------------------------------------------------------------------------
+    def invoke(self, input: LanguageModelInput, config: RunnableConfig | None = None, *,
+               stop: list[str] | None = None, **kwargs: Any) -> AIMessage:
+        """LangChain's `invoke`; a call that no callback, cache or rate limiter would see skips its run bookkeeping
+        (`braid_langchain.direct_calls`) and returns the same message."""
+        direct = direct_calls.direct_config(self, config, kwargs)
+        if direct is None:
+            return super().invoke(input, config, stop=stop, **kwargs)
+        result = self._generate(direct_calls.messages_of(self, input), stop=stop, **direct_calls.model_kwargs(kwargs))
+        return direct_calls.finish(result, direct)
+
+    async def ainvoke(self, input: LanguageModelInput, config: RunnableConfig | None = None, *,
+                      stop: list[str] | None = None, **kwargs: Any) -> AIMessage:
+        """LangChain's `ainvoke`, with `invoke`'s direct path."""
+        direct = direct_calls.direct_config(self, config, kwargs)
+        if direct is None:
+            return await super().ainvoke(input, config, stop=stop, **kwargs)
+        result = await self._agenerate(direct_calls.messages_of(self, input), stop=stop,
+                                       **direct_calls.model_kwargs(kwargs))
+        return direct_calls.finish(result, direct)
+
     @_signed
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
@@ -208,9 +228,9 @@ class ChatBraid(BaseChatModel):
             builder = request.reply_builder()
             if run_manager is not None and run_manager.handlers:  # callbacks see every delta
                 result = generate_from_stream(self._stream_request(request, builder, deadline, run_manager))
-            else:
-                result = generate_from_stream(iter([self._collect_request(request, builder, deadline)]))
-            return _with_call_errors(result, builder)
+                return _with_call_errors(result, builder)
+            self._collect_request(request, builder, deadline)
+            return builder.result()
 
         return retries.retrying(self.max_retries)(attempt)
 
@@ -223,9 +243,10 @@ class ChatBraid(BaseChatModel):
             builder = request.reply_builder()
             if run_manager is not None and run_manager.handlers:  # callbacks see every delta
                 result = await agenerate_from_stream(self._astream_request(request, builder, deadline, run_manager))
-            else:  # one chunk merged on the event loop: no chunk per delta, no executor hop as agenerate_from_stream
-                result = generate_from_stream(iter([await self._acollect_request(request, builder, deadline)]))
-            return _with_call_errors(result, builder)
+                return _with_call_errors(result, builder)
+            # The whole reply built once on the event loop: no chunk per delta, no executor hop as agenerate_from_stream
+            await self._acollect_request(request, builder, deadline)
+            return builder.result()
 
         return await retries.acall(self.max_retries, attempt)
 
@@ -272,9 +293,8 @@ class ChatBraid(BaseChatModel):
                         run_manager.on_llm_new_token(chunk.text, chunk=chunk)
                     yield chunk
 
-    def _collect_request(self, request: _Request, builder: ReplyBuilder, deadline: float | None
-                         ) -> ChatGenerationChunk:
-        """`_stream_request` for a caller that wants only the whole reply, as one chunk (no callbacks)."""
+    def _collect_request(self, request: _Request, builder: ReplyBuilder, deadline: float | None) -> None:
+        """`_stream_request` for a caller that wants only the whole reply (`builder.result()`; no callbacks)."""
         if request.budget is None:
             # Woken once when the reply is done, not per delta; the whole text is one delta to the builder.
             self._pin(request, builder, deadline)
@@ -282,11 +302,10 @@ class ChatBraid(BaseChatModel):
                 output = request.engine.generate(request.tokenized(), request.params,
                                                  timeout=retries.remaining(deadline))[0]
             builder.collect(output)
-            return builder.collected()
+            return
         with closing(self._deltas(request, builder, deadline)) as deltas:
             for delta in deltas:
                 builder.collect(delta)
-        return builder.collected()
 
     @classmethod
     def _deltas(cls, request: _Request, builder: ReplyBuilder, deadline: float | None) -> Iterator[Any]:
@@ -309,9 +328,8 @@ class ChatBraid(BaseChatModel):
                             await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
                         yield chunk
 
-    async def _acollect_request(self, request: _Request, builder: ReplyBuilder, deadline: float | None
-                                ) -> ChatGenerationChunk:
-        """`_astream_request` for a caller that wants only the whole reply, as one chunk (no callbacks)."""
+    async def _acollect_request(self, request: _Request, builder: ReplyBuilder, deadline: float | None) -> None:
+        """`_astream_request` for a caller that wants only the whole reply (`builder.result()`; no callbacks)."""
         await self._apin(request, builder, deadline)
         with request.explain_errors():
             if request.budget is None:
@@ -319,11 +337,10 @@ class ChatBraid(BaseChatModel):
                 output = await retries.within(deadline, lambda: request.engine.agenerate(request.tokenized(),
                                                                                          request.params))
                 builder.collect(output)
-                return builder.collected()
+                return
             async with aclosing(request.astream_deltas()) as it:
                 while (delta := await retries.within(deadline, lambda: anext(it, None))) is not None:
                     builder.collect(delta)
-        return builder.collected()
 
     @staticmethod
     def _pin(request: _Request, builder: ReplyBuilder, deadline: float | None) -> None:

@@ -18,10 +18,11 @@ import json
 import uuid
 from typing import Any, Literal, Protocol
 
-from langchain_core.messages import AIMessageChunk
+from langchain_core.language_models.chat_models import generate_from_stream
+from langchain_core.messages import AIMessage, AIMessageChunk
 from langchain_core.messages.ai import InputTokenDetails, OutputTokenDetails, UsageMetadata
 from langchain_core.messages.tool import ToolCallChunk, tool_call_chunk
-from langchain_core.outputs import ChatGenerationChunk
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.utils.json import parse_partial_json
 
 from braid_langchain.reasoning import ThoughtSplitter
@@ -106,6 +107,19 @@ class ReplyBuilder:
             return ChatGenerationChunk(message=message)
         return ChatGenerationChunk(message=self._finish(message, self._last))
 
+    def result(self) -> ChatResult:
+        """What LangChain's `generate_from_stream` makes of `collected()`, with the invalid calls' reasons put back
+        (`with_errors`). A finished reply without tool calls is built directly as its one message: merging and
+        converting chunks would build four."""
+        if self._call_chunks or self._last is None:
+            result = generate_from_stream(iter([self.collected()]))
+            result.generations[0].message = with_errors(result.generations[0].message, self.errors)
+            return result
+        metadata, usage = self._ending(self._last)
+        message = AIMessage(content="".join(self._texts), additional_kwargs=_reasoning_kwargs("".join(
+            self._thought_texts)), usage_metadata=usage, response_metadata=metadata)
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
     def _events(self, chunk: EngineDelta) -> tuple[list[str | ParsedCall], bool]:
         """Text and parsed calls that became final with this engine chunk, and whether max_tokens cut the reply."""
         events: list[str | ParsedCall]
@@ -145,6 +159,13 @@ class ReplyBuilder:
         return tool_call_chunk(name=event.name, args=args, id=call_id, index=index)
 
     def _finish(self, message: AIMessageChunk, chunk: EngineDelta) -> AIMessageChunk:
+        metadata, usage = self._ending(chunk)
+        return AIMessageChunk(content=message.content, tool_call_chunks=message.tool_call_chunks,
+                              additional_kwargs=message.additional_kwargs, usage_metadata=usage,
+                              response_metadata=metadata, chunk_position="last")
+
+    def _ending(self, chunk: EngineDelta) -> tuple[dict[str, Any], UsageMetadata | None]:
+        """The response metadata and usage of the reply that `chunk` (the engine's last) ends."""
         reason = chunk.finish_reason
         if reason == "stop" and self._num_calls > len(self.errors):  # a valid call ended the turn
             reason = "tool_calls"
@@ -152,9 +173,7 @@ class ReplyBuilder:
         usage = usage_metadata(chunk.usage, self.max_cache_read, self.caching) if chunk.usage is not None else None
         if usage is not None and self.thoughts is not None:
             usage["output_token_details"] = OutputTokenDetails(reasoning=self.thoughts.num_tokens)
-        return AIMessageChunk(content=message.content, tool_call_chunks=message.tool_call_chunks,
-                              additional_kwargs=message.additional_kwargs, usage_metadata=usage,
-                              response_metadata=metadata, chunk_position="last")
+        return metadata, usage
 
 
 def _reasoning_kwargs(thought: str) -> dict[str, Any]:

@@ -32,6 +32,11 @@ def test_default_path_equals_torch_backend_with_rope_in_torch(ernie):
     assert not family_gpu.has_window_fallback(paths), paths
 
 
+@NEEDS_FLASHINFER
+def test_cascade_decode_like_plain(ernie):
+    family_gpu.check_cascade_decode_like_plain(ernie[0])
+
+
 def test_bf16_error_like_transformers(ernie):
     family_gpu.check_bf16_error_like_transformers(*ernie)
 

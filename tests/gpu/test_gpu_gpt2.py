@@ -10,6 +10,7 @@ from braidinfer import LLM, SamplingParams
 from braidinfer.attention.flashinfer_backend import FlashInferAttention
 from tests.conftest import build_tiny_model_from_config
 from tests.gpu.test_gpu_parity import DEFAULT_PATH_TOL, NEEDS_FLASHINFER, _greedy
+from tests.support import family_gpu
 from tests.support.numerics import assert_same_greedy
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -72,3 +73,9 @@ def test_default_gpu_path_equals_torch_backend_eager(tmp_path, smollm_tokenizer)
         for g, w in zip(got, want):
             assert_same_greedy(w.token_ids, [dict(x.top) for x in w.logprobs],
                                g.token_ids, [dict(x.top) for x in g.logprobs], DEFAULT_PATH_TOL)
+
+
+@NEEDS_FLASHINFER
+def test_cascade_decode_like_plain(tmp_path, smollm_tokenizer):
+    gentle_gpt2(tmp_path, smollm_tokenizer, seed=33)
+    family_gpu.check_cascade_decode_like_plain(str(tmp_path))

@@ -36,3 +36,13 @@ def test_bf16_error_like_transformers(mistral):
 
 def test_fp32_greedy_equals_transformers(mistral):
     family_gpu.check_fp32_greedy_equals_transformers(*mistral)
+
+
+@NEEDS_FLASHINFER
+def test_cascade_decode_like_plain_without_windows(tmp_path, smollm_tokenizer):
+    """Mistral 7B v0.2 / v0.3 set no window: then cascade decode serves it."""
+    import transformers
+
+    family_gpu.gentle_from_config(transformers.MistralConfig(**{**SHAPE, "sliding_window": None}), tmp_path,
+                                  smollm_tokenizer, seed=27)
+    family_gpu.check_cascade_decode_like_plain(str(tmp_path))

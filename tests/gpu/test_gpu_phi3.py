@@ -14,6 +14,7 @@ from braidinfer import LLM, SamplingParams
 from braidinfer.attention.flashinfer_backend import FlashInferAttention
 from tests.conftest import build_tiny_model_from_config
 from tests.gpu.test_gpu_parity import DEFAULT_PATH_TOL, NEEDS_FLASHINFER, _greedy
+from tests.support import family_gpu
 from tests.support.numerics import assert_same_greedy
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -125,3 +126,9 @@ def test_sliding_window_is_reported_as_a_fallback(tmp_path, smollm_tokenizer):
     with LLM(model=str(tmp_path), device="cuda", num_kv_pages=256, progress=False) as llm:
         fallbacks = [p for p in llm.engine.kernel_paths if p.startswith("fallback:")]
         assert any("sliding windows [100]" in p for p in fallbacks), fallbacks
+
+
+@NEEDS_FLASHINFER
+def test_phi4_mini_layout_cascade_decode_like_plain(tmp_path, smollm_tokenizer):
+    gentle_phi3("phi4-mini", tmp_path, smollm_tokenizer, seed=28)
+    family_gpu.check_cascade_decode_like_plain(str(tmp_path))

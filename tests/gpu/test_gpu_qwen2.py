@@ -36,3 +36,13 @@ def test_bf16_error_like_transformers(qwen2):
 
 def test_fp32_greedy_equals_transformers(qwen2):
     family_gpu.check_fp32_greedy_equals_transformers(*qwen2)
+
+
+@NEEDS_FLASHINFER
+def test_cascade_decode_like_plain_without_windows(tmp_path, smollm_tokenizer):
+    """Qwen2.5's published configs turn the window off (use_sliding_window false): then cascade decode serves it."""
+    import transformers
+
+    config = transformers.Qwen2Config(**{**SHAPE, "use_sliding_window": False})
+    family_gpu.gentle_from_config(config, tmp_path, smollm_tokenizer, seed=26)
+    family_gpu.check_cascade_decode_like_plain(str(tmp_path))

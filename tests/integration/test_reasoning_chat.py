@@ -102,6 +102,23 @@ def test_reasoning_false_closes_the_thought_through_the_template(qwen3_chat_mode
     assert reply.usage_metadata["output_token_details"] == {"reasoning": 0}
 
 
+@pytest.mark.parametrize("model_setting, call_setting, enable_thinking", [
+    (None, None, None), (True, None, True), (False, None, False), (True, False, False), (False, True, True),
+    (None, False, False)])
+def test_reasoning_switches_qwen3s_template_and_a_call_overrides_the_model(qwen3_chat_model, ref, model_setting,
+                                                                             call_setting, enable_thinking):
+    _, tok = ref
+    model = ChatBraid(model=qwen3_chat_model, device="cpu", temperature=0, max_tokens=1, reasoning=model_setting,
+                      engine_kwargs=engine_kwargs(3))
+    kwargs = {} if call_setting is None else {"reasoning": call_setting}
+    chat = [{"role": "user", "content": "Hi"}]
+    # None renders the template's own default (Qwen3: thinking on), with no enable_thinking at all.
+    expected = prompt_of(tok, chat, **({} if enable_thinking is None else {"enable_thinking": enable_thinking}))
+    assert (prompt_of(tok, chat, enable_thinking=False) != prompt_of(tok, chat))  # the switch changes the prompt
+    assert model.invoke("Hi", **kwargs).usage_metadata["input_tokens"] == len(expected)
+    assert asyncio.run(model.ainvoke("Hi", **kwargs)).usage_metadata["input_tokens"] == len(expected)
+
+
 def test_a_turn_with_thinking_is_reused_exactly_as_the_template_re_renders_it(qwen3_chat_model, ref):
     off, tok = ref
     model = ChatBraid(model=qwen3_chat_model, device="cpu", temperature=0, max_tokens=MAX_TOKENS,

@@ -108,7 +108,7 @@ def test_reply_builder_puts_the_thought_in_reasoning_content_streamed_and_collec
     collected.thoughts = ThoughtSplitter(FMT)
     for d in deltas:
         collected.collect(d)
-    for message in (merged.message, collected.collected().message):
+    for message in (merged.message, collected.collected().message, collected.result().generations[0].message):
         assert message.content == "Done."
         assert message.additional_kwargs == {"reasoning_content": "Plan it."}
         assert message.usage_metadata["output_token_details"] == {"reasoning": 6}

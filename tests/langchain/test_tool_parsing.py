@@ -233,7 +233,7 @@ def test_cache_read_is_capped_by_what_was_cached_before_the_call():
     ("forced", None, ['{"name": "get_weather", ', '"arguments": {"city": "Par'], "length"),
     ("forced", None, ['{"name": "get_weather", ', '"arguments": {"city": "Paris"}}'], "stop"),
 ])
-def test_collected_reply_equals_langchains_merge_of_the_streamed_chunks(mode, max_calls, texts, finish):
+def test_collected_reply_and_result_equal_langchains_merge_of_the_streamed_chunks(mode, max_calls, texts, finish):
     from langchain_core.language_models.chat_models import generate_from_stream
 
     streamed, collected = ReplyBuilder("m", mode, max_calls=max_calls), ReplyBuilder("m", mode, max_calls=max_calls)
@@ -253,6 +253,8 @@ def test_collected_reply_equals_langchains_merge_of_the_streamed_chunks(mode, ma
 
     assert plain(got, collected.errors) == plain(expected, streamed.errors)
     assert got.usage_metadata["input_token_details"]["cache_read"] == 10
+    built = collected.result().generations[0].message  # the direct build (no tool calls) or the merge, errors in
+    assert type(built) is type(expected) and plain(built, {}) == plain(expected, streamed.errors)
 
 
 # --- documents ------------------------------------------------------------------------------------------------

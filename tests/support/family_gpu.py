@@ -7,6 +7,7 @@ rounding alone does not flip which key wins and the tolerances measured there ap
 - the bf16 logprob error against transformers' float32 model of the size of transformers' own bf16 error;
 - fp32 on CUDA: greedy continuations equal transformers' float32 ones;
 - kernel_paths() names the fallback a windowed model takes (FlashInfer decode instead of Triton's, no cascade);
+- cascade decode (questions sharing a pinned chunk) against plain decode, for the families that take it;
 - for families whose default path the torch backend cannot mirror step by step (Gemma 2 / 3: window and soft-cap
   wrappers), the bf16 engine against transformers' float32 and bf16 runs directly (check_logprobs, check_greedy).
 """
@@ -71,6 +72,24 @@ def check_default_path_against_torch_backend(path: str) -> list[str]:
             assert_same_greedy(w.token_ids, [dict(x.top) for x in w.logprobs],
                                g.token_ids, [dict(x.top) for x in g.logprobs], DEFAULT_PATH_TOL)
     return paths
+
+
+def check_cascade_decode_like_plain(path: str) -> None:
+    """Twelve questions on one pinned 300-token chunk, bf16, through cascade-decode graphs (threshold 0: every
+    decode step shares the chunk's pages) and through the plain graphs: the same greedy tokens and logprobs
+    (tests/gpu/test_cuda_graphs.py::assert_cascade_like_plain)."""
+    from tests.gpu.test_cuda_graphs import assert_cascade_like_plain
+
+    prefix = prompts(seed=7, lengths=[300])[0]
+    questions = prompts(seed=8, lengths=[5 + 3 * i for i in range(12)])
+    params = SamplingParams(temperature=0, max_tokens=16, logprobs=5, ignore_eos=True)
+    outputs = []
+    for extra in (dict(cascade_min_saved_tokens=0), dict(cascade_decode=False)):
+        with LLM(model=path, device="cuda", dtype="bfloat16", num_kv_pages=1024, progress=False, **extra) as llm:
+            outputs.append(llm.generate(questions, params, chunks=llm.chunks.add(prefix)))
+            assert not [p for p in llm.engine.kernel_paths if p.startswith("fallback: cascade")]
+            assert (llm.engine.runner.graphs.num_cascade_replays > 0) == ("cascade_decode" not in extra)
+    assert_cascade_like_plain(*outputs)
 
 
 def check_bf16_error_like_transformers(path: str, ref32) -> None:
