@@ -74,6 +74,11 @@ class EngineConfig(ValidatedModel):
     """With fused_kernels on CUDA: steps of one row (batch-1 decode) run each projection as a GEMV kernel with the norm
     or SiLU-and-mul before it in its prologue (kernels/gemv.py), which beats cuBLAS at one row. Off: those steps run
     cuBLAS and the elementwise kernels like every other step (for comparisons)."""
+    freeze_gc: bool = False
+    """Once loaded, collect garbage and freeze every object alive (`gc.freeze`) until the engine closes, so that
+    Python's full collections, which otherwise scan the whole loaded heap (260-320 ms measured on an H200 host with
+    torch, transformers and FlashInfer loaded, every thread stopped), scan only what serving allocates
+    (braidinfer.heap). Loading then costs one full collection more."""
     seed: int = 0
     """Seed of the engine's generator for requests that give none."""
     progress: bool = True

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from braidinfer import heap
 from braidinfer.config import EngineConfig
 from braidinfer.errors import InvalidRequestError, OutOfPagesError
 from braidinfer.kv.page_manager import PageManager
@@ -84,6 +85,10 @@ class LLMEngine:
                                  else self.device.type == "cuda")
         self._in_flight: _Step | None = None  # a launched step whose tokens are not appended yet
         self._last_scheduled: list[Sequence] = []  # the sequences of the step launched last
+        self.froze_heap = config.freeze_gc
+        """Whether this engine froze the loaded heap (braidinfer.heap) until it closes."""
+        if self.froze_heap:
+            heap.freeze()
 
     @property
     def kernel_paths(self) -> list[str]:
@@ -129,7 +134,9 @@ class LLMEngine:
         self.running.clear()
         self._in_flight = None
         self._last_scheduled = []
-        gc.collect()  # the graphs and the model hold reference cycles
+        with heap.thawed(release=self.froze_heap):
+            self.froze_heap = False
+            gc.collect()  # the graphs and the model hold reference cycles
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
