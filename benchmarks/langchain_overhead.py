@@ -16,6 +16,8 @@ adapter's host work per call: request building, pinning, streaming deltas into L
 tok/s counts the tokens each side generated (greedy, so both generate the same tokens). Host CPU time per call is
 printed for both sides too (the whole process, the caller's thread, the engine thread), from the run with the least
 process CPU time: on CPU, where the forward itself dominates the wall clock, it is what shows the adapter's cost.
+The runs alternate (raw, ChatBraid, raw, ...), each after a garbage collection; `ratio` compares the best of each
+side, and the ratio of each interleaved pair is printed too, with their median, since host-bound runs spread.
 `--random-smollm2` needs a saved SmolLM2 tokenizer directory (`--tokenizer`, or BRAID_TEST_TOKENIZER): the
 embedded GGUF is not required.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import gc
 import os
 import pstats
 import shutil
@@ -94,7 +97,7 @@ def run(args: argparse.Namespace, model: str | None) -> None:
     from braid_langchain import ChatBraid, engines
     from braidinfer import SamplingParams
 
-    settings = {"max_num_seqs": max(args.concurrency, 1)}
+    settings = {"max_num_seqs": max(args.concurrency, 1), **({"freeze_gc": True} if args.freeze_gc else {})}
     chat = ChatBraid(model=model, device=args.device, temperature=0.0, max_tokens=args.max_tokens,
                      engine_kwargs=settings)
     llm = engines.get_engine(model, args.device, "auto", **settings)
@@ -141,6 +144,8 @@ def run(args: argparse.Namespace, model: str | None) -> None:
     print(f"LLM.generate          {raw_tokens / raw_s:10.1f} output tok/s  ({raw_tokens} tokens, {raw_s:.3f} s)")
     print(f"ChatBraid.ainvoke     {chat_tokens / chat_s:10.1f} output tok/s  ({chat_tokens} tokens, {chat_s:.3f} s)")
     print(f"ratio                 {(chat_tokens / chat_s) / (raw_tokens / raw_s):10.2f}x")
+    pairs = sorted((c_tok / c_s) / (r_tok / r_s) for (r_s, r_tok), (c_s, c_tok) in zip(raw, ours))
+    print(f"ratio of each pair    {', '.join(f'{r:.2f}' for r in pairs)} (median {pairs[len(pairs) // 2]:.2f}x)")
     print(f"host time per call    {(chat_s - raw_s) / args.calls * 1e3:10.2f} ms more than the raw engine")
     for name, cpu in (("LLM.generate", min(raw_cpu)), ("ChatBraid.ainvoke", min(chat_cpu))):
         process, caller, engine = (t / args.calls * 1e3 for t in cpu)
@@ -207,7 +212,10 @@ def _cpu_times(engine_thread) -> tuple[float, float, float]:
 
 
 def _timed(run, engine_thread, cpu: list) -> tuple[float, int]:
-    """run()'s result; appends the CPU seconds it took (process, caller thread, engine thread) to `cpu`."""
+    """run()'s result; appends the CPU seconds it took (process, caller thread, engine thread) to `cpu`. Garbage is
+    collected first, so that a full collection the earlier runs' garbage would set off (a few hundred milliseconds
+    with torch loaded) does not land inside this one."""
+    gc.collect()
     before = _cpu_times(engine_thread)
     result = run()
     cpu.append(tuple(b - a for a, b in zip(before, _cpu_times(engine_thread))))
@@ -227,6 +235,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--doc-tokens", type=int, default=300, help="shared document length (GPU: 1500)")
     p.add_argument("--max-tokens", type=int, default=8, help="answer length limit")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--freeze-gc", action="store_true", help="engine option freeze_gc (see braidinfer/heap.py)")
     p.add_argument("--profile", action="store_true", help="cProfile one more ChatBraid run (caller thread)")
     p.add_argument("--profile-engine", action="store_true",
                    help="cProfile the engine thread over one more run of each side, and their difference")

@@ -9,10 +9,12 @@ since.
 
 Frozen objects are never collected, and a closing engine's weights and CUDA graphs hold reference cycles that only the
 collector frees: `thawed` unfreezes everything for the closing engine's collection, and freezes again while other
-engines still hold a freeze.
+engines still hold a freeze. At exit the heap is unfrozen too (extension modules that check for leaked objects at
+shutdown, e.g. nanobind's, would report every frozen one).
 """
 from __future__ import annotations
 
+import atexit
 import gc
 import threading
 from collections.abc import Iterator
@@ -20,15 +22,19 @@ from contextlib import contextmanager
 
 _lock = threading.Lock()
 _holders = 0  # engines alive that froze the heap
+_thaw_registered = False
 
 
 def freeze() -> None:
     """Collects garbage once, then freezes every object alive (held until `thawed(release=True)`)."""
-    global _holders
+    global _holders, _thaw_registered
     with _lock:
         gc.collect()
         gc.freeze()
         _holders += 1
+        if not _thaw_registered:
+            atexit.register(gc.unfreeze)
+            _thaw_registered = True
 
 
 @contextmanager
