@@ -100,7 +100,10 @@ class PrefixPins:
     def __init__(self, llm: LLM, max_chunks: int = MAX_PINNED_CHUNKS):
         self.llm = llm
         self.max_chunks = max_chunks
-        self._chunks: OrderedDict[tuple[int, ...], Chunk] = OrderedDict()
+        self._chunks: OrderedDict[str, Chunk] = OrderedDict()  # by chunk id, least recently used first
+        # By whole-prefix length: a lookup compares the prompt with the few chunks of its length (a list comparison
+        # in C), rather than hashing a tuple of the whole prefix on every call.
+        self._by_end: dict[int, list[Chunk]] = {}
         self._heads: OrderedDict[Hashable, list[tuple[list[int], str]]] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -159,6 +162,7 @@ class PrefixPins:
         with self._lock:
             chunks = list(self._chunks.values())
             self._chunks.clear()
+            self._by_end.clear()
         for chunk in chunks:
             chunk.release()
 
@@ -180,36 +184,62 @@ class PrefixPins:
         return prompt[parent.num_prefix_tokens if parent else 0 : end]
 
     def _lookup(self, prompt: list[int], end: int) -> Chunk | None:
-        key = tuple(prompt[:end])
         with self._lock:
-            chunk = self._chunks.get(key)
+            chunk = self._find(prompt, end)
             if chunk is not None and chunk.released:  # released from outside (e.g. llm.chunks.release_all)
-                del self._chunks[key]
+                self._forget(chunk)
                 chunk = None
             if chunk is not None:
-                self._chunks.move_to_end(key)
+                self._chunks.move_to_end(chunk.id)
         return chunk
 
     def _store(self, prompt: list[int], end: int, chunk: Chunk) -> Chunk:
-        key, evicted = tuple(prompt[:end]), []
+        evicted = []
         with self._lock:
-            existing = self._chunks.get(key)
+            existing = self._find(prompt, end)
             if existing is not None and not existing.released:  # another caller pinned it meanwhile
                 evicted.append(chunk)
                 chunk = existing
-            self._chunks[key] = chunk
-            self._chunks.move_to_end(key)
+            elif existing is not None:
+                self._forget(existing)
+            if chunk is not existing:
+                self._chunks[chunk.id] = chunk
+                self._by_end.setdefault(chunk.num_prefix_tokens, []).append(chunk)
+            self._chunks.move_to_end(chunk.id)
             while len(self._chunks) > self.max_chunks:
-                evicted.append(self._chunks.popitem(last=False)[1])
+                evicted.append(self._pop_oldest())
         for old in evicted:
             old.release()
         return chunk
 
     def _release_oldest_half(self) -> None:
         with self._lock:
-            old = [self._chunks.popitem(last=False)[1] for _ in range((len(self._chunks) + 1) // 2)]
+            old = [self._pop_oldest() for _ in range((len(self._chunks) + 1) // 2)]
         for chunk in old:
             chunk.release()
+
+    def _find(self, prompt: list[int], end: int) -> Chunk | None:
+        """The stored chunk whose whole prefix is prompt[:end] (call under the lock)."""
+        same_length = self._by_end.get(end)
+        if same_length:
+            head = prompt[:end]
+            for chunk in same_length:
+                if chunk.prefix_token_ids == head:
+                    return chunk
+        return None
+
+    def _forget(self, chunk: Chunk) -> None:
+        """Drops a stored chunk from both indexes (call under the lock)."""
+        del self._chunks[chunk.id]
+        same_length = self._by_end[chunk.num_prefix_tokens]
+        same_length.remove(chunk)
+        if not same_length:
+            del self._by_end[chunk.num_prefix_tokens]
+
+    def _pop_oldest(self) -> Chunk:
+        chunk = next(iter(self._chunks.values()))
+        self._forget(chunk)
+        return chunk
 
 
 _registry: weakref.WeakKeyDictionary[Any, PrefixPins] = weakref.WeakKeyDictionary()

@@ -132,3 +132,22 @@ def test_prompt_ids_of_long_system_prompts_with_and_without_special_token_string
             chat = to_chat_messages([SystemMessage(system), HumanMessage(question)], system_extras=[])
             assert prompt_cache.prompt_ids(llm, chat, {}) == llm.apply_chat_template(chat)
     assert long_text in prompt_cache._cache_for(llm).clean
+
+
+def test_a_chain_released_from_outside_is_pinned_again_and_a_pinned_one_reused():
+    llm = _engine()
+    pins_for(llm).release_all()
+    pins = PrefixPins(llm)
+    chat = ChatBraid(**GREEDY, max_tokens=4)
+    request = _request(chat, [SYSTEM, HumanMessage("Hi")], documents=DOCS[:2])
+    assert pins.pin(request.prompt, request.segments) is not None  # pinned now: it prefilled
+    first = list(llm.chunks)
+    other = _request(chat, [SYSTEM, HumanMessage("Which lake is largest?")], documents=DOCS[:2])
+    assert pins.pin(other.prompt, other.segments) is None and list(llm.chunks) == first  # the same chain, no prefill
+    llm.chunks.release_all()
+    assert pins.pin(request.prompt, request.segments) is not None
+    again = list(llm.chunks)
+    assert len(pins) == len(first) >= 2 and all(c.released for c in first) and not any(c.released for c in again)
+    assert [c.prefix_token_ids for c in again] == [c.prefix_token_ids for c in first]
+    pins.release_all()
+    assert len(pins) == 0 and llm.cache_stats()["pinned"] == 0
