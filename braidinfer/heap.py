@@ -22,19 +22,16 @@ from contextlib import contextmanager
 
 _lock = threading.Lock()
 _holders = 0  # engines alive that froze the heap
-_thaw_registered = False
+atexit.register(gc.unfreeze)
 
 
 def freeze() -> None:
     """Collects garbage once, then freezes every object alive (held until `thawed(release=True)`)."""
-    global _holders, _thaw_registered
+    global _holders
     with _lock:
         gc.collect()
         gc.freeze()
         _holders += 1
-        if not _thaw_registered:
-            atexit.register(gc.unfreeze)
-            _thaw_registered = True
 
 
 @contextmanager
