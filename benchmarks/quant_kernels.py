@@ -4,12 +4,15 @@ quant_dot.dot_launch_config, quant_gemv.launch_config and quant_gemm.launch_conf
 
     python benchmarks/quant_kernels.py [--qtypes Q4_K,Q8_0] [--rows 1,2,4,8,16,128,512] [--sweep [--sweep-path gemv]]
     python benchmarks/quant_kernels.py --gemm [--gemm-sweep] --rows 2,4,8,16,32,64,128,256,512,1024,2048
+    python benchmarks/quant_kernels.py --columns [--columns-sweep] [--qtypes Q4_K,Q6_K,Q8_0] [--rows 1,2,4,8,16,128]
 
 Without options, quant_linear's default path at each M. --sweep times SWEEP's configurations (rows of W per program,
 K per step, warps, K slices) on the integer-dot GEMV or, with --sweep-path gemv, the float one, M <= 8.
 --gemm times, at each M, the paths of quant_linear side by side: the integer-dot and float GEMVs (M <= 8), the
 fused GEMM at its launch_config and dequantise + cuBLAS, each against bf16; --gemm-sweep adds GEMM_SWEEP's neighbours of the
-launch_config and prints the best four.
+launch_config and prints the best four. --columns times the column layout (kernels/quant_columns.py) beside the row
+layout's default path: its GEMV at launch_config (M <= 8; --columns-sweep adds COLUMNS_SWEEP's configurations,
+slow: each compiles), its dequantise + cuBLAS above.
 
 Each time is the median over replays of one launch's share of a CUDA graph of back-to-back launches (like the decode
 graph's layers), each launch reading a different copy of the weight, and more copies than L2 holds, so weights come
@@ -30,6 +33,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from braid_kernels.quant import BLOCK_SIZE, MAX_ROWS, TYPE_SIZE, QuantGemmConfig, linear_path, quant_linear  # noqa: E402
 from braid_kernels.quant_dot import dot_launch_config  # noqa: E402
 from braid_kernels.quant_gemm import launch_config as gemm_launch_config  # noqa: E402
+from braid_kernels.quant_columns import MAX_ROWS as COLUMNS_MAX_ROWS  # noqa: E402
+from braid_kernels.quant_columns import ColumnsConfig, columns_linear, pack_columns  # noqa: E402
+from braid_kernels.quant_columns import launch_config as columns_launch_config  # noqa: E402
 from braid_kernels.quant_gemv import QuantGemvConfig  # noqa: E402
 
 # (N, K) of a weight: Llama-3.1-8B / Qwen3-8B's o_proj, gate_up-like, down-like, a Qwen-sized lm_head, k/v_proj.
@@ -38,6 +44,9 @@ L2_BYTES_TO_DEFEAT = 240e6  # 4x the H200's 60 MB L2
 FP16_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
 SWEEP = [QuantGemvConfig(n, k, w, s) for n in (1, 2, 4, 8) for k in (512, 1024, 2048, 4096) for w in (2, 4, 8)
          for s in (1, 3)]
+
+
+COLUMNS_SWEEP = [ColumnsConfig(w, s, c) for w in (1, 2, 4) for c in (4, 8) for s in (2, 4, 8, 16, 32)]
 
 
 def gemm_sweep(qtype: str, m: int, n: int) -> list[QuantGemmConfig]:
@@ -152,6 +161,40 @@ def bench_gemm(qtype: str, n: int, k: int, rows: list[int], sweep: bool) -> None
     torch.cuda.empty_cache()
 
 
+def bench_columns(qtype: str, n: int, k: int, rows: list[int], sweep: bool) -> None:
+    """Per M: bf16 matmul, the row layout's default path and the column layout's (GEMV at launch_config for M <= 8,
+    with `sweep` also the best of COLUMNS_SWEEP; dequantise + cuBLAS above)."""
+    qbytes = n * k // BLOCK_SIZE[qtype] * TYPE_SIZE[qtype]
+    dense = copies(lambda: torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02, 2 * n * k)
+    quant = copies(lambda: random_blocks(qtype, n, k), qbytes)
+    columns = [pack_columns(b, qtype) for b in quant]
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for m in rows:
+        x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+        t_bf16 = time_rotating(lambda w: torch.matmul(x, w.t()), dense)
+        t_rows = time_rotating(lambda w: quant_linear(x, w, qtype), quant)
+        t_cols = time_rotating(lambda w: columns_linear(x, w, qtype), columns)
+        line = (f"{qtype:5} {n:>6}x{k:<6} M={m:<4} bf16 {t_bf16:7.1f} us | rows {t_rows:7.1f} us "
+                f"{t_bf16 / t_rows:5.2f}x | columns {t_cols:7.1f} us {t_bf16 / t_cols:5.2f}x "
+                f"{qbytes / t_cols / 1e3:5.0f} GB/s")
+        if m <= COLUMNS_MAX_ROWS:
+            line += f" {tuple(columns_launch_config(m, n, k, num_sms))}"
+        if m <= COLUMNS_MAX_ROWS and sweep:
+            results = []
+            for config in COLUMNS_SWEEP:
+                try:
+                    results.append((time_rotating(lambda w: columns_linear(x, w, qtype, config=config), columns,
+                                                  replays=10), config))
+                except Exception as error:  # out of registers: skip it
+                    print(f"  {tuple(config)} failed: {type(error).__name__}: {str(error)[:80]}")
+            results.sort()
+            line += " | best " + ", ".join(f"{tuple(c)} {t:.1f} us {qbytes / t / 1e3:.0f} GB/s"
+                                           for t, c in results[:3])
+        print(line, flush=True)
+    del dense, quant, columns
+    torch.cuda.empty_cache()
+
+
 def check(qtypes) -> None:
     """One comparison per type with the float32 dequantised matmul (the kernels' own tests are in tests/kernels)."""
     from braid_kernels.quant import dequantize, dequantize_torch
@@ -177,6 +220,8 @@ def main() -> None:
                         help="the GEMV --sweep times: integer-dot (default) or float")
     parser.add_argument("--gemm", action="store_true", help="time quant_linear's paths (GEMV, GEMM, dequantise)")
     parser.add_argument("--gemm-sweep", action="store_true", help="with --gemm, also time GEMM configurations")
+    parser.add_argument("--columns", action="store_true", help="time the column layout beside the row layout")
+    parser.add_argument("--columns-sweep", action="store_true", help="with --columns, also time COLUMNS_SWEEP")
     parser.add_argument("--check", action="store_true", help="compare with the reference first")
     args = parser.parse_args()
     qtypes = args.qtypes.split(",")
@@ -187,7 +232,9 @@ def main() -> None:
     for shape in args.shapes.split(","):
         n, k = (int(v) for v in shape.split("x"))
         for qtype in qtypes:
-            if args.gemm:
+            if args.columns:
+                bench_columns(qtype, n, k, rows, args.columns_sweep)
+            elif args.gemm:
                 bench_gemm(qtype, n, k, rows, args.gemm_sweep)
             else:
                 bench_shape(qtype, n, k, rows, SWEEP if args.sweep else None, args.sweep_path)
