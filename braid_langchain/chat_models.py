@@ -29,7 +29,7 @@ from braid_langchain.chat_format import ChatFormat, chat_format, template_inputs
 from braid_langchain.documents import render_sorted_documents, sort_documents
 from braid_langchain.messages import to_chat_messages
 from braid_langchain.pinning import pins_for, segment_heads
-from braid_langchain.prompt_cache import prompt_ids
+from braid_langchain.prompt_cache import split_prompt_ids
 from braid_langchain.reasoning import ThoughtSplitter
 from braid_langchain.streaming import ReplyBuilder, ToolMode, with_errors
 from braid_langchain.structured import (
@@ -421,8 +421,8 @@ class ChatBraid(BaseChatModel):
         shown = guided if guided is not None else response  # the schema the system prompt shows
         fmt = chat_format(engine.tokenizer)
         reasoning = kwargs.get("reasoning", self.reasoning)
-        prompt, segments = _prompt_ids(engine, messages, offered, shown, kwargs.get("documents") or [],
-                                       with_segments=self.pin_prefixes, reasoning=reasoning)
+        head, prompt, segments = _prompt_ids(engine, messages, offered, shown, kwargs.get("documents") or [],
+                                             with_segments=self.pin_prefixes, reasoning=reasoning)
         if tool_mode == "forced":
             if guided is not None:
                 raise ValueError("a required tool call (tool_choice) cannot be combined with another `guided` "
@@ -441,7 +441,7 @@ class ChatBraid(BaseChatModel):
         prompt, opened, budget = thinking.plan_thought(engine.tokenizer, fmt.reasoning, prompt, reasoning,
                                                        max_thought, guided is not None)
         return _Request(_display_name(kwargs.get("model", self.model)), engine, prompt, params, tool_mode,
-                        schema_owner, segments, max_calls, fmt, opened, budget)
+                        schema_owner, segments, max_calls, fmt, opened, budget, head)
 
     def _sampling_params(self, stop: list[str] | None, guided: GuidedDecoding | None,
                          overrides: dict[str, Any]) -> SamplingParams:
@@ -483,10 +483,12 @@ class _Request:
     chat: ChatFormat | None = None  # the model's tool-call and reasoning formats (None: defaults)
     opened: bool = False  # the prompt opens the thought (the reply starts inside it)
     budget: thinking.ThoughtBudget | None = None  # the reply is generated thought first, then answer
+    head: tuple[int, ...] = ()  # the prompt's first ids, the tuple kept for its system prompt and documents (or ())
 
     def tokenized(self) -> TokenizedPrompt:
-        """The prompt for the engine: ids of its own tokenizer (`_prompt_ids` made them), so not checked one by one."""
-        return TokenizedPrompt(self.prompt, self.engine.tokenizer)
+        """The prompt for the engine: ids of its own tokenizer (`_prompt_ids` made them), so not checked one by one,
+        and its head range-checked once per head, not once per call."""
+        return TokenizedPrompt(self.prompt[len(self.head):], self.engine.tokenizer, head=self.head)
 
     def reply_builder(self) -> ReplyBuilder:
         calls = self.chat.tools.parser(forced=self.tool_mode == "forced") if self.chat is not None else None
@@ -521,10 +523,11 @@ class _Request:
 
 def _prompt_ids(engine: LLM, messages: list[BaseMessage], tools: list[dict[str, Any]], guided: Any,
                 documents: Sequence[Any], with_segments: bool = True, reasoning: bool | None = None
-                ) -> tuple[list[int], list[tuple[int, str]]]:
-    """Renders the conversation with the model's chat template. Tools go through the template when it renders
-    them (in the family's way, see `chat_format.template_inputs`), else into the system prompt; a JSON schema
-    constraint and documents go after the system prompt.
+                ) -> tuple[tuple[int, ...], list[int], list[tuple[int, str]]]:
+    """(head, prompt, segments): renders the conversation with the model's chat template. Tools go through the
+    template when it renders them (in the family's way, see `chat_format.template_inputs`), else into the system
+    prompt; a JSON schema constraint and documents go after the system prompt. `head`: the ids the prompt starts
+    with, as the tuple kept for them (see `prompt_cache.split_prompt_ids`).
 
     With `with_segments`, also returns where the system prompt and each document end in the prompt, as (token
     count, kind), found by `braid_langchain.pinning.segment_heads` (else [])."""
@@ -536,10 +539,10 @@ def _prompt_ids(engine: LLM, messages: list[BaseMessage], tools: list[dict[str, 
                             system_extras=[*base, render_sorted_documents(docs)],
                             call_id=lambda call_id: history_call_id(fmt.tools, call_id))
     chat, template_kwargs = template_inputs(fmt, chat, tools, reasoning)
-    prompt = prompt_ids(engine, chat, template_kwargs)
+    head, prompt = split_prompt_ids(engine, chat, template_kwargs)
     if not with_segments or not chat or chat[0]["role"] != "system":
-        return prompt, []
-    return prompt, segment_heads(engine, prompt, messages, base, docs, template_kwargs)
+        return head, prompt, []
+    return head, prompt, segment_heads(engine, prompt, messages, base, docs, template_kwargs, head)
 
 
 def _tool_mode(choice: str, offered: list[dict[str, Any]]) -> ToolMode:

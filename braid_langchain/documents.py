@@ -47,4 +47,7 @@ def render_sorted_documents(documents: Sequence[Document], *, header: str = DOCU
 def document_key(document: Document) -> tuple[str, str, str]:
     """What identifies a document's rendering and order: (id or source, content, metadata as JSON)."""
     source: Any = document.id or document.metadata.get("source") or ""
-    return (str(source), document.page_content, json.dumps(document.metadata, sort_keys=True, default=str))
+    metadata = document.metadata
+    # json.dumps's own text for {}, without its ~2.5 us of machinery: the key is built twice per document per call.
+    return (str(source), document.page_content, "{}" if metadata == {} else json.dumps(metadata, sort_keys=True,
+                                                                                          default=str))

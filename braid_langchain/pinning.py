@@ -7,7 +7,8 @@ longest common token prefix with the real prompt, so they are exact token prefix
 
 Those head renderings depend only on the system prompt, the documents and the tools, which repeat across calls: they
 are kept per engine (LRU), so a call whose system prompt and documents were seen before renders the chat template
-once, for its own prompt.
+once, for its own prompt. A prompt that starts with a known head tuple (`prompt_cache.split_prompt_ids`) is compared
+with them only past it: where each rendering leaves that head is kept with them.
 
 Pins are best effort: a registry per engine keeps the most recently used chunks (LRU, bounded); when the engine
 refuses a pin (its pin budget is full) the oldest half is released and the call goes on unpinned.
@@ -55,20 +56,53 @@ def segment_ends(prompt: list[int], heads: Sequence[tuple[list[int], str]]) -> l
     """(end, kind) of each segment of `prompt`: the common prefix length of the prompt with each head rendering,
     strictly increasing (a head that adds nothing is dropped; the prompt's last token never belongs to a segment,
     it is always computed)."""
+    return _increasing([(common_prefix_length(prompt, ids), kind) for ids, kind in heads], len(prompt))
+
+
+def _increasing(common: list[tuple[int, str]], prompt_len: int) -> list[tuple[int, str]]:
     out, last = [], 0
-    for ids, kind in heads:
-        end = min(common_prefix_length(prompt, ids), len(prompt) - 1)
+    for length, kind in common:
+        end = min(length, prompt_len - 1)
         if end > last:
             out.append((end, kind))
             last = end
     return out
 
 
+class HeadRenderings:
+    """The head renderings (token ids, kind) of one system prompt with its first 0, 1, ... documents, and how each
+    continues the last prompt head it met (a tuple the prompts start with)."""
+
+    def __init__(self, renderings: list[tuple[list[int], str]]):
+        self.renderings = renderings
+        # (head, [(common prefix length with the head, the rendering past the head if it holds all of it, kind)]);
+        # one slot: calls with one system prompt and documents share one head.
+        self._past: tuple[tuple[int, ...], list[tuple[int, list[int] | None, str]]] | None = None
+
+    def ends(self, prompt: list[int], head: tuple[int, ...] = ()) -> list[tuple[int, str]]:
+        """`segment_ends(prompt, self.renderings)` for a prompt that starts with `head`: the renderings are compared
+        with the head once, and with each prompt only past it."""
+        if not head:
+            return segment_ends(prompt, self.renderings)
+        past = self._past
+        if past is None or past[0] is not head:
+            past = self._past = (head, [_past_head(head, ids, kind) for ids, kind in self.renderings])
+        n, tail = len(head), prompt[len(head):]
+        return _increasing([(length if rest is None else n + common_prefix_length(tail, rest), kind)
+                            for length, rest, kind in past[1]], len(prompt))
+
+
+def _past_head(head: tuple[int, ...], ids: list[int], kind: str) -> tuple[int, list[int] | None, str]:
+    length = common_prefix_length(list(head), ids)
+    return length, ids[len(head):] if length == len(head) else None, kind
+
+
 def segment_heads(llm: LLM, prompt: list[int], messages: Sequence[Any], base: Sequence[str], documents: Sequence[Any],
-                  template_kwargs: dict[str, Any]) -> list[tuple[int, str]]:
+                  template_kwargs: dict[str, Any], head: tuple[int, ...] = ()) -> list[tuple[int, str]]:
     """(end, kind) of the system prompt and of each document in `prompt` (see `segment_ends`): the leading system
     messages of `messages` are rendered with `base` extras and the first 0, 1, ... of `documents` (already in
-    `sort_documents` order, as in the prompt), once per engine and distinct input (cached)."""
+    `sort_documents` order, as in the prompt), once per engine and distinct input (cached). `head`: ids that
+    `prompt` starts with (see `HeadRenderings.ends`)."""
     lead = []
     for message in messages:
         if message.type != "system":
@@ -80,12 +114,12 @@ def segment_heads(llm: LLM, prompt: list[int], messages: Sequence[Any], base: Se
     key = (tuple(content_text(m.content) for m in lead), tuple(base), tuple(map(document_key, documents)),
            repr(template_kwargs))
 
-    def render() -> list[tuple[list[int], str]]:
+    def render() -> HeadRenderings:
         heads = [to_chat_messages(lead, system_extras=[*base, render_sorted_documents(documents[:i])])
                  for i in range(len(documents) + 1)]
-        return _render_heads(llm, heads, template_kwargs)
+        return HeadRenderings(_render_heads(llm, heads, template_kwargs))
 
-    return segment_ends(prompt, pins_for(llm).heads(key, render))
+    return pins_for(llm).heads(key, render).ends(prompt, head)
 
 
 def _render_heads(llm: LLM, heads: list[list[dict[str, Any]]], template_kwargs: dict[str, Any]
@@ -104,7 +138,7 @@ class PrefixPins:
         # By whole-prefix length: a lookup compares the prompt with the few chunks of its length (a list comparison
         # in C), rather than hashing a tuple of the whole prefix on every call.
         self._by_end: dict[int, list[Chunk]] = {}
-        self._heads: OrderedDict[Hashable, list[tuple[list[int], str]]] = OrderedDict()
+        self._heads: OrderedDict[Hashable, HeadRenderings] = OrderedDict()
         self._lock = threading.Lock()
 
     def pin(self, prompt: list[int], segments: Sequence[tuple[int, str]]) -> int | None:
@@ -144,7 +178,7 @@ class PrefixPins:
             parent = chunk
         return cached_before
 
-    def heads(self, key: Hashable, render: Callable[[], list[tuple[list[int], str]]]) -> list[tuple[list[int], str]]:
+    def heads(self, key: Hashable, render: Callable[[], HeadRenderings]) -> HeadRenderings:
         """The head renderings stored under `key`, rendering them with `render` the first time."""
         with self._lock:
             heads = self._heads.get(key)

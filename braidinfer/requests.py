@@ -19,7 +19,7 @@ from braidinfer.sampling.guided import GrammarCompiler
 from braidinfer.sampling.sampler import make_generator
 from braidinfer.sampling_params import SamplingParams
 from braidinfer.sequence import ComposedSegment, Sequence
-from braidinfer.tokenized_prompt import TokenizedPrompt
+from braidinfer.tokenized_prompt import CheckedHeads, TokenizedPrompt
 
 Sink = Callable[[CompletionDelta], None]
 
@@ -43,15 +43,17 @@ class RequestBuilder:
         self.config, self.tokenizer, self.limits = config, tokenizer, limits
         self.grammars, self.device, self.generator = grammars, device, generator
         self._ids = itertools.count()
+        self._checked_heads = CheckedHeads(limits.vocab_size)
 
     def tokenize(self, prompt: str | list[int] | TokenizedPrompt, add_special_tokens: bool = True) -> list[int]:
         """Token ids of a prompt (a string is encoded with the tokenizer's special tokens, e.g. BOS, unless
         `add_special_tokens` is False: a prompt that continues after chunks). A `TokenizedPrompt` of this engine's
-        tokenizer has only its range checked; one of another tokenizer is checked like a list."""
+        tokenizer has only its range checked (its head once per head object); one of another tokenizer is checked like
+        a list."""
         if isinstance(prompt, TokenizedPrompt):
             if prompt.tokenizer is not self.tokenizer:
-                return self.tokenize(prompt.token_ids)
-            return self._own_ids(prompt.token_ids)
+                return self.tokenize(prompt.ids())
+            return self._own_ids(prompt)
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("prompt is empty")
@@ -71,15 +73,18 @@ class RequestBuilder:
             raise InvalidRequestError(f"prompt token ids must be ints in [0, {vocab}); got {bad[:5]}")
         return ids
 
-    def _own_ids(self, token_ids: list[int]) -> list[int]:
-        """A copy of ids this engine's tokenizer produced, after the range check that is all they need."""
-        if not token_ids:
+    def _own_ids(self, prompt: TokenizedPrompt) -> list[int]:
+        """A copy of ids this engine's tokenizer produced, after the range check that is all they need (a head
+        object that passed it before is not checked again)."""
+        head, token_ids = prompt.head, prompt.token_ids
+        if not head and not token_ids:
             raise InvalidRequestError("prompt is empty")
         vocab = self.limits.vocab_size
-        if min(token_ids) < 0 or max(token_ids) >= vocab:
-            bad = [t for t in token_ids if not 0 <= t < vocab]
+        in_range = not token_ids or (min(token_ids) >= 0 and max(token_ids) < vocab)
+        if not in_range or (head and not self._checked_heads.valid(head)):
+            bad = [t for t in prompt.ids() if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
             raise InvalidRequestError(f"prompt token ids must be ints in [0, {vocab}); got {bad[:5]}")
-        return list(token_ids)
+        return prompt.ids()
 
     def sequence(self, prompt: str | list[int] | TokenizedPrompt, params: SamplingParams | None = None,
                  sink: Sink | None = None, request_id: str | None = None, prefix: list[int] | None = None,

@@ -72,3 +72,28 @@ def test_ids_of_another_tokenizer_in_range_are_served(llm):
     ids = llm.tokenizer(TEXT)["input_ids"]
     other = llm.generate(TokenizedPrompt(ids, OtherTokenizer()), GREEDY)[0]
     assert other.token_ids == llm.generate(list(ids), GREEDY)[0].token_ids
+
+
+def test_a_shared_head_gives_what_the_whole_list_gives(llm):
+    ids = llm.tokenizer(f"{TEXT}, and the farmers plant rice")["input_ids"]
+    head = tuple(ids[:6])
+    reference = llm.generate(list(ids), GREEDY)[0]  # the plain list, checked id by id
+    for _ in range(2):  # the second prompt meets the remembered head
+        split = llm.generate(TokenizedPrompt(ids[6:], llm.tokenizer, head=head), GREEDY)[0]
+        assert _summary(split) == _summary(reference)
+    only_head = llm.generate(TokenizedPrompt([], llm.tokenizer, head=tuple(ids)), GREEDY)[0]
+    assert _summary(only_head) == _summary(reference)
+    foreign = llm.generate(TokenizedPrompt(ids[6:], OtherTokenizer(), head=head), GREEDY)[0]
+    assert _summary(foreign) == _summary(reference)
+
+
+@pytest.mark.parametrize("head, rest", [((1, 10**9), [2]), ((1, 2), [-1]), ((-3,), []), ((1, 2.0), [3]),
+                                        ((), [])])
+def test_bad_ids_in_the_head_or_after_it_are_refused_every_time(llm, head, rest):
+    # The reference message: what the same ids as a plain list get.
+    with pytest.raises(InvalidRequestError) as plain:
+        llm.generate([list(head) + rest], GREEDY)
+    for _ in range(2):  # a refused head is not remembered
+        with pytest.raises(InvalidRequestError) as split:
+            llm.generate(TokenizedPrompt(rest, llm.tokenizer, head=head), GREEDY)
+        assert str(split.value) == str(plain.value)
