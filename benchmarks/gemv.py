@@ -1,4 +1,4 @@
-"""The GEMV kernels of kernels/gemv.py against what the model ran before them, per projection of a decoder layer, at
+"""The GEMV kernels of braid_kernels/gemv.py against what the model ran before them, per projection of a decoder layer, at
 batch 1 (and a few rows) on CUDA; and a sweep of launch configurations to choose kernels.gemv.launch_config from.
 
     python benchmarks/gemv.py [--models qwen3-0.6b,smollm2-135m] [--rows 1,2,4,8] [--sweep qwen3-0.6b]

@@ -1,4 +1,4 @@
-"""quant_linear (kernels/quant.py) on GGML blocks against bf16 torch.matmul of the same shape, per GGML type, weight
+"""quant_linear (braid_kernels/quant.py) on GGML blocks against bf16 torch.matmul of the same shape, per GGML type, weight
 shape and number of rows; and sweeps of the GEMVs' and the fused GEMM's launch configurations to choose
 quant_dot.dot_launch_config, quant_gemv.launch_config and quant_gemm.launch_config from.
 
@@ -10,7 +10,7 @@ Without options, quant_linear's default path at each M. --sweep times SWEEP's co
 K per step, warps, K slices) on the integer-dot GEMV or, with --sweep-path gemv, the float one, M <= 8.
 --gemm times, at each M, the paths of quant_linear side by side: the integer-dot and float GEMVs (M <= 8), the
 fused GEMM at its launch_config and dequantise + cuBLAS, each against bf16; --gemm-sweep adds GEMM_SWEEP's neighbours of the
-launch_config and prints the best four. --columns times the column layout (kernels/quant_columns.py) beside the row
+launch_config and prints the best four. --columns times the column layout (braid_kernels/quant_columns.py) beside the row
 layout's default path: its GEMV at launch_config (M <= 8; --columns-sweep adds COLUMNS_SWEEP's configurations,
 slow: each compiles), its dequantise + cuBLAS above.
 

@@ -66,13 +66,13 @@ class EngineConfig(ValidatedModel):
     still take their steps one at a time. A request that stops on a token has one more token computed, dropped.
     None (the default): on with CUDA, off on the CPU (where nothing overlaps)."""
     fused_kernels: bool = True
-    """Use the Triton kernels of `kernels/` on CUDA (the CPU always runs the PyTorch path): RMSNorm (with the residual
+    """Use the Triton kernels of `braid_kernels/` on CUDA (the CPU always runs the PyTorch path): RMSNorm (with the residual
     add), SiLU-and-mul, QK-norm + RoPE + KV write, and for one-token steps GEMVs with the norm or SiLU-and-mul in
     their prologue (see gemv_decode). They keep the PyTorch path's rounding points; only summation orders differ.
     `LLMEngine.kernel_paths` lists the path each layer runs."""
     gemv_decode: bool = True
     """With fused_kernels on CUDA: steps of one row (batch-1 decode) run each projection as a GEMV kernel with the norm
-    or SiLU-and-mul before it in its prologue (kernels/gemv.py), which beats cuBLAS at one row. Off: those steps run
+    or SiLU-and-mul before it in its prologue (braid_kernels/gemv.py), which beats cuBLAS at one row. Off: those steps run
     cuBLAS and the elementwise kernels like every other step (for comparisons)."""
     freeze_gc: bool = False
     """Once loaded, collect garbage and freeze every object alive (`gc.freeze`) until the engine closes, so that

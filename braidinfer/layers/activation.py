@@ -1,6 +1,6 @@
 """Gated activations of the MLP: x = [gate | up] -> act(gate) * up.
 
-SiluAndMul (Llama, Qwen, Mistral: SwiGLU) runs in PyTorch, through kernels/silu_mul.py, or, before a projection on the
+SiluAndMul (Llama, Qwen, Mistral: SwiGLU) runs in PyTorch, through braid_kernels/silu_mul.py, or, before a projection on the
 GEMV path, inside that projection's kernel. GeluAndMul (Gemma's GeGLU, tanh approximation) runs in PyTorch.
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ class DeferredSiluAndMul(Deferred):
 
 class GeluAndMul(nn.Module):
     """x: [..., 2 * d] (gate then up) -> gelu(gate) * up: [..., d]; approximate "tanh" (Gemma's gelu_pytorch_tanh)
-    or "none" (the erf form). PyTorch on every plan: no kernel of kernels/ computes it yet."""
+    or "none" (the erf form). PyTorch on every plan: no kernel of braid_kernels/ computes it yet."""
 
     def __init__(self, approximate: str = "tanh"):
         super().__init__()

@@ -22,7 +22,7 @@ class PagedAttention(nn.Module):
     forward(qkv, batch): qkv [T, (num_heads + 2 * num_kv_heads) * head_dim], q then k then v (the packed qkv_proj's
     output) -> [T, num_heads * head_dim]. The step's rotation is batch.rope, its KV layout batch.meta, and the
     backend (torch, FlashInfer) batch.attention. PyTorch plan: the norms and the rotation in PyTorch, then the backend
-    writes K/V and attends. Triton plan: one kernel (kernels/qk_norm_rope.py) does the norms, the rotation and the
+    writes K/V and attends. Triton plan: one kernel (braid_kernels/qk_norm_rope.py) does the norms, the rotation and the
     write, then the backend only attends.
 
     q_norm, k_norm: Qwen3-style RMSNorms over head_dim, owned (and named in the checkpoint) by the caller; both or none.

@@ -10,7 +10,7 @@ from braidinfer.layers.plan import KernelPlan
 
 class LayerNorm(nn.Module):
     """x: [..., dim] -> y: [..., dim]. F.layer_norm as transformers' nn.LayerNorm runs it (same parameters, same
-    checkpoint names `weight` / `bias`). PyTorch on every plan: no kernel of kernels/ computes it."""
+    checkpoint names `weight` / `bias`). PyTorch on every plan: no kernel of braid_kernels/ computes it."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()

@@ -1,4 +1,4 @@
-"""A projection: nn.Linear (same parameters, same checkpoint names) with the GEMV path of kernels/gemv.py."""
+"""A projection: nn.Linear (same parameters, same checkpoint names) with the GEMV path of braid_kernels/gemv.py."""
 from __future__ import annotations
 
 import torch
@@ -13,7 +13,7 @@ class Linear(nn.Linear):
     """y = x @ weight.T (+ bias); x: [T, in_features] or a Deferred norm/activation -> y: [T, out_features].
 
     On the GEMV plan a step of at most GEMV_MAX_ROWS rows runs a GEMV kernel, which beats cuBLAS at one row (see
-    kernels/gemv.py); a Deferred input (the norm or activation before this projection) runs inside that kernel's
+    braid_kernels/gemv.py); a Deferred input (the norm or activation before this projection) runs inside that kernel's
     prologue. Otherwise F.linear (cuBLAS on CUDA).
     """
 

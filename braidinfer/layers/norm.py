@@ -1,4 +1,4 @@
-"""RMSNorm, plain or with the residual add, in PyTorch or through the Triton kernels of kernels/rmsnorm.py.
+"""RMSNorm, plain or with the residual add, in PyTorch or through the Triton kernels of braid_kernels/rmsnorm.py.
 
 Numerics follow transformers' Llama/Qwen3 RMSNorm operation by operation (where each cast happens matters in bf16);
 the kernels reproduce these rounding points.

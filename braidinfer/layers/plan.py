@@ -24,7 +24,7 @@ GEMV_MAX_ROWS = 1
 class KernelPlan:
     """The execution path of every layer. Both False (the default): PyTorch everywhere.
 
-    triton: the Triton kernels of `kernels/` for RMSNorm (plain and with the residual add), SiLU-and-mul, and the
+    triton: the Triton kernels of `braid_kernels/` for RMSNorm (plain and with the residual add), SiLU-and-mul, and the
         attention's QK-norm + RoPE + KV write (the attention backend then only attends). CUDA tensors, or the CPU
         under TRITON_INTERPRET=1 (tests). They keep the PyTorch path's rounding points; only summation orders differ.
     gemv: steps of at most GEMV_MAX_ROWS rows run every projection of the forward as a GEMV kernel, with the norm or

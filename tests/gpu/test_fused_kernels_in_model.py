@@ -1,6 +1,6 @@
-"""The model with the Triton kernels of `kernels/` computes what the PyTorch path computes, to bf16 rounding.
+"""The model with the Triton kernels of `braid_kernels/` computes what the PyTorch path computes, to bf16 rounding.
 
-Steps of one row (batch-1 decode) run through the GEMV kernels of kernels/gemv.py, the others through cuBLAS and
+Steps of one row (batch-1 decode) run through the GEMV kernels of braid_kernels/gemv.py, the others through cuBLAS and
 the elementwise kernels."""
 from __future__ import annotations
 

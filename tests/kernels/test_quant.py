@@ -1,4 +1,4 @@
-"""The GGML-block kernels of kernels/quant.py against the gguf package's decoder (gguf.quants.dequantize) followed by
+"""The GGML-block kernels of braid_kernels/quant.py against the gguf package's decoder (gguf.quants.dequantize) followed by
 plain float32 torch: the decoders bit for bit, the GEMV and GEMM to the rounding of their output dtype (the GEMM
 paths also round the weights to x's dtype, which _gemm_reference does too).
 

@@ -1,4 +1,4 @@
-"""The column layout of GGML blocks (kernels/quant_columns.py) against the gguf package's decoder followed by plain
+"""The column layout of GGML blocks (braid_kernels/quant_columns.py) against the gguf package's decoder followed by plain
 float32 torch: the layout round-trips to the file's bytes, its dequantiser gives gguf's values bit for bit, its
 GEMV the float32 product to the output's rounding (M <= 8) and its dequantise + matmul path likewise above."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The references in kernels/ compute what the model computes today, bit for bit: each is checked against
+"""The references in braid_kernels/ compute what the model computes today, bit for bit: each is checked against
 braidinfer's own modules (RMSNorm, the MLP, the attention block with the torch backend's KV write), so a kernel that
 matches its reference matches the model. Plain PyTorch on the CPU; no kernel runs here."""
 from __future__ import annotations

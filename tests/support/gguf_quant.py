@@ -4,7 +4,7 @@ uint8 [rows, cols / block_size * type_size].
 Q8_0, Q4_0 and Q4_1 come from gguf.quants.quantize (llama.cpp's own rounding). The gguf package cannot write the
 K-types, so Q4_K, Q5_K and Q6_K are encoded here in numpy with the simplest valid choice of scales (each sub-block's
 range split evenly, the scales themselves quantised against their maximum), not llama.cpp's error-minimising search:
-kernels only need valid blocks, and gguf.quants.dequantize reads them back. Layouts as in kernels/quant_formats.py.
+kernels only need valid blocks, and gguf.quants.dequantize reads them back. Layouts as in braid_kernels/quant_formats.py.
 """
 from __future__ import annotations
 

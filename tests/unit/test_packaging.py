@@ -1,4 +1,5 @@
-"""The distribution installs every package of the tree, and the kernels under a name of our own."""
+"""The distribution installs every package of the tree, and no top-level folder shadows a package that a
+dependency imports (transformers imports PyPI's `kernels`)."""
 import os
 import tomllib
 
@@ -12,7 +13,7 @@ def _setuptools() -> dict:
 
 def test_every_package_directory_is_installed():
     on_disk = set()
-    for top in ("braidinfer", "braid_langchain"):
+    for top in ("braidinfer", "braid_langchain", "braid_kernels"):
         for directory, _, files in os.walk(os.path.join(ROOT, top)):
             if "__init__.py" in files:
                 on_disk.add(os.path.relpath(directory, ROOT).replace(os.sep, "."))
@@ -20,10 +21,11 @@ def test_every_package_directory_is_installed():
     assert on_disk <= listed, f"packages missing from pyproject.toml: {sorted(on_disk - listed)}"
 
 
-def test_the_kernels_install_as_braid_kernels():
-    setuptools = _setuptools()
-    assert setuptools["package-dir"] == {"braid_kernels": "kernels"}
-    assert "kernels" not in setuptools["packages"]
+def test_no_folder_shadows_pypi_kernels():
+    """`kernels` is a transformers dependency on PyPI; a package folder of that name at the root would be imported
+    in its place by any run with the root on sys.path."""
+    assert not os.path.exists(os.path.join(ROOT, "kernels"))
+    assert "package-dir" not in _setuptools()
     import braid_kernels
 
-    assert os.path.samefile(os.path.dirname(braid_kernels.__file__), os.path.join(ROOT, "kernels"))
+    assert os.path.samefile(os.path.dirname(braid_kernels.__file__), os.path.join(ROOT, "braid_kernels"))

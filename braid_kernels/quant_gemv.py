@@ -2,11 +2,11 @@
 
 At batch 1 a projection is bound by reading its weight, and a Q4_K weight is 3.56x smaller than bf16, so the kernel
 must stream the blocks at full bandwidth and keep the decode off the critical path. Each program owns BLOCK_N
-weight rows and walks K in steps of BLOCK_G groups (kernels/quant_decode.py): every step loads BLOCK_N x BLOCK_G
+weight rows and walks K in steps of BLOCK_G groups (braid_kernels/quant_decode.py): every step loads BLOCK_N x BLOCK_G
 runs of 16-32 contiguous bytes (vector loads where the block size keeps them aligned), decodes each group's scales
 once and its codes into floats f in [1, 2) (quant_decode.decode_codes: no int-to-float conversions), and adds
 a * sum(f * x) + b * sum(x) per (row of x, row of W, group): one multiply-add per weight; the sums over K happen
-once at the end. 16-bit x at the same M takes the integer-dot GEMV by default (kernels/quant_dot.py). x (a few
+once at the end. 16-bit x at the same M takes the integer-dot GEMV by default (braid_kernels/quant_dot.py). x (a few
 KB) is re-read by every program from L1/L2. The configurations below keep ~4 programs per SM by shrinking
 BLOCK_N for narrow N and, below one row per program, by splitting K into slices whose float32 partial sums
 are added afterwards (a second, tiny pass; no atomics, so results are deterministic).

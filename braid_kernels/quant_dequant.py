@@ -1,7 +1,7 @@
 """Triton kernel that writes the weights of GGML blocks out in a float dtype: whole matrices (the GEMM path of
 quant_linear dequantises into a buffer and calls the tensor cores) and looked-up rows (quant_embedding).
 
-Launchers with argument checks are in kernels/quant.py; this file only launches."""
+Launchers with argument checks are in braid_kernels/quant.py; this file only launches."""
 from __future__ import annotations
 
 import torch

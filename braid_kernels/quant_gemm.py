@@ -4,7 +4,7 @@ in registers, tile by tile, straight into the tensor cores; the dequantised weig
 Each program owns an output tile of BLOCK_N weight rows x BLOCK_M rows of x, computed transposed (acc [BLOCK_N,
 BLOCK_M] = W_tile @ x_tile.T, "swap AB"): the decoded weights are the MMA's A operand, which Hopper's wgmma takes
 from registers, and x is the B operand, whose N side may be as narrow as 8, so M = 16 or 32 wastes no MMA rows.
-K is walked in steps of BLOCK_G groups (kernels/quant_decode.py's groups, decoded by decode_codes): each
+K is walked in steps of BLOCK_G groups (braid_kernels/quant_decode.py's groups, decoded by decode_codes): each
 group's weights are a `lo` and a `hi` run of LANES contiguous columns, so a step is two dots, lo and hi, each
 against the x columns of its run (contiguous runs, loaded as vectors). The weights are rounded to x's dtype
 before the dot and the sums are float32; float32 x multiplies in full float32 precision ("ieee", no tf32).
@@ -171,4 +171,4 @@ def _dot(w, x, acc, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
 # - BLOCK_K: two 64-weight groups (128) for Q4_K/Q5_K; 64 for the 16-lane types, whose decode holds more registers
 #   per weight (Q6_K at BLOCK_K = 128, BLOCK_M = 128 spills 144 bytes at 4 warps).
 # Left for the GPU: split K for M = 64-256 on narrow N (N = 4096 gives 64 programs at BLOCK_N = 64, each decoding
-# 64 rows of W serially), BLOCK_M = 256 for M >= 512, and GEMM_MAX_ROWS in kernels/quant.py.
+# 64 rows of W serially), BLOCK_M = 256 for M >= 512, and GEMM_MAX_ROWS in braid_kernels/quant.py.

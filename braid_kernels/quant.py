@@ -100,7 +100,7 @@ def quant_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.
     contiguous (a GGUF tensor's bytes); qtype: one of QTYPES; bias: [N] of x's dtype or None. Returns a new
     [M, N] tensor of x's dtype. The path, by M and x's dtype (linear_path) unless `path` names one of PATHS:
     - "dot", by default for M <= GEMV_DEFAULT_ROWS (4) and 16-bit x, possible up to MAX_ROWS (8): x rounded to int8
-      per 32 columns, integer dot products with the weights' codes (kernels/quant_dot.py; `config`: a
+      per 32 columns, integer dot products with the weights' codes (braid_kernels/quant_dot.py; `config`: a
       QuantGemvConfig);
     - "gemv", by default for M <= GEMV_DEFAULT_ROWS and float32 x, possible up to MAX_ROWS: the dequantising GEMV,
       float32 sums (`config`: a QuantGemvConfig);

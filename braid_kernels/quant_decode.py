@@ -1,5 +1,5 @@
-"""Triton device code that decodes GGML blocks (layouts in kernels/quant_formats.py) into float32 weights, shared by
-the dequantising kernels (kernels/quant_dequant.py) and the GEMV (kernels/quant_gemv.py).
+"""Triton device code that decodes GGML blocks (layouts in braid_kernels/quant_formats.py) into float32 weights, shared by
+the dequantising kernels (braid_kernels/quant_dequant.py) and the GEMV (braid_kernels/quant_gemv.py).
 
 Every format is read in *groups*: GROUP_LANES consecutive bytes of a block whose low and high parts (nibbles, or the
 two halves of Q8_0's bytes) are two runs of GROUP_LANES consecutive weights, `lo` and `hi`. A tile of groups is then

@@ -18,7 +18,7 @@ Words per block; a block's bytes are GGUF's, with two padding bytes where the bl
     Q6_K 53 words / 256:  ql[128] | qh[64] | scales int8[16] | d fp16, 2 padding bytes
 
 Memory: Q8_0 9 / 8.5 of its GGUF size, Q4_K and Q6_K (Q4_K_M's types) 1.000 / 1.010. Other types keep the row
-layout (kernels/quant.py).
+layout (braid_kernels/quant.py).
 
 Status: not used by the engine. Measured on an H200 (`python benchmarks/quant_kernels.py --columns --columns-sweep
 --qtypes Q4_K --rows 1,4 --shapes 4096x4096,28672x4096,4096x14336`), against bf16 matmul and the row layout's

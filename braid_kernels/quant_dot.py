@@ -2,7 +2,7 @@
 weights' quant codes multiplied by it four at a time (sm_61+ `dp4a`), as llama.cpp's MMVQ kernels do.
 
 Why: at batch 1 a 4-bit weight must be consumed at ~36 weights per SM per clock to keep up with the H200's memory,
-which leaves ~3.5 instructions per weight. Decoding every code to float and multiplying (kernels/quant_gemv.py)
+which leaves ~3.5 instructions per weight. Decoding every code to float and multiplying (braid_kernels/quant_gemv.py)
 takes ~12; here one 32-bit word of a block holds four codes (8 for 4-bit types: low and high nibbles), two masks
 make them four int8 lanes and one dp4a multiplies them by four int8 x values: ~0.5 instructions per weight in the
 inner loop, ~4.4 per weight with the scales, x and the reductions (sm_90 SASS of the Q4_K kernel at 1 row).
@@ -17,7 +17,7 @@ float32 x therefore keeps the float GEMV. Per group of codes c with weight = a *
 
 with the integer sums exact: the result is W @ (q * dx) up to float32 rounding (llama.cpp's q8_1 activations).
 Code words per type (each word = 4 weights of a group's low run and 4 of its high run; `lo` / `hi` as in
-kernels/quant_decode.py):
+braid_kernels/quant_decode.py):
 
     Q8_0  qs word j (lo) and j + 4 (hi), signed codes            a = d, b = 0
     Q4_0  nibbles of qs word j                                    a = d, b = -8 d
