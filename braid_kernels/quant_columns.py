@@ -323,21 +323,29 @@ def _byte_unit(codes, exponent, I: tl.constexpr):
 
 
 @triton.jit
+def _x_at(xs, I: tl.constexpr, x_ok, pair):
+    """(x at xs + I as float32, pair): bf16 x is loaded two at a time, bytes I and I + 1 of a word being neighbours
+    in x: an even I loads the 32-bit pair, which the odd I after it takes from `pair`."""
+    if xs.dtype.element_ty == tl.bfloat16:
+        if I % 2 == 0:
+            pair = tl.load((xs + I).to(tl.pointer_type(tl.int32)), mask=x_ok, other=0)
+            return (pair << 16).to(tl.float32, bitcast=True), pair
+        else:
+            return (pair & -65536).to(tl.float32, bitcast=True), pair  # & 0xFFFF0000
+    else:
+        return tl.load(xs + I, mask=x_ok, other=0.0).to(tl.float32), pair
+
+
+@triton.jit
 def _run(acc, q, xs, x_ok, r, rows, a, b, exponent=0, BYTES: tl.constexpr = True, BIT: tl.constexpr = 0,
          WIDTH: tl.constexpr = 8, AT: tl.constexpr = 15):
     """acc + [rows == r] (a * sum(f x) + b * sum(x)) over a run of 4 x J weights of one scale; x of word j,
     byte i at xs + 4 j + i (xs: (J, 1) pointers). The codes, from words q (J, BN): with BYTES, byte i of each word
     (0x80 | a 7-bit code: f = 1 + code / 128); else the WIDTH-bit field at bit BIT + 8 i, placed at bit AT of
     the mantissa of 1.0."""
+    pair = 0
     for i in tl.static_range(4):
-        if xs.dtype.element_ty == tl.bfloat16:  # bytes i, i + 1 of a word: one 32-bit load of two bf16 x
-            if i % 2 == 0:
-                pair = tl.load((xs + i).to(tl.pointer_type(tl.int32)), mask=x_ok, other=0)
-                xv = (pair << 16).to(tl.float32, bitcast=True)
-            else:
-                xv = (pair & -65536).to(tl.float32, bitcast=True)  # & 0xFFFF0000
-        else:
-            xv = tl.load(xs + i, mask=x_ok, other=0.0).to(tl.float32)  # (J, 1)
+        xv, pair = _x_at(xs, i, x_ok, pair)  # (J, 1)
         if BYTES:
             f = _byte_unit(q, exponent, i)
         else:
@@ -403,15 +411,9 @@ def _q4_k_step_groups(words, N, col_ok, xs, acc, exponent):
         b = -a - dmin * mn.to(tl.float32)
         codes = _shift(q, 3 - 4 * half) & 0x78787878 | -2139062144
         x3 = xs + 64 * g3 + 32 * half + 4 * j  # (8, 4, 1)
+        pair = 0
         for i in tl.static_range(4):
-            if xs.dtype.element_ty == tl.bfloat16:
-                if i % 2 == 0:
-                    pair = tl.load((x3 + i).to(tl.pointer_type(tl.int32)))
-                    xv = (pair << 16).to(tl.float32, bitcast=True)
-                else:
-                    xv = (pair & -65536).to(tl.float32, bitcast=True)
-            else:
-                xv = tl.load(x3 + i).to(tl.float32)
+            xv, pair = _x_at(x3, i, True, pair)
             f = _byte_unit(codes, exponent, i)
             if i == 0:
                 prod = f * xv
