@@ -60,3 +60,18 @@ def assert_rounding_matches(actual: torch.Tensor, expected: torch.Tensor,
         tolerance = 2 * step
     scale = expected.float().abs().max().item()
     torch.testing.assert_close(actual.float(), expected.float(), rtol=tolerance, atol=tolerance * scale)
+
+
+# Output rounding a quantised product may show against the float32 reference: one step of the dtype (the GEMM paths
+# also round the weights to it, which moves a sum of K products by about that much again), a few float32 ulps of the
+# sum order.
+QUANT_REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+
+def assert_quant_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    """got within QUANT_REL_TOL[dtype] of want, relative to each element plus the mean magnitude."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    got, want = got.float(), want.float()
+    bound = QUANT_REL_TOL[dtype] * (want.abs() + want.abs().mean())
+    worst = ((got - want).abs() - bound).max().item()
+    assert worst <= 0, f"max excess error {worst}; max error {(got - want).abs().max().item()}"

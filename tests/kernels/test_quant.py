@@ -30,13 +30,11 @@ from braid_kernels.quant import (
 from braid_kernels.quant_decode import GROUP_LANES
 from braid_kernels.quant_gemm import launch_config as gemm_launch_config
 from braid_kernels.quant_gemv import MAX_ROWS, launch_config
+from tests.kernels.common import assert_quant_close as _assert_close
 from tests.support.gguf_quant import quantize
 
 QTYPE_LIST = sorted(QTYPES)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# Output rounding allowed against the float32 reference: one step of the dtype (the GEMM path also rounds the
-# weights to it, which moves a sum of K products by about that much again), a few float32 ulps of the sum order.
-REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 # Quantisation error of each type on N(0, 1) values, RMS: a bound a few times what the encoders give (Q8_0 0.005,
 # Q4_* ~0.08, Q5_K 0.04, Q6_K 0.02), far below the 1.0 that garbage blocks would give.
 ROUND_TRIP_RMS = {"Q8_0": 0.02, "Q4_0": 0.2, "Q4_1": 0.2, "Q4_K": 0.2, "Q5_K": 0.1, "Q6_K": 0.05}
@@ -50,12 +48,6 @@ def _weights(rows: int, cols: int, seed: int = 0, qtype: str = "Q4_K") -> tuple[
     return w, torch.from_numpy(quantize(w, qtype))
 
 
-def _assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
-    assert got.dtype == want.dtype and got.shape == want.shape
-    got, want = got.float(), want.float()
-    bound = REL_TOL[dtype] * (want.abs() + want.abs().mean())
-    worst = ((got - want).abs() - bound).max().item()
-    assert worst <= 0, f"max excess error {worst}; max error {(got - want).abs().max().item()}"
 
 
 @pytest.mark.parametrize("qtype", QTYPE_LIST)

@@ -21,10 +21,10 @@ from braid_kernels.quant_columns import (
     unpack_columns,
 )
 from braid_kernels.quant_formats import TYPE_SIZE
+from tests.kernels.common import assert_quant_close as _assert_close
 from tests.support.gguf_quant import quantize
 
 QTYPES = sorted(COLUMN_QTYPES)
-REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 
 
 def _blocks(rows: int, cols: int, qtype: str, seed: int = 0) -> torch.Tensor:
@@ -33,12 +33,6 @@ def _blocks(rows: int, cols: int, qtype: str, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(quantize(w.astype(np.float32), qtype))
 
 
-def _assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
-    assert got.dtype == want.dtype and got.shape == want.shape
-    got, want = got.float(), want.float()
-    bound = REL_TOL[dtype] * (want.abs() + want.abs().mean())
-    worst = ((got - want).abs() - bound).max().item()
-    assert worst <= 0, f"max excess error {worst}; max error {(got - want).abs().max().item()}"
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
