@@ -82,8 +82,7 @@ class RequestBuilder:
         vocab = self.limits.vocab_size
         in_range = not token_ids or (min(token_ids) >= 0 and max(token_ids) < vocab)
         if not in_range or (head and not self._checked_heads.valid(head)):
-            bad = [t for t in prompt.ids() if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
-            raise InvalidRequestError(f"prompt token ids must be ints in [0, {vocab}); got {bad[:5]}")
+            return self.tokenize(prompt.ids())  # the list check, which names the bad ids
         return prompt.ids()
 
     def sequence(self, prompt: str | list[int] | TokenizedPrompt, params: SamplingParams | None = None,
