@@ -46,8 +46,7 @@ SWEEP = [QuantGemvConfig(n, k, w, s) for n in (1, 2, 4, 8) for k in (512, 1024, 
          for s in (1, 3)]
 
 
-COLUMNS_SWEEP = ([ColumnsConfig(1, s) for s in (8, 16, 32)] + [ColumnsConfig(2, s, 8) for s in (8, 16)]
-                 + [ColumnsConfig(4, s, 4, True) for s in (2, 4, 8, 16)])  # group_warps: Q4_K, M = 1 only
+COLUMNS_SWEEP = [ColumnsConfig(1, s) for s in (8, 16, 32)] + [ColumnsConfig(2, s, 8) for s in (8, 16)]
 
 
 def gemm_sweep(qtype: str, m: int, n: int) -> list[QuantGemmConfig]:

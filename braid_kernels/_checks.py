@@ -21,6 +21,13 @@ def check_tensor(name: str, t, dtypes: tuple[torch.dtype, ...], ndim: int | None
         raise ValueError(f"{name} must be {ndim}-dimensional, got shape {tuple(t.shape)}")
 
 
+def check_float_dtype(name: str, dtype) -> None:
+    """`dtype` is one of FLOAT_DTYPES (an argument naming an output dtype)."""
+    if dtype not in FLOAT_DTYPES:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in FLOAT_DTYPES)
+        raise ValueError(f"{name} must be one of {allowed}; got {dtype!r}")
+
+
 def check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
@@ -48,3 +55,20 @@ def check_devices(kernel, **tensors: torch.Tensor) -> None:
 def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
     if t.stride(-1) != 1:
         raise ValueError(f"{name} must be contiguous in its last dimension, got strides {t.stride()}")
+
+
+def check_linear_inputs(kernel, x: torch.Tensor, k: int, n: int, bias: torch.Tensor | None, weights_name: str,
+                        weights: torch.Tensor, weights_desc: str) -> None:
+    """A quantised linear's x and bias: x [M, k] of a float dtype with unit stride along K (the error names the
+    weights as `weights_desc`), bias [n] of x's dtype or None, and both on the weights' device, one `kernel` runs
+    on (see check_devices)."""
+    check_tensor("x", x, FLOAT_DTYPES, ndim=2)
+    if x.shape[1] != k:
+        raise ValueError(f"x must have {k} columns for {weights_desc}, got {tuple(x.shape)}")
+    check_last_dim_contiguous("x", x)
+    tensors = {"x": x, weights_name: weights}
+    if bias is not None:
+        check_tensor("bias", bias, (x.dtype,), ndim=1)
+        check_shape("bias", bias, (n,))
+        tensors["bias"] = bias
+    check_devices(kernel, **tensors)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_devices, check_last_dim_contiguous, check_shape, check_tensor
+from ._checks import INDEX_DTYPES, check_devices, check_float_dtype, check_linear_inputs, check_shape, \
+    check_tensor
 from .numerics import is_interpreted
 from .quant_dequant import _dequantize_kernel, launch_dequantize
 from .quant_dot import dot_launch_config, launch_dot_gemv
@@ -76,7 +77,7 @@ def dequantize(blocks: torch.Tensor, qtype: str, out_dtype: torch.dtype = torch.
     buffer). Returns [rows, cols = row_bytes / TYPE_SIZE * BLOCK_SIZE].
     """
     _check_blocks(blocks, qtype)
-    _check_out_dtype(out_dtype)
+    check_float_dtype("out_dtype", out_dtype)
     shape = (blocks.shape[0], num_columns(blocks, qtype))
     if out is None:
         out = torch.empty(shape, dtype=out_dtype, device=blocks.device)
@@ -109,18 +110,9 @@ def quant_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.
     - "dequantize", larger M: W dequantised to x's dtype into a buffer, then F.linear (cuBLAS).
     """
     _check_blocks(blocks, qtype)
-    check_tensor("x", x, FLOAT_DTYPES, ndim=2)
     k = num_columns(blocks, qtype)
-    if x.shape[1] != k:
-        raise ValueError(f"x must have {k} columns for {qtype} blocks of shape {tuple(blocks.shape)}, got "
-                         f"{tuple(x.shape)}")
-    check_last_dim_contiguous("x", x)
-    tensors = {"x": x, "blocks": blocks}
-    if bias is not None:
-        check_tensor("bias", bias, (x.dtype,), ndim=1)
-        check_shape("bias", bias, (blocks.shape[0],))
-        tensors["bias"] = bias
-    check_devices(_dequantize_kernel, **tensors)
+    check_linear_inputs(_dequantize_kernel, x, k, blocks.shape[0], bias, "blocks", blocks,
+                        f"{qtype} blocks of shape {tuple(blocks.shape)}")
     path = path or linear_path(x.shape[0], x.dtype)
     if path not in PATHS or (path in ("dot", "gemv") and x.shape[0] > MAX_ROWS):
         raise ValueError(f"path must be one of {', '.join(PATHS)} (dot and gemv for at most {MAX_ROWS} rows), got "
@@ -158,7 +150,7 @@ def quant_embedding(ids: torch.Tensor, blocks: torch.Tensor, qtype: str,
     float32/float16/bfloat16. Returns a new [T, H] tensor of out_dtype, gguf's float32 values rounded to it.
     """
     _check_blocks(blocks, qtype)
-    _check_out_dtype(out_dtype)
+    check_float_dtype("out_dtype", out_dtype)
     check_tensor("ids", ids, INDEX_DTYPES, ndim=1)
     check_devices(_dequantize_kernel, ids=ids, blocks=blocks)
     if _use_torch(blocks):
@@ -182,8 +174,3 @@ def _check_blocks(blocks, qtype) -> None:
     if not blocks.is_contiguous():
         raise ValueError(f"blocks must be contiguous, got strides {blocks.stride()}")
 
-
-def _check_out_dtype(out_dtype) -> None:
-    if out_dtype not in FLOAT_DTYPES:
-        allowed = ", ".join(str(d).removeprefix("torch.") for d in FLOAT_DTYPES)
-        raise ValueError(f"out_dtype must be one of {allowed}; got {out_dtype!r}")

@@ -24,9 +24,10 @@ Status: not used by the engine. Measured on an H200 (`python benchmarks/quant_ke
 --qtypes Q4_K --rows 1,4 --shapes 4096x4096,28672x4096,4096x14336`), against bf16 matmul and the row layout's
 integer-dot GEMV (quant_dot) in the same run, Q4_K at 1 row: 4096x4096 12.7 us (bf16 13.2, rows 10.9), 28672x4096
 44.0 us (58.6, 45.9; 1,500 GB/s), 4096x14336 27.6 us (33.9, 28.3), at the best configuration (1 warp, 4 columns per
-thread, 16-32 slices); no faster than the row layout. 8 columns per thread: 1.6-1.9x slower; group_warps 1.5-2x
-slower; 4 rows of x 7-10x slower (the static loop over rows re-decodes every code per row); Q6_K and Q8_0 (8
-columns per thread) 2.5-5x slower than at 1 row by the row layout. The instruction count does not explain it (sm_90
+thread, 16-32 slices); no faster than the row layout. 8 columns per thread: 1.6-1.9x slower; a variant spreading a
+block's 4 groups over a program's 4 warps (tried and removed) 1.5-2x slower; 4 rows of x 7-10x slower (the static
+loop over rows re-decodes every code per row); Q6_K and Q8_0 (8 columns per thread) 2.5-5x slower than at 1 row by
+the row layout. The instruction count does not explain it (sm_90
 SASS, Q4_K at 1 row: 4.3-5.0 instructions per weight, ~2.3 us of issue for 4096x4096): one-warp programs of one
 step each leave 4-8 warps per multiprocessor, each a chain of dependent loads and sums. Kept as a tested starting
 point for a layout that streams, not a path.
@@ -44,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import FLOAT_DTYPES, check_devices, check_last_dim_contiguous, check_shape, check_tensor
+from ._checks import check_devices, check_float_dtype, check_linear_inputs, check_tensor
 from .numerics import INTERPRETED, round_to_dtype
 from .quant_formats import BLOCK_SIZE, TYPE_SIZE
 
@@ -102,18 +103,8 @@ def columns_linear(x: torch.Tensor, words: torch.Tensor, qtype: str, bias: torch
     W.T dequantised to x's dtype into a buffer, then a cuBLAS matmul. Returns a new [M, N] tensor of x's dtype.
     """
     _check_words(words, qtype)
-    check_tensor("x", x, FLOAT_DTYPES, ndim=2)
-    k = num_columns_k(words, qtype)
-    if x.shape[1] != k:
-        raise ValueError(f"x must have {k} columns for {qtype} words of shape {tuple(words.shape)}, got "
-                         f"{tuple(x.shape)}")
-    check_last_dim_contiguous("x", x)
-    tensors = {"x": x, "words": words}
-    if bias is not None:
-        check_tensor("bias", bias, (x.dtype,), ndim=1)
-        check_shape("bias", bias, (words.shape[1],))
-        tensors["bias"] = bias
-    check_devices(_columns_gemv_kernel, **tensors)
+    check_linear_inputs(_columns_gemv_kernel, x, num_columns_k(words, qtype), words.shape[1], bias, "words", words,
+                        f"{qtype} words of shape {tuple(words.shape)}")
     if x.shape[0] > MAX_ROWS:
         y = torch.matmul(x, dequantize_columns(words, qtype, x.dtype))
         return y if bias is None else y + bias
@@ -125,8 +116,7 @@ def columns_linear(x: torch.Tensor, words: torch.Tensor, qtype: str, bias: torch
 def dequantize_columns(words: torch.Tensor, qtype: str, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """W.T [K, N] of column-layout words: gguf's float32 weights rounded to out_dtype (float32/float16/bfloat16)."""
     _check_words(words, qtype)
-    if out_dtype not in FLOAT_DTYPES:
-        raise ValueError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    check_float_dtype("out_dtype", out_dtype)
     check_devices(_dequantize_columns_kernel, words=words)
     out = torch.empty((num_columns_k(words, qtype), words.shape[1]), dtype=out_dtype, device=words.device)
     launch_dequantize_columns(words, qtype, out)
@@ -150,13 +140,10 @@ class ColumnsConfig(NamedTuple):
     num_warps: int
     split_k: int
     columns_per_thread: int = 4
-    group_warps: bool = False
-    """Q4_K at one row of x: the 4 warps of a program take the 4 groups of a block over the same 128 columns
-    (4 times the warps per multiprocessor for the same split of K; one cross-warp sum per program)."""
 
     @property
     def block_n(self) -> int:
-        return 32 * self.columns_per_thread * (1 if self.group_warps else self.num_warps)
+        return 32 * self.columns_per_thread * self.num_warps
 
 
 def launch_config(num_rows: int, n: int, k: int, num_sms: int) -> ColumnsConfig:
@@ -183,15 +170,11 @@ def launch_columns_gemv(x: torch.Tensor, words: torch.Tensor, qtype: str, bias: 
     steps_per_slice = triton.cdiv(steps, max(1, min(config.split_k, steps)))
     split_k = triton.cdiv(steps, steps_per_slice)
     block_n = config.block_n
-    group_warps = config.group_warps and qtype == "Q4_K" and num_rows == 1
-    if config.group_warps and not (group_warps and config.num_warps == 4 and config.columns_per_thread == 4):
-        raise ValueError(f"group_warps is for Q4_K at one row, 4 warps and 4 columns per thread; got {config}")
     partial = out if split_k == 1 else torch.empty((split_k, num_rows, n), dtype=torch.float32, device=x.device)
     _columns_gemv_kernel[(triton.cdiv(n, block_n), split_k)](
         x, words, bias, partial, num_rows, n, k, x.stride(0), steps, steps_per_slice, 0x3F000000,
         QTYPE=_IDS[qtype], WORDS=WORDS[qtype], HAS_BIAS=bias is not None and split_k == 1,
-        BLOCK_M=triton.next_power_of_2(num_rows), BLOCK_N=block_n, GROUP_WARPS=group_warps,
-        num_warps=config.num_warps,
+        BLOCK_M=triton.next_power_of_2(num_rows), BLOCK_N=block_n, num_warps=config.num_warps,
     )
     if split_k > 1:
         block = 256
@@ -234,7 +217,6 @@ def _unit(bits):
 def _columns_gemv_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, x_row_stride, STEPS, STEPS_PER_SLICE, EXPONENT,
     QTYPE: tl.constexpr, WORDS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    GROUP_WARPS: tl.constexpr = False,
 ):
     """Program (n, s): out[:, n * BLOCK_N : (n + 1) * BLOCK_N] over steps [s * STEPS_PER_SLICE, ...) of K (one
     step: 256 weights of a row); with several slices out is float32 [slices, M, N] and s writes out[s].
@@ -249,13 +231,7 @@ def _columns_gemv_kernel(
     rows = tl.arange(0, BLOCK_M)[:, None]  # (BM, 1)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     first = slice_id * STEPS_PER_SLICE
-    if GROUP_WARPS:
-        per_group = tl.zeros([4, BLOCK_N], tl.float32)
-        for step in range(first, tl.minimum(first + STEPS_PER_SLICE, STEPS)):
-            words = w_ptr + tl.cast(step * WORDS, tl.int64) * N + cols
-            per_group = _q4_k_step_groups(words, N, col_ok, x_ptr + step * 256, per_group, EXPONENT)
-        acc += tl.sum(per_group, axis=0)[None, :]
-    for step in range(first, tl.minimum(first + STEPS_PER_SLICE, STEPS) if not GROUP_WARPS else first):
+    for step in range(first, tl.minimum(first + STEPS_PER_SLICE, STEPS)):
         if QTYPE == Q8_0:
             acc = _q8_0_step(w_ptr, step, N, K, cols, col_ok, x_ptr, x_row_stride, M, rows, acc, WORDS, BLOCK_M)
         else:
@@ -383,45 +359,6 @@ def _q4_k_step(words, N, col_ok, xs, x_row_stride, M, rows, acc, exponent, BLOCK
             for r in tl.static_range(BLOCK_M):
                 acc = _run(acc, codes, xs + r * x_row_stride + 64 * c + 32 * half + 4 * j, r < M, r, rows, a, b,
                            exponent)
-    return acc
-
-
-@triton.jit
-def _q4_k_step_groups(words, N, col_ok, xs, acc, exponent):
-    """_q4_k_step at one row of x with the block's 4 groups as a tile dimension, which Triton lays out one per warp
-    (3-d tiles (word, group, column): words in each thread, 32 threads along the columns, 4 warps along the
-    groups). acc: (4, BN), the sums per group, added together by the caller."""
-    j = tl.arange(0, 8)[:, None, None]  # (8, 1, 1)
-    g3 = tl.arange(0, 4)[None, :, None]  # (1, 4, 1)
-    g = tl.arange(0, 4)[:, None]  # (4, 1)
-    head = tl.load(words, mask=col_ok, other=0)  # (1, BN)
-    s03 = tl.load(words + N, mask=col_ok, other=0)
-    m03 = tl.load(words + 2 * N, mask=col_ok, other=0)
-    lh47 = tl.load(words + 3 * N, mask=col_ok, other=0)
-    d = _half(head)
-    dmin = _half(head >> 16)
-    q = tl.load(words[None, :, :] + (4 + 8 * g3 + j) * N, mask=col_ok[None, :, :], other=0)  # (8, 4, BN)
-    for half in tl.static_range(2):
-        sub = 2 * g + half  # (4, 1): sub-block of each group's low or high nibbles
-        t = sub % 4
-        sc = tl.where(sub < 4, (s03 >> (8 * t)) & 63, ((lh47 >> (8 * t)) & 15) | (((s03 >> (8 * t + 6)) & 3) << 4))
-        mn = tl.where(sub < 4, (m03 >> (8 * t)) & 63,
-                      ((lh47 >> (8 * t + 4)) & 15) | (((m03 >> (8 * t + 6)) & 3) << 4))  # (4, BN)
-        a = 16.0 * (d * sc.to(tl.float32))
-        b = -a - dmin * mn.to(tl.float32)
-        codes = _shift(q, 3 - 4 * half) & 0x78787878 | -2139062144
-        x3 = xs + 64 * g3 + 32 * half + 4 * j  # (8, 4, 1)
-        pair = 0
-        for i in tl.static_range(4):
-            xv, pair = _x_at(x3, i, True, pair)
-            f = _byte_unit(codes, exponent, i)
-            if i == 0:
-                prod = f * xv
-                xsum = xv
-            else:
-                prod += f * xv
-                xsum += xv
-        acc += a * tl.sum(prod, axis=0) + b * tl.sum(xsum, axis=0)
     return acc
 
 

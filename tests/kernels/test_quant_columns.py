@@ -121,15 +121,3 @@ def test_bad_arguments_are_value_errors(device):
     with pytest.raises(ValueError, match="blocks"):
         pack_columns(blocks[:, :100], "Q4_K")
 
-
-def test_group_warps(device):
-    """Q4_K at one row with the block's groups spread over the warps equals the reference; other uses refused."""
-    blocks = _blocks(200, 768, "Q4_K", seed=6)
-    words = pack_columns(blocks, "Q4_K").to(device)
-    x = torch.randn(1, 768, generator=torch.Generator().manual_seed(6))
-    for dtype in (torch.float32, torch.bfloat16):
-        for split in (1, 2):
-            got = columns_linear(x.to(dtype).to(device), words, "Q4_K", config=ColumnsConfig(4, split, 4, True))
-            _assert_close(got.cpu(), quant_linear_reference(x.to(dtype), blocks, "Q4_K"), dtype)
-    with pytest.raises(ValueError, match="group_warps"):
-        columns_linear(x.to(device), words, "Q4_K", config=ColumnsConfig(1, 1, 4, True))
