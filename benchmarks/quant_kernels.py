@@ -5,6 +5,7 @@ quant_dot.dot_launch_config, quant_gemv.launch_config and quant_gemm.launch_conf
     python benchmarks/quant_kernels.py [--qtypes Q4_K,Q8_0] [--rows 1,2,4,8,16,128,512] [--sweep [--sweep-path gemv]]
     python benchmarks/quant_kernels.py --gemm [--gemm-sweep] --rows 2,4,8,16,32,64,128,256,512,1024,2048
     python benchmarks/quant_kernels.py --columns [--columns-sweep] [--qtypes Q4_K,Q6_K,Q8_0] [--rows 1,2,4,8,16,128]
+    python benchmarks/quant_kernels.py --int4pack [--rows 1,2,4,8,16,32,64,128]
 
 Without options, quant_linear's default path at each M. --sweep times SWEEP's configurations (rows of W per program,
 K per step, warps, K slices) on the integer-dot GEMV or, with --sweep-path gemv, the float one, M <= 8.
@@ -12,7 +13,9 @@ K per step, warps, K slices) on the integer-dot GEMV or, with --sweep-path gemv,
 fused GEMM at its launch_config and dequantise + cuBLAS, each against bf16; --gemm-sweep adds GEMM_SWEEP's neighbours of the
 launch_config and prints the best four. --columns times the column layout (braid_kernels/quant_columns.py) beside the row
 layout's default path: its GEMV at launch_config (M <= 8; --columns-sweep adds COLUMNS_SWEEP's configurations,
-slow: each compiles), its dequantise + cuBLAS above.
+slow: each compiles), its dequantise + cuBLAS above. --int4pack times torch's int4 weight-only matmul
+(`torch.ops.aten._weight_int4pack_mm`, groups of 32 weights, each inner-K tiling) beside bf16 and the Q4_K default
+path: a Q4_K / Q4_0 / Q4_1 block maps exactly onto 4-bit codes with a scale and offset per 32 weights.
 
 Each time is the median over replays of one launch's share of a CUDA graph of back-to-back launches (like the decode
 graph's layers), each launch reading a different copy of the weight, and more copies than L2 holds, so weights come
@@ -195,6 +198,51 @@ def bench_columns(qtype: str, n: int, k: int, rows: list[int], sweep: bool) -> N
     torch.cuda.empty_cache()
 
 
+def int4pack_weight(n: int, k: int, inner_k_tiles: int, codes: torch.Tensor | None = None):
+    """(packed codes, bf16 scales_and_zeros [K / 32, N, 2]) for _weight_int4pack_mm: random codes unless `codes`
+    (int [N, K] in 0..15) is given; two codes per byte, the even column in the high nibble."""
+    if codes is None:
+        codes = torch.randint(0, 16, (n, k), dtype=torch.int32, device="cuda")
+    byte = ((codes[:, 0::2] << 4) | codes[:, 1::2]).to(torch.uint8)
+    packed = torch.ops.aten._convert_weight_to_int4pack(byte.contiguous(), inner_k_tiles)
+    scales_zeros = torch.stack([torch.rand(k // 32, n, device="cuda") * 0.01,
+                                torch.randn(k // 32, n, device="cuda") * 0.01], -1).to(torch.bfloat16)
+    return packed, scales_zeros
+
+
+def check_int4pack() -> None:
+    """Which weight _weight_int4pack_mm computes from code c, scale s and zero z: (c - 8) s + z expected."""
+    n, k = 256, 1024
+    codes = torch.randint(0, 16, (n, k), dtype=torch.int32, device="cuda")
+    packed, sz = int4pack_weight(n, k, 8, codes)
+    s, z = (sz[..., i].float().t().repeat_interleave(32, 1) for i in (0, 1))
+    x = torch.randn(3, k, dtype=torch.bfloat16, device="cuda")
+    y = torch.ops.aten._weight_int4pack_mm(x, packed, 32, sz).float()
+    for name, w in (("(c - 8) s + z", (codes - 8) * s + z), ("c s + z", codes * s + z)):
+        want = x.float() @ w.t()
+        print(f"check int4pack {name}: max error {(y - want).abs().max().item():.3g} of {want.abs().max().item():.3g}")
+
+
+def bench_int4pack(n: int, k: int, rows: list[int]) -> None:
+    """Per M: bf16 matmul, quant_linear's Q4_K default path, _weight_int4pack_mm at inner-K tiles 2, 4 and 8."""
+    qbytes = n * k // BLOCK_SIZE["Q4_K"] * TYPE_SIZE["Q4_K"]
+    dense = copies(lambda: torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02, 2 * n * k)
+    quant = copies(lambda: random_blocks("Q4_K", n, k), qbytes)
+    packs = {t: copies(lambda: int4pack_weight(n, k, t), n * k * 5 // 8) for t in (2, 4, 8)}
+    for m in rows:
+        x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+        t_bf16 = time_rotating(lambda w: torch.matmul(x, w.t()), dense)
+        t_q = time_rotating(lambda w: quant_linear(x, w, "Q4_K"), quant)
+        line = (f"int4 {n:>6}x{k:<6} M={m:<4} bf16 {t_bf16:7.1f} us | Q4_K {linear_path(m)} {t_q:7.1f} us "
+                f"{t_bf16 / t_q:5.2f}x")
+        for tiles, weights in packs.items():
+            t = time_rotating(lambda w: torch.ops.aten._weight_int4pack_mm(x, w[0], 32, w[1]), weights)
+            line += f" | int4pack/{tiles} {t:7.1f} us {t_bf16 / t:5.2f}x {n * k * 5 / 8 / t / 1e3:5.0f} GB/s"
+        print(line, flush=True)
+    del dense, quant, packs
+    torch.cuda.empty_cache()
+
+
 def check(qtypes) -> None:
     """One comparison per type with the float32 dequantised matmul (the kernels' own tests are in tests/kernels)."""
     from braid_kernels.quant import dequantize, dequantize_torch
@@ -222,6 +270,7 @@ def main() -> None:
     parser.add_argument("--gemm-sweep", action="store_true", help="with --gemm, also time GEMM configurations")
     parser.add_argument("--columns", action="store_true", help="time the column layout beside the row layout")
     parser.add_argument("--columns-sweep", action="store_true", help="with --columns, also time COLUMNS_SWEEP")
+    parser.add_argument("--int4pack", action="store_true", help="time torch's int4 weight-only matmul beside Q4_K")
     parser.add_argument("--check", action="store_true", help="compare with the reference first")
     args = parser.parse_args()
     qtypes = args.qtypes.split(",")
@@ -229,8 +278,13 @@ def main() -> None:
     if args.check:
         check(qtypes)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    if args.int4pack:
+        check_int4pack()
     for shape in args.shapes.split(","):
         n, k = (int(v) for v in shape.split("x"))
+        if args.int4pack:
+            bench_int4pack(n, k, rows)
+            continue
         for qtype in qtypes:
             if args.columns:
                 bench_columns(qtype, n, k, rows, args.columns_sweep)

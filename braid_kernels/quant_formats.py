@@ -37,14 +37,18 @@ def check_qtype(qtype) -> None:
 def dequantize_torch(blocks: torch.Tensor, qtype: str, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 blocks [rows, row_bytes] of `qtype` -> weights [rows, row_bytes / TYPE_SIZE * BLOCK_SIZE] of out_dtype,
     computed in float32 (gguf.quants.dequantize's values) and then rounded to out_dtype."""
-    check_qtype(qtype)
-    if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] % TYPE_SIZE[qtype]:
-        raise ValueError(f"blocks must be uint8 [rows, a multiple of {TYPE_SIZE[qtype]} bytes] for {qtype}, got "
-                         f"{str(blocks.dtype).removeprefix('torch.')} {tuple(blocks.shape)}")
+    _check_blocks(blocks, qtype)
     rows, row_bytes = blocks.shape
     b = blocks.reshape(-1, TYPE_SIZE[qtype])  # (num_blocks, type_size)
     w = _DECODERS[qtype](b)  # (num_blocks, block_size) float32
     return w.reshape(rows, row_bytes // TYPE_SIZE[qtype] * BLOCK_SIZE[qtype]).to(out_dtype)
+
+
+def _check_blocks(blocks: torch.Tensor, qtype: str) -> None:
+    check_qtype(qtype)
+    if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] % TYPE_SIZE[qtype]:
+        raise ValueError(f"blocks must be uint8 [rows, a multiple of {TYPE_SIZE[qtype]} bytes] for {qtype}, got "
+                         f"{str(blocks.dtype).removeprefix('torch.')} {tuple(blocks.shape)}")
 
 
 def _f16(b: torch.Tensor) -> torch.Tensor:
@@ -105,6 +109,46 @@ def _q6_k(b):
     q = ((low | (high << 4)).to(torch.int8) - 32).float().reshape(-1, 16, 16)
     scale = (_f16(b[:, 208:210]) * b[:, 192:208].view(torch.int8).float())[:, :, None]  # (n, 16, 1)
     return (scale * q).reshape(-1, 256)
+
+
+NIBBLE_QTYPES = frozenset({"Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K"})
+"""The types `nibble_terms` writes as 4-bit codes with a scale and offset per run of 32 weights."""
+
+
+def nibble_terms(blocks: torch.Tensor, qtype: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """uint8 blocks [rows, row_bytes] of `qtype` (one of NIBBLE_QTYPES) as terms (codes, scale, offset) with
+
+        W = sum over terms of scale * codes + offset     (scale and offset repeated over each run of 32 columns)
+
+    codes: uint8 [rows, cols] in 0..15; scale, offset: float32 [rows, cols / 32]. Each term is gguf's arithmetic
+    split exactly: Q4_0 (d, -8 d), Q4_1 (d, m), Q4_K (d sc, -dmin m); Q8_0's signed byte q = 16 h + l is two terms,
+    h + 8 with (16 d, -128 d) and l with (d, 0); Q5_K is Q4_K's term plus the fifth bit with (16 d sc, 0). Q6_K
+    (a scale per 16 weights) has no such form."""
+    if qtype not in NIBBLE_QTYPES:
+        raise ValueError(f"qtype must be one of {', '.join(sorted(NIBBLE_QTYPES))} for 4-bit terms, got {qtype!r}")
+    _check_blocks(blocks, qtype)
+    rows, row_bytes = blocks.shape
+    cols = row_bytes // TYPE_SIZE[qtype] * BLOCK_SIZE[qtype]
+    b = blocks.reshape(-1, TYPE_SIZE[qtype])
+    if qtype in ("Q4_K", "Q5_K"):
+        sc, mn = _k_scale_min(b[:, 4:16])
+        scale, offset = _f16(b[:, 0:2]) * sc.float(), -(_f16(b[:, 2:4]) * mn.float())
+        qs = b[:, 16:] if qtype == "Q4_K" else b[:, 48:]
+        terms = [(_nibbles(qs, 32), scale, offset)]
+        if qtype == "Q5_K":
+            qh = b[:, 16:48][:, None, :]
+            high = (qh >> torch.arange(8, dtype=torch.uint8, device=b.device)[None, :, None]) & 1
+            terms.append((high.reshape(-1, 256), 16 * scale, torch.zeros_like(offset)))
+    else:
+        d = _f16(b[:, :2])
+        if qtype == "Q8_0":
+            q = b[:, 2:].view(torch.int8)
+            terms = [(((q >> 4) + 8).view(torch.uint8), 16 * d, -128 * d), (b[:, 2:] & 0x0F, d, torch.zeros_like(d))]
+        elif qtype == "Q4_0":
+            terms = [(_nibbles(b[:, 2:], 16), d, -8 * d)]
+        else:
+            terms = [(_nibbles(b[:, 4:], 16), d, _f16(b[:, 2:4]))]
+    return [(c.reshape(rows, cols), s.reshape(rows, cols // 32), o.reshape(rows, cols // 32)) for c, s, o in terms]
 
 
 _DECODERS = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}

@@ -20,10 +20,14 @@ class EngineConfig(ValidatedModel):
     """Weights and KV dtype; auto = bfloat16 on CUDA, float32 on CPU."""
     weight_format: Literal["auto", "dequantize"] = "auto"
     """How a GGUF checkpoint's quantised weights are held. "auto": Q8_0, Q4_0, Q4_1, Q4_K, Q5_K and Q6_K tensors
-    stay quantised in memory and the engine computes from the blocks (GPU kernels; on the CPU, torch's int4 matmul
-    for Q4_0/Q4_1 and per-call dequantisation otherwise); tensors of other types are dequantised and the load summary
-    (the log, `LLM.load_summary`) names them. "dequantize": every tensor is dequantised to `dtype` at load.
-    Safetensors checkpoints are loaded as they are either way."""
+    stay quantised in memory and the engine computes from the blocks (GPU kernels; on the CPU, see `cpu_int4`);
+    tensors of other types are dequantised and the load summary (the log, `LLM.load_summary`) names them.
+    "dequantize": every tensor is dequantised to `dtype` at load. Safetensors checkpoints are loaded as they are
+    either way."""
+    cpu_int4: bool | None = None
+    """On the CPU with weight_format "auto": hold Q8_0/Q4_0/Q4_1/Q4_K/Q5_K projections in torch's int4 weight-only
+    matmul form (the same bytes, activations rounded to bfloat16 for the product) instead of decoding them to float
+    at load. None: where this CPU's int4 kernels are fast (AVX-512; braidinfer/layers/cpu_int4.py). Ignored on CUDA."""
     device: str | None = None
     """"cpu", "cuda" or "cuda:N"; None picks CUDA when available."""
     page_size: int = Field(16, ge=1, le=1024)

@@ -29,6 +29,7 @@ from braidinfer.sampling.logits import sample_batch
 from braidinfer.sampling.sampler import HostTokens, Sampler, make_generator
 from braidinfer.scheduler import ScheduledBatch, Scheduler
 from braidinfer.sequence import Sequence
+from braidinfer.layers import cpu_int4
 from braidinfer.weight_report import load_summary, weight_bytes
 from braidinfer.weights import load_model
 
@@ -46,11 +47,12 @@ class LLMEngine:
         self.dtype = _DTYPES[config.dtype] if config.dtype != "auto" else (
             torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.tokenizer = self.source.load_tokenizer()
+        form = "blocks" if self.device.type == "cuda" else (
+            "int4" if (cpu_int4.fast_here() if config.cpu_int4 is None else config.cpu_int4) else "float")
         self.model = load_model(cls, self.model_config, self.source, self.device, self.dtype, config.progress,
-                                quantized=config.weight_format == "auto")
+                                quantized=config.weight_format == "auto", form=form)
         self.load_summary = load_summary(self.model, self.source.quantized_names() if self.model.quantized_modules
-                                         else {}, self.source.dequantized_names(),
-                                         on_cpu=self.device.type == "cpu")
+                                         else {}, self.source.dequantized_names(), form)
         """Lines describing the loaded weights: bytes, tensors kept quantised, tensors dequantised and why."""
         for line in self.load_summary:
             log.info(line)

@@ -17,9 +17,9 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 def load_summary(model: nn.Module, quantized_names: dict[str, str], dequantized: dict[str, str],
-                 on_cpu: bool = False) -> list[str]:
-    """Lines for the log: weight bytes, tensors kept quantised by qtype (`on_cpu`: projections decoded at load, see
-    QuantLinear), and every quantised tensor dequantised anyway with the reason."""
+                 form: str = "blocks") -> list[str]:
+    """Lines for the log: weight bytes, tensors kept quantised by qtype and how the projections hold them (`form`,
+    see QuantLinear.finalize), and every quantised tensor dequantised anyway with the reason."""
     lines = [f"weights: {weight_bytes(model) / 2**20:.1f} MiB"]
     kept: dict[str, int] = {}
     for name, qtype in quantized_names.items():
@@ -27,7 +27,10 @@ def load_summary(model: nn.Module, quantized_names: dict[str, str], dequantized:
             kept[qtype] = kept.get(qtype, 0) + 1
     if kept:
         counts = ", ".join(f"{n} {q}" for q, n in sorted(kept.items()))
-        lines.append(f"quantised tensors ({counts}): projections decoded to float at load for the CPU's matmul, "
-                     "untied embeddings kept quantised" if on_cpu else f"kept quantised: {counts}")
+        lines.append(f"kept quantised: {counts}" if form == "blocks" else
+                     f"quantised tensors ({counts}): projections of Q8_0/Q4_0/Q4_1/Q4_K/Q5_K in torch's CPU int4 "
+                     "form, others decoded to float at load; embeddings kept quantised" if form == "int4" else
+                     f"quantised tensors ({counts}): projections decoded to float at load for the CPU's matmul, "
+                     "untied embeddings kept quantised")
     lines += [f"dequantised: {name} ({why})" for name, why in sorted(dequantized.items())]
     return lines

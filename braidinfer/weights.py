@@ -14,7 +14,7 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def load_model(cls: type[nn.Module], cfg: ModelConfig, source, device: torch.device, dtype: torch.dtype,
-               progress: bool = True, quantized: bool = False) -> nn.Module:
+               progress: bool = True, quantized: bool = False, form: str = "blocks") -> nn.Module:
     """Instantiates `cls(cfg)` on `device` in `dtype` and copies every parameter from `source.iter_weights`.
 
     A model whose checkpoint names or layouts differ from its parameters (transposed Conv1D weights, permuted rows,
@@ -22,7 +22,8 @@ def load_model(cls: type[nn.Module], cfg: ModelConfig, source, device: torch.dev
     through it first, and None drops it. A missing, unexpected or misshapen tensor raises InvalidModelError naming it.
 
     quantized: the modules the checkpoint's quantised tensors fill (`source.quantized_names()`) become QuantLinear /
-    QuantEmbedding (quant_modules.py) holding the blocks; the model's `quantized_modules` names them.
+    QuantEmbedding (quant_modules.py) holding the blocks; the model's `quantized_modules` names them. form: how
+    each QuantLinear holds them (QuantLinear.finalize: "blocks" on CUDA, "int4" or "float" on the CPU).
     """
     with torch.device("meta"):
         model = cls(cfg).to(dtype)
@@ -57,9 +58,8 @@ def load_model(cls: type[nn.Module], cfg: ModelConfig, source, device: torch.dev
         with torch.no_grad():
             target.copy_(tensor)
         filled[rows[0]] += rows[1]
-    # On the CPU the projections are decoded once here (QuantLinear says why); embeddings stay quantised there, as
-    # a lookup decodes only its rows, unless tied to an lm_head that holds the decoded table anyway.
-    materialize = torch.device(device).type == "cpu"
+    # Embeddings stay quantised (a lookup decodes only its rows) unless tied to an lm_head decoded to float, whose
+    # table they then share.
     for path in swapped:
         module = model.get_submodule(path)
         tied = path == "lm_head" and cfg.tie_word_embeddings
@@ -67,10 +67,10 @@ def load_model(cls: type[nn.Module], cfg: ModelConfig, source, device: torch.dev
             embedding = model.model.embed_tokens
             module.set_part(0, embedding.quantized() if embedding.qtype else embedding.weight)
         try:
-            module.finalize(materialize) if isinstance(module, QuantLinear) else _check_filled(module)
+            module.finalize(form) if isinstance(module, QuantLinear) else _check_filled(module)
         except ValueError as e:
             raise InvalidModelError(f"checkpoint tensors for {path} of {cls.__name__}: {e}") from None
-        if tied and materialize:
+        if tied and module.kinds == ["float"] and embedding.qtype:
             embedding.set_weight(module.part0)
     model.quantized_modules = swapped
     missing = sorted(n for n, p in params.items() if filled[n] != p.shape[0])

@@ -51,8 +51,8 @@ class TorchAttention:
 
     @staticmethod
     def _gather(cache: torch.Tensor, page_table: torch.Tensor, context_len: int):
-        kv = cache[page_table]  # (P, 2, kvh, ps, hd)
-        kv = kv.permute(1, 2, 0, 3, 4).flatten(2, 3)  # (2, kvh, P * ps, hd)
+        kv = cache.permute(1, 2, 0, 3, 4)[:, :, page_table]  # (2, kvh, P, ps, hd): one copy, already in order
+        kv = kv.flatten(2, 3)  # (2, kvh, P * ps, hd), a view
         return kv[0, :, :context_len], kv[1, :, :context_len]
 
 

@@ -6,7 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from braidinfer.layers import cpu_int4
 from braidinfer.loader.quantized import QuantizedTensor
+
+FORMS = ("blocks", "float", "int4")
 
 
 class QuantLinear(nn.Module):
@@ -17,12 +20,11 @@ class QuantLinear(nn.Module):
     qtype into one matrix of blocks, so a projection whose checkpoint tensors share a type runs one kernel, and one
     mixing types (Q4_K_M's Q4_K q/k beside a Q6_K v) runs one per type, concatenated.
 
-    Paths: CUDA: braid_kernels.quant.quant_linear (dequantising GEMV up to 8 rows, else dequantise + matmul).
-    CPU: blocks are dequantised per call by the PyTorch decoder (never Triton), unless `finalize(materialize=True)`
-    decoded them once into a float matrix. The engine materialises on the CPU: torch 2.13's weight-only CPU matmuls
-    (`_weight_int4pack_mm_for_cpu`, which could take Q4_0/Q4_1 exactly, and `_weight_int8pack_mm`) measured 10-20x
-    slower than float32 F.linear for one row of SmolLM2-135M's shapes on an AVX2 machine, and decoding per call
-    slower still. Takes plain tensors only: plan.gemv_prologues fuses no norm into it.
+    Forms (`finalize`): "blocks" (CUDA): braid_kernels.quant.quant_linear (dequantising GEMV up to 4 rows, else
+    dequantise + matmul). "int4" (the CPU where its int4 kernels are fast): Q8_0/Q4_0/Q4_1/Q4_K/Q5_K parts as torch's
+    CPU int4 weight-only matmul operands (cpu_int4.py, the same bytes per weight, x rounded to bfloat16), other
+    parts decoded to float once. "float" (other CPUs): every part decoded once into a float matrix, as decoding
+    per call is slower still. Takes plain tensors only: plan.gemv_prologues fuses no norm into it.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
@@ -31,7 +33,9 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
         self._pending: dict[int, torch.Tensor | QuantizedTensor] = {}  # first row -> part, until finalize
-        self.qtypes: list[str | None] = []  # per part (buffer part{i}); None: a float matrix
+        self.qtypes: list[str | None] = []  # per part; None: a float matrix
+        self.kinds: list[str] = []  # per part: "float" (buffer part{i}), "blocks" (part{i}), "int4" (part{i}_{j}...)
+        self._int4_terms: dict[int, list[cpu_int4.Int4Term]] = {}  # int4 part -> its buffers, in order
 
     def set_part(self, start: int, weight: torch.Tensor | QuantizedTensor) -> None:
         """Rows [start, start + rows) of W: blocks (QuantizedTensor) or a float [rows, in_features] tensor."""
@@ -41,10 +45,13 @@ class QuantLinear(nn.Module):
                              f"{self.in_features}] projection")
         self._pending[start] = weight
 
-    def finalize(self, materialize: bool = False) -> None:
+    def finalize(self, form: str = "blocks") -> None:
         """Checks the parts cover every row once and lays them out for computing; call after the last set_part.
-        materialize: decode every part now into one float matrix of `dtype` (gguf's values rounded to it) and drop
-        the blocks."""
+        form: "blocks" keeps the GGUF blocks (neighbouring parts of one qtype joined); "float" decodes every part
+        into one float matrix of `dtype` (gguf's values rounded to it); "int4" (CPU) makes each joined part of a
+        cpu_int4.packable type the CPU int4 matmul's operands and decodes the others to `dtype`."""
+        if form not in FORMS:
+            raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
         parts, row = [], 0
         for start in sorted(self._pending):
             part = self._pending[start]
@@ -61,13 +68,29 @@ class QuantLinear(nn.Module):
             raise ValueError(f"rows {row}..{self.out_features} of a projection are missing")
         self._pending.clear()
         joined = [(q, tensors[0] if len(tensors) == 1 else torch.cat(tensors)) for q, tensors in parts]
-        if materialize:
+        if form != "blocks":
             from braid_kernels.quant_formats import dequantize_torch
 
-            decoded = [w if q is None else dequantize_torch(w, q, self.dtype) for q, w in joined]
-            joined = [(None, decoded[0] if len(decoded) == 1 else torch.cat(decoded))]
+            int4 = form == "int4"
+            decoded = [(q, w) if q is None or (int4 and cpu_int4.packable(q, (w.shape[0], self.in_features)))
+                       else (None, dequantize_torch(w, q, self.dtype)) for q, w in joined]
+            joined = []
+            for q, w in decoded:  # neighbouring float parts become one matrix
+                if q is None and joined and joined[-1][0] is None:
+                    joined[-1] = (None, torch.cat((joined[-1][1], w)))
+                else:
+                    joined.append((q, w))
         for i, (qtype, weight) in enumerate(joined):  # a single part keeps its tensor: a tied lm_head shares it
-            self.register_buffer(f"part{i}", weight, persistent=False)
+            if qtype is not None and form == "int4":
+                terms = cpu_int4.pack(weight, qtype)
+                for j, (packed, scales_zeros) in enumerate(terms):
+                    self.register_buffer(f"part{i}_{j}", packed, persistent=False)
+                    self.register_buffer(f"part{i}_{j}_scales", scales_zeros, persistent=False)
+                self._int4_terms[i] = terms  # the same tensors, without a lookup per call
+                self.kinds.append("int4")
+            else:
+                self.register_buffer(f"part{i}", weight, persistent=False)
+                self.kinds.append("float" if qtype is None else "blocks")
             self.qtypes.append(qtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,8 +99,13 @@ class QuantLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def _part(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        qtype, weight = self.qtypes[i], getattr(self, f"part{i}")
-        if qtype is None:
+        qtype, kind = self.qtypes[i], self.kinds[i]
+        if kind == "int4":
+            if x.dim() == 2:
+                return cpu_int4.linear(x, self._int4_terms[i])
+            return cpu_int4.linear(x.reshape(-1, self.in_features), self._int4_terms[i]).reshape(*x.shape[:-1], -1)
+        weight = getattr(self, f"part{i}")
+        if kind == "float":
             return F.linear(x, weight)
         if weight.is_cuda:
             from braid_kernels.quant import quant_linear
@@ -89,9 +117,11 @@ class QuantLinear(nn.Module):
 
     def kernel_path(self) -> str:
         kinds = "+".join(q or "float" for q in self.qtypes)
+        if "int4" in self.kinds:
+            return f"quant linear {kinds}: torch CPU int4 weight-only matmul (bfloat16 x) for the 4-bit forms"
         device = getattr(self, "part0").device.type if self.qtypes else "cpu"
         if device == "cuda":
-            return f"quant linear {kinds}: triton quant_linear (GEMV <= 8 rows, else dequantise + matmul)"
+            return f"quant linear {kinds}: triton quant_linear (GEMV <= 4 rows, else dequantise + matmul)"
         if kinds == "float":
             return "quant linear (decoded at load): torch F.linear"
         return f"quant linear {kinds}: torch dequantize per call + F.linear"

@@ -16,12 +16,19 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def llm():
-    with LLM(device="cpu", progress=False) as llm:  # model=None: the embedded default
+    with LLM(device="cpu", progress=False) as llm:  # model=None: the embedded default, as a user gets it
         yield llm
 
 
-def test_greedy_tokens_equal_transformers(llm, hf_smollm):
+def test_greedy_tokens_equal_transformers(hf_smollm):
+    """The architecture against transformers on the same float32 weights (the CPU int4 form, which rounds the
+    projections' inputs to bfloat16, has its own tests in test_quantized_engine.py)."""
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    with LLM(device="cpu", progress=False, cpu_int4=False) as llm:
+        _assert_greedy_equal(llm, hf_smollm, params)
+
+
+def _assert_greedy_equal(llm, hf_smollm, params):
     prompts = [llm.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS]
     outs = llm.generate(prompts, params)
     for prompt, out in zip(prompts, outs):

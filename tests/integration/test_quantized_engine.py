@@ -1,6 +1,8 @@
 """The engine on GGUF checkpoints kept quantised (weight_format="auto") against the same files dequantised at load
 and against transformers models holding the dequantised weights (CPU, float32): logprobs and greedy tokens, the
-load summary, memory_stats, and the embedded model both ways."""
+load summary, memory_stats, and the embedded model both ways. The CPU's int4 form (EngineConfig.cpu_int4) against
+transformers models computing through the same int4 layers, and the embedded model's perplexity on real text
+through the int4 form against its float32 decoding."""
 from __future__ import annotations
 
 import pytest
@@ -10,12 +12,13 @@ from braidinfer import LLM, SamplingParams
 from braidinfer.errors import InvalidRequestError
 from braidinfer.loader.gguf_file import GGUFCheckpoint
 from tests.support.family_parity import assert_greedy_matches, assert_logprobs_match, random_prompts
-from tests.support.quantized_gguf import write_quantized_gguf
+from tests.support.quantized_gguf import with_int4_linears, write_quantized_gguf
 from tests.unit.test_quantized_weights import SHAPE, llama_qtype
 
 QWEN3_TYPES = {"q_proj": "Q8_0", "k_proj": "Q8_0", "v_proj": "Q8_0", "o_proj": "Q4_1", "gate_proj": "Q4_K",
                "up_proj": "Q4_K", "down_proj": "Q6_K", "embed_tokens": "Q4_K", "lm_head": "Q6_K"}
-BASE = dict(device="cpu", dtype="float32", progress=False, num_kv_pages=64)
+BASE = dict(device="cpu", dtype="float32", progress=False, num_kv_pages=64, cpu_int4=False)
+INT4 = {**BASE, "cpu_int4": True}
 
 
 def qwen3_qtype(name: str) -> str | None:
@@ -95,8 +98,8 @@ def test_weight_format_is_validated():
 
 
 def test_embedded_model_quantised_equals_dequantised(embedded_gguf):
-    """The embedded Q4_1 model both ways: the same greedy tokens and logprobs (the CPU decodes projections at load,
-    so both compute from the same float32 values)."""
+    """The embedded Q4_1 model both ways: the same greedy tokens and logprobs (without the int4 form the CPU decodes
+    projections at load, so both compute from the same float32 values)."""
     with LLM(model=embedded_gguf, **BASE) as auto, \
             LLM(model=embedded_gguf, weight_format="dequantize", **BASE) as plain:
         prompt = auto.apply_chat_template([{"role": "user", "content": "Name three rivers."}])
@@ -107,3 +110,64 @@ def test_embedded_model_quantised_equals_dequantised(embedded_gguf):
             for (ta, va), (tp, vp) in zip(la.top, lp.top):
                 assert ta == tp and va == pytest.approx(vp, abs=1e-5)
         assert "210 Q4_1" in auto.load_summary[1]
+
+
+def test_int4_form_matches_transformers_through_the_same_layers(quantized_model):
+    """The engine with cpu_int4 on the tiny checkpoints equals transformers whose projections are the same int4
+    layers: the engine's wiring of the form (fused q/k/v and gate/up parts, mixed types, the tied lm_head)."""
+    path, ref = quantized_model
+    with LLM(model=path, **INT4) as llm:
+        assert "int4" in llm.load_summary[1]
+        kinds = {k for m in llm.engine.model.modules() for k in getattr(m, "kinds", [])}
+        assert "int4" in kinds
+        int4_ref = with_int4_linears(ref, path)
+        prompts = random_prompts([5, 17], SHAPE["vocab_size"], seed=1)
+        assert_logprobs_match(llm, int4_ref, prompts[1], steps=6, abs_tol=2e-4)
+        assert_greedy_matches(llm, int4_ref, prompts, steps=12)
+
+
+def _perplexity(model, ids: torch.Tensor) -> float:
+    with torch.no_grad():
+        logits = model(ids).logits[0, :-1].float()
+    return torch.nn.functional.cross_entropy(logits, ids[0, 1:]).exp().item()
+
+
+def test_embedded_model_int4_perplexity_within_half_a_percent(embedded_gguf, hf_smollm, smollm_tokenizer):
+    """Issue target: the embedded model's perplexity over a stdlib module's source through the int4 form is within
+    0.5% of the float32 decoding's (transformers' own load of the GGUF)."""
+    import inspect
+    import json.decoder
+
+    ids = smollm_tokenizer(inspect.getsource(json.decoder), return_tensors="pt").input_ids[:, :768]
+    float_ppl, int4_ppl = _perplexity(hf_smollm, ids), _perplexity(with_int4_linears(hf_smollm, embedded_gguf), ids)
+    print(f"perplexity over {ids.shape[1]} tokens: float32 {float_ppl:.4f}, int4 {int4_ppl:.4f} "
+          f"({int4_ppl / float_ppl - 1:+.3%})")
+    assert abs(int4_ppl / float_ppl - 1) < 0.005
+
+
+def test_embedded_model_int4_engine_is_within_bf16_rounding(embedded_gguf, hf_smollm):
+    """The engine on the embedded model with the int4 form against itself without: the same greedy tokens, and
+    top logprobs no further apart than transformers' model in bfloat16 is from its float32 (the int4 form rounds
+    only the projections' inputs and scales to bfloat16); under a third of the float weights' bytes."""
+    import copy
+
+    with LLM(model=embedded_gguf, **INT4) as llm, LLM(model=embedded_gguf, **BASE) as plain:
+        prompt = llm.apply_chat_template([{"role": "user", "content": "Name three rivers."}])
+        params = SamplingParams(temperature=0, max_tokens=8, logprobs=5, ignore_eos=True)
+        a, p = llm.generate(prompt, params)[0], plain.generate(prompt, params)[0]
+        assert llm.memory_stats()["weight_bytes"] < 0.3 * plain.memory_stats()["weight_bytes"]
+    assert a.token_ids == p.token_ids
+    ids = torch.tensor([prompt + p.token_ids])
+    with torch.no_grad():
+        exact = torch.log_softmax(hf_smollm(ids).logits[0].float(), -1)
+        bf16 = torch.log_softmax(copy.deepcopy(hf_smollm).bfloat16()(ids).logits[0].float(), -1)
+    worst_int4 = worst_bf16 = 0.0
+    for step, (la, lp) in enumerate(zip(a.logprobs, p.logprobs)):
+        row = len(prompt) - 1 + step
+        int4_top = dict(la.top)
+        for token, value in lp.top:
+            worst_bf16 = max(worst_bf16, abs(bf16[row, token].item() - exact[row, token].item()))
+            if token in int4_top:
+                worst_int4 = max(worst_int4, abs(int4_top[token] - value))
+    print(f"max |top logprob difference|: int4 engine {worst_int4:.3g}, transformers bf16 {worst_bf16:.3g}")
+    assert 0 < worst_int4 <= worst_bf16

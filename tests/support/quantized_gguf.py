@@ -66,3 +66,35 @@ def write_quantized_gguf(model, path, qtype_of: QTypeOf) -> dict[str, str]:
     writer.write_tensors_to_file()
     writer.close()
     return written
+
+
+def with_int4_linears(model, path):
+    """A copy of the transformers `model` whose projections (and lm_head, from the embedding when tied) are
+    QuantLinears in the CPU int4 form built from the GGUF file `path`'s quantised tensors: the reference for the
+    engine's int4 form, everything else computed by transformers."""
+    import copy
+
+    from braidinfer.layers.quant_linear import QuantLinear
+    from braidinfer.loader.gguf_file import open_gguf
+    from braidinfer.loader.quantized import QuantizedTensor
+
+    model = copy.deepcopy(model)
+    _, checkpoint = open_gguf(str(path))
+    tied = model.config.tie_word_embeddings
+    for name, tensor in checkpoint.tensors(quantized=True):
+        if not isinstance(tensor, QuantizedTensor):
+            continue
+        path_ = name.rsplit(".", 1)[0]
+        if path_ == "model.embed_tokens":
+            if not tied:
+                continue
+            path_ = "lm_head"
+        linear = model.get_submodule(path_)
+        layer = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, torch.float32)
+        if linear.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(linear.bias)
+        layer.set_part(0, tensor)
+        layer.finalize("int4")
+        model.set_submodule(path_, layer)
+    return model.eval()

@@ -85,8 +85,8 @@ def _blocks(rows: int, cols: int, qtype: str, seed: int) -> torch.Tensor:
     return torch.from_numpy(quantize(rng.standard_normal((rows, cols)).astype(np.float32), qtype))
 
 
-@pytest.mark.parametrize("materialize", [False, True], ids=["per-call", "decoded-at-load"])
-def test_quant_linear_mixed_parts_match_reference(materialize):
+@pytest.mark.parametrize("form", ["blocks", "float"], ids=["per-call", "decoded-at-load"])
+def test_quant_linear_mixed_parts_match_reference(form):
     cols = 256
     parts = [(0, _blocks(64, cols, "Q4_K", 1), "Q4_K"), (64, _blocks(32, cols, "Q4_K", 2), "Q4_K"),
              (96, _blocks(32, cols, "Q6_K", 3), "Q6_K"), (128, torch.randn(16, cols), None)]
@@ -95,9 +95,9 @@ def test_quant_linear_mixed_parts_match_reference(materialize):
         layer.bias.copy_(torch.randn(144))
     for start, blocks, qtype in reversed(parts):  # any order
         layer.set_part(start, QuantizedTensor(blocks, qtype, (blocks.shape[0], cols)) if qtype else blocks)
-    layer.finalize(materialize)
+    layer.finalize(form)
     # Q4_K neighbours join into one matrix of blocks: one product per type.
-    assert layer.qtypes == ([None] if materialize else ["Q4_K", "Q6_K", None])
+    assert layer.qtypes == ([None] if form == "float" else ["Q4_K", "Q6_K", None])
     weight = torch.cat([_reference(b, q) if q else b for _, b, q in parts])
     x = torch.randn(3, cols)
     torch.testing.assert_close(layer(x), F.linear(x, weight, layer.bias), rtol=1e-5, atol=1e-5)

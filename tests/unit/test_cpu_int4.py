@@ -1,0 +1,116 @@
+"""QuantLinear's CPU int4 form (braidinfer/layers/cpu_int4.py, torch's `_weight_int4pack_mm_for_cpu`): the 4-bit terms
+each GGUF type splits into, against gguf's numpy decoder, and the layer's products against a float32 matmul of the
+decoded weights, within what rounding x (and the weights) to bfloat16 costs."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from braid_kernels.quant_formats import NIBBLE_QTYPES, nibble_terms
+from braidinfer.layers import cpu_int4
+from braidinfer.layers.quant_linear import QuantLinear
+from braidinfer.loader.quantized import QuantizedTensor
+from tests.unit.test_quantized_weights import _blocks, _reference
+
+
+@pytest.mark.parametrize("qtype", sorted(NIBBLE_QTYPES))
+def test_nibble_terms_rebuild_gguf_values(qtype):
+    blocks = _blocks(24, 512, qtype, seed=5)
+    terms = nibble_terms(blocks, qtype)
+    assert len(terms) == (2 if qtype in ("Q8_0", "Q5_K") else 1)
+    weight = torch.zeros(24, 512)
+    for codes, scale, offset in terms:
+        assert codes.dtype == torch.uint8 and codes.shape == (24, 512) and int(codes.max()) <= 15
+        assert scale.shape == offset.shape == (24, 512 // 32)
+        weight += scale.repeat_interleave(32, 1) * codes.float() + offset.repeat_interleave(32, 1)
+    ref = _reference(blocks, qtype)
+    torch.testing.assert_close(weight, ref, rtol=0, atol=ref.abs().max().item() * 2 ** -22)
+
+
+def test_nibble_terms_refuse_q6_k():
+    with pytest.raises(ValueError, match="4-bit terms"):
+        nibble_terms(_blocks(4, 256, "Q6_K", seed=0), "Q6_K")
+
+
+def _int4_layer(parts, cols: int, bias: bool = False) -> QuantLinear:
+    rows = sum(b.shape[0] for b, _ in parts)
+    layer = QuantLinear(cols, rows, bias=bias, dtype=torch.float32)
+    if bias:
+        with torch.no_grad():
+            layer.bias.copy_(torch.randn(rows))
+    start = 0
+    for blocks, qtype in parts:
+        layer.set_part(start, QuantizedTensor(blocks, qtype, (blocks.shape[0], cols)) if qtype else blocks)
+        start += blocks.shape[0]
+    layer.finalize("int4")
+    return layer
+
+
+def _bf16_error(x: torch.Tensor, weight: torch.Tensor) -> float:
+    """Largest error of the product with x and the weights rounded to bfloat16 (the dequantised bf16 path)."""
+    exact = x.double() @ weight.double().t()
+    rounded = x.bfloat16().double() @ weight.bfloat16().double().t()
+    return (rounded - exact).abs().max().item()
+
+
+@pytest.mark.parametrize("qtype", sorted(NIBBLE_QTYPES))
+@pytest.mark.parametrize("rows", [1, 7])
+def test_int4_linear_matches_the_decoded_weights(qtype, rows):
+    torch.manual_seed(rows)
+    blocks = _blocks(48, 512, qtype, seed=1)
+    layer = _int4_layer([(blocks, qtype)], 512)
+    assert layer.kinds == ["int4"] and "int4" in layer.kernel_path()
+    weight = _reference(blocks, qtype)
+    x = torch.randn(rows, 512)
+    got = layer(x)
+    assert got.dtype == torch.float32 and got.shape == (rows, 48)
+    err = (got.double() - x.double() @ weight.double().t()).abs().max().item()
+    assert err <= 3 * _bf16_error(x, weight), (err, _bf16_error(x, weight))
+
+
+def test_int4_layer_mixes_packed_decoded_and_float_parts():
+    """Q4_K and Q8_0 parts packed, Q6_K (no 4-bit form) and a float part decoded into one float matrix, in order;
+    a 3-d x and a bias."""
+    torch.manual_seed(0)
+    cols = 256
+    parts = [(_blocks(32, cols, "Q4_K", 1), "Q4_K"), (_blocks(16, cols, "Q6_K", 2), "Q6_K"),
+             (torch.randn(8, cols) * 0.05, None), (_blocks(32, cols, "Q8_0", 3), "Q8_0")]
+    layer = _int4_layer(parts, cols, bias=True)
+    assert layer.kinds == ["int4", "float", "int4"] and layer.qtypes == ["Q4_K", None, "Q8_0"]
+    weight = torch.cat([_reference(b, q) if q else b for b, q in parts])
+    x = torch.randn(2, 3, cols)
+    got = layer(x)
+    want = F.linear(x.double(), weight.double(), layer.bias.double())
+    assert got.shape == (2, 3, 88)
+    assert (got.double() - want).abs().max().item() <= 3 * _bf16_error(x.reshape(-1, cols), weight)
+
+
+def test_a_part_the_op_cannot_tile_is_decoded_to_float():
+    blocks = _blocks(40, 256, "Q4_0", seed=4)  # 40 rows: not a multiple of the op's 16
+    layer = _int4_layer([(blocks, "Q4_0")], 256)
+    assert layer.kinds == ["float"] and layer.qtypes == [None]
+    x = torch.randn(3, 256)
+    torch.testing.assert_close(layer(x), x @ _reference(blocks, "Q4_0").t(), rtol=1e-5, atol=1e-5)
+
+
+def test_int4_form_keeps_the_bytes_of_a_4_bit_type():
+    """Q4_1 is 20 bytes per 32 weights; the int4 form 16 bytes of codes and a bfloat16 scale and zero: the same."""
+    blocks = _blocks(64, 512, "Q4_1", seed=0)
+    layer = _int4_layer([(blocks, "Q4_1")], 512)
+    held = sum(b.numel() * b.element_size() for b in layer.buffers())
+    assert held == blocks.numel()
+
+
+def test_fast_here_follows_the_cpu_capability(monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert cpu_int4.fast_here()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert not cpu_int4.fast_here()
+
+
+def test_finalize_rejects_an_unknown_form():
+    layer = QuantLinear(256, 32, bias=False, dtype=torch.float32)
+    layer.set_part(0, QuantizedTensor(_blocks(32, 256, "Q8_0", 0), "Q8_0", (32, 256)))
+    with pytest.raises(ValueError, match="form must be one of"):
+        layer.finalize("int8")
