@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import torch
 
-from braid_kernels.quant_formats import NIBBLE_QTYPES, nibble_terms
-
 GROUP = 32
 """Columns per scale and zero."""
 FAST_CAPABILITIES = frozenset({"AVX512"})
@@ -31,11 +29,15 @@ def fast_here() -> bool:
 def packable(qtype: str, shape: tuple[int, int]) -> bool:
     """Whether a [N, K] weight of `qtype` has this form: a type nibble_terms splits, N a multiple of 16 and K of 32
     (the op's tiles)."""
+    from braid_kernels.quant_formats import NIBBLE_QTYPES  # imported on use: braid_kernels reads TRITON_INTERPRET
+
     return qtype in NIBBLE_QTYPES and shape[0] % 16 == 0 and shape[1] % GROUP == 0
 
 
 def pack(blocks: torch.Tensor, qtype: str) -> list[Int4Term]:
     """The op's operands for W held as CPU blocks [N, row_bytes] of `qtype` (packable): one pair per term."""
+    from braid_kernels.quant_formats import nibble_terms
+
     terms = []
     for codes, scale, offset in nibble_terms(blocks, qtype):
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)

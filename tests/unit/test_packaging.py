@@ -29,3 +29,15 @@ def test_no_folder_shadows_pypi_kernels():
     import braid_kernels
 
     assert os.path.samefile(os.path.dirname(braid_kernels.__file__), os.path.join(ROOT, "braid_kernels"))
+
+
+def test_loading_the_engine_modules_leaves_braid_kernels_unimported():
+    """braid_kernels reads TRITON_INTERPRET when imported, so the engine imports it only when a kernel is used:
+    a test (or user) that imports braidinfer first can still run the kernels interpreted."""
+    import subprocess
+    import sys
+
+    code = ("import sys, braidinfer, braidinfer.engine, braidinfer.layers.quant_linear; "
+            "print(sorted(m for m in sys.modules if m.startswith('braid_kernels')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
