@@ -17,7 +17,7 @@ from braidinfer.config import EngineConfig
 from braidinfer.errors import InvalidRequestError, OutOfPagesError
 from braidinfer.kv.page_manager import PageManager
 from braidinfer.kv.pins import Pins
-from braidinfer.layers import KernelPlan, describe_kernels, select_kernels
+from braidinfer.layers import KernelPlan, cpu_int4, describe_kernels, select_kernels
 from braidinfer.loader import resolve_model
 from braidinfer.memory import num_kv_pages
 from braidinfer.models import ModelConfig, model_class
@@ -29,7 +29,6 @@ from braidinfer.sampling.logits import sample_batch
 from braidinfer.sampling.sampler import HostTokens, Sampler, make_generator
 from braidinfer.scheduler import ScheduledBatch, Scheduler
 from braidinfer.sequence import Sequence
-from braidinfer.layers import cpu_int4
 from braidinfer.weight_report import load_summary, weight_bytes
 from braidinfer.weights import load_model
 

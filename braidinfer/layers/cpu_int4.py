@@ -50,8 +50,8 @@ def linear(x: torch.Tensor, terms: list[Int4Term]) -> torch.Tensor:
     """x [M, K] @ W.T for W = the sum of `terms`, x rounded to bfloat16, the terms' products added in float32;
     returns x's dtype."""
     xb = x.to(torch.bfloat16)
-    packed, scales_zeros = terms[0]
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, GROUP, scales_zeros).to(x.dtype)
-    for packed, scales_zeros in terms[1:]:
-        y = y.float() + torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, GROUP, scales_zeros).float()
+    y = None
+    for packed, scales_zeros in terms:
+        part = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, GROUP, scales_zeros).float()
+        y = part if y is None else y + part
     return y.to(x.dtype)
