@@ -45,21 +45,21 @@ from braid_kernels.quant_gemv import QuantGemvConfig  # noqa: E402
 SHAPES = [(4096, 4096), (12288, 4096), (4096, 12288), (151936, 4096), (1024, 4096)]
 L2_BYTES_TO_DEFEAT = 240e6  # 4x the H200's 60 MB L2
 FP16_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
-SWEEP = [QuantGemvConfig(n, k, w, s) for n in (1, 2, 4, 8) for k in (512, 1024, 2048, 4096) for w in (2, 4, 8)
-         for s in (1, 3)]
+SWEEP = [QuantGemvConfig(n, k, w) for n in (1, 2, 4) for k in (1024, 2048, 4096) for w in (4, 8)]
 
 
 COLUMNS_SWEEP = [ColumnsConfig(1, s) for s in (8, 16, 32)] + [ColumnsConfig(2, s, 8) for s in (8, 16)]
 
 
-def gemm_sweep(qtype: str, m: int, n: int) -> list[QuantGemmConfig]:
-    """launch_config's neighbours: BLOCK_M halved or doubled, both BLOCK_N, K steps of 64-256, 4 or 8 warps, 2-4
-    stages (those over the registers or shared memory fail to compile and are skipped)."""
-    default = gemm_launch_config(qtype, m, n)
-    block_ms = sorted({max(16, min(256, default.block_m * f)) for f in (0.5, 1, 2)})
-    return [default] + [QuantGemmConfig(bn, int(bm), bk, w, s) for bm in block_ms for bn in (64, 128)
-                        for bk in (64, 128, 256) for w, s in ((4, 2), (4, 3), (8, 3), (8, 4))
-                        if QuantGemmConfig(bn, int(bm), bk, w, s) != default]
+def gemm_sweep(qtype: str, m: int, n: int, k: int) -> list[QuantGemmConfig]:
+    """launch_config's neighbours at its BLOCK_M: both BLOCK_N, K steps of one and two 256 weights, 4 or 8 warps,
+    2 or 3 stages, K unsplit or split as launch_config splits it or twice as much (those over the registers or shared
+    memory fail to compile and are skipped)."""
+    default = gemm_launch_config(qtype, m, n, k=k)
+    splits = sorted({1, default.split_k, 2 * default.split_k})
+    sweep = [QuantGemmConfig(bn, default.block_m, bk, w, s, split) for bn in (64, 128) for bk in (256, 512)
+             for w, s in ((4, 2), (4, 3), (8, 3)) for split in splits]
+    return [default] + [config for config in sweep if config != default]
 
 
 def random_blocks(qtype: str, n: int, k: int, device="cuda") -> torch.Tensor:
@@ -148,11 +148,11 @@ def bench_gemm(qtype: str, n: int, k: int, rows: list[int], sweep: bool) -> None
                  for path in (("dot", "gemv") if m <= MAX_ROWS else ()) + ("gemm", "dequantize")}
         paths = " | ".join(f"{path} {t:7.1f} us {t_bf16 / t:5.2f}x" for path, t in times.items())
         print(f"{qtype:5} {n:>6}x{k:<6} M={m:<5} bf16 {t_bf16:7.1f} us {2 * m * n * k / t_bf16 / 1e6:5.0f} TFLOP/s "
-              f"| {paths} | gemm {tuple(gemm_launch_config(qtype, m, n))}", flush=True)
+              f"| {paths} | gemm {tuple(gemm_launch_config(qtype, m, n, k=k))}", flush=True)
         if not sweep:
             continue
         results = []
-        for config in gemm_sweep(qtype, m, n):
+        for config in gemm_sweep(qtype, m, n, k):
             try:
                 results.append((time_rotating(lambda w: quant_linear(x, w, qtype, config=config, path="gemm"),
                                               quant, replays=10), config))

@@ -26,8 +26,8 @@ from .quant_gemv import MAX_ROWS, QuantGemvConfig, launch_gemv
 # W is dequantised to x's dtype and multiplied by cuBLAS. Measured on an H200 (`benchmarks/quant_kernels.py --gemm
 # --qtypes Q4_K,Q6_K,Q8_0 --shapes 4096x4096,4096x12288 --rows 1,4,8,16,128`), time against bf16 matmul's: at 4
 # rows the integer-dot GEMV 0.64-0.80x, dequantise + cuBLAS 0.38-0.50x; at 8 rows 0.31-0.43x against 0.37-0.49x.
-# The fused GEMM (path="gemm") measured 0.04-0.32x at 1-128 rows, slower than dequantise + cuBLAS everywhere, so it
-# is not a default path.
+# The fused GEMM (path="gemm", quant_gemm.py) measured 0.42-0.56x at 16 rows, where dequantise + cuBLAS gave
+# 0.31-0.48x, but 0.26-0.35x at 64 and 0.07-0.20x at 256 rows against 0.34-0.58x: it is not a default path.
 GEMV_DEFAULT_ROWS = 4
 PATHS = ("dot", "gemv", "gemm", "dequantize")
 
@@ -105,7 +105,7 @@ def quant_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.
       QuantGemvConfig);
     - "gemv", by default for M <= GEMV_DEFAULT_ROWS and float32 x, possible up to MAX_ROWS: the dequantising GEMV,
       float32 sums (`config`: a QuantGemvConfig);
-    - "gemm", never by default (slower than "dequantize" as measured so far): the fused dequantising GEMM on the
+    - "gemm", never by default (slower than "dequantize" above 16 rows): the fused dequantising GEMM on the
       tensor cores, the weights rounded to x's dtype in registers (`config`: a QuantGemmConfig);
     - "dequantize", larger M: W dequantised to x's dtype into a buffer, then F.linear (cuBLAS).
     """

@@ -142,23 +142,34 @@ def decode_codes(blocks_ptr, row_offset, g, lane, mask, QTYPE: tl.constexpr, BLO
                  TYPE_SIZE: tl.constexpr, GROUPS: tl.constexpr, LANES: tl.constexpr):
     """The weights of groups g as codes and per-group affine maps: weight = a * f + b, f in [1, 2).
 
-    Arguments as decode_groups. Returns (f_lo, f_hi, a_lo, b_lo, a_hi, b_hi, col_lo, col_hi): f of the shape of
-    row_offset, g and lane broadcast together; a and b of the shape of row_offset and g (no lane dimension), so that
-    a dot product over a group's lanes costs one multiply-add per weight, sum(w * x) = a * sum(f * x) + b * sum(x).
-    A code q of B bits is f = 1 + q / 2^B (exact), so a = 2^B * scale and b = offset - a for the format's
-    weight = scale * q + offset. Masked groups give f = 1 with a = b = 0.
+    Arguments as decode_groups. Returns (f_lo, f_hi, a_lo, b_lo, a_hi, b_hi, col_lo, col_hi) as block_codes, with
+    the columns counted from the row's first weight.
     """
     blk = g // GROUPS
-    c = g % GROUPS
-    base = blocks_ptr + row_offset + blk * TYPE_SIZE  # the block's first byte
+    f_lo, f_hi, a_lo, b_lo, a_hi, b_hi, col_lo, col_hi = block_codes(
+        blocks_ptr + row_offset + blk * TYPE_SIZE, g % GROUPS, lane, mask, QTYPE)
     col = blk * BLOCK_SIZE
+    return f_lo, f_hi, a_lo, b_lo, a_hi, b_hi, col + col_lo, col + col_hi
+
+
+@triton.jit
+def block_codes(base, c, lane, mask, QTYPE: tl.constexpr):
+    """Group c, lanes `lane` of the blocks at byte pointers `base` (base, c and lane broadcast together; mask says
+    which are real) as codes and per-group affine maps: weight = a * f + b, f in [1, 2).
+
+    Returns (f_lo, f_hi, a_lo, b_lo, a_hi, b_hi, col_lo, col_hi): f of the shape of base, c and lane broadcast
+    together; a and b of the shape of base and c (no lane dimension), so that a dot product over a group's lanes
+    costs one multiply-add per weight, sum(w * x) = a * sum(f * x) + b * sum(x); the columns of the weights in their
+    block. A code q of B bits is f = 1 + q / 2^B (exact), so a = 2^B * scale and b = offset - a for the format's
+    weight = scale * q + offset. Masked groups give f = 1 with a = b = 0.
+    """
     if QTYPE == Q8_0:
         d = _fp16(base, mask)
         # int8 q as the byte u = q + 128 (top bit flipped) in bits 15-22: 1 + u / 256; weight = d * (u - 128).
         lo = _unit((_byte(base + 2 + lane, mask) << 15) ^ 0x400000)
         hi = _unit((_byte(base + 18 + lane, mask) << 15) ^ 0x400000)
         a = 256.0 * d
-        return lo, hi, a, -1.5 * a, a, -1.5 * a, col + lane, col + 16 + lane
+        return lo, hi, a, -1.5 * a, a, -1.5 * a, lane, 16 + lane
     elif QTYPE == Q4_0 or QTYPE == Q4_1:
         d = _fp16(base, mask)
         if QTYPE == Q4_0:
@@ -168,7 +179,7 @@ def decode_codes(blocks_ptr, row_offset, g, lane, mask, QTYPE: tl.constexpr, BLO
             q = _byte(base + 4 + lane, mask)
             b = _fp16(base + 2, mask) - 16.0 * d  # d * q + m = 16 d f - 16 d + m
         a = 16.0 * d
-        return (_unit((q << 19) & 0x780000), _unit((q << 15) & 0x780000), a, b, a, b, col + lane, col + 16 + lane)
+        return _unit((q << 19) & 0x780000), _unit((q << 15) & 0x780000), a, b, a, b, lane, 16 + lane
     elif QTYPE == Q4_K or QTYPE == Q5_K:
         s_lo, m_lo, s_hi, m_hi = k_group_scales(base, c, mask)
         if QTYPE == Q4_K:
@@ -184,7 +195,7 @@ def decode_codes(blocks_ptr, row_offset, g, lane, mask, QTYPE: tl.constexpr, BLO
             unit = 32.0
         a_lo = unit * s_lo
         a_hi = unit * s_hi
-        col_lo = col + c * 64 + lane
+        col_lo = c * 64 + lane
         return lo, hi, a_lo, -a_lo - m_lo, a_hi, -a_hi - m_hi, col_lo, col_lo + 32
     else:  # Q6_K, groups as in decode_groups; weight = d * sc * (q - 32) = 64 d sc f - 96 d sc
         s_lo, s_hi, ql_ptr, qh_ptr, shift, first = q6_group(base, c, mask)
@@ -194,5 +205,5 @@ def decode_codes(blocks_ptr, row_offset, g, lane, mask, QTYPE: tl.constexpr, BLO
         hi = _unit(((ql << 13) & 0x1E0000) | ((qh << 17) & 0x600000))
         a_lo = 64.0 * s_lo
         a_hi = 64.0 * s_hi
-        col_lo = col + first + lane
+        col_lo = first + lane
         return lo, hi, a_lo, -1.5 * a_lo, a_hi, -1.5 * a_hi, col_lo, col_lo + 64

@@ -62,10 +62,17 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 def dot_launch_config(qtype: str, num_rows: int, n: int, num_sms: int, k: int | None = None) -> QuantGemvConfig:
     """The float GEMV's configuration (quant_gemv.launch_config: rows of W per program, K split for narrow N) with
-    4 warps instead of 8: each thread then holds twice the weights (128 at one row of x), which the sm_90 SASS shows
-    halves the reductions' and scales' share (Q4_K at 1 row: 7.4 -> 4.4 instructions per weight). Not yet swept
-    on a GPU: the float GEMV's sweep (benchmarks/quant_kernels.py --sweep) does not time this path."""
-    return launch_config(qtype, num_rows, n, num_sms, k)._replace(num_warps=4)
+    4 warps, one row of W per program at one row of x, and steps of at least 2048 weights up to 4 rows of x (unless K
+    is split). Swept on an H200 (`benchmarks/quant_kernels.py --sweep --rows 1,4 --shapes 28672x4096,4096x14336`:
+    1-4 rows of W per program, steps of 1024-4096 weights, 4 or 8 warps; benchmarks/RESULTS.md): at one row of x,
+    one row of W per program beat two by 4-18% and four by 14-37% for Q4_K, Q6_K and Q8_0; at four rows, four rows
+    of W with steps of 2048 were within 5% of the best for each. Q5_K, Q4_0 and Q4_1 were not swept."""
+    config = launch_config(qtype, num_rows, n, num_sms, k)._replace(num_warps=4)
+    if num_rows == 1:
+        config = config._replace(block_n=1)
+    if num_rows <= 4 and config.split_k == 1:
+        config = config._replace(block_k=max(config.block_k, 2048))
+    return config
 
 
 def launch_dot_gemv(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.Tensor | None, out: torch.Tensor,

@@ -1,16 +1,19 @@
-"""The fused dequantising GEMM: y = x @ W.T for batches of rows (M > MAX_ROWS), W read as GGML blocks and decoded
-in registers, tile by tile, straight into the tensor cores; the dequantised weight never reaches global memory.
+"""The fused dequantising GEMM: y = x @ W.T for batches of rows, W read as GGML blocks and decoded in registers,
+step by step, straight into the tensor cores; the dequantised weight never reaches global memory.
 
 Each program owns an output tile of BLOCK_N weight rows x BLOCK_M rows of x, computed transposed (acc [BLOCK_N,
-BLOCK_M] = W_tile @ x_tile.T, "swap AB"): the decoded weights are the MMA's A operand, which Hopper's wgmma takes
-from registers, and x is the B operand, whose N side may be as narrow as 8, so M = 16 or 32 wastes no MMA rows.
-K is walked in steps of BLOCK_G groups (braid_kernels/quant_decode.py's groups, decoded by decode_codes): each
-group's weights are a `lo` and a `hi` run of LANES contiguous columns, so a step is two dots, lo and hi, each
-against the x columns of its run (contiguous runs, loaded as vectors). The weights are rounded to x's dtype
-before the dot and the sums are float32; float32 x multiplies in full float32 precision ("ieee", no tf32).
+BLOCK_M] = W_tile @ x_tile.T, "swap AB"): the decoded weights are the MMA's A operand and x the B operand, whose
+N side may be as narrow as 16. K is walked in steps of whole blocks (one 256-weight block for the K-types, four
+32-weight blocks for the others), each step a tile (row of W, block, group, lane) decoded by
+quant_decode.block_codes: the block index is the loop's scalar plus a range, which keeps a group's bytes one
+contiguous run. A group's weights are a `lo` and a `hi` run of contiguous columns, so a step is two dots, each
+against the x columns of its run. The weights are rounded to x's dtype before the dot and the sums are float32
+(float32 x in full float32 precision, "ieee", no tf32). Narrow outputs split K into slices summed afterwards.
 
-The programs walk M fastest: the BLOCK_M tiles that share a weight tile run side by side and read it once from
-HBM and again from L2.
+Measured on an H200 (benchmarks/RESULTS.md): 0.42-0.56x bf16 matmul at 16 rows, 0.26-0.35x at 64 and 0.07-0.20x
+at 256, against dequantise + cuBLAS's 0.31-0.48x, 0.34-0.46x and 0.44-0.58x. Triton keeps the 4-d decode tiles in
+255 registers and spills from BLOCK_M = 64 on, and loads the quant bytes at most 4 at a time; so quant_linear
+keeps this path opt-in (path="gemm").
 """
 from __future__ import annotations
 
@@ -21,32 +24,38 @@ import triton
 import triton.language as tl
 
 from .numerics import INTERPRETED, round_to_dtype
-from .quant_decode import GROUP_LANES, GROUPS_PER_BLOCK, Q4_K, Q5_K, Q6_K, QTYPE_IDS, decode_codes
+from .quant_decode import GROUP_LANES, GROUPS_PER_BLOCK, QTYPE_IDS, block_codes
 from .quant_formats import BLOCK_SIZE, TYPE_SIZE
+from .quant_gemv import add_slices
 
 
 class QuantGemmConfig(NamedTuple):
-    """A launch configuration: weight rows and rows of x per program, weights of a row per K step (lo and hi runs
-    together), warps and software-pipeline stages."""
+    """A launch configuration: weight rows and rows of x per program, weights of a row per K step (whole blocks),
+    warps, software-pipeline stages, and slices of K (programs summing into float32 partials)."""
 
     block_n: int
     block_m: int
     block_k: int
     num_warps: int
     num_stages: int
+    split_k: int = 1
 
 
-def launch_config(qtype: str, num_rows: int, n: int, num_sms: int = 132) -> QuantGemmConfig:
-    """The configuration for x [num_rows, K] @ W[n, K].T on a device of `num_sms` multiprocessors: chosen from
-    SASS, not yet timed on a GPU (the reasoning is in the notes at the end of this file)."""
+def launch_config(qtype: str, num_rows: int, n: int, num_sms: int = 132, k: int | None = None) -> QuantGemmConfig:
+    """The configuration for x [num_rows, K] @ W[n, K].T on a device of `num_sms` multiprocessors: BLOCK_M the
+    next power of two of M (16 to 128), 128 rows of W per program and 8 warps, a K step of one 256-weight block for
+    the K-types and four 32-weight blocks for the others, and K split into slices while there are fewer programs
+    than SMs and each slice keeps at least 4 steps. The best of `benchmarks/quant_kernels.py --gemm --gemm-sweep`
+    at M = 64 on 4096x4096 and 28672x4096 (H200; benchmarks/RESULTS.md)."""
     block_m = min(128, max(16, triton.next_power_of_2(num_rows)))
-    m_tiles = triton.cdiv(num_rows, block_m)
-    min_block_n = 16 if block_m <= 32 else 64
     block_n = 128
-    while block_n > min_block_n and triton.cdiv(n, block_n) * m_tiles < num_sms // 2:
-        block_n //= 2
-    block_k = 256 if block_n <= 32 else (128 if GROUP_LANES[qtype] == 32 else 64)
-    return QuantGemmConfig(block_n, block_m, block_k, num_warps=8 if block_n == 128 else 4, num_stages=3)
+    block_k = max(BLOCK_SIZE[qtype], 128)
+    split_k = 1
+    if k is not None:
+        programs = triton.cdiv(n, block_n) * triton.cdiv(num_rows, block_m)
+        while programs * split_k < num_sms and k // block_k >= 8 * split_k:
+            split_k *= 2
+    return QuantGemmConfig(block_n, block_m, block_k, num_warps=8, num_stages=3, split_k=split_k)
 
 
 def launch_gemm(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.Tensor | None, out: torch.Tensor,
@@ -57,67 +66,72 @@ def launch_gemm(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.T
         return
     if config is None:
         num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-        config = launch_config(qtype, num_rows, n, num_sms)
-    lanes = GROUP_LANES[qtype]
-    num_groups = k // (2 * lanes)
-    block_g = max(1, config.block_k // (2 * lanes))
-    grid = (triton.cdiv(num_rows, config.block_m), triton.cdiv(n, config.block_n))
+        config = launch_config(qtype, num_rows, n, num_sms, k)
+        if x.dtype == torch.float32:  # float32 tiles are twice as large: 128 x 128 over 3 stages needs 416 KB
+            config = config._replace(block_m=min(config.block_m, 32), num_stages=1)
+    block_size = BLOCK_SIZE[qtype]
+    if config.block_k % block_size:
+        raise ValueError(f"block_k must be a multiple of {qtype}'s {block_size} weights per block, got {config}")
+    num_blocks = k // block_size
+    step_blocks = config.block_k // block_size
+    steps = triton.cdiv(num_blocks, step_blocks)
+    split_k = max(1, min(config.split_k, steps))
+    slice_steps = triton.cdiv(steps, split_k)
+    split_k = triton.cdiv(steps, slice_steps)  # no empty slices
+    partial = out if split_k == 1 else torch.empty((split_k, num_rows, n), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(num_rows, config.block_m), triton.cdiv(n, config.block_n), split_k)
     _quant_gemm_kernel[grid](
-        x, blocks, bias, out, num_rows, n, x.stride(0), blocks.shape[1],
-        QTYPE=QTYPE_IDS[qtype], BLOCK_SIZE=BLOCK_SIZE[qtype], TYPE_SIZE=TYPE_SIZE[qtype],
-        GROUPS=GROUPS_PER_BLOCK[qtype], LANES=lanes, NUM_GROUPS=num_groups, HAS_BIAS=bias is not None,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_G=block_g,
+        x, blocks, bias, partial, num_rows, n, x.stride(0), blocks.shape[1], num_blocks, slice_steps,
+        QTYPE=QTYPE_IDS[qtype], BLOCK_SIZE=block_size, TYPE_SIZE=TYPE_SIZE[qtype],
+        GROUPS=GROUPS_PER_BLOCK[qtype], LANES=GROUP_LANES[qtype], STEP_BLOCKS=step_blocks,
+        HAS_BIAS=bias is not None and split_k == 1,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-
-
-@triton.jit
-def _group_columns(g, lane, QTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr, GROUPS: tl.constexpr):
-    """Columns of the lo run of groups g (decode_groups' col_lo), and the constant stride to the hi run."""
-    c = g % GROUPS
-    col = (g // GROUPS) * BLOCK_SIZE + lane
-    if QTYPE == Q4_K or QTYPE == Q5_K:  # Q4_K, Q5_K: sub-block pairs of 64
-        return col + c * 64, 32
-    elif QTYPE == Q6_K:  # Q6_K: (half, quarter) of 128-weight halves
-        return col + (c // 4) * 128 + (c % 4) * 16, 64
-    else:  # Q8_0, Q4_0, Q4_1: one group of 16 + 16 per block
-        return col, 16
+    if split_k > 1:
+        add_slices(partial, bias, out)
 
 
 @triton.jit
 def _quant_gemm_kernel(
-    x_ptr, blocks_ptr, bias_ptr, out_ptr, M, N, x_row_stride, row_bytes,
+    x_ptr, blocks_ptr, bias_ptr, out_ptr, M, N, x_row_stride, row_bytes, num_blocks, slice_steps,
     QTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr, TYPE_SIZE: tl.constexpr, GROUPS: tl.constexpr,
-    LANES: tl.constexpr, NUM_GROUPS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+    LANES: tl.constexpr, STEP_BLOCKS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Program (m, n): out[m * BLOCK_M : (m + 1) * BLOCK_M, n * BLOCK_N : (n + 1) * BLOCK_N]. Weight tiles are
-    (row of W, group, lane), flattened to (row of W, group * lane) for the dot; x tiles (group * lane, row of x)."""
+    """Program (m, n, s): out[m * BLOCK_M : (m + 1) * BLOCK_M, n * BLOCK_N : (n + 1) * BLOCK_N] over K steps
+    [s * slice_steps, (s + 1) * slice_steps) (out is float32 [slices, M, N] with several slices). A step is
+    STEP_BLOCKS whole blocks of each row of W, decoded as a tile (row of W, block, group, lane): the block index is a
+    scalar plus a range, so the quant bytes of a group load as contiguous, aligned vectors."""
     dtype: tl.constexpr = x_ptr.dtype.element_ty
+    KSTEP: tl.constexpr = STEP_BLOCKS * GROUPS * LANES  # weights per run (lo or hi) per step
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
-    row_offset = cols.to(tl.int64)[:, None, None] * row_bytes  # (BN, 1, 1)
-    col_ok = (cols < N)[:, None, None]
-    lane = tl.arange(0, LANES)[None, :]  # (1, L)
+    out_ptr += tl.program_id(2) * M * N
+    row_base = blocks_ptr + cols.to(tl.int64)[:, None, None, None] * row_bytes  # (BN, 1, 1, 1)
+    col_ok = (cols < N)[:, None, None, None]
+    sb = tl.arange(0, STEP_BLOCKS)[None, :, None, None]  # (1, SB, 1, 1)
+    c = tl.arange(0, GROUPS)[None, None, :, None]  # (1, 1, G, 1)
+    lane = tl.arange(0, LANES)[None, None, None, :]  # (1, 1, 1, L)
     x_rows = x_ptr + rows[None, :].to(tl.int64) * x_row_stride  # (1, BM)
     row_ok = (rows < M)[None, :]
 
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-    for g0 in range(0, NUM_GROUPS, BLOCK_G):
-        g = g0 + tl.arange(0, BLOCK_G)[:, None]  # (BG, 1)
-        g_ok = g < NUM_GROUPS
-        f_lo, f_hi, a_lo, b_lo, a_hi, b_hi, _, _ = decode_codes(
-            blocks_ptr, row_offset, g[None], lane[None], col_ok & g_ok[None], QTYPE, BLOCK_SIZE, TYPE_SIZE, GROUPS,
-            LANES)  # f: (BN, BG, L); a, b: (BN, BG, 1)
-        w_lo = a_lo * f_lo + b_lo  # one multiply-add per weight
-        w_hi = a_hi * f_hi + b_hi
-        col_lo, hi_stride = _group_columns(g, lane, QTYPE, BLOCK_SIZE, GROUPS)  # (BG, L)
-        k_lo = tl.reshape(col_lo, (BLOCK_G * LANES, 1))  # (BG * L, 1)
-        k_ok = tl.reshape(g_ok & (lane >= 0), (BLOCK_G * LANES, 1)) & row_ok
-        x_lo = tl.load(x_rows + k_lo, mask=k_ok, other=0.0)  # (BG * L, BM)
-        x_hi = tl.load(x_rows + k_lo + hi_stride, mask=k_ok, other=0.0)
-        acc = _dot(_to_dtype(w_lo, dtype), x_lo, acc, BLOCK_N, BLOCK_G * LANES)
-        acc = _dot(_to_dtype(w_hi, dtype), x_hi, acc, BLOCK_N, BLOCK_G * LANES)
+    first = tl.program_id(2) * slice_steps
+    for step in range(first, first + slice_steps):
+        blk = step * STEP_BLOCKS + sb  # (1, SB, 1, 1)
+        blk_ok = blk < num_blocks
+        f_lo, f_hi, a_lo, b_lo, a_hi, b_hi, col_lo, col_hi = block_codes(
+            row_base + blk * TYPE_SIZE, c, lane, col_ok & blk_ok, QTYPE)  # f: (BN, SB, G, L); a, b: (BN, SB, G, 1)
+        w_lo = tl.reshape(a_lo * f_lo + b_lo, (BLOCK_N, KSTEP))  # one multiply-add per weight
+        w_hi = tl.reshape(a_hi * f_hi + b_hi, (BLOCK_N, KSTEP))
+        k_lo = tl.reshape(blk * BLOCK_SIZE + col_lo + 0 * c, (KSTEP, 1))  # (KSTEP, 1)
+        k_hi = tl.reshape(blk * BLOCK_SIZE + col_hi + 0 * c, (KSTEP, 1))
+        k_ok = tl.reshape(blk_ok & (c >= 0) & (lane >= 0), (KSTEP, 1)) & row_ok
+        x_lo = tl.load(x_rows + k_lo, mask=k_ok, other=0.0)  # (KSTEP, BM)
+        x_hi = tl.load(x_rows + k_hi, mask=k_ok, other=0.0)
+        acc = _dot(_to_dtype(w_lo, dtype), x_lo, acc)
+        acc = _dot(_to_dtype(w_hi, dtype), x_hi, acc)
 
     y = tl.trans(acc)  # (BM, BN)
     rows2 = rows[:, None]
@@ -139,36 +153,11 @@ def _to_dtype(w, dtype: tl.constexpr):
 
 
 @triton.jit
-def _dot(w, x, acc, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc += w [BN, BG, L] flattened to [BN, BK] @ x [BK, BM]; float32 x in full precision."""
-    w = tl.reshape(w, (BLOCK_N, BLOCK_K))
+def _dot(w, x, acc):
+    """acc += w [BN, BK] @ x [BK, BM]; float32 x in full precision."""
     if INTERPRETED or x.dtype == tl.float32:
         # The interpreter (Triton 3.9) multiplies bf16 operands as their raw uint16 bits: widen them first (exact).
         return tl.dot(w.to(tl.float32), x.to(tl.float32), acc, input_precision="ieee")
     else:
         return tl.dot(w, x, acc)
 
-
-# Notes on launch_config, from the sm_90 SASS of Triton 3.9 (ptxas' registers and spills, instructions in the
-# K loop per decoded weight, counted over all threads; no GPU was at hand, so these are the reasoning to check
-# with `benchmarks/quant_kernels.py --gemm --gemm-sweep`):
-#
-# - The decode is the cost, paid once per weight per BLOCK_M tile, against 2 * BLOCK_M tensor-core flops per
-#   weight: at BLOCK_M = 128 an SM's 128 instruction slots a cycle and ~4,000 bf16 flops a cycle make ~8 thread
-#   instructions per weight as long as the MMA. So BLOCK_M is the next power of two of M up to 128 (at least 16,
-#   the narrowest N side that wastes little of an MMA); 256 would halve the decode per output but needs 255
-#   registers at BLOCK_N = 128 and spills for Q6_K.
-# - BLOCK_N = 128 with 8 warps (two warpgroups, wgmma m64 each), BLOCK_M = 128, 3 stages: no spills, 156-200
-#   registers; per weight Q4_K 8.0, Q4_0 9.7, Q5_K 11.3, Q8_0 13.9, Q6_K 19.7 instructions (Q8_0, Q4_0/1 and
-#   Q6_K blocks are only 2-byte aligned, so their bytes load 2 at a time and 8 threads share a group's scales,
-#   each recomputing them). decode_codes' codes-in-the-mantissa removed the int-to-float conversions (26 I2F +
-#   42 I2FP per 64 Q4_K weights a thread with decode_groups; I2F is quarter rate).
-# - BLOCK_N halves (down to 64, wgmma's M) while there would be fewer than half as many programs as SMs: the
-#   decode is spread over the SMs, not queued behind a few. Below 64 rows of W there is no wgmma; mma.sync with a
-#   128-wide x tile costs 25-35 instructions per weight, so BLOCK_N goes to 32 or 16 only for BLOCK_M <= 32, where
-#   the GEMM is bound by reading the weights and BLOCK_K = 256 keeps more bytes in flight (Q4_K 16 x 16: 16.7,
-#   32 x 16: 10.5 instructions per weight, 80-128 registers).
-# - BLOCK_K: two 64-weight groups (128) for Q4_K/Q5_K; 64 for the 16-lane types, whose decode holds more registers
-#   per weight (Q6_K at BLOCK_K = 128, BLOCK_M = 128 spills 144 bytes at 4 warps).
-# Left for the GPU: split K for M = 64-256 on narrow N (N = 4096 gives 64 programs at BLOCK_N = 64, each decoding
-# 64 rows of W serially), BLOCK_M = 256 for M >= 512, and GEMM_MAX_ROWS in braid_kernels/quant.py.

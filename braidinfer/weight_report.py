@@ -27,10 +27,22 @@ def load_summary(model: nn.Module, quantized_names: dict[str, str], dequantized:
             kept[qtype] = kept.get(qtype, 0) + 1
     if kept:
         counts = ", ".join(f"{n} {q}" for q, n in sorted(kept.items()))
-        lines.append(f"kept quantised: {counts}" if form == "blocks" else
-                     f"quantised tensors ({counts}): projections of Q8_0/Q4_0/Q4_1/Q4_K/Q5_K in torch's CPU int4 "
-                     "form, others decoded to float at load; embeddings kept quantised" if form == "int4" else
-                     f"quantised tensors ({counts}): projections decoded to float at load for the CPU's matmul, "
-                     "untied embeddings kept quantised")
+        lines.append(_kept_line(counts, form))
     lines += [f"dequantised: {name} ({why})" for name, why in sorted(dequantized.items())]
     return lines
+
+
+def _kept_line(counts: str, form: str) -> str:
+    """The summary's line on the tensors kept quantised ("n qtype, ..." in `counts`), worded for `form`: "blocks"
+    keeps them all as GGUF blocks, "int4" holds the packable projections in torch's CPU int4 form, and any other
+    form ("float") decodes the projections at load."""
+    if form == "blocks":
+        return f"kept quantised: {counts}"
+    if form == "int4":
+        from braid_kernels.quant_formats import BLOCK_SIZE, NIBBLE_QTYPES  # imported on use, as in cpu_int4
+
+        types = "/".join(q for q in BLOCK_SIZE if q in NIBBLE_QTYPES)  # the formats table's order: Q8_0 first
+        return (f"quantised tensors ({counts}): projections of {types} in torch's CPU int4 form, others decoded to "
+                "float at load; embeddings kept quantised")
+    return (f"quantised tensors ({counts}): projections decoded to float at load for the CPU's matmul, untied "
+            "embeddings kept quantised")

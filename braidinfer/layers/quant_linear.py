@@ -34,7 +34,6 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
         self._pending: dict[int, torch.Tensor | QuantizedTensor] = {}  # first row -> part, until finalize
         self.qtypes: list[str | None] = []  # per part; None: a float matrix
-        self.kinds: list[str] = []  # per part: "float" (buffer part{i}), "blocks" (part{i}), "int4" (part{i}_{j}...)
         self._int4_terms: dict[int, list[cpu_int4.Int4Term]] = {}  # int4 part -> its buffers, in order
 
     def set_part(self, start: int, weight: torch.Tensor | QuantizedTensor) -> None:
@@ -87,11 +86,20 @@ class QuantLinear(nn.Module):
                     self.register_buffer(f"part{i}_{j}", packed, persistent=False)
                     self.register_buffer(f"part{i}_{j}_scales", scales_zeros, persistent=False)
                 self._int4_terms[i] = terms  # the same tensors, without a lookup per call
-                self.kinds.append("int4")
             else:
                 self.register_buffer(f"part{i}", weight, persistent=False)
-                self.kinds.append("float" if qtype is None else "blocks")
             self.qtypes.append(qtype)
+
+    @property
+    def kinds(self) -> list[str]:
+        """Per part, how it is held: "float" (buffer part{i}), "blocks" (part{i}) or "int4" (part{i}_{j}...)."""
+        return [self._kind(i) for i in range(len(self.qtypes))]
+
+    def _kind(self, i: int) -> str:
+        """Part i's entry of `kinds`: "int4" if it has int4 terms, else "float" for a float matrix, else "blocks"."""
+        if i in self._int4_terms:
+            return "int4"
+        return "float" if self.qtypes[i] is None else "blocks"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         outs = [self._part(i, x) for i in range(len(self.qtypes))]
@@ -99,7 +107,7 @@ class QuantLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def _part(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        qtype, kind = self.qtypes[i], self.kinds[i]
+        qtype, kind = self.qtypes[i], self._kind(i)
         if kind == "int4":
             if x.dim() == 2:
                 return cpu_int4.linear(x, self._int4_terms[i])

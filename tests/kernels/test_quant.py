@@ -202,11 +202,13 @@ def test_gemm_matches_reference(device, qtype, num_rows):
 
 
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "Q8_0"])
-@pytest.mark.parametrize("config", [QuantGemmConfig(16, 16, 64, 4, 1), QuantGemmConfig(32, 64, 512, 4, 2),
-                                    QuantGemmConfig(64, 32, 256, 8, 3)])
+@pytest.mark.parametrize("config", [QuantGemmConfig(16, 16, 256, 4, 1), QuantGemmConfig(32, 64, 512, 4, 2),
+                                    QuantGemmConfig(64, 32, 256, 8, 3, split_k=2),
+                                    QuantGemmConfig(16, 16, 256, 4, 1, split_k=3)])
 def test_gemm_configs(device, qtype, config):
-    """Tiles narrower than a K-block to K steps that end past the row (768 = 3 blocks of 256), ragged M and N tiles,
-    and M <= MAX_ROWS through the GEMM (BLOCK_M padding); float16 x too."""
+    """K steps of one and two 256-weight blocks (two: the last step ends past the row, 768 = 3 blocks of 256), K
+    split into two and three slices, ragged M and N tiles, and M <= MAX_ROWS through the GEMM (BLOCK_M padding);
+    float16 x too."""
     n, k = 40, 768
     _, blocks = _weights(n, k, seed=9, qtype=qtype)
     bias = torch.randn(n, generator=torch.Generator().manual_seed(9))
@@ -229,19 +231,19 @@ def test_gemm_strided_rows_and_paths(device):
 
 
 def test_gemm_launch_config_fits_the_tensor_cores():
-    """BLOCK_M a power of two from 16 (one MMA N side) that wastes at most half its rows when M > 16; BLOCK_N 16 to
-    128 (at least 64, wgmma's M, from BLOCK_M = 64), narrower only while there would be fewer programs than half the
-    SMs; a K step of whole groups."""
+    """BLOCK_M a power of two from 16 (one MMA N side) that wastes at most half its rows when M > 16; K steps of
+    whole blocks; K slices only while the programs are fewer than the SMs, each slice keeping at least 4 steps."""
     for qtype in QTYPE_LIST:
         for num_rows in (1, 9, 16, 17, 100, 256, 1000, 5000):
-            for n in (128, 1024, 4096, 151936):
-                config = gemm_launch_config(qtype, num_rows, n, num_sms=132)
+            for n, k in ((128, 4096), (1024, 4096), (4096, 4096), (4096, 14336), (151936, 4096)):
+                config = gemm_launch_config(qtype, num_rows, n, num_sms=132, k=k)
                 assert config.block_m >= 16 and config.block_m & (config.block_m - 1) == 0
                 assert num_rows <= 16 or config.block_m < 2 * num_rows
-                assert config.block_n in (16, 32, 64, 128) and config.block_k % (2 * GROUP_LANES[qtype]) == 0
+                assert config.block_k % BLOCK_SIZE[qtype] == 0
                 programs = -(-n // config.block_n) * -(-num_rows // config.block_m)
-                assert config.block_n == (16 if config.block_m <= 32 else 64) or programs >= 66
-                assert config.block_n == 128 or -(-n // (2 * config.block_n)) * -(-num_rows // config.block_m) < 66
+                assert config.split_k == 1 or programs * config.split_k // 2 < 132
+                assert k // config.block_k >= 4 * config.split_k
+                assert config.split_k > 1 or programs >= 132 or k // config.block_k < 8
 
 
 @pytest.mark.parametrize("qtype", QTYPE_LIST)
