@@ -28,6 +28,10 @@ class EngineConfig(ValidatedModel):
     """On the CPU with weight_format "auto": hold Q8_0/Q4_0/Q4_1/Q4_K/Q5_K projections in torch's int4 weight-only
     matmul form (the same bytes, activations rounded to bfloat16 for the product) instead of decoding them to float
     at load. None: where this CPU's int4 kernels are fast (AVX-512; braidinfer/layers/cpu_int4.py). Ignored on CUDA."""
+    cpu_decode_threads: int | None = Field(None, ge=1)
+    """On the CPU: torch's intra-op threads for decode steps (every row one new token); prefill steps keep the engine
+    thread's count (torch.get_num_threads()). None: 1, which decoded the embedded model 1.5-1.9x faster than 2 threads
+    on a 2-core machine (braidinfer/step_threads.py). Ignored on CUDA."""
     device: str | None = None
     """"cpu", "cuda" or "cuda:N"; None picks CUDA when available."""
     page_size: int = Field(16, ge=1, le=1024)

@@ -29,6 +29,7 @@ from braidinfer.sampling.logits import sample_batch
 from braidinfer.sampling.sampler import HostTokens, Sampler, make_generator
 from braidinfer.scheduler import ScheduledBatch, Scheduler
 from braidinfer.sequence import Sequence
+from braidinfer.step_threads import StepThreads
 from braidinfer.weight_report import load_summary, weight_bytes
 from braidinfer.weights import load_model
 
@@ -73,6 +74,7 @@ class LLMEngine:
                                   config.attention_backend, config.enforce_eager, config.max_num_seqs,
                                   config.cascade_min_saved_tokens if config.cascade_decode else None)
         self.sampler = Sampler()
+        self.step_threads = StepThreads(self.device, config.cpu_decode_threads)
         grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, sorted(eos_token_ids))
         limits = RequestLimits(self.model_config.vocab_size, max_model_len, num_pages, config.page_size,
                                self.pins.max_pages)
@@ -193,8 +195,9 @@ class LLMEngine:
             return None
         pending = in_flight.sampled_rows() if in_flight is not None else {}
         rows = [pending.get(id(seq)) for seq in batch.seqs]
-        logits, sample_idx = self.runner.run(batch, in_flight.tokens.device_ids if pending else None, rows)
-        sampled = sample_batch(self.sampler, logits, [batch.seqs[i] for i in sample_idx])
+        with self.step_threads.for_step(batch.num_new_tokens):
+            logits, sample_idx = self.runner.run(batch, in_flight.tokens.device_ids if pending else None, rows)
+            sampled = sample_batch(self.sampler, logits, [batch.seqs[i] for i in sample_idx])
         for seq, error in sampled.failed:
             self.fail(seq, error)
         for seq in sampled.seqs:

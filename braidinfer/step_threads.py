@@ -1,0 +1,40 @@
+"""Intra-op threads per CPU step: decode steps run on fewer threads than prefill steps.
+
+A decode step of a small model is hundreds of tiny ops; splitting each over threads costs more than it saves. On a
+2-core machine the embedded SmolLM2-135M decoded 1.5-1.9x faster on one intra-op thread than on two, while a 1,800-token
+prefill took 1.6-1.7x longer on one (benchmarks/RESULTS.md). So a step whose every row decodes one token runs on
+EngineConfig.cpu_decode_threads, and any other step on the count the engine's thread already had.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+DEFAULT_DECODE_THREADS = 1
+
+
+class StepThreads:
+    """Sets torch's intra-op thread count around each CPU decode step and restores it after.
+
+    torch.set_num_threads sets OpenMP's count for the calling thread only (the engine's thread; other threads keep
+    theirs), but MKL's count is process-wide: while a decode step runs, MKL calls from other threads get the decode
+    count too. On CUDA this does nothing."""
+
+    def __init__(self, device: torch.device, decode_threads: int | None):
+        self.active = device.type == "cpu"
+        self.decode_threads = decode_threads or DEFAULT_DECODE_THREADS
+
+    @contextmanager
+    def for_step(self, num_new_tokens: list[int]) -> Iterator[None]:
+        """Runs the body on decode_threads when every row of the step adds one token (a decode step)."""
+        before = torch.get_num_threads()
+        if not self.active or before == self.decode_threads or any(n != 1 for n in num_new_tokens):
+            yield
+            return
+        torch.set_num_threads(self.decode_threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
