@@ -1,7 +1,7 @@
 """Batch-1 decode speed of the embedded SmolLM2-135M on the CPU: Braid (weight_format "auto" and "dequantize") vs
 transformers `generate` and, when llama-cpp-python is installed, llama.cpp on the same GGUF, same run.
 
-    python benchmarks/cpu_decode.py [--tokens 128] [--repeats 3]
+    python benchmarks/cpu_decode.py [--tokens 128] [--repeats 3] [--decode-threads 2]
 
 Decode tok/s excludes the prefill: for Braid, the time from the first streamed token to the last; for transformers
 and llama.cpp, the time of generating N tokens minus generating 1 token from the same prompt.
@@ -61,6 +61,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--decode-threads", type=int, nargs="*", default=[],
+                    help="also time weight_format auto with these cpu_decode_threads (the rows above use the default)")
     args = ap.parse_args()
 
     from transformers import AutoModelForCausalLM
@@ -72,14 +74,15 @@ def main() -> None:
     hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf)).eval()
     rows: dict[str, float] = {}
     prompt = None
-    for weight_format in ("auto", "dequantize"):
-        with LLM(device="cpu", progress=False, weight_format=weight_format) as llm:
+    runs = [("auto", None), ("dequantize", None)] + [("auto", n) for n in args.decode_threads]
+    for weight_format, threads in runs:
+        name = f"braid {weight_format}" + (f" ({threads} decode threads)" if threads else "")
+        with LLM(device="cpu", progress=False, weight_format=weight_format, cpu_decode_threads=threads) as llm:
             prompt = llm.apply_chat_template([{"role": "user", "content": "Tell me a long story about a lighthouse."}])
             braid_decode_tps(llm, prompt, 8)  # warm-up
-            rows[f"braid {weight_format}"] = max(braid_decode_tps(llm, prompt, args.tokens)
-                                                 for _ in range(args.repeats))
+            rows[name] = max(braid_decode_tps(llm, prompt, args.tokens) for _ in range(args.repeats))
             weights = llm.memory_stats()["weight_bytes"]
-            print("; ".join([f"braid {weight_format}: {weights / 2**20:.0f} MiB of weights", *llm.load_summary[1:]]))
+            print("; ".join([f"{name}: {weights / 2**20:.0f} MiB of weights", *llm.load_summary[1:]]))
     hf_decode_tps(hf, prompt, 8)
     rows["transformers"] = max(hf_decode_tps(hf, prompt, args.tokens) for _ in range(args.repeats))
     cpp = load_llamacpp(gguf)
@@ -90,9 +93,9 @@ def main() -> None:
           f"torch {torch.__version__}, fp32, prompt {len(prompt)} tokens, {args.tokens} new tokens, best of {args.repeats}")
     if cpp is None:
         print("llama.cpp: not measured (pip install llama-cpp-python)")
-    print(f"{'engine':<18}{'decode tok/s':>14}")
+    print(f"{'engine':<34}{'decode tok/s':>14}")
     for name, tps in rows.items():
-        print(f"{name:<18}{tps:>14.1f}")
+        print(f"{name:<34}{tps:>14.1f}")
     for name in rows:
         if name != "braid auto":
             print(f"ratio braid auto/{name}: {rows['braid auto'] / rows[name]:.2f}")

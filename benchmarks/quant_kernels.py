@@ -8,10 +8,10 @@ quant_dot.dot_launch_config, quant_gemv.launch_config and quant_gemm.launch_conf
     python benchmarks/quant_kernels.py --int4pack [--rows 1,2,4,8,16,32,64,128]
 
 Without options, quant_linear's default path at each M. --sweep times SWEEP's configurations (rows of W per program,
-K per step, warps, K slices) on the integer-dot GEMV or, with --sweep-path gemv, the float one, M <= 8.
+K per step, warps) on the integer-dot GEMV or, with --sweep-path gemv, the float one, M <= 8.
 --gemm times, at each M, the paths of quant_linear side by side: the integer-dot and float GEMVs (M <= 8), the
-fused GEMM at its launch_config and dequantise + cuBLAS, each against bf16; --gemm-sweep adds GEMM_SWEEP's neighbours of the
-launch_config and prints the best four. --columns times the column layout (braid_kernels/quant_columns.py) beside the row
+fused GEMM at its launch_config and dequantise + cuBLAS, each against bf16; --gemm-sweep adds gemm_sweep's neighbours of
+the launch_config and prints the best four. --columns times the column layout (braid_kernels/quant_columns.py) beside the row
 layout's default path: its GEMV at launch_config (M <= 8; --columns-sweep adds COLUMNS_SWEEP's configurations,
 slow: each compiles), its dequantise + cuBLAS above. --int4pack times torch's int4 weight-only matmul
 (`torch.ops.aten._weight_int4pack_mm`, groups of 32 weights, each inner-K tiling) beside bf16 and the Q4_K default

@@ -26,7 +26,7 @@ from .quant_gemv import MAX_ROWS, QuantGemvConfig, launch_gemv
 # W is dequantised to x's dtype and multiplied by cuBLAS. Measured on an H200 (`benchmarks/quant_kernels.py --gemm
 # --qtypes Q4_K,Q6_K,Q8_0 --shapes 4096x4096,4096x12288 --rows 1,4,8,16,128`), time against bf16 matmul's: at 4
 # rows the integer-dot GEMV 0.64-0.80x, dequantise + cuBLAS 0.38-0.50x; at 8 rows 0.31-0.43x against 0.37-0.49x.
-# The fused GEMM (path="gemm", quant_gemm.py) measured 0.42-0.56x at 16 rows, where dequantise + cuBLAS gave
+# The fused GEMM (path="gemm", quant_gemm.py) measured 0.32-0.56x at 16 rows, where dequantise + cuBLAS gave
 # 0.31-0.48x, but 0.26-0.35x at 64 and 0.07-0.20x at 256 rows against 0.34-0.58x: it is not a default path.
 GEMV_DEFAULT_ROWS = 4
 PATHS = ("dot", "gemv", "gemm", "dequantize")
@@ -117,6 +117,8 @@ def quant_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.
     if path not in PATHS or (path in ("dot", "gemv") and x.shape[0] > MAX_ROWS):
         raise ValueError(f"path must be one of {', '.join(PATHS)} (dot and gemv for at most {MAX_ROWS} rows), got "
                          f"{path!r} for {x.shape[0]} rows")
+    if k == 0:  # a sum of nothing: the bias, or zeros
+        return F.linear(x, x.new_zeros((blocks.shape[0], 0)), bias)
     if _use_torch(blocks):
         return F.linear(x, dequantize_torch(blocks, qtype, x.dtype), bias)
     if path == "dequantize":

@@ -1,5 +1,6 @@
 """Triton device code that decodes GGML blocks (layouts in braid_kernels/quant_formats.py) into float32 weights, shared by
-the dequantising kernels (braid_kernels/quant_dequant.py) and the GEMV (braid_kernels/quant_gemv.py).
+the dequantising kernels (quant_dequant.py), the float GEMV (quant_gemv.py), the integer-dot GEMV's scales
+(quant_dot.py) and the fused GEMM (quant_gemm.py).
 
 Every format is read in *groups*: GROUP_LANES consecutive bytes of a block whose low and high parts (nibbles, or the
 two halves of Q8_0's bytes) are two runs of GROUP_LANES consecutive weights, `lo` and `hi`. A tile of groups is then
@@ -143,7 +144,7 @@ def decode_codes(blocks_ptr, row_offset, g, lane, mask, QTYPE: tl.constexpr, BLO
     """The weights of groups g as codes and per-group affine maps: weight = a * f + b, f in [1, 2).
 
     Arguments as decode_groups. Returns (f_lo, f_hi, a_lo, b_lo, a_hi, b_hi, col_lo, col_hi) as block_codes, with
-    the columns counted from the row's first weight.
+    the columns counted from the row's first weight. Masked groups give a = b = 0.
     """
     blk = g // GROUPS
     f_lo, f_hi, a_lo, b_lo, a_hi, b_hi, col_lo, col_hi = block_codes(
@@ -161,7 +162,7 @@ def block_codes(base, c, lane, mask, QTYPE: tl.constexpr):
     together; a and b of the shape of base and c (no lane dimension), so that a dot product over a group's lanes
     costs one multiply-add per weight, sum(w * x) = a * sum(f * x) + b * sum(x); the columns of the weights in their
     block. A code q of B bits is f = 1 + q / 2^B (exact), so a = 2^B * scale and b = offset - a for the format's
-    weight = scale * q + offset. Masked groups give f = 1 with a = b = 0.
+    weight = scale * q + offset. Masked groups give a = b = 0 (weight 0).
     """
     if QTYPE == Q8_0:
         d = _fp16(base, mask)

@@ -10,10 +10,10 @@ contiguous run. A group's weights are a `lo` and a `hi` run of contiguous column
 against the x columns of its run. The weights are rounded to x's dtype before the dot and the sums are float32
 (float32 x in full float32 precision, "ieee", no tf32). Narrow outputs split K into slices summed afterwards.
 
-Measured on an H200 (benchmarks/RESULTS.md): 0.42-0.56x bf16 matmul at 16 rows, 0.26-0.35x at 64 and 0.07-0.20x
+Measured on an H200 (benchmarks/RESULTS.md): 0.32-0.56x bf16 matmul at 16 rows, 0.26-0.35x at 64 and 0.07-0.20x
 at 256, against dequantise + cuBLAS's 0.31-0.48x, 0.34-0.46x and 0.44-0.58x. Triton keeps the 4-d decode tiles in
-255 registers and spills from BLOCK_M = 64 on, and loads the quant bytes at most 4 at a time; so quant_linear
-keeps this path opt-in (path="gemm").
+255 registers and spills from BLOCK_M = 64 on, and loads the quant bytes at most 4 at a time (Triton 3.6); so
+quant_linear keeps this path opt-in (path="gemm").
 """
 from __future__ import annotations
 
@@ -45,8 +45,10 @@ def launch_config(qtype: str, num_rows: int, n: int, num_sms: int = 132, k: int 
     """The configuration for x [num_rows, K] @ W[n, K].T on a device of `num_sms` multiprocessors: BLOCK_M the
     next power of two of M (16 to 128), 128 rows of W per program and 8 warps, a K step of one 256-weight block for
     the K-types and four 32-weight blocks for the others, and K split into slices while there are fewer programs
-    than SMs and each slice keeps at least 4 steps. The best of `benchmarks/quant_kernels.py --gemm --gemm-sweep`
-    at M = 64 on 4096x4096 and 28672x4096 (H200; benchmarks/RESULTS.md)."""
+    than SMs and each slice keeps at least 4 steps. BLOCK_N, warps, stages and slices: the best of
+    `benchmarks/quant_kernels.py --gemm --gemm-sweep` for Q4_K and Q6_K at M = 64 on 4096x4096 and 28672x4096
+    (H200; benchmarks/RESULTS.md); the 128-weight steps of Q8_0 / Q4_0 / Q4_1 were not swept. Float32 x is
+    limited to 32-row tiles and one stage by launch_gemm, whatever the configuration."""
     block_m = min(128, max(16, triton.next_power_of_2(num_rows)))
     block_n = 128
     block_k = max(BLOCK_SIZE[qtype], 128)
@@ -67,17 +69,18 @@ def launch_gemm(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.T
     if config is None:
         num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
         config = launch_config(qtype, num_rows, n, num_sms, k)
-        if x.dtype == torch.float32:  # float32 tiles are twice as large: 128 x 128 over 3 stages needs 416 KB
-            config = config._replace(block_m=min(config.block_m, 32), num_stages=1)
+    if x.dtype == torch.float32:  # float32 tiles are twice as large: 128 x 128 over 3 stages needs 416 KB
+        config = config._replace(block_m=min(config.block_m, 32), num_stages=1)
     block_size = BLOCK_SIZE[qtype]
-    if config.block_k % block_size:
-        raise ValueError(f"block_k must be a multiple of {qtype}'s {block_size} weights per block, got {config}")
-    num_blocks = k // block_size
     step_blocks = config.block_k // block_size
+    if config.block_k % block_size or step_blocks & (step_blocks - 1):
+        raise ValueError(f"block_k must be {qtype}'s {block_size} weights per block times a power of two, got "
+                         f"{config}")
+    num_blocks = k // block_size
     steps = triton.cdiv(num_blocks, step_blocks)
     split_k = max(1, min(config.split_k, steps))
-    slice_steps = triton.cdiv(steps, split_k)
-    split_k = triton.cdiv(steps, slice_steps)  # no empty slices
+    slice_steps = max(1, triton.cdiv(steps, split_k))  # K = 0 (quant_linear does not launch it): one masked step
+    split_k = triton.cdiv(max(steps, 1), slice_steps)  # no empty slices
     partial = out if split_k == 1 else torch.empty((split_k, num_rows, n), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(num_rows, config.block_m), triton.cdiv(n, config.block_n), split_k)
     _quant_gemm_kernel[grid](
@@ -102,12 +105,13 @@ def _quant_gemm_kernel(
     """Program (m, n, s): out[m * BLOCK_M : (m + 1) * BLOCK_M, n * BLOCK_N : (n + 1) * BLOCK_N] over K steps
     [s * slice_steps, (s + 1) * slice_steps) (out is float32 [slices, M, N] with several slices). A step is
     STEP_BLOCKS whole blocks of each row of W, decoded as a tile (row of W, block, group, lane): the block index is a
-    scalar plus a range, so the quant bytes of a group load as contiguous, aligned vectors."""
+    scalar plus a range, so that the quant bytes of a group are one contiguous run (Triton 3.6 still loads them at
+    most 4 bytes at a time)."""
     dtype: tl.constexpr = x_ptr.dtype.element_ty
     KSTEP: tl.constexpr = STEP_BLOCKS * GROUPS * LANES  # weights per run (lo or hi) per step
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
-    out_ptr += tl.program_id(2) * M * N
+    out_ptr += tl.program_id(2).to(tl.int64) * M * N
     row_base = blocks_ptr + cols.to(tl.int64)[:, None, None, None] * row_bytes  # (BN, 1, 1, 1)
     col_ok = (cols < N)[:, None, None, None]
     sb = tl.arange(0, STEP_BLOCKS)[None, :, None, None]  # (1, SB, 1, 1)

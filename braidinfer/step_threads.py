@@ -1,8 +1,8 @@
 """Intra-op threads per CPU step: decode steps run on fewer threads than prefill steps.
 
 A decode step of a small model is hundreds of tiny ops; splitting each over threads costs more than it saves. On a
-2-core machine the embedded SmolLM2-135M decoded 1.5-1.9x faster on one intra-op thread than on two, while a 1,800-token
-prefill took 1.6-1.7x longer on one (benchmarks/RESULTS.md). So a step whose every row decodes one token runs on
+2-core machine the embedded SmolLM2-135M decoded 1.5x faster on one intra-op thread than on two (means of A/B runs in
+one process), while a 1,800-token prefill took 1.6-1.7x longer on one (benchmarks/RESULTS.md). So a step whose every row decodes one token runs on
 EngineConfig.cpu_decode_threads, and any other step on the count the engine's thread already had.
 """
 from __future__ import annotations
@@ -16,11 +16,12 @@ DEFAULT_DECODE_THREADS = 1
 
 
 class StepThreads:
-    """Sets torch's intra-op thread count around each CPU decode step and restores it after.
+    """Sets torch's intra-op thread count around each CPU decode step and restores it after (also when the step
+    raises), so that a caller stepping the engine on its own thread gets its count back.
 
-    torch.set_num_threads sets OpenMP's count for the calling thread only (the engine's thread; other threads keep
-    theirs), but MKL's count is process-wide: while a decode step runs, MKL calls from other threads get the decode
-    count too. On CUDA this does nothing."""
+    torch.set_num_threads sets OpenMP's and MKL's counts for the calling thread only (the engine's thread: other
+    threads keep theirs), but also torch's process-wide default, which a thread that starts using torch's intra-op
+    parallelism during a decode step takes up as its own. On CUDA this does nothing."""
 
     def __init__(self, device: torch.device, decode_threads: int | None):
         self.active = device.type == "cpu"

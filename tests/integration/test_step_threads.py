@@ -8,6 +8,7 @@ import torch
 from braidinfer import SamplingParams
 from braidinfer.config import EngineConfig
 from braidinfer.engine import LLMEngine
+from braidinfer.step_threads import StepThreads
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +61,14 @@ def test_decode_steps_use_the_decode_thread_count(llama_dir, monkeypatch, three_
 def test_the_decode_thread_count_is_validated():
     with pytest.raises(ValueError, match="cpu_decode_threads"):
         EngineConfig(cpu_decode_threads=0)
+
+
+def test_the_count_is_restored_when_a_step_raises_and_untouched_on_cuda(three_threads):
+    threads = StepThreads(torch.device("cpu"), 2)
+    with pytest.raises(RuntimeError, match="step failed"):
+        with threads.for_step([1, 1]):
+            assert torch.get_num_threads() == 2
+            raise RuntimeError("step failed")
+    assert torch.get_num_threads() == 3
+    with StepThreads(torch.device("cuda"), 1).for_step([1]):
+        assert torch.get_num_threads() == 3

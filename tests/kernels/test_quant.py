@@ -28,6 +28,7 @@ from braid_kernels.quant import (
     quant_linear_reference,
 )
 from braid_kernels.quant_decode import GROUP_LANES
+from braid_kernels.quant_dot import dot_launch_config
 from braid_kernels.quant_gemm import launch_config as gemm_launch_config
 from braid_kernels.quant_gemv import MAX_ROWS, launch_config
 from tests.kernels.common import assert_quant_close as _assert_close
@@ -244,6 +245,23 @@ def test_gemm_launch_config_fits_the_tensor_cores():
                 assert config.split_k == 1 or programs * config.split_k // 2 < 132
                 assert k // config.block_k >= 4 * config.split_k
                 assert config.split_k > 1 or programs >= 132 or k // config.block_k < 8
+                assert (config.block_n, config.num_warps) == (128, 8)
+
+
+def test_dot_launch_config_follows_the_sweep():
+    """One row of W per program at one row of x, 4 warps, and steps of at least 2048 weights up to 4 rows of x
+    unless K is split (narrow N); 5-8 rows keep the float GEMV's steps."""
+    for qtype in QTYPE_LIST:
+        for n, k in ((128, 4096), (1024, 4096), (6144, 4096), (28672, 4096), (4096, 14336)):
+            for num_rows in (1, 2, 3, 4, 8):
+                config = dot_launch_config(qtype, num_rows, n, 132, k)
+                base = launch_config(qtype, num_rows, n, 132, k)
+                assert config.num_warps == 4 and config.split_k == base.split_k
+                assert config.block_n == (1 if num_rows == 1 else base.block_n)
+                if num_rows <= 4 and config.split_k == 1:
+                    assert config.block_k == max(base.block_k, 2048)
+                else:
+                    assert config.block_k == base.block_k
 
 
 @pytest.mark.parametrize("qtype", QTYPE_LIST)
@@ -262,6 +280,13 @@ def test_empty_inputs(device):
     assert quant_linear(torch.empty(0, 256, device=device), blocks, "Q4_K").shape == (0, 4)
     assert quant_embedding(torch.empty(0, dtype=torch.int64, device=device), blocks, "Q4_K").shape == (0, 256)
     assert dequantize(blocks[:0], "Q4_K").shape == (0, 256)
+    # K = 0: every path gives the bias (a sum of nothing)
+    no_k = torch.empty(4, 0, dtype=torch.uint8, device=device)
+    bias = torch.arange(4, dtype=torch.float32, device=device)
+    for path in ("dot", "gemv", "gemm", "dequantize"):
+        x = torch.empty(3, 0, device=device, dtype=torch.bfloat16 if path == "dot" else torch.float32)
+        got = quant_linear(x, no_k, "Q4_K", bias.to(x.dtype), path=path)
+        assert torch.equal(got.float().cpu(), bias.cpu().expand(3, 4)), path
 
 
 def _bad_calls():
