@@ -129,6 +129,8 @@ def _quant_gemm_kernel(
             row_base + blk * TYPE_SIZE, c, lane, col_ok & blk_ok, QTYPE)  # f: (BN, SB, G, L); a, b: (BN, SB, G, 1)
         w_lo = tl.reshape(a_lo * f_lo + b_lo, (BLOCK_N, KSTEP))  # one multiply-add per weight
         w_hi = tl.reshape(a_hi * f_hi + b_hi, (BLOCK_N, KSTEP))
+        # Columns of x per weight, broadcast to the tile's (1, SB, G, L) (+ 0 * c: the 32-weight types' columns have
+        # no group axis), flattened in the weights' order.
         k_lo = tl.reshape(blk * BLOCK_SIZE + col_lo + 0 * c, (KSTEP, 1))  # (KSTEP, 1)
         k_hi = tl.reshape(blk * BLOCK_SIZE + col_hi + 0 * c, (KSTEP, 1))
         k_ok = tl.reshape(blk_ok & (c >= 0) & (lane >= 0), (KSTEP, 1)) & row_ok
