@@ -2,8 +2,9 @@
 
 A decode step of a small model is hundreds of tiny ops; splitting each over threads costs more than it saves. On a
 2-core machine the embedded SmolLM2-135M decoded 1.5x faster on one intra-op thread than on two (means of A/B runs in
-one process), while a 1,800-token prefill took 1.6-1.7x longer on one (benchmarks/RESULTS.md). So a step whose every row decodes one token runs on
-EngineConfig.cpu_decode_threads, and any other step on the count the engine's thread already had.
+one process), while a 1,800-token prefill took 1.6-1.7x longer on one (benchmarks/RESULTS.md). So a step whose
+every row decodes one token runs on EngineConfig.cpu_decode_threads, and any other step on the count the engine's
+thread already had.
 """
 from __future__ import annotations
 
@@ -30,8 +31,11 @@ class StepThreads:
     @contextmanager
     def for_step(self, num_new_tokens: list[int]) -> Iterator[None]:
         """Runs the body on decode_threads when every row of the step adds one token (a decode step)."""
+        if not self.active or any(n != 1 for n in num_new_tokens):  # CUDA, or a prefill step
+            yield
+            return
         before = torch.get_num_threads()
-        if not self.active or before == self.decode_threads or any(n != 1 for n in num_new_tokens):
+        if before == self.decode_threads:
             yield
             return
         torch.set_num_threads(self.decode_threads)
