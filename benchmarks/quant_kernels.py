@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
 from braid_kernels.quant import BLOCK_SIZE, MAX_ROWS, TYPE_SIZE, QuantGemmConfig, linear_path, quant_linear  # noqa: E402
+from braid_kernels.quant import to_planes  # noqa: E402
 from braid_kernels.quant_dot import dot_launch_config  # noqa: E402
 from braid_kernels.quant_gemm import launch_config as gemm_launch_config  # noqa: E402
 from braid_kernels.quant_columns import MAX_ROWS as COLUMNS_MAX_ROWS  # noqa: E402
@@ -71,6 +72,11 @@ def random_blocks(qtype: str, n: int, k: int, device="cuda") -> torch.Tensor:
     return blocks.reshape(n, -1)
 
 
+def random_planes(qtype: str, n: int, k: int, device="cuda") -> torch.Tensor:
+    """random_blocks in the planes layout quant_linear reads."""
+    return to_planes(random_blocks(qtype, n, k, device), qtype)
+
+
 def time_rotating(fn, weights: list, replays: int = 20) -> float:
     """Median microseconds of one fn(w) within a CUDA graph that calls it on each of `weights` in turn."""
     stream = torch.cuda.Stream()
@@ -105,7 +111,7 @@ def bench_shape(qtype: str, n: int, k: int, rows: list[int], configs=None, path:
     ("dot": the integer-dot GEMV, "gemv": the float one)."""
     qbytes = n * k // BLOCK_SIZE[qtype] * TYPE_SIZE[qtype]
     dense = copies(lambda: torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02, 2 * n * k)
-    quant = copies(lambda: random_blocks(qtype, n, k), qbytes)
+    quant = copies(lambda: random_planes(qtype, n, k), qbytes)
     for m in rows:
         x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
         t_bf16 = time_rotating(lambda w: torch.matmul(x, w.t()), dense)
@@ -140,7 +146,7 @@ def bench_gemm(qtype: str, n: int, k: int, rows: list[int], sweep: bool) -> None
     and, with `sweep`, the best GEMM configurations."""
     qbytes = n * k // BLOCK_SIZE[qtype] * TYPE_SIZE[qtype]
     dense = copies(lambda: torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02, 2 * n * k)
-    quant = copies(lambda: random_blocks(qtype, n, k), qbytes)
+    quant = copies(lambda: random_planes(qtype, n, k), qbytes)
     for m in rows:
         x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
         t_bf16 = time_rotating(lambda w: torch.matmul(x, w.t()), dense)
@@ -169,8 +175,10 @@ def bench_columns(qtype: str, n: int, k: int, rows: list[int], sweep: bool) -> N
     with `sweep` also the best of COLUMNS_SWEEP; dequantise + cuBLAS above)."""
     qbytes = n * k // BLOCK_SIZE[qtype] * TYPE_SIZE[qtype]
     dense = copies(lambda: torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02, 2 * n * k)
-    quant = copies(lambda: random_blocks(qtype, n, k), qbytes)
-    columns = [pack_columns(b, qtype) for b in quant]
+    gguf_blocks = copies(lambda: random_blocks(qtype, n, k), qbytes)
+    columns = [pack_columns(b, qtype) for b in gguf_blocks]
+    quant = [to_planes(b, qtype) for b in gguf_blocks]
+    del gguf_blocks
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     for m in rows:
         x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
@@ -227,7 +235,7 @@ def bench_int4pack(n: int, k: int, rows: list[int]) -> None:
     """Per M: bf16 matmul, quant_linear's Q4_K default path, _weight_int4pack_mm at inner-K tiles 2, 4 and 8."""
     qbytes = n * k // BLOCK_SIZE["Q4_K"] * TYPE_SIZE["Q4_K"]
     dense = copies(lambda: torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02, 2 * n * k)
-    quant = copies(lambda: random_blocks("Q4_K", n, k), qbytes)
+    quant = copies(lambda: random_planes("Q4_K", n, k), qbytes)
     packs = {t: copies(lambda: int4pack_weight(n, k, t), n * k * 5 // 8) for t in (2, 4, 8)}
     for m in rows:
         x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
@@ -247,9 +255,10 @@ def check(qtypes) -> None:
     """One comparison per type with the float32 dequantised matmul (the kernels' own tests are in tests/kernels)."""
     from braid_kernels.quant import dequantize, dequantize_torch
     for qtype in qtypes:
-        blocks = random_blocks(qtype, 1024, 2048)
+        gguf_blocks = random_blocks(qtype, 1024, 2048)
+        blocks = to_planes(gguf_blocks, qtype)
         w = dequantize(blocks, qtype, torch.float32)
-        same = torch.equal(w.view(torch.int32), dequantize_torch(blocks, qtype).view(torch.int32))
+        same = torch.equal(w.view(torch.int32), dequantize_torch(gguf_blocks, qtype).view(torch.int32))
         print(f"check {qtype} Triton dequantize is the torch decoder's bit for bit: {same}")
         for m in (1, 3, 8, 64, 300):
             x = torch.randn(m, 2048, dtype=torch.bfloat16, device="cuda")

@@ -1,6 +1,10 @@
 """Computing from weights kept as GGML blocks (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K; layouts in quant_formats.py):
 dequantisation, the linear layer and the embedding lookup, each beside its reference.
 
+Every function here takes the blocks in the planes layout (`to_planes` of the GGUF bytes, quant_planes.py: each row's
+fields regrouped so that the kernels read their quants as aligned vectors; the same bytes, the same shape); the
+references take the GGUF blocks themselves.
+
 The references are independent of this code: gguf.quants.dequantize (the gguf package's numpy decoder) to float32,
 then a plain float32 torch matmul or index. The kernels differ from them only in the order of the float32 sums
 (quant_linear's GEMV) or, on the GEMM path, by rounding the weights to x's dtype before the tensor cores.
@@ -21,19 +25,20 @@ from .quant_dot import dot_launch_config, launch_dot_gemv
 from .quant_formats import BLOCK_SIZE, QTYPES, TYPE_SIZE, check_qtype, dequantize_torch
 from .quant_gemm import QuantGemmConfig, launch_gemm
 from .quant_gemv import MAX_ROWS, QuantGemvConfig, launch_gemv
+from .quant_planes import from_planes, to_planes
 
 # Rows of x up to which quant_linear's default is a GEMV (integer-dot for 16-bit x, float for float32 x); above,
-# W is dequantised to x's dtype and multiplied by cuBLAS. Measured on an H200 (`benchmarks/quant_kernels.py --gemm
-# --qtypes Q4_K,Q6_K,Q8_0 --shapes 4096x4096,4096x12288 --rows 1,4,8,16,128`), time against bf16 matmul's: at 4
-# rows the integer-dot GEMV 0.64-0.80x, dequantise + cuBLAS 0.38-0.50x; at 8 rows 0.31-0.43x against 0.37-0.49x.
-# The fused GEMM (path="gemm", quant_gemm.py) measured 0.32-0.56x at 16 rows, where dequantise + cuBLAS gave
-# 0.31-0.48x, but 0.26-0.35x at 64 and 0.07-0.20x at 256 rows against 0.34-0.58x: it is not a default path.
+# W is dequantised to x's dtype and multiplied by cuBLAS. Measured on an H200 in the planes layout
+# (`benchmarks/quant_kernels.py --qtypes Q4_K,Q6_K,Q8_0 --rows 1,2,4`, and `--gemm --rows 8`), time against bf16
+# matmul's: at 4 rows the integer-dot GEMV 0.75-0.97x; at 8 rows 0.36-0.58x, dequantise + cuBLAS 0.33-0.54x and the
+# fused GEMM (path="gemm", quant_gemm.py) 0.37-0.51x. The fused GEMM measured 0.26-0.35x at 64 and 0.07-0.20x at
+# 256 rows against dequantise + cuBLAS's 0.34-0.58x (GGUF row layout): it is not a default path.
 GEMV_DEFAULT_ROWS = 4
 PATHS = ("dot", "gemv", "gemm", "dequantize")
 
 __all__ = [
     "BLOCK_SIZE", "GEMV_DEFAULT_ROWS", "MAX_ROWS", "PATHS", "QTYPES", "TYPE_SIZE", "QuantGemmConfig", "QuantGemvConfig",
-    "dequantize", "dequantize_reference", "dequantize_torch",
+    "dequantize", "dequantize_reference", "dequantize_torch", "from_planes", "to_planes",
     "quant_embedding", "quant_embedding_reference",
     "linear_path", "quant_linear", "quant_linear_reference",
     "num_columns",
@@ -41,7 +46,7 @@ __all__ = [
 
 
 def num_columns(blocks: torch.Tensor, qtype: str) -> int:
-    """Weights per row of blocks [rows, row_bytes] of `qtype`."""
+    """Weights per row of blocks [rows, row_bytes] of `qtype` (either layout)."""
     return blocks.shape[1] // TYPE_SIZE[qtype] * BLOCK_SIZE[qtype]
 
 
@@ -72,9 +77,9 @@ def dequantize(blocks: torch.Tensor, qtype: str, out_dtype: torch.dtype = torch.
                out: torch.Tensor | None = None) -> torch.Tensor:
     """The weights of blocks, gguf.quants.dequantize's float32 values rounded to out_dtype.
 
-    blocks: uint8 [rows, row_bytes] contiguous, row_bytes a multiple of TYPE_SIZE[qtype]; qtype: one of QTYPES;
-    out_dtype: float32/float16/bfloat16. out: optional [rows, cols] tensor of out_dtype to write into (a reusable
-    buffer). Returns [rows, cols = row_bytes / TYPE_SIZE * BLOCK_SIZE].
+    blocks: uint8 [rows, row_bytes] in the planes layout, contiguous, row_bytes a multiple of TYPE_SIZE[qtype];
+    qtype: one of QTYPES; out_dtype: float32/float16/bfloat16. out: optional [rows, cols] tensor of out_dtype to
+    write into (a reusable buffer). Returns [rows, cols = row_bytes / TYPE_SIZE * BLOCK_SIZE].
     """
     _check_blocks(blocks, qtype)
     check_float_dtype("out_dtype", out_dtype)
@@ -88,7 +93,7 @@ def dequantize(blocks: torch.Tensor, qtype: str, out_dtype: torch.dtype = torch.
             raise ValueError(f"out must be contiguous, got strides {out.stride()}")
         check_devices(_dequantize_kernel, blocks=blocks, out=out)
     if _use_torch(blocks):
-        return out.copy_(dequantize_torch(blocks, qtype, out_dtype))
+        return out.copy_(dequantize_torch(from_planes(blocks, qtype), qtype, out_dtype))
     launch_dequantize(blocks, qtype, out)
     return out
 
@@ -98,8 +103,9 @@ def quant_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.
     """x @ W.T + bias with W [N, K] held as GGML blocks, as F.linear on the dequantised weight.
 
     x: [M, K] float32/float16/bfloat16, unit stride along K; blocks: uint8 [N, K / BLOCK_SIZE * TYPE_SIZE]
-    contiguous (a GGUF tensor's bytes); qtype: one of QTYPES; bias: [N] of x's dtype or None. Returns a new
-    [M, N] tensor of x's dtype. The path, by M and x's dtype (linear_path) unless `path` names one of PATHS:
+    contiguous, a GGUF tensor's bytes in the planes layout (to_planes); qtype: one of QTYPES; bias: [N] of x's
+    dtype or None. Returns a new [M, N] tensor of x's dtype. The path, by M and x's dtype (linear_path) unless
+    `path` names one of PATHS:
     - "dot", by default for M <= GEMV_DEFAULT_ROWS (4) and 16-bit x, possible up to MAX_ROWS (8): x rounded to int8
       per 32 columns, integer dot products with the weights' codes (braid_kernels/quant_dot.py; `config`: a
       QuantGemvConfig);
@@ -120,7 +126,7 @@ def quant_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.
     if k == 0:  # a sum of nothing: the bias, or zeros
         return F.linear(x, x.new_zeros((blocks.shape[0], 0)), bias)
     if _use_torch(blocks):
-        return F.linear(x, dequantize_torch(blocks, qtype, x.dtype), bias)
+        return F.linear(x, dequantize_torch(from_planes(blocks, qtype), qtype, x.dtype), bias)
     if path == "dequantize":
         # Tensor cores need the weights in x's dtype; a reusable buffer from the caching allocator holds them.
         return F.linear(x, dequantize(blocks, qtype, x.dtype), bias)
@@ -148,15 +154,15 @@ def quant_embedding(ids: torch.Tensor, blocks: torch.Tensor, qtype: str,
     """Rows ids of the table W [V, H] held as GGML blocks, dequantising only those rows.
 
     ids: int32/int64 [T], each in [0, V) (not checked on the device: that would synchronise; an id out of range
-    leaves its output row unwritten); blocks: uint8 [V, H / BLOCK_SIZE * TYPE_SIZE] contiguous; out_dtype:
-    float32/float16/bfloat16. Returns a new [T, H] tensor of out_dtype, gguf's float32 values rounded to it.
+    leaves its output row unwritten); blocks: uint8 [V, H / BLOCK_SIZE * TYPE_SIZE] contiguous, planes layout;
+    out_dtype: float32/float16/bfloat16. Returns a new [T, H] tensor of out_dtype, gguf's float32 values rounded to it.
     """
     _check_blocks(blocks, qtype)
     check_float_dtype("out_dtype", out_dtype)
     check_tensor("ids", ids, INDEX_DTYPES, ndim=1)
     check_devices(_dequantize_kernel, ids=ids, blocks=blocks)
     if _use_torch(blocks):
-        return dequantize_torch(blocks[ids.long()], qtype, out_dtype)
+        return dequantize_torch(from_planes(blocks[ids.long()], qtype), qtype, out_dtype)
     out = torch.empty((ids.shape[0], num_columns(blocks, qtype)), dtype=out_dtype, device=blocks.device)
     launch_dequantize(blocks, qtype, out, ids=ids.contiguous())
     return out

@@ -1,11 +1,12 @@
-"""Triton device code that decodes GGML blocks (layouts in braid_kernels/quant_formats.py) into float32 weights, shared by
-the dequantising kernels (quant_dequant.py), the float GEMV (quant_gemv.py), the integer-dot GEMV's scales
-(quant_dot.py) and the fused GEMM (quant_gemm.py).
+"""Triton device code that decodes GGML blocks into float32 weights, shared by the dequantising kernels
+(quant_dequant.py), the float GEMV (quant_gemv.py), the integer-dot GEMV's scales (quant_dot.py) and the fused GEMM
+(quant_gemm.py). The blocks are read in the planes layout (quant_planes.py): `block_fields` gives the byte pointers
+of a block's fields (quants, high bits, scales, fp16 head) in its row's planes; offsets below are within a field.
 
 Every format is read in *groups*: GROUP_LANES consecutive bytes of a block whose low and high parts (nibbles, or the
 two halves of Q8_0's bytes) are two runs of GROUP_LANES consecutive weights, `lo` and `hi`. A tile of groups is then
-a tile of contiguous byte runs, which Triton loads as wide vectors wherever the block size keeps them aligned (16
-bytes for Q4_K/Q5_K), not byte by byte, and each group's scales are decoded once for its 2 * GROUP_LANES weights:
+a tile of contiguous byte runs, which Triton loads as wide vectors wherever the row keeps them aligned, not byte by
+byte, and each group's scales are decoded once for its 2 * GROUP_LANES weights:
 
     type  lanes groups/block  group c of a block: quant bytes        lo weights        hi weights
     Q8_0  16    1             qs[0:16] | qs[16:32]                  0..15             16..31
@@ -37,9 +38,32 @@ def _byte(ptr, mask):
 
 @triton.jit
 def _fp16(ptr, mask):
-    """The little-endian fp16 at ptr (a uint8 pointer, any alignment) as float32."""
-    bits = _byte(ptr, mask) | (_byte(ptr + 1, mask) << 8)
-    return bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    """The fp16 at ptr (a uint8 pointer, 2-aligned: the planes layout keeps every fp16 field so) as float32."""
+    return tl.load(ptr.to(tl.pointer_type(tl.float16)), mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def block_fields(row, blk, nb, QTYPE: tl.constexpr):
+    """Byte pointers to the fields of blocks blk (an index tensor) of the row at byte pointer row, nb blocks per row,
+    in the planes layout (braid_kernels/quant_planes.py): (quants, high bits, scales, head). quants: qs (Q6_K: ql);
+    high bits: Q5_K's and Q6_K's qh; scales: the K-types' packed scales; head: the block's fp16 fields (d, then m or
+    dmin). Fields a type lacks point at its quants."""
+    if QTYPE == Q8_0:
+        q = row + blk * 32
+        return q, q, q, row + nb * 32 + blk * 2
+    elif QTYPE == Q4_0:
+        q = row + blk * 16
+        return q, q, q, row + nb * 16 + blk * 2
+    elif QTYPE == Q4_1:
+        q = row + blk * 16
+        return q, q, q, row + nb * 16 + blk * 4
+    elif QTYPE == Q4_K:
+        q = row + blk * 128
+        return q, q, row + nb * 128 + blk * 12, row + nb * 140 + blk * 4
+    elif QTYPE == Q5_K:
+        return row + blk * 128, row + nb * 128 + blk * 32, row + nb * 160 + blk * 12, row + nb * 172 + blk * 4
+    else:  # Q6_K
+        return row + blk * 128, row + nb * 128 + blk * 64, row + nb * 192 + blk * 16, row + nb * 208 + blk * 2
 
 
 @triton.jit
@@ -55,34 +79,35 @@ def _k_scale_min(scales_ptr, s, mask):
 
 
 @triton.jit
-def k_group_scales(base, c, mask):
-    """Q4_K/Q5_K, the block at byte pointer base, group c (sub-blocks 2c and 2c + 1): (d * sc, dmin * m) of the low
-    sub-block, then of the high one, float32 as gguf computes them."""
-    d = _fp16(base, mask)
-    dmin = _fp16(base + 2, mask)
-    sc_lo, mn_lo = _k_scale_min(base + 4, 2 * c, mask)
-    sc_hi, mn_hi = _k_scale_min(base + 4, 2 * c + 1, mask)
+def k_group_scales(head, scales, c, mask):
+    """Q4_K/Q5_K, the block whose head (d, dmin) and packed scales are at byte pointers head and scales, group c
+    (sub-blocks 2c and 2c + 1): (d * sc, dmin * m) of the low sub-block, then of the high one, float32 as gguf
+    computes them."""
+    d = _fp16(head, mask)
+    dmin = _fp16(head + 2, mask)
+    sc_lo, mn_lo = _k_scale_min(scales, 2 * c, mask)
+    sc_hi, mn_hi = _k_scale_min(scales, 2 * c + 1, mask)
     return d * sc_lo, dmin * mn_lo, d * sc_hi, dmin * mn_hi
 
 
 @triton.jit
-def q6_group(base, c, mask):
-    """Q6_K, the block at byte pointer base, group c = (half h, quarter t) of its 128-weight halves: (d * sc) of the
-    low and high runs, the pointers to the group's ql and qh bytes, the shift of its 2-bit qh fields and the column
-    of its first weight in the block."""
+def q6_group(ql, qh, scales, head, c, mask):
+    """Q6_K, the block whose fields are at byte pointers ql, qh, scales and head (block_fields), group c = (half h,
+    quarter t) of its 128-weight halves: (d * sc) of the low and high runs, the pointers to the group's ql and qh
+    bytes, the shift of its 2-bit qh fields and the column of its first weight in the block."""
     h = c // 4
     t = c % 4
-    d = _fp16(base + 208, mask)
-    sc_lo = tl.load(base + 192 + h * 8 + t, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
-    sc_hi = tl.load(base + 196 + h * 8 + t, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
-    return d * sc_lo, d * sc_hi, base + h * 64 + t * 16, base + 128 + h * 32 + (t % 2) * 16, 2 * (t // 2), \
-        h * 128 + t * 16
+    d = _fp16(head, mask)
+    sc_lo = tl.load(scales + h * 8 + t, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+    sc_hi = tl.load(scales + 4 + h * 8 + t, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+    return d * sc_lo, d * sc_hi, ql + h * 64 + t * 16, qh + h * 32 + (t % 2) * 16, 2 * (t // 2), h * 128 + t * 16
 
 
 @triton.jit
-def decode_groups(blocks_ptr, row_offset, g, lane, mask, QTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                  TYPE_SIZE: tl.constexpr, GROUPS: tl.constexpr, LANES: tl.constexpr):
-    """Weights of groups g (broadcastable index tensors) of the rows starting at byte row_offset (int64).
+def decode_groups(blocks_ptr, row_offset, nb, g, lane, mask, QTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                  GROUPS: tl.constexpr, LANES: tl.constexpr):
+    """Weights of groups g (broadcastable index tensors) of the rows starting at byte row_offset (int64), nb blocks
+    per row, in the planes layout.
 
     row_offset, g and lane broadcast together (e.g. (BN, 1, 1), (1, S, 1), (1, 1, LANES)); mask says which are
     real. Returns (w_lo, w_hi, col_lo, col_hi): float32 weights and their columns in the row, col_hi = col_lo + a
@@ -90,31 +115,30 @@ def decode_groups(blocks_ptr, row_offset, g, lane, mask, QTYPE: tl.constexpr, BL
     """
     blk = g // GROUPS
     c = g % GROUPS
-    base = blocks_ptr + row_offset + blk * TYPE_SIZE  # the block's first byte
+    qs, qh_ptr, scales, head = block_fields(blocks_ptr + row_offset, blk, nb, QTYPE)
     col = blk * BLOCK_SIZE
     if QTYPE == Q8_0:
-        d = _fp16(base, mask)
-        lo = tl.load(base + 2 + lane, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
-        hi = tl.load(base + 18 + lane, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+        d = _fp16(head, mask)
+        lo = tl.load(qs + lane, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+        hi = tl.load(qs + 16 + lane, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
         return d * lo, d * hi, col + lane, col + 16 + lane
     elif QTYPE == Q4_0:
-        d = _fp16(base, mask)
-        q = _byte(base + 2 + lane, mask)
+        d = _fp16(head, mask)
+        q = _byte(qs + lane, mask)
         return d * ((q & 15) - 8).to(tl.float32), d * ((q >> 4) - 8).to(tl.float32), col + lane, col + 16 + lane
     elif QTYPE == Q4_1:
-        d = _fp16(base, mask)
-        m = _fp16(base + 2, mask)
-        q = _byte(base + 4 + lane, mask)
+        d = _fp16(head, mask)
+        m = _fp16(head + 2, mask)
+        q = _byte(qs + lane, mask)
         return (d * (q & 15).to(tl.float32) + m, d * (q >> 4).to(tl.float32) + m, col + lane, col + 16 + lane)
     elif QTYPE == Q4_K or QTYPE == Q5_K:
-        s_lo, m_lo, s_hi, m_hi = k_group_scales(base, c, mask)
+        s_lo, m_lo, s_hi, m_hi = k_group_scales(head, scales, c, mask)
+        q = _byte(qs + c * 32 + lane, mask)
         if QTYPE == Q4_K:
-            q = _byte(base + 16 + c * 32 + lane, mask)
             q_lo = q & 15
             q_hi = q >> 4
         else:
-            q = _byte(base + 48 + c * 32 + lane, mask)
-            qh = _byte(base + 16 + lane, mask)  # bit s of qh[i] is bit 4 of sub-block s's weight i
+            qh = _byte(qh_ptr + lane, mask)  # bit s of qh[i] is bit 4 of sub-block s's weight i
             q_lo = (q & 15) | (((qh >> (2 * c)) & 1) << 4)
             q_hi = (q >> 4) | (((qh >> (2 * c + 1)) & 1) << 4)
         w_lo = s_lo * q_lo.to(tl.float32) - m_lo
@@ -122,9 +146,9 @@ def decode_groups(blocks_ptr, row_offset, g, lane, mask, QTYPE: tl.constexpr, BL
         col_lo = col + c * 64 + lane
         return w_lo, w_hi, col_lo, col_lo + 32
     else:  # Q6_K: group c = (half h, quarter t) of the 128-weight halves
-        s_lo, s_hi, ql_ptr, qh_ptr, shift, first = q6_group(base, c, mask)
+        s_lo, s_hi, ql_ptr, qh_run, shift, first = q6_group(qs, qh_ptr, scales, head, c, mask)
         ql = _byte(ql_ptr + lane, mask)
-        qh = _byte(qh_ptr + lane, mask)
+        qh = _byte(qh_run + lane, mask)
         q_lo = ((ql & 15) | (((qh >> shift) & 3) << 4)) - 32
         q_hi = ((ql >> 4) | (((qh >> (shift + 4)) & 3) << 4)) - 32
         col_lo = col + first + lane
@@ -139,58 +163,58 @@ def _unit(bits):
 
 
 @triton.jit
-def decode_codes(blocks_ptr, row_offset, g, lane, mask, QTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                 TYPE_SIZE: tl.constexpr, GROUPS: tl.constexpr, LANES: tl.constexpr):
+def decode_codes(blocks_ptr, row_offset, nb, g, lane, mask, QTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                 GROUPS: tl.constexpr, LANES: tl.constexpr):
     """The weights of groups g as codes and per-group affine maps: weight = a * f + b, f in [1, 2).
 
     Arguments as decode_groups. Returns (f_lo, f_hi, a_lo, b_lo, a_hi, b_hi, col_lo, col_hi) as block_codes, with
     the columns counted from the row's first weight. Masked groups give a = b = 0.
     """
     blk = g // GROUPS
-    f_lo, f_hi, a_lo, b_lo, a_hi, b_hi, col_lo, col_hi = block_codes(
-        blocks_ptr + row_offset + blk * TYPE_SIZE, g % GROUPS, lane, mask, QTYPE)
+    qs, qh, scales, head = block_fields(blocks_ptr + row_offset, blk, nb, QTYPE)
+    f_lo, f_hi, a_lo, b_lo, a_hi, b_hi, col_lo, col_hi = block_codes(qs, qh, scales, head, g % GROUPS, lane, mask,
+                                                                     QTYPE)
     col = blk * BLOCK_SIZE
     return f_lo, f_hi, a_lo, b_lo, a_hi, b_hi, col + col_lo, col + col_hi
 
 
 @triton.jit
-def block_codes(base, c, lane, mask, QTYPE: tl.constexpr):
-    """Group c, lanes `lane` of the blocks at byte pointers `base` (base, c and lane broadcast together; mask says
-    which are real) as codes and per-group affine maps: weight = a * f + b, f in [1, 2).
+def block_codes(qs, qh_ptr, scales, head, c, lane, mask, QTYPE: tl.constexpr):
+    """Group c, lanes `lane` of the blocks whose fields are at byte pointers qs, qh_ptr, scales and head (block_fields;
+    the pointers, c and lane broadcast together; mask says which are real) as codes and per-group affine maps: weight =
+    a * f + b, f in [1, 2).
 
-    Returns (f_lo, f_hi, a_lo, b_lo, a_hi, b_hi, col_lo, col_hi): f of the shape of base, c and lane broadcast
-    together; a and b of the shape of base and c (no lane dimension), so that a dot product over a group's lanes
+    Returns (f_lo, f_hi, a_lo, b_lo, a_hi, b_hi, col_lo, col_hi): f of the shape of the pointers, c and lane broadcast
+    together; a and b of the shape of the pointers and c (no lane dimension), so that a dot product over a group's lanes
     costs one multiply-add per weight, sum(w * x) = a * sum(f * x) + b * sum(x); the columns of the weights in their
-    block. A code q of B bits is f = 1 + q / 2^B (exact), so a = 2^B * scale and b = offset - a for the format's
-    weight = scale * q + offset. Masked groups give a = b = 0 (weight 0).
+    block. A code q of B bits is f = 1 + q / 2^B (exact), so a = 2^B * scale and b = offset - a for the format's weight
+    = scale * q + offset. Masked groups give a = b = 0 (weight 0).
     """
     if QTYPE == Q8_0:
-        d = _fp16(base, mask)
+        d = _fp16(head, mask)
         # int8 q as the byte u = q + 128 (top bit flipped) in bits 15-22: 1 + u / 256; weight = d * (u - 128).
-        lo = _unit((_byte(base + 2 + lane, mask) << 15) ^ 0x400000)
-        hi = _unit((_byte(base + 18 + lane, mask) << 15) ^ 0x400000)
+        lo = _unit((_byte(qs + lane, mask) << 15) ^ 0x400000)
+        hi = _unit((_byte(qs + 16 + lane, mask) << 15) ^ 0x400000)
         a = 256.0 * d
         return lo, hi, a, -1.5 * a, a, -1.5 * a, lane, 16 + lane
     elif QTYPE == Q4_0 or QTYPE == Q4_1:
-        d = _fp16(base, mask)
+        d = _fp16(head, mask)
+        q = _byte(qs + lane, mask)
         if QTYPE == Q4_0:
-            q = _byte(base + 2 + lane, mask)
             b = -24.0 * d  # d * (q - 8) = 16 d f - 24 d
         else:
-            q = _byte(base + 4 + lane, mask)
-            b = _fp16(base + 2, mask) - 16.0 * d  # d * q + m = 16 d f - 16 d + m
+            b = _fp16(head + 2, mask) - 16.0 * d  # d * q + m = 16 d f - 16 d + m
         a = 16.0 * d
         return _unit((q << 19) & 0x780000), _unit((q << 15) & 0x780000), a, b, a, b, lane, 16 + lane
     elif QTYPE == Q4_K or QTYPE == Q5_K:
-        s_lo, m_lo, s_hi, m_hi = k_group_scales(base, c, mask)
+        s_lo, m_lo, s_hi, m_hi = k_group_scales(head, scales, c, mask)
+        q = _byte(qs + c * 32 + lane, mask)
         if QTYPE == Q4_K:
-            q = _byte(base + 16 + c * 32 + lane, mask)
             lo = _unit((q << 19) & 0x780000)
             hi = _unit((q << 15) & 0x780000)
             unit = 16.0
         else:
-            q = _byte(base + 48 + c * 32 + lane, mask)
-            qh = _byte(base + 16 + lane, mask)  # bit s of qh[i] is bit 4 of sub-block s's weight i
+            qh = _byte(qh_ptr + lane, mask)  # bit s of qh[i] is bit 4 of sub-block s's weight i
             lo = _unit(((q << 18) & 0x3C0000) | (((qh >> (2 * c)) & 1) << 22))
             hi = _unit(((q << 14) & 0x3C0000) | (((qh >> (2 * c + 1)) & 1) << 22))
             unit = 32.0
@@ -199,9 +223,9 @@ def block_codes(base, c, lane, mask, QTYPE: tl.constexpr):
         col_lo = c * 64 + lane
         return lo, hi, a_lo, -a_lo - m_lo, a_hi, -a_hi - m_hi, col_lo, col_lo + 32
     else:  # Q6_K, groups as in decode_groups; weight = d * sc * (q - 32) = 64 d sc f - 96 d sc
-        s_lo, s_hi, ql_ptr, qh_ptr, shift, first = q6_group(base, c, mask)
+        s_lo, s_hi, ql_ptr, qh_run, shift, first = q6_group(qs, qh_ptr, scales, head, c, mask)
         ql = _byte(ql_ptr + lane, mask)
-        qh = _byte(qh_ptr + lane, mask) >> shift
+        qh = _byte(qh_run + lane, mask) >> shift
         lo = _unit(((ql << 17) & 0x1E0000) | ((qh << 21) & 0x600000))
         hi = _unit(((ql << 13) & 0x1E0000) | ((qh << 17) & 0x600000))
         a_lo = 64.0 * s_lo

@@ -1,5 +1,6 @@
-"""Triton kernel that writes the weights of GGML blocks out in a float dtype: whole matrices (the GEMM path of
-quant_linear dequantises into a buffer and calls the tensor cores) and looked-up rows (quant_embedding).
+"""Triton kernel that writes the weights of GGML blocks (in the planes layout, quant_planes.py) out in a float dtype:
+whole matrices (the GEMM path of quant_linear dequantises into a buffer and calls the tensor cores) and looked-up
+rows (quant_embedding).
 
 Launchers with argument checks are in braid_kernels/quant.py; this file only launches."""
 from __future__ import annotations
@@ -49,8 +50,8 @@ def _dequantize_kernel(
         src = tl.load(ids_ptr + rows, mask=row_ok, other=0).to(tl.int64)
         row_ok = row_ok & (src >= 0) & (src < num_block_rows)  # an id out of range leaves its row unwritten
     mask = row_ok & (g < NUM_GROUPS)
-    w_lo, w_hi, col_lo, col_hi = decode_groups(blocks_ptr, src.to(tl.int64) * row_bytes, g, lane, mask,
-                                               QTYPE, BLOCK_SIZE, TYPE_SIZE, GROUPS, LANES)
+    w_lo, w_hi, col_lo, col_hi = decode_groups(blocks_ptr, src.to(tl.int64) * row_bytes, row_bytes // TYPE_SIZE, g,
+                                               lane, mask, QTYPE, BLOCK_SIZE, GROUPS, LANES)
     dtype: tl.constexpr = out_ptr.dtype.element_ty
     out_row = out_ptr + rows.to(tl.int64) * cols
     tl.store(out_row + col_lo, round_to_dtype(w_lo, dtype).to(dtype), mask=mask)

@@ -6,8 +6,8 @@ which leaves ~3.5 instructions per weight. Decoding every code to float and mult
 takes ~12; here one 32-bit word of a block holds four codes (8 for 4-bit types: low and high nibbles), two masks
 make them four int8 lanes and one dp4a multiplies them by four int8 x values: ~0.5 instructions per weight in the
 inner loop, ~4.4 per weight with the scales, x and the reductions (sm_90 SASS of the Q4_K kernel at 1 row).
-Measured on an H200 (benchmarks/quant_kernels.py --gemm), against bf16 matmul at 1 row: Q4_K 1.32-1.34x, Q6_K
-1.04-1.06x, Q8_0 0.89-0.91x; at 4 rows 0.64-0.80x (benchmarks/RESULTS.md).
+Measured on an H200 in the planes layout (benchmarks/quant_kernels.py; 6144x4096 to 128256x4096), against bf16
+matmul at 1 row: Q4_K 1.70-2.66x, Q6_K 1.36-2.37x, Q8_0 1.64-1.95x; at 4 rows 0.75-0.97x (benchmarks/RESULTS.md).
 
 The cost is x's rounding: x is split into runs of 32 columns, each stored as 127 levels of its largest magnitude
 (`quantize_rows`), so a product carries ~0.2% of that magnitude of error, a few times bf16's own rounding of x;
@@ -26,8 +26,9 @@ braid_kernels/quant_decode.py):
     Q5_K  as Q4_K, bit 4 from qh[4j ...] >> (2c, 2c + 1)          a = d sc, b = -dmin m
     Q6_K  nibbles of ql, bits 4-5 from qh >> 2 (t // 2)           a = d sc, b = -32 d sc
 
-Blocks whose size keeps words 4-byte aligned (Q4_1, Q4_K, Q5_K) load words directly (16-byte vectors); the others
-(Q8_0, Q4_0 at 34 / 18 bytes, Q6_K at 210) assemble them from two 16-bit loads.
+The weights are read in the planes layout (braid_kernels/quant_planes.py), where each quant field of a row's blocks
+is one contiguous run: words load directly (16-byte vectors where row_bytes is a multiple of 16), or are assembled
+from two 16-bit loads in rows whose length is not a multiple of 4 bytes.
 """
 from __future__ import annotations
 
@@ -37,12 +38,11 @@ import triton.language as tl
 
 from .numerics import INTERPRETED
 from .quant_decode import GROUP_LANES, GROUPS_PER_BLOCK, Q4_0, Q4_1, Q4_K, Q5_K, Q8_0, QTYPE_IDS, _fp16, \
-    k_group_scales, q6_group
+    block_fields, k_group_scales, q6_group
 from .quant_formats import BLOCK_SIZE, TYPE_SIZE
 from .quant_gemv import QuantGemvConfig, add_slices, launch_config, split_steps, store_rows
 
 X_BLOCK = 32  # columns of x per int8 scale
-WORD_ALIGNED = {"Q8_0": False, "Q4_0": False, "Q4_1": True, "Q4_K": True, "Q5_K": True, "Q6_K": False}
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -62,14 +62,17 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 def dot_launch_config(qtype: str, num_rows: int, n: int, num_sms: int, k: int | None = None) -> QuantGemvConfig:
     """The float GEMV's configuration (quant_gemv.launch_config: rows of W per program, K split for narrow N) with
-    4 warps, one row of W per program at one row of x, and steps of at least 2048 weights up to 4 rows of x (unless K
-    is split). Swept on an H200 (`benchmarks/quant_kernels.py --sweep --rows 1,4 --shapes 28672x4096,4096x14336`:
-    1-4 rows of W per program, steps of 1024-4096 weights, 4 or 8 warps; benchmarks/RESULTS.md): at one row of x,
-    one row of W per program beat two by 4-18% and four by 14-37% for Q4_K, Q6_K and Q8_0; at four rows, four rows
-    of W with steps of 2048 were within 5% of the best for each. Q5_K, Q4_0 and Q4_1 were not swept."""
+    one row of W per program at one row of x, and steps of at least 2048 weights up to 4 rows of x (unless K is
+    split); 4 warps, except one warp for the 256-weight K-types at one row of x.
+
+    Swept on an H200 in the planes layout (benchmarks/RESULTS.md; 1-2 rows of W per program, 1, 2 or 4 warps, steps of
+    2048-4096 weights at one row of x; 1-4 rows of W at four): at one row of x, one row of W per program was best for
+    every type and shape; one warp was best or within 2% for Q4_K and gave Q6_K's 28672x4096 and 128256x4096 products
+    11-14% over 4 warps (9% under on 4096x14336); Q8_0 was within 3% on 1 or 4 warps. At four rows, four rows of W
+    with steps of 1024-2048 were best. Q5_K, Q4_0 and Q4_1 were not swept."""
     config = launch_config(qtype, num_rows, n, num_sms, k)._replace(num_warps=4)
     if num_rows == 1:
-        config = config._replace(block_n=1)
+        config = config._replace(block_n=1, num_warps=1 if BLOCK_SIZE[qtype] == 256 else 4)
     if num_rows <= 4 and config.split_k == 1:
         config = config._replace(block_k=max(config.block_k, 2048))
     return config
@@ -90,7 +93,7 @@ def launch_dot_gemv(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: tor
     _dot_gemv_kernel[(triton.cdiv(n, config.block_n), steps.split_k)](
         q, dx, sx, blocks, bias, partial, num_rows, n, k, blocks.shape[1],
         QTYPE=QTYPE_IDS[qtype], BLOCK_SIZE=BLOCK_SIZE[qtype], TYPE_SIZE=TYPE_SIZE[qtype],
-        GROUPS=GROUPS_PER_BLOCK[qtype], WORDS=GROUP_LANES[qtype] // 4, ALIGNED=WORD_ALIGNED[qtype],
+        GROUPS=GROUPS_PER_BLOCK[qtype], WORDS=GROUP_LANES[qtype] // 4, ALIGNED=blocks.shape[1] % 4 == 0,
         NUM_GROUPS=steps.num_groups, SPLIT_GROUPS=steps.split_groups, HAS_BIAS=bias is not None and steps.split_k == 1,
         BLOCK_M=triton.next_power_of_2(num_rows), BLOCK_N=config.block_n, BLOCK_G=steps.block_g,
         num_warps=config.num_warps,
@@ -147,9 +150,10 @@ def _word(ptr, j, mask, ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def _decode_words(blocks_ptr, row_offset, g, j, mask, QTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                  TYPE_SIZE: tl.constexpr, GROUPS: tl.constexpr, ALIGNED: tl.constexpr):
-    """Code words of groups g, words j (broadcastable index tensors) of the rows at byte row_offset.
+def _decode_words(blocks_ptr, row_offset, nb, g, j, mask, QTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                  GROUPS: tl.constexpr, ALIGNED: tl.constexpr):
+    """Code words of groups g, words j (broadcastable index tensors) of the rows at byte row_offset, nb blocks per
+    row, in the planes layout (quant_planes.py).
 
     Returns (c_lo, c_hi, a_lo, b_lo, a_hi, b_hi, col_lo, col_hi): int32 words of four int8 codes each for the
     group's low and high runs; the affine maps weight = a * code + b (float32, no j dimension); and the columns of
@@ -157,39 +161,36 @@ def _decode_words(blocks_ptr, row_offset, g, j, mask, QTYPE: tl.constexpr, BLOCK
     """
     blk = g // GROUPS
     c = g % GROUPS
-    base = blocks_ptr + row_offset + blk * TYPE_SIZE
+    qs, qh_ptr, scales, head = block_fields(blocks_ptr + row_offset, blk, nb, QTYPE)
     col = blk * BLOCK_SIZE
     if QTYPE == Q8_0:
-        d = _fp16(base, mask)
+        d = _fp16(head, mask)
         zero = d * 0.0
-        return (_word(base + 2, j, mask, ALIGNED), _word(base + 18, j, mask, ALIGNED), d, zero, d, zero,
-                col, col + 16)
+        return _word(qs, j, mask, ALIGNED), _word(qs + 16, j, mask, ALIGNED), d, zero, d, zero, col, col + 16
     elif QTYPE == Q4_0 or QTYPE == Q4_1:
-        d = _fp16(base, mask)
+        d = _fp16(head, mask)
+        w = _word(qs, j, mask, ALIGNED)
         if QTYPE == Q4_0:
-            w = _word(base + 2, j, mask, ALIGNED)
             b = -8.0 * d
         else:
-            w = _word(base + 4, j, mask, ALIGNED)
-            b = _fp16(base + 2, mask)
+            b = _fp16(head + 2, mask)
         return w & 0x0F0F0F0F, (w >> 4) & 0x0F0F0F0F, d, b, d, b, col, col + 16
     elif QTYPE == Q4_K or QTYPE == Q5_K:
-        s_lo, m_lo, s_hi, m_hi = k_group_scales(base, c, mask)
+        s_lo, m_lo, s_hi, m_hi = k_group_scales(head, scales, c, mask)
+        w = _word(qs + c * 32, j, mask, ALIGNED)
         if QTYPE == Q4_K:
-            w = _word(base + 16 + c * 32, j, mask, ALIGNED)
             c_lo = w & 0x0F0F0F0F
             c_hi = (w >> 4) & 0x0F0F0F0F
         else:
-            w = _word(base + 48 + c * 32, j, mask, ALIGNED)
-            qh = _word(base + 16, j, mask, ALIGNED)  # bit s of qh[i] is bit 4 of sub-block s's weight i
+            qh = _word(qh_ptr, j, mask, ALIGNED)  # bit s of qh[i] is bit 4 of sub-block s's weight i
             c_lo = (w & 0x0F0F0F0F) | (((qh >> (2 * c)) & 0x01010101) << 4)
             c_hi = ((w >> 4) & 0x0F0F0F0F) | (((qh >> (2 * c + 1)) & 0x01010101) << 4)
         col_lo = col + c * 64
         return c_lo, c_hi, s_lo, -m_lo, s_hi, -m_hi, col_lo, col_lo + 32
     else:  # Q6_K: group c = (half h, quarter t), as in decode_groups
-        a_lo, a_hi, ql_ptr, qh_ptr, shift, first = q6_group(base, c, mask)
+        a_lo, a_hi, ql_ptr, qh_run, shift, first = q6_group(qs, qh_ptr, scales, head, c, mask)
         ql = _word(ql_ptr, j, mask, ALIGNED)
-        qh = _word(qh_ptr, j, mask, ALIGNED) >> shift
+        qh = _word(qh_run, j, mask, ALIGNED) >> shift
         c_lo = (ql & 0x0F0F0F0F) | ((qh & 0x03030303) << 4)
         c_hi = ((ql >> 4) & 0x0F0F0F0F) | (((qh >> 4) & 0x03030303) << 4)
         col_lo = col + first
@@ -213,6 +214,7 @@ def _dot_gemv_kernel(
     j = tl.arange(0, WORDS)[None, None, None, :]
     row_ok, col_ok = rows < M, cols < N
     row_offset = cols.to(tl.int64) * row_bytes
+    nb = row_bytes // TYPE_SIZE
     q_row = q_ptr.to(tl.pointer_type(tl.int32)) + rows * (K // 4)  # x's int8 codes as words
     s_row = rows * (K // 32)
 
@@ -221,7 +223,7 @@ def _dot_gemv_kernel(
         g = g0 + tl.arange(0, BLOCK_G)[None, None, :, None]
         g_ok = g < NUM_GROUPS
         c_lo, c_hi, a_lo, b_lo, a_hi, b_hi, col_lo, col_hi = _decode_words(
-            blocks_ptr, row_offset, g, j, col_ok & g_ok, QTYPE, BLOCK_SIZE, TYPE_SIZE, GROUPS, ALIGNED)
+            blocks_ptr, row_offset, nb, g, j, col_ok & g_ok, QTYPE, BLOCK_SIZE, GROUPS, ALIGNED)
         x_ok = row_ok & g_ok
         x_lo = tl.load(q_row + col_lo // 4 + j, mask=x_ok, other=0)
         x_hi = tl.load(q_row + col_hi // 4 + j, mask=x_ok, other=0)

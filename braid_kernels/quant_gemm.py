@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .numerics import INTERPRETED, round_to_dtype
-from .quant_decode import GROUP_LANES, GROUPS_PER_BLOCK, QTYPE_IDS, block_codes
+from .quant_decode import GROUP_LANES, GROUPS_PER_BLOCK, QTYPE_IDS, block_codes, block_fields
 from .quant_formats import BLOCK_SIZE, TYPE_SIZE
 from .quant_gemv import add_slices
 
@@ -113,6 +113,7 @@ def _quant_gemm_kernel(
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
     out_ptr += tl.program_id(2).to(tl.int64) * M * N
     row_base = blocks_ptr + cols.to(tl.int64)[:, None, None, None] * row_bytes  # (BN, 1, 1, 1)
+    nb = row_bytes // TYPE_SIZE
     col_ok = (cols < N)[:, None, None, None]
     sb = tl.arange(0, STEP_BLOCKS)[None, :, None, None]  # (1, SB, 1, 1)
     c = tl.arange(0, GROUPS)[None, None, :, None]  # (1, 1, G, 1)
@@ -125,8 +126,9 @@ def _quant_gemm_kernel(
     for step in range(first, first + slice_steps):
         blk = step * STEP_BLOCKS + sb  # (1, SB, 1, 1)
         blk_ok = blk < num_blocks
+        qs, qh, scales, head = block_fields(row_base, blk, nb, QTYPE)
         f_lo, f_hi, a_lo, b_lo, a_hi, b_hi, col_lo, col_hi = block_codes(
-            row_base + blk * TYPE_SIZE, c, lane, col_ok & blk_ok, QTYPE)  # f: (BN, SB, G, L); a, b: (BN, SB, G, 1)
+            qs, qh, scales, head, c, lane, col_ok & blk_ok, QTYPE)  # f: (BN, SB, G, L); a, b: (BN, SB, G, 1)
         w_lo = tl.reshape(a_lo * f_lo + b_lo, (BLOCK_N, KSTEP))  # one multiply-add per weight
         w_hi = tl.reshape(a_hi * f_hi + b_hi, (BLOCK_N, KSTEP))
         # Columns of x per weight, broadcast to the tile's (1, SB, G, L) (+ 0 * c: the 32-weight types' columns have

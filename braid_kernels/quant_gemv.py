@@ -132,6 +132,7 @@ def _quant_gemv_kernel(
     lane = tl.arange(0, LANES)[None, None, None, :]  # (1, 1, 1, L)
     row_ok, col_ok = rows < M, cols < N
     row_offset = cols.to(tl.int64) * row_bytes
+    nb = row_bytes // TYPE_SIZE
     x_row = x_ptr + rows * x_row_stride
 
     acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_G, 1], tl.float32)
@@ -139,7 +140,7 @@ def _quant_gemv_kernel(
         g = g0 + tl.arange(0, BLOCK_G)[None, None, :, None]  # (1, 1, BG, 1)
         g_ok = g < NUM_GROUPS
         f_lo, f_hi, a_lo, b_lo, a_hi, b_hi, col_lo, col_hi = decode_codes(
-            blocks_ptr, row_offset, g, lane, col_ok & g_ok, QTYPE, BLOCK_SIZE, TYPE_SIZE, GROUPS, LANES)
+            blocks_ptr, row_offset, nb, g, lane, col_ok & g_ok, QTYPE, BLOCK_SIZE, GROUPS, LANES)
         x_lo = tl.load(x_row + col_lo, mask=row_ok & g_ok, other=0.0).to(tl.float32)  # (BM, 1, BG, L)
         x_hi = tl.load(x_row + col_hi, mask=row_ok & g_ok, other=0.0).to(tl.float32)
         # sum over a group of (a f + b) x = a sum(f x) + b sum(x): one multiply-add per weight and row of x.

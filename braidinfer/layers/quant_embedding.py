@@ -9,9 +9,10 @@ from braidinfer.loader.quantized import QuantizedTensor
 
 
 class QuantEmbedding(nn.Module):
-    """ids [T] -> rows [T, embedding_dim] of a table held as GGUF blocks (only the rows looked up are dequantised),
-    or as a float table when the loader had to dequantise it. CUDA: braid_kernels.quant.quant_embedding; CPU: the
-    blocks of the rows, decoded by the PyTorch decoder (never Triton)."""
+    """ids [T] -> rows [T, embedding_dim] of a table held as GGUF blocks in the planes layout
+    (braid_kernels/quant_planes.py; only the rows looked up are dequantised), or as a float table when the loader
+    had to dequantise it. CUDA: braid_kernels.quant.quant_embedding; CPU: the blocks of the rows, decoded by the
+    PyTorch decoder (never Triton)."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype):
         super().__init__()
@@ -24,13 +25,13 @@ class QuantEmbedding(nn.Module):
             raise ValueError(f"an embedding of shape {tuple(weight.shape)} does not fit "
                              f"[{self.num_embeddings}, {self.embedding_dim}]")
         self.qtype = weight.qtype if isinstance(weight, QuantizedTensor) else None
-        self.weight = weight.blocks if self.qtype else weight.to(self.dtype)
+        self.weight = weight.in_planes().blocks if self.qtype else weight.to(self.dtype)
 
     def quantized(self) -> QuantizedTensor | None:
         """The table as a QuantizedTensor (for an lm_head tied to it), or None when it is float."""
         if self.qtype is None:
             return None
-        return QuantizedTensor(self.weight, self.qtype, (self.num_embeddings, self.embedding_dim))
+        return QuantizedTensor(self.weight, self.qtype, (self.num_embeddings, self.embedding_dim), "planes")
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.qtype is None:
@@ -40,8 +41,9 @@ class QuantEmbedding(nn.Module):
 
             return quant_embedding(ids, self.weight, self.qtype, self.dtype)
         from braid_kernels.quant_formats import dequantize_torch
+        from braid_kernels.quant_planes import from_planes
 
-        return dequantize_torch(self.weight[ids], self.qtype, self.dtype)
+        return dequantize_torch(from_planes(self.weight[ids], self.qtype), self.qtype, self.dtype)
 
     def kernel_path(self) -> str:
         where = "triton quant_embedding" if self.weight is not None and self.weight.is_cuda else "torch dequantize"

@@ -46,7 +46,8 @@ class QuantLinear(nn.Module):
 
     def finalize(self, form: str = "blocks") -> None:
         """Checks the parts cover every row once and lays them out for computing; call after the last set_part.
-        form: "blocks" keeps the GGUF blocks (neighbouring parts of one qtype joined); "float" decodes every part
+        form: "blocks" keeps the GGUF blocks in the planes layout (braid_kernels/quant_planes.py; neighbouring parts of
+        one qtype joined); "float" decodes every part
         into one float matrix of `dtype` (gguf's values rounded to it); "int4" (CPU) makes each joined part of a
         cpu_int4.packable type the CPU int4 matmul's operands and decodes the others to `dtype`."""
         if form not in FORMS:
@@ -58,10 +59,14 @@ class QuantLinear(nn.Module):
                 raise ValueError(f"rows {row}..{start} of a [{self.out_features}, {self.in_features}] projection "
                                  f"are missing or filled twice")
             qtype = part.qtype if isinstance(part, QuantizedTensor) else None
+            if qtype is None:
+                weight = part.to(self.dtype)
+            else:  # the kernels read the planes layout; the CPU decoders and int4 packing GGUF's
+                weight = part.in_planes().blocks if form == "blocks" else part.gguf_blocks()
             if parts and qtype is not None and parts[-1][0] == qtype:
-                parts[-1][1].append(part.blocks)
+                parts[-1][1].append(weight)
             else:
-                parts.append((qtype, [part.blocks if qtype else part.to(self.dtype)]))
+                parts.append((qtype, [weight]))
             row = start + part.shape[0]
         if row != self.out_features:
             raise ValueError(f"rows {row}..{self.out_features} of a projection are missing")
@@ -120,8 +125,9 @@ class QuantLinear(nn.Module):
 
             return quant_linear(x, weight, qtype)
         from braid_kernels.quant_formats import dequantize_torch
+        from braid_kernels.quant_planes import from_planes
 
-        return F.linear(x, dequantize_torch(weight, qtype, x.dtype))
+        return F.linear(x, dequantize_torch(from_planes(weight, qtype), qtype, x.dtype))
 
     def kernel_path(self) -> str:
         kinds = "+".join(q or "float" for q in self.qtypes)

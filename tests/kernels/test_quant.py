@@ -26,7 +26,9 @@ from braid_kernels.quant import (
     quant_embedding_reference,
     quant_linear,
     quant_linear_reference,
+    to_planes,
 )
+from braid_kernels.quant_planes import from_planes
 from braid_kernels.quant_decode import GROUP_LANES
 from braid_kernels.quant_dot import dot_launch_config
 from braid_kernels.quant_gemm import launch_config as gemm_launch_config
@@ -69,14 +71,48 @@ def test_torch_decoder_is_gguf_bit_for_bit(qtype):
 
 
 @pytest.mark.parametrize("qtype", QTYPE_LIST)
+def test_planes_regroup_each_rows_fields(qtype):
+    """to_planes puts field f of block b of a row at the row's plane f, entry b (checked against the GGUF offsets
+    written out by hand), and from_planes undoes it; rows stay where they were."""
+    _, blocks = _weights(3, 768, seed=11, qtype=qtype)
+    planes = to_planes(blocks, qtype)
+    assert planes.shape == blocks.shape and torch.equal(from_planes(planes, qtype), blocks)
+    fields = {"Q8_0": [(2, 32), (0, 2)], "Q4_0": [(2, 16), (0, 2)], "Q4_1": [(4, 16), (0, 4)],
+              "Q4_K": [(16, 128), (4, 12), (0, 4)], "Q5_K": [(48, 128), (16, 32), (4, 12), (0, 4)],
+              "Q6_K": [(0, 128), (128, 64), (192, 16), (208, 2)]}[qtype]
+    size, nb = TYPE_SIZE[qtype], blocks.shape[1] // TYPE_SIZE[qtype]
+    for row in range(3):
+        start = 0
+        for offset, width in fields:
+            for b in range(nb):
+                want = blocks[row, b * size + offset:b * size + offset + width]
+                assert torch.equal(planes[row, start + b * width:start + (b + 1) * width], want)
+            start += nb * width
+        assert start == blocks.shape[1]
+    with pytest.raises(ValueError, match="multiple of"):
+        to_planes(blocks[:, :-1], qtype)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q6_K", "Q4_0"])
+def test_dot_gemv_rows_of_any_alignment(device, qtype):
+    """Rows whose length is not a multiple of 4 bytes (Q8_0 and Q4_0 with an odd number of blocks, Q6_K with 1 or 3
+    blocks) take the 16-bit loads; rows of 4 blocks the word loads."""
+    for k in ((32 * 3, 32 * 5, 32 * 8) if qtype != "Q6_K" else (256, 768, 1024)):
+        _, blocks = _weights(5, k, seed=k, qtype=qtype)
+        x = torch.randn(1, k, generator=torch.Generator().manual_seed(k)).to(torch.bfloat16)
+        got = quant_linear(x.to(device), to_planes(blocks, qtype).to(device), qtype, path="dot").cpu()
+        _assert_close(got, quant_linear_reference(_int8_rows(x), blocks, qtype).to(torch.bfloat16), torch.bfloat16)
+
+
+@pytest.mark.parametrize("qtype", QTYPE_LIST)
 @pytest.mark.parametrize("out_dtype", DTYPES)
 def test_dequantize_is_gguf_rounded(device, qtype, out_dtype):
     _, blocks = _weights(5, 768, seed=2, qtype=qtype)  # rows and groups both ragged against the program tiles
     want = dequantize_reference(blocks, qtype, out_dtype)
-    got = dequantize(blocks.to(device), qtype, out_dtype)
+    got = dequantize(to_planes(blocks, qtype).to(device), qtype, out_dtype)
     assert torch.equal(got.cpu(), want)
     buffer = torch.full_like(got, float("nan"))
-    assert dequantize(blocks.to(device), qtype, out_dtype, out=buffer) is buffer
+    assert dequantize(to_planes(blocks, qtype).to(device), qtype, out_dtype, out=buffer) is buffer
     assert torch.equal(buffer.cpu(), want)
 
 
@@ -90,10 +126,10 @@ def test_gemv_matches_reference(device, qtype, num_rows):
     for dtype in DTYPES:
         xd, bd = x.to(dtype), bias.to(dtype)
         want = quant_linear_reference(xd, blocks, qtype, bd)
-        got = quant_linear(xd.to(device), blocks.to(device), qtype, bd.to(device), path="gemv")
+        got = quant_linear(xd.to(device), to_planes(blocks, qtype).to(device), qtype, bd.to(device), path="gemv")
         _assert_close(got.cpu(), want, dtype)
     want = quant_linear_reference(x, blocks, qtype)
-    _assert_close(quant_linear(x.to(device), blocks.to(device), qtype, path="gemv").cpu(), want, torch.float32)
+    _assert_close(quant_linear(x.to(device), to_planes(blocks, qtype).to(device), qtype, path="gemv").cpu(), want, torch.float32)
 
 
 def _int8_rows(x: torch.Tensor) -> torch.Tensor:
@@ -120,7 +156,7 @@ def test_dot_gemv_is_the_int8_rounded_product(device, qtype, num_rows):
         assert linear_path(num_rows, torch.bfloat16) == "dot" and linear_path(num_rows, torch.float32) == "gemv"
     for dtype in (torch.bfloat16, torch.float16):
         xd, bd = x.to(dtype), bias.to(dtype)
-        got = quant_linear(xd.to(device), blocks.to(device), qtype, bd.to(device), path="dot").cpu()
+        got = quant_linear(xd.to(device), to_planes(blocks, qtype).to(device), qtype, bd.to(device), path="dot").cpu()
         rounded = quant_linear_reference(_int8_rows(xd), blocks, qtype, bd.float()).to(dtype)
         _assert_close(got, rounded, dtype)
         exact = quant_linear_reference(xd, blocks, qtype, bd).float()
@@ -135,7 +171,7 @@ def test_dot_gemv_configs(device, qtype, config):
     _, blocks = _weights(7, 768, seed=3, qtype=qtype)
     x = torch.randn(2, 768, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     bias = torch.randn(7, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
-    got = quant_linear(x.to(device), blocks.to(device), qtype, bias.to(device), config=config, path="dot")
+    got = quant_linear(x.to(device), to_planes(blocks, qtype).to(device), qtype, bias.to(device), config=config, path="dot")
     _assert_close(got.cpu(), quant_linear_reference(_int8_rows(x), blocks, qtype, bias.float()).to(torch.bfloat16),
                   torch.bfloat16)
 
@@ -149,10 +185,10 @@ def test_gemv_configs(device, qtype, config):
     _, blocks = _weights(7, 768, seed=3, qtype=qtype)
     x = torch.randn(2, 768, generator=torch.Generator().manual_seed(3))
     bias = torch.randn(7, generator=torch.Generator().manual_seed(4))
-    _assert_close(quant_linear(x.to(device), blocks.to(device), qtype, bias.to(device), config=config).cpu(),
+    _assert_close(quant_linear(x.to(device), to_planes(blocks, qtype).to(device), qtype, bias.to(device), config=config).cpu(),
                   quant_linear_reference(x, blocks, qtype, bias), torch.float32)
     x = x.to(torch.bfloat16)
-    _assert_close(quant_linear(x.to(device), blocks.to(device), qtype, config=config, path="gemv").cpu(),
+    _assert_close(quant_linear(x.to(device), to_planes(blocks, qtype).to(device), qtype, config=config, path="gemv").cpu(),
                   quant_linear_reference(x, blocks, qtype), torch.bfloat16)
 
 
@@ -176,7 +212,7 @@ def test_launch_config_keeps_programs_and_registers_in_bounds():
 def test_gemv_strided_rows(device):
     _, blocks = _weights(8, 256, seed=4)
     x = torch.randn(3, 512, generator=torch.Generator().manual_seed(4))[:, :256]
-    _assert_close(quant_linear(x.to(device), blocks.to(device), "Q4_K").cpu(),
+    _assert_close(quant_linear(x.to(device), to_planes(blocks, "Q4_K").to(device), "Q4_K").cpu(),
                   quant_linear_reference(x, blocks, "Q4_K"), torch.float32)
 
 
@@ -198,7 +234,7 @@ def test_gemm_matches_reference(device, qtype, num_rows):
     assert linear_path(num_rows) == "dequantize"
     for dtype in (torch.float32, torch.bfloat16):
         xd, bd = x.to(dtype), bias.to(dtype)
-        _assert_close(quant_linear(xd.to(device), blocks.to(device), qtype, bd.to(device), path="gemm").cpu(),
+        _assert_close(quant_linear(xd.to(device), to_planes(blocks, qtype).to(device), qtype, bd.to(device), path="gemm").cpu(),
                       _gemm_reference(xd, blocks, qtype, bd), dtype)
 
 
@@ -215,7 +251,7 @@ def test_gemm_configs(device, qtype, config):
     bias = torch.randn(n, generator=torch.Generator().manual_seed(9))
     for num_rows, dtype in ((3, torch.bfloat16), (21, torch.float16), (24, torch.float32)):
         x = torch.randn(num_rows, k, generator=torch.Generator().manual_seed(num_rows)).to(dtype)
-        got = quant_linear(x.to(device), blocks.to(device), qtype, bias.to(dtype).to(device), config=config,
+        got = quant_linear(x.to(device), to_planes(blocks, qtype).to(device), qtype, bias.to(dtype).to(device), config=config,
                            path="gemm")
         _assert_close(got.cpu(), _gemm_reference(x, blocks, qtype, bias.to(dtype)), dtype)
 
@@ -225,7 +261,7 @@ def test_gemm_strided_rows_and_paths(device):
     x = torch.randn(12, 512, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)[:, :256]
     want = _gemm_reference(x, blocks, "Q4_K")
     for path in ("gemm", "dequantize"):
-        _assert_close(quant_linear(x.to(device), blocks.to(device), "Q4_K", path=path).cpu(), want, torch.bfloat16)
+        _assert_close(quant_linear(x.to(device), to_planes(blocks, "Q4_K").to(device), "Q4_K", path=path).cpu(), want, torch.bfloat16)
     assert [linear_path(m) for m in (1, GEMV_DEFAULT_ROWS, GEMV_DEFAULT_ROWS + 1, MAX_ROWS + 1, 4096)] == [
         "dot", "dot", "dequantize", "dequantize", "dequantize"]
     assert [linear_path(m, torch.float32) for m in (1, GEMV_DEFAULT_ROWS, MAX_ROWS)] == ["gemv", "gemv", "dequantize"]
@@ -249,14 +285,15 @@ def test_gemm_launch_config_fits_the_tensor_cores():
 
 
 def test_dot_launch_config_follows_the_sweep():
-    """One row of W per program at one row of x, 4 warps, and steps of at least 2048 weights up to 4 rows of x
-    unless K is split (narrow N); 5-8 rows keep the float GEMV's steps."""
+    """One row of W per program at one row of x, 4 warps (one for the K-types at one row), and steps of at least
+    2048 weights up to 4 rows of x unless K is split (narrow N); 5-8 rows keep the float GEMV's steps."""
     for qtype in QTYPE_LIST:
         for n, k in ((128, 4096), (1024, 4096), (6144, 4096), (28672, 4096), (4096, 14336)):
             for num_rows in (1, 2, 3, 4, 8):
                 config = dot_launch_config(qtype, num_rows, n, 132, k)
                 base = launch_config(qtype, num_rows, n, 132, k)
-                assert config.num_warps == 4 and config.split_k == base.split_k
+                one_warp = num_rows == 1 and qtype in ("Q4_K", "Q5_K", "Q6_K")
+                assert config.num_warps == (1 if one_warp else 4) and config.split_k == base.split_k
                 assert config.block_n == (1 if num_rows == 1 else base.block_n)
                 if num_rows <= 4 and config.split_k == 1:
                     assert config.block_k == max(base.block_k, 2048)
@@ -270,13 +307,13 @@ def test_embedding_is_gguf_rounded(device, qtype):
     ids = torch.tensor([10, 0, 3, 3, 7])
     for id_dtype, out_dtype in ((torch.int64, torch.bfloat16), (torch.int32, torch.float32)):
         want = quant_embedding_reference(ids, blocks, qtype, out_dtype)
-        got = quant_embedding(ids.to(id_dtype).to(device), blocks.to(device), qtype, out_dtype)
+        got = quant_embedding(ids.to(id_dtype).to(device), to_planes(blocks, qtype).to(device), qtype, out_dtype)
         assert torch.equal(got.cpu(), want)
 
 
 def test_empty_inputs(device):
     _, blocks = _weights(4, 256)
-    blocks = blocks.to(device)
+    blocks = to_planes(blocks, "Q4_K").to(device)
     assert quant_linear(torch.empty(0, 256, device=device), blocks, "Q4_K").shape == (0, 4)
     assert quant_embedding(torch.empty(0, dtype=torch.int64, device=device), blocks, "Q4_K").shape == (0, 256)
     assert dequantize(blocks[:0], "Q4_K").shape == (0, 256)

@@ -14,6 +14,7 @@ from braid_kernels.quant import (
     quant_embedding_reference,
     quant_linear,
     quant_linear_reference,
+    to_planes,
 )
 from tests.kernels.test_quant import _assert_close, _int8_rows, _weights
 
@@ -25,7 +26,7 @@ QTYPE_LIST = sorted(QTYPES)
 def test_real_shape_on_gpu(qtype):
     n, k = 4096, 4096
     _, blocks = _weights(n, k, seed=11, qtype=qtype)
-    gpu_blocks = blocks.cuda()
+    gpu_blocks = to_planes(blocks, qtype).cuda()
     assert torch.equal(dequantize(gpu_blocks, qtype, torch.float32).cpu(), dequantize_reference(blocks, qtype))
     for num_rows in (1, 2, 5, 8, 16, 130):
         x = torch.randn(num_rows, k, generator=torch.Generator().manual_seed(num_rows)).to(torch.bfloat16)
@@ -50,7 +51,7 @@ def test_fused_gemm_on_gpu(qtype):
     (as the GEMM rounds them) and float32 sums; then the same M through dequantise + cuBLAS."""
     for n, k in ((1000, 2048), (4096, 4096)):
         _, blocks = _weights(n, k, seed=n + 1, qtype=qtype)
-        gpu_blocks = blocks.cuda()
+        gpu_blocks = to_planes(blocks, qtype).cuda()
         w = dequantize_reference(blocks, qtype).to(torch.bfloat16).float()
         for num_rows in (3, 9, 64, 300):
             x = torch.randn(num_rows, k, generator=torch.Generator().manual_seed(num_rows)).to(torch.bfloat16)
@@ -65,9 +66,9 @@ def test_narrow_and_wide_outputs_on_gpu(qtype):
     for n, k in ((1024, 4096), (1000, 2048), (128, 4096)):
         _, blocks = _weights(n, k, seed=n, qtype=qtype)
         x = torch.randn(1, k, generator=torch.Generator().manual_seed(n)).to(torch.bfloat16)
-        _assert_close(quant_linear(x.cuda(), blocks.cuda(), qtype, path="gemv").cpu(),
+        _assert_close(quant_linear(x.cuda(), to_planes(blocks, qtype).cuda(), qtype, path="gemv").cpu(),
                       quant_linear_reference(x, blocks, qtype), torch.bfloat16)
-        _assert_close(quant_linear(x.cuda(), blocks.cuda(), qtype, path="dot").cpu(),
+        _assert_close(quant_linear(x.cuda(), to_planes(blocks, qtype).cuda(), qtype, path="dot").cpu(),
                       quant_linear_reference(_int8_rows(x), blocks, qtype).to(torch.bfloat16), torch.bfloat16)
 
 
@@ -75,7 +76,7 @@ def test_narrow_and_wide_outputs_on_gpu(qtype):
 def test_replays_from_a_cuda_graph(qtype):
     n, k = 2048, 1024
     _, blocks = _weights(n, k, seed=12, qtype=qtype)
-    gpu_blocks = blocks.cuda()
+    gpu_blocks = to_planes(blocks, qtype).cuda()
     x = torch.zeros(4, k, dtype=torch.bfloat16, device="cuda")
     ids = torch.zeros(3, dtype=torch.int64, device="cuda")
     quant_linear(x, gpu_blocks, qtype)  # compile outside the capture

@@ -121,6 +121,37 @@ def test_quantized_tensor_checks_its_arguments():
         QuantizedTensor(torch.zeros(2, 34), "Q8_0", (2, 32))
 
 
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K", "Q6_K"])
+def test_quantized_tensor_layouts(qtype):
+    """in_planes regroups the bytes once (the planes tensor is returned as is), gguf_blocks gives the file's bytes
+    back, and both layouts dequantise to gguf's values."""
+    blocks = _blocks(8, 512, qtype, 4)
+    tensor = QuantizedTensor(blocks, qtype, (8, 512))
+    planes = tensor.in_planes()
+    assert planes.layout == "planes" and planes.in_planes() is planes and planes.shape == tensor.shape
+    assert not torch.equal(planes.blocks, blocks) and torch.equal(planes.gguf_blocks(), blocks)
+    assert tensor.gguf_blocks() is blocks
+    assert torch.equal(planes.dequantize(), _reference(blocks, qtype))
+    assert planes.to("cpu").layout == "planes"
+    with pytest.raises(ValueError, match="layout"):
+        QuantizedTensor(blocks, qtype, (8, 512), "rows")
+
+
+@pytest.mark.parametrize("form", ["blocks", "float"])
+def test_tied_lm_head_reads_the_embedding_planes(form):
+    """A tied lm_head gets the embedding's planes tensor (the "blocks" form keeps that very tensor: no second copy)
+    and computes the same product from it as from the file's blocks."""
+    blocks = _blocks(48, 256, "Q8_0", 9)
+    table = QuantEmbedding(48, 256, torch.float32)
+    table.set_weight(QuantizedTensor(blocks, "Q8_0", (48, 256)))
+    head = QuantLinear(256, 48, bias=False, dtype=torch.float32)
+    head.set_part(0, table.quantized())
+    head.finalize(form)
+    assert (head.part0 is table.weight) == (form == "blocks")
+    x = torch.randn(2, 256)
+    torch.testing.assert_close(head(x), F.linear(x, _reference(blocks, "Q8_0")), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1", "Q6_K"])
 def test_quant_embedding_matches_reference(qtype):
     blocks = _blocks(40, 256, qtype, 7)
