@@ -53,13 +53,13 @@ COLUMNS_SWEEP = [ColumnsConfig(1, s) for s in (8, 16, 32)] + [ColumnsConfig(2, s
 
 
 def gemm_sweep(qtype: str, m: int, n: int, k: int) -> list[QuantGemmConfig]:
-    """launch_config's neighbours at its BLOCK_M: both BLOCK_N, K steps of one and two 256 weights, 4 or 8 warps,
-    2 or 3 stages, K unsplit or split as launch_config splits it or twice as much (those over the registers or shared
-    memory fail to compile and are skipped)."""
+    """launch_config's neighbours: 64 or 128 rows of W, BLOCK_M of 16 to 128 up to twice M, 4 or 8 warps, 3 stages,
+    K unsplit or split as launch_config splits it (those over the registers or shared memory fail to compile and
+    are skipped)."""
     default = gemm_launch_config(qtype, m, n, k=k)
-    splits = sorted({1, default.split_k, 2 * default.split_k})
-    sweep = [QuantGemmConfig(bn, default.block_m, bk, w, s, split) for bn in (64, 128) for bk in (256, 512)
-             for w, s in ((4, 2), (4, 3), (8, 3)) for split in splits]
+    block_ms = [bm for bm in (16, 32, 64, 128) if bm <= 2 * max(m, 16)]
+    sweep = [QuantGemmConfig(bn, bm, w, 3, split) for bn in (64, 128) for bm in block_ms for w in (4, 8)
+             for split in sorted({1, default.split_k})]
     return [default] + [config for config in sweep if config != default]
 
 

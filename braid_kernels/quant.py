@@ -27,17 +27,20 @@ from .quant_gemm import QuantGemmConfig, launch_gemm
 from .quant_gemv import MAX_ROWS, QuantGemvConfig, launch_gemv
 from .quant_planes import from_planes, to_planes
 
-# Rows of x up to which quant_linear's default is a GEMV (integer-dot for 16-bit x, float for float32 x); above,
-# W is dequantised to x's dtype and multiplied by cuBLAS. Measured on an H200 in the planes layout
-# (`benchmarks/quant_kernels.py --qtypes Q4_K,Q6_K,Q8_0 --rows 1,2,4`, and `--gemm --rows 8`), time against bf16
-# matmul's: at 4 rows the integer-dot GEMV 0.75-0.97x; at 8 rows 0.36-0.58x, dequantise + cuBLAS 0.33-0.54x and the
-# fused GEMM (path="gemm", quant_gemm.py) 0.37-0.51x. The fused GEMM measured 0.26-0.35x at 64 and 0.07-0.20x at
-# 256 rows against dequantise + cuBLAS's 0.34-0.58x (GGUF row layout): it is not a default path.
+# Rows of x up to which quant_linear's default is a GEMV (integer-dot for 16-bit x, float for float32 x); above, the
+# fused GEMM up to GEMM_DEFAULT_ROWS rows of 16-bit x on matrices of at least GEMM_MIN_WEIGHTS weights, otherwise W
+# dequantised to x's dtype and multiplied by cuBLAS. Measured on an H200 in the planes layout (benchmarks/RESULTS.md),
+# time against bf16 matmul's: at 4 rows the integer-dot GEMV 0.75-0.97x; at 8 rows 0.36-0.58x, dequantise + cuBLAS
+# 0.33-0.54x. Q4_K / Q6_K at 16 and 64 rows, fused GEMM against dequantise + cuBLAS: 28672x4096 and 4096x14336
+# 0.36-0.47x against 0.32-0.39x (the GEMM ahead by 5-26%), 4096x4096 0.39-0.53x against 0.42-0.47x (within 15%
+# either way); at 256 rows the GEMM is 1.5-2x slower.
 GEMV_DEFAULT_ROWS = 4
+GEMM_DEFAULT_ROWS = 64
+GEMM_MIN_WEIGHTS = 1 << 25
 PATHS = ("dot", "gemv", "gemm", "dequantize")
 
 __all__ = [
-    "BLOCK_SIZE", "GEMV_DEFAULT_ROWS", "MAX_ROWS", "PATHS", "QTYPES", "TYPE_SIZE", "QuantGemmConfig", "QuantGemvConfig",
+    "BLOCK_SIZE", "GEMM_DEFAULT_ROWS", "GEMM_MIN_WEIGHTS", "GEMV_DEFAULT_ROWS", "MAX_ROWS", "PATHS", "QTYPES", "TYPE_SIZE", "QuantGemmConfig", "QuantGemvConfig",
     "dequantize", "dequantize_reference", "dequantize_torch", "from_planes", "to_planes",
     "quant_embedding", "quant_embedding_reference",
     "linear_path", "quant_linear", "quant_linear_reference",
@@ -104,22 +107,23 @@ def quant_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.
 
     x: [M, K] float32/float16/bfloat16, unit stride along K; blocks: uint8 [N, K / BLOCK_SIZE * TYPE_SIZE]
     contiguous, a GGUF tensor's bytes in the planes layout (to_planes); qtype: one of QTYPES; bias: [N] of x's
-    dtype or None. Returns a new [M, N] tensor of x's dtype. The path, by M and x's dtype (linear_path) unless
-    `path` names one of PATHS:
+    dtype or None. Returns a new [M, N] tensor of x's dtype. The path, by M, x's dtype and W's size (linear_path)
+    unless `path` names one of PATHS:
     - "dot", by default for M <= GEMV_DEFAULT_ROWS (4) and 16-bit x, possible up to MAX_ROWS (8): x rounded to int8
       per 32 columns, integer dot products with the weights' codes (braid_kernels/quant_dot.py; `config`: a
       QuantGemvConfig);
     - "gemv", by default for M <= GEMV_DEFAULT_ROWS and float32 x, possible up to MAX_ROWS: the dequantising GEMV,
       float32 sums (`config`: a QuantGemvConfig);
-    - "gemm", never by default (slower than "dequantize" above 16 rows): the fused dequantising GEMM on the
-      tensor cores, the weights rounded to x's dtype in registers (`config`: a QuantGemmConfig);
-    - "dequantize", larger M: W dequantised to x's dtype into a buffer, then F.linear (cuBLAS).
+    - "gemm", by default for GEMV_DEFAULT_ROWS < M <= GEMM_DEFAULT_ROWS (64), 16-bit x and N * K >=
+      GEMM_MIN_WEIGHTS: the fused dequantising GEMM on the tensor cores, the weights rounded to x's dtype in
+      registers (`config`: a QuantGemmConfig);
+    - "dequantize", otherwise: W dequantised to x's dtype into a buffer, then F.linear (cuBLAS).
     """
     _check_blocks(blocks, qtype)
     k = num_columns(blocks, qtype)
     check_linear_inputs(_dequantize_kernel, x, k, blocks.shape[0], bias, "blocks", blocks,
                         f"{qtype} blocks of shape {tuple(blocks.shape)}")
-    path = path or linear_path(x.shape[0], x.dtype)
+    path = path or linear_path(x.shape[0], x.dtype, blocks.shape[0] * k)
     if path not in PATHS or (path in ("dot", "gemv") and x.shape[0] > MAX_ROWS):
         raise ValueError(f"path must be one of {', '.join(PATHS)} (dot and gemv for at most {MAX_ROWS} rows), got "
                          f"{path!r} for {x.shape[0]} rows")
@@ -141,11 +145,13 @@ def quant_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.
     return out
 
 
-def linear_path(num_rows: int, dtype: torch.dtype = torch.bfloat16) -> str:
-    """quant_linear's default path for x of num_rows rows of dtype: "dot", "gemv" or "dequantize" (see
-    quant_linear and GEMV_DEFAULT_ROWS)."""
+def linear_path(num_rows: int, dtype: torch.dtype = torch.bfloat16, num_weights: int = 0) -> str:
+    """quant_linear's default path for x of num_rows rows of dtype times a matrix of num_weights (N * K) weights:
+    "dot", "gemv", "gemm" or "dequantize" (see quant_linear, GEMV_DEFAULT_ROWS and GEMM_DEFAULT_ROWS)."""
     if num_rows <= GEMV_DEFAULT_ROWS:
         return "gemv" if dtype == torch.float32 else "dot"
+    if num_rows <= GEMM_DEFAULT_ROWS and dtype != torch.float32 and num_weights >= GEMM_MIN_WEIGHTS:
+        return "gemm"
     return "dequantize"
 
 

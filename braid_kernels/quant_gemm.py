@@ -1,19 +1,20 @@
-"""The fused dequantising GEMM: y = x @ W.T for batches of rows, W read as GGML blocks and decoded in registers,
-step by step, straight into the tensor cores; the dequantised weight never reaches global memory.
+"""The fused dequantising GEMM: y = x @ W.T for batches of rows, W read as GGML blocks (planes layout,
+quant_planes.py) and decoded in registers, step by step, straight into the tensor cores; the dequantised weight
+never reaches global memory.
 
 Each program owns an output tile of BLOCK_N weight rows x BLOCK_M rows of x, computed transposed (acc [BLOCK_N,
 BLOCK_M] = W_tile @ x_tile.T, "swap AB"): the decoded weights are the MMA's A operand and x the B operand, whose
-N side may be as narrow as 16. K is walked in steps of whole blocks (one 256-weight block for the K-types, four
-32-weight blocks for the others), each step a tile (row of W, block, group, lane) decoded by
-quant_decode.block_codes: the block index is the loop's scalar plus a range, which keeps a group's bytes one
-contiguous run. A group's weights are a `lo` and a `hi` run of contiguous columns, so a step is two dots, each
-against the x columns of its run. The weights are rounded to x's dtype before the dot and the sums are float32
-(float32 x in full float32 precision, "ieee", no tf32). Narrow outputs split K into slices summed afterwards.
+N side may be as narrow as 16. K is walked one *group* at a time (quant_decode.py: 2 x 16-32 weights sharing their
+scales, a `lo` and a `hi` run of contiguous columns): a step decodes a (BLOCK_N, lanes) tile of each run with
+quant_decode.block_codes, rounds it to x's dtype and multiplies it with the x columns of its run, so the decode
+tiles stay 2-d and small (no spills). The sums are float32 (float32 x in full float32 precision, "ieee", no
+tf32). Narrow outputs split K into slices summed afterwards.
 
-Measured on an H200 (benchmarks/RESULTS.md): 0.32-0.56x bf16 matmul at 16 rows, 0.26-0.35x at 64 and 0.07-0.20x
-at 256, against dequantise + cuBLAS's 0.31-0.48x, 0.34-0.46x and 0.44-0.58x. Triton keeps the 4-d decode tiles in
-255 registers and spills from BLOCK_M = 64 on, and loads the quant bytes at most 4 at a time (Triton 3.6); so
-quant_linear keeps this path opt-in (path="gemm").
+Measured on an H200 (benchmarks/RESULTS.md), time against bf16 matmul, Q4_K / Q6_K on 4096x4096, 28672x4096 and
+4096x14336: at 16 rows 0.36-0.53x (dequantise + cuBLAS 0.32-0.47x), at 64 rows 0.39-0.47x (0.35-0.46x), at 256
+rows 0.25-0.30x (0.44-0.54x). The step decodes ~4 instructions per weight per BLOCK_M rows of x, so the kernel is
+issue-bound and gains only where reading the blocks once beats writing and re-reading bf16: quant_linear takes it
+by default from 5 to 64 rows on the larger matrices (quant.GEMM_MIN_WEIGHTS).
 """
 from __future__ import annotations
 
@@ -30,66 +31,60 @@ from .quant_gemv import add_slices
 
 
 class QuantGemmConfig(NamedTuple):
-    """A launch configuration: weight rows and rows of x per program, weights of a row per K step (whole blocks),
-    warps, software-pipeline stages, and slices of K (programs summing into float32 partials)."""
+    """A launch configuration: weight rows and rows of x per program, warps, software-pipeline stages, and slices of
+    K (programs summing into float32 partials)."""
 
     block_n: int
     block_m: int
-    block_k: int
     num_warps: int
     num_stages: int
     split_k: int = 1
 
 
 def launch_config(qtype: str, num_rows: int, n: int, num_sms: int = 132, k: int | None = None) -> QuantGemmConfig:
-    """The configuration for x [num_rows, K] @ W[n, K].T on a device of `num_sms` multiprocessors: BLOCK_M the
-    next power of two of M (16 to 128), 128 rows of W per program and 8 warps, a K step of one 256-weight block for
-    the K-types and four 32-weight blocks for the others, and K split into slices while there are fewer programs
-    than SMs and each slice keeps at least 4 steps. BLOCK_N, warps, stages and slices: the best of
-    `benchmarks/quant_kernels.py --gemm --gemm-sweep` for Q4_K and Q6_K at M = 64 on 4096x4096 and 28672x4096
-    (H200; benchmarks/RESULTS.md); the 128-weight steps of Q8_0 / Q4_0 / Q4_1 were not swept. Float32 x is
+    """The configuration for x [num_rows, K] @ W[n, K].T on a device of `num_sms` multiprocessors: up to 16 rows of
+    x, 128 x 16 tiles; 32 rows, 128 x 32; 64 rows, 64 x 64 for N above 8192, else 128 x 64 on 8 warps; above,
+    128 x 128 on 8 warps; K split into slices (by powers of two) while there are fewer programs than SMs and each
+    slice keeps at least 16 group steps. The best or within 10% of the best of 7 tilings each for Q4_K and Q6_K at
+    16, 64 and 256 rows on 4096x4096, 28672x4096 and 4096x14336 (H200; benchmarks/RESULTS.md). Float32 x is
     limited to 32-row tiles and one stage by launch_gemm, whatever the configuration."""
-    block_m = min(128, max(16, triton.next_power_of_2(num_rows)))
-    block_n = 128
-    block_k = max(BLOCK_SIZE[qtype], 128)
+    if num_rows <= 32:
+        block_n, block_m, num_warps = 128, max(16, triton.next_power_of_2(num_rows)), 4
+    elif num_rows <= 64:
+        block_n, block_m, num_warps = (64, 64, 4) if n > 8192 else (128, 64, 8)
+    else:
+        block_n, block_m, num_warps = 128, 128, 8
     split_k = 1
     if k is not None:
+        steps = k // BLOCK_SIZE[qtype] * GROUPS_PER_BLOCK[qtype]
         programs = triton.cdiv(n, block_n) * triton.cdiv(num_rows, block_m)
-        while programs * split_k < num_sms and k // block_k >= 8 * split_k:
+        while programs * split_k < num_sms and steps // (2 * split_k) >= 16:
             split_k *= 2
-    return QuantGemmConfig(block_n, block_m, block_k, num_warps=8, num_stages=3, split_k=split_k)
+    return QuantGemmConfig(block_n, block_m, num_warps, num_stages=3, split_k=split_k)
 
 
 def launch_gemm(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.Tensor | None, out: torch.Tensor,
                 config: QuantGemmConfig | None = None) -> None:
-    """out [M, N] = x [M, K] @ W.T (+ bias) with W the weights of blocks [N, row_bytes]; arguments checked."""
+    """out [M, N] = x [M, K] @ W.T (+ bias) with W the weights of blocks [N, row_bytes] (planes layout); arguments
+    checked."""
     (num_rows, k), n = x.shape, blocks.shape[0]
     if num_rows == 0 or n == 0:
         return
     if config is None:
         num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
         config = launch_config(qtype, num_rows, n, num_sms, k)
-    if x.dtype == torch.float32:  # float32 tiles are twice as large: 128 x 128 over 3 stages needs 416 KB
+    if x.dtype == torch.float32:  # float32 tiles are twice as large
         config = config._replace(block_m=min(config.block_m, 32), num_stages=1)
-    block_size = BLOCK_SIZE[qtype]
-    step_blocks = config.block_k // block_size
-    if config.block_k % block_size or step_blocks & (step_blocks - 1):
-        raise ValueError(f"block_k must be {qtype}'s {block_size} weights per block times a power of two, got "
-                         f"{config}")
-    num_blocks = k // block_size
-    steps = triton.cdiv(num_blocks, step_blocks)
-    split_k = max(1, min(config.split_k, steps))
-    slice_steps = max(1, triton.cdiv(steps, split_k))  # K = 0 (quant_linear does not launch it): one masked step
+    steps = k // BLOCK_SIZE[qtype] * GROUPS_PER_BLOCK[qtype]
+    slice_steps = max(1, triton.cdiv(steps, max(1, config.split_k)))  # K = 0 (quant_linear does not launch it)
     split_k = triton.cdiv(max(steps, 1), slice_steps)  # no empty slices
     partial = out if split_k == 1 else torch.empty((split_k, num_rows, n), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(num_rows, config.block_m), triton.cdiv(n, config.block_n), split_k)
     _quant_gemm_kernel[grid](
-        x, blocks, bias, partial, num_rows, n, x.stride(0), blocks.shape[1], num_blocks, slice_steps,
-        QTYPE=QTYPE_IDS[qtype], BLOCK_SIZE=block_size, TYPE_SIZE=TYPE_SIZE[qtype],
-        GROUPS=GROUPS_PER_BLOCK[qtype], LANES=GROUP_LANES[qtype], STEP_BLOCKS=step_blocks,
-        HAS_BIAS=bias is not None and split_k == 1,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        x, blocks, bias, partial, num_rows, n, x.stride(0), blocks.shape[1], steps, slice_steps,
+        QTYPE=QTYPE_IDS[qtype], BLOCK_SIZE=BLOCK_SIZE[qtype], TYPE_SIZE=TYPE_SIZE[qtype],
+        GROUPS=GROUPS_PER_BLOCK[qtype], LANES=GROUP_LANES[qtype], HAS_BIAS=bias is not None and split_k == 1,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split_k > 1:
         add_slices(partial, bias, out)
@@ -97,49 +92,37 @@ def launch_gemm(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.T
 
 @triton.jit
 def _quant_gemm_kernel(
-    x_ptr, blocks_ptr, bias_ptr, out_ptr, M, N, x_row_stride, row_bytes, num_blocks, slice_steps,
+    x_ptr, blocks_ptr, bias_ptr, out_ptr, M, N, x_row_stride, row_bytes, num_steps, slice_steps,
     QTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr, TYPE_SIZE: tl.constexpr, GROUPS: tl.constexpr,
-    LANES: tl.constexpr, STEP_BLOCKS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    LANES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Program (m, n, s): out[m * BLOCK_M : (m + 1) * BLOCK_M, n * BLOCK_N : (n + 1) * BLOCK_N] over K steps
-    [s * slice_steps, (s + 1) * slice_steps) (out is float32 [slices, M, N] with several slices). A step is
-    STEP_BLOCKS whole blocks of each row of W, decoded as a tile (row of W, block, group, lane): the block index is a
-    scalar plus a range, so that the quant bytes of a group are one contiguous run (Triton 3.6 still loads them at
-    most 4 bytes at a time)."""
+    """Program (m, n, s): out[m * BLOCK_M : (m + 1) * BLOCK_M, n * BLOCK_N : (n + 1) * BLOCK_N] over group steps
+    [s * slice_steps, (s + 1) * slice_steps) of K (out is float32 [slices, M, N] with several slices)."""
     dtype: tl.constexpr = x_ptr.dtype.element_ty
-    KSTEP: tl.constexpr = STEP_BLOCKS * GROUPS * LANES  # weights per run (lo or hi) per step
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
     out_ptr += tl.program_id(2).to(tl.int64) * M * N
-    row_base = blocks_ptr + cols.to(tl.int64)[:, None, None, None] * row_bytes  # (BN, 1, 1, 1)
+    row_ptr = blocks_ptr + cols.to(tl.int64)[:, None] * row_bytes  # (BN, 1)
     nb = row_bytes // TYPE_SIZE
-    col_ok = (cols < N)[:, None, None, None]
-    sb = tl.arange(0, STEP_BLOCKS)[None, :, None, None]  # (1, SB, 1, 1)
-    c = tl.arange(0, GROUPS)[None, None, :, None]  # (1, 1, G, 1)
-    lane = tl.arange(0, LANES)[None, None, None, :]  # (1, 1, 1, L)
+    col_ok = (cols < N)[:, None]
+    lane = tl.arange(0, LANES)[None, :]  # (1, L)
     x_rows = x_ptr + rows[None, :].to(tl.int64) * x_row_stride  # (1, BM)
     row_ok = (rows < M)[None, :]
 
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     first = tl.program_id(2) * slice_steps
-    for step in range(first, first + slice_steps):
-        blk = step * STEP_BLOCKS + sb  # (1, SB, 1, 1)
-        blk_ok = blk < num_blocks
-        qs, qh, scales, head = block_fields(row_base, blk, nb, QTYPE)
-        f_lo, f_hi, a_lo, b_lo, a_hi, b_hi, col_lo, col_hi = block_codes(
-            qs, qh, scales, head, c, lane, col_ok & blk_ok, QTYPE)  # f: (BN, SB, G, L); a, b: (BN, SB, G, 1)
-        w_lo = tl.reshape(a_lo * f_lo + b_lo, (BLOCK_N, KSTEP))  # one multiply-add per weight
-        w_hi = tl.reshape(a_hi * f_hi + b_hi, (BLOCK_N, KSTEP))
-        # Columns of x per weight, broadcast to the tile's (1, SB, G, L) (+ 0 * c: the 32-weight types' columns have
-        # no group axis), flattened in the weights' order.
-        k_lo = tl.reshape(blk * BLOCK_SIZE + col_lo + 0 * c, (KSTEP, 1))  # (KSTEP, 1)
-        k_hi = tl.reshape(blk * BLOCK_SIZE + col_hi + 0 * c, (KSTEP, 1))
-        k_ok = tl.reshape(blk_ok & (c >= 0) & (lane >= 0), (KSTEP, 1)) & row_ok
-        x_lo = tl.load(x_rows + k_lo, mask=k_ok, other=0.0)  # (KSTEP, BM)
-        x_hi = tl.load(x_rows + k_hi, mask=k_ok, other=0.0)
-        acc = _dot(_to_dtype(w_lo, dtype), x_lo, acc)
-        acc = _dot(_to_dtype(w_hi, dtype), x_hi, acc)
+    for step in range(first, tl.minimum(first + slice_steps, num_steps)):
+        blk = step // GROUPS
+        qs, qh, scales, head = block_fields(row_ptr, blk, nb, QTYPE)
+        f_lo, f_hi, a_lo, b_lo, a_hi, b_hi, col_lo, col_hi = block_codes(qs, qh, scales, head, step % GROUPS, lane,
+                                                                         col_ok, QTYPE)  # f: (BN, L); a, b: (BN, 1)
+        w_lo = _to_dtype(a_lo * f_lo + b_lo, dtype)  # one multiply-add per weight
+        w_hi = _to_dtype(a_hi * f_hi + b_hi, dtype)
+        # x's columns of each run as (L, 1) (+ 0 * lane: the 32-weight types' columns are the lanes themselves)
+        x_lo = tl.load(x_rows + (blk * BLOCK_SIZE + tl.trans(col_lo + 0 * lane)), mask=row_ok, other=0.0)  # (L, BM)
+        x_hi = tl.load(x_rows + (blk * BLOCK_SIZE + tl.trans(col_hi + 0 * lane)), mask=row_ok, other=0.0)
+        acc = _dot(w_lo, x_lo, acc)
+        acc = _dot(w_hi, x_hi, acc)
 
     y = tl.trans(acc)  # (BM, BN)
     rows2 = rows[:, None]

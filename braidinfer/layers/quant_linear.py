@@ -20,8 +20,8 @@ class QuantLinear(nn.Module):
     qtype into one matrix of blocks, so a projection whose checkpoint tensors share a type runs one kernel, and one
     mixing types (Q4_K_M's Q4_K q/k beside a Q6_K v) runs one per type, concatenated.
 
-    Forms (`finalize`): "blocks" (CUDA): braid_kernels.quant.quant_linear (dequantising GEMV up to 4 rows, else
-    dequantise + matmul). "int4" (the CPU where its int4 kernels are fast): Q8_0/Q4_0/Q4_1/Q4_K/Q5_K parts as torch's
+    Forms (`finalize`): "blocks" (CUDA): braid_kernels.quant.quant_linear (dequantising GEMV up to 4 rows, the
+    fused GEMM up to 64 on large matrices, else dequantise + matmul). "int4" (the CPU where its int4 kernels are fast): Q8_0/Q4_0/Q4_1/Q4_K/Q5_K parts as torch's
     CPU int4 weight-only matmul operands (cpu_int4.py, the same bytes per weight, x rounded to bfloat16), other
     parts decoded to float once. "float" (other CPUs): every part decoded once into a float matrix, as decoding
     per call is slower still. Takes plain tensors only: plan.gemv_prologues fuses no norm into it.
@@ -135,7 +135,8 @@ class QuantLinear(nn.Module):
             return f"quant linear {kinds}: torch CPU int4 weight-only matmul (bfloat16 x) for the 4-bit forms"
         device = getattr(self, "part0").device.type if self.qtypes else "cpu"
         if device == "cuda":
-            return f"quant linear {kinds}: triton quant_linear (GEMV <= 4 rows, else dequantise + matmul)"
+            return (f"quant linear {kinds}: triton quant_linear (GEMV <= 4 rows, fused GEMM <= 64 rows on large "
+                    f"matrices, else dequantise + matmul)")
         if kinds == "float":
             return "quant linear (decoded at load): torch F.linear"
         return f"quant linear {kinds}: torch dequantize per call + F.linear"

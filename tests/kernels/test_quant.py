@@ -13,6 +13,8 @@ import torch.nn.functional as F
 
 from braid_kernels.quant import (
     BLOCK_SIZE,
+    GEMM_DEFAULT_ROWS,
+    GEMM_MIN_WEIGHTS,
     GEMV_DEFAULT_ROWS,
     QTYPES,
     TYPE_SIZE,
@@ -29,7 +31,7 @@ from braid_kernels.quant import (
     to_planes,
 )
 from braid_kernels.quant_planes import from_planes
-from braid_kernels.quant_decode import GROUP_LANES
+from braid_kernels.quant_decode import GROUP_LANES, GROUPS_PER_BLOCK
 from braid_kernels.quant_dot import dot_launch_config
 from braid_kernels.quant_gemm import launch_config as gemm_launch_config
 from braid_kernels.quant_gemv import MAX_ROWS, launch_config
@@ -239,20 +241,19 @@ def test_gemm_matches_reference(device, qtype, num_rows):
 
 
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "Q8_0"])
-@pytest.mark.parametrize("config", [QuantGemmConfig(16, 16, 256, 4, 1), QuantGemmConfig(32, 64, 512, 4, 2),
-                                    QuantGemmConfig(64, 32, 256, 8, 3, split_k=2),
-                                    QuantGemmConfig(16, 16, 256, 4, 1, split_k=3)])
+@pytest.mark.parametrize("config", [QuantGemmConfig(16, 16, 4, 1), QuantGemmConfig(32, 64, 4, 2),
+                                    QuantGemmConfig(64, 32, 8, 3, split_k=2),
+                                    QuantGemmConfig(16, 16, 4, 1, split_k=5)])
 def test_gemm_configs(device, qtype, config):
-    """K steps of one and two 256-weight blocks (two: the last step ends past the row, 768 = 3 blocks of 256), K
-    split into two and three slices, ragged M and N tiles, and M <= MAX_ROWS through the GEMM (BLOCK_M padding);
-    float16 x too."""
+    """Tiles narrower and wider than N and M, K split into two and five slices (of uneven numbers of group steps),
+    and M <= MAX_ROWS through the GEMM (BLOCK_M padding); float16 x too."""
     n, k = 40, 768
     _, blocks = _weights(n, k, seed=9, qtype=qtype)
     bias = torch.randn(n, generator=torch.Generator().manual_seed(9))
     for num_rows, dtype in ((3, torch.bfloat16), (21, torch.float16), (24, torch.float32)):
         x = torch.randn(num_rows, k, generator=torch.Generator().manual_seed(num_rows)).to(dtype)
-        got = quant_linear(x.to(device), to_planes(blocks, qtype).to(device), qtype, bias.to(dtype).to(device), config=config,
-                           path="gemm")
+        got = quant_linear(x.to(device), to_planes(blocks, qtype).to(device), qtype, bias.to(dtype).to(device),
+                           config=config, path="gemm")
         _assert_close(got.cpu(), _gemm_reference(x, blocks, qtype, bias.to(dtype)), dtype)
 
 
@@ -265,23 +266,31 @@ def test_gemm_strided_rows_and_paths(device):
     assert [linear_path(m) for m in (1, GEMV_DEFAULT_ROWS, GEMV_DEFAULT_ROWS + 1, MAX_ROWS + 1, 4096)] == [
         "dot", "dot", "dequantize", "dequantize", "dequantize"]
     assert [linear_path(m, torch.float32) for m in (1, GEMV_DEFAULT_ROWS, MAX_ROWS)] == ["gemv", "gemv", "dequantize"]
+    large = GEMM_MIN_WEIGHTS
+    assert [linear_path(m, torch.bfloat16, large) for m in (GEMV_DEFAULT_ROWS, GEMV_DEFAULT_ROWS + 1,
+                                                            GEMM_DEFAULT_ROWS, GEMM_DEFAULT_ROWS + 1)] == [
+        "dot", "gemm", "gemm", "dequantize"]
+    assert linear_path(16, torch.float16, large) == "gemm" and linear_path(16, torch.float32, large) == "dequantize"
+    assert linear_path(16, torch.bfloat16, large - 1) == "dequantize"
 
 
 def test_gemm_launch_config_fits_the_tensor_cores():
-    """BLOCK_M a power of two from 16 (one MMA N side) that wastes at most half its rows when M > 16; K steps of
-    whole blocks; K slices only while the programs are fewer than the SMs, each slice keeping at least 4 steps."""
+    """BLOCK_M a power of two from 16 (one MMA N side) that wastes at most half its rows when M > 16; K slices only
+    while the programs are fewer than the SMs, each slice keeping at least 16 group steps."""
     for qtype in QTYPE_LIST:
-        for num_rows in (1, 9, 16, 17, 100, 256, 1000, 5000):
+        for num_rows in (1, 9, 16, 17, 33, 64, 100, 256, 1000, 5000):
             for n, k in ((128, 4096), (1024, 4096), (4096, 4096), (4096, 14336), (151936, 4096)):
                 config = gemm_launch_config(qtype, num_rows, n, num_sms=132, k=k)
                 assert config.block_m >= 16 and config.block_m & (config.block_m - 1) == 0
                 assert num_rows <= 16 or config.block_m < 2 * num_rows
-                assert config.block_k % BLOCK_SIZE[qtype] == 0
+                steps = k // BLOCK_SIZE[qtype] * GROUPS_PER_BLOCK[qtype]  # group steps along K
                 programs = -(-n // config.block_n) * -(-num_rows // config.block_m)
                 assert config.split_k == 1 or programs * config.split_k // 2 < 132
-                assert k // config.block_k >= 4 * config.split_k
-                assert config.split_k > 1 or programs >= 132 or k // config.block_k < 8
-                assert (config.block_n, config.num_warps) == (128, 8)
+                assert steps // config.split_k >= 16
+                assert config.split_k > 1 or programs >= 132 or steps < 32
+    assert gemm_launch_config("Q4_K", 64, 28672, k=4096)[:4] == (64, 64, 4, 3)
+    assert gemm_launch_config("Q6_K", 64, 4096, k=14336)[:4] == (128, 64, 8, 3)
+    assert gemm_launch_config("Q4_K", 256, 28672, k=4096)[:4] == (128, 128, 8, 3)
 
 
 def test_dot_launch_config_follows_the_sweep():
