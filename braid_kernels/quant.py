@@ -187,4 +187,7 @@ def _check_blocks(blocks, qtype) -> None:
                          f"({BLOCK_SIZE[qtype]} weights per block), got shape {tuple(blocks.shape)}")
     if not blocks.is_contiguous():
         raise ValueError(f"blocks must be contiguous, got strides {blocks.stride()}")
+    if blocks.data_ptr() % 4:  # the kernels load fp16 fields and 32-bit words of the planes in place
+        raise ValueError("blocks must start at a 4-byte aligned address (a fresh tensor, or a view at an offset of a "
+                         f"multiple of 4 bytes), got an offset of {blocks.data_ptr() % 4} bytes past one")
 

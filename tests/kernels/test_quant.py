@@ -240,7 +240,7 @@ def test_gemm_matches_reference(device, qtype, num_rows):
                       _gemm_reference(xd, blocks, qtype, bd), dtype)
 
 
-@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "Q8_0"])
+@pytest.mark.parametrize("qtype", QTYPE_LIST)
 @pytest.mark.parametrize("config", [QuantGemmConfig(16, 16, 4, 1), QuantGemmConfig(32, 64, 4, 2),
                                     QuantGemmConfig(64, 32, 8, 3, split_k=2),
                                     QuantGemmConfig(16, 16, 4, 1, split_k=5)])
@@ -344,6 +344,8 @@ def _bad_calls():
         (lambda: quant_linear(x, blocks.view(torch.int8), "Q4_K"), "blocks must have dtype uint8"),
         (lambda: quant_linear(x, blocks[:, :100], "Q4_K"), "multiple of 144 bytes"),
         (lambda: quant_linear(x, blocks.t().contiguous().t(), "Q4_K"), "blocks must be contiguous"),
+        (lambda: quant_linear(x, torch.cat((blocks.new_zeros(2), blocks.flatten()))[2:].view(4, -1), "Q4_K"),
+         "4-byte aligned"),
         (lambda: quant_linear(torch.randn(1, 512), blocks, "Q4_K"), "x must have 256 columns"),
         (lambda: quant_linear(x.to(torch.int32), blocks, "Q4_K"), "x must have dtype"),
         (lambda: quant_linear(x[0], blocks, "Q4_K"), "x must be 2-dimensional"),

@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from braid_kernels.quant import (
+    GEMM_MIN_WEIGHTS,
     MAX_ROWS,
     QTYPES,
     dequantize,
     dequantize_reference,
+    linear_path,
     quant_embedding,
     quant_embedding_reference,
     quant_linear,
@@ -58,6 +60,22 @@ def test_fused_gemm_on_gpu(qtype):
             want = (x.float() @ w.t()).to(torch.bfloat16)
             for path in ("gemm", "dequantize"):
                 _assert_close(quant_linear(x.cuda(), gpu_blocks, qtype, path=path).cpu(), want, torch.bfloat16)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "Q8_0"])
+def test_default_paths_of_a_large_matrix_on_gpu(qtype):
+    """8192 x 4096 (2^25 weights, GEMM_MIN_WEIGHTS): the default path is the fused GEMM from 5 to 64 rows and
+    dequantise + cuBLAS above; both against gguf's weights rounded to bf16 and float32 sums."""
+    n, k = 8192, 4096
+    assert n * k >= GEMM_MIN_WEIGHTS
+    _, blocks = _weights(n, k, seed=21, qtype=qtype)
+    gpu_blocks = to_planes(blocks, qtype).cuda()
+    w = dequantize_reference(blocks, qtype).to(torch.bfloat16).float()
+    for num_rows, path in ((5, "gemm"), (16, "gemm"), (33, "gemm"), (64, "gemm"), (65, "dequantize")):
+        assert linear_path(num_rows, torch.bfloat16, n * k) == path
+        x = torch.randn(num_rows, k, generator=torch.Generator().manual_seed(num_rows)).to(torch.bfloat16)
+        _assert_close(quant_linear(x.cuda(), gpu_blocks, qtype).cpu(), (x.float() @ w.t()).to(torch.bfloat16),
+                      torch.bfloat16)
 
 
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "Q8_0"])
