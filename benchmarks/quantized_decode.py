@@ -6,6 +6,7 @@ bf16; throughput Q4_K_M >= 0.8x bf16).
     BRAID_TEST_TOKENIZER=/path/to/tokenizer python benchmarks/quantized_decode.py
         [--config benchmarks/configs/llama-3.1-8b.json] [--formats bf16,Q8_0,Q4_K_M,Q4_K_M:dequantize]
         [--prompt 256] [--tokens 128] [--batch 128] [--batch-prompt 128] [--repeats 3] [--workdir /big/disk]
+        [--layers 8] [--kernel-profile]
     python benchmarks/quantized_decode.py --tiny --device cpu     # CPU smoke run of every code path, ~1 minute
 
 Columns: `weight GB` is llm.memory_stats()["weight_bytes"] (quantised tensors count their GGUF blocks); `batch-1
@@ -26,6 +27,9 @@ tokenizer saved in BRAID_TEST_TOKENIZER (the GGUF files as llama.cpp writes a by
 without the variable, the embedded model's tokenizer, converted); the GGUF's vocabulary size comes from its
 `{arch}.vocab_size` key, and prompt ids stay below 32,000 (latency.random_prompt). Each model file is written in
 --workdir just before its engine loads it and deleted after (peak disk: the bf16 model, 16 GB at 8B).
+--layers N keeps the config's first N decoder layers (a quicker run of the same per-layer shapes); --kernel-profile
+adds, per format, the kernels of one more batch-1 generation by GPU time per generated token (torch.profiler; the
+prompt's prefill included), to see which kernels a format spends its token on.
 --tiny runs the config's architecture at a tiny shape, 64-token prompt, 16 new tokens, batch 8 of 32-token prompts,
 best of 2, unless those options are given.
 """
@@ -190,6 +194,8 @@ def measure(path: str, fmt: str, args) -> dict:
         row["notes"].append(f"first ids {out.token_ids}, logprobs {'finite' if finite else 'NOT FINITE'}")
         row["batch1"] = best([braid_latency(llm, random_prompt(args.prompt, seed=r + 1), args.tokens)
                               for r in range(args.repeats)])[1]
+        if args.kernel_profile:
+            row["notes"] += kernel_profile(llm, args)
         runs = []
         for r in range(args.repeats + 1):  # the first call warms up every kernel and graph of this batch shape
             prompts = [random_prompt(args.batch_prompt, seed=1000 * (r + 1) + i) for i in range(args.batch)]
@@ -202,6 +208,25 @@ def measure(path: str, fmt: str, args) -> dict:
     if args.device != "cpu":
         torch.cuda.empty_cache()
     return row
+
+
+def kernel_profile(llm, args, top: int = 15) -> list[str]:
+    """The kernels of one batch-1 greedy generation (--prompt tokens, then --tokens new ones) by GPU time, from
+    torch.profiler: total and the `top` kernels, each in microseconds and launches per generated token."""
+    from braidinfer import SamplingParams
+
+    if args.device == "cpu":
+        return ["kernel profile: CUDA only (the engine thread's CPU ops are not recorded)"]
+    greedy = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        llm.generate([random_prompt(args.prompt, seed=99)], greedy)
+    events = list(prof.key_averages())
+    total = sum(e.self_device_time_total for e in events)
+    n = args.tokens
+    lines = [f"kernel profile (prefill included): {total / n:.1f} us of GPU time per generated token"]
+    for e in sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:top]:
+        lines.append(f"  {e.self_device_time_total / n:8.1f} us/token {e.count / n:6.1f}/token  {e.key[:100]}")
+    return lines
 
 
 def model_file(fmt: str, config, shape: dict, workdir: str, tokenizer_dir: str, args) -> str:
@@ -297,6 +322,9 @@ def main() -> None:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="the config's architecture at a tiny shape (CPU smoke run)")
+    ap.add_argument("--layers", type=int, help="keep only this many decoder layers of the config (a quicker run)")
+    ap.add_argument("--kernel-profile", action="store_true",
+                    help="also list the kernels of a batch-1 generation by GPU time (torch.profiler)")
     args = ap.parse_args()
     for fmt in args.formats.split(","):
         if fmt not in FORMATS and not (fmt.endswith(":dequantize") and fmt.split(":")[0] in FORMATS[1:]):
@@ -308,6 +336,10 @@ def main() -> None:
         shape = json.load(f)
     if args.tiny:
         shape = {**shape, **TINY}
+    if args.layers is not None:
+        if args.layers < 1:
+            ap.error(f"--layers must be at least 1, got {args.layers}")
+        shape = {**shape, "num_hidden_layers": args.layers}
     if args.device != "cpu" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: pass --device cpu (with --tiny)")
 
@@ -317,7 +349,8 @@ def main() -> None:
         fi_version = __import__("flashinfer").__version__
     except ImportError:
         fi_version = "absent"
-    model_name = os.path.basename(args.config).removesuffix(".json") + (" (tiny)" if args.tiny else "")
+    model_name = os.path.basename(args.config).removesuffix(".json") + (" (tiny)" if args.tiny else "") + (
+        f" cut to {args.layers} layers" if args.layers is not None else "")
     print(f"device: {device_name(args.device)}, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"flashinfer {fi_version}")
     print(f"model: {model_name} shape, random weights; formats {args.formats}; batch 1: {args.prompt}-token prompt, "
