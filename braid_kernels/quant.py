@@ -40,7 +40,8 @@ GEMM_MIN_WEIGHTS = 1 << 25
 PATHS = ("dot", "gemv", "gemm", "dequantize")
 
 __all__ = [
-    "BLOCK_SIZE", "GEMM_DEFAULT_ROWS", "GEMM_MIN_WEIGHTS", "GEMV_DEFAULT_ROWS", "MAX_ROWS", "PATHS", "QTYPES", "TYPE_SIZE", "QuantGemmConfig", "QuantGemvConfig",
+    "BLOCK_SIZE", "GEMM_DEFAULT_ROWS", "GEMM_MIN_WEIGHTS", "GEMV_DEFAULT_ROWS", "MAX_ROWS", "PATHS", "QTYPES",
+    "TYPE_SIZE", "QuantGemmConfig", "QuantGemvConfig",
     "dequantize", "dequantize_reference", "dequantize_torch", "from_planes", "to_planes",
     "quant_embedding", "quant_embedding_reference",
     "linear_path", "quant_linear", "quant_linear_reference",

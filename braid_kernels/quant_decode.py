@@ -31,6 +31,11 @@ GROUP_LANES = {"Q8_0": 16, "Q4_0": 16, "Q4_1": 16, "Q4_K": 32, "Q5_K": 32, "Q6_K
 GROUPS_PER_BLOCK = {"Q8_0": 1, "Q4_0": 1, "Q4_1": 1, "Q4_K": 4, "Q5_K": 4, "Q6_K": 8}
 
 
+def num_groups(qtype: str, cols: int) -> int:
+    """Groups (2 * GROUP_LANES[qtype] weights each) in a row of `cols` weights of `qtype`."""
+    return cols // (2 * GROUP_LANES[qtype])
+
+
 @triton.jit
 def _byte(ptr, mask):
     return tl.load(ptr, mask=mask, other=0).to(tl.int32)

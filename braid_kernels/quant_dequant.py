@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from .numerics import LAUNCH_OPTIONS, round_to_dtype
-from .quant_decode import GROUP_LANES, GROUPS_PER_BLOCK, QTYPE_IDS, decode_groups
+from .quant_decode import GROUP_LANES, GROUPS_PER_BLOCK, QTYPE_IDS, decode_groups, num_groups
 from .quant_formats import BLOCK_SIZE, TYPE_SIZE
 
 ROWS_PER_PROGRAM = 4
@@ -23,7 +23,7 @@ def launch_dequantize(blocks: torch.Tensor, qtype: str, out: torch.Tensor, ids: 
     num_rows, cols = out.shape
     if num_rows == 0 or cols == 0:
         return
-    groups = cols // (2 * GROUP_LANES[qtype])
+    groups = num_groups(qtype, cols)
     grid = (triton.cdiv(num_rows, ROWS_PER_PROGRAM), triton.cdiv(groups, GROUPS_PER_PROGRAM))
     _dequantize_kernel[grid](
         blocks, ids, out, num_rows, blocks.shape[0], blocks.shape[1], cols,

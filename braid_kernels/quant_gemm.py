@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .numerics import INTERPRETED, round_to_dtype
-from .quant_decode import GROUP_LANES, GROUPS_PER_BLOCK, QTYPE_IDS, block_codes, block_fields
+from .quant_decode import GROUP_LANES, GROUPS_PER_BLOCK, QTYPE_IDS, block_codes, block_fields, num_groups
 from .quant_formats import BLOCK_SIZE, TYPE_SIZE
 from .quant_gemv import add_slices
 
@@ -56,7 +56,7 @@ def launch_config(qtype: str, num_rows: int, n: int, num_sms: int = 132, k: int 
         block_n, block_m, num_warps = 128, 128, 8
     split_k = 1
     if k is not None:
-        steps = k // BLOCK_SIZE[qtype] * GROUPS_PER_BLOCK[qtype]
+        steps = num_groups(qtype, k)
         programs = triton.cdiv(n, block_n) * triton.cdiv(num_rows, block_m)
         while programs * split_k < num_sms and steps // (2 * split_k) >= 16:
             split_k *= 2
@@ -75,7 +75,7 @@ def launch_gemm(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.T
         config = launch_config(qtype, num_rows, n, num_sms, k)
     if x.dtype == torch.float32:  # float32 tiles are twice as large
         config = config._replace(block_m=min(config.block_m, 32), num_stages=1)
-    steps = k // BLOCK_SIZE[qtype] * GROUPS_PER_BLOCK[qtype]
+    steps = num_groups(qtype, k)
     slice_steps = max(1, triton.cdiv(steps, max(1, config.split_k)))  # K = 0 (quant_linear does not launch it)
     split_k = triton.cdiv(max(steps, 1), slice_steps)  # no empty slices
     partial = out if split_k == 1 else torch.empty((split_k, num_rows, n), dtype=torch.float32, device=x.device)

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .numerics import round_to_dtype
-from .quant_decode import GROUP_LANES, GROUPS_PER_BLOCK, QTYPE_IDS, decode_codes
+from .quant_decode import GROUP_LANES, GROUPS_PER_BLOCK, QTYPE_IDS, decode_codes, num_groups
 from .quant_formats import BLOCK_SIZE, TYPE_SIZE
 
 MAX_ROWS = 8  # rows of x per launch; larger batches take the GEMM path
@@ -99,11 +99,10 @@ class SplitSteps(NamedTuple):
 
 def split_steps(qtype: str, k: int, config: QuantGemvConfig) -> SplitSteps:
     """The K walk of config (block_k weights per step, split_k slices asked for) over k columns of qtype."""
-    lanes = GROUP_LANES[qtype]
-    num_groups = k // (2 * lanes)
-    block_g = min(max(1, config.block_k // (2 * lanes)), triton.next_power_of_2(num_groups))
-    split_groups = triton.cdiv(triton.cdiv(num_groups, max(1, config.split_k)), block_g) * block_g
-    return SplitSteps(num_groups, block_g, split_groups, triton.cdiv(num_groups, split_groups))
+    groups = num_groups(qtype, k)
+    block_g = min(max(1, config.block_k // (2 * GROUP_LANES[qtype])), triton.next_power_of_2(groups))
+    split_groups = triton.cdiv(triton.cdiv(groups, max(1, config.split_k)), block_g) * block_g
+    return SplitSteps(groups, block_g, split_groups, triton.cdiv(groups, split_groups))
 
 
 def add_slices(partial: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:

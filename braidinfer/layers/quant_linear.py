@@ -20,11 +20,12 @@ class QuantLinear(nn.Module):
     qtype into one matrix of blocks, so a projection whose checkpoint tensors share a type runs one kernel, and one
     mixing types (Q4_K_M's Q4_K q/k beside a Q6_K v) runs one per type, concatenated.
 
-    Forms (`finalize`): "blocks" (CUDA): braid_kernels.quant.quant_linear (dequantising GEMV up to 4 rows, the
-    fused GEMM up to 64 on large matrices, else dequantise + matmul). "int4" (the CPU where its int4 kernels are fast): Q8_0/Q4_0/Q4_1/Q4_K/Q5_K parts as torch's
-    CPU int4 weight-only matmul operands (cpu_int4.py, the same bytes per weight, x rounded to bfloat16), other
-    parts decoded to float once. "float" (other CPUs): every part decoded once into a float matrix, as decoding
-    per call is slower still. Takes plain tensors only: plan.gemv_prologues fuses no norm into it.
+    Forms (`finalize`): "blocks" (CUDA): braid_kernels.quant.quant_linear (dequantising GEMV up to 4 rows, the fused
+    GEMM up to 64 on large matrices, else dequantise + matmul). "int4" (the CPU where its int4 kernels are fast):
+    Q8_0/Q4_0/Q4_1/Q4_K/Q5_K parts as torch's CPU int4 weight-only matmul operands (cpu_int4.py, the same bytes per
+    weight, x rounded to bfloat16), other parts decoded to float once. "float" (other CPUs): every part decoded once
+    into a float matrix, as decoding per call is slower still. Takes plain tensors only: plan.gemv_prologues fuses no
+    norm into it.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
@@ -46,10 +47,10 @@ class QuantLinear(nn.Module):
 
     def finalize(self, form: str = "blocks") -> None:
         """Checks the parts cover every row once and lays them out for computing; call after the last set_part.
-        form: "blocks" keeps the GGUF blocks in the planes layout (braid_kernels/quant_planes.py; neighbouring parts of
-        one qtype joined); "float" decodes every part
-        into one float matrix of `dtype` (gguf's values rounded to it); "int4" (CPU) makes each joined part of a
-        cpu_int4.packable type the CPU int4 matmul's operands and decodes the others to `dtype`."""
+        form: "blocks" keeps the GGUF blocks in the planes layout (braid_kernels/quant_planes.py; neighbouring parts
+        of one qtype joined); "float" decodes every part into one float matrix of `dtype` (gguf's values rounded to
+        it); "int4" (CPU) makes each joined part of a cpu_int4.packable type the CPU int4 matmul's operands and
+        decodes the others to `dtype`."""
         if form not in FORMS:
             raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
         parts, row = [], 0

@@ -45,6 +45,11 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ROUND_TRIP_RMS = {"Q8_0": 0.02, "Q4_0": 0.2, "Q4_1": 0.2, "Q4_K": 0.2, "Q5_K": 0.1, "Q6_K": 0.05}
 
 
+def _planes(blocks: torch.Tensor, qtype: str, device) -> torch.Tensor:
+    """GGUF blocks as the kernels take them: in the planes layout, on `device`."""
+    return to_planes(blocks, qtype).to(device)
+
+
 def _weights(rows: int, cols: int, seed: int = 0, qtype: str = "Q4_K") -> tuple[np.ndarray, torch.Tensor]:
     """float32 weights [rows, cols] with per-row scale and offset differences, and their `qtype` blocks."""
     rng = np.random.default_rng(seed)
@@ -102,7 +107,7 @@ def test_dot_gemv_rows_of_any_alignment(device, qtype):
     for k in ((32 * 3, 32 * 5, 32 * 8) if qtype != "Q6_K" else (256, 768, 1024)):
         _, blocks = _weights(5, k, seed=k, qtype=qtype)
         x = torch.randn(1, k, generator=torch.Generator().manual_seed(k)).to(torch.bfloat16)
-        got = quant_linear(x.to(device), to_planes(blocks, qtype).to(device), qtype, path="dot").cpu()
+        got = quant_linear(x.to(device), _planes(blocks, qtype, device), qtype, path="dot").cpu()
         _assert_close(got, quant_linear_reference(_int8_rows(x), blocks, qtype).to(torch.bfloat16), torch.bfloat16)
 
 
@@ -111,10 +116,10 @@ def test_dot_gemv_rows_of_any_alignment(device, qtype):
 def test_dequantize_is_gguf_rounded(device, qtype, out_dtype):
     _, blocks = _weights(5, 768, seed=2, qtype=qtype)  # rows and groups both ragged against the program tiles
     want = dequantize_reference(blocks, qtype, out_dtype)
-    got = dequantize(to_planes(blocks, qtype).to(device), qtype, out_dtype)
+    got = dequantize(_planes(blocks, qtype, device), qtype, out_dtype)
     assert torch.equal(got.cpu(), want)
     buffer = torch.full_like(got, float("nan"))
-    assert dequantize(to_planes(blocks, qtype).to(device), qtype, out_dtype, out=buffer) is buffer
+    assert dequantize(_planes(blocks, qtype, device), qtype, out_dtype, out=buffer) is buffer
     assert torch.equal(buffer.cpu(), want)
 
 
@@ -128,10 +133,11 @@ def test_gemv_matches_reference(device, qtype, num_rows):
     for dtype in DTYPES:
         xd, bd = x.to(dtype), bias.to(dtype)
         want = quant_linear_reference(xd, blocks, qtype, bd)
-        got = quant_linear(xd.to(device), to_planes(blocks, qtype).to(device), qtype, bd.to(device), path="gemv")
+        got = quant_linear(xd.to(device), _planes(blocks, qtype, device), qtype, bd.to(device), path="gemv")
         _assert_close(got.cpu(), want, dtype)
     want = quant_linear_reference(x, blocks, qtype)
-    _assert_close(quant_linear(x.to(device), to_planes(blocks, qtype).to(device), qtype, path="gemv").cpu(), want, torch.float32)
+    _assert_close(quant_linear(x.to(device), _planes(blocks, qtype, device), qtype, path="gemv").cpu(), want,
+                  torch.float32)
 
 
 def _int8_rows(x: torch.Tensor) -> torch.Tensor:
@@ -158,7 +164,7 @@ def test_dot_gemv_is_the_int8_rounded_product(device, qtype, num_rows):
         assert linear_path(num_rows, torch.bfloat16) == "dot" and linear_path(num_rows, torch.float32) == "gemv"
     for dtype in (torch.bfloat16, torch.float16):
         xd, bd = x.to(dtype), bias.to(dtype)
-        got = quant_linear(xd.to(device), to_planes(blocks, qtype).to(device), qtype, bd.to(device), path="dot").cpu()
+        got = quant_linear(xd.to(device), _planes(blocks, qtype, device), qtype, bd.to(device), path="dot").cpu()
         rounded = quant_linear_reference(_int8_rows(xd), blocks, qtype, bd.float()).to(dtype)
         _assert_close(got, rounded, dtype)
         exact = quant_linear_reference(xd, blocks, qtype, bd).float()
@@ -173,7 +179,7 @@ def test_dot_gemv_configs(device, qtype, config):
     _, blocks = _weights(7, 768, seed=3, qtype=qtype)
     x = torch.randn(2, 768, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     bias = torch.randn(7, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
-    got = quant_linear(x.to(device), to_planes(blocks, qtype).to(device), qtype, bias.to(device), config=config, path="dot")
+    got = quant_linear(x.to(device), _planes(blocks, qtype, device), qtype, bias.to(device), config=config, path="dot")
     _assert_close(got.cpu(), quant_linear_reference(_int8_rows(x), blocks, qtype, bias.float()).to(torch.bfloat16),
                   torch.bfloat16)
 
@@ -187,10 +193,11 @@ def test_gemv_configs(device, qtype, config):
     _, blocks = _weights(7, 768, seed=3, qtype=qtype)
     x = torch.randn(2, 768, generator=torch.Generator().manual_seed(3))
     bias = torch.randn(7, generator=torch.Generator().manual_seed(4))
-    _assert_close(quant_linear(x.to(device), to_planes(blocks, qtype).to(device), qtype, bias.to(device), config=config).cpu(),
+    _assert_close(quant_linear(x.to(device), _planes(blocks, qtype, device), qtype, bias.to(device),
+                               config=config).cpu(),
                   quant_linear_reference(x, blocks, qtype, bias), torch.float32)
     x = x.to(torch.bfloat16)
-    _assert_close(quant_linear(x.to(device), to_planes(blocks, qtype).to(device), qtype, config=config, path="gemv").cpu(),
+    _assert_close(quant_linear(x.to(device), _planes(blocks, qtype, device), qtype, config=config, path="gemv").cpu(),
                   quant_linear_reference(x, blocks, qtype), torch.bfloat16)
 
 
@@ -214,7 +221,7 @@ def test_launch_config_keeps_programs_and_registers_in_bounds():
 def test_gemv_strided_rows(device):
     _, blocks = _weights(8, 256, seed=4)
     x = torch.randn(3, 512, generator=torch.Generator().manual_seed(4))[:, :256]
-    _assert_close(quant_linear(x.to(device), to_planes(blocks, "Q4_K").to(device), "Q4_K").cpu(),
+    _assert_close(quant_linear(x.to(device), _planes(blocks, "Q4_K", device), "Q4_K").cpu(),
                   quant_linear_reference(x, blocks, "Q4_K"), torch.float32)
 
 
@@ -236,7 +243,8 @@ def test_gemm_matches_reference(device, qtype, num_rows):
     assert linear_path(num_rows) == "dequantize"
     for dtype in (torch.float32, torch.bfloat16):
         xd, bd = x.to(dtype), bias.to(dtype)
-        _assert_close(quant_linear(xd.to(device), to_planes(blocks, qtype).to(device), qtype, bd.to(device), path="gemm").cpu(),
+        _assert_close(quant_linear(xd.to(device), _planes(blocks, qtype, device), qtype, bd.to(device),
+                                   path="gemm").cpu(),
                       _gemm_reference(xd, blocks, qtype, bd), dtype)
 
 
@@ -252,7 +260,7 @@ def test_gemm_configs(device, qtype, config):
     bias = torch.randn(n, generator=torch.Generator().manual_seed(9))
     for num_rows, dtype in ((3, torch.bfloat16), (21, torch.float16), (24, torch.float32)):
         x = torch.randn(num_rows, k, generator=torch.Generator().manual_seed(num_rows)).to(dtype)
-        got = quant_linear(x.to(device), to_planes(blocks, qtype).to(device), qtype, bias.to(dtype).to(device),
+        got = quant_linear(x.to(device), _planes(blocks, qtype, device), qtype, bias.to(dtype).to(device),
                            config=config, path="gemm")
         _assert_close(got.cpu(), _gemm_reference(x, blocks, qtype, bias.to(dtype)), dtype)
 
@@ -262,7 +270,8 @@ def test_gemm_strided_rows_and_paths(device):
     x = torch.randn(12, 512, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)[:, :256]
     want = _gemm_reference(x, blocks, "Q4_K")
     for path in ("gemm", "dequantize"):
-        _assert_close(quant_linear(x.to(device), to_planes(blocks, "Q4_K").to(device), "Q4_K", path=path).cpu(), want, torch.bfloat16)
+        _assert_close(quant_linear(x.to(device), _planes(blocks, "Q4_K", device), "Q4_K", path=path).cpu(), want,
+                      torch.bfloat16)
     assert [linear_path(m) for m in (1, GEMV_DEFAULT_ROWS, GEMV_DEFAULT_ROWS + 1, MAX_ROWS + 1, 4096)] == [
         "dot", "dot", "dequantize", "dequantize", "dequantize"]
     assert [linear_path(m, torch.float32) for m in (1, GEMV_DEFAULT_ROWS, MAX_ROWS)] == ["gemv", "gemv", "dequantize"]
@@ -316,13 +325,13 @@ def test_embedding_is_gguf_rounded(device, qtype):
     ids = torch.tensor([10, 0, 3, 3, 7])
     for id_dtype, out_dtype in ((torch.int64, torch.bfloat16), (torch.int32, torch.float32)):
         want = quant_embedding_reference(ids, blocks, qtype, out_dtype)
-        got = quant_embedding(ids.to(id_dtype).to(device), to_planes(blocks, qtype).to(device), qtype, out_dtype)
+        got = quant_embedding(ids.to(id_dtype).to(device), _planes(blocks, qtype, device), qtype, out_dtype)
         assert torch.equal(got.cpu(), want)
 
 
 def test_empty_inputs(device):
     _, blocks = _weights(4, 256)
-    blocks = to_planes(blocks, "Q4_K").to(device)
+    blocks = _planes(blocks, "Q4_K", device)
     assert quant_linear(torch.empty(0, 256, device=device), blocks, "Q4_K").shape == (0, 4)
     assert quant_embedding(torch.empty(0, dtype=torch.int64, device=device), blocks, "Q4_K").shape == (0, 256)
     assert dequantize(blocks[:0], "Q4_K").shape == (0, 256)
