@@ -302,6 +302,8 @@ def _byte_unit(codes, exponent, I: tl.constexpr):
 def _x_at(xs, I: tl.constexpr, x_ok, pair):
     """(x at xs + I as float32, pair): bf16 x is loaded two at a time, bytes I and I + 1 of a word being neighbours
     in x: an even I loads the 32-bit pair, which the odd I after it takes from `pair`."""
+    # x_ok may be a scalar, which Triton 3.9's interpreter rejects as a mask: made a tensor of xs's shape
+    x_ok = tl.where(x_ok, tl.full(xs.shape, 1, tl.int32) > 0, False)
     if xs.dtype.element_ty == tl.bfloat16:
         if I % 2 == 0:
             pair = tl.load((xs + I).to(tl.pointer_type(tl.int32)), mask=x_ok, other=0)
@@ -396,7 +398,7 @@ def _q8_0_step(w_ptr, step, N, K, cols, col_ok, x_ptr, x_row_stride, M, rows, ac
     j = tl.arange(0, 8)[:, None]  # (8, 1)
     for g in tl.static_range(8):
         blk = step * 8 + g
-        ok = col_ok & (blk < K // 32)
+        ok = tl.where(blk < K // 32, col_ok, False)  # not col_ok & scalar: int32 under Triton 3.9's interpreter
         words = w_ptr + tl.cast(blk * WORDS, tl.int64) * N + cols
         d = _half(tl.load(words, mask=ok, other=0))
         q = tl.load(words + (1 + j) * N, mask=ok, other=0) ^ -2139062144  # ^ 0x80808080: u = q + 128 per byte
@@ -422,7 +424,7 @@ def _dequantize_columns_kernel(w_ptr, out_ptr, N, K, QTYPE: tl.constexpr, WORDS:
     if QTYPE == Q8_0:
         for g in tl.static_range(8):
             blk = step * 8 + g
-            ok = col_ok & (blk < K // 32)
+            ok = tl.where(blk < K // 32, col_ok, False)  # not col_ok & scalar: int32 under Triton 3.9's interpreter
             words = w_ptr + tl.cast(blk * WORDS, tl.int64) * N + cols
             d = _half(tl.load(words, mask=ok, other=0))
             q = tl.load(words + (1 + j) * N, mask=ok, other=0)
