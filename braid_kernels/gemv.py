@@ -34,7 +34,7 @@ from ._checks import (
     check_shape,
     check_tensor,
 )
-from .numerics import LAUNCH_OPTIONS, exp, round_to_dtype
+from .numerics import LAUNCH_OPTIONS, exp, round_to_dtype, wait_for_inputs
 from .rmsnorm import fused_add_rms_norm_ref, rms_norm_ref, rms_scale
 from .silu_mul import silu_and_mul_ref
 
@@ -209,6 +209,7 @@ def _gemv_kernel(
 ):
     """Program n: out[:, n * BLOCK_N : (n + 1) * BLOCK_N] for all M rows, reading its BLOCK_N weight rows once.
     Tensors are 3-d, (row of x, row of weight, k), so that one product broadcasts x over weight rows."""
+    wait_for_inputs()
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)[:, None, None]  # (BM, 1, 1)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)[None, :, None]  # (1, BN, 1)

@@ -27,7 +27,7 @@ from ._checks import (
     check_shape,
     check_tensor,
 )
-from .numerics import LAUNCH_OPTIONS, round_to_dtype
+from .numerics import LAUNCH_OPTIONS, round_to_dtype, wait_for_inputs
 from .rmsnorm import rms_norm_ref, rms_scale
 
 
@@ -169,6 +169,7 @@ def _qk_norm_rope_kernel(
     HAS_QK_NORM: tl.constexpr, MEAN_BY_RECIPROCAL: tl.constexpr,
 ):
     """Program (token, head) over qkv's heads in column order: q heads, then k heads, then v heads."""
+    wait_for_inputs()
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     half: tl.constexpr = HEAD_DIM // 2

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ._checks import INDEX_DTYPES, check_devices, check_float_dtype, check_linear_inputs, check_shape, \
     check_tensor
+from .int8_rows import Int8Rows, quantize_rows
 from .numerics import is_interpreted
 from .quant_dequant import _dequantize_kernel, launch_dequantize
 from .quant_dot import dot_launch_config, launch_dot_gemv
@@ -42,7 +43,7 @@ PATHS = ("dot", "gemv", "gemm", "dequantize")
 __all__ = [
     "BLOCK_SIZE", "GEMM_DEFAULT_ROWS", "GEMM_MIN_WEIGHTS", "GEMV_DEFAULT_ROWS", "MAX_ROWS", "PATHS", "QTYPES",
     "TYPE_SIZE", "QuantGemmConfig", "QuantGemvConfig",
-    "dequantize", "dequantize_reference", "dequantize_torch", "from_planes", "to_planes",
+    "Int8Rows", "dequantize", "dequantize_reference", "dequantize_torch", "from_planes", "quantize_rows", "to_planes",
     "quant_embedding", "quant_embedding_reference",
     "linear_path", "quant_linear", "quant_linear_reference",
     "num_columns",
@@ -102,7 +103,7 @@ def dequantize(blocks: torch.Tensor, qtype: str, out_dtype: torch.dtype = torch.
     return out
 
 
-def quant_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.Tensor | None = None,
+def quant_linear(x: torch.Tensor | Int8Rows, blocks: torch.Tensor, qtype: str, bias: torch.Tensor | None = None,
                  config: QuantGemvConfig | QuantGemmConfig | None = None, path: str | None = None) -> torch.Tensor:
     """x @ W.T + bias with W [N, K] held as GGML blocks, as F.linear on the dequantised weight.
 
@@ -119,9 +120,14 @@ def quant_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.
       GEMM_MIN_WEIGHTS: the fused dequantising GEMM on the tensor cores, the weights rounded to x's dtype in
       registers (`config`: a QuantGemmConfig);
     - "dequantize", otherwise: W dequantised to x's dtype into a buffer, then F.linear (cuBLAS).
+    x may also be the Int8Rows of x [M, K] (int8_rows.py: from quantize_rows, or from the norm or activation kernel
+    that produced x), for the "dot" path at up to MAX_ROWS rows: the int8 rounding "dot" would do, done already
+    (once for several matrices, or inside the producing kernel). The output has the dtype the rows were made from.
     """
     _check_blocks(blocks, qtype)
     k = num_columns(blocks, qtype)
+    if isinstance(x, Int8Rows):
+        return _quant_linear_int8(x, blocks, qtype, bias, config, path, k)
     check_linear_inputs(_dequantize_kernel, x, k, blocks.shape[0], bias, "blocks", blocks,
                         f"{qtype} blocks of shape {tuple(blocks.shape)}")
     path = path or linear_path(x.shape[0], x.dtype, blocks.shape[0] * k)
@@ -143,6 +149,31 @@ def quant_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.
     else:
         launch = launch_gemv if path == "gemv" else launch_gemm
         launch(x, blocks, qtype, bias, out, config=config)
+    return out
+
+
+def _quant_linear_int8(x: Int8Rows, blocks, qtype, bias, config, path, k) -> torch.Tensor:
+    """quant_linear of x's Int8Rows: the dot path only."""
+    if path not in (None, "dot") or x.shape[0] > MAX_ROWS:
+        raise ValueError(f"x given as int8 rows takes the dot path, at most {MAX_ROWS} rows; got path {path!r} for "
+                         f"{x.shape[0]} rows")
+    check_tensor("x.q", x.q, (torch.int8,), ndim=2)
+    m = x.q.shape[0]
+    check_shape("x.q", x.q, (m, k))
+    check_shape("x.dx", x.dx, (m, k // 32))
+    check_shape("x.sx", x.sx, (m, k // 16))
+    tensors = {"x.q": x.q, "x.dx": x.dx, "x.sx": x.sx, "blocks": blocks}
+    if bias is not None:
+        check_tensor("bias", bias, (x.dtype,), ndim=1)
+        check_shape("bias", bias, (blocks.shape[0],))
+        tensors["bias"] = bias
+    check_devices(_dequantize_kernel, **tensors)
+    if _use_torch(blocks):
+        return F.linear(x.dequantize().to(x.dtype), dequantize_torch(from_planes(blocks, qtype), qtype, x.dtype),
+                        bias)
+    out = torch.empty((m, blocks.shape[0]), dtype=x.dtype, device=x.q.device)
+    num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.q.is_cuda else 1
+    launch_dot_gemv(x, blocks, qtype, bias, out, config or dot_launch_config(qtype, m, blocks.shape[0], num_sms, k))
     return out
 
 

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .numerics import LAUNCH_OPTIONS, round_to_dtype
+from .numerics import LAUNCH_OPTIONS, round_to_dtype, wait_for_inputs
 from .quant_decode import GROUP_LANES, GROUPS_PER_BLOCK, QTYPE_IDS, decode_groups, num_groups
 from .quant_formats import BLOCK_SIZE, TYPE_SIZE
 
@@ -41,6 +41,7 @@ def _dequantize_kernel(
     BLOCK_G: tl.constexpr,
 ):
     """Program (r, g): BLOCK_R output rows x BLOCK_G groups of each. Tiles are (row, group, lane)."""
+    wait_for_inputs()
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None, None]
     g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)[None, :, None]
     lane = tl.arange(0, LANES)[None, None, :]

@@ -10,7 +10,7 @@ Measured on an H200 in the planes layout (benchmarks/quant_kernels.py; 6144x4096
 matmul at 1 row: Q4_K 1.70-2.66x, Q6_K 1.36-2.37x, Q8_0 1.64-1.95x; at 4 rows 0.75-0.97x (benchmarks/RESULTS.md).
 
 The cost is x's rounding: x is split into runs of 32 columns, each stored as 127 levels of its largest magnitude
-(`quantize_rows`), so a product carries ~0.2% of that magnitude of error, a few times bf16's own rounding of x;
+(int8_rows.py), so a product carries ~0.2% of that magnitude of error, a few times bf16's own rounding of x;
 float32 x therefore keeps the float GEMV. Per group of codes c with weight = a * c + b:
 
     sum_i w_i x_i  ~  a * dx * sum_i c_i q_i + b * dx * sum_i q_i     (q_i = round(x_i / dx), dx = max|x| / 127)
@@ -36,29 +36,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .numerics import INTERPRETED
+from .int8_rows import Int8Rows, quantize_rows
+from .numerics import INTERPRETED, PDL_OPTIONS, wait_for_inputs
 from .quant_decode import GROUP_LANES, GROUPS_PER_BLOCK, Q4_0, Q4_1, Q4_K, Q5_K, Q8_0, QTYPE_IDS, _fp16, \
     block_fields, k_group_scales, q6_group
 from .quant_formats import BLOCK_SIZE, TYPE_SIZE
 from .quant_gemv import QuantGemvConfig, add_slices, launch_config, split_steps, store_rows
-
-X_BLOCK = 32  # columns of x per int8 scale
-
-
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [M, K] (K a multiple of 32, unit stride along K) -> (q int8 [M, K], dx float32 [M, K / 32],
-    sx float32 [M, K / 16]): q * dx approximates x per run of 32 columns (q = x * (127 / max|x|) rounded half away
-    from zero); sx = dx * sum(q) per half run (16 columns: the shortest run of codes sharing a weight offset), so
-    that the GEMV computes W @ (q * dx) exactly up to float32 sums."""
-    m, k = x.shape
-    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
-    dx = torch.empty((m, k // X_BLOCK), dtype=torch.float32, device=x.device)
-    sx = torch.empty((m, 2 * (k // X_BLOCK)), dtype=torch.float32, device=x.device)
-    runs = 16
-    _quantize_rows_kernel[(m, triton.cdiv(k // X_BLOCK, runs))](
-        x, q, dx, sx, x.stride(0), k, RUNS=runs, WIDTH=X_BLOCK, num_warps=2)
-    return q, dx, sx
-
 
 def dot_launch_config(qtype: str, num_rows: int, n: int, num_sms: int, k: int | None = None) -> QuantGemvConfig:
     """The float GEMV's configuration (quant_gemv.launch_config: rows of W per program, K split for narrow N) with
@@ -78,15 +61,15 @@ def dot_launch_config(qtype: str, num_rows: int, n: int, num_sms: int, k: int | 
     return config
 
 
-def launch_dot_gemv(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.Tensor | None, out: torch.Tensor,
-                    config: QuantGemvConfig) -> None:
-    """out [M, N] = x [M, K] @ W.T (+ bias), W as GGML blocks [N, row_bytes], x rounded to int8 per 32 columns;
-    arguments checked by the caller. config: as the float GEMV's (block_n rows of W per program, block_k columns
-    per step, split_k slices)."""
+def launch_dot_gemv(x: torch.Tensor | Int8Rows, blocks: torch.Tensor, qtype: str, bias: torch.Tensor | None,
+                    out: torch.Tensor, config: QuantGemvConfig) -> None:
+    """out [M, N] = x [M, K] @ W.T (+ bias), W as GGML blocks [N, row_bytes], x rounded to int8 per 32 columns
+    (here, or already: Int8Rows); arguments checked by the caller. config: as the float GEMV's (block_n rows of W
+    per program, block_k columns per step, split_k slices)."""
     (num_rows, k), n = x.shape, blocks.shape[0]
     if num_rows == 0 or n == 0:
         return
-    q, dx, sx = quantize_rows(x)
+    q, dx, sx, _ = x if isinstance(x, Int8Rows) else quantize_rows(x)
     steps = split_steps(qtype, k, config)
     partial = out if steps.split_k == 1 else torch.empty((steps.split_k, num_rows, n), dtype=torch.float32,
                                                          device=x.device)
@@ -96,31 +79,10 @@ def launch_dot_gemv(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: tor
         GROUPS=GROUPS_PER_BLOCK[qtype], WORDS=GROUP_LANES[qtype] // 4, ALIGNED=blocks.shape[1] % 4 == 0,
         NUM_GROUPS=steps.num_groups, SPLIT_GROUPS=steps.split_groups, HAS_BIAS=bias is not None and steps.split_k == 1,
         BLOCK_M=triton.next_power_of_2(num_rows), BLOCK_N=config.block_n, BLOCK_G=steps.block_g,
-        num_warps=config.num_warps,
+        num_warps=config.num_warps, **PDL_OPTIONS,
     )
     if steps.split_k > 1:
         add_slices(partial, bias, out)
-
-
-@triton.jit
-def _quantize_rows_kernel(x_ptr, q_ptr, dx_ptr, sx_ptr, x_row_stride, K, RUNS: tl.constexpr, WIDTH: tl.constexpr):
-    """Program (row, r): runs [r * RUNS, (r + 1) * RUNS) of 32 columns of one row of x."""
-    row = tl.program_id(0)
-    run = tl.program_id(1) * RUNS + tl.arange(0, RUNS)[:, None]
-    col = run * WIDTH + tl.arange(0, WIDTH)[None, :]
-    ok = col < K
-    x = tl.load(x_ptr + row * x_row_stride + col, mask=ok, other=0.0).to(tl.float32)
-    amax = tl.max(tl.abs(x), axis=1)
-    d = amax / 127.0
-    inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
-    q = x * inv[:, None]
-    q = tl.where(q >= 0, tl.floor(q + 0.5), -tl.floor(0.5 - q))  # round half away from zero, as llama.cpp
-    tl.store(q_ptr + row * K + col, q.to(tl.int8), mask=ok)
-    run1 = tl.program_id(1) * RUNS + tl.arange(0, RUNS)
-    tl.store(dx_ptr + row * (K // WIDTH) + run1, d, mask=run1 * WIDTH < K)
-    halves = tl.sum(tl.reshape(q, (RUNS, 2, WIDTH // 2)), axis=2)  # (RUNS, 2)
-    half = 2 * run + tl.arange(0, 2)[None, :]
-    tl.store(sx_ptr + row * (2 * K // WIDTH) + half, d[:, None] * halves, mask=run * WIDTH < K)
 
 
 @triton.jit
@@ -206,6 +168,7 @@ def _dot_gemv_kernel(
 ):
     """Program (n, s): out[:, n * BLOCK_N : (n + 1) * BLOCK_N] over groups [s * SPLIT_GROUPS, (s + 1) *
     SPLIT_GROUPS) of K (out is float32 [slices, M, N] with several slices). Tiles (row of x, row of W, group, word)."""
+    wait_for_inputs()
     pid = tl.program_id(0)
     g_start = tl.program_id(1) * SPLIT_GROUPS
     out_ptr += tl.program_id(1) * M * N

@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 
 from ._checks import FLOAT_DTYPES, check_devices, check_same_dtype, check_shape, check_tensor
-from .numerics import LAUNCH_OPTIONS, round_to_dtype
+from .int8_rows import Int8Rows, check_int8_columns, empty_int8_rows, store_int8_runs
+from .numerics import LAUNCH_OPTIONS, round_to_dtype, wait_for_inputs
 
 MAX_HIDDEN = 65536  # one program holds a whole row in registers
 
@@ -57,6 +58,24 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     return _launch(x, residual, weight, eps)
 
 
+def rms_norm_int8(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                  residual: torch.Tensor | None = None) -> tuple[Int8Rows, torch.Tensor | None]:
+    """RMSNorm (after the residual add when `residual` is given) with its output written as int8 runs for the
+    integer-dot GEMV (int8_rows.py) instead of a tensor: quantize_rows(rms_norm(x)) in one launch, the same bytes.
+
+    x: [M, hidden] (hidden a multiple of 32), float32/float16/bfloat16; weight: [hidden]; residual: None or like x.
+    Returns (rows, h): the Int8Rows of the normed rows (dtype x's), and h = residual + x as a new tensor (None
+    without a residual).
+    """
+    _check(x, weight, eps, residual)
+    if x.dim() != 2:
+        raise ValueError(f"x must be [rows, hidden], got shape {tuple(x.shape)}")
+    check_int8_columns("x", x.shape[1])
+    rows = empty_int8_rows(x.shape[0], x.shape[1], x.dtype, x.device)
+    _, h = _launch(x, residual, weight, eps, rows)
+    return rows, h
+
+
 def _check(x, weight, eps, residual=None) -> None:
     check_tensor("x", x, FLOAT_DTYPES)
     if x.dim() == 0:
@@ -82,36 +101,41 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-def _launch(x, residual, weight, eps):
-    """-> (normed, h), shaped like x; h is None without a residual."""
+def _launch(x, residual, weight, eps, int8: Int8Rows | None = None):
+    """-> (normed, h), shaped like x; h is None without a residual. With `int8`, the normed rows are written there
+    instead (normed is then None)."""
     add = residual is not None
     rows = _rows(x)  # (N, hidden)
     residual_rows = _rows(residual) if add else None
-    out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
-    residual_out = torch.empty_like(out) if add else None
+    out = torch.empty(rows.shape, dtype=x.dtype, device=x.device) if int8 is None else None
+    residual_out = torch.empty(rows.shape, dtype=x.dtype, device=x.device) if add else None
     if rows.shape[0] > 0:
-        block = triton.next_power_of_2(x.shape[-1])
+        block = max(triton.next_power_of_2(x.shape[-1]), 32)
         _rms_norm_kernel[(rows.shape[0],)](
             rows, residual_rows, weight.contiguous(), out, residual_out,
-            rows.stride(0), residual_rows.stride(0) if add else 0, out.stride(0), float(eps),
-            HIDDEN=x.shape[-1], BLOCK=block, ADD_RESIDUAL=add, MEAN_BY_RECIPROCAL=x.is_cuda,
+            *(int8[:3] if int8 is not None else (None, None, None)),
+            rows.stride(0), residual_rows.stride(0) if add else 0, rows.shape[1], float(eps),
+            HIDDEN=x.shape[-1], BLOCK=block, ADD_RESIDUAL=add, MEAN_BY_RECIPROCAL=x.is_cuda, INT8=int8 is not None,
             num_warps=min(max(block // 256, 1), 16), **LAUNCH_OPTIONS,
         )
-    return out.view(x.shape), (residual_out.view(x.shape) if add else None)
+    return (out.view(x.shape) if out is not None else None), (residual_out.view(x.shape) if add else None)
 
 
 @triton.jit
 def _rms_norm_kernel(
-    x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
-    x_row_stride, residual_row_stride, out_row_stride,  # residual_out shares out's layout
+    x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, q_ptr, dx_ptr, sx_ptr,
+    x_row_stride, residual_row_stride, out_row_stride,  # residual_out shares out's layout (contiguous rows)
     eps,
     HIDDEN: tl.constexpr, BLOCK: tl.constexpr, ADD_RESIDUAL: tl.constexpr, MEAN_BY_RECIPROCAL: tl.constexpr,
+    INT8: tl.constexpr,
 ):
-    """One program per row: [optionally h = residual + x, stored], then RMSNorm(h) * weight."""
+    """One program per row: [optionally h = residual + x, stored], then RMSNorm(h) * weight, stored to out or, with
+    INT8, as int8 runs (q, dx, sx; int8_rows.py)."""
+    wait_for_inputs()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < HIDDEN
-    dtype: tl.constexpr = out_ptr.dtype.element_ty
+    dtype: tl.constexpr = x_ptr.dtype.element_ty
     x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
     if ADD_RESIDUAL:
         residual = tl.load(residual_ptr + row * residual_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
@@ -120,7 +144,11 @@ def _rms_norm_kernel(
     scale = rms_scale(tl.sum(x * x, axis=0), HIDDEN, eps, MEAN_BY_RECIPROCAL)
     x = round_to_dtype(x * scale, dtype)  # x32.to(dtype): rounded before the weight multiply
     weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * out_row_stride + cols, round_to_dtype(weight * x, dtype).to(dtype), mask=mask)
+    y = round_to_dtype(weight * x, dtype)
+    if INT8:
+        store_int8_runs(tl.reshape(y, (BLOCK // 32, 32)), row, 0, q_ptr, dx_ptr, sx_ptr, HIDDEN, BLOCK // 32)
+    else:
+        tl.store(out_ptr + row * out_row_stride + cols, y.to(dtype), mask=mask)
 
 
 @triton.jit

@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 
 from ._checks import FLOAT_DTYPES, check_devices, check_tensor
-from .numerics import LAUNCH_OPTIONS, exp, round_to_dtype
+from .int8_rows import Int8Rows, check_int8_columns, empty_int8_rows, store_int8_runs
+from .numerics import LAUNCH_OPTIONS, exp, round_to_dtype, wait_for_inputs
 
 BLOCK = 1024
 
@@ -31,30 +32,60 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     x: [..., 2 * d], float32/float16/bfloat16, gate in the first half of the last dimension and up in the second.
     Returns a new tensor [..., d] of x's dtype.
     """
+    rows = _check(x)
+    d = rows.shape[1] // 2
+    out = torch.empty((rows.shape[0], d), dtype=x.dtype, device=x.device)
+    _launch(rows, out, None)
+    return out.view(*x.shape[:-1], d)
+
+
+def silu_and_mul_int8(x: torch.Tensor) -> Int8Rows:
+    """silu(gate) * up written as int8 runs for the integer-dot GEMV (int8_rows.py) instead of a tensor:
+    quantize_rows(silu_and_mul(x)) in one launch, the same bytes. x: [M, 2 * d], d a multiple of 32."""
+    rows = _check(x)
+    if x.dim() != 2:
+        raise ValueError(f"x must be [rows, 2 * d], got shape {tuple(x.shape)}")
+    check_int8_columns("silu_and_mul's output", rows.shape[1] // 2)
+    int8 = empty_int8_rows(rows.shape[0], rows.shape[1] // 2, x.dtype, x.device)
+    _launch(rows, None, int8)
+    return int8
+
+
+def _check(x: torch.Tensor) -> torch.Tensor:
+    """x checked -> x as [rows, 2 * d] with unit stride along the last dimension."""
     check_tensor("x", x, FLOAT_DTYPES)
     if x.dim() == 0 or x.shape[-1] % 2:
         raise ValueError(f"x's last dimension must hold gate and up, an even size; got shape {tuple(x.shape)}")
     check_devices(_silu_and_mul_kernel, x=x)
-    d = x.shape[-1] // 2
-    rows = x.reshape(-1, 2 * d)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    out = torch.empty((rows.shape[0], d), dtype=x.dtype, device=x.device)
-    if out.numel() > 0:
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _launch(rows: torch.Tensor, out: torch.Tensor | None, int8: Int8Rows | None) -> None:
+    d = rows.shape[1] // 2
+    if rows.shape[0] and d:
         grid = (rows.shape[0], triton.cdiv(d, BLOCK))
-        _silu_and_mul_kernel[grid](rows, out, rows.stride(0), out.stride(0), d, BLOCK=BLOCK, num_warps=4,
+        _silu_and_mul_kernel[grid](rows, out, *(int8[:3] if int8 is not None else (None, None, None)),
+                                   rows.stride(0), d, BLOCK=BLOCK, INT8=int8 is not None, num_warps=4,
                                    **LAUNCH_OPTIONS)
-    return out.view(*x.shape[:-1], d)
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, x_row_stride, out_row_stride, d, BLOCK: tl.constexpr):
-    """Program (row, block): out[row, cols] = silu(x[row, cols]) * x[row, d + cols]."""
+def _silu_and_mul_kernel(x_ptr, out_ptr, q_ptr, dx_ptr, sx_ptr, x_row_stride, d, BLOCK: tl.constexpr,
+                         INT8: tl.constexpr):
+    """Program (row, block): out[row, cols] = silu(x[row, cols]) * x[row, d + cols] (out: contiguous [M, d]), or
+    with INT8 those columns as int8 runs (q, dx, sx; int8_rows.py)."""
+    wait_for_inputs()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
-    dtype: tl.constexpr = out_ptr.dtype.element_ty
+    dtype: tl.constexpr = x_ptr.dtype.element_ty
     gate = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * x_row_stride + d + cols, mask=mask, other=0.0).to(tl.float32)
     silu = round_to_dtype(tl.math.div_rn(gate, 1.0 + exp(-gate)), dtype)
-    tl.store(out_ptr + row * out_row_stride + cols, round_to_dtype(silu * up, dtype).to(dtype), mask=mask)
+    y = round_to_dtype(silu * up, dtype)
+    if INT8:
+        y = tl.reshape(y, (BLOCK // 32, 32))
+        store_int8_runs(y, tl.program_id(0), tl.program_id(1) * (BLOCK // 32), q_ptr, dx_ptr, sx_ptr, d, BLOCK // 32)
+    else:
+        tl.store(out_ptr + row * d + cols, y.to(dtype), mask=mask)

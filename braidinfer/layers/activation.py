@@ -41,9 +41,20 @@ class DeferredSiluAndMul(Deferred):
 
     def __init__(self, x: torch.Tensor):
         self.x = x
+        self._value = self._int8 = None
 
     def project(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return triton_kernels().silu_and_mul_gemv(self.x, weight, bias)
+
+    def value(self) -> torch.Tensor:
+        if self._value is None:
+            self._value = triton_kernels().silu_and_mul(self.x)
+        return self._value
+
+    def int8_rows(self):
+        if self._int8 is None:
+            self._int8 = triton_kernels().silu_and_mul_int8(self.x)
+        return self._int8
 
 
 class GeluAndMul(nn.Module):

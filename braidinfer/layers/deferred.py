@@ -1,8 +1,10 @@
 """Values left for the next projection's GEMV prologue.
 
 On the GEMV path (KernelPlan.gemv, a step of at most GEMV_MAX_ROWS rows) a norm or activation that feeds a projection
-does not run: it returns a `Deferred` holding its inputs, and the projection (braidinfer.layers.Linear) calls
-`project`, one kernel that computes the step and the product. The model's code is the same on every path.
+does not run: it returns a `Deferred` holding its inputs, and the projection computes it. A braidinfer.layers.Linear
+calls `project`, one kernel that computes the step and the product; a QuantLinear (weights kept quantised) calls
+`int8_rows`, the step's kernel writing its output as the int8 runs its integer-dot GEMV reads (one launch fewer),
+or `value` where it needs the plain tensor. The model's code is the same on every path.
 """
 from __future__ import annotations
 
@@ -10,9 +12,19 @@ import torch
 
 
 class Deferred:
-    """A step (norm, activation) not computed yet; `project(weight, bias)` computes it followed by x @ weight.T."""
+    """A step (norm, activation) not computed yet, of the input `x` [M, ...]: `project(weight, bias)` computes it
+    followed by x @ weight.T; `value()` computes it alone; `int8_rows()` computes it as braid_kernels' Int8Rows.
+    `value` and `int8_rows` keep their result, so several projections of one step compute it once."""
+
+    x: torch.Tensor
 
     def project(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def value(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def int8_rows(self):
         raise NotImplementedError
 
 

@@ -66,6 +66,7 @@ class DeferredNorm(Deferred):
     def __init__(self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None):
         self.norm, self.x, self.residual = norm, x, residual
         self.sum: torch.Tensor | None = None  # x + residual, once a kernel has computed it
+        self._value = self._int8 = None
 
     def project(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         kernels, norm = triton_kernels(), self.norm
@@ -75,6 +76,24 @@ class DeferredNorm(Deferred):
             return kernels.rms_norm_gemv(self.sum, norm.weight, norm.eps, weight, bias)
         y, self.sum = kernels.fused_add_rms_norm_gemv(self.x, self.residual, norm.weight, norm.eps, weight, bias)
         return y
+
+    def value(self) -> torch.Tensor:
+        if self._value is None:
+            kernels, norm = triton_kernels(), self.norm
+            if self.residual is None or self.sum is not None:
+                self._value = kernels.rms_norm(self.x if self.sum is None else self.sum, norm.weight, norm.eps)
+            else:
+                self._value, self.sum = kernels.fused_add_rms_norm(self.x, self.residual, norm.weight, norm.eps)
+        return self._value
+
+    def int8_rows(self):
+        if self._int8 is None:
+            kernels, norm = triton_kernels(), self.norm
+            if self.residual is None or self.sum is not None:
+                self._int8, _ = kernels.rms_norm_int8(self.x if self.sum is None else self.sum, norm.weight, norm.eps)
+            else:
+                self._int8, self.sum = kernels.rms_norm_int8(self.x, norm.weight, norm.eps, self.residual)
+        return self._int8
 
 
 class DeferredResidual:

@@ -59,8 +59,8 @@ def select_kernels(model: nn.Module, plan: KernelPlan) -> None:
 
 def gemv_prologues(model: nn.Module) -> set[str]:
     """Names of the modules with a `feeds_gemv` attribute (norms, activations) whose output, in a one-row forward,
-    goes straight into a braidinfer.layers.Linear (in `model` itself, not a QuantLinear): the steps a GEMV kernel can
-    take into its prologue.
+    goes straight into projections only (braidinfer.layers.Linear, or QuantLinear in `model` itself): the steps a
+    GEMV kernel can take into its prologue (a QuantLinear: the step's kernel writes the int8 rows its GEMV reads).
 
     Found by running the forward of a twin of the model (`type(model)(model.config)`) on the meta device, so nothing
     is computed; forward hooks note each candidate's output and each Linear's input. A norm whose output also goes
@@ -98,10 +98,13 @@ def gemv_prologues(model: nn.Module) -> set[str]:
     finally:
         for h in hooks:
             h.remove()
-    # The twin has plain Linears; where the loaded model holds a QuantLinear instead (quantised weights), the step
-    # stays unfused: QuantLinear takes computed tensors.
+    # The twin has plain Linears; where the loaded model holds a QuantLinear instead (quantised weights), the step is
+    # deferred too: QuantLinear computes it as the int8 rows its GEMV reads, or as a tensor.
+    from braidinfer.layers.quant_linear import QuantLinear
+
     modules = dict(model.named_modules())
-    return {norm for norm, users in fed.items() if all(isinstance(modules.get(u), Linear) for u in users)}
+    return {norm for norm, users in fed.items()
+            if all(isinstance(modules.get(u), (Linear, QuantLinear)) for u in users)}
 
 
 class _MetaAttention:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from braidinfer.layers import cpu_int4
+from braidinfer.layers.deferred import Deferred
 from braidinfer.loader.quantized import QuantizedTensor
 
 FORMS = ("blocks", "float", "int4")
@@ -24,8 +25,11 @@ class QuantLinear(nn.Module):
     GEMM up to 64 on large matrices, else dequantise + matmul). "int4" (the CPU where its int4 kernels are fast):
     Q8_0/Q4_0/Q4_1/Q4_K/Q5_K parts as torch's CPU int4 weight-only matmul operands (cpu_int4.py, the same bytes per
     weight, x rounded to bfloat16), other parts decoded to float once. "float" (other CPUs): every part decoded once
-    into a float matrix, as decoding per call is slower still. Takes plain tensors only: plan.gemv_prologues fuses no
-    norm into it.
+    into a float matrix, as decoding per call is slower still.
+
+    Where x takes the integer-dot GEMV (a few rows of 16-bit x, every part blocks), x is rounded to int8 once for
+    all parts; and on the GEMV plan a norm or SiLU-and-mul before it arrives Deferred (plan.gemv_prologues) and its
+    kernel writes x straight in that int8 form (braid_kernels/int8_rows.py), saving the rounding's own launch.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
@@ -107,10 +111,25 @@ class QuantLinear(nn.Module):
             return "int4"
         return "float" if self.qtypes[i] is None else "blocks"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Deferred) -> torch.Tensor:
+        if isinstance(x, Deferred):  # the norm / activation before this projection, not computed yet
+            x = x.int8_rows() if self._takes_int8(x.x) else x.value()
+        elif len(self.qtypes) > 1 and self._takes_int8(x):
+            from braid_kernels.quant import quantize_rows
+
+            x = quantize_rows(x)  # once for every part
         outs = [self._part(i, x) for i in range(len(self.qtypes))]
         y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
         return y if self.bias is None else y + self.bias
+
+    def _takes_int8(self, x: torch.Tensor) -> bool:
+        """Whether every part would round x to int8 rows (quant_linear's "dot" path), so that it can be done once."""
+        if not (x.is_cuda and x.dim() == 2 and x.shape[0] > 0 and x.dtype in (torch.float16, torch.bfloat16)):
+            return False
+        from braid_kernels.quant import linear_path
+
+        all_blocks = not self._int4_terms and None not in self.qtypes
+        return all_blocks and self.in_features % 32 == 0 and linear_path(x.shape[0], x.dtype) == "dot"
 
     def _part(self, i: int, x: torch.Tensor) -> torch.Tensor:
         qtype, kind = self.qtypes[i], self._kind(i)
@@ -137,7 +156,8 @@ class QuantLinear(nn.Module):
         device = getattr(self, "part0").device.type if self.qtypes else "cpu"
         if device == "cuda":
             return (f"quant linear {kinds}: triton quant_linear (GEMV <= 4 rows, fused GEMM <= 64 rows on large "
-                    f"matrices, else dequantise + matmul)")
+                    f"matrices, else dequantise + matmul; at one row a norm or SiLU-and-mul before it writes x as int8 "
+                    f"on the GEMV plan)")
         if kinds == "float":
             return "quant linear (decoded at load): torch F.linear"
         return f"quant linear {kinds}: torch dequantize per call + F.linear"

@@ -48,6 +48,10 @@ def test_quantised_engine_agrees_with_dequantised(quantized_path):
         plain_bytes = plain.memory_stats()["weight_bytes"]
     with LLM(model=quantized_path, **BASE) as auto:
         assert any("triton quant_linear" in line for line in auto.engine.kernel_paths), auto.engine.kernel_paths
+        # one-row steps: the norms and SiLU-and-mul write x as the quantised projections' int8 rows
+        deferred = [line for line in auto.engine.kernel_paths if "gemv prologue" in line]
+        assert any(line.startswith("rmsnorm") for line in deferred), auto.engine.kernel_paths
+        assert any(line.startswith("silu_and_mul") for line in deferred), auto.engine.kernel_paths
         got = auto.generate(prompts, params)
         got_alone = auto.generate(prompts[0], params)[0]
         auto_bytes = auto.memory_stats()["weight_bytes"]
