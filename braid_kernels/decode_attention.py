@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ._checks import check_devices, check_last_dim_contiguous, check_same_dtype, check_shape, check_tensor
-from .numerics import INTERPRETED, PDL_OPTIONS, round_to_dtype, wait_for_inputs
+from .numerics import INTERPRETED, pdl_options, round_to_dtype, wait_for_inputs
 
 KV_DTYPES = (torch.float16, torch.bfloat16)
 MIN_SPLIT_TOKENS = 32  # fewest KV tokens a slice gets: below it, a program's fixed latency outweighs its reads
@@ -143,7 +143,7 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, kv_indptr: torch.T
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), *kv_cache.stride()[:4],
         NUM_QO_HEADS=num_qo_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, PAGE_SIZE=page_size, BLOCK_N=block_n,
-        NUM_SPLITS=workspace.num_splits, num_warps=num_warps, **PDL_OPTIONS,
+        NUM_SPLITS=workspace.num_splits, num_warps=num_warps, **pdl_options(q),
     )
     return out
 
@@ -217,10 +217,11 @@ def _decode_kernel(
     cache_page_stride, cache_kv_stride, cache_head_stride, cache_slot_stride,
     NUM_QO_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Program (row, KV head, slice): the GROUP q heads of the KV head over the slice's tokens, in the log2 domain
     (qk_scale = scale * log2(e))."""
-    wait_for_inputs()
+    wait_for_inputs(PDL)
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)

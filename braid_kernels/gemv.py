@@ -34,7 +34,7 @@ from ._checks import (
     check_shape,
     check_tensor,
 )
-from .numerics import LAUNCH_OPTIONS, exp, round_to_dtype, wait_for_inputs
+from .numerics import exp, launch_options, round_to_dtype, wait_for_inputs
 from .rmsnorm import fused_add_rms_norm_ref, rms_norm_ref, rms_scale
 from .silu_mul import silu_and_mul_ref
 
@@ -193,7 +193,7 @@ def _launch(prologue, x, weight, bias, residual=None, norm_weight=None, eps=0.0,
         K=k, PROLOGUE=prologue.value, HAS_BIAS=bias is not None, MEAN_BY_RECIPROCAL=x.is_cuda,
         BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=min(config.block_k, triton.next_power_of_2(k)),
         NORM_BLOCK_K=min(triton.next_power_of_2(k), max(64, 4096 // block_m)), NUM_STAGES=config.num_stages,
-        num_warps=config.num_warps, **LAUNCH_OPTIONS,
+        num_warps=config.num_warps, **launch_options(x),
     )
     return out, h
 
@@ -206,10 +206,11 @@ def _gemv_kernel(
     K: tl.constexpr, PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, MEAN_BY_RECIPROCAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM_BLOCK_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Program n: out[:, n * BLOCK_N : (n + 1) * BLOCK_N] for all M rows, reading its BLOCK_N weight rows once.
     Tensors are 3-d, (row of x, row of weight, k), so that one product broadcasts x over weight rows."""
-    wait_for_inputs()
+    wait_for_inputs(PDL)
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)[:, None, None]  # (BM, 1, 1)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)[None, :, None]  # (1, BN, 1)

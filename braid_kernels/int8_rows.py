@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ._checks import check_tensor
-from .numerics import LAUNCH_OPTIONS, wait_for_inputs
+from .numerics import launch_options, wait_for_inputs
 
 WIDTH = 32  # columns per int8 scale
 HALF = WIDTH // 2  # columns per entry of sx: the shortest run of weight codes that share an offset
@@ -87,14 +87,14 @@ def quantize_rows(x: torch.Tensor) -> Int8Rows:
     runs = 16
     if m and k:
         _quantize_rows_kernel[(m, triton.cdiv(k // WIDTH, runs))](
-            x, rows.q, rows.dx, rows.sx, x.stride(0), k, RUNS=runs, num_warps=2, **LAUNCH_OPTIONS)
+            x, rows.q, rows.dx, rows.sx, x.stride(0), k, RUNS=runs, num_warps=2, **launch_options(x))
     return rows
 
 
 @triton.jit
 def store_int8_runs(x, row, first_run, q_ptr, dx_ptr, sx_ptr, K, RUNS: tl.constexpr):
     """Writes runs [first_run, first_run + RUNS) of row `row` of an Int8Rows [M, K] from x, a float32 (RUNS, 32)
-    tile of those columns (runs at or past K are not written; their x must be 0)."""
+    tile of those columns (runs at or past K are not written)."""
     run = first_run + tl.arange(0, RUNS)
     col = run[:, None] * 32 + tl.arange(0, 32)[None, :]
     ok = col < K
@@ -112,9 +112,9 @@ def store_int8_runs(x, row, first_run, q_ptr, dx_ptr, sx_ptr, K, RUNS: tl.conste
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, q_ptr, dx_ptr, sx_ptr, x_row_stride, K, RUNS: tl.constexpr):
+def _quantize_rows_kernel(x_ptr, q_ptr, dx_ptr, sx_ptr, x_row_stride, K, RUNS: tl.constexpr, PDL: tl.constexpr):
     """Program (row, r): runs [r * RUNS, (r + 1) * RUNS) of 32 columns of one row of x."""
-    wait_for_inputs()
+    wait_for_inputs(PDL)
     row = tl.program_id(0)
     first_run = tl.program_id(1) * RUNS
     col = (first_run + tl.arange(0, RUNS))[:, None] * 32 + tl.arange(0, 32)[None, :]

@@ -8,14 +8,16 @@ round them at the same points, with the same rounding, to give bit-identical res
 - `tl.exp` is an approximate exp2-based instruction on NVIDIA GPUs and Triton's `/` is `div.full.f32` (2 ulp);
   torch calls expf and divides exactly, so kernels use `exp` below and `tl.math.div_rn`.
 - LLVM contracts a * b + c into one fused multiply-add, which rounds once where torch rounds twice; launches pass
-  LAUNCH_OPTIONS to turn that off.
+  `launch_options` to turn that off.
 
-It also holds what every kernel of the package shares about its launch: programmatic dependent launch (`PDL`).
+It also holds what every kernel of the package shares about its launch: programmatic dependent launch (`pdl_options`).
 
 Checked on an H100 (torch 2.11, Triton 3.6): libdevice exp with div_rn gives torch's float32 silu bit for bit
 (tl.exp or `/` do not); tl.math.rsqrt is torch's rsqrt; with fp fusion on, a * b + c differs from torch in ~25%.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -64,31 +66,38 @@ except ImportError:  # an older Triton: no programmatic dependent launch
     _HAS_GDC = False
 
 
-def _pdl_supported() -> bool:
-    """Programmatic dependent launch needs sm_90+ (griddepcontrol) and Triton's gdc_wait; never interpreted."""
-    if INTERPRETED or not torch.cuda.is_available():
-        return False
-    return _HAS_GDC and torch.cuda.get_device_capability()[0] >= 9
+@functools.cache
+def _pdl_supported(device_index: int) -> bool:
+    """Programmatic dependent launch needs sm_90+ (griddepcontrol) and Triton's gdc_wait."""
+    return _HAS_GDC and torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
-# Programmatic dependent launch (Hopper+): a kernel of the package launched with PDL_OPTIONS is scheduled as soon as
-# the kernel before it in the stream ends, without the full serialisation of two dependent launches (a CUDA graph's
-# too), and waits in `wait_for_inputs` until that kernel's writes are visible. Batch-1 decode runs ~10 short kernels
-# per layer, so the gaps matter: Llama-3.1-8B shape on an H200, Q4_K_M 365 -> 389 tok/s, Q8_0 345 -> 367, bf16 199 ->
-# 200 (benchmarks/RESULTS.md). The kernels do not trigger their dependents early (griddepcontrol.launch_dependents):
-# with that trigger at each kernel's start Q4_K_M fell to 328 tok/s (presumably the waiting dependents held SM slots
-# the running kernel needed). Every kernel launched with PDL_OPTIONS must call wait_for_inputs before its first load
-# or store (tests/kernels/test_numerics.py checks the package): the wait is also what orders it after everything
-# earlier in the stream.
-PDL = tl.constexpr(_pdl_supported())
-PDL_OPTIONS = {"launch_pdl": True} if PDL else {}
-# Keyword arguments for the launch of the kernels whose float arithmetic reproduces torch's: no mul+add contraction.
-LAUNCH_OPTIONS = {"enable_fp_fusion": False, **PDL_OPTIONS}
+# Programmatic dependent launch (PDL, Hopper+): a kernel of the package launched with `pdl_options` is scheduled as
+# soon as the kernel before it in the stream ends, without the full serialisation of two dependent launches (a CUDA
+# graph's too), and waits in `wait_for_inputs` until that kernel's writes are visible. Batch-1 decode runs ~10 short
+# kernels per layer, so the gaps matter: Llama-3.1-8B shape on an H200, Q4_K_M 365 -> 389 tok/s, Q8_0 345 -> 367,
+# bf16 199 -> 200 (benchmarks/RESULTS.md). The kernels do not trigger their dependents early
+# (griddepcontrol.launch_dependents): with that trigger at each kernel's start Q4_K_M fell to 328 tok/s (presumably
+# the waiting dependents held SM slots the running kernel needed). Every kernel launched with these options takes the
+# PDL constexpr and calls wait_for_inputs(PDL) before its first load or store (tests/kernels/test_numerics.py checks
+# the package): the wait is also what orders it after everything earlier in the stream. Decided per device at the
+# first launch on it, so importing the package does not initialise CUDA.
+def pdl_options(t: torch.Tensor) -> dict:
+    """Launch keyword arguments of a kernel of the package on t's device: PDL (the kernel's constexpr) and Triton's
+    launch_pdl where the device supports it."""
+    if t.is_cuda and _pdl_supported(t.device.index if t.device.index is not None else torch.cuda.current_device()):
+        return {"PDL": True, "launch_pdl": True}
+    return {"PDL": False}
+
+
+def launch_options(t: torch.Tensor) -> dict:
+    """pdl_options, plus no mul+add contraction: for the kernels whose float arithmetic reproduces torch's."""
+    return {"enable_fp_fusion": False, **pdl_options(t)}
 
 
 @triton.jit
-def wait_for_inputs():
-    """Under programmatic dependent launch: wait for the previous kernel in the stream to finish, its writes visible.
-    Call first in every kernel launched with PDL_OPTIONS; nothing otherwise."""
+def wait_for_inputs(PDL: tl.constexpr):
+    """Under programmatic dependent launch (PDL): wait for the previous kernel in the stream to finish, its writes
+    visible. Call first in every kernel launched with pdl_options / launch_options; nothing without PDL."""
     if PDL:
         gdc_wait()

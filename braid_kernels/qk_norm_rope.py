@@ -27,7 +27,7 @@ from ._checks import (
     check_shape,
     check_tensor,
 )
-from .numerics import LAUNCH_OPTIONS, round_to_dtype, wait_for_inputs
+from .numerics import launch_options, round_to_dtype, wait_for_inputs
 from .rmsnorm import rms_norm_ref, rms_scale
 
 
@@ -88,7 +88,7 @@ def qk_norm_rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch
         *kv_cache.stride()[:4], kv_cache.shape[3],
         NUM_QO_HEADS=num_qo_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         HALF_BLOCK=triton.next_power_of_2(head_dim // 2), HAS_QK_NORM=has_qk_norm,
-        MEAN_BY_RECIPROCAL=qkv.is_cuda, num_warps=1 if head_dim <= 128 else 2, **LAUNCH_OPTIONS,
+        MEAN_BY_RECIPROCAL=qkv.is_cuda, num_warps=1 if head_dim <= 128 else 2, **launch_options(qkv),
     )
     return q
 
@@ -167,9 +167,10 @@ def _qk_norm_rope_kernel(
     cache_page_stride, cache_kv_stride, cache_head_stride, cache_slot_stride, page_size,
     NUM_QO_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr,
     HAS_QK_NORM: tl.constexpr, MEAN_BY_RECIPROCAL: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Program (token, head) over qkv's heads in column order: q heads, then k heads, then v heads."""
-    wait_for_inputs()
+    wait_for_inputs(PDL)
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     half: tl.constexpr = HEAD_DIM // 2

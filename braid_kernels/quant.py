@@ -160,8 +160,12 @@ def _quant_linear_int8(x: Int8Rows, blocks, qtype, bias, config, path, k) -> tor
     check_tensor("x.q", x.q, (torch.int8,), ndim=2)
     m = x.q.shape[0]
     check_shape("x.q", x.q, (m, k))
+    check_tensor("x.dx", x.dx, (torch.float32,), ndim=2)
     check_shape("x.dx", x.dx, (m, k // 32))
+    check_tensor("x.sx", x.sx, (torch.float32,), ndim=2)
     check_shape("x.sx", x.sx, (m, k // 16))
+    if not all(t.is_contiguous() for t in x[:3]) or x.q.data_ptr() % 4:
+        raise ValueError("x's int8 rows must be contiguous tensors, q 4-byte aligned (as quantize_rows makes them)")
     tensors = {"x.q": x.q, "x.dx": x.dx, "x.sx": x.sx, "blocks": blocks}
     if bias is not None:
         check_tensor("bias", bias, (x.dtype,), ndim=1)

@@ -17,7 +17,7 @@ byte, and each group's scales are decoded once for its 2 * GROUP_LANES weights:
     Q6_K  16    8 (h, t)      ql[64h + 16t ...], qh[32h + 16(t%2)]  128h + 16t + ...  128h + 64 + 16t + ...
 
 The arithmetic is gguf.quants' in float32 ((d * sc) * q - dmin * m, ...), so with mul+add contraction off
-(numerics.LAUNCH_OPTIONS) a decoded weight is gguf's bit for bit.
+(numerics.launch_options) a decoded weight is gguf's bit for bit.
 """
 from __future__ import annotations
 

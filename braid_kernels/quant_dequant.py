@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .numerics import LAUNCH_OPTIONS, round_to_dtype, wait_for_inputs
+from .numerics import launch_options, round_to_dtype, wait_for_inputs
 from .quant_decode import GROUP_LANES, GROUPS_PER_BLOCK, QTYPE_IDS, decode_groups, num_groups
 from .quant_formats import BLOCK_SIZE, TYPE_SIZE
 
@@ -29,7 +29,7 @@ def launch_dequantize(blocks: torch.Tensor, qtype: str, out: torch.Tensor, ids: 
         blocks, ids, out, num_rows, blocks.shape[0], blocks.shape[1], cols,
         QTYPE=QTYPE_IDS[qtype], BLOCK_SIZE=BLOCK_SIZE[qtype], TYPE_SIZE=TYPE_SIZE[qtype],
         GROUPS=GROUPS_PER_BLOCK[qtype], LANES=GROUP_LANES[qtype], NUM_GROUPS=groups, HAS_IDS=ids is not None,
-        BLOCK_R=ROWS_PER_PROGRAM, BLOCK_G=GROUPS_PER_PROGRAM, num_warps=4, **LAUNCH_OPTIONS,
+        BLOCK_R=ROWS_PER_PROGRAM, BLOCK_G=GROUPS_PER_PROGRAM, num_warps=4, **launch_options(blocks),
     )
 
 
@@ -39,9 +39,10 @@ def _dequantize_kernel(
     QTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr, TYPE_SIZE: tl.constexpr, GROUPS: tl.constexpr,
     LANES: tl.constexpr, NUM_GROUPS: tl.constexpr, HAS_IDS: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_G: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Program (r, g): BLOCK_R output rows x BLOCK_G groups of each. Tiles are (row, group, lane)."""
-    wait_for_inputs()
+    wait_for_inputs(PDL)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None, None]
     g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)[None, :, None]
     lane = tl.arange(0, LANES)[None, None, :]

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from .int8_rows import Int8Rows, quantize_rows
-from .numerics import INTERPRETED, PDL_OPTIONS, wait_for_inputs
+from .numerics import INTERPRETED, pdl_options, wait_for_inputs
 from .quant_decode import GROUP_LANES, GROUPS_PER_BLOCK, Q4_0, Q4_1, Q4_K, Q5_K, Q8_0, QTYPE_IDS, _fp16, \
     block_fields, k_group_scales, q6_group
 from .quant_formats import BLOCK_SIZE, TYPE_SIZE
@@ -79,7 +79,7 @@ def launch_dot_gemv(x: torch.Tensor | Int8Rows, blocks: torch.Tensor, qtype: str
         GROUPS=GROUPS_PER_BLOCK[qtype], WORDS=GROUP_LANES[qtype] // 4, ALIGNED=blocks.shape[1] % 4 == 0,
         NUM_GROUPS=steps.num_groups, SPLIT_GROUPS=steps.split_groups, HAS_BIAS=bias is not None and steps.split_k == 1,
         BLOCK_M=triton.next_power_of_2(num_rows), BLOCK_N=config.block_n, BLOCK_G=steps.block_g,
-        num_warps=config.num_warps, **PDL_OPTIONS,
+        num_warps=config.num_warps, **pdl_options(blocks),
     )
     if steps.split_k > 1:
         add_slices(partial, bias, out)
@@ -165,10 +165,11 @@ def _dot_gemv_kernel(
     QTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr, TYPE_SIZE: tl.constexpr, GROUPS: tl.constexpr,
     WORDS: tl.constexpr, ALIGNED: tl.constexpr, NUM_GROUPS: tl.constexpr, SPLIT_GROUPS: tl.constexpr,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Program (n, s): out[:, n * BLOCK_N : (n + 1) * BLOCK_N] over groups [s * SPLIT_GROUPS, (s + 1) *
     SPLIT_GROUPS) of K (out is float32 [slices, M, N] with several slices). Tiles (row of x, row of W, group, word)."""
-    wait_for_inputs()
+    wait_for_inputs(PDL)
     pid = tl.program_id(0)
     g_start = tl.program_id(1) * SPLIT_GROUPS
     out_ptr += tl.program_id(1) * M * N

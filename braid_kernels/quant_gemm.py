@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .numerics import INTERPRETED, PDL_OPTIONS, round_to_dtype, wait_for_inputs
+from .numerics import INTERPRETED, pdl_options, round_to_dtype, wait_for_inputs
 from .quant_decode import GROUP_LANES, GROUPS_PER_BLOCK, QTYPE_IDS, block_codes, block_fields, num_groups
 from .quant_formats import BLOCK_SIZE, TYPE_SIZE
 from .quant_gemv import add_slices
@@ -85,7 +85,7 @@ def launch_gemm(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.T
         QTYPE=QTYPE_IDS[qtype], BLOCK_SIZE=BLOCK_SIZE[qtype], TYPE_SIZE=TYPE_SIZE[qtype],
         GROUPS=GROUPS_PER_BLOCK[qtype], LANES=GROUP_LANES[qtype], HAS_BIAS=bias is not None and split_k == 1,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages,
-        **PDL_OPTIONS,
+        **pdl_options(x),
     )
     if split_k > 1:
         add_slices(partial, bias, out)
@@ -96,10 +96,11 @@ def _quant_gemm_kernel(
     x_ptr, blocks_ptr, bias_ptr, out_ptr, M, N, x_row_stride, row_bytes, num_steps, slice_steps,
     QTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr, TYPE_SIZE: tl.constexpr, GROUPS: tl.constexpr,
     LANES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Program (m, n, s): out[m * BLOCK_M : (m + 1) * BLOCK_M, n * BLOCK_N : (n + 1) * BLOCK_N] over group steps
     [s * slice_steps, (s + 1) * slice_steps) of K (out is float32 [slices, M, N] with several slices)."""
-    wait_for_inputs()
+    wait_for_inputs(PDL)
     dtype: tl.constexpr = x_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)

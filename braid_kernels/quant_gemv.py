@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .numerics import PDL_OPTIONS, round_to_dtype, wait_for_inputs
+from .numerics import pdl_options, round_to_dtype, wait_for_inputs
 from .quant_decode import GROUP_LANES, GROUPS_PER_BLOCK, QTYPE_IDS, decode_codes, num_groups
 from .quant_formats import BLOCK_SIZE, TYPE_SIZE
 
@@ -81,7 +81,7 @@ def launch_gemv(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.T
         GROUPS=GROUPS_PER_BLOCK[qtype], LANES=GROUP_LANES[qtype], NUM_GROUPS=steps.num_groups,
         SPLIT_GROUPS=steps.split_groups, HAS_BIAS=bias is not None and steps.split_k == 1,
         BLOCK_M=triton.next_power_of_2(num_rows), BLOCK_N=config.block_n, BLOCK_G=steps.block_g,
-        num_warps=config.num_warps, **PDL_OPTIONS,
+        num_warps=config.num_warps, **pdl_options(x),
     )
     if steps.split_k > 1:
         add_slices(partial, bias, out)
@@ -119,11 +119,12 @@ def _quant_gemv_kernel(
     QTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr, TYPE_SIZE: tl.constexpr, GROUPS: tl.constexpr,
     LANES: tl.constexpr, NUM_GROUPS: tl.constexpr, SPLIT_GROUPS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Program (n, s): out[:, n * BLOCK_N : (n + 1) * BLOCK_N] for all M rows over groups [s * SPLIT_GROUPS,
     (s + 1) * SPLIT_GROUPS) of K; with several slices, out is float32 [slices, M, N] and s writes out[s]. Tiles are
     4-d: (row of x, row of W, group, lane), so that one decoded weight tile broadcasts over the rows of x."""
-    wait_for_inputs()
+    wait_for_inputs(PDL)
     pid = tl.program_id(0)
     g_start = tl.program_id(1) * SPLIT_GROUPS
     out_ptr += tl.program_id(1) * M * N

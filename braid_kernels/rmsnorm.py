@@ -18,7 +18,7 @@ import triton.language as tl
 
 from ._checks import FLOAT_DTYPES, check_devices, check_same_dtype, check_shape, check_tensor
 from .int8_rows import Int8Rows, check_int8_columns, empty_int8_rows, store_int8_runs
-from .numerics import LAUNCH_OPTIONS, round_to_dtype, wait_for_inputs
+from .numerics import launch_options, round_to_dtype, wait_for_inputs
 
 MAX_HIDDEN = 65536  # one program holds a whole row in registers
 
@@ -58,7 +58,7 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     return _launch(x, residual, weight, eps)
 
 
-def rms_norm_int8(x: torch.Tensor, weight: torch.Tensor, eps: float,
+def rms_norm_int8(x: torch.Tensor, weight: torch.Tensor, eps: float, *,
                   residual: torch.Tensor | None = None) -> tuple[Int8Rows, torch.Tensor | None]:
     """RMSNorm (after the residual add when `residual` is given) with its output written as int8 runs for the
     integer-dot GEMV (int8_rows.py) instead of a tensor: quantize_rows(rms_norm(x)) in one launch, the same bytes.
@@ -116,7 +116,7 @@ def _launch(x, residual, weight, eps, int8: Int8Rows | None = None):
             *(int8[:3] if int8 is not None else (None, None, None)),
             rows.stride(0), residual_rows.stride(0) if add else 0, rows.shape[1], float(eps),
             HIDDEN=x.shape[-1], BLOCK=block, ADD_RESIDUAL=add, MEAN_BY_RECIPROCAL=x.is_cuda, INT8=int8 is not None,
-            num_warps=min(max(block // 256, 1), 16), **LAUNCH_OPTIONS,
+            num_warps=min(max(block // 256, 1), 16), **launch_options(rows),
         )
     return (out.view(x.shape) if out is not None else None), (residual_out.view(x.shape) if add else None)
 
@@ -128,10 +128,11 @@ def _rms_norm_kernel(
     eps,
     HIDDEN: tl.constexpr, BLOCK: tl.constexpr, ADD_RESIDUAL: tl.constexpr, MEAN_BY_RECIPROCAL: tl.constexpr,
     INT8: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One program per row: [optionally h = residual + x, stored], then RMSNorm(h) * weight, stored to out or, with
     INT8, as int8 runs (q, dx, sx; int8_rows.py)."""
-    wait_for_inputs()
+    wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < HIDDEN

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from ._checks import FLOAT_DTYPES, check_devices, check_tensor
 from .int8_rows import Int8Rows, check_int8_columns, empty_int8_rows, store_int8_runs
-from .numerics import LAUNCH_OPTIONS, exp, round_to_dtype, wait_for_inputs
+from .numerics import exp, launch_options, round_to_dtype, wait_for_inputs
 
 BLOCK = 1024
 
@@ -67,15 +67,15 @@ def _launch(rows: torch.Tensor, out: torch.Tensor | None, int8: Int8Rows | None)
         grid = (rows.shape[0], triton.cdiv(d, BLOCK))
         _silu_and_mul_kernel[grid](rows, out, *(int8[:3] if int8 is not None else (None, None, None)),
                                    rows.stride(0), d, BLOCK=BLOCK, INT8=int8 is not None, num_warps=4,
-                                   **LAUNCH_OPTIONS)
+                                   **launch_options(rows))
 
 
 @triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, q_ptr, dx_ptr, sx_ptr, x_row_stride, d, BLOCK: tl.constexpr,
-                         INT8: tl.constexpr):
+                         INT8: tl.constexpr, PDL: tl.constexpr):
     """Program (row, block): out[row, cols] = silu(x[row, cols]) * x[row, d + cols] (out: contiguous [M, d]), or
     with INT8 those columns as int8 runs (q, dx, sx; int8_rows.py)."""
-    wait_for_inputs()
+    wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d

@@ -14,7 +14,8 @@ import torch
 class Deferred:
     """A step (norm, activation) not computed yet, of the input `x` [M, ...]: `project(weight, bias)` computes it
     followed by x @ weight.T; `value()` computes it alone; `int8_rows()` computes it as braid_kernels' Int8Rows.
-    `value` and `int8_rows` keep their result, so several projections of one step compute it once."""
+    `value` and `int8_rows` keep their result, so several QuantLinears of one step compute it once (`project` fuses
+    the step into each projection's kernel instead)."""
 
     x: torch.Tensor
 

@@ -92,7 +92,7 @@ class DeferredNorm(Deferred):
             if self.residual is None or self.sum is not None:
                 self._int8, _ = kernels.rms_norm_int8(self.x if self.sum is None else self.sum, norm.weight, norm.eps)
             else:
-                self._int8, self.sum = kernels.rms_norm_int8(self.x, norm.weight, norm.eps, self.residual)
+                self._int8, self.sum = kernels.rms_norm_int8(self.x, norm.weight, norm.eps, residual=self.residual)
         return self._int8
 
 

@@ -29,7 +29,7 @@ def _x(rows: int, cols: int, dtype, device, seed: int = 0) -> torch.Tensor:
     x = torch.randn(rows, cols, generator=g) * torch.logspace(-2, 2, rows)[:, None]
     if cols >= 64:
         x[:, 32:64] = 0.0
-        x[0, :2] = torch.tensor([127.0, 0.5])  # a run whose amax is 127: 0.5 sits on a rounding tie
+        x[0, :3] = torch.tensor([127.0, 0.5, -0.5])  # a run whose amax is 127: +-0.5 sit on rounding ties
     return x.to(dtype).to(device)
 
 
@@ -70,7 +70,7 @@ def test_rms_norm_int8_is_the_rounded_norm(device, dtype, hidden, with_residual)
     if with_residual:
         residual = _x(3, hidden, dtype, device, seed=hidden + 1)
         normed, h_want = fused_add_rms_norm(x, residual, w, 1e-6)
-        rows, h = rms_norm_int8(x, w, 1e-6, residual)
+        rows, h = rms_norm_int8(x, w, 1e-6, residual=residual)
         assert_same_bits(h.cpu(), h_want.cpu())
     else:
         normed = rms_norm(x, w, 1e-6)
@@ -113,8 +113,12 @@ def test_bad_int8_arguments_are_value_errors(device):
     rows = quantize_rows(torch.zeros(2, 256, dtype=torch.bfloat16, device=device))
     with pytest.raises(ValueError, match="dot path"):
         quant_linear(rows, blocks, "Q4_K", path="gemm")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="shape"):  # 512 columns for a 256-column matrix
         quant_linear(quantize_rows(torch.zeros(2, 512, dtype=torch.bfloat16, device=device)), blocks, "Q4_K")
+    with pytest.raises(ValueError, match="at most 8 rows"):
+        quant_linear(quantize_rows(torch.zeros(9, 256, dtype=torch.bfloat16, device=device)), blocks, "Q4_K")
+    with pytest.raises(ValueError, match="contiguous"):
+        quant_linear(rows._replace(q=rows.q.t().contiguous().t()), blocks, "Q4_K")
 
 
 @pytest.mark.gpu

@@ -1,8 +1,8 @@
 """The device functions every kernel rounds with, and that the interpreter is on exactly when there is no GPU."""
 from __future__ import annotations
 
+import ast
 import pathlib
-import re
 
 import pytest
 import torch
@@ -11,49 +11,44 @@ import triton.language as tl
 
 import braid_kernels
 import braid_kernels.numerics as kernel_numerics
-from braid_kernels.numerics import LAUNCH_OPTIONS, round_to_dtype, wait_for_inputs
+from braid_kernels.numerics import launch_options, round_to_dtype, wait_for_inputs
 
 
 def test_interpreted_exactly_when_there_is_no_cuda():
     assert kernel_numerics.INTERPRETED == (not torch.cuda.is_available())
 
 
-def _launches(source: str) -> dict[str, str]:
-    """Each `name[grid](...)` launch of a Triton kernel in `source`: kernel name -> the argument text."""
-    out = {}
-    for m in re.finditer(r"(_\w+_kernel)\[", source):
-        start = source.index("(", source.index("]", m.end()))
-        depth, i = 0, start
-        while True:
-            depth += {"(": 1, ")": -1}.get(source[i], 0)
-            if depth == 0:
-                break
-            i += 1
-        out.setdefault(m.group(1), "")
-        out[m.group(1)] += source[start:i + 1]
-    return out
+def _kernels(tree: ast.Module):
+    """The Triton kernels defined in a module: functions decorated with triton.jit whose name ends in _kernel."""
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name.endswith("_kernel") and any(
+                ast.unparse(d) == "triton.jit" for d in node.decorator_list):
+            yield node
 
 
 def test_every_kernel_launched_with_pdl_waits_for_its_inputs():
-    """A kernel launched with programmatic dependent launch (PDL_OPTIONS, or LAUNCH_OPTIONS, which holds them) may
-    start before the kernel ahead of it ends: it must call wait_for_inputs first, or it could read stale inputs and
-    break the stream order for the kernels after it. Checked in the source of every module of the package."""
-    checked = 0
+    """A kernel launched with programmatic dependent launch (numerics.pdl_options / launch_options, which pass its
+    PDL constexpr with Triton's launch_pdl) may start before the kernel ahead of it ends: its first statement must be
+    wait_for_inputs(PDL), or it could read stale inputs and break the stream order for the kernels after it. Checked
+    on the syntax tree of every module of the package; a kernel without the PDL parameter cannot take those options
+    (Triton rejects the unknown keyword)."""
+    with_pdl = []
     for path in sorted(pathlib.Path(braid_kernels.__file__).parent.glob("*.py")):
-        source = path.read_text()
-        for name, args in _launches(source).items():
-            if "PDL_OPTIONS" not in args and "LAUNCH_OPTIONS" not in args:
+        for kernel in _kernels(ast.parse(path.read_text())):
+            if "PDL" not in [a.arg for a in kernel.args.args]:
                 continue
-            body = source[source.index(f"def {name}("):]
-            body = body[:body.find("\n@triton.jit") if "\n@triton.jit" in body else len(body)]
-            assert "    wait_for_inputs()" in body, f"{path.name}: {name} is launched with PDL but never waits"
-            checked += 1
-    assert checked >= 10  # the decode path's kernels: norms, activation, GEMVs, attention, quantised kernels
+            body = kernel.body[1:] if isinstance(kernel.body[0], ast.Expr) and isinstance(
+                kernel.body[0].value, ast.Constant) else kernel.body  # after the docstring
+            assert ast.unparse(body[0]) == "wait_for_inputs(PDL)", f"{path.name}: {kernel.name} does not wait first"
+            with_pdl.append(kernel.name)
+    # the decode path's kernels: norms, activation, x rounding, GEMVs, attention, the quantised kernels
+    assert {"_rms_norm_kernel", "_silu_and_mul_kernel", "_quantize_rows_kernel", "_gemv_kernel", "_dot_gemv_kernel",
+            "_decode_kernel", "_qk_norm_rope_kernel", "_quant_gemm_kernel", "_dequantize_kernel"} <= set(with_pdl)
 
 
 @triton.jit
-def _round_kernel(x_ptr, out_ptr, n, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    wait_for_inputs()  # launched with LAUNCH_OPTIONS, hence with programmatic dependent launch on Hopper
+def _round_kernel(x_ptr, out_ptr, n, DTYPE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)  # launched with launch_options: programmatic dependent launch on Hopper
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = i < n
     tl.store(out_ptr + i, round_to_dtype(tl.load(x_ptr + i, mask=mask), DTYPE), mask=mask)
@@ -69,10 +64,10 @@ def test_round_to_dtype_is_torchs_cast(device, dtype, tl_dtype):
     edges = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 3.4e38, -3.39e38, 1e-3, 70000.0, 65519.0])
     x = torch.cat([x, ties, edges]).to(device)
     out = torch.empty_like(x)
-    _round_kernel[(triton.cdiv(x.numel(), 1024),)](x, out, x.numel(), DTYPE=tl_dtype, BLOCK=1024, **LAUNCH_OPTIONS)
+    _round_kernel[(triton.cdiv(x.numel(), 1024),)](x, out, x.numel(), DTYPE=tl_dtype, BLOCK=1024, **launch_options(x))
     expected = x.to(dtype).float()
     assert torch.equal(out.view(torch.int32), expected.view(torch.int32))
 
     nan = torch.full((4,), float("nan"), device=device)
-    _round_kernel[(1,)](nan, out, 4, DTYPE=tl_dtype, BLOCK=1024, **LAUNCH_OPTIONS)
+    _round_kernel[(1,)](nan, out, 4, DTYPE=tl_dtype, BLOCK=1024, **launch_options(nan))
     assert out[:4].isnan().all()

@@ -37,7 +37,7 @@ def assert_logprobs_match(llm, ref, prompt: list[int], steps: int = 8, top: int 
         row = ref_lp[len(prompt) - 1 + step]  # the distribution that produced output token `step`
         assert lp.token_id == out.token_ids[step] == int(row.argmax()), f"step {step}"
         for token, value in lp.top:
-            assert value == pytest.approx(row[token].item(), abs=abs_tol), f"step {step}, token {token}"
+            assert value == pytest.approx(row[token].item(), abs=abs_tol), f"step {step}, token {token}: {value:.6g} vs {row[token].item():.6g}"
             worst = max(worst, abs(value - row[token].item()))
     print(f"max |logprob - transformers'| over {steps} steps of a {len(prompt)}-token prompt: {worst:.2e}")
 
