@@ -29,7 +29,8 @@ without the variable, the embedded model's tokenizer, converted); the GGUF's voc
 --workdir just before its engine loads it and deleted after (peak disk: the bf16 model, 16 GB at 8B).
 --layers N keeps the config's first N decoder layers (a quicker run of the same per-layer shapes); --kernel-profile
 adds, per format, the kernels of one more batch-1 generation by GPU time per generated token (torch.profiler; the
-prompt's prefill included), to see which kernels a format spends its token on.
+prompt's prefill included), to see which kernels a format spends its token on. On sm_90+ the package's kernels
+run with programmatic dependent launch, and a kernel's time then includes its wait for the one before it.
 --tiny runs the config's architecture at a tiny shape, 64-token prompt, 16 new tokens, batch 8 of 32-token prompts,
 best of 2, unless those options are given.
 """

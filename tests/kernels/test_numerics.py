@@ -71,3 +71,13 @@ def test_round_to_dtype_is_torchs_cast(device, dtype, tl_dtype):
     nan = torch.full((4,), float("nan"), device=device)
     _round_kernel[(1,)](nan, out, 4, DTYPE=tl_dtype, BLOCK=1024, **launch_options(nan))
     assert out[:4].isnan().all()
+
+
+def test_pdl_options_per_device(device):
+    """Programmatic dependent launch only for CUDA tensors on sm_90+ (decided at launch, not import); never on the
+    CPU or under the interpreter, where the kernels take PDL=False and wait for nothing."""
+    t = torch.zeros(1, device=device)
+    options = kernel_numerics.pdl_options(t)
+    hopper = t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
+    assert options == ({"PDL": True, "launch_pdl": True} if hopper else {"PDL": False})
+    assert kernel_numerics.launch_options(t) == {"enable_fp_fusion": False, **options}
