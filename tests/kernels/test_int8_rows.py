@@ -149,3 +149,40 @@ def test_quant_linear_layer_computes_a_deferred_norm_once(with_residual):
     assert_same_bits(layer(deferred).cpu(), layer(plain).cpu())
     if residual is not None:
         assert_same_bits(DeferredResidual(deferred).value().cpu(), h_want.cpu())
+
+
+@pytest.mark.parametrize("order", ["int8 first", "value first", "project first"])
+def test_deferred_norm_computes_each_form_and_the_residual_once(device, order):
+    """A deferred add + RMSNorm asked for its int8 rows, its plain value and a fused projection, in any order: each
+    form equals the unfused kernels' result, and the residual stream is the add's, whichever form computed it."""
+    from braidinfer.layers.norm import DeferredNorm, DeferredResidual, RMSNorm
+
+    hidden = 64
+    norm = RMSNorm(hidden, 1e-6).to(torch.bfloat16).to(device)
+    with torch.no_grad():
+        norm.weight.copy_(norm_weight(hidden, torch.bfloat16, device, generator=torch.Generator().manual_seed(2)))
+    x, residual = _x(1, hidden, torch.bfloat16, device, seed=3), _x(1, hidden, torch.bfloat16, device, seed=4)
+    want, h = fused_add_rms_norm(x, residual, norm.weight, norm.eps)
+    weight = torch.randn(8, hidden, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16).to(device)
+    deferred = DeferredNorm(norm, x, residual)
+    steps = {"int8 first": ["int8", "value", "project"], "value first": ["value", "project", "int8"],
+             "project first": ["project", "int8", "value"]}[order]
+    for step in steps:
+        if step == "int8":
+            _assert_same_rows(deferred.int8_rows(), quantize_rows(want))
+            assert deferred.int8_rows() is deferred.int8_rows()  # kept, not recomputed
+        elif step == "value":
+            assert_same_bits(deferred.value().cpu(), want.cpu())
+        else:
+            got = deferred.project(weight, None).float()
+            torch.testing.assert_close(got, (want.float() @ weight.float().T), rtol=2e-2, atol=2e-2)
+        assert_same_bits(DeferredResidual(deferred).value().cpu(), h.cpu())
+
+
+def test_deferred_silu_and_mul_gives_both_forms(device):
+    from braidinfer.layers.activation import DeferredSiluAndMul
+
+    x = _x(1, 2 * 64, torch.bfloat16, device, seed=7)
+    deferred = DeferredSiluAndMul(x)
+    _assert_same_rows(deferred.int8_rows(), quantize_rows(silu_and_mul(x)))
+    assert_same_bits(deferred.value().cpu(), silu_and_mul(x).cpu())
