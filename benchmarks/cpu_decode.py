@@ -3,6 +3,10 @@ transformers `generate` and, when llama-cpp-python is installed, llama.cpp on th
 
     python benchmarks/cpu_decode.py [--tokens 128] [--repeats 3] [--decode-threads 2]
 
+On an AMX Xeon, llama-cpp-python 0.3.36 as pip builds it (GGML_NATIVE) crashed in its decode; a build with
+CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF
+-DGGML_AMX_BF16=OFF" runs (benchmarks/RESULTS.md).
+
 Decode tok/s excludes the prefill: for Braid, the time from the first streamed token to the last; for transformers
 and llama.cpp, the time of generating N tokens minus generating 1 token from the same prompt.
 """
