@@ -143,9 +143,7 @@ def quant_linear(x: torch.Tensor | Int8Rows, blocks: torch.Tensor, qtype: str, b
         return F.linear(x, dequantize(blocks, qtype, x.dtype), bias)
     out = torch.empty((x.shape[0], blocks.shape[0]), dtype=x.dtype, device=x.device)
     if path == "dot":
-        num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-        launch_dot_gemv(x, blocks, qtype, bias, out,
-                        config or dot_launch_config(qtype, x.shape[0], blocks.shape[0], num_sms, k))
+        _launch_dot(x, blocks, qtype, bias, out, config, k)
     else:
         launch = launch_gemv if path == "gemv" else launch_gemm
         launch(x, blocks, qtype, bias, out, config=config)
@@ -175,10 +173,16 @@ def _quant_linear_int8(x: Int8Rows, blocks, qtype, bias, config, path, k) -> tor
     if _use_torch(blocks):
         return F.linear(x.dequantize().to(x.dtype), dequantize_torch(from_planes(blocks, qtype), qtype, x.dtype),
                         bias)
-    out = torch.empty((m, blocks.shape[0]), dtype=x.dtype, device=x.q.device)
-    num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.q.is_cuda else 1
-    launch_dot_gemv(x, blocks, qtype, bias, out, config or dot_launch_config(qtype, m, blocks.shape[0], num_sms, k))
+    out = torch.empty((m, blocks.shape[0]), dtype=x.dtype, device=x.device)
+    _launch_dot(x, blocks, qtype, bias, out, config, k)
     return out
+
+
+def _launch_dot(x: torch.Tensor | Int8Rows, blocks, qtype, bias, out, config, k) -> None:
+    """The integer-dot GEMV into out, at `config` or the default configuration for this device and shape."""
+    num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.device.type == "cuda" else 1
+    launch_dot_gemv(x, blocks, qtype, bias, out, config or dot_launch_config(qtype, x.shape[0], blocks.shape[0],
+                                                                             num_sms, k))
 
 
 def linear_path(num_rows: int, dtype: torch.dtype = torch.bfloat16, num_weights: int = 0) -> str:
