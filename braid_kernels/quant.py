@@ -34,7 +34,8 @@ from .quant_planes import from_planes, to_planes
 # time against bf16 matmul's: at 4 rows the integer-dot GEMV 0.75-0.97x; at 8 rows 0.36-0.58x, dequantise + cuBLAS
 # 0.33-0.54x. Q4_K / Q6_K at 16 and 64 rows, fused GEMM against dequantise + cuBLAS: 28672x4096 and 4096x14336
 # 0.36-0.47x against 0.32-0.39x (the GEMM ahead by 5-26%), 4096x4096 0.39-0.53x against 0.42-0.47x (within 15%
-# either way); at 256 rows the GEMM is 1.5-2x slower.
+# either way); at 256 rows the GEMM is 1.5-2x slower. Q4_K has a GEMM kernel of its own (quant_gemm.py), 0.66-0.70x
+# at 16 rows and 0.50-0.61x at 64 on 4096x4096 to 28672x4096, ahead of dequantise + cuBLAS on every shape.
 GEMV_DEFAULT_ROWS = 4
 GEMM_DEFAULT_ROWS = 64
 GEMM_MIN_WEIGHTS = 1 << 25
@@ -117,8 +118,8 @@ def quant_linear(x: torch.Tensor | Int8Rows, blocks: torch.Tensor, qtype: str, b
     - "gemv", by default for M <= GEMV_DEFAULT_ROWS and float32 x, possible up to MAX_ROWS: the dequantising GEMV,
       float32 sums (`config`: a QuantGemvConfig);
     - "gemm", by default for GEMV_DEFAULT_ROWS < M <= GEMM_DEFAULT_ROWS (64), 16-bit x and N * K >=
-      GEMM_MIN_WEIGHTS: the fused dequantising GEMM on the tensor cores, the weights rounded to x's dtype in
-      registers (`config`: a QuantGemmConfig);
+      GEMM_MIN_WEIGHTS (any size for Q4_K): the fused dequantising GEMM on the tensor cores, the weights rounded to
+      x's dtype in registers (`config`: a QuantGemmConfig);
     - "dequantize", otherwise: W dequantised to x's dtype into a buffer, then F.linear (cuBLAS).
     x may also be the Int8Rows of x [M, K] (int8_rows.py: from quantize_rows, or from the norm or activation kernel
     that produced x), for the "dot" path at up to MAX_ROWS rows: the int8 rounding "dot" would do, done already
@@ -130,7 +131,7 @@ def quant_linear(x: torch.Tensor | Int8Rows, blocks: torch.Tensor, qtype: str, b
         return _quant_linear_int8(x, blocks, qtype, bias, config, path, k)
     check_linear_inputs(_dequantize_kernel, x, k, blocks.shape[0], bias, "blocks", blocks,
                         f"{qtype} blocks of shape {tuple(blocks.shape)}")
-    path = path or linear_path(x.shape[0], x.dtype, blocks.shape[0] * k)
+    path = path or linear_path(x.shape[0], x.dtype, blocks.shape[0] * k, qtype)
     if path not in PATHS or (path in ("dot", "gemv") and x.shape[0] > MAX_ROWS):
         raise ValueError(f"path must be one of {', '.join(PATHS)} (dot and gemv for at most {MAX_ROWS} rows), got "
                          f"{path!r} for {x.shape[0]} rows")
@@ -185,12 +186,15 @@ def _launch_dot(x: torch.Tensor | Int8Rows, blocks, qtype, bias, out, config, k)
                                                                              num_sms, k))
 
 
-def linear_path(num_rows: int, dtype: torch.dtype = torch.bfloat16, num_weights: int = 0) -> str:
-    """quant_linear's default path for x of num_rows rows of dtype times a matrix of num_weights (N * K) weights:
-    "dot", "gemv", "gemm" or "dequantize" (see quant_linear, GEMV_DEFAULT_ROWS and GEMM_DEFAULT_ROWS)."""
+def linear_path(num_rows: int, dtype: torch.dtype = torch.bfloat16, num_weights: int = 0,
+                qtype: str | None = None) -> str:
+    """quant_linear's default path for x of num_rows rows of dtype times a matrix of num_weights (N * K) weights of
+    qtype: "dot", "gemv", "gemm" or "dequantize" (see quant_linear, GEMV_DEFAULT_ROWS and GEMM_DEFAULT_ROWS; Q4_K,
+    whose GEMM kernel beats dequantise + cuBLAS on every shape measured, takes the GEMM whatever its size)."""
     if num_rows <= GEMV_DEFAULT_ROWS:
         return "gemv" if dtype == torch.float32 else "dot"
-    if num_rows <= GEMM_DEFAULT_ROWS and dtype != torch.float32 and num_weights >= GEMM_MIN_WEIGHTS:
+    if num_rows <= GEMM_DEFAULT_ROWS and dtype != torch.float32 and (num_weights >= GEMM_MIN_WEIGHTS
+                                                                      or qtype == "Q4_K"):
         return "gemm"
     return "dequantize"
 

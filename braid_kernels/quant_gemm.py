@@ -12,12 +12,20 @@ tf32). Narrow outputs split K into slices summed afterwards.
 
 Measured on an H200 (benchmarks/RESULTS.md), time against bf16 matmul, Q4_K / Q6_K on 4096x4096, 28672x4096 and
 4096x14336: at 16 rows 0.36-0.53x (dequantise + cuBLAS 0.32-0.47x), at 64 rows 0.39-0.47x (0.35-0.46x), at 256
-rows 0.25-0.30x (0.44-0.54x). The step decodes ~4 instructions per weight per BLOCK_M rows of x, so the kernel is
-issue-bound and gains only where reading the blocks once beats writing and re-reading bf16: quant_linear takes it
-by default from 5 to 64 rows on the larger matrices (quant.GEMM_MIN_WEIGHTS).
+rows 0.25-0.30x (0.44-0.54x). quant_linear takes it by default from 5 to 64 rows on the larger matrices
+(quant.GEMM_MIN_WEIGHTS).
+
+Q4_K with 16-bit x has a kernel of its own, `_q4k_gemm_kernel`: a step is half a block (128 weights of each row, 16
+words of quant nibbles loaded as int32), each nibble put in a float32 mantissa in place (shift, mask; one multiply-add
+with its run's scale and offset), and the 128-wide tile goes to the tensor cores in one dot. The tile's K order is
+the words' (word, byte, nibble), not the weights', so x is permuted to that order once per call (`permute_q4k`, one
+copy of x), and the next step's scale bytes are loaded a step ahead. Against the group kernel above (H200, bf16
+matmul = 1): 4096x4096 0.35 -> 0.50-0.54x at 64 rows, 0.39 -> 0.67x at 16; 6144x4096 0.34 -> 0.58x / 0.66x;
+28672x4096 0.45 -> 0.55x / 0.66x; 4096x14336 0.47 -> 0.61x / 0.70x (benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -28,6 +36,10 @@ from .numerics import INTERPRETED, pdl_options, round_to_dtype, wait_for_inputs
 from .quant_decode import GROUP_LANES, GROUPS_PER_BLOCK, QTYPE_IDS, block_codes, block_fields, num_groups
 from .quant_formats import BLOCK_SIZE, TYPE_SIZE
 from .quant_gemv import add_slices
+
+
+Q4K_STEP = 128
+"""Columns per K step of the Q4_K kernel (half a block)."""
 
 
 class QuantGemmConfig(NamedTuple):
@@ -48,6 +60,8 @@ def launch_config(qtype: str, num_rows: int, n: int, num_sms: int = 132, k: int 
     slice keeps at least 16 group steps. The best or within 10% of the best of 7 tilings each for Q4_K and Q6_K at
     16, 64 and 256 rows on 4096x4096, 28672x4096 and 4096x14336 (H200; benchmarks/RESULTS.md). Float32 x is
     limited to 32-row tiles and one stage by launch_gemm, whatever the configuration."""
+    if qtype == "Q4_K":
+        return _q4k_launch_config(num_rows, n, num_sms, k)
     if num_rows <= 32:
         block_n, block_m, num_warps = 128, max(16, triton.next_power_of_2(num_rows)), 4
     elif num_rows <= 64:
@@ -63,6 +77,28 @@ def launch_config(qtype: str, num_rows: int, n: int, num_sms: int = 132, k: int 
     return QuantGemmConfig(block_n, block_m, num_warps, num_stages=3, split_k=split_k)
 
 
+def _q4k_launch_config(num_rows: int, n: int, num_sms: int, k: int | None) -> QuantGemmConfig:
+    """`_q4k_gemm_kernel`'s configuration: 64 rows of W and up to 64 rows of x (16 at least) per program on 4 warps,
+    4 stages; K split (by powers of two) while there are fewer than two programs per SM and each slice keeps at least
+    4 steps (the best of 8 tilings on the four shapes above at 16 and 64 rows, or within 10% of it)."""
+    block_m = min(64, max(16, triton.next_power_of_2(num_rows)))
+    split_k = 1
+    if k is not None:
+        steps = k // Q4K_STEP
+        programs = triton.cdiv(n, 64) * triton.cdiv(num_rows, block_m)
+        while programs * split_k < 2 * num_sms and steps // (2 * split_k) >= 4:
+            split_k *= 2
+    return QuantGemmConfig(64, block_m, 4, num_stages=4, split_k=split_k)
+
+
+def permute_q4k(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] with the columns of each 128 in `_q4k_gemm_kernel`'s K order: position c * 64 + j * 8 + b * 2 + h
+    of a chunk holds column c * 64 + h * 32 + j * 4 + b (word j of the chunk's half c, byte b, nibble h). A new
+    contiguous tensor."""
+    num_rows, k = x.shape
+    return x.unflatten(1, (k // Q4K_STEP, 2, 2, 8, 4)).permute(0, 1, 2, 4, 5, 3).reshape(num_rows, k)
+
+
 def launch_gemm(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.Tensor | None, out: torch.Tensor,
                 config: QuantGemmConfig | None = None) -> None:
     """out [M, N] = x [M, K] @ W.T (+ bias) with W the weights of blocks [N, row_bytes] (planes layout); arguments
@@ -70,9 +106,13 @@ def launch_gemm(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.T
     (num_rows, k), n = x.shape, blocks.shape[0]
     if num_rows == 0 or n == 0:
         return
+    q4k = qtype == "Q4_K" and x.dtype != torch.float32
     if config is None:
         num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-        config = launch_config(qtype, num_rows, n, num_sms, k)
+        config = (_q4k_launch_config if q4k else functools.partial(launch_config, qtype))(num_rows, n, num_sms, k)
+    if q4k:
+        _launch_q4k(x, blocks, bias, out, config)
+        return
     if x.dtype == torch.float32:  # float32 tiles are twice as large
         config = config._replace(block_m=min(config.block_m, 32), num_stages=1)
     steps = num_groups(qtype, k)
@@ -86,6 +126,24 @@ def launch_gemm(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.T
         GROUPS=GROUPS_PER_BLOCK[qtype], LANES=GROUP_LANES[qtype], HAS_BIAS=bias is not None and split_k == 1,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages,
         **pdl_options(x),
+    )
+    if split_k > 1:
+        add_slices(partial, bias, out)
+
+
+def _launch_q4k(x, blocks, bias, out, config: QuantGemmConfig) -> None:
+    """launch_gemm's Q4_K path for 16-bit x (config's split_k counts steps of Q4K_STEP columns)."""
+    (num_rows, k), n = x.shape, blocks.shape[0]
+    steps = k // Q4K_STEP
+    slice_steps = triton.cdiv(steps, max(1, config.split_k))
+    split_k = triton.cdiv(steps, slice_steps)
+    partial = out if split_k == 1 else torch.empty((split_k, num_rows, n), dtype=torch.float32, device=x.device)
+    xp = permute_q4k(x)
+    grid = (triton.cdiv(num_rows, config.block_m), triton.cdiv(n, config.block_n), split_k)
+    _q4k_gemm_kernel[grid](
+        xp, blocks, bias, partial, num_rows, n, blocks.shape[1], steps, slice_steps,
+        HAS_BIAS=bias is not None and split_k == 1, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl_options(x),
     )
     if split_k > 1:
         add_slices(partial, bias, out)
@@ -155,3 +213,74 @@ def _dot(w, x, acc):
     else:
         return tl.dot(w, x, acc)
 
+
+
+@triton.jit
+def _q4k_scale_bytes(rows5, blk, sub, row_ok, nb):
+    """Q4_K: the packed scale bytes (a, b, c) of sub-blocks `sub` of block blk (quant_decode._k_scale_min's) and the
+    block's head word (d | dmin << 16), as int32, of the rows at byte pointers rows5."""
+    scales = rows5 + nb * 128 + blk * 12
+    a = tl.load(scales + sub, mask=row_ok, other=0).to(tl.int32)
+    b = tl.load(scales + sub + 4, mask=row_ok, other=0).to(tl.int32)
+    c = tl.load(scales + (sub % 4), mask=row_ok, other=0).to(tl.int32)
+    head = tl.load((rows5 + nb * 140 + blk * 4).to(tl.pointer_type(tl.int32)), mask=row_ok, other=0)
+    return a, b, c, head
+
+
+@triton.jit
+def _q4k_gemm_kernel(
+    x_ptr, blocks_ptr, bias_ptr, out_ptr, M, N, row_bytes, num_steps, slice_steps,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """Program (m, n, s) of the Q4_K GEMM: out[m * BLOCK_M :, n * BLOCK_N :] over steps [s * slice_steps, (s + 1) *
+    slice_steps) of 128 columns, x [M, K] contiguous in permute_q4k's order (out float32 [slices, M, N] with several
+    slices). The decode tile is (weight row, half c, word j, byte b, nibble h) = (BN, 2, 8, 4, 2)."""
+    wait_for_inputs(PDL)
+    dtype: tl.constexpr = x_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
+    out_ptr += tl.program_id(2).to(tl.int64) * M * N
+    nb = row_bytes // 144
+    rows5 = (blocks_ptr + cols.to(tl.int64) * row_bytes)[:, None, None, None, None]
+    col_ok = (cols < N)[:, None, None, None, None]
+    c = tl.arange(0, 2)[None, :, None, None, None]
+    h = tl.arange(0, 2)[None, None, None, None, :]
+    word = c * 8 + tl.arange(0, 8)[None, None, :, None, None]  # (1, 2, 8, 1, 1)
+    shift = 8 * tl.arange(0, 4)[None, None, None, :, None] + 4 * h  # (1, 1, 1, 4, 2)
+    run = 2 * c + h  # sub-block within the step's half block: (1, 2, 1, 1, 2)
+    x_tile = x_ptr + rows[None, :].to(tl.int64) * (num_steps * 128) + tl.arange(0, 128)[:, None]  # (128, BM)
+    row_ok = (rows < M)[None, :]
+
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    first = tl.program_id(2) * slice_steps
+    last = tl.minimum(first + slice_steps, num_steps)
+    sa, sb, sc, head = _q4k_scale_bytes(rows5, first // 2, (first % 2) * 4 + run, col_ok, nb)
+    for step in range(first, last):
+        blk = step // 2
+        sub = (step % 2) * 4 + run
+        ahead = tl.minimum(step + 1, last - 1)  # the next step's scales, loaded while this one computes
+        na, nbytes, nc, nhead = _q4k_scale_bytes(rows5, ahead // 2, (ahead % 2) * 4 + run, col_ok, nb)
+        qs = tl.load((rows5 + blk * 128 + (step % 2) * 64).to(tl.pointer_type(tl.int32)) + word, mask=col_ok,
+                     other=0)  # (BN, 2, 8, 1, 1)
+        low = sub < 4
+        scale = tl.where(low, sa & 63, (sb & 15) | ((sc >> 6) << 4)).to(tl.float32)
+        minimum = tl.where(low, sb & 63, (sb >> 4) | ((sa >> 6) << 4)).to(tl.float32)
+        d = (head & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        dmin = (head >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        a = 16.0 * (d * scale)  # weight = (d sc) q - dmin m = a f + b with f = 1 + q / 16 (block_codes)
+        b = -a - dmin * minimum
+        f = ((((qs >> shift) & 15) << 19) | 0x3F800000).to(tl.float32, bitcast=True)
+        w = tl.reshape(_to_dtype(a * f + b, dtype), [BLOCK_N, 128])
+        xt = tl.load(x_tile + step * 128, mask=row_ok, other=0.0)  # (128, BM)
+        acc = _dot(w, xt, acc)
+        sa, sb, sc, head = na, nbytes, nc, nhead
+
+    y = tl.trans(acc)  # (BM, BN)
+    rows2 = rows[:, None]
+    cols2 = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + cols2, mask=cols2 < N, other=0.0).to(tl.float32)
+    out_dtype: tl.constexpr = out_ptr.dtype.element_ty
+    tl.store(out_ptr + rows2.to(tl.int64) * N + cols2, round_to_dtype(y, out_dtype).to(out_dtype),
+             mask=(rows2 < M) & (cols2 < N))
