@@ -24,7 +24,7 @@ from .numerics import is_interpreted
 from .quant_dequant import _dequantize_kernel, launch_dequantize
 from .quant_dot import dot_launch_config, launch_dot_gemv
 from .quant_formats import BLOCK_SIZE, QTYPES, TYPE_SIZE, check_qtype, dequantize_torch
-from .quant_gemm import QuantGemmConfig, launch_gemm
+from .quant_gemm import HALF_BLOCK_TYPES, QuantGemmConfig, launch_gemm
 from .quant_gemv import MAX_ROWS, QuantGemvConfig, launch_gemv
 from .quant_planes import from_planes, to_planes
 
@@ -34,8 +34,9 @@ from .quant_planes import from_planes, to_planes
 # time against bf16 matmul's: at 4 rows the integer-dot GEMV 0.75-0.97x; at 8 rows 0.36-0.58x, dequantise + cuBLAS
 # 0.33-0.54x. Q4_K / Q6_K at 16 and 64 rows, fused GEMM against dequantise + cuBLAS: 28672x4096 and 4096x14336
 # 0.36-0.47x against 0.32-0.39x (the GEMM ahead by 5-26%), 4096x4096 0.39-0.53x against 0.42-0.47x (within 15%
-# either way); at 256 rows the GEMM is 1.5-2x slower. Q4_K has a GEMM kernel of its own (quant_gemm.py), 0.66-0.70x
-# at 16 rows and 0.50-0.61x at 64 on 4096x4096 to 28672x4096, ahead of dequantise + cuBLAS on every shape.
+# either way); at 256 rows the GEMM is 1.5-2x slower. Q4_K and Q6_K have GEMM kernels of their own (quant_gemm.py):
+# 0.48-0.66x at 16 rows and 0.45-0.58x at 64 on 4096x4096 to 28672x4096, ahead of dequantise + cuBLAS (0.31-0.51x)
+# on every shape, so they take the GEMM whatever the matrix's size.
 GEMV_DEFAULT_ROWS = 4
 GEMM_DEFAULT_ROWS = 64
 GEMM_MIN_WEIGHTS = 1 << 25
@@ -118,7 +119,7 @@ def quant_linear(x: torch.Tensor | Int8Rows, blocks: torch.Tensor, qtype: str, b
     - "gemv", by default for M <= GEMV_DEFAULT_ROWS and float32 x, possible up to MAX_ROWS: the dequantising GEMV,
       float32 sums (`config`: a QuantGemvConfig);
     - "gemm", by default for GEMV_DEFAULT_ROWS < M <= GEMM_DEFAULT_ROWS (64), 16-bit x and N * K >=
-      GEMM_MIN_WEIGHTS (any size for Q4_K): the fused dequantising GEMM on the tensor cores, the weights rounded to
+      GEMM_MIN_WEIGHTS (any size for Q4_K and Q6_K): the fused dequantising GEMM on the tensor cores, the weights rounded to
       x's dtype in registers (`config`: a QuantGemmConfig);
     - "dequantize", otherwise: W dequantised to x's dtype into a buffer, then F.linear (cuBLAS).
     x may also be the Int8Rows of x [M, K] (int8_rows.py: from quantize_rows, or from the norm or activation kernel
@@ -189,12 +190,12 @@ def _launch_dot(x: torch.Tensor | Int8Rows, blocks, qtype, bias, out, config, k)
 def linear_path(num_rows: int, dtype: torch.dtype = torch.bfloat16, num_weights: int = 0,
                 qtype: str | None = None) -> str:
     """quant_linear's default path for x of num_rows rows of dtype times a matrix of num_weights (N * K) weights of
-    qtype: "dot", "gemv", "gemm" or "dequantize" (see quant_linear, GEMV_DEFAULT_ROWS and GEMM_DEFAULT_ROWS; Q4_K,
-    whose GEMM kernel beats dequantise + cuBLAS on every shape measured, takes the GEMM whatever its size)."""
+    qtype: "dot", "gemv", "gemm" or "dequantize" (see quant_linear, GEMV_DEFAULT_ROWS and GEMM_DEFAULT_ROWS; Q4_K and
+    Q6_K, whose GEMM kernels beat dequantise + cuBLAS on every shape measured, take the GEMM whatever its size)."""
     if num_rows <= GEMV_DEFAULT_ROWS:
         return "gemv" if dtype == torch.float32 else "dot"
     if num_rows <= GEMM_DEFAULT_ROWS and dtype != torch.float32 and (num_weights >= GEMM_MIN_WEIGHTS
-                                                                      or qtype == "Q4_K"):
+                                                                      or qtype in HALF_BLOCK_TYPES):
         return "gemm"
     return "dequantize"
 

@@ -48,6 +48,7 @@ import triton.language as tl
 from ._checks import check_devices, check_float_dtype, check_linear_inputs, check_tensor
 from .numerics import INTERPRETED, round_to_dtype
 from .quant_formats import BLOCK_SIZE, TYPE_SIZE
+from .quant_gemv import add_slices
 
 WORDS = {"Q8_0": 9, "Q4_K": 36, "Q6_K": 53}
 """32-bit words per block in the column layout, by GGML type; the types the layout holds."""
@@ -177,9 +178,7 @@ def launch_columns_gemv(x: torch.Tensor, words: torch.Tensor, qtype: str, bias: 
         BLOCK_M=triton.next_power_of_2(num_rows), BLOCK_N=block_n, num_warps=config.num_warps,
     )
     if split_k > 1:
-        block = 256
-        _add_slices_kernel[(num_rows, triton.cdiv(n, block))](
-            partial, bias, out, n, split_k, HAS_BIAS=bias is not None, BLOCK=block, num_warps=2)
+        add_slices(partial, bias, out)
 
 
 @triton.jit
@@ -246,22 +245,6 @@ def _columns_gemv_kernel(
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     dtype: tl.constexpr = out_ptr.dtype.element_ty
     tl.store(out_ptr + rows * N + cols, round_to_dtype(acc, dtype).to(dtype), mask=(rows < M) & col_ok)
-
-
-@triton.jit
-def _add_slices_kernel(partial_ptr, bias_ptr, out_ptr, N, SLICES, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    """Program (m, n): out[m, n * BLOCK ...] = the sum over slices of float32 partial [SLICES, M, N] (+ bias)."""
-    row = tl.program_id(0)
-    num_rows = tl.num_programs(0)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = cols < N
-    acc = tl.zeros([BLOCK], tl.float32)
-    for s in range(SLICES):
-        acc += tl.load(partial_ptr + (s * num_rows + row) * N + cols, mask=ok, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    dtype: tl.constexpr = out_ptr.dtype.element_ty
-    tl.store(out_ptr + row * N + cols, round_to_dtype(acc, dtype).to(dtype), mask=ok)
 
 
 @triton.jit

@@ -13,19 +13,19 @@ tf32). Narrow outputs split K into slices summed afterwards.
 Measured on an H200 (benchmarks/RESULTS.md), time against bf16 matmul, Q4_K / Q6_K on 4096x4096, 28672x4096 and
 4096x14336: at 16 rows 0.36-0.53x (dequantise + cuBLAS 0.32-0.47x), at 64 rows 0.39-0.47x (0.35-0.46x), at 256
 rows 0.25-0.30x (0.44-0.54x). quant_linear takes it by default from 5 to 64 rows on the larger matrices
-(quant.GEMM_MIN_WEIGHTS).
+(quant.GEMM_MIN_WEIGHTS) of the other types, and for Q4_K and Q6_K rows not 4-byte aligned or float32 x.
 
-Q4_K with 16-bit x has a kernel of its own, `_q4k_gemm_kernel`: a step is half a block (128 weights of each row, 16
-words of quant nibbles loaded as int32), each nibble put in a float32 mantissa in place (shift, mask; one multiply-add
-with its run's scale and offset), and the 128-wide tile goes to the tensor cores in one dot. The tile's K order is
-the words' (word, byte, nibble), not the weights', so x is permuted to that order once per call (`permute_q4k`, one
-copy of x), and the next step's scale bytes are loaded a step ahead. Against the group kernel above (H200, bf16
-matmul = 1): 4096x4096 0.35 -> 0.50-0.54x at 64 rows, 0.39 -> 0.67x at 16; 6144x4096 0.34 -> 0.58x / 0.66x;
-28672x4096 0.45 -> 0.55x / 0.66x; 4096x14336 0.47 -> 0.61x / 0.70x (benchmarks/RESULTS.md).
+Q4_K and Q6_K with 16-bit x have kernels of their own, `_q4k_gemm_kernel` and `_q6k_gemm_kernel` (the half-block
+kernels): a step is half a block (128 weights of each row), whose quants are loaded as int32 words and decoded in
+place (each code shifted and masked into a float32 mantissa, one multiply-add with its run's scale and offset); the
+128-wide tile goes to the tensor cores in one dot, and the next step's scales are loaded a step ahead. A Q4_K tile's K
+order is the words' (word, byte, nibble), not the weights', so x is permuted to it once per call (`permute_q4k`, one
+copy of x); a Q6_K tile's is the weights' own. K slices are summed by one kernel (quant_gemv.add_slices). H200, time
+against bf16 matmul at 16 / 64 rows (benchmarks/RESULTS.md): Q4_K 0.56-0.66x / 0.47-0.58x and Q6_K 0.48-0.64x /
+0.45-0.52x on 4096x4096, 6144x4096, 28672x4096 and 4096x14336, against this group kernel's 0.34-0.47x.
 """
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
@@ -38,8 +38,9 @@ from .quant_formats import BLOCK_SIZE, TYPE_SIZE
 from .quant_gemv import add_slices
 
 
-Q4K_STEP = 128
-"""Columns per K step of the Q4_K kernel (half a block)."""
+HALF_BLOCK = 128
+"""Columns per K step of the half-block kernels (Q4_K, Q6_K)."""
+HALF_BLOCK_TYPES = ("Q4_K", "Q6_K")
 
 
 class QuantGemmConfig(NamedTuple):
@@ -60,8 +61,8 @@ def launch_config(qtype: str, num_rows: int, n: int, num_sms: int = 132, k: int 
     slice keeps at least 16 group steps. The best or within 10% of the best of 7 tilings each for Q4_K and Q6_K at
     16, 64 and 256 rows on 4096x4096, 28672x4096 and 4096x14336 (H200; benchmarks/RESULTS.md). Float32 x is
     limited to 32-row tiles and one stage by launch_gemm, whatever the configuration."""
-    if qtype == "Q4_K":
-        return _q4k_launch_config(num_rows, n, num_sms, k)
+    if qtype in HALF_BLOCK_TYPES:
+        return _half_block_launch_config(num_rows, n, num_sms, k)
     if num_rows <= 32:
         block_n, block_m, num_warps = 128, max(16, triton.next_power_of_2(num_rows)), 4
     elif num_rows <= 64:
@@ -77,14 +78,14 @@ def launch_config(qtype: str, num_rows: int, n: int, num_sms: int = 132, k: int 
     return QuantGemmConfig(block_n, block_m, num_warps, num_stages=3, split_k=split_k)
 
 
-def _q4k_launch_config(num_rows: int, n: int, num_sms: int, k: int | None) -> QuantGemmConfig:
-    """`_q4k_gemm_kernel`'s configuration: 64 rows of W and up to 64 rows of x (16 at least) per program on 4 warps,
+def _half_block_launch_config(num_rows: int, n: int, num_sms: int, k: int | None) -> QuantGemmConfig:
+    """The configuration of the half-block kernels (`_q4k_gemm_kernel`, `_q6k_gemm_kernel`): 64 rows of W and up to 64 rows of x (16 at least) per program on 4 warps,
     4 stages; K split (by powers of two) while there are fewer than two programs per SM and each slice keeps at least
     4 steps (the best of 8 tilings on the four shapes above at 16 and 64 rows, or within 10% of it)."""
     block_m = min(64, max(16, triton.next_power_of_2(num_rows)))
     split_k = 1
     if k is not None:
-        steps = k // Q4K_STEP
+        steps = k // HALF_BLOCK
         programs = triton.cdiv(n, 64) * triton.cdiv(num_rows, block_m)
         while programs * split_k < 2 * num_sms and steps // (2 * split_k) >= 4:
             split_k *= 2
@@ -96,7 +97,7 @@ def permute_q4k(x: torch.Tensor) -> torch.Tensor:
     of a chunk holds column c * 64 + h * 32 + j * 4 + b (word j of the chunk's half c, byte b, nibble h). A new
     contiguous tensor."""
     num_rows, k = x.shape
-    return x.unflatten(1, (k // Q4K_STEP, 2, 2, 8, 4)).permute(0, 1, 2, 4, 5, 3).reshape(num_rows, k)
+    return x.unflatten(1, (k // HALF_BLOCK, 2, 2, 8, 4)).permute(0, 1, 2, 4, 5, 3).reshape(num_rows, k)
 
 
 def launch_gemm(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.Tensor | None, out: torch.Tensor,
@@ -106,12 +107,12 @@ def launch_gemm(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.T
     (num_rows, k), n = x.shape, blocks.shape[0]
     if num_rows == 0 or n == 0:
         return
-    q4k = qtype == "Q4_K" and x.dtype != torch.float32
     if config is None:
         num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-        config = (_q4k_launch_config if q4k else functools.partial(launch_config, qtype))(num_rows, n, num_sms, k)
-    if q4k:
-        _launch_q4k(x, blocks, bias, out, config)
+        config = launch_config(qtype, num_rows, n, num_sms, k)
+    # The half-block kernels take 16-bit x; Q6_K rows of an odd number of blocks are not 4-byte aligned.
+    if qtype in HALF_BLOCK_TYPES and x.dtype != torch.float32 and blocks.shape[1] % 4 == 0:
+        _launch_half_block(qtype, x, blocks, bias, out, config)
         return
     if x.dtype == torch.float32:  # float32 tiles are twice as large
         config = config._replace(block_m=min(config.block_m, 32), num_stages=1)
@@ -131,17 +132,20 @@ def launch_gemm(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.T
         add_slices(partial, bias, out)
 
 
-def _launch_q4k(x, blocks, bias, out, config: QuantGemmConfig) -> None:
-    """launch_gemm's Q4_K path for 16-bit x (config's split_k counts steps of Q4K_STEP columns)."""
+def _launch_half_block(qtype: str, x, blocks, bias, out, config: QuantGemmConfig) -> None:
+    """launch_gemm's Q4_K / Q6_K path for 16-bit x (config's split_k counts steps of HALF_BLOCK columns)."""
     (num_rows, k), n = x.shape, blocks.shape[0]
-    steps = k // Q4K_STEP
+    steps = k // HALF_BLOCK
     slice_steps = triton.cdiv(steps, max(1, config.split_k))
     split_k = triton.cdiv(steps, slice_steps)
     partial = out if split_k == 1 else torch.empty((split_k, num_rows, n), dtype=torch.float32, device=x.device)
-    xp = permute_q4k(x)
+    if qtype == "Q4_K":
+        x, kernel = permute_q4k(x), _q4k_gemm_kernel
+    else:
+        kernel = _q6k_gemm_kernel
     grid = (triton.cdiv(num_rows, config.block_m), triton.cdiv(n, config.block_n), split_k)
-    _q4k_gemm_kernel[grid](
-        xp, blocks, bias, partial, num_rows, n, blocks.shape[1], steps, slice_steps,
+    kernel[grid](
+        x, blocks, bias, partial, num_rows, n, x.stride(0), blocks.shape[1], steps, slice_steps,
         HAS_BIAS=bias is not None and split_k == 1, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl_options(x),
     )
@@ -229,7 +233,7 @@ def _q4k_scale_bytes(rows5, blk, sub, row_ok, nb):
 
 @triton.jit
 def _q4k_gemm_kernel(
-    x_ptr, blocks_ptr, bias_ptr, out_ptr, M, N, row_bytes, num_steps, slice_steps,
+    x_ptr, blocks_ptr, bias_ptr, out_ptr, M, N, x_row_stride, row_bytes, num_steps, slice_steps,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -249,7 +253,7 @@ def _q4k_gemm_kernel(
     word = c * 8 + tl.arange(0, 8)[None, None, :, None, None]  # (1, 2, 8, 1, 1)
     shift = 8 * tl.arange(0, 4)[None, None, None, :, None] + 4 * h  # (1, 1, 1, 4, 2)
     run = 2 * c + h  # sub-block within the step's half block: (1, 2, 1, 1, 2)
-    x_tile = x_ptr + rows[None, :].to(tl.int64) * (num_steps * 128) + tl.arange(0, 128)[:, None]  # (128, BM)
+    x_tile = x_ptr + rows[None, :].to(tl.int64) * x_row_stride + tl.arange(0, 128)[:, None]  # (128, BM)
     row_ok = (rows < M)[None, :]
 
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
@@ -275,6 +279,74 @@ def _q4k_gemm_kernel(
         xt = tl.load(x_tile + step * 128, mask=row_ok, other=0.0)  # (128, BM)
         acc = _dot(w, xt, acc)
         sa, sb, sc, head = na, nbytes, nc, nhead
+
+    y = tl.trans(acc)  # (BM, BN)
+    rows2 = rows[:, None]
+    cols2 = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + cols2, mask=cols2 < N, other=0.0).to(tl.float32)
+    out_dtype: tl.constexpr = out_ptr.dtype.element_ty
+    tl.store(out_ptr + rows2.to(tl.int64) * N + cols2, round_to_dtype(y, out_dtype).to(out_dtype),
+             mask=(rows2 < M) & (cols2 < N))
+
+
+@triton.jit
+def _q6k_scale_bytes(rows6, blk, half, sub, row_ok, nb):
+    """Q6_K: the int8 scales `sub` of half `half` of block blk and the block's fp16 d, as float32, of the rows at byte
+    pointers rows6."""
+    scale = tl.load(rows6 + nb * 192 + blk * 16 + half * 8 + sub, mask=row_ok, other=0)
+    d = tl.load((rows6 + nb * 208 + blk * 2).to(tl.pointer_type(tl.float16)), mask=row_ok, other=0.0)
+    return scale.to(tl.int8, bitcast=True).to(tl.float32), d.to(tl.float32)
+
+
+@triton.jit
+def _q6k_gemm_kernel(
+    x_ptr, blocks_ptr, bias_ptr, out_ptr, M, N, x_row_stride, row_bytes, num_steps, slice_steps,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """Program (m, n, s) of the Q6_K GEMM, as _q4k_gemm_kernel: steps of half a block (128 columns), the decode tile
+    (weight row, t_hi, t_lo, j_hi, j_lo, byte) = (BN, 2, 2, 2, 4, 4) over the half's 32-weight quarters t = 2 t_hi +
+    t_lo and words j = 4 j_hi + j_lo of ql (low nibbles: word 8 t_lo + j, nibble t_hi) and qh (2-bit fields: word j,
+    field 2 t): its order is the columns' own, so x is read as it is. Needs 4-aligned rows (an even number of
+    blocks)."""
+    wait_for_inputs(PDL)
+    dtype: tl.constexpr = x_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
+    out_ptr += tl.program_id(2).to(tl.int64) * M * N
+    nb = row_bytes // 210
+    rows6 = (blocks_ptr + cols.to(tl.int64) * row_bytes)[:, None, None, None, None, None]
+    col_ok = (cols < N)[:, None, None, None, None, None]
+    t_hi = tl.arange(0, 2)[None, :, None, None, None, None]
+    t_lo = tl.arange(0, 2)[None, None, :, None, None, None]
+    j_hi = tl.arange(0, 2)[None, None, None, :, None, None]
+    word = 4 * j_hi + tl.arange(0, 4)[None, None, None, None, :, None]  # (1, 1, 1, 2, 4, 1)
+    byte = 8 * tl.arange(0, 4)[None, None, None, None, None, :]
+    sub = 4 * t_hi + 2 * t_lo + j_hi  # the 16-weight sub-block within the half: (1, 2, 2, 2, 1, 1)
+    x_tile = x_ptr + rows[None, :].to(tl.int64) * x_row_stride + tl.arange(0, 128)[:, None]  # (128, BM)
+    row_ok = (rows < M)[None, :]
+
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    first = tl.program_id(2) * slice_steps
+    last = tl.minimum(first + slice_steps, num_steps)
+    scale, d = _q6k_scale_bytes(rows6, first // 2, first % 2, sub, col_ok, nb)
+    for step in range(first, last):
+        blk = step // 2
+        half = step % 2
+        ahead = tl.minimum(step + 1, last - 1)  # the next step's scales, loaded while this one computes
+        next_scale, next_d = _q6k_scale_bytes(rows6, ahead // 2, ahead % 2, sub, col_ok, nb)
+        ql = tl.load((rows6 + blk * 128 + half * 64).to(tl.pointer_type(tl.int32)) + 8 * t_lo + word, mask=col_ok,
+                     other=0)  # (BN, 1, 2, 2, 4, 1)
+        qh = tl.load((rows6 + nb * 128 + blk * 64 + half * 32).to(tl.pointer_type(tl.int32)) + word, mask=col_ok,
+                     other=0)  # (BN, 1, 1, 2, 4, 1)
+        a = 64.0 * (d * scale)  # weight = d sc (q - 32) = a f + b with f = 1 + q / 64 (block_codes)
+        bits = ((((ql >> (byte + 4 * t_hi)) & 15) << 17) | (((qh >> (byte + 4 * t_hi + 2 * t_lo)) & 3) << 21)
+                | 0x3F800000)
+        w = tl.reshape(_to_dtype(a * bits.to(tl.float32, bitcast=True) - 1.5 * a, dtype), [BLOCK_N, 128])
+        xt = tl.load(x_tile + step * 128, mask=row_ok, other=0.0)  # (128, BM)
+        acc = _dot(w, xt, acc)
+        scale, d = next_scale, next_d
 
     y = tl.trans(acc)  # (BM, BN)
     rows2 = rows[:, None]

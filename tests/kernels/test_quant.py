@@ -33,7 +33,7 @@ from braid_kernels.quant import (
 from braid_kernels.quant_planes import from_planes
 from braid_kernels.quant_decode import GROUP_LANES, GROUPS_PER_BLOCK
 from braid_kernels.quant_dot import dot_launch_config
-from braid_kernels.quant_gemm import Q4K_STEP
+from braid_kernels.quant_gemm import HALF_BLOCK, HALF_BLOCK_TYPES
 from braid_kernels.quant_gemm import launch_config as gemm_launch_config
 from braid_kernels.quant_gemv import MAX_ROWS, launch_config
 from tests.kernels.common import assert_quant_close as _assert_close
@@ -282,16 +282,18 @@ def test_gemm_strided_rows_and_paths(device):
         "dot", "gemm", "gemm", "dequantize"]
     assert linear_path(16, torch.float16, large) == "gemm" and linear_path(16, torch.float32, large) == "dequantize"
     assert linear_path(16, torch.bfloat16, large - 1) == "dequantize"
-    # Q4_K's own GEMM kernel is the default from 5 to 64 rows of 16-bit x on a matrix of any size
-    assert [linear_path(m, torch.bfloat16, 256 * 256, "Q4_K") for m in (4, 5, 64, 65)] == [
-        "dot", "gemm", "gemm", "dequantize"]
-    assert linear_path(16, torch.float32, 256 * 256, "Q4_K") == "dequantize"
+    # the half-block GEMM kernels (Q4_K, Q6_K) are the default from 5 to 64 rows of 16-bit x on a matrix of any size
+    for qtype in ("Q4_K", "Q6_K"):
+        assert [linear_path(m, torch.bfloat16, 256 * 256, qtype) for m in (4, 5, 64, 65)] == [
+            "dot", "gemm", "gemm", "dequantize"]
+        assert linear_path(16, torch.float32, 256 * 256, qtype) == "dequantize"
+    assert linear_path(16, torch.bfloat16, 256 * 256, "Q8_0") == "dequantize"
 
 
 def test_gemm_launch_config_fits_the_tensor_cores():
     """BLOCK_M a power of two from 16 (one MMA N side) that wastes at most half its rows when M > 16; K slices only
-    while the programs are fewer than the SMs, each slice keeping at least 16 group steps (Q4_K: fewer than two
-    programs per SM, slices of at least 4 steps of Q4K_STEP columns)."""
+    while the programs are fewer than the SMs, each slice keeping at least 16 group steps (Q4_K, Q6_K: fewer than two
+    programs per SM, slices of at least 4 steps of HALF_BLOCK columns)."""
     for qtype in QTYPE_LIST:
         for num_rows in (1, 9, 16, 17, 33, 64, 100, 256, 1000, 5000):
             for n, k in ((128, 4096), (1024, 4096), (4096, 4096), (4096, 14336), (151936, 4096)):
@@ -299,8 +301,8 @@ def test_gemm_launch_config_fits_the_tensor_cores():
                 assert config.block_m >= 16 and config.block_m & (config.block_m - 1) == 0
                 assert num_rows <= 16 or config.block_m < 2 * num_rows
                 programs = -(-n // config.block_n) * -(-num_rows // config.block_m)
-                if qtype == "Q4_K":  # its own kernel: steps of Q4K_STEP columns, up to two programs per SM
-                    steps, min_steps, per_sm = k // Q4K_STEP, 4, 2
+                if qtype in HALF_BLOCK_TYPES:  # steps of HALF_BLOCK columns, up to two programs per SM
+                    steps, min_steps, per_sm = k // HALF_BLOCK, 4, 2
                     assert config.block_n == 64 and config.block_m <= 64
                 else:  # group steps along K
                     steps, min_steps, per_sm = k // BLOCK_SIZE[qtype] * GROUPS_PER_BLOCK[qtype], 16, 1
@@ -309,7 +311,8 @@ def test_gemm_launch_config_fits_the_tensor_cores():
                 assert config.split_k > 1 or programs >= per_sm * 132 or steps < 2 * min_steps
     assert gemm_launch_config("Q4_K", 64, 28672, k=4096) == (64, 64, 4, 4, 1)
     assert gemm_launch_config("Q4_K", 16, 4096, k=14336) == (64, 16, 4, 4, 8)
-    assert gemm_launch_config("Q6_K", 64, 4096, k=14336)[:4] == (128, 64, 8, 3)
+    assert gemm_launch_config("Q6_K", 64, 4096, k=14336) == (64, 64, 4, 4, 8)
+    assert gemm_launch_config("Q8_0", 64, 4096, k=14336)[:4] == (128, 64, 8, 3)
     assert gemm_launch_config("Q5_K", 256, 28672, k=4096)[:4] == (128, 128, 8, 3)
 
 
