@@ -164,9 +164,7 @@ def _quant_gemm_kernel(
     [s * slice_steps, (s + 1) * slice_steps) of K (out is float32 [slices, M, N] with several slices)."""
     wait_for_inputs(PDL)
     dtype: tl.constexpr = x_ptr.dtype.element_ty
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
-    out_ptr += tl.program_id(2).to(tl.int64) * M * N
+    rows, cols, out_ptr = _program_tile(out_ptr, M, N, BLOCK_M, BLOCK_N)
     row_ptr = blocks_ptr + cols.to(tl.int64)[:, None] * row_bytes  # (BN, 1)
     nb = row_bytes // TYPE_SIZE
     col_ok = (cols < N)[:, None]
@@ -189,6 +187,21 @@ def _quant_gemm_kernel(
         acc = _dot(w_lo, x_lo, acc)
         acc = _dot(w_hi, x_hi, acc)
 
+    _store_tile(acc, rows, cols, bias_ptr, out_ptr, M, N, HAS_BIAS)
+
+
+@triton.jit
+def _program_tile(out_ptr, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program (m, n, s)'s rows of x (BM,), rows of W (BN,), and its slice of out (float32 [slices, M, N] when K is
+    split)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rows, cols, out_ptr + tl.program_id(2).to(tl.int64) * M * N
+
+
+@triton.jit
+def _store_tile(acc, rows, cols, bias_ptr, out_ptr, M, N, HAS_BIAS: tl.constexpr):
+    """out[rows, cols] = acc [BN, BM] transposed (+ bias[cols]), rounded to out's dtype; rows and cols 1-d."""
     y = tl.trans(acc)  # (BM, BN)
     rows2 = rows[:, None]
     cols2 = cols[None, :]
@@ -242,9 +255,7 @@ def _q4k_gemm_kernel(
     slices). The decode tile is (weight row, half c, word j, byte b, nibble h) = (BN, 2, 8, 4, 2)."""
     wait_for_inputs(PDL)
     dtype: tl.constexpr = x_ptr.dtype.element_ty
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
-    out_ptr += tl.program_id(2).to(tl.int64) * M * N
+    rows, cols, out_ptr = _program_tile(out_ptr, M, N, BLOCK_M, BLOCK_N)
     nb = row_bytes // 144
     rows5 = (blocks_ptr + cols.to(tl.int64) * row_bytes)[:, None, None, None, None]
     col_ok = (cols < N)[:, None, None, None, None]
@@ -280,14 +291,7 @@ def _q4k_gemm_kernel(
         acc = _dot(w, xt, acc)
         sa, sb, sc, head = na, nbytes, nc, nhead
 
-    y = tl.trans(acc)  # (BM, BN)
-    rows2 = rows[:, None]
-    cols2 = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + cols2, mask=cols2 < N, other=0.0).to(tl.float32)
-    out_dtype: tl.constexpr = out_ptr.dtype.element_ty
-    tl.store(out_ptr + rows2.to(tl.int64) * N + cols2, round_to_dtype(y, out_dtype).to(out_dtype),
-             mask=(rows2 < M) & (cols2 < N))
+    _store_tile(acc, rows, cols, bias_ptr, out_ptr, M, N, HAS_BIAS)
 
 
 @triton.jit
@@ -312,9 +316,7 @@ def _q6k_gemm_kernel(
     blocks)."""
     wait_for_inputs(PDL)
     dtype: tl.constexpr = x_ptr.dtype.element_ty
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
-    out_ptr += tl.program_id(2).to(tl.int64) * M * N
+    rows, cols, out_ptr = _program_tile(out_ptr, M, N, BLOCK_M, BLOCK_N)
     nb = row_bytes // 210
     rows6 = (blocks_ptr + cols.to(tl.int64) * row_bytes)[:, None, None, None, None, None]
     col_ok = (cols < N)[:, None, None, None, None, None]
@@ -348,11 +350,4 @@ def _q6k_gemm_kernel(
         acc = _dot(w, xt, acc)
         scale, d = next_scale, next_d
 
-    y = tl.trans(acc)  # (BM, BN)
-    rows2 = rows[:, None]
-    cols2 = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + cols2, mask=cols2 < N, other=0.0).to(tl.float32)
-    out_dtype: tl.constexpr = out_ptr.dtype.element_ty
-    tl.store(out_ptr + rows2.to(tl.int64) * N + cols2, round_to_dtype(y, out_dtype).to(out_dtype),
-             mask=(rows2 < M) & (cols2 < N))
+    _store_tile(acc, rows, cols, bias_ptr, out_ptr, M, N, HAS_BIAS)
