@@ -35,16 +35,18 @@ from .quant_planes import from_planes, to_planes
 # 0.33-0.54x. Q4_K / Q6_K at 16 and 64 rows, fused GEMM against dequantise + cuBLAS: 28672x4096 and 4096x14336
 # 0.36-0.47x against 0.32-0.39x (the GEMM ahead by 5-26%), 4096x4096 0.39-0.53x against 0.42-0.47x (within 15%
 # either way); at 256 rows the GEMM is 1.5-2x slower. Q4_K and Q6_K have GEMM kernels of their own (quant_gemm.py):
-# 0.48-0.66x at 16 rows and 0.45-0.58x at 64 on 4096x4096 to 28672x4096, ahead of dequantise + cuBLAS (0.31-0.51x)
-# on every shape, so they take the GEMM whatever the matrix's size.
+# 0.48-0.66x at 16 rows, 0.45-0.58x at 64 and 0.38-0.55x at 128 on 4096x4096 to 28672x4096, ahead of dequantise +
+# cuBLAS (0.31-0.51x, 0.35-0.46x at 128) on every shape, so they take the GEMM up to HALF_BLOCK_ROWS whatever the
+# matrix's size; not beyond (at 256 rows 0.28-0.42x against 0.43-0.59x).
 GEMV_DEFAULT_ROWS = 4
 GEMM_DEFAULT_ROWS = 64
+HALF_BLOCK_ROWS = 128
 GEMM_MIN_WEIGHTS = 1 << 25
 PATHS = ("dot", "gemv", "gemm", "dequantize")
 
 __all__ = [
-    "BLOCK_SIZE", "GEMM_DEFAULT_ROWS", "GEMM_MIN_WEIGHTS", "GEMV_DEFAULT_ROWS", "MAX_ROWS", "PATHS", "QTYPES",
-    "TYPE_SIZE", "QuantGemmConfig", "QuantGemvConfig",
+    "BLOCK_SIZE", "GEMM_DEFAULT_ROWS", "GEMM_MIN_WEIGHTS", "GEMV_DEFAULT_ROWS", "HALF_BLOCK_ROWS", "MAX_ROWS", "PATHS",
+    "QTYPES", "TYPE_SIZE", "QuantGemmConfig", "QuantGemvConfig",
     "Int8Rows", "dequantize", "dequantize_reference", "dequantize_torch", "from_planes", "quantize_rows", "to_planes",
     "quant_embedding", "quant_embedding_reference",
     "linear_path", "quant_linear", "quant_linear_reference",
@@ -119,8 +121,8 @@ def quant_linear(x: torch.Tensor | Int8Rows, blocks: torch.Tensor, qtype: str, b
     - "gemv", by default for M <= GEMV_DEFAULT_ROWS and float32 x, possible up to MAX_ROWS: the dequantising GEMV,
       float32 sums (`config`: a QuantGemvConfig);
     - "gemm", by default for GEMV_DEFAULT_ROWS < M <= GEMM_DEFAULT_ROWS (64), 16-bit x and N * K >=
-      GEMM_MIN_WEIGHTS (any size for Q4_K and Q6_K): the fused dequantising GEMM on the tensor cores, the weights rounded to
-      x's dtype in registers (`config`: a QuantGemmConfig);
+      GEMM_MIN_WEIGHTS (Q4_K and Q6_K: up to HALF_BLOCK_ROWS (128) rows, any size): the fused dequantising GEMM on
+      the tensor cores, the weights rounded to x's dtype in registers (`config`: a QuantGemmConfig);
     - "dequantize", otherwise: W dequantised to x's dtype into a buffer, then F.linear (cuBLAS).
     x may also be the Int8Rows of x [M, K] (int8_rows.py: from quantize_rows, or from the norm or activation kernel
     that produced x), for the "dot" path at up to MAX_ROWS rows: the int8 rounding "dot" would do, done already
@@ -191,11 +193,13 @@ def linear_path(num_rows: int, dtype: torch.dtype = torch.bfloat16, num_weights:
                 qtype: str | None = None) -> str:
     """quant_linear's default path for x of num_rows rows of dtype times a matrix of num_weights (N * K) weights of
     qtype: "dot", "gemv", "gemm" or "dequantize" (see quant_linear, GEMV_DEFAULT_ROWS and GEMM_DEFAULT_ROWS; Q4_K and
-    Q6_K, whose GEMM kernels beat dequantise + cuBLAS on every shape measured, take the GEMM whatever its size)."""
+    Q6_K, whose GEMM kernels beat dequantise + cuBLAS on every shape measured up to 128 rows, take the GEMM up to
+    HALF_BLOCK_ROWS rows whatever the matrix's size)."""
     if num_rows <= GEMV_DEFAULT_ROWS:
         return "gemv" if dtype == torch.float32 else "dot"
-    if num_rows <= GEMM_DEFAULT_ROWS and dtype != torch.float32 and (num_weights >= GEMM_MIN_WEIGHTS
-                                                                      or qtype in HALF_BLOCK_TYPES):
+    if dtype != torch.float32 and qtype in HALF_BLOCK_TYPES:
+        return "gemm" if num_rows <= HALF_BLOCK_ROWS else "dequantize"
+    if num_rows <= GEMM_DEFAULT_ROWS and dtype != torch.float32 and num_weights >= GEMM_MIN_WEIGHTS:
         return "gemm"
     return "dequantize"
 

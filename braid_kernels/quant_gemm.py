@@ -21,8 +21,9 @@ place (each code shifted and masked into a float32 mantissa, one multiply-add wi
 128-wide tile goes to the tensor cores in one dot, and the next step's scales are loaded a step ahead. A Q4_K tile's K
 order is the words' (word, byte, nibble), not the weights', so x is permuted to it once per call (`permute_q4k`, one
 copy of x); a Q6_K tile's is the weights' own. K slices are summed by one kernel (quant_gemv.add_slices). H200, time
-against bf16 matmul at 16 / 64 rows (benchmarks/RESULTS.md): Q4_K 0.56-0.66x / 0.47-0.58x and Q6_K 0.48-0.64x /
-0.45-0.52x on 4096x4096, 6144x4096, 28672x4096 and 4096x14336, against this group kernel's 0.34-0.47x.
+against bf16 matmul at 16 / 64 / 128 rows (benchmarks/RESULTS.md): Q4_K 0.56-0.66x / 0.47-0.58x / 0.41-0.55x and Q6_K
+0.48-0.64x / 0.45-0.52x / 0.38-0.53x on 4096x4096, 6144x4096, 28672x4096 and 4096x14336, against this group kernel's
+0.34-0.47x at 16-64 rows and dequantise + cuBLAS's 0.35-0.46x at 128; at 256 rows dequantise + cuBLAS is ahead.
 """
 from __future__ import annotations
 
@@ -79,17 +80,20 @@ def launch_config(qtype: str, num_rows: int, n: int, num_sms: int = 132, k: int 
 
 
 def _half_block_launch_config(num_rows: int, n: int, num_sms: int, k: int | None) -> QuantGemmConfig:
-    """The configuration of the half-block kernels (`_q4k_gemm_kernel`, `_q6k_gemm_kernel`): 64 rows of W and up to 64 rows of x (16 at least) per program on 4 warps,
-    4 stages; K split (by powers of two) while there are fewer than two programs per SM and each slice keeps at least
-    4 steps (the best of 8 tilings on the four shapes above at 16 and 64 rows, or within 10% of it)."""
-    block_m = min(64, max(16, triton.next_power_of_2(num_rows)))
+    """The configuration of the half-block kernels (`_q4k_gemm_kernel`, `_q6k_gemm_kernel`): 64 rows of W per
+    program on 4 warps; tiles of up to 64 rows of x (16 at least) over 4 stages, of 128 rows over 3 for more than 64
+    rows; K split (by powers of
+    two) while there are fewer than two programs per SM and each slice keeps at least 4 steps (the best of 8
+    tilings on the four shapes above at 16 and 64 rows, or within 10% of it, and of 5 at 128 rows)."""
+    block_m = min(128, max(16, triton.next_power_of_2(num_rows)))
+    num_stages = 4 if block_m <= 64 else 3
     split_k = 1
     if k is not None:
         steps = k // HALF_BLOCK
         programs = triton.cdiv(n, 64) * triton.cdiv(num_rows, block_m)
         while programs * split_k < 2 * num_sms and steps // (2 * split_k) >= 4:
             split_k *= 2
-    return QuantGemmConfig(64, block_m, 4, num_stages=4, split_k=split_k)
+    return QuantGemmConfig(64, block_m, 4, num_stages=num_stages, split_k=split_k)
 
 
 def permute_q4k(x: torch.Tensor) -> torch.Tensor:

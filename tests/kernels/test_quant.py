@@ -16,6 +16,7 @@ from braid_kernels.quant import (
     GEMM_DEFAULT_ROWS,
     GEMM_MIN_WEIGHTS,
     GEMV_DEFAULT_ROWS,
+    HALF_BLOCK_ROWS,
     QTYPES,
     TYPE_SIZE,
     QuantGemmConfig,
@@ -282,10 +283,11 @@ def test_gemm_strided_rows_and_paths(device):
         "dot", "gemm", "gemm", "dequantize"]
     assert linear_path(16, torch.float16, large) == "gemm" and linear_path(16, torch.float32, large) == "dequantize"
     assert linear_path(16, torch.bfloat16, large - 1) == "dequantize"
-    # the half-block GEMM kernels (Q4_K, Q6_K) are the default from 5 to 64 rows of 16-bit x on a matrix of any size
+    # the half-block GEMM kernels (Q4_K, Q6_K) are the default from 5 to 128 rows of 16-bit x on a matrix of any size
     for qtype in ("Q4_K", "Q6_K"):
-        assert [linear_path(m, torch.bfloat16, 256 * 256, qtype) for m in (4, 5, 64, 65)] == [
-            "dot", "gemm", "gemm", "dequantize"]
+        assert [linear_path(m, torch.bfloat16, 256 * 256, qtype) for m in (4, 5, 65, HALF_BLOCK_ROWS,
+                                                                            HALF_BLOCK_ROWS + 1)] == [
+            "dot", "gemm", "gemm", "gemm", "dequantize"]
         assert linear_path(16, torch.float32, 256 * 256, qtype) == "dequantize"
     assert linear_path(16, torch.bfloat16, 256 * 256, "Q8_0") == "dequantize"
 
@@ -303,7 +305,7 @@ def test_gemm_launch_config_fits_the_tensor_cores():
                 programs = -(-n // config.block_n) * -(-num_rows // config.block_m)
                 if qtype in HALF_BLOCK_TYPES:  # steps of HALF_BLOCK columns, up to two programs per SM
                     steps, min_steps, per_sm = k // HALF_BLOCK, 4, 2
-                    assert config.block_n == 64 and config.block_m <= 64
+                    assert config.block_n == 64 and config.block_m <= 128
                 else:  # group steps along K
                     steps, min_steps, per_sm = k // BLOCK_SIZE[qtype] * GROUPS_PER_BLOCK[qtype], 16, 1
                 assert config.split_k == 1 or programs * config.split_k // 2 < per_sm * 132
@@ -313,6 +315,7 @@ def test_gemm_launch_config_fits_the_tensor_cores():
     assert gemm_launch_config("Q4_K", 16, 4096, k=14336) == (64, 16, 4, 4, 8)
     assert gemm_launch_config("Q6_K", 64, 4096, k=14336) == (64, 64, 4, 4, 8)
     assert gemm_launch_config("Q8_0", 64, 4096, k=14336)[:4] == (128, 64, 8, 3)
+    assert gemm_launch_config("Q4_K", 100, 28672, k=4096) == (64, 128, 4, 3, 1)
     assert gemm_launch_config("Q5_K", 256, 28672, k=4096)[:4] == (128, 128, 8, 3)
 
 

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from braid_kernels.quant import (
+    GEMM_DEFAULT_ROWS,
     GEMM_MIN_WEIGHTS,
+    HALF_BLOCK_ROWS,
     MAX_ROWS,
     QTYPES,
     dequantize,
@@ -64,15 +66,18 @@ def test_fused_gemm_on_gpu(qtype):
 
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "Q8_0"])
 def test_default_paths_of_a_large_matrix_on_gpu(qtype):
-    """8192 x 4096 (2^25 weights, GEMM_MIN_WEIGHTS): the default path is the fused GEMM from 5 to 64 rows and
-    dequantise + cuBLAS above; both against gguf's weights rounded to bf16 and float32 sums."""
+    """8192 x 4096 (2^25 weights, GEMM_MIN_WEIGHTS): the default path is the fused GEMM from 5 to 64 rows (Q4_K and
+    Q6_K: to HALF_BLOCK_ROWS) and dequantise + cuBLAS above; both against gguf's weights rounded to bf16 and float32
+    sums."""
     n, k = 8192, 4096
     assert n * k >= GEMM_MIN_WEIGHTS
     _, blocks = _weights(n, k, seed=21, qtype=qtype)
     gpu_blocks = to_planes(blocks, qtype).cuda()
     w = dequantize_reference(blocks, qtype).to(torch.bfloat16).float()
-    for num_rows, path in ((5, "gemm"), (16, "gemm"), (33, "gemm"), (64, "gemm"), (65, "dequantize")):
-        assert linear_path(num_rows, torch.bfloat16, n * k) == path
+    last = HALF_BLOCK_ROWS if qtype in ("Q4_K", "Q6_K") else GEMM_DEFAULT_ROWS
+    for num_rows, path in ((5, "gemm"), (16, "gemm"), (33, "gemm"), (64, "gemm"), (last, "gemm"),
+                           (last + 1, "dequantize")):
+        assert linear_path(num_rows, torch.bfloat16, n * k, qtype) == path
         x = torch.randn(num_rows, k, generator=torch.Generator().manual_seed(num_rows)).to(torch.bfloat16)
         _assert_close(quant_linear(x.cuda(), gpu_blocks, qtype).cpu(), (x.float() @ w.t()).to(torch.bfloat16),
                       torch.bfloat16)
