@@ -118,7 +118,7 @@ def bench_shape(qtype: str, n: int, k: int, rows: list[int], configs=None, path:
         if configs is None or m > MAX_ROWS:
             t_q = time_rotating(lambda w: quant_linear(x, w, qtype), quant)
             num_sms = torch.cuda.get_device_properties(0).multi_processor_count
-            label = linear_path(m)
+            label = linear_path(m, x.dtype, n * k, qtype)
             if label == "dot":
                 label += " " + str(tuple(dot_launch_config(qtype, m, n, num_sms, k)))
             print(f"{qtype:5} {n:>6}x{k:<6} M={m:<4} bf16 {t_bf16:8.1f} us {2 * n * k / t_bf16 / 1e3:6.0f} GB/s | "
@@ -241,7 +241,8 @@ def bench_int4pack(n: int, k: int, rows: list[int]) -> None:
         x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
         t_bf16 = time_rotating(lambda w: torch.matmul(x, w.t()), dense)
         t_q = time_rotating(lambda w: quant_linear(x, w, "Q4_K"), quant)
-        line = (f"int4 {n:>6}x{k:<6} M={m:<4} bf16 {t_bf16:7.1f} us | Q4_K {linear_path(m)} {t_q:7.1f} us "
+        path = linear_path(m, x.dtype, n * k, "Q4_K")
+        line = (f"int4 {n:>6}x{k:<6} M={m:<4} bf16 {t_bf16:7.1f} us | Q4_K {path} {t_q:7.1f} us "
                 f"{t_bf16 / t_q:5.2f}x")
         for tiles, weights in packs.items():
             t = time_rotating(lambda w: torch.ops.aten._weight_int4pack_mm(x, w[0], 32, w[1]), weights)

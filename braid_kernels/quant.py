@@ -24,7 +24,7 @@ from .numerics import is_interpreted
 from .quant_dequant import _dequantize_kernel, launch_dequantize
 from .quant_dot import dot_launch_config, launch_dot_gemv
 from .quant_formats import BLOCK_SIZE, QTYPES, TYPE_SIZE, check_qtype, dequantize_torch
-from .quant_gemm import HALF_BLOCK_TYPES, QuantGemmConfig, launch_gemm
+from .quant_gemm import HALF_BLOCK_TYPES, QuantGemmConfig, launch_gemm, uses_half_block
 from .quant_gemv import MAX_ROWS, QuantGemvConfig, launch_gemv
 from .quant_planes import from_planes, to_planes
 
@@ -134,7 +134,8 @@ def quant_linear(x: torch.Tensor | Int8Rows, blocks: torch.Tensor, qtype: str, b
         return _quant_linear_int8(x, blocks, qtype, bias, config, path, k)
     check_linear_inputs(_dequantize_kernel, x, k, blocks.shape[0], bias, "blocks", blocks,
                         f"{qtype} blocks of shape {tuple(blocks.shape)}")
-    path = path or linear_path(x.shape[0], x.dtype, blocks.shape[0] * k, qtype)
+    path = path or linear_path(x.shape[0], x.dtype, blocks.shape[0] * k,
+                               qtype if uses_half_block(qtype, blocks.shape[1], x.dtype) else None)
     if path not in PATHS or (path in ("dot", "gemv") and x.shape[0] > MAX_ROWS):
         raise ValueError(f"path must be one of {', '.join(PATHS)} (dot and gemv for at most {MAX_ROWS} rows), got "
                          f"{path!r} for {x.shape[0]} rows")
@@ -194,7 +195,8 @@ def linear_path(num_rows: int, dtype: torch.dtype = torch.bfloat16, num_weights:
     """quant_linear's default path for x of num_rows rows of dtype times a matrix of num_weights (N * K) weights of
     qtype: "dot", "gemv", "gemm" or "dequantize" (see quant_linear, GEMV_DEFAULT_ROWS and GEMM_DEFAULT_ROWS; Q4_K and
     Q6_K, whose GEMM kernels beat dequantise + cuBLAS on every shape measured up to 128 rows, take the GEMM up to
-    HALF_BLOCK_ROWS rows whatever the matrix's size)."""
+    HALF_BLOCK_ROWS rows whatever the matrix's size; quant_linear passes qtype None for a Q6_K matrix whose rows the
+    half-block kernel cannot read, quant_gemm.uses_half_block)."""
     if num_rows <= GEMV_DEFAULT_ROWS:
         return "gemv" if dtype == torch.float32 else "dot"
     if dtype != torch.float32 and qtype in HALF_BLOCK_TYPES:

@@ -13,7 +13,8 @@ tf32). Narrow outputs split K into slices summed afterwards.
 Measured on an H200 (benchmarks/RESULTS.md), time against bf16 matmul, Q4_K / Q6_K on 4096x4096, 28672x4096 and
 4096x14336: at 16 rows 0.36-0.53x (dequantise + cuBLAS 0.32-0.47x), at 64 rows 0.39-0.47x (0.35-0.46x), at 256
 rows 0.25-0.30x (0.44-0.54x). quant_linear takes it by default from 5 to 64 rows on the larger matrices
-(quant.GEMM_MIN_WEIGHTS) of the other types, and for Q4_K and Q6_K rows not 4-byte aligned or float32 x.
+(quant.GEMM_MIN_WEIGHTS) of the types other than Q4_K and Q6_K, and of those with float32 x or Q6_K rows of an odd
+number of blocks (not 4-byte aligned).
 
 Q4_K and Q6_K with 16-bit x have kernels of their own, `_q4k_gemm_kernel` and `_q6k_gemm_kernel` (the half-block
 kernels): a step is half a block (128 weights of each row), whose quants are loaded as int32 words and decoded in
@@ -56,14 +57,28 @@ class QuantGemmConfig(NamedTuple):
 
 
 def launch_config(qtype: str, num_rows: int, n: int, num_sms: int = 132, k: int | None = None) -> QuantGemmConfig:
-    """The configuration for x [num_rows, K] @ W[n, K].T on a device of `num_sms` multiprocessors: up to 16 rows of
+    """The configuration for x [num_rows, K] @ W[n, K].T of 16-bit x on a device of `num_sms` multiprocessors: the
+    half-block kernels' (`_half_block_launch_config`) for Q4_K and Q6_K, the group kernel's (`group_launch_config`)
+    for the other types."""
+    if qtype in HALF_BLOCK_TYPES:
+        return _half_block_launch_config(num_rows, n, num_sms, k)
+    return group_launch_config(qtype, num_rows, n, num_sms, k)
+
+
+def uses_half_block(qtype: str, row_bytes: int, dtype: torch.dtype) -> bool:
+    """Whether launch_gemm runs a half-block kernel: Q4_K or Q6_K, 16-bit x, rows of a multiple of 4 bytes (Q6_K rows
+    of an odd number of blocks are not)."""
+    return qtype in HALF_BLOCK_TYPES and dtype != torch.float32 and row_bytes % 4 == 0
+
+
+def group_launch_config(qtype: str, num_rows: int, n: int, num_sms: int = 132,
+                        k: int | None = None) -> QuantGemmConfig:
+    """The group kernel's configuration (any type): up to 16 rows of
     x, 128 x 16 tiles; 32 rows, 128 x 32; 64 rows, 64 x 64 for N above 8192, else 128 x 64 on 8 warps; above,
     128 x 128 on 8 warps; K split into slices (by powers of two) while there are fewer programs than SMs and each
     slice keeps at least 16 group steps. The best or within 10% of the best of 7 tilings each for Q4_K and Q6_K at
     16, 64 and 256 rows on 4096x4096, 28672x4096 and 4096x14336 (H200; benchmarks/RESULTS.md). Float32 x is
     limited to 32-row tiles and one stage by launch_gemm, whatever the configuration."""
-    if qtype in HALF_BLOCK_TYPES:
-        return _half_block_launch_config(num_rows, n, num_sms, k)
     if num_rows <= 32:
         block_n, block_m, num_warps = 128, max(16, triton.next_power_of_2(num_rows)), 4
     elif num_rows <= 64:
@@ -111,11 +126,12 @@ def launch_gemm(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.T
     (num_rows, k), n = x.shape, blocks.shape[0]
     if num_rows == 0 or n == 0:
         return
+    half_block = uses_half_block(qtype, blocks.shape[1], x.dtype)
     if config is None:
         num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-        config = launch_config(qtype, num_rows, n, num_sms, k)
-    # The half-block kernels take 16-bit x; Q6_K rows of an odd number of blocks are not 4-byte aligned.
-    if qtype in HALF_BLOCK_TYPES and x.dtype != torch.float32 and blocks.shape[1] % 4 == 0:
+        config = (_half_block_launch_config(num_rows, n, num_sms, k) if half_block
+                  else group_launch_config(qtype, num_rows, n, num_sms, k))
+    if half_block:
         _launch_half_block(qtype, x, blocks, bias, out, config)
         return
     if x.dtype == torch.float32:  # float32 tiles are twice as large
@@ -140,8 +156,8 @@ def _launch_half_block(qtype: str, x, blocks, bias, out, config: QuantGemmConfig
     """launch_gemm's Q4_K / Q6_K path for 16-bit x (config's split_k counts steps of HALF_BLOCK columns)."""
     (num_rows, k), n = x.shape, blocks.shape[0]
     steps = k // HALF_BLOCK
-    slice_steps = triton.cdiv(steps, max(1, config.split_k))
-    split_k = triton.cdiv(steps, slice_steps)
+    slice_steps = max(1, triton.cdiv(steps, max(1, config.split_k)))  # K = 0 (quant_linear does not launch it)
+    split_k = triton.cdiv(max(steps, 1), slice_steps)  # no empty slices
     partial = out if split_k == 1 else torch.empty((split_k, num_rows, n), dtype=torch.float32, device=x.device)
     if qtype == "Q4_K":
         x, kernel = permute_q4k(x), _q4k_gemm_kernel

@@ -34,7 +34,7 @@ from braid_kernels.quant import (
 from braid_kernels.quant_planes import from_planes
 from braid_kernels.quant_decode import GROUP_LANES, GROUPS_PER_BLOCK
 from braid_kernels.quant_dot import dot_launch_config
-from braid_kernels.quant_gemm import HALF_BLOCK, HALF_BLOCK_TYPES
+from braid_kernels.quant_gemm import HALF_BLOCK, HALF_BLOCK_TYPES, group_launch_config, uses_half_block
 from braid_kernels.quant_gemm import launch_config as gemm_launch_config
 from braid_kernels.quant_gemv import MAX_ROWS, launch_config
 from tests.kernels.common import assert_quant_close as _assert_close
@@ -267,6 +267,24 @@ def test_gemm_configs(device, qtype, config):
         _assert_close(got.cpu(), _gemm_reference(x, blocks, qtype, bias.to(dtype)), dtype)
 
 
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
+def test_half_block_gemm_slices(device, qtype):
+    """The half-block kernels on K = 1024 (8 steps of 128 columns) split into 3 slices (3, 3 and 2 steps: a slice
+    starts on an odd step, the second half of a block, whose scales the kernel loads before its loop), with a bias,
+    a ragged N and float16 and bfloat16 x."""
+    n, k = 70, 1024
+    _, blocks = _weights(n, k, seed=13, qtype=qtype)
+    planes = _planes(blocks, qtype, device)
+    assert uses_half_block(qtype, planes.shape[1], torch.bfloat16)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(13))
+    for num_rows, dtype, config in ((21, torch.float16, QuantGemmConfig(64, 32, 4, 3, split_k=3)),
+                                    (9, torch.bfloat16, QuantGemmConfig(32, 16, 4, 2, split_k=3)),
+                                    (9, torch.bfloat16, QuantGemmConfig(64, 16, 4, 4, split_k=1))):
+        x = torch.randn(num_rows, k, generator=torch.Generator().manual_seed(num_rows)).to(dtype)
+        got = quant_linear(x.to(device), planes, qtype, bias.to(dtype).to(device), config=config, path="gemm")
+        _assert_close(got.cpu(), _gemm_reference(x, blocks, qtype, bias.to(dtype)), dtype)
+
+
 def test_gemm_strided_rows_and_paths(device):
     _, blocks = _weights(8, 256, seed=4)
     x = torch.randn(12, 512, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)[:, :256]
@@ -290,6 +308,10 @@ def test_gemm_strided_rows_and_paths(device):
             "dot", "gemm", "gemm", "gemm", "dequantize"]
         assert linear_path(16, torch.float32, 256 * 256, qtype) == "dequantize"
     assert linear_path(16, torch.bfloat16, 256 * 256, "Q8_0") == "dequantize"
+    # a Q6_K matrix of an odd number of blocks per row (not 4-byte aligned) keeps the group kernel's rule
+    assert not uses_half_block("Q6_K", 3 * TYPE_SIZE["Q6_K"], torch.bfloat16)
+    assert uses_half_block("Q4_K", 3 * TYPE_SIZE["Q4_K"], torch.bfloat16)
+    assert not uses_half_block("Q4_K", 2 * TYPE_SIZE["Q4_K"], torch.float32)
 
 
 def test_gemm_launch_config_fits_the_tensor_cores():
@@ -317,6 +339,7 @@ def test_gemm_launch_config_fits_the_tensor_cores():
     assert gemm_launch_config("Q8_0", 64, 4096, k=14336)[:4] == (128, 64, 8, 3)
     assert gemm_launch_config("Q4_K", 100, 28672, k=4096) == (64, 128, 4, 3, 1)
     assert gemm_launch_config("Q5_K", 256, 28672, k=4096)[:4] == (128, 128, 8, 3)
+    assert group_launch_config("Q4_K", 64, 28672, k=4096)[:4] == (64, 64, 4, 3)  # Q4_K / Q6_K of float32 x
 
 
 def test_dot_launch_config_follows_the_sweep():
