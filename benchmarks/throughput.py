@@ -3,6 +3,12 @@ random token ids, prompt and output lengths uniform in [100, 1024] (Python's `ra
 nano-vllm's bench.py draws them), temperature 0.6, ignore_eos; the figure is total output tok/s.
 
     BRAID_TEST_TOKENIZER=/path/to/tokenizer python benchmarks/throughput.py [--model qwen3-0.6b|smollm2-135m]
+    BRAID_TEST_TOKENIZER=... python benchmarks/throughput.py --config benchmarks/configs/llama-3.1-8b.json \
+        --formats bf16,Q4_K_M --skip-hf
+
+--formats runs Braid on the same workload once per weight format: bf16 (safetensors), Q8_0 or Q4_K_M (a random GGUF
+file of the same shape with llama.cpp's tensor types, as benchmarks/quantized_decode.py writes it; K-quant rows need
+multiples of 256 columns), each printed against the bf16 row. Transformers runs the bf16 model only.
 
 Braid gets every request in one `llm.generate` call after a short warm-up (CUDA graphs are captured when the LLM is
 built, FlashInfer and Triton compile on first use). Transformers runs the first --hf-requests of the same workload in
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import platform
 import random
@@ -33,6 +40,20 @@ import torch
 from latency import MODELS, build_model
 
 TEMPERATURE = 0.6
+FORMATS = ("bf16", "Q8_0", "Q4_K_M")
+
+
+def write_gguf(path: str, arch: str, shape: dict, fmt: str, tokenizer_dir: str, device: str) -> None:
+    """A random GGUF of the model `arch` / `shape` (as build_model takes them) in `fmt`, with llama.cpp's tensor
+    types (benchmarks/quantized_decode.py)."""
+    import transformers
+    from quantized_decode import write_random_gguf
+
+    if arch == "config.json":
+        config = transformers.AutoConfig.for_model(**{k: v for k, v in shape.items() if not k.startswith("_")})
+    else:
+        config = getattr(transformers, f"{arch}Config")(**shape)
+    write_random_gguf(path, config, fmt, tokenizer_dir, device)
 
 
 def workload(args) -> tuple[list[list[int]], list[int]]:
@@ -120,6 +141,10 @@ def device_name(device: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=list(MODELS), default="qwen3-0.6b", help="'tiny' is for CPU smoke runs")
+    ap.add_argument("--config", help="a published config.json (e.g. benchmarks/configs/llama-3.1-8b.json): its "
+                                     "architecture and shape instead of --model's")
+    ap.add_argument("--formats", default="bf16",
+                    help=f"Braid's weight formats, comma-separated, of {', '.join(FORMATS)} (default bf16)")
     ap.add_argument("--num-requests", type=int, default=256)
     ap.add_argument("--max-input-len", type=int, default=1024)
     ap.add_argument("--max-output-len", type=int, default=1024)
@@ -140,16 +165,31 @@ def main() -> None:
     if not tokenizer_dir:
         raise SystemExit("needs BRAID_TEST_TOKENIZER (a saved tokenizer directory)")
 
+    formats = args.formats.split(",")
+    if not formats or any(fmt not in FORMATS for fmt in formats) or len(set(formats)) < len(formats):
+        raise SystemExit(f"--formats takes distinct formats of {', '.join(FORMATS)}, got {args.formats!r}")
     import transformers
 
+    if args.config:
+        with open(args.config) as f:
+            arch, shape, model_name = "config.json", json.load(f), os.path.basename(args.config).removesuffix(".json")
+    else:
+        (arch, shape), model_name = MODELS[args.model], args.model
     prompts, max_tokens = workload(args)
     rows = []  # (engine, requests, prompt tokens, output tokens, seconds)
-    with tempfile.TemporaryDirectory() as path:
-        model = build_model(path, tokenizer_dir, *MODELS[args.model], args.device, getattr(torch, _dtype(args.device)))
-        seconds, num_out = run_braid(path, prompts, max_tokens, args)
-        assert num_out == sum(max_tokens), f"Braid generated {num_out} tokens, expected {sum(max_tokens)}"
-        rows.append(("braid", len(prompts), sum(map(len, prompts)), num_out, seconds))
-        if not args.skip_hf:
+    model = None
+    with tempfile.TemporaryDirectory() as workdir:
+        for fmt in formats:
+            path = os.path.join(workdir, fmt if fmt == "bf16" else f"{fmt}.gguf")
+            if fmt == "bf16":
+                model = build_model(path, tokenizer_dir, arch, shape, args.device, getattr(torch, _dtype(args.device)))
+            else:
+                write_gguf(path, arch, shape, fmt, tokenizer_dir, args.device)
+            seconds, num_out = run_braid(path, prompts, max_tokens, args)
+            assert num_out == sum(max_tokens), f"Braid generated {num_out} tokens, expected {sum(max_tokens)}"
+            rows.append((f"braid {fmt}", len(prompts), sum(map(len, prompts)), num_out, seconds))
+        braid_rows = len(rows)
+        if not args.skip_hf and model is not None:
             hf_prompts, hf_max_tokens = hf_order(prompts[:args.hf_requests], max_tokens[:args.hf_requests],
                                                  args.hf_order)
             seconds, generated = run_hf(model, hf_prompts, hf_max_tokens, args)
@@ -158,7 +198,8 @@ def main() -> None:
                          len(hf_prompts), sum(map(len, hf_prompts)), sum(hf_max_tokens), seconds))
 
     print(f"device: {device_name(args.device)}, torch {torch.__version__}, transformers {transformers.__version__}")
-    print(f"model: {args.model} shape, random {_dtype(args.device)} weights; workload: {args.num_requests} requests, "
+    print(f"model: {model_name} shape, random weights ({', '.join(formats)}; bf16 as {_dtype(args.device)}); "
+          f"workload: {args.num_requests} requests, "
           f"prompt lengths in [{args.min_len}, {args.max_input_len}], output lengths in [{args.min_len}, "
           f"{args.max_output_len}], seed {args.seed}, temperature {TEMPERATURE}, ignore_eos")
     print(f"{'engine':<62}{'requests':>9}{'prompt tok':>11}{'output tok':>11}{'seconds':>9}"
@@ -166,15 +207,22 @@ def main() -> None:
     for name, n, num_prompt, num_out, seconds in rows:
         print(f"{name:<62}{n:>9}{num_prompt:>11}{num_out:>11}{seconds:>9.2f}"
               f"{num_out / seconds:>14.1f}{(num_prompt + num_out) / seconds:>13.1f}")
-    if len(rows) == 2:
-        braid_tps, hf_tps = rows[0][3] / rows[0][4], rows[1][3] / rows[1][4]
-        print(f"transformers ran the first {rows[1][1]} requests only, in batches of {args.hf_batch_size} "
+    tps = {name: num_out / seconds for name, _, _, num_out, seconds in rows}
+    if "bf16" in formats:
+        for fmt in formats:
+            if fmt != "bf16":
+                print(f"ratio braid {fmt} / braid bf16, output tok/s: {tps[f'braid {fmt}'] / tps['braid bf16']:.2f}")
+    if len(rows) > braid_rows:
+        hf = rows[braid_rows]
+        braid_tps, hf_tps = tps["braid bf16"], hf[3] / hf[4]
+        print(f"transformers ran the first {hf[1]} requests only, in batches of {args.hf_batch_size} "
               f"({args.hf_order} order), Braid all {rows[0][1]} with up to {args.max_num_seqs} sequences per step; "
-              f"transformers computed {generated} output tokens for their {rows[1][3]} (rows padded to their batch's "
+              f"transformers computed {generated} output tokens for their {hf[3]} (rows padded to their batch's "
               f"longest output)")
-        print(f"ratio braid / transformers, output tok/s counting each request's own output: {braid_tps / hf_tps:.2f}")
-        print(f"ratio braid / transformers, output tok/s counting every token transformers computed: "
-              f"{braid_tps / (generated / rows[1][4]):.2f}")
+        print(f"ratio braid bf16 / transformers, output tok/s counting each request's own output: "
+              f"{braid_tps / hf_tps:.2f}")
+        print(f"ratio braid bf16 / transformers, output tok/s counting every token transformers computed: "
+              f"{braid_tps / (generated / hf[4]):.2f}")
 
 
 if __name__ == "__main__":
