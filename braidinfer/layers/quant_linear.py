@@ -156,8 +156,8 @@ class QuantLinear(nn.Module):
         device = getattr(self, "part0").device.type if self.qtypes else "cpu"
         if device == "cuda":
             return (f"quant linear {kinds}: triton quant_linear (GEMV <= 4 rows, fused GEMM <= 64 rows on large "
-                    f"matrices (Q4_K, Q6_K: <= 128 rows, any size), else dequantise + matmul; on the GEMV plan, at one row of 16-bit x, a norm or "
-                    f"SiLU-and-mul before it writes x as int8)")
+                    f"matrices (Q4_K, Q6_K: <= 128 rows, any size), else dequantise + matmul; on the GEMV plan, at "
+                    f"one row of 16-bit x, a norm or SiLU-and-mul before it writes x as int8)")
         if kinds == "float":
             return "quant linear (decoded at load): torch F.linear"
         return f"quant linear {kinds}: torch dequantize per call + F.linear"
