@@ -47,6 +47,7 @@ import triton.language as tl
 
 from ._checks import check_devices, check_float_dtype, check_linear_inputs, check_tensor
 from .numerics import INTERPRETED, round_to_dtype
+from .quant_decode import fp16_bits
 from .quant_formats import BLOCK_SIZE, TYPE_SIZE
 from .quant_gemv import add_slices
 
@@ -179,12 +180,6 @@ def launch_columns_gemv(x: torch.Tensor, words: torch.Tensor, qtype: str, bias: 
     )
     if split_k > 1:
         add_slices(partial, bias, out)
-
-
-@triton.jit
-def _half(bits):
-    """The fp16 in the low 16 bits of int32 `bits`, as float32."""
-    return (bits & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @triton.jit
@@ -331,8 +326,8 @@ def _q4_k_step(words, N, col_ok, xs, x_row_stride, M, rows, acc, exponent, BLOCK
     s03 = tl.load(words + N, mask=col_ok, other=0)  # scales 0-3: sc[0:4], top 2 bits of sc[4:8]
     m03 = tl.load(words + 2 * N, mask=col_ok, other=0)  # scales 4-7: m[0:4], top 2 bits of m[4:8]
     lh47 = tl.load(words + 3 * N, mask=col_ok, other=0)  # scales 8-11: low 4 bits of sc[4:8] | of m[4:8] << 4
-    d = _half(head)
-    dmin = _half(head >> 16)
+    d = fp16_bits(head)
+    dmin = fp16_bits(head >> 16)
     for c in tl.static_range(4):
         q = tl.load(words + (4 + 8 * c + j) * N, mask=col_ok, other=0)  # (8, BN)
         for half in tl.static_range(2):
@@ -353,7 +348,7 @@ def _q6_k_step(words, N, col_ok, xs, x_row_stride, M, rows, acc, exponent, BLOCK
     t // 2 of ql[64h + 32(t % 2) + r], high 2 bits qh[32h + r] >> 2t; scale sc[8h + 2t + r // 16]. As words,
     r = 16u + 4v + i: word 4u + v of a 32-byte run, byte i; the scale changes with u."""
     v = tl.arange(0, 4)[:, None]  # (4, 1)
-    d = _half(tl.load(words + 52 * N, mask=col_ok, other=0))
+    d = fp16_bits(tl.load(words + 52 * N, mask=col_ok, other=0))
     for h in tl.static_range(2):
         for u in tl.static_range(2):
             qh = tl.load(words + (32 + 8 * h + 4 * u + v) * N, mask=col_ok, other=0)  # (4, BN)
@@ -383,7 +378,7 @@ def _q8_0_step(w_ptr, step, N, K, cols, col_ok, x_ptr, x_row_stride, M, rows, ac
         blk = step * 8 + g
         ok = tl.where(blk < K // 32, col_ok, False)  # not col_ok & scalar: int32 under Triton 3.9's interpreter
         words = w_ptr + tl.cast(blk * WORDS, tl.int64) * N + cols
-        d = _half(tl.load(words, mask=ok, other=0))
+        d = fp16_bits(tl.load(words, mask=ok, other=0))
         q = tl.load(words + (1 + j) * N, mask=ok, other=0) ^ -2139062144  # ^ 0x80808080: u = q + 128 per byte
         a = 256.0 * d  # weight = d q = d (u - 128) = a f + b with f = 1 + u / 256
         b = -1.5 * a
@@ -409,7 +404,7 @@ def _dequantize_columns_kernel(w_ptr, out_ptr, N, K, QTYPE: tl.constexpr, WORDS:
             blk = step * 8 + g
             ok = tl.where(blk < K // 32, col_ok, False)  # not col_ok & scalar: int32 under Triton 3.9's interpreter
             words = w_ptr + tl.cast(blk * WORDS, tl.int64) * N + cols
-            d = _half(tl.load(words, mask=ok, other=0))
+            d = fp16_bits(tl.load(words, mask=ok, other=0))
             q = tl.load(words + (1 + j) * N, mask=ok, other=0)
             for i in tl.static_range(4):
                 w = d * ((q << (24 - 8 * i)) >> 24).to(tl.float32)
@@ -420,8 +415,8 @@ def _dequantize_columns_kernel(w_ptr, out_ptr, N, K, QTYPE: tl.constexpr, WORDS:
         s03 = tl.load(words + N, mask=col_ok, other=0)
         m03 = tl.load(words + 2 * N, mask=col_ok, other=0)
         lh47 = tl.load(words + 3 * N, mask=col_ok, other=0)
-        d = _half(head)
-        dmin = _half(head >> 16)
+        d = fp16_bits(head)
+        dmin = fp16_bits(head >> 16)
         for c in tl.static_range(4):
             q = tl.load(words + (4 + 8 * c + j) * N, mask=col_ok, other=0)
             for half in tl.static_range(2):
@@ -434,7 +429,7 @@ def _dequantize_columns_kernel(w_ptr, out_ptr, N, K, QTYPE: tl.constexpr, WORDS:
                              round_to_dtype(scale * code - offset, dtype).to(dtype), mask=col_ok)
     else:  # Q6_K
         words = w_ptr + tl.cast(step * WORDS, tl.int64) * N + cols
-        d = _half(tl.load(words + 52 * N, mask=col_ok, other=0))
+        d = fp16_bits(tl.load(words + 52 * N, mask=col_ok, other=0))
         for h in tl.static_range(2):
             qh = tl.load(words + (32 + 8 * h + j) * N, mask=col_ok, other=0)
             for p in tl.static_range(2):

@@ -72,14 +72,35 @@ def block_fields(row, blk, nb, QTYPE: tl.constexpr):
 
 
 @triton.jit
-def _k_scale_min(scales_ptr, s, mask):
-    """Q4_K/Q5_K: 6-bit scale and min of sub-block s (0-7) from the 12 packed bytes at scales_ptr, as float32."""
+def fp16_bits(bits):
+    """The fp16 in the low 16 bits of int32 `bits`, as float32."""
+    return (bits & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def k_scale_bytes(scales_ptr, s, mask):
+    """Q4_K/Q5_K: the three of the 12 packed scale bytes at scales_ptr that sub-block s (0-7) reads, as int32 (for
+    k_unpack_scale_min; loaded apart so that a kernel can load them a step ahead)."""
     a = _byte(scales_ptr + s, mask)
     b = _byte(scales_ptr + s + 4, mask)
     c = _byte(scales_ptr + (s % 4), mask)  # scales[s - 4] for s >= 4
+    return a, b, c
+
+
+@triton.jit
+def k_unpack_scale_min(a, b, c, s):
+    """Q4_K/Q5_K: the 6-bit scale and min (int32) of sub-block s from its k_scale_bytes."""
     low = s < 4
     sc = tl.where(low, a & 63, (b & 15) | ((c >> 6) << 4))
     mn = tl.where(low, b & 63, (b >> 4) | ((a >> 6) << 4))
+    return sc, mn
+
+
+@triton.jit
+def _k_scale_min(scales_ptr, s, mask):
+    """Q4_K/Q5_K: 6-bit scale and min of sub-block s (0-7) from the 12 packed bytes at scales_ptr, as float32."""
+    a, b, c = k_scale_bytes(scales_ptr, s, mask)
+    sc, mn = k_unpack_scale_min(a, b, c, s)
     return sc.to(tl.float32), mn.to(tl.float32)
 
 

@@ -35,7 +35,8 @@ import triton
 import triton.language as tl
 
 from .numerics import INTERPRETED, pdl_options, round_to_dtype, wait_for_inputs
-from .quant_decode import GROUP_LANES, GROUPS_PER_BLOCK, QTYPE_IDS, block_codes, block_fields, num_groups
+from .quant_decode import GROUP_LANES, GROUPS_PER_BLOCK, QTYPE_IDS, block_codes, block_fields, fp16_bits, \
+    k_scale_bytes, k_unpack_scale_min, num_groups
 from .quant_formats import BLOCK_SIZE, TYPE_SIZE
 from .quant_gemv import add_slices
 
@@ -97,9 +98,9 @@ def group_launch_config(qtype: str, num_rows: int, n: int, num_sms: int = 132,
 def _half_block_launch_config(num_rows: int, n: int, num_sms: int, k: int | None) -> QuantGemmConfig:
     """The configuration of the half-block kernels (`_q4k_gemm_kernel`, `_q6k_gemm_kernel`): 64 rows of W per
     program on 4 warps; tiles of up to 64 rows of x (16 at least) over 4 stages, of 128 rows over 3 for more than 64
-    rows; K split (by powers of
-    two) while there are fewer than two programs per SM and each slice keeps at least 4 steps (the best of 8
-    tilings on the four shapes above at 16 and 64 rows, or within 10% of it, and of 5 at 128 rows)."""
+    rows; K split (by powers of two) while there are fewer than two programs per SM and each slice keeps at least 4
+    steps (the best of 8 tilings on the four shapes above at 16 and 64 rows, or within 10% of it, and of 5 at 128
+    rows)."""
     block_m = min(128, max(16, triton.next_power_of_2(num_rows)))
     num_stages = 4 if block_m <= 64 else 3
     split_k = 1
@@ -137,9 +138,7 @@ def launch_gemm(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.T
     if x.dtype == torch.float32:  # float32 tiles are twice as large
         config = config._replace(block_m=min(config.block_m, 32), num_stages=1)
     steps = num_groups(qtype, k)
-    slice_steps = max(1, triton.cdiv(steps, max(1, config.split_k)))  # K = 0 (quant_linear does not launch it)
-    split_k = triton.cdiv(max(steps, 1), slice_steps)  # no empty slices
-    partial = out if split_k == 1 else torch.empty((split_k, num_rows, n), dtype=torch.float32, device=x.device)
+    slice_steps, split_k, partial = _k_slices(steps, config.split_k, out)
     grid = (triton.cdiv(num_rows, config.block_m), triton.cdiv(n, config.block_n), split_k)
     _quant_gemm_kernel[grid](
         x, blocks, bias, partial, num_rows, n, x.stride(0), blocks.shape[1], steps, slice_steps,
@@ -152,13 +151,21 @@ def launch_gemm(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.T
         add_slices(partial, bias, out)
 
 
+def _k_slices(steps: int, split_k: int, out: torch.Tensor) -> tuple[int, int, torch.Tensor]:
+    """K's `steps` cut into about `split_k` slices: (steps per slice, slices, where the programs write: out itself,
+    or float32 partials [slices, M, N] for add_slices). No slice is empty; K = 0 (quant_linear does not launch it)
+    makes one."""
+    slice_steps = max(1, triton.cdiv(steps, max(1, split_k)))
+    slices = triton.cdiv(max(steps, 1), slice_steps)
+    partial = out if slices == 1 else torch.empty((slices, *out.shape), dtype=torch.float32, device=out.device)
+    return slice_steps, slices, partial
+
+
 def _launch_half_block(qtype: str, x, blocks, bias, out, config: QuantGemmConfig) -> None:
     """launch_gemm's Q4_K / Q6_K path for 16-bit x (config's split_k counts steps of HALF_BLOCK columns)."""
     (num_rows, k), n = x.shape, blocks.shape[0]
     steps = k // HALF_BLOCK
-    slice_steps = max(1, triton.cdiv(steps, max(1, config.split_k)))  # K = 0 (quant_linear does not launch it)
-    split_k = triton.cdiv(max(steps, 1), slice_steps)  # no empty slices
-    partial = out if split_k == 1 else torch.empty((split_k, num_rows, n), dtype=torch.float32, device=x.device)
+    slice_steps, split_k, partial = _k_slices(steps, config.split_k, out)
     if qtype == "Q4_K":
         x, kernel = permute_q4k(x), _q4k_gemm_kernel
     else:
@@ -254,12 +261,9 @@ def _dot(w, x, acc):
 
 @triton.jit
 def _q4k_scale_bytes(rows5, blk, sub, row_ok, nb):
-    """Q4_K: the packed scale bytes (a, b, c) of sub-blocks `sub` of block blk (quant_decode._k_scale_min's) and the
+    """Q4_K: the packed scale bytes (a, b, c) of sub-blocks `sub` of block blk (quant_decode.k_scale_bytes) and the
     block's head word (d | dmin << 16), as int32, of the rows at byte pointers rows5."""
-    scales = rows5 + nb * 128 + blk * 12
-    a = tl.load(scales + sub, mask=row_ok, other=0).to(tl.int32)
-    b = tl.load(scales + sub + 4, mask=row_ok, other=0).to(tl.int32)
-    c = tl.load(scales + (sub % 4), mask=row_ok, other=0).to(tl.int32)
+    a, b, c = k_scale_bytes(rows5 + nb * 128 + blk * 12, sub, row_ok)
     head = tl.load((rows5 + nb * 140 + blk * 4).to(tl.pointer_type(tl.int32)), mask=row_ok, other=0)
     return a, b, c, head
 
@@ -298,13 +302,11 @@ def _q4k_gemm_kernel(
         na, nbytes, nc, nhead = _q4k_scale_bytes(rows5, ahead // 2, (ahead % 2) * 4 + run, col_ok, nb)
         qs = tl.load((rows5 + blk * 128 + (step % 2) * 64).to(tl.pointer_type(tl.int32)) + word, mask=col_ok,
                      other=0)  # (BN, 2, 8, 1, 1)
-        low = sub < 4
-        scale = tl.where(low, sa & 63, (sb & 15) | ((sc >> 6) << 4)).to(tl.float32)
-        minimum = tl.where(low, sb & 63, (sb >> 4) | ((sa >> 6) << 4)).to(tl.float32)
-        d = (head & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        dmin = (head >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        a = 16.0 * (d * scale)  # weight = (d sc) q - dmin m = a f + b with f = 1 + q / 16 (block_codes)
-        b = -a - dmin * minimum
+        scale, minimum = k_unpack_scale_min(sa, sb, sc, sub)
+        d = fp16_bits(head)
+        dmin = fp16_bits(head >> 16)
+        a = 16.0 * (d * scale.to(tl.float32))  # weight = (d sc) q - dmin m = a f + b with f = 1 + q / 16 (block_codes)
+        b = -a - dmin * minimum.to(tl.float32)
         f = ((((qs >> shift) & 15) << 19) | 0x3F800000).to(tl.float32, bitcast=True)
         w = tl.reshape(_to_dtype(a * f + b, dtype), [BLOCK_N, 128])
         xt = tl.load(x_tile + step * 128, mask=row_ok, other=0.0)  # (128, BM)
