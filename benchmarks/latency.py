@@ -39,20 +39,28 @@ TINY = {**SMOLLM2_135M, "hidden_size": 64, "intermediate_size": 128, "num_hidden
 MODELS = {"qwen3-0.6b": ("Qwen3", QWEN3_0_6B), "smollm2-135m": ("Llama", SMOLLM2_135M), "tiny": ("Llama", TINY)}
 
 
+def model_config(arch: str, shape: dict):
+    """The transformers config of `arch` ("Qwen3" or "Llama") at `shape`, or with arch "config.json" of a published
+    config's entries (its model_type picks the architecture; keys starting with "_" are left out)."""
+    import transformers
+
+    if arch == "config.json":
+        return transformers.AutoConfig.for_model(**{k: v for k, v in shape.items() if not k.startswith("_")})
+    return getattr(transformers, f"{arch}Config")(**shape)
+
+
 def build_model(path: str, tokenizer_dir: str, arch: str = "Qwen3", shape: dict = QWEN3_0_6B,
                 device: str = "cuda", dtype: torch.dtype = torch.bfloat16):
-    """A random transformers model (`arch`: "Qwen3" or "Llama", of `shape`) on `device`, saved with the tokenizer to
-    `path`; returns it. The default is the Qwen3-0.6B shape in bf16 on CUDA."""
+    """A random transformers model (`arch`: "Qwen3" or "Llama", of `shape`, or "config.json": see model_config) on
+    `device`, saved with the tokenizer to `path`; returns it. The default is the Qwen3-0.6B shape in bf16 on CUDA."""
     import transformers
 
     torch.manual_seed(0)
+    config = model_config(arch, shape)
     with torch.device(device):
-        if arch == "config.json":  # a published config: its model_type picks the architecture
-            shape = {k: v for k, v in shape.items() if not k.startswith("_")}
-            config = transformers.AutoConfig.for_model(**shape)
+        if arch == "config.json":
             model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
         else:
-            config = getattr(transformers, f"{arch}Config")(**shape)
             model = getattr(transformers, f"{arch}ForCausalLM")(config).to(dtype).eval()
     model.save_pretrained(path)
     transformers.AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)

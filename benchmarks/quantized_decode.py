@@ -49,7 +49,7 @@ import time
 
 import numpy as np
 import torch
-from latency import best, braid_latency, build_model, copy_bandwidth, random_prompt
+from latency import best, braid_latency, build_model, copy_bandwidth, model_config, random_prompt
 from throughput import device_name
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository, for tests.support
@@ -258,7 +258,7 @@ def run(args, shape: dict, tokenizer_dir: str | None) -> tuple[dict, float | Non
     """Every format's row, and the device copy bandwidth (None on the CPU)."""
     import transformers
 
-    config = transformers.AutoConfig.for_model(**{k: v for k, v in shape.items() if not k.startswith("_")})
+    config = model_config("config.json", shape)
     bandwidth = copy_bandwidth() if args.device != "cpu" else None
     formats = args.formats.split(",")
     rows = {}

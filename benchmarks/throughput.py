@@ -37,7 +37,7 @@ import tempfile
 import time
 
 import torch
-from latency import MODELS, build_model
+from latency import MODELS, build_model, model_config
 
 TEMPERATURE = 0.6
 FORMATS = ("bf16", "Q8_0", "Q4_K_M")
@@ -46,14 +46,9 @@ FORMATS = ("bf16", "Q8_0", "Q4_K_M")
 def write_gguf(path: str, arch: str, shape: dict, fmt: str, tokenizer_dir: str, device: str) -> None:
     """A random GGUF of the model `arch` / `shape` (as build_model takes them) in `fmt`, with llama.cpp's tensor
     types (benchmarks/quantized_decode.py)."""
-    import transformers
     from quantized_decode import write_random_gguf
 
-    if arch == "config.json":
-        config = transformers.AutoConfig.for_model(**{k: v for k, v in shape.items() if not k.startswith("_")})
-    else:
-        config = getattr(transformers, f"{arch}Config")(**shape)
-    write_random_gguf(path, config, fmt, tokenizer_dir, device)
+    write_random_gguf(path, model_config(arch, shape), fmt, tokenizer_dir, device)
 
 
 def workload(args) -> tuple[list[list[int]], list[int]]:
