@@ -49,7 +49,7 @@ from ._checks import check_devices, check_float_dtype, check_linear_inputs, chec
 from .numerics import INTERPRETED, round_to_dtype
 from .quant_decode import fp16_bits
 from .quant_formats import BLOCK_SIZE, TYPE_SIZE
-from .quant_gemv import add_slices
+from .quant_gemv import add_slices, slice_outputs
 
 WORDS = {"Q8_0": 9, "Q4_K": 36, "Q6_K": 53}
 """32-bit words per block in the column layout, by GGML type; the types the layout holds."""
@@ -172,7 +172,7 @@ def launch_columns_gemv(x: torch.Tensor, words: torch.Tensor, qtype: str, bias: 
     steps_per_slice = triton.cdiv(steps, max(1, min(config.split_k, steps)))
     split_k = triton.cdiv(steps, steps_per_slice)
     block_n = config.block_n
-    partial = out if split_k == 1 else torch.empty((split_k, num_rows, n), dtype=torch.float32, device=x.device)
+    partial = slice_outputs(out, split_k)
     _columns_gemv_kernel[(triton.cdiv(n, block_n), split_k)](
         x, words, bias, partial, num_rows, n, k, x.stride(0), steps, steps_per_slice, 0x3F000000,
         QTYPE=_IDS[qtype], WORDS=WORDS[qtype], HAS_BIAS=bias is not None and split_k == 1,

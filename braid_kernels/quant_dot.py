@@ -41,7 +41,7 @@ from .numerics import INTERPRETED, pdl_options, wait_for_inputs
 from .quant_decode import GROUP_LANES, GROUPS_PER_BLOCK, Q4_0, Q4_1, Q4_K, Q5_K, Q8_0, QTYPE_IDS, _fp16, \
     block_fields, k_group_scales, q6_group
 from .quant_formats import BLOCK_SIZE, TYPE_SIZE
-from .quant_gemv import QuantGemvConfig, add_slices, launch_config, split_steps, store_rows
+from .quant_gemv import QuantGemvConfig, add_slices, launch_config, slice_outputs, split_steps, store_rows
 
 def dot_launch_config(qtype: str, num_rows: int, n: int, num_sms: int, k: int | None = None) -> QuantGemvConfig:
     """The float GEMV's configuration (quant_gemv.launch_config: rows of W per program, K split for narrow N) with
@@ -71,8 +71,7 @@ def launch_dot_gemv(x: torch.Tensor | Int8Rows, blocks: torch.Tensor, qtype: str
         return
     q, dx, sx, _ = x if isinstance(x, Int8Rows) else quantize_rows(x)
     steps = split_steps(qtype, k, config)
-    partial = out if steps.split_k == 1 else torch.empty((steps.split_k, num_rows, n), dtype=torch.float32,
-                                                         device=x.device)
+    partial = slice_outputs(out, steps.split_k)
     _dot_gemv_kernel[(triton.cdiv(n, config.block_n), steps.split_k)](
         q, dx, sx, blocks, bias, partial, num_rows, n, k, blocks.shape[1],
         QTYPE=QTYPE_IDS[qtype], BLOCK_SIZE=BLOCK_SIZE[qtype], TYPE_SIZE=TYPE_SIZE[qtype],

@@ -38,7 +38,7 @@ from .numerics import INTERPRETED, pdl_options, round_to_dtype, wait_for_inputs
 from .quant_decode import GROUP_LANES, GROUPS_PER_BLOCK, QTYPE_IDS, block_codes, block_fields, fp16_bits, \
     k_scale_bytes, k_unpack_scale_min, num_groups
 from .quant_formats import BLOCK_SIZE, TYPE_SIZE
-from .quant_gemv import add_slices
+from .quant_gemv import add_slices, slice_outputs
 
 
 HALF_BLOCK = 128
@@ -157,8 +157,7 @@ def _k_slices(steps: int, split_k: int, out: torch.Tensor) -> tuple[int, int, to
     makes one."""
     slice_steps = max(1, triton.cdiv(steps, max(1, split_k)))
     slices = triton.cdiv(max(steps, 1), slice_steps)
-    partial = out if slices == 1 else torch.empty((slices, *out.shape), dtype=torch.float32, device=out.device)
-    return slice_steps, slices, partial
+    return slice_steps, slices, slice_outputs(out, slices)
 
 
 def _launch_half_block(qtype: str, x, blocks, bias, out, config: QuantGemmConfig) -> None:

@@ -73,8 +73,7 @@ def launch_gemv(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.T
         num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
         config = launch_config(qtype, num_rows, n, num_sms, k)
     steps = split_steps(qtype, k, config)
-    partial = out if steps.split_k == 1 else torch.empty((steps.split_k, num_rows, n), dtype=torch.float32,
-                                                         device=x.device)
+    partial = slice_outputs(out, steps.split_k)
     _quant_gemv_kernel[(triton.cdiv(n, config.block_n), steps.split_k)](
         x, blocks, bias, partial, num_rows, n, x.stride(0), blocks.shape[1],
         QTYPE=QTYPE_IDS[qtype], BLOCK_SIZE=BLOCK_SIZE[qtype], TYPE_SIZE=TYPE_SIZE[qtype],
@@ -103,6 +102,12 @@ def split_steps(qtype: str, k: int, config: QuantGemvConfig) -> SplitSteps:
     block_g = min(max(1, config.block_k // (2 * GROUP_LANES[qtype])), triton.next_power_of_2(groups))
     split_groups = triton.cdiv(triton.cdiv(groups, max(1, config.split_k)), block_g) * block_g
     return SplitSteps(groups, block_g, split_groups, triton.cdiv(groups, split_groups))
+
+
+def slice_outputs(out: torch.Tensor, slices: int) -> torch.Tensor:
+    """Where the programs of a K split into `slices` write: out itself for one slice, else new float32 partials
+    [slices, *out.shape] for add_slices."""
+    return out if slices == 1 else torch.empty((slices, *out.shape), dtype=torch.float32, device=out.device)
 
 
 def add_slices(partial: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
