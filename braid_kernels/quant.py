@@ -108,7 +108,8 @@ def dequantize(blocks: torch.Tensor, qtype: str, out_dtype: torch.dtype = torch.
 
 
 def quant_linear(x: torch.Tensor | Int8Rows, blocks: torch.Tensor, qtype: str, bias: torch.Tensor | None = None,
-                 config: QuantGemvConfig | QuantGemmConfig | None = None, path: str | None = None) -> torch.Tensor:
+                 config: QuantGemvConfig | QuantGemmConfig | None = None, path: str | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     """x @ W.T + bias with W [N, K] held as GGML blocks, as F.linear on the dequantised weight.
 
     x: [M, K] float32/float16/bfloat16, unit stride along K; blocks: uint8 [N, K / BLOCK_SIZE * TYPE_SIZE]
@@ -127,26 +128,30 @@ def quant_linear(x: torch.Tensor | Int8Rows, blocks: torch.Tensor, qtype: str, b
     x may also be the Int8Rows of x [M, K] (int8_rows.py: from quantize_rows, or from the norm or activation kernel
     that produced x), for the "dot" path at up to MAX_ROWS rows: the int8 rounding "dot" would do, done already
     (once for several matrices, or inside the producing kernel). The output has the dtype the rows were made from.
+    out: optional contiguous [M, N] tensor of that dtype on x's device that the result is written into and returned
+    as (e.g. one part's columns of a one-row output, which are contiguous), instead of a new tensor.
     """
     _check_blocks(blocks, qtype)
     k = num_columns(blocks, qtype)
     if isinstance(x, Int8Rows):
-        return _quant_linear_int8(x, blocks, qtype, bias, config, path, k)
+        return _quant_linear_int8(x, blocks, qtype, bias, config, path, k, out)
     check_linear_inputs(_dequantize_kernel, x, k, blocks.shape[0], bias, "blocks", blocks,
                         f"{qtype} blocks of shape {tuple(blocks.shape)}")
+    _check_out(out, x.shape[0], blocks.shape[0], x.dtype, x.device)
     path = path or linear_path(x.shape[0], x.dtype, blocks.shape[0] * k,
                                qtype if uses_half_block(qtype, blocks.shape[1], x.dtype) else None)
     if path not in PATHS or (path in ("dot", "gemv") and x.shape[0] > MAX_ROWS):
         raise ValueError(f"path must be one of {', '.join(PATHS)} (dot and gemv for at most {MAX_ROWS} rows), got "
                          f"{path!r} for {x.shape[0]} rows")
     if k == 0:  # a sum of nothing: the bias, or zeros
-        return F.linear(x, x.new_zeros((blocks.shape[0], 0)), bias)
+        return _into(F.linear(x, x.new_zeros((blocks.shape[0], 0)), bias), out)
     if _use_torch(blocks):
-        return F.linear(x, dequantize_torch(from_planes(blocks, qtype), qtype, x.dtype), bias)
+        return _into(F.linear(x, dequantize_torch(from_planes(blocks, qtype), qtype, x.dtype), bias), out)
     if path == "dequantize":
         # Tensor cores need the weights in x's dtype; a reusable buffer from the caching allocator holds them.
-        return F.linear(x, dequantize(blocks, qtype, x.dtype), bias)
-    out = torch.empty((x.shape[0], blocks.shape[0]), dtype=x.dtype, device=x.device)
+        return _into(F.linear(x, dequantize(blocks, qtype, x.dtype), bias), out)
+    if out is None:
+        out = torch.empty((x.shape[0], blocks.shape[0]), dtype=x.dtype, device=x.device)
     if path == "dot":
         _launch_dot(x, blocks, qtype, bias, out, config, k)
     else:
@@ -155,7 +160,22 @@ def quant_linear(x: torch.Tensor | Int8Rows, blocks: torch.Tensor, qtype: str, b
     return out
 
 
-def _quant_linear_int8(x: Int8Rows, blocks, qtype, bias, config, path, k) -> torch.Tensor:
+def _check_out(out: torch.Tensor | None, num_rows: int, n: int, dtype: torch.dtype, device: torch.device) -> None:
+    """quant_linear's `out`: None, or a contiguous [num_rows, n] tensor of dtype on device; ValueError otherwise."""
+    if out is None:
+        return
+    check_tensor("out", out, (dtype,), ndim=2)
+    check_shape("out", out, (num_rows, n))
+    if not out.is_contiguous() or out.device != device:
+        raise ValueError(f"out must be contiguous and on {device}, got strides {out.stride()} on {out.device}")
+
+
+def _into(y: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """y, or y copied into out (quant_linear's paths that compute a new tensor)."""
+    return y if out is None else out.copy_(y)
+
+
+def _quant_linear_int8(x: Int8Rows, blocks, qtype, bias, config, path, k, out) -> torch.Tensor:
     """quant_linear of x's Int8Rows: the dot path only."""
     if path not in (None, "dot") or x.shape[0] > MAX_ROWS:
         raise ValueError(f"x given as int8 rows takes the dot path, at most {MAX_ROWS} rows; got path {path!r} for "
@@ -175,10 +195,12 @@ def _quant_linear_int8(x: Int8Rows, blocks, qtype, bias, config, path, k) -> tor
         check_shape("bias", bias, (blocks.shape[0],))
         tensors["bias"] = bias
     check_devices(_dequantize_kernel, **tensors)
+    _check_out(out, m, blocks.shape[0], x.dtype, x.q.device)
     if _use_torch(blocks):
-        return F.linear(x.dequantize().to(x.dtype), dequantize_torch(from_planes(blocks, qtype), qtype, x.dtype),
-                        bias)
-    out = torch.empty((m, blocks.shape[0]), dtype=x.dtype, device=x.device)
+        return _into(F.linear(x.dequantize().to(x.dtype), dequantize_torch(from_planes(blocks, qtype), qtype,
+                                                                            x.dtype), bias), out)
+    if out is None:
+        out = torch.empty((m, blocks.shape[0]), dtype=x.dtype, device=x.device)
     _launch_dot(x, blocks, qtype, bias, out, config, k)
     return out
 

@@ -44,17 +44,23 @@ from .quant_gemv import add_slices, slice_outputs
 HALF_BLOCK = 128
 """Columns per K step of the half-block kernels (Q4_K, Q6_K)."""
 HALF_BLOCK_TYPES = ("Q4_K", "Q6_K")
+X_FIRST_TYPES = ("Q4_K",)
+"""The half-block types whose tiles of 64 rows of x take x as the tensor-core product's first operand. Not Q6_K: with x
+first, its kernel fails in Triton 3.6's dot-operand pass (TritonGPUOptimizeDotOperands) on sm_90."""
 
 
 class QuantGemmConfig(NamedTuple):
-    """A launch configuration: weight rows and rows of x per program, warps, software-pipeline stages, and slices of
-    K (programs summing into float32 partials)."""
+    """A launch configuration: weight rows and rows of x per program, warps, software-pipeline stages, slices of K
+    (programs summing into float32 partials), and for the half-block kernels whether x is the tensor-core product's
+    first operand (x_first: the decoded weights are stored to shared memory as its second; otherwise they are the
+    first, from registers)."""
 
     block_n: int
     block_m: int
     num_warps: int
     num_stages: int
     split_k: int = 1
+    x_first: bool = False
 
 
 def launch_config(qtype: str, num_rows: int, n: int, num_sms: int = 132, k: int | None = None) -> QuantGemmConfig:
@@ -62,7 +68,7 @@ def launch_config(qtype: str, num_rows: int, n: int, num_sms: int = 132, k: int 
     half-block kernels' (`_half_block_launch_config`) for Q4_K and Q6_K, the group kernel's (`group_launch_config`)
     for the other types."""
     if qtype in HALF_BLOCK_TYPES:
-        return _half_block_launch_config(num_rows, n, num_sms, k)
+        return _half_block_launch_config(qtype, num_rows, n, num_sms, k)
     return group_launch_config(qtype, num_rows, n, num_sms, k)
 
 
@@ -95,21 +101,24 @@ def group_launch_config(qtype: str, num_rows: int, n: int, num_sms: int = 132,
     return QuantGemmConfig(block_n, block_m, num_warps, num_stages=3, split_k=split_k)
 
 
-def _half_block_launch_config(num_rows: int, n: int, num_sms: int, k: int | None) -> QuantGemmConfig:
+def _half_block_launch_config(qtype: str, num_rows: int, n: int, num_sms: int, k: int | None) -> QuantGemmConfig:
     """The configuration of the half-block kernels (`_q4k_gemm_kernel`, `_q6k_gemm_kernel`): 64 rows of W per
     program on 4 warps; tiles of up to 64 rows of x (16 at least) over 4 stages, of 128 rows over 3 for more than 64
     rows; K split (by powers of two) while there are fewer than two programs per SM and each slice keeps at least 4
     steps (the best of 8 tilings on the four shapes above at 16 and 64 rows, or within 10% of it, and of 5 at 128
-    rows)."""
+    rows). Q4_K tiles of 64 rows of x (33-64 rows) take x as the tensor-core product's first operand, over 3 stages
+    (X_FIRST_TYPES; H200, 40 and 64 rows: 0.84-0.95 of the time on 6144x4096, 28672x4096 and 4096x14336, 1.02-1.05
+    on 4096x4096; slower at 16 and 128 rows)."""
     block_m = min(128, max(16, triton.next_power_of_2(num_rows)))
-    num_stages = 4 if block_m <= 64 else 3
+    x_first = block_m == 64 and qtype in X_FIRST_TYPES
+    num_stages = 4 if block_m <= 64 and not x_first else 3
     split_k = 1
     if k is not None:
         steps = k // HALF_BLOCK
         programs = triton.cdiv(n, 64) * triton.cdiv(num_rows, block_m)
         while programs * split_k < 2 * num_sms and steps // (2 * split_k) >= 4:
             split_k *= 2
-    return QuantGemmConfig(64, block_m, 4, num_stages=num_stages, split_k=split_k)
+    return QuantGemmConfig(64, block_m, 4, num_stages=num_stages, split_k=split_k, x_first=x_first)
 
 
 def permute_q4k(x: torch.Tensor) -> torch.Tensor:
@@ -130,8 +139,11 @@ def launch_gemm(x: torch.Tensor, blocks: torch.Tensor, qtype: str, bias: torch.T
     half_block = uses_half_block(qtype, blocks.shape[1], x.dtype)
     if config is None:
         num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-        config = (_half_block_launch_config(num_rows, n, num_sms, k) if half_block
+        config = (_half_block_launch_config(qtype, num_rows, n, num_sms, k) if half_block
                   else group_launch_config(qtype, num_rows, n, num_sms, k))
+    elif config.x_first and not (half_block and qtype in X_FIRST_TYPES):
+        raise ValueError(f"x_first takes the half-block kernel of {', '.join(X_FIRST_TYPES)} (16-bit x), not {qtype} "
+                         f"with {str(x.dtype).removeprefix('torch.')} x")
     if half_block:
         _launch_half_block(qtype, x, blocks, bias, out, config)
         return
@@ -166,14 +178,14 @@ def _launch_half_block(qtype: str, x, blocks, bias, out, config: QuantGemmConfig
     steps = k // HALF_BLOCK
     slice_steps, split_k, partial = _k_slices(steps, config.split_k, out)
     if qtype == "Q4_K":
-        x, kernel = permute_q4k(x), _q4k_gemm_kernel
+        x, kernel, orientation = permute_q4k(x), _q4k_gemm_kernel, {"X_FIRST": config.x_first}
     else:
-        kernel = _q6k_gemm_kernel
+        kernel, orientation = _q6k_gemm_kernel, {}
     grid = (triton.cdiv(num_rows, config.block_m), triton.cdiv(n, config.block_n), split_k)
     kernel[grid](
         x, blocks, bias, partial, num_rows, n, x.stride(0), blocks.shape[1], steps, slice_steps,
         HAS_BIAS=bias is not None and split_k == 1, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        num_warps=config.num_warps, num_stages=config.num_stages, **pdl_options(x),
+        num_warps=config.num_warps, num_stages=config.num_stages, **orientation, **pdl_options(x),
     )
     if split_k > 1:
         add_slices(partial, bias, out)
@@ -259,6 +271,37 @@ def _dot(w, x, acc):
 
 
 @triton.jit
+def _x_steps(x_ptr, rows, x_row_stride, M, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, X_FIRST: tl.constexpr):
+    """The half-block kernels' x tile of the first step (pointers and mask) and zero accumulator: x (BM, 128) and acc
+    (BM, BN) when x is the dot's first operand (X_FIRST: the decoded weights go to shared memory as the second), else
+    x (128, BM) and acc (BN, BM) (the weights are the first operand, from registers)."""
+    if X_FIRST:
+        tile = x_ptr + rows[:, None].to(tl.int64) * x_row_stride + tl.arange(0, 128)[None, :]
+        return tile, (rows < M)[:, None], tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    else:
+        tile = x_ptr + rows[None, :].to(tl.int64) * x_row_stride + tl.arange(0, 128)[:, None]
+        return tile, (rows < M)[None, :], tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+
+
+@triton.jit
+def _step_dot(w, xt, acc, X_FIRST: tl.constexpr):
+    """acc += one step's product of the decoded weights w (BN, 128) and x's tile, in _x_steps's orientation."""
+    if X_FIRST:
+        return _dot(xt, tl.trans(w), acc)
+    else:
+        return _dot(w, xt, acc)
+
+
+@triton.jit
+def _store_steps(acc, rows, cols, bias_ptr, out_ptr, M, N, HAS_BIAS: tl.constexpr, X_FIRST: tl.constexpr):
+    """_store_tile of an accumulator in _x_steps's orientation."""
+    if X_FIRST:
+        _store_tile(tl.trans(acc), rows, cols, bias_ptr, out_ptr, M, N, HAS_BIAS)
+    else:
+        _store_tile(acc, rows, cols, bias_ptr, out_ptr, M, N, HAS_BIAS)
+
+
+@triton.jit
 def _q4k_scale_bytes(rows5, blk, sub, row_ok, nb):
     """Q4_K: the packed scale bytes (a, b, c) of sub-blocks `sub` of block blk (quant_decode.k_scale_bytes) and the
     block's head word (d | dmin << 16), as int32, of the rows at byte pointers rows5."""
@@ -271,7 +314,7 @@ def _q4k_scale_bytes(rows5, blk, sub, row_ok, nb):
 def _q4k_gemm_kernel(
     x_ptr, blocks_ptr, bias_ptr, out_ptr, M, N, x_row_stride, row_bytes, num_steps, slice_steps,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PDL: tl.constexpr,
+    X_FIRST: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (m, n, s) of the Q4_K GEMM: out[m * BLOCK_M :, n * BLOCK_N :] over steps [s * slice_steps, (s + 1) *
     slice_steps) of 128 columns, x [M, K] contiguous in permute_q4k's order (out float32 [slices, M, N] with several
@@ -287,10 +330,8 @@ def _q4k_gemm_kernel(
     word = c * 8 + tl.arange(0, 8)[None, None, :, None, None]  # (1, 2, 8, 1, 1)
     shift = 8 * tl.arange(0, 4)[None, None, None, :, None] + 4 * h  # (1, 1, 1, 4, 2)
     run = 2 * c + h  # sub-block within the step's half block: (1, 2, 1, 1, 2)
-    x_tile = x_ptr + rows[None, :].to(tl.int64) * x_row_stride + tl.arange(0, 128)[:, None]  # (128, BM)
-    row_ok = (rows < M)[None, :]
+    x_tile, row_ok, acc = _x_steps(x_ptr, rows, x_row_stride, M, BLOCK_M, BLOCK_N, X_FIRST)
 
-    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     first = tl.program_id(2) * slice_steps
     last = tl.minimum(first + slice_steps, num_steps)
     sa, sb, sc, head = _q4k_scale_bytes(rows5, first // 2, (first % 2) * 4 + run, col_ok, nb)
@@ -308,11 +349,11 @@ def _q4k_gemm_kernel(
         b = -a - dmin * minimum.to(tl.float32)
         f = ((((qs >> shift) & 15) << 19) | 0x3F800000).to(tl.float32, bitcast=True)
         w = tl.reshape(_to_dtype(a * f + b, dtype), [BLOCK_N, 128])
-        xt = tl.load(x_tile + step * 128, mask=row_ok, other=0.0)  # (128, BM)
-        acc = _dot(w, xt, acc)
+        xt = tl.load(x_tile + step * 128, mask=row_ok, other=0.0)
+        acc = _step_dot(w, xt, acc, X_FIRST)
         sa, sb, sc, head = na, nbytes, nc, nhead
 
-    _store_tile(acc, rows, cols, bias_ptr, out_ptr, M, N, HAS_BIAS)
+    _store_steps(acc, rows, cols, bias_ptr, out_ptr, M, N, HAS_BIAS, X_FIRST)
 
 
 @triton.jit
@@ -347,10 +388,8 @@ def _q6k_gemm_kernel(
     word = 4 * j_hi + tl.arange(0, 4)[None, None, None, None, :, None]  # (1, 1, 1, 2, 4, 1)
     byte = 8 * tl.arange(0, 4)[None, None, None, None, None, :]
     sub = 4 * t_hi + 2 * t_lo + j_hi  # the 16-weight sub-block within the half: (1, 2, 2, 2, 1, 1)
-    x_tile = x_ptr + rows[None, :].to(tl.int64) * x_row_stride + tl.arange(0, 128)[:, None]  # (128, BM)
-    row_ok = (rows < M)[None, :]
+    x_tile, row_ok, acc = _x_steps(x_ptr, rows, x_row_stride, M, BLOCK_M, BLOCK_N, False)
 
-    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     first = tl.program_id(2) * slice_steps
     last = tl.minimum(first + slice_steps, num_steps)
     scale, d = _q6k_scale_bytes(rows6, first // 2, first % 2, sub, col_ok, nb)
@@ -367,7 +406,7 @@ def _q6k_gemm_kernel(
         bits = ((((ql >> (byte + 4 * t_hi)) & 15) << 17) | (((qh >> (byte + 4 * t_hi + 2 * t_lo)) & 3) << 21)
                 | 0x3F800000)
         w = tl.reshape(_to_dtype(a * bits.to(tl.float32, bitcast=True) - 1.5 * a, dtype), [BLOCK_N, 128])
-        xt = tl.load(x_tile + step * 128, mask=row_ok, other=0.0)  # (128, BM)
+        xt = tl.load(x_tile + step * 128, mask=row_ok, other=0.0)
         acc = _dot(w, xt, acc)
         scale, d = next_scale, next_d
 

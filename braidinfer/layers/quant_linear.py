@@ -19,7 +19,8 @@ class QuantLinear(nn.Module):
 
     A fused projection (q/k/v, gate/up) is filled part by part; `finalize` joins neighbouring parts of the same
     qtype into one matrix of blocks, so a projection whose checkpoint tensors share a type runs one kernel, and one
-    mixing types (Q4_K_M's Q4_K q/k beside a Q6_K v) runs one per type, concatenated.
+    mixing types (Q4_K_M's Q4_K q/k beside a Q6_K v) runs one per type, concatenated (at one row of x on CUDA, each
+    written straight into its columns of the output).
 
     Forms (`finalize`): "blocks" (CUDA): braid_kernels.quant.quant_linear (dequantising GEMV up to 4 rows, the fused
     GEMM up to 64 on large matrices, else dequantise + matmul). "int4" (the CPU where its int4 kernels are fast):
@@ -118,9 +119,30 @@ class QuantLinear(nn.Module):
             from braid_kernels.quant import quantize_rows
 
             x = quantize_rows(x)  # once for every part
-        outs = [self._part(i, x) for i in range(len(self.qtypes))]
-        y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        if len(self.qtypes) > 1 and self._writes_in_place(x):
+            y = self._parts_in_place(x)
+        else:
+            outs = [self._part(i, x) for i in range(len(self.qtypes))]
+            y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
         return y if self.bias is None else y + self.bias
+
+    def _writes_in_place(self, x) -> bool:
+        """Whether every part can write its columns straight into one output instead of being concatenated: one row
+        of x (its parts' columns of a one-row output are contiguous) and every part GGUF blocks on CUDA."""
+        return (len(x.shape) == 2 and x.shape[0] == 1 and x.device.type == "cuda" and not self._int4_terms
+                and None not in self.qtypes)
+
+    def _parts_in_place(self, x) -> torch.Tensor:
+        """[1, out_features]: each part's quant_linear writing into its own columns (no concatenation launch)."""
+        from braid_kernels.quant import quant_linear
+
+        y = torch.empty((1, self.out_features), dtype=x.dtype, device=x.device)
+        start = 0
+        for i, qtype in enumerate(self.qtypes):
+            weight = getattr(self, f"part{i}")
+            quant_linear(x, weight, qtype, out=y[:, start:start + weight.shape[0]])
+            start += weight.shape[0]
+        return y
 
     def _takes_int8(self, x: torch.Tensor) -> bool:
         """Whether every part would round x to int8 rows (quant_linear's "dot" path), so that it can be done once."""

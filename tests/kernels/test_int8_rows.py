@@ -151,6 +151,33 @@ def test_quant_linear_layer_computes_a_deferred_norm_once(with_residual):
         assert_same_bits(DeferredResidual(deferred).value().cpu(), h_want.cpu())
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("num_rows", [1, 3])
+def test_quant_linear_layer_of_mixed_parts_is_its_parts_side_by_side(num_rows):
+    """A QuantLinear of mixed parts (Q4_K, Q6_K, Q4_K) with a bias: at one row each part writes straight into its
+    columns of the output, at three the parts are concatenated; either way the bits of each part's quant_linear side
+    by side, plus the bias."""
+    from braidinfer.layers.quant_linear import QuantLinear
+    from braidinfer.loader.quantized import QuantizedTensor
+
+    cols, g = 512, torch.Generator().manual_seed(12)
+    layer = QuantLinear(cols, 160, bias=True, dtype=torch.bfloat16)
+    parts = [(0, 64, "Q4_K"), (64, 32, "Q6_K"), (96, 64, "Q4_K")]
+    for start, rows, qtype in parts:
+        blocks = torch.from_numpy(quantize(torch.randn(rows, cols, generator=g).numpy(), qtype))
+        layer.set_part(start, QuantizedTensor(blocks, qtype, (rows, cols)))
+    layer.finalize("blocks")
+    with torch.no_grad():
+        layer.bias.copy_(torch.randn(160, generator=g).to(torch.bfloat16))
+    layer.cuda()
+    assert layer.qtypes == ["Q4_K", "Q6_K", "Q4_K"]
+    x = _x(num_rows, cols, torch.bfloat16, "cuda", seed=13)
+    rows = quantize_rows(x)  # the layer rounds x to int8 once for every part
+    want = torch.cat([quant_linear(rows, getattr(layer, f"part{i}"), q) for i, q in enumerate(layer.qtypes)], dim=-1)
+    assert_same_bits(layer(x).cpu(), (want + layer.bias).cpu())
+
+
 @pytest.mark.parametrize("order", ["int8 first", "value first", "project first"])
 def test_deferred_norm_computes_each_form_and_the_residual_once(device, order):
     """A deferred add + RMSNorm asked for its int8 rows, its plain value and a fused projection, in any order: each

@@ -34,10 +34,11 @@ from braid_kernels.quant import (
 from braid_kernels.quant_planes import from_planes
 from braid_kernels.quant_decode import GROUP_LANES, GROUPS_PER_BLOCK
 from braid_kernels.quant_dot import dot_launch_config
-from braid_kernels.quant_gemm import HALF_BLOCK, HALF_BLOCK_TYPES, group_launch_config, uses_half_block
+from braid_kernels.quant_gemm import HALF_BLOCK, HALF_BLOCK_TYPES, X_FIRST_TYPES, group_launch_config, uses_half_block
 from braid_kernels.quant_gemm import launch_config as gemm_launch_config
 from braid_kernels.quant_gemv import MAX_ROWS, launch_config
 from tests.kernels.common import assert_quant_close as _assert_close
+from tests.kernels.common import assert_same_bits
 from tests.support.gguf_quant import quantize
 
 QTYPE_LIST = sorted(QTYPES)
@@ -271,7 +272,7 @@ def test_gemm_configs(device, qtype, config):
 def test_half_block_gemm_slices(device, qtype):
     """The half-block kernels on K = 1024 (8 steps of 128 columns) split into 3 slices (3, 3 and 2 steps: a slice
     starts on an odd step, the second half of a block, whose scales the kernel loads before its loop), with a bias,
-    a ragged N and float16 and bfloat16 x."""
+    a ragged N and float16 and bfloat16 x, with the weights or x as the tensor-core product's first operand."""
     n, k = 70, 1024
     _, blocks = _weights(n, k, seed=13, qtype=qtype)
     planes = _planes(blocks, qtype, device)
@@ -279,7 +280,15 @@ def test_half_block_gemm_slices(device, qtype):
     bias = torch.randn(n, generator=torch.Generator().manual_seed(13))
     for num_rows, dtype, config in ((21, torch.float16, QuantGemmConfig(64, 32, 4, 3, split_k=3)),
                                     (9, torch.bfloat16, QuantGemmConfig(32, 16, 4, 2, split_k=3)),
-                                    (9, torch.bfloat16, QuantGemmConfig(64, 16, 4, 4, split_k=1))):
+                                    (9, torch.bfloat16, QuantGemmConfig(64, 16, 4, 4, split_k=1)),
+                                    # Q4_K, x as the first operand: a ragged second tile of rows, 3 and 2 slices
+                                    (70, torch.bfloat16, QuantGemmConfig(64, 64, 4, 3, split_k=3, x_first=True)),
+                                    (21, torch.float16, QuantGemmConfig(32, 16, 4, 2, split_k=2, x_first=True))):
+        if config.x_first and qtype not in X_FIRST_TYPES:
+            with pytest.raises(ValueError, match="x_first takes the half-block kernel of Q4_K"):
+                quant_linear(torch.zeros(num_rows, k, dtype=dtype, device=device), planes, qtype, config=config,
+                             path="gemm")
+            continue
         x = torch.randn(num_rows, k, generator=torch.Generator().manual_seed(num_rows)).to(dtype)
         got = quant_linear(x.to(device), planes, qtype, bias.to(dtype).to(device), config=config, path="gemm")
         _assert_close(got.cpu(), _gemm_reference(x, blocks, qtype, bias.to(dtype)), dtype)
@@ -333,11 +342,13 @@ def test_gemm_launch_config_fits_the_tensor_cores():
                 assert config.split_k == 1 or programs * config.split_k // 2 < per_sm * 132
                 assert steps // config.split_k >= min_steps
                 assert config.split_k > 1 or programs >= per_sm * 132 or steps < 2 * min_steps
-    assert gemm_launch_config("Q4_K", 64, 28672, k=4096) == (64, 64, 4, 4, 1)
-    assert gemm_launch_config("Q4_K", 16, 4096, k=14336) == (64, 16, 4, 4, 8)
-    assert gemm_launch_config("Q6_K", 64, 4096, k=14336) == (64, 64, 4, 4, 8)
+    # tiles of 64 rows of x take x as the first operand, over 3 stages; others the weights, 4 stages up to 64 rows
+    assert gemm_launch_config("Q4_K", 64, 28672, k=4096) == (64, 64, 4, 3, 1, True)
+    assert gemm_launch_config("Q4_K", 16, 4096, k=14336) == (64, 16, 4, 4, 8, False)
+    assert gemm_launch_config("Q4_K", 32, 4096, k=14336) == (64, 32, 4, 4, 8, False)
+    assert gemm_launch_config("Q6_K", 64, 4096, k=14336) == (64, 64, 4, 4, 8, False)  # not in X_FIRST_TYPES
     assert gemm_launch_config("Q8_0", 64, 4096, k=14336)[:4] == (128, 64, 8, 3)
-    assert gemm_launch_config("Q4_K", 100, 28672, k=4096) == (64, 128, 4, 3, 1)
+    assert gemm_launch_config("Q4_K", 100, 28672, k=4096) == (64, 128, 4, 3, 1, False)
     assert gemm_launch_config("Q5_K", 256, 28672, k=4096)[:4] == (128, 128, 8, 3)
     assert group_launch_config("Q4_K", 64, 28672, k=4096)[:4] == (64, 64, 4, 3)  # Q4_K / Q6_K of float32 x
 
@@ -369,6 +380,32 @@ def test_embedding_is_gguf_rounded(device, qtype):
         assert torch.equal(got.cpu(), want)
 
 
+@pytest.mark.parametrize("path", ["dot", "gemv", "gemm", "dequantize", "int8"])
+def test_linear_writes_into_out(device, path):
+    """`out=`: each path (and x given as int8 rows) writes the bits it returns without out into the given tensor,
+    here one part's columns of a one-row output (contiguous) and a whole [M, N] output, and returns that tensor;
+    the columns around the part are left as they were."""
+    from braid_kernels import quantize_rows
+
+    n, k = 24, 512
+    _, blocks = _weights(n, k, seed=8)
+    blocks = _planes(blocks, "Q4_K", device)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16).to(device)
+    for num_rows in (1, 3):
+        x = torch.randn(num_rows, k, generator=torch.Generator().manual_seed(num_rows)).to(torch.bfloat16).to(device)
+        arg, kwargs = (quantize_rows(x), {}) if path == "int8" else (x, {"path": path})
+        want = quant_linear(arg, blocks, "Q4_K", bias, **kwargs)
+        whole = torch.full((num_rows, n), 7.0, dtype=torch.bfloat16, device=device)
+        assert quant_linear(arg, blocks, "Q4_K", bias, out=whole, **kwargs) is whole
+        assert_same_bits(whole.cpu(), want.cpu())
+        if num_rows == 1:
+            wide = torch.full((1, n + 40), 7.0, dtype=torch.bfloat16, device=device)
+            got = quant_linear(arg, blocks, "Q4_K", bias, out=wide[:, 8:8 + n], **kwargs)
+            assert got.data_ptr() == wide[:, 8:].data_ptr()
+            assert_same_bits(wide[:, 8:8 + n].cpu(), want.cpu())
+            assert bool((wide[:, :8] == 7).all()) and bool((wide[:, 8 + n:] == 7).all())
+
+
 def test_empty_inputs(device):
     _, blocks = _weights(4, 256)
     blocks = _planes(blocks, "Q4_K", device)
@@ -384,10 +421,16 @@ def test_empty_inputs(device):
         assert torch.equal(got.float().cpu(), bias.cpu().expand(3, 4)), path
 
 
-def _bad_calls():
+def _bad_calls(device="cpu"):
+    """(call, message) pairs on `device`'s tensors (on a CUDA machine CPU tensors would fail the device check first)."""
     _, blocks = _weights(4, 256)
-    x = torch.randn(1, 256)
-    ids = torch.tensor([0, 1])
+    blocks = blocks.to(device)
+    x = torch.randn(1, 256).to(device)
+    ids = torch.tensor([0, 1], device=device)
+
+    def empty(*shape, dtype=torch.float32):
+        return torch.empty(shape, dtype=dtype, device=device)
+
     return [
         (lambda: quant_linear(x, blocks, "Q5_0"), "qtype must be one of"),
         (lambda: quant_linear(x, blocks.view(torch.int8), "Q4_K"), "blocks must have dtype uint8"),
@@ -395,22 +438,31 @@ def _bad_calls():
         (lambda: quant_linear(x, blocks.t().contiguous().t(), "Q4_K"), "blocks must be contiguous"),
         (lambda: quant_linear(x, torch.cat((blocks.new_zeros(2), blocks.flatten()))[2:].view(4, -1), "Q4_K"),
          "4-byte aligned"),
-        (lambda: quant_linear(torch.randn(1, 512), blocks, "Q4_K"), "x must have 256 columns"),
+        (lambda: quant_linear(torch.randn(1, 512, device=device), blocks, "Q4_K"), "x must have 256 columns"),
         (lambda: quant_linear(x.to(torch.int32), blocks, "Q4_K"), "x must have dtype"),
         (lambda: quant_linear(x[0], blocks, "Q4_K"), "x must be 2-dimensional"),
-        (lambda: quant_linear(x, blocks, "Q4_K", bias=torch.zeros(5)), "bias must have shape"),
+        (lambda: quant_linear(x, blocks, "Q4_K", bias=torch.zeros(5, device=device)), "bias must have shape"),
         (lambda: quant_linear(x, blocks, "Q4_K", path="cublas"), "path must be one of"),
-        (lambda: quant_linear(torch.randn(9, 256), blocks, "Q4_K", path="gemv"), "gemv for at most 8 rows"),
-        (lambda: quant_linear(x, blocks, "Q4_K", bias=torch.zeros(4, dtype=torch.bfloat16)), "bias must have"),
+        (lambda: quant_linear(torch.randn(9, 256, device=device), blocks, "Q4_K", path="gemv"),
+         "gemv for at most 8 rows"),
+        (lambda: quant_linear(x, blocks, "Q4_K", bias=torch.zeros(4, dtype=torch.bfloat16, device=device)),
+         "bias must have"),
         (lambda: quant_embedding(ids.float(), blocks, "Q4_K"), "ids must have dtype"),
         (lambda: quant_embedding(ids, blocks, "Q4_K", torch.int8), "out_dtype must be one of"),
         (lambda: dequantize(blocks, "Q8_0"), "multiple of 34 bytes"),
-        (lambda: dequantize(blocks, "Q4_K", out=torch.empty(4, 255, dtype=torch.bfloat16)), "out must have shape"),
+        (lambda: dequantize(blocks, "Q4_K", out=empty(4, 255, dtype=torch.bfloat16)), "out must have shape"),
+        (lambda: quant_linear(x, blocks, "Q4_K", out=empty(1, 5)), "out must have shape"),
+        (lambda: quant_linear(x, blocks, "Q4_K", out=empty(1, 4, dtype=torch.bfloat16)), "out must have dtype"),
+        (lambda: quant_linear(torch.randn(2, 256, device=device), blocks, "Q4_K", out=empty(4, 2).t()),
+         "out must be contiguous"),
+        (lambda: quant_linear(torch.randn(9, 256, device=device), blocks, "Q4_K",
+                              config=QuantGemmConfig(64, 16, 4, 2, x_first=True), path="gemm"),
+         "x_first takes the half-block kernel of Q4_K"),  # float32 x
     ]
 
 
 @pytest.mark.parametrize("index", range(len(_bad_calls())))
-def test_bad_arguments_are_value_errors(index):
-    call, message = _bad_calls()[index]
+def test_bad_arguments_are_value_errors(device, index):
+    call, message = _bad_calls(device)[index]
     with pytest.raises(ValueError, match=message):
         call()
