@@ -4,11 +4,13 @@ nano-vllm's bench.py draws them), temperature 0.6, ignore_eos; the figure is tot
 
     BRAID_TEST_TOKENIZER=/path/to/tokenizer python benchmarks/throughput.py [--model qwen3-0.6b|smollm2-135m]
     BRAID_TEST_TOKENIZER=... python benchmarks/throughput.py --config benchmarks/configs/llama-3.1-8b.json \
-        --formats bf16,Q4_K_M --skip-hf
+        --formats bf16,Q4_K_M --skip-hf [--kernel-profile]
 
 --formats runs Braid on the same workload once per weight format: bf16 (safetensors), Q8_0 or Q4_K_M (a random GGUF
 file of the same shape with llama.cpp's tensor types, as benchmarks/quantized_decode.py writes it; K-quant rows need
 multiples of 256 columns), each printed against the bf16 row. Transformers runs the bf16 model only.
+--kernel-profile prints, per format, the kernels of Braid's timed run by total GPU time (torch.profiler; kernels
+launched with programmatic dependent launch count their wait for the kernel before them).
 
 Braid gets every request in one `llm.generate` call after a short warm-up (CUDA graphs are captured when the LLM is
 built, FlashInfer and Triton compile on first use). Transformers runs the first --hf-requests of the same workload in
@@ -28,6 +30,7 @@ fits the model's will do). CPU smoke run, a tiny 2-layer model in float32, secon
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -69,14 +72,30 @@ def run_braid(path: str, prompts: list[list[int]], max_tokens: list[int], args) 
              max_num_batched_tokens=args.max_num_batched_tokens, progress=False) as llm:
         # Constant prompts, so the timed random ones find nothing of them in the prefix cache.
         llm.generate([[7] * 17, [8] * 300], SamplingParams(max_tokens=16, ignore_eos=True))
-        t0 = time.perf_counter()
-        outputs = llm.generate(prompts, params)
-        elapsed = time.perf_counter() - t0
+        with _kernel_profile(args.kernel_profile and args.device != "cpu", os.path.basename(path)):
+            t0 = time.perf_counter()
+            outputs = llm.generate(prompts, params)
+            elapsed = time.perf_counter() - t0
     del llm
     gc.collect()  # the LLM and its chunk store refer to each other; free its KV pool before transformers runs
     if args.device != "cpu":
         torch.cuda.empty_cache()
     return elapsed, sum(len(o.token_ids) for o in outputs)
+
+
+@contextlib.contextmanager
+def _kernel_profile(on: bool, name: str, top: int = 15):
+    """With `on`, torch.profiler over the block (CUDA kernels), then the `top` kernels by total GPU time printed."""
+    if not on:
+        yield
+        return
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        yield
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)
+    total = sum(e.self_device_time_total for e in events)
+    print(f"kernel profile, braid {name}: {total / 1e6:.2f} s of GPU kernel time", flush=True)
+    for e in events[:top]:
+        print(f"  {e.self_device_time_total / 1e6:8.3f} s {e.count:>9} launches  {e.key[:100]}", flush=True)
 
 
 HF_ORDERS = {
@@ -155,6 +174,9 @@ def main() -> None:
     ap.add_argument("--hf-static", action="store_true", help="transformers: static cache (compiled decode)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--kernel-profile", action="store_true",
+                    help="profile Braid's timed run per format (torch.profiler, CUDA kernels): the top kernels by GPU "
+                         "time; the run's seconds then include the profiler's overhead")
     args = ap.parse_args()
     tokenizer_dir = os.environ.get("BRAID_TEST_TOKENIZER")
     if not tokenizer_dir:
