@@ -70,11 +70,12 @@ class LLMEngine:
         self.pins = Pins(self.pages, int(num_pages * config.max_pinned_fraction),
                          f" (max_pinned_fraction={config.max_pinned_fraction})")
         self.scheduler = Scheduler(self.pages, config.max_num_seqs, config.max_num_batched_tokens)
+        self.step_threads = StepThreads(self.device, config.cpu_decode_threads)
         self.runner = ModelRunner(self.model, self.model_config, num_pages, config.page_size, self.device, self.dtype,
                                   config.attention_backend, config.enforce_eager, config.max_num_seqs,
-                                  config.cascade_min_saved_tokens if config.cascade_decode else None)
+                                  config.cascade_min_saved_tokens if config.cascade_decode else None,
+                                  logits_context=self.step_threads.wide)
         self.sampler = Sampler()
-        self.step_threads = StepThreads(self.device, config.cpu_decode_threads)
         grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, sorted(eos_token_ids))
         limits = RequestLimits(self.model_config.vocab_size, max_model_len, num_pages, config.page_size,
                                self.pins.max_pages)

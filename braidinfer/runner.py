@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
@@ -34,8 +35,10 @@ class ModelRunner:
 
     def __init__(self, model: torch.nn.Module, cfg: ModelConfig, num_pages: int, page_size: int,
                  device: torch.device, dtype: torch.dtype, attention_backend: str = "torch",
-                 enforce_eager: bool = True, max_num_seqs: int = 64, cascade_min_saved_tokens: int | None = None):
+                 enforce_eager: bool = True, max_num_seqs: int = 64, cascade_min_saved_tokens: int | None = None,
+                 logits_context: Callable[[], AbstractContextManager] = nullcontext):
         self.model = model
+        self.logits_context = logits_context  # entered around compute_logits (StepThreads.wide on the CPU)
         self.device = device
         self.page_size = page_size
         backend, problem = _backend_name(attention_backend, device, dtype, cfg.head_dim)
@@ -124,7 +127,8 @@ class ModelRunner:
             return hidden.new_empty(0, 0, dtype=torch.float32), []
         if len(sample_rows) < len(input_ids):  # (a decode-only step samples every row: no gather)
             hidden = hidden[self._tensor(sample_rows)]
-        return self.model.compute_logits(hidden), sample_idx
+        with self.logits_context():
+            return self.model.compute_logits(hidden), sample_idx
 
     def _hidden(self, batch: ScheduledBatch, input_ids: list[int], positions: list[int],
                 ready: Callable[[torch.Tensor], None]) -> torch.Tensor:

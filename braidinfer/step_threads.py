@@ -4,7 +4,9 @@ A decode step of a small model is hundreds of tiny ops; splitting each over thre
 2-core machine the embedded SmolLM2-135M decoded 1.5x faster on one intra-op thread than on two (means of A/B runs in
 one process), while a 1,800-token prefill took 1.6-1.7x longer on one (benchmarks/RESULTS.md). So a step whose
 every row decodes one token runs on EngineConfig.cpu_decode_threads, and any other step on the count the engine's
-thread already had.
+thread already had. The step's one large product, the logits (its 49152 x 576 int4 lm_head term: 1.54 ms on one
+thread, 0.80 ms on two, 0.74 ms saved per term with the switch to two threads and back counted), runs inside
+`wide()` on the engine thread's own count again.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ class StepThreads:
     def __init__(self, device: torch.device, decode_threads: int | None):
         self.active = device.type == "cpu"
         self.decode_threads = decode_threads or DEFAULT_DECODE_THREADS
+        self._outer: int | None = None  # during a decode step that changed the count: the count before it
 
     @contextmanager
     def for_step(self, num_new_tokens: list[int]) -> Iterator[None]:
@@ -39,7 +42,22 @@ class StepThreads:
             yield
             return
         torch.set_num_threads(self.decode_threads)
+        self._outer = before
         try:
             yield
         finally:
+            self._outer = None
             torch.set_num_threads(before)
+
+    @contextmanager
+    def wide(self) -> Iterator[None]:
+        """Inside a decode step, runs the body on the count the step started from (for one large product, whose
+        split over threads pays for waking them); elsewhere, and on CUDA, nothing changes."""
+        if self._outer is None or self._outer <= self.decode_threads:
+            yield
+            return
+        torch.set_num_threads(self._outer)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(self.decode_threads)

@@ -26,7 +26,8 @@ def three_threads():
 
 
 def _run(llama_dir, monkeypatch, **kw):
-    """(each step's (new tokens per row, intra-op threads inside the forward), the requests' tokens)."""
+    """(each step's (new tokens per row, intra-op threads inside the forward[, and inside compute_logits when the
+    step samples]), the requests' tokens)."""
     engine = LLMEngine(EngineConfig(model=llama_dir, device="cpu", dtype="float32", page_size=4, max_model_len=256,
                                     progress=False, max_num_batched_tokens=16, **kw))
     steps = []
@@ -37,6 +38,13 @@ def _run(llama_dir, monkeypatch, **kw):
         return run(batch, *args, **kwargs)
 
     monkeypatch.setattr(engine.runner, "run", recording)
+    logits = engine.model.compute_logits
+
+    def recording_logits(hidden):
+        steps[-1] = steps[-1] + (torch.get_num_threads(),)
+        return logits(hidden)
+
+    monkeypatch.setattr(engine.model, "compute_logits", recording_logits)
     params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
     seqs = [engine.requests.sequence(list(range(10 + i, 30 + 7 * i)), params) for i in range(2)]
     for seq in seqs:
@@ -49,12 +57,15 @@ def _run(llama_dir, monkeypatch, **kw):
 
 def test_decode_steps_use_the_decode_thread_count(llama_dir, monkeypatch, three_threads):
     steps, tokens = _run(llama_dir, monkeypatch)
-    decode = [threads for rows, threads in steps if all(n == 1 for n in rows)]
-    prefill = [threads for rows, threads in steps if any(n > 1 for n in rows)]
+    decode = [step[1] for step in steps if all(n == 1 for n in step[0])]
+    prefill = [step[1] for step in steps if any(n > 1 for n in step[0])]
     assert len(prefill) >= 2 and decode  # chunked prompts, then decodes
     assert set(prefill) == {3} and set(decode) == {1}
+    # a decode step's logits (its one large product) run on the engine thread's own count again
+    assert {step[2] for step in steps if all(n == 1 for n in step[0])} == {3}
+    assert {step[2] for step in steps if len(step) == 3 and any(n > 1 for n in step[0])} <= {3}
     steps2, tokens2 = _run(llama_dir, monkeypatch, cpu_decode_threads=2)
-    assert {threads for rows, threads in steps2 if all(n == 1 for n in rows)} == {2}
+    assert {step[1] for step in steps2 if all(n == 1 for n in step[0])} == {2}
     assert tokens2 == tokens
 
 
@@ -72,3 +83,26 @@ def test_the_count_is_restored_when_a_step_raises_and_untouched_on_cuda(three_th
     assert torch.get_num_threads() == 3
     with StepThreads(torch.device("cuda"), 1).for_step([1]):
         assert torch.get_num_threads() == 3
+
+
+def test_wide_runs_on_the_count_the_decode_step_started_from(three_threads):
+    """wide(): the step's starting count inside a decode step, the decode count again after (also when the body
+    raises); nothing outside a decode step, in a prefill step, or where the decode count is not below the start."""
+    threads = StepThreads(torch.device("cpu"), 1)
+    with threads.wide():
+        assert torch.get_num_threads() == 3
+    with threads.for_step([1, 1]):
+        assert torch.get_num_threads() == 1
+        with threads.wide():
+            assert torch.get_num_threads() == 3
+        assert torch.get_num_threads() == 1
+        with pytest.raises(RuntimeError, match="logits failed"):
+            with threads.wide():
+                raise RuntimeError("logits failed")
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 3
+    with threads.for_step([4, 1]), threads.wide():  # a prefill step keeps the count throughout
+        assert torch.get_num_threads() == 3
+    more = StepThreads(torch.device("cpu"), 4)  # a decode count above the start: wide() leaves it
+    with more.for_step([1]), more.wide():
+        assert torch.get_num_threads() == 4
