@@ -137,7 +137,7 @@ def quant_linear(x: torch.Tensor | Int8Rows, blocks: torch.Tensor, qtype: str, b
         return _quant_linear_int8(x, blocks, qtype, bias, config, path, k, out)
     check_linear_inputs(_dequantize_kernel, x, k, blocks.shape[0], bias, "blocks", blocks,
                         f"{qtype} blocks of shape {tuple(blocks.shape)}")
-    _check_out(out, x.shape[0], blocks.shape[0], x.dtype, x.device)
+    _check_out(out, x.shape[0], blocks.shape[0], x.dtype, x.device, x=x, bias=bias, blocks=blocks)
     path = path or linear_path(x.shape[0], x.dtype, blocks.shape[0] * k,
                                qtype if uses_half_block(qtype, blocks.shape[1], x.dtype) else None)
     if path not in PATHS or (path in ("dot", "gemv") and x.shape[0] > MAX_ROWS):
@@ -160,14 +160,31 @@ def quant_linear(x: torch.Tensor | Int8Rows, blocks: torch.Tensor, qtype: str, b
     return out
 
 
-def _check_out(out: torch.Tensor | None, num_rows: int, n: int, dtype: torch.dtype, device: torch.device) -> None:
-    """quant_linear's `out`: None, or a contiguous [num_rows, n] tensor of dtype on device; ValueError otherwise."""
+def _check_out(out: torch.Tensor | None, num_rows: int, n: int, dtype: torch.dtype, device: torch.device,
+               **inputs: torch.Tensor | None) -> None:
+    """quant_linear's `out`: None, or a contiguous [num_rows, n] tensor of dtype on device sharing no memory with
+    `inputs` (the kernels read those while writing out); ValueError otherwise."""
     if out is None:
         return
     check_tensor("out", out, (dtype,), ndim=2)
     check_shape("out", out, (num_rows, n))
     if not out.is_contiguous() or out.device != device:
         raise ValueError(f"out must be contiguous and on {device}, got strides {out.stride()} on {out.device}")
+    for name, t in inputs.items():
+        if t is not None and _overlap(out, t):
+            raise ValueError(f"out must not overlap {name}")
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the byte spans of a and b (first to last element, whatever the strides) intersect."""
+    def span(t: torch.Tensor) -> tuple[int, int]:
+        last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+        return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
 
 
 def _into(y: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
@@ -195,7 +212,8 @@ def _quant_linear_int8(x: Int8Rows, blocks, qtype, bias, config, path, k, out) -
         check_shape("bias", bias, (blocks.shape[0],))
         tensors["bias"] = bias
     check_devices(_dequantize_kernel, **tensors)
-    _check_out(out, m, blocks.shape[0], x.dtype, x.q.device)
+    _check_out(out, m, blocks.shape[0], x.dtype, x.q.device, **{"x.q": x.q, "x.dx": x.dx, "x.sx": x.sx},
+               bias=bias, blocks=blocks)
     if _use_torch(blocks):
         return _into(F.linear(x.dequantize().to(x.dtype), dequantize_torch(from_planes(blocks, qtype), qtype,
                                                                             x.dtype), bias), out)

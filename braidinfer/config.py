@@ -30,9 +30,9 @@ class EngineConfig(ValidatedModel):
     at load. None: where this CPU's int4 kernels are fast (AVX-512; braidinfer/layers/cpu_int4.py). Ignored on CUDA."""
     cpu_decode_threads: int | None = Field(None, ge=1)
     """On the CPU: torch's intra-op threads for decode steps (every row one new token); prefill steps keep the engine
-    thread's count (torch.get_num_threads()), and so do a decode step's logits (one large product). None: 1, which
-    decoded the embedded model ~1.5x faster than 2 threads on a 2-core machine (braidinfer/step_threads.py). Ignored
-    on CUDA."""
+    thread's count (torch.get_num_threads()), and so do a decode step's logits (one large product) where that count
+    is the larger. None: 1, which decoded the embedded model ~1.5x faster than 2 threads on a 2-core machine
+    (braidinfer/step_threads.py). Ignored on CUDA."""
     device: str | None = None
     """"cpu", "cuda" or "cuda:N"; None picks CUDA when available."""
     page_size: int = Field(16, ge=1, le=1024)

@@ -51,13 +51,14 @@ class StepThreads:
 
     @contextmanager
     def wide(self) -> Iterator[None]:
-        """Inside a decode step, runs the body on the count the step started from (for one large product, whose
-        split over threads pays for waking them); elsewhere, and on CUDA, nothing changes."""
+        """Inside a decode step whose count is below the one it started from, runs the body on the latter (for one
+        large product, whose split over threads pays for waking them); elsewhere, and on CUDA, nothing changes."""
         if self._outer is None or self._outer <= self.decode_threads:
             yield
             return
+        before = torch.get_num_threads()
         torch.set_num_threads(self._outer)
         try:
             yield
         finally:
-            torch.set_num_threads(self.decode_threads)
+            torch.set_num_threads(before)

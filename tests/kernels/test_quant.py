@@ -398,6 +398,13 @@ def test_linear_writes_into_out(device, path):
         whole = torch.full((num_rows, n), 7.0, dtype=torch.bfloat16, device=device)
         assert quant_linear(arg, blocks, "Q4_K", bias, out=whole, **kwargs) is whole
         assert_same_bits(whole.cpu(), want.cpu())
+        for config in ((QuantGemmConfig(32, 16, 4, 2, split_k=3),) if path == "gemm" else ()):
+            # K split into float32 partials summed into out, and (Q4_K) x as the first operand
+            for config in (config, config._replace(block_n=64, block_m=64, num_stages=3, x_first=True)):
+                want_config = quant_linear(arg, blocks, "Q4_K", bias, config=config, **kwargs)
+                whole = torch.full((num_rows, n), 7.0, dtype=torch.bfloat16, device=device)
+                assert quant_linear(arg, blocks, "Q4_K", bias, config=config, out=whole, **kwargs) is whole
+                assert_same_bits(whole.cpu(), want_config.cpu())
         if num_rows == 1:
             wide = torch.full((1, n + 40), 7.0, dtype=torch.bfloat16, device=device)
             got = quant_linear(arg, blocks, "Q4_K", bias, out=wide[:, 8:8 + n], **kwargs)
@@ -431,6 +438,8 @@ def _bad_calls(device="cpu"):
     def empty(*shape, dtype=torch.float32):
         return torch.empty(shape, dtype=dtype, device=device)
 
+    shared = torch.zeros(1, 512, device=device)  # x, bias and out as views of one buffer
+
     return [
         (lambda: quant_linear(x, blocks, "Q5_0"), "qtype must be one of"),
         (lambda: quant_linear(x, blocks.view(torch.int8), "Q4_K"), "blocks must have dtype uint8"),
@@ -455,6 +464,8 @@ def _bad_calls(device="cpu"):
         (lambda: quant_linear(x, blocks, "Q4_K", out=empty(1, 4, dtype=torch.bfloat16)), "out must have dtype"),
         (lambda: quant_linear(torch.randn(2, 256, device=device), blocks, "Q4_K", out=empty(4, 2).t()),
          "out must be contiguous"),
+        (lambda: quant_linear(shared[:, :256], blocks, "Q4_K", out=shared[:, 252:256]), "out must not overlap x"),
+        (lambda: quant_linear(x, blocks, "Q4_K", bias=shared[0, :4], out=shared[:, 2:6]), "out must not overlap bias"),
         (lambda: quant_linear(torch.randn(9, 256, device=device), blocks, "Q4_K",
                               config=QuantGemmConfig(64, 16, 4, 2, x_first=True), path="gemm"),
          "x_first takes the half-block kernel of Q4_K"),  # float32 x
