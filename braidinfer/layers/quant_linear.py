@@ -19,8 +19,8 @@ class QuantLinear(nn.Module):
 
     A fused projection (q/k/v, gate/up) is filled part by part; `finalize` joins neighbouring parts of the same
     qtype into one matrix of blocks, so a projection whose checkpoint tensors share a type runs one kernel, and one
-    mixing types (Q4_K_M's Q4_K q/k beside a Q6_K v) runs one per type, concatenated (at one row of x on CUDA, each
-    written straight into its columns of the output).
+    mixing types (Q4_K_M's Q4_K q/k beside a Q6_K v) runs one per type, concatenated (at one row of x, each written
+    straight into its columns of the output).
 
     Forms (`finalize`): "blocks" (CUDA): braid_kernels.quant.quant_linear (dequantising GEMV up to 4 rows, the fused
     GEMM up to 64 on large matrices, else dequantise + matmul). "int4" (the CPU where its int4 kernels are fast):
@@ -128,9 +128,8 @@ class QuantLinear(nn.Module):
 
     def _writes_in_place(self, x) -> bool:
         """Whether every part can write its columns straight into one output instead of being concatenated: one row
-        of x (its parts' columns of a one-row output are contiguous) and every part GGUF blocks on CUDA."""
-        return (len(x.shape) == 2 and x.shape[0] == 1 and x.device.type == "cuda" and not self._int4_terms
-                and None not in self.qtypes)
+        of x (its parts' columns of a one-row output are contiguous) and every part GGUF blocks."""
+        return len(x.shape) == 2 and x.shape[0] == 1 and not self._int4_terms and None not in self.qtypes
 
     def _parts_in_place(self, x) -> torch.Tensor:
         """[1, out_features]: each part's quant_linear writing into its own columns (no concatenation launch)."""

@@ -103,6 +103,29 @@ def test_quant_linear_mixed_parts_match_reference(form):
     torch.testing.assert_close(layer(x), F.linear(x, weight, layer.bias), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("num_rows", [1, 3])
+def test_quant_linear_of_blocks_writes_its_parts_in_place_at_one_row(num_rows, monkeypatch):
+    """Parts of mixed types, all blocks: at one row of x each part is written into its columns of one output (no
+    concatenation), at three they are concatenated; either way the reference product."""
+    cols = 256
+    parts = [(0, _blocks(64, cols, "Q4_K", 4), "Q4_K"), (64, _blocks(32, cols, "Q6_K", 5), "Q6_K"),
+             (96, _blocks(32, cols, "Q4_K", 6), "Q4_K")]
+    layer = QuantLinear(cols, 128, bias=True, dtype=torch.float32)
+    with torch.no_grad():
+        layer.bias.copy_(torch.randn(128))
+    for start, blocks, qtype in parts:
+        layer.set_part(start, QuantizedTensor(blocks, qtype, (blocks.shape[0], cols)))
+    layer.finalize("blocks")
+    assert layer.qtypes == ["Q4_K", "Q6_K", "Q4_K"]
+    in_place = []
+    parts_in_place = layer._parts_in_place
+    monkeypatch.setattr(layer, "_parts_in_place", lambda x: in_place.append(x) or parts_in_place(x))
+    x = torch.randn(num_rows, cols)
+    weight = torch.cat([_reference(b, q) for _, b, q in parts])
+    torch.testing.assert_close(layer(x), F.linear(x, weight, layer.bias), rtol=1e-5, atol=1e-5)
+    assert len(in_place) == (num_rows == 1)
+
+
 def test_quant_linear_rejects_gaps_and_misfits():
     layer = QuantLinear(256, 64, bias=False, dtype=torch.float32)
     layer.set_part(0, QuantizedTensor(_blocks(32, 256, "Q8_0", 0), "Q8_0", (32, 256)))
