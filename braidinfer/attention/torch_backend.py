@@ -20,14 +20,18 @@ class TorchAttention:
         self.kv_cache = kv_cache
         self.page_size = kv_cache.shape[4]
         self.specs = per_layer_specs(specs, kv_cache.shape[0])
+        self._rows: tuple[AttentionMetadata, torch.Tensor] | None = None  # (the step's meta, kv_rows of its slots)
 
     def plan(self, meta: AttentionMetadata) -> None:
-        """Once per step, before the forward (the call every backend takes): nothing to prepare here, each layer reads
-        the page tables of `meta` itself."""
+        """Once per step, before the forward (the call every backend takes): the pool rows of the step's new K/V,
+        which every layer writes (each layer reads the page tables of `meta` itself)."""
+        self._rows = (meta, kv_rows(self.kv_cache[0], meta.slot_mapping))
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata):
         """q: [T, num_qo_heads, head_dim]; k, v: [T, num_kv_heads, head_dim] -> out: [T, num_qo_heads, head_dim]."""
-        write_kv(self.kv_cache[layer], meta.slot_mapping, k, v)
+        if self._rows is None or self._rows[0] is not meta:  # not planned for this step
+            self.plan(meta)
+        write_kv_rows(self.kv_cache[layer], self._rows[1], k, v)
         return self.attend(layer, q, meta)
 
     def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -55,6 +59,24 @@ class TorchAttention:
         kv = cache.permute(1, 2, 0, 3, 4).index_select(2, page_table)
         kv = kv.flatten(2, 3)  # (2, kvh, P * ps, hd), a view
         return kv[0, :, :context_len], kv[1, :, :context_len]
+
+
+def kv_rows(cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+    """The rows of one layer's pool [pages, 2, kv_heads, page_size, head_dim], seen as [-1, head_dim], that the K and
+    V of tokens at slot_mapping [T] go to: [T * 2 * kv_heads], in (token, K/V, head) order (write_kv's slots; a slot
+    of -1 is the pool's last one)."""
+    num_pages, _, kv_heads, page_size, _ = cache.shape
+    slots = slot_mapping % (num_pages * page_size)
+    pages, offsets = slots // page_size, slots % page_size
+    kv = torch.arange(2, device=slots.device)[None, :, None]
+    heads = torch.arange(kv_heads, device=slots.device)[None, None, :]
+    return (((pages[:, None, None] * 2 + kv) * kv_heads + heads) * page_size + offsets[:, None, None]).flatten()
+
+
+def write_kv_rows(cache: torch.Tensor, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """write_kv with the slots given as kv_rows (computed once per step for every layer): one copy of k and v."""
+    kv = torch.stack((k, v), dim=1).to(cache.dtype)  # (T, 2, kv_heads, head_dim)
+    cache.view(-1, cache.shape[-1]).index_copy_(0, rows, kv.reshape(-1, cache.shape[-1]))
 
 
 def write_kv(cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
