@@ -66,7 +66,7 @@ def kv_rows(cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
     V of tokens at slot_mapping [T] go to: [T * 2 * kv_heads], in (token, K/V, head) order (write_kv's slots; a slot
     of -1 is the pool's last one)."""
     num_pages, _, kv_heads, page_size, _ = cache.shape
-    slots = slot_mapping % (num_pages * page_size)
+    slots = torch.where(slot_mapping < 0, slot_mapping + num_pages * page_size, slot_mapping)  # out of range: an error
     pages, offsets = slots // page_size, slots % page_size
     kv = torch.arange(2, device=slots.device)[None, :, None]
     heads = torch.arange(kv_heads, device=slots.device)[None, None, :]

@@ -133,13 +133,17 @@ class QuantLinear(nn.Module):
 
     def _parts_in_place(self, x) -> torch.Tensor:
         """[1, out_features]: each part's quant_linear writing into its own columns (no concatenation launch)."""
-        from braid_kernels.quant import quant_linear
-
         y = torch.empty((1, self.out_features), dtype=x.dtype, device=x.device)
         start = 0
         for i, qtype in enumerate(self.qtypes):
             weight = getattr(self, f"part{i}")
-            quant_linear(x, weight, qtype, out=y[:, start:start + weight.shape[0]])
+            columns = y[:, start:start + weight.shape[0]]
+            if weight.is_cuda:
+                from braid_kernels.quant import quant_linear
+
+                quant_linear(x, weight, qtype, out=columns)
+            else:  # the CPU's per-call decode (_part) has no output argument
+                columns.copy_(self._part(i, x))
             start += weight.shape[0]
         return y
 

@@ -22,7 +22,9 @@ def test_rows_write_what_the_indexed_write_writes(pages, kv_heads, page_size, he
     write_kv(want, slots, k, v)
     write_kv_rows(got, kv_rows(got, slots), k, v)
     assert torch.equal(got, want)
-    assert not torch.equal(got[-1, :, :, -1], torch.zeros_like(got[-1, :, :, -1]))  # the last slot was written
+    assert torch.equal(got[-1, 0, :, -1], k[0].to(dtype)) and torch.equal(got[-1, 1, :, -1], v[0].to(dtype))
+    with pytest.raises(IndexError):  # a slot past the pool is an error, not a wrap-around
+        write_kv_rows(got, kv_rows(got, torch.tensor([pages * page_size])), k[:1], v[:1])
 
 
 def test_a_layer_call_writes_the_same_planned_or_not():
