@@ -25,6 +25,9 @@ copy of x); a Q6_K tile's is the weights' own. K slices are summed by one kernel
 against bf16 matmul at 16 / 64 / 128 rows (benchmarks/RESULTS.md): Q4_K 0.56-0.66x / 0.47-0.58x / 0.41-0.55x and Q6_K
 0.48-0.64x / 0.45-0.52x / 0.38-0.53x on 4096x4096, 6144x4096, 28672x4096 and 4096x14336, against this group kernel's
 0.34-0.47x at 16-64 rows and dequantise + cuBLAS's 0.35-0.46x at 128; at 256 rows dequantise + cuBLAS is ahead.
+Q4_K tiles of 64 rows of x turn the product around (`QuantGemmConfig.x_first`: acc [BLOCK_M, BLOCK_N] = x_tile @
+W_tile.T, the decoded weights stored to shared memory as the second operand instead of going through it to the
+registers of the first): 0.56-0.63x at 40-64 rows on all but 4096x4096 (0.46-0.49x there, 0.48-0.51x before).
 """
 from __future__ import annotations
 
