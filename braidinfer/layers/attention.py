@@ -65,14 +65,16 @@ class PagedAttention(nn.Module):
         if self._runs_fused:
             return self._fused(qkv, batch)
         T = qkv.shape[0]
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(T, self.num_heads, self.head_dim)  # (T, qh, hd)
-        k = k.view(T, self.num_kv_heads, self.head_dim)  # (T, kvh, hd)
+        qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        qk = qk.view(T, self.num_heads + self.num_kv_heads, self.head_dim)  # (T, qh + kvh, hd): q's heads, then k's
         v = v.view(T, self.num_kv_heads, self.head_dim)  # (T, kvh, hd)
+        if self.qk_norms is None and self.rotary:
+            qk = self._rotate(qk, batch)  # q and k in one pass (fewer, larger ops)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # (T, qh, hd), (T, kvh, hd)
         if self.qk_norms is not None:
             q, k = self.qk_norms[0](q), self.qk_norms[1](k)  # normalised over head_dim
-        if self.rotary:
-            q, k = self._rotate(q, batch), self._rotate(k, batch)
+            if self.rotary:
+                q, k = self._rotate(q, batch), self._rotate(k, batch)
         if self.cache_head_dim != self.head_dim:
             pad = (0, self.cache_head_dim - self.head_dim)
             q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)  # (T, heads, cache_head_dim)
