@@ -96,10 +96,7 @@ def dequantize(blocks: torch.Tensor, qtype: str, out_dtype: torch.dtype = torch.
     if out is None:
         out = torch.empty(shape, dtype=out_dtype, device=blocks.device)
     else:
-        check_tensor("out", out, (out_dtype,), ndim=2)
-        check_shape("out", out, shape)
-        if not out.is_contiguous():
-            raise ValueError(f"out must be contiguous, got strides {out.stride()}")
+        _check_out(out, *shape, out_dtype, blocks.device, blocks=blocks)
         check_devices(_dequantize_kernel, blocks=blocks, out=out)
     if _use_torch(blocks):
         return out.copy_(dequantize_torch(from_planes(blocks, qtype), qtype, out_dtype))
@@ -162,14 +159,16 @@ def quant_linear(x: torch.Tensor | Int8Rows, blocks: torch.Tensor, qtype: str, b
 
 def _check_out(out: torch.Tensor | None, num_rows: int, n: int, dtype: torch.dtype, device: torch.device,
                **inputs: torch.Tensor | None) -> None:
-    """quant_linear's `out`: None, or a contiguous [num_rows, n] tensor of dtype on device sharing no memory with
-    `inputs` (the kernels read those while writing out); ValueError otherwise."""
+    """An `out` argument (quant_linear's, dequantize's): None, or a contiguous [num_rows, n] tensor of dtype on device
+    sharing no memory with `inputs` (the kernels read those while writing out); ValueError otherwise."""
     if out is None:
         return
     check_tensor("out", out, (dtype,), ndim=2)
     check_shape("out", out, (num_rows, n))
-    if not out.is_contiguous() or out.device != device:
-        raise ValueError(f"out must be contiguous and on {device}, got strides {out.stride()} on {out.device}")
+    if not out.is_contiguous():
+        raise ValueError(f"out must be contiguous, got strides {out.stride()}")
+    if out.device != device:
+        raise ValueError(f"out must be on {device}, got {out.device}")
     for name, t in inputs.items():
         if t is not None and _overlap(out, t):
             raise ValueError(f"out must not overlap {name}")
