@@ -4,13 +4,15 @@ nano-vllm's bench.py draws them), temperature 0.6, ignore_eos; the figure is tot
 
     BRAID_TEST_TOKENIZER=/path/to/tokenizer python benchmarks/throughput.py [--model qwen3-0.6b|smollm2-135m]
     BRAID_TEST_TOKENIZER=... python benchmarks/throughput.py --config benchmarks/configs/llama-3.1-8b.json \
-        --formats bf16,Q4_K_M --skip-hf [--kernel-profile]
+        --formats bf16,Q4_K_M --skip-hf [--kernel-profile] [--step-profile]
 
 --formats runs Braid on the same workload once per weight format: bf16 (safetensors), Q8_0 or Q4_K_M (a random GGUF
 file of the same shape with llama.cpp's tensor types, as benchmarks/quantized_decode.py writes it; K-quant rows need
 multiples of 256 columns), each printed against the bf16 row. Transformers runs the bf16 model only.
 --kernel-profile prints, per format, the kernels of Braid's timed run by total GPU time (torch.profiler; kernels
-launched with programmatic dependent launch count their wait for the kernel before them).
+launched with programmatic dependent launch count their wait for the kernel before them). --step-profile prints,
+per format, the timed run's engine steps by path and rows: the GPU time between CUDA events around each step's
+launch, and the GPU's idle time between steps (waiting for the host).
 
 Braid gets every request in one `llm.generate` call after a short warm-up (CUDA graphs are captured when the LLM is
 built, FlashInfer and Triton compile on first use). Transformers runs the first --hf-requests of the same workload in
@@ -72,10 +74,13 @@ def run_braid(path: str, prompts: list[list[int]], max_tokens: list[int], args) 
              max_num_batched_tokens=args.max_num_batched_tokens, progress=False) as llm:
         # Constant prompts, so the timed random ones find nothing of them in the prefix cache.
         llm.generate([[7] * 17, [8] * 300], SamplingParams(max_tokens=16, ignore_eos=True))
+        steps = _StepProfile(llm.engine) if args.step_profile and args.device != "cpu" else None
         with _kernel_profile(args.kernel_profile and args.device != "cpu", os.path.basename(path)):
             t0 = time.perf_counter()
             outputs = llm.generate(prompts, params)
             elapsed = time.perf_counter() - t0
+        if steps is not None:
+            steps.report(os.path.basename(path), elapsed)
     del llm
     gc.collect()  # the LLM and its chunk store refer to each other; free its KV pool before transformers runs
     if args.device != "cpu":
@@ -96,6 +101,45 @@ def _kernel_profile(on: bool, name: str, top: int = 15):
     print(f"kernel profile, braid {name}: {total / 1e6:.2f} s of GPU kernel time", flush=True)
     for e in events[:top]:
         print(f"  {e.self_device_time_total / 1e6:8.3f} s {e.count:>9} launches  {e.key[:100]}", flush=True)
+
+
+class _StepProfile:
+    """Per engine step of the timed run: its rows, its path (decode graph, eager...), the GPU time between CUDA events
+    recorded around its launch, and the GPU's idle time before it (the events of consecutive steps with nothing
+    queued between them: time the GPU waited for the host). Wraps the engine's `_launch`."""
+
+    def __init__(self, engine):
+        self.records = []  # (rows, path kind, start event, end event)
+        launch, runner = engine._launch, engine.runner
+
+        def timed(batch, in_flight):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step = launch(batch, in_flight)
+            end.record()
+            if step is not None:
+                self.records.append((sum(batch.num_new_tokens), runner.last_path.kind, start, end))
+            return step
+
+        engine._launch = timed
+
+    def report(self, name: str, elapsed: float) -> None:
+        torch.cuda.synchronize()
+        classes = {}  # (kind, rows class) -> [steps, GPU ms, idle ms before]
+        prev_end = None
+        for rows, kind, start, end in self.records:
+            key = (kind, next(f"<= {b}" for b in (1, 8, 64, 128, 256, 1 << 30) if rows <= b))
+            c = classes.setdefault(key, [0, 0.0, 0.0])
+            c[0] += 1
+            c[1] += start.elapsed_time(end)
+            c[2] += prev_end.elapsed_time(start) if prev_end is not None else 0.0
+            prev_end = end
+        busy, idle = sum(c[1] for c in classes.values()), sum(c[2] for c in classes.values())
+        print(f"step profile, braid {name}: {len(self.records)} steps, {elapsed:.2f} s wall, {busy / 1e3:.2f} s "
+              f"inside steps, {idle / 1e3:.2f} s between them", flush=True)
+        for (kind, rows), (n, gpu, gap) in sorted(classes.items(), key=lambda kv: -kv[1][1]):
+            print(f"  {kind:<14} rows {rows:<12} {n:>6} steps {gpu / 1e3:8.2f} s ({gpu / n:7.2f} ms each), "
+                  f"{gap / 1e3:6.2f} s before them", flush=True)
 
 
 HF_ORDERS = {
@@ -177,6 +221,9 @@ def main() -> None:
     ap.add_argument("--kernel-profile", action="store_true",
                     help="profile Braid's timed run per format (torch.profiler, CUDA kernels): the top kernels by GPU "
                          "time; the run's seconds then include the profiler's overhead")
+    ap.add_argument("--step-profile", action="store_true",
+                    help="per format, Braid's timed run by engine step: rows and path (CUDA-graph decode, eager), "
+                         "GPU time between events around each step's launch, and the GPU's idle time between steps")
     args = ap.parse_args()
     tokenizer_dir = os.environ.get("BRAID_TEST_TOKENIZER")
     if not tokenizer_dir:
