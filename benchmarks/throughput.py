@@ -12,7 +12,8 @@ multiples of 256 columns), each printed against the bf16 row. Transformers runs 
 --kernel-profile prints, per format, the kernels of Braid's timed run by total GPU time (torch.profiler; kernels
 launched with programmatic dependent launch count their wait for the kernel before them). --step-profile prints,
 per format, the timed run's engine steps by path and rows: the GPU time between CUDA events around each step's
-launch, and the GPU's idle time between steps (waiting for the host).
+launch, the GPU's idle time between steps (waiting for the host), and the host's time in each launch and in its
+forward (a host time as long as the step's GPU time means the launch waited for the device).
 
 Braid gets every request in one `llm.generate` call after a short warm-up (CUDA graphs are captured when the LLM is
 built, FlashInfer and Triton compile on first use). Transformers runs the first --hf-requests of the same workload in
@@ -105,41 +106,56 @@ def _kernel_profile(on: bool, name: str, top: int = 15):
 
 class _StepProfile:
     """Per engine step of the timed run: its rows, its path (decode graph, eager...), the GPU time between CUDA events
-    recorded around its launch, and the GPU's idle time before it (the events of consecutive steps with nothing
-    queued between them: time the GPU waited for the host). Wraps the engine's `_launch`."""
+    recorded around its launch, the GPU's idle time before it (the events of consecutive steps with nothing queued
+    between them: time the GPU waited for the host), and the host's seconds in the launch and in the runner's
+    forward within it. Wraps the engine's `_launch` and its runner's `run`."""
 
     def __init__(self, engine):
-        self.records = []  # (rows, path kind, start event, end event)
-        launch, runner = engine._launch, engine.runner
+        self.records = []  # (rows, path kind, start event, end event, host seconds in the launch, of it in the forward)
+        launch, runner, run = engine._launch, engine.runner, engine.runner.run
+        forward = [0.0]
+
+        def timed_run(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return run(*args, **kwargs)
+            finally:
+                forward[0] = time.perf_counter() - t0
 
         def timed(batch, in_flight):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0 = time.perf_counter()
             start.record()
             step = launch(batch, in_flight)
             end.record()
             if step is not None:
-                self.records.append((sum(batch.num_new_tokens), runner.last_path.kind, start, end))
+                self.records.append((sum(batch.num_new_tokens), runner.last_path.kind, start, end,
+                                     time.perf_counter() - t0, forward[0]))
             return step
 
+        runner.run = timed_run
         engine._launch = timed
 
     def report(self, name: str, elapsed: float) -> None:
         torch.cuda.synchronize()
-        classes = {}  # (kind, rows class) -> [steps, GPU ms, idle ms before]
+        classes = {}  # (kind, rows class) -> [steps, GPU ms, idle ms before, host s in launch, host s in forward]
         prev_end = None
-        for rows, kind, start, end in self.records:
+        for rows, kind, start, end, host, forward in self.records:
             key = (kind, next(f"<= {b}" for b in (1, 8, 64, 128, 256, 1 << 30) if rows <= b))
-            c = classes.setdefault(key, [0, 0.0, 0.0])
+            c = classes.setdefault(key, [0, 0.0, 0.0, 0.0, 0.0])
             c[0] += 1
             c[1] += start.elapsed_time(end)
             c[2] += prev_end.elapsed_time(start) if prev_end is not None else 0.0
+            c[3] += host
+            c[4] += forward
             prev_end = end
         busy, idle = sum(c[1] for c in classes.values()), sum(c[2] for c in classes.values())
         print(f"step profile, braid {name}: {len(self.records)} steps, {elapsed:.2f} s wall, {busy / 1e3:.2f} s "
               f"inside steps, {idle / 1e3:.2f} s between them", flush=True)
-        for (kind, rows), (n, gpu, gap) in sorted(classes.items(), key=lambda kv: -kv[1][1]):
+        for (kind, rows), (n, gpu, gap, host, forward) in sorted(classes.items(), key=lambda kv: -kv[1][1]):
             print(f"  {kind:<14} rows {rows:<12} {n:>6} steps {gpu / 1e3:8.2f} s ({gpu / n:7.2f} ms each), "
-                  f"{gap / 1e3:6.2f} s before them", flush=True)
+                  f"{gap / 1e3:6.2f} s before them; host {1e3 * host / n:6.2f} ms a launch, "
+                  f"{1e3 * forward / n:6.2f} of it in the forward", flush=True)
 
 
 HF_ORDERS = {
