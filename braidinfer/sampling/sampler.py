@@ -116,7 +116,7 @@ class Sampler:
         if len(rows) == len(params):
             row_logits = logits
         else:
-            row_index = torch.tensor(rows, device=logits.device)
+            row_index = _on_device(rows, torch.int64, logits.device)
             row_logits = logits.index_select(0, row_index)
         row_params = [params[i] for i in rows]
         probs = _filtered_probs(row_logits, row_params)
@@ -134,9 +134,8 @@ def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
     """[S, vocab] float32 probabilities after temperature, top-k, top-p and min-p."""
     vocab = logits.shape[-1]
     # One host-to-device copy for all four per-row settings.
-    settings = torch.tensor(
-        [[p.temperature, _top_k(p, vocab), p.top_p, p.min_p] for p in params], dtype=torch.float32
-    ).to(logits.device)
+    settings = _on_device([[p.temperature, _top_k(p, vocab), p.top_p, p.min_p] for p in params], torch.float32,
+                          logits.device)
     temperature, top_k, top_p, min_p = settings.unbind(dim=1)
     scaled = logits / temperature.unsqueeze(1)
     removed = torch.zeros_like(scaled, dtype=torch.bool)
@@ -207,11 +206,20 @@ def _exponential_noise(probs: torch.Tensor, generators: list[torch.Generator]) -
             # A row with its own generator consumes the same numbers wherever it sits in the batch,
             # so a seeded request samples the same tokens whatever it is batched with.
             noise[rows[0]].exponential_(generator=generator)
+        elif len(rows) == len(generators):  # every row: the same draws as a block scattered to rows 0..S-1
+            noise.exponential_(generator=generator)
         else:
             block = torch.empty((len(rows), probs.shape[-1]), device=probs.device)
-            noise[torch.tensor(rows, device=probs.device)] = block.exponential_(generator=generator)
+            noise[_on_device(rows, torch.int64, probs.device)] = block.exponential_(generator=generator)
     # Exp(1) can come out as exactly 0, which would turn p/E into inf (or NaN for a removed token).
     return noise.clamp_min_(torch.finfo(torch.float32).tiny)
+
+
+def _on_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a tensor on `device`, copied without waiting for the device's queued work (a blocking
+    host-to-device copy synchronises the stream: the host would wait for the step's forward, and asynchronous
+    scheduling could not queue the next step behind it)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
 def _logprobs(

@@ -1,0 +1,53 @@
+"""The sampler on CUDA queues its work without synchronising the stream: with a blocking host-to-device copy the host
+would wait there for the step's forward, and asynchronous scheduling could not queue the next step behind a sampled
+one. PyTorch's sync debug mode turns every synchronising call into an error."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from braidinfer.sampling.sampler import Sampler, make_generator
+from braidinfer.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.gpu
+
+VOCAB = 1000
+
+
+@pytest.fixture
+def no_sync():
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def _case(name: str):
+    shared = torch.Generator(device="cuda")
+    shared.manual_seed(0)
+    sampled = SamplingParams(temperature=0.6)
+    if name == "every row sampled":
+        return [sampled] * 6, [shared] * 6
+    if name == "greedy and sampled rows":
+        return [sampled, SamplingParams(temperature=0.0), sampled, SamplingParams(temperature=0.0)], [shared] * 4
+    if name == "seeded and shared generators":
+        return [sampled] * 4, [shared, make_generator(1, "cuda"), shared, make_generator(2, "cuda")]
+    filtered = [SamplingParams(temperature=0.8, top_k=20), SamplingParams(temperature=0.7, top_p=0.9),
+                SamplingParams(temperature=1.0, min_p=0.05), SamplingParams(temperature=0.9, top_k=2000, top_p=0.5)]
+    return filtered, [shared] * 4
+
+
+@pytest.mark.parametrize("name", ["every row sampled", "greedy and sampled rows", "seeded and shared generators",
+                                  "top-k, top-p and min-p"])
+def test_sampling_does_not_synchronise(no_sync, name):
+    params, generators = _case(name)
+    logits = torch.randn(len(params), VOCAB, device="cuda", dtype=torch.bfloat16)
+    out = Sampler()(logits, params, generators)
+    torch.cuda.set_sync_debug_mode("default")
+    tokens = out.token_ids.tolist()
+    assert len(tokens) == len(params) and all(0 <= t < VOCAB for t in tokens)
+    for row, p in enumerate(params):
+        if p.greedy:
+            assert tokens[row] == logits[row].float().argmax().item()
