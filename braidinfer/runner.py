@@ -88,6 +88,8 @@ class ModelRunner:
         self.prefill_graphs = (PrefillGraphs(self.model, self.attention, cfg.hidden_size, scratch_page=num_pages,
                                              max_num_pages=self._max_pages_per_seq(cfg, num_pages))
                                if use_graphs else None)
+        if use_graphs:
+            self._warm_logits(cfg.hidden_size, dtype)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, pending_tokens: torch.Tensor | None = None,
@@ -168,6 +170,17 @@ class ModelRunner:
         return DecodeGraphs(self.model, self.attention, sizes, cfg.hidden_size, scratch_page=num_pages,
                             max_num_kv_indices=sizes[-1] * self._max_pages_per_seq(cfg, num_pages),
                             cascade_min_saved_tokens=cascade_min_saved_tokens)
+
+    @torch.inference_mode()
+    def _warm_logits(self, hidden_size: int, dtype: torch.dtype) -> None:
+        """Computes logits once at every decode bucket's row count and at one row fewer, so that the kernels that
+        the logits' projection picks by row count (quantised weights: a GEMV, GEMM tilings, each specialised on
+        rows divisible by 16 or not, or dequantise + matmul) compile while the engine loads. The graphs' capture
+        compiled the layers' kernels; the logits run eagerly, and a kernel compiling there stalls the step that
+        first needs it (seconds, in the middle of serving)."""
+        for num_rows in sorted({n for b in self.graphs.batch_sizes for n in (b - 1, b) if n > 0}):
+            with self.logits_context():
+                self.model.compute_logits(torch.zeros(num_rows, hidden_size, dtype=dtype, device=self.device))
 
     def _max_pages_per_seq(self, cfg: ModelConfig, num_pages: int) -> int:
         return min(num_pages, -(-cfg.max_position_embeddings // self.page_size))  # the context fits both

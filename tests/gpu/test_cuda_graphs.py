@@ -13,6 +13,7 @@ import torch
 from braidinfer import LLM, SamplingParams
 from braidinfer.config import EngineConfig
 from braidinfer.engine import LLMEngine
+from braidinfer.runner import ModelRunner
 from tests.conftest import build_tiny_model
 from tests.gpu.test_gpu_parity import NEEDS_FLASHINFER, SHAPES, _common_prefix, _prompts
 from tests.support.numerics import assert_same_greedy
@@ -227,3 +228,29 @@ def test_a_prefill_through_its_graph_computes_the_eager_step(model_dir, new_toke
     assert {tuple(x) for x in changed_graph.nonzero().tolist()} == slots
     pages, offsets = (torch.tensor(x, device="cuda") for x in zip(*sorted(slots)))
     assert _rel(pool_graph[:, pages, :, :, offsets], pool[:, pages, :, :, offsets]) < REL_TOL
+
+
+def test_the_logits_run_at_every_bucket_while_the_engine_loads(model_dir, monkeypatch):
+    """The eager logits run once at every decode bucket's row count and at one row fewer while the engine loads, so
+    that the kernels their projection picks by row count compile then, not in the first steps that need them."""
+    rows = []
+    init = ModelRunner.__init__
+
+    def spying_init(self, model, *args, **kwargs):
+        compute = model.compute_logits
+
+        def spy(hidden):
+            rows.append(hidden.shape[0])
+            return compute(hidden)
+
+        model.compute_logits = spy
+        try:
+            init(self, model, *args, **kwargs)
+        finally:
+            del model.compute_logits
+
+    monkeypatch.setattr(ModelRunner, "__init__", spying_init)
+    eng = _engine(model_dir)
+    buckets = eng.runner.graphs.batch_sizes
+    assert buckets == [1, 2, 4, 8, 16, 24, 32]
+    assert sorted(set(rows)) == sorted({n for b in buckets for n in (b - 1, b) if n > 0})
