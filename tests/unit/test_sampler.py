@@ -285,14 +285,14 @@ def test_engine_penalises_bf16_logits_in_float32():
 @pytest.mark.parametrize("greedy_rows", [(), (0, 3)])
 def test_rows_sharing_a_generator_draw_one_block(greedy_rows):
     """The sampled rows that share one generator take one [rows, vocab] block of Exp(1) noise from it, in row
-    order: their tokens are argmax(p / E) with E drawn from an identically seeded generator (every row sampled, or
-    some greedy between them)."""
+    order: their tokens are argmax(p / E) with E = -log(U) of a block of uniforms drawn from an identically seeded
+    generator (every row sampled, or some greedy between them)."""
     torch.manual_seed(0)
     logits = torch.randn(6, 50)
     params = [SamplingParams(temperature=0.0 if i in greedy_rows else 0.7) for i in range(6)]
     out = sample(logits, params, [make_generator(3, "cpu")] * 6)
     sampled = [i for i in range(6) if i not in greedy_rows]
-    noise = torch.empty(len(sampled), 50).exponential_(generator=make_generator(3, "cpu"))
+    noise = -torch.empty(len(sampled), 50).uniform_(generator=make_generator(3, "cpu")).log()
     probs = torch.softmax(logits[sampled] / 0.7, dim=-1)
     expected = logits.argmax(dim=-1)
     expected[sampled] = (probs / noise.clamp_min(torch.finfo(torch.float32).tiny)).argmax(dim=-1)
