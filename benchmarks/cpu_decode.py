@@ -75,7 +75,6 @@ def main() -> None:
     from braidinfer.loader.embedded import default_model_path
 
     gguf = default_model_path()
-    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf)).eval()
     rows: dict[str, float] = {}
     prompt = None
     runs = [("auto", None), ("dequantize", None)] + [("auto", n) for n in args.decode_threads]
@@ -87,6 +86,9 @@ def main() -> None:
             rows[name] = max(braid_decode_tps(llm, prompt, args.tokens) for _ in range(args.repeats))
             weights = llm.memory_stats()["weight_bytes"]
             print("; ".join([f"{name}: {weights / 2**20:.0f} MiB of weights", *llm.load_summary[1:]]))
+    # transformers and llama.cpp after Braid: their ops split over OpenMP threads on this (the main) thread, whose
+    # worker team would then stay beside the engine thread's (braidinfer/step_threads.py, without_workers).
+    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf)).eval()
     hf_decode_tps(hf, prompt, 8)
     rows["transformers"] = max(hf_decode_tps(hf, prompt, args.tokens) for _ in range(args.repeats))
     cpp = load_llamacpp(gguf)

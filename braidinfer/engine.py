@@ -43,7 +43,7 @@ class LLMEngine:
         self.source = resolve_model(config.model)
         self.model_config = ModelConfig.from_hf_config(self.source.hf_config)
         cls = model_class(self.model_config)  # fails fast on an unsupported architecture
-        self.device = _pick_device(config.device)
+        self.device = pick_device(config.device)
         self.dtype = _DTYPES[config.dtype] if config.dtype != "auto" else (
             torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.tokenizer = self.source.load_tokenizer()
@@ -275,7 +275,9 @@ class _Step:
         return {id(seq): i for i, seq in enumerate(self.sampled)}
 
 
-def _pick_device(device: str | None) -> torch.device:
+def pick_device(device: str | None) -> torch.device:
+    """The device of EngineConfig.device: CUDA when None and available, else the CPU; asking for CUDA without it is an
+    InvalidRequestError."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():

@@ -13,11 +13,12 @@ from braidinfer.chat_template import encode_conversation
 from braidinfer.chunks import Chunk, ChunkStore
 from braidinfer.client import AsyncRequest, EngineClient, Stream, acollect, collect
 from braidinfer.config import EngineConfig
-from braidinfer.engine import LLMEngine
+from braidinfer.engine import LLMEngine, pick_device
 from braidinfer.engine_loop import EngineLoop
 from braidinfer.errors import InvalidRequestError, RequestTimeoutError
 from braidinfer.outputs import CompletionDelta, RequestOutput
 from braidinfer.sampling_params import SamplingParams
+from braidinfer.step_threads import without_workers
 from braidinfer.tokenized_prompt import TokenizedPrompt
 
 Prompt = str | list[int] | TokenizedPrompt
@@ -36,7 +37,8 @@ class LLM:
         the embedded default model. Other keyword arguments are `EngineConfig` fields (dtype, device,
         max_num_seqs, max_num_batched_tokens, enable_prefix_caching, ...)."""
         self.config = EngineConfig(model=model, **kwargs)
-        self.engine = LLMEngine(self.config)
+        with without_workers(pick_device(self.config.device)):
+            self.engine = LLMEngine(self.config)
         self.tokenizer = self.engine.tokenizer
         self._loop = EngineLoop(self.engine)
         self._client = EngineClient(self.engine, self._loop)

@@ -1,17 +1,21 @@
 """Intra-op threads per CPU step: decode steps run on fewer threads than prefill steps.
 
-A decode step of a small model is hundreds of tiny ops; splitting each over threads costs more than it saves. On a
-2-core machine the embedded SmolLM2-135M decoded 1.5x faster on one intra-op thread than on two (means of A/B runs in
-one process), while a 1,800-token prefill took 1.6-1.7x longer on one (benchmarks/RESULTS.md). So a step whose
-every row decodes one token runs on EngineConfig.cpu_decode_threads, and any other step on the count the engine's
-thread already had. The step's one large product, the logits (its 49152 x 576 int4 lm_head term: 1.54 ms on one
+A decode step of a small model is hundreds of tiny ops, each split over threads only if the threads wake fast.
+torch's OpenMP (libgomp) gives every thread that splits an op a team of worker threads of its own, and once the
+process's OpenMP threads outnumber the cores it stops letting idle workers spin, so each split op waits for its
+worker to be woken. LLM builds a CPU engine without giving its caller a team (`without_workers`), and then the
+embedded SmolLM2-135M decoded 21% faster on two intra-op threads than on one on a 2-core machine (57.1 against 47.1
+tok/s); but with a second team in the process (any other thread splitting torch ops, e.g. an embedding model on
+the CPU) two threads fell to ~29 tok/s. So decode steps (every row one new token) run on
+EngineConfig.cpu_decode_threads, by default one, and any other step on the count the engine's thread already had (a
+1,800-token prefill took 1.6-1.7x longer on one thread; benchmarks/RESULTS.md). The step's one large product, the logits (its 49152 x 576 int4 lm_head term: 1.54 ms on one
 thread, 0.80 ms on two, 0.74 ms saved per term with the switch to two threads and back counted), runs inside
 `wide()` on the engine thread's own count again.
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -62,3 +66,25 @@ class StepThreads:
             yield
         finally:
             torch.set_num_threads(before)
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def without_workers(device: torch.device):
+    """A context for building a CPU engine on a thread that will not run it (LLM's caller; the engine runs on its
+    own thread): the body runs on one intra-op thread, the caller's count restored after. torch's OpenMP (libgomp)
+    gives a thread its own team of worker threads the first time it splits an op; the team outlives the op, and once
+    the process's OpenMP threads outnumber the cores libgomp lets idle workers spin only briefly, so each op the
+    engine thread splits then waits for its worker to be woken. Built this way (load ~6% slower), the caller starts no
+    team: on a 2-core machine the embedded model decoded with cpu_decode_threads=2 at 56.6-57.6 tok/s instead of 29.5
+    (44-47 on one thread), as long as no other thread of the process splits torch ops (benchmarks/RESULTS.md). On CUDA,
+    nothing changes."""
+    return _one_thread() if device.type == "cpu" else nullcontext()

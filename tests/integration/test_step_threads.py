@@ -106,3 +106,28 @@ def test_wide_runs_on_the_count_the_decode_step_started_from(three_threads):
     more = StepThreads(torch.device("cpu"), 4)  # a decode count above the start: wide() leaves it
     with more.for_step([1]), more.wide():
         assert torch.get_num_threads() == 4
+
+
+def test_an_llm_builds_its_cpu_engine_without_giving_its_caller_workers(llama_dir, monkeypatch, three_threads):
+    """LLM builds a CPU engine on one intra-op thread of its caller (whose count comes back afterwards), so that the
+    caller starts no OpenMP team of its own beside the engine thread's; on CUDA without_workers changes nothing."""
+    from braidinfer import LLM
+    from braidinfer import llm as llm_module
+    from braidinfer.step_threads import without_workers
+
+    counts = []
+    build = llm_module.LLMEngine
+
+    def recording(config):
+        counts.append(torch.get_num_threads())
+        return build(config)
+
+    monkeypatch.setattr(llm_module, "LLMEngine", recording)
+    with LLM(llama_dir, device="cpu", dtype="float32", progress=False):
+        assert counts == [1] and torch.get_num_threads() == three_threads
+    with pytest.raises(RuntimeError, match="boom"), without_workers(torch.device("cpu")):
+        assert torch.get_num_threads() == 1
+        raise RuntimeError("boom")
+    assert torch.get_num_threads() == three_threads
+    with without_workers(torch.device("cuda")):
+        assert torch.get_num_threads() == three_threads
