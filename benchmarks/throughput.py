@@ -11,9 +11,10 @@ file of the same shape with llama.cpp's tensor types, as benchmarks/quantized_de
 multiples of 256 columns), each printed against the bf16 row. Transformers runs the bf16 model only.
 --kernel-profile prints, per format, the kernels of Braid's timed run by total GPU time (torch.profiler; kernels
 launched with programmatic dependent launch count their wait for the kernel before them). --step-profile prints,
-per format, the timed run's engine steps by path and rows: the GPU time between CUDA events around each step's
-launch, the GPU's idle time between steps (waiting for the host), and the host's time in each launch and in its
-forward (a host time as long as the step's GPU time means the launch waited for the device).
+per format, the timed run's engine steps by path and new tokens (a decode step's rows): the time between CUDA events
+around each step's launch (its GPU work, plus any wait for the host inside the launch), the GPU's idle time between
+steps (waiting for the host; GPU work queued outside a launch, such as copying a composed prompt's chunks, counts
+there too), and the host's time in each launch and in its forward.
 
 Braid gets every request in one `llm.generate` call after a short warm-up (CUDA graphs are captured when the LLM is
 built, FlashInfer and Triton compile on first use). Transformers runs the first --hf-requests of the same workload in
@@ -105,13 +106,13 @@ def _kernel_profile(on: bool, name: str, top: int = 15):
 
 
 class _StepProfile:
-    """Per engine step of the timed run: its rows, its path (decode graph, eager...), the GPU time between CUDA events
-    recorded around its launch, the GPU's idle time before it (the events of consecutive steps with nothing queued
-    between them: time the GPU waited for the host), and the host's seconds in the launch and in the runner's
-    forward within it. Wraps the engine's `_launch` and its runner's `run`."""
+    """Per engine step of the timed run: its new tokens (a decode step's rows), its path (decode graph, eager...),
+    the time between CUDA events recorded around its launch, the GPU's idle time before it (the events of
+    consecutive steps with nothing queued between them: time the GPU waited for the host), and the host's seconds in
+    the launch and in the runner's forward within it. Wraps the engine's `_launch` and its runner's `run`."""
 
     def __init__(self, engine):
-        self.records = []  # (rows, path kind, start event, end event, host seconds in the launch, of it in the forward)
+        self.records = []  # (new tokens, path kind, start event, end event, host seconds in the launch and its forward)
         launch, runner, run = engine._launch, engine.runner, engine.runner.run
         forward = [0.0]
 
@@ -138,10 +139,10 @@ class _StepProfile:
 
     def report(self, name: str, elapsed: float) -> None:
         torch.cuda.synchronize()
-        classes = {}  # (kind, rows class) -> [steps, GPU ms, idle ms before, host s in launch, host s in forward]
+        classes = {}  # (kind, tokens class) -> [steps, GPU ms, idle ms before, host s in launch, host s in forward]
         prev_end = None
-        for rows, kind, start, end, host, forward in self.records:
-            key = (kind, next(f"<= {b}" for b in (1, 8, 64, 128, 256, 1 << 30) if rows <= b))
+        for tokens, kind, start, end, host, forward in self.records:
+            key = (kind, next(f"<= {b}" for b in (1, 8, 64, 128, 256, 1 << 30) if tokens <= b))
             c = classes.setdefault(key, [0, 0.0, 0.0, 0.0, 0.0])
             c[0] += 1
             c[1] += start.elapsed_time(end)
@@ -152,8 +153,8 @@ class _StepProfile:
         busy, idle = sum(c[1] for c in classes.values()), sum(c[2] for c in classes.values())
         print(f"step profile, braid {name}: {len(self.records)} steps, {elapsed:.2f} s wall, {busy / 1e3:.2f} s "
               f"inside steps, {idle / 1e3:.2f} s between them", flush=True)
-        for (kind, rows), (n, gpu, gap, host, forward) in sorted(classes.items(), key=lambda kv: -kv[1][1]):
-            print(f"  {kind:<14} rows {rows:<12} {n:>6} steps {gpu / 1e3:8.2f} s ({gpu / n:7.2f} ms each), "
+        for (kind, size), (n, gpu, gap, host, forward) in sorted(classes.items(), key=lambda kv: -kv[1][1]):
+            print(f"  {kind:<14} tokens {size:<12} {n:>6} steps {gpu / 1e3:8.2f} s ({gpu / n:7.2f} ms each), "
                   f"{gap / 1e3:6.2f} s before them; host {1e3 * host / n:6.2f} ms a launch, "
                   f"{1e3 * forward / n:6.2f} of it in the forward", flush=True)
 
@@ -238,8 +239,9 @@ def main() -> None:
                     help="profile Braid's timed run per format (torch.profiler, CUDA kernels): the top kernels by GPU "
                          "time; the run's seconds then include the profiler's overhead")
     ap.add_argument("--step-profile", action="store_true",
-                    help="per format, Braid's timed run by engine step: rows and path (CUDA-graph decode, eager), "
-                         "GPU time between events around each step's launch, and the GPU's idle time between steps")
+                    help="per format, Braid's timed run by engine step: new tokens and path (CUDA-graph decode, "
+                         "eager), the time between events around each step's launch, the GPU's idle time between "
+                         "steps, and the host's time per launch and per forward")
     args = ap.parse_args()
     tokenizer_dir = os.environ.get("BRAID_TEST_TOKENIZER")
     if not tokenizer_dir:

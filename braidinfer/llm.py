@@ -37,10 +37,10 @@ class LLM:
         the embedded default model. Other keyword arguments are `EngineConfig` fields (dtype, device,
         max_num_seqs, max_num_batched_tokens, enable_prefix_caching, ...)."""
         self.config = EngineConfig(model=model, **kwargs)
-        with without_workers(pick_device(self.config.device)):
+        with without_workers(pick_device(self.config.device)) as threads:
             self.engine = LLMEngine(self.config)
         self.tokenizer = self.engine.tokenizer
-        self._loop = EngineLoop(self.engine)
+        self._loop = EngineLoop(self.engine, intra_op_threads=threads)
         self._client = EngineClient(self.engine, self._loop)
         self.chunks = ChunkStore(self._client, self.apply_chat_template)
         """Pinned prompt segments: `llm.chunks.add(text, after=..., kind=...)`, see `braidinfer.chunks`."""

@@ -8,14 +8,14 @@ embedded SmolLM2-135M decoded 21% faster on two intra-op threads than on one on 
 tok/s); but with a second team in the process (any other thread splitting torch ops, e.g. an embedding model on
 the CPU) two threads fell to ~29 tok/s. So decode steps (every row one new token) run on
 EngineConfig.cpu_decode_threads, by default one, and any other step on the count the engine's thread already had (a
-1,800-token prefill took 1.6-1.7x longer on one thread; benchmarks/RESULTS.md). The step's one large product, the logits (its 49152 x 576 int4 lm_head term: 1.54 ms on one
-thread, 0.80 ms on two, 0.74 ms saved per term with the switch to two threads and back counted), runs inside
-`wide()` on the engine thread's own count again.
+1,800-token prefill took 1.6-1.7x longer on one thread; benchmarks/RESULTS.md). The step's one large product, the
+logits (its 49152 x 576 int4 lm_head term: 1.54 ms on one thread, 0.80 ms on two, 0.74 ms saved per term with the
+switch to two threads and back counted), runs inside `wide()` on the engine thread's own count again.
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 
@@ -69,22 +69,23 @@ class StepThreads:
 
 
 @contextmanager
-def _one_thread() -> Iterator[None]:
+def without_workers(device: torch.device) -> Iterator[int]:
+    """A context for building a CPU engine on a thread that will not run it (LLM's caller; the engine runs on its
+    own thread): the body runs on one intra-op thread, the caller's count restored after; it yields that count, for
+    the engine's thread to set as its own when it starts (torch.set_num_threads also sets torch's process-wide
+    default, which a thread starting inside the body would otherwise keep). torch's OpenMP (libgomp) gives a thread
+    its own team of worker threads the first time it splits an op; the team outlives the op, and once the process's
+    OpenMP threads outnumber the cores libgomp lets idle workers spin only briefly, so each op the engine thread
+    splits then waits for its worker to be woken. Built this way (load ~6% slower), the caller starts no team: on a
+    2-core machine the embedded model decoded with cpu_decode_threads=2 at 56.6-57.6 tok/s instead of 29.5 (44-47 on
+    one thread), as long as no other thread of the process splits torch ops (benchmarks/RESULTS.md). On CUDA the
+    count is left as it is."""
     before = torch.get_num_threads()
+    if device.type != "cpu":
+        yield before
+        return
     torch.set_num_threads(1)
     try:
-        yield
+        yield before
     finally:
         torch.set_num_threads(before)
-
-
-def without_workers(device: torch.device):
-    """A context for building a CPU engine on a thread that will not run it (LLM's caller; the engine runs on its
-    own thread): the body runs on one intra-op thread, the caller's count restored after. torch's OpenMP (libgomp)
-    gives a thread its own team of worker threads the first time it splits an op; the team outlives the op, and once
-    the process's OpenMP threads outnumber the cores libgomp lets idle workers spin only briefly, so each op the
-    engine thread splits then waits for its worker to be woken. Built this way (load ~6% slower), the caller starts no
-    team: on a 2-core machine the embedded model decoded with cpu_decode_threads=2 at 56.6-57.6 tok/s instead of 29.5
-    (44-47 on one thread), as long as no other thread of the process splits torch ops (benchmarks/RESULTS.md). On CUDA,
-    nothing changes."""
-    return _one_thread() if device.type == "cpu" else nullcontext()

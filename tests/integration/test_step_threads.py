@@ -110,24 +110,36 @@ def test_wide_runs_on_the_count_the_decode_step_started_from(three_threads):
 
 def test_an_llm_builds_its_cpu_engine_without_giving_its_caller_workers(llama_dir, monkeypatch, three_threads):
     """LLM builds a CPU engine on one intra-op thread of its caller (whose count comes back afterwards), so that the
-    caller starts no OpenMP team of its own beside the engine thread's; on CUDA without_workers changes nothing."""
+    caller starts no OpenMP team of its own beside the engine thread's; the engine thread runs prefill steps on the
+    caller's count all the same. On CUDA without_workers changes nothing."""
     from braidinfer import LLM
     from braidinfer import llm as llm_module
     from braidinfer.step_threads import without_workers
 
-    counts = []
+    counts, step_counts = [], []
     build = llm_module.LLMEngine
 
     def recording(config):
         counts.append(torch.get_num_threads())
-        return build(config)
+        engine = build(config)
+        run = engine.runner.run
+
+        def recording_run(batch, *args, **kwargs):
+            step_counts.append((list(batch.num_new_tokens), torch.get_num_threads()))
+            return run(batch, *args, **kwargs)
+
+        engine.runner.run = recording_run
+        return engine
 
     monkeypatch.setattr(llm_module, "LLMEngine", recording)
-    with LLM(llama_dir, device="cpu", dtype="float32", progress=False):
+    with LLM(llama_dir, device="cpu", dtype="float32", progress=False) as llm:
         assert counts == [1] and torch.get_num_threads() == three_threads
-    with pytest.raises(RuntimeError, match="boom"), without_workers(torch.device("cpu")):
-        assert torch.get_num_threads() == 1
+        llm.generate([list(range(5, 25))], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    assert step_counts[0] == ([20], three_threads)  # the prefill, on the engine thread
+    assert [threads for _, threads in step_counts[1:]] == [1, 1]  # decode steps: cpu_decode_threads' default
+    with pytest.raises(RuntimeError, match="boom"), without_workers(torch.device("cpu")) as caller_threads:
+        assert torch.get_num_threads() == 1 and caller_threads == three_threads
         raise RuntimeError("boom")
     assert torch.get_num_threads() == three_threads
-    with without_workers(torch.device("cuda")):
-        assert torch.get_num_threads() == three_threads
+    with without_workers(torch.device("cuda")) as caller_threads:
+        assert torch.get_num_threads() == three_threads == caller_threads

@@ -285,15 +285,46 @@ def test_engine_penalises_bf16_logits_in_float32():
 @pytest.mark.parametrize("greedy_rows", [(), (0, 3)])
 def test_rows_sharing_a_generator_draw_one_block(greedy_rows):
     """The sampled rows that share one generator take one [rows, vocab] block of Exp(1) noise from it, in row
-    order: their tokens are argmax(p / E) with E = -log(U) of a block of uniforms drawn from an identically seeded
-    generator (every row sampled, or some greedy between them)."""
+    order: their tokens are argmax(p / E) with E = -log(U) of a block of uniforms (raised to the smallest normal
+    float) drawn from an identically seeded generator (every row sampled, or some greedy between them)."""
     torch.manual_seed(0)
     logits = torch.randn(6, 50)
     params = [SamplingParams(temperature=0.0 if i in greedy_rows else 0.7) for i in range(6)]
     out = sample(logits, params, [make_generator(3, "cpu")] * 6)
     sampled = [i for i in range(6) if i not in greedy_rows]
-    noise = -torch.empty(len(sampled), 50).uniform_(generator=make_generator(3, "cpu")).log()
-    probs = torch.softmax(logits[sampled] / 0.7, dim=-1)
     expected = logits.argmax(dim=-1)
-    expected[sampled] = (probs / noise.clamp_min(torch.finfo(torch.float32).tiny)).argmax(dim=-1)
+    expected[sampled] = _race(logits[sampled], _noise(len(sampled), 50, 3))
     assert out.token_ids.tolist() == expected.tolist()
+
+
+def test_rows_of_a_shared_generator_between_seeded_rows_take_their_block_in_order():
+    """Rows 0, 2 and 4 share a generator, rows 1 and 3 have their own: each group draws its block in row order
+    (the shared rows' block scattered to their rows), whatever the other rows draw."""
+    torch.manual_seed(1)
+    logits = torch.randn(5, 40)
+    shared = make_generator(5, "cpu")
+    generators = [shared, make_generator(6, "cpu"), shared, make_generator(7, "cpu"), shared]
+    out = sample(logits, [SamplingParams(temperature=0.7)] * 5, generators)
+    expected = torch.empty(5, dtype=torch.int64)
+    expected[[0, 2, 4]] = _race(logits[[0, 2, 4]], _noise(3, 40, 5))
+    expected[1] = _race(logits[1:2], _noise(1, 40, 6))[0]
+    expected[3] = _race(logits[3:4], _noise(1, 40, 7))[0]
+    assert out.token_ids.tolist() == expected.tolist()
+
+
+def test_a_single_surviving_token_is_drawn_even_when_a_uniform_is_zero(monkeypatch):
+    """A uniform draw of exactly 0 (2**-24 per float32 draw) must not make the one token top-k kept lose to a
+    removed one."""
+    logits = torch.tensor([[0.0, 5.0, 1.0, -2.0]])
+    monkeypatch.setattr(torch.Tensor, "uniform_", lambda self, generator=None: self.zero_())
+    out = sample(logits, [SamplingParams(temperature=0.7, top_k=1)], [make_generator(0, "cpu")])
+    assert out.token_ids.tolist() == [1]
+
+
+def _noise(rows: int, vocab: int, seed: int) -> torch.Tensor:
+    u = torch.empty(rows, vocab).uniform_(generator=make_generator(seed, "cpu"))
+    return -u.clamp_min(torch.finfo(torch.float32).tiny).log()
+
+
+def _race(logits: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    return (torch.softmax(logits / 0.7, dim=-1) / noise).argmax(dim=-1)
