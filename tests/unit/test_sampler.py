@@ -328,3 +328,21 @@ def _noise(rows: int, vocab: int, seed: int) -> torch.Tensor:
 
 def _race(logits: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return (torch.softmax(logits / 0.7, dim=-1) / noise).argmax(dim=-1)
+
+
+@pytest.mark.parametrize("spread", [8.0, 0.01])  # a peaked row (nucleus of a few tokens), a near-flat one (thousands)
+@pytest.mark.parametrize("top_k", [0, 40])
+def test_top_p_over_a_large_vocabulary_keeps_the_reference_nucleus(spread, top_k):
+    """With more tokens than the CPU's first try looks at (1,024 most likely), the kept tokens and their
+    probabilities are the reference's: a peaked row's nucleus is found among them, a near-flat row's reaches past
+    them and takes the full sort."""
+    from braidinfer.sampling.sampler import _filtered_probs
+
+    logits = torch.randn(3000, generator=torch.Generator().manual_seed(4)) * spread
+    params = SamplingParams(temperature=0.9, top_p=0.8, top_k=top_k)
+    probs = _filtered_probs(logits.unsqueeze(0), [params])[0]
+    expected = torch.tensor(reference_probs(logits.tolist(), 0.9, top_k, 0.8, 0.0), dtype=torch.float32)
+    assert torch.equal(probs > 0, expected > 0)
+    assert torch.allclose(probs, expected, atol=1e-6)
+    kept = int((expected > 0).sum())
+    assert (kept < 1024) if spread > 1 or top_k else (kept > 1024)
