@@ -67,9 +67,8 @@ class EngineLoop:
     The loop belongs to the process that created it: a process forked from that one inherits the object but not the
     thread, so there the loop is not alive and every submission raises EngineDeadError at once."""
 
-    def __init__(self, engine: LLMEngine, intra_op_threads: int | None = None):
-        """intra_op_threads: torch's intra-op thread count the engine's thread sets for itself when it starts (None:
-        the process-wide default it finds)."""
+    def __init__(self, engine: LLMEngine, intra_op_threads: int):
+        """intra_op_threads: torch's intra-op thread count the engine's thread sets for itself when it starts."""
         self.engine = engine
         self._intra_op_threads = intra_op_threads
         self._pid = os.getpid()  # the thread runs in this process only
@@ -192,8 +191,7 @@ class EngineLoop:
             self._thread.join(timeout=30)
 
     def _run(self) -> None:
-        if self._intra_op_threads is not None:
-            torch.set_num_threads(self._intra_op_threads)
+        torch.set_num_threads(self._intra_op_threads)
         try:
             while self._drain(block=not self.engine.has_work()):
                 if self.engine.has_work():

@@ -45,13 +45,12 @@ class StepThreads:
         if before == self.decode_threads:
             yield
             return
-        torch.set_num_threads(self.decode_threads)
         self._outer = before
         try:
-            yield
+            with num_threads(self.decode_threads):
+                yield
         finally:
             self._outer = None
-            torch.set_num_threads(before)
 
     @contextmanager
     def wide(self) -> Iterator[None]:
@@ -60,12 +59,20 @@ class StepThreads:
         if self._outer is None or self._outer <= self.decode_threads:
             yield
             return
-        before = torch.get_num_threads()
-        torch.set_num_threads(self._outer)
-        try:
+        with num_threads(self._outer):
             yield
-        finally:
-            torch.set_num_threads(before)
+
+
+@contextmanager
+def num_threads(count: int) -> Iterator[None]:
+    """Runs the body on `count` intra-op threads of the calling thread, its count before restored after (also when
+    the body raises)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @contextmanager
@@ -84,8 +91,5 @@ def without_workers(device: torch.device) -> Iterator[int]:
     if device.type != "cpu":
         yield before
         return
-    torch.set_num_threads(1)
-    try:
+    with num_threads(1):
         yield before
-    finally:
-        torch.set_num_threads(before)

@@ -142,13 +142,14 @@ def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
     filtered_rows = [_top_k(p, vocab) < vocab or p.top_p < 1.0 for p in params]
     if any(filtered_rows):
         candidates = _candidate_count(params, filtered_rows, vocab)
+        top_k = top_k.long()
         if (candidates == vocab > _MAX_TOP_K_CANDIDATES and logits.device.type == "cpu"
                 and _may_fit(params, filtered_rows, vocab)):
             # The CPU sorts a vocabulary slowly (4.2 ms at 49k tokens, one thread): first look for the nuclei
             # among the most likely tokens, where they nearly always are.
-            removed = _top_k_top_p_removed(scaled, top_k.long(), top_p, _MAX_TOP_K_CANDIDATES, whole_rows=True)
+            removed = _top_k_top_p_removed(scaled, top_k, top_p, _MAX_TOP_K_CANDIDATES, whole_rows=True)
         if removed is None:
-            removed = _top_k_top_p_removed(scaled, top_k.long(), top_p, candidates)
+            removed = _top_k_top_p_removed(scaled, top_k, top_p, candidates)
     if any(p.min_p > 0.0 for p in params):
         # p_i >= min_p * p_max  <=>  logit_i >= logit_max + log(min_p). The ratio to the most likely
         # token does not change when top-k/top-p renormalise, so this mask composes with theirs.
