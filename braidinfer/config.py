@@ -31,9 +31,10 @@ class EngineConfig(ValidatedModel):
     cpu_decode_threads: int | None = Field(None, ge=1)
     """On the CPU: torch's intra-op threads for decode steps (every row one new token); prefill steps keep the engine
     thread's count (torch.get_num_threads()), and so do a decode step's logits (one large product) where that count
-    is the larger. None: 1. On a 2-core machine 2 decoded the embedded model 21% faster (57.1 against 47.1 tok/s),
-    but only while no other thread of the process splits torch ops over threads (e.g. an embedding model run on the
-    CPU): with one that does, 2 fell to ~29 tok/s (braidinfer/step_threads.py). Ignored on CUDA."""
+    is the larger. None: measured while decoding (1, 2, 4, ... up to that count; the fastest is kept and measured
+    again every few hundred steps), because two threads decode the embedded model ~20% faster than one on a 2-core
+    machine but ~40% slower while another thread of the process splits torch ops over threads (e.g. an embedding
+    model run on the CPU; braidinfer/step_threads.py). Ignored on CUDA."""
     device: str | None = None
     """"cpu", "cuda" or "cuda:N"; None picks CUDA when available."""
     page_size: int = Field(16, ge=1, le=1024)

@@ -1,30 +1,35 @@
-"""Intra-op threads per CPU step: decode steps run on fewer threads than prefill steps.
+"""Intra-op threads per CPU step: decode steps may run on fewer threads than prefill steps.
 
 A decode step of a small model is hundreds of tiny ops, each split over threads only if the threads wake fast.
 torch's OpenMP (libgomp) gives every thread that splits an op a team of worker threads of its own, and once the
 process's OpenMP threads outnumber the cores it stops letting idle workers spin, so each split op waits for its
 worker to be woken. LLM builds a CPU engine without giving its caller a team (`without_workers`), and then the
-embedded SmolLM2-135M decoded 21% faster on two intra-op threads than on one on a 2-core machine (57.1 against 47.1
-tok/s); but with a second team in the process (any other thread splitting torch ops, e.g. an embedding model on
-the CPU) two threads fell to ~29 tok/s. So decode steps (every row one new token) run on
-EngineConfig.cpu_decode_threads, by default one, and any other step on the count the engine's thread already had (a
-1,800-token prefill took 1.6-1.7x longer on one thread; benchmarks/RESULTS.md). The step's one large product, the
-logits (its 49152 x 576 int4 lm_head term: 1.54 ms on one thread, 0.80 ms on two, 0.74 ms saved per term with the
-switch to two threads and back counted), runs inside `wide()` on the engine thread's own count again.
+embedded SmolLM2-135M decoded ~20% faster on two intra-op threads than on one on a 2-core machine; but with a second
+team in the process (any other thread splitting torch ops, e.g. an embedding model on the CPU) two threads fell to
+about 0.6x one thread's speed. Which count is faster is therefore not known in advance: by default decode steps
+(every row one new token) measure it (`ThreadCountChooser`: 1, 2, 4, ... up to the engine thread's count, the
+fastest kept and re-measured every few hundred steps); EngineConfig.cpu_decode_threads fixes it instead. Any other
+step runs on the count the engine's thread already had (a 1,800-token prefill took 1.6-1.7x longer on one thread;
+benchmarks/RESULTS.md). On a decode count below that, the step's one large product, the logits (its 49152 x 576
+int4 lm_head term: 1.54 ms on one thread, 0.80 ms on two), runs inside `wide()` on the engine thread's count again.
 """
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 
-DEFAULT_DECODE_THREADS = 1
-
 
 class StepThreads:
     """Sets torch's intra-op thread count around each CPU decode step and restores it after (also when the step
     raises), so that a caller stepping the engine on its own thread gets its count back.
+
+    decode_threads: the count for every decode step, or None to measure: decode steps then try 1 and the powers of
+    two up to the engine thread's own count in turn and keep the fastest (`ThreadCountChooser`), so two threads are
+    used where they pay and one where a second team in the process makes them slow.
 
     torch.set_num_threads sets OpenMP's and MKL's counts for the calling thread only (the engine's thread: other
     threads keep theirs), but also torch's process-wide default, which a thread that starts using torch's intra-op
@@ -32,35 +37,126 @@ class StepThreads:
 
     def __init__(self, device: torch.device, decode_threads: int | None):
         self.active = device.type == "cpu"
-        self.decode_threads = decode_threads or DEFAULT_DECODE_THREADS
+        self.decode_threads = decode_threads
+        self.chooser = ThreadCountChooser()
         self._outer: int | None = None  # during a decode step that changed the count: the count before it
 
     @contextmanager
     def for_step(self, num_new_tokens: list[int]) -> Iterator[None]:
-        """Runs the body on decode_threads when every row of the step adds one token (a decode step)."""
+        """Runs the body on the decode count when every row of the step adds one token (a decode step)."""
         if not self.active or any(n != 1 for n in num_new_tokens):  # CUDA, or a prefill step
             yield
             return
         before = torch.get_num_threads()
-        if before == self.decode_threads:
-            yield
-            return
-        self._outer = before
+        if self.decode_threads is not None:
+            count, key = self.decode_threads, None
+        else:
+            key = (_rows_bucket(len(num_new_tokens)), before)
+            count = self.chooser.count(key, candidates(before))
+        self._outer = before if count != before else None
+        start = time.perf_counter()
         try:
-            with num_threads(self.decode_threads):
+            with num_threads(count):
                 yield
         finally:
             self._outer = None
+        if key is not None:  # not reached when the body raised
+            self.chooser.record(key, count, time.perf_counter() - start)
 
     @contextmanager
     def wide(self) -> Iterator[None]:
         """Inside a decode step whose count is below the one it started from, runs the body on the latter (for one
         large product, whose split over threads pays for waking them); elsewhere, and on CUDA, nothing changes."""
-        if self._outer is None or self._outer <= self.decode_threads:
+        if self._outer is None or self._outer <= torch.get_num_threads():
             yield
             return
         with num_threads(self._outer):
             yield
+
+
+def candidates(outer: int) -> tuple[int, ...]:
+    """The decode counts tried under an engine thread of `outer` intra-op threads: 1, 2, 4, ... and outer."""
+    counts = [1]
+    while counts[-1] * 2 < outer:
+        counts.append(counts[-1] * 2)
+    return tuple(counts + [outer]) if outer > 1 else (1,)
+
+
+def _rows_bucket(rows: int) -> int:
+    """Decode steps of similar row counts share their measurements: 1, 2, 3-4, 5-8, ... rows."""
+    return 1 << (rows - 1).bit_length()
+
+
+class ThreadCountChooser:
+    """Picks each decode step's intra-op count by timing steps, per key (the engine's: rows bucket, starting count).
+
+    A key first explores: ROUNDS rounds in which every candidate count runs BLOCK consecutive steps (the order
+    reversed every other round, so that a step time drifting with the context length favours no count), the first
+    step of each block not counted (it pays for switching). The count with the lowest median step time then runs
+    the key's next EXPLOIT steps, after which the key explores again: what is fastest changes when another thread
+    of the process starts or stops splitting torch ops, or the machine gets busy."""
+
+    BLOCK = 3
+    ROUNDS = 2
+    EXPLOIT = 512
+
+    def __init__(self):
+        self._keys: dict[tuple, _KeyState] = {}
+
+    def count(self, key: tuple, counts: tuple[int, ...]) -> int:
+        """The count the next step of `key` should run on (one of `counts`)."""
+        state = self._keys.get(key)
+        if state is None or state.counts != counts:
+            state = self._keys[key] = _KeyState(counts, self.BLOCK, self.ROUNDS)
+        return state.next_count()
+
+    def record(self, key: tuple, count: int, seconds: float) -> None:
+        """The step of `key` that `count` returned `count` for took `seconds`."""
+        state = self._keys.get(key)
+        if state is not None:
+            state.record(count, seconds, self.EXPLOIT)
+
+    def chosen(self, key: tuple) -> int | None:
+        """The count `key` last settled on (None while it has not finished exploring once)."""
+        state = self._keys.get(key)
+        return None if state is None else state.best
+
+
+class _KeyState:
+    def __init__(self, counts: tuple[int, ...], block: int, rounds: int):
+        self.counts = counts
+        self.schedule = [c for r in range(rounds) for c in (counts if r % 2 == 0 else counts[::-1])
+                         for _ in range(block)]
+        self.block = block
+        self.best: int | None = None
+        self._explore()
+
+    def _explore(self) -> None:
+        self.position = 0 if len(self.counts) > 1 else len(self.schedule)
+        self.samples: dict[int, list[float]] = {c: [] for c in self.counts}
+        self.left = 0  # steps left on `best` before exploring again
+        if len(self.counts) == 1:
+            self.best, self.left = self.counts[0], -1  # nothing to choose: never explores
+
+    def next_count(self) -> int:
+        if self.position < len(self.schedule):
+            return self.schedule[self.position]
+        return self.best
+
+    def record(self, count: int, seconds: float, exploit: int) -> None:
+        if self.position < len(self.schedule):
+            if count == self.schedule[self.position]:
+                if self.position % self.block:  # the block's first step paid for the switch
+                    self.samples[count].append(seconds)
+                self.position += 1
+                if self.position == len(self.schedule):
+                    self.best = min(self.counts, key=lambda c: statistics.median(self.samples[c]))
+                    self.left = exploit
+            return
+        if self.left > 0:
+            self.left -= 1
+            if self.left == 0:
+                self._explore()
 
 
 @contextmanager

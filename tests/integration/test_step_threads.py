@@ -8,7 +8,7 @@ import torch
 from braidinfer import SamplingParams
 from braidinfer.config import EngineConfig
 from braidinfer.engine import LLMEngine
-from braidinfer.step_threads import StepThreads
+from braidinfer.step_threads import StepThreads, ThreadCountChooser, candidates
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def three_threads():
     torch.set_num_threads(before)
 
 
-def _run(llama_dir, monkeypatch, **kw):
+def _run(llama_dir, monkeypatch, max_tokens=5, **kw):
     """(each step's (new tokens per row, intra-op threads inside the forward[, and inside compute_logits when the
     step samples]), the requests' tokens)."""
     engine = LLMEngine(EngineConfig(model=llama_dir, device="cpu", dtype="float32", page_size=4, max_model_len=256,
@@ -45,7 +45,7 @@ def _run(llama_dir, monkeypatch, **kw):
         return logits(hidden)
 
     monkeypatch.setattr(engine.model, "compute_logits", recording_logits)
-    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     seqs = [engine.requests.sequence(list(range(10 + i, 30 + 7 * i)), params) for i in range(2)]
     for seq in seqs:
         engine.add(seq)
@@ -56,7 +56,7 @@ def _run(llama_dir, monkeypatch, **kw):
 
 
 def test_decode_steps_use_the_decode_thread_count(llama_dir, monkeypatch, three_threads):
-    steps, tokens = _run(llama_dir, monkeypatch)
+    steps, tokens = _run(llama_dir, monkeypatch, cpu_decode_threads=1)
     decode = [step[1] for step in steps if all(n == 1 for n in step[0])]
     prefill = [step[1] for step in steps if any(n > 1 for n in step[0])]
     assert len(prefill) >= 2 and decode  # chunked prompts, then decodes
@@ -67,6 +67,16 @@ def test_decode_steps_use_the_decode_thread_count(llama_dir, monkeypatch, three_
     steps2, tokens2 = _run(llama_dir, monkeypatch, cpu_decode_threads=2)
     assert {step[1] for step in steps2 if all(n == 1 for n in step[0])} == {2}
     assert tokens2 == tokens
+    # the default measures: decode steps follow the chooser's schedule over 1, 2 and 3 threads, the tokens the same
+    steps3, tokens3 = _run(llama_dir, monkeypatch, max_tokens=10)
+    by_rows: dict[int, list[int]] = {}  # one schedule per rows bucket (both requests decoding, then one)
+    for new_tokens, count, *_ in steps3:
+        if all(n == 1 for n in new_tokens):
+            by_rows.setdefault(len(new_tokens), []).append(count)
+    schedule = [1, 1, 1, 2, 2, 2, 3, 3, 3, 3, 3, 3]
+    assert by_rows and all(counts == schedule[:len(counts)] for counts in by_rows.values())
+    assert max(len(counts) for counts in by_rows.values()) >= 4
+    assert [t[:len(short)] for t, short in zip(tokens3, tokens)] == tokens
 
 
 def test_the_decode_thread_count_is_validated():
@@ -132,14 +142,78 @@ def test_an_llm_builds_its_cpu_engine_without_giving_its_caller_workers(llama_di
         return engine
 
     monkeypatch.setattr(llm_module, "LLMEngine", recording)
-    with LLM(llama_dir, device="cpu", dtype="float32", progress=False) as llm:
+    with LLM(llama_dir, device="cpu", dtype="float32", progress=False, cpu_decode_threads=1) as llm:
         assert counts == [1] and torch.get_num_threads() == three_threads
         llm.generate([list(range(5, 25))], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
     assert step_counts[0] == ([20], three_threads)  # the prefill, on the engine thread
-    assert [threads for _, threads in step_counts[1:]] == [1, 1]  # decode steps: cpu_decode_threads' default
+    assert [threads for _, threads in step_counts[1:]] == [1, 1]  # decode steps: cpu_decode_threads
     with pytest.raises(RuntimeError, match="boom"), without_workers(torch.device("cpu")) as caller_threads:
         assert torch.get_num_threads() == 1 and caller_threads == three_threads
         raise RuntimeError("boom")
     assert torch.get_num_threads() == three_threads
     with without_workers(torch.device("cuda")) as caller_threads:
         assert torch.get_num_threads() == three_threads == caller_threads
+
+
+def test_the_candidate_counts_are_one_the_powers_of_two_and_the_engine_threads_count():
+    assert [candidates(n) for n in (1, 2, 3, 4, 6, 16)] == [
+        (1,), (1, 2), (1, 2, 3), (1, 2, 4), (1, 2, 4, 6), (1, 2, 4, 8, 16)]
+
+
+def _drive(chooser, key, counts, seconds_of, steps):
+    """Runs `steps` steps of `key` through the chooser, step i on count c taking seconds_of(i, c); returns the
+    counts used."""
+    used = []
+    for i in range(steps):
+        count = chooser.count(key, counts)
+        used.append(count)
+        chooser.record(key, count, seconds_of(i, count))
+    return used
+
+
+def test_the_chooser_explores_in_interleaved_blocks_then_keeps_the_fastest_count(monkeypatch):
+    monkeypatch.setattr(ThreadCountChooser, "EXPLOIT", 20)
+    chooser, key = ThreadCountChooser(), ("rows", 2)
+    times = {1: 0.020, 2: 0.015}
+    # the first step of each block pays for switching: it is not counted
+    used = _drive(chooser, key, (1, 2), lambda i, c: times[c] + i / 1000, 12)
+    assert used == [1, 1, 1, 2, 2, 2, 2, 2, 2, 1, 1, 1]  # the second round in reverse order
+    assert {c: [round((t - times[c]) * 1000) for t in ts] for c, ts in chooser._keys[key].samples.items()} == {
+        1: [1, 2, 10, 11], 2: [4, 5, 7, 8]}
+    used = _drive(chooser, key, (1, 2), lambda i, c: times[c], 20)
+    assert used == [2] * 20 and chooser.chosen(key) == 2
+    # then it explores again: two threads have become slow (another team in the process), so one is kept
+    times[2] = 0.030
+    used = _drive(chooser, key, (1, 2), lambda i, c: times[c], 12 + 5)
+    assert used[:12] == [1, 1, 1, 2, 2, 2, 2, 2, 2, 1, 1, 1] and used[12:] == [1] * 5 and chooser.chosen(key) == 1
+
+
+def test_the_chooser_keeps_keys_apart_and_never_explores_a_single_count():
+    chooser = ThreadCountChooser()
+    assert _drive(chooser, ("one", 1), (1,), lambda i, c: 0.01, 5) == [1] * 5
+    fast_one = _drive(chooser, ("a", 2), (1, 2), lambda i, c: 0.01 * c, 12)
+    fast_two = _drive(chooser, ("b", 2), (1, 2), lambda i, c: 0.03 / c, 12)
+    assert fast_one == fast_two and chooser.chosen(("a", 2)) == 1 and chooser.chosen(("b", 2)) == 2
+    # a step recorded on another count than the one asked for (a fixed count in between) is not counted
+    chooser.count(("c", 2), (1, 2))
+    chooser.record(("c", 2), 2, 5.0)
+    assert chooser.count(("c", 2), (1, 2)) == 1
+
+
+def test_for_step_times_decode_steps_per_rows_bucket(monkeypatch, three_threads):
+    """The measuring StepThreads asks its chooser per (rows bucket, starting count), runs the step on the count it
+    returns and records the step's wall time; prefill steps and failed steps are not recorded."""
+    clock = iter(range(1000))
+    monkeypatch.setattr("braidinfer.step_threads.time.perf_counter", lambda: next(clock))
+    threads = StepThreads(torch.device("cpu"), None)
+    seen = []
+    monkeypatch.setattr(threads.chooser, "record", lambda key, count, seconds: seen.append((key, count, seconds)))
+    for rows in (1, 3, 4, 5):
+        with threads.for_step([1] * rows):
+            assert torch.get_num_threads() == 1  # the first count of every key's schedule
+    with threads.for_step([7]):  # a prefill step: not measured
+        assert torch.get_num_threads() == 3
+    with pytest.raises(RuntimeError, match="step failed"), threads.for_step([1]):
+        raise RuntimeError("step failed")
+    assert seen == [((1, 3), 1, 1), ((4, 3), 1, 1), ((4, 3), 1, 1), ((8, 3), 1, 1)]
+    assert torch.get_num_threads() == 3
