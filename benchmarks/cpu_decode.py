@@ -1,7 +1,7 @@
 """Batch-1 decode speed of the embedded SmolLM2-135M on the CPU: Braid (weight_format "auto" and "dequantize") vs
 transformers `generate` and, when llama-cpp-python is installed, llama.cpp on the same GGUF, same run.
 
-    python benchmarks/cpu_decode.py [--tokens 128] [--repeats 3] [--decode-threads 2]
+    python benchmarks/cpu_decode.py [--tokens 128] [--repeats 3] [--decode-threads 2] [--context 1500]
 
 On an AMX Xeon, llama-cpp-python 0.3.36 as pip builds it (GGML_NATIVE) crashed in its decode; a build with
 CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF
@@ -61,12 +61,29 @@ def load_llamacpp(gguf: str):
     return Llama(gguf, n_ctx=2048, n_threads=torch.get_num_threads(), verbose=False)
 
 
+def question(tokenizer, context: int) -> str:
+    """The benchmark's user message: a question, after `context` tokens of Python source when context > 0."""
+    ask = "Tell me a long story about a lighthouse."
+    if context <= 0:
+        return ask
+    import inspect
+    import typing
+
+    ids = tokenizer.encode(inspect.getsource(typing), add_special_tokens=False)
+    if len(ids) < context:
+        raise SystemExit(f"--context: at most {len(ids)} tokens of text available")
+    return tokenizer.decode(ids[:context]) + "\n\n" + ask
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--decode-threads", type=int, nargs="*", default=[],
                     help="also time weight_format auto with these cpu_decode_threads (the rows above use the default)")
+    ap.add_argument("--context", type=int, default=0,
+                    help="put about this many tokens of text (a stdlib module's source) before the question, so "
+                         "that decode attends over a long context")
     args = ap.parse_args()
 
     from transformers import AutoModelForCausalLM
@@ -81,7 +98,7 @@ def main() -> None:
     for weight_format, threads in runs:
         name = f"braid {weight_format}" + (f" ({threads} decode threads)" if threads else "")
         with LLM(device="cpu", progress=False, weight_format=weight_format, cpu_decode_threads=threads) as llm:
-            prompt = llm.apply_chat_template([{"role": "user", "content": "Tell me a long story about a lighthouse."}])
+            prompt = llm.apply_chat_template([{"role": "user", "content": question(llm.tokenizer, args.context)}])
             braid_decode_tps(llm, prompt, 8)  # warm-up
             rows[name] = max(braid_decode_tps(llm, prompt, args.tokens) for _ in range(args.repeats))
             weights = llm.memory_stats()["weight_bytes"]

@@ -37,21 +37,25 @@ class TorchAttention:
     def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Attention only: the step's new K/V are already in the pool."""
         cache, spec = self.kv_cache[layer], self.specs[layer]  # (pages, 2, kvh, ps, hd)
+        if len(meta.spans) == 1 and meta.spans[0].q_len == q.shape[0]:  # one sequence: its output is the step's
+            return self._attend_span(q.transpose(0, 1), cache, spec, meta.spans[0]).transpose(0, 1)
         out = torch.empty_like(q)
         for span in meta.spans:
             qs = q[span.q_start : span.q_start + span.q_len].transpose(0, 1)  # (qh, q_len, hd)
-            ks, vs = self._gather(cache, span.page_table, span.context_len)  # (kvh, L, hd)
-            if spec.logits_soft_cap is not None:
-                o = _softcapped_attention(qs, ks, vs, spec, span.context_len)  # (qh, q_len, hd)
-            else:
-                fresh = span.q_len == span.context_len > 1 and spec.sliding_window is None  # plain causal prompt
-                o = F.scaled_dot_product_attention(
-                    qs.unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0),
-                    attn_mask=None if fresh else _mask(span.q_len, span.context_len, spec.sliding_window, q.device),
-                    is_causal=fresh, scale=spec.scale, enable_gqa=True,
-                )[0]  # (qh, q_len, hd)
-            out[span.q_start : span.q_start + span.q_len] = o.transpose(0, 1)
+            out[span.q_start : span.q_start + span.q_len] = self._attend_span(qs, cache, spec, span).transpose(0, 1)
         return out
+
+    def _attend_span(self, qs: torch.Tensor, cache: torch.Tensor, spec: AttentionSpec, span) -> torch.Tensor:
+        """One sequence's queries qs [qh, q_len, hd] over its KV in `cache` -> [qh, q_len, hd]."""
+        ks, vs = self._gather(cache, span.page_table, span.context_len)  # (kvh, L, hd)
+        if spec.logits_soft_cap is not None:
+            return _softcapped_attention(qs, ks, vs, spec, span.context_len)
+        fresh = span.q_len == span.context_len > 1 and spec.sliding_window is None  # plain causal prompt
+        return F.scaled_dot_product_attention(
+            qs.unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0),
+            attn_mask=None if fresh else _mask(span.q_len, span.context_len, spec.sliding_window, qs.device),
+            is_causal=fresh, scale=spec.scale, enable_gqa=True,
+        )[0]
 
     @staticmethod
     def _gather(cache: torch.Tensor, page_table: torch.Tensor, context_len: int):

@@ -46,12 +46,17 @@ def pack(blocks: torch.Tensor, qtype: str) -> list[Int4Term]:
     return terms
 
 
+_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
+
+
 def linear(x: torch.Tensor, terms: list[Int4Term]) -> torch.Tensor:
     """x [M, K] @ W.T for W = the sum of `terms`, x rounded to bfloat16, the terms' products added in float32;
     returns x's dtype."""
     xb = x.to(torch.bfloat16)
-    y = None
-    for packed, scales_zeros in terms:
-        part = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, GROUP, scales_zeros).float()
-        y = part if y is None else y + part
+    (packed, scales_zeros), *rest = terms
+    if not rest:  # one term: the product is bfloat16 either way, converted straight to x's dtype
+        return _MM(xb, packed, GROUP, scales_zeros).to(x.dtype)
+    y = _MM(xb, packed, GROUP, scales_zeros).float()
+    for packed, scales_zeros in rest:
+        y += _MM(xb, packed, GROUP, scales_zeros)
     return y.to(x.dtype)
