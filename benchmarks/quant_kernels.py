@@ -54,11 +54,11 @@ COLUMNS_SWEEP = [ColumnsConfig(1, s) for s in (8, 16, 32)] + [ColumnsConfig(2, s
 
 
 def gemm_sweep(qtype: str, m: int, n: int, k: int) -> list[QuantGemmConfig]:
-    """launch_config's neighbours: 64 or 128 rows of W, BLOCK_M of 16 to 128 up to twice M, 4 or 8 warps, 3 stages,
+    """launch_config's neighbours: 64 or 128 rows of W, BLOCK_M of 16 to 256 up to twice M, 4 or 8 warps, 3 stages,
     K unsplit or split as launch_config splits it (those over the registers or shared memory fail to compile and
     are skipped); for Q4_K also x as the first operand on tiles of at least 64 rows of x, 3 or 4 stages."""
     default = gemm_launch_config(qtype, m, n, k=k)
-    block_ms = [bm for bm in (16, 32, 64, 128) if bm <= 2 * max(m, 16)]
+    block_ms = [bm for bm in (16, 32, 64, 128, 256) if bm <= 2 * max(m, 16)]
     sweep = [QuantGemmConfig(bn, bm, w, 3, split) for bn in (64, 128) for bm in block_ms for w in (4, 8)
              for split in sorted({1, default.split_k})]
     if qtype in X_FIRST_TYPES:  # x as the tensor-core product's first operand: tiles of 64 rows of x and more
