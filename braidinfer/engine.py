@@ -51,6 +51,9 @@ class LLMEngine:
             "int4" if (cpu_int4.fast_here() if config.cpu_int4 is None else config.cpu_int4) else "float")
         self.model = load_model(cls, self.model_config, self.source, self.device, self.dtype, config.progress,
                                 quantized=config.weight_format == "auto", form=form)
+        int4 = any("int4" in getattr(m, "kinds", ()) for m in self.model.modules())
+        self.kv_dtype = kv_cache_dtype(config.kv_cache_dtype, self.device, self.dtype, int4)
+        """The KV pool's dtype (EngineConfig.kv_cache_dtype resolved)."""
         self.load_summary = load_summary(self.model, self.source.quantized_names() if self.model.quantized_modules
                                          else {}, self.source.dequantized_names(), form)
         """Lines describing the loaded weights: bytes, tensors kept quantised, tensors dequantised and why."""
@@ -65,7 +68,7 @@ class LLMEngine:
         if hasattr(self.model, "set_max_model_len"):  # e.g. LongRoPE picks its factor set by the served context
             self.model.set_max_model_len(max_model_len)
         eos_token_ids = self._eos_token_ids()
-        num_pages = num_kv_pages(config, self.model_config, self.dtype, self.device, max_model_len)
+        num_pages = num_kv_pages(config, self.model_config, self.kv_dtype, self.device, max_model_len)
         self.pages = PageManager(num_pages, config.page_size, config.enable_prefix_caching)
         self.pins = Pins(self.pages, int(num_pages * config.max_pinned_fraction),
                          f" (max_pinned_fraction={config.max_pinned_fraction})")
@@ -74,7 +77,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.model_config, num_pages, config.page_size, self.device, self.dtype,
                                   config.attention_backend, config.enforce_eager, config.max_num_seqs,
                                   config.cascade_min_saved_tokens if config.cascade_decode else None,
-                                  logits_context=self.step_threads.wide)
+                                  logits_context=self.step_threads.wide, kv_dtype=self.kv_dtype)
         self.sampler = Sampler()
         grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, sorted(eos_token_ids))
         limits = RequestLimits(self.model_config.vocab_size, max_model_len, num_pages, config.page_size,
@@ -273,6 +276,19 @@ class _Step:
     def sampled_rows(self) -> dict[int, int]:
         """id(sequence) -> its row in `tokens`."""
         return {id(seq): i for i, seq in enumerate(self.sampled)}
+
+
+def kv_cache_dtype(name: str, device: torch.device, dtype: torch.dtype, int4: bool) -> torch.dtype:
+    """The KV pool's dtype for EngineConfig.kv_cache_dtype `name` (see there) with the model in `dtype` on `device`,
+    `int4` when some projection runs in the CPU int4 form; raises InvalidRequestError for a dtype other than the
+    model's on CUDA."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cpu" and int4 else dtype
+    kv = _DTYPES[name]
+    if kv != dtype and device.type != "cpu":
+        raise InvalidRequestError(f"kv_cache_dtype {name!r} differs from the model's dtype "
+                                  f"({str(dtype).removeprefix('torch.')}), which needs device 'cpu'")
+    return kv
 
 
 def pick_device(device: str | None) -> torch.device:

@@ -36,7 +36,8 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, cfg: ModelConfig, num_pages: int, page_size: int,
                  device: torch.device, dtype: torch.dtype, attention_backend: str = "torch",
                  enforce_eager: bool = True, max_num_seqs: int = 64, cascade_min_saved_tokens: int | None = None,
-                 logits_context: Callable[[], AbstractContextManager] = nullcontext):
+                 logits_context: Callable[[], AbstractContextManager] = nullcontext,
+                 kv_dtype: torch.dtype | None = None):
         self.model = model
         self.logits_context = logits_context  # entered around compute_logits (StepThreads.wide on the CPU)
         self.device = device
@@ -50,7 +51,7 @@ class ModelRunner:
         kv_head_dim = cache_head_dim(cfg.head_dim) if backend == "flashinfer" else cfg.head_dim
         self.kv_cache = torch.zeros(
             cfg.num_hidden_layers, num_pool_pages, 2, cfg.num_key_value_heads, page_size, kv_head_dim,
-            dtype=dtype, device=device,
+            dtype=kv_dtype or dtype, device=device,
         )
         pad_heads(model, kv_head_dim)
         specs = model.attention_specs()

@@ -12,7 +12,8 @@ class TorchAttention:
     """Writes new K/V into the page pool, then attends per sequence over K/V gathered through its page table: SDPA
     for plain layers, explicit scores for soft-capped ones (the reference the FlashInfer paths are tested against).
 
-    kv_cache: [num_layers, num_pages, 2, num_kv_heads, page_size, head_dim] (FlashInfer's HND layout).
+    kv_cache: [num_layers, num_pages, 2, num_kv_heads, page_size, head_dim] (FlashInfer's HND layout), of the model's
+    dtype or another (new K/V are cast to it when written).
     specs: one AttentionSpec per layer (scale, sliding window, soft-cap), or one scale for plain attention everywhere.
     """
 
@@ -35,8 +36,12 @@ class TorchAttention:
         return self.attend(layer, q, meta)
 
     def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Attention only: the step's new K/V are already in the pool."""
-        cache, spec = self.kv_cache[layer], self.specs[layer]  # (pages, 2, kvh, ps, hd)
+        """Attention only: the step's new K/V are already in the pool. A pool of another dtype than q (a bfloat16
+        pool under a float32 model: EngineConfig.kv_cache_dtype) attends in the pool's dtype, the output cast back."""
+        cache = self.kv_cache[layer]  # (pages, 2, kvh, ps, hd)
+        if q.dtype != cache.dtype:
+            return self.attend(layer, q.to(cache.dtype), meta).to(q.dtype)
+        spec = self.specs[layer]
         if len(meta.spans) == 1 and meta.spans[0].q_len == q.shape[0]:  # one sequence: its output is the step's
             return self._attend_span(q.transpose(0, 1), cache, spec, meta.spans[0]).transpose(0, 1)
         out = torch.empty_like(q)

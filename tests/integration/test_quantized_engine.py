@@ -18,7 +18,7 @@ from tests.unit.test_quantized_weights import SHAPE, llama_qtype
 QWEN3_TYPES = {"q_proj": "Q8_0", "k_proj": "Q8_0", "v_proj": "Q8_0", "o_proj": "Q4_1", "gate_proj": "Q4_K",
                "up_proj": "Q4_K", "down_proj": "Q6_K", "embed_tokens": "Q4_K", "lm_head": "Q6_K"}
 BASE = dict(device="cpu", dtype="float32", progress=False, num_kv_pages=64, cpu_int4=False)
-INT4 = {**BASE, "cpu_int4": True}
+INT4 = {**BASE, "cpu_int4": True, "kv_cache_dtype": "float32"}  # the form alone (auto would add a bfloat16 KV pool)
 
 
 def qwen3_qtype(name: str) -> str | None:
@@ -151,10 +151,13 @@ def test_embedded_model_int4_perplexity_within_half_a_percent(embedded_gguf, hf_
 def test_embedded_model_int4_engine_is_within_bf16_rounding(embedded_gguf, hf_smollm):
     """The engine on the embedded model with the int4 form against itself without: the same greedy tokens, and
     top logprobs about as far apart (within 1.25x) as transformers' model in bfloat16 is from its float32 (the int4
-    form rounds only the projections' inputs and scales to bfloat16); under a third of the float weights' bytes."""
+    form rounds only the projections' inputs and scales to bfloat16, and its default KV pool holds K and V in
+    bfloat16: kv_cache_dtype "auto"); under a third of the float weights' bytes."""
     import copy
 
-    with LLM(model=embedded_gguf, **INT4) as llm, LLM(model=embedded_gguf, **BASE) as plain:
+    default_kv = {**INT4, "kv_cache_dtype": "auto"}
+    with LLM(model=embedded_gguf, **default_kv) as llm, LLM(model=embedded_gguf, **BASE) as plain:
+        assert llm.engine.kv_dtype == torch.bfloat16 and plain.engine.kv_dtype == torch.float32
         prompt = llm.apply_chat_template([{"role": "user", "content": "Name three rivers."}])
         params = SamplingParams(temperature=0, max_tokens=8, logprobs=5, ignore_eos=True)
         a, p = llm.generate(prompt, params)[0], plain.generate(prompt, params)[0]

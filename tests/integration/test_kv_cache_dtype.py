@@ -1,0 +1,97 @@
+"""EngineConfig.kv_cache_dtype: a bfloat16 KV pool under a float32 model on the CPU against transformers whose
+attention rounds its (rotated) q, k and v to bfloat16 the same way; what "auto" resolves to; the page budget; the
+CUDA refusal."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from braidinfer import LLM, SamplingParams
+from braidinfer.config import EngineConfig
+from braidinfer.engine import kv_cache_dtype
+from braidinfer.errors import InvalidRequestError
+from tests.support.family_parity import random_prompts
+
+BASE = dict(device="cpu", dtype="float32", progress=False, page_size=4, max_model_len=256)
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_model_dir):
+    """(path, transformers model in float32, the same model attending over bfloat16-rounded q, k and v)."""
+    import copy
+
+    import transformers
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def bf16_attention(module, query, key, value, attention_mask, **kwargs):
+        out, weights = sdpa_attention_forward(module, query.bfloat16(), key.bfloat16(), value.bfloat16(),
+                                              attention_mask, **kwargs)
+        return out.float(), weights
+
+    AttentionInterface.register("bf16_kv_test", bf16_attention)
+    path = tiny_model_dir("llama", seed=5)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                            attn_implementation="sdpa").eval()
+    rounded = copy.deepcopy(ref)
+    rounded.set_attn_implementation("bf16_kv_test")
+    return path, ref, rounded
+
+
+def _gaps(llm, refs, prompt: list[int], steps: int = 6) -> list[float]:
+    """Per reference model, the largest |engine top-5 logprob - the reference's| over `steps` greedy steps."""
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=steps, logprobs=5, ignore_eos=True))[0]
+    ids = torch.tensor([prompt + out.token_ids])
+    gaps = []
+    for ref in refs:
+        with torch.no_grad():
+            rows = torch.log_softmax(ref(ids).logits[0].float(), -1)[len(prompt) - 1:]
+        gaps.append(max(abs(value - rows[step, token].item())
+                        for step, lp in enumerate(out.logprobs) for token, value in lp.top))
+    return gaps
+
+
+def test_a_bfloat16_pool_attends_like_transformers_over_bfloat16_q_k_and_v(llama):
+    path, ref, rounded = llama
+    prompt = random_prompts([23], ref.config.vocab_size, seed=2)[0]
+    with LLM(model=path, kv_cache_dtype="bfloat16", **BASE) as llm:
+        assert llm.engine.runner.kv_cache.dtype == torch.bfloat16
+        to_rounded, to_plain = _gaps(llm, [rounded, ref], prompt)
+        print(f"bfloat16 pool: max |logprob gap| to the rounded reference {to_rounded:.2e}, to float32 {to_plain:.2e}")
+        # the prompt's attention (a prefill) and every decode step's read the bfloat16 pool: the engine sits on the
+        # rounded reference (float32 ulps, except where one ulp crosses a bfloat16 rounding boundary) and visibly off
+        # the plain one
+        assert to_rounded < 1e-3 and to_plain > 10 * to_rounded, (to_rounded, to_plain)
+    with LLM(model=path, **BASE) as llm:  # auto, float weights on the CPU: the model's dtype, exact again
+        assert llm.engine.runner.kv_cache.dtype == torch.float32
+        to_rounded, to_plain = _gaps(llm, [rounded, ref], prompt)
+        assert to_plain < 1e-4 < to_rounded
+
+
+def test_a_bfloat16_pool_holds_twice_the_pages_in_the_same_bytes(llama):
+    path = llama[0]
+    budget = dict(BASE, max_model_len=4096, max_num_seqs=64, cpu_kv_cache_bytes=1 << 20)
+    with LLM(model=path, **budget) as wide, LLM(model=path, kv_cache_dtype="bfloat16", **budget) as narrow:
+        assert narrow.engine.pages.num_pages == 2 * wide.engine.pages.num_pages
+        assert narrow.memory_stats()["kv_bytes"] == wide.memory_stats()["kv_bytes"] <= 1 << 20
+
+
+def test_auto_resolves_to_bfloat16_only_for_the_cpu_int4_form():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert kv_cache_dtype("auto", cpu, torch.float32, True) == torch.bfloat16
+    assert kv_cache_dtype("auto", cpu, torch.float32, False) == torch.float32
+    assert kv_cache_dtype("auto", cuda, torch.bfloat16, False) == torch.bfloat16
+    assert kv_cache_dtype("float32", cpu, torch.float32, True) == torch.float32
+    assert kv_cache_dtype("bfloat16", cuda, torch.bfloat16, False) == torch.bfloat16
+    with pytest.raises(InvalidRequestError, match="kv_cache_dtype 'float32' differs .* needs device 'cpu'"):
+        kv_cache_dtype("float32", cuda, torch.bfloat16, False)
+
+
+def test_a_pool_dtype_other_than_the_models_is_refused_on_cuda():
+    with pytest.raises(ValueError, match="kv_cache_dtype 'bfloat16' differs from dtype 'float32'"):
+        EngineConfig(device="cuda", dtype="float32", kv_cache_dtype="bfloat16")
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        EngineConfig(kv_cache_dtype="int8")
+    EngineConfig(device="cuda", dtype="bfloat16", kv_cache_dtype="bfloat16")
+    EngineConfig(device="cuda", kv_cache_dtype="bfloat16")  # dtype auto: bfloat16 on CUDA, checked by the engine
+    EngineConfig(device="cpu", dtype="float32", kv_cache_dtype="float16")
