@@ -104,7 +104,8 @@ class ChatBraid(BaseChatModel):
     device: str | None = None
     """"cpu", "cuda" or "cuda:N"; None picks CUDA when available."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Weights and KV dtype; auto = bfloat16 on CUDA, float32 on CPU."""
+    """Weights and activations dtype; auto = bfloat16 on CUDA, float32 on CPU (the KV pool's: `kv_cache_dtype` in
+    engine_kwargs)."""
     temperature: float = 0.7
     """Sampling temperature; 0 is greedy."""
     max_tokens: int = 256

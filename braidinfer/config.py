@@ -19,8 +19,8 @@ class EngineConfig(ValidatedModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights and activations dtype; auto = bfloat16 on CUDA, float32 on CPU."""
     kv_cache_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """The KV page pool's dtype. auto: `dtype`, except bfloat16 on the CPU when the projections run in the int4 form
-    (`cpu_int4`, which rounds their inputs to bfloat16 already): half the KV bytes, so twice the tokens in
+    """The KV page pool's dtype. auto: `dtype`, except bfloat16 for a float32 model on the CPU with projections in the
+    int4 form (`cpu_int4`, which rounds their inputs to bfloat16 already): half the KV bytes, so twice the tokens in
     `cpu_kv_cache_bytes` and ~30% faster decode of the embedded model at 1.5k tokens of context, where attention reads
     the pool. One other than `dtype` needs the CPU (the torch attention backend casts q to it and its output back)."""
     weight_format: Literal["auto", "dequantize"] = "auto"
@@ -37,7 +37,7 @@ class EngineConfig(ValidatedModel):
     """On the CPU: torch's intra-op threads for decode steps (every row one new token); prefill steps keep the engine
     thread's count (torch.get_num_threads()), and so do a decode step's logits (one large product) where that count
     is the larger. None: measured while decoding (1, 2, 4, ... up to that count; the fastest is kept and measured
-    again every few hundred steps), because two threads decode the embedded model ~20% faster than one on a 2-core
+    again after 512 to 4,096 steps), because two threads decode the embedded model ~20% faster than one on a 2-core
     machine but ~40% slower while another thread of the process splits torch ops over threads (e.g. an embedding
     model run on the CPU; braidinfer/step_threads.py). Ignored on CUDA."""
     device: str | None = None

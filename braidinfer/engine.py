@@ -68,7 +68,7 @@ class LLMEngine:
         if hasattr(self.model, "set_max_model_len"):  # e.g. LongRoPE picks its factor set by the served context
             self.model.set_max_model_len(max_model_len)
         eos_token_ids = self._eos_token_ids()
-        num_pages = num_kv_pages(config, self.model_config, self.kv_dtype, self.device, max_model_len)
+        num_pages = num_kv_pages(config, self.model_config, self.dtype, self.device, max_model_len, self.kv_dtype)
         self.pages = PageManager(num_pages, config.page_size, config.enable_prefix_caching)
         self.pins = Pins(self.pages, int(num_pages * config.max_pinned_fraction),
                          f" (max_pinned_fraction={config.max_pinned_fraction})")
@@ -283,7 +283,7 @@ def kv_cache_dtype(name: str, device: torch.device, dtype: torch.dtype, int4: bo
     `int4` when some projection runs in the CPU int4 form; raises InvalidRequestError for a dtype other than the
     model's on CUDA."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cpu" and int4 else dtype
+        return torch.bfloat16 if device.type == "cpu" and int4 and dtype == torch.float32 else dtype
     kv = _DTYPES[name]
     if kv != dtype and device.type != "cpu":
         raise InvalidRequestError(f"kv_cache_dtype {name!r} differs from the model's dtype "

@@ -71,17 +71,19 @@ def _pages_per_request(config: EngineConfig, max_model_len: int) -> int:
 
 
 def num_kv_pages(config: EngineConfig, model: ModelConfig, dtype: torch.dtype, device: torch.device,
-                 max_model_len: int) -> int:
+                 max_model_len: int, kv_dtype: torch.dtype | None = None) -> int:
     """The page count: `config.num_kv_pages` when given, else what the engine can use capped by the memory budget.
+    dtype: the model's (its activations); kv_dtype: the pool's (None: dtype).
 
     Raises OutOfPagesError on CUDA when the budget cannot hold one request of `max_model_len` tokens."""
     if config.num_kv_pages:
         return config.num_kv_pages
+    kv_dtype = kv_dtype or dtype
     needed = pages_needed(config, max_model_len)
     if device.type != "cuda":
-        return max(1, min(needed, config.cpu_kv_cache_bytes // page_bytes(model, config.page_size, dtype)))
+        return max(1, min(needed, config.cpu_kv_cache_bytes // page_bytes(model, config.page_size, kv_dtype)))
     # FlashInfer's pool may pad the heads (flashinfer_backend.cache_head_dim); budget for the wider one.
-    per_page = page_bytes(model, config.page_size, dtype, cache_head_dim(model.head_dim))
+    per_page = page_bytes(model, config.page_size, kv_dtype, cache_head_dim(model.head_dim))
     memory = DeviceMemory.read(device)
     return gpu_pages(config, memory, per_page, activation_bytes(config, model, dtype), needed, max_model_len)
 

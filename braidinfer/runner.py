@@ -49,6 +49,9 @@ class ModelRunner:
         num_pool_pages = num_pages + 1 if use_graphs else num_pages  # page num_pages: the graphs' scratch page
         self.head_dim = cfg.head_dim
         kv_head_dim = cache_head_dim(cfg.head_dim) if backend == "flashinfer" else cfg.head_dim
+        if kv_dtype not in (None, dtype) and device.type != "cpu":
+            # the engine refuses this first (engine.kv_cache_dtype): nothing on CUDA reads a pool of another dtype
+            raise ValueError(f"a KV pool of {kv_dtype} under a {dtype} model needs the CPU")
         self.kv_cache = torch.zeros(
             cfg.num_hidden_layers, num_pool_pages, 2, cfg.num_key_value_heads, page_size, kv_head_dim,
             dtype=kv_dtype or dtype, device=device,

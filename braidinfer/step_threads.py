@@ -8,7 +8,7 @@ embedded SmolLM2-135M decoded ~20% faster on two intra-op threads than on one on
 team in the process (any other thread splitting torch ops, e.g. an embedding model on the CPU) two threads fell to
 about 0.6x one thread's speed. Which count is faster is therefore not known in advance: by default decode steps
 (every row one new token) measure it (`ThreadCountChooser`: 1, 2, 4, ... up to the engine thread's count, the
-fastest kept and re-measured every few hundred steps); EngineConfig.cpu_decode_threads fixes it instead. Any other
+fastest kept and re-measured after 512 to 4,096 steps); EngineConfig.cpu_decode_threads fixes it instead. Any other
 step runs on the count the engine's thread already had (a 1,800-token prefill took 1.6-1.7x longer on one thread;
 benchmarks/RESULTS.md). On a decode count below that, the step's one large product, the logits (its 49152 x 576
 int4 lm_head term: 1.54 ms on one thread, 0.80 ms on two), runs inside `wide()` on the engine thread's count again.
@@ -93,18 +93,21 @@ class ThreadCountChooser:
     A key first explores: ROUNDS rounds in which every candidate count runs BLOCK consecutive steps (the order
     reversed every other round, so that a step time drifting with the context length favours no count), the first
     step of each block not counted (it pays for switching). The count with the lowest median step time then runs
-    the key's next EXPLOIT steps, after which the key explores again: what is fastest changes when another thread
-    of the process starts or stops splitting torch ops, or the machine gets busy."""
+    the key's next EXPLOIT steps, after which the key explores again, since what is fastest changes when another
+    thread of the process starts or stops splitting torch ops, or the machine gets busy. Later explorations try only
+    the chosen count and its neighbours among the candidates (on many cores, not every count again), and each one
+    that keeps the choice doubles the steps before the next, up to MAX_EXPLOIT."""
 
     BLOCK = 3
     ROUNDS = 2
     EXPLOIT = 512
+    MAX_EXPLOIT = 4096
 
     def __init__(self):
         self._keys: dict[tuple, _KeyState] = {}
 
     def count(self, key: tuple, counts: tuple[int, ...]) -> int:
-        """The count the next step of `key` should run on (one of `counts`)."""
+        """The count the next step of `key` should run on (one of `counts`, the candidates)."""
         state = self._keys.get(key)
         if state is None or state.counts != counts:
             state = self._keys[key] = _KeyState(counts, self.BLOCK, self.ROUNDS)
@@ -114,7 +117,7 @@ class ThreadCountChooser:
         """The step of `key` that `count` returned `count` for took `seconds`."""
         state = self._keys.get(key)
         if state is not None:
-            state.record(count, seconds, self.EXPLOIT)
+            state.record(count, seconds, self.EXPLOIT, self.MAX_EXPLOIT)
 
     def chosen(self, key: tuple) -> int | None:
         """The count `key` last settled on (None while it has not finished exploring once)."""
@@ -124,39 +127,42 @@ class ThreadCountChooser:
 
 class _KeyState:
     def __init__(self, counts: tuple[int, ...], block: int, rounds: int):
-        self.counts = counts
-        self.schedule = [c for r in range(rounds) for c in (counts if r % 2 == 0 else counts[::-1])
-                         for _ in range(block)]
-        self.block = block
+        self.counts, self.block, self.rounds = counts, block, rounds
         self.best: int | None = None
-        self._explore()
+        self.interval = 0  # steps on `best` between explorations
+        self._explore(counts)
 
-    def _explore(self) -> None:
-        self.position = 0 if len(self.counts) > 1 else len(self.schedule)
-        self.samples: dict[int, list[float]] = {c: [] for c in self.counts}
-        self.left = 0  # steps left on `best` before exploring again
-        if len(self.counts) == 1:
-            self.best, self.left = self.counts[0], -1  # nothing to choose: never explores
+    def _explore(self, tried: tuple[int, ...]) -> None:
+        self.tried = tried
+        self.schedule = [c for r in range(self.rounds) for c in (tried if r % 2 == 0 else tried[::-1])
+                         for _ in range(self.block)] if len(tried) > 1 else []
+        self.position = 0
+        self.samples: dict[int, list[float]] = {c: [] for c in tried}
+        self.left = -1  # steps left on `best` before exploring again; -1: never (while exploring, or one count)
+        if len(tried) == 1:
+            self.best = tried[0]
 
     def next_count(self) -> int:
         if self.position < len(self.schedule):
             return self.schedule[self.position]
         return self.best
 
-    def record(self, count: int, seconds: float, exploit: int) -> None:
+    def record(self, count: int, seconds: float, exploit: int, max_exploit: int) -> None:
         if self.position < len(self.schedule):
             if count == self.schedule[self.position]:
                 if self.position % self.block:  # the block's first step paid for the switch
                     self.samples[count].append(seconds)
                 self.position += 1
                 if self.position == len(self.schedule):
-                    self.best = min(self.counts, key=lambda c: statistics.median(self.samples[c]))
-                    self.left = exploit
+                    best = min(self.tried, key=lambda c: statistics.median(self.samples[c]))
+                    self.interval = min(2 * self.interval, max_exploit) if best == self.best else exploit
+                    self.best, self.left = best, self.interval
             return
         if self.left > 0:
             self.left -= 1
             if self.left == 0:
-                self._explore()
+                i = self.counts.index(self.best)
+                self._explore(self.counts[max(0, i - 1):i + 2])
 
 
 @contextmanager

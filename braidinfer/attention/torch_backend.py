@@ -36,12 +36,9 @@ class TorchAttention:
         return self.attend(layer, q, meta)
 
     def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Attention only: the step's new K/V are already in the pool. A pool of another dtype than q (a bfloat16
-        pool under a float32 model: EngineConfig.kv_cache_dtype) attends in the pool's dtype, the output cast back."""
-        cache = self.kv_cache[layer]  # (pages, 2, kvh, ps, hd)
-        if q.dtype != cache.dtype:
-            return self.attend(layer, q.to(cache.dtype), meta).to(q.dtype)
-        spec = self.specs[layer]
+        """Attention only: the step's new K/V are already in the pool (which may hold another dtype than q: a
+        bfloat16 pool under a float32 model, EngineConfig.kv_cache_dtype); the output has q's dtype."""
+        cache, spec = self.kv_cache[layer], self.specs[layer]  # (pages, 2, kvh, ps, hd)
         if len(meta.spans) == 1 and meta.spans[0].q_len == q.shape[0]:  # one sequence: its output is the step's
             return self._attend_span(q.transpose(0, 1), cache, spec, meta.spans[0]).transpose(0, 1)
         out = torch.empty_like(q)
@@ -51,16 +48,18 @@ class TorchAttention:
         return out
 
     def _attend_span(self, qs: torch.Tensor, cache: torch.Tensor, spec: AttentionSpec, span) -> torch.Tensor:
-        """One sequence's queries qs [qh, q_len, hd] over its KV in `cache` -> [qh, q_len, hd]."""
+        """One sequence's queries qs [qh, q_len, hd] over its KV in `cache` -> [qh, q_len, hd] in qs's dtype. With
+        a pool of another dtype, SDPA runs in the pool's (it accumulates in float32 either way; q is cast to it) and
+        soft-capped attention in q's (K/V cast up: its scores and cap are computed in the inputs' dtype)."""
         ks, vs = self._gather(cache, span.page_table, span.context_len)  # (kvh, L, hd)
         if spec.logits_soft_cap is not None:
-            return _softcapped_attention(qs, ks, vs, spec, span.context_len)
+            return _softcapped_attention(qs, ks.to(qs.dtype), vs.to(qs.dtype), spec, span.context_len)
         fresh = span.q_len == span.context_len > 1 and spec.sliding_window is None  # plain causal prompt
         return F.scaled_dot_product_attention(
-            qs.unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0),
+            qs.to(ks.dtype).unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0),
             attn_mask=None if fresh else _mask(span.q_len, span.context_len, spec.sliding_window, qs.device),
             is_causal=fresh, scale=spec.scale, enable_gqa=True,
-        )[0]
+        )[0].to(qs.dtype)
 
     @staticmethod
     def _gather(cache: torch.Tensor, page_table: torch.Tensor, context_len: int):

@@ -17,6 +17,7 @@ GROUP = 32
 FAST_CAPABILITIES = frozenset({"AVX512"})
 """torch CPU capabilities (torch.backends.cpu.get_cpu_capability()) whose int4 kernels beat float32 F.linear."""
 
+_MM = None  # torch.ops.aten._weight_int4pack_mm_for_cpu.default, once `linear` first runs
 Int4Term = tuple[torch.Tensor, torch.Tensor]
 """(packed codes uint8 [N, K / 2], bfloat16 scales and zeros [K / 32, N, 2]): one operand pair of the op."""
 
@@ -46,12 +47,12 @@ def pack(blocks: torch.Tensor, qtype: str) -> list[Int4Term]:
     return terms
 
 
-_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
-
-
 def linear(x: torch.Tensor, terms: list[Int4Term]) -> torch.Tensor:
     """x [M, K] @ W.T for W = the sum of `terms`, x rounded to bfloat16, the terms' products added in float32;
     returns x's dtype."""
+    global _MM
+    if _MM is None:  # bound on first use, not at import: older torch builds lack the op
+        _MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
     xb = x.to(torch.bfloat16)
     (packed, scales_zeros), *rest = terms
     if not rest:  # one term: the product is bfloat16 either way, converted straight to x's dtype

@@ -1,5 +1,6 @@
-"""CPU decode steps run on EngineConfig.cpu_decode_threads intra-op threads; prefill steps on the count the engine's
-thread had, which every step leaves as it found it; the tokens do not depend on the thread count."""
+"""CPU decode steps run on EngineConfig.cpu_decode_threads intra-op threads, or on the count ThreadCountChooser
+measures fastest (the default); prefill steps on the count the engine's thread had, which every step leaves as it
+found it; the tokens do not depend on the thread count."""
 from __future__ import annotations
 
 import pytest
@@ -18,7 +19,7 @@ def llama_dir(tiny_model_dir):
 
 @pytest.fixture
 def three_threads():
-    """The test thread's intra-op count set to 3 (not the default of 1 for decode), restored afterwards."""
+    """The test thread's intra-op count set to 3 (above the decode counts the tests set), restored afterwards."""
     before = torch.get_num_threads()
     torch.set_num_threads(3)
     yield 3
@@ -70,9 +71,9 @@ def test_decode_steps_use_the_decode_thread_count(llama_dir, monkeypatch, three_
     # the default measures: decode steps follow the chooser's schedule over 1, 2 and 3 threads, the tokens the same
     steps3, tokens3 = _run(llama_dir, monkeypatch, max_tokens=10)
     by_rows: dict[int, list[int]] = {}  # one schedule per rows bucket (both requests decoding, then one)
-    for new_tokens, count, *_ in steps3:
-        if all(n == 1 for n in new_tokens):
-            by_rows.setdefault(len(new_tokens), []).append(count)
+    for new_tokens, count, logits_count in (step for step in steps3 if all(n == 1 for n in step[0])):
+        by_rows.setdefault(len(new_tokens), []).append(count)
+        assert logits_count == 3  # the logits on the engine thread's count, whatever the step's
     schedule = [1, 1, 1, 2, 2, 2, 3, 3, 3, 3, 3, 3]
     assert by_rows and all(counts == schedule[:len(counts)] for counts in by_rows.values())
     assert max(len(counts) for counts in by_rows.values()) >= 4
@@ -188,12 +189,25 @@ def test_the_chooser_explores_in_interleaved_blocks_then_keeps_the_fastest_count
     assert used[:12] == [1, 1, 1, 2, 2, 2, 2, 2, 2, 1, 1, 1] and used[12:] == [1] * 5 and chooser.chosen(key) == 1
 
 
+def test_later_explorations_try_the_chosen_count_and_its_neighbours_less_and_less_often(monkeypatch):
+    monkeypatch.setattr(ThreadCountChooser, "EXPLOIT", 10)
+    monkeypatch.setattr(ThreadCountChooser, "MAX_EXPLOIT", 30)
+    chooser, key, counts = ThreadCountChooser(), ("rows", 8), (1, 2, 4, 8)
+    times = {1: 0.04, 2: 0.02, 4: 0.01, 8: 0.015}
+    used = _drive(chooser, key, counts, lambda i, c: times[c], 24 + 10 + 18 + 20 + 18 + 30 + 18 + 30)
+    assert used[:24] == [1] * 3 + [2] * 3 + [4] * 3 + [8] * 6 + [4] * 3 + [2] * 3 + [1] * 3  # every count first
+    assert used[24:34] == [4] * 10
+    assert sorted(set(used[34:52])) == [2, 4, 8]  # then 4 and its neighbours only
+    assert used[52:72] == [4] * 20 and used[90:120] == [4] * 30 and used[138:] == [4] * 30  # kept: 2x, then capped
+    assert chooser.chosen(key) == 4
+
+
 def test_the_chooser_keeps_keys_apart_and_never_explores_a_single_count():
     chooser = ThreadCountChooser()
     assert _drive(chooser, ("one", 1), (1,), lambda i, c: 0.01, 5) == [1] * 5
-    fast_one = _drive(chooser, ("a", 2), (1, 2), lambda i, c: 0.01 * c, 12)
-    fast_two = _drive(chooser, ("b", 2), (1, 2), lambda i, c: 0.03 / c, 12)
-    assert fast_one == fast_two and chooser.chosen(("a", 2)) == 1 and chooser.chosen(("b", 2)) == 2
+    _drive(chooser, ("a", 2), (1, 2), lambda i, c: 0.01 * c, 12)
+    _drive(chooser, ("b", 2), (1, 2), lambda i, c: 0.03 / c, 12)
+    assert chooser.chosen(("a", 2)) == 1 and chooser.chosen(("b", 2)) == 2
     # a step recorded on another count than the one asked for (a fixed count in between) is not counted
     chooser.count(("c", 2), (1, 2))
     chooser.record(("c", 2), 2, 5.0)
@@ -203,8 +217,10 @@ def test_the_chooser_keeps_keys_apart_and_never_explores_a_single_count():
 def test_for_step_times_decode_steps_per_rows_bucket(monkeypatch, three_threads):
     """The measuring StepThreads asks its chooser per (rows bucket, starting count), runs the step on the count it
     returns and records the step's wall time; prefill steps and failed steps are not recorded."""
+    from types import SimpleNamespace
+
     clock = iter(range(1000))
-    monkeypatch.setattr("braidinfer.step_threads.time.perf_counter", lambda: next(clock))
+    monkeypatch.setattr("braidinfer.step_threads.time", SimpleNamespace(perf_counter=lambda: next(clock)))
     threads = StepThreads(torch.device("cpu"), None)
     seen = []
     monkeypatch.setattr(threads.chooser, "record", lambda key, count, seconds: seen.append((key, count, seconds)))
