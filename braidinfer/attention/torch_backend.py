@@ -22,6 +22,7 @@ class TorchAttention:
         self.page_size = kv_cache.shape[4]
         self.specs = per_layer_specs(specs, kv_cache.shape[0])
         self._rows: tuple[AttentionMetadata, torch.Tensor] | None = None  # (the step's meta, kv_rows of its slots)
+        self._decode: tuple[AttentionMetadata, torch.Tensor, torch.Tensor] | None = None  # see _decode_pages
 
     def plan(self, meta: AttentionMetadata) -> None:
         """Once per step, before the forward (the call every backend takes): the pool rows of the step's new K/V,
@@ -41,11 +42,39 @@ class TorchAttention:
         cache, spec = self.kv_cache[layer], self.specs[layer]  # (pages, 2, kvh, ps, hd)
         if len(meta.spans) == 1 and meta.spans[0].q_len == q.shape[0]:  # one sequence: its output is the step's
             return self._attend_span(q.transpose(0, 1), cache, spec, meta.spans[0]).transpose(0, 1)
+        if meta.is_decode_only and q.shape[0] == len(meta.spans) and spec.logits_soft_cap is None \
+                and spec.sliding_window is None:
+            return self._attend_decode(q, cache, spec, meta)
         out = torch.empty_like(q)
         for span in meta.spans:
             qs = q[span.q_start : span.q_start + span.q_len].transpose(0, 1)  # (qh, q_len, hd)
             out[span.q_start : span.q_start + span.q_len] = self._attend_span(qs, cache, spec, span).transpose(0, 1)
         return out
+
+    def _attend_decode(self, q: torch.Tensor, cache: torch.Tensor, spec: AttentionSpec,
+                       meta: AttentionMetadata) -> torch.Tensor:
+        """Several sequences of one new token each (rows in span order), in one SDPA call: their pages gathered side
+        by side, each padded to the longest page table, the padding masked off. On the CPU, one call instead of one
+        per sequence: 8 sequences decoding took 23.5% of a step in attention, one SDPA and one gather each per layer."""
+        pages, visible = self._decode_pages(meta)
+        num_seqs, kv_heads, head_dim = len(meta.spans), cache.shape[2], cache.shape[4]
+        kv = cache.permute(1, 2, 0, 3, 4).index_select(2, pages)  # (2, kvh, B * P, ps, hd), in span order
+        kv = kv.view(2, kv_heads, num_seqs, -1, head_dim).transpose(1, 2)  # (2, B, kvh, P * ps, hd), a view
+        o = F.scaled_dot_product_attention(q.to(cache.dtype).unsqueeze(2), kv[0], kv[1], attn_mask=visible,
+                                           scale=spec.scale, enable_gqa=True)  # (B, qh, 1, hd)
+        return o.squeeze(2).to(q.dtype)
+
+    def _decode_pages(self, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """Once per step for `_attend_decode`: the sequences' page tables padded with page 0 to the longest and
+        flattened [B * P], and which of the B x P * page_size gathered keys each sequence sees [B, 1, 1, P * ps]."""
+        if self._decode is None or self._decode[0] is not meta:
+            tables = [span.page_table for span in meta.spans]
+            padded = torch.nn.utils.rnn.pad_sequence(tables, batch_first=True)  # (B, P)
+            device = padded.device
+            lengths = torch.tensor([span.context_len for span in meta.spans]).to(device, non_blocking=True)
+            keys = torch.arange(padded.shape[1] * self.page_size, device=device)
+            self._decode = (meta, padded.flatten(), (keys[None, :] < lengths[:, None])[:, None, None, :])
+        return self._decode[1], self._decode[2]
 
     def _attend_span(self, qs: torch.Tensor, cache: torch.Tensor, spec: AttentionSpec, span) -> torch.Tensor:
         """One sequence's queries qs [qh, q_len, hd] over its KV in `cache` -> [qh, q_len, hd] in qs's dtype. With

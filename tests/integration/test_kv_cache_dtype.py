@@ -58,13 +58,16 @@ def test_a_bfloat16_pool_attends_like_transformers_over_bfloat16_q_k_and_v(llama
     prompts = random_prompts([23, 9], ref.config.vocab_size, seed=2)
     with LLM(model=path, kv_cache_dtype="bfloat16", **BASE) as llm:
         assert llm.engine.runner.kv_cache.dtype == torch.bfloat16
-        assert _gaps(llm, [rounded], prompts[:1])[0] < 1e-3  # one sequence alone (the single-span path)
-        to_rounded, to_plain = _gaps(llm, [rounded, ref], prompts)  # two in one batch
-        print(f"bfloat16 pool: max |logprob gap| to the rounded reference {to_rounded:.2e}, to float32 {to_plain:.2e}")
-        # the prompt's attention (a prefill) and every decode step's read the bfloat16 pool: the engine sits on the
-        # rounded reference (float32 ulps, except where one ulp crosses a bfloat16 rounding boundary) and visibly off
-        # the plain one
-        assert to_rounded < 1e-3 and to_plain > 10 * to_rounded, (to_rounded, to_plain)
+        # one sequence alone: the prompt's attention (a prefill) and every decode step's read the bfloat16 pool, in
+        # the same SDPA call as the reference's, so the engine sits on the rounded reference (float32 ulps, except
+        # where one crosses a bfloat16 rounding boundary) and visibly off the plain one
+        alone_rounded, alone_plain = _gaps(llm, [rounded, ref], prompts[:1])
+        # two in one batch decode in one padded SDPA call, which rounds its bfloat16 output (|o| 2^-9) differently
+        batch_rounded, batch_plain = _gaps(llm, [rounded, ref], prompts)
+        print(f"bfloat16 pool, max |logprob gap| to the rounded reference / to float32: alone {alone_rounded:.2e} / "
+              f"{alone_plain:.2e}, two in a batch {batch_rounded:.2e} / {batch_plain:.2e}")
+        assert alone_rounded < 1e-3 and alone_plain > 10 * alone_rounded
+        assert batch_rounded < 1e-2 and batch_plain > 5 * batch_rounded
     with LLM(model=path, **BASE) as llm:  # auto, float weights on the CPU: the model's dtype, exact again
         assert llm.engine.runner.kv_cache.dtype == torch.float32
         to_rounded, to_plain = _gaps(llm, [rounded, ref], prompts)

@@ -73,3 +73,36 @@ def test_spec_validation_and_helpers():
     assert per_layer_specs(0.5, 3) == [AttentionSpec(0.5)] * 3
     with pytest.raises(ValueError, match="2 attention specs"):
         per_layer_specs(specs[:2], 3)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"w{s.sliding_window}-cap{s.logits_soft_cap}")
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
+def test_several_decoding_sequences_in_one_step(spec, pool_dtype):
+    """One new token each for sequences of different lengths over scattered pages of one pool (plain attention runs
+    them in one padded, masked SDPA call; the others one sequence at a time), each row against the loop over its own
+    sequence; a bfloat16 pool against the loop over what it holds (and, for SDPA, q rounded to it too)."""
+    g = torch.Generator().manual_seed(1)
+    lengths = [9, 1, 14, 4, 6]  # context after this step: page tables of 3, 1, 4, 1 and 2 pages
+    pool = torch.zeros(1, 24, 2, KVH, PS, HD, dtype=pool_dtype)
+    free = torch.randperm(24, generator=g).tolist()
+    spans, new_slots, qs, new_k, new_v, expected = [], [], [], [], [], []
+    for i, total in enumerate(lengths):
+        page_table = torch.tensor([free.pop() for _ in range(-(-total // PS))])
+        slots = page_table[torch.arange(total) // PS] * PS + torch.arange(total) % PS
+        k, v = torch.randn(total, KVH, HD, generator=g), torch.randn(total, KVH, HD, generator=g)
+        q = torch.randn(1, QH, HD, generator=g) * 3
+        pool[0, slots[:-1] // PS, 0, :, slots[:-1] % PS] = k[:-1].to(pool_dtype)  # the cached tokens' KV
+        pool[0, slots[:-1] // PS, 1, :, slots[:-1] % PS] = v[:-1].to(pool_dtype)
+        spans.append(SeqSpan(i, 1, total, page_table))
+        new_slots.append(slots[-1:])
+        qs.append(q)
+        new_k.append(k[-1:])
+        new_v.append(v[-1:])
+        if pool_dtype != torch.float32:
+            k, v = k.to(pool_dtype).float(), v.to(pool_dtype).float()
+            q = q.to(pool_dtype).float() if spec.logits_soft_cap is None else q
+        expected.append(_reference(q, k, v, [total - 1], spec))
+    meta = AttentionMetadata(spans, torch.cat(new_slots), len(lengths))
+    out = TorchAttention(pool, [spec])(0, torch.cat(qs), torch.cat(new_k), torch.cat(new_v), meta)
+    tol = dict(atol=1e-5, rtol=1e-4) if pool_dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out, torch.cat(expected), **tol)
