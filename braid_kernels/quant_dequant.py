@@ -5,6 +5,8 @@ rows (quant_embedding).
 Launchers with argument checks are in braid_kernels/quant.py; this file only launches."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -13,23 +15,30 @@ from .numerics import launch_options, round_to_dtype, wait_for_inputs
 from .quant_decode import GROUP_LANES, GROUPS_PER_BLOCK, QTYPE_IDS, decode_groups, num_groups
 from .quant_formats import BLOCK_SIZE, TYPE_SIZE
 
-ROWS_PER_PROGRAM = 4
-GROUPS_PER_PROGRAM = 16  # 256-1024 weights of a row per program
+class DequantConfig(NamedTuple):
+    """A program of the dequantising kernel: `rows` rows of W x `groups` groups (256-1024 weights) of each."""
+    rows: int = 4
+    groups: int = 16
+    num_warps: int = 4
 
 
-def launch_dequantize(blocks: torch.Tensor, qtype: str, out: torch.Tensor, ids: torch.Tensor | None = None) -> None:
+DEFAULT_CONFIG = DequantConfig()
+
+
+def launch_dequantize(blocks: torch.Tensor, qtype: str, out: torch.Tensor, ids: torch.Tensor | None = None,
+                      config: DequantConfig = DEFAULT_CONFIG) -> None:
     """out[r] = the weights of blocks[ids[r]] (blocks[r] when ids is None), rounded to out's dtype.
     blocks: uint8 [rows, row_bytes] contiguous; out: [len(ids) or rows, cols] contiguous; ids: int [T]."""
     num_rows, cols = out.shape
     if num_rows == 0 or cols == 0:
         return
     groups = num_groups(qtype, cols)
-    grid = (triton.cdiv(num_rows, ROWS_PER_PROGRAM), triton.cdiv(groups, GROUPS_PER_PROGRAM))
+    grid = (triton.cdiv(num_rows, config.rows), triton.cdiv(groups, config.groups))
     _dequantize_kernel[grid](
         blocks, ids, out, num_rows, blocks.shape[0], blocks.shape[1], cols,
         QTYPE=QTYPE_IDS[qtype], BLOCK_SIZE=BLOCK_SIZE[qtype], TYPE_SIZE=TYPE_SIZE[qtype],
         GROUPS=GROUPS_PER_BLOCK[qtype], LANES=GROUP_LANES[qtype], NUM_GROUPS=groups, HAS_IDS=ids is not None,
-        BLOCK_R=ROWS_PER_PROGRAM, BLOCK_G=GROUPS_PER_PROGRAM, num_warps=4, **launch_options(blocks),
+        BLOCK_R=config.rows, BLOCK_G=config.groups, num_warps=config.num_warps, **launch_options(blocks),
     )
 
 

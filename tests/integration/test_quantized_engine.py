@@ -137,15 +137,30 @@ def _perplexity(model, ids: torch.Tensor) -> float:
 
 def test_embedded_model_int4_perplexity_within_half_a_percent(embedded_gguf, hf_smollm, smollm_tokenizer):
     """Issue target: the embedded model's perplexity over a stdlib module's source through the int4 form is within
-    0.5% of the float32 decoding's (transformers' own load of the GGUF)."""
+    0.5% of the float32 decoding's (transformers' own load of the GGUF); also with the attention over bfloat16 q, K
+    and V that the engine's default KV pool gives the int4 form on the CPU (kv_cache_dtype "auto": bfloat16)."""
     import inspect
     import json.decoder
 
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def bf16_attention(module, query, key, value, attention_mask, **kwargs):
+        out, weights = sdpa_attention_forward(module, query.bfloat16(), key.bfloat16(), value.bfloat16(),
+                                              attention_mask, **kwargs)
+        return out.float(), weights
+
+    AttentionInterface.register("bf16_kv_perplexity", bf16_attention)
     ids = smollm_tokenizer(inspect.getsource(json.decoder), return_tensors="pt").input_ids[:, :768]
-    float_ppl, int4_ppl = _perplexity(hf_smollm, ids), _perplexity(with_int4_linears(hf_smollm, embedded_gguf), ids)
+    int4 = with_int4_linears(hf_smollm, embedded_gguf)
+    float_ppl, int4_ppl = _perplexity(hf_smollm, ids), _perplexity(int4, ids)
+    int4.set_attn_implementation("bf16_kv_perplexity")
+    pool_ppl = _perplexity(int4, ids)
     print(f"perplexity over {ids.shape[1]} tokens: float32 {float_ppl:.4f}, int4 {int4_ppl:.4f} "
-          f"({int4_ppl / float_ppl - 1:+.3%})")
+          f"({int4_ppl / float_ppl - 1:+.3%}), int4 over bfloat16 K/V {pool_ppl:.4f} ({pool_ppl / float_ppl - 1:+.3%})")
     assert abs(int4_ppl / float_ppl - 1) < 0.005
+    assert abs(pool_ppl / float_ppl - 1) < 0.005
+    assert pool_ppl != int4_ppl  # the hook took effect
 
 
 def test_embedded_model_int4_engine_is_within_bf16_rounding(embedded_gguf, hf_smollm):
