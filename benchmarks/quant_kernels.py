@@ -18,10 +18,7 @@ slow: each compiles), its dequantise + cuBLAS above. --int4pack times torch's in
 (`torch.ops.aten._weight_int4pack_mm`, groups of 32 weights, each inner-K tiling) beside bf16 and the Q4_K default
 path: a Q4_K / Q4_0 / Q4_1 block maps exactly onto 4-bit codes with a scale and offset per 32 weights.
 --dequant times the dequantising kernel alone at DEQUANT_SWEEP's launch configurations (GB/s of blocks read and bf16
-written, beside a bf16 copy of the same size), then at each M the dequantise + cuBLAS path against dequantising W in
-chunks of CHUNK_ROWS rows into one reused buffer, each chunk's product written into its columns of the output (the
-buffer can stay in L2 between its write and cuBLAS's read), and the same over two buffers with each chunk
-dequantised on a second stream while the one before it is multiplied.
+written, beside a bf16 copy of the same size), then at each M the dequantise + cuBLAS path against bf16.
 
 Each time is the median over replays of one launch's share of a CUDA graph of back-to-back launches (like the decode
 graph's layers), each launch reading a different copy of the weight, and more copies than L2 holds, so weights come
@@ -41,8 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from braid_kernels.quant import BLOCK_SIZE, MAX_ROWS, TYPE_SIZE, QuantGemmConfig, linear_path, quant_linear  # noqa: E402
 from braid_kernels.quant import to_planes  # noqa: E402
-from braid_kernels.quant_dequant import DEFAULT_CONFIG as DEQUANT_DEFAULT  # noqa: E402
 from braid_kernels.quant_dequant import DequantConfig, launch_dequantize  # noqa: E402
+from braid_kernels.quant_dequant import launch_config as dequant_launch_config  # noqa: E402
 from braid_kernels.quant_dot import dot_launch_config  # noqa: E402
 from braid_kernels.quant_gemm import X_FIRST_TYPES  # noqa: E402
 from braid_kernels.quant_gemm import launch_config as gemm_launch_config  # noqa: E402
@@ -58,8 +55,7 @@ FP16_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q4_K": (0, 2), "Q5_K
 SWEEP = [QuantGemvConfig(n, k, w) for n in (1, 2, 4) for k in (1024, 2048, 4096) for w in (4, 8)]
 
 
-DEQUANT_SWEEP = [DequantConfig(r, g, w) for r in (2, 4, 8) for g in (8, 16, 32) for w in (4, 8)]
-CHUNK_ROWS = (1024, 2048, 4096)
+DEQUANT_SWEEP = [DequantConfig(r, g, w) for r in (1, 2, 4, 8) for g in (8, 16, 32) for w in (2, 4, 8)]
 COLUMNS_SWEEP = [ColumnsConfig(1, s) for s in (8, 16, 32)] + [ColumnsConfig(2, s, 8) for s in (8, 16)]
 
 
@@ -184,59 +180,8 @@ def bench_gemm(qtype: str, n: int, k: int, rows: list[int], sweep: bool) -> None
     torch.cuda.empty_cache()
 
 
-def chunked_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: str, chunk_rows: int) -> torch.Tensor:
-    """x @ W.T with W dequantised chunk_rows rows at a time into one buffer, each chunk's product written into its
-    columns of the output."""
-    n, k = blocks.shape[0], x.shape[1]
-    out = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
-    buffer = torch.empty((min(chunk_rows, n), k), dtype=x.dtype, device=x.device)
-    for start in range(0, n, chunk_rows):
-        part = buffer[:min(chunk_rows, n - start)]
-        launch_dequantize(blocks[start:start + chunk_rows], qtype, part)
-        torch.mm(x, part.t(), out=out[:, start:start + part.shape[0]])
-    return out
-
-
-_SIDE_STREAM: list = []
-
-
-def chunked_linear_overlapped(x: torch.Tensor, blocks: torch.Tensor, qtype: str, chunk_rows: int) -> torch.Tensor:
-    """chunked_linear over two buffers, each chunk dequantised on a second stream while the tensor cores multiply
-    the one before it."""
-    if not _SIDE_STREAM:
-        _SIDE_STREAM.append(torch.cuda.Stream())
-    side, main = _SIDE_STREAM[0], torch.cuda.current_stream()
-    n, k = blocks.shape[0], x.shape[1]
-    out = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
-    buffers = [torch.empty((min(chunk_rows, n), k), dtype=x.dtype, device=x.device) for _ in range(2)]
-    starts = list(range(0, n, chunk_rows))
-    ready = [torch.cuda.Event() for _ in starts]
-    free = [torch.cuda.Event() for _ in starts]
-    side.wait_stream(main)
-
-    def dequantise(i: int) -> None:
-        with torch.cuda.stream(side):
-            if i >= 2:
-                side.wait_event(free[i - 2])
-            launch_dequantize(blocks[starts[i]:starts[i] + chunk_rows], qtype,
-                              buffers[i % 2][:min(chunk_rows, n - starts[i])])
-            ready[i].record(side)
-
-    dequantise(0)
-    for i, start in enumerate(starts):
-        if i + 1 < len(starts):
-            dequantise(i + 1)
-        main.wait_event(ready[i])
-        part = buffers[i % 2][:min(chunk_rows, n - start)]
-        torch.mm(x, part.t(), out=out[:, start:start + part.shape[0]])
-        free[i].record(main)
-    main.wait_stream(side)
-    return out
-
-
 def bench_dequant(qtype: str, n: int, k: int, rows: list[int]) -> None:
-    """The dequantising kernel at DEQUANT_SWEEP's configurations, then per M dequantise + cuBLAS against
-    chunked_linear at CHUNK_ROWS."""
+    """The dequantising kernel at DEQUANT_SWEEP's configurations, then per M dequantise + cuBLAS against bf16."""
     qbytes = n * k // BLOCK_SIZE[qtype] * TYPE_SIZE[qtype]
     quant = copies(lambda: random_planes(qtype, n, k), qbytes)
     out = torch.empty((n, k), dtype=torch.bfloat16, device="cuda")
@@ -248,11 +193,12 @@ def bench_dequant(qtype: str, n: int, k: int, rows: list[int]) -> None:
             results.append((time_rotating(lambda w: launch_dequantize(w, qtype, out, config=config), quant), config))
         except Exception as error:  # out of registers: skip it
             print(f"  {tuple(config)} failed: {type(error).__name__}: {str(error)[:80]}")
-    t_default = next(t for t, c in results if c == DEQUANT_DEFAULT)
+    default = dequant_launch_config(qtype)
+    t_default = next(t for t, c in results if c == default)
     results.sort()
     best = ", ".join(f"{tuple(c)} {t:.1f} us {(qbytes + 2 * n * k) / t / 1e3:.0f} GB/s" for t, c in results[:3])
     print(f"{qtype:5} {n:>6}x{k:<6} bf16 copy {t_copy:7.1f} us {4 * n * k / t_copy / 1e3:5.0f} GB/s | dequantise "
-          f"{tuple(DEQUANT_DEFAULT)} {t_default:7.1f} us {(qbytes + 2 * n * k) / t_default / 1e3:5.0f} GB/s | best "
+          f"{tuple(default)} {t_default:7.1f} us {(qbytes + 2 * n * k) / t_default / 1e3:5.0f} GB/s | best "
           f"{best}", flush=True)
     del dense
     dense = copies(lambda: torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02, 2 * n * k)
@@ -260,18 +206,8 @@ def bench_dequant(qtype: str, n: int, k: int, rows: list[int]) -> None:
         x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
         t_bf16 = time_rotating(lambda w: torch.matmul(x, w.t()), dense)
         t_deq = time_rotating(lambda w: quant_linear(x, w, qtype, path="dequantize"), quant)
-        want = quant_linear(x, quant[0], qtype, path="dequantize")
-        for fn in (chunked_linear, chunked_linear_overlapped):
-            got = fn(x, quant[0], qtype, CHUNK_ROWS[0])
-            torch.cuda.synchronize()
-            if not torch.equal(got, want):
-                print(f"  {fn.__name__} differs from dequantise + cuBLAS: {(got - want).abs().max().item():.3g}")
-        chunks = " | ".join(
-            f"{label} {r} {t:7.1f} us {t_bf16 / t:5.2f}x"
-            for label, fn in (("chunks", chunked_linear), ("overlapped", chunked_linear_overlapped))
-            for r, t in ((r, time_rotating(lambda w: fn(x, w, qtype, r), quant)) for r in CHUNK_ROWS if r < n))
         print(f"{qtype:5} {n:>6}x{k:<6} M={m:<5} bf16 {t_bf16:7.1f} us | dequantise + cuBLAS {t_deq:7.1f} us "
-              f"{t_bf16 / t_deq:5.2f}x | {chunks}", flush=True)
+              f"{t_bf16 / t_deq:5.2f}x", flush=True)
     del dense, quant
     torch.cuda.empty_cache()
 
@@ -388,7 +324,7 @@ def main() -> None:
     parser.add_argument("--columns-sweep", action="store_true", help="with --columns, also time COLUMNS_SWEEP")
     parser.add_argument("--int4pack", action="store_true", help="time torch's int4 weight-only matmul beside Q4_K")
     parser.add_argument("--dequant", action="store_true",
-                        help="time the dequantising kernel's configurations and chunked dequantise + cuBLAS")
+                        help="time the dequantising kernel's configurations and dequantise + cuBLAS")
     parser.add_argument("--check", action="store_true", help="compare with the reference first")
     args = parser.parse_args()
     qtypes = args.qtypes.split(",")
