@@ -8,7 +8,8 @@ CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=O
 -DGGML_AMX_BF16=OFF" runs (benchmarks/RESULTS.md).
 
 Decode tok/s excludes the prefill: for Braid, the time from the first streamed token to the last; for transformers
-and llama.cpp, the time of generating N tokens minus generating 1 token from the same prompt.
+and llama.cpp, the time of generating N tokens minus generating 1 token from the same prompt. Prefill is the time to
+the first token (Braid with prefix caching off; transformers and llama.cpp: generating 1 token), best of the repeats.
 """
 from __future__ import annotations
 
@@ -20,15 +21,17 @@ import time
 import torch
 
 
-def braid_decode_tps(llm, prompt: list[int], n: int) -> float:
+def braid_times(llm, prompt: list[int], n: int) -> tuple[float, float]:
+    """(prefill seconds, decode tok/s) of one request of n tokens."""
     from braidinfer import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    start = time.perf_counter()
     stamps = [time.perf_counter() for chunk in llm.stream_deltas(prompt, params) if chunk.token_ids]
-    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    return stamps[0] - start, (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
-def hf_decode_tps(model, prompt: list[int], n: int) -> float:
+def hf_times(model, prompt: list[int], n: int) -> tuple[float, float]:
     ids = torch.tensor([prompt])
     kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
 
@@ -37,10 +40,11 @@ def hf_decode_tps(model, prompt: list[int], n: int) -> float:
         model.generate(ids, max_new_tokens=k, min_new_tokens=k, **kw)
         return time.perf_counter() - t
 
-    return (n - 1) / (timed(n) - timed(1))
+    first = timed(1)
+    return first, (n - 1) / (timed(n) - first)
 
 
-def llamacpp_decode_tps(model, prompt: list[int], n: int) -> float:
+def llamacpp_times(model, prompt: list[int], n: int) -> tuple[float, float]:
     def timed(k):
         model.reset()
         t = time.perf_counter()
@@ -49,7 +53,13 @@ def llamacpp_decode_tps(model, prompt: list[int], n: int) -> float:
                 break
         return time.perf_counter() - t
 
-    return (n - 1) / (timed(n) - timed(1))
+    first = timed(1)
+    return first, (n - 1) / (timed(n) - first)
+
+
+def best(times: list[tuple[float, float]]) -> tuple[float, float]:
+    """The shortest prefill and the fastest decode of several runs."""
+    return min(t[0] for t in times), max(t[1] for t in times)
 
 
 def load_llamacpp(gguf: str):
@@ -92,36 +102,38 @@ def main() -> None:
     from braidinfer.loader.embedded import default_model_path
 
     gguf = default_model_path()
-    rows: dict[str, float] = {}
+    rows: dict[str, tuple[float, float]] = {}  # name -> (prefill s, decode tok/s)
     prompt = None
     runs = [("auto", None), ("dequantize", None)] + [("auto", n) for n in args.decode_threads]
     for weight_format, threads in runs:
         name = f"braid {weight_format}" + (f" ({threads} decode threads)" if threads else "")
-        with LLM(device="cpu", progress=False, weight_format=weight_format, cpu_decode_threads=threads) as llm:
+        with LLM(device="cpu", progress=False, weight_format=weight_format, cpu_decode_threads=threads,
+                 enable_prefix_caching=False) as llm:
             prompt = llm.apply_chat_template([{"role": "user", "content": question(llm.tokenizer, args.context)}])
-            braid_decode_tps(llm, prompt, 8)  # warm-up
-            rows[name] = max(braid_decode_tps(llm, prompt, args.tokens) for _ in range(args.repeats))
+            braid_times(llm, prompt, 8)  # warm-up
+            rows[name] = best([braid_times(llm, prompt, args.tokens) for _ in range(args.repeats)])
             weights = llm.memory_stats()["weight_bytes"]
             print("; ".join([f"{name}: {weights / 2**20:.0f} MiB of weights", *llm.load_summary[1:]]))
     # transformers and llama.cpp after Braid: their ops split over OpenMP threads on this (the main) thread, whose
     # worker team would then stay beside the engine thread's (braidinfer/step_threads.py, without_workers).
     hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf)).eval()
-    hf_decode_tps(hf, prompt, 8)
-    rows["transformers"] = max(hf_decode_tps(hf, prompt, args.tokens) for _ in range(args.repeats))
+    hf_times(hf, prompt, 8)
+    rows["transformers"] = best([hf_times(hf, prompt, args.tokens) for _ in range(args.repeats)])
     cpp = load_llamacpp(gguf)
     if cpp is not None:
-        llamacpp_decode_tps(cpp, prompt, 8)
-        rows["llama.cpp"] = max(llamacpp_decode_tps(cpp, prompt, args.tokens) for _ in range(args.repeats))
+        llamacpp_times(cpp, prompt, 8)
+        rows["llama.cpp"] = best([llamacpp_times(cpp, prompt, args.tokens) for _ in range(args.repeats)])
     print(f"device: CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
           f"torch {torch.__version__}, fp32, prompt {len(prompt)} tokens, {args.tokens} new tokens, best of {args.repeats}")
     if cpp is None:
         print("llama.cpp: not measured (pip install llama-cpp-python)")
-    print(f"{'engine':<34}{'decode tok/s':>14}")
-    for name, tps in rows.items():
-        print(f"{name:<34}{tps:>14.1f}")
+    print(f"{'engine':<34}{'decode tok/s':>14}{'prefill s':>12}")
+    for name, (prefill, tps) in rows.items():
+        print(f"{name:<34}{tps:>14.1f}{prefill:>12.3f}")
     for name in rows:
         if name != "braid auto":
-            print(f"ratio braid auto/{name}: {rows['braid auto'] / rows[name]:.2f}")
+            print(f"ratio braid auto/{name}: decode {rows['braid auto'][1] / rows[name][1]:.2f}, prefill time "
+                  f"{rows['braid auto'][0] / rows[name][0]:.2f}")
 
 
 if __name__ == "__main__":
