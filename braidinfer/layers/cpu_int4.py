@@ -11,8 +11,10 @@ AVX2 kernels only, slower than float32 (benchmarks/RESULTS.md), so `fast_here` g
 The op's time grows with every row of x (it is compute-bound: 23 us a row for a 3072 x 576 matrix on that machine,
 35 ms for a 1,541-token prompt), so from DEQUANTIZE_ROWS rows on `linear` decodes the codes to a float matrix, a block
 of rows of W at a time, and multiplies with torch's matmul instead: bfloat16 where the CPU has AMX tiles (the weights
-then rounded to bfloat16, as x already is), float32 elsewhere. That needs N a multiple of 64 (`decode` reads the
-op's blocks of 64 rows; the op packs a remainder of rows another way).
+then rounded to bfloat16, as x already is), float32 elsewhere. That needs N a multiple of 64 and the AVX-512 build's
+packing (`decode` reads its blocks of 64 rows; `layout_known` checks it). A row's result then depends on how many
+rows share its step (each path rounds differently, ~0.3% of an output at most on Q4_K), as it does between the
+GEMV and GEMM paths on CUDA.
 """
 from __future__ import annotations
 
@@ -30,8 +32,9 @@ DEQUANTIZE_ROWS = 128
 the int4 op 2.9 ms at 128 rows of a 3072 x 576 matrix, decoding 1.1 ms and the bfloat16 product 0.35 ms; float32
 products break even near 100 rows)."""
 DECODE_BLOCK_WEIGHTS = 1 << 24
-"""Weights of W decoded at a time (whole blocks of 64 rows): bounds the float copy's memory (~100 MB) while every
-matrix of the embedded model decodes in one piece (the pieces' outputs are concatenated)."""
+"""Weights of W decoded at a time (whole blocks of 64 rows): bounds the float copies' memory (~100 MB for one term)
+while the embedded model's layer matrices decode in one piece (its 49152 x 576 lm_head in two; the pieces' outputs
+are concatenated)."""
 
 _MM = None  # torch.ops.aten._weight_int4pack_mm_for_cpu.default, once `linear` first runs
 _LAYOUT_KNOWN: bool | None = None  # whether `decode` reads this torch's packing, once checked
@@ -112,11 +115,13 @@ def decode(terms: list[Int4Term], start: int = 0, stop: int | None = None) -> to
 
 
 def layout_known() -> bool:
-    """Whether `decode` reads this torch build's packing: checked once on a probe matrix of known codes."""
+    """Whether `decode` reads this torch build's packing (the AVX-512 kernels' blocks of 64 rows; AVX2 and plain
+    builds pack blocks of 32 another way): checked once on a probe of seeded random codes, three blocks of rows and an
+    odd number of 32-column groups, so that a change of row, column or nibble order fails it."""
     global _LAYOUT_KNOWN
     if _LAYOUT_KNOWN is None:
-        codes = torch.arange(128 * 64, dtype=torch.int32).reshape(128, 64) * 7 % 16
-        scales_zeros = torch.stack((torch.ones(2, 128), torch.full((2, 128), 8.0)), dim=-1).to(torch.bfloat16)
+        codes = torch.randint(0, 16, (192, 96), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+        scales_zeros = torch.stack((torch.ones(3, 192), torch.full((3, 192), 8.0)), dim=-1).to(torch.bfloat16)
         try:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
             _LAYOUT_KNOWN = torch.equal(decode([(packed, scales_zeros)]), codes.t().float())
@@ -126,9 +131,11 @@ def layout_known() -> bool:
 
 
 def _decoded_linear(x: torch.Tensor, terms: list[Int4Term]) -> torch.Tensor:
-    """x @ W.T through `decode`, DECODE_BLOCK_WEIGHTS weights of W at a time, in product_dtype()."""
+    """x [M, K] @ W.T through `decode`, DECODE_BLOCK_WEIGHTS weights of W at a time, in product_dtype()."""
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-d [rows, in_features], got shape {tuple(x.shape)}")
     dtype = product_dtype()
-    n, k = terms[0][1].shape[1], x.shape[1]
+    n, k = terms[0][1].shape[1], terms[0][0].numel() * 2 // terms[0][1].shape[1]
     step = max(64, DECODE_BLOCK_WEIGHTS // k // 64 * 64)
     xd = x.to(dtype)
     out = [xd @ decode(terms, start, min(start + step, n)).to(dtype) for start in range(0, n, step)]
