@@ -33,6 +33,12 @@ class EngineConfig(ValidatedModel):
     """On the CPU with weight_format "auto": hold Q8_0/Q4_0/Q4_1/Q4_K/Q5_K projections in torch's int4 weight-only
     matmul form (the same bytes, activations rounded to bfloat16 for the product) instead of decoding them to float
     at load. None: where this CPU's int4 kernels are fast (AVX-512; braidinfer/layers/cpu_int4.py). Ignored on CUDA."""
+    cpu_decoded_prefill: bool = False
+    """On the CPU, for projections in the int4 form (`cpu_int4`): steps of 128 rows and more (prefills) decode each
+    matrix to bfloat16 (float32 without AMX) and use torch's matmul instead of the int4 op, whose time grows with
+    every row: a 1.5k-token prompt prefills ~2.5x faster on the embedded model. Off by default because the two paths
+    round differently (~0.3% of an output), so a request's greedy answer can then differ between running alone and
+    in a batch."""
     cpu_decode_threads: int | None = Field(None, ge=1)
     """On the CPU: torch's intra-op threads for decode steps (every row one new token); prefill steps keep the engine
     thread's count (torch.get_num_threads()), and so do a decode step's logits (one large product) where that count

@@ -52,6 +52,10 @@ class LLMEngine:
         self.model = load_model(cls, self.model_config, self.source, self.device, self.dtype, config.progress,
                                 quantized=config.weight_format == "auto", form=form)
         int4 = any("int4" in getattr(m, "kinds", ()) for m in self.model.modules())
+        if int4 and config.cpu_decoded_prefill:
+            for module in self.model.modules():
+                if hasattr(module, "decoded_rows"):
+                    module.decoded_rows = cpu_int4.DEQUANTIZE_ROWS
         self.kv_dtype = kv_cache_dtype(config.kv_cache_dtype, self.device, self.dtype, int4)
         """The KV pool's dtype (EngineConfig.kv_cache_dtype resolved)."""
         self.load_summary = load_summary(self.model, self.source.quantized_names() if self.model.quantized_modules

@@ -42,6 +42,9 @@ class QuantLinear(nn.Module):
         self.qtypes: list[str | None] = []  # per part; None: a float matrix
         self._int4_terms: dict[int, list[cpu_int4.Int4Term]] = {}  # int4 part -> its buffers, in order
         self._only_int4: list[cpu_int4.Int4Term] | None = None  # the terms, when int4 part 0 is the whole matrix
+        self.decoded_rows: int | None = None
+        """Int4 parts: from this many rows of x, multiply by the decoded weights instead of the int4 op
+        (cpu_int4.linear; set by the engine from EngineConfig.cpu_decoded_prefill); None: never."""
 
     def set_part(self, start: int, weight: torch.Tensor | QuantizedTensor) -> None:
         """Rows [start, start + rows) of W: blocks (QuantizedTensor) or a float [rows, in_features] tensor."""
@@ -118,7 +121,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor | Deferred) -> torch.Tensor:
         if self._only_int4 is not None and type(x) is torch.Tensor and x.dim() == 2:
             # The CPU's usual case, taken first: a CPU decode step is ~120 of these calls, each ~100 us
-            y = cpu_int4.linear(x, self._only_int4)
+            y = cpu_int4.linear(x, self._only_int4, self.decoded_rows)
             return y if self.bias is None else y + self.bias
         if isinstance(x, Deferred):  # the norm / activation before this projection, not computed yet
             x = x.int8_rows() if self._takes_int8(x.x) else x.value()
@@ -167,8 +170,9 @@ class QuantLinear(nn.Module):
         qtype, kind = self.qtypes[i], self._kind(i)
         if kind == "int4":
             if x.dim() == 2:
-                return cpu_int4.linear(x, self._int4_terms[i])
-            return cpu_int4.linear(x.reshape(-1, self.in_features), self._int4_terms[i]).reshape(*x.shape[:-1], -1)
+                return cpu_int4.linear(x, self._int4_terms[i], self.decoded_rows)
+            return cpu_int4.linear(x.reshape(-1, self.in_features), self._int4_terms[i],
+                                   self.decoded_rows).reshape(*x.shape[:-1], -1)
         weight = getattr(self, f"part{i}")
         if kind == "float":
             return F.linear(x, weight)

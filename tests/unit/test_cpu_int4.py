@@ -69,6 +69,86 @@ def test_int4_linear_matches_the_decoded_weights(qtype, rows):
     assert err <= 3 * _bf16_error(x, weight), (err, _bf16_error(x, weight))
 
 
+needs_packing = pytest.mark.skipif(not cpu_int4.layout_known(),
+                                   reason="this torch build packs int4 codes in another layout (not AVX-512)")
+
+
+@needs_packing
+@pytest.mark.parametrize("qtype", sorted(NIBBLE_QTYPES))
+@pytest.mark.parametrize("product", [None, torch.float32])
+def test_many_rows_multiply_by_the_decoded_weights(qtype, product, monkeypatch):
+    """With decoded_rows set, from that many rows of x the layer decodes the packed codes (cpu_int4.decode) and
+    multiplies in product_dtype() (or float32, as on CPUs without AMX) instead of calling the int4 op; the product is
+    still the decoded weights' within bfloat16 rounding, whole or in pieces (DECODE_BLOCK_WEIGHTS; the last one
+    shorter)."""
+    torch.manual_seed(3)
+    blocks = _blocks(320, 512, qtype, seed=2)
+    layer = _int4_layer([(blocks, qtype)], 512)
+    layer.decoded_rows = cpu_int4.DEQUANTIZE_ROWS
+    weight = _reference(blocks, qtype)
+    x = torch.randn(cpu_int4.DEQUANTIZE_ROWS + 3, 512)
+
+    def refuse(*args):
+        raise AssertionError("the int4 op ran")
+
+    monkeypatch.setattr(cpu_int4, "_MM", refuse)
+    if product is not None:
+        monkeypatch.setattr(cpu_int4, "product_dtype", lambda: product)
+    whole = layer(x)
+    monkeypatch.setattr(cpu_int4, "DECODE_BLOCK_WEIGHTS", 128 * 512)  # pieces of 128, 128 and 64 rows
+    pieces = layer(x)
+    for got in (whole, pieces):
+        assert got.dtype == torch.float32 and got.shape == (x.shape[0], 320)
+        err = (got.double() - x.double() @ weight.double().t()).abs().max().item()
+        assert err <= 3 * _bf16_error(x, weight), (err, _bf16_error(x, weight))
+
+
+def test_many_rows_keep_the_int4_op_by_default(monkeypatch):
+    """decoded_rows None (the default): every step goes through the int4 op, whose rows do not depend on each other:
+    a row's output is the same in 130 rows as alone."""
+    def refuse(*args):
+        raise AssertionError("the decoded product ran")
+
+    monkeypatch.setattr(cpu_int4, "_decoded_linear", refuse)
+    blocks = _blocks(128, 256, "Q4_1", seed=3)
+    layer = _int4_layer([(blocks, "Q4_1")], 256)
+    assert layer.decoded_rows is None
+    x = torch.randn(130, 256)
+    many = layer(x)
+    assert torch.equal(many, torch.cat([layer(x[i:i + 1]) for i in range(x.shape[0])]))
+
+
+@needs_packing
+@pytest.mark.parametrize("qtype,cols", [("Q4_1", 256), ("Q8_0", 96), ("Q4_0", 32)])
+def test_decode_reads_the_op_packing(qtype, cols):
+    """decode(pack(W)) is W as the int4 op computes it: (c - 8) s + z per term with the bfloat16 scales and zeros
+    (the order of the float32 arithmetic aside), rows sliced in blocks of 64."""
+    blocks = _blocks(128, cols, qtype, seed=7)
+    terms = cpu_int4.pack(blocks, qtype)
+    want = torch.zeros(128, cols)
+    for (codes, _, _), (_, scales_zeros) in zip(nibble_terms(blocks, qtype), terms):
+        scale, zero = (scales_zeros[..., i].t().float().repeat_interleave(32, 1) for i in (0, 1))
+        want += (codes.float() - 8) * scale + zero
+    atol = want.abs().max().item() * 2 ** -20
+    torch.testing.assert_close(cpu_int4.decode(terms).t(), want, rtol=0, atol=atol)
+    torch.testing.assert_close(cpu_int4.decode(terms, 64, 128).t(), want[64:], rtol=0, atol=atol)
+
+
+def test_an_unknown_packing_keeps_the_int4_op(monkeypatch):
+    """If this torch packs the codes in a layout decode does not read (the probe fails), many rows still go
+    through the int4 op."""
+    monkeypatch.setattr(cpu_int4, "_LAYOUT_KNOWN", None)
+    monkeypatch.setattr(cpu_int4, "decode", lambda terms, *args: torch.zeros(64, 128))
+    assert not cpu_int4.layout_known()
+    blocks = _blocks(64, 256, "Q4_0", seed=1)
+    layer = _int4_layer([(blocks, "Q4_0")], 256)
+    layer.decoded_rows = cpu_int4.DEQUANTIZE_ROWS
+    x = torch.randn(cpu_int4.DEQUANTIZE_ROWS, 256)
+    weight = _reference(blocks, "Q4_0")
+    err = (layer(x).double() - x.double() @ weight.double().t()).abs().max().item()
+    assert err <= 3 * _bf16_error(x, weight)
+
+
 def test_int4_layer_mixes_packed_decoded_and_float_parts():
     """Q4_K and Q8_0 parts packed, Q6_K (no 4-bit form) and a float part decoded into one float matrix, in order;
     a 3-d x and a bias."""
