@@ -10,7 +10,8 @@ CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=O
 Decode tok/s excludes the prefill: for Braid, the time from the first streamed token to the last; for transformers
 and llama.cpp, the time of generating N tokens minus generating 1 token from the same prompt. Prefill is the time to
 the first token (Braid with prefix caching off; transformers and llama.cpp: generating 1 token), best of the repeats.
-"braid auto (decoded prefill)" is EngineConfig.cpu_decoded_prefill on.
+"braid auto" uses Braid's CPU integer-dot kernels where they run (EngineConfig.cpu_native_kernels); "(torch int4)"
+is torch's int4 op instead, "(torch int4, decoded prefill)" that with EngineConfig.cpu_decoded_prefill on.
 """
 from __future__ import annotations
 
@@ -105,13 +106,13 @@ def main() -> None:
     gguf = default_model_path()
     rows: dict[str, tuple[float, float]] = {}  # name -> (prefill s, decode tok/s)
     prompt = None
-    runs = [("auto", None, False), ("auto", None, True), ("dequantize", None, False)] + [
-        ("auto", n, False) for n in args.decode_threads]
-    for weight_format, threads, decoded_prefill in runs:
-        name = f"braid {weight_format}" + (f" ({threads} decode threads)" if threads else "") + (
-            " (decoded prefill)" if decoded_prefill else "")
-        with LLM(device="cpu", progress=False, weight_format=weight_format, cpu_decode_threads=threads,
-                 cpu_decoded_prefill=decoded_prefill, enable_prefix_caching=False) as llm:
+    torch_int4 = dict(cpu_native_kernels=False)
+    runs = {"braid auto": {}, "braid auto (torch int4)": torch_int4,
+            "braid auto (torch int4, decoded prefill)": dict(torch_int4, cpu_decoded_prefill=True),
+            "braid dequantize": dict(weight_format="dequantize")}
+    runs.update({f"braid auto ({n} decode threads)": dict(cpu_decode_threads=n) for n in args.decode_threads})
+    for name, kwargs in runs.items():
+        with LLM(device="cpu", progress=False, enable_prefix_caching=False, **kwargs) as llm:
             prompt = llm.apply_chat_template([{"role": "user", "content": question(llm.tokenizer, args.context)}])
             braid_times(llm, prompt, 8)  # warm-up
             rows[name] = best([braid_times(llm, prompt, args.tokens) for _ in range(args.repeats)])

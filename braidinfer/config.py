@@ -32,7 +32,18 @@ class EngineConfig(ValidatedModel):
     cpu_int4: bool | None = None
     """On the CPU with weight_format "auto": hold Q8_0/Q4_0/Q4_1/Q4_K/Q5_K projections in torch's int4 weight-only
     matmul form (the same bytes, activations rounded to bfloat16 for the product) instead of decoding them to float
-    at load. None: where this CPU's int4 kernels are fast (AVX-512; braidinfer/layers/cpu_int4.py). Ignored on CUDA."""
+    at load. None: Braid's own kernels where they run (`cpu_native_kernels`), else torch's int4 form where this CPU's
+    int4 kernels are fast (AVX-512; braidinfer/layers/cpu_int4.py); False: decoded to float (no quantised form at
+    all). Ignored on CUDA."""
+    cpu_native_kernels: bool | None = None
+    """On the CPU with weight_format "auto" and `cpu_int4` not False, for a float32 model: compute the Q8_0/Q4_0/Q4_1/
+    Q4_K/Q5_K projections with Braid's own integer-dot kernels (braid_kernels/cpu_quant.c: AVX-512 VNNI, the weights'
+    own bytes read, each row of x rounded per 32 values to two int8 terms, ~16 bits, where llama.cpp rounds to one)
+    instead of torch's int4 op, and RMSNorm, SiLU-and-mul and decoding rows' attention with its C kernels (see
+    `fused_kernels`): ~1.5x faster decode of the embedded model. The library is built with the system's C compiler
+    on first use (a few seconds, once per machine, in Braid's cache). None: where it builds and the CPU has AVX-512
+    VNNI, unless `cpu_int4` is True (torch's int4 op asked for); True: required (an error where it cannot run);
+    False: never. Ignored on CUDA."""
     cpu_decoded_prefill: bool = False
     """On the CPU, for projections in the int4 form (`cpu_int4`): steps of 128 rows and more (prefills) decode each
     matrix to bfloat16 (float32 without AMX) and use torch's matmul instead of the int4 op, whose time grows with
@@ -88,9 +99,10 @@ class EngineConfig(ValidatedModel):
     still take their steps one at a time. A request that stops on a token has one more token computed, dropped.
     None (the default): on with CUDA, off on the CPU (where nothing overlaps)."""
     fused_kernels: bool = True
-    """Use the Triton kernels of `braid_kernels/` on CUDA (the CPU always runs the PyTorch path): RMSNorm (with the residual
-    add), SiLU-and-mul, QK-norm + RoPE + KV write, and for one-token steps GEMVs with the norm or SiLU-and-mul in
-    their prologue (see gemv_decode). They keep the PyTorch path's rounding points; only summation orders differ.
+    """Use the Triton kernels of `braid_kernels/` on CUDA: RMSNorm (with the residual add), SiLU-and-mul, QK-norm +
+    RoPE + KV write, and for one-token steps GEMVs with the norm or SiLU-and-mul in their prologue (see gemv_decode);
+    on the CPU, with projections in Braid's integer-dot form (`cpu_native_kernels`), its C kernels for RMSNorm,
+    SiLU-and-mul and the attention of decoding rows (elsewhere the CPU runs the PyTorch path). They keep the PyTorch path's rounding points; only summation orders differ.
     `LLMEngine.kernel_paths` lists the path each layer runs."""
     gemv_decode: bool = True
     """With fused_kernels on CUDA: steps of one row (batch-1 decode) run each projection as a GEMV kernel with the norm

@@ -47,23 +47,22 @@ class LLMEngine:
         self.dtype = _DTYPES[config.dtype] if config.dtype != "auto" else (
             torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.tokenizer = self.source.load_tokenizer()
-        form = "blocks" if self.device.type == "cuda" else (
-            "int4" if (cpu_int4.fast_here() if config.cpu_int4 is None else config.cpu_int4) else "float")
+        form = "blocks" if self.device.type == "cuda" else cpu_weight_form(config, self.dtype)
         self.model = load_model(cls, self.model_config, self.source, self.device, self.dtype, config.progress,
                                 quantized=config.weight_format == "auto", form=form)
-        int4 = any("int4" in getattr(m, "kinds", ()) for m in self.model.modules())
-        if int4 and config.cpu_decoded_prefill:
+        kinds = {kind for m in self.model.modules() for kind in getattr(m, "kinds", ())}
+        if "int4" in kinds and config.cpu_decoded_prefill:
             for module in self.model.modules():
                 if hasattr(module, "decoded_rows"):
                     module.decoded_rows = cpu_int4.DEQUANTIZE_ROWS
-        self.kv_dtype = kv_cache_dtype(config.kv_cache_dtype, self.device, self.dtype, int4)
+        self.kv_dtype = kv_cache_dtype(config.kv_cache_dtype, self.device, self.dtype, bool(kinds & {"int4", "dot"}))
         """The KV pool's dtype (EngineConfig.kv_cache_dtype resolved)."""
         self.load_summary = load_summary(self.model, self.source.quantized_names() if self.model.quantized_modules
                                          else {}, self.source.dequantized_names(), form)
         """Lines describing the loaded weights: bytes, tensors kept quantised, tensors dequantised and why."""
         for line in self.load_summary:
             log.info(line)
-        self.kernel_plan = KernelPlan.choose(config.fused_kernels, config.gemv_decode, self.device)
+        self.kernel_plan = KernelPlan.choose(config.fused_kernels, config.gemv_decode, self.device, "dot" in kinds)
         select_kernels(self.model, self.kernel_plan)  # before the runner captures CUDA graphs
         max_model_len = min(config.max_model_len or 1 << 62, self.model_config.max_position_embeddings)
         if config.max_model_len and config.max_model_len > max_model_len:
@@ -282,12 +281,31 @@ class _Step:
         return {id(seq): i for i, seq in enumerate(self.sampled)}
 
 
-def kv_cache_dtype(name: str, device: torch.device, dtype: torch.dtype, int4: bool) -> torch.dtype:
+def cpu_weight_form(config: EngineConfig, dtype: torch.dtype) -> str:
+    """The QuantLinear form of a CPU engine (EngineConfig.cpu_native_kernels and cpu_int4): "dot" (Braid's
+    integer-dot kernels), "int4" (torch's int4 op) or "float" (decoded at load); raises InvalidRequestError where
+    cpu_native_kernels=True cannot be had."""
+    if config.cpu_int4 is False:
+        return "float"
+    if config.cpu_native_kernels or (config.cpu_native_kernels is None and config.cpu_int4 is None):
+        from braid_kernels import cpu_quant  # imported on use: braid_kernels reads TRITON_INTERPRET
+
+        why = cpu_quant.unavailable_reason() or (
+            None if dtype == torch.float32 else f"they compute in float32, the model's dtype is {dtype}")
+        if why is None:
+            return "dot"
+        if config.cpu_native_kernels:
+            raise InvalidRequestError(f"cpu_native_kernels=True, but Braid's CPU kernels cannot run here: {why}")
+        log.debug("Braid's CPU kernels are not used: %s", why)
+    return "int4" if (cpu_int4.fast_here() if config.cpu_int4 is None else config.cpu_int4) else "float"
+
+
+def kv_cache_dtype(name: str, device: torch.device, dtype: torch.dtype, quantised: bool) -> torch.dtype:
     """The KV pool's dtype for EngineConfig.kv_cache_dtype `name` (see there) with the model in `dtype` on `device`,
-    `int4` when some projection runs in the CPU int4 form; raises InvalidRequestError for a dtype other than the
-    model's on CUDA."""
+    `quantised` when some projection runs in a CPU quantised form ("dot" or "int4"); raises InvalidRequestError for a
+    dtype other than the model's on CUDA."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cpu" and int4 and dtype == torch.float32 else dtype
+        return torch.bfloat16 if device.type == "cpu" and quantised and dtype == torch.float32 else dtype
     kv = _DTYPES[name]
     if kv != dtype and device.type != "cpu":
         raise InvalidRequestError(f"kv_cache_dtype {name!r} differs from the model's dtype "

@@ -34,10 +34,17 @@ def load_summary(model: nn.Module, quantized_names: dict[str, str], dequantized:
 
 def _kept_line(counts: str, form: str) -> str:
     """The summary's line on the tensors kept quantised ("n qtype, ..." in `counts`), worded for `form`: "blocks"
-    keeps them all as GGUF blocks, "int4" holds the packable projections in torch's CPU int4 form, and any other
-    form ("float") decodes the projections at load."""
+    keeps them all as GGUF blocks, "dot" packs the projections for braid_kernels/cpu_quant.c, "int4" holds the
+    packable projections in torch's CPU int4 form, and any other form ("float") decodes the projections at load."""
     if form == "blocks":
         return f"kept quantised: {counts}"
+    if form == "dot":
+        from braid_kernels.cpu_quant import QTYPES  # imported on use: braid_kernels reads TRITON_INTERPRET
+        from braid_kernels.quant_formats import BLOCK_SIZE
+
+        types = "/".join(q for q in BLOCK_SIZE if q in QTYPES)
+        return (f"quantised tensors ({counts}): projections of {types} packed for Braid's CPU integer-dot kernels, "
+                "others decoded to float at load; embeddings kept quantised")
     if form == "int4":
         from braid_kernels.quant_formats import BLOCK_SIZE, NIBBLE_QTYPES  # imported on use, as in cpu_int4
 

@@ -1,6 +1,8 @@
 """Paged attention in plain PyTorch: runs on CPU and CUDA, and is the reference for every faster backend."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 import torch.nn.functional as F
 
@@ -23,11 +25,32 @@ class TorchAttention:
         self.specs = per_layer_specs(specs, kv_cache.shape[0])
         self._rows: tuple[AttentionMetadata, torch.Tensor] | None = None  # (the step's meta, kv_rows of its slots)
         self._decode: tuple[AttentionMetadata, torch.Tensor, torch.Tensor] | None = None  # see _decode_pages
+        self._step_rows: tuple[AttentionMetadata, tuple] | None = None  # see decode_rows
 
     def plan(self, meta: AttentionMetadata) -> None:
         """Once per step, before the forward (the call every backend takes): the pool rows of the step's new K/V,
         which every layer writes (each layer reads the page tables of `meta` itself)."""
         self._rows = (meta, kv_rows(self.kv_cache[0], meta.slot_mapping))
+
+    def decode_rows(self, meta: AttentionMetadata):
+        """(index, rows) of the step's decoding sequences (spans of one new token), built once per step: `index`
+        their rows of the step ([D] int64; None when every row decodes), `rows` those rows as
+        braid_kernels/cpu_attention.c reads them (its StepRows; None when no sequence decodes)."""
+        if self._step_rows is None or self._step_rows[0] is not meta:
+            from braid_kernels.cpu_attention import step_rows  # on use: braid_kernels reads TRITON_INTERPRET
+
+            decoding = [span for span in meta.spans if span.q_len == 1]
+            if len(decoding) == meta.slot_mapping.shape[0]:
+                found = (None, step_rows(decoding, meta.slot_mapping))
+            elif decoding:
+                index = torch.tensor([span.q_start for span in decoding])
+                spans = [SimpleNamespace(q_start=i, q_len=1, context_len=span.context_len, page_table=span.page_table)
+                         for i, span in enumerate(decoding)]
+                found = (index, step_rows(spans, meta.slot_mapping[index]))
+            else:
+                found = (None, None)
+            self._step_rows = (meta, found)
+        return self._step_rows[1]
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata):
         """q: [T, num_qo_heads, head_dim]; k, v: [T, num_kv_heads, head_dim] -> out: [T, num_qo_heads, head_dim]."""

@@ -26,11 +26,16 @@ class SiluAndMul(nn.Module):
             return DeferredSiluAndMul(x)
         if self.plan.triton:
             return triton_kernels().silu_and_mul(x)
+        if self.plan.cpu and x.dim() == 2 and x.dtype == torch.float32 and x.stride(1) == 1:
+            from braid_kernels.cpu_norm import silu_and_mul  # on use: braid_kernels reads TRITON_INTERPRET at import
+
+            return silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 
     def kernel_path(self) -> str:
-        path = "triton silu_and_mul" if self.plan.triton else "torch"
+        path = "triton silu_and_mul" if self.plan.triton else (
+            "braid_kernels/cpu_norm.c silu_and_mul (float32 rows; else torch)" if self.plan.cpu else "torch")
         if self.feeds_gemv:
             path += f"; steps of <= {GEMV_MAX_ROWS} row: in the next projection's gemv prologue"
         return f"silu_and_mul: {path}"

@@ -64,6 +64,12 @@ class PagedAttention(nn.Module):
     def forward(self, qkv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         if self._runs_fused:
             return self._fused(qkv, batch)
+        if self.plan.cpu and self._runs_cpu(qkv, batch):
+            return self._cpu(qkv, batch)
+        return self._unfused(qkv, batch)
+
+    def _unfused(self, qkv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """The PyTorch plan: the norms and the rotation in PyTorch, then the backend writes K/V and attends."""
         T = qkv.shape[0]
         qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         qk = qk.view(T, self.num_heads + self.num_kv_heads, self.head_dim)  # (T, qh + kvh, hd): q's heads, then k's
@@ -90,6 +96,47 @@ class PagedAttention(nn.Module):
         rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]  # (T, h, rd), (T, h, hd - rd)
         return torch.cat((apply_rotary(rot.to(dtype), cos, sin).to(x.dtype), rest), dim=-1)
 
+    def _runs_cpu(self, qkv: torch.Tensor, batch: ForwardBatch) -> bool:
+        """Whether the C kernel (braid_kernels/cpu_attention.c) computes this layer: the torch backend's pool (float32
+        or bfloat16), float32 rows, a full rotation or none, plain RMSNorm QK-norms or none, no soft-cap, no padded
+        heads. Fixed for a model and engine, so every step of a request takes the same path."""
+        backend = batch.attention
+        return (hasattr(backend, "decode_rows") and qkv.dtype == torch.float32 and qkv.dim() == 2
+                and qkv.stride(1) == 1 and self.cache_head_dim == self.head_dim and self.head_dim % 16 == 0
+                and self.head_dim <= 256 and self.rotary_dim == self.head_dim
+                and (self.qk_norms is None or all(type(n) is RMSNorm and n.weight.dtype == torch.float32
+                                                  and n.eps == self.qk_norms[0].eps for n in self.qk_norms))
+                and backend.kv_cache.dtype in (torch.float32, torch.bfloat16)
+                and backend.specs[self.layer_idx].logits_soft_cap is None)
+
+    def _cpu(self, qkv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """The rows of decoding sequences (spans of one new token) through the C kernel: QK-norm, RoPE, the K/V write
+        and attention in one call, each row alone; prompt rows through the PyTorch plan (SDPA per sequence, faster
+        for many rows). Which path a row takes depends only on its own sequence's span, so a request's answer does
+        not depend on the other sequences of its steps."""
+        from braid_kernels.cpu_attention import attention  # on use: braid_kernels reads TRITON_INTERPRET at import
+
+        backend = batch.attention
+        index, rows = backend.decode_rows(batch.meta)
+        if rows is None:  # no decoding sequence
+            return self._unfused(qkv, batch)
+        out = None if index is None else self._unfused(qkv, batch)  # index None: every row decodes
+        cos = sin = None
+        if self.rotary:
+            cos, sin = (t.view(t.shape[0], -1) for t in batch.rope.cos_sin(torch.float32))
+            if index is not None:
+                cos, sin = cos[index], sin[index]
+        norms = (None, None, 1e-6) if self.qk_norms is None else (
+            self.qk_norms[0].weight, self.qk_norms[1].weight, self.qk_norms[0].eps)
+        spec = backend.specs[self.layer_idx]
+        decoded = attention(qkv if index is None else qkv[index], self.num_heads, self.num_kv_heads, self.head_dim,
+                            backend.kv_cache[self.layer_idx], rows, spec.scale, cos, sin, *norms,
+                            window=spec.sliding_window)  # rewrites those rows' K/V as the kernel rotates them
+        if out is None:
+            return decoded
+        out[index] = decoded
+        return out
+
     def _fused(self, qkv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         norm_weights = (None, None, 1e-6)
         if self.qk_norms is not None:
@@ -106,6 +153,9 @@ class PagedAttention(nn.Module):
         rope = "rope" if self.rotary else "no rope"
         if self._runs_fused:
             return f"attention: {norm}rope + kv write in triton qk_norm_rope_write_kv, then the backend's attend"
+        if self.plan.cpu:
+            return (f"attention: decoding rows: {norm}{rope}, kv write and attention in braid_kernels/cpu_attention.c "
+                    f"(float32 rows, the torch backend's pool); prompt rows: {norm}{rope} in torch, then the backend")
         padded = (f" (heads zero-padded from {self.head_dim} to {self.cache_head_dim})"
                   if self.cache_head_dim != self.head_dim else "")
         return f"attention: {norm}{rope} in torch, then the backend's kv write and attend{padded}"

@@ -38,6 +38,11 @@ class RMSNorm(nn.Module):
             if residual is None:
                 return kernels.rms_norm(x, self.weight, self.eps)
             return kernels.fused_add_rms_norm(x, residual, self.weight, self.eps)
+        if self.plan.cpu and x.dim() == 2 and x.dtype == torch.float32 and x.stride(1) == 1 and (
+                residual is None or residual.stride(1) == 1):
+            from braid_kernels.cpu_norm import rms_norm  # on use: braid_kernels reads TRITON_INTERPRET at import
+
+            return rms_norm(x, self.weight, self.eps, residual)
         if residual is None:
             return self._norm(x)
         h = x + residual
@@ -54,7 +59,8 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
     def kernel_path(self) -> str:
-        path = "triton rms_norm / fused_add_rms_norm" if self.plan.triton else "torch"
+        path = "triton rms_norm / fused_add_rms_norm" if self.plan.triton else (
+            "braid_kernels/cpu_norm.c rms_norm (float32 rows; else torch)" if self.plan.cpu else "torch")
         if self.feeds_gemv:
             path += f"; steps of <= {GEMV_MAX_ROWS} row: in the next projection's gemv prologue"
         return f"rmsnorm: {path}"

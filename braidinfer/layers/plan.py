@@ -29,10 +29,16 @@ class KernelPlan:
         under TRITON_INTERPRET=1 (tests). They keep the PyTorch path's rounding points; only summation orders differ.
     gemv: steps of at most GEMV_MAX_ROWS rows run every projection of the forward as a GEMV kernel, with the norm or
         SiLU-and-mul that feeds it folded into the kernel's prologue. Needs `triton`.
+    cpu: on the CPU, float32: RMSNorm (plain and with the residual add), SiLU-and-mul (braid_kernels/cpu_norm.c) and
+        the attention of decoding rows (cpu_attention.c) through Braid's C kernels, one call a step instead of several
+        torch ops. Chosen with the projections' "dot" form (QuantLinear), whose rounding of their inputs (~16 bits) is
+        far above these kernels' summation-order differences from torch; the float path stays equal to transformers
+        bit for bit.
     """
 
     triton: bool = False
     gemv: bool = False
+    cpu: bool = False
 
     def __post_init__(self):
         if self.gemv and not self.triton:
@@ -40,10 +46,13 @@ class KernelPlan:
                              "QK-norm + RoPE + KV-write kernel")
 
     @classmethod
-    def choose(cls, fused_kernels: bool, gemv_decode: bool, device: torch.device) -> KernelPlan:
-        """The plan for an engine: the kernels run on CUDA only (EngineConfig.fused_kernels, .gemv_decode)."""
+    def choose(cls, fused_kernels: bool, gemv_decode: bool, device: torch.device, cpu_dot: bool = False
+               ) -> KernelPlan:
+        """The plan for an engine (EngineConfig.fused_kernels, .gemv_decode): the Triton kernels on CUDA; on the
+        CPU, the C kernels where `cpu_dot` (some projection holds the "dot" form)."""
         triton = fused_kernels and torch.device(device).type == "cuda"
-        return cls(triton=triton, gemv=triton and gemv_decode)
+        cpu = fused_kernels and cpu_dot and torch.device(device).type == "cpu"
+        return cls(triton=triton, gemv=triton and gemv_decode, cpu=cpu)
 
 
 def select_kernels(model: nn.Module, plan: KernelPlan) -> None:

@@ -2,6 +2,8 @@
 weight quantised (weights.load_model swaps the module; the model's code is unchanged)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,7 +12,21 @@ from braidinfer.layers import cpu_int4
 from braidinfer.layers.deferred import Deferred
 from braidinfer.loader.quantized import QuantizedTensor
 
-FORMS = ("blocks", "float", "int4")
+if TYPE_CHECKING:
+    from braid_kernels.cpu_quant import PackedWeight
+
+FORMS = ("blocks", "float", "int4", "dot")
+_cpu_quant_linear = None  # braid_kernels.cpu_quant.linear, bound on first use (braid_kernels reads TRITON_INTERPRET)
+
+
+def cpu_quant_linear(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
+    """braid_kernels.cpu_quant.linear(x, weight)."""
+    global _cpu_quant_linear
+    if _cpu_quant_linear is None:
+        from braid_kernels.cpu_quant import linear
+
+        _cpu_quant_linear = linear
+    return _cpu_quant_linear(x, weight)
 
 
 class QuantLinear(nn.Module):
@@ -23,7 +39,11 @@ class QuantLinear(nn.Module):
     straight into its columns of the output).
 
     Forms (`finalize`): "blocks" (CUDA): braid_kernels.quant.quant_linear (dequantising GEMV up to 4 rows, the fused
-    GEMM up to 64 on large matrices, else dequantise + matmul). "int4" (the CPU where its int4 kernels are fast):
+    GEMM up to 64 on large matrices, else dequantise + matmul). "dot" (x86 CPUs with AVX-512 VNNI, where
+    braid_kernels/cpu_quant.c builds): Q8_0/Q4_0/Q4_1/Q4_K/Q5_K parts as that library's packed codes (integer dot
+    products with x rounded to two int8 terms per value and 32-value block, float32 out), other parts decoded to
+    float once. "int4" (the CPU
+    where torch's int4 kernels are fast):
     Q8_0/Q4_0/Q4_1/Q4_K/Q5_K parts as torch's CPU int4 weight-only matmul operands (cpu_int4.py, the same bytes per
     weight, x rounded to bfloat16), other parts decoded to float once. "float" (other CPUs): every part decoded once
     into a float matrix, as decoding per call is slower still.
@@ -42,6 +62,8 @@ class QuantLinear(nn.Module):
         self.qtypes: list[str | None] = []  # per part; None: a float matrix
         self._int4_terms: dict[int, list[cpu_int4.Int4Term]] = {}  # int4 part -> its buffers, in order
         self._only_int4: list[cpu_int4.Int4Term] | None = None  # the terms, when int4 part 0 is the whole matrix
+        self._dot: dict[int, PackedWeight] = {}  # "dot" part -> its packed weight
+        self._only_dot: PackedWeight | None = None  # when dot part 0 is the whole matrix
         self.decoded_rows: int | None = None
         """Int4 parts: from this many rows of x, multiply by the decoded weights instead of the int4 op
         (cpu_int4.linear; set by the engine from EngineConfig.cpu_decoded_prefill); None: never."""
@@ -59,7 +81,8 @@ class QuantLinear(nn.Module):
         form: "blocks" keeps the GGUF blocks in the planes layout (braid_kernels/quant_planes.py; neighbouring parts
         of one qtype joined); "float" decodes every part into one float matrix of `dtype` (gguf's values rounded to
         it); "int4" (CPU) makes each joined part of a cpu_int4.packable type the CPU int4 matmul's operands and
-        decodes the others to `dtype`."""
+        decodes the others to `dtype`; "dot" (CPU, float32 `dtype`) packs each joined part of a type
+        braid_kernels.cpu_quant takes for its integer-dot product and decodes the others."""
         if form not in FORMS:
             raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
         parts, row = [], 0
@@ -85,8 +108,7 @@ class QuantLinear(nn.Module):
         if form != "blocks":
             from braid_kernels.quant_formats import dequantize_torch
 
-            int4 = form == "int4"
-            decoded = [(q, w) if q is None or (int4 and cpu_int4.packable(q, (w.shape[0], self.in_features)))
+            decoded = [(q, w) if q is None or self._packable(form, q, w.shape[0])
                        else (None, dequantize_torch(w, q, self.dtype)) for q, w in joined]
             joined = []
             for q, w in decoded:  # neighbouring float parts become one matrix
@@ -95,7 +117,14 @@ class QuantLinear(nn.Module):
                 else:
                     joined.append((q, w))
         for i, (qtype, weight) in enumerate(joined):  # a single part keeps its tensor: a tied lm_head shares it
-            if qtype is not None and form == "int4":
+            if qtype is not None and form == "dot":
+                from braid_kernels import cpu_quant
+
+                packed = cpu_quant.pack(weight, qtype)
+                for field in ("codes", "scales", "offsets"):
+                    self.register_buffer(f"part{i}_{field}", getattr(packed, field), persistent=False)
+                self._dot[i] = packed
+            elif qtype is not None and form == "int4":
                 terms = cpu_int4.pack(weight, qtype)
                 for j, (packed, scales_zeros) in enumerate(terms):
                     self.register_buffer(f"part{i}_{j}", packed, persistent=False)
@@ -106,19 +135,37 @@ class QuantLinear(nn.Module):
             self.qtypes.append(qtype)
         if len(self.qtypes) == 1 and 0 in self._int4_terms:
             self._only_int4 = self._int4_terms[0]
+        if len(self.qtypes) == 1 and 0 in self._dot:
+            self._only_dot = self._dot[0]
+
+    def _packable(self, form: str, qtype: str, rows: int) -> bool:
+        """Whether a part of `qtype` and `rows` rows keeps a quantised form under CPU `form` ("int4" or "dot")
+        rather than being decoded at load."""
+        if form == "dot":
+            from braid_kernels.cpu_quant import QTYPES
+
+            return qtype in QTYPES and self.in_features % 32 == 0 and self.dtype == torch.float32
+        return form == "int4" and cpu_int4.packable(qtype, (rows, self.in_features))
 
     @property
     def kinds(self) -> list[str]:
-        """Per part, how it is held: "float" (buffer part{i}), "blocks" (part{i}) or "int4" (part{i}_{j}...)."""
+        """Per part, how it is held: "float" (buffer part{i}), "blocks" (part{i}), "int4" (part{i}_{j}...) or "dot"
+        (part{i}_codes, _scales, _offsets)."""
         return [self._kind(i) for i in range(len(self.qtypes))]
 
     def _kind(self, i: int) -> str:
-        """Part i's entry of `kinds`: "int4" if it has int4 terms, else "float" for a float matrix, else "blocks"."""
+        """Part i's entry of `kinds`: "int4" or "dot" if held so, else "float" for a float matrix, else "blocks"."""
         if i in self._int4_terms:
             return "int4"
+        if i in self._dot:
+            return "dot"
         return "float" if self.qtypes[i] is None else "blocks"
 
     def forward(self, x: torch.Tensor | Deferred) -> torch.Tensor:
+        if self._only_dot is not None and type(x) is torch.Tensor and x.dim() == 2:
+            # The CPU's usual case, taken first: a CPU decode step is ~120 of these calls
+            y = cpu_quant_linear(x if x.stride(1) == 1 else x.contiguous(), self._only_dot)
+            return y if self.bias is None else y + self.bias
         if self._only_int4 is not None and type(x) is torch.Tensor and x.dim() == 2:
             # The CPU's usual case, taken first: a CPU decode step is ~120 of these calls, each ~100 us
             y = cpu_int4.linear(x, self._only_int4, self.decoded_rows)
@@ -139,7 +186,8 @@ class QuantLinear(nn.Module):
     def _writes_in_place(self, x) -> bool:
         """Whether every part can write its columns straight into one output instead of being concatenated: one row
         of x (its parts' columns of a one-row output are contiguous) and every part GGUF blocks."""
-        return len(x.shape) == 2 and x.shape[0] == 1 and not self._int4_terms and None not in self.qtypes
+        return len(x.shape) == 2 and x.shape[0] == 1 and not self._int4_terms and not self._dot \
+            and None not in self.qtypes
 
     def _parts_in_place(self, x) -> torch.Tensor:
         """[1, out_features]: each part's quant_linear writing into its own columns (no concatenation launch)."""
@@ -163,11 +211,15 @@ class QuantLinear(nn.Module):
             return False
         from braid_kernels.quant import linear_path
 
-        all_blocks = not self._int4_terms and None not in self.qtypes
+        all_blocks = not self._int4_terms and not self._dot and None not in self.qtypes
         return all_blocks and self.in_features % 32 == 0 and linear_path(x.shape[0], x.dtype) == "dot"
 
     def _part(self, i: int, x: torch.Tensor) -> torch.Tensor:
         qtype, kind = self.qtypes[i], self._kind(i)
+        if kind == "dot":
+            rows = x.reshape(-1, self.in_features)
+            rows = rows if rows.stride(1) == 1 else rows.contiguous()
+            return cpu_quant_linear(rows, self._dot[i]).view(*x.shape[:-1], -1)
         if kind == "int4":
             if x.dim() == 2:
                 return cpu_int4.linear(x, self._int4_terms[i], self.decoded_rows)
@@ -187,6 +239,9 @@ class QuantLinear(nn.Module):
 
     def kernel_path(self) -> str:
         kinds = "+".join(q or "float" for q in self.qtypes)
+        if "dot" in self.kinds:
+            return (f"quant linear {kinds}: braid_kernels/cpu_quant.c integer-dot product (AVX-512 VNNI, x as two "
+                    f"int8 terms per 32-value block) for the packed forms")
         if "int4" in self.kinds:
             return f"quant linear {kinds}: torch CPU int4 weight-only matmul (bfloat16 x) for the 4-bit forms"
         device = getattr(self, "part0").device.type if self.qtypes else "cpu"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from braid_kernels import cpu_library
 from braidinfer import LLM, SamplingParams
 from braidinfer.errors import InvalidRequestError
 from braidinfer.loader.gguf_file import GGUFCheckpoint
@@ -19,6 +20,8 @@ QWEN3_TYPES = {"q_proj": "Q8_0", "k_proj": "Q8_0", "v_proj": "Q8_0", "o_proj": "
                "up_proj": "Q4_K", "down_proj": "Q6_K", "embed_tokens": "Q4_K", "lm_head": "Q6_K"}
 BASE = dict(device="cpu", dtype="float32", progress=False, num_kv_pages=64, cpu_int4=False)
 INT4 = {**BASE, "cpu_int4": True, "kv_cache_dtype": "float32"}  # the form alone (auto would add a bfloat16 KV pool)
+DOT = {**BASE, "cpu_int4": None, "cpu_native_kernels": True, "kv_cache_dtype": "float32"}  # Braid's CPU kernels
+needs_cpu_kernels = pytest.mark.skipif(not cpu_library.available(), reason=f"{cpu_library.unavailable_reason()}")
 
 
 def qwen3_qtype(name: str) -> str | None:
@@ -129,6 +132,38 @@ def test_int4_form_matches_transformers_through_the_same_layers(quantized_model)
         assert_greedy_matches(llm, int4_ref, prompts, steps=12)
 
 
+@needs_cpu_kernels
+def test_dot_form_matches_transformers_through_the_same_layers(quantized_model):
+    """The engine with Braid's CPU kernels (cpu_native_kernels: the "dot" products, the C RMSNorm, SiLU-and-mul and
+    attention) on the tiny checkpoints against transformers whose projections are the same "dot" layers: the
+    engine's wiring of the form and of the C attention (rotation, pool writes, page tables, GQA)."""
+    path, ref = quantized_model
+    with LLM(model=path, **DOT) as llm:
+        assert "integer-dot" in llm.load_summary[1]
+        kinds = {k for m in llm.engine.model.modules() for k in getattr(m, "kinds", [])}
+        assert "dot" in kinds and "int4" not in kinds
+        paths = "\n".join(llm.engine.kernel_paths)
+        assert "cpu_attention.c" in paths and "cpu_norm.c rms_norm" in paths
+        dot_ref = with_int4_linears(ref, path, form="dot")
+        prompts = random_prompts([5, 17], SHAPE["vocab_size"], seed=1)
+        # x is rounded to int8 per 32 values in both, but the engine's C norms and attention sum in another order
+        # than transformers: a float32 ulp can move an element across an int8 rounding boundary (1/254 of its block's
+        # largest value); a wiring error moves logprobs by O(1)
+        assert_logprobs_match(llm, dot_ref, prompts[1], steps=6, abs_tol=2e-2)
+        assert_greedy_matches(llm, dot_ref, prompts, steps=12)
+
+
+def test_native_kernels_are_validated(monkeypatch):
+    """cpu_native_kernels=True where the kernels cannot run is a clear error, not a fallback."""
+    monkeypatch.setattr(cpu_library, "library", lambda: None)
+    monkeypatch.setattr(cpu_library, "_reason", "no compiler here")
+    from braid_kernels import cpu_quant
+
+    monkeypatch.setattr(cpu_quant, "unavailable_reason", cpu_library.unavailable_reason)
+    with pytest.raises(InvalidRequestError, match="no compiler here"):
+        LLM(**{**DOT, "model": None})
+
+
 def _perplexity(model, ids: torch.Tensor) -> float:
     with torch.no_grad():
         logits = model(ids).logits[0, :-1].float()
@@ -156,6 +191,13 @@ def test_embedded_model_int4_perplexity_within_half_a_percent(embedded_gguf, hf_
     ids = smollm_tokenizer(inspect.getsource(json.decoder), return_tensors="pt").input_ids[:, :768]
     int4 = with_int4_linears(hf_smollm, embedded_gguf)
     float_ppl, int4_ppl = _perplexity(hf_smollm, ids), _perplexity(int4, ids)
+    if cpu_library.available():  # Braid's CPU kernels: x rounded to int8 per 32 values, the bfloat16 pool's K/V
+        dot = with_int4_linears(hf_smollm, embedded_gguf, form="dot")
+        dot.set_attn_implementation("bf16_kv_perplexity")
+        dot_ppl = _perplexity(dot, ids)
+        print(f"perplexity through the integer-dot products over bfloat16 K/V: {dot_ppl:.4f} "
+              f"({dot_ppl / float_ppl - 1:+.3%})")
+        assert abs(dot_ppl / float_ppl - 1) < 0.005
     int4.set_attn_implementation("bf16_kv_perplexity")
     pool_ppl = _perplexity(int4, ids)
     for module in int4.modules():  # EngineConfig.cpu_decoded_prefill: the 768-row products through decoded weights
@@ -172,14 +214,16 @@ def test_embedded_model_int4_perplexity_within_half_a_percent(embedded_gguf, hf_
     assert decoded_ppl != pool_ppl or not cpu_int4.layout_known()  # the decoded products ran
 
 
-def test_embedded_model_int4_engine_is_within_bf16_rounding(embedded_gguf, hf_smollm):
-    """The engine on the embedded model with the int4 form against itself without: the same greedy tokens, and
-    top logprobs about as far apart (within 1.25x) as transformers' model in bfloat16 is from its float32 (the int4
-    form rounds only the projections' inputs and scales to bfloat16, and its default KV pool holds K and V in
-    bfloat16: kv_cache_dtype "auto"); under a third of the float weights' bytes."""
+@pytest.mark.parametrize("form", ["int4", pytest.param("dot", marks=needs_cpu_kernels)])
+def test_embedded_model_int4_engine_is_within_bf16_rounding(embedded_gguf, hf_smollm, form):
+    """The engine on the embedded model with the int4 form (and with Braid's CPU kernels, the default where they
+    run) against itself without: the same greedy tokens, and top logprobs about as far apart as transformers' model
+    in bfloat16 is from its float32 (within 1.25x; the int4 form rounds only the projections' inputs and scales to
+    bfloat16, the dot form the inputs to int8 per 32 values, and the default KV pool holds K and V in bfloat16:
+    kv_cache_dtype "auto"); under a third of the float weights' bytes."""
     import copy
 
-    default_kv = {**INT4, "kv_cache_dtype": "auto"}
+    default_kv = {**(INT4 if form == "int4" else DOT), "kv_cache_dtype": "auto"}
     with LLM(model=embedded_gguf, **default_kv) as llm, LLM(model=embedded_gguf, **BASE) as plain:
         assert llm.engine.kv_dtype == torch.bfloat16 and plain.engine.kv_dtype == torch.float32
         prompt = llm.apply_chat_template([{"role": "user", "content": "Name three rivers."}])
@@ -199,7 +243,7 @@ def test_embedded_model_int4_engine_is_within_bf16_rounding(embedded_gguf, hf_sm
             worst_bf16 = max(worst_bf16, abs(bf16[row, token].item() - exact[row, token].item()))
             if token in int4_top:
                 worst_int4 = max(worst_int4, abs(int4_top[token] - value))
-    print(f"max |top logprob difference|: int4 engine {worst_int4:.3g}, transformers bf16 {worst_bf16:.3g}")
+    print(f"max |top logprob difference|: {form} engine {worst_int4:.3g}, transformers bf16 {worst_bf16:.3g}")
     # The same order as bfloat16's rounding; 1.25x: on an AMX CPU the int4 engine came out 1% above the bf16 model.
     assert 0 < worst_int4 <= 1.25 * worst_bf16
 

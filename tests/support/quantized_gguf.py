@@ -68,10 +68,10 @@ def write_quantized_gguf(model, path, qtype_of: QTypeOf) -> dict[str, str]:
     return written
 
 
-def with_int4_linears(model, path):
+def with_int4_linears(model, path, form: str = "int4"):
     """A copy of the transformers `model` whose projections (and lm_head, from the embedding when tied) are
-    QuantLinears in the CPU int4 form built from the GGUF file `path`'s quantised tensors: the reference for the
-    engine's int4 form, everything else computed by transformers."""
+    QuantLinears in a CPU form ("int4": torch's int4 op; "dot": braid_kernels/cpu_quant.c) built from the GGUF file
+    `path`'s quantised tensors: the reference for the engine's form, everything else computed by transformers."""
     import copy
 
     from braidinfer.layers.quant_linear import QuantLinear
@@ -95,6 +95,6 @@ def with_int4_linears(model, path):
             with torch.no_grad():
                 layer.bias.copy_(linear.bias)
         layer.set_part(0, tensor)
-        layer.finalize("int4")
+        layer.finalize(form)
         model.set_submodule(path_, layer)
     return model.eval()

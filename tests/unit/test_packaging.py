@@ -41,3 +41,16 @@ def test_loading_the_engine_modules_leaves_braid_kernels_unimported():
             "print(sorted(m for m in sys.modules if m.startswith('braid_kernels')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_cpu_kernels_sources_are_installed_and_built():
+    """braid_kernels' C sources are package data, compiled on first use: each .c and .h there matches a
+    package-data pattern, and is one the build compiles (SOURCES) or hashes into the library's name (HEADERS)."""
+    import fnmatch
+
+    from braid_kernels.cpu_library import HEADERS, SOURCES
+
+    patterns = _setuptools()["package-data"]["braid_kernels"]
+    files = [f for f in os.listdir(os.path.join(ROOT, "braid_kernels")) if f.endswith((".c", ".h"))]
+    assert files and all(any(fnmatch.fnmatch(f, p) for p in patterns) for f in files)
+    assert sorted(files) == sorted(SOURCES + HEADERS)

@@ -1,0 +1,164 @@
+/* One layer's attention over the paged KV pool on x86 CPUs with AVX-512, float32 rows, for every row of a step
+ * (prompt rows and decode rows alike):
+ *
+ *   1. per row: q and k of the packed qkv row, each head RMS-normed (optional, Qwen3's QK-norm) and rotated by the
+ *      row's cos/sin (optional; the half-split "rotate_half" convention); k and v written into the pool at the row's
+ *      slot (float32, or bfloat16 rounded to nearest even);
+ *   2. per row and KV head: the row's query heads of that group against the keys 0..p of its sequence (p: the row's
+ *      index in its sequence's KV; with a sliding window W, p - W + 1..p), read through its page table: scores, their
+ *      softmax (max subtracted, exp, sum) and the weighted sum of the values, in float32.
+ *
+ * Each row is computed alone, in one order, whatever the other rows of the step are: a request's answer does not
+ * depend on its batch (tests/reliability/test_concurrency.py). The pool of one layer is [pages, 2, kv_heads,
+ * page_size, head_dim] (K then V), FlashInfer's HND layout, as braidinfer/attention/torch_backend.py holds it.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu_simd.h"
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define MAX_HEAD_DIM 256
+
+static void rms_norm_head(float *x, const float *w, long hd, float eps) {
+    __m512 acc = _mm512_setzero_ps();
+    for (long i = 0; i < hd; i += 16) {
+        __m512 v = _mm512_loadu_ps(x + i);
+        acc = _mm512_fmadd_ps(v, v, acc);
+    }
+    float inv = 1.0f / sqrtf(_mm512_reduce_add_ps(acc) / (float)hd + eps);
+    for (long i = 0; i < hd; i++) x[i] = w[i] * (x[i] * inv);
+}
+
+static void rotate_head(float *x, const float *cos, const float *sin, long hd) {
+    long half = hd / 2;
+    float tmp[MAX_HEAD_DIM];
+    for (long i = 0; i < half; i++) {
+        tmp[i] = x[i] * cos[i] - x[i + half] * sin[i];
+        tmp[i + half] = x[i + half] * cos[i + half] + x[i] * sin[i + half];
+    }
+    memcpy(x, tmp, sizeof(float) * hd);
+}
+
+static inline void store_row(void *pool, int bf16, long index, const float *src, long hd) {
+    if (bf16) {
+        uint16_t *dst = (uint16_t *)pool + index;
+        for (long i = 0; i < hd; i++) dst[i] = to_bf16(src[i]);
+    } else {
+        memcpy((float *)pool + index, src, sizeof(float) * hd);
+    }
+}
+
+static inline __m512 load_pool(const void *pool, int bf16, long index) {
+    return bf16 ? load_bf16((const uint16_t *)pool + index) : _mm512_loadu_ps((const float *)pool + index);
+}
+
+/* Returns 0, -1 for arguments out of range, -2 when scratch memory could not be had. */
+int braid_cpu_attention(const float *qkv, long ld_qkv, long rows, long heads, long kv_heads, long hd,
+                        const float *cos, const float *sin, long ld_rope,
+                        const float *q_norm, const float *k_norm, float norm_eps,
+                        void *pool, int pool_bf16, long page_size,
+                        const int64_t *slots, const int64_t *positions, const int64_t *tables,
+                        const int64_t *table_start, long window, float scale,
+                        float *out, long ld_out, int threads) {
+    if (rows < 0 || heads <= 0 || kv_heads <= 0 || heads % kv_heads || hd <= 0 || hd % 16 || hd > MAX_HEAD_DIM
+        || heads / kv_heads > MAX_HEAD_DIM || page_size <= 0 || threads < 1)
+        return -1;
+    if (rows == 0) return 0;
+    const long group = heads / kv_heads;
+    long most_keys = 1;
+    for (long r = 0; r < rows; r++)
+        if (positions[r] + 1 > most_keys) most_keys = positions[r] + 1;
+    float *q = (float *)malloc(sizeof(float) * rows * heads * hd);
+    float *scratch = (float *)malloc(sizeof(float) * (size_t)threads * group * most_keys);
+    if (!q || !scratch) { free(q); free(scratch); return -2; }
+    int parallel = threads > 1 && rows * most_keys * heads >= 4096;
+
+    #pragma omp parallel for num_threads(threads) schedule(static) if (parallel && rows > 1)
+    for (long r = 0; r < rows; r++) {
+        const float *row = qkv + r * ld_qkv;
+        float *qr = q + r * heads * hd;
+        memcpy(qr, row, sizeof(float) * heads * hd);
+        float k[MAX_HEAD_DIM];
+        long page = slots[r] / page_size, offset = slots[r] % page_size;
+        for (long h = 0; h < heads + kv_heads; h++) {
+            float *x = h < heads ? qr + h * hd : k;
+            if (h >= heads) memcpy(k, row + h * hd, sizeof(float) * hd);
+            if (q_norm) rms_norm_head(x, h < heads ? q_norm : k_norm, hd, norm_eps);
+            if (cos) rotate_head(x, cos + r * ld_rope, sin + r * ld_rope, hd);
+            if (h >= heads) {
+                long g = h - heads;
+                store_row(pool, pool_bf16, (((page * 2) * kv_heads + g) * page_size + offset) * hd, k, hd);
+                store_row(pool, pool_bf16, (((page * 2 + 1) * kv_heads + g) * page_size + offset) * hd,
+                          row + (heads + kv_heads + g) * hd, hd);
+            }
+        }
+    }
+
+    #pragma omp parallel for num_threads(threads) schedule(dynamic, 1) collapse(2) if (parallel)
+    for (long r = 0; r < rows; r++)
+        for (long g = 0; g < kv_heads; g++) {
+#ifdef _OPENMP
+            float *scores = scratch + (size_t)omp_get_thread_num() * group * most_keys;
+#else
+            float *scores = scratch;
+#endif
+            const long p = positions[r], first = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
+            const long n = p + 1 - first;
+            const int64_t *table = tables + table_start[r];
+            const float *qg = q + (r * heads + g * group) * hd;
+            const long chunks = hd / 16;
+            for (long j = 0; j < n; j++) {  /* scores */
+                long key = first + j;
+                long base = (((table[key / page_size] * 2) * kv_heads + g) * page_size + key % page_size) * hd;
+                __m512 kv[MAX_HEAD_DIM / 16];
+                for (long c = 0; c < chunks; c++) kv[c] = load_pool(pool, pool_bf16, base + 16 * c);
+                for (long h = 0; h < group; h++) {
+                    __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qg + h * hd), kv[0]);
+                    for (long c = 1; c < chunks; c++) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qg + h * hd + 16 * c), kv[c], acc);
+                    scores[h * n + j] = _mm512_reduce_add_ps(acc) * scale;
+                }
+            }
+            float total[MAX_HEAD_DIM];  /* per query head of the group: the sum of its exps (group <= hd checked) */
+            for (long h = 0; h < group; h++) {  /* softmax numerators */
+                float *s = scores + h * n;
+                __m512 mx = _mm512_set1_ps(-INFINITY);
+                for (long j = 0; j < n; j += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), first_lanes(n - j), s + j));
+                __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx)), sum = _mm512_setzero_ps();
+                for (long j = 0; j < n; j += 16) {
+                    __mmask16 lanes = first_lanes(n - j);
+                    __m512 e = _mm512_maskz_mov_ps(lanes, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, s + j), m)));
+                    _mm512_mask_storeu_ps(s + j, lanes, e);
+                    sum = _mm512_add_ps(sum, e);
+                }
+                total[h] = _mm512_reduce_add_ps(sum);
+            }
+            __m512 acc[MAX_HEAD_DIM / 16 * 8];
+            long hg = 0;
+            for (; hg < group; hg += 8) {  /* the weighted values, up to 8 query heads at a time */
+                long count = group - hg < 8 ? group - hg : 8;
+                for (long i = 0; i < count * chunks; i++) acc[i] = _mm512_setzero_ps();
+                for (long j = 0; j < n; j++) {
+                    long key = first + j;
+                    long base = (((table[key / page_size] * 2 + 1) * kv_heads + g) * page_size + key % page_size) * hd;
+                    for (long c = 0; c < chunks; c++) {
+                        __m512 v = load_pool(pool, pool_bf16, base + 16 * c);
+                        for (long h = 0; h < count; h++)
+                            acc[h * chunks + c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[(hg + h) * n + j]), v,
+                                                                  acc[h * chunks + c]);
+                    }
+                }
+                for (long h = 0; h < count; h++) {
+                    __m512 inv = _mm512_set1_ps(1.0f / total[hg + h]);
+                    float *o = out + r * ld_out + (g * group + hg + h) * hd;
+                    for (long c = 0; c < chunks; c++) _mm512_storeu_ps(o + 16 * c, _mm512_mul_ps(acc[h * chunks + c], inv));
+                }
+            }
+        }
+    free(q);
+    free(scratch);
+    return 0;
+}

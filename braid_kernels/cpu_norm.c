@@ -1,0 +1,62 @@
+/* The elementwise steps around the quantised products on x86 CPUs with AVX-512, float32, one call for all rows
+ * (each row computed alone, in the same order whatever the other rows are):
+ *
+ *   braid_cpu_rms_norm:  h = x + residual (when residual is given, written to h), y = w * (h * rsqrt(mean(h^2) + eps))
+ *   braid_cpu_silu_mul:  y = silu(gate) * up for rows [gate | up]
+ *
+ * The operations and their order of rounding are transformers' Llama RMSNorm in float32; the sum of squares is taken
+ * over 16 lanes and then across them, so it may differ from torch's in the last bit; exp is cpu_simd.h's exp16.
+ */
+#include <math.h>
+
+#include "cpu_simd.h"
+
+static inline float sum_of_squares(const float *h, long dim) {
+    __m512 acc = _mm512_setzero_ps();
+    long i = 0;
+    for (; i + 16 <= dim; i += 16) {
+        __m512 v = _mm512_loadu_ps(h + i);
+        acc = _mm512_fmadd_ps(v, v, acc);
+    }
+    if (i < dim) {
+        __m512 v = _mm512_maskz_loadu_ps((__mmask16)((1u << (dim - i)) - 1), h + i);
+        acc = _mm512_fmadd_ps(v, v, acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+void braid_cpu_rms_norm(const float *x, long ldx, const float *residual, long ldr, float *h, long ldh,
+                        const float *w, float eps, float *y, long ldy, long m, long dim) {
+    for (long r = 0; r < m; r++) {
+        const float *xr = x + r * ldx;
+        float *hr = residual ? h + r * ldh : (float *)xr;
+        if (residual) {
+            const float *rr = residual + r * ldr;
+            long i = 0;
+            for (; i + 16 <= dim; i += 16)
+                _mm512_storeu_ps(hr + i, _mm512_add_ps(_mm512_loadu_ps(xr + i), _mm512_loadu_ps(rr + i)));
+            for (; i < dim; i++) hr[i] = xr[i] + rr[i];
+        }
+        float inv = 1.0f / sqrtf(sum_of_squares(hr, dim) / (float)dim + eps);
+        __m512 vinv = _mm512_set1_ps(inv);
+        float *yr = y + r * ldy;
+        long i = 0;
+        for (; i + 16 <= dim; i += 16)
+            _mm512_storeu_ps(yr + i, _mm512_mul_ps(_mm512_loadu_ps(w + i),
+                                                   _mm512_mul_ps(_mm512_loadu_ps(hr + i), vinv)));
+        for (; i < dim; i++) yr[i] = w[i] * (hr[i] * inv);
+    }
+}
+
+void braid_cpu_silu_mul(const float *x, long ldx, float *y, long ldy, long m, long d) {
+    for (long r = 0; r < m; r++) {
+        const float *gate = x + r * ldx, *up = gate + d;
+        float *yr = y + r * ldy;
+        for (long i = 0; i < d; i += 16) {
+            __mmask16 mask = d - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (d - i)) - 1);
+            __m512 g = _mm512_maskz_loadu_ps(mask, gate + i), u = _mm512_maskz_loadu_ps(mask, up + i);
+            __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+            _mm512_mask_storeu_ps(yr + i, mask, _mm512_mul_ps(silu, u));
+        }
+    }
+}

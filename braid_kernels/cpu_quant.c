@@ -1,0 +1,288 @@
+/* Integer-dot products of quantised weights on x86 CPUs with AVX-512 VNNI: y = x @ W.T for W held as unsigned
+ * codes c (4 bits, two a byte, or 8 bits) with a scale s and offset o per 32 weights of a row (w = s c + o), and
+ * float32 x rounded to int8 per 32 values (scale dx; llama.cpp's Q8 rounding of activations), so that each 32-weight
+ * block's dot product is one run of vpdpbusd:
+ *
+ *     y[m, n] = sum over blocks b of  s[n, b] dx[m, b] (sum of c q over b)  +  o[n, b] dx[m, b] (sum of q over b)
+ *
+ * that is, the dequantised weights times the rounded x (the offsets' term must see the same x as the codes': a
+ * block's s c has a large mean, so the float sum of x there would add its rounding error ~3x over). A row of y is the same whatever the other rows of x
+ * are (every row is computed alone, in the same order), so a request's answer does not depend on its batch.
+ *
+ * Layout (cpu_quant.py packs it): a row of W is K / 64 chunks of 64 weights and, where K % 64 == 32, a last block of
+ * 32. A chunk's bytes are ordered so that int32 lane j of vpdpbusd sums 4 weights of block j % 2: weight p of the
+ * chunk's block h sits at byte 4 (2 (p / 4) + h) + p % 4 of its 64 codes; 4-bit codes keep bytes 0-31 in the low
+ * nibbles of 32 bytes and bytes 32-63 in the high ones. The last block keeps its natural order (4-bit: weight i in the
+ * low nibble of byte i, weight 16 + i in the high one). Scales and offsets are float16 or float32 [N, K / 32].
+ *
+ * Threads: OpenMP, linked against the runtime torch loaded (the same libgomp.so.1), so that the calling thread's team
+ * is the one torch's own ops use.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+
+#define CHUNK 64
+#define BLOCK 32
+#define XROWS_PER_TASK 64   /* rows of x a task holds while it walks its rows of W (64 x 1536 int8: L2-sized) */
+#define WROWS_PER_TASK 64   /* rows of W per task */
+#define PREFETCH_ROWS 16    /* rows of W fetched ahead of the tile being computed (8-64: within noise; hints T1 and
+                               NTA were slower in the engine's decode) */
+
+int braid_cpu_quant_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni")
+        && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
+}
+
+static void put_block(int8_t *q, const int8_t *tmp, int b, int nb) {
+    int chunk = b / 2, h = b % 2;
+    if (chunk * 2 + 1 < nb) {  /* a whole chunk: the interleaved order */
+        int8_t *qc = q + chunk * CHUNK;
+        for (int p = 0; p < BLOCK; p++) qc[4 * (2 * (p / 4) + h) + p % 4] = tmp[p];
+    } else {  /* the last, lone block */
+        memcpy(q + b * BLOCK, tmp, BLOCK);
+    }
+}
+
+/* Rounds one row of x (k values, k % 32 == 0) to int8 in the chunk order above: q (k bytes a term), dx (k / 32
+ * scales), sx (k / 32 sums of the rounded x). terms 2: a second int8 row q2 (at q + k) holds the first rounding's
+ * remainder in steps of 1/256 of the first's, x ~ dx (256 q + q2) with dx = max |x| / (127 * 256): ~16 bits. */
+static void quantize_row(const float *x, int k, int terms, int8_t *q, float *dx, float *sx) {
+    int nb = k / BLOCK;
+    for (int b = 0; b < nb; b++) {
+        const float *xb = x + b * BLOCK;
+        __m512 v0 = _mm512_loadu_ps(xb), v1 = _mm512_loadu_ps(xb + 16);
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        float d = amax / 127.0f;
+        dx[b] = d;
+        float inv = d > 0.0f ? 1.0f / d : 0.0f;
+        __m512 vi = _mm512_set1_ps(inv);
+        __m512i i0 = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(v0, vi), _MM_FROUND_TO_NEAREST_INT));
+        __m512i i1 = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(v1, vi), _MM_FROUND_TO_NEAREST_INT));
+        int8_t tmp[BLOCK];
+        _mm_storeu_si128((__m128i *)tmp, _mm512_cvtsepi32_epi8(i0));
+        _mm_storeu_si128((__m128i *)(tmp + 16), _mm512_cvtsepi32_epi8(i1));
+        put_block(q, tmp, b, nb);
+        int total = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
+        if (terms == 1) {
+            sx[b] = d * (float)total;
+            continue;
+        }
+        /* the remainder x - d q, in steps of d / 256 (|remainder| <= d / 2: within int8 but for ties at 128) */
+        __m512 vd = _mm512_set1_ps(d), fine = _mm512_set1_ps(256.0f * inv);
+        __m512 r0 = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(i0), vd, v0), r1 = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(i1), vd, v1);
+        __m512i j0 = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(r0, fine), _MM_FROUND_TO_NEAREST_INT));
+        __m512i j1 = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(r1, fine), _MM_FROUND_TO_NEAREST_INT));
+        __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+        j0 = _mm512_min_epi32(_mm512_max_epi32(j0, lo), hi);
+        j1 = _mm512_min_epi32(_mm512_max_epi32(j1, lo), hi);
+        _mm_storeu_si128((__m128i *)tmp, _mm512_cvtsepi32_epi8(j0));
+        _mm_storeu_si128((__m128i *)(tmp + 16), _mm512_cvtsepi32_epi8(j1));
+        put_block(q + k, tmp, b, nb);
+        dx[b] = d / 256.0f;
+        sx[b] = dx[b] * (float)(256 * total + _mm512_reduce_add_epi32(_mm512_add_epi32(j0, j1)));
+    }
+}
+
+static inline __m512i load_codes(const uint8_t *c, int bits) {
+    if (bits == 8) return _mm512_loadu_si512((const void *)c);
+    /* the 32 bytes in both halves, the upper half's shifted down a nibble, then the low nibbles of every byte */
+    __m512i both = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)c));
+    both = _mm512_mask_srli_epi16(both, (__mmask32)0xFFFF0000u, both, 4);
+    return _mm512_and_si512(both, _mm512_set1_epi8(0x0F));
+}
+
+static inline __m256i load_tail_codes(const uint8_t *c, int bits) {
+    if (bits == 8) return _mm256_loadu_si256((const __m256i *)c);
+    __m128i packed = _mm_loadu_si128((const __m128i *)c);
+    __m128i mask = _mm_set1_epi8(0x0F);
+    __m128i lo = _mm_and_si128(packed, mask), hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
+    return _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+}
+
+/* The scales of blocks b and b + 1 of a row as [s_b, s_b+1] repeated over 16 lanes. */
+static inline __m512 pair_scales(const void *s, int b, int f32) {
+    if (f32) return _mm512_castpd_ps(_mm512_set1_pd(*(const double *)((const float *)s + b)));
+    __m256i two = _mm256_set1_epi32(*(const int32_t *)((const uint16_t *)s + b));
+    return _mm512_cvtph_ps(two);
+}
+
+static inline float one_scale(const void *s, int b, int f32) {
+    if (f32) return ((const float *)s)[b];
+    return _cvtsh_ss(((const uint16_t *)s)[b]);
+}
+
+static inline __m512 sixteen(const void *s, int b, int count, int f32) {
+    __mmask16 m = count >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << count) - 1);
+    if (f32) return _mm512_maskz_loadu_ps(m, (const float *)s + b);
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)s + b));
+}
+
+/* y[m][n] for RW rows of W from w_row and RX rows of x: one tile, kept in registers. */
+static inline __attribute__((always_inline)) void tile(
+        const int RW, const int RX, int bits, int f32, const int terms, int k,
+        const uint8_t *codes, const void *scales, const void *offsets, long n0,
+        const int8_t *q, const float *dx, const float *sx, long m0,
+        float *y, long ldy) {
+    const int nb = k / BLOCK, chunks = k / CHUNK;
+    const long code_stride = (long)k * bits / 8;
+    __m512 acc[4][4];
+    for (int i = 0; i < RW; i++)
+        for (int j = 0; j < RX; j++) acc[i][j] = _mm512_setzero_ps();
+    for (int c = 0; c < chunks; c++) {
+        __m512i w[4];
+        __m512 ws[4];
+        for (int i = 0; i < RW; i++) {
+            w[i] = load_codes(codes + (n0 + i) * code_stride + (long)c * CHUNK * bits / 8, bits);
+            ws[i] = pair_scales((const char *)scales + (n0 + i) * nb * (f32 ? 4 : 2), 2 * c, f32);
+        }
+        for (int j = 0; j < RX; j++) {
+            const int8_t *qj = q + (m0 + j) * k * terms + c * CHUNK;
+            __m512i xq = _mm512_loadu_si512((const void *)qj);
+            __m512i xq2 = terms == 2 ? _mm512_loadu_si512((const void *)(qj + k)) : xq;
+            __m512 xs = _mm512_castpd_ps(_mm512_set1_pd(*(const double *)(dx + (m0 + j) * nb + 2 * c)));
+            for (int i = 0; i < RW; i++) {
+                __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[i], xq);
+                if (terms == 2) dot = _mm512_dpbusd_epi32(_mm512_slli_epi32(dot, 8), w[i], xq2);
+                acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(ws[i], xs), acc[i][j]);
+            }
+        }
+    }
+    float tail[4][4] = {{0}};
+    if (nb % 2) {  /* the last, lone block: 256-bit */
+        int b = nb - 1;
+        for (int i = 0; i < RW; i++) {
+            __m256i w = load_tail_codes(codes + (n0 + i) * code_stride + (long)b * BLOCK * bits / 8, bits);
+            float s = one_scale((const char *)scales + (n0 + i) * nb * (f32 ? 4 : 2), b, f32);
+            for (int j = 0; j < RX; j++) {
+                const int8_t *qj = q + (m0 + j) * k * terms + b * BLOCK;
+                __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, _mm256_loadu_si256((const __m256i *)qj));
+                if (terms == 2)
+                    dot = _mm256_dpbusd_epi32(_mm256_slli_epi32(dot, 8), w, _mm256_loadu_si256((const __m256i *)(qj + k)));
+                __m128i d4 = _mm_add_epi32(_mm256_castsi256_si128(dot), _mm256_extracti128_si256(dot, 1));
+                d4 = _mm_add_epi32(d4, _mm_shuffle_epi32(d4, 0x4E));
+                d4 = _mm_add_epi32(d4, _mm_shuffle_epi32(d4, 0xB1));
+                tail[i][j] = (float)_mm_cvtsi128_si32(d4) * (s * dx[(m0 + j) * nb + b]);
+            }
+        }
+    }
+    for (int b = 0; b < nb; b += 16) {  /* the offsets' term, o . (sums of x), folded into the same lanes */
+        int count = nb - b;
+        __m512 o[4];
+        for (int i = 0; i < RW; i++)
+            o[i] = sixteen((const char *)offsets + (n0 + i) * nb * (f32 ? 4 : 2), b, count, f32);
+        for (int j = 0; j < RX; j++) {
+            __mmask16 m = count >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << count) - 1);
+            __m512 s = _mm512_maskz_loadu_ps(m, sx + (m0 + j) * nb + b);
+            for (int i = 0; i < RW; i++) acc[i][j] = _mm512_fmadd_ps(o[i], s, acc[i][j]);
+        }
+    }
+    for (int j = 0; j < RX; j++)
+        for (int i = 0; i < RW; i++)
+            y[(m0 + j) * ldy + n0 + i] = _mm512_reduce_add_ps(acc[i][j]) + tail[i][j];
+}
+
+/* Rows [m0, m1) of x against rows [n0, n1) of W. */
+static inline __attribute__((always_inline)) void span(
+        int bits, int f32, const int terms, int k, const uint8_t *codes, const void *scales, const void *offsets, long n0, long n1,
+        const int8_t *q, const float *dx, const float *sx, long m0, long m1, float *y, long ldy) {
+    long n = n0;
+    const long code_stride = (long)k * bits / 8, scale_stride = (long)(k / BLOCK) * (f32 ? 4 : 2);
+    for (; n + 4 <= n1; n += 4) {
+        /* Rows of W come from L3 or memory once per call: fetch those PREFETCH_ROWS ahead, so that more lines are
+         * in flight than the hardware prefetchers keep (one core's reads are latency-bound otherwise: 15% faster
+         * on the embedded model's matrices). Past the last row this touches nothing (prefetches do not fault). */
+        {
+            const char *c = (const char *)codes + (n + PREFETCH_ROWS) * code_stride;
+            for (long b = 0; b < 4 * code_stride; b += 64) _mm_prefetch(c + b, _MM_HINT_T0);
+            const char *s = (const char *)scales + (n + PREFETCH_ROWS) * scale_stride;
+            const char *o = (const char *)offsets + (n + PREFETCH_ROWS) * scale_stride;
+            for (long b = 0; b < 4 * scale_stride; b += 64) {
+                _mm_prefetch(s + b, _MM_HINT_T0);
+                _mm_prefetch(o + b, _MM_HINT_T0);
+            }
+        }
+        long m = m0;
+        for (; m + 4 <= m1; m += 4) tile(4, 4, bits, f32, terms, k, codes, scales, offsets, n, q, dx, sx, m, y, ldy);
+        for (; m < m1; m++) tile(4, 1, bits, f32, terms, k, codes, scales, offsets, n, q, dx, sx, m, y, ldy);
+    }
+    for (; n < n1; n++) {
+        long m = m0;
+        for (; m + 4 <= m1; m += 4) tile(1, 4, bits, f32, terms, k, codes, scales, offsets, n, q, dx, sx, m, y, ldy);
+        for (; m < m1; m++) tile(1, 1, bits, f32, terms, k, codes, scales, offsets, n, q, dx, sx, m, y, ldy);
+    }
+}
+
+#define SPAN_VARIANT(name, BITS, F32, TERMS) \
+    static void name(int k, const uint8_t *codes, const void *scales, const void *offsets, long n0, long n1, \
+                     const int8_t *q, const float *dx, const float *sx, long m0, long m1, float *y, long ldy) { \
+        span(BITS, F32, TERMS, k, codes, scales, offsets, n0, n1, q, dx, sx, m0, m1, y, ldy); \
+    }
+SPAN_VARIANT(span4_f16, 4, 0, 1)
+SPAN_VARIANT(span4_f32, 4, 1, 1)
+SPAN_VARIANT(span8_f16, 8, 0, 1)
+SPAN_VARIANT(span8_f32, 8, 1, 1)
+SPAN_VARIANT(span4_f16_fine, 4, 0, 2)
+SPAN_VARIANT(span4_f32_fine, 4, 1, 2)
+SPAN_VARIANT(span8_f16_fine, 8, 0, 2)
+SPAN_VARIANT(span8_f32_fine, 8, 1, 2)
+
+/* A packed weight W [n, k] (cpu_quant.py's PackedWeight): codes, scales and offsets as above. */
+struct braid_weight {
+    const uint8_t *codes;
+    const void *scales;
+    const void *offsets;
+    long n;
+    long k;
+    long bits;        /* 4 or 8 */
+    long scales_f32;  /* 0: float16 scales and offsets, 1: float32 */
+};
+
+typedef void (*span_fn)(int, const uint8_t *, const void *, const void *, long, long, const int8_t *, const float *,
+                        const float *, long, long, float *, long);
+static const span_fn SPANS[2][2][2] = {  /* [terms - 1][bits == 8][scales_f32] */
+    {{span4_f16, span4_f32}, {span8_f16, span8_f32}},
+    {{span4_f16_fine, span4_f32_fine}, {span8_f16_fine, span8_f32_fine}},
+};
+
+/* y [m, ldy] (columns 0..n) = x [m, ldx] @ W.T, x rounded to x_terms (1 or 2) int8 terms. Returns 0, or -1 for
+ * arguments out of range, -2 when memory for x's int8 copy could not be had. */
+int braid_cpu_quant_linear(const struct braid_weight *w, const float *x, long m, long ldx, float *y, long ldy,
+                           int x_terms, int threads) {
+    const long n = w->n;
+    const int k = (int)w->k, bits = (int)w->bits;
+    if (m < 0 || n < 0 || k <= 0 || k % BLOCK || (bits != 4 && bits != 8) || ldx < k || ldy < n || threads < 1
+        || (x_terms != 1 && x_terms != 2))
+        return -1;
+    if (m == 0 || n == 0) return 0;
+    const int nb = k / BLOCK;
+    int8_t stack_q[8192];
+    float stack_dx[2 * 256];
+    int small = (long)m * k * x_terms <= 8192 && (long)m * nb <= 256;  /* decode: no allocation */
+    int8_t *q = small ? stack_q : (int8_t *)aligned_alloc(64, ((size_t)m * k * x_terms + 63) / 64 * 64);
+    float *dx = small ? stack_dx : (float *)malloc(sizeof(float) * (size_t)m * nb * 2);
+    if (!q || !dx) {
+        if (!small) { free(q); free(dx); }
+        return -2;
+    }
+    float *sx = dx + (size_t)m * nb;
+    const span_fn fn = SPANS[x_terms - 1][bits == 8][w->scales_f32 != 0];
+    int parallel = threads > 1 && (long)m * n * k >= (1L << 18);
+    #pragma omp parallel for num_threads(threads) schedule(static) if (parallel && m > 1)
+    for (long r = 0; r < m; r++) quantize_row(x + r * ldx, k, x_terms, q + r * k * x_terms, dx + r * nb, sx + r * nb);
+    long xtasks = (m + XROWS_PER_TASK - 1) / XROWS_PER_TASK;
+    long wtasks = (n + WROWS_PER_TASK - 1) / WROWS_PER_TASK;
+    #pragma omp parallel for num_threads(threads) schedule(static) collapse(2) if (parallel)
+    for (long xt = 0; xt < xtasks; xt++)
+        for (long wt = 0; wt < wtasks; wt++) {
+            long m0 = xt * XROWS_PER_TASK, m1 = m0 + XROWS_PER_TASK < m ? m0 + XROWS_PER_TASK : m;
+            long n0 = wt * WROWS_PER_TASK, n1 = n0 + WROWS_PER_TASK < n ? n0 + WROWS_PER_TASK : n;
+            fn(k, w->codes, w->scales, w->offsets, n0, n1, q, dx, sx, m0, m1, y, ldy);
+        }
+    if (!small) { free(q); free(dx); }
+    return 0;
+}

@@ -1,0 +1,180 @@
+"""Quantised weights' products on x86 CPUs with AVX-512 VNNI: cpu_quant.c (integer dot products of 4- or 8-bit
+weight codes with x rounded to int8 per 32 values, as llama.cpp computes), built on first use (cpu_library.py) and
+called through ctypes.
+
+A weight is packed once (`pack`: GGUF blocks of Q4_0, Q4_1, Q8_0, Q4_K or Q5_K) into unsigned codes with a scale and
+offset per 32 weights, w = s c + o, in the byte order cpu_quant.c describes; Q4_0/Q4_1/Q8_0 keep GGUF's float16 d
+and m exactly (0.625 bytes a weight for Q4_1, 1.125 for Q8_0), the K-types take float32 scales (their d times a
+6-bit scale). `linear` computes x @ W.T in float32; `linear_ref` is the same arithmetic in plain PyTorch.
+
+`available()` is False where there is no C compiler, the CPU lacks AVX-512 VNNI, or the build fails (the reason:
+`unavailable_reason()`); callers then keep another path.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from .cpu_library import available, library, unavailable_reason
+from .quant_formats import NIBBLE_QTYPES, nibble_terms
+
+__all__ = ["PackedWeight", "QTYPES", "available", "dequantize", "linear", "linear_ref", "pack", "quantize_x_ref",
+           "unavailable_reason", "unpack"]
+
+BLOCK = 32
+"""Weights per scale and offset; x is rounded to int8 per run of this many values."""
+CHUNK = 64
+"""Weights per interleaved chunk of a row (cpu_quant.c)."""
+QTYPES = NIBBLE_QTYPES
+"""The GGUF types `pack` takes."""
+
+
+class _Weight(ctypes.Structure):
+    """cpu_quant.c's struct braid_weight."""
+
+    _fields_ = [("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("offsets", ctypes.c_void_p),
+                ("n", ctypes.c_long), ("k", ctypes.c_long), ("bits", ctypes.c_long), ("scales_f32", ctypes.c_long)]
+
+
+@dataclass(frozen=True, eq=False)
+class PackedWeight:
+    """W [n, k] as cpu_quant.c reads it: codes uint8 [n, k * bits / 8], scales and offsets float16 or float32
+    [n, k / 32]. The tensors must not be modified or resized (the library holds their addresses)."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    offsets: torch.Tensor
+    bits: int
+
+    @functools.cached_property
+    def shape(self) -> tuple[int, int]:
+        return self.codes.shape[0], self.codes.shape[1] * 8 // self.bits
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.offsets))
+
+    @functools.cached_property
+    def _struct(self) -> ctypes.c_void_p:
+        """A pointer to this weight's struct braid_weight, built on first use (kept alive with it)."""
+        n, k = self.shape
+        struct = _Weight(self.codes.data_ptr(), self.scales.data_ptr(), self.offsets.data_ptr(), n, k, self.bits,
+                         int(self.scales.dtype == torch.float32))
+        self.__dict__["_struct_keep"] = struct
+        return ctypes.cast(ctypes.pointer(struct), ctypes.c_void_p)
+
+
+def pack(blocks: torch.Tensor, qtype: str) -> PackedWeight:
+    """W held as uint8 GGUF blocks [n, row_bytes] of `qtype` (one of QTYPES; k a multiple of 32) in this module's
+    form. Q4_0/Q4_1/Q4_K take 4-bit codes, Q8_0 (q + 128) and Q5_K 8-bit ones."""
+    if qtype not in QTYPES:
+        raise ValueError(f"qtype must be one of {', '.join(sorted(QTYPES))}, got {qtype!r}")
+    terms = nibble_terms(blocks, qtype)
+    if len(terms) == 1:
+        (codes, scale, offset), bits = terms[0], 4
+    else:  # Q8_0 and Q5_K: two 4-bit terms, one with 16 times the other's scale, make one 8-bit code
+        (c0, s0, o0), (c1, s1, o1) = terms
+        if torch.equal(s1, 16 * s0):
+            (c0, s0, o0), (c1, s1, o1) = (c1, s1, o1), (c0, s0, o0)
+        if not torch.equal(s0, 16 * s1):
+            raise ValueError(f"{qtype}'s two terms do not make one 8-bit code")
+        codes, scale, offset, bits = c1 + 16 * c0, s1, o0 + o1, 8
+    exact = qtype in ("Q4_0", "Q4_1", "Q8_0") and all(
+        torch.equal(t.half().float(), t) for t in (scale, offset))  # GGUF's own float16 d and m: kept exactly
+    dtype = torch.float16 if exact else torch.float32
+    return PackedWeight(_order(codes, bits), scale.to(dtype).contiguous(), offset.to(dtype).contiguous(), bits)
+
+
+def _order(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes [n, k] in cpu_quant.c's byte order (whole chunks interleaved by block, a last lone block in
+    natural order), two to a byte for 4 bits."""
+    n, k = codes.shape
+    whole = k // CHUNK * CHUNK
+    # weight p of block h of a chunk -> byte 4 (2 (p / 4) + h) + p % 4
+    chunks = codes[:, :whole].reshape(n, k // CHUNK, 2, 8, 4).permute(0, 1, 3, 2, 4).reshape(n, -1, 2, 32)
+    tail = codes[:, whole:].reshape(n, -1, 2, 16)
+    if bits == 4:
+        chunks = chunks[:, :, 0] | (chunks[:, :, 1] << 4)
+        tail = tail[:, :, 0] | (tail[:, :, 1] << 4)
+    return torch.cat((chunks.reshape(n, -1), tail.reshape(n, -1)), dim=1).contiguous()
+
+
+def unpack(weight: PackedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes uint8 [n, k] in natural order, scales float32 [n, k / 32], offsets float32): `pack`'s inverse, for
+    references and tests."""
+    n, k = weight.shape
+    whole = k // CHUNK * CHUNK
+    split = whole * weight.bits // 8
+    chunks, tail = weight.codes[:, :split], weight.codes[:, split:]
+    if weight.bits == 4:
+        chunks = torch.stack((chunks.reshape(n, -1, 32) & 15, chunks.reshape(n, -1, 32) >> 4), dim=2)
+        tail = torch.stack((tail.reshape(n, -1, 16) & 15, tail.reshape(n, -1, 16) >> 4), dim=2)
+    chunks = chunks.reshape(n, -1, 8, 2, 4).permute(0, 1, 3, 2, 4).reshape(n, whole)
+    codes = torch.cat((chunks, tail.reshape(n, -1)), dim=1)
+    return codes, weight.scales.float(), weight.offsets.float()
+
+
+def dequantize(weight: PackedWeight) -> torch.Tensor:
+    """W [n, k] in float32: s c + o."""
+    codes, scales, offsets = unpack(weight)
+    n, k = codes.shape
+    w = codes.float().view(n, -1, BLOCK) * scales[..., None] + offsets[..., None]
+    return w.view(n, k)
+
+
+def quantize_x_ref(x: torch.Tensor, terms: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [m, k] float32 rounded as cpu_quant.c rounds it: (integers q int32 [m, k / 32, 32], scales dx [m, k / 32],
+    sums of the rounded x [m, k / 32]), x ~ dx q. terms 1: d = max |x| / 127 over each 32 values, q = x / d rounded
+    half to even (int8), dx = d; terms 2: also the remainder r = x - d q as q2 = r 256 / d rounded (int8), and
+    q = 256 q + q2, dx = d / 256."""
+    xb = x.float().view(x.shape[0], -1, BLOCK)
+    d = xb.abs().amax(dim=-1) / 127
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    q = torch.round(xb * inv[..., None]).clamp(-127, 127).to(torch.int32)
+    if terms == 2:
+        remainder = torch.addcmul(xb, q.float(), -d[..., None])
+        q2 = torch.round(remainder * (256 * inv)[..., None]).clamp(-127, 127).to(torch.int32)
+        q, d = 256 * q + q2, d / 256
+    return q, d, d * q.sum(dim=-1).float()
+
+
+def linear_ref(x: torch.Tensor, weight: PackedWeight, x_terms: int = 1) -> torch.Tensor:
+    """x [m, k] @ W.T as `linear` computes it, in plain PyTorch: per 32-weight block, s dx (codes . q) + o dx sum(q),
+    summed over blocks in float64 (`linear` sums in float32, in another order: equal to rounding)."""
+    codes, scales, offsets = unpack(weight)
+    q, dx, sx = quantize_x_ref(x, x_terms)
+    n = codes.shape[0]
+    dots = torch.einsum("nbi,mbi->mnb", codes.view(n, -1, BLOCK).double(), q.double())  # exact integers
+    y = (dots * scales.double()[None] * dx.double()[:, None]).sum(-1) + sx.double() @ offsets.double().t()
+    return y.float()
+
+
+def linear(x: torch.Tensor, weight: PackedWeight, out: torch.Tensor | None = None,
+           threads: int | None = None, x_terms: int = 2) -> torch.Tensor:
+    """x [m, k] float32 (rows contiguous) @ W.T -> float32 [m, n], written into `out` (a [m, n] float32 view whose
+    rows are contiguous, e.g. columns of a wider output) when given; `threads`: OpenMP threads (None: torch's
+    count on this thread). x_terms: x rounded to one int8 per value and 32-value block scale (llama.cpp's rounding),
+    or 2: a second int8 for the remainder (~16 bits of x, two integer dot products a block; the default).
+    Needs `available()`. Each row of the result is computed alone: the same whatever other rows x has."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"the CPU quantised-product library is unavailable: {unavailable_reason()}")
+    n, k = weight.shape
+    if x.dtype is not torch.float32 or x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1 or x.device.type != "cpu":
+        raise ValueError(f"x must be a float32 CPU tensor [rows, {k}] with contiguous rows, got "
+                         f"{x.dtype} {tuple(x.shape)} strides {x.stride()} on {x.device}")
+    m = x.shape[0]
+    if out is None:
+        out = torch.empty((m, n))
+    elif out.dtype is not torch.float32 or out.shape != (m, n) or out.stride(1) != 1 or out.device.type != "cpu":
+        raise ValueError(f"out must be a float32 CPU tensor [{m}, {n}] with contiguous rows, got {out.dtype} "
+                         f"{tuple(out.shape)} strides {out.stride()} on {out.device}")
+    rc = lib.braid_cpu_quant_linear(weight._struct, x.data_ptr(), m, x.stride(0), out.data_ptr(), out.stride(0),
+                                    x_terms, threads or torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError(f"cpu_quant: no memory for x's int8 copy ({m} x {k})") if rc == -2 else \
+            ValueError(f"cpu_quant rejected its arguments (m={m}, n={n}, k={k}, bits={weight.bits})")
+    return out
