@@ -56,6 +56,72 @@ static inline __m512 load_pool(const void *pool, int bf16, long index) {
     return bf16 ? load_bf16((const uint16_t *)pool + index) : _mm512_loadu_ps((const float *)pool + index);
 }
 
+/* The query heads qg [group][HD] of one row and KV head g against keys first..first + n - 1 of its sequence (pages
+ * `table`): scores into `scores` [group][n], their softmax, and the weighted values into o [group][HD]. HD is a
+ * constant where inlined for 64 and 128 (registers for the vectors), the row's head_dim otherwise. */
+static inline __attribute__((always_inline)) void attend(
+        const long HD, const float *qg, long group, const void *pool, int bf16, long kv_heads, long g,
+        long page_size, const int64_t *table, long first, long n, float scale, float *scores, float *o) {
+    const long chunks = HD / 16;
+    const long block = HD <= 64 ? 4 : HD <= 128 ? 2 : 1;  /* query heads whose values accumulate together */
+    long page = first / page_size, offset = first % page_size;  /* walked key by key: no division per key */
+    for (long j = 0; j < n; j++) {  /* scores */
+        long base = ((table[page] * 2 * kv_heads + g) * page_size + offset) * HD;
+        if (++offset == page_size) { offset = 0; page++; }
+        __m512 k[MAX_HEAD_DIM / 16];
+        for (long c = 0; c < chunks; c++) k[c] = load_pool(pool, bf16, base + 16 * c);
+        for (long h = 0; h < group; h++) {
+            __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qg + h * HD), k[0]);
+            for (long c = 1; c < chunks; c++) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qg + h * HD + 16 * c), k[c], acc);
+            scores[h * n + j] = _mm512_reduce_add_ps(acc) * scale;
+        }
+    }
+    float total[MAX_HEAD_DIM];  /* per query head of the group: the sum of its exps (group <= 256 checked) */
+    for (long h = 0; h < group; h++) {  /* softmax numerators */
+        float *sc = scores + h * n;
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        for (long j = 0; j < n; j += 16)
+            mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), first_lanes(n - j), sc + j));
+        __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx)), sum = _mm512_setzero_ps();
+        for (long j = 0; j < n; j += 16) {
+            __mmask16 lanes = first_lanes(n - j);
+            __m512 e = _mm512_maskz_mov_ps(lanes, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, sc + j), m)));
+            _mm512_mask_storeu_ps(sc + j, lanes, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        total[h] = _mm512_reduce_add_ps(sum);
+    }
+    for (long h0 = 0; h0 < group; h0 += block) {  /* the weighted values, `block` query heads at a time */
+        const long count = group - h0 < block ? group - h0 : block;
+        __m512 acc[4 * (MAX_HEAD_DIM / 16)];
+        for (long i = 0; i < block * chunks; i++) acc[i] = _mm512_setzero_ps();
+        page = first / page_size;
+        offset = first % page_size;
+        for (long j = 0; j < n; j++) {
+            long base = ((table[page] * 2 * kv_heads + kv_heads + g) * page_size + offset) * HD;  /* V: K's page + 1 */
+            if (++offset == page_size) { offset = 0; page++; }
+            for (long c = 0; c < chunks; c++) {
+                __m512 v = load_pool(pool, bf16, base + 16 * c);
+                for (long h = 0; h < block; h++)
+                    if (h < count)
+                        acc[h * chunks + c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[(h0 + h) * n + j]), v,
+                                                              acc[h * chunks + c]);
+            }
+        }
+        for (long h = 0; h < count; h++) {
+            __m512 inv = _mm512_set1_ps(1.0f / total[h0 + h]);
+            for (long c = 0; c < chunks; c++)
+                _mm512_storeu_ps(o + (h0 + h) * HD + 16 * c, _mm512_mul_ps(acc[h * chunks + c], inv));
+        }
+    }
+}
+
+static void attend_any(long hd, const float *qg, long group, const void *pool, int bf16, long kv_heads, long g,
+                       long page_size, const int64_t *table, long first, long n, float scale, float *scores,
+                       float *o) {
+    attend(hd, qg, group, pool, bf16, kv_heads, g, page_size, table, first, n, scale, scores, o);
+}
+
 /* Returns 0, -1 for arguments out of range, -2 when scratch memory could not be had. */
 int braid_cpu_attention(const float *qkv, long ld_qkv, long rows, long heads, long kv_heads, long hd,
                         const float *cos, const float *sin, long ld_rope,
@@ -107,56 +173,18 @@ int braid_cpu_attention(const float *qkv, long ld_qkv, long rows, long heads, lo
             float *scores = scratch;
 #endif
             const long p = positions[r], first = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
-            const long n = p + 1 - first;
-            const int64_t *table = tables + table_start[r];
             const float *qg = q + (r * heads + g * group) * hd;
-            const long chunks = hd / 16;
-            for (long j = 0; j < n; j++) {  /* scores */
-                long key = first + j;
-                long base = (((table[key / page_size] * 2) * kv_heads + g) * page_size + key % page_size) * hd;
-                __m512 kv[MAX_HEAD_DIM / 16];
-                for (long c = 0; c < chunks; c++) kv[c] = load_pool(pool, pool_bf16, base + 16 * c);
-                for (long h = 0; h < group; h++) {
-                    __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qg + h * hd), kv[0]);
-                    for (long c = 1; c < chunks; c++) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qg + h * hd + 16 * c), kv[c], acc);
-                    scores[h * n + j] = _mm512_reduce_add_ps(acc) * scale;
-                }
-            }
-            float total[MAX_HEAD_DIM];  /* per query head of the group: the sum of its exps (group <= hd checked) */
-            for (long h = 0; h < group; h++) {  /* softmax numerators */
-                float *s = scores + h * n;
-                __m512 mx = _mm512_set1_ps(-INFINITY);
-                for (long j = 0; j < n; j += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), first_lanes(n - j), s + j));
-                __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx)), sum = _mm512_setzero_ps();
-                for (long j = 0; j < n; j += 16) {
-                    __mmask16 lanes = first_lanes(n - j);
-                    __m512 e = _mm512_maskz_mov_ps(lanes, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, s + j), m)));
-                    _mm512_mask_storeu_ps(s + j, lanes, e);
-                    sum = _mm512_add_ps(sum, e);
-                }
-                total[h] = _mm512_reduce_add_ps(sum);
-            }
-            __m512 acc[MAX_HEAD_DIM / 16 * 8];
-            long hg = 0;
-            for (; hg < group; hg += 8) {  /* the weighted values, up to 8 query heads at a time */
-                long count = group - hg < 8 ? group - hg : 8;
-                for (long i = 0; i < count * chunks; i++) acc[i] = _mm512_setzero_ps();
-                for (long j = 0; j < n; j++) {
-                    long key = first + j;
-                    long base = (((table[key / page_size] * 2 + 1) * kv_heads + g) * page_size + key % page_size) * hd;
-                    for (long c = 0; c < chunks; c++) {
-                        __m512 v = load_pool(pool, pool_bf16, base + 16 * c);
-                        for (long h = 0; h < count; h++)
-                            acc[h * chunks + c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[(hg + h) * n + j]), v,
-                                                                  acc[h * chunks + c]);
-                    }
-                }
-                for (long h = 0; h < count; h++) {
-                    __m512 inv = _mm512_set1_ps(1.0f / total[hg + h]);
-                    float *o = out + r * ld_out + (g * group + hg + h) * hd;
-                    for (long c = 0; c < chunks; c++) _mm512_storeu_ps(o + 16 * c, _mm512_mul_ps(acc[h * chunks + c], inv));
-                }
-            }
+            float *o = out + r * ld_out + g * group * hd;
+            const int64_t *table = tables + table_start[r];
+            if (hd == 64)
+                attend(64, qg, group, pool, pool_bf16, kv_heads, g, page_size, table, first, p + 1 - first, scale,
+                       scores, o);
+            else if (hd == 128)
+                attend(128, qg, group, pool, pool_bf16, kv_heads, g, page_size, table, first, p + 1 - first, scale,
+                       scores, o);
+            else
+                attend_any(hd, qg, group, pool, pool_bf16, kv_heads, g, page_size, table, first, p + 1 - first,
+                           scale, scores, o);
         }
     free(q);
     free(scratch);

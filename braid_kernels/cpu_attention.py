@@ -15,23 +15,47 @@ import torch
 from .cpu_library import library, unavailable_reason
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class StepRows:
-    """A step's rows as the kernel reads them (int64 CPU tensors): slots [T], positions [T], table_start [T], and
-    the sequences' page tables one after another, `tables`."""
+    """A step's rows as the kernel reads them (contiguous int64 CPU tensors): slots [T], positions [T], table_start
+    [T], and the sequences' page tables one after another, `tables`."""
 
     slots: torch.Tensor
     positions: torch.Tensor
     table_start: torch.Tensor
     tables: torch.Tensor
 
+    def __post_init__(self):
+        rows = self.slots.shape[0] if self.slots.dim() == 1 else -1
+        for name in ("slots", "positions", "table_start", "tables"):
+            t = getattr(self, name)
+            if t.dtype != torch.int64 or t.dim() != 1 or not t.is_contiguous() or t.device.type != "cpu" or (
+                    name != "tables" and t.shape[0] != rows):
+                raise ValueError(f"StepRows.{name} must be a contiguous int64 CPU vector"
+                                 + ("" if name == "tables" else f" of the rows' length ({rows})"))
+        if rows and (int(self.slots.min()) < 0 or int(self.positions.min()) < 0 or int(self.table_start.min()) < 0):
+            raise ValueError("StepRows: slots, positions and table starts must be >= 0")
+        object.__setattr__(self, "_checked", {})
+
+    def check(self, pages: int, page_size: int) -> None:
+        """Raises ValueError unless every slot and every page the rows read lies in a pool of `pages` pages of
+        `page_size` tokens (checked once per pool shape)."""
+        if (pages, page_size) in self._checked:
+            return
+        if self.slots.numel():
+            last = self.table_start + self.positions // page_size  # each row's last page in `tables`
+            if int(self.slots.max()) >= pages * page_size or int(last.max()) >= self.tables.numel() or (
+                    self.tables.numel() and (int(self.tables.min()) < 0 or int(self.tables.max()) >= pages)):
+                raise ValueError(f"StepRows reach past a pool of {pages} pages of {page_size} tokens")
+        self._checked[(pages, page_size)] = True
+
 
 def step_rows(spans, slot_mapping: torch.Tensor) -> StepRows:
     """StepRows of a step whose sequences are `spans` (q_start, q_len, context_len, page_table each: rows q_start..
     q_start + q_len - 1 are the sequence's last q_len tokens of context_len) and slots `slot_mapping` [T]."""
     rows = slot_mapping.shape[0]
-    positions = torch.empty(rows, dtype=torch.int64)
-    table_start = torch.empty(rows, dtype=torch.int64)
+    positions = torch.empty(rows, dtype=torch.int64, device="cpu")
+    table_start = torch.empty(rows, dtype=torch.int64, device="cpu")
     tables, start = [], 0
     for span in spans:
         first = span.context_len - span.q_len
@@ -70,10 +94,14 @@ def attention(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, pool:
             raise ValueError(f"{name} must be float32 [{t}, {head_dim}] with contiguous rows")
     if (cos is None) != (sin is None) or (q_norm is None) != (k_norm is None):
         raise ValueError("cos and sin, and q_norm and k_norm, come both or neither")
-    for tensor in (rows.slots, rows.positions, rows.table_start):
-        if tensor.shape != (t,) or tensor.dtype is not torch.int64:
-            raise ValueError(f"step rows must be int64 [{t}]")
-    out = torch.empty((t, heads * head_dim))
+    for name, weight in (("q_norm", q_norm), ("k_norm", k_norm)):
+        if weight is not None and (weight.dtype is not torch.float32 or weight.shape != (head_dim,)
+                                   or not weight.is_contiguous()):
+            raise ValueError(f"{name} must be a contiguous float32 tensor [{head_dim}]")
+    if rows.slots.shape[0] != t:
+        raise ValueError(f"step rows describe {rows.slots.shape[0]} rows, qkv has {t}")
+    rows.check(pool.shape[0], pool.shape[3])
+    out = torch.empty((t, heads * head_dim), dtype=torch.float32, device="cpu")  # not torch's default dtype or device
     ptr = (lambda x: None if x is None else x.data_ptr())
     rc = lib.braid_cpu_attention(
         qkv.data_ptr(), qkv.stride(0), t, heads, kv_heads, head_dim, ptr(cos), ptr(sin),
@@ -109,7 +137,7 @@ def attention_ref(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, p
         page, offset = divmod(int(rows.slots[r]), page_size)
         flat[page, 0, :, offset] = k[r].to(pool.dtype)
         flat[page, 1, :, offset] = v[r].to(pool.dtype)
-    out = torch.empty(t, heads, head_dim)
+    out = torch.empty(t, heads, head_dim, dtype=torch.float32)
     group = heads // kv_heads
     for r in range(t):
         p, start = int(rows.positions[r]), int(rows.table_start[r])

@@ -31,13 +31,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     if weight.dtype is not torch.float32 or not weight.is_contiguous():
         raise ValueError(f"weight must be a contiguous float32 tensor, got {weight.dtype}")
     m = x.shape[0]
-    y = torch.empty((m, dim))
+    y = torch.empty((m, dim), dtype=torch.float32, device="cpu")  # not torch's default dtype or device
     h = None
     if residual is not None:
         _check(residual, dim, "residual")
         if residual.shape[0] != m:
             raise ValueError(f"residual has {residual.shape[0]} rows, x {m}")
-        h = torch.empty((m, dim))
+        h = torch.empty((m, dim), dtype=torch.float32, device="cpu")
     _lib().braid_cpu_rms_norm(x.data_ptr(), x.stride(0), None if h is None else residual.data_ptr(),
                               0 if h is None else residual.stride(0), None if h is None else h.data_ptr(), dim,
                               weight.data_ptr(), eps, y.data_ptr(), dim, m, dim)
@@ -57,7 +57,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"x must be [rows, 2 * d], got {tuple(x.shape)}")
     d = x.shape[1] // 2
     _check(x, 2 * d)
-    y = torch.empty((x.shape[0], d))
+    y = torch.empty((x.shape[0], d), dtype=torch.float32, device="cpu")
     _lib().braid_cpu_silu_mul(x.data_ptr(), x.stride(0), y.data_ptr(), d, x.shape[0], d)
     return y
 

@@ -104,10 +104,19 @@ static inline __m256i load_tail_codes(const uint8_t *c, int bits) {
     return _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
 }
 
+/* Two adjacent floats as the bits of one double (broadcast as a pair). */
+static inline double two_values(const float *p) {
+    double d;
+    memcpy(&d, p, sizeof d);
+    return d;
+}
+
 /* The scales of blocks b and b + 1 of a row as [s_b, s_b+1] repeated over 16 lanes. */
 static inline __m512 pair_scales(const void *s, int b, int f32) {
-    if (f32) return _mm512_castpd_ps(_mm512_set1_pd(*(const double *)((const float *)s + b)));
-    __m256i two = _mm256_set1_epi32(*(const int32_t *)((const uint16_t *)s + b));
+    if (f32) return _mm512_castpd_ps(_mm512_set1_pd(two_values((const float *)s + b)));
+    int32_t halves;
+    memcpy(&halves, (const uint16_t *)s + b, sizeof halves);
+    __m256i two = _mm256_set1_epi32(halves);
     return _mm512_cvtph_ps(two);
 }
 
@@ -144,7 +153,7 @@ static inline __attribute__((always_inline)) void tile(
             const int8_t *qj = q + (m0 + j) * k * terms + c * CHUNK;
             __m512i xq = _mm512_loadu_si512((const void *)qj);
             __m512i xq2 = terms == 2 ? _mm512_loadu_si512((const void *)(qj + k)) : xq;
-            __m512 xs = _mm512_castpd_ps(_mm512_set1_pd(*(const double *)(dx + (m0 + j) * nb + 2 * c)));
+            __m512 xs = _mm512_castpd_ps(_mm512_set1_pd(two_values(dx + (m0 + j) * nb + 2 * c)));
             for (int i = 0; i < RW; i++) {
                 __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[i], xq);
                 if (terms == 2) dot = _mm512_dpbusd_epi32(_mm512_slli_epi32(dot, 8), w[i], xq2);
@@ -188,15 +197,16 @@ static inline __attribute__((always_inline)) void tile(
 
 /* Rows [m0, m1) of x against rows [n0, n1) of W. */
 static inline __attribute__((always_inline)) void span(
-        int bits, int f32, const int terms, int k, const uint8_t *codes, const void *scales, const void *offsets, long n0, long n1,
+        int bits, int f32, const int terms, int k, const uint8_t *codes, const void *scales, const void *offsets,
+        long rows_of_w, long n0, long n1,
         const int8_t *q, const float *dx, const float *sx, long m0, long m1, float *y, long ldy) {
     long n = n0;
     const long code_stride = (long)k * bits / 8, scale_stride = (long)(k / BLOCK) * (f32 ? 4 : 2);
     for (; n + 4 <= n1; n += 4) {
         /* Rows of W come from L3 or memory once per call: fetch those PREFETCH_ROWS ahead, so that more lines are
          * in flight than the hardware prefetchers keep (one core's reads are latency-bound otherwise: 15% faster
-         * on the embedded model's matrices). Past the last row this touches nothing (prefetches do not fault). */
-        {
+         * on the embedded model's matrices). */
+        if (n + PREFETCH_ROWS + 4 <= rows_of_w) {
             const char *c = (const char *)codes + (n + PREFETCH_ROWS) * code_stride;
             for (long b = 0; b < 4 * code_stride; b += 64) _mm_prefetch(c + b, _MM_HINT_T0);
             const char *s = (const char *)scales + (n + PREFETCH_ROWS) * scale_stride;
@@ -218,9 +228,10 @@ static inline __attribute__((always_inline)) void span(
 }
 
 #define SPAN_VARIANT(name, BITS, F32, TERMS) \
-    static void name(int k, const uint8_t *codes, const void *scales, const void *offsets, long n0, long n1, \
-                     const int8_t *q, const float *dx, const float *sx, long m0, long m1, float *y, long ldy) { \
-        span(BITS, F32, TERMS, k, codes, scales, offsets, n0, n1, q, dx, sx, m0, m1, y, ldy); \
+    static void name(int k, const uint8_t *codes, const void *scales, const void *offsets, long rows_of_w, long n0, \
+                     long n1, const int8_t *q, const float *dx, const float *sx, long m0, long m1, float *y, \
+                     long ldy) { \
+        span(BITS, F32, TERMS, k, codes, scales, offsets, rows_of_w, n0, n1, q, dx, sx, m0, m1, y, ldy); \
     }
 SPAN_VARIANT(span4_f16, 4, 0, 1)
 SPAN_VARIANT(span4_f32, 4, 1, 1)
@@ -242,8 +253,8 @@ struct braid_weight {
     long scales_f32;  /* 0: float16 scales and offsets, 1: float32 */
 };
 
-typedef void (*span_fn)(int, const uint8_t *, const void *, const void *, long, long, const int8_t *, const float *,
-                        const float *, long, long, float *, long);
+typedef void (*span_fn)(int, const uint8_t *, const void *, const void *, long, long, long, const int8_t *,
+                        const float *, const float *, long, long, float *, long);
 static const span_fn SPANS[2][2][2] = {  /* [terms - 1][bits == 8][scales_f32] */
     {{span4_f16, span4_f32}, {span8_f16, span8_f32}},
     {{span4_f16_fine, span4_f32_fine}, {span8_f16_fine, span8_f32_fine}},
@@ -281,7 +292,7 @@ int braid_cpu_quant_linear(const struct braid_weight *w, const float *x, long m,
         for (long wt = 0; wt < wtasks; wt++) {
             long m0 = xt * XROWS_PER_TASK, m1 = m0 + XROWS_PER_TASK < m ? m0 + XROWS_PER_TASK : m;
             long n0 = wt * WROWS_PER_TASK, n1 = n0 + WROWS_PER_TASK < n ? n0 + WROWS_PER_TASK : n;
-            fn(k, w->codes, w->scales, w->offsets, n0, n1, q, dx, sx, m0, m1, y, ldy);
+            fn(k, w->codes, w->scales, w->offsets, n, n0, n1, q, dx, sx, m0, m1, y, ldy);
         }
     if (!small) { free(q); free(dx); }
     return 0;

@@ -168,7 +168,7 @@ def linear(x: torch.Tensor, weight: PackedWeight, out: torch.Tensor | None = Non
                          f"{x.dtype} {tuple(x.shape)} strides {x.stride()} on {x.device}")
     m = x.shape[0]
     if out is None:
-        out = torch.empty((m, n))
+        out = torch.empty((m, n), dtype=torch.float32, device="cpu")  # not torch's default dtype or device
     elif out.dtype is not torch.float32 or out.shape != (m, n) or out.stride(1) != 1 or out.device.type != "cpu":
         raise ValueError(f"out must be a float32 CPU tensor [{m}, {n}] with contiguous rows, got {out.dtype} "
                          f"{tuple(out.shape)} strides {out.stride()} on {out.device}")

@@ -286,6 +286,9 @@ def cpu_weight_form(config: EngineConfig, dtype: torch.dtype) -> str:
     integer-dot kernels), "int4" (torch's int4 op) or "float" (decoded at load); raises InvalidRequestError where
     cpu_native_kernels=True cannot be had."""
     if config.cpu_int4 is False:
+        if config.cpu_native_kernels:
+            raise InvalidRequestError("cpu_native_kernels=True computes from the quantised weights, which "
+                                      "cpu_int4=False decodes to float at load: set one of them otherwise")
         return "float"
     if config.cpu_native_kernels or (config.cpu_native_kernels is None and config.cpu_int4 is None):
         from braid_kernels import cpu_quant  # imported on use: braid_kernels reads TRITON_INTERPRET

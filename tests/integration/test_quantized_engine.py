@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from braid_kernels import cpu_library
 from braidinfer import LLM, SamplingParams
 from braidinfer.errors import InvalidRequestError
 from braidinfer.loader.gguf_file import GGUFCheckpoint
@@ -21,7 +20,19 @@ QWEN3_TYPES = {"q_proj": "Q8_0", "k_proj": "Q8_0", "v_proj": "Q8_0", "o_proj": "
 BASE = dict(device="cpu", dtype="float32", progress=False, num_kv_pages=64, cpu_int4=False)
 INT4 = {**BASE, "cpu_int4": True, "kv_cache_dtype": "float32"}  # the form alone (auto would add a bfloat16 KV pool)
 DOT = {**BASE, "cpu_int4": None, "cpu_native_kernels": True, "kv_cache_dtype": "float32"}  # Braid's CPU kernels
-needs_cpu_kernels = pytest.mark.skipif(not cpu_library.available(), reason=f"{cpu_library.unavailable_reason()}")
+
+
+def cpu_library():
+    """braid_kernels.cpu_library, imported when a test runs: importing braid_kernels at collection, before
+    tests/kernels/conftest.py sets TRITON_INTERPRET, would compile its Triton kernels for CUDA only."""
+    from braid_kernels import cpu_library
+
+    return cpu_library
+
+
+def require_cpu_kernels() -> None:
+    if not cpu_library().available():
+        pytest.skip(f"Braid's CPU kernels do not run here: {cpu_library().unavailable_reason()}")
 
 
 def qwen3_qtype(name: str) -> str | None:
@@ -132,11 +143,11 @@ def test_int4_form_matches_transformers_through_the_same_layers(quantized_model)
         assert_greedy_matches(llm, int4_ref, prompts, steps=12)
 
 
-@needs_cpu_kernels
 def test_dot_form_matches_transformers_through_the_same_layers(quantized_model):
     """The engine with Braid's CPU kernels (cpu_native_kernels: the "dot" products, the C RMSNorm, SiLU-and-mul and
     attention) on the tiny checkpoints against transformers whose projections are the same "dot" layers: the
     engine's wiring of the form and of the C attention (rotation, pool writes, page tables, GQA)."""
+    require_cpu_kernels()
     path, ref = quantized_model
     with LLM(model=path, **DOT) as llm:
         assert "integer-dot" in llm.load_summary[1]
@@ -155,13 +166,16 @@ def test_dot_form_matches_transformers_through_the_same_layers(quantized_model):
 
 def test_native_kernels_are_validated(monkeypatch):
     """cpu_native_kernels=True where the kernels cannot run is a clear error, not a fallback."""
-    monkeypatch.setattr(cpu_library, "library", lambda: None)
-    monkeypatch.setattr(cpu_library, "_reason", "no compiler here")
     from braid_kernels import cpu_quant
 
-    monkeypatch.setattr(cpu_quant, "unavailable_reason", cpu_library.unavailable_reason)
+    library = cpu_library()
+    monkeypatch.setattr(library, "library", lambda: None)
+    monkeypatch.setattr(library, "_reason", "no compiler here")
+    monkeypatch.setattr(cpu_quant, "unavailable_reason", library.unavailable_reason)
     with pytest.raises(InvalidRequestError, match="no compiler here"):
         LLM(**{**DOT, "model": None})
+    with pytest.raises(InvalidRequestError, match="cpu_int4=False"):
+        LLM(**{**DOT, "model": None, "cpu_int4": False})
 
 
 def _perplexity(model, ids: torch.Tensor) -> float:
@@ -191,7 +205,7 @@ def test_embedded_model_int4_perplexity_within_half_a_percent(embedded_gguf, hf_
     ids = smollm_tokenizer(inspect.getsource(json.decoder), return_tensors="pt").input_ids[:, :768]
     int4 = with_int4_linears(hf_smollm, embedded_gguf)
     float_ppl, int4_ppl = _perplexity(hf_smollm, ids), _perplexity(int4, ids)
-    if cpu_library.available():  # Braid's CPU kernels: x rounded to int8 per 32 values, the bfloat16 pool's K/V
+    if cpu_library().available():  # Braid's CPU kernels: x rounded to int8 per 32 values, the bfloat16 pool's K/V
         dot = with_int4_linears(hf_smollm, embedded_gguf, form="dot")
         dot.set_attn_implementation("bf16_kv_perplexity")
         dot_ppl = _perplexity(dot, ids)
@@ -214,7 +228,7 @@ def test_embedded_model_int4_perplexity_within_half_a_percent(embedded_gguf, hf_
     assert decoded_ppl != pool_ppl or not cpu_int4.layout_known()  # the decoded products ran
 
 
-@pytest.mark.parametrize("form", ["int4", pytest.param("dot", marks=needs_cpu_kernels)])
+@pytest.mark.parametrize("form", ["int4", "dot"])
 def test_embedded_model_int4_engine_is_within_bf16_rounding(embedded_gguf, hf_smollm, form):
     """The engine on the embedded model with the int4 form (and with Braid's CPU kernels, the default where they
     run) against itself without: the same greedy tokens, and top logprobs about as far apart as transformers' model
@@ -223,6 +237,8 @@ def test_embedded_model_int4_engine_is_within_bf16_rounding(embedded_gguf, hf_sm
     kv_cache_dtype "auto"); under a third of the float weights' bytes."""
     import copy
 
+    if form == "dot":
+        require_cpu_kernels()
     default_kv = {**(INT4 if form == "int4" else DOT), "kv_cache_dtype": "auto"}
     with LLM(model=embedded_gguf, **default_kv) as llm, LLM(model=embedded_gguf, **BASE) as plain:
         assert llm.engine.kv_dtype == torch.bfloat16 and plain.engine.kv_dtype == torch.float32

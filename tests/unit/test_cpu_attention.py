@@ -123,3 +123,19 @@ def test_the_backend_picks_the_decoding_rows():
     prompt_spans, prompt_slots = _step([(3, 19, [5, 6])])
     assert backend.decode_rows(AttentionMetadata(spans=prompt_spans, slot_mapping=prompt_slots, num_tokens=3)) \
         == (None, None)
+
+
+def test_step_rows_are_checked_against_the_pool():
+    """Rows that would write or read outside the pool are refused before the kernel runs."""
+    spans, slots = _step([(1, 20, [1, 7])])
+    qkv, cos, sin = _inputs(1, seed=6)
+    pool = torch.zeros(8, 2, KV_HEADS, PAGE, HEAD_DIM)
+    cpu_attention.attention(qkv, HEADS, KV_HEADS, HEAD_DIM, pool, cpu_attention.step_rows(spans, slots), 0.125)
+    with pytest.raises(ValueError, match="pool of 7 pages"):  # page 7 is outside a 7-page pool
+        cpu_attention.attention(qkv, HEADS, KV_HEADS, HEAD_DIM, pool[:7].contiguous(),
+                                cpu_attention.step_rows(spans, slots), 0.125)
+    with pytest.raises(ValueError, match=">= 0"):
+        cpu_attention.step_rows(spans, torch.tensor([-1]))
+    short = [SimpleNamespace(q_start=0, q_len=1, context_len=40, page_table=torch.tensor([1, 7]))]  # 40 > 2 pages
+    with pytest.raises(ValueError, match="reach past"):
+        cpu_attention.attention(qkv, HEADS, KV_HEADS, HEAD_DIM, pool, cpu_attention.step_rows(short, slots), 0.125)

@@ -46,3 +46,19 @@ def test_refuses_bad_arguments():
         cpu_norm.rms_norm(torch.ones(2, 8), w, 1e-6, residual=torch.ones(3, 8))
     with pytest.raises(ValueError, match="2 \\* d"):
         cpu_norm.silu_and_mul(torch.ones(2, 7))
+
+
+def test_outputs_are_float32_whatever_torch_defaults_to():
+    """The kernels write float32: their outputs are allocated so, not in torch's default dtype (a float16 default
+    would otherwise get half the bytes the kernel writes)."""
+    x, w = torch.randn(3, 64, dtype=torch.float32), torch.randn(64, dtype=torch.float32)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        y = cpu_norm.rms_norm(x, w, 1e-6)
+        s = cpu_norm.silu_and_mul(x)
+    finally:
+        torch.set_default_dtype(before)
+    assert y.dtype == s.dtype == torch.float32
+    torch.testing.assert_close(y, cpu_norm.rms_norm_ref(x, w, 1e-6), rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(s, cpu_norm.silu_and_mul_ref(x), rtol=4e-7, atol=1e-30)
