@@ -81,7 +81,7 @@ def attention(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, pool:
     t = qkv.shape[0]
     width = (heads + 2 * kv_heads) * head_dim
     if qkv.dtype is not torch.float32 or qkv.dim() != 2 or qkv.shape[1] != width or qkv.stride(1) != 1 \
-            or qkv.device.type != "cpu":
+            or not qkv.is_cpu:
         raise ValueError(f"qkv must be a float32 CPU tensor [rows, {width}] with contiguous rows, got {qkv.dtype} "
                          f"{tuple(qkv.shape)} on {qkv.device}")
     if pool.dtype not in (torch.float32, torch.bfloat16) or not pool.is_contiguous() or pool.dim() != 5 \
@@ -101,7 +101,7 @@ def attention(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, pool:
     if rows.slots.shape[0] != t:
         raise ValueError(f"step rows describe {rows.slots.shape[0]} rows, qkv has {t}")
     rows.check(pool.shape[0], pool.shape[3])
-    out = torch.empty((t, heads * head_dim), dtype=torch.float32, device="cpu")  # not torch's default dtype or device
+    out = qkv.new_empty((t, heads * head_dim))  # float32 on the CPU, as qkv (not torch's default dtype or device)
     ptr = (lambda x: None if x is None else x.data_ptr())
     rc = lib.braid_cpu_attention(
         qkv.data_ptr(), qkv.stride(0), t, heads, kv_heads, head_dim, ptr(cos), ptr(sin),

@@ -66,12 +66,13 @@ def library() -> ctypes.CDLL | None:
         return None
     p, i, n, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
     for name, args in (("braid_cpu_quant_linear", (p, p, n, n, p, n, i, i)),
-                       ("braid_cpu_rms_norm", (p, n, p, n, p, n, p, f, p, n, n, n)),
-                       ("braid_cpu_silu_mul", (p, n, p, n, n, n)),
+                       ("braid_cpu_rms_norm", (p, p, f, p, n, n)),
+                       ("braid_cpu_add_rms_norm", (p, p, p, f, p, p, n, n)),
+                       ("braid_cpu_silu_mul", (p, p, n, n)),
                        ("braid_cpu_attention", (p, n, n, n, n, n, p, p, n, p, p, f, p, i, n, p, p, p, p, n, f, p, n, i))):
         getattr(lib, name).argtypes = args
     lib.braid_cpu_quant_linear.restype = lib.braid_cpu_attention.restype = i
-    lib.braid_cpu_rms_norm.restype = lib.braid_cpu_silu_mul.restype = None
+    lib.braid_cpu_rms_norm.restype = lib.braid_cpu_add_rms_norm.restype = lib.braid_cpu_silu_mul.restype = None
     return lib
 
 

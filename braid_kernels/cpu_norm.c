@@ -1,7 +1,8 @@
 /* The elementwise steps around the quantised products on x86 CPUs with AVX-512, float32, one call for all rows
  * (each row computed alone, in the same order whatever the other rows are):
  *
- *   braid_cpu_rms_norm:  h = x + residual (when residual is given, written to h), y = w * (h * rsqrt(mean(h^2) + eps))
+ *   braid_cpu_rms_norm:      y = w * (x * rsqrt(mean(x^2) + eps))
+ *   braid_cpu_add_rms_norm:  h = x + residual, written to h, then y as above of h
  *   braid_cpu_silu_mul:  y = silu(gate) * up for rows [gate | up]
  *
  * The operations and their order of rounding are transformers' Llama RMSNorm in float32; the sum of squares is taken
@@ -25,13 +26,14 @@ static inline float sum_of_squares(const float *h, long dim) {
     return _mm512_reduce_add_ps(acc);
 }
 
-void braid_cpu_rms_norm(const float *x, long ldx, const float *residual, long ldr, float *h, long ldh,
-                        const float *w, float eps, float *y, long ldy, long m, long dim) {
+/* Rows of `dim` values, each row's values contiguous and rows one after another (x, residual, h, y). */
+static void rms_norm_rows(const float *x, const float *residual, float *h, const float *w, float eps, float *y,
+                          long m, long dim) {
     for (long r = 0; r < m; r++) {
-        const float *xr = x + r * ldx;
-        float *hr = residual ? h + r * ldh : (float *)xr;
+        const float *xr = x + r * dim;
+        float *hr = residual ? h + r * dim : (float *)xr;
         if (residual) {
-            const float *rr = residual + r * ldr;
+            const float *rr = residual + r * dim;
             long i = 0;
             for (; i + 16 <= dim; i += 16)
                 _mm512_storeu_ps(hr + i, _mm512_add_ps(_mm512_loadu_ps(xr + i), _mm512_loadu_ps(rr + i)));
@@ -39,7 +41,7 @@ void braid_cpu_rms_norm(const float *x, long ldx, const float *residual, long ld
         }
         float inv = 1.0f / sqrtf(sum_of_squares(hr, dim) / (float)dim + eps);
         __m512 vinv = _mm512_set1_ps(inv);
-        float *yr = y + r * ldy;
+        float *yr = y + r * dim;
         long i = 0;
         for (; i + 16 <= dim; i += 16)
             _mm512_storeu_ps(yr + i, _mm512_mul_ps(_mm512_loadu_ps(w + i),
@@ -48,10 +50,20 @@ void braid_cpu_rms_norm(const float *x, long ldx, const float *residual, long ld
     }
 }
 
-void braid_cpu_silu_mul(const float *x, long ldx, float *y, long ldy, long m, long d) {
+/* Few arguments each: a call through ctypes costs per argument. */
+void braid_cpu_rms_norm(const float *x, const float *w, float eps, float *y, long m, long dim) {
+    rms_norm_rows(x, 0, 0, w, eps, y, m, dim);
+}
+
+void braid_cpu_add_rms_norm(const float *x, const float *residual, const float *w, float eps, float *y, float *h,
+                            long m, long dim) {
+    rms_norm_rows(x, residual, h, w, eps, y, m, dim);
+}
+
+void braid_cpu_silu_mul(const float *x, float *y, long m, long d) {
     for (long r = 0; r < m; r++) {
-        const float *gate = x + r * ldx, *up = gate + d;
-        float *yr = y + r * ldy;
+        const float *gate = x + r * 2 * d, *up = gate + d;
+        float *yr = y + r * d;
         for (long i = 0; i < d; i += 16) {
             __mmask16 mask = d - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (d - i)) - 1);
             __m512 g = _mm512_maskz_loadu_ps(mask, gate + i), u = _mm512_maskz_loadu_ps(mask, up + i);

@@ -18,30 +18,31 @@ def _lib():
 
 
 def _check(x: torch.Tensor, dim: int, name: str = "x") -> None:
-    if x.dtype is not torch.float32 or x.dim() != 2 or x.shape[1] != dim or x.stride(1) != 1 or x.is_cuda:
-        raise ValueError(f"{name} must be a float32 CPU tensor [rows, {dim}] with contiguous rows, got {x.dtype} "
+    """x must be float32 [rows, dim] on the CPU, contiguous (the kernels read rows one after another)."""
+    if x.dtype is not torch.float32 or x.dim() != 2 or x.shape[1] != dim or not x.is_contiguous() or not x.is_cpu:
+        raise ValueError(f"{name} must be a contiguous float32 CPU tensor [rows, {dim}], got {x.dtype} "
                          f"{tuple(x.shape)} strides {x.stride()} on {x.device}")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
-    """x [m, d] float32 -> w * (x * rsqrt(mean(x^2) + eps)); with `residual`, h = x + residual first and returns
-    (norm(h), h)."""
+    """x [m, d] float32, contiguous -> w * (x * rsqrt(mean(x^2) + eps)); with `residual` (the same shape), h = x +
+    residual first and returns (norm(h), h)."""
     dim = weight.shape[0]
     _check(x, dim)
-    if weight.dtype is not torch.float32 or not weight.is_contiguous():
-        raise ValueError(f"weight must be a contiguous float32 tensor, got {weight.dtype}")
+    if weight.dtype is not torch.float32 or not weight.is_contiguous() or weight.dim() != 1:
+        raise ValueError(f"weight must be a contiguous float32 vector, got {weight.dtype} {tuple(weight.shape)}")
     m = x.shape[0]
-    y = torch.empty((m, dim), dtype=torch.float32, device="cpu")  # not torch's default dtype or device
-    h = None
-    if residual is not None:
-        _check(residual, dim, "residual")
-        if residual.shape[0] != m:
-            raise ValueError(f"residual has {residual.shape[0]} rows, x {m}")
-        h = torch.empty((m, dim), dtype=torch.float32, device="cpu")
-    _lib().braid_cpu_rms_norm(x.data_ptr(), x.stride(0), None if h is None else residual.data_ptr(),
-                              0 if h is None else residual.stride(0), None if h is None else h.data_ptr(), dim,
-                              weight.data_ptr(), eps, y.data_ptr(), dim, m, dim)
-    return y if h is None else (y, h)
+    y = x.new_empty((m, dim))  # float32 on the CPU, as x (not torch's default dtype or device)
+    if residual is None:
+        _lib().braid_cpu_rms_norm(x.data_ptr(), weight.data_ptr(), eps, y.data_ptr(), m, dim)
+        return y
+    _check(residual, dim, "residual")
+    if residual.shape[0] != m:
+        raise ValueError(f"residual has {residual.shape[0]} rows, x {m}")
+    h = x.new_empty((m, dim))
+    _lib().braid_cpu_add_rms_norm(x.data_ptr(), residual.data_ptr(), weight.data_ptr(), eps, y.data_ptr(),
+                                  h.data_ptr(), m, dim)
+    return y, h
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
@@ -52,13 +53,13 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """x [m, 2 d] float32 (gate then up) -> silu(gate) * up [m, d]."""
+    """x [m, 2 d] float32, contiguous (gate then up) -> silu(gate) * up [m, d]."""
     if x.dim() != 2 or x.shape[1] % 2:
         raise ValueError(f"x must be [rows, 2 * d], got {tuple(x.shape)}")
     d = x.shape[1] // 2
     _check(x, 2 * d)
-    y = torch.empty((x.shape[0], d), dtype=torch.float32, device="cpu")
-    _lib().braid_cpu_silu_mul(x.data_ptr(), x.stride(0), y.data_ptr(), d, x.shape[0], d)
+    y = x.new_empty((x.shape[0], d))
+    _lib().braid_cpu_silu_mul(x.data_ptr(), y.data_ptr(), x.shape[0], d)
     return y
 
 

@@ -163,13 +163,13 @@ def linear(x: torch.Tensor, weight: PackedWeight, out: torch.Tensor | None = Non
     if lib is None:
         raise RuntimeError(f"the CPU quantised-product library is unavailable: {unavailable_reason()}")
     n, k = weight.shape
-    if x.dtype is not torch.float32 or x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1 or x.device.type != "cpu":
+    if x.dtype is not torch.float32 or x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1 or not x.is_cpu:
         raise ValueError(f"x must be a float32 CPU tensor [rows, {k}] with contiguous rows, got "
                          f"{x.dtype} {tuple(x.shape)} strides {x.stride()} on {x.device}")
     m = x.shape[0]
     if out is None:
-        out = torch.empty((m, n), dtype=torch.float32, device="cpu")  # not torch's default dtype or device
-    elif out.dtype is not torch.float32 or out.shape != (m, n) or out.stride(1) != 1 or out.device.type != "cpu":
+        out = x.new_empty((m, n))  # float32 on the CPU, as x (not torch's default dtype or device)
+    elif out.dtype is not torch.float32 or out.shape != (m, n) or out.stride(1) != 1 or not out.is_cpu:
         raise ValueError(f"out must be a float32 CPU tensor [{m}, {n}] with contiguous rows, got {out.dtype} "
                          f"{tuple(out.shape)} strides {out.stride()} on {out.device}")
     rc = lib.braid_cpu_quant_linear(weight._struct, x.data_ptr(), m, x.stride(0), out.data_ptr(), out.stride(0),

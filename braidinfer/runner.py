@@ -197,7 +197,7 @@ class ModelRunner:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             q_start = len(slots)  # one slot per new token, in row order
             slots.extend(seq.page_table[p // ps] * ps + p % ps for p in range(start, end))
-            spans.append(SeqSpan(q_start, n, end, table))
+            spans.append(SeqSpan(q_start, n, end, table, generated=start >= seq.num_prompt_tokens))
         meta = AttentionMetadata(spans, self._tensor(slots), len(input_ids))
         self.attention.plan(meta)
         fb = ForwardBatch(positions=self._tensor(positions), meta=meta, attention=self.attention)

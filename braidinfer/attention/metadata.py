@@ -20,12 +20,15 @@ class SeqSpan:
 
     Its new tokens are rows [q_start, q_start + q_len) of the batch; after this step its KV covers `context_len`
     tokens (the cached/computed ones plus the q_len new ones), stored in the pages of `page_table` in order.
+    `generated`: the new tokens all follow the prompt (the engine sampled them: decoding), as opposed to prompt
+    tokens, however few are left to compute after a prefix-cache hit or a chunk boundary.
     """
 
     q_start: int
     q_len: int
     context_len: int
     page_table: torch.Tensor  # [num_pages] int64, on the KV cache's device
+    generated: bool = False
 
 
 @dataclass(frozen=True)

@@ -33,19 +33,23 @@ class TorchAttention:
         self._rows = (meta, kv_rows(self.kv_cache[0], meta.slot_mapping))
 
     def decode_rows(self, meta: AttentionMetadata):
-        """(index, rows) of the step's decoding sequences (spans of one new token), built once per step: `index`
-        their rows of the step ([D] int64; None when every row decodes), `rows` those rows as
-        braid_kernels/cpu_attention.c reads them (its StepRows; None when no sequence decodes)."""
+        """(index, rows) of the step's decoding sequences (spans of generated tokens, SeqSpan.generated), built once
+        per step: `index` their rows of the step ([D] int64; None when every row decodes), `rows` those rows as
+        braid_kernels/cpu_attention.c reads them (its StepRows; None when no sequence decodes). A prompt's last
+        token left alone by a prefix-cache hit is not decoding: a row's path must not depend on the cache."""
         if self._step_rows is None or self._step_rows[0] is not meta:
             from braid_kernels.cpu_attention import step_rows  # on use: braid_kernels reads TRITON_INTERPRET
 
-            decoding = [span for span in meta.spans if span.q_len == 1]
-            if len(decoding) == meta.slot_mapping.shape[0]:
+            decoding = [span for span in meta.spans if span.generated]
+            if sum(span.q_len for span in decoding) == meta.slot_mapping.shape[0]:
                 found = (None, step_rows(decoding, meta.slot_mapping))
             elif decoding:
-                index = torch.tensor([span.q_start for span in decoding])
-                spans = [SimpleNamespace(q_start=i, q_len=1, context_len=span.context_len, page_table=span.page_table)
-                         for i, span in enumerate(decoding)]
+                index = torch.cat([torch.arange(span.q_start, span.q_start + span.q_len) for span in decoding])
+                spans, start = [], 0
+                for span in decoding:
+                    spans.append(SimpleNamespace(q_start=start, q_len=span.q_len, context_len=span.context_len,
+                                                 page_table=span.page_table))
+                    start += span.q_len
                 found = (index, step_rows(spans, meta.slot_mapping[index]))
             else:
                 found = (None, None)

@@ -26,7 +26,7 @@ class SiluAndMul(nn.Module):
             return DeferredSiluAndMul(x)
         if self.plan.triton:
             return triton_kernels().silu_and_mul(x)
-        if self.plan.cpu and x.dim() == 2 and x.dtype == torch.float32 and x.stride(1) == 1:
+        if self.plan.cpu and x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous():
             from braid_kernels.cpu_norm import silu_and_mul  # on use: braid_kernels reads TRITON_INTERPRET at import
 
             return silu_and_mul(x)

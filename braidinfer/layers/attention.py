@@ -110,10 +110,10 @@ class PagedAttention(nn.Module):
                 and backend.specs[self.layer_idx].logits_soft_cap is None)
 
     def _cpu(self, qkv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        """The rows of decoding sequences (spans of one new token) through the C kernel: QK-norm, RoPE, the K/V write
-        and attention in one call, each row alone; prompt rows through the PyTorch plan (SDPA per sequence, faster
-        for many rows). Which path a row takes depends only on its own sequence's span, so a request's answer does
-        not depend on the other sequences of its steps."""
+        """The rows of decoding sequences (generated tokens, SeqSpan.generated) through the C kernel: QK-norm, RoPE,
+        the K/V write and attention in one call, each row alone; prompt rows through the PyTorch plan (SDPA per
+        sequence, faster for many rows). Which path a row takes depends only on whether its token is a prompt token,
+        so a request's answer depends neither on the other sequences of its steps nor on the prefix cache."""
         from braid_kernels.cpu_attention import attention  # on use: braid_kernels reads TRITON_INTERPRET at import
 
         backend = batch.attention

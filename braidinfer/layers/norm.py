@@ -38,8 +38,8 @@ class RMSNorm(nn.Module):
             if residual is None:
                 return kernels.rms_norm(x, self.weight, self.eps)
             return kernels.fused_add_rms_norm(x, residual, self.weight, self.eps)
-        if self.plan.cpu and x.dim() == 2 and x.dtype == torch.float32 and x.stride(1) == 1 and (residual is None or (
-                residual.shape == x.shape and residual.dtype == torch.float32 and residual.stride(1) == 1)):
+        if self.plan.cpu and x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous() and (residual is None or (
+                residual.shape == x.shape and residual.dtype == torch.float32 and residual.is_contiguous())):
             from braid_kernels.cpu_norm import rms_norm  # on use: braid_kernels reads TRITON_INTERPRET at import
 
             return rms_norm(x, self.weight, self.eps, residual)

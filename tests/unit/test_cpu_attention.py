@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from braid_kernels import cpu_attention, cpu_library
-from braidinfer.attention.metadata import AttentionMetadata
+from braidinfer.attention.metadata import AttentionMetadata, SeqSpan
 from braidinfer.attention.torch_backend import TorchAttention
 
 pytestmark = pytest.mark.skipif(not cpu_library.available(), reason=f"{cpu_library.unavailable_reason()}")
@@ -18,11 +18,10 @@ HEADS, KV_HEADS, HEAD_DIM, PAGE = 6, 2, 64, 16
 
 def _step(spans: list[tuple[int, int, list[int]]], pages: int = 24):
     """Spans (q_len, context_len, page table) laid out one after another, each new token in its table's slot for
-    its position; -> (SeqSpans, slot_mapping)."""
+    its position, one-token spans decoding (generated) unless at position 0; -> (SeqSpans, slot_mapping)."""
     out, slots, start = [], [], 0
     for q_len, context_len, table in spans:
-        out.append(SimpleNamespace(q_start=start, q_len=q_len, context_len=context_len,
-                                   page_table=torch.tensor(table)))
+        out.append(SeqSpan(start, q_len, context_len, torch.tensor(table), generated=q_len == 1 and context_len > 1))
         slots += [table[p // PAGE] * PAGE + p % PAGE for p in range(context_len - q_len, context_len)]
         start += q_len
     return out, torch.tensor(slots)
@@ -109,8 +108,9 @@ def test_refuses_bad_arguments():
 
 
 def test_the_backend_picks_the_decoding_rows():
-    """TorchAttention.decode_rows: the rows of one-token spans (the engine's C path) with their slots, positions and
-    page tables; None for an all-decode step's index, None rows for a step without decoding sequences."""
+    """TorchAttention.decode_rows: the rows of generated-token spans (the engine's C path) with their slots,
+    positions and page tables; None for an all-decode step's index, None rows for a step without decoding sequences
+    (a prompt's single token left by a prefix-cache hit is not decoding)."""
     spans, slots = _step([(3, 19, [5, 6]), (1, 33, [2, 3, 8]), (1, 9, [10])])
     backend = TorchAttention(torch.zeros(1, 24, 2, KV_HEADS, PAGE, HEAD_DIM), 0.125)
     index, rows = backend.decode_rows(AttentionMetadata(spans=spans, slot_mapping=slots, num_tokens=5))
@@ -120,8 +120,9 @@ def test_the_backend_picks_the_decoding_rows():
     decode_spans, decode_slots = _step([(1, 33, [2, 3, 8]), (1, 9, [10])])
     index, rows = backend.decode_rows(AttentionMetadata(spans=decode_spans, slot_mapping=decode_slots, num_tokens=2))
     assert index is None and rows.positions.tolist() == [32, 8]
-    prompt_spans, prompt_slots = _step([(3, 19, [5, 6])])
-    assert backend.decode_rows(AttentionMetadata(spans=prompt_spans, slot_mapping=prompt_slots, num_tokens=3)) \
+    prompt_spans, prompt_slots = _step([(3, 19, [5, 6]), (1, 17, [4, 9])])
+    prompt_spans[1] = SeqSpan(3, 1, 17, torch.tensor([4, 9]), generated=False)  # the last prompt token, alone
+    assert backend.decode_rows(AttentionMetadata(spans=prompt_spans, slot_mapping=prompt_slots, num_tokens=4)) \
         == (None, None)
 
 
@@ -139,3 +140,25 @@ def test_step_rows_are_checked_against_the_pool():
     short = [SimpleNamespace(q_start=0, q_len=1, context_len=40, page_table=torch.tensor([1, 7]))]  # 40 > 2 pages
     with pytest.raises(ValueError, match="reach past"):
         cpu_attention.attention(qkv, HEADS, KV_HEADS, HEAD_DIM, pool, cpu_attention.step_rows(short, slots), 0.125)
+
+
+@pytest.mark.parametrize("window", [None, 300])
+def test_long_rows_attend_in_parts(window):
+    """Rows of 600-700 keys: the kernel attends in parts of 256 keys and merges them (flash-decoding); against the
+    reference, and each row the same alone as beside another sequence, with two threads splitting the parts."""
+    table = list(range(1, 45))
+    spans, slots = _step([(2, 700, table)], pages=48)
+    rows = cpu_attention.step_rows(spans, slots)
+    qkv, cos, sin = _inputs(2, seed=7)
+    pool = torch.randn(48, 2, KV_HEADS, PAGE, HEAD_DIM, generator=torch.Generator().manual_seed(8))
+    expected_pool = pool.clone()
+    out = cpu_attention.attention(qkv, HEADS, KV_HEADS, HEAD_DIM, pool, rows, 0.125, cos, sin, window=window,
+                                  threads=2)
+    expected = cpu_attention.attention_ref(qkv, HEADS, KV_HEADS, HEAD_DIM, expected_pool, rows, 0.125, cos, sin,
+                                           window=window)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    mixed_spans, mixed_slots = _step([(1, 5, [47]), (2, 700, table)], pages=48)
+    mixed = cpu_attention.attention(torch.cat((qkv[:1], qkv)), HEADS, KV_HEADS, HEAD_DIM, pool.clone(),
+                                    cpu_attention.step_rows(mixed_spans, mixed_slots), 0.125, torch.cat((cos[:1], cos)),
+                                    torch.cat((sin[:1], sin)), window=window, threads=2)
+    assert torch.equal(mixed[1:], out)
