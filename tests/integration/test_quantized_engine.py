@@ -232,9 +232,9 @@ def test_embedded_model_int4_perplexity_within_half_a_percent(embedded_gguf, hf_
 def test_embedded_model_int4_engine_is_within_bf16_rounding(embedded_gguf, hf_smollm, form):
     """The engine on the embedded model with the int4 form (and with Braid's CPU kernels, the default where they
     run) against itself without: the same greedy tokens, and top logprobs about as far apart as transformers' model
-    in bfloat16 is from its float32 (within 1.25x; the int4 form rounds only the projections' inputs and scales to
-    bfloat16, the dot form the inputs to int8 per 32 values, and the default KV pool holds K and V in bfloat16:
-    kv_cache_dtype "auto"); under a third of the float weights' bytes."""
+    in bfloat16 is from its float32 (int4, within 1.25x: it rounds the projections' inputs and scales to bfloat16)
+    or far closer (dot: the inputs in two int8 terms per 32 values, ~16 bits), with the default KV pool holding K and
+    V in bfloat16 (kv_cache_dtype "auto"); under a third of the float weights' bytes."""
     import copy
 
     if form == "dot":
@@ -260,8 +260,10 @@ def test_embedded_model_int4_engine_is_within_bf16_rounding(embedded_gguf, hf_sm
             if token in int4_top:
                 worst_int4 = max(worst_int4, abs(int4_top[token] - value))
     print(f"max |top logprob difference|: {form} engine {worst_int4:.3g}, transformers bf16 {worst_bf16:.3g}")
-    # The same order as bfloat16's rounding; 1.25x: on an AMX CPU the int4 engine came out 1% above the bf16 model.
-    assert 0 < worst_int4 <= 1.25 * worst_bf16
+    # int4: the same order as bfloat16's rounding (1.25x: on an AMX CPU it came out 1% above the bf16 model); dot:
+    # x in two int8 terms (~16 bits) and float32 q in the attention, 0.029 against bf16's 0.143 on an AMX CPU (one
+    # int8 term, llama.cpp's rounding, gave 0.325: this bound would catch it)
+    assert 0 < worst_int4 <= (1.25 if form == "int4" else 0.4) * worst_bf16
 
 
 def test_decoded_prefill_is_opt_in(embedded_gguf, smollm_tokenizer, monkeypatch):
