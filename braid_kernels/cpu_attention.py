@@ -51,18 +51,19 @@ class StepRows:
 
 
 def step_rows(spans, slot_mapping: torch.Tensor) -> StepRows:
-    """StepRows of a step whose sequences are `spans` (q_start, q_len, context_len, page_table each: rows q_start..
-    q_start + q_len - 1 are the sequence's last q_len tokens of context_len) and slots `slot_mapping` [T]."""
+    """StepRows of the new tokens of `spans` (q_len, context_len, page_table each: the sequence's last q_len tokens of
+    context_len), laid out span after span, and their slots `slot_mapping` [T] in that order."""
     rows = slot_mapping.shape[0]
     positions = torch.empty(rows, dtype=torch.int64, device="cpu")
     table_start = torch.empty(rows, dtype=torch.int64, device="cpu")
-    tables, start = [], 0
+    tables, start, row = [], 0, 0
     for span in spans:
         first = span.context_len - span.q_len
-        positions[span.q_start:span.q_start + span.q_len] = torch.arange(first, span.context_len)
-        table_start[span.q_start:span.q_start + span.q_len] = start
+        positions[row:row + span.q_len] = torch.arange(first, span.context_len)
+        table_start[row:row + span.q_len] = start
         tables.append(span.page_table.to(torch.int64))
         start += span.page_table.numel()
+        row += span.q_len
     flat = torch.cat(tables) if tables else torch.zeros(0, dtype=torch.int64)
     return StepRows(slot_mapping.to(torch.int64).contiguous(), positions, table_start, flat.contiguous())
 

@@ -1,8 +1,6 @@
 """Paged attention in plain PyTorch: runs on CPU and CUDA, and is the reference for every faster backend."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 import torch.nn.functional as F
 
@@ -45,12 +43,7 @@ class TorchAttention:
                 found = (None, step_rows(decoding, meta.slot_mapping))
             elif decoding:
                 index = torch.cat([torch.arange(span.q_start, span.q_start + span.q_len) for span in decoding])
-                spans, start = [], 0
-                for span in decoding:
-                    spans.append(SimpleNamespace(q_start=start, q_len=span.q_len, context_len=span.context_len,
-                                                 page_table=span.page_table))
-                    start += span.q_len
-                found = (index, step_rows(spans, meta.slot_mapping[index]))
+                found = (index, step_rows(decoding, meta.slot_mapping[index]))
             else:
                 found = (None, None)
             self._step_rows = (meta, found)
