@@ -26,6 +26,17 @@ HEADERS = ("cpu_simd.h",)
 FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c",
          "-mfma")
 
+_p, _i, _n, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
+SIGNATURES = {
+    "braid_cpu_quant_linear": ((_p, _p, _n, _n, _p, _n, _i, _i), True),
+    "braid_cpu_rms_norm": ((_p, _p, _f, _p, _n, _n), False),
+    "braid_cpu_add_rms_norm": ((_p, _p, _p, _f, _p, _p, _n, _n), False),
+    "braid_cpu_silu_mul": ((_p, _p, _n, _n), False),
+    "braid_cpu_attention": ((_p, _n, _n, _n, _n, _n, _p, _p, _n, _p, _p, _f, _p, _i, _n, _p, _p, _p, _p, _n, _f, _p,
+                             _n, _i), True),
+}
+"""The library's entry points: (argument types, whether it returns a status: 0 for success)."""
+
 _reason: str | None = None  # why the library is unavailable, once tried
 
 
@@ -64,15 +75,9 @@ def library() -> ctypes.CDLL | None:
     if not lib.braid_cpu_quant_supported():
         _reason = "this CPU lacks AVX-512 VNNI (or F16C/FMA)"
         return None
-    p, i, n, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
-    for name, args in (("braid_cpu_quant_linear", (p, p, n, n, p, n, i, i)),
-                       ("braid_cpu_rms_norm", (p, p, f, p, n, n)),
-                       ("braid_cpu_add_rms_norm", (p, p, p, f, p, p, n, n)),
-                       ("braid_cpu_silu_mul", (p, p, n, n)),
-                       ("braid_cpu_attention", (p, n, n, n, n, n, p, p, n, p, p, f, p, i, n, p, p, p, p, n, f, p, n, i))):
-        getattr(lib, name).argtypes = args
-    lib.braid_cpu_quant_linear.restype = lib.braid_cpu_attention.restype = i
-    lib.braid_cpu_rms_norm.restype = lib.braid_cpu_add_rms_norm.restype = lib.braid_cpu_silu_mul.restype = None
+    for name, (args, status) in SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, ctypes.c_int if status else None
     return lib
 
 

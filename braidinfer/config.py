@@ -84,8 +84,10 @@ class EngineConfig(ValidatedModel):
     = flashinfer where it can run, else torch."""
     enforce_eager: bool = False
     """Run every step eagerly. When False (the default), decode-only steps are captured in CUDA graphs, one per
-    batch-size bucket up to max_num_seqs (at most 512), when the attention backend is FlashInfer; elsewhere (torch
-    backend, CPU) steps run eagerly anyway."""
+    batch-size bucket up to max_num_seqs (at most 512), when the attention backend is FlashInfer; on the CPU with
+    Braid's C kernels (cpu_native_kernels), decode steps of up to 8 sequences replay each decoder layer's recorded
+    kernel calls without its Python (braidinfer.cpu_graphs); elsewhere (the torch backend on CUDA, the CPU without
+    the C kernels) steps run eagerly anyway."""
     cascade_decode: bool = True
     """With CUDA graphs: a decode step whose sequences share prefix pages (the same pinned system prompt or document,
     any common prefix served from the cache) reads the shared KV once per group of sequences rather than once per

@@ -104,7 +104,11 @@ class LLMEngine:
     def kernel_paths(self) -> list[str]:
         """Which path each kind of layer runs, one line each ("rmsnorm: torch", ...), then the attention backend, then
         each faster path this model falls back from, with the reason."""
-        return describe_kernels(self.model, self.runner.attention) + [f"fallback: {f}" for f in self.runner.fallbacks]
+        replay = [] if self.runner.cpu_graphs is None else [
+            f"decode steps of up to {self.runner.cpu_graphs.max_rows} rows: each decoder layer's C kernel calls "
+            f"recorded once and replayed (braidinfer.cpu_graphs; a layer that computes outside them runs eagerly)"]
+        return (describe_kernels(self.model, self.runner.attention) + replay
+                + [f"fallback: {f}" for f in self.runner.fallbacks])
 
     def memory_stats(self) -> dict[str, int]:
         """Bytes of the weights (each storage once; quantised ones as their blocks) and of the KV page pool."""

@@ -10,6 +10,7 @@ import torch
 from braidinfer.attention import AttentionMetadata, SeqSpan, TorchAttention
 from braidinfer.attention.flashinfer_backend import FlashInferAttention, cache_head_dim, unsupported_reason
 from braidinfer.attention.metadata import AttentionBackend
+from braidinfer.cpu_graphs import CpuGraphs, decoder_layers
 from braidinfer.cuda_graphs import DecodeGraphs, PrefillGraphs
 from braidinfer.errors import InvalidRequestError
 from braidinfer.graph_buckets import graph_batch_sizes
@@ -24,6 +25,9 @@ log = logging.getLogger(__name__)
 
 class ModelRunner:
     """Owns the model and the KV page pool [layers, pages, 2, kv_heads, page_size, head_dim] on one device.
+
+    On the CPU with Braid's C kernels (KernelPlan.cpu) and enforce_eager False, decode steps replay each decoder
+    layer's recorded kernel calls instead (`cpu_graphs`, braidinfer.cpu_graphs).
 
     With CUDA graphs (enforce_eager=False on the FlashInfer backend) the pool has one page more than the page manager
     hands out, the scratch page that padded graph rows write and read; decode-only steps of up to max_num_seqs
@@ -44,7 +48,7 @@ class ModelRunner:
         self.page_size = page_size
         backend, problem = _backend_name(attention_backend, device, dtype, cfg.head_dim)
         use_graphs = backend == "flashinfer" and not enforce_eager
-        if not enforce_eager and not use_graphs:
+        if not enforce_eager and not use_graphs and device.type == "cuda":
             log.info("CUDA graphs need the FlashInfer attention backend; running eagerly on the torch backend")
         num_pool_pages = num_pages + 1 if use_graphs else num_pages  # page num_pages: the graphs' scratch page
         self.head_dim = cfg.head_dim
@@ -94,6 +98,14 @@ class ModelRunner:
                                if use_graphs else None)
         if use_graphs:
             self._warm_logits(cfg.hidden_size, dtype)
+        self.cpu_graphs = None
+        """On the C kernel plan (KernelPlan.cpu) unless enforce_eager: decode steps replay each decoder layer's
+        recorded kernel calls (braidinfer.cpu_graphs)."""
+        layers = decoder_layers(model)
+        if device.type == "cpu" and not enforce_eager and layers is not None and any(
+                getattr(getattr(m, "plan", None), "cpu", False) for m in model.modules()):
+            persistent = [*model.parameters(), *model.buffers(), self.kv_cache]
+            self.cpu_graphs = CpuGraphs(layers, persistent)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, pending_tokens: torch.Tensor | None = None,

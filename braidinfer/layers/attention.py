@@ -161,6 +161,25 @@ class PagedAttention(nn.Module):
         return f"attention: {norm}{rope} in torch, then the backend's kv write and attend{padded}"
 
 
+def cpu_step_inputs(batch: ForwardBatch) -> dict[str, torch.Tensor] | None:
+    """The step-wide tensors PagedAttention's C path reads in a step where every row decodes: the rows of its
+    StepRows ("slots", "positions", "table_start", "tables"; checked against the pool here) and the float32 rotary
+    rows ("cos", "sin" [T, 1, head_dim], when the model rotates). None in any other step (a prefill, a step mixing
+    prompt and decoding rows, another attention backend). Replayed layers (braidinfer.cpu_graphs) re-point their
+    recorded calls at these each step."""
+    backend = batch.attention
+    if not hasattr(backend, "decode_rows"):
+        return None
+    index, rows = backend.decode_rows(batch.meta)
+    if rows is None or index is not None:
+        return None
+    rows.check(backend.kv_cache.shape[1], backend.kv_cache.shape[4])
+    inputs = {name: getattr(rows, name) for name in ("slots", "positions", "table_start", "tables")}
+    if batch.rope is not None:
+        inputs["cos"], inputs["sin"] = batch.rope.cos_sin(torch.float32)
+    return inputs
+
+
 def pad_heads(model: nn.Module, cache_head_dim: int) -> None:
     """Sets the KV pool's head width on every PagedAttention of `model` (see PagedAttention: cache_head_dim). Call
     before any CUDA graph is captured."""

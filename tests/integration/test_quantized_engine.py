@@ -292,3 +292,24 @@ def test_decoded_prefill_is_opt_in(embedded_gguf, smollm_tokenizer, monkeypatch)
     # 0.081 on an AMX CPU; transformers' own bfloat16 model is 0.143 from its float32 on this model
     # (test_embedded_model_int4_engine_is_within_bf16_rounding); a wrong row or code order moves them by O(1)
     assert 0 < gap < 0.15
+
+
+def test_replayed_decode_equals_eager(embedded_gguf):
+    """Decode steps replaying each layer's recorded kernel calls (braidinfer.cpu_graphs, enforce_eager False) give
+    the eager engine's logprobs bit for bit on the embedded model (every projection in the "dot" form), alone and
+    three sequences at a time (graphs per row count), across steps whose positions, slots and page tables change (a
+    stale pointer or input would differ)."""
+    require_cpu_kernels()
+    prompts = [[1, 9690, 198, 2683, 359, 253, 5356], [1, 4093, 314, 2260, 30, 28], [1, 504, 3458, 282, 4649] * 5]
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=3)
+    results = {}
+    for eager in (False, True):
+        with LLM(model=embedded_gguf, device="cpu", progress=False, enforce_eager=eager, page_size=8) as llm:
+            runner = llm.engine.runner
+            assert (runner.cpu_graphs is None) == eager
+            together = llm.generate(prompts, params)
+            alone = llm.generate(prompts[2:], params)
+            results[eager] = [[(t.token_id, t.logprob, t.top) for t in r.logprobs] for r in together + alone]
+            if not eager:  # every layer replayed at one and at three rows
+                assert runner.cpu_graphs.num_graphs >= 2 * len(runner.cpu_graphs.layers)
+    assert results[False] == results[True]

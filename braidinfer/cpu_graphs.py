@@ -1,0 +1,267 @@
+"""Replayed decoder layers on the CPU: each layer's decode step recorded once as the calls it makes into Braid's C
+kernels (braid_kernels.cpu_library), then made back to back without the layer's Python.
+
+On the C kernel plan (KernelPlan.cpu) a decode step of the embedded SmolLM2-135M is ~240 kernel calls. Made back to
+back they took 6.7 ms on two cores; inside the layers' Python (module calls, argument checks, allocations) the step
+took 13.2 ms, and the same Python with the kernels replaced by no-ops 3.0 ms (benchmarks/RESULTS.md). This is the
+CPU's counterpart of the CUDA graphs (braidinfer.cuda_graphs).
+
+Capture: the first decode step of a shape runs each layer eagerly under `_Recording`, which notes every call into the
+library and every torch op (a TorchDispatchMode). A layer replays when the torch ops were allocations and views only
+(every value computed by the kernels), it returned tensors it allocated or was given, and every pointer a kernel
+received lies in memory the recording can account for:
+- allocated during the capture (the layer's intermediates and outputs): the graph keeps them;
+- the layer's tensor arguments (x, residual) or the step's inputs (`cpu_step_inputs`: the rotary rows and the
+  attention's StepRows): re-pointed at every replay to the current step's tensors, at the same offset;
+- the model's parameters and buffers and the KV pool, which stay where they are.
+Otherwise the layer runs eagerly at that shape (logged once). A replay computes what the eager layer would, with
+the same kernels and arguments: the same values, bit for bit.
+
+A replayed layer returns the captured output tensors, overwritten when the same layer replays again: valid for one
+step, as the layers' outputs are used. Shapes: a step of at most `max_rows` decoding rows, keyed by the tensor
+arguments' shapes and strides and the thread count (an argument of the kernels).
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from braidinfer.layers.attention import cpu_step_inputs
+from braidinfer.models.forward_batch import ForwardBatch
+
+log = logging.getLogger(__name__)
+
+MAX_ROWS = 8
+"""Decode steps of up to this many rows replay (a graph per row count and layer; each holds its intermediates)."""
+
+_PATCHING = threading.Lock()  # one recording at a time replaces the library's functions (engines on other threads)
+_ALLOCATIONS = frozenset({"empty", "empty_strided", "new_empty", "new_empty_strided", "empty_like"})
+
+
+@dataclass
+class _Call:
+    fn: Callable
+    args: list
+    patches: list[tuple[int, str, int]]  # (argument index, bound tensor's name, byte offset into it)
+    status: bool  # the function returns 0 on success
+
+
+class _Graph:
+    """One layer's recorded calls and how to find its outputs."""
+
+    def __init__(self, calls: list[_Call], outputs: list[tuple[str, object]], single: bool, keep: list):
+        self.calls, self.outputs, self.single = calls, outputs, single
+        self.keep = keep  # the tensors the calls point into
+
+    def replay(self, pointers: dict[str, int], args: tuple):
+        for call in self.calls:
+            for i, name, offset in call.patches:
+                call.args[i] = pointers[name] + offset
+            if call.fn(*call.args) and call.status:
+                raise RuntimeError(f"{call.fn.__name__} failed in a replayed decode step")
+        outs = [args[value] if kind == "arg" else value for kind, value in self.outputs]
+        return outs[0] if self.single else tuple(outs)
+
+
+class CpuGraphs:
+    """Replays the decode steps of `layers` (the model's decoder layers, in order), installed by overriding each
+    layer's `forward` (the model's code is unchanged). `persistent`: the tensors that outlive every step (the model's
+    parameters and buffers, the KV pool). Each layer's forward takes its tensors and the step's ForwardBatch.
+    `step_inputs(batch)`: the step-wide tensors the layers' kernels read, None where the step must run eagerly."""
+
+    def __init__(self, layers: Iterable[nn.Module], persistent: Iterable[torch.Tensor], max_rows: int = MAX_ROWS,
+                 step_inputs: Callable[[ForwardBatch], dict[str, torch.Tensor] | None] = cpu_step_inputs):
+        self.max_rows, self.step_inputs = max_rows, step_inputs
+        self._persistent = sorted(_extent(t) for t in persistent if t.numel())
+        self._graphs: dict[tuple, _Graph | None] = {}  # None: that layer and shape run eagerly
+        self._step: tuple[ForwardBatch, dict[str, torch.Tensor] | None, dict[str, int]] | None = None
+        self.layers = list(layers)
+        for index, layer in enumerate(self.layers):
+            layer.forward = self._replaying(index, layer.forward)
+
+    @property
+    def num_graphs(self) -> int:
+        """Layer graphs captured so far (over every shape)."""
+        return sum(g is not None for g in self._graphs.values())
+
+    def _replaying(self, index: int, eager: Callable) -> Callable:
+        def forward(*args):
+            step = self._inputs(args)
+            if step is None:
+                return eager(*args)
+            step, pointers = step
+            key = (index, torch.get_num_threads(), *(_spec(a) for a in args))
+            graph = self._graphs.get(key, False)
+            if graph is False:
+                graph, out = self._capture(index, eager, args, step)
+                self._graphs[key] = graph
+                return out
+            if graph is None:
+                return eager(*args)
+            pointers = dict(pointers)
+            pointers.update((f"arg{i}", a.data_ptr()) for i, a in enumerate(args) if isinstance(a, torch.Tensor))
+            return graph.replay(pointers, args)
+        return forward
+
+    def _inputs(self, args: tuple) -> tuple[dict[str, torch.Tensor], dict[str, int]] | None:
+        """The step's inputs and their addresses when this call may replay (a decode step of at most max_rows rows),
+        else None. Computed by the step's first layer, before any capture."""
+        batch = next((a for a in args if isinstance(a, ForwardBatch)), None)
+        if batch is None or batch.meta.num_tokens > self.max_rows:
+            return None
+        if self._step is None or self._step[0] is not batch:
+            inputs = self.step_inputs(batch)
+            pointers = {} if inputs is None else {name: t.data_ptr() for name, t in inputs.items()}
+            self._step = (batch, inputs, pointers)
+        return None if self._step[1] is None else self._step[1:]
+
+    def _capture(self, index: int, eager: Callable, args: tuple, step: dict[str, torch.Tensor]):
+        """Runs the layer eagerly under a recording: (its graph, or None if it cannot replay; its output)."""
+        bound = dict(step)
+        bound.update((f"arg{i}", a) for i, a in enumerate(args) if isinstance(a, torch.Tensor))
+        with _Recording() as recording:
+            out = eager(*args)
+        single = isinstance(out, torch.Tensor)
+        try:
+            graph = recording.graph(out if not single else (out,), single, args, bound, self._persistent)
+        except _NotReplayable as reason:
+            log.info("decoder layer %d runs eagerly in %d-row decode steps: %s", index,
+                     args[0].shape[0] if isinstance(args[0], torch.Tensor) else -1, reason)
+            graph = None
+        return graph, out
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
+    """The model's decoder layers: its first ModuleList named "layers" (None if it has none)."""
+    return next((m for name, m in model.named_modules()
+                 if isinstance(m, nn.ModuleList) and name.rsplit(".", 1)[-1] == "layers"), None)
+
+
+class _NotReplayable(Exception):
+    pass
+
+
+class _Recording(TorchDispatchMode):
+    """Notes the calls into Braid's CPU library made on this thread (calls from other threads pass through), and
+    every torch op of this thread, while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[Callable, tuple, bool]] = []
+        self.allocated: list[torch.Tensor] = []
+        self.problem: str | None = None
+        self._thread = threading.get_ident()
+        self._originals: dict[str, Callable] = {}
+
+    def __enter__(self):
+        from braid_kernels.cpu_library import SIGNATURES, library  # on use: braid_kernels reads TRITON_INTERPRET
+
+        _PATCHING.acquire()
+        lib = library()
+        for name, (_, status) in SIGNATURES.items():
+            self._originals[name] = original = getattr(lib, name)
+            setattr(lib, name, self._noting(original, status))
+        try:
+            return super().__enter__()
+        except BaseException:
+            self._restore(lib)
+            raise
+
+    def __exit__(self, *exc):
+        from braid_kernels.cpu_library import library
+
+        self._restore(library())
+        return super().__exit__(*exc)
+
+    def _restore(self, lib) -> None:
+        for name, original in self._originals.items():
+            setattr(lib, name, original)
+        _PATCHING.release()
+
+    def _noting(self, fn: Callable, status: bool) -> Callable:
+        def call(*args):
+            if threading.get_ident() == self._thread:
+                self.calls.append((fn, args, status))
+            return fn(*args)
+        return call
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in _ALLOCATIONS:
+            self.allocated.append(out)
+        elif not (func.is_view and _aliases(out, args)) and self.problem is None:
+            self.problem = f"it computes {func} outside Braid's kernels"
+        return out
+
+    def graph(self, outs: tuple, single: bool, args: tuple, bound: dict[str, torch.Tensor],
+              persistent: list[tuple[int, int]]) -> _Graph:
+        if self.problem is not None:
+            raise _NotReplayable(self.problem)
+        if not self.calls:
+            raise _NotReplayable("it calls no C kernel")
+        own = [_extent(t) for t in self.allocated]
+        named = [(name, t.data_ptr(), _extent(t)[1]) for name, t in bound.items() if t.numel()]
+        calls = []
+        for fn, values, status in self.calls:
+            patches = []
+            for i, (value, kind) in enumerate(zip(values, fn.argtypes)):
+                if kind is ctypes.c_void_p and isinstance(value, int) and value:
+                    patches += _locate(value, own, named, persistent, fn.__name__, i)
+            calls.append(_Call(fn, list(values), patches, status))
+        outputs = []
+        for t in outs:
+            arg = next((i for i, a in enumerate(args) if a is t), None)
+            if arg is not None:
+                outputs.append(("arg", arg))
+            elif isinstance(t, torch.Tensor) and any(_inside(t.data_ptr(), e) for e in own):
+                outputs.append(("own", t))
+            else:
+                raise _NotReplayable("it returns a tensor it neither allocated nor was given")
+        return _Graph(calls, outputs, single, self.allocated)
+
+
+def _locate(pointer: int, own, named, persistent, fn: str, index: int) -> list[tuple[int, str, int]]:
+    """The patch for a pointer argument: [] when it stays (own or persistent memory), else [(index, name, offset)]
+    into a bound tensor."""
+    if any(_inside(pointer, e) for e in own):
+        return []
+    for name, start, end in named:
+        if start <= pointer < end:
+            return [(index, name, pointer - start)]
+    if any(_inside(pointer, e) for e in persistent):
+        return []
+    raise _NotReplayable(f"{fn}'s argument {index} points into memory allocated outside the layer")
+
+
+def _extent(t: torch.Tensor) -> tuple[int, int]:
+    """[start, end) of the bytes t's storage holds."""
+    storage = t.untyped_storage()
+    return storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+
+
+def _inside(pointer: int, extent: tuple[int, int]) -> bool:
+    return extent[0] <= pointer < extent[1]
+
+
+def _aliases(out, args) -> bool:
+    """Whether a view op's outputs share storage with one of its inputs (a view op may also return a new tensor,
+    e.g. `to` when it converts, whose values the replay would not compute)."""
+    inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    return all(o.untyped_storage().data_ptr() in inputs for o in outs if isinstance(o, torch.Tensor))
+
+
+def _spec(a) -> object:
+    """What a layer argument contributes to the graph's key: a tensor's shape, strides and dtype; None; or the
+    argument's type (the step's ForwardBatch)."""
+    if isinstance(a, torch.Tensor):
+        return a.shape, a.stride(), a.dtype
+    return None if a is None else type(a)
