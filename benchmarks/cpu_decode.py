@@ -10,7 +10,9 @@ CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=O
 Decode tok/s excludes the prefill: for Braid, the time from the first streamed token to the last; for transformers
 and llama.cpp, the time of generating N tokens minus generating 1 token from the same prompt. Prefill is the time to
 the first token (Braid with prefix caching off; transformers and llama.cpp: generating 1 token), best of the repeats.
-"braid auto" uses Braid's CPU integer-dot kernels where they run (EngineConfig.cpu_native_kernels); "(torch int4)"
+"braid auto" uses Braid's CPU integer-dot kernels where they run (EngineConfig.cpu_native_kernels) and replays
+their recorded calls in decode steps (braidinfer.cpu_graphs); "(eager layers)" runs the layers' Python every step
+(enforce_eager); "(torch int4)"
 is torch's int4 op instead, "(torch int4, decoded prefill)" that with EngineConfig.cpu_decoded_prefill on.
 """
 from __future__ import annotations
@@ -107,7 +109,8 @@ def main() -> None:
     rows: dict[str, tuple[float, float]] = {}  # name -> (prefill s, decode tok/s)
     prompt = None
     torch_int4 = dict(cpu_native_kernels=False)
-    runs = {"braid auto": {}, "braid auto (torch int4)": torch_int4,
+    runs = {"braid auto": {}, "braid auto (eager layers)": dict(enforce_eager=True),
+            "braid auto (torch int4)": torch_int4,
             "braid auto (torch int4, decoded prefill)": dict(torch_int4, cpu_decoded_prefill=True),
             "braid dequantize": dict(weight_format="dequantize")}
     runs.update({f"braid auto ({n} decode threads)": dict(cpu_decode_threads=n) for n in args.decode_threads})
