@@ -28,14 +28,15 @@ FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mav
 
 _p, _i, _n, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
 SIGNATURES = {
-    "braid_cpu_quant_linear": ((_p, _p, _n, _n, _p, _n, _i, _i), True),
-    "braid_cpu_rms_norm": ((_p, _p, _f, _p, _n, _n), False),
-    "braid_cpu_add_rms_norm": ((_p, _p, _p, _f, _p, _p, _n, _n), False),
-    "braid_cpu_silu_mul": ((_p, _p, _n, _n), False),
+    "braid_cpu_quant_linear": ((_p, _p, _n, _n, _p, _n, _i, _i), True, 7),
+    "braid_cpu_rms_norm": ((_p, _p, _f, _p, _n, _n), False, None),
+    "braid_cpu_add_rms_norm": ((_p, _p, _p, _f, _p, _p, _n, _n), False, None),
+    "braid_cpu_silu_mul": ((_p, _p, _n, _n), False, None),
     "braid_cpu_attention": ((_p, _n, _n, _n, _n, _n, _p, _p, _n, _p, _p, _f, _p, _i, _n, _p, _p, _p, _p, _n, _f, _p,
-                             _n, _i), True),
+                             _n, _i), True, 23),
 }
-"""The library's entry points: (argument types, whether it returns a status: 0 for success)."""
+"""The library's entry points: (argument types, whether it returns a status (0: success, -2: out of memory), the
+index of its OpenMP thread-count argument or None)."""
 
 _reason: str | None = None  # why the library is unavailable, once tried
 
@@ -75,7 +76,7 @@ def library() -> ctypes.CDLL | None:
     if not lib.braid_cpu_quant_supported():
         _reason = "this CPU lacks AVX-512 VNNI (or F16C/FMA)"
         return None
-    for name, (args, status) in SIGNATURES.items():
+    for name, (args, status, _) in SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, ctypes.c_int if status else None
     return lib

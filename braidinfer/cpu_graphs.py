@@ -13,13 +13,17 @@ received lies in memory the recording can account for:
 - allocated during the capture (the layer's intermediates and outputs): the graph keeps them;
 - the layer's tensor arguments (x, residual) or the step's inputs (`cpu_step_inputs`: the rotary rows and the
   attention's StepRows): re-pointed at every replay to the current step's tensors, at the same offset;
-- the model's parameters and buffers and the KV pool, which stay where they are.
-Otherwise the layer runs eagerly at that shape (logged once). A replay computes what the eager layer would, with
-the same kernels and arguments: the same values, bit for bit.
+- the model's parameters and buffers and the KV pool, which stay where they are (a packed weight's descriptor,
+  passed as a ctypes pointer, is built once per weight and points into its buffers).
+The new graph is then replayed once on the captured step's inputs with its own memory poisoned, and kept only if it
+reproduces the layer's outputs (a call the recording missed would leave them poisoned). Otherwise the layer runs
+eagerly at that shape (the reason logged once). A replay computes what the eager layer would, with the same kernels
+and arguments: the same values, bit for bit. Each graph keeps its intermediates: a few rows of each activation, e.g.
+~40 KB a layer and row for the embedded model.
 
 A replayed layer returns the captured output tensors, overwritten when the same layer replays again: valid for one
 step, as the layers' outputs are used. Shapes: a step of at most `max_rows` decoding rows, keyed by the tensor
-arguments' shapes and strides and the thread count (an argument of the kernels).
+arguments' shapes and strides (the kernels' thread-count arguments are set at each replay).
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ MAX_ROWS = 8
 """Decode steps of up to this many rows replay (a graph per row count and layer; each holds its intermediates)."""
 
 _PATCHING = threading.Lock()  # one recording at a time replaces the library's functions (engines on other threads)
+_THREAD = threading.local()  # .recording: this thread is inside a capture (a nested layer then runs eagerly)
 _ALLOCATIONS = frozenset({"empty", "empty_strided", "new_empty", "new_empty_strided", "empty_like"})
 
 
@@ -49,8 +54,8 @@ _ALLOCATIONS = frozenset({"empty", "empty_strided", "new_empty", "new_empty_stri
 class _Call:
     fn: Callable
     args: list
-    patches: list[tuple[int, str, int]]  # (argument index, bound tensor's name, byte offset into it)
-    status: bool  # the function returns 0 on success
+    patches: list[tuple[int, str, int]]  # (argument index, bound name, byte offset): args[i] = bound[name] + offset
+    status: bool  # the function returns 0 on success, -2 out of memory
 
 
 class _Graph:
@@ -60,12 +65,16 @@ class _Graph:
         self.calls, self.outputs, self.single = calls, outputs, single
         self.keep = keep  # the tensors the calls point into
 
-    def replay(self, pointers: dict[str, int], args: tuple):
+    def replay(self, bound: dict[str, int], args: tuple):
+        """Makes the calls with `bound` (addresses of the bound tensors, "threads": the OpenMP thread count) put in;
+        returns the layer's outputs."""
         for call in self.calls:
             for i, name, offset in call.patches:
-                call.args[i] = pointers[name] + offset
-            if call.fn(*call.args) and call.status:
-                raise RuntimeError(f"{call.fn.__name__} failed in a replayed decode step")
+                call.args[i] = bound[name] + offset
+            rc = call.fn(*call.args)
+            if call.status and rc:
+                raise (MemoryError if rc == -2 else ValueError)(f"{call.fn.__name__} failed (status {rc}) in a "
+                                                                f"replayed decode step")
         outs = [args[value] if kind == "arg" else value for kind, value in self.outputs]
         return outs[0] if self.single else tuple(outs)
 
@@ -73,17 +82,22 @@ class _Graph:
 class CpuGraphs:
     """Replays the decode steps of `layers` (the model's decoder layers, in order), installed by overriding each
     layer's `forward` (the model's code is unchanged). `persistent`: the tensors that outlive every step (the model's
-    parameters and buffers, the KV pool). Each layer's forward takes its tensors and the step's ForwardBatch.
-    `step_inputs(batch)`: the step-wide tensors the layers' kernels read, None where the step must run eagerly."""
+    parameters and buffers, the KV pool; none of them replaced afterwards). Each layer's forward takes its tensors
+    and the step's ForwardBatch. `step_inputs(batch)`: the step-wide tensors the layers' kernels read, None where the
+    step must run eagerly."""
 
     def __init__(self, layers: Iterable[nn.Module], persistent: Iterable[torch.Tensor], max_rows: int = MAX_ROWS,
                  step_inputs: Callable[[ForwardBatch], dict[str, torch.Tensor] | None] = cpu_step_inputs):
         self.max_rows, self.step_inputs = max_rows, step_inputs
-        self._persistent = sorted(_extent(t) for t in persistent if t.numel())
+        self._persistent = [t for t in persistent if t.numel()]
         self._graphs: dict[tuple, _Graph | None] = {}  # None: that layer and shape run eagerly
         self._step: tuple[ForwardBatch, dict[str, torch.Tensor] | None, dict[str, int]] | None = None
+        self._logged: set[str] = set()
+        self._none_replay = False  # every layer tried, none replays
         self.layers = list(layers)
         for index, layer in enumerate(self.layers):
+            if getattr(layer.forward, "replays", False):
+                raise ValueError(f"layer {index} already replays its decode steps (CpuGraphs installed twice)")
             layer.forward = self._replaying(index, layer.forward)
 
     @property
@@ -91,51 +105,81 @@ class CpuGraphs:
         """Layer graphs captured so far (over every shape)."""
         return sum(g is not None for g in self._graphs.values())
 
+    @property
+    def num_eager(self) -> int:
+        """Layers and shapes found not to replay (they run eagerly)."""
+        return sum(g is None for g in self._graphs.values())
+
     def _replaying(self, index: int, eager: Callable) -> Callable:
         def forward(*args):
-            step = self._inputs(args)
+            step = None if getattr(_THREAD, "recording", False) else self._inputs(args)
             if step is None:
                 return eager(*args)
-            step, pointers = step
-            key = (index, torch.get_num_threads(), *(_spec(a) for a in args))
+            inputs, bound = step
+            key = (index, *(_spec(a) for a in args))
             graph = self._graphs.get(key, False)
             if graph is False:
-                graph, out = self._capture(index, eager, args, step)
+                graph, out = self._capture(index, eager, args, inputs, bound)
                 self._graphs[key] = graph
+                self._none_replay = len(self._graphs) >= len(self.layers) and not self.num_graphs
                 return out
             if graph is None:
                 return eager(*args)
-            pointers = dict(pointers)
-            pointers.update((f"arg{i}", a.data_ptr()) for i, a in enumerate(args) if isinstance(a, torch.Tensor))
-            return graph.replay(pointers, args)
+            return graph.replay(_with_args(bound, args), args)
+        forward.replays = True
         return forward
 
     def _inputs(self, args: tuple) -> tuple[dict[str, torch.Tensor], dict[str, int]] | None:
-        """The step's inputs and their addresses when this call may replay (a decode step of at most max_rows rows),
-        else None. Computed by the step's first layer, before any capture."""
+        """The step's inputs and their addresses (and "threads") when this call may replay (a decode step of at most
+        max_rows rows, some layer replayable), else None. Computed by the step's first layer, before any capture."""
         batch = next((a for a in args if isinstance(a, ForwardBatch)), None)
         if batch is None or batch.meta.num_tokens > self.max_rows:
             return None
+        if self._none_replay:
+            return None  # no layer replays (at the first shape tried): skip building the step's inputs
         if self._step is None or self._step[0] is not batch:
             inputs = self.step_inputs(batch)
-            pointers = {} if inputs is None else {name: t.data_ptr() for name, t in inputs.items()}
-            self._step = (batch, inputs, pointers)
+            bound = {} if inputs is None else {name: t.data_ptr() for name, t in inputs.items()}
+            bound["threads"] = torch.get_num_threads()  # set around the step (braidinfer.step_threads)
+            self._step = (batch, inputs, bound)
         return None if self._step[1] is None else self._step[1:]
 
-    def _capture(self, index: int, eager: Callable, args: tuple, step: dict[str, torch.Tensor]):
-        """Runs the layer eagerly under a recording: (its graph, or None if it cannot replay; its output)."""
-        bound = dict(step)
-        bound.update((f"arg{i}", a) for i, a in enumerate(args) if isinstance(a, torch.Tensor))
+    def _capture(self, index: int, eager: Callable, args: tuple, inputs: dict[str, torch.Tensor],
+                 bound: dict[str, int]):
+        """Runs the layer eagerly under a recording: (its graph, or None if it cannot replay; its output). The graph
+        is replayed once on the same inputs, its memory poisoned first, and kept only if it gives the same outputs (a
+        kernel call the recording missed would leave them poisoned)."""
+        tensors = dict(inputs)
+        tensors.update((f"arg{i}", a) for i, a in enumerate(args) if isinstance(a, torch.Tensor))
         with _Recording() as recording:
             out = eager(*args)
-        single = isinstance(out, torch.Tensor)
+        expected = []
         try:
-            graph = recording.graph(out if not single else (out,), single, args, bound, self._persistent)
-        except _NotReplayable as reason:
-            log.info("decoder layer %d runs eagerly in %d-row decode steps: %s", index,
-                     args[0].shape[0] if isinstance(args[0], torch.Tensor) else -1, reason)
-            graph = None
+            outs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
+            graph = recording.graph(outs, isinstance(out, torch.Tensor), args, tensors,
+                                    [_extent(t) for t in self._persistent])
+            expected = [(t, t.clone()) for t in outs]
+            for t in recording.allocated:
+                t.untyped_storage().fill_(255)  # float32 NaN, int -1
+            again = graph.replay(_with_args(bound, args), args)
+            if not all(torch.equal(e, a) for (_, e), a in zip(expected, (again,) if graph.single else again)):
+                raise _NotReplayable("replayed on the captured step's inputs, it did not reproduce its outputs")
+        except Exception as reason:  # noqa: BLE001 (any failure leaves the layer eager, with the reason logged)
+            for t, saved in expected:
+                t.copy_(saved)  # the eager outputs, which the check replay overwrote
+            if str(reason) not in self._logged:
+                self._logged.add(str(reason))
+                log.info("decoder layer %d (and any other for the same reason) runs eagerly in decode steps: %s",
+                         index, reason)
+            return None, out
         return graph, out
+
+
+def _with_args(bound: dict[str, int], args: tuple) -> dict[str, int]:
+    """The step's bound addresses with this layer's tensor arguments' ("arg0", ...)."""
+    bound = dict(bound)
+    bound.update((f"arg{i}", a.data_ptr()) for i, a in enumerate(args) if isinstance(a, torch.Tensor))
+    return bound
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
@@ -154,7 +198,7 @@ class _Recording(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.calls: list[tuple[Callable, tuple, bool]] = []
+        self.calls: list[tuple[Callable, tuple, bool, int | None]] = []
         self.allocated: list[torch.Tensor] = []
         self.problem: str | None = None
         self._thread = threading.get_ident()
@@ -164,14 +208,15 @@ class _Recording(TorchDispatchMode):
         from braid_kernels.cpu_library import SIGNATURES, library  # on use: braid_kernels reads TRITON_INTERPRET
 
         _PATCHING.acquire()
-        lib = library()
-        for name, (_, status) in SIGNATURES.items():
-            self._originals[name] = original = getattr(lib, name)
-            setattr(lib, name, self._noting(original, status))
         try:
+            lib = library()
+            for name, (_, status, threads) in SIGNATURES.items():
+                self._originals[name] = original = getattr(lib, name)
+                setattr(lib, name, self._noting(original, status, threads))
+            _THREAD.recording = True
             return super().__enter__()
         except BaseException:
-            self._restore(lib)
+            self._restore(library())
             raise
 
     def __exit__(self, *exc):
@@ -183,12 +228,13 @@ class _Recording(TorchDispatchMode):
     def _restore(self, lib) -> None:
         for name, original in self._originals.items():
             setattr(lib, name, original)
+        _THREAD.recording = False
         _PATCHING.release()
 
-    def _noting(self, fn: Callable, status: bool) -> Callable:
+    def _noting(self, fn: Callable, status: bool, threads: int | None) -> Callable:
         def call(*args):
             if threading.get_ident() == self._thread:
-                self.calls.append((fn, args, status))
+                self.calls.append((fn, args, status, threads))
             return fn(*args)
         return call
 
@@ -208,13 +254,20 @@ class _Recording(TorchDispatchMode):
         if not self.calls:
             raise _NotReplayable("it calls no C kernel")
         own = [_extent(t) for t in self.allocated]
-        named = [(name, t.data_ptr(), _extent(t)[1]) for name, t in bound.items() if t.numel()]
+        named = sorted((t.data_ptr(), _extent(t)[1], name) for name, t in bound.items() if t.numel())
+        if any(a[1] > b[0] for a, b in zip(named, named[1:])):
+            raise _NotReplayable("two of its inputs share memory")
         calls = []
-        for fn, values, status in self.calls:
-            patches = []
+        for fn, values, status, threads in self.calls:
+            patches = [(threads, "threads", 0)] if threads is not None else []
             for i, (value, kind) in enumerate(zip(values, fn.argtypes)):
-                if kind is ctypes.c_void_p and isinstance(value, int) and value:
-                    patches += _locate(value, own, named, persistent, fn.__name__, i)
+                if kind is not ctypes.c_void_p or value is None or value == 0:
+                    continue
+                if not isinstance(value, int):  # a packed weight's descriptor (cpu_quant.PackedWeight._struct)
+                    if not isinstance(value, ctypes.c_void_p):
+                        raise _NotReplayable(f"{fn.__name__}'s argument {i} is a {type(value).__name__}")
+                    continue
+                patches += _locate(value, own, named, persistent, fn.__name__, i)
             calls.append(_Call(fn, list(values), patches, status))
         outputs = []
         for t in outs:
@@ -233,7 +286,7 @@ def _locate(pointer: int, own, named, persistent, fn: str, index: int) -> list[t
     into a bound tensor."""
     if any(_inside(pointer, e) for e in own):
         return []
-    for name, start, end in named:
+    for start, end, name in named:
         if start <= pointer < end:
             return [(index, name, pointer - start)]
     if any(_inside(pointer, e) for e in persistent):
@@ -260,8 +313,8 @@ def _aliases(out, args) -> bool:
 
 
 def _spec(a) -> object:
-    """What a layer argument contributes to the graph's key: a tensor's shape, strides and dtype; None; or the
-    argument's type (the step's ForwardBatch)."""
+    """What a layer argument contributes to the graph's key: a tensor's shape, strides and dtype; a scalar itself;
+    else its type (None, the step's ForwardBatch)."""
     if isinstance(a, torch.Tensor):
         return a.shape, a.stride(), a.dtype
-    return None if a is None else type(a)
+    return a if isinstance(a, (bool, int, float, str)) else type(a)

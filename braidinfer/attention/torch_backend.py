@@ -26,9 +26,15 @@ class TorchAttention:
         self._step_rows: tuple[AttentionMetadata, tuple] | None = None  # see decode_rows
 
     def plan(self, meta: AttentionMetadata) -> None:
-        """Once per step, before the forward (the call every backend takes): the pool rows of the step's new K/V,
-        which every layer writes (each layer reads the page tables of `meta` itself)."""
-        self._rows = (meta, kv_rows(self.kv_cache[0], meta.slot_mapping))
+        """Once per step, before the forward (the call every backend takes). Nothing to prepare ahead: the pool rows
+        of the step's new K/V, which every layer writing through this backend needs, are computed by the first such
+        layer (`_planned_rows`), so a step whose layers all write through Braid's C attention never computes them."""
+
+    def _planned_rows(self, meta: AttentionMetadata) -> torch.Tensor:
+        """kv_rows of the step's slots, once per step."""
+        if self._rows is None or self._rows[0] is not meta:
+            self._rows = (meta, kv_rows(self.kv_cache[0], meta.slot_mapping))
+        return self._rows[1]
 
     def decode_rows(self, meta: AttentionMetadata):
         """(index, rows) of the step's decoding sequences (spans of generated tokens, SeqSpan.generated), built once
@@ -51,9 +57,7 @@ class TorchAttention:
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata):
         """q: [T, num_qo_heads, head_dim]; k, v: [T, num_kv_heads, head_dim] -> out: [T, num_qo_heads, head_dim]."""
-        if self._rows is None or self._rows[0] is not meta:  # not planned for this step
-            self.plan(meta)
-        write_kv_rows(self.kv_cache[layer], self._rows[1], k, v)
+        write_kv_rows(self.kv_cache[layer], self._planned_rows(meta), k, v)
         return self.attend(layer, q, meta)
 
     def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:

@@ -312,4 +312,5 @@ def test_replayed_decode_equals_eager(embedded_gguf):
             results[eager] = [[(t.token_id, t.logprob, t.top) for t in r.logprobs] for r in together + alone]
             if not eager:  # every layer replayed at one and at three rows
                 assert runner.cpu_graphs.num_graphs >= 2 * len(runner.cpu_graphs.layers)
+                assert runner.cpu_graphs.num_eager == 0
     assert results[False] == results[True]

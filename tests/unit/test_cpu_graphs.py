@@ -139,3 +139,65 @@ def test_steps_past_max_rows_or_without_inputs_run_eagerly():
     assert graphs.num_graphs == 0
     run_steps(layers, [2, 2], seed=7)
     assert graphs.num_graphs == 2
+
+
+def test_thread_count_is_the_replays_own():
+    """The products' OpenMP thread-count argument is set at each replay (the engine changes the count between decode
+    steps), not frozen at the capture: one graph per layer and row count whatever the count."""
+    from braid_kernels.cpu_library import SIGNATURES
+
+    layers = [Layer(0, first=True), Layer(1)]
+    graphs = graphs_of(layers)
+    before = torch.get_num_threads()
+    index = SIGNATURES["braid_cpu_quant_linear"][2]
+    try:
+        for count in (1, 2, 1):
+            torch.set_num_threads(count)
+            run_steps(layers, [1, 1], seed=count)
+            products = [c for g in graphs._graphs.values() for c in g.calls
+                        if c.fn.__name__ == "braid_cpu_quant_linear"]
+            assert len(products) == 2 and all(c.args[index] == count for c in products)
+    finally:
+        torch.set_num_threads(before)
+    assert graphs.num_graphs == 2
+
+
+def test_installing_twice_is_refused():
+    layers = [Layer(0, first=True)]
+    graphs_of(layers)
+    with pytest.raises(ValueError, match="installed twice"):
+        graphs_of(layers)
+
+
+class HiddenCall(Layer):
+    """Makes its SiLU-and-mul through a function looked up before any recording (so no recording sees it)."""
+
+    def __init__(self, seed: int):
+        super().__init__(seed)
+        self.silu_mul = cpu_library.library().braid_cpu_silu_mul
+
+    def forward(self, x, residual, batch):
+        normed, residual = cpu_norm.rms_norm(x, self.weight, EPS, residual)
+        normed = cpu_norm.rms_norm(normed, STEP_SCALE[id(batch)], EPS)
+        y = cpu_quant.linear(normed, self.proj)
+        out = y.new_empty((y.shape[0], DIM))
+        self.silu_mul(y.data_ptr(), out.data_ptr(), y.shape[0], DIM)
+        return out, residual
+
+
+def test_a_call_the_recording_missed_keeps_the_layer_eager():
+    """The capture's check replay (its memory poisoned first) finds the output the recorded calls do not compute."""
+    layers = [Layer(0, first=True), HiddenCall(1)]
+    graphs = graphs_of(layers)
+    run_steps(layers, [1, 1, 1], seed=8)
+    assert graphs.num_graphs == 1 and graphs.num_eager == 1
+
+
+def test_no_step_inputs_once_no_layer_replays():
+    """When no layer can replay (found at the first shape), later steps skip building the step's inputs."""
+    calls = []
+    layers = [Layer(0, first=True, torch_op=True), Layer(1, torch_op=True)]
+    graphs = CpuGraphs(layers, [p for la in layers for p in la.parameters()],
+                       step_inputs=lambda batch: calls.append(1) or step_inputs(batch))
+    run_steps(layers, [1, 1, 2, 1], seed=10)
+    assert calls == [1] and graphs.num_eager == 2
