@@ -1,6 +1,6 @@
 """Braid's C kernels for x86 CPUs (cpu_quant.c: quantised products; cpu_norm.c: RMSNorm, SiLU-and-mul;
-cpu_attention.c: QK-norm, RoPE, the KV write and attention over the paged pool), built into one shared library on
-first use and loaded through ctypes.
+cpu_attention.c: QK-norm, RoPE, the KV write and attention over the paged pool; cpu_program.c: a recorded sequence
+of their calls made in one call), built into one shared library on first use and loaded through ctypes.
 
 The library is compiled with the system's C compiler (`cc`, or $CC) into Braid's cache ($BRAID_CACHE, else
 $XDG_CACHE_HOME/braid, else ~/.cache/braid, folder "kernels") under a name that carries the sources' and flags'
@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 
-SOURCES = ("cpu_quant.c", "cpu_norm.c", "cpu_attention.c")
+SOURCES = ("cpu_quant.c", "cpu_norm.c", "cpu_attention.c", "cpu_program.c")
 HEADERS = ("cpu_simd.h",)
 FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c",
          "-mfma")
@@ -34,6 +34,7 @@ SIGNATURES = {
     "braid_cpu_silu_mul": ((_p, _p, _n, _n), False, None),
     "braid_cpu_attention": ((_p, _n, _n, _n, _n, _n, _p, _p, _n, _p, _p, _f, _p, _i, _n, _p, _p, _p, _p, _n, _f, _p,
                              _n, _i), True, 23),
+    "braid_cpu_run": ((_p, _n, _p), True, None),
 }
 """The library's entry points: (argument types, whether it returns a status (0: success, -2: out of memory), the
 index of its OpenMP thread-count argument or None)."""

@@ -31,7 +31,6 @@ import ctypes
 import logging
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -44,37 +43,29 @@ log = logging.getLogger(__name__)
 
 MAX_ROWS = 8
 """Decode steps of up to this many rows replay (a graph per row count and layer; each holds its intermediates)."""
+MAX_SLOTS = 32  # tensors bound at each replay: the step's inputs, the thread count, a layer's tensor arguments
 
 _PATCHING = threading.Lock()  # one recording at a time replaces the library's functions (engines on other threads)
 _THREAD = threading.local()  # .recording: this thread is inside a capture (a nested layer then runs eagerly)
 _ALLOCATIONS = frozenset({"empty", "empty_strided", "new_empty", "new_empty_strided", "empty_like"})
 
 
-@dataclass
-class _Call:
-    fn: Callable
-    args: list
-    patches: list[tuple[int, str, int]]  # (argument index, bound name, byte offset): args[i] = bound[name] + offset
-    status: bool  # the function returns 0 on success, -2 out of memory
-
-
 class _Graph:
-    """One layer's recorded calls and how to find its outputs."""
+    """One layer's recorded calls (a braid_kernels.cpu_program.Program) and how to find its outputs."""
 
-    def __init__(self, calls: list[_Call], outputs: list[tuple[str, object]], single: bool, keep: list):
-        self.calls, self.outputs, self.single = calls, outputs, single
+    def __init__(self, program, arg_slots: list[tuple[int, int]], outputs: list[tuple[str, object]], single: bool,
+                 keep: list):
+        self.program, self.arg_slots, self.outputs, self.single = program, arg_slots, outputs, single
         self.keep = keep  # the tensors the calls point into
 
-    def replay(self, bound: dict[str, int], args: tuple):
-        """Makes the calls with `bound` (addresses of the bound tensors, "threads": the OpenMP thread count) put in;
-        returns the layer's outputs."""
-        for call in self.calls:
-            for i, name, offset in call.patches:
-                call.args[i] = bound[name] + offset
-            rc = call.fn(*call.args)
-            if call.status and rc:
-                raise (MemoryError if rc == -2 else ValueError)(f"{call.fn.__name__} failed (status {rc}) in a "
-                                                                f"replayed decode step")
+    def replay(self, bound: ctypes.Array, args: tuple):
+        """Makes the calls, `bound` holding the step's slots (its inputs' addresses, the thread count); the layer's
+        tensor arguments' addresses are put into theirs here. Returns the layer's outputs."""
+        for i, slot in self.arg_slots:
+            bound[slot] = args[i].data_ptr()
+        rc = self.program.run(bound)
+        if rc:
+            raise (MemoryError if rc == -2 else ValueError)(f"a replayed decode step's kernel failed (status {rc})")
         outs = [args[value] if kind == "arg" else value for kind, value in self.outputs]
         return outs[0] if self.single else tuple(outs)
 
@@ -91,7 +82,9 @@ class CpuGraphs:
         self.max_rows, self.step_inputs = max_rows, step_inputs
         self._persistent = [t for t in persistent if t.numel()]
         self._graphs: dict[tuple, _Graph | None] = {}  # None: that layer and shape run eagerly
-        self._step: tuple[ForwardBatch, dict[str, torch.Tensor] | None, dict[str, int]] | None = None
+        self._step: tuple[ForwardBatch, dict[str, torch.Tensor] | None] | None = None
+        self._slots: dict[str, int] = {"threads": 0}  # the names bound at each replay -> their index in _bound
+        self._bound = (ctypes.c_int64 * MAX_SLOTS)()
         self._logged: set[str] = set()
         self._none_replay = False  # every layer tried, none replays
         self.layers = list(layers)
@@ -115,23 +108,23 @@ class CpuGraphs:
             step = None if getattr(_THREAD, "recording", False) else self._inputs(args)
             if step is None:
                 return eager(*args)
-            inputs, bound = step
             key = (index, *(_spec(a) for a in args))
             graph = self._graphs.get(key, False)
             if graph is False:
-                graph, out = self._capture(index, eager, args, inputs, bound)
+                graph, out = self._capture(index, eager, args, step)
                 self._graphs[key] = graph
                 self._none_replay = len(self._graphs) >= len(self.layers) and not self.num_graphs
                 return out
             if graph is None:
                 return eager(*args)
-            return graph.replay(_with_args(bound, args), args)
+            return graph.replay(self._bound, args)
         forward.replays = True
         return forward
 
-    def _inputs(self, args: tuple) -> tuple[dict[str, torch.Tensor], dict[str, int]] | None:
-        """The step's inputs and their addresses (and "threads") when this call may replay (a decode step of at most
-        max_rows rows, some layer replayable), else None. Computed by the step's first layer, before any capture."""
+    def _inputs(self, args: tuple) -> dict[str, torch.Tensor] | None:
+        """The step's inputs when this call may replay (a decode step of at most max_rows rows, some layer
+        replayable), else None; their addresses and the thread count put into their slots. Computed by the step's
+        first layer, before any capture."""
         batch = next((a for a in args if isinstance(a, ForwardBatch)), None)
         if batch is None or batch.meta.num_tokens > self.max_rows:
             return None
@@ -139,13 +132,23 @@ class CpuGraphs:
             return None  # no layer replays (at the first shape tried): skip building the step's inputs
         if self._step is None or self._step[0] is not batch:
             inputs = self.step_inputs(batch)
-            bound = {} if inputs is None else {name: t.data_ptr() for name, t in inputs.items()}
-            bound["threads"] = torch.get_num_threads()  # set around the step (braidinfer.step_threads)
-            self._step = (batch, inputs, bound)
-        return None if self._step[1] is None else self._step[1:]
+            if inputs is not None and len(self._slots.keys() | inputs.keys()) > MAX_SLOTS // 2:
+                inputs = None  # (room for the layers' arguments)
+            for name, t in (inputs or {}).items():
+                self._bound[self._slot(name)] = t.data_ptr()
+            self._bound[0] = torch.get_num_threads()  # set around the step (braidinfer.step_threads)
+            self._step = (batch, inputs)
+        return self._step[1]
 
-    def _capture(self, index: int, eager: Callable, args: tuple, inputs: dict[str, torch.Tensor],
-                 bound: dict[str, int]):
+    def _slot(self, name: str) -> int:
+        """The index in the bound array of `name` (a step input, "threads" or "arg{i}"), assigned on first use."""
+        if name not in self._slots:
+            if len(self._slots) == MAX_SLOTS:
+                raise _NotReplayable(f"more than {MAX_SLOTS} bound tensors")
+            self._slots[name] = len(self._slots)
+        return self._slots[name]
+
+    def _capture(self, index: int, eager: Callable, args: tuple, inputs: dict[str, torch.Tensor]):
         """Runs the layer eagerly under a recording: (its graph, or None if it cannot replay; its output). The graph
         is replayed once on the same inputs, its memory poisoned first, and kept only if it gives the same outputs (a
         kernel call the recording missed would leave them poisoned)."""
@@ -157,11 +160,11 @@ class CpuGraphs:
         try:
             outs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
             graph = recording.graph(outs, isinstance(out, torch.Tensor), args, tensors,
-                                    [_extent(t) for t in self._persistent])
+                                    [_extent(t) for t in self._persistent], self._slot)
             expected = [(t, t.clone()) for t in outs]
             for t in recording.allocated:
                 t.untyped_storage().fill_(255)  # float32 NaN, int -1
-            again = graph.replay(_with_args(bound, args), args)
+            again = graph.replay(self._bound, args)
             if not all(torch.equal(e, a) for (_, e), a in zip(expected, (again,) if graph.single else again)):
                 raise _NotReplayable("replayed on the captured step's inputs, it did not reproduce its outputs")
         except Exception as reason:  # noqa: BLE001 (any failure leaves the layer eager, with the reason logged)
@@ -173,13 +176,6 @@ class CpuGraphs:
                          index, reason)
             return None, out
         return graph, out
-
-
-def _with_args(bound: dict[str, int], args: tuple) -> dict[str, int]:
-    """The step's bound addresses with this layer's tensor arguments' ("arg0", ...)."""
-    bound = dict(bound)
-    bound.update((f"arg{i}", a.data_ptr()) for i, a in enumerate(args) if isinstance(a, torch.Tensor))
-    return bound
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
@@ -198,7 +194,7 @@ class _Recording(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.calls: list[tuple[Callable, tuple, bool, int | None]] = []
+        self.calls: list[tuple[Callable, tuple, int | None]] = []  # (function, arguments, thread-count argument)
         self.allocated: list[torch.Tensor] = []
         self.problem: str | None = None
         self._thread = threading.get_ident()
@@ -210,9 +206,9 @@ class _Recording(TorchDispatchMode):
         _PATCHING.acquire()
         try:
             lib = library()
-            for name, (_, status, threads) in SIGNATURES.items():
+            for name, (_, _, threads) in SIGNATURES.items():
                 self._originals[name] = original = getattr(lib, name)
-                setattr(lib, name, self._noting(original, status, threads))
+                setattr(lib, name, self._noting(original, threads))
             _THREAD.recording = True
             return super().__enter__()
         except BaseException:
@@ -231,10 +227,10 @@ class _Recording(TorchDispatchMode):
         _THREAD.recording = False
         _PATCHING.release()
 
-    def _noting(self, fn: Callable, status: bool, threads: int | None) -> Callable:
+    def _noting(self, fn: Callable, threads: int | None) -> Callable:
         def call(*args):
             if threading.get_ident() == self._thread:
-                self.calls.append((fn, args, status, threads))
+                self.calls.append((fn, args, threads))
             return fn(*args)
         return call
 
@@ -248,7 +244,11 @@ class _Recording(TorchDispatchMode):
         return out
 
     def graph(self, outs: tuple, single: bool, args: tuple, bound: dict[str, torch.Tensor],
-              persistent: list[tuple[int, int]]) -> _Graph:
+              persistent: list[tuple[int, int]], slot_of: Callable[[str], int]) -> _Graph:
+        """The recorded calls as a graph: `bound` the tensors re-pointed at each replay by name ("arg{i}" the
+        layer's arguments), `persistent` the extents that stay, `slot_of(name)` a bound name's slot."""
+        from braid_kernels.cpu_program import Program
+
         if self.problem is not None:
             raise _NotReplayable(self.problem)
         if not self.calls:
@@ -258,7 +258,7 @@ class _Recording(TorchDispatchMode):
         if any(a[1] > b[0] for a, b in zip(named, named[1:])):
             raise _NotReplayable("two of its inputs share memory")
         calls = []
-        for fn, values, status, threads in self.calls:
+        for fn, values, threads in self.calls:
             patches = [(threads, "threads", 0)] if threads is not None else []
             for i, (value, kind) in enumerate(zip(values, fn.argtypes)):
                 if kind is not ctypes.c_void_p or value is None or value == 0:
@@ -268,7 +268,11 @@ class _Recording(TorchDispatchMode):
                         raise _NotReplayable(f"{fn.__name__}'s argument {i} is a {type(value).__name__}")
                     continue
                 patches += _locate(value, own, named, persistent, fn.__name__, i)
-            calls.append(_Call(fn, list(values), patches, status))
+            calls.append((fn.__name__, values, patches))
+        used = {name for _, _, patches in calls for _, name, _ in patches}
+        arg_slots = [(i, slot_of(f"arg{i}")) for i in range(len(args)) if f"arg{i}" in used]
+        program = Program([(name, values, [(i, slot_of(bound_name), offset) for i, bound_name, offset in patches])
+                           for name, values, patches in calls])
         outputs = []
         for t in outs:
             arg = next((i for i, a in enumerate(args) if a is t), None)
@@ -278,7 +282,7 @@ class _Recording(TorchDispatchMode):
                 outputs.append(("own", t))
             else:
                 raise _NotReplayable("it returns a tensor it neither allocated nor was given")
-        return _Graph(calls, outputs, single, self.allocated)
+        return _Graph(program, arg_slots, outputs, single, self.allocated)
 
 
 def _locate(pointer: int, own, named, persistent, fn: str, index: int) -> list[tuple[int, str, int]]:

@@ -145,6 +145,7 @@ def test_thread_count_is_the_replays_own():
     """The products' OpenMP thread-count argument is set at each replay (the engine changes the count between decode
     steps), not frozen at the capture: one graph per layer and row count whatever the count."""
     from braid_kernels.cpu_library import SIGNATURES
+    from braid_kernels.cpu_program import KERNELS
 
     layers = [Layer(0, first=True), Layer(1)]
     graphs = graphs_of(layers)
@@ -154,9 +155,10 @@ def test_thread_count_is_the_replays_own():
         for count in (1, 2, 1):
             torch.set_num_threads(count)
             run_steps(layers, [1, 1], seed=count)
-            products = [c for g in graphs._graphs.values() for c in g.calls
-                        if c.fn.__name__ == "braid_cpu_quant_linear"]
-            assert len(products) == 2 and all(c.args[index] == count for c in products)
+            # the arguments a program's last run put into its calls (cpu_program.c writes the patches in place)
+            products = [op for g in graphs._graphs.values() for op in g.program._ops
+                        if op.kernel == KERNELS.index("braid_cpu_quant_linear")]
+            assert len(products) == 2 and all(op.a[index] == count for op in products)
     finally:
         torch.set_num_threads(before)
     assert graphs.num_graphs == 2
