@@ -1,5 +1,6 @@
 """Replayed decoder layers on the CPU: each layer's decode step recorded once as the calls it makes into Braid's C
-kernels (braid_kernels.cpu_library), then made back to back without the layer's Python.
+kernels (braid_kernels.cpu_library), then made back to back without the layer's Python, in one call
+(braid_kernels/cpu_program.c).
 
 On the C kernel plan (KernelPlan.cpu) a decode step of the embedded SmolLM2-135M is ~240 kernel calls. Made back to
 back they took 6.7 ms on two cores; inside the layers' Python (module calls, argument checks, allocations) the step
