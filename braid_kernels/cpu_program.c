@@ -29,7 +29,7 @@ int braid_cpu_attention(const float *qkv, long ld_qkv, long rows, long heads, lo
 
 enum { OP_QUANT_LINEAR, OP_RMS_NORM, OP_ADD_RMS_NORM, OP_SILU_MUL, OP_ATTENTION };
 
-#define MAX_PATCHES 8  /* as braid_kernels/cpu_program.py */
+#define MAX_PATCHES 12  /* as braid_kernels/cpu_program.py */
 #define MAX_ARGS 24
 
 typedef struct {

@@ -21,7 +21,7 @@ import torch
 from .cpu_library import available, library, unavailable_reason
 from .quant_formats import NIBBLE_QTYPES, nibble_terms
 
-__all__ = ["PackedWeight", "QTYPES", "available", "dequantize", "linear", "linear_ref", "pack", "quantize_x_ref",
+__all__ = ["PackedWeight", "QTYPES", "available", "dequantize", "dequantize_rows", "linear", "linear_ref", "pack", "quantize_x_ref",
            "unavailable_reason", "unpack"]
 
 BLOCK = 32
@@ -123,6 +123,12 @@ def dequantize(weight: PackedWeight) -> torch.Tensor:
     n, k = codes.shape
     w = codes.float().view(n, -1, BLOCK) * scales[..., None] + offsets[..., None]
     return w.view(n, k)
+
+
+def dequantize_rows(weight: PackedWeight, rows: torch.Tensor) -> torch.Tensor:
+    """Rows `rows` ([T] int64) of W in float32, [T, k]: an embedding lookup in a table packed for its tied lm_head."""
+    picked = PackedWeight(weight.codes[rows], weight.scales[rows], weight.offsets[rows], weight.bits)
+    return dequantize(picked)
 
 
 def quantize_x_ref(x: torch.Tensor, terms: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -54,9 +54,10 @@ _ALLOCATIONS = frozenset({"empty", "empty_strided", "new_empty", "new_empty_stri
 class _Graph:
     """One layer's recorded calls (a braid_kernels.cpu_program.Program) and how to find its outputs."""
 
-    def __init__(self, program, arg_slots: list[tuple[int, int]], outputs: list[tuple[str, object]], single: bool,
-                 keep: list):
+    def __init__(self, program, arg_slots: list[tuple[int, int]], step_names: set[str],
+                 outputs: list[tuple[str, object]], single: bool, keep: list):
         self.program, self.arg_slots, self.outputs, self.single = program, arg_slots, outputs, single
+        self.step_names = step_names  # the step inputs the calls read (a step without one of them runs eagerly)
         self.keep = keep  # the tensors the calls point into
 
     def replay(self, bound: ctypes.Array, args: tuple):
@@ -116,7 +117,7 @@ class CpuGraphs:
                 self._graphs[key] = graph
                 self._none_replay = len(self._graphs) >= len(self.layers) and not self.num_graphs
                 return out
-            if graph is None:
+            if graph is None or not graph.step_names <= step.keys():
                 return eager(*args)
             return graph.replay(self._bound, args)
         forward.replays = True
@@ -133,8 +134,9 @@ class CpuGraphs:
             return None  # no layer replays (at the first shape tried): skip building the step's inputs
         if self._step is None or self._step[0] is not batch:
             inputs = self.step_inputs(batch)
-            if inputs is not None and len(self._slots.keys() | inputs.keys()) > MAX_SLOTS // 2:
-                inputs = None  # (room for the layers' arguments)
+            if inputs is not None and (len(self._slots.keys() | inputs.keys()) > MAX_SLOTS // 2 or any(
+                    name == "threads" or name.startswith("arg") for name in inputs)):
+                inputs = None  # (room for the layers' arguments; their names and "threads" are the slots' own)
             for name, t in (inputs or {}).items():
                 self._bound[self._slot(name)] = t.data_ptr()
             self._bound[0] = torch.get_num_threads()  # set around the step (braidinfer.step_threads)
@@ -208,6 +210,8 @@ class _Recording(TorchDispatchMode):
         try:
             lib = library()
             for name, (_, _, threads) in SIGNATURES.items():
+                if name == "braid_cpu_run":
+                    continue  # a replay's program, never made during a capture (nested captures run eagerly)
                 self._originals[name] = original = getattr(lib, name)
                 setattr(lib, name, self._noting(original, threads))
             _THREAD.recording = True
@@ -283,7 +287,8 @@ class _Recording(TorchDispatchMode):
                 outputs.append(("own", t))
             else:
                 raise _NotReplayable("it returns a tensor it neither allocated nor was given")
-        return _Graph(program, arg_slots, outputs, single, self.allocated)
+        step_names = {name for name in used if name != "threads" and not name.startswith("arg")}
+        return _Graph(program, arg_slots, step_names, outputs, single, self.allocated)
 
 
 def _locate(pointer: int, own, named, persistent, fn: str, index: int) -> list[tuple[int, str, int]]:

@@ -59,7 +59,7 @@ def load_model(cls: type[nn.Module], cfg: ModelConfig, source, device: torch.dev
             target.copy_(tensor)
         filled[rows[0]] += rows[1]
     # Embeddings stay quantised (a lookup decodes only its rows) unless tied to an lm_head decoded to float, whose
-    # table they then share.
+    # table they then share; tied to an lm_head in the CPU's "dot" form, they read its packed codes.
     for path in swapped:
         module = model.get_submodule(path)
         tied = path == "lm_head" and cfg.tie_word_embeddings
@@ -72,6 +72,8 @@ def load_model(cls: type[nn.Module], cfg: ModelConfig, source, device: torch.dev
             raise InvalidModelError(f"checkpoint tensors for {path} of {cls.__name__}: {e}") from None
         if tied and module.kinds == ["float"] and embedding.qtype:
             embedding.set_weight(module.part0)
+        elif tied and module.kinds == ["dot"] and embedding.qtype:
+            embedding.share_packed(module.packed_part(0))  # one copy of the table (the dot form's own layout)
     model.quantized_modules = swapped
     missing = sorted(n for n, p in params.items() if filled[n] != p.shape[0])
     if missing:

@@ -138,6 +138,10 @@ class QuantLinear(nn.Module):
         if len(self.qtypes) == 1 and 0 in self._dot:
             self._only_dot = self._dot[0]
 
+    def packed_part(self, i: int):
+        """Part i's braid_kernels.cpu_quant.PackedWeight (the "dot" form)."""
+        return self._dot[i]
+
     def _packable(self, form: str, qtype: str, rows: int) -> bool:
         """Whether a part of `qtype` and `rows` rows keeps a quantised form under CPU `form` ("int4" or "dot")
         rather than being decoded at load."""

@@ -314,3 +314,24 @@ def test_replayed_decode_equals_eager(embedded_gguf):
                 assert runner.cpu_graphs.num_graphs >= 2 * len(runner.cpu_graphs.layers)
                 assert runner.cpu_graphs.num_eager == 0
     assert results[False] == results[True]
+
+
+def test_dot_embedding_reads_the_tied_lm_heads_codes(embedded_gguf):
+    """The embedded model's tied Q8_0 table is held once, in the lm_head's packed codes (the weights take the file's
+    size, not the file plus a second copy of the table), and a lookup there gives gguf's own dequantisation of the
+    file's rows exactly."""
+    import os
+
+    import gguf
+    import numpy as np
+
+    require_cpu_kernels()
+    with LLM(model=embedded_gguf, device="cpu", progress=False) as llm:
+        embedding = llm.engine.model.model.embed_tokens
+        assert embedding.weight is None and embedding.packed is llm.engine.model.lm_head.packed_part(0)
+        assert llm.memory_stats()["weight_bytes"] <= 1.01 * os.path.getsize(embedded_gguf)
+        ids = torch.tensor([0, 1, 2, 5000, 49151, 2, 17])
+        rows = embedding(ids)
+    tensor = next(t for t in gguf.GGUFReader(embedded_gguf).tensors if t.name == "token_embd.weight")
+    table = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    assert torch.equal(rows, torch.from_numpy(np.ascontiguousarray(table[ids.numpy()])).float())

@@ -57,3 +57,7 @@ def test_a_failing_kernel_stops_the_run_and_bad_programs_are_refused():
         Program([("braid_cpu_run", (0, 0, 0), [])])
     with pytest.raises(ValueError, match="arguments"):
         Program([("braid_cpu_silu_mul", (0, 0, 1), [])])
+    with pytest.raises(ValueError, match="patch of argument 4"):
+        Program([("braid_cpu_silu_mul", (0, 0, 1, 1), [(4, 0, 0)])])
+    with pytest.raises(ValueError, match="at least 3 slots"):  # a patch reads slot 2
+        Program([("braid_cpu_silu_mul", (0, after.data_ptr(), 0, 16), [(0, 2, 0)])]).run((ctypes.c_int64 * 2)())
