@@ -13,7 +13,10 @@
  * 32. A chunk's bytes are ordered so that int32 lane j of vpdpbusd sums 4 weights of block j % 2: weight p of the
  * chunk's block h sits at byte 4 (2 (p / 4) + h) + p % 4 of its 64 codes; 4-bit codes keep bytes 0-31 in the low
  * nibbles of 32 bytes and bytes 32-63 in the high ones. The last block keeps its natural order (4-bit: weight i in the
- * low nibble of byte i, weight 16 + i in the high one). Scales and offsets are float16 or float32 [N, K / 32].
+ * low nibble of byte i, weight 16 + i in the high one). Scales and offsets are float16 or float32 [N, K / 32], or
+ * float32 [N, K / 16] for Q6_K's scale per 16 weights (8-bit codes, K a multiple of 64: `group16`), whose 16-weight
+ * halves of a block sit in lanes 0-7 and 8-15 of a chunk's dot product, and whose offsets' term takes x's sums per
+ * 16 values.
  *
  * Threads: OpenMP, linked against the runtime torch loaded (the same libgomp.so.1), so that the calling thread's team
  * is the one torch's own ops use.
@@ -51,7 +54,7 @@ static void put_block(int8_t *q, const int8_t *tmp, int b, int nb) {
 /* Rounds one row of x (k values, k % 32 == 0) to int8 in the chunk order above: q (k bytes a term), dx (k / 32
  * scales), sx (k / 32 sums of the rounded x). terms 2: a second int8 row q2 (at q + k) holds the first rounding's
  * remainder in steps of 1/256 of the first's, x ~ dx (256 q + q2) with dx = max |x| / (127 * 256): ~16 bits. */
-static void quantize_row(const float *x, int k, int terms, int8_t *q, float *dx, float *sx) {
+static void quantize_row(const float *x, int k, int terms, int8_t *q, float *dx, float *sx, float *sx16) {
     int nb = k / BLOCK;
     for (int b = 0; b < nb; b++) {
         const float *xb = x + b * BLOCK;
@@ -67,9 +70,11 @@ static void quantize_row(const float *x, int k, int terms, int8_t *q, float *dx,
         _mm_storeu_si128((__m128i *)tmp, _mm512_cvtsepi32_epi8(i0));
         _mm_storeu_si128((__m128i *)(tmp + 16), _mm512_cvtsepi32_epi8(i1));
         put_block(q, tmp, b, nb);
-        int total = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
+        int half0 = _mm512_reduce_add_epi32(i0), half1 = _mm512_reduce_add_epi32(i1), total = half0 + half1;
         if (terms == 1) {
             sx[b] = d * (float)total;
+            sx16[2 * b] = d * (float)half0;
+            sx16[2 * b + 1] = d * (float)half1;
             continue;
         }
         /* the remainder x - d q, in steps of d / 256 (|remainder| <= d / 2: within int8 but for ties at 128) */
@@ -84,7 +89,10 @@ static void quantize_row(const float *x, int k, int terms, int8_t *q, float *dx,
         _mm_storeu_si128((__m128i *)(tmp + 16), _mm512_cvtsepi32_epi8(j1));
         put_block(q + k, tmp, b, nb);
         dx[b] = d / 256.0f;
-        sx[b] = dx[b] * (float)(256 * total + _mm512_reduce_add_epi32(_mm512_add_epi32(j0, j1)));
+        int fine0 = _mm512_reduce_add_epi32(j0), fine1 = _mm512_reduce_add_epi32(j1);
+        sx[b] = dx[b] * (float)(256 * total + fine0 + fine1);
+        sx16[2 * b] = dx[b] * (float)(256 * half0 + fine0);
+        sx16[2 * b + 1] = dx[b] * (float)(256 * half1 + fine1);
     }
 }
 
@@ -120,6 +128,13 @@ static inline __m512 pair_scales(const void *s, int b, int f32) {
     return _mm512_cvtph_ps(two);
 }
 
+/* Q6_K: the float32 scales of the four 16-weight halves of blocks b and b + 1 as a chunk's lanes hold them: lane j
+ * sums weights of block j % 2, from its second half when j >= 8. */
+static inline __m512 quad_scales(const float *s, int b) {
+    const __m512i lanes = _mm512_set_epi32(3, 1, 3, 1, 3, 1, 3, 1, 2, 0, 2, 0, 2, 0, 2, 0);
+    return _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(_mm_loadu_ps(s + 2 * b)));
+}
+
 static inline float one_scale(const void *s, int b, int f32) {
     if (f32) return ((const float *)s)[b];
     return _cvtsh_ss(((const uint16_t *)s)[b]);
@@ -133,11 +148,12 @@ static inline __m512 sixteen(const void *s, int b, int count, int f32) {
 
 /* y[m][n] for RW rows of W from w_row and RX rows of x: one tile, kept in registers. */
 static inline __attribute__((always_inline)) void tile(
-        const int RW, const int RX, int bits, int f32, const int terms, int k,
+        const int RW, const int RX, int bits, int f32, const int terms, const int g16, int k,
         const uint8_t *codes, const void *scales, const void *offsets, long n0,
         const int8_t *q, const float *dx, const float *sx, long m0,
         float *y, long ldy) {
     const int nb = k / BLOCK, chunks = k / CHUNK;
+    const int ng = g16 ? 2 * nb : nb;  /* scales (and offsets) a row */
     const long code_stride = (long)k * bits / 8;
     __m512 acc[4][4];
     for (int i = 0; i < RW; i++)
@@ -147,7 +163,8 @@ static inline __attribute__((always_inline)) void tile(
         __m512 ws[4];
         for (int i = 0; i < RW; i++) {
             w[i] = load_codes(codes + (n0 + i) * code_stride + (long)c * CHUNK * bits / 8, bits);
-            ws[i] = pair_scales((const char *)scales + (n0 + i) * nb * (f32 ? 4 : 2), 2 * c, f32);
+            ws[i] = g16 ? quad_scales((const float *)scales + (n0 + i) * ng, 2 * c)
+                        : pair_scales((const char *)scales + (n0 + i) * nb * (f32 ? 4 : 2), 2 * c, f32);
         }
         for (int j = 0; j < RX; j++) {
             const int8_t *qj = q + (m0 + j) * k * terms + c * CHUNK;
@@ -179,14 +196,14 @@ static inline __attribute__((always_inline)) void tile(
             }
         }
     }
-    for (int b = 0; b < nb; b += 16) {  /* the offsets' term, o . (sums of x), folded into the same lanes */
-        int count = nb - b;
+    for (int b = 0; b < ng; b += 16) {  /* the offsets' term, o . (sums of x), folded into the same lanes */
+        int count = ng - b;
         __m512 o[4];
         for (int i = 0; i < RW; i++)
-            o[i] = sixteen((const char *)offsets + (n0 + i) * nb * (f32 ? 4 : 2), b, count, f32);
+            o[i] = sixteen((const char *)offsets + (n0 + i) * ng * (f32 ? 4 : 2), b, count, f32);
         for (int j = 0; j < RX; j++) {
             __mmask16 m = count >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << count) - 1);
-            __m512 s = _mm512_maskz_loadu_ps(m, sx + (m0 + j) * nb + b);
+            __m512 s = _mm512_maskz_loadu_ps(m, sx + (m0 + j) * ng + b);
             for (int i = 0; i < RW; i++) acc[i][j] = _mm512_fmadd_ps(o[i], s, acc[i][j]);
         }
     }
@@ -197,11 +214,12 @@ static inline __attribute__((always_inline)) void tile(
 
 /* Rows [m0, m1) of x against rows [n0, n1) of W. */
 static inline __attribute__((always_inline)) void span(
-        int bits, int f32, const int terms, int k, const uint8_t *codes, const void *scales, const void *offsets,
+        int bits, int f32, const int terms, const int g16, int k, const uint8_t *codes, const void *scales,
+        const void *offsets,
         long rows_of_w, long n0, long n1,
         const int8_t *q, const float *dx, const float *sx, long m0, long m1, float *y, long ldy) {
     long n = n0;
-    const long code_stride = (long)k * bits / 8, scale_stride = (long)(k / BLOCK) * (f32 ? 4 : 2);
+    const long code_stride = (long)k * bits / 8, scale_stride = (long)(k / BLOCK) * (g16 ? 2 : 1) * (f32 ? 4 : 2);
     for (; n + 4 <= n1; n += 4) {
         /* Rows of W come from L3 or memory once per call: fetch those PREFETCH_ROWS ahead, so that more lines are
          * in flight than the hardware prefetchers keep (one core's reads are latency-bound otherwise: 15% faster
@@ -217,30 +235,32 @@ static inline __attribute__((always_inline)) void span(
             }
         }
         long m = m0;
-        for (; m + 4 <= m1; m += 4) tile(4, 4, bits, f32, terms, k, codes, scales, offsets, n, q, dx, sx, m, y, ldy);
-        for (; m < m1; m++) tile(4, 1, bits, f32, terms, k, codes, scales, offsets, n, q, dx, sx, m, y, ldy);
+        for (; m + 4 <= m1; m += 4) tile(4, 4, bits, f32, terms, g16, k, codes, scales, offsets, n, q, dx, sx, m, y, ldy);
+        for (; m < m1; m++) tile(4, 1, bits, f32, terms, g16, k, codes, scales, offsets, n, q, dx, sx, m, y, ldy);
     }
     for (; n < n1; n++) {
         long m = m0;
-        for (; m + 4 <= m1; m += 4) tile(1, 4, bits, f32, terms, k, codes, scales, offsets, n, q, dx, sx, m, y, ldy);
-        for (; m < m1; m++) tile(1, 1, bits, f32, terms, k, codes, scales, offsets, n, q, dx, sx, m, y, ldy);
+        for (; m + 4 <= m1; m += 4) tile(1, 4, bits, f32, terms, g16, k, codes, scales, offsets, n, q, dx, sx, m, y, ldy);
+        for (; m < m1; m++) tile(1, 1, bits, f32, terms, g16, k, codes, scales, offsets, n, q, dx, sx, m, y, ldy);
     }
 }
 
-#define SPAN_VARIANT(name, BITS, F32, TERMS) \
+#define SPAN_VARIANT(name, BITS, F32, TERMS, G16) \
     static void name(int k, const uint8_t *codes, const void *scales, const void *offsets, long rows_of_w, long n0, \
                      long n1, const int8_t *q, const float *dx, const float *sx, long m0, long m1, float *y, \
                      long ldy) { \
-        span(BITS, F32, TERMS, k, codes, scales, offsets, rows_of_w, n0, n1, q, dx, sx, m0, m1, y, ldy); \
+        span(BITS, F32, TERMS, G16, k, codes, scales, offsets, rows_of_w, n0, n1, q, dx, sx, m0, m1, y, ldy); \
     }
-SPAN_VARIANT(span4_f16, 4, 0, 1)
-SPAN_VARIANT(span4_f32, 4, 1, 1)
-SPAN_VARIANT(span8_f16, 8, 0, 1)
-SPAN_VARIANT(span8_f32, 8, 1, 1)
-SPAN_VARIANT(span4_f16_fine, 4, 0, 2)
-SPAN_VARIANT(span4_f32_fine, 4, 1, 2)
-SPAN_VARIANT(span8_f16_fine, 8, 0, 2)
-SPAN_VARIANT(span8_f32_fine, 8, 1, 2)
+SPAN_VARIANT(span4_f16, 4, 0, 1, 0)
+SPAN_VARIANT(span4_f32, 4, 1, 1, 0)
+SPAN_VARIANT(span8_f16, 8, 0, 1, 0)
+SPAN_VARIANT(span8_f32, 8, 1, 1, 0)
+SPAN_VARIANT(span4_f16_fine, 4, 0, 2, 0)
+SPAN_VARIANT(span4_f32_fine, 4, 1, 2, 0)
+SPAN_VARIANT(span8_f16_fine, 8, 0, 2, 0)
+SPAN_VARIANT(span8_f32_fine, 8, 1, 2, 0)
+SPAN_VARIANT(span8_g16, 8, 1, 1, 1)
+SPAN_VARIANT(span8_g16_fine, 8, 1, 2, 1)
 
 /* A packed weight W [n, k] (cpu_quant.py's PackedWeight): codes, scales and offsets as above. */
 struct braid_weight {
@@ -251,6 +271,7 @@ struct braid_weight {
     long k;
     long bits;        /* 4 or 8 */
     long scales_f32;  /* 0: float16 scales and offsets, 1: float32 */
+    long group16;     /* 1: a float32 scale and offset per 16 weights (8-bit codes, k % 64 == 0) */
 };
 
 typedef void (*span_fn)(int, const uint8_t *, const void *, const void *, long, long, long, const int8_t *,
@@ -259,6 +280,7 @@ static const span_fn SPANS[2][2][2] = {  /* [terms - 1][bits == 8][scales_f32] *
     {{span4_f16, span4_f32}, {span8_f16, span8_f32}},
     {{span4_f16_fine, span4_f32_fine}, {span8_f16_fine, span8_f32_fine}},
 };
+static const span_fn SPANS16[2] = {span8_g16, span8_g16_fine};  /* [terms - 1] */
 
 /* y [m, ldy] (columns 0..n) = x [m, ldx] @ W.T, x rounded to x_terms (1 or 2) int8 terms. Returns 0, or -1 for
  * arguments out of range, -2 when memory for x's int8 copy could not be had. */
@@ -266,25 +288,27 @@ int braid_cpu_quant_linear(const struct braid_weight *w, const float *x, long m,
                            int x_terms, int threads) {
     const long n = w->n;
     const int k = (int)w->k, bits = (int)w->bits;
+    const int g16 = w->group16 != 0;
     if (m < 0 || n < 0 || k <= 0 || k % BLOCK || (bits != 4 && bits != 8) || ldx < k || ldy < n || threads < 1
-        || (x_terms != 1 && x_terms != 2))
+        || (x_terms != 1 && x_terms != 2) || (g16 && (bits != 8 || !w->scales_f32 || k % CHUNK)))
         return -1;
     if (m == 0 || n == 0) return 0;
     const int nb = k / BLOCK;
     int8_t stack_q[8192];
-    float stack_dx[2 * 256];
+    float stack_dx[4 * 256];
     int small = (long)m * k * x_terms <= 8192 && (long)m * nb <= 256;  /* decode: no allocation */
     int8_t *q = small ? stack_q : (int8_t *)aligned_alloc(64, ((size_t)m * k * x_terms + 63) / 64 * 64);
-    float *dx = small ? stack_dx : (float *)malloc(sizeof(float) * (size_t)m * nb * 2);
+    float *dx = small ? stack_dx : (float *)malloc(sizeof(float) * (size_t)m * nb * 4);
     if (!q || !dx) {
         if (!small) { free(q); free(dx); }
         return -2;
     }
-    float *sx = dx + (size_t)m * nb;
-    const span_fn fn = SPANS[x_terms - 1][bits == 8][w->scales_f32 != 0];
+    float *sx = dx + (size_t)m * nb, *sx16 = sx + (size_t)m * nb;  /* x's sums per 32 and per 16 values */
+    const span_fn fn = g16 ? SPANS16[x_terms - 1] : SPANS[x_terms - 1][bits == 8][w->scales_f32 != 0];
     int parallel = threads > 1 && (long)m * n * k >= (1L << 18);
     #pragma omp parallel for num_threads(threads) schedule(static) if (parallel && m > 1)
-    for (long r = 0; r < m; r++) quantize_row(x + r * ldx, k, x_terms, q + r * k * x_terms, dx + r * nb, sx + r * nb);
+    for (long r = 0; r < m; r++)
+        quantize_row(x + r * ldx, k, x_terms, q + r * k * x_terms, dx + r * nb, sx + r * nb, sx16 + r * 2 * nb);
     long xtasks = (m + XROWS_PER_TASK - 1) / XROWS_PER_TASK;
     long wtasks = (n + WROWS_PER_TASK - 1) / WROWS_PER_TASK;
     #pragma omp parallel for num_threads(threads) schedule(static) collapse(2) if (parallel)
@@ -292,7 +316,7 @@ int braid_cpu_quant_linear(const struct braid_weight *w, const float *x, long m,
         for (long wt = 0; wt < wtasks; wt++) {
             long m0 = xt * XROWS_PER_TASK, m1 = m0 + XROWS_PER_TASK < m ? m0 + XROWS_PER_TASK : m;
             long n0 = wt * WROWS_PER_TASK, n1 = n0 + WROWS_PER_TASK < n ? n0 + WROWS_PER_TASK : n;
-            fn(k, w->codes, w->scales, w->offsets, n, n0, n1, q, dx, sx, m0, m1, y, ldy);
+            fn(k, w->codes, w->scales, w->offsets, n, n0, n1, q, dx, g16 ? sx16 : sx, m0, m1, y, ldy);
         }
     if (!small) { free(q); free(dx); }
     return 0;

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .cpu_library import available, library, unavailable_reason
-from .quant_formats import NIBBLE_QTYPES, nibble_terms
+from .quant_formats import NIBBLE_QTYPES, TYPE_SIZE, nibble_terms, q6_k_parts
 
 __all__ = ["PackedWeight", "QTYPES", "available", "dequantize", "dequantize_rows", "linear", "linear_ref", "pack", "quantize_x_ref",
            "unavailable_reason", "unpack"]
@@ -28,7 +28,7 @@ BLOCK = 32
 """Weights per scale and offset; x is rounded to int8 per run of this many values."""
 CHUNK = 64
 """Weights per interleaved chunk of a row (cpu_quant.c)."""
-QTYPES = NIBBLE_QTYPES
+QTYPES = NIBBLE_QTYPES | {"Q6_K"}
 """The GGUF types `pack` takes."""
 
 
@@ -36,13 +36,15 @@ class _Weight(ctypes.Structure):
     """cpu_quant.c's struct braid_weight."""
 
     _fields_ = [("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("offsets", ctypes.c_void_p),
-                ("n", ctypes.c_long), ("k", ctypes.c_long), ("bits", ctypes.c_long), ("scales_f32", ctypes.c_long)]
+                ("n", ctypes.c_long), ("k", ctypes.c_long), ("bits", ctypes.c_long), ("scales_f32", ctypes.c_long),
+                ("group16", ctypes.c_long)]
 
 
 @dataclass(frozen=True, eq=False)
 class PackedWeight:
     """W [n, k] as cpu_quant.c reads it: codes uint8 [n, k * bits / 8], scales and offsets float16 or float32
-    [n, k / 32]. The tensors must not be modified or resized (the library holds their addresses)."""
+    [n, k / 32], or float32 [n, k / 16] (Q6_K: `group` 16). The tensors must not be modified or resized (the library
+    holds their addresses)."""
 
     codes: torch.Tensor
     scales: torch.Tensor
@@ -54,6 +56,11 @@ class PackedWeight:
         return self.codes.shape[0], self.codes.shape[1] * 8 // self.bits
 
     @property
+    def group(self) -> int:
+        """Weights per scale and offset: 32, or 16 (Q6_K)."""
+        return self.shape[1] // self.scales.shape[1]
+
+    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.offsets))
 
@@ -62,16 +69,20 @@ class PackedWeight:
         """A pointer to this weight's struct braid_weight, built on first use (kept alive with it)."""
         n, k = self.shape
         struct = _Weight(self.codes.data_ptr(), self.scales.data_ptr(), self.offsets.data_ptr(), n, k, self.bits,
-                         int(self.scales.dtype == torch.float32))
+                         int(self.scales.dtype == torch.float32), int(self.group == 16))
         self.__dict__["_struct_keep"] = struct
         return ctypes.cast(ctypes.pointer(struct), ctypes.c_void_p)
 
 
 def pack(blocks: torch.Tensor, qtype: str) -> PackedWeight:
     """W held as uint8 GGUF blocks [n, row_bytes] of `qtype` (one of QTYPES; k a multiple of 32) in this module's
-    form. Q4_0/Q4_1/Q4_K take 4-bit codes, Q8_0 (q + 128) and Q5_K 8-bit ones."""
+    form. Q4_0/Q4_1/Q4_K take 4-bit codes, Q8_0 (q + 128), Q5_K and Q6_K (q, with a scale d sc and offset -32 d sc
+    per 16 weights) 8-bit ones."""
     if qtype not in QTYPES:
         raise ValueError(f"qtype must be one of {', '.join(sorted(QTYPES))}, got {qtype!r}")
+    if qtype == "Q6_K":
+        codes, scale = q6_k_codes(blocks)
+        return PackedWeight(_order(codes, 8), scale.contiguous(), (-32 * scale).contiguous(), 8)
     terms = nibble_terms(blocks, qtype)
     if len(terms) == 1:
         (codes, scale, offset), bits = terms[0], 4
@@ -86,6 +97,14 @@ def pack(blocks: torch.Tensor, qtype: str) -> PackedWeight:
         torch.equal(t.half().float(), t) for t in (scale, offset))  # GGUF's own float16 d and m: kept exactly
     dtype = torch.float16 if exact else torch.float32
     return PackedWeight(_order(codes, bits), scale.to(dtype).contiguous(), offset.to(dtype).contiguous(), bits)
+
+
+def q6_k_codes(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q6_K blocks [n, row_bytes] as (q uint8 [n, k] in 0..63, scale d sc float32 [n, k / 16]): w = scale (q - 32),
+    gguf's arithmetic."""
+    rows = blocks.shape[0]
+    q, scale = q6_k_parts(blocks.reshape(-1, TYPE_SIZE["Q6_K"]))
+    return q.reshape(rows, -1), scale.reshape(rows, -1)
 
 
 def _order(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -118,11 +137,12 @@ def unpack(weight: PackedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 
 def dequantize(weight: PackedWeight) -> torch.Tensor:
-    """W [n, k] in float32: s c + o."""
+    """W [n, k] in float32: s c + o, summed in float64 and rounded once (GGUF's values exactly: Q6_K's d sc (q - 32)
+    fits float32 where d sc q need not)."""
     codes, scales, offsets = unpack(weight)
     n, k = codes.shape
-    w = codes.float().view(n, -1, BLOCK) * scales[..., None] + offsets[..., None]
-    return w.view(n, k)
+    w = codes.double().view(n, -1, weight.group) * scales.double()[..., None] + offsets.double()[..., None]
+    return w.view(n, k).float()
 
 
 def dequantize_rows(weight: PackedWeight, rows: torch.Tensor) -> torch.Tensor:
@@ -148,12 +168,16 @@ def quantize_x_ref(x: torch.Tensor, terms: int = 1) -> tuple[torch.Tensor, torch
 
 
 def linear_ref(x: torch.Tensor, weight: PackedWeight, x_terms: int = 1) -> torch.Tensor:
-    """x [m, k] @ W.T as `linear` computes it, in plain PyTorch: per 32-weight block, s dx (codes . q) + o dx sum(q),
-    summed over blocks in float64 (`linear` sums in float32, in another order: equal to rounding)."""
+    """x [m, k] @ W.T as `linear` computes it, in plain PyTorch: per group of weights sharing a scale (32, or Q6_K's
+    16), s dx (codes . q) + o dx sum(q), summed over groups in float64 (`linear` sums in float32, in another order:
+    equal to rounding)."""
     codes, scales, offsets = unpack(weight)
-    q, dx, sx = quantize_x_ref(x, x_terms)
-    n = codes.shape[0]
-    dots = torch.einsum("nbi,mbi->mnb", codes.view(n, -1, BLOCK).double(), q.double())  # exact integers
+    q, dx, _ = quantize_x_ref(x, x_terms)
+    n, m, g = codes.shape[0], q.shape[0], weight.group
+    q = q.reshape(m, -1, g)
+    dx = dx.repeat_interleave(BLOCK // g, dim=1)  # x's scale per 32 values, for each group in them
+    sx = dx * q.sum(dim=-1).float()
+    dots = torch.einsum("nbi,mbi->mnb", codes.view(n, -1, g).double(), q.double())  # exact integers
     y = (dots * scales.double()[None] * dx.double()[:, None]).sum(-1) + sx.double() @ offsets.double().t()
     return y.float()
 

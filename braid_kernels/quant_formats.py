@@ -101,14 +101,19 @@ def _q5_k(b):
     return _k_affine(b, (_nibbles(b[:, 48:], 32) | (high.reshape(-1, 256) << 4)).float())
 
 
-def _q6_k(b):
+def q6_k_parts(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q6_K blocks [n, 210] -> (q uint8 [n, 256] in 0..63, scale d sc float32 [n, 16]): w = scale (q - 32) per 16."""
     low = _nibbles(b[:, :128], 64)  # (n, 256): halves of 128, each 64 low then 64 high nibbles
     qh = b[:, 128:192].reshape(-1, 2, 1, 32)
     shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=b.device).reshape(1, 1, 4, 1)
     high = ((qh >> shifts) & 3).reshape(-1, 256)
-    q = ((low | (high << 4)).to(torch.int8) - 32).float().reshape(-1, 16, 16)
-    scale = (_f16(b[:, 208:210]) * b[:, 192:208].view(torch.int8).float())[:, :, None]  # (n, 16, 1)
-    return (scale * q).reshape(-1, 256)
+    return low | (high << 4), _f16(b[:, 208:210]) * b[:, 192:208].view(torch.int8).float()
+
+
+def _q6_k(b):
+    q, scale = q6_k_parts(b)
+    q = (q.to(torch.int8) - 32).float().reshape(-1, 16, 16)
+    return (scale[:, :, None] * q).reshape(-1, 256)
 
 
 NIBBLE_QTYPES = frozenset({"Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K"})

@@ -37,7 +37,7 @@ class EngineConfig(ValidatedModel):
     all). Ignored on CUDA."""
     cpu_native_kernels: bool | None = None
     """On the CPU with weight_format "auto" and `cpu_int4` not False, for a float32 model: compute the Q8_0/Q4_0/Q4_1/
-    Q4_K/Q5_K projections with Braid's own integer-dot kernels (braid_kernels/cpu_quant.c: AVX-512 VNNI, the weights'
+    Q4_K/Q5_K/Q6_K projections with Braid's own integer-dot kernels (braid_kernels/cpu_quant.c: AVX-512 VNNI, the weights'
     own bytes read, each row of x rounded per 32 values to two int8 terms, ~16 bits, where llama.cpp rounds to one)
     instead of torch's int4 op, and RMSNorm, SiLU-and-mul and decoding rows' attention with its C kernels (see
     `fused_kernels`): ~1.5x faster decode of the embedded model. The library is built with the system's C compiler

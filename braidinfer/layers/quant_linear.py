@@ -19,14 +19,14 @@ FORMS = ("blocks", "float", "int4", "dot")
 _cpu_quant_linear = None  # braid_kernels.cpu_quant.linear, bound on first use (braid_kernels reads TRITON_INTERPRET)
 
 
-def cpu_quant_linear(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
-    """braid_kernels.cpu_quant.linear(x, weight)."""
+def cpu_quant_linear(x: torch.Tensor, weight: PackedWeight, out: torch.Tensor | None = None) -> torch.Tensor:
+    """braid_kernels.cpu_quant.linear(x, weight, out)."""
     global _cpu_quant_linear
     if _cpu_quant_linear is None:
         from braid_kernels.cpu_quant import linear
 
         _cpu_quant_linear = linear
-    return _cpu_quant_linear(x, weight)
+    return _cpu_quant_linear(x, weight, out)
 
 
 class QuantLinear(nn.Module):
@@ -40,9 +40,9 @@ class QuantLinear(nn.Module):
 
     Forms (`finalize`): "blocks" (CUDA): braid_kernels.quant.quant_linear (dequantising GEMV up to 4 rows, the fused
     GEMM up to 64 on large matrices, else dequantise + matmul). "dot" (x86 CPUs with AVX-512 VNNI, where
-    braid_kernels/cpu_quant.c builds): Q8_0/Q4_0/Q4_1/Q4_K/Q5_K parts as that library's packed codes (integer dot
-    products with x rounded to two int8 terms per value and 32-value block, float32 out), other parts decoded to
-    float once. "int4" (the CPU
+    braid_kernels/cpu_quant.c builds): Q8_0/Q4_0/Q4_1/Q4_K/Q5_K/Q6_K parts as that library's packed codes
+    (integer dot products with x rounded to two int8 terms per value and 32-value block, float32 out), float parts
+    as they are. "int4" (the CPU
     where torch's int4 kernels are fast):
     Q8_0/Q4_0/Q4_1/Q4_K/Q5_K parts as torch's CPU int4 weight-only matmul operands (cpu_int4.py, the same bytes per
     weight, x rounded to bfloat16), other parts decoded to float once. "float" (other CPUs): every part decoded once
@@ -170,6 +170,9 @@ class QuantLinear(nn.Module):
             # The CPU's usual case, taken first: a CPU decode step is ~120 of these calls
             y = cpu_quant_linear(x if x.stride(1) == 1 else x.contiguous(), self._only_dot)
             return y if self.bias is None else y + self.bias
+        if len(self._dot) == len(self.qtypes) > 1 and type(x) is torch.Tensor and x.dim() == 2:
+            y = self._dots_in_place(x if x.stride(1) == 1 else x.contiguous())  # e.g. Q4_K q/k beside a Q6_K v
+            return y if self.bias is None else y + self.bias
         if self._only_int4 is not None and type(x) is torch.Tensor and x.dim() == 2:
             # The CPU's usual case, taken first: a CPU decode step is ~120 of these calls, each ~100 us
             y = cpu_int4.linear(x, self._only_int4, self.decoded_rows)
@@ -207,6 +210,17 @@ class QuantLinear(nn.Module):
             else:  # the CPU's per-call decode (_part) has no output argument
                 columns.copy_(self._part(i, x))
             start += weight.shape[0]
+        return y
+
+    def _dots_in_place(self, x: torch.Tensor) -> torch.Tensor:
+        """[m, out_features]: each "dot" part's product written straight into its own columns (no concatenation: a
+        torch op between the kernels, which would also keep a replayed layer eager, braidinfer/cpu_graphs.py)."""
+        y = x.new_empty((x.shape[0], self.out_features))
+        start = 0
+        for i in range(len(self.qtypes)):
+            rows = self._dot[i].shape[0]
+            cpu_quant_linear(x, self._dot[i], out=y[:, start:start + rows])
+            start += rows
         return y
 
     def _takes_int8(self, x: torch.Tensor) -> bool:

@@ -335,3 +335,23 @@ def test_dot_embedding_reads_the_tied_lm_heads_codes(embedded_gguf):
     tensor = next(t for t in gguf.GGUFReader(embedded_gguf).tensors if t.name == "token_embd.weight")
     table = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     assert torch.equal(rows, torch.from_numpy(np.ascontiguousarray(table[ids.numpy()])).float())
+
+
+def test_replayed_decode_equals_eager_on_tiny_checkpoints(quantized_model):
+    """The same on the tiny Llama and Qwen3 checkpoints (QK-norm in the C attention; Q8_0, Q4_1, Q4_K, Q5_K and Q6_K
+    projections in the "dot" form, one of them mixing types): layers replay at one and at three rows (the Llama's
+    second layer has a Q5_0 projection, decoded to float at load, so it stays eager), and the logprobs are the eager
+    engine's bit for bit."""
+    require_cpu_kernels()
+    path, _ = quantized_model
+    prompts = random_prompts([5, 17, 40], SHAPE["vocab_size"], seed=2)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
+    results = {}
+    for eager in (False, True):
+        with LLM(model=path, **DOT, enforce_eager=eager) as llm:
+            outs = llm.generate(prompts, params) + llm.generate(prompts[1:2], params)
+            results[eager] = [[(t.token_id, t.logprob, t.top) for t in r.logprobs] for r in outs]
+            if not eager:
+                graphs = llm.engine.runner.cpu_graphs
+                assert graphs.num_graphs >= 2
+    assert results[False] == results[True]

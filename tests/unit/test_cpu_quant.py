@@ -12,7 +12,7 @@ from braid_kernels.quant_formats import dequantize_torch
 from tests.support.gguf_quant import quantize
 
 needs_library = pytest.mark.skipif(not cpu_quant.available(), reason=f"{cpu_quant.unavailable_reason()}")
-QTYPES = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K")
+QTYPES = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
 
 
 def _blocks(qtype: str, n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,26 +26,27 @@ def _blocks(qtype: str, n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, to
 def _shapes(qtype: str) -> list[tuple[int, int]]:
     """[n, k]: k a whole number of 64-weight chunks, or with a last lone block of 32 (not for the K-types, whose
     blocks are 256); n not a multiple of the kernel's 4 rows."""
-    return [(37, 256), (8, 512)] if qtype in ("Q4_K", "Q5_K") else [(37, 96), (64, 576), (5, 32)]
+    return [(37, 256), (8, 512)] if qtype in ("Q4_K", "Q5_K", "Q6_K") else [(37, 96), (64, 576), (5, 32)]
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
 def test_pack_keeps_ggufs_values(qtype):
     """The packed codes, scales and offsets decode to gguf's dequantisation exactly; Q4_0/Q4_1/Q8_0 keep float16
-    scales (GGUF's own d and m), the K-types float32."""
+    scales (GGUF's own d and m), the K-types float32, Q6_K one per 16 weights."""
     for n, k in _shapes(qtype):
         blocks, reference = _blocks(qtype, n, k)
         packed = cpu_quant.pack(blocks, qtype)
         assert packed.shape == (n, k)
         assert torch.equal(cpu_quant.dequantize(packed), reference)
-        assert packed.bits == (8 if qtype in ("Q8_0", "Q5_K") else 4)
-        assert packed.scales.dtype == (torch.float32 if qtype in ("Q4_K", "Q5_K") else torch.float16)
+        assert packed.bits == (8 if qtype in ("Q8_0", "Q5_K", "Q6_K") else 4)
+        assert packed.scales.dtype == (torch.float32 if qtype in ("Q4_K", "Q5_K", "Q6_K") else torch.float16)
+        assert packed.group == (16 if qtype == "Q6_K" else 32)
 
 
 def test_pack_refuses_other_types():
     blocks, _ = _blocks("Q4_0", 4, 64)
     with pytest.raises(ValueError, match="qtype"):
-        cpu_quant.pack(blocks, "Q6_K")
+        cpu_quant.pack(blocks, "Q5_0")
 
 
 def test_x_rounding_by_hand():
@@ -135,8 +136,8 @@ def test_linear_refuses_bad_arguments():
 
 @needs_library
 def test_quant_linear_dot_form_with_mixed_parts():
-    """QuantLinear finalised in the "dot" form: packable parts packed, a Q6_K part (no such form) decoded to float,
-    the float part kept; the product equals the decoded weights' within x's int8 rounding, and equals the parts'
+    """QuantLinear finalised in the "dot" form: the quantised parts packed (Q6_K's with a scale per 16 weights), the
+    float part kept; the product equals the decoded weights' within x's int8 rounding, and equals the parts'
     own kernel products exactly."""
     from braidinfer.layers.quant_linear import QuantLinear
     from braidinfer.loader.quantized import QuantizedTensor
@@ -157,7 +158,7 @@ def test_quant_linear_dot_form_with_mixed_parts():
         start += rows
     layer.finalize("dot")
     torch.nn.init.normal_(layer.bias)
-    assert layer.kinds == ["dot", "float", "dot"] and layer.qtypes == ["Q4_K", None, "Q8_0"]
+    assert layer.kinds == ["dot", "float", "dot", "dot"] and layer.qtypes == ["Q4_K", None, "Q6_K", "Q8_0"]
     assert "cpu_quant" in layer.kernel_path()
     x = torch.randn(3, k)
     y = layer(x)
