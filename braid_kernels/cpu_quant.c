@@ -52,7 +52,8 @@ static void put_block(int8_t *q, const int8_t *tmp, int b, int nb) {
 }
 
 /* Rounds one row of x (k values, k % 32 == 0) to int8 in the chunk order above: q (k bytes a term), dx (k / 32
- * scales), sx (k / 32 sums of the rounded x). terms 2: a second int8 row q2 (at q + k) holds the first rounding's
+ * scales), sx (k / 32 sums of the rounded x, dx times the integers' sum), sx16 (k / 16 such sums, for weights with a
+ * scale per 16: the halves of each 32). terms 2: a second int8 row q2 (at q + k) holds the first rounding's
  * remainder in steps of 1/256 of the first's, x ~ dx (256 q + q2) with dx = max |x| / (127 * 256): ~16 bits. */
 static void quantize_row(const float *x, int k, int terms, int8_t *q, float *dx, float *sx, float *sx16) {
     int nb = k / BLOCK;

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .cpu_library import available, library, unavailable_reason
-from .quant_formats import NIBBLE_QTYPES, TYPE_SIZE, nibble_terms, q6_k_parts
+from .quant_formats import NIBBLE_QTYPES, TYPE_SIZE, check_blocks, nibble_terms, q6_k_parts
 
 __all__ = ["PackedWeight", "QTYPES", "available", "dequantize", "dequantize_rows", "linear", "linear_ref", "pack", "quantize_x_ref",
            "unavailable_reason", "unpack"]
@@ -102,6 +102,7 @@ def pack(blocks: torch.Tensor, qtype: str) -> PackedWeight:
 def q6_k_codes(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Q6_K blocks [n, row_bytes] as (q uint8 [n, k] in 0..63, scale d sc float32 [n, k / 16]): w = scale (q - 32),
     gguf's arithmetic."""
+    check_blocks(blocks, "Q6_K")
     rows = blocks.shape[0]
     q, scale = q6_k_parts(blocks.reshape(-1, TYPE_SIZE["Q6_K"]))
     return q.reshape(rows, -1), scale.reshape(rows, -1)
@@ -122,7 +123,7 @@ def _order(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack(weight: PackedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(codes uint8 [n, k] in natural order, scales float32 [n, k / 32], offsets float32): `pack`'s inverse, for
+    """(codes uint8 [n, k] in natural order, scales float32 [n, k / group], offsets float32): `pack`'s inverse, for
     references and tests."""
     n, k = weight.shape
     whole = k // CHUNK * CHUNK
@@ -137,12 +138,12 @@ def unpack(weight: PackedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 
 def dequantize(weight: PackedWeight) -> torch.Tensor:
-    """W [n, k] in float32: s c + o, summed in float64 and rounded once (GGUF's values exactly: Q6_K's d sc (q - 32)
-    fits float32 where d sc q need not)."""
+    """W [n, k] in float32: s c + o (GGUF's values exactly: s c is exact in float32 for every packed type, Q6_K's d
+    sc q included, at most 24 significant bits, and so is the sum, GGUF's own value)."""
     codes, scales, offsets = unpack(weight)
     n, k = codes.shape
-    w = codes.double().view(n, -1, weight.group) * scales.double()[..., None] + offsets.double()[..., None]
-    return w.view(n, k).float()
+    w = codes.float().view(n, -1, weight.group) * scales[..., None] + offsets[..., None]
+    return w.view(n, k)
 
 
 def dequantize_rows(weight: PackedWeight, rows: torch.Tensor) -> torch.Tensor:
@@ -202,8 +203,9 @@ def linear(x: torch.Tensor, weight: PackedWeight, out: torch.Tensor | None = Non
     elif out.dtype is not torch.float32 or out.shape != (m, n) or out.stride(1) != 1 or not out.is_cpu:
         raise ValueError(f"out must be a float32 CPU tensor [{m}, {n}] with contiguous rows, got {out.dtype} "
                          f"{tuple(out.shape)} strides {out.stride()} on {out.device}")
-    rc = lib.braid_cpu_quant_linear(weight._struct, x.data_ptr(), m, x.stride(0), out.data_ptr(), out.stride(0),
-                                    x_terms, threads or torch.get_num_threads())
+    ldx, ldy = (x.stride(0), out.stride(0)) if m > 1 else (k, n)  # (a one-row view may have any row stride)
+    rc = lib.braid_cpu_quant_linear(weight._struct, x.data_ptr(), m, ldx, out.data_ptr(), ldy, x_terms,
+                                    threads or torch.get_num_threads())
     if rc != 0:
         raise MemoryError(f"cpu_quant: no memory for x's int8 copy ({m} x {k})") if rc == -2 else \
             ValueError(f"cpu_quant rejected its arguments (m={m}, n={n}, k={k}, bits={weight.bits})")

@@ -37,14 +37,15 @@ def check_qtype(qtype) -> None:
 def dequantize_torch(blocks: torch.Tensor, qtype: str, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 blocks [rows, row_bytes] of `qtype` -> weights [rows, row_bytes / TYPE_SIZE * BLOCK_SIZE] of out_dtype,
     computed in float32 (gguf.quants.dequantize's values) and then rounded to out_dtype."""
-    _check_blocks(blocks, qtype)
+    check_blocks(blocks, qtype)
     rows, row_bytes = blocks.shape
     b = blocks.reshape(-1, TYPE_SIZE[qtype])  # (num_blocks, type_size)
     w = _DECODERS[qtype](b)  # (num_blocks, block_size) float32
     return w.reshape(rows, row_bytes // TYPE_SIZE[qtype] * BLOCK_SIZE[qtype]).to(out_dtype)
 
 
-def _check_blocks(blocks: torch.Tensor, qtype: str) -> None:
+def check_blocks(blocks: torch.Tensor, qtype: str) -> None:
+    """Raises ValueError unless `blocks` is uint8 [rows, a whole number of `qtype`'s blocks]."""
     check_qtype(qtype)
     if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] % TYPE_SIZE[qtype]:
         raise ValueError(f"blocks must be uint8 [rows, a multiple of {TYPE_SIZE[qtype]} bytes] for {qtype}, got "
@@ -131,7 +132,7 @@ def nibble_terms(blocks: torch.Tensor, qtype: str) -> list[tuple[torch.Tensor, t
     (a scale per 16 weights) has no such form."""
     if qtype not in NIBBLE_QTYPES:
         raise ValueError(f"qtype must be one of {', '.join(sorted(NIBBLE_QTYPES))} for 4-bit terms, got {qtype!r}")
-    _check_blocks(blocks, qtype)
+    check_blocks(blocks, qtype)
     rows, row_bytes = blocks.shape
     cols = row_bytes // TYPE_SIZE[qtype] * BLOCK_SIZE[qtype]
     b = blocks.reshape(-1, TYPE_SIZE[qtype])

@@ -35,8 +35,8 @@ class QuantLinear(nn.Module):
 
     A fused projection (q/k/v, gate/up) is filled part by part; `finalize` joins neighbouring parts of the same
     qtype into one matrix of blocks, so a projection whose checkpoint tensors share a type runs one kernel, and one
-    mixing types (Q4_K_M's Q4_K q/k beside a Q6_K v) runs one per type, concatenated (at one row of x, each written
-    straight into its columns of the output).
+    mixing types (Q4_K_M's Q4_K q/k beside a Q6_K v) runs one per type, each written straight into its columns of the
+    output (the "dot" form, and GGUF blocks at one row of x) or concatenated.
 
     Forms (`finalize`): "blocks" (CUDA): braid_kernels.quant.quant_linear (dequantising GEMV up to 4 rows, the fused
     GEMM up to 64 on large matrices, else dequantise + matmul). "dot" (x86 CPUs with AVX-512 VNNI, where

@@ -166,3 +166,28 @@ def test_quant_linear_dot_form_with_mixed_parts():
     assert (y - exact).norm() / exact.norm() < 0.015
     torch.testing.assert_close(y[:, :32], cpu_quant.linear(x, layer._dot[0]) + layer.bias[:32], rtol=0, atol=0)
     torch.testing.assert_close(layer(x[None])[0], y)  # a 3-d x: the same rows
+
+
+@needs_library
+def test_quant_linear_dot_parts_write_their_columns():
+    """A projection whose parts are all in the "dot" form, of different types (Q4_K_M's Q4_K q/k beside a Q6_K v),
+    writes each part's product into its columns: equal, bit for bit, to the parts' products concatenated; for 1, 3
+    and 70 rows, x with strided rows, a one-row x of any row stride, and a bias."""
+    from braidinfer.layers.quant_linear import QuantLinear
+    from braidinfer.loader.quantized import QuantizedTensor
+
+    k = 512
+    parts = [("Q4_K", 32), ("Q6_K", 16), ("Q4_K", 8), ("Q8_0", 24)]
+    layer = QuantLinear(k, sum(rows for _, rows in parts), bias=True, dtype=torch.float32)
+    start = 0
+    for i, (qtype, rows) in enumerate(parts):
+        layer.set_part(start, QuantizedTensor(_blocks(qtype, rows, k, seed=i)[0], qtype, (rows, k)))
+        start += rows
+    layer.finalize("dot")
+    torch.nn.init.normal_(layer.bias)
+    assert layer.kinds == ["dot"] * 4
+    gen = torch.Generator().manual_seed(0)
+    for x in (torch.randn(3, 2 * k, generator=gen)[:, :k], torch.randn(70, k, generator=gen),
+              torch.randn(k, 1, generator=gen).t()):  # the last: one row, strides (1, 1)
+        expected = torch.cat([cpu_quant.linear(x.contiguous(), w) for w in layer._dot.values()], dim=1)
+        assert torch.equal(layer(x), expected + layer.bias)
