@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -40,6 +41,7 @@ SIGNATURES = {
 index of its OpenMP thread-count argument or None)."""
 
 _reason: str | None = None  # why the library is unavailable, once tried
+log = logging.getLogger(__name__)
 
 
 def available() -> bool:
@@ -98,6 +100,7 @@ def _build() -> str:
     if os.path.exists(target):
         return target
     os.makedirs(build_dir(), exist_ok=True)
+    log.info("compiling Braid's CPU kernels with %s into %s (once per machine and version)", compiler, target)
     with tempfile.TemporaryDirectory(dir=build_dir()) as tmp:  # built aside, then renamed: processes may race
         built = os.path.join(tmp, "braid_cpu.so")
         result = subprocess.run([compiler, *FLAGS, "-o", built, *paths], capture_output=True, text=True, timeout=300)

@@ -1,6 +1,8 @@
 """Paged attention in plain PyTorch: runs on CPU and CUDA, and is the reference for every faster backend."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
@@ -24,6 +26,7 @@ class TorchAttention:
         self._rows: tuple[AttentionMetadata, torch.Tensor] | None = None  # (the step's meta, kv_rows of its slots)
         self._decode: tuple[AttentionMetadata, torch.Tensor, torch.Tensor] | None = None  # see _decode_pages
         self._step_rows: tuple[AttentionMetadata, tuple] | None = None  # see decode_rows
+        self._prompt: tuple[AttentionMetadata, tuple] | None = None  # see prompt_part
 
     def plan(self, meta: AttentionMetadata) -> None:
         """Once per step, before the forward (the call every backend takes). Nothing to prepare ahead: the pool rows
@@ -54,6 +57,21 @@ class TorchAttention:
                 found = (None, None)
             self._step_rows = (meta, found)
         return self._step_rows[1]
+
+    def prompt_part(self, meta: AttentionMetadata) -> tuple[torch.Tensor, AttentionMetadata]:
+        """(index, meta) of the step's prompt rows (spans not of generated tokens), built once per step: `index` their
+        rows of the step ([P] int64), `meta` those rows alone (their spans from row 0 on, their slots), which the
+        layers attend over through this backend while the decoding rows take the C kernel (decode_rows)."""
+        if self._prompt is None or self._prompt[0] is not meta:
+            spans, index, row = [], [], 0
+            for span in meta.spans:
+                if not span.generated:
+                    spans.append(dataclasses.replace(span, q_start=row))
+                    index.append(torch.arange(span.q_start, span.q_start + span.q_len))
+                    row += span.q_len
+            rows = torch.cat(index) if index else torch.zeros(0, dtype=torch.int64)
+            self._prompt = (meta, (rows, AttentionMetadata(spans, meta.slot_mapping[rows], row)))
+        return self._prompt[1]
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata):
         """q: [T, num_qo_heads, head_dim]; k, v: [T, num_kv_heads, head_dim] -> out: [T, num_qo_heads, head_dim]."""

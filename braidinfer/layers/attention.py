@@ -112,15 +112,16 @@ class PagedAttention(nn.Module):
     def _cpu(self, qkv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """The rows of decoding sequences (generated tokens, SeqSpan.generated) through the C kernel: QK-norm, RoPE,
         the K/V write and attention in one call, each row alone; prompt rows through the PyTorch plan (SDPA per
-        sequence, faster for many rows). Which path a row takes depends only on whether its token is a prompt token,
-        so a request's answer depends neither on the other sequences of its steps nor on the prefix cache."""
+        sequence, faster for many rows), on their own in a step that has both. Which path a row takes depends only on
+        whether its token is a prompt token, so a request's answer depends neither on the other sequences of its steps
+        nor on the prefix cache."""
         from braid_kernels.cpu_attention import attention  # on use: braid_kernels reads TRITON_INTERPRET at import
 
         backend = batch.attention
         index, rows = backend.decode_rows(batch.meta)
         if rows is None:  # no decoding sequence
             return self._unfused(qkv, batch)
-        out = None if index is None else self._unfused(qkv, batch)  # index None: every row decodes
+        out = None if index is None else self._prompt_rows(qkv, batch)  # index None: every row decodes
         cos = sin = None
         if self.rotary:
             cos, sin = (t.view(t.shape[0], -1) for t in batch.rope.cos_sin(torch.float32))
@@ -135,6 +136,18 @@ class PagedAttention(nn.Module):
         if out is None:
             return decoded
         out[index] = decoded
+        return out
+
+    def _prompt_rows(self, qkv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """[T, q_size] with the step's prompt rows computed by the PyTorch plan on their own (the decoding rows,
+        left for the C kernel, are not computed twice)."""
+        from braidinfer.models.forward_batch import ForwardBatch
+
+        index, meta = batch.attention.prompt_part(batch.meta)
+        positions = batch.positions[index]
+        rope = None if batch.rope is None else batch.rope.rotary.at(positions)
+        out = qkv.new_empty((qkv.shape[0], self.q_size))
+        out[index] = self._unfused(qkv[index], ForwardBatch(positions, meta, batch.attention, rope))
         return out
 
     def _fused(self, qkv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:

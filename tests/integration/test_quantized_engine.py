@@ -355,3 +355,32 @@ def test_replayed_decode_equals_eager_on_tiny_checkpoints(quantized_model):
                 graphs = llm.engine.runner.cpu_graphs
                 assert graphs.num_graphs >= 2
     assert results[False] == results[True]
+
+
+def test_steps_mixing_prompt_and_decoding_rows_equal_each_request_alone(quantized_model, monkeypatch):
+    """A long prompt prefilled in chunks while another request decodes: the steps mix prompt rows (the torch
+    backend, on their own) and decoding rows (the C attention). The decoding request's logprobs equal its run alone
+    bit for bit (every projection of the Qwen3 checkpoint is in the "dot" form, whose rows are computed alone; the
+    Llama one has a Q5_0 projection decoded to float, whose matmul rounds by batch). The prompt's chunks are split
+    differently than alone (16 tokens a step, shared), so its logprobs match within float32 rounding."""
+    from braidinfer.attention.torch_backend import TorchAttention
+
+    require_cpu_kernels()
+    path, _ = quantized_model
+    if "qwen3" not in str(path):
+        pytest.skip("the Llama checkpoint's float projection rounds by batch")
+    short, long = random_prompts([5, 60], SHAPE["vocab_size"], seed=4)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=3)
+    mixed = []
+    original = TorchAttention.prompt_part
+    monkeypatch.setattr(TorchAttention, "prompt_part", lambda self, meta: mixed.append(1) or original(self, meta))
+    with LLM(model=path, **DOT, max_num_batched_tokens=16) as llm:
+        alone = llm.generate([short], params) + llm.generate([long], params)
+        assert not mixed
+        together = llm.generate([short, long], params)
+    assert mixed
+    assert [(t.token_id, t.logprob, t.top) for t in together[0].logprobs] == \
+        [(t.token_id, t.logprob, t.top) for t in alone[0].logprobs]
+    assert together[1].token_ids == alone[1].token_ids
+    for a, b in zip(together[1].logprobs, alone[1].logprobs):
+        assert abs(a.logprob - b.logprob) < 1e-4
