@@ -51,7 +51,7 @@ class TorchAttention:
             if sum(span.q_len for span in decoding) == meta.slot_mapping.shape[0]:
                 found = (None, step_rows(decoding, meta.slot_mapping))
             elif decoding:
-                index = torch.cat([torch.arange(span.q_start, span.q_start + span.q_len) for span in decoding])
+                index = span_rows(decoding)
                 found = (index, step_rows(decoding, meta.slot_mapping[index]))
             else:
                 found = (None, None)
@@ -63,13 +63,11 @@ class TorchAttention:
         rows of the step ([P] int64), `meta` those rows alone (their spans from row 0 on, their slots), which the
         layers attend over through this backend while the decoding rows take the C kernel (decode_rows)."""
         if self._prompt is None or self._prompt[0] is not meta:
-            spans, index, row = [], [], 0
-            for span in meta.spans:
-                if not span.generated:
-                    spans.append(dataclasses.replace(span, q_start=row))
-                    index.append(torch.arange(span.q_start, span.q_start + span.q_len))
-                    row += span.q_len
-            rows = torch.cat(index) if index else torch.zeros(0, dtype=torch.int64)
+            prompt, spans, row = [span for span in meta.spans if not span.generated], [], 0
+            for span in prompt:  # renumbered from row 0
+                spans.append(dataclasses.replace(span, q_start=row))
+                row += span.q_len
+            rows = span_rows(prompt)
             self._prompt = (meta, (rows, AttentionMetadata(spans, meta.slot_mapping[rows], row)))
         return self._prompt[1]
 
@@ -138,6 +136,12 @@ class TorchAttention:
         kv = cache.permute(1, 2, 0, 3, 4).index_select(2, page_table)
         kv = kv.flatten(2, 3)  # (2, kvh, P * ps, hd), a view
         return kv[0, :, :context_len], kv[1, :, :context_len]
+
+
+def span_rows(spans) -> torch.Tensor:
+    """The step's rows of `spans` (q_start, q_len each), span after span: [sum of q_len] int64."""
+    return torch.cat([torch.arange(span.q_start, span.q_start + span.q_len) for span in spans]) if spans else \
+        torch.zeros(0, dtype=torch.int64)
 
 
 def kv_rows(cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:

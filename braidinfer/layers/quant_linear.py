@@ -170,9 +170,6 @@ class QuantLinear(nn.Module):
             # The CPU's usual case, taken first: a CPU decode step is ~120 of these calls
             y = cpu_quant_linear(x if x.stride(1) == 1 else x.contiguous(), self._only_dot)
             return y if self.bias is None else y + self.bias
-        if len(self._dot) == len(self.qtypes) > 1 and type(x) is torch.Tensor and x.dim() == 2:
-            y = self._dots_in_place(x if x.stride(1) == 1 else x.contiguous())  # e.g. Q4_K q/k beside a Q6_K v
-            return y if self.bias is None else y + self.bias
         if self._only_int4 is not None and type(x) is torch.Tensor and x.dim() == 2:
             # The CPU's usual case, taken first: a CPU decode step is ~120 of these calls, each ~100 us
             y = cpu_int4.linear(x, self._only_int4, self.decoded_rows)
@@ -191,16 +188,28 @@ class QuantLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def _writes_in_place(self, x) -> bool:
-        """Whether every part can write its columns straight into one output instead of being concatenated: one row
-        of x (its parts' columns of a one-row output are contiguous) and every part GGUF blocks."""
-        return len(x.shape) == 2 and x.shape[0] == 1 and not self._int4_terms and not self._dot \
-            and None not in self.qtypes
+        """Whether every part can write its columns straight into one output instead of being concatenated (a torch
+        op between the kernels, which would also keep a replayed CPU layer eager, braidinfer/cpu_graphs.py): every
+        part in the "dot" form (e.g. Q4_K q/k beside a Q6_K v; any rows of x), or one row of x (its parts' columns of
+        a one-row output are contiguous) and every part GGUF blocks."""
+        if len(x.shape) != 2:
+            return False
+        if len(self._dot) == len(self.qtypes):
+            return True
+        return x.shape[0] == 1 and not self._int4_terms and not self._dot and None not in self.qtypes
 
     def _parts_in_place(self, x) -> torch.Tensor:
-        """[1, out_features]: each part's quant_linear writing into its own columns (no concatenation launch)."""
-        y = torch.empty((1, self.out_features), dtype=x.dtype, device=x.device)
+        """[rows, out_features]: each part's kernel writing into its own columns (no concatenation)."""
+        y = torch.empty((x.shape[0], self.out_features), dtype=x.dtype, device=x.device)
+        if self._dot and x.stride(1) != 1:
+            x = x.contiguous()
         start = 0
         for i, qtype in enumerate(self.qtypes):
+            if i in self._dot:
+                rows = self._dot[i].shape[0]
+                cpu_quant_linear(x, self._dot[i], out=y[:, start:start + rows])
+                start += rows
+                continue
             weight = getattr(self, f"part{i}")
             columns = y[:, start:start + weight.shape[0]]
             if weight.is_cuda:
@@ -210,17 +219,6 @@ class QuantLinear(nn.Module):
             else:  # the CPU's per-call decode (_part) has no output argument
                 columns.copy_(self._part(i, x))
             start += weight.shape[0]
-        return y
-
-    def _dots_in_place(self, x: torch.Tensor) -> torch.Tensor:
-        """[m, out_features]: each "dot" part's product written straight into its own columns (no concatenation: a
-        torch op between the kernels, which would also keep a replayed layer eager, braidinfer/cpu_graphs.py)."""
-        y = x.new_empty((x.shape[0], self.out_features))
-        start = 0
-        for i in range(len(self.qtypes)):
-            rows = self._dot[i].shape[0]
-            cpu_quant_linear(x, self._dot[i], out=y[:, start:start + rows])
-            start += rows
         return y
 
     def _takes_int8(self, x: torch.Tensor) -> bool:
