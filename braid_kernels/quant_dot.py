@@ -43,6 +43,12 @@ from .quant_decode import GROUP_LANES, GROUPS_PER_BLOCK, Q4_0, Q4_1, Q4_K, Q5_K,
 from .quant_formats import BLOCK_SIZE, TYPE_SIZE
 from .quant_gemv import QuantGemvConfig, add_slices, launch_config, slice_outputs, split_steps, store_rows
 
+ONE_WARP_Q6_K_ROWS = 8192
+"""At one row of x, Q6_K matrices of more rows than this take one warp per program, smaller ones four: on an H100,
+4096x14336 (a down projection) 20.4 us on 4 warps against 24.5 on one, 1024x4096 (a v projection) 3.1 against 3.5,
+128256x4096 (an lm_head) 140.5 against 141.5; on an H200 one warp was 11-14% faster on 28672x4096 and 128256x4096."""
+
+
 def dot_launch_config(qtype: str, num_rows: int, n: int, num_sms: int, k: int | None = None) -> QuantGemvConfig:
     """The float GEMV's configuration (quant_gemv.launch_config: rows of W per program, K split for narrow N) with
     one row of W per program at one row of x, and steps of at least 2048 weights up to 4 rows of x (unless K is
@@ -51,11 +57,13 @@ def dot_launch_config(qtype: str, num_rows: int, n: int, num_sms: int, k: int | 
     Swept on an H200 in the planes layout (benchmarks/RESULTS.md; 1-2 rows of W per program, 1, 2 or 4 warps, steps of
     2048-4096 weights at one row of x; 1-4 rows of W at four): at one row of x, one row of W per program was best for
     every type and shape; one warp was best or within 2% for Q4_K and gave Q6_K's 28672x4096 and 128256x4096 products
-    11-14% over 4 warps (9% under on 4096x14336); Q8_0 was within 3% on 1 or 4 warps. At four rows, four rows of W
-    with steps of 1024-2048 were best. Q5_K, Q4_0 and Q4_1 were not swept."""
+    11-14% over 4 warps (9% under on 4096x14336; so Q6_K matrices of at most ONE_WARP_Q6_K_ROWS rows take 4 warps);
+    Q8_0 was within 3% on 1 or 4 warps. At four rows, four rows of W with steps of 1024-2048 were best. Q5_K, Q4_0 and
+    Q4_1 were not swept."""
     config = launch_config(qtype, num_rows, n, num_sms, k)._replace(num_warps=4)
     if num_rows == 1:
-        config = config._replace(block_n=1, num_warps=1 if BLOCK_SIZE[qtype] == 256 else 4)
+        one_warp = BLOCK_SIZE[qtype] == 256 and (qtype != "Q6_K" or n > ONE_WARP_Q6_K_ROWS)
+        config = config._replace(block_n=1, num_warps=1 if one_warp else 4)
     if num_rows <= 4 and config.split_k == 1:
         config = config._replace(block_k=max(config.block_k, 2048))
     return config

@@ -18,6 +18,7 @@ from .int8_rows import Int8Rows, check_int8_columns, empty_int8_rows, store_int8
 from .numerics import exp, launch_options, round_to_dtype, wait_for_inputs
 
 BLOCK = 1024
+INT8_BLOCK = 256  # columns per program when writing int8 runs (a decode step's one row: more, smaller programs)
 
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
@@ -62,11 +63,14 @@ def _check(x: torch.Tensor) -> torch.Tensor:
 
 
 def _launch(rows: torch.Tensor, out: torch.Tensor | None, int8: Int8Rows | None) -> None:
+    """The kernel over rows [M, 2 * d]: out, or int8's runs. The int8 form (a one-row decode step's MLP, at
+    d = 14336 on an H100) took 1.33 us per call in programs of 256 columns against 1.66 us in programs of 1024."""
     d = rows.shape[1] // 2
     if rows.shape[0] and d:
-        grid = (rows.shape[0], triton.cdiv(d, BLOCK))
+        block = BLOCK if int8 is None else INT8_BLOCK
+        grid = (rows.shape[0], triton.cdiv(d, block))
         _silu_and_mul_kernel[grid](rows, out, *(int8[:3] if int8 is not None else (None, None, None)),
-                                   rows.stride(0), d, BLOCK=BLOCK, INT8=int8 is not None, num_warps=4,
+                                   rows.stride(0), d, BLOCK=block, INT8=int8 is not None, num_warps=4,
                                    **launch_options(rows))
 
 
