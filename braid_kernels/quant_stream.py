@@ -1,0 +1,180 @@
+"""The one-row integer-dot GEMV as persistent programs that stream weight rows: y = x @ W.T for one row of 16-bit x
+and Q4_K or Q6_K weights (a decode step of one sequence), the arithmetic of quant_dot.py.
+
+Why another schedule: quant_dot.py's one-row launch gives each row of W its own one-warp program. A decode step's
+smaller matrices (4096 x 4096, 6144 x 4096) then run as a single wave in which every warp first waits for its
+row's bytes and only then computes, so the memory system idles while the SMs decode and the SMs idle while the
+bytes arrive (on an H100, 4096 x 4096 Q4_K took 6.0 us, 1.6 TB/s). Here a fixed number of programs per SM each
+walk rows pid, pid + P, pid + 2P, ... and load the next row's raw fields (quant words, packed scales, fp16 heads)
+before decoding and multiplying the current one, so each warp keeps a row's loads in flight while it computes;
+x's int8 runs, scales and sums, the same for every row, are loaded once per program.
+
+The raw fields of a group (quant_decode.py's groups: 2 x 16-32 weights sharing their scales) are loaded by
+`_raw_fields` and decoded by `_decode_raw`, kept apart so that decoding, which waits for the loads, comes after the
+current row's products in program order. A whole row of K is one tile (BLOCK_G groups), so the rows' K fits in
+registers: 1 warp up to 512 words of quants a row (K = 4096 for Q4_K and Q6_K), more warps above.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .int8_rows import Int8Rows
+from .numerics import pdl_options, round_to_dtype, wait_for_inputs
+from .quant_decode import GROUP_LANES, GROUPS_PER_BLOCK, Q4_K, QTYPE_IDS, fp16_bits, k_unpack_scale_min, \
+    num_groups
+from .quant_dot import _dp4a
+from .quant_formats import BLOCK_SIZE, TYPE_SIZE
+
+STREAM_TYPES = ("Q4_K", "Q6_K")
+PROGRAMS_PER_SM = 16  # streaming programs per multiprocessor (one to a few warps each)
+MAX_WORDS_PER_THREAD = 16  # quant words of a row per thread: the number of warps follows from it
+
+
+def stream_warps(qtype: str, k: int) -> int:
+    """Warps per program for rows of k weights of qtype: one per 512 words of quants (Q6_K: of low quants)."""
+    words = num_groups(qtype, k) * GROUP_LANES[qtype] // 4
+    return max(1, min(8, triton.next_power_of_2(triton.cdiv(words, 32 * MAX_WORDS_PER_THREAD))))
+
+
+def stream_programs(n: int, num_sms: int, programs_per_sm: int = PROGRAMS_PER_SM) -> int:
+    """Programs of a launch over n rows: programs_per_sm per multiprocessor, at most one per row."""
+    return max(1, min(n, num_sms * programs_per_sm))
+
+
+def launch_stream_gemv(x: Int8Rows, blocks: torch.Tensor, qtype: str, out: torch.Tensor, num_sms: int,
+                       programs_per_sm: int = PROGRAMS_PER_SM, num_warps: int | None = None) -> None:
+    """out [1, N] = x [1, K] @ W.T, W as qtype blocks [N, row_bytes] in the planes layout (row_bytes a multiple of
+    4), x as its int8 runs; arguments checked by the caller."""
+    (num_rows, k), n = x.q.shape, blocks.shape[0]
+    assert num_rows == 1 and qtype in STREAM_TYPES and blocks.shape[1] % 4 == 0
+    if n == 0:
+        return
+    groups = num_groups(qtype, k)
+    _stream_kernel[(stream_programs(n, num_sms, programs_per_sm),)](
+        x.q, x.dx, x.sx, blocks, out, n, k, blocks.shape[1],
+        QTYPE=QTYPE_IDS[qtype], BLOCK_SIZE=BLOCK_SIZE[qtype], TYPE_SIZE=TYPE_SIZE[qtype],
+        GROUPS=GROUPS_PER_BLOCK[qtype], WORDS=GROUP_LANES[qtype] // 4, NUM_GROUPS=groups,
+        BLOCK_G=triton.next_power_of_2(groups), num_warps=num_warps or stream_warps(qtype, k), **pdl_options(blocks),
+    )
+
+
+@triton.jit
+def _words(ptr, j, mask):
+    """The int32 words j (a broadcastable index tensor) at 4-aligned byte pointer ptr."""
+    return tl.load(ptr.to(tl.pointer_type(tl.int32)) + j, mask=mask, other=0)
+
+
+@triton.jit
+def _half(ptr, mask):
+    """The uint16 at 2-aligned byte pointer ptr, as int32."""
+    return tl.load(ptr.to(tl.pointer_type(tl.uint16)), mask=mask, other=0).to(tl.int32)
+
+
+@triton.jit
+def _raw_fields(row, nb, g, j, mask, QTYPE: tl.constexpr, GROUPS: tl.constexpr):
+    """The undecoded fields of groups g (BG, 1) of the row at byte pointer row (planes layout, nb blocks), words j
+    (1, WORDS): (words, high words, s0, s1, s2), int32. Q4_K: the group's 32 quant bytes as words, nothing, the
+    packed scale bytes its two sub-blocks read as three 16-bit pairs (bytes 2c..2c+1, 2c+4..2c+5, (2c % 4)..+1), and
+    (d, dmin) as one word. Q6_K: ql words, qh words, the two int8 scales (low | high << 8), d's bits, nothing."""
+    blk = g // GROUPS
+    c = g % GROUPS
+    if QTYPE == Q4_K:
+        scales = row + nb * 128 + blk * 12
+        w = _words(row + blk * 128 + c * 32, j, mask)
+        s0 = _half(scales + 2 * c, mask)
+        s1 = _half(scales + 2 * c + 4, mask)
+        s2 = _half(scales + (2 * c) % 4, mask)
+        head = _words(row + nb * 140 + blk * 4, 0, mask)
+        return w, w, s0, s1, s2, head
+    else:  # Q6_K: group c = (half h, quarter t), as quant_decode.q6_group
+        h = c // 4
+        t = c % 4
+        ql = _words(row + blk * 128 + h * 64 + t * 16, j, mask)
+        qh = _words(row + nb * 128 + blk * 64 + h * 32 + (t % 2) * 16, j, mask)
+        scales = row + nb * 192 + blk * 16 + h * 8 + t
+        sc_lo = tl.load(scales, mask=mask, other=0).to(tl.int32)
+        sc_hi = tl.load(scales + 4, mask=mask, other=0).to(tl.int32)
+        d = _half(row + nb * 208 + blk * 2, mask)
+        return ql, qh, sc_lo | (sc_hi << 8), d, d, d
+
+
+@triton.jit
+def _decode_raw(w, wh, s0, s1, s2, head, g, QTYPE: tl.constexpr, GROUPS: tl.constexpr):
+    """_raw_fields' values -> (c_lo, c_hi, a_lo, b_lo, a_hi, b_hi): code words of the group's low and high runs
+    and their affine maps weight = a * code + b (float32, gguf's arithmetic)."""
+    c = g % GROUPS
+    if QTYPE == Q4_K:
+        d = fp16_bits(head)
+        dmin = fp16_bits(head >> 16)
+        sc_lo, mn_lo = k_unpack_scale_min(s0 & 0xFF, s1 & 0xFF, s2 & 0xFF, 2 * c)
+        sc_hi, mn_hi = k_unpack_scale_min(s0 >> 8, s1 >> 8, s2 >> 8, 2 * c + 1)
+        return (w & 0x0F0F0F0F, (w >> 4) & 0x0F0F0F0F, d * sc_lo.to(tl.float32), -(dmin * mn_lo.to(tl.float32)),
+                d * sc_hi.to(tl.float32), -(dmin * mn_hi.to(tl.float32)))
+    else:
+        t = c % 4
+        d = fp16_bits(s1)
+        a_lo = d * ((s0 << 24) >> 24).to(tl.float32)  # the signed bytes
+        a_hi = d * ((s0 << 16) >> 24).to(tl.float32)
+        qh = wh >> (2 * (t // 2))
+        c_lo = (w & 0x0F0F0F0F) | ((qh & 0x03030303) << 4)
+        c_hi = ((w >> 4) & 0x0F0F0F0F) | (((qh >> 4) & 0x03030303) << 4)
+        return c_lo, c_hi, a_lo, -32.0 * a_lo, a_hi, -32.0 * a_hi
+
+
+@triton.jit
+def _group_columns(g, QTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr, GROUPS: tl.constexpr):
+    """Columns of the first weight of group g's low and high runs."""
+    blk = g // GROUPS
+    c = g % GROUPS
+    if QTYPE == Q4_K:
+        col_lo = blk * BLOCK_SIZE + c * 64
+        return col_lo, col_lo + 32
+    else:
+        col_lo = blk * BLOCK_SIZE + (c // 4) * 128 + (c % 4) * 16
+        return col_lo, col_lo + 64
+
+
+@triton.jit
+def _stream_kernel(
+    q_ptr, dx_ptr, sx_ptr, blocks_ptr, out_ptr, N, K, row_bytes,
+    QTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr, TYPE_SIZE: tl.constexpr, GROUPS: tl.constexpr,
+    WORDS: tl.constexpr, NUM_GROUPS: tl.constexpr, BLOCK_G: tl.constexpr, PDL: tl.constexpr,
+):
+    """Program p: out[0, r] for rows r = p, p + P, ... (P programs), each over all NUM_GROUPS groups of K at once;
+    the next row's raw fields are loaded before the current row is decoded."""
+    wait_for_inputs(PDL)
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    g = tl.arange(0, BLOCK_G)[:, None]  # (BG, 1)
+    j = tl.arange(0, WORDS)[None, :]  # (1, W)
+    g_ok = g < NUM_GROUPS
+    nb = row_bytes // TYPE_SIZE
+    col_lo, col_hi = _group_columns(g, QTYPE, BLOCK_SIZE, GROUPS)
+    q_words = q_ptr.to(tl.pointer_type(tl.int32))
+    x_lo = tl.load(q_words + col_lo // 4 + j, mask=g_ok, other=0)  # (BG, W): x's int8 codes, four a word
+    x_hi = tl.load(q_words + col_hi // 4 + j, mask=g_ok, other=0)
+    dx_lo = tl.load(dx_ptr + col_lo // 32, mask=g_ok, other=0.0)
+    dx_hi = tl.load(dx_ptr + col_hi // 32, mask=g_ok, other=0.0)
+    sx_lo = tl.load(sx_ptr + col_lo // 16, mask=g_ok, other=0.0)
+    sx_hi = tl.load(sx_ptr + col_hi // 16, mask=g_ok, other=0.0)
+    if WORDS == 8:  # runs of 32 columns: both halves
+        sx_lo += tl.load(sx_ptr + col_lo // 16 + 1, mask=g_ok, other=0.0)
+        sx_hi += tl.load(sx_ptr + col_hi // 16 + 1, mask=g_ok, other=0.0)
+
+    blocks = blocks_ptr
+    w, wh, s0, s1, s2, head = _raw_fields(blocks + pid.to(tl.int64) * row_bytes, nb, g, j, g_ok & (g * 0 + pid < N),
+                                          QTYPE, GROUPS)
+    dtype: tl.constexpr = out_ptr.dtype.element_ty
+    for row in range(pid, N, num_programs):
+        nxt = row + num_programs
+        nw, nwh, ns0, ns1, ns2, nhead = _raw_fields(blocks + nxt.to(tl.int64) * row_bytes, nb, g, j,
+                                                    g_ok & (g * 0 + nxt < N), QTYPE, GROUPS)
+        c_lo, c_hi, a_lo, b_lo, a_hi, b_hi = _decode_raw(w, wh, s0, s1, s2, head, g, QTYPE, GROUPS)
+        dot_lo = tl.sum(_dp4a(c_lo, x_lo), axis=1, keep_dims=True).to(tl.float32)
+        dot_hi = tl.sum(_dp4a(c_hi, x_hi), axis=1, keep_dims=True).to(tl.float32)
+        acc = a_lo * (dx_lo * dot_lo) + b_lo * sx_lo + a_hi * (dx_hi * dot_hi) + b_hi * sx_hi  # (BG, 1)
+        y = tl.sum(tl.sum(acc, axis=1), axis=0)
+        tl.store(out_ptr + row, round_to_dtype(y, dtype).to(dtype))
+        w, wh, s0, s1, s2, head = nw, nwh, ns0, ns1, ns2, nhead
