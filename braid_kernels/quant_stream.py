@@ -11,8 +11,11 @@ x's int8 runs, scales and sums, the same for every row, are loaded once per prog
 
 The raw fields of a group (quant_decode.py's groups: 2 x 16-32 weights sharing their scales) are loaded by
 `_raw_fields` and decoded by `_decode_raw`, kept apart so that decoding, which waits for the loads, comes after the
-current row's products in program order. A whole row of K is one tile (BLOCK_G groups), so the rows' K fits in
-registers: 1 warp up to 512 words of quants a row (K = 4096 for Q4_K and Q6_K), more warps above.
+current row's products in program order. A whole row of K is one tile (BLOCK_G groups), spread over enough warps
+that each thread holds 8 words of quants (stream_warps).
+
+On an H200, against quant_dot's one-row launch (benchmarks/RESULTS.md): Q4_K 4096 x 4096 4.9 against 5.8 us,
+28672 x 4096 19.9 against 24.6 us (3.3 TB/s), 4096 x 14336 12.4 against 15.9; Q6_K 4096 x 14336 15.5 against 17.3.
 """
 from __future__ import annotations
 
@@ -28,35 +31,47 @@ from .quant_dot import _dp4a
 from .quant_formats import BLOCK_SIZE, TYPE_SIZE
 
 STREAM_TYPES = ("Q4_K", "Q6_K")
-PROGRAMS_PER_SM = 16  # streaming programs per multiprocessor (one to a few warps each)
-MAX_WORDS_PER_THREAD = 16  # quant words of a row per thread: the number of warps follows from it
+ROW_BYTES_IN_FLIGHT = 16 * 4096  # programs per SM x weights per row: 16 programs at K = 4096, 4 at K = 14336
+WORDS_PER_THREAD = 8  # quant words of a row per thread: the number of warps follows from it
+MAX_WARPS = 4
+WIDE = 65536  # rows from which (lm_heads) programs take half the warps
 
 
-def stream_warps(qtype: str, k: int) -> int:
-    """Warps per program for rows of k weights of qtype: one per 512 words of quants (Q6_K: of low quants)."""
+def stream_warps(qtype: str, n: int, k: int) -> int:
+    """Warps per program for n rows of k weights of qtype: one per 256 words of quants a row (Q6_K: low quants), at
+    most MAX_WARPS, halved for lm_head-sized matrices (n >= WIDE).
+
+    Swept on an H200 (1-8 warps, 4-32 programs per SM; benchmarks/RESULTS.md): 2 warps best for Q4_K rows of 4096
+    (4096-28672 rows: 4.9-19.9 us against 5.3-22.7 on one warp), 4 for rows of 14336 (Q4_K 12.4 us, Q6_K 15.5), one
+    for Q6_K's 128256 x 4096 (104.5 against 107.8 us on two)."""
     words = num_groups(qtype, k) * GROUP_LANES[qtype] // 4
-    return max(1, min(8, triton.next_power_of_2(triton.cdiv(words, 32 * MAX_WORDS_PER_THREAD))))
+    warps = min(MAX_WARPS, triton.next_power_of_2(triton.cdiv(words, 32 * WORDS_PER_THREAD)))
+    return max(1, warps // 2 if n >= WIDE else warps)
 
 
-def stream_programs(n: int, num_sms: int, programs_per_sm: int = PROGRAMS_PER_SM) -> int:
-    """Programs of a launch over n rows: programs_per_sm per multiprocessor, at most one per row."""
-    return max(1, min(n, num_sms * programs_per_sm))
+def stream_programs(n: int, k: int, num_sms: int) -> int:
+    """Programs of a launch over n rows of k weights: per SM, 16 at K = 4096 down to 4 at K = 14336 (about the same
+    bytes of rows in flight), at most one per row."""
+    per_sm = max(4, min(32, ROW_BYTES_IN_FLIGHT // max(k, 1)))
+    return max(1, min(n, num_sms * per_sm))
 
 
 def launch_stream_gemv(x: Int8Rows, blocks: torch.Tensor, qtype: str, out: torch.Tensor, num_sms: int,
-                       programs_per_sm: int = PROGRAMS_PER_SM, num_warps: int | None = None) -> None:
+                       num_programs: int | None = None, num_warps: int | None = None) -> None:
     """out [1, N] = x [1, K] @ W.T, W as qtype blocks [N, row_bytes] in the planes layout (row_bytes a multiple of
-    4), x as its int8 runs; arguments checked by the caller."""
+    4), x as its int8 runs; arguments checked by the caller. num_programs, num_warps: the launch (None: the
+    defaults, stream_programs and stream_warps)."""
     (num_rows, k), n = x.q.shape, blocks.shape[0]
     assert num_rows == 1 and qtype in STREAM_TYPES and blocks.shape[1] % 4 == 0
     if n == 0:
         return
     groups = num_groups(qtype, k)
-    _stream_kernel[(stream_programs(n, num_sms, programs_per_sm),)](
+    _stream_kernel[(num_programs or stream_programs(n, k, num_sms),)](
         x.q, x.dx, x.sx, blocks, out, n, k, blocks.shape[1],
         QTYPE=QTYPE_IDS[qtype], BLOCK_SIZE=BLOCK_SIZE[qtype], TYPE_SIZE=TYPE_SIZE[qtype],
         GROUPS=GROUPS_PER_BLOCK[qtype], WORDS=GROUP_LANES[qtype] // 4, NUM_GROUPS=groups,
-        BLOCK_G=triton.next_power_of_2(groups), num_warps=num_warps or stream_warps(qtype, k), **pdl_options(blocks),
+        BLOCK_G=triton.next_power_of_2(groups), num_warps=num_warps or stream_warps(qtype, n, k),
+        **pdl_options(blocks),
     )
 
 

@@ -25,9 +25,9 @@ def test_stream_is_the_int8_rounded_product(device, qtype, n, k):
     planes = _planes(blocks, qtype, device)
     rows = quantize_rows(x.to(device))
     outs = []
-    for programs_per_sm in (1, 3, 16):  # on the CPU one "multiprocessor": 1, 3 or 16 programs
+    for num_programs in (1, 3, 16):
         out = torch.full((1, n), float("nan"), dtype=torch.bfloat16, device=device)
-        launch_stream_gemv(rows, planes, qtype, out, 1, programs_per_sm=programs_per_sm)
+        launch_stream_gemv(rows, planes, qtype, out, 1, num_programs=num_programs)
         assert_quant_close(out.cpu(), want, torch.bfloat16)
         outs.append(out.cpu())
     assert all(torch.equal(o, outs[0]) for o in outs)
@@ -55,7 +55,10 @@ def test_stream_is_taken_only_where_it_applies(device):
 
 
 def test_stream_launch_shape():
-    """One warp per 512 quant words of a row (K = 4096 for both types), programs_per_sm per SM up to one per row."""
-    assert stream_warps("Q4_K", 4096) == 1 and stream_warps("Q6_K", 4096) == 1
-    assert stream_warps("Q4_K", 14336) == 4 and stream_warps("Q6_K", 14336) == 4
-    assert stream_programs(4096, 132) == 132 * 16 and stream_programs(100, 132) == 100
+    """The swept launches: 2 warps for rows of 4096 (one for a 128256-row lm_head), 4 for rows of 14336; 16 programs
+    per SM at K = 4096, 4 at 14336, never more programs than rows."""
+    assert stream_warps("Q4_K", 4096, 4096) == 2 and stream_warps("Q6_K", 1024, 4096) == 2
+    assert stream_warps("Q6_K", 128256, 4096) == 1
+    assert stream_warps("Q4_K", 4096, 14336) == 4 and stream_warps("Q6_K", 4096, 14336) == 4
+    assert stream_programs(28672, 4096, 132) == 132 * 16 and stream_programs(4096, 14336, 132) == 132 * 4
+    assert stream_programs(100, 4096, 132) == 100
