@@ -18,7 +18,7 @@ import triton.language as tl
 
 from ._checks import FLOAT_DTYPES, check_devices, check_same_dtype, check_shape, check_tensor
 from .int8_rows import Int8Rows, check_int8_columns, empty_int8_rows, store_int8_runs
-from .numerics import launch_options, round_to_dtype, wait_for_inputs
+from .numerics import launch_options, release_dependents, round_to_dtype, wait_for_inputs
 
 MAX_HIDDEN = 65536  # one program holds a whole row in registers
 
@@ -150,6 +150,7 @@ def _rms_norm_kernel(
     INT8, as int8 runs (q, dx, sx; int8_rows.py). With SLICE < BLOCK (INT8 only), program s sums the whole row's
     squares but stores columns [s * SLICE, (s + 1) * SLICE) only (int8_slice)."""
     wait_for_inputs(PDL)
+    release_dependents(PDL)  # the decode step's GEMV after this kernel starts loading its weights
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < HIDDEN
