@@ -7,6 +7,7 @@ quant_dot.dot_launch_config, quant_gemv.launch_config and quant_gemm.launch_conf
     python benchmarks/quant_kernels.py --columns [--columns-sweep] [--qtypes Q4_K,Q6_K,Q8_0] [--rows 1,2,4,8,16,128]
     python benchmarks/quant_kernels.py --int4pack [--rows 1,2,4,8,16,32,64,128]
     python benchmarks/quant_kernels.py --dequant [--qtypes Q4_K,Q6_K] [--rows 192,256]
+    python benchmarks/quant_kernels.py --stream [--qtypes Q4_K,Q6_K] [--shapes 4096x4096,28672x4096,4096x14336]
 
 Without options, quant_linear's default path at each M. --sweep times SWEEP's configurations (rows of W per program,
 K per step, warps) on the integer-dot GEMV or, with --sweep-path gemv, the float one, M <= 8.
@@ -17,6 +18,9 @@ layout's default path: its GEMV at launch_config (M <= 8; --columns-sweep adds C
 slow: each compiles), its dequantise + cuBLAS above. --int4pack times torch's int4 weight-only matmul
 (`torch.ops.aten._weight_int4pack_mm`, groups of 32 weights, each inner-K tiling) beside bf16 and the Q4_K default
 path: a Q4_K / Q4_0 / Q4_1 block maps exactly onto 4-bit codes with a scale and offset per 32 weights.
+--stream times, at one row of x, the streaming GEMV (braid_kernels/quant_stream.py) at STREAM_SWEEP's launches (programs per
+SM, warps) beside quant_dot's one-row launch, each with its GB/s of quant bytes and the largest difference from
+quant_dot's product relative to its largest magnitude (the two sum in different orders).
 --dequant times the dequantising kernel alone at DEQUANT_SWEEP's launch configurations (GB/s of blocks read and bf16
 written, beside a bf16 copy of the same size), then at each M the dequantise + cuBLAS path against bf16.
 
@@ -47,6 +51,7 @@ from braid_kernels.quant_columns import MAX_ROWS as COLUMNS_MAX_ROWS  # noqa: E4
 from braid_kernels.quant_columns import ColumnsConfig, columns_linear, pack_columns  # noqa: E402
 from braid_kernels.quant_columns import launch_config as columns_launch_config  # noqa: E402
 from braid_kernels.quant_gemv import QuantGemvConfig  # noqa: E402
+from braid_kernels.quant_stream import STREAM_TYPES, launch_stream_gemv, stream_programs, stream_warps  # noqa: E402
 
 # (N, K) of a weight: Llama-3.1-8B / Qwen3-8B's o_proj, gate_up-like, down-like, a Qwen-sized lm_head, k/v_proj.
 SHAPES = [(4096, 4096), (12288, 4096), (4096, 12288), (151936, 4096), (1024, 4096)]
@@ -294,6 +299,45 @@ def bench_int4pack(n: int, k: int, rows: list[int]) -> None:
     torch.cuda.empty_cache()
 
 
+STREAM_SWEEP = [(per_sm, warps) for per_sm in (4, 8, 12, 16, 20, 24, 32) for warps in (1, 2, 4, 8)]
+
+
+def bench_stream(qtype: str, n: int, k: int) -> None:
+    """One row of x: the streaming GEMV at its default launch and STREAM_SWEEP's, beside quant_dot's launch."""
+    if qtype not in STREAM_TYPES:
+        return
+    from braid_kernels.int8_rows import quantize_rows
+
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    qbytes = n * k // BLOCK_SIZE[qtype] * TYPE_SIZE[qtype]
+    quant = copies(lambda: random_planes(qtype, n, k), qbytes)
+    x = quantize_rows(torch.randn(1, k, dtype=torch.bfloat16, device="cuda"))
+    out = torch.empty(1, n, dtype=torch.bfloat16, device="cuda")
+    config = dot_launch_config(qtype, 1, n, num_sms, k)
+    t_dot = time_rotating(lambda w: quant_linear(x, w, qtype, config=config, out=out), quant)
+    want = out.float().clone()
+    default = (stream_programs(n, k, num_sms) // num_sms, stream_warps(qtype, n, k))
+    results = []
+    for per_sm, warps in sorted(set(STREAM_SWEEP) | {default}):
+        try:
+            launch_stream_gemv(x, quant[-1], qtype, out, num_sms, min(n, per_sm * num_sms), warps)
+            error = ((out.float() - want).abs().max() / want.abs().max()).item()
+            t = time_rotating(lambda w: launch_stream_gemv(x, w, qtype, out, num_sms, min(n, per_sm * num_sms),
+                                                           warps), quant)
+        except Exception as e:  # out of registers: skip it
+            print(f"  ({per_sm}, {warps}) failed: {type(e).__name__}: {str(e)[:80]}")
+            continue
+        results.append((t, per_sm, warps, error))
+    results.sort()
+    at_default = next(r for r in results if (r[1], r[2]) == default)
+    best = "; ".join(f"({p}, {w}) {t:.2f} us {qbytes / t / 1e3:.0f} GB/s" for t, p, w, _ in results[:3])
+    print(f"{qtype:5} {n:>6}x{k:<6} dot launch {t_dot:7.2f} us {qbytes / t_dot / 1e3:5.0f} GB/s | stream default "
+          f"{default} {at_default[0]:7.2f} us {qbytes / at_default[0] / 1e3:5.0f} GB/s | best {best} | max rel diff "
+          f"{max(r[3] for r in results):.1e}", flush=True)
+    del quant
+    torch.cuda.empty_cache()
+
+
 def check(qtypes) -> None:
     """One comparison per type with the float32 dequantised matmul (the kernels' own tests are in tests/kernels)."""
     from braid_kernels.quant import dequantize, dequantize_torch
@@ -325,6 +369,7 @@ def main() -> None:
     parser.add_argument("--int4pack", action="store_true", help="time torch's int4 weight-only matmul beside Q4_K")
     parser.add_argument("--dequant", action="store_true",
                         help="time the dequantising kernel's configurations and dequantise + cuBLAS")
+    parser.add_argument("--stream", action="store_true", help="time the streaming one-row GEMV's launches")
     parser.add_argument("--check", action="store_true", help="compare with the reference first")
     args = parser.parse_args()
     qtypes = args.qtypes.split(",")
@@ -340,7 +385,9 @@ def main() -> None:
             bench_int4pack(n, k, rows)
             continue
         for qtype in qtypes:
-            if args.dequant:
+            if args.stream:
+                bench_stream(qtype, n, k)
+            elif args.dequant:
                 bench_dequant(qtype, n, k, rows)
             elif args.columns:
                 bench_columns(qtype, n, k, rows, args.columns_sweep)
