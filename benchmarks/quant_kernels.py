@@ -316,9 +316,10 @@ def bench_stream(qtype: str, n: int, k: int) -> None:
     config = dot_launch_config(qtype, 1, n, num_sms, k)
     t_dot = time_rotating(lambda w: quant_linear(x, w, qtype, config=config, out=out), quant)
     want = out.float().clone()
-    default = (stream_programs(n, k, num_sms) // num_sms, stream_warps(qtype, n, k))
+    t_default = time_rotating(lambda w: launch_stream_gemv(x, w, qtype, out, num_sms), quant)
+    default = f"{stream_programs(n, k, num_sms)} programs, {stream_warps(qtype, n, k)} warps"
     results = []
-    for per_sm, warps in sorted(set(STREAM_SWEEP) | {default}):
+    for per_sm, warps in STREAM_SWEEP:
         try:
             launch_stream_gemv(x, quant[-1], qtype, out, num_sms, min(n, per_sm * num_sms), warps)
             error = ((out.float() - want).abs().max() / want.abs().max()).item()
@@ -329,11 +330,10 @@ def bench_stream(qtype: str, n: int, k: int) -> None:
             continue
         results.append((t, per_sm, warps, error))
     results.sort()
-    at_default = next(r for r in results if (r[1], r[2]) == default)
     best = "; ".join(f"({p}, {w}) {t:.2f} us {qbytes / t / 1e3:.0f} GB/s" for t, p, w, _ in results[:3])
     print(f"{qtype:5} {n:>6}x{k:<6} dot launch {t_dot:7.2f} us {qbytes / t_dot / 1e3:5.0f} GB/s | stream default "
-          f"{default} {at_default[0]:7.2f} us {qbytes / at_default[0] / 1e3:5.0f} GB/s | best {best} | max rel diff "
-          f"{max(r[3] for r in results):.1e}", flush=True)
+          f"({default}) {t_default:7.2f} us {qbytes / t_default / 1e3:5.0f} GB/s | best (programs/SM, warps) {best} | "
+          f"max rel diff {max((r[3] for r in results), default=0.0):.1e}", flush=True)
     del quant
     torch.cuda.empty_cache()
 

@@ -27,7 +27,7 @@ from .quant_formats import BLOCK_SIZE, QTYPES, TYPE_SIZE, check_qtype, dequantiz
 from .quant_gemm import HALF_BLOCK_TYPES, QuantGemmConfig, launch_gemm, uses_half_block
 from .quant_gemv import MAX_ROWS, QuantGemvConfig, launch_gemv
 from .quant_planes import from_planes, to_planes
-from .quant_stream import STREAM_TYPES, launch_stream_gemv
+from .quant_stream import launch_stream_gemv, uses_stream
 
 # Rows of x up to which quant_linear's default is a GEMV (integer-dot for 16-bit x, float for float32 x); above, the
 # fused GEMM up to GEMM_DEFAULT_ROWS rows of 16-bit x on matrices of at least GEMM_MIN_WEIGHTS weights, otherwise W
@@ -225,20 +225,14 @@ def _quant_linear_int8(x: Int8Rows, blocks, qtype, bias, config, path, k, out) -
 
 def _launch_dot(x: torch.Tensor | Int8Rows, blocks, qtype, bias, out, config, k) -> None:
     """The integer-dot GEMV into out, at `config` or the default for this device and shape: one row of x times Q4_K
-    or Q6_K blocks without a bias streams rows through persistent programs (quant_stream.py), anything else takes
-    quant_dot's launch."""
+    or Q6_K blocks of the measured shapes, without a bias, streams rows through persistent programs
+    (quant_stream.uses_stream), anything else takes quant_dot's launch."""
     num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.device.type == "cuda" else 1
     if config is None and uses_stream(x.shape[0], qtype, blocks, bias):
         launch_stream_gemv(x if isinstance(x, Int8Rows) else quantize_rows(x), blocks, qtype, out, num_sms)
         return
     launch_dot_gemv(x, blocks, qtype, bias, out, config or dot_launch_config(qtype, x.shape[0], blocks.shape[0],
                                                                              num_sms, k))
-
-
-def uses_stream(num_rows: int, qtype: str, blocks: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether quant_linear's default "dot" path streams rows (quant_stream.py): one row of x, Q4_K or Q6_K blocks of
-    whole 32-bit words a row, no bias."""
-    return num_rows == 1 and qtype in STREAM_TYPES and blocks.shape[1] % 4 == 0 and bias is None
 
 
 def linear_path(num_rows: int, dtype: torch.dtype = torch.bfloat16, num_weights: int = 0,

@@ -1,18 +1,20 @@
-"""The one-row integer-dot GEMV as persistent programs that stream weight rows: y = x @ W.T for one row of 16-bit x
-and Q4_K or Q6_K weights (a decode step of one sequence), the arithmetic of quant_dot.py.
+"""The one-row integer-dot GEMV as persistent programs that stream weight rows: y = x @ W.T for one row of x (its
+int8 runs, int8_rows.py) and Q4_K or Q6_K weights (a decode step of one sequence), the arithmetic of quant_dot.py.
 
 Why another schedule: quant_dot.py's one-row launch gives each row of W its own one-warp program. A decode step's
 smaller matrices (4096 x 4096, 6144 x 4096) then run as a single wave in which every warp first waits for its
 row's bytes and only then computes, so the memory system idles while the SMs decode and the SMs idle while the
-bytes arrive (on an H100, 4096 x 4096 Q4_K took 6.0 us, 1.6 TB/s). Here a fixed number of programs per SM each
+bytes arrive (on an H200, 4096 x 4096 Q4_K took 5.8 us, 1.6 TB/s). Here a fixed number of programs per SM each
 walk rows pid, pid + P, pid + 2P, ... and load the next row's raw fields (quant words, packed scales, fp16 heads)
 before decoding and multiplying the current one, so each warp keeps a row's loads in flight while it computes;
 x's int8 runs, scales and sums, the same for every row, are loaded once per program.
 
 The raw fields of a group (quant_decode.py's groups: 2 x 16-32 weights sharing their scales) are loaded by
 `_raw_fields` and decoded by `_decode_raw`, kept apart so that decoding, which waits for the loads, comes after the
-current row's products in program order. A whole row of K is one tile (BLOCK_G groups), spread over enough warps
-that each thread holds 8 words of quants (stream_warps).
+current row's products in program order. A whole row of K is one tile (BLOCK_G groups), spread over 1-4 warps
+(stream_warps: 8 words of quants a thread at K = 4096, 16 at 14336); so streaming is taken only for the shapes it was
+measured on (uses_stream: at least STREAM_MIN_ROWS rows, at most STREAM_MAX_K columns), where narrower matrices keep
+quant_dot's launch, which splits K, and wider rows would not fit in registers.
 
 On an H200, against quant_dot's one-row launch (benchmarks/RESULTS.md): Q4_K 4096 x 4096 4.9 against 5.8 us,
 28672 x 4096 19.9 against 24.6 us (3.3 TB/s), 4096 x 14336 12.4 against 15.9; Q6_K 4096 x 14336 15.5 against 17.3.
@@ -35,11 +37,13 @@ ROW_BYTES_IN_FLIGHT = 16 * 4096  # programs per SM x weights per row: 16 program
 WORDS_PER_THREAD = 8  # quant words of a row per thread: the number of warps follows from it
 MAX_WARPS = 4
 WIDE = 65536  # rows from which (lm_heads) programs take half the warps
+STREAM_MIN_ROWS = 1024  # the narrowest matrix measured (a v projection); narrower ones keep quant_dot's split K
+STREAM_MAX_K = 16384  # the widest rows measured were 14336 (a down projection); a row of K is held in registers
 
 
 def stream_warps(qtype: str, n: int, k: int) -> int:
-    """Warps per program for n rows of k weights of qtype: one per 256 words of quants a row (Q6_K: low quants), at
-    most MAX_WARPS, halved for lm_head-sized matrices (n >= WIDE).
+    """Warps per program for n rows of k weights of qtype: one per 256 words of quants a row (Q6_K: low quants),
+    rounded up to a power of two, at most MAX_WARPS, halved for lm_head-sized matrices (n >= WIDE).
 
     Swept on an H200 (1-8 warps, 4-32 programs per SM; benchmarks/RESULTS.md): 2 warps best for Q4_K rows of 4096
     (4096-28672 rows: 4.9-19.9 us against 5.3-22.7 on one warp), 4 for rows of 14336 (Q4_K 12.4 us, Q6_K 15.5), one
@@ -47,6 +51,15 @@ def stream_warps(qtype: str, n: int, k: int) -> int:
     words = num_groups(qtype, k) * GROUP_LANES[qtype] // 4
     warps = min(MAX_WARPS, triton.next_power_of_2(triton.cdiv(words, 32 * WORDS_PER_THREAD)))
     return max(1, warps // 2 if n >= WIDE else warps)
+
+
+def uses_stream(num_rows: int, qtype: str, blocks: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether quant_linear's default "dot" path streams rows: one row of x, Q4_K or Q6_K blocks of whole 32-bit words
+    a row, STREAM_MIN_ROWS rows or more of at most STREAM_MAX_K weights, no bias."""
+    n, row_bytes = blocks.shape
+    k = row_bytes // TYPE_SIZE[qtype] * BLOCK_SIZE[qtype] if qtype in STREAM_TYPES else 0
+    return (num_rows == 1 and qtype in STREAM_TYPES and row_bytes % 4 == 0 and n >= STREAM_MIN_ROWS
+            and 0 < k <= STREAM_MAX_K and bias is None)
 
 
 def stream_programs(n: int, k: int, num_sms: int) -> int:
@@ -90,9 +103,10 @@ def _half(ptr, mask):
 @triton.jit
 def _raw_fields(row, nb, g, j, mask, QTYPE: tl.constexpr, GROUPS: tl.constexpr):
     """The undecoded fields of groups g (BG, 1) of the row at byte pointer row (planes layout, nb blocks), words j
-    (1, WORDS): (words, high words, s0, s1, s2), int32. Q4_K: the group's 32 quant bytes as words, nothing, the
-    packed scale bytes its two sub-blocks read as three 16-bit pairs (bytes 2c..2c+1, 2c+4..2c+5, (2c % 4)..+1), and
-    (d, dmin) as one word. Q6_K: ql words, qh words, the two int8 scales (low | high << 8), d's bits, nothing."""
+    (1, WORDS): (words, high words, s0, s1, s2, head), int32. Q4_K: the group's 32 quant bytes as words, the same
+    words again (unused), the packed scale bytes its two sub-blocks read as three 16-bit pairs (bytes 2c..2c+1,
+    2c+4..2c+5, (2c % 4)..+1), and (d, dmin) as one word. Q6_K: ql words, qh words, the two int8 scales (low | high <<
+    8), then d's bits three times (only s1 is read)."""
     blk = g // GROUPS
     c = g % GROUPS
     if QTYPE == Q4_K:

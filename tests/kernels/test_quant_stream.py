@@ -2,23 +2,51 @@
 float32 product with x rounded to int8 runs, as the integer-dot path is specified (test_quant.py's references)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from braid_kernels.int8_rows import quantize_rows
-from braid_kernels.quant import quant_linear, quant_linear_reference, uses_stream
-from braid_kernels.quant_dot import dot_launch_config
-from braid_kernels.quant_stream import STREAM_TYPES, launch_stream_gemv, stream_programs, stream_warps
+from braid_kernels.quant import quant_linear, quant_linear_reference
+from braid_kernels.quant_formats import TYPE_SIZE
+from braid_kernels.quant_stream import (
+    STREAM_MAX_K,
+    STREAM_MIN_ROWS,
+    STREAM_TYPES,
+    launch_stream_gemv,
+    stream_programs,
+    stream_warps,
+    uses_stream,
+)
 from tests.kernels.common import assert_quant_close
 from tests.kernels.test_quant import _int8_rows, _planes, _weights
 
+FP16_FIELDS = {"Q4_K": (0, 2), "Q6_K": (208,)}  # byte offsets of d (and dmin) in a GGUF block
+
+
+def _random_blocks(qtype: str, n: int, k: int, seed: int) -> torch.Tensor:
+    """GGUF blocks of random bytes (every packing of the 6-bit scales and mins, negative Q6_K scales, every qh
+    pattern) with fp16 d / dmin drawn from [0.001, 0.01]: [n, k / 256 * TYPE_SIZE] uint8."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (n * k // 256, TYPE_SIZE[qtype]), dtype=np.uint8)
+    for offset in FP16_FIELDS[qtype]:
+        blocks[:, offset:offset + 2] = rng.uniform(0.001, 0.01, (blocks.shape[0], 1)).astype(np.float16).view(np.uint8)
+    return torch.from_numpy(blocks.reshape(n, -1))
+
 
 @pytest.mark.parametrize("qtype", STREAM_TYPES)
-@pytest.mark.parametrize("n, k", [(1, 512), (13, 1024), (70, 512), (5, 4096)])
-def test_stream_is_the_int8_rounded_product(device, qtype, n, k):
+@pytest.mark.parametrize("n, k, blocks_from", [(1, 512, "encoder"), (13, 1024, "encoder"), (70, 512, "encoder"),
+                                               (5, 4096, "encoder"), (21, 1536, "random bytes"),
+                                               (9, 2560, "random bytes")])
+def test_stream_is_the_int8_rounded_product(device, qtype, n, k, blocks_from):
     """Every row of W (one program's several rows, and the tail where a program has one row fewer) is x rounded to
-    int8 runs times the gguf-decoded row, to bf16 rounding; the launch's programs do not change a bit."""
-    _, blocks = _weights(n, k, seed=n + k, qtype=qtype)
+    int8 runs times the gguf-decoded row, to bf16 rounding; the launch's programs do not change a bit. Blocks from
+    the test encoder or of random bytes (negative Q6_K scales, all scale packings); K of a power of two of groups or
+    not (1536, 2560: the tile's last groups masked)."""
+    if blocks_from == "encoder":
+        _, blocks = _weights(n, k, seed=n + k, qtype=qtype)
+    else:
+        blocks = _random_blocks(qtype, n, k, seed=n + k)
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(n)).to(torch.bfloat16)
     x[:, 32:64] = 0.0  # an all-zero run: scale 0
     want = quant_linear_reference(_int8_rows(x), blocks, qtype).to(torch.bfloat16)
@@ -31,27 +59,43 @@ def test_stream_is_the_int8_rounded_product(device, qtype, n, k):
         assert_quant_close(out.cpu(), want, torch.bfloat16)
         outs.append(out.cpu())
     assert all(torch.equal(o, outs[0]) for o in outs)
-    # the default path at one row streams, from x or from its int8 rows
+
+
+@pytest.mark.parametrize("qtype", STREAM_TYPES)
+def test_default_path_streams_the_measured_shapes(device, qtype, monkeypatch):
+    """quant_linear's default at one row of x streams a matrix of STREAM_MIN_ROWS rows (lowered here to keep the
+    interpreted test short), from x or from its int8 rows, giving the reference product."""
+    import braid_kernels.quant_stream as quant_stream
+
+    monkeypatch.setattr(quant_stream, "STREAM_MIN_ROWS", 24)
+    n, k = 24, 512
+    blocks = _random_blocks(qtype, n, k, seed=4)
+    planes = _planes(blocks, qtype, device)
     assert uses_stream(1, qtype, planes, None)
-    assert torch.equal(quant_linear(x.to(device), planes, qtype).cpu(), outs[0])
-    assert torch.equal(quant_linear(rows, planes, qtype).cpu(), outs[0])
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    rows = quantize_rows(x.to(device))
+    streamed = torch.empty((1, n), dtype=torch.bfloat16, device=device)
+    launch_stream_gemv(rows, planes, qtype, streamed, 1)
+    assert_quant_close(streamed.cpu(), quant_linear_reference(_int8_rows(x), blocks, qtype).to(torch.bfloat16),
+                       torch.bfloat16)
+    assert torch.equal(quant_linear(x.to(device), planes, qtype), streamed)
+    assert torch.equal(quant_linear(rows, planes, qtype), streamed)
 
 
 def test_stream_is_taken_only_where_it_applies(device):
-    """One row, Q4_K / Q6_K rows of whole words, no bias; otherwise (and with an explicit config) quant_dot's launch,
-    which gives the same product to bf16 rounding."""
-    _, blocks = _weights(9, 256, seed=1, qtype="Q6_K")  # 210-byte rows: not whole words
-    planes = _planes(blocks, "Q6_K", device)
-    assert not uses_stream(1, "Q6_K", planes, None)
-    _, blocks = _weights(9, 512, seed=2, qtype="Q4_K")
-    planes = _planes(blocks, "Q4_K", device)
-    bias = torch.randn(9).to(torch.bfloat16).to(device)
-    assert not uses_stream(2, "Q4_K", planes, None) and not uses_stream(1, "Q4_K", planes, bias)
-    assert not uses_stream(1, "Q8_0", planes, None)
-    x = torch.randn(1, 512, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16).to(device)
-    streamed = quant_linear(x, planes, "Q4_K")
-    launched = quant_linear(x, planes, "Q4_K", config=dot_launch_config("Q4_K", 1, 9, 1, 512))
-    assert_quant_close(streamed.cpu(), launched.cpu(), torch.bfloat16)
+    """One row; Q4_K / Q6_K rows of whole words; at least STREAM_MIN_ROWS rows of at most STREAM_MAX_K weights; no
+    bias. Elsewhere quant_dot's launch."""
+    def planes(qtype, n, k):
+        return torch.empty((n, k // 256 * TYPE_SIZE[qtype]), dtype=torch.uint8, device=device)
+
+    assert uses_stream(1, "Q4_K", planes("Q4_K", STREAM_MIN_ROWS, 4096), None)
+    assert uses_stream(1, "Q6_K", planes("Q6_K", STREAM_MIN_ROWS, STREAM_MAX_K), None)
+    assert not uses_stream(2, "Q4_K", planes("Q4_K", STREAM_MIN_ROWS, 4096), None)
+    assert not uses_stream(1, "Q4_K", planes("Q4_K", STREAM_MIN_ROWS, 4096), torch.zeros(STREAM_MIN_ROWS))
+    assert not uses_stream(1, "Q4_K", planes("Q4_K", STREAM_MIN_ROWS - 1, 4096), None)
+    assert not uses_stream(1, "Q4_K", planes("Q4_K", STREAM_MIN_ROWS, STREAM_MAX_K + 256), None)
+    assert not uses_stream(1, "Q6_K", planes("Q6_K", STREAM_MIN_ROWS, 768), None)  # 630-byte rows: not whole words
+    assert not uses_stream(1, "Q8_0", torch.empty((STREAM_MIN_ROWS, 136), dtype=torch.uint8), None)
 
 
 def test_stream_launch_shape():
