@@ -27,8 +27,8 @@ import triton.language as tl
 
 from .int8_rows import Int8Rows
 from .numerics import pdl_options, round_to_dtype, wait_for_inputs
-from .quant_decode import GROUP_LANES, GROUPS_PER_BLOCK, Q4_K, QTYPE_IDS, fp16_bits, k_unpack_scale_min, \
-    num_groups
+from .quant_decode import GROUP_LANES, GROUPS_PER_BLOCK, Q4_K, QTYPE_IDS, block_fields, fp16_bits, \
+    k_unpack_scale_min, num_groups
 from .quant_dot import _dp4a
 from .quant_formats import BLOCK_SIZE, TYPE_SIZE
 
@@ -109,24 +109,22 @@ def _raw_fields(row, nb, g, j, mask, QTYPE: tl.constexpr, GROUPS: tl.constexpr):
     8), then d's bits three times (only s1 is read)."""
     blk = g // GROUPS
     c = g % GROUPS
+    qs, qh, scales, head = block_fields(row, blk, nb, QTYPE)  # the fields' pointers in the row's planes
     if QTYPE == Q4_K:
-        scales = row + nb * 128 + blk * 12
-        w = _words(row + blk * 128 + c * 32, j, mask)
+        w = _words(qs + c * 32, j, mask)
         s0 = _half(scales + 2 * c, mask)
         s1 = _half(scales + 2 * c + 4, mask)
         s2 = _half(scales + (2 * c) % 4, mask)
-        head = _words(row + nb * 140 + blk * 4, 0, mask)
-        return w, w, s0, s1, s2, head
+        return w, w, s0, s1, s2, _words(head, 0, mask)
     else:  # Q6_K: group c = (half h, quarter t), as quant_decode.q6_group
         h = c // 4
         t = c % 4
-        ql = _words(row + blk * 128 + h * 64 + t * 16, j, mask)
-        qh = _words(row + nb * 128 + blk * 64 + h * 32 + (t % 2) * 16, j, mask)
-        scales = row + nb * 192 + blk * 16 + h * 8 + t
-        sc_lo = tl.load(scales, mask=mask, other=0).to(tl.int32)
-        sc_hi = tl.load(scales + 4, mask=mask, other=0).to(tl.int32)
-        d = _half(row + nb * 208 + blk * 2, mask)
-        return ql, qh, sc_lo | (sc_hi << 8), d, d, d
+        ql = _words(qs + h * 64 + t * 16, j, mask)
+        qh_words = _words(qh + h * 32 + (t % 2) * 16, j, mask)
+        sc_lo = tl.load(scales + h * 8 + t, mask=mask, other=0).to(tl.int32)
+        sc_hi = tl.load(scales + h * 8 + t + 4, mask=mask, other=0).to(tl.int32)
+        d = _half(head, mask)
+        return ql, qh_words, sc_lo | (sc_hi << 8), d, d, d
 
 
 @triton.jit
