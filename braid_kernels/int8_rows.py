@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ._checks import check_tensor
-from .numerics import launch_options, wait_for_inputs
+from .numerics import launch_options, release_dependents, wait_for_inputs
 
 WIDTH = 32  # columns per int8 scale
 HALF = WIDTH // 2  # columns per entry of sx: the shortest run of weight codes that share an offset
@@ -115,6 +115,7 @@ def store_int8_runs(x, row, first_run, q_ptr, dx_ptr, sx_ptr, K, RUNS: tl.conste
 def _quantize_rows_kernel(x_ptr, q_ptr, dx_ptr, sx_ptr, x_row_stride, K, RUNS: tl.constexpr, PDL: tl.constexpr):
     """Program (row, r): runs [r * RUNS, (r + 1) * RUNS) of 32 columns of one row of x."""
     wait_for_inputs(PDL)
+    release_dependents(PDL)  # the decode step's GEMV after this kernel starts loading its weights
     row = tl.program_id(0)
     first_run = tl.program_id(1) * RUNS
     col = (first_run + tl.arange(0, RUNS))[:, None] * 32 + tl.arange(0, 32)[None, :]

@@ -59,10 +59,10 @@ def is_interpreted(kernel) -> bool:
 
 
 try:
-    from triton.language.extra.cuda import gdc_wait
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
     _HAS_GDC = True
 except ImportError:  # an older Triton: no programmatic dependent launch
-    gdc_wait = None
+    gdc_launch_dependents = gdc_wait = None
     _HAS_GDC = False
 
 
@@ -101,3 +101,17 @@ def wait_for_inputs(PDL: tl.constexpr):
     visible. Call first in every kernel launched with pdl_options / launch_options; nothing without PDL."""
     if PDL:
         gdc_wait()
+
+
+@triton.jit
+def release_dependents(PDL: tl.constexpr):
+    """Under PDL: let the next kernel in the stream be scheduled now (griddepcontrol.launch_dependents) rather than
+    when this one ends; nothing without PDL. Called, after wait_for_inputs, by the short kernels that a decode step
+    runs just before a GEMV (norms, SiLU-and-mul, x's int8 rounding): their few programs leave most SMs free, and
+    the GEMV (quant_stream.py) loads its first weight rows, which no kernel writes, before waiting for its x. The
+    dependent still waits for this kernel's end and writes in its wait_for_inputs. Not called by every kernel: a
+    dependent made resident early by a large kernel only holds SM slots it needs (Q4_K_M decode fell from 389 to 328
+    tok/s when every kernel released its dependents at its start; benchmarks/RESULTS.md)."""
+    if PDL:
+        gdc_launch_dependents()
+

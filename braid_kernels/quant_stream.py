@@ -170,14 +170,18 @@ def _stream_kernel(
     WORDS: tl.constexpr, NUM_GROUPS: tl.constexpr, BLOCK_G: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program p: out[0, r] for rows r = p, p + P, ... (P programs), each over all NUM_GROUPS groups of K at once;
-    the next row's raw fields are loaded before the current row is decoded."""
-    wait_for_inputs(PDL)
+    the next row's raw fields are loaded before the current row is decoded. The first row's are loaded before
+    waiting for the kernel ahead (programmatic dependent launch): weights are written by no kernel, and the kernels
+    that compute x release this one early (numerics.release_dependents), so its first loads overlap them."""
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     g = tl.arange(0, BLOCK_G)[:, None]  # (BG, 1)
     j = tl.arange(0, WORDS)[None, :]  # (1, W)
     g_ok = g < NUM_GROUPS
     nb = row_bytes // TYPE_SIZE
+    w, wh, s0, s1, s2, head = _raw_fields(blocks_ptr + pid.to(tl.int64) * row_bytes, nb, g, j,
+                                          g_ok & (g * 0 + pid < N), QTYPE, GROUPS)
+    wait_for_inputs(PDL)
     col_lo, col_hi = _group_columns(g, QTYPE, BLOCK_SIZE, GROUPS)
     q_words = q_ptr.to(tl.pointer_type(tl.int32))
     x_lo = tl.load(q_words + col_lo // 4 + j, mask=g_ok, other=0)  # (BG, W): x's int8 codes, four a word
@@ -190,8 +194,6 @@ def _stream_kernel(
         sx_lo += tl.load(sx_ptr + col_lo // 16 + 1, mask=g_ok, other=0.0)
         sx_hi += tl.load(sx_ptr + col_hi // 16 + 1, mask=g_ok, other=0.0)
 
-    w, wh, s0, s1, s2, head = _raw_fields(blocks_ptr + pid.to(tl.int64) * row_bytes, nb, g, j,
-                                          g_ok & (g * 0 + pid < N), QTYPE, GROUPS)
     dtype: tl.constexpr = out_ptr.dtype.element_ty
     for row in range(pid, N, num_programs):
         nxt = row + num_programs

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from ._checks import FLOAT_DTYPES, check_devices, check_same_dtype, check_shape, check_tensor
 from .int8_rows import Int8Rows, check_int8_columns, empty_int8_rows, store_int8_runs
-from .numerics import launch_options, round_to_dtype, wait_for_inputs
+from .numerics import launch_options, release_dependents, round_to_dtype, wait_for_inputs
 
 MAX_HIDDEN = 65536  # one program holds a whole row in registers
 
@@ -111,14 +111,30 @@ def _launch(x, residual, weight, eps, int8: Int8Rows | None = None):
     residual_out = torch.empty(rows.shape, dtype=x.dtype, device=x.device) if add else None
     if rows.shape[0] > 0:
         block = max(triton.next_power_of_2(x.shape[-1]), 32)
-        _rms_norm_kernel[(rows.shape[0],)](
+        slice_cols = int8_slice(rows.shape[0], x.shape[-1]) if int8 is not None else block
+        _rms_norm_kernel[(rows.shape[0], block // slice_cols)](
             rows, residual_rows, weight.contiguous(), out, residual_out,
             *(int8[:3] if int8 is not None else (None, None, None)),
             rows.stride(0), residual_rows.stride(0) if add else 0, rows.shape[1], float(eps),
-            HIDDEN=x.shape[-1], BLOCK=block, ADD_RESIDUAL=add, MEAN_BY_RECIPROCAL=x.is_cuda, INT8=int8 is not None,
-            num_warps=min(max(block // 256, 1), 16), **launch_options(rows),
+            HIDDEN=x.shape[-1], BLOCK=block, SLICE=slice_cols, ADD_RESIDUAL=add, MEAN_BY_RECIPROCAL=x.is_cuda,
+            INT8=int8 is not None, num_warps=min(max(block // 256, 1), 16), **launch_options(rows),
         )
     return (out.view(x.shape) if out is not None else None), (residual_out.view(x.shape) if add else None)
+
+
+INT8_SLICE = 512  # columns per program of a decode step's int8 norm
+INT8_SLICE_ROWS = 8  # rows up to which the int8 norm runs in slices
+
+
+def int8_slice(num_rows: int, hidden: int) -> int:
+    """Columns each program of an int8 norm writes: INT8_SLICE for the few rows of a decode step whose hidden size
+    is a larger power-of-two multiple of it, else the whole row. Each program still sums the squares of its whole row
+    (the same sum, in the same order, in every program), but rounds and writes only its slice: at hidden 4096 eight
+    programs, where one program's int8 runs were the longest part of the step's norm."""
+    whole = max(triton.next_power_of_2(hidden), 32)
+    if num_rows <= INT8_SLICE_ROWS and hidden == whole and hidden > INT8_SLICE:
+        return INT8_SLICE
+    return whole
 
 
 @triton.jit
@@ -126,13 +142,15 @@ def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, q_ptr, dx_ptr, sx_ptr,
     x_row_stride, residual_row_stride, out_row_stride,  # residual_out shares out's layout (contiguous rows)
     eps,
-    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, ADD_RESIDUAL: tl.constexpr, MEAN_BY_RECIPROCAL: tl.constexpr,
-    INT8: tl.constexpr,
+    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, SLICE: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
+    MEAN_BY_RECIPROCAL: tl.constexpr, INT8: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    """One program per row: [optionally h = residual + x, stored], then RMSNorm(h) * weight, stored to out or, with
-    INT8, as int8 runs (q, dx, sx; int8_rows.py)."""
+    """Program (row, s): [optionally h = residual + x, stored], then RMSNorm(h) * weight, stored to out or, with
+    INT8, as int8 runs (q, dx, sx; int8_rows.py). With SLICE < BLOCK (INT8 only), program s sums the whole row's
+    squares but stores columns [s * SLICE, (s + 1) * SLICE) only (int8_slice)."""
     wait_for_inputs(PDL)
+    release_dependents(PDL)  # the decode step's GEMV after this kernel starts loading its weights
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < HIDDEN
@@ -141,15 +159,27 @@ def _rms_norm_kernel(
     if ADD_RESIDUAL:
         residual = tl.load(residual_ptr + row * residual_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
         x = round_to_dtype(residual + x, dtype)
-        tl.store(residual_out_ptr + row * out_row_stride + cols, x.to(dtype), mask=mask)
+        if SLICE == BLOCK:
+            tl.store(residual_out_ptr + row * out_row_stride + cols, x.to(dtype), mask=mask)
     scale = rms_scale(tl.sum(x * x, axis=0), HIDDEN, eps, MEAN_BY_RECIPROCAL)
-    x = round_to_dtype(x * scale, dtype)  # x32.to(dtype): rounded before the weight multiply
-    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    y = round_to_dtype(weight * x, dtype)
-    if INT8:
-        store_int8_runs(tl.reshape(y, (BLOCK // 32, 32)), row, 0, q_ptr, dx_ptr, sx_ptr, HIDDEN, BLOCK // 32)
+    if SLICE < BLOCK:  # this program's columns, computed again as above from the same (cached) inputs
+        cols = tl.program_id(1) * SLICE + tl.arange(0, SLICE)
+        x = tl.load(x_ptr + row * x_row_stride + cols).to(tl.float32)
+        if ADD_RESIDUAL:
+            x = round_to_dtype(tl.load(residual_ptr + row * residual_row_stride + cols).to(tl.float32) + x, dtype)
+            tl.store(residual_out_ptr + row * out_row_stride + cols, x.to(dtype))
+        x = round_to_dtype(x * scale, dtype)
+        y = round_to_dtype(tl.load(weight_ptr + cols).to(tl.float32) * x, dtype)
+        store_int8_runs(tl.reshape(y, (SLICE // 32, 32)), row, tl.program_id(1) * (SLICE // 32), q_ptr, dx_ptr,
+                        sx_ptr, HIDDEN, SLICE // 32)
     else:
-        tl.store(out_ptr + row * out_row_stride + cols, y.to(dtype), mask=mask)
+        x = round_to_dtype(x * scale, dtype)  # x32.to(dtype): rounded before the weight multiply
+        weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        y = round_to_dtype(weight * x, dtype)
+        if INT8:
+            store_int8_runs(tl.reshape(y, (BLOCK // 32, 32)), row, 0, q_ptr, dx_ptr, sx_ptr, HIDDEN, BLOCK // 32)
+        else:
+            tl.store(out_ptr + row * out_row_stride + cols, y.to(dtype), mask=mask)
 
 
 @triton.jit

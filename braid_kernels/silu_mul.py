@@ -15,7 +15,7 @@ import triton.language as tl
 
 from ._checks import FLOAT_DTYPES, check_devices, check_tensor
 from .int8_rows import Int8Rows, check_int8_columns, empty_int8_rows, store_int8_runs
-from .numerics import exp, launch_options, round_to_dtype, wait_for_inputs
+from .numerics import exp, launch_options, release_dependents, round_to_dtype, wait_for_inputs
 
 BLOCK = 1024
 INT8_BLOCK = 256  # columns per program when writing int8 runs (a decode step's one row: more, smaller programs)
@@ -80,6 +80,7 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, q_ptr, dx_ptr, sx_ptr, x_row_stride, d,
     """Program (row, block): out[row, cols] = silu(x[row, cols]) * x[row, d + cols] (out: contiguous [M, d]), or
     with INT8 those columns as int8 runs (q, dx, sx; int8_rows.py)."""
     wait_for_inputs(PDL)
+    release_dependents(PDL)  # the decode step's GEMV after this kernel starts loading its weights
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d

@@ -15,6 +15,29 @@ _U64_MASK = (1 << 64) - 1
 _MAX_TOP_K_CANDIDATES = 1024
 
 
+ARGMAX_CHUNK = 256  # vocabulary entries per chunk of greedy_ids' first pass
+
+
+def greedy_ids(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(dim=-1) of [B, vocab] logits. On CUDA, where vocab is a multiple of ARGMAX_CHUNK, in two passes
+    (two_pass_argmax): torch's one-pass argmax over a row of Llama 3's 128,256 bf16 logits took 37 us on an H200,
+    a kernel that spreads one row over few threads, where the two passes are short, parallel reductions."""
+    vocab = logits.shape[-1]
+    if logits.is_cuda and vocab % ARGMAX_CHUNK == 0 and vocab >= 4 * ARGMAX_CHUNK:
+        return two_pass_argmax(logits)
+    return logits.argmax(dim=-1)
+
+
+def two_pass_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """argmax(dim=-1) of [B, vocab] logits, vocab a multiple of ARGMAX_CHUNK: the maximum and its position in each
+    chunk of ARGMAX_CHUNK entries, then the first chunk holding the largest. Both passes return the first of equal
+    maxima, so ties resolve to the lowest id, as argmax's do."""
+    batch, vocab = logits.shape
+    values, positions = logits.view(batch, vocab // ARGMAX_CHUNK, ARGMAX_CHUNK).max(dim=-1)  # [B, chunks] each
+    chunk = values.argmax(dim=-1, keepdim=True)  # [B, 1]
+    return positions.gather(1, chunk).squeeze(1).add_(chunk.squeeze(1), alpha=ARGMAX_CHUNK)
+
+
 @dataclass
 class TokenLogprobs:
     """Log-probabilities reported for one sampled token.
@@ -96,7 +119,7 @@ class Sampler:
             # No float32 copy: bf16/fp16 -> float32 is exact, so the argmax is the same (and a ~4 us kernel saved
             # per decode step on an H100). A Triton argmax (3.5 us against torch's 9.3) was tried and dropped: its
             # Python launch cost more host time per step than it saved on the GPU.
-            return SamplerOutput(token_ids=logits.argmax(dim=-1), logprobs=[None] * len(params))
+            return SamplerOutput(token_ids=greedy_ids(logits), logprobs=[None] * len(params))
         logits = logits.float()
         token_ids = logits.argmax(dim=-1)
         sampled_rows = [i for i, p in enumerate(params) if not p.greedy]

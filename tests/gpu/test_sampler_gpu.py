@@ -51,3 +51,20 @@ def test_sampling_does_not_synchronise(no_sync, name):
     for row, p in enumerate(params):
         if p.greedy:
             assert tokens[row] == logits[row].float().argmax().item()
+
+
+def test_greedy_ids_is_argmax_on_cuda_with_ties(no_sync):
+    """Greedy rows take the two-pass argmax on CUDA (vocabularies of whole chunks): the same ids as torch's argmax,
+    the first of tied maxima included, for Llama 3's and an indivisible vocabulary, without synchronising."""
+    from braidinfer.sampling.sampler import ARGMAX_CHUNK, greedy_ids
+
+    for vocab in (128256, 1000):
+        g = torch.Generator(device="cuda")
+        g.manual_seed(vocab)
+        logits = torch.randint(-4, 5, (8, vocab), device="cuda", generator=g).to(torch.bfloat16)
+        logits[1, [ARGMAX_CHUNK - 1, 3 * ARGMAX_CHUNK]] = 9.0
+        got = greedy_ids(logits)
+        torch.cuda.set_sync_debug_mode("default")
+        assert got.tolist() == logits.argmax(dim=-1).tolist()
+        assert got[1].item() == ARGMAX_CHUNK - 1
+        torch.cuda.set_sync_debug_mode("error")

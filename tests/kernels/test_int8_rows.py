@@ -62,7 +62,7 @@ def test_int8_rows_hold_x_within_half_a_level(device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("hidden", [64, 576, 96])  # SmolLM2's 576; not a power of two
+@pytest.mark.parametrize("hidden", [64, 576, 96, 2048])  # SmolLM2's 576; not a power of two; 4 slices of 512
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_rms_norm_int8_is_the_rounded_norm(device, dtype, hidden, with_residual):
     x = _x(3, hidden, dtype, device, seed=hidden)
@@ -81,7 +81,7 @@ def test_rms_norm_int8_is_the_rounded_norm(device, dtype, hidden, with_residual)
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # numpy exp of large -gate
-@pytest.mark.parametrize("d", [32, 1056])  # one run; more than one 1024-column block, the last one partial
+@pytest.mark.parametrize("d", [32, 1056])  # one run; several programs' columns, the last program's partial
 def test_silu_and_mul_int8_is_the_rounded_activation(device, dtype, d):
     x = _x(2, 2 * d, dtype, device, seed=d)
     _assert_same_rows(silu_and_mul_int8(x), quantize_rows(silu_and_mul(x)))

@@ -26,12 +26,18 @@ def _kernels(tree: ast.Module):
             yield node
 
 
+WEIGHTS_BEFORE_WAIT = {"_stream_kernel": {"blocks_ptr"}}
+"""Kernels that load weights (written by no kernel) before waiting for the kernel ahead, and the pointers they may
+read then."""
+
+
 def test_every_kernel_launched_with_pdl_waits_for_its_inputs():
     """A kernel launched with programmatic dependent launch (numerics.pdl_options / launch_options, which pass its
     PDL constexpr with Triton's launch_pdl) may start before the kernel ahead of it ends: its first statement must be
-    wait_for_inputs(PDL), or it could read stale inputs and break the stream order for the kernels after it. Checked
-    on the syntax tree of every module of the package; a kernel without the PDL parameter cannot take those options
-    (Triton rejects the unknown keyword)."""
+    wait_for_inputs(PDL), or it could read stale inputs and break the stream order for the kernels after it; only
+    the kernels of WEIGHTS_BEFORE_WAIT load their weights (no other pointer, no store) first. A kernel that releases
+    its dependents early does so right after its wait. Checked on the syntax tree of every module of the package; a
+    kernel without the PDL parameter cannot take those options (Triton rejects the unknown keyword)."""
     with_pdl = []
     for path in sorted(pathlib.Path(braid_kernels.__file__).parent.glob("*.py")):
         for kernel in _kernels(ast.parse(path.read_text())):
@@ -39,7 +45,17 @@ def test_every_kernel_launched_with_pdl_waits_for_its_inputs():
                 continue
             body = kernel.body[1:] if isinstance(kernel.body[0], ast.Expr) and isinstance(
                 kernel.body[0].value, ast.Constant) else kernel.body  # after the docstring
-            assert ast.unparse(body[0]) == "wait_for_inputs(PDL)", f"{path.name}: {kernel.name} does not wait first"
+            waits = [i for i, stmt in enumerate(body) if ast.unparse(stmt) == "wait_for_inputs(PDL)"]
+            assert waits, f"{path.name}: {kernel.name} never waits"
+            before = body[:waits[0]]
+            if before:  # only kernels that read weights first, and nothing else that an earlier kernel may write
+                names = {n.id for stmt in before for n in ast.walk(stmt) if isinstance(n, ast.Name)}
+                pointers = {a.arg for a in kernel.args.args if a.arg.endswith("_ptr")}
+                assert kernel.name in WEIGHTS_BEFORE_WAIT, f"{path.name}: {kernel.name} does not wait first"
+                assert names & pointers <= WEIGHTS_BEFORE_WAIT[kernel.name], f"{kernel.name} reads inputs early"
+                assert "store" not in ast.unparse(before), f"{kernel.name} stores before waiting"
+            released = [i for i, stmt in enumerate(body) if ast.unparse(stmt) == "release_dependents(PDL)"]
+            assert released in ([], [waits[0] + 1]), f"{kernel.name} releases its dependents before waiting"
             with_pdl.append(kernel.name)
     # the decode path's kernels: norms, activation, x rounding, GEMVs, attention, the quantised kernels
     assert {"_rms_norm_kernel", "_silu_and_mul_kernel", "_quantize_rows_kernel", "_gemv_kernel", "_dot_gemv_kernel",

@@ -346,3 +346,19 @@ def test_top_p_over_a_large_vocabulary_keeps_the_reference_nucleus(spread, top_k
     assert torch.allclose(probs, expected, atol=1e-6)
     kept = int((expected > 0).sum())
     assert (kept < 1024) if spread > 1 or top_k else (kept > 1024)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_pass_argmax_is_argmax_with_ties(dtype):
+    """The greedy path's two-pass argmax (CUDA's, computed here on the CPU) picks the first of tied maxima, in the
+    first chunk holding one and the first place in it, as argmax does: few distinct values make ties common."""
+    from braidinfer.sampling.sampler import ARGMAX_CHUNK, two_pass_argmax
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randint(-4, 5, (32, 501 * ARGMAX_CHUNK), generator=g).to(dtype)
+    logits[0] = 0.0  # every entry tied: id 0
+    logits[1, -1] = 9.0  # the single largest at the last id
+    logits[2, [ARGMAX_CHUNK - 1, ARGMAX_CHUNK, 5 * ARGMAX_CHUNK]] = 9.0  # tied across chunks: the first wins
+    got = two_pass_argmax(logits)
+    assert got.tolist() == logits.argmax(dim=-1).tolist()
+    assert got[:3].tolist() == [0, 501 * ARGMAX_CHUNK - 1, ARGMAX_CHUNK - 1]
