@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 
 from ._checks import check_devices, check_last_dim_contiguous, check_same_dtype, check_shape, check_tensor
-from .numerics import INTERPRETED, pdl_options, round_to_dtype, wait_for_inputs
+from .int8_rows import Int8Rows, store_int8_runs
+from .numerics import INTERPRETED, launch_options, pdl_options, round_to_dtype, wait_for_inputs
 
 KV_DTYPES = (torch.float16, torch.bfloat16)
 MIN_SPLIT_TOKENS = 32  # fewest KV tokens a slice gets: below it, a program's fixed latency outweighs its reads
@@ -113,7 +114,7 @@ class DecodeWorkspace:
 def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
                      kv_last_page_len: torch.Tensor, scale: float, workspace: DecodeWorkspace | None = None,
                      min_split_tokens: int = MIN_SPLIT_TOKENS, block_n: int | None = None,
-                     num_warps: int | None = None) -> torch.Tensor:
+                     num_warps: int | None = None, int8: Int8Rows | None = None) -> torch.Tensor:
     """softmax(q k^T * scale) v for one new token per row over its paged KV -> out [num_rows, num_qo_heads, head_dim].
 
     q: [num_rows, num_qo_heads, head_dim], float16/bfloat16, head_dim a power of two in [16, 256]; q head h attends
@@ -127,10 +128,13 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, kv_indptr: torch.T
     workspace: partials and counters for num_rows rows or more; None allocates one (not for graph capture, whose
         replays must find its counters at zero: allocate it outside and reuse it).
     min_split_tokens, block_n, num_warps: tuning (see benchmarks/decode_attention.py); None: the defaults above.
+    int8: optional Int8Rows of [num_rows, num_qo_heads * head_dim] (int8_rows.empty_int8_rows) that the kernel also
+        writes the output into, rounded to int8 runs exactly as quantize_rows(out.flatten(1)) would: the input of
+        the integer-dot GEMV of the projection after attention, without a launch of its own.
     Page numbers and lengths are not range checked (that would synchronise with the GPU).
     """
     num_rows, num_qo_heads, head_dim = _check(q, kv_cache, kv_indptr, kv_indices, kv_last_page_len, scale, workspace,
-                                              min_split_tokens, block_n)
+                                              min_split_tokens, block_n, int8)
     block_n = default_block_n(head_dim) if block_n is None else block_n
     num_kv_heads, page_size = kv_cache.shape[2], kv_cache.shape[3]
     if workspace is None:
@@ -141,14 +145,19 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, kv_indptr: torch.T
     if num_rows == 0:
         return out
     group = num_qo_heads // num_kv_heads
+    # The int8 rounding reproduces quantize_rows' only without mul+add contraction (launch_options); the plain
+    # launch keeps the contraction its float arithmetic was measured with.
+    options = launch_options(q) if int8 is not None else pdl_options(q)
     _decode_kernel[(num_rows, num_kv_heads, workspace.num_splits)](
         q, kv_cache, kv_indptr, kv_indices, kv_last_page_len, out,
         workspace.partial_out, workspace.partial_lse, workspace.arrivals,
+        *(int8[:3] if int8 is not None else (None, None, None)),
         float(scale) * math.log2(math.e), min_split_tokens,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), *kv_cache.stride()[:4],
         NUM_QO_HEADS=num_qo_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, PAGE_SIZE=page_size, BLOCK_N=block_n,
-        NUM_SPLITS=workspace.num_splits, num_warps=num_warps, num_stages=NUM_STAGES, **pdl_options(q),
+        NUM_SPLITS=workspace.num_splits, INT8=int8 is not None, num_warps=num_warps, num_stages=NUM_STAGES,
+        **options,
     )
     return out
 
@@ -161,7 +170,8 @@ def _is_power_of_two(n: int) -> bool:
     return n >= 1 and not n & (n - 1)
 
 
-def _check(q, kv_cache, kv_indptr, kv_indices, kv_last_page_len, scale, workspace, min_split_tokens, block_n):
+def _check(q, kv_cache, kv_indptr, kv_indices, kv_last_page_len, scale, workspace, min_split_tokens, block_n,
+           int8=None):
     check_tensor("q", q, KV_DTYPES, ndim=3)
     check_tensor("kv_cache", kv_cache, KV_DTYPES, ndim=5)
     check_same_dtype(q=q, kv_cache=kv_cache)
@@ -199,6 +209,19 @@ def _check(q, kv_cache, kv_indptr, kv_indices, kv_last_page_len, scale, workspac
                              f"{num_kv_heads}, {head_dim}")
         tensors.update(partial_out=workspace.partial_out, partial_lse=workspace.partial_lse,
                        arrivals=workspace.arrivals)
+    if int8 is not None:
+        if not isinstance(int8, Int8Rows):
+            raise TypeError(f"int8 must be an Int8Rows (int8_rows.empty_int8_rows), got {type(int8).__name__}")
+        if head_dim < 32:
+            raise ValueError(f"int8 output needs head_dim >= 32 (whole runs of 32 columns per head), got {head_dim}")
+        k = num_qo_heads * head_dim
+        for name, t, dtype, cols in (("int8.q", int8.q, torch.int8, k), ("int8.dx", int8.dx, torch.float32, k // 32),
+                                     ("int8.sx", int8.sx, torch.float32, k // 16)):
+            check_tensor(name, t, (dtype,), ndim=2)
+            check_shape(name, t, (num_rows, cols))
+            if not t.is_contiguous():
+                raise ValueError(f"{name} must be contiguous")
+        tensors.update(int8_q=int8.q, int8_dx=int8.dx, int8_sx=int8.sx)
     check_devices(_decode_kernel, **tensors)
     return num_rows, num_qo_heads, head_dim
 
@@ -216,16 +239,16 @@ def _dot(a, b, acc):
 @triton.jit
 def _decode_kernel(
     q_ptr, cache_ptr, kv_indptr_ptr, kv_indices_ptr, kv_last_page_len_ptr, out_ptr,
-    partial_out_ptr, partial_lse_ptr, arrivals_ptr,
+    partial_out_ptr, partial_lse_ptr, arrivals_ptr, q8_ptr, dx_ptr, sx_ptr,
     qk_scale, min_split_tokens,
     q_row_stride, q_head_stride, out_row_stride, out_head_stride,
     cache_page_stride, cache_kv_stride, cache_head_stride, cache_slot_stride,
     NUM_QO_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    PDL: tl.constexpr,
+    INT8: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (row, KV head, slice): the GROUP q heads of the KV head over the slice's tokens, in the log2 domain
-    (qk_scale = scale * log2(e))."""
+    (qk_scale = scale * log2(e)); with INT8 the output is also written as int8 runs (q8, dx, sx)."""
     wait_for_inputs(PDL)
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -273,8 +296,12 @@ def _decode_kernel(
         dtype: tl.constexpr = out_ptr.dtype.element_ty
         out_rows = out_ptr + row.to(tl.int64) * out_row_stride + head[:, None] * out_head_stride + d[None, :]
         if num_active == 1:
-            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row without KV gets zeros
-            tl.store(out_rows, round_to_dtype(out, dtype).to(dtype), mask=g_mask[:, None])
+            out = round_to_dtype(acc / tl.where(l_i > 0, l_i, 1.0)[:, None], dtype)  # a row without KV gets zeros
+            tl.store(out_rows, out.to(dtype), mask=g_mask[:, None])
+            if INT8:
+                for i in tl.static_range(GROUP):  # head i of the group: row i of out
+                    _store_head_int8(tl.sum(tl.where(g[:, None] == i, out, 0.0), axis=0), q8_ptr, dx_ptr, sx_ptr,
+                                     row, kv_head * GROUP + i, NUM_QO_HEADS, HEAD_DIM)
         else:
             partial = (row * NUM_QO_HEADS + head) * NUM_SPLITS  # (G,) each head's first slice
             tl.store(partial_out_ptr + (partial + split)[:, None] * HEAD_DIM + d[None, :], acc / l_i[:, None],
@@ -284,15 +311,25 @@ def _decode_kernel(
             arrived = tl.atomic_add(arrivals_ptr + row * NUM_KV_HEADS + kv_head, 1, sem="acq_rel")
             if arrived == num_active - 1:  # the last slice to finish merges them all
                 tl.store(arrivals_ptr + row * NUM_KV_HEADS + kv_head, 0)  # ready for the next launch
-                _merge(partial_out_ptr, partial_lse_ptr, out_ptr, row, kv_head, num_active, out_row_stride,
-                       out_head_stride, NUM_QO_HEADS, GROUP, HEAD_DIM, NUM_SPLITS)
+                _merge(partial_out_ptr, partial_lse_ptr, out_ptr, q8_ptr, dx_ptr, sx_ptr, row, kv_head, num_active,
+                       out_row_stride, out_head_stride, NUM_QO_HEADS, GROUP, HEAD_DIM, NUM_SPLITS, INT8)
 
 
 @triton.jit
-def _merge(partial_out_ptr, partial_lse_ptr, out_ptr, row, kv_head, num_active, out_row_stride, out_head_stride,
-           NUM_QO_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr):
-    """out = sum over slices of exp2(lse_s - lse) * out_s for each q head of the group. Loads bypass L1 (.cg): the
-    partials were written by other SMs during this launch."""
+def _store_head_int8(out, q8_ptr, dx_ptr, sx_ptr, row, head, NUM_QO_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """One head's output (HEAD_DIM,) float32, already rounded to the output dtype, as the int8 runs of its columns
+    [head * HEAD_DIM, (head + 1) * HEAD_DIM) of the row."""
+    runs: tl.constexpr = HEAD_DIM // 32
+    store_int8_runs(tl.reshape(out, (runs, 32)), row, head * runs, q8_ptr, dx_ptr, sx_ptr, NUM_QO_HEADS * HEAD_DIM,
+                    runs)
+
+
+@triton.jit
+def _merge(partial_out_ptr, partial_lse_ptr, out_ptr, q8_ptr, dx_ptr, sx_ptr, row, kv_head, num_active,
+           out_row_stride, out_head_stride, NUM_QO_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+           NUM_SPLITS: tl.constexpr, INT8: tl.constexpr):
+    """out = sum over slices of exp2(lse_s - lse) * out_s for each q head of the group (and its int8 runs with
+    INT8). Loads bypass L1 (.cg): the partials were written by other SMs during this launch."""
     s = tl.arange(0, NUM_SPLITS)
     d = tl.arange(0, HEAD_DIM)
     s_mask = s < num_active
@@ -304,6 +341,8 @@ def _merge(partial_out_ptr, partial_lse_ptr, out_ptr, row, kv_head, num_active, 
         o = tl.load(partial_out_ptr + partial[:, None] * HEAD_DIM + d[None, :], mask=s_mask[:, None], other=0.0,
                     cache_modifier=".cg")  # (S, D)
         w = tl.exp2(lse - tl.max(lse, axis=0))
-        out = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
+        out = round_to_dtype(tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0), dtype)
         tl.store(out_ptr + row.to(tl.int64) * out_row_stride + head * out_head_stride + d,
-                 round_to_dtype(out, dtype).to(dtype))  # to nearest also when interpreted (see kernels.numerics)
+                 out.to(dtype))  # to nearest also when interpreted (see kernels.numerics)
+        if INT8:
+            _store_head_int8(out, q8_ptr, dx_ptr, sx_ptr, row, head, NUM_QO_HEADS, HEAD_DIM)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from braid_kernels.decode_attention import DecodeWorkspace, decode_attention, decode_attention_ref
+from braid_kernels.int8_rows import empty_int8_rows, quantize_rows
 from tests.support.numerics import ATTENTION_REL_TOL, assert_attention_close, relative_errors
 
 
@@ -82,6 +83,36 @@ def test_a_row_without_pages_gets_zeros(device):
     out = decode_attention(q, pool, *tables, 64**-0.5, block_n=16)
     assert not out[0].any()
     _check(q[1:], pool, [tables[0][1:] - tables[0][1], tables[1], tables[2][1:]], out[1:])
+
+
+@pytest.mark.parametrize("lengths", [[1, 5, 37, 64, 0], [40]])  # split rows, one-slice rows, a row without pages
+def test_int8_output_is_quantize_rows_of_the_output(device, lengths):
+    """With `int8`, the kernel also writes its output as int8 runs: byte for byte what quantize_rows makes of the
+    output it returns (merged heads and one-slice heads alike, every head of a GQA group), and that output still
+    matches the reference. A head written into another head's runs, or a run rounded differently, fails this."""
+    q, pool, tables = _inputs(lengths, 6, 2, 64, 4, device, seed=5)
+    ws = DecodeWorkspace.allocate(len(lengths), 6, 2, 64, 4, device)
+    rows = empty_int8_rows(len(lengths), 6 * 64, q.dtype, device)
+    for t in rows[:3]:
+        t.fill_(7)  # stale values: every byte must be written
+    out = decode_attention(q, pool, *tables, 64**-0.5, workspace=ws, min_split_tokens=8, block_n=16, int8=rows)
+    if lengths[-1] == 0:
+        assert not out[-1].any()
+        _check(q[:-1], pool, [tables[0][:-1], tables[1], tables[2][:-1]], out[:-1])
+    else:
+        _check(q, pool, tables, out)
+    want = quantize_rows(out.flatten(1))
+    assert torch.equal(rows.q, want.q)
+    assert torch.equal(rows.dx, want.dx) and torch.equal(rows.sx, want.sx)
+    assert rows.q.abs().amax() == 127  # not all zeros: the runs hold the output
+
+
+def test_int8_output_arguments_are_checked(device):
+    q, pool, tables = _inputs([3, 9], 4, 2, 64, 4, device)
+    with pytest.raises(ValueError, match="int8.q must have shape"):
+        decode_attention(q, pool, *tables, 0.125, int8=empty_int8_rows(2, 128, q.dtype, device))
+    with pytest.raises(TypeError, match="int8 must be an Int8Rows"):
+        decode_attention(q, pool, *tables, 0.125, int8=torch.zeros(2, 256, dtype=torch.int8, device=device))
 
 
 def test_no_rows(device):
