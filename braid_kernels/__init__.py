@@ -15,13 +15,13 @@ from .gemv import (
     silu_and_mul_gemv_ref,
 )
 from .qk_norm_rope import qk_norm_rope_write_kv, qk_norm_rope_write_kv_ref
-from .int8_rows import Int8Rows, quantize_rows, quantize_rows_ref
+from .int8_rows import Int8Rows, empty_int8_rows, quantize_rows, quantize_rows_ref
 from .rmsnorm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_int8, rms_norm_ref
 from .silu_mul import silu_and_mul, silu_and_mul_int8, silu_and_mul_ref
 
 __all__ = [
     "DecodeWorkspace", "decode_attention", "decode_attention_ref",
-    "Int8Rows", "quantize_rows", "quantize_rows_ref", "rms_norm_int8", "silu_and_mul_int8",
+    "Int8Rows", "empty_int8_rows", "quantize_rows", "quantize_rows_ref", "rms_norm_int8", "silu_and_mul_int8",
     "fused_add_rms_norm", "fused_add_rms_norm_ref",
     "fused_add_rms_norm_gemv", "fused_add_rms_norm_gemv_ref",
     "gemv", "gemv_ref",

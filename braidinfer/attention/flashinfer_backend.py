@@ -275,12 +275,21 @@ class FlashInferGraphDecode:
         self._append_kv(k, v, *self._new_tokens, cache, *self._pages, kv_layout="HND")
         return self.attend(layer, q, meta)
 
-    def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Attention only: the new K/V are already in the pool (the caller wrote them at the step's slots)."""
+    def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata, int8=None) -> torch.Tensor:
+        """Attention only: the new K/V are already in the pool (the caller wrote them at the step's slots). int8:
+        braid_kernels' Int8Rows [batch_size, num_qo_heads * head_dim] that the output is also written into as int8
+        runs, where `writes_int8` (else it must be None)."""
         if self._triton is not None:
             indices, indptr, last_page_len = self._pages
-            return self._triton(q, self.kv_cache[layer], indptr, indices, last_page_len)
+            return self._triton(q, self.kv_cache[layer], indptr, indices, last_page_len, int8)
+        if int8 is not None:
+            raise ValueError("FlashInfer's decode does not write int8 rows (see writes_int8)")
         return self._wrappers[self._spec_index[layer]].run(q, self.kv_cache[layer])
+
+    @property
+    def writes_int8(self) -> bool:
+        """Whether `attend` can also write its output as int8 runs (Braid's Triton decode serves this batch size)."""
+        return self._triton is not None
 
 
 def _triton_decode_fits(backend: FlashInferAttention, batch_size: int) -> bool:
@@ -313,8 +322,9 @@ class _TritonDecode:
         self._scale = backend.scale
 
     def __call__(self, q: torch.Tensor, cache: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
-                 kv_last_page_len: torch.Tensor) -> torch.Tensor:
-        return self._attend(q, cache, kv_indptr, kv_indices, kv_last_page_len, self._scale, workspace=self._workspace)
+                 kv_last_page_len: torch.Tensor, int8=None) -> torch.Tensor:
+        return self._attend(q, cache, kv_indptr, kv_indices, kv_last_page_len, self._scale, workspace=self._workspace,
+                            int8=int8)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from braidinfer.layers.deferred import triton_kernels
+from braidinfer.layers.deferred import Deferred, triton_kernels
 from braidinfer.layers.norm import RMSNorm
 from braidinfer.layers.plan import KernelPlan
 from braidinfer.layers.rotary import apply_rotary
@@ -56,6 +56,7 @@ class PagedAttention(nn.Module):
         self.fusable = plain_rotation and (q_norm is None or type(q_norm) is RMSNorm and type(k_norm) is RMSNorm)
         self.cache_head_dim = head_dim
         self.plan = KernelPlan()
+        self.int8_output = False  # set by select_kernels when the output goes only into int8-input QuantLinears
 
     @property
     def _runs_fused(self) -> bool:
@@ -158,20 +159,56 @@ class PagedAttention(nn.Module):
         q = triton_kernels().qk_norm_rope_write_kv(qkv, batch.positions, *batch.rope.tables,
                                                    batch.attention.kv_cache[self.layer_idx], batch.meta.slot_mapping,
                                                    *norm_weights)  # (T, qh, hd)
+        rows = qkv.shape[0]
+        if self.int8_output and getattr(batch.attention, "writes_int8", False) and _dot_rows(rows, q):
+            int8 = triton_kernels().empty_int8_rows(rows, self.q_size, q.dtype, q.device)
+            o = batch.attention.attend(self.layer_idx, q, batch.meta, int8=int8)  # (T, qh, hd), and as int8 runs
+            return AttentionOutput(o.reshape(rows, self.q_size), int8)
         o = batch.attention.attend(self.layer_idx, q, batch.meta)  # (T, qh, hd)
-        return o.reshape(qkv.shape[0], self.q_size)
+        return o.reshape(rows, self.q_size)
 
     def kernel_path(self) -> str:
         norm = "qk-norm + " if self.qk_norms is not None else ""
         rope = "rope" if self.rotary else "no rope"
         if self._runs_fused:
-            return f"attention: {norm}rope + kv write in triton qk_norm_rope_write_kv, then the backend's attend"
+            int8 = ("; in one-row CUDA-graph decodes the Triton decode also writes the output as the projection's int8 "
+                    "rows" if self.int8_output else "")
+            return (f"attention: {norm}rope + kv write in triton qk_norm_rope_write_kv, then the backend's "
+                    f"attend{int8}")
         if self.plan.cpu:
             return (f"attention: decoding rows: {norm}{rope}, kv write and attention in braid_kernels/cpu_attention.c "
                     f"(float32 rows, the torch backend's pool); prompt rows: {norm}{rope} in torch, then the backend")
         padded = (f" (heads zero-padded from {self.head_dim} to {self.cache_head_dim})"
                   if self.cache_head_dim != self.head_dim else "")
         return f"attention: {norm}{rope} in torch, then the backend's kv write and attend{padded}"
+
+
+class AttentionOutput(Deferred):
+    """The attention's output x [T, q_size], already written by the attention kernel both as a tensor and as the int8
+    rows (braid_kernels' Int8Rows) that the next projection's integer-dot GEMV reads: that QuantLinear takes the rows
+    and needs no rounding launch of its own. Nothing is left to compute."""
+
+    def __init__(self, x: torch.Tensor, int8):
+        self.x = x
+        self._int8 = int8
+
+    def project(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(self.x, weight, bias)
+
+    def value(self) -> torch.Tensor:
+        return self.x
+
+    def int8_rows(self):
+        return self._int8
+
+
+def _dot_rows(rows: int, q: torch.Tensor) -> bool:
+    """Whether a projection of `rows` rows of q's dtype on q's device takes int8 rows (quant_linear's "dot" path)."""
+    if not q.is_cuda:
+        return False
+    from braid_kernels.quant import linear_path
+
+    return linear_path(rows, q.dtype) == "dot"
 
 
 def cpu_step_inputs(batch: ForwardBatch) -> dict[str, torch.Tensor] | None:

@@ -58,22 +58,51 @@ class KernelPlan:
 def select_kernels(model: nn.Module, plan: KernelPlan) -> None:
     """Sets every layer of `model` to `plan`'s path. Call before any CUDA graph is captured (a captured graph keeps
     the kernels it recorded). Layers are the modules with a `plan` attribute (braidinfer.layers)."""
-    prologues = gemv_prologues(model) if plan.gemv else set()
+    consumers = _consumers(model) if plan.gemv else {}
+    prologues = gemv_prologues(model, consumers)
+    int8_outputs = _int8_outputs(model, consumers)
     for name, module in model.named_modules():
         if hasattr(module, "plan"):
             module.plan = plan
         if hasattr(module, "feeds_gemv"):
             module.feeds_gemv = name in prologues
+        if hasattr(module, "int8_output"):
+            module.int8_output = name in int8_outputs
 
 
-def gemv_prologues(model: nn.Module) -> set[str]:
+def gemv_prologues(model: nn.Module, consumers: dict[str, list[str]] | None = None) -> set[str]:
     """Names of the modules with a `feeds_gemv` attribute (norms, activations) whose output, in a one-row forward,
     goes straight into projections only (braidinfer.layers.Linear, or QuantLinear in `model` itself): the steps a
     GEMV kernel can take into its prologue (a QuantLinear: the step's kernel writes the int8 rows its GEMV reads).
+    consumers: `_consumers(model)`, if computed already. A norm whose output also goes elsewhere would fail loudly
+    (a deferred value is not a tensor), never silently."""
+    from braidinfer.layers.linear import Linear
+    from braidinfer.layers.quant_linear import QuantLinear
 
-    Found by running the forward of a twin of the model (`type(model)(model.config)`) on the meta device, so nothing
-    is computed; forward hooks note each candidate's output and each Linear's input. A norm whose output also goes
-    elsewhere would fail loudly (a deferred value is not a tensor), never silently."""
+    consumers = _consumers(model) if consumers is None else consumers
+    modules = dict(model.named_modules())
+    # The twin has plain Linears; where the loaded model holds a QuantLinear instead (quantised weights), the step is
+    # deferred too: QuantLinear computes it as the int8 rows its GEMV reads, or as a tensor.
+    return {name for name, users in consumers.items() if hasattr(modules.get(name), "feeds_gemv")
+            and all(isinstance(modules.get(u), (Linear, QuantLinear)) for u in users)}
+
+
+def _int8_outputs(model: nn.Module, consumers: dict[str, list[str]]) -> set[str]:
+    """Names of the modules with an `int8_output` attribute (attention) whose output goes only into QuantLinears
+    that round their input to int8 rows (QuantLinear.takes_int8_rows): those may write their output in that form
+    too, so that the projection needs no rounding launch of its own."""
+    from braidinfer.layers.quant_linear import QuantLinear
+
+    modules = dict(model.named_modules())
+    return {name for name, users in consumers.items() if hasattr(modules.get(name), "int8_output") and users
+            and all(isinstance(modules.get(u), QuantLinear) and modules[u].takes_int8_rows for u in users)}
+
+
+def _consumers(model: nn.Module) -> dict[str, list[str]]:
+    """For each module with a `feeds_gemv` or `int8_output` attribute whose output, in a one-row forward, goes into
+    a projection (braidinfer.layers.Linear): the names of those projections. Found by running the forward of a twin
+    of the model (`type(model)(model.config)`) on the meta device, so nothing is computed; forward hooks note each
+    candidate's output and each Linear's input."""
     from braidinfer.layers.linear import Linear
 
     with torch.device("meta"):
@@ -95,7 +124,7 @@ def gemv_prologues(model: nn.Module) -> set[str]:
 
     hooks = []
     for name, module in twin.named_modules():
-        if hasattr(module, "feeds_gemv"):
+        if hasattr(module, "feeds_gemv") or hasattr(module, "int8_output"):
             hooks.append(module.register_forward_hook(note_output(name)))
         elif isinstance(module, Linear):
             hooks.append(module.register_forward_pre_hook(note_input(name)))
@@ -107,13 +136,7 @@ def gemv_prologues(model: nn.Module) -> set[str]:
     finally:
         for h in hooks:
             h.remove()
-    # The twin has plain Linears; where the loaded model holds a QuantLinear instead (quantised weights), the step is
-    # deferred too: QuantLinear computes it as the int8 rows its GEMV reads, or as a tensor.
-    from braidinfer.layers.quant_linear import QuantLinear
-
-    modules = dict(model.named_modules())
-    return {norm for norm, users in fed.items()
-            if all(isinstance(modules.get(u), (Linear, QuantLinear)) for u in users)}
+    return fed
 
 
 class _MetaAttention:

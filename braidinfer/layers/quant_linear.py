@@ -221,14 +221,19 @@ class QuantLinear(nn.Module):
             start += weight.shape[0]
         return y
 
+    @property
+    def takes_int8_rows(self) -> bool:
+        """Whether every part is held as GGUF blocks over whole runs of 32 inputs: on CUDA such a projection takes
+        its input as int8 rows (braid_kernels' Int8Rows) wherever quant_linear's "dot" path serves the row count."""
+        return not self._int4_terms and not self._dot and None not in self.qtypes and self.in_features % 32 == 0
+
     def _takes_int8(self, x: torch.Tensor) -> bool:
         """Whether every part would round x to int8 rows (quant_linear's "dot" path), so that it can be done once."""
         if not (x.is_cuda and x.dim() == 2 and x.shape[0] > 0 and x.dtype in (torch.float16, torch.bfloat16)):
             return False
         from braid_kernels.quant import linear_path
 
-        all_blocks = not self._int4_terms and not self._dot and None not in self.qtypes
-        return all_blocks and self.in_features % 32 == 0 and linear_path(x.shape[0], x.dtype) == "dot"
+        return self.takes_int8_rows and linear_path(x.shape[0], x.dtype) == "dot"
 
     def _part(self, i: int, x: torch.Tensor) -> torch.Tensor:
         qtype, kind = self.qtypes[i], self._kind(i)

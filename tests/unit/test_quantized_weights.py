@@ -229,3 +229,33 @@ def test_gemv_prologues_into_quant_linears_too(quantized_llama):
     every = gemv_prologues(plain)
     assert {"model.layers.0.input_layernorm", "model.layers.0.mlp.act_fn", "model.layers.1.mlp.act_fn"} <= every
     assert gemv_prologues(model) == every
+
+
+def test_attention_writes_int8_rows_only_into_int8_quant_linears(quantized_llama):
+    """On the GEMV plan the attention of a layer whose o_proj is a QuantLinear of GGUF blocks is told to write its
+    output as that projection's int8 rows too (PagedAttention.int8_output); where o_proj stays a plain Linear (the
+    plain model, or a layer whose o_proj the swap left out) it is not, and off the GEMV plan never."""
+    from braidinfer.layers import KernelPlan, select_kernels
+    from braidinfer.layers.quant_linear import QuantLinear
+    from braidinfer.models import ModelConfig, model_class
+    from braidinfer.quant_modules import swap_quantized_modules
+
+    path, _, _ = quantized_llama
+    source = resolve_model(path)
+    cfg = ModelConfig.from_hf_config(source.hf_config)
+    with torch.device("meta"):
+        plain = model_class(cfg)(cfg)
+        model = model_class(cfg)(cfg)
+    names = {n: q for n, q in source.quantized_names().items() if ".layers.1.self_attn.o_proj" not in n}
+    swap_quantized_modules(model, names, torch.float32, cfg.tie_word_embeddings)
+    o_projs = {i: model.model.layers[i].self_attn.o_proj for i in range(cfg.num_hidden_layers)}
+    assert isinstance(o_projs[0], QuantLinear) and o_projs[0].takes_int8_rows
+    assert not isinstance(o_projs[1], QuantLinear)
+    select_kernels(model, KernelPlan(triton=True, gemv=True))
+    select_kernels(plain, KernelPlan(triton=True, gemv=True))
+    for i, o_proj in o_projs.items():
+        want = isinstance(o_proj, QuantLinear) and o_proj.takes_int8_rows
+        assert model.model.layers[i].self_attn.attn.int8_output == want
+        assert not plain.model.layers[i].self_attn.attn.int8_output
+    select_kernels(model, KernelPlan(triton=True, gemv=False))
+    assert not any(layer.self_attn.attn.int8_output for layer in model.model.layers)
