@@ -76,12 +76,13 @@ def _pdl_supported(device_index: int) -> bool:
 # soon as the kernel before it in the stream ends, without the full serialisation of two dependent launches (a CUDA
 # graph's too), and waits in `wait_for_inputs` until that kernel's writes are visible. Batch-1 decode runs ~10 short
 # kernels per layer, so the gaps matter: Llama-3.1-8B shape on an H200, Q4_K_M 365 -> 389 tok/s, Q8_0 345 -> 367,
-# bf16 199 -> 200 (benchmarks/RESULTS.md). The kernels do not trigger their dependents early
-# (griddepcontrol.launch_dependents): with that trigger at each kernel's start Q4_K_M fell to 328 tok/s (presumably
-# the waiting dependents held SM slots the running kernel needed). Every kernel launched with these options takes the
-# PDL constexpr and calls wait_for_inputs(PDL) before its first load or store (tests/kernels/test_numerics.py checks
-# the package): the wait is also what orders it after everything earlier in the stream. Decided per device at the
-# first launch on it, so importing the package does not initialise CUDA.
+# bf16 199 -> 200 (benchmarks/RESULTS.md). Only the short kernels just before a GEMV trigger their dependents early
+# (release_dependents): with that trigger at every kernel's start Q4_K_M fell to 328 tok/s (presumably the waiting
+# dependents held SM slots the running kernel needed). Every kernel launched with these options takes the PDL
+# constexpr and calls wait_for_inputs(PDL) before its first load or store, weight loads of the kernels that
+# tests/kernels/test_numerics.py lists excepted (it checks the package): the wait is also what orders it after
+# everything earlier in the stream. Decided per device at the first launch on it, so importing the package does not
+# initialise CUDA.
 def pdl_options(t: torch.Tensor) -> dict:
     """Launch keyword arguments of a kernel of the package on t's device: PDL (the kernel's constexpr) and Triton's
     launch_pdl where the device supports it."""

@@ -59,12 +59,13 @@ def test_greedy_ids_is_argmax_on_cuda_with_ties(no_sync):
     from braidinfer.sampling.sampler import ARGMAX_CHUNK, greedy_ids
 
     for vocab in (128256, 1000):
+        torch.cuda.set_sync_debug_mode("default")  # building the logits may synchronise (a host index list)
         g = torch.Generator(device="cuda")
         g.manual_seed(vocab)
         logits = torch.randint(-4, 5, (8, vocab), device="cuda", generator=g).to(torch.bfloat16)
         logits[1, [ARGMAX_CHUNK - 1, 3 * ARGMAX_CHUNK]] = 9.0
+        torch.cuda.set_sync_debug_mode("error")
         got = greedy_ids(logits)
         torch.cuda.set_sync_debug_mode("default")
         assert got.tolist() == logits.argmax(dim=-1).tolist()
         assert got[1].item() == ARGMAX_CHUNK - 1
-        torch.cuda.set_sync_debug_mode("error")
