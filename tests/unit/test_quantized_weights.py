@@ -209,22 +209,28 @@ def test_family_tensor_hook_dequantises_what_it_changes(quantized_llama):
     assert isinstance(tensors["model.layers.1.mlp.down_proj.weight"], QuantizedTensor)
 
 
+def _meta_models(quantized_llama, keep_plain: str):
+    """(plain, model, swapped): two meta-device twins of the tiny quantised Llama, `model` with QuantLinears for
+    every quantised tensor whose name does not contain keep_plain (`swapped`: the modules replaced)."""
+    from braidinfer.models import ModelConfig, model_class
+    from braidinfer.quant_modules import swap_quantized_modules
+
+    source = resolve_model(quantized_llama[0])
+    cfg = ModelConfig.from_hf_config(source.hf_config)
+    with torch.device("meta"):
+        plain = model_class(cfg)(cfg)
+        model = model_class(cfg)(cfg)
+    names = {n: q for n, q in source.quantized_names().items() if keep_plain not in n}
+    return plain, model, swap_quantized_modules(model, names, torch.float32, cfg.tie_word_embeddings)
+
+
 def test_gemv_prologues_into_quant_linears_too(quantized_llama):
     """On the GEMV plan a norm or activation is deferred into plain Linears (the Q5_0 layer's projections that stay
     Linear: the GEMV's prologue) and into QuantLinears (which have its kernel write their int8 rows) alike; a step
     whose output goes anywhere else is not (test_layers.py)."""
     from braidinfer.layers.plan import gemv_prologues
-    from braidinfer.models import ModelConfig, model_class
-    from braidinfer.quant_modules import swap_quantized_modules
 
-    path, _, _ = quantized_llama
-    source = resolve_model(path)
-    cfg = ModelConfig.from_hf_config(source.hf_config)
-    with torch.device("meta"):
-        plain = model_class(cfg)(cfg)
-        model = model_class(cfg)(cfg)
-    names = {n: q for n, q in source.quantized_names().items() if ".layers.1.mlp." not in n}
-    swapped = swap_quantized_modules(model, names, torch.float32, cfg.tie_word_embeddings)
+    plain, model, swapped = _meta_models(quantized_llama, ".layers.1.mlp.")
     assert "model.layers.1.mlp.gate_up_proj" not in swapped and "model.layers.0.mlp.gate_up_proj" in swapped
     every = gemv_prologues(plain)
     assert {"model.layers.0.input_layernorm", "model.layers.0.mlp.act_fn", "model.layers.1.mlp.act_fn"} <= every
@@ -237,18 +243,9 @@ def test_attention_writes_int8_rows_only_into_int8_quant_linears(quantized_llama
     plain model, or a layer whose o_proj the swap left out) it is not, and off the GEMV plan never."""
     from braidinfer.layers import KernelPlan, select_kernels
     from braidinfer.layers.quant_linear import QuantLinear
-    from braidinfer.models import ModelConfig, model_class
-    from braidinfer.quant_modules import swap_quantized_modules
 
-    path, _, _ = quantized_llama
-    source = resolve_model(path)
-    cfg = ModelConfig.from_hf_config(source.hf_config)
-    with torch.device("meta"):
-        plain = model_class(cfg)(cfg)
-        model = model_class(cfg)(cfg)
-    names = {n: q for n, q in source.quantized_names().items() if ".layers.1.self_attn.o_proj" not in n}
-    swap_quantized_modules(model, names, torch.float32, cfg.tie_word_embeddings)
-    o_projs = {i: model.model.layers[i].self_attn.o_proj for i in range(cfg.num_hidden_layers)}
+    plain, model, _ = _meta_models(quantized_llama, ".layers.1.self_attn.o_proj")
+    o_projs = {i: layer.self_attn.o_proj for i, layer in enumerate(model.model.layers)}
     assert isinstance(o_projs[0], QuantLinear) and o_projs[0].takes_int8_rows
     assert not isinstance(o_projs[1], QuantLinear)
     select_kernels(model, KernelPlan(triton=True, gemv=True))
