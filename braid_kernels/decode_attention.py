@@ -214,6 +214,8 @@ def _check(q, kv_cache, kv_indptr, kv_indices, kv_last_page_len, scale, workspac
             raise TypeError(f"int8 must be an Int8Rows (int8_rows.empty_int8_rows), got {type(int8).__name__}")
         if head_dim < 32:
             raise ValueError(f"int8 output needs head_dim >= 32 (whole runs of 32 columns per head), got {head_dim}")
+        if int8.dtype != q.dtype:
+            raise ValueError(f"int8 rows must be made for q's dtype {q.dtype} (their products' dtype), got {int8.dtype}")
         k = num_qo_heads * head_dim
         for name, t, dtype, cols in (("int8.q", int8.q, torch.int8, k), ("int8.dx", int8.dx, torch.float32, k // 32),
                                      ("int8.sx", int8.sx, torch.float32, k // 16)):

@@ -6,9 +6,10 @@ llama.cpp's q8_1 activations are:
     dx = max|x| / 127,   q = round(x * (127 / max|x|)),   sx = dx * sum(q) per half run (16 columns)
 
 `quantize_rows` computes them from a tensor (one extra launch before each GEMV). `store_int8_runs` is the same
-computation as a device function, so that the kernel producing x (an RMSNorm, SiLU-and-mul: rmsnorm.py, silu_mul.py)
-can write it in this form directly and the GEMV needs no launch of its own; both round identically (the same
-device function, no mul+add contraction), so the fused and the separate paths give the same bytes.
+computation as a device function, so that the kernel producing x (an RMSNorm, SiLU-and-mul, the decode attention:
+rmsnorm.py, silu_mul.py, decode_attention.py) can write it in this form directly and the GEMV needs no launch of its
+own; both round identically (the same device function, no mul+add contraction), so the fused and the separate paths
+give the same bytes.
 """
 from __future__ import annotations
 

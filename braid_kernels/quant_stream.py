@@ -171,8 +171,9 @@ def _stream_kernel(
 ):
     """Program p: out[0, r] for rows r = p, p + P, ... (P programs), each over all NUM_GROUPS groups of K at once;
     the next row's raw fields are loaded before the current row is decoded. The first row's are loaded before
-    waiting for the kernel ahead (programmatic dependent launch): weights are written by no kernel, and the kernels
-    that compute x release this one early (numerics.release_dependents), so its first loads overlap them."""
+    waiting for the kernel ahead (programmatic dependent launch): weights are written by no kernel, and the norm,
+    SiLU-and-mul and rounding kernels that compute x release this one early (numerics.release_dependents), so its
+    first loads overlap them (the attention before o_proj does not release it)."""
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     g = tl.arange(0, BLOCK_G)[:, None]  # (BG, 1)

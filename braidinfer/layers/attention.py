@@ -25,6 +25,11 @@ class PagedAttention(nn.Module):
     writes K/V and attends. Triton plan: one kernel (braid_kernels/qk_norm_rope.py) does the norms, the rotation and the
     write, then the backend only attends.
 
+    int8_output (set by select_kernels where the output goes only into QuantLinears that take int8 rows): in steps
+    whose projection takes int8 rows (quant_linear's "dot" path, up to 4 rows) and whose backend writes them (the
+    Triton decode of CUDA-graph decodes, `writes_int8`), the output comes back as an `AttentionOutput` holding both
+    the tensor and those rows, so the projection needs no rounding launch of its own.
+
     q_norm, k_norm: Qwen3-style RMSNorms over head_dim, owned (and named in the checkpoint) by the caller; both or none.
     rotary: False for models without rotary embeddings (GPT-2's learned positions): q and k go to the backend as
     they are. rotary_dim: how many leading dims of each head rotate (partial rotary, e.g. Phi-4-mini; the rest pass
@@ -161,6 +166,8 @@ class PagedAttention(nn.Module):
                                                    *norm_weights)  # (T, qh, hd)
         rows = qkv.shape[0]
         if self.int8_output and getattr(batch.attention, "writes_int8", False) and _dot_rows(rows, q):
+            # the int8 launch runs without mul+add contraction (its rounding reproduces quantize_rows'), so its
+            # attention output may differ from the plain launch's in the last bit
             int8 = triton_kernels().empty_int8_rows(rows, self.q_size, q.dtype, q.device)
             o = batch.attention.attend(self.layer_idx, q, batch.meta, int8=int8)  # (T, qh, hd), and as int8 runs
             return AttentionOutput(o.reshape(rows, self.q_size), int8)
@@ -171,8 +178,8 @@ class PagedAttention(nn.Module):
         norm = "qk-norm + " if self.qk_norms is not None else ""
         rope = "rope" if self.rotary else "no rope"
         if self._runs_fused:
-            int8 = ("; in one-row CUDA-graph decodes the Triton decode also writes the output as the projection's int8 "
-                    "rows" if self.int8_output else "")
+            int8 = ("; in CUDA-graph decodes of up to 4 rows the Triton decode also writes the output as the "
+                    "projection's int8 rows" if self.int8_output else "")
             return (f"attention: {norm}rope + kv write in triton qk_norm_rope_write_kv, then the backend's "
                     f"attend{int8}")
         if self.plan.cpu:

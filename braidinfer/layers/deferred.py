@@ -4,7 +4,9 @@ On the GEMV path (KernelPlan.gemv, a step of at most GEMV_MAX_ROWS rows) a norm 
 does not run: it returns a `Deferred` holding its inputs, and the projection computes it. A braidinfer.layers.Linear
 calls `project`, one kernel that computes the step and the product; a QuantLinear (weights kept quantised) calls
 `int8_rows`, the step's kernel writing its output as the int8 runs its integer-dot GEMV reads (one launch fewer),
-or `value` where it needs the plain tensor. The model's code is the same on every path.
+or `value` where it needs the plain tensor. The model's code is the same on every path. The attention's output
+(layers/attention.py AttentionOutput) takes the same form with nothing left to compute: its kernel wrote the tensor
+and the int8 rows already.
 """
 from __future__ import annotations
 

@@ -50,7 +50,8 @@ class QuantLinear(nn.Module):
 
     Where x takes the integer-dot GEMV (a few rows of 16-bit x, every part blocks), x is rounded to int8 once for
     all parts; and on the GEMV plan a norm or SiLU-and-mul before it arrives Deferred (plan.gemv_prologues) and its
-    kernel writes x straight in that int8 form (braid_kernels/int8_rows.py), saving the rounding's own launch.
+    kernel writes x straight in that int8 form (braid_kernels/int8_rows.py), saving the rounding's own launch, as
+    does the attention before an o_proj (PagedAttention.int8_output: an AttentionOutput, computed already).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
@@ -225,7 +226,8 @@ class QuantLinear(nn.Module):
     def takes_int8_rows(self) -> bool:
         """Whether every part is held as GGUF blocks over whole runs of 32 inputs: on CUDA such a projection takes
         its input as int8 rows (braid_kernels' Int8Rows) wherever quant_linear's "dot" path serves the row count."""
-        return not self._int4_terms and not self._dot and None not in self.qtypes and self.in_features % 32 == 0
+        return (bool(self.qtypes) and not self._int4_terms and not self._dot and None not in self.qtypes
+                and self.in_features % 32 == 0)
 
     def _takes_int8(self, x: torch.Tensor) -> bool:
         """Whether every part would round x to int8 rows (quant_linear's "dot" path), so that it can be done once."""

@@ -238,21 +238,26 @@ def test_gemv_prologues_into_quant_linears_too(quantized_llama):
 
 
 def test_attention_writes_int8_rows_only_into_int8_quant_linears(quantized_llama):
-    """On the GEMV plan the attention of a layer whose o_proj is a QuantLinear of GGUF blocks is told to write its
-    output as that projection's int8 rows too (PagedAttention.int8_output); where o_proj stays a plain Linear (the
-    plain model, or a layer whose o_proj the swap left out) it is not, and off the GEMV plan never."""
+    """On the GEMV plan the attention of a layer whose o_proj is a QuantLinear of GGUF blocks (layer 0: Q8_0) is told
+    to write its output as that projection's int8 rows too (PagedAttention.int8_output); where o_proj is a plain
+    Linear (layer 1's Q5_0, dequantised at load; every layer of the dequantised model) it is not, and off the GEMV
+    plan never."""
     from braidinfer.layers import KernelPlan, select_kernels
     from braidinfer.layers.quant_linear import QuantLinear
+    from braidinfer.models import ModelConfig, model_class
+    from braidinfer.weights import load_model
 
-    plain, model, _ = _meta_models(quantized_llama, ".layers.1.self_attn.o_proj")
-    o_projs = {i: layer.self_attn.o_proj for i, layer in enumerate(model.model.layers)}
+    source = resolve_model(quantized_llama[0])
+    cfg = ModelConfig.from_hf_config(source.hf_config)
+    models = {quantized: load_model(model_class(cfg), cfg, source, torch.device("cpu"), torch.float32,
+                                    progress=False, quantized=quantized, form="blocks")
+              for quantized in (True, False)}
+    o_projs = [layer.self_attn.o_proj for layer in models[True].model.layers]
     assert isinstance(o_projs[0], QuantLinear) and o_projs[0].takes_int8_rows
     assert not isinstance(o_projs[1], QuantLinear)
-    select_kernels(model, KernelPlan(triton=True, gemv=True))
-    select_kernels(plain, KernelPlan(triton=True, gemv=True))
-    for i, o_proj in o_projs.items():
-        want = isinstance(o_proj, QuantLinear) and o_proj.takes_int8_rows
-        assert model.model.layers[i].self_attn.attn.int8_output == want
-        assert not plain.model.layers[i].self_attn.attn.int8_output
-    select_kernels(model, KernelPlan(triton=True, gemv=False))
-    assert not any(layer.self_attn.attn.int8_output for layer in model.model.layers)
+    for quantized, model in models.items():
+        select_kernels(model, KernelPlan(triton=True, gemv=True))
+        got = [layer.self_attn.attn.int8_output for layer in model.model.layers]
+        assert got == ([True, False] if quantized else [False, False])
+    select_kernels(models[True], KernelPlan(triton=True, gemv=False))
+    assert not any(layer.self_attn.attn.int8_output for layer in models[True].model.layers)
