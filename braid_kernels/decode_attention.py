@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ._checks import check_devices, check_last_dim_contiguous, check_same_dtype, check_shape, check_tensor
-from .int8_rows import Int8Rows, store_int8_runs
+from .int8_rows import Int8Rows, check_int8_rows, store_int8_runs
 from .numerics import INTERPRETED, launch_options, pdl_options, round_to_dtype, wait_for_inputs
 
 KV_DTYPES = (torch.float16, torch.bfloat16)
@@ -216,13 +216,7 @@ def _check(q, kv_cache, kv_indptr, kv_indices, kv_last_page_len, scale, workspac
             raise ValueError(f"int8 output needs head_dim >= 32 (whole runs of 32 columns per head), got {head_dim}")
         if int8.dtype != q.dtype:
             raise ValueError(f"int8 rows must be made for q's dtype {q.dtype} (their products' dtype), got {int8.dtype}")
-        k = num_qo_heads * head_dim
-        for name, t, dtype, cols in (("int8.q", int8.q, torch.int8, k), ("int8.dx", int8.dx, torch.float32, k // 32),
-                                     ("int8.sx", int8.sx, torch.float32, k // 16)):
-            check_tensor(name, t, (dtype,), ndim=2)
-            check_shape(name, t, (num_rows, cols))
-            if not t.is_contiguous():
-                raise ValueError(f"{name} must be contiguous")
+        check_int8_rows("int8", int8, num_rows, num_qo_heads * head_dim)
         tensors.update(int8_q=int8.q, int8_dx=int8.dx, int8_sx=int8.sx)
     check_devices(_decode_kernel, **tensors)
     return num_rows, num_qo_heads, head_dim

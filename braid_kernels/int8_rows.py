@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_tensor
+from ._checks import check_shape, check_tensor
 from .numerics import launch_options, release_dependents, wait_for_inputs
 
 WIDTH = 32  # columns per int8 scale
@@ -55,6 +55,18 @@ def empty_int8_rows(num_rows: int, k: int, dtype: torch.dtype, device: torch.dev
     return Int8Rows(torch.empty((num_rows, k), dtype=torch.int8, device=device),
                     torch.empty((num_rows, k // WIDTH), dtype=torch.float32, device=device),
                     torch.empty((num_rows, k // HALF), dtype=torch.float32, device=device), dtype)
+
+
+def check_int8_rows(name: str, rows: Int8Rows, num_rows: int, k: int) -> None:
+    """rows is the Int8Rows of [num_rows, k] as empty_int8_rows / quantize_rows make them: q int8 [num_rows, k],
+    dx and sx float32 [num_rows, k / 32] and [num_rows, k / 16], contiguous, q 4-byte aligned."""
+    for field, t, dtype, cols in (("q", rows.q, torch.int8, k), ("dx", rows.dx, torch.float32, k // WIDTH),
+                                  ("sx", rows.sx, torch.float32, k // HALF)):
+        check_tensor(f"{name}.{field}", t, (dtype,), ndim=2)
+        check_shape(f"{name}.{field}", t, (num_rows, cols))
+    if not all(t.is_contiguous() for t in rows[:3]) or rows.q.data_ptr() % 4:
+        raise ValueError(f"{name}'s int8 rows must be contiguous tensors, q 4-byte aligned (as quantize_rows makes "
+                         f"them)")
 
 
 def check_int8_columns(name: str, k: int) -> None:

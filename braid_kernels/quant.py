@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ._checks import INDEX_DTYPES, check_devices, check_float_dtype, check_linear_inputs, check_shape, \
     check_tensor
-from .int8_rows import Int8Rows, quantize_rows
+from .int8_rows import Int8Rows, check_int8_rows, quantize_rows
 from .numerics import is_interpreted
 from .quant_dequant import _dequantize_kernel, launch_dequantize
 from .quant_dot import dot_launch_config, launch_dot_gemv
@@ -199,13 +199,7 @@ def _quant_linear_int8(x: Int8Rows, blocks, qtype, bias, config, path, k, out) -
                          f"{x.shape[0]} rows")
     check_tensor("x.q", x.q, (torch.int8,), ndim=2)
     m = x.q.shape[0]
-    check_shape("x.q", x.q, (m, k))
-    check_tensor("x.dx", x.dx, (torch.float32,), ndim=2)
-    check_shape("x.dx", x.dx, (m, k // 32))
-    check_tensor("x.sx", x.sx, (torch.float32,), ndim=2)
-    check_shape("x.sx", x.sx, (m, k // 16))
-    if not all(t.is_contiguous() for t in x[:3]) or x.q.data_ptr() % 4:
-        raise ValueError("x's int8 rows must be contiguous tensors, q 4-byte aligned (as quantize_rows makes them)")
+    check_int8_rows("x", x, m, k)
     tensors = {"x.q": x.q, "x.dx": x.dx, "x.sx": x.sx, "blocks": blocks}
     if bias is not None:
         check_tensor("bias", bias, (x.dtype,), ndim=1)
