@@ -10,6 +10,7 @@ from torch import nn
 from braidinfer.layers.deferred import Deferred, triton_kernels
 from braidinfer.layers.norm import RMSNorm
 from braidinfer.layers.plan import KernelPlan
+from braidinfer.layers.quant_linear import int8_input_rows
 from braidinfer.layers.rotary import apply_rotary
 
 if TYPE_CHECKING:
@@ -165,7 +166,8 @@ class PagedAttention(nn.Module):
                                                    batch.attention.kv_cache[self.layer_idx], batch.meta.slot_mapping,
                                                    *norm_weights)  # (T, qh, hd)
         rows = qkv.shape[0]
-        if self.int8_output and getattr(batch.attention, "writes_int8", False) and _dot_rows(rows, q):
+        writes_int8 = self.int8_output and getattr(batch.attention, "writes_int8", False)
+        if writes_int8 and int8_input_rows(rows, q.dtype, q.device):
             # the int8 launch runs without mul+add contraction (its rounding reproduces quantize_rows'), so its
             # attention output may differ from the plain launch's in the last bit
             int8 = triton_kernels().empty_int8_rows(rows, self.q_size, q.dtype, q.device)
@@ -207,15 +209,6 @@ class AttentionOutput(Deferred):
 
     def int8_rows(self):
         return self._int8
-
-
-def _dot_rows(rows: int, q: torch.Tensor) -> bool:
-    """Whether a projection of `rows` rows of q's dtype on q's device takes int8 rows (quant_linear's "dot" path)."""
-    if not q.is_cuda:
-        return False
-    from braid_kernels.quant import linear_path
-
-    return linear_path(rows, q.dtype) == "dot"
 
 
 def cpu_step_inputs(batch: ForwardBatch) -> dict[str, torch.Tensor] | None:

@@ -29,6 +29,16 @@ def cpu_quant_linear(x: torch.Tensor, weight: PackedWeight, out: torch.Tensor | 
     return _cpu_quant_linear(x, weight, out)
 
 
+def int8_input_rows(num_rows: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a projection of GGUF blocks (QuantLinear.takes_int8_rows) takes num_rows rows of x of dtype on device
+    as int8 rows: 16-bit x on CUDA, at a row count quant_linear serves by its integer-dot ("dot") path."""
+    if not (device.type == "cuda" and num_rows > 0 and dtype in (torch.float16, torch.bfloat16)):
+        return False
+    from braid_kernels.quant import linear_path
+
+    return linear_path(num_rows, dtype) == "dot"
+
+
 class QuantLinear(nn.Module):
     """y = x @ W.T (+ bias) with W [out_features, in_features] held as row ranges ("parts"), each GGUF blocks of one
     qtype or a float matrix (a tensor the loader had to dequantise).
@@ -231,11 +241,7 @@ class QuantLinear(nn.Module):
 
     def _takes_int8(self, x: torch.Tensor) -> bool:
         """Whether every part would round x to int8 rows (quant_linear's "dot" path), so that it can be done once."""
-        if not (x.is_cuda and x.dim() == 2 and x.shape[0] > 0 and x.dtype in (torch.float16, torch.bfloat16)):
-            return False
-        from braid_kernels.quant import linear_path
-
-        return self.takes_int8_rows and linear_path(x.shape[0], x.dtype) == "dot"
+        return x.dim() == 2 and self.takes_int8_rows and int8_input_rows(x.shape[0], x.dtype, x.device)
 
     def _part(self, i: int, x: torch.Tensor) -> torch.Tensor:
         qtype, kind = self.qtypes[i], self._kind(i)
