@@ -164,22 +164,20 @@ def _rms_norm_kernel(
     scale = rms_scale(tl.sum(x * x, axis=0), HIDDEN, eps, MEAN_BY_RECIPROCAL)
     if SLICE < BLOCK:  # this program's columns, computed again as above from the same (cached) inputs
         cols = tl.program_id(1) * SLICE + tl.arange(0, SLICE)
-        x = tl.load(x_ptr + row * x_row_stride + cols).to(tl.float32)
+        mask = cols < HIDDEN
+        x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
         if ADD_RESIDUAL:
-            x = round_to_dtype(tl.load(residual_ptr + row * residual_row_stride + cols).to(tl.float32) + x, dtype)
-            tl.store(residual_out_ptr + row * out_row_stride + cols, x.to(dtype))
-        x = round_to_dtype(x * scale, dtype)
-        y = round_to_dtype(tl.load(weight_ptr + cols).to(tl.float32) * x, dtype)
+            residual = tl.load(residual_ptr + row * residual_row_stride + cols, mask=mask, other=0.0)
+            x = round_to_dtype(residual.to(tl.float32) + x, dtype)
+            tl.store(residual_out_ptr + row * out_row_stride + cols, x.to(dtype), mask=mask)
+    x = round_to_dtype(x * scale, dtype)  # x32.to(dtype): rounded before the weight multiply
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    y = round_to_dtype(weight * x, dtype)
+    if INT8:
         store_int8_runs(tl.reshape(y, (SLICE // 32, 32)), row, tl.program_id(1) * (SLICE // 32), q_ptr, dx_ptr,
                         sx_ptr, HIDDEN, SLICE // 32)
     else:
-        x = round_to_dtype(x * scale, dtype)  # x32.to(dtype): rounded before the weight multiply
-        weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        y = round_to_dtype(weight * x, dtype)
-        if INT8:
-            store_int8_runs(tl.reshape(y, (BLOCK // 32, 32)), row, 0, q_ptr, dx_ptr, sx_ptr, HIDDEN, BLOCK // 32)
-        else:
-            tl.store(out_ptr + row * out_row_stride + cols, y.to(dtype), mask=mask)
+        tl.store(out_ptr + row * out_row_stride + cols, y.to(dtype), mask=mask)
 
 
 @triton.jit
