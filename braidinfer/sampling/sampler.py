@@ -121,7 +121,7 @@ class Sampler:
             # tried and dropped: its Python launch cost more host time per step than it saved on the GPU.
             return SamplerOutput(token_ids=greedy_ids(logits), logprobs=[None] * len(params))
         logits = logits.float()
-        token_ids = logits.argmax(dim=-1)
+        token_ids = greedy_ids(logits)
         sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
         if sampled_rows:
             self._sample_rows(logits, token_ids, params, generators, sampled_rows)
