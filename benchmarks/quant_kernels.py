@@ -18,9 +18,9 @@ layout's default path: its GEMV at launch_config (M <= 8; --columns-sweep adds C
 slow: each compiles), its dequantise + cuBLAS above. --int4pack times torch's int4 weight-only matmul
 (`torch.ops.aten._weight_int4pack_mm`, groups of 32 weights, each inner-K tiling) beside bf16 and the Q4_K default
 path: a Q4_K / Q4_0 / Q4_1 block maps exactly onto 4-bit codes with a scale and offset per 32 weights.
---stream times, at one row of x, the streaming GEMV (braid_kernels/quant_stream.py) at STREAM_SWEEP's launches (programs per
-SM, warps) beside quant_dot's one-row launch, each with its GB/s of quant bytes and the largest difference from
-quant_dot's product relative to its largest magnitude (the two sum in different orders).
+--stream times, at one row of x, the streaming GEMV (braid_kernels/quant_stream.py) at STREAM_SWEEP's launches
+(programs per SM, warps) beside quant_dot's one-row launch, each with its GB/s of quant bytes and the largest
+difference from quant_dot's product relative to its largest magnitude (the two sum in different orders).
 --dequant times the dequantising kernel alone at DEQUANT_SWEEP's launch configurations (GB/s of blocks read and bf16
 written, beside a bf16 copy of the same size), then at each M the dequantise + cuBLAS path against bf16.
 

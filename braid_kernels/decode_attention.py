@@ -215,7 +215,8 @@ def _check(q, kv_cache, kv_indptr, kv_indices, kv_last_page_len, scale, workspac
         if head_dim < 32:
             raise ValueError(f"int8 output needs head_dim >= 32 (whole runs of 32 columns per head), got {head_dim}")
         if int8.dtype != q.dtype:
-            raise ValueError(f"int8 rows must be made for q's dtype {q.dtype} (their products' dtype), got {int8.dtype}")
+            raise ValueError(f"int8 rows must be made for q's dtype {q.dtype} (their products' dtype), got "
+                             f"{int8.dtype}")
         check_int8_rows("int8", int8, num_rows, num_qo_heads * head_dim)
         tensors.update(int8_q=int8.q, int8_dx=int8.dx, int8_sx=int8.sx)
     check_devices(_decode_kernel, **tensors)
