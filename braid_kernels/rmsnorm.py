@@ -155,20 +155,15 @@ def _rms_norm_kernel(
     cols = tl.arange(0, BLOCK)
     mask = cols < HIDDEN
     dtype: tl.constexpr = x_ptr.dtype.element_ty
-    x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    if ADD_RESIDUAL:
-        residual = tl.load(residual_ptr + row * residual_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        x = round_to_dtype(residual + x, dtype)
-        if SLICE == BLOCK:
-            tl.store(residual_out_ptr + row * out_row_stride + cols, x.to(dtype), mask=mask)
+    x = _row_input(x_ptr, residual_ptr, row, x_row_stride, residual_row_stride, cols, mask, dtype, ADD_RESIDUAL)
+    if ADD_RESIDUAL and SLICE == BLOCK:
+        tl.store(residual_out_ptr + row * out_row_stride + cols, x.to(dtype), mask=mask)
     scale = rms_scale(tl.sum(x * x, axis=0), HIDDEN, eps, MEAN_BY_RECIPROCAL)
     if SLICE < BLOCK:  # this program's columns, computed again as above from the same (cached) inputs
         cols = tl.program_id(1) * SLICE + tl.arange(0, SLICE)
         mask = cols < HIDDEN
-        x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        x = _row_input(x_ptr, residual_ptr, row, x_row_stride, residual_row_stride, cols, mask, dtype, ADD_RESIDUAL)
         if ADD_RESIDUAL:
-            residual = tl.load(residual_ptr + row * residual_row_stride + cols, mask=mask, other=0.0)
-            x = round_to_dtype(residual.to(tl.float32) + x, dtype)
             tl.store(residual_out_ptr + row * out_row_stride + cols, x.to(dtype), mask=mask)
     x = round_to_dtype(x * scale, dtype)  # x32.to(dtype): rounded before the weight multiply
     weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
@@ -178,6 +173,18 @@ def _rms_norm_kernel(
                         sx_ptr, HIDDEN, SLICE // 32)
     else:
         tl.store(out_ptr + row * out_row_stride + cols, y.to(dtype), mask=mask)
+
+
+@triton.jit
+def _row_input(x_ptr, residual_ptr, row, x_row_stride, residual_row_stride, cols, mask, dtype: tl.constexpr,
+               ADD_RESIDUAL: tl.constexpr):
+    """Columns `cols` of the row the norm normalises, as float32: x, or with ADD_RESIDUAL h = residual + x rounded to
+    `dtype` (the value the kernel also stores as the new residual)."""
+    x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    if ADD_RESIDUAL:
+        residual = tl.load(residual_ptr + row * residual_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        x = round_to_dtype(residual + x, dtype)
+    return x
 
 
 @triton.jit
