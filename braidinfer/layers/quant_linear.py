@@ -212,6 +212,11 @@ class QuantLinear(nn.Module):
     def _parts_in_place(self, x) -> torch.Tensor:
         """[rows, out_features]: each part's kernel writing into its own columns (no concatenation)."""
         y = torch.empty((x.shape[0], self.out_features), dtype=x.dtype, device=x.device)
+        if len(self.qtypes) == 2 and not self._dot:  # one launch for both, where both would stream their rows
+            from braid_kernels.quant import quant_linear_pair
+
+            if quant_linear_pair(x, self.part0, self.qtypes[0], self.part1, self.qtypes[1], y):
+                return y
         if self._dot and x.stride(1) != 1:
             x = x.contiguous()
         start = 0

@@ -26,7 +26,7 @@ def _kernels(tree: ast.Module):
             yield node
 
 
-WEIGHTS_BEFORE_WAIT = {"_stream_kernel": {"blocks_ptr"}}
+WEIGHTS_BEFORE_WAIT = {"_stream_kernel": {"blocks_ptr"}, "_stream2_kernel": {"a_blocks_ptr", "b_blocks_ptr"}}
 """Kernels that load weights (written by no kernel) before waiting for the kernel ahead, and the pointers they may
 read then."""
 
