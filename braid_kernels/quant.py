@@ -50,7 +50,7 @@ __all__ = [
     "QTYPES", "TYPE_SIZE", "QuantGemmConfig", "QuantGemvConfig",
     "Int8Rows", "dequantize", "dequantize_reference", "dequantize_torch", "from_planes", "quantize_rows", "to_planes",
     "quant_embedding", "quant_embedding_reference",
-    "linear_path", "quant_linear", "quant_linear_reference",
+    "linear_path", "quant_linear", "quant_linear_pair", "quant_linear_reference",
     "num_columns",
 ]
 
@@ -164,11 +164,16 @@ def quant_linear_pair(x: Int8Rows, a: torch.Tensor, a_qtype: str, b: torch.Tenso
     the rest) as one launch, where quant_linear's default path would stream the rows of each (one row of x as its
     int8 rows, on CUDA: quant_stream.uses_stream), e.g. a layer's q/k rows in Q4_K beside its v rows in Q6_K. Returns
     whether it did; where not, nothing is launched (the caller runs quant_linear on each)."""
-    if not (isinstance(x, Int8Rows) and not _use_torch(a) and uses_stream(x.shape[0], a_qtype, a, None)
-            and uses_stream(x.shape[0], b_qtype, b, None)):
+    if not isinstance(x, Int8Rows) or _use_torch(a):
         return False
     for name, blocks, qtype in (("a", a, a_qtype), ("b", b, b_qtype)):
-        _check_blocks(blocks, qtype)
+        try:
+            _check_blocks(blocks, qtype)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+    if not (uses_stream(x.shape[0], a_qtype, a, None) and uses_stream(x.shape[0], b_qtype, b, None)):
+        return False
+    for name, blocks, qtype in (("a", a, a_qtype), ("b", b, b_qtype)):
         if num_columns(blocks, qtype) != x.shape[1]:
             raise ValueError(f"{name} has {num_columns(blocks, qtype)} columns, x {x.shape[1]}")
     check_int8_rows("x", x, 1, x.shape[1])

@@ -41,7 +41,6 @@ WORDS_PER_THREAD = 8  # quant words of a row per thread: the number of warps fol
 MAX_WARPS = 4
 WIDE = 65536  # rows from which (lm_heads) programs take half the warps
 STREAM_MIN_ROWS = 1024  # the narrowest matrix measured (a v projection); narrower ones keep quant_dot's split K
-PAIR_PROGRAMS_PER_SM = 8  # the pair kernel (Q4_K + Q6_K, K = 4096, 2 warps) takes 123 registers: 8 fit a SM
 STREAM_MAX_K = 16384  # the widest rows measured were 14336 (a down projection); a row of K is held in registers
 
 
@@ -96,11 +95,13 @@ def launch_stream_gemv_pair(x: Int8Rows, a: torch.Tensor, a_qtype: str, b: torch
                             out: torch.Tensor, num_sms: int, num_programs: int | None = None) -> None:
     """out [1, Na + Nb] = x @ [A; B].T in one launch: launch_stream_gemv of A into out's first Na columns and of B
     into the rest (both matrices streamable: uses_stream), e.g. a layer's q/k rows in Q4_K beside its v rows in Q6_K.
-    The programs (num_programs, None: PAIR_PROGRAMS_PER_SM a SM) are shared in proportion to the matrices' bytes,
-    each matrix at least one; warps: the larger of the two stream_warps. Arguments checked by the caller."""
+    The programs (num_programs, None: stream_programs of all the rows; compiled offline for sm_90 as launched, the
+    Q4_K + Q6_K kernel at K = 4096 takes 64 registers, as the one-matrix kernel) are shared in proportion to the
+    matrices' bytes, each matrix at least one; warps: the larger of the two stream_warps (the same for both at every
+    K of a projection's parts). Arguments checked by the caller."""
     (num_rows, k), na, nb = x.q.shape, a.shape[0], b.shape[0]
     assert num_rows == 1 and a_qtype in STREAM_TYPES and b_qtype in STREAM_TYPES and na > 0 and nb > 0
-    programs = max(2, num_programs or min(na + nb, num_sms * PAIR_PROGRAMS_PER_SM))
+    programs = max(2, num_programs or stream_programs(na + nb, k, num_sms))
     a_programs = min(programs - 1, max(1, round(programs * a.numel() / (a.numel() + b.numel()))))
     consts = {}
     for prefix, qtype in (("A_", a_qtype), ("B_", b_qtype)):
@@ -110,7 +111,7 @@ def launch_stream_gemv_pair(x: Int8Rows, a: torch.Tensor, a_qtype: str, b: torch
             GROUPS=GROUPS_PER_BLOCK[qtype], WORDS=GROUP_LANES[qtype] // 4, NUM_GROUPS=groups,
             BLOCK_G=triton.next_power_of_2(groups)).items()})
     out_row = out.view(-1)
-    _stream2_kernel[(programs,)](
+    _stream_pair_kernel[(programs,)](
         x.q, x.dx, x.sx, a, out_row[:na], na, a.shape[1], a_programs, b, out_row[na:], nb, b.shape[1], **consts,
         num_warps=max(stream_warps(a_qtype, na, k), stream_warps(b_qtype, nb, k)), **pdl_options(a),
     )
@@ -256,7 +257,7 @@ def _stream_kernel(
 
 
 @triton.jit
-def _stream2_kernel(
+def _stream_pair_kernel(
     q_ptr, dx_ptr, sx_ptr, a_blocks_ptr, a_out_ptr, a_rows, a_row_bytes, a_programs,
     b_blocks_ptr, b_out_ptr, b_rows, b_row_bytes,
     A_QTYPE: tl.constexpr, A_BLOCK_SIZE: tl.constexpr, A_TYPE_SIZE: tl.constexpr, A_GROUPS: tl.constexpr,

@@ -5,14 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from braid_kernels.int8_rows import quantize_rows
-from braid_kernels.quant import quant_linear, quant_linear_reference
+from braid_kernels.quant import quant_linear, quant_linear_pair, quant_linear_reference
+from braid_kernels.quant_decode import GROUP_LANES, GROUPS_PER_BLOCK, QTYPE_IDS, num_groups
 from braid_kernels.quant_formats import TYPE_SIZE
 from braid_kernels.quant_stream import (
     STREAM_MAX_K,
     STREAM_MIN_ROWS,
     STREAM_TYPES,
+    _first_row,
     launch_stream_gemv,
     launch_stream_gemv_pair,
     stream_programs,
@@ -136,6 +140,60 @@ def test_two_part_projection_streams_both_in_one_launch(device, monkeypatch):
     assert torch.equal(y, want)
     layer(x)
     assert len(pairs) == 1
+
+
+def test_pair_is_taken_only_where_both_stream(device, monkeypatch):
+    """quant_linear_pair launches nothing and returns False unless x is one row's int8 rows and both matrices would
+    stream (a part too narrow or of another type keeps its own launch); a mismatched K is a ValueError."""
+    import braid_kernels.quant as quant
+    import braid_kernels.quant_stream as quant_stream
+
+    monkeypatch.setattr(quant_stream, "STREAM_MIN_ROWS", 8)
+    launches = []
+    monkeypatch.setattr(quant, "launch_stream_gemv_pair", lambda *args: launches.append(args))
+    k = 512
+    a = _planes(_random_blocks("Q4_K", 8, k, seed=1), "Q4_K", device)
+    x = torch.randn(2, k, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).to(device)
+    rows = quantize_rows(x[:1])
+    out = torch.empty((1, 16), dtype=torch.bfloat16, device=device)
+    narrow = _planes(_random_blocks("Q6_K", 4, k, seed=2), "Q6_K", device)
+    q8 = torch.zeros((8, k // 32 * 34), dtype=torch.uint8, device=device)
+    assert not quant_linear_pair(x[:1], a, "Q4_K", a, "Q4_K", out)  # 16-bit x, not its int8 rows
+    assert not quant_linear_pair(quantize_rows(x), a, "Q4_K", a, "Q4_K", torch.empty((2, 16), device=device))
+    assert not quant_linear_pair(rows, a, "Q4_K", narrow, "Q6_K", out[:, :12])
+    assert not quant_linear_pair(rows, a, "Q4_K", q8, "Q8_0", out)
+    assert not launches
+    wide = _planes(_random_blocks("Q4_K", 8, 2 * k, seed=4), "Q4_K", device)
+    with pytest.raises(ValueError, match="b has 1024 columns"):
+        quant_linear_pair(rows, a, "Q4_K", wide, "Q4_K", out)
+    with pytest.raises(ValueError, match="out must have shape"):
+        quant_linear_pair(rows, a, "Q4_K", a, "Q4_K", out[:, :12])
+    assert quant_linear_pair(rows, a, "Q4_K", a, "Q4_K", out) and len(launches) == 1
+
+
+def test_first_row_outside_the_matrix_loads_nothing(device):
+    """_first_row of a row before the first or past the last (the other matrix's programs in the pair kernel) gives
+    zero fields, and of a row inside it that row's words."""
+    @triton.jit
+    def first_words(blocks_ptr, out_ptr, row, N, row_bytes, QTYPE: tl.constexpr, TYPE_SIZE: tl.constexpr,
+                    GROUPS: tl.constexpr, WORDS: tl.constexpr, NUM_GROUPS: tl.constexpr, BLOCK_G: tl.constexpr):
+        w, _, _, _, _, head = _first_row(blocks_ptr, row, N, row_bytes, QTYPE, TYPE_SIZE, GROUPS, WORDS, NUM_GROUPS,
+                                         BLOCK_G)
+        tl.store(out_ptr + tl.arange(0, BLOCK_G)[:, None] * WORDS + tl.arange(0, WORDS)[None, :], w + head)
+
+    n, k = 3, 512
+    planes = _planes(_random_blocks("Q4_K", n, k, seed=5), "Q4_K", device)
+    groups = num_groups("Q4_K", k)
+    sums = {}
+    for row in (-1, 0, n - 1, n):
+        out = torch.full((triton.next_power_of_2(groups), GROUP_LANES["Q4_K"] // 4), -1, dtype=torch.int32,
+                         device=device)
+        first_words[(1,)](planes, out, row, n, planes.shape[1], QTYPE=QTYPE_IDS["Q4_K"], TYPE_SIZE=TYPE_SIZE["Q4_K"],
+                          GROUPS=GROUPS_PER_BLOCK["Q4_K"], WORDS=GROUP_LANES["Q4_K"] // 4, NUM_GROUPS=groups,
+                          BLOCK_G=triton.next_power_of_2(groups))
+        sums[row] = out
+    assert not sums[-1].any() and not sums[n].any()
+    assert sums[0].any() and sums[n - 1].any() and not torch.equal(sums[0], sums[n - 1])
 
 
 def test_stream_is_taken_only_where_it_applies(device):
