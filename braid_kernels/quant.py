@@ -27,7 +27,7 @@ from .quant_formats import BLOCK_SIZE, QTYPES, TYPE_SIZE, check_qtype, dequantiz
 from .quant_gemm import HALF_BLOCK_TYPES, QuantGemmConfig, launch_gemm, uses_half_block
 from .quant_gemv import MAX_ROWS, QuantGemvConfig, launch_gemv
 from .quant_planes import from_planes, to_planes
-from .quant_stream import launch_stream_gemv, uses_stream
+from .quant_stream import launch_stream_gemv, launch_stream_gemv_pair, uses_stream
 
 # Rows of x up to which quant_linear's default is a GEMV (integer-dot for 16-bit x, float for float32 x); above, the
 # fused GEMM up to GEMM_DEFAULT_ROWS rows of 16-bit x on matrices of at least GEMM_MIN_WEIGHTS weights, otherwise W
@@ -50,7 +50,7 @@ __all__ = [
     "QTYPES", "TYPE_SIZE", "QuantGemmConfig", "QuantGemvConfig",
     "Int8Rows", "dequantize", "dequantize_reference", "dequantize_torch", "from_planes", "quantize_rows", "to_planes",
     "quant_embedding", "quant_embedding_reference",
-    "linear_path", "quant_linear", "quant_linear_reference",
+    "linear_path", "quant_linear", "quant_linear_pair", "quant_linear_reference",
     "num_columns",
 ]
 
@@ -156,6 +156,33 @@ def quant_linear(x: torch.Tensor | Int8Rows, blocks: torch.Tensor, qtype: str, b
         launch = launch_gemv if path == "gemv" else launch_gemm
         launch(x, blocks, qtype, bias, out, config=config)
     return out
+
+
+def quant_linear_pair(x: Int8Rows, a: torch.Tensor, a_qtype: str, b: torch.Tensor, b_qtype: str,
+                      out: torch.Tensor) -> bool:
+    """quant_linear of one x with two matrices into out [1, Na + Nb] (A's products in its first Na columns, B's in
+    the rest) as one launch, where quant_linear's default path would stream the rows of each (one row of x as its
+    int8 rows, on CUDA: quant_stream.uses_stream), e.g. a layer's q/k rows in Q4_K beside its v rows in Q6_K. Returns
+    whether it did; where not, nothing is launched (the caller runs quant_linear on each)."""
+    if not isinstance(x, Int8Rows) or _use_torch(a):
+        return False
+    for name, blocks, qtype in (("a", a, a_qtype), ("b", b, b_qtype)):
+        try:
+            _check_blocks(blocks, qtype)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+    if not (uses_stream(x.shape[0], a_qtype, a, None) and uses_stream(x.shape[0], b_qtype, b, None)):
+        return False
+    for name, blocks, qtype in (("a", a, a_qtype), ("b", b, b_qtype)):
+        if num_columns(blocks, qtype) != x.shape[1]:
+            raise ValueError(f"{name} has {num_columns(blocks, qtype)} columns, x {x.shape[1]}")
+    check_int8_rows("x", x, 1, x.shape[1])
+    check_devices(_dequantize_kernel, **{"x.q": x.q, "x.dx": x.dx, "x.sx": x.sx, "a": a, "b": b})
+    _check_out(out, 1, a.shape[0] + b.shape[0], x.dtype, x.q.device, **{"x.q": x.q, "x.dx": x.dx, "x.sx": x.sx},
+               a=a, b=b)
+    num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.device.type == "cuda" else 1
+    launch_stream_gemv_pair(x, a, a_qtype, b, b_qtype, out, num_sms)
+    return True
 
 
 def _check_out(out: torch.Tensor | None, num_rows: int, n: int, dtype: torch.dtype, device: torch.device,

@@ -16,6 +16,9 @@ current row's products in program order. A whole row of K is one tile (BLOCK_G g
 measured on (uses_stream: at least STREAM_MIN_ROWS rows, at most STREAM_MAX_K columns), where narrower matrices keep
 quant_dot's launch, which splits K, and wider rows would not fit in registers.
 
+`launch_stream_gemv_pair` streams two matrices of one x in one launch (a layer's Q4_K q/k rows beside its Q6_K v
+rows, which would take two launches of their own, the second waiting for the first), its programs shared between them.
+
 On an H200, against quant_dot's one-row launch (benchmarks/RESULTS.md): Q4_K 4096 x 4096 4.9 against 5.8 us,
 28672 x 4096 19.9 against 24.6 us (3.3 TB/s), 4096 x 14336 12.4 against 15.9; Q6_K 4096 x 14336 15.5 against 17.3.
 """
@@ -85,6 +88,32 @@ def launch_stream_gemv(x: Int8Rows, blocks: torch.Tensor, qtype: str, out: torch
         GROUPS=GROUPS_PER_BLOCK[qtype], WORDS=GROUP_LANES[qtype] // 4, NUM_GROUPS=groups,
         BLOCK_G=triton.next_power_of_2(groups), num_warps=num_warps or stream_warps(qtype, n, k),
         **pdl_options(blocks),
+    )
+
+
+def launch_stream_gemv_pair(x: Int8Rows, a: torch.Tensor, a_qtype: str, b: torch.Tensor, b_qtype: str,
+                            out: torch.Tensor, num_sms: int, num_programs: int | None = None) -> None:
+    """out [1, Na + Nb] = x @ [A; B].T in one launch: launch_stream_gemv of A into out's first Na columns and of B
+    into the rest (both matrices streamable: uses_stream), e.g. a layer's q/k rows in Q4_K beside its v rows in Q6_K.
+    The programs (num_programs, None: stream_programs of all the rows; compiled offline for sm_90 as launched, the
+    Q4_K + Q6_K kernel at K = 4096 takes 64 registers, as the one-matrix kernel) are shared in proportion to the
+    matrices' bytes, each matrix at least one; warps: the larger of the two stream_warps (the same for both at every
+    K of a projection's parts). Arguments checked by the caller."""
+    (num_rows, k), na, nb = x.q.shape, a.shape[0], b.shape[0]
+    assert num_rows == 1 and a_qtype in STREAM_TYPES and b_qtype in STREAM_TYPES and na > 0 and nb > 0
+    programs = max(2, num_programs or stream_programs(na + nb, k, num_sms))
+    a_programs = min(programs - 1, max(1, round(programs * a.numel() / (a.numel() + b.numel()))))
+    consts = {}
+    for prefix, qtype in (("A_", a_qtype), ("B_", b_qtype)):
+        groups = num_groups(qtype, k)
+        consts.update({prefix + name: value for name, value in dict(
+            QTYPE=QTYPE_IDS[qtype], BLOCK_SIZE=BLOCK_SIZE[qtype], TYPE_SIZE=TYPE_SIZE[qtype],
+            GROUPS=GROUPS_PER_BLOCK[qtype], WORDS=GROUP_LANES[qtype] // 4, NUM_GROUPS=groups,
+            BLOCK_G=triton.next_power_of_2(groups)).items()})
+    out_row = out.view(-1)
+    _stream_pair_kernel[(programs,)](
+        x.q, x.dx, x.sx, a, out_row[:na], na, a.shape[1], a_programs, b, out_row[na:], nb, b.shape[1], **consts,
+        num_warps=max(stream_warps(a_qtype, na, k), stream_warps(b_qtype, nb, k)), **pdl_options(a),
     )
 
 
@@ -164,25 +193,25 @@ def _group_columns(g, QTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr, GROUPS: tl.
 
 
 @triton.jit
-def _stream_kernel(
-    q_ptr, dx_ptr, sx_ptr, blocks_ptr, out_ptr, N, K, row_bytes,
-    QTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr, TYPE_SIZE: tl.constexpr, GROUPS: tl.constexpr,
-    WORDS: tl.constexpr, NUM_GROUPS: tl.constexpr, BLOCK_G: tl.constexpr, PDL: tl.constexpr,
-):
-    """Program p: out[0, r] for rows r = p, p + P, ... (P programs), each over all NUM_GROUPS groups of K at once;
-    the next row's raw fields are loaded before the current row is decoded. The first row's are loaded before
-    waiting for the kernel ahead (programmatic dependent launch): weights are written by no kernel, and the norm,
-    SiLU-and-mul and rounding kernels that compute x release this one early (numerics.release_dependents), so its
-    first loads overlap them (the attention before o_proj does not release it)."""
-    pid = tl.program_id(0)
-    num_programs = tl.num_programs(0)
+def _first_row(blocks_ptr, row, N, row_bytes, QTYPE: tl.constexpr, TYPE_SIZE: tl.constexpr, GROUPS: tl.constexpr,
+               WORDS: tl.constexpr, NUM_GROUPS: tl.constexpr, BLOCK_G: tl.constexpr):
+    """_raw_fields of row `row` of an [N, row_bytes] matrix (nothing loaded where row is not in [0, N))."""
+    g = tl.arange(0, BLOCK_G)[:, None]  # (BG, 1)
+    j = tl.arange(0, WORDS)[None, :]  # (1, W)
+    ok = (g < NUM_GROUPS) & (g * 0 + row < N) & (g * 0 + row >= 0)
+    return _raw_fields(blocks_ptr + row.to(tl.int64) * row_bytes, row_bytes // TYPE_SIZE, g, j, ok, QTYPE, GROUPS)
+
+
+@triton.jit
+def _stream_rows(q_ptr, dx_ptr, sx_ptr, blocks_ptr, out_ptr, N, row_bytes, first, step, w, wh, s0, s1, s2, head,
+                 QTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr, TYPE_SIZE: tl.constexpr, GROUPS: tl.constexpr,
+                 WORDS: tl.constexpr, NUM_GROUPS: tl.constexpr, BLOCK_G: tl.constexpr):
+    """out[0, r] for rows r = first, first + step, ... of an [N, row_bytes] matrix, the first row's raw fields given
+    (w ... head): x's int8 runs loaded once, then each row's next row loaded before the row is decoded."""
     g = tl.arange(0, BLOCK_G)[:, None]  # (BG, 1)
     j = tl.arange(0, WORDS)[None, :]  # (1, W)
     g_ok = g < NUM_GROUPS
     nb = row_bytes // TYPE_SIZE
-    w, wh, s0, s1, s2, head = _raw_fields(blocks_ptr + pid.to(tl.int64) * row_bytes, nb, g, j,
-                                          g_ok & (g * 0 + pid < N), QTYPE, GROUPS)
-    wait_for_inputs(PDL)
     col_lo, col_hi = _group_columns(g, QTYPE, BLOCK_SIZE, GROUPS)
     q_words = q_ptr.to(tl.pointer_type(tl.int32))
     x_lo = tl.load(q_words + col_lo // 4 + j, mask=g_ok, other=0)  # (BG, W): x's int8 codes, four a word
@@ -196,8 +225,8 @@ def _stream_kernel(
         sx_hi += tl.load(sx_ptr + col_hi // 16 + 1, mask=g_ok, other=0.0)
 
     dtype: tl.constexpr = out_ptr.dtype.element_ty
-    for row in range(pid, N, num_programs):
-        nxt = row + num_programs
+    for row in range(first, N, step):
+        nxt = row + step
         nw, nwh, ns0, ns1, ns2, nhead = _raw_fields(blocks_ptr + nxt.to(tl.int64) * row_bytes, nb, g, j,
                                                     g_ok & (g * 0 + nxt < N), QTYPE, GROUPS)
         c_lo, c_hi, a_lo, b_lo, a_hi, b_hi = _decode_raw(w, wh, s0, s1, s2, head, g, QTYPE, GROUPS)
@@ -207,3 +236,50 @@ def _stream_kernel(
         y = tl.sum(tl.sum(acc, axis=1), axis=0)
         tl.store(out_ptr + row, round_to_dtype(y, dtype).to(dtype))
         w, wh, s0, s1, s2, head = nw, nwh, ns0, ns1, ns2, nhead
+
+
+@triton.jit
+def _stream_kernel(
+    q_ptr, dx_ptr, sx_ptr, blocks_ptr, out_ptr, N, K, row_bytes,
+    QTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr, TYPE_SIZE: tl.constexpr, GROUPS: tl.constexpr,
+    WORDS: tl.constexpr, NUM_GROUPS: tl.constexpr, BLOCK_G: tl.constexpr, PDL: tl.constexpr,
+):
+    """Program p: out[0, r] for rows r = p, p + P, ... (P programs), each over all NUM_GROUPS groups of K at once;
+    the next row's raw fields are loaded before the current row is decoded. The first row's are loaded before
+    waiting for the kernel ahead (programmatic dependent launch): weights are written by no kernel, and the norm,
+    SiLU-and-mul and rounding kernels that compute x release this one early (numerics.release_dependents), so its
+    first loads overlap them (the attention before o_proj does not release it)."""
+    w, wh, s0, s1, s2, head = _first_row(blocks_ptr, tl.program_id(0), N, row_bytes, QTYPE, TYPE_SIZE, GROUPS, WORDS,
+                                         NUM_GROUPS, BLOCK_G)
+    wait_for_inputs(PDL)
+    _stream_rows(q_ptr, dx_ptr, sx_ptr, blocks_ptr, out_ptr, N, row_bytes, tl.program_id(0), tl.num_programs(0),
+                 w, wh, s0, s1, s2, head, QTYPE, BLOCK_SIZE, TYPE_SIZE, GROUPS, WORDS, NUM_GROUPS, BLOCK_G)
+
+
+@triton.jit
+def _stream_pair_kernel(
+    q_ptr, dx_ptr, sx_ptr, a_blocks_ptr, a_out_ptr, a_rows, a_row_bytes, a_programs,
+    b_blocks_ptr, b_out_ptr, b_rows, b_row_bytes,
+    A_QTYPE: tl.constexpr, A_BLOCK_SIZE: tl.constexpr, A_TYPE_SIZE: tl.constexpr, A_GROUPS: tl.constexpr,
+    A_WORDS: tl.constexpr, A_NUM_GROUPS: tl.constexpr, A_BLOCK_G: tl.constexpr,
+    B_QTYPE: tl.constexpr, B_BLOCK_SIZE: tl.constexpr, B_TYPE_SIZE: tl.constexpr, B_GROUPS: tl.constexpr,
+    B_WORDS: tl.constexpr, B_NUM_GROUPS: tl.constexpr, B_BLOCK_G: tl.constexpr, PDL: tl.constexpr,
+):
+    """_stream_kernel over two matrices of one x in one launch (e.g. a layer's Q4_K q/k rows and Q6_K v rows):
+    programs [0, a_programs) stream matrix a's rows, the others matrix b's. Each loads its first row before the
+    wait (only the matrix it serves: the other's rows are out of range for it)."""
+    pid = tl.program_id(0)
+    b_pid = pid - a_programs
+    aw, awh, as0, as1, as2, ahead = _first_row(a_blocks_ptr, pid, tl.where(b_pid < 0, a_rows, 0), a_row_bytes,
+                                               A_QTYPE, A_TYPE_SIZE, A_GROUPS, A_WORDS, A_NUM_GROUPS, A_BLOCK_G)
+    bw, bwh, bs0, bs1, bs2, bhead = _first_row(b_blocks_ptr, b_pid, b_rows, b_row_bytes, B_QTYPE, B_TYPE_SIZE,
+                                               B_GROUPS, B_WORDS, B_NUM_GROUPS, B_BLOCK_G)
+    wait_for_inputs(PDL)
+    if b_pid < 0:
+        _stream_rows(q_ptr, dx_ptr, sx_ptr, a_blocks_ptr, a_out_ptr, a_rows, a_row_bytes, pid, a_programs,
+                     aw, awh, as0, as1, as2, ahead, A_QTYPE, A_BLOCK_SIZE, A_TYPE_SIZE, A_GROUPS, A_WORDS,
+                     A_NUM_GROUPS, A_BLOCK_G)
+    else:
+        _stream_rows(q_ptr, dx_ptr, sx_ptr, b_blocks_ptr, b_out_ptr, b_rows, b_row_bytes, b_pid,
+                     tl.num_programs(0) - a_programs, bw, bwh, bs0, bs1, bs2, bhead, B_QTYPE, B_BLOCK_SIZE,
+                     B_TYPE_SIZE, B_GROUPS, B_WORDS, B_NUM_GROUPS, B_BLOCK_G)

@@ -46,7 +46,8 @@ class QuantLinear(nn.Module):
     A fused projection (q/k/v, gate/up) is filled part by part; `finalize` joins neighbouring parts of the same
     qtype into one matrix of blocks, so a projection whose checkpoint tensors share a type runs one kernel, and one
     mixing types (Q4_K_M's Q4_K q/k beside a Q6_K v) runs one per type, each written straight into its columns of the
-    output (the "dot" form, and GGUF blocks at one row of x) or concatenated.
+    output (the "dot" form, and GGUF blocks at one row of x) or concatenated; two parts whose rows would both stream
+    at one row of x (braid_kernels.quant.quant_linear_pair) take one launch.
 
     Forms (`finalize`): "blocks" (CUDA): braid_kernels.quant.quant_linear (dequantising GEMV up to 4 rows, the fused
     GEMM up to 64 on large matrices, else dequantise + matmul). "dot" (x86 CPUs with AVX-512 VNNI, where
@@ -212,6 +213,11 @@ class QuantLinear(nn.Module):
     def _parts_in_place(self, x) -> torch.Tensor:
         """[rows, out_features]: each part's kernel writing into its own columns (no concatenation)."""
         y = torch.empty((x.shape[0], self.out_features), dtype=x.dtype, device=x.device)
+        if len(self.qtypes) == 2 and not self._dot:  # one launch for both, where both would stream their rows
+            from braid_kernels.quant import quant_linear_pair
+
+            if quant_linear_pair(x, self.part0, self.qtypes[0], self.part1, self.qtypes[1], y):
+                return y
         if self._dot and x.stride(1) != 1:
             x = x.contiguous()
         start = 0
@@ -277,7 +283,8 @@ class QuantLinear(nn.Module):
         if device == "cuda":
             return (f"quant linear {kinds}: triton quant_linear (GEMV <= 4 rows, fused GEMM <= 64 rows on large "
                     f"matrices (Q4_K, Q6_K: <= 128 rows, any size), else dequantise + matmul; on the GEMV plan, at "
-                    f"one row of 16-bit x, a norm or SiLU-and-mul before it writes x as int8)")
+                    f"one row of 16-bit x, a norm or SiLU-and-mul before it writes x as int8; two streamed parts in "
+                    f"one launch)")
         if kinds == "float":
             return "quant linear (decoded at load): torch F.linear"
         return f"quant linear {kinds}: torch dequantize per call + F.linear"

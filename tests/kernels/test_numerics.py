@@ -26,7 +26,7 @@ def _kernels(tree: ast.Module):
             yield node
 
 
-WEIGHTS_BEFORE_WAIT = {"_stream_kernel": {"blocks_ptr"}}
+WEIGHTS_BEFORE_WAIT = {"_stream_kernel": {"blocks_ptr"}, "_stream_pair_kernel": {"a_blocks_ptr", "b_blocks_ptr"}}
 """Kernels that load weights (written by no kernel) before waiting for the kernel ahead, and the pointers they may
 read then."""
 
@@ -60,7 +60,7 @@ def test_every_kernel_launched_with_pdl_waits_for_its_inputs():
     # the decode path's kernels: norms, activation, x rounding, GEMVs, attention, the quantised kernels
     assert {"_rms_norm_kernel", "_silu_and_mul_kernel", "_quantize_rows_kernel", "_gemv_kernel", "_dot_gemv_kernel",
             "_decode_kernel", "_qk_norm_rope_kernel", "_quant_gemm_kernel", "_dequantize_kernel",
-            "_stream_kernel"} <= set(with_pdl)
+            "_stream_kernel", "_stream_pair_kernel"} <= set(with_pdl)
 
 
 @triton.jit

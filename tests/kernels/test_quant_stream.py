@@ -5,15 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from braid_kernels.int8_rows import quantize_rows
-from braid_kernels.quant import quant_linear, quant_linear_reference
+from braid_kernels.quant import quant_linear, quant_linear_pair, quant_linear_reference
+from braid_kernels.quant_decode import GROUP_LANES, GROUPS_PER_BLOCK, QTYPE_IDS, num_groups
 from braid_kernels.quant_formats import TYPE_SIZE
 from braid_kernels.quant_stream import (
     STREAM_MAX_K,
     STREAM_MIN_ROWS,
     STREAM_TYPES,
+    _first_row,
     launch_stream_gemv,
+    launch_stream_gemv_pair,
     stream_programs,
     stream_warps,
     uses_stream,
@@ -80,6 +85,115 @@ def test_default_path_streams_the_measured_shapes(device, qtype, monkeypatch):
                        torch.bfloat16)
     assert torch.equal(quant_linear(x.to(device), planes, qtype), streamed)
     assert torch.equal(quant_linear(rows, planes, qtype), streamed)
+
+
+@pytest.mark.parametrize("a_qtype, b_qtype, na, nb, k", [("Q4_K", "Q6_K", 20, 7, 512), ("Q6_K", "Q4_K", 5, 9, 1536),
+                                                         ("Q4_K", "Q4_K", 3, 30, 1024)])
+def test_pair_is_the_two_launches(device, a_qtype, b_qtype, na, nb, k):
+    """One launch over two matrices (launch_stream_gemv_pair) writes exactly what a launch over each writes into its
+    own columns, for any number of programs (the fewest: one per matrix), and matches the reference; a program
+    streaming rows of the wrong matrix, or an output written at the wrong offset, fails it."""
+    a, b = _random_blocks(a_qtype, na, k, seed=na), _random_blocks(b_qtype, nb, k, seed=nb)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(k)).to(torch.bfloat16)
+    rows = quantize_rows(x.to(device))
+    pa, pb = _planes(a, a_qtype, device), _planes(b, b_qtype, device)
+    want = torch.empty((1, na + nb), dtype=torch.bfloat16, device=device)
+    launch_stream_gemv(rows, pa, a_qtype, want[:, :na], 1, num_programs=3)
+    launch_stream_gemv(rows, pb, b_qtype, want[:, na:], 1, num_programs=3)
+    reference = torch.cat([quant_linear_reference(_int8_rows(x), blocks, qtype)
+                           for blocks, qtype in ((a, a_qtype), (b, b_qtype))], dim=1).to(torch.bfloat16)
+    assert_quant_close(want.cpu(), reference, torch.bfloat16)
+    for num_programs in (2, 5, 64):
+        out = torch.full((1, na + nb), float("nan"), dtype=torch.bfloat16, device=device)
+        launch_stream_gemv_pair(rows, pa, a_qtype, pb, b_qtype, out, 1, num_programs=num_programs)
+        assert torch.equal(out, want)
+
+
+def test_two_part_projection_streams_both_in_one_launch(device, monkeypatch):
+    """A QuantLinear of a Q4_K part and a Q6_K part (a layer's q/k and v) takes one pair launch for one row of x (its
+    int8 rows made once), writing what the two parts' own launches write; with more rows, no pair launch."""
+    import braid_kernels.quant as quant
+    import braid_kernels.quant_stream as quant_stream
+    import braidinfer.layers.quant_linear as quant_linear_module
+    from braidinfer.layers.quant_linear import QuantLinear
+    from braidinfer.loader.quantized import QuantizedTensor
+
+    monkeypatch.setattr(quant_stream, "STREAM_MIN_ROWS", 8)
+    # one row takes int8 rows, as on CUDA (where the interpreter runs, on the CPU, x would stay 16-bit)
+    monkeypatch.setattr(quant_linear_module, "int8_input_rows", lambda rows, dtype, device: rows == 1)
+    k = 512
+    a, b = _random_blocks("Q4_K", 12, k, seed=1), _random_blocks("Q6_K", 8, k, seed=2)
+    layer = QuantLinear(k, 20, bias=False, dtype=torch.bfloat16)
+    layer.set_part(0, QuantizedTensor(a, "Q4_K", (12, k)))
+    layer.set_part(12, QuantizedTensor(b, "Q6_K", (8, k)))
+    layer.finalize("blocks")
+    layer.to(device)
+    pairs = []
+    launch = quant.launch_stream_gemv_pair
+    monkeypatch.setattr(quant, "launch_stream_gemv_pair", lambda *args: pairs.append(1) or launch(*args))
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16).to(device)
+    y = layer(x[:1])
+    assert len(pairs) == 1
+    rows = quantize_rows(x[:1])
+    want = torch.cat([quant_linear(rows, _planes(blocks, qtype, device), qtype)
+                      for blocks, qtype in ((a, "Q4_K"), (b, "Q6_K"))], dim=1)
+    assert torch.equal(y, want)
+    layer(x)
+    assert len(pairs) == 1
+
+
+def test_pair_is_taken_only_where_both_stream(device, monkeypatch):
+    """quant_linear_pair launches nothing and returns False unless x is one row's int8 rows and both matrices would
+    stream (a part too narrow or of another type keeps its own launch); a mismatched K is a ValueError."""
+    import braid_kernels.quant as quant
+    import braid_kernels.quant_stream as quant_stream
+
+    monkeypatch.setattr(quant_stream, "STREAM_MIN_ROWS", 8)
+    launches = []
+    monkeypatch.setattr(quant, "launch_stream_gemv_pair", lambda *args: launches.append(args))
+    k = 512
+    a = _planes(_random_blocks("Q4_K", 8, k, seed=1), "Q4_K", device)
+    x = torch.randn(2, k, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).to(device)
+    rows = quantize_rows(x[:1])
+    out = torch.empty((1, 16), dtype=torch.bfloat16, device=device)
+    narrow = _planes(_random_blocks("Q6_K", 4, k, seed=2), "Q6_K", device)
+    q8 = torch.zeros((8, k // 32 * 34), dtype=torch.uint8, device=device)
+    assert not quant_linear_pair(x[:1], a, "Q4_K", a, "Q4_K", out)  # 16-bit x, not its int8 rows
+    assert not quant_linear_pair(quantize_rows(x), a, "Q4_K", a, "Q4_K", torch.empty((2, 16), device=device))
+    assert not quant_linear_pair(rows, a, "Q4_K", narrow, "Q6_K", out[:, :12])
+    assert not quant_linear_pair(rows, a, "Q4_K", q8, "Q8_0", out)
+    assert not launches
+    wide = _planes(_random_blocks("Q4_K", 8, 2 * k, seed=4), "Q4_K", device)
+    with pytest.raises(ValueError, match="b has 1024 columns"):
+        quant_linear_pair(rows, a, "Q4_K", wide, "Q4_K", out)
+    with pytest.raises(ValueError, match="out must have shape"):
+        quant_linear_pair(rows, a, "Q4_K", a, "Q4_K", out[:, :12])
+    assert quant_linear_pair(rows, a, "Q4_K", a, "Q4_K", out) and len(launches) == 1
+
+
+def test_first_row_outside_the_matrix_loads_nothing(device):
+    """_first_row of a row before the first or past the last (the other matrix's programs in the pair kernel) gives
+    zero fields, and of a row inside it that row's words."""
+    @triton.jit
+    def first_words(blocks_ptr, out_ptr, row, N, row_bytes, QTYPE: tl.constexpr, TYPE_SIZE: tl.constexpr,
+                    GROUPS: tl.constexpr, WORDS: tl.constexpr, NUM_GROUPS: tl.constexpr, BLOCK_G: tl.constexpr):
+        w, _, _, _, _, head = _first_row(blocks_ptr, row, N, row_bytes, QTYPE, TYPE_SIZE, GROUPS, WORDS, NUM_GROUPS,
+                                         BLOCK_G)
+        tl.store(out_ptr + tl.arange(0, BLOCK_G)[:, None] * WORDS + tl.arange(0, WORDS)[None, :], w + head)
+
+    n, k = 3, 512
+    planes = _planes(_random_blocks("Q4_K", n, k, seed=5), "Q4_K", device)
+    groups = num_groups("Q4_K", k)
+    sums = {}
+    for row in (-1, 0, n - 1, n):
+        out = torch.full((triton.next_power_of_2(groups), GROUP_LANES["Q4_K"] // 4), -1, dtype=torch.int32,
+                         device=device)
+        first_words[(1,)](planes, out, row, n, planes.shape[1], QTYPE=QTYPE_IDS["Q4_K"], TYPE_SIZE=TYPE_SIZE["Q4_K"],
+                          GROUPS=GROUPS_PER_BLOCK["Q4_K"], WORDS=GROUP_LANES["Q4_K"] // 4, NUM_GROUPS=groups,
+                          BLOCK_G=triton.next_power_of_2(groups))
+        sums[row] = out
+    assert not sums[-1].any() and not sums[n].any()
+    assert sums[0].any() and sums[n - 1].any() and not torch.equal(sums[0], sums[n - 1])
 
 
 def test_stream_is_taken_only_where_it_applies(device):
