@@ -230,6 +230,7 @@ class FlashInferGraphDecode:
                 for _ in self._specs]
         self._kv_positions = buffers.kv_positions[:b]
         self._positions: torch.Tensor | None = None  # the step's positions (plan's argument), copied by __call__
+        self._copying_layer: int | None = None  # the first layer that calls __call__: it copies them, once a step
         self._new_tokens = (buffers.batch_indices[:b], self._kv_positions)
         self._pages = (buffers.kv_indices, indptr, last_page_len)  # the kernel reads indices through indptr
         self._append_kv = flashinfer.append_paged_kv_cache
@@ -270,7 +271,10 @@ class FlashInferGraphDecode:
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata):
         """q: [b, num_qo_heads, head_dim]; k, v: [b, num_kv_heads, head_dim] -> out: [b, num_qo_heads, head_dim]."""
         cache = self.kv_cache[layer]  # (pages, 2, kvh, ps, hd)
-        if layer == 0:  # once per step, inside the graph (the fused kernels' path, `attend`, does not need it)
+        # Once per step, inside the graph, by the first layer that appends here: a step's layers call in order, and a
+        # layer on the fused kernels' path (`attend`) writes its K/V itself, so the first caller need not be layer 0.
+        if self._copying_layer is None or layer <= self._copying_layer:
+            self._copying_layer = layer
             self._kv_positions.copy_(self._positions)
         self._append_kv(k, v, *self._new_tokens, cache, *self._pages, kv_layout="HND")
         return self.attend(layer, q, meta)

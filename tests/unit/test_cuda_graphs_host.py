@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from braidinfer.attention import AttentionMetadata, SeqSpan
-from braidinfer.attention.flashinfer_backend import _host_arrays
+from braidinfer.attention.flashinfer_backend import FlashInferGraphDecode, _host_arrays
 from braidinfer.config import EngineConfig
 from braidinfer.graph_buckets import bucket_for, graph_batch_sizes, pad_decode_batch
 from braidinfer.models.config import ModelConfig
@@ -108,3 +108,33 @@ def test_capture_replays_the_captured_call_over_its_static_buffers():
         torch.cuda.synchronize()
         torch.testing.assert_close(out, torch.cumsum(new * 2, 0) + 1)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("first_layer", [0, 2])
+def test_graph_decode_copies_positions_once_a_step_at_the_first_appending_layer(first_layer):
+    """The graph decode's KV append reads each row's position from a static buffer that the step's first appending
+    layer fills from the step's positions: layer 0 where every layer appends, a later one where the layers before
+    it write their K/V themselves (the fused kernels' path, which never calls the backend). Every step is copied, and
+    only once (host side: the append and the attention recorded, not run)."""
+    graph_decode = object.__new__(FlashInferGraphDecode)
+    copies, appended = [], []
+    kv_positions = torch.zeros(3, dtype=torch.int32)
+
+    class Recorded(torch.Tensor):  # the static buffer, recording each copy into it
+        def copy_(self, src, non_blocking=False):
+            copies.append(src.tolist())
+            return super().copy_(src, non_blocking)
+
+    graph_decode.kv_cache = [torch.zeros(1)] * 4
+    graph_decode._kv_positions = kv_positions.as_subclass(Recorded)
+    graph_decode._copying_layer = None
+    graph_decode._new_tokens = (torch.arange(3, dtype=torch.int32), graph_decode._kv_positions)
+    graph_decode._pages = ()
+    graph_decode._append_kv = lambda k, v, rows, positions, *rest, **kw: appended.append(positions.tolist())
+    graph_decode.attend = lambda layer, q, meta: q
+    for step in range(3):
+        graph_decode._positions = torch.tensor([5, 9, 2]) + step
+        for layer in range(first_layer, 4):
+            graph_decode(layer, torch.zeros(1), None, None, None)
+    assert copies == [[5 + s, 9 + s, 2 + s] for s in range(3)]
+    assert appended == [[5 + s, 9 + s, 2 + s] for s in range(3) for _ in range(first_layer, 4)]
