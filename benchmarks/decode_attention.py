@@ -2,7 +2,8 @@
 the same launch) against FlashInfer's CUDA-graph decode wrapper, planned as braidinfer's FlashInferGraphDecode plans
 it, same pool, same page tables, same run.
 
-    python benchmarks/decode_attention.py [--rows 1,2,4,8] [--contexts 512,4096,16384] [--sweep]
+    python benchmarks/decode_attention.py [--rows 1,2,4,8] [--contexts 512,4096,16384] [--layouts ...] [--int8]
+        [--sweep]
 
 Each measurement is one decode step's worth of attention: `--layers` (28, Qwen3-0.6B) back-to-back calls, each over
 its own layer's pool (so the KV does not sit in L2 between calls), captured in a CUDA graph and replayed; printed as
@@ -10,7 +11,8 @@ microseconds per call and the KV bytes read per second. Page size 16, bf16, rand
 the default slice count (default_num_splits: the fixed grid a CUDA graph captured for any length gets); FlashInfer
 is re-planned for each context (its schedule follows the lengths). `--sweep` moves each of the kernel's tuning knobs
 (num_splits, num_warps, block_n, min_split_tokens) alone from its default on a few cases: the measurement behind the
-defaults.
+defaults. `--int8` has the Triton kernel also write its output as int8 rows, as a one-row decode step of a quantised
+model launches it (o_proj's input, braid_kernels/int8_rows.py).
 """
 from __future__ import annotations
 
@@ -24,9 +26,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from braid_kernels.decode_attention import (  # noqa: E402
     DecodeWorkspace, decode_attention, default_block_n, default_num_splits, default_num_warps)
+from braid_kernels.int8_rows import empty_int8_rows  # noqa: E402
 from latency import time_graph  # noqa: E402
 
-LAYOUTS = {"qwen3-0.6b": (16, 8, 128), "smollm2-135m": (9, 3, 64)}  # (num_qo_heads, num_kv_heads, head_dim)
+LAYOUTS = {"qwen3-0.6b": (16, 8, 128), "smollm2-135m": (9, 3, 64),  # (num_qo_heads, num_kv_heads, head_dim)
+           "llama-3.1-8b": (32, 8, 128)}
 PAGE_SIZE = 16
 
 
@@ -55,11 +59,13 @@ class Case:
         return self.kv_indptr.cuda(), self.kv_indices, self.kv_last_page_len.cuda()
 
 
-def triton_us(case: Case, num_splits: int | None = None, **tuning) -> tuple[float, torch.Tensor]:
-    """(us per call, the last layer's output) of the Triton kernel."""
+def triton_us(case: Case, num_splits: int | None = None, int8: bool = False, **tuning) -> tuple[float, torch.Tensor]:
+    """(us per call, the last layer's output) of the Triton kernel; with int8, also writing the output's int8 rows."""
     splits = num_splits or default_num_splits(case.rows, case.num_kv_heads, case.head_dim, _num_sms())
     ws = DecodeWorkspace.allocate(case.rows, case.num_qo_heads, case.num_kv_heads, case.head_dim, splits, "cuda")
     tables, outs = case.tables(), []
+    if int8:
+        tuning["int8"] = empty_int8_rows(case.rows, case.num_qo_heads * case.head_dim, torch.bfloat16, "cuda")
 
     def step():
         outs[:] = [decode_attention(case.q, pool, *tables, case.scale, workspace=ws, **tuning) for pool in case.pools]
@@ -90,14 +96,14 @@ def _num_sms() -> int:
     return torch.cuda.get_device_properties(0).multi_processor_count
 
 
-def compare(layouts, rows_list, contexts, layers: int) -> None:
+def compare(layouts, rows_list, contexts, layers: int, int8: bool = False) -> None:
     workspace = torch.zeros(256 << 20, dtype=torch.uint8, device="cuda")
     print(f"{'layout':<13} {'rows':>4} {'context':>7} {'splits':>6} | {'flashinfer us':>13} {'GB/s':>6} | "
           f"{'triton us':>9} {'GB/s':>6} | {'speedup':>7} {'max |diff|':>10}")
     for layout, rows, context in itertools.product(layouts, rows_list, contexts):
         case = Case(layout, rows, context, layers)
         fi, fi_out = flashinfer_us(case, workspace)
-        tr, tr_out = triton_us(case)
+        tr, tr_out = triton_us(case, int8=int8)
         diff = (fi_out.float() - tr_out.float()).abs().max().item()
         splits = default_num_splits(rows, case.num_kv_heads, case.head_dim, _num_sms())
         print(f"{layout:<13} {rows:>4} {context:>7} {splits:>6} | {fi:>13.2f} {case.kv_bytes / fi / 1e3:>6.0f} | "
@@ -135,11 +141,12 @@ def main() -> None:
     ap.add_argument("--layouts", default=",".join(LAYOUTS))
     ap.add_argument("--layers", type=int, default=28, help="calls per captured step (Qwen3-0.6B: 28)")
     ap.add_argument("--sweep", action="store_true", help="also time the tuning knobs")
+    ap.add_argument("--int8", action="store_true", help="the Triton kernel also writes its output's int8 rows")
     args = ap.parse_args()
     print(f"device: {torch.cuda.get_device_name()} ({_num_sms()} SMs), torch {torch.__version__}; page size "
-          f"{PAGE_SIZE}, bf16, {args.layers} calls per graph")
+          f"{PAGE_SIZE}, bf16, {args.layers} calls per graph" + (", Triton writing int8 rows" if args.int8 else ""))
     compare(args.layouts.split(","), [int(r) for r in args.rows.split(",")],
-            [int(c) for c in args.contexts.split(",")], args.layers)
+            [int(c) for c in args.contexts.split(",")], args.layers, args.int8)
     if args.sweep:
         sweep(args.layers)
 
