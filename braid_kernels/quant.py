@@ -180,8 +180,7 @@ def quant_linear_pair(x: Int8Rows, a: torch.Tensor, a_qtype: str, b: torch.Tenso
     check_devices(_dequantize_kernel, **{"x.q": x.q, "x.dx": x.dx, "x.sx": x.sx, "a": a, "b": b})
     _check_out(out, 1, a.shape[0] + b.shape[0], x.dtype, x.q.device, **{"x.q": x.q, "x.dx": x.dx, "x.sx": x.sx},
                a=a, b=b)
-    num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.device.type == "cuda" else 1
-    launch_stream_gemv_pair(x, a, a_qtype, b, b_qtype, out, num_sms)
+    launch_stream_gemv_pair(x, a, a_qtype, b, b_qtype, out, _num_sms(x.device))
     return True
 
 
@@ -248,12 +247,17 @@ def _launch_dot(x: torch.Tensor | Int8Rows, blocks, qtype, bias, out, config, k)
     """The integer-dot GEMV into out, at `config` or the default for this device and shape: one row of x times Q4_K
     or Q6_K blocks of the measured shapes, without a bias, streams rows through persistent programs
     (quant_stream.uses_stream), anything else takes quant_dot's launch."""
-    num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.device.type == "cuda" else 1
+    num_sms = _num_sms(x.device)
     if config is None and uses_stream(x.shape[0], qtype, blocks, bias):
         launch_stream_gemv(x if isinstance(x, Int8Rows) else quantize_rows(x), blocks, qtype, out, num_sms)
         return
     launch_dot_gemv(x, blocks, qtype, bias, out, config or dot_launch_config(qtype, x.shape[0], blocks.shape[0],
                                                                              num_sms, k))
+
+
+def _num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (the launch shapes scale with them); 1 elsewhere."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def linear_path(num_rows: int, dtype: torch.dtype = torch.bfloat16, num_weights: int = 0,

@@ -72,6 +72,15 @@ def stream_programs(n: int, k: int, num_sms: int) -> int:
     return max(1, min(n, num_sms * per_sm))
 
 
+def _stream_consts(qtype: str, k: int) -> dict:
+    """The stream kernels' constexprs for rows of k weights of qtype (_stream_kernel's names; the pair kernel's with
+    an A_ or B_ prefix)."""
+    groups = num_groups(qtype, k)
+    return dict(QTYPE=QTYPE_IDS[qtype], BLOCK_SIZE=BLOCK_SIZE[qtype], TYPE_SIZE=TYPE_SIZE[qtype],
+                GROUPS=GROUPS_PER_BLOCK[qtype], WORDS=GROUP_LANES[qtype] // 4, NUM_GROUPS=groups,
+                BLOCK_G=triton.next_power_of_2(groups))
+
+
 def launch_stream_gemv(x: Int8Rows, blocks: torch.Tensor, qtype: str, out: torch.Tensor, num_sms: int,
                        num_programs: int | None = None, num_warps: int | None = None) -> None:
     """out [1, N] = x [1, K] @ W.T, W as qtype blocks [N, row_bytes] in the planes layout (row_bytes a multiple of
@@ -81,13 +90,9 @@ def launch_stream_gemv(x: Int8Rows, blocks: torch.Tensor, qtype: str, out: torch
     assert num_rows == 1 and qtype in STREAM_TYPES and blocks.shape[1] % 4 == 0
     if n == 0:
         return
-    groups = num_groups(qtype, k)
     _stream_kernel[(num_programs or stream_programs(n, k, num_sms),)](
-        x.q, x.dx, x.sx, blocks, out, n, k, blocks.shape[1],
-        QTYPE=QTYPE_IDS[qtype], BLOCK_SIZE=BLOCK_SIZE[qtype], TYPE_SIZE=TYPE_SIZE[qtype],
-        GROUPS=GROUPS_PER_BLOCK[qtype], WORDS=GROUP_LANES[qtype] // 4, NUM_GROUPS=groups,
-        BLOCK_G=triton.next_power_of_2(groups), num_warps=num_warps or stream_warps(qtype, n, k),
-        **pdl_options(blocks),
+        x.q, x.dx, x.sx, blocks, out, n, k, blocks.shape[1], **_stream_consts(qtype, k),
+        num_warps=num_warps or stream_warps(qtype, n, k), **pdl_options(blocks),
     )
 
 
@@ -103,13 +108,8 @@ def launch_stream_gemv_pair(x: Int8Rows, a: torch.Tensor, a_qtype: str, b: torch
     assert num_rows == 1 and a_qtype in STREAM_TYPES and b_qtype in STREAM_TYPES and na > 0 and nb > 0
     programs = max(2, num_programs or stream_programs(na + nb, k, num_sms))
     a_programs = min(programs - 1, max(1, round(programs * a.numel() / (a.numel() + b.numel()))))
-    consts = {}
-    for prefix, qtype in (("A_", a_qtype), ("B_", b_qtype)):
-        groups = num_groups(qtype, k)
-        consts.update({prefix + name: value for name, value in dict(
-            QTYPE=QTYPE_IDS[qtype], BLOCK_SIZE=BLOCK_SIZE[qtype], TYPE_SIZE=TYPE_SIZE[qtype],
-            GROUPS=GROUPS_PER_BLOCK[qtype], WORDS=GROUP_LANES[qtype] // 4, NUM_GROUPS=groups,
-            BLOCK_G=triton.next_power_of_2(groups)).items()})
+    consts = {prefix + name: value for prefix, qtype in (("A_", a_qtype), ("B_", b_qtype))
+              for name, value in _stream_consts(qtype, k).items()}
     out_row = out.view(-1)
     _stream_pair_kernel[(programs,)](
         x.q, x.dx, x.sx, a, out_row[:na], na, a.shape[1], a_programs, b, out_row[na:], nb, b.shape[1], **consts,
