@@ -2,10 +2,10 @@
 weight codes with x rounded to int8 per 32 values, as llama.cpp computes), built on first use (cpu_library.py) and
 called through ctypes.
 
-A weight is packed once (`pack`: GGUF blocks of Q4_0, Q4_1, Q8_0, Q4_K or Q5_K) into unsigned codes with a scale and
-offset per 32 weights, w = s c + o, in the byte order cpu_quant.c describes; Q4_0/Q4_1/Q8_0 keep GGUF's float16 d
-and m exactly (0.625 bytes a weight for Q4_1, 1.125 for Q8_0), the K-types take float32 scales (their d times a
-6-bit scale). `linear` computes x @ W.T in float32; `linear_ref` is the same arithmetic in plain PyTorch.
+A weight is packed once (`pack`: GGUF blocks of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K or Q6_K) into unsigned codes
+with a scale and offset per 32 weights (Q6_K: 16), w = s c + o, in the byte order cpu_quant.c describes; the 32-weight
+types keep GGUF's float16 d and m exactly (0.625 bytes a weight for Q4_1, 1.125 for Q8_0, Q5_0 and Q5_1), the K-types
+take float32 scales (their d times a 6- or 8-bit scale). `linear` computes x @ W.T in float32; `linear_ref` is the same arithmetic in plain PyTorch.
 
 `available()` is False where there is no C compiler, the CPU lacks AVX-512 VNNI, or the build fails (the reason:
 `unavailable_reason()`); callers then keep another path.
@@ -76,8 +76,8 @@ class PackedWeight:
 
 def pack(blocks: torch.Tensor, qtype: str) -> PackedWeight:
     """W held as uint8 GGUF blocks [n, row_bytes] of `qtype` (one of QTYPES; k a multiple of 32) in this module's
-    form. Q4_0/Q4_1/Q4_K take 4-bit codes, Q8_0 (q + 128), Q5_K and Q6_K (q, with a scale d sc and offset -32 d sc
-    per 16 weights) 8-bit ones."""
+    form. Q4_0/Q4_1/Q4_K take 4-bit codes, Q8_0 (q + 128), Q5_0, Q5_1, Q5_K and Q6_K (q, with a scale d sc and
+    offset -32 d sc per 16 weights) 8-bit ones."""
     if qtype not in QTYPES:
         raise ValueError(f"qtype must be one of {', '.join(sorted(QTYPES))}, got {qtype!r}")
     if qtype == "Q6_K":
@@ -86,14 +86,14 @@ def pack(blocks: torch.Tensor, qtype: str) -> PackedWeight:
     terms = nibble_terms(blocks, qtype)
     if len(terms) == 1:
         (codes, scale, offset), bits = terms[0], 4
-    else:  # Q8_0 and Q5_K: two 4-bit terms, one with 16 times the other's scale, make one 8-bit code
+    else:  # Q8_0 and the 5-bit types: two 4-bit terms, one with 16 times the other's scale, make one 8-bit code
         (c0, s0, o0), (c1, s1, o1) = terms
         if torch.equal(s1, 16 * s0):
             (c0, s0, o0), (c1, s1, o1) = (c1, s1, o1), (c0, s0, o0)
         if not torch.equal(s0, 16 * s1):
             raise ValueError(f"{qtype}'s two terms do not make one 8-bit code")
         codes, scale, offset, bits = c1 + 16 * c0, s1, o0 + o1, 8
-    exact = qtype in ("Q4_0", "Q4_1", "Q8_0") and all(
+    exact = qtype in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0") and all(
         torch.equal(t.half().float(), t) for t in (scale, offset))  # GGUF's own float16 d and m: kept exactly
     dtype = torch.float16 if exact else torch.float32
     return PackedWeight(_order(codes, bits), scale.to(dtype).contiguous(), offset.to(dtype).contiguous(), bits)

@@ -12,6 +12,8 @@ byte, and each group's scales are decoded once for its 2 * GROUP_LANES weights:
     Q8_0  16    1             qs[0:16] | qs[16:32]                  0..15             16..31
     Q4_0  16    1             qs[0:16]                              0..15             16..31
     Q4_1  16    1             qs[0:16]                              0..15             16..31
+    Q5_0  16    1             qs[0:16], qh bytes 0-1 | 2-3          0..15             16..31
+    Q5_1  16    1             qs[0:16], qh bytes 0-1 | 2-3          0..15             16..31
     Q4_K  32    4             qs[32c : 32c + 32]                    64c + 0..31       64c + 32..63
     Q5_K  32    4             qs[32c : 32c + 32], qh[0:32]          64c + 0..31       64c + 32..63
     Q6_K  16    8 (h, t)      ql[64h + 16t ...], qh[32h + 16(t%2)]  128h + 16t + ...  128h + 64 + 16t + ...
@@ -25,10 +27,10 @@ import triton
 import triton.language as tl
 
 # GGML types as kernel constants (constexpr globals, so that kernels can compare with them).
-Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K = (tl.constexpr(i) for i in range(6))
-QTYPE_IDS = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2, "Q4_K": 3, "Q5_K": 4, "Q6_K": 5}
-GROUP_LANES = {"Q8_0": 16, "Q4_0": 16, "Q4_1": 16, "Q4_K": 32, "Q5_K": 32, "Q6_K": 16}
-GROUPS_PER_BLOCK = {"Q8_0": 1, "Q4_0": 1, "Q4_1": 1, "Q4_K": 4, "Q5_K": 4, "Q6_K": 8}
+Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q5_0, Q5_1 = (tl.constexpr(i) for i in range(8))
+QTYPE_IDS = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2, "Q4_K": 3, "Q5_K": 4, "Q6_K": 5, "Q5_0": 6, "Q5_1": 7}
+GROUP_LANES = {"Q8_0": 16, "Q4_0": 16, "Q4_1": 16, "Q5_0": 16, "Q5_1": 16, "Q4_K": 32, "Q5_K": 32, "Q6_K": 16}
+GROUPS_PER_BLOCK = {"Q8_0": 1, "Q4_0": 1, "Q4_1": 1, "Q5_0": 1, "Q5_1": 1, "Q4_K": 4, "Q5_K": 4, "Q6_K": 8}
 
 
 def num_groups(qtype: str, cols: int) -> int:
@@ -52,7 +54,7 @@ def block_fields(row, blk, nb, QTYPE: tl.constexpr):
     """Byte pointers to the fields of blocks blk (an index tensor) of the row at byte pointer row, nb blocks per row,
     in the planes layout (braid_kernels/quant_planes.py): (quants, high bits, scales, head). quants: qs (Q6_K: ql);
     high bits: Q5_K's and Q6_K's qh; scales: the K-types' packed scales; head: the block's fp16 fields (d, then m or
-    dmin). Fields a type lacks point at its quants."""
+    dmin). Q5_0's and Q5_1's high bits: their qh word. Fields a type lacks point at its quants."""
     if QTYPE == Q8_0:
         q = row + blk * 32
         return q, q, q, row + nb * 32 + blk * 2
@@ -62,6 +64,12 @@ def block_fields(row, blk, nb, QTYPE: tl.constexpr):
     elif QTYPE == Q4_1:
         q = row + blk * 16
         return q, q, q, row + nb * 16 + blk * 4
+    elif QTYPE == Q5_0:
+        q = row + blk * 16
+        return q, row + nb * 16 + blk * 4, q, row + nb * 20 + blk * 2
+    elif QTYPE == Q5_1:
+        q = row + blk * 16
+        return q, row + nb * 16 + blk * 4, q, row + nb * 20 + blk * 4
     elif QTYPE == Q4_K:
         q = row + blk * 128
         return q, q, row + nb * 128 + blk * 12, row + nb * 140 + blk * 4
@@ -130,6 +138,15 @@ def q6_group(ql, qh, scales, head, c, mask):
 
 
 @triton.jit
+def q5_high_bits(qh, lane, mask):
+    """Q5_0/Q5_1: bit 4 of weights lane and 16 + lane (lane in 0..15) from the block's little-endian uint32 qh at
+    byte pointer qh (bit j for weight j), as int32 0 or 1, read a byte at a time (qh is 2-aligned at least)."""
+    bit_lo = (_byte(qh + lane // 8, mask) >> (lane % 8)) & 1
+    bit_hi = (_byte(qh + 2 + lane // 8, mask) >> (lane % 8)) & 1
+    return bit_lo, bit_hi
+
+
+@triton.jit
 def decode_groups(blocks_ptr, row_offset, nb, g, lane, mask, QTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                   GROUPS: tl.constexpr, LANES: tl.constexpr):
     """Weights of groups g (broadcastable index tensors) of the rows starting at byte row_offset (int64), nb blocks
@@ -157,6 +174,17 @@ def decode_groups(blocks_ptr, row_offset, nb, g, lane, mask, QTYPE: tl.constexpr
         m = _fp16(head + 2, mask)
         q = _byte(qs + lane, mask)
         return (d * (q & 15).to(tl.float32) + m, d * (q >> 4).to(tl.float32) + m, col + lane, col + 16 + lane)
+    elif QTYPE == Q5_0 or QTYPE == Q5_1:
+        d = _fp16(head, mask)
+        q = _byte(qs + lane, mask)
+        bit_lo, bit_hi = q5_high_bits(qh_ptr, lane, mask)
+        q_lo = ((q & 15) | (bit_lo << 4)).to(tl.float32)
+        q_hi = ((q >> 4) | (bit_hi << 4)).to(tl.float32)
+        if QTYPE == Q5_0:
+            return d * (q_lo - 16.0), d * (q_hi - 16.0), col + lane, col + 16 + lane
+        else:
+            m = _fp16(head + 2, mask)
+            return d * q_lo + m, d * q_hi + m, col + lane, col + 16 + lane
     elif QTYPE == Q4_K or QTYPE == Q5_K:
         s_lo, m_lo, s_hi, m_hi = k_group_scales(head, scales, c, mask)
         q = _byte(qs + c * 32 + lane, mask)
@@ -232,6 +260,18 @@ def block_codes(qs, qh_ptr, scales, head, c, lane, mask, QTYPE: tl.constexpr):
             b = _fp16(head + 2, mask) - 16.0 * d  # d * q + m = 16 d f - 16 d + m
         a = 16.0 * d
         return _unit((q << 19) & 0x780000), _unit((q << 15) & 0x780000), a, b, a, b, lane, 16 + lane
+    elif QTYPE == Q5_0 or QTYPE == Q5_1:
+        d = _fp16(head, mask)
+        q = _byte(qs + lane, mask)
+        bit_lo, bit_hi = q5_high_bits(qh_ptr, lane, mask)
+        a = 32.0 * d
+        if QTYPE == Q5_0:
+            b = -1.5 * a  # d * (q - 16) = 32 d f - 48 d
+        else:
+            b = _fp16(head + 2, mask) - a  # d * q + m = 32 d f - 32 d + m
+        lo = _unit(((q << 18) & 0x3C0000) | (bit_lo << 22))
+        hi = _unit(((q << 14) & 0x3C0000) | (bit_hi << 22))
+        return lo, hi, a, b, a, b, lane, 16 + lane
     elif QTYPE == Q4_K or QTYPE == Q5_K:
         s_lo, m_lo, s_hi, m_hi = k_group_scales(head, scales, c, mask)
         q = _byte(qs + c * 32 + lane, mask)

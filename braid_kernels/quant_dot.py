@@ -22,6 +22,8 @@ braid_kernels/quant_decode.py):
     Q8_0  qs word j (lo) and j + 4 (hi), signed codes            a = d, b = 0
     Q4_0  nibbles of qs word j                                    a = d, b = -8 d
     Q4_1  nibbles of qs word j                                    a = d, b = m
+    Q5_0  as Q4_0, bit 4 from qh bits 4j ... (lo), 16 + 4j ... (hi) a = d, b = -16 d
+    Q5_1  as Q4_1, bit 4 as Q5_0's                                 a = d, b = m
     Q4_K  nibbles of qs[32c + 4j ...]                             a = d sc, b = -dmin m  (sub-blocks 2c, 2c + 1)
     Q5_K  as Q4_K, bit 4 from qh[4j ...] >> (2c, 2c + 1)          a = d sc, b = -dmin m
     Q6_K  nibbles of ql, bits 4-5 from qh >> 2 (t // 2)           a = d sc, b = -32 d sc
@@ -38,8 +40,8 @@ import triton.language as tl
 
 from .int8_rows import Int8Rows, quantize_rows
 from .numerics import INTERPRETED, pdl_options, wait_for_inputs
-from .quant_decode import GROUP_LANES, GROUPS_PER_BLOCK, Q4_0, Q4_1, Q4_K, Q5_K, Q8_0, QTYPE_IDS, _fp16, \
-    block_fields, k_group_scales, q6_group
+from .quant_decode import GROUP_LANES, GROUPS_PER_BLOCK, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q8_0, QTYPE_IDS, \
+    _fp16, block_fields, k_group_scales, q6_group
 from .quant_formats import BLOCK_SIZE, TYPE_SIZE
 from .quant_gemv import QuantGemvConfig, add_slices, launch_config, slice_outputs, split_steps, store_rows
 
@@ -119,6 +121,12 @@ def _word(ptr, j, mask, ALIGNED: tl.constexpr):
 
 
 @triton.jit
+def _spread_bits(bits):
+    """The low four bits of int32 `bits` as bit 4 of each of a word's four bytes (bit i -> bit 8 i + 4)."""
+    return ((bits << 4) & 0x10) | ((bits << 11) & 0x1000) | ((bits << 18) & 0x100000) | ((bits << 25) & 0x10000000)
+
+
+@triton.jit
 def _decode_words(blocks_ptr, row_offset, nb, g, j, mask, QTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                   GROUPS: tl.constexpr, ALIGNED: tl.constexpr):
     """Code words of groups g, words j (broadcastable index tensors) of the rows at byte row_offset, nb blocks per
@@ -144,6 +152,17 @@ def _decode_words(blocks_ptr, row_offset, nb, g, j, mask, QTYPE: tl.constexpr, B
         else:
             b = _fp16(head + 2, mask)
         return w & 0x0F0F0F0F, (w >> 4) & 0x0F0F0F0F, d, b, d, b, col, col + 16
+    elif QTYPE == Q5_0 or QTYPE == Q5_1:
+        d = _fp16(head, mask)
+        w = _word(qs, j, mask, ALIGNED)
+        qh = _word(qh_ptr, j * 0, mask, ALIGNED)  # bit i is bit 4 of weight i
+        if QTYPE == Q5_0:
+            b = -16.0 * d
+        else:
+            b = _fp16(head + 2, mask)
+        c_lo = (w & 0x0F0F0F0F) | _spread_bits(qh >> (4 * j))
+        c_hi = ((w >> 4) & 0x0F0F0F0F) | _spread_bits(qh >> (16 + 4 * j))
+        return c_lo, c_hi, d, b, d, b, col, col + 16
     elif QTYPE == Q4_K or QTYPE == Q5_K:
         s_lo, m_lo, s_hi, m_hi = k_group_scales(head, scales, c, mask)
         w = _word(qs + c * 32, j, mask, ALIGNED)

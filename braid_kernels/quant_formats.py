@@ -7,6 +7,8 @@ blocks of TYPE_SIZE bytes, one after the other, so the tensor is uint8 [rows, co
     Q8_0  34 B / 32:   d fp16 | qs int8[32]                      w = d * qs
     Q4_0  18 B / 32:   d fp16 | qs[16]                           w[i] = d * (lo(qs[i]) - 8), w[16 + i] with hi
     Q4_1  20 B / 32:   d, m fp16 | qs[16]                        w[i] = d * lo(qs[i]) + m, w[16 + i] with hi
+    Q5_0  22 B / 32:   d fp16 | qh uint32 | qs[16]               as Q4_0 with q - 16, bit j of qh as bit 4 of q[j]
+    Q5_1  24 B / 32:   d, m fp16 | qh uint32 | qs[16]            as Q4_1, bit j of qh as bit 4 of q[j]
     Q4_K 144 B / 256:  d, dmin fp16 | scales[12] | qs[128]       8 sub-blocks of 32 with 6-bit scale and min:
                        w[s * 32 + i] = (d * sc[s]) * q - dmin * m[s], q = lo or hi nibble of qs[s // 2 * 32 + i]
     Q5_K 176 B / 256:  d, dmin fp16 | scales[12] | qh[32] | qs[128]   as Q4_K, q gets bit s of qh[i] as bit 4
@@ -21,9 +23,9 @@ from __future__ import annotations
 
 import torch
 
-BLOCK_SIZE = {"Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}
+BLOCK_SIZE = {"Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}
 """Weights per block, by GGML type name."""
-TYPE_SIZE = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
+TYPE_SIZE = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
 """Bytes per block, by GGML type name."""
 QTYPES = frozenset(BLOCK_SIZE)
 """The GGML types Braid keeps quantised."""
@@ -75,6 +77,20 @@ def _q4_1(b):
     return _f16(b[:, :2]) * _nibbles(b[:, 4:], 16).float() + _f16(b[:, 2:4])
 
 
+def _q5_high(qh: torch.Tensor) -> torch.Tensor:
+    """Q5_0/Q5_1's qh bytes (n, 4), a little-endian uint32 whose bit j is bit 4 of weight j -> (n, 32) in {0, 16}."""
+    bits = (qh[:, :, None] >> torch.arange(8, dtype=torch.uint8, device=qh.device)) & 1  # (n, 4, 8): byte, bit
+    return bits.reshape(-1, 32) << 4
+
+
+def _q5_0(b):
+    return _f16(b[:, :2]) * ((_nibbles(b[:, 6:], 16) | _q5_high(b[:, 2:6])).to(torch.int8) - 16).float()
+
+
+def _q5_1(b):
+    return _f16(b[:, :2]) * (_nibbles(b[:, 8:], 16) | _q5_high(b[:, 4:8])).float() + _f16(b[:, 2:4])
+
+
 def _k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """12 bytes (n, 12) -> 6-bit scales and mins (n, 8): bytes 0-3 hold sc[0:4] and the top 2 bits of sc[4:8],
     bytes 4-7 m[0:4] and the top bits of m[4:8], bytes 8-11 the low 4 bits of sc[4:8] (low nibble) and m[4:8]."""
@@ -117,7 +133,7 @@ def _q6_k(b):
     return (scale[:, :, None] * q).reshape(-1, 256)
 
 
-NIBBLE_QTYPES = frozenset({"Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K"})
+NIBBLE_QTYPES = frozenset({"Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K"})
 """The types `nibble_terms` writes as 4-bit codes with a scale and offset per run of 32 weights."""
 
 
@@ -128,8 +144,8 @@ def nibble_terms(blocks: torch.Tensor, qtype: str) -> list[tuple[torch.Tensor, t
 
     codes: uint8 [rows, cols] in 0..15; scale, offset: float32 [rows, cols / 32]. Each term is gguf's arithmetic
     split exactly: Q4_0 (d, -8 d), Q4_1 (d, m), Q4_K (d sc, -dmin m); Q8_0's signed byte q = 16 h + l is two terms,
-    h + 8 with (16 d, -128 d) and l with (d, 0); Q5_K is Q4_K's term plus the fifth bit with (16 d sc, 0). Q6_K
-    (a scale per 16 weights) has no such form."""
+    h + 8 with (16 d, -128 d) and l with (d, 0); Q5_0, Q5_1 and Q5_K are Q4_0's, Q4_1's (with -16 d for -8 d) and
+    Q4_K's term plus the fifth bit with (16 d, 0) or (16 d sc, 0). Q6_K (a scale per 16 weights) has no such form."""
     if qtype not in NIBBLE_QTYPES:
         raise ValueError(f"qtype must be one of {', '.join(sorted(NIBBLE_QTYPES))} for 4-bit terms, got {qtype!r}")
     check_blocks(blocks, qtype)
@@ -152,9 +168,15 @@ def nibble_terms(blocks: torch.Tensor, qtype: str) -> list[tuple[torch.Tensor, t
             terms = [(((q >> 4) + 8).view(torch.uint8), 16 * d, -128 * d), (b[:, 2:] & 0x0F, d, torch.zeros_like(d))]
         elif qtype == "Q4_0":
             terms = [(_nibbles(b[:, 2:], 16), d, -8 * d)]
-        else:
+        elif qtype == "Q4_1":
             terms = [(_nibbles(b[:, 4:], 16), d, _f16(b[:, 2:4]))]
+        else:  # Q5_0, Q5_1: the low nibbles' term, then the fifth bit's
+            qh_at = 2 if qtype == "Q5_0" else 4
+            offset = -16 * d if qtype == "Q5_0" else _f16(b[:, 2:4])
+            terms = [(_nibbles(b[:, qh_at + 4:], 16), d, offset),
+                     (_q5_high(b[:, qh_at:qh_at + 4]) >> 4, 16 * d, torch.zeros_like(d))]
     return [(c.reshape(rows, cols), s.reshape(rows, cols // 32), o.reshape(rows, cols // 32)) for c, s, o in terms]
 
 
-_DECODERS = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
+_DECODERS = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q4_K": _q4_k, "Q5_K": _q5_k,
+             "Q6_K": _q6_k}

@@ -9,16 +9,18 @@ holds the same bytes as planes: first field 0 of every block of the row, then fi
     Q8_0  qs (32) | d (2)                                         qs of block b at 32 b, d at 32 nb + 2 b
     Q4_0  qs (16) | d (2)
     Q4_1  qs (16) | d, m (4)
+    Q5_0  qs (16) | qh (4) | d (2)
+    Q5_1  qs (16) | qh (4) | d, m (4)
     Q4_K  qs (128) | scales (12) | d, dmin (4)
     Q5_K  qs (128) | qh (32) | scales (12) | d, dmin (4)
     Q6_K  ql (128) | qh (64) | scales (16) | d (2)                (GGUF's own field order)
 
 The rows keep their length (row_bytes = nb * TYPE_SIZE), so memory is unchanged and rows are still independent (a
 fused projection's parts join along rows as before). Every quant plane starts at a multiple of its row's start, so
-a row's quants are as aligned as row_bytes allows: 16 bytes for every Q4_K / Q5_K row and for Q8_0, Q4_0 and Q6_K
-rows of a multiple of 8 blocks (Q4_1: 4), where a thread reads its quants as 16-byte vectors; the integer-dot GEMV
-reads 32-bit words where row_bytes is a multiple of 4 and assembles them from 16-bit loads otherwise. The fp16 fields
-are 2-aligned in any row.
+a row's quants are as aligned as row_bytes allows: 16 bytes for every Q4_K / Q5_K row and for Q8_0, Q4_0, Q5_0 and
+Q6_K rows of a multiple of 8 blocks (Q4_1: 4; Q5_1: 2), where a thread reads its quants as 16-byte vectors; the
+integer-dot GEMV reads 32-bit words (Q5_0's and Q5_1's qh included) where row_bytes is a multiple of 4 and assembles
+them from 16-bit loads otherwise. The fp16 fields are 2-aligned in any row.
 
 Measured on an H200 (the integer-dot GEMV at one row of x, the same kernel on both layouts, same run; 28672x4096 /
 4096x14336 / 128256x4096): Q8_0 56.9 / 27.7 / 222.3 us on GGUF rows against 34.2 / 20.3 / 126.0 on planes, Q6_K 53.7
@@ -34,6 +36,8 @@ PLANES = {
     "Q8_0": ((2, 32), (0, 2)),
     "Q4_0": ((2, 16), (0, 2)),
     "Q4_1": ((4, 16), (0, 4)),
+    "Q5_0": ((6, 16), (2, 4), (0, 2)),
+    "Q5_1": ((8, 16), (4, 4), (0, 4)),
     "Q4_K": ((16, 128), (4, 12), (0, 4)),
     "Q5_K": ((48, 128), (16, 32), (4, 12), (0, 4)),
     "Q6_K": ((0, 128), (128, 64), (192, 16), (208, 2)),

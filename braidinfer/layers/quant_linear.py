@@ -51,12 +51,10 @@ class QuantLinear(nn.Module):
 
     Forms (`finalize`): "blocks" (CUDA): braid_kernels.quant.quant_linear (dequantising GEMV up to 4 rows, the fused
     GEMM up to 64 on large matrices, else dequantise + matmul). "dot" (x86 CPUs with AVX-512 VNNI, where
-    braid_kernels/cpu_quant.c builds): Q8_0/Q4_0/Q4_1/Q4_K/Q5_K/Q6_K parts as that library's packed codes
-    (integer dot products with x rounded to two int8 terms per value and 32-value block, float32 out), float parts
-    as they are. "int4" (the CPU
-    where torch's int4 kernels are fast):
-    Q8_0/Q4_0/Q4_1/Q4_K/Q5_K parts as torch's CPU int4 weight-only matmul operands (cpu_int4.py, the same bytes per
-    weight, x rounded to bfloat16), other parts decoded to float once. "float" (other CPUs): every part decoded once
+    braid_kernels/cpu_quant.c builds): parts of every kept type as that library's packed codes (integer dot products
+    with x rounded to two int8 terms per value and 32-value block, float32 out), float parts as they are. "int4" (the
+    CPU where torch's int4 kernels are fast): parts of every kept type but Q6_K as torch's CPU int4 weight-only matmul
+    operands (cpu_int4.py, the same bytes per weight, x rounded to bfloat16), other parts decoded to float once. "float" (other CPUs): every part decoded once
     into a float matrix, as decoding per call is slower still.
 
     Where x takes the integer-dot GEMV (a few rows of 16-bit x, every part blocks), x is rounded to int8 once for

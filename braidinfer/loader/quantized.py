@@ -7,7 +7,7 @@ import torch
 
 # The block types braid_kernels.quant computes from; kept here as names so that the loader does not import the
 # kernels package (importing it decorates Triton functions). tests/unit/test_quant_loader.py checks they agree.
-QUANTIZED_TYPES = frozenset({"Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"})
+QUANTIZED_TYPES = frozenset({"Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"})
 
 
 LAYOUTS = ("gguf", "planes")

@@ -98,8 +98,8 @@ def test_load_summary_and_memory_stats(engines, quantized_model):
     assert plain.load_summary == [plain.load_summary[0]] and plain.load_summary[0].startswith("weights: ")
     mem_auto, mem_plain = auto.memory_stats(), plain.memory_stats()
     assert mem_auto["kv_bytes"] == mem_plain["kv_bytes"] > 0
-    if "llama" in path:  # one Q5_0 tensor has no kernel: dequantised and said so
-        assert "dequantised: model.layers.1.self_attn.o_proj.weight (Q5_0: no kernel for this type)" in summary
+    if "llama" in path:  # one Q2_K tensor has no kernel: dequantised and said so
+        assert "dequantised: model.layers.1.self_attn.o_proj.weight (Q2_K: no kernel for this type)" in summary
         assert mem_auto["weight_bytes"] == mem_plain["weight_bytes"]  # the tied table is decoded for the lm_head
     else:  # the untied embedding stays Q4_K (4.5 bits a weight instead of 32)
         table = SHAPE["vocab_size"] * SHAPE["hidden_size"]
@@ -338,10 +338,10 @@ def test_dot_embedding_reads_the_tied_lm_heads_codes(embedded_gguf):
 
 
 def test_replayed_decode_equals_eager_on_tiny_checkpoints(quantized_model):
-    """The same on the tiny Llama and Qwen3 checkpoints (QK-norm in the C attention; Q8_0, Q4_1, Q4_K, Q5_K and Q6_K
-    projections in the "dot" form, one of them mixing types): layers replay at one and at three rows (the Llama's
-    second layer has a Q5_0 projection, decoded to float at load, so it stays eager), and the logprobs are the eager
-    engine's bit for bit."""
+    """The same on the tiny Llama and Qwen3 checkpoints (QK-norm in the C attention; projections of every kept type
+    in the "dot" form, some of them mixing types): layers replay at one and at three rows (the Llama's second layer
+    has a Q2_K projection, decoded to float at load, so it stays eager), and the logprobs are the eager engine's bit
+    for bit."""
     require_cpu_kernels()
     path, _ = quantized_model
     prompts = random_prompts([5, 17, 40], SHAPE["vocab_size"], seed=2)
@@ -361,7 +361,7 @@ def test_steps_mixing_prompt_and_decoding_rows_equal_each_request_alone(quantize
     """A long prompt prefilled in chunks while another request decodes: the steps mix prompt rows (the torch
     backend, on their own) and decoding rows (the C attention). The decoding request's logprobs equal its run alone
     bit for bit (every projection of the Qwen3 checkpoint is in the "dot" form, whose rows are computed alone; the
-    Llama one has a Q5_0 projection decoded to float, whose matmul rounds by batch). The prompt's chunks are split
+    Llama one has a Q2_K projection decoded to float, whose matmul rounds by batch). The prompt's chunks are split
     differently than alone (16 tokens a step, shared), so its logprobs match within float32 rounding."""
     from braidinfer.attention.torch_backend import TorchAttention
 

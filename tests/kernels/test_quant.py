@@ -44,8 +44,9 @@ from tests.support.gguf_quant import quantize
 QTYPE_LIST = sorted(QTYPES)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Quantisation error of each type on N(0, 1) values, RMS: a bound a few times what the encoders give (Q8_0 0.005,
-# Q4_* ~0.08, Q5_K 0.04, Q6_K 0.02), far below the 1.0 that garbage blocks would give.
-ROUND_TRIP_RMS = {"Q8_0": 0.02, "Q4_0": 0.2, "Q4_1": 0.2, "Q4_K": 0.2, "Q5_K": 0.1, "Q6_K": 0.05}
+# Q4_* ~0.08, Q5_* 0.04, Q6_K 0.02), far below the 1.0 that garbage blocks would give.
+ROUND_TRIP_RMS = {"Q8_0": 0.02, "Q4_0": 0.2, "Q4_1": 0.2, "Q5_0": 0.1, "Q5_1": 0.1, "Q4_K": 0.2, "Q5_K": 0.1,
+                  "Q6_K": 0.05}
 
 
 def _planes(blocks: torch.Tensor, qtype: str, device) -> torch.Tensor:
@@ -88,6 +89,7 @@ def test_planes_regroup_each_rows_fields(qtype):
     planes = to_planes(blocks, qtype)
     assert planes.shape == blocks.shape and torch.equal(from_planes(planes, qtype), blocks)
     fields = {"Q8_0": [(2, 32), (0, 2)], "Q4_0": [(2, 16), (0, 2)], "Q4_1": [(4, 16), (0, 4)],
+              "Q5_0": [(6, 16), (2, 4), (0, 2)], "Q5_1": [(8, 16), (4, 4), (0, 4)],
               "Q4_K": [(16, 128), (4, 12), (0, 4)], "Q5_K": [(48, 128), (16, 32), (4, 12), (0, 4)],
               "Q6_K": [(0, 128), (128, 64), (192, 16), (208, 2)]}[qtype]
     size, nb = TYPE_SIZE[qtype], blocks.shape[1] // TYPE_SIZE[qtype]
@@ -103,10 +105,10 @@ def test_planes_regroup_each_rows_fields(qtype):
         to_planes(blocks[:, :-1], qtype)
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q6_K", "Q4_0"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q6_K", "Q4_0", "Q5_0"])
 def test_dot_gemv_rows_of_any_alignment(device, qtype):
-    """Rows whose length is not a multiple of 4 bytes (Q8_0 and Q4_0 with an odd number of blocks, Q6_K with 1 or 3
-    blocks) take the 16-bit loads; rows of 4 blocks the word loads."""
+    """Rows whose length is not a multiple of 4 bytes (Q8_0, Q4_0 and Q5_0 with an odd number of blocks, Q6_K with 1
+    or 3 blocks) take the 16-bit loads (Q5_0's qh words too); rows of 4 blocks the word loads."""
     for k in ((32 * 3, 32 * 5, 32 * 8) if qtype != "Q6_K" else (256, 768, 1024)):
         _, blocks = _weights(5, k, seed=k, qtype=qtype)
         x = torch.randn(1, k, generator=torch.Generator().manual_seed(k)).to(torch.bfloat16)
@@ -442,7 +444,7 @@ def _bad_calls(device="cpu"):
     shared = torch.zeros(1, 512, device=device)  # x, bias and out as views of one buffer
 
     return [
-        (lambda: quant_linear(x, blocks, "Q5_0"), "qtype must be one of"),
+        (lambda: quant_linear(x, blocks, "Q2_K"), "qtype must be one of"),
         (lambda: quant_linear(x, blocks.view(torch.int8), "Q4_K"), "blocks must have dtype uint8"),
         (lambda: quant_linear(x, blocks[:, :100], "Q4_K"), "multiple of 144 bytes"),
         (lambda: quant_linear(x, blocks.t().contiguous().t(), "Q4_K"), "blocks must be contiguous"),

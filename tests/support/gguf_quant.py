@@ -1,8 +1,8 @@
 """A reference quantiser for the GGML types Braid keeps quantised: float32 [rows, cols] -> the GGUF bytes
-uint8 [rows, cols / block_size * type_size].
+uint8 [rows, cols / block_size * type_size]. Also Q2_K, a type Braid dequantises at load (for the tests of that path).
 
-Q8_0, Q4_0 and Q4_1 come from gguf.quants.quantize (llama.cpp's own rounding). The gguf package cannot write the
-K-types, so Q4_K, Q5_K and Q6_K are encoded here in numpy with the simplest valid choice of scales (each sub-block's
+Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 come from gguf.quants.quantize (llama.cpp's own rounding). The gguf package cannot write the
+K-types, so Q2_K, Q4_K, Q5_K and Q6_K are encoded here in numpy with the simplest valid choice of scales (each sub-block's
 range split evenly, the scales themselves quantised against their maximum), not llama.cpp's error-minimising search:
 kernels only need valid blocks, and gguf.quants.dequantize reads them back. Layouts as in braid_kernels/quant_formats.py.
 """
@@ -13,18 +13,22 @@ from gguf import GGMLQuantizationType
 from gguf.quants import quantize as gguf_quantize
 
 QK_K = 256
+ENCODED = frozenset({"Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q4_K", "Q5_K", "Q6_K"})
+"""The types `quantize` writes."""
 
 
 def quantize(array: np.ndarray, qtype: str) -> np.ndarray:
     """float [rows, cols] -> uint8 [rows, row_bytes] in GGML type `qtype` (cols a multiple of the block size)."""
+    if qtype not in ENCODED:
+        raise ValueError(f"qtype must be one of {', '.join(sorted(ENCODED))}, got {qtype!r}")
     array = np.ascontiguousarray(array, dtype=np.float32)
-    if qtype in ("Q8_0", "Q4_0", "Q4_1"):
+    if qtype in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"):
         return gguf_quantize(array, GGMLQuantizationType[qtype])
     rows, cols = array.shape
     if cols % QK_K:
         raise ValueError(f"{qtype} rows need a multiple of {QK_K} values, got {cols}")
     blocks = array.reshape(-1, QK_K)
-    encoded = {"Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}[qtype](blocks)
+    encoded = {"Q2_K": _q2_k, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}[qtype](blocks)
     return encoded.reshape(rows, -1)
 
 
@@ -96,3 +100,20 @@ def _q6_k(blocks):
     top = (q >> 4).reshape(-1, 2, 4, 32)  # bits 4-5 of element h * 128 + u * 32 + i
     qh = top[:, :, 0] | (top[:, :, 1] << 2) | (top[:, :, 2] << 4) | (top[:, :, 3] << 6)  # (n, 2, 32)
     return np.concatenate([ql.reshape(-1, 128), qh.reshape(-1, 64), sc.view(np.uint8), d_bytes], axis=1)
+
+
+def _q2_k(blocks):
+    """Q2_K (84 B / 256: scales[16] | qs[64] | d, dmin fp16): per sub-block of 16, w = (d * (sc & 15)) * q -
+    dmin * (sc >> 4) with q 2-bit; q of element h * 128 + u * 32 + i in bits 2u of qs[h * 32 + i] (gguf's order)."""
+    sub = blocks.reshape(-1, 16, 16)
+    low = np.minimum(sub.min(axis=2), 0.0)
+    scale = (sub.max(axis=2) - low) / 3
+    d_bytes, d = _fp16_bytes(scale.max(axis=1) / 15)
+    dmin_bytes, dmin = _fp16_bytes(-low.min(axis=1) / 15)
+    sc = np.clip(np.rint(_div(scale, d[:, None])), 0, 15).astype(np.uint8)
+    mn = np.clip(np.rint(_div(-low, dmin[:, None])), 0, 15).astype(np.uint8)
+    step = (d[:, None] * sc)[:, :, None]
+    q = np.clip(np.rint(_div(sub + (dmin[:, None] * mn)[:, :, None], step)), 0, 3).astype(np.uint8)
+    q = q.reshape(-1, 2, 4, 32)  # (block, half h, shift u, i)
+    qs = q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)  # (n, 2, 32)
+    return np.concatenate([sc | (mn << 4), qs.reshape(-1, 64), d_bytes, dmin_bytes], axis=1)

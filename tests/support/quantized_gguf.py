@@ -11,9 +11,8 @@ import numpy as np
 import torch
 
 from tests.support.gguf_export import add_shape_metadata, llamacpp_permute
-from tests.support.gguf_quant import quantize
+from tests.support.gguf_quant import ENCODED, quantize
 
-QUANTIZED = frozenset({"Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"})
 QTypeOf = Callable[[str], "str | None"]
 """HF parameter name -> GGML type name to store it in ("Q4_K", "Q5_0", ...), or None for F32."""
 
@@ -48,8 +47,8 @@ def write_quantized_gguf(model, path, qtype_of: QTypeOf) -> dict[str, str]:
         data = tensor.float().numpy()
         qtype = qtype_of(hf_name)
         if qtype is not None:
-            # Rows are independent: quantising before permuting rows is the same. gguf writes the legacy types.
-            data = (quantize(data, qtype) if qtype in QUANTIZED
+            # Rows are independent: quantising before permuting rows is the same. gguf writes the other types.
+            data = (quantize(data, qtype) if qtype in ENCODED
                     else gguf_quantize(data, gguf.GGMLQuantizationType[qtype]))
             with torch.no_grad():
                 values = dequantize(data, gguf.GGMLQuantizationType[qtype])

@@ -18,7 +18,7 @@ from tests.unit.test_quantized_weights import _blocks, _reference
 def test_nibble_terms_rebuild_gguf_values(qtype):
     blocks = _blocks(24, 512, qtype, seed=5)
     terms = nibble_terms(blocks, qtype)
-    assert len(terms) == (2 if qtype in ("Q8_0", "Q5_K") else 1)
+    assert len(terms) == (2 if qtype in ("Q8_0", "Q5_0", "Q5_1", "Q5_K") else 1)
     weight = torch.zeros(24, 512)
     for codes, scale, offset in terms:
         assert codes.dtype == torch.uint8 and codes.shape == (24, 512) and int(codes.max()) <= 15

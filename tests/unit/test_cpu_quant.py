@@ -12,7 +12,7 @@ from braid_kernels.quant_formats import dequantize_torch
 from tests.support.gguf_quant import quantize
 
 needs_library = pytest.mark.skipif(not cpu_quant.available(), reason=f"{cpu_quant.unavailable_reason()}")
-QTYPES = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+QTYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
 
 
 def _blocks(qtype: str, n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,7 +38,7 @@ def test_pack_keeps_ggufs_values(qtype):
         packed = cpu_quant.pack(blocks, qtype)
         assert packed.shape == (n, k)
         assert torch.equal(cpu_quant.dequantize(packed), reference)
-        assert packed.bits == (8 if qtype in ("Q8_0", "Q5_K", "Q6_K") else 4)
+        assert packed.bits == (8 if qtype in ("Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K") else 4)
         assert packed.scales.dtype == (torch.float32 if qtype in ("Q4_K", "Q5_K", "Q6_K") else torch.float16)
         assert packed.group == (16 if qtype == "Q6_K" else 32)
 
@@ -46,7 +46,7 @@ def test_pack_keeps_ggufs_values(qtype):
 def test_pack_refuses_other_types():
     blocks, _ = _blocks("Q4_0", 4, 64)
     with pytest.raises(ValueError, match="qtype"):
-        cpu_quant.pack(blocks, "Q5_0")
+        cpu_quant.pack(blocks, "Q2_K")
 
 
 def test_x_rounding_by_hand():

@@ -19,14 +19,17 @@ from tests.support.quantized_gguf import write_quantized_gguf
 
 SHAPE = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
-# Every supported type, a Q4_K_M-like mix inside the fused q/k/v, and one type without a kernel (Q5_0).
+# Every supported type, a Q4_K_M-like mix inside the fused q/k/v, in the second layer's gate/up the 5-bit fallbacks
+# llama.cpp writes for rows that are not a whole number of 256-weight blocks, and one type without a kernel (Q2_K).
 LLAMA_TYPES = {"q_proj": "Q4_K", "k_proj": "Q4_K", "v_proj": "Q6_K", "o_proj": "Q8_0", "gate_proj": "Q4_0",
                "up_proj": "Q4_1", "down_proj": "Q5_K", "embed_tokens": "Q8_0"}
 
 
 def llama_qtype(name: str) -> str | None:
     if name == "model.layers.1.self_attn.o_proj.weight":
-        return "Q5_0"
+        return "Q2_K"
+    if name.startswith("model.layers.1.mlp.") and name.split(".")[-2] in ("gate_proj", "up_proj"):
+        return {"gate_proj": "Q5_0", "up_proj": "Q5_1"}[name.split(".")[-2]]
     return LLAMA_TYPES.get(name.split(".")[-2]) if name.endswith(".weight") else None
 
 
@@ -69,7 +72,7 @@ def test_loader_keeps_supported_types_quantised(quantized_llama):
         else:
             assert isinstance(tensor, torch.Tensor), name
             assert torch.equal(tensor, state[name]), name
-    assert source.dequantized_names() == {"model.layers.1.self_attn.o_proj.weight": "Q5_0: no kernel for this type"}
+    assert source.dequantized_names() == {"model.layers.1.self_attn.o_proj.weight": "Q2_K: no kernel for this type"}
     assert set(source.quantized_names()) == {n for n, q in written.items() if q in QUANTIZED_TYPES}
 
 
@@ -139,7 +142,7 @@ def test_quant_linear_rejects_gaps_and_misfits():
 
 def test_quantized_tensor_checks_its_arguments():
     with pytest.raises(ValueError, match="qtype"):
-        QuantizedTensor(torch.zeros(2, 34, dtype=torch.uint8), "Q5_0", (2, 32))
+        QuantizedTensor(torch.zeros(2, 84, dtype=torch.uint8), "Q2_K", (2, 256))
     with pytest.raises(ValueError, match="uint8"):
         QuantizedTensor(torch.zeros(2, 34), "Q8_0", (2, 32))
 
@@ -225,8 +228,8 @@ def _meta_models(quantized_llama, keep_plain: str):
 
 
 def test_gemv_prologues_into_quant_linears_too(quantized_llama):
-    """On the GEMV plan a norm or activation is deferred into plain Linears (the Q5_0 layer's projections that stay
-    Linear: the GEMV's prologue) and into QuantLinears (which have its kernel write their int8 rows) alike; a step
+    """On the GEMV plan a norm or activation is deferred into plain Linears (layer 1's MLP, left Linear here: the GEMV's
+    prologue) and into QuantLinears (which have its kernel write their int8 rows) alike; a step
     whose output goes anywhere else is not (test_layers.py)."""
     from braidinfer.layers.plan import gemv_prologues
 
@@ -240,7 +243,7 @@ def test_gemv_prologues_into_quant_linears_too(quantized_llama):
 def test_attention_writes_int8_rows_only_into_int8_quant_linears(quantized_llama):
     """On the GEMV plan the attention of a layer whose o_proj is a QuantLinear of GGUF blocks (layer 0: Q8_0) is told
     to write its output as that projection's int8 rows too (PagedAttention.int8_output); where o_proj is a plain
-    Linear (layer 1's Q5_0, dequantised at load; every layer of the dequantised model) it is not, and off the GEMV
+    Linear (layer 1's Q2_K, dequantised at load; every layer of the dequantised model) it is not, and off the GEMV
     plan never."""
     from braidinfer.layers import KernelPlan, select_kernels
     from braidinfer.layers.quant_linear import QuantLinear
