@@ -2,6 +2,11 @@
 transformers `generate` and, when llama-cpp-python is installed, llama.cpp on the same GGUF, same run.
 
     python benchmarks/cpu_decode.py [--tokens 128] [--repeats 3] [--decode-threads 2] [--context 1500]
+                                    [--model FILE.gguf] [--requantize Q4_K_M]
+
+--model times another GGUF file instead of the embedded one; --requantize first has llama.cpp's own quantiser
+(llama-cpp-python's llama_model_quantize) rewrite the model in that file type, into a temporary file, so that a
+llama.cpp type mix (for SmolLM2's 576-wide rows a Q4_K_M is mostly Q5_0) is timed on every engine.
 
 On an AMX Xeon, llama-cpp-python 0.3.36 as pip builds it (GGML_NATIVE) crashed in its decode; a build with
 CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import tempfile
 import time
 
 import torch
@@ -75,6 +81,34 @@ def load_llamacpp(gguf: str):
     return Llama(gguf, n_ctx=2048, n_threads=torch.get_num_threads(), verbose=False)
 
 
+def requantize(gguf: str, ftype: str, directory: str) -> str:
+    """The GGUF `gguf` rewritten by llama.cpp's quantiser in file type `ftype` ("Q4_K_M", "Q5_K_M", ...) under
+    `directory`; its path."""
+    import ctypes
+
+    import llama_cpp
+
+    code = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}", None)
+    if code is None:
+        raise SystemExit(f"--requantize: llama.cpp has no file type {ftype!r}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.allow_requantize, params.nthread = code, True, torch.get_num_threads()
+    out = os.path.join(directory, f"{os.path.splitext(os.path.basename(gguf))[0]}.{ftype.upper()}.gguf")
+    if llama_cpp.llama_model_quantize(gguf.encode(), out.encode(), ctypes.byref(params)) != 0:
+        raise SystemExit(f"--requantize: llama.cpp could not write {out}")
+    return out
+
+
+def type_counts(gguf: str) -> str:
+    """How many of the file's tensors have each GGML type, e.g. "166 Q5_0, 61 F32, ..."."""
+    from collections import Counter
+
+    from gguf import GGUFReader
+
+    counts = Counter(t.tensor_type.name for t in GGUFReader(gguf).tensors)
+    return ", ".join(f"{n} {name}" for name, n in counts.most_common())
+
+
 def question(tokenizer, context: int) -> str:
     """The benchmark's user message: a question, after `context` tokens of Python source when context > 0."""
     ask = "Tell me a long story about a lighthouse."
@@ -98,14 +132,29 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=0,
                     help="put about this many tokens of text (a stdlib module's source) before the question, so "
                          "that decode attends over a long context")
+    ap.add_argument("--model", help="a GGUF file to time instead of the embedded model")
+    ap.add_argument("--requantize", metavar="FTYPE",
+                    help="rewrite the model with llama.cpp's quantiser in this file type first (e.g. Q4_K_M; needs "
+                         "llama-cpp-python)")
     args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as directory:
+        gguf = args.model
+        if gguf is None:
+            from braidinfer.loader.embedded import default_model_path
 
+            gguf = default_model_path()
+        if args.requantize:
+            gguf = requantize(gguf, args.requantize, directory)
+        run(gguf, args)
+
+
+def run(gguf: str, args) -> None:
+    """Times every engine on the GGUF file `gguf` and prints the table."""
     from transformers import AutoModelForCausalLM
 
     from braidinfer import LLM
-    from braidinfer.loader.embedded import default_model_path
 
-    gguf = default_model_path()
+    print(f"model: {gguf} ({type_counts(gguf)})")
     rows: dict[str, tuple[float, float]] = {}  # name -> (prefill s, decode tok/s)
     prompt = None
     torch_int4 = dict(cpu_native_kernels=False)
@@ -115,7 +164,7 @@ def main() -> None:
             "braid dequantize": dict(weight_format="dequantize")}
     runs.update({f"braid auto ({n} decode threads)": dict(cpu_decode_threads=n) for n in args.decode_threads})
     for name, kwargs in runs.items():
-        with LLM(device="cpu", progress=False, enable_prefix_caching=False, **kwargs) as llm:
+        with LLM(model=gguf, device="cpu", progress=False, enable_prefix_caching=False, **kwargs) as llm:
             prompt = llm.apply_chat_template([{"role": "user", "content": question(llm.tokenizer, args.context)}])
             braid_times(llm, prompt, 8)  # warm-up
             rows[name] = best([braid_times(llm, prompt, args.tokens) for _ in range(args.repeats)])

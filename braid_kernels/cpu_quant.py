@@ -5,7 +5,8 @@ called through ctypes.
 A weight is packed once (`pack`: GGUF blocks of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K or Q6_K) into unsigned codes
 with a scale and offset per 32 weights (Q6_K: 16), w = s c + o, in the byte order cpu_quant.c describes; the 32-weight
 types keep GGUF's float16 d and m exactly (0.625 bytes a weight for Q4_1, 1.125 for Q8_0, Q5_0 and Q5_1), the K-types
-take float32 scales (their d times a 6- or 8-bit scale). `linear` computes x @ W.T in float32; `linear_ref` is the same arithmetic in plain PyTorch.
+take float32 scales (their d times a 6- or 8-bit scale). `linear` computes x @ W.T in float32; `linear_ref` is the
+same arithmetic in plain PyTorch.
 
 `available()` is False where there is no C compiler, the CPU lacks AVX-512 VNNI, or the build fails (the reason:
 `unavailable_reason()`); callers then keep another path.
@@ -76,8 +77,8 @@ class PackedWeight:
 
 def pack(blocks: torch.Tensor, qtype: str) -> PackedWeight:
     """W held as uint8 GGUF blocks [n, row_bytes] of `qtype` (one of QTYPES; k a multiple of 32) in this module's
-    form. Q4_0/Q4_1/Q4_K take 4-bit codes, Q8_0 (q + 128), Q5_0, Q5_1, Q5_K and Q6_K (q, with a scale d sc and
-    offset -32 d sc per 16 weights) 8-bit ones."""
+    form. Q4_0/Q4_1/Q4_K take 4-bit codes; Q8_0 (q + 128), Q5_0/Q5_1/Q5_K (the nibble plus 16 times the fifth bit)
+    and Q6_K (q, with a scale d sc and offset -32 d sc per 16 weights) 8-bit ones."""
     if qtype not in QTYPES:
         raise ValueError(f"qtype must be one of {', '.join(sorted(QTYPES))}, got {qtype!r}")
     if qtype == "Q6_K":

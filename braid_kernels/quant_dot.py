@@ -22,8 +22,8 @@ braid_kernels/quant_decode.py):
     Q8_0  qs word j (lo) and j + 4 (hi), signed codes            a = d, b = 0
     Q4_0  nibbles of qs word j                                    a = d, b = -8 d
     Q4_1  nibbles of qs word j                                    a = d, b = m
-    Q5_0  as Q4_0, bit 4 from qh bits 4j ... (lo), 16 + 4j ... (hi) a = d, b = -16 d
-    Q5_1  as Q4_1, bit 4 as Q5_0's                                 a = d, b = m
+    Q5_0  nibbles of qs word j, bit 4 from qh >> 4j, >> 16 + 4j   a = d, b = -16 d
+    Q5_1  as Q5_0                                                 a = d, b = m
     Q4_K  nibbles of qs[32c + 4j ...]                             a = d sc, b = -dmin m  (sub-blocks 2c, 2c + 1)
     Q5_K  as Q4_K, bit 4 from qh[4j ...] >> (2c, 2c + 1)          a = d sc, b = -dmin m
     Q6_K  nibbles of ql, bits 4-5 from qh >> 2 (t // 2)           a = d sc, b = -32 d sc
@@ -60,8 +60,8 @@ def dot_launch_config(qtype: str, num_rows: int, n: int, num_sms: int, k: int | 
     2048-4096 weights at one row of x; 1-4 rows of W at four): at one row of x, one row of W per program was best for
     every type and shape; one warp was best or within 2% for Q4_K and gave Q6_K's 28672x4096 and 128256x4096 products
     11-14% over 4 warps (9% under on 4096x14336; so Q6_K matrices of at most ONE_WARP_Q6_K_ROWS rows take 4 warps);
-    Q8_0 was within 3% on 1 or 4 warps. At four rows, four rows of W with steps of 1024-2048 were best. Q5_K, Q4_0 and
-    Q4_1 were not swept."""
+    Q8_0 was within 3% on 1 or 4 warps. At four rows, four rows of W with steps of 1024-2048 were best. Q5_K, Q4_0,
+    Q4_1, Q5_0 and Q5_1 were not swept."""
     config = launch_config(qtype, num_rows, n, num_sms, k)._replace(num_warps=4)
     if num_rows == 1:
         one_warp = BLOCK_SIZE[qtype] == 256 and (qtype != "Q6_K" or n > ONE_WARP_Q6_K_ROWS)

@@ -144,7 +144,7 @@ def nibble_terms(blocks: torch.Tensor, qtype: str) -> list[tuple[torch.Tensor, t
 
     codes: uint8 [rows, cols] in 0..15; scale, offset: float32 [rows, cols / 32]. Each term is gguf's arithmetic
     split exactly: Q4_0 (d, -8 d), Q4_1 (d, m), Q4_K (d sc, -dmin m); Q8_0's signed byte q = 16 h + l is two terms,
-    h + 8 with (16 d, -128 d) and l with (d, 0); Q5_0, Q5_1 and Q5_K are Q4_0's, Q4_1's (with -16 d for -8 d) and
+    h + 8 with (16 d, -128 d) and l with (d, 0); Q5_0, Q5_1 and Q5_K are Q4_0's (with -16 d for -8 d), Q4_1's and
     Q4_K's term plus the fifth bit with (16 d, 0) or (16 d sc, 0). Q6_K (a scale per 16 weights) has no such form."""
     if qtype not in NIBBLE_QTYPES:
         raise ValueError(f"qtype must be one of {', '.join(sorted(NIBBLE_QTYPES))} for 4-bit terms, got {qtype!r}")

@@ -24,25 +24,25 @@ class EngineConfig(ValidatedModel):
     `cpu_kv_cache_bytes` and ~30% faster decode of the embedded model at 1.5k tokens of context, where attention reads
     the pool. One other than `dtype` needs the CPU (the torch attention backend casts q to it and its output back)."""
     weight_format: Literal["auto", "dequantize"] = "auto"
-    """How a GGUF checkpoint's quantised weights are held. "auto": Q8_0, Q4_0, Q4_1, Q4_K, Q5_K and Q6_K tensors
-    stay quantised in memory and the engine computes from the blocks (GPU kernels; on the CPU, see `cpu_int4`);
+    """How a GGUF checkpoint's quantised weights are held. "auto": Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K
+    tensors stay quantised in memory and the engine computes from the blocks (GPU kernels; on the CPU, see `cpu_int4`);
     tensors of other types are dequantised and the load summary (the log, `LLM.load_summary`) names them.
     "dequantize": every tensor is dequantised to `dtype` at load. Safetensors checkpoints are loaded as they are
     either way."""
     cpu_int4: bool | None = None
-    """On the CPU with weight_format "auto": hold Q8_0/Q4_0/Q4_1/Q4_K/Q5_K projections in torch's int4 weight-only
-    matmul form (the same bytes, activations rounded to bfloat16 for the product) instead of decoding them to float
-    at load. None: Braid's own kernels where they run (`cpu_native_kernels`), else torch's int4 form where this CPU's
-    int4 kernels are fast (AVX-512; braidinfer/layers/cpu_int4.py); False: decoded to float (no quantised form at
-    all). Ignored on CUDA."""
+    """On the CPU with weight_format "auto": hold the projections of every kept type but Q6_K in torch's int4
+    weight-only matmul form (4-bit terms of the GGUF values, activations rounded to bfloat16 for the product) instead of
+    decoding them to float at load. None: Braid's own kernels where they run (`cpu_native_kernels`), else torch's int4
+    form where this CPU's int4 kernels are fast (AVX-512; braidinfer/layers/cpu_int4.py); False: decoded to float (no
+    quantised form at all). Ignored on CUDA."""
     cpu_native_kernels: bool | None = None
-    """On the CPU with weight_format "auto" and `cpu_int4` not False, for a float32 model: compute the Q8_0/Q4_0/Q4_1/
-    Q4_K/Q5_K/Q6_K projections with Braid's own integer-dot kernels (braid_kernels/cpu_quant.c: AVX-512 VNNI, the weights'
-    own bytes read, each row of x rounded per 32 values to two int8 terms, ~16 bits, where llama.cpp rounds to one)
-    instead of torch's int4 op, and RMSNorm, SiLU-and-mul and decoding rows' attention with its C kernels (see
-    `fused_kernels`): ~1.5x faster decode of the embedded model. The library is built with the system's C compiler
-    on first use (a few seconds, once per machine, in Braid's cache). None: where it builds and the CPU has AVX-512
-    VNNI, unless `cpu_int4` is True (torch's int4 op asked for); True: required (an error where it cannot run);
+    """On the CPU with weight_format "auto" and `cpu_int4` not False, for a float32 model: compute the projections of
+    every kept type with Braid's own integer-dot kernels (braid_kernels/cpu_quant.c: AVX-512 VNNI, codes packed once
+    from the GGUF blocks at about their size, each row of x rounded per 32 values to two int8 terms, ~16 bits, where
+    llama.cpp rounds to one) instead of torch's int4 op, and RMSNorm, SiLU-and-mul and decoding rows' attention with its
+    C kernels (see `fused_kernels`): ~1.5x faster decode of the embedded model. The library is built with the system's C
+    compiler on first use (a few seconds, once per machine, in Braid's cache). None: where it builds and the CPU has
+    AVX-512 VNNI, unless `cpu_int4` is True (torch's int4 op asked for); True: required (an error where it cannot run);
     False: never. Ignored on CUDA."""
     cpu_decoded_prefill: bool = False
     """On the CPU, for projections in the int4 form (`cpu_int4`): steps of 128 rows and more (prefills) decode each

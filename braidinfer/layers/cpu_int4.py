@@ -3,10 +3,11 @@ QuantLinear takes on the CPU for Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K and Q5_K wei
 
 That op computes x @ W.T for bfloat16 x with W held as 4-bit codes c and, per run of 32 columns, a bfloat16 scale s
 and zero z: w = (c - 8) s + z. Every type above splits exactly into such terms (quant_formats.nibble_terms: one term
-for the 4-bit types, two for Q8_0 and the 5-bit types), so the weights keep their bytes (Q4_1: 0.625 bytes per weight
-either way) and only s and z are rounded to bfloat16, as x is. Measured on a 2-core AVX-512 machine, one row of the embedded
-SmolLM2-135M's shapes: 2-3x faster than float32 F.linear on the decoded weight, 11x on the 49152 x 576 lm_head; with
-AVX2 kernels only, slower than float32 (benchmarks/RESULTS.md), so `fast_here` gates it.
+for the 4-bit types, two for Q8_0 and the 5-bit types), so the 4-bit types keep their bytes (Q4_1: 0.625 bytes per
+weight either way), the others take a second 4-bit term, and only s and z are rounded to bfloat16, as x is. Measured
+on a 2-core AVX-512 machine, one row of the embedded SmolLM2-135M's shapes: 2-3x faster than float32 F.linear on the
+decoded weight, 11x on the 49152 x 576 lm_head; with AVX2 kernels only, slower than float32 (benchmarks/RESULTS.md),
+so `fast_here` gates it.
 
 The op's time grows with every row of x (it is compute-bound: 23 us a row for a 3072 x 576 matrix on that machine,
 35 ms for a 1,541-token prompt). With `decoded_rows` set (EngineConfig.cpu_decoded_prefill), from that many rows on

@@ -54,8 +54,8 @@ class QuantLinear(nn.Module):
     braid_kernels/cpu_quant.c builds): parts of every kept type as that library's packed codes (integer dot products
     with x rounded to two int8 terms per value and 32-value block, float32 out), float parts as they are. "int4" (the
     CPU where torch's int4 kernels are fast): parts of every kept type but Q6_K as torch's CPU int4 weight-only matmul
-    operands (cpu_int4.py, the same bytes per weight, x rounded to bfloat16), other parts decoded to float once. "float" (other CPUs): every part decoded once
-    into a float matrix, as decoding per call is slower still.
+    operands (cpu_int4.py, x rounded to bfloat16), other parts decoded to float once. "float" (other CPUs): every
+    part decoded once into a float matrix, as decoding per call is slower still.
 
     Where x takes the integer-dot GEMV (a few rows of 16-bit x, every part blocks), x is rounded to int8 once for
     all parts; and on the GEMV plan a norm or SiLU-and-mul before it arrives Deferred (plan.gemv_prologues) and its

@@ -2,8 +2,8 @@
 plain float32 torch: the decoders bit for bit, the GEMV and GEMM to the rounding of their output dtype (the GEMM
 paths also round the weights to x's dtype, which _gemm_reference does too).
 
-Blocks come from tests/support/gguf_quant.py (gguf's own quantiser for Q8_0/Q4_0/Q4_1, a simple encoder for the
-K-types); test_quantiser_round_trips checks those blocks hold the values they were made from."""
+Blocks come from tests/support/gguf_quant.py (gguf's own quantiser for Q8_0/Q4_0/Q4_1/Q5_0/Q5_1, a simple encoder
+for the K-types); test_quantiser_round_trips checks those blocks hold the values they were made from."""
 from __future__ import annotations
 
 import numpy as np
@@ -108,8 +108,9 @@ def test_planes_regroup_each_rows_fields(qtype):
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q6_K", "Q4_0", "Q5_0"])
 def test_dot_gemv_rows_of_any_alignment(device, qtype):
     """Rows whose length is not a multiple of 4 bytes (Q8_0, Q4_0 and Q5_0 with an odd number of blocks, Q6_K with 1
-    or 3 blocks) take the 16-bit loads (Q5_0's qh words too); rows of 4 blocks the word loads."""
-    for k in ((32 * 3, 32 * 5, 32 * 8) if qtype != "Q6_K" else (256, 768, 1024)):
+    or 3 blocks) take the 16-bit loads (Q5_0's qh words too); rows of 2 or 4 blocks the word loads (Q5_0 at 2: 4- but
+    not 16-byte aligned)."""
+    for k in ((32 * 2, 32 * 3, 32 * 5, 32 * 8) if qtype != "Q6_K" else (256, 768, 1024)):
         _, blocks = _weights(5, k, seed=k, qtype=qtype)
         x = torch.randn(1, k, generator=torch.Generator().manual_seed(k)).to(torch.bfloat16)
         got = quant_linear(x.to(device), _planes(blocks, qtype, device), qtype, path="dot").cpu()

@@ -1,10 +1,12 @@
 """A reference quantiser for the GGML types Braid keeps quantised: float32 [rows, cols] -> the GGUF bytes
-uint8 [rows, cols / block_size * type_size]. Also Q2_K, a type Braid dequantises at load (for the tests of that path).
+uint8 [rows, cols / block_size * type_size]. Also Q2_K, a type Braid dequantises at load (for the tests of that
+path).
 
-Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 come from gguf.quants.quantize (llama.cpp's own rounding). The gguf package cannot write the
-K-types, so Q2_K, Q4_K, Q5_K and Q6_K are encoded here in numpy with the simplest valid choice of scales (each sub-block's
-range split evenly, the scales themselves quantised against their maximum), not llama.cpp's error-minimising search:
-kernels only need valid blocks, and gguf.quants.dequantize reads them back. Layouts as in braid_kernels/quant_formats.py.
+Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 come from gguf.quants.quantize (llama.cpp's own rounding). The gguf package cannot
+write the K-types, so Q2_K, Q4_K, Q5_K and Q6_K are encoded here in numpy with the simplest valid choice of scales
+(each sub-block's range split evenly, the scales themselves quantised against their maximum), not llama.cpp's
+error-minimising search: kernels only need valid blocks, and gguf.quants.dequantize reads them back. Layouts as in
+braid_kernels/quant_formats.py.
 """
 from __future__ import annotations
 

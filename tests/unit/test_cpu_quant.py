@@ -31,8 +31,8 @@ def _shapes(qtype: str) -> list[tuple[int, int]]:
 
 @pytest.mark.parametrize("qtype", QTYPES)
 def test_pack_keeps_ggufs_values(qtype):
-    """The packed codes, scales and offsets decode to gguf's dequantisation exactly; Q4_0/Q4_1/Q8_0 keep float16
-    scales (GGUF's own d and m), the K-types float32, Q6_K one per 16 weights."""
+    """The packed codes, scales and offsets decode to gguf's dequantisation exactly; the 32-weight types keep
+    float16 scales (GGUF's own d and m), the K-types float32, Q6_K one per 16 weights."""
     for n, k in _shapes(qtype):
         blocks, reference = _blocks(qtype, n, k)
         packed = cpu_quant.pack(blocks, qtype)
