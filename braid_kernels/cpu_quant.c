@@ -1,19 +1,22 @@
 /* Integer-dot products of quantised weights on x86 CPUs with AVX-512 VNNI: y = x @ W.T for W held as unsigned
- * codes c (4 bits, two a byte, or 8 bits) with a scale s and offset o per 32 weights of a row (w = s c + o), and
- * float32 x rounded to int8 per 32 values (scale dx; llama.cpp's Q8 rounding of activations), so that each 32-weight
+ * codes c (4 bits, two a byte; 5 bits, those nibbles and a plane of fifth bits; or 8 bits) with a scale s and offset
+ * o per 32 weights of a row (w = s c + o), and float32 x rounded to int8 per 32 values (scale dx; llama.cpp's Q8 rounding of activations), so that each 32-weight
  * block's dot product is one run of vpdpbusd:
  *
  *     y[m, n] = sum over blocks b of  s[n, b] dx[m, b] (sum of c q over b)  +  o[n, b] dx[m, b] (sum of q over b)
  *
  * that is, the dequantised weights times the rounded x (the offsets' term must see the same x as the codes': a
- * block's s c has a large mean, so the float sum of x there would add its rounding error ~3x over). A row of y is the same whatever the other rows of x
- * are (every row is computed alone, in the same order), so a request's answer does not depend on its batch.
+ * block's s c has a large mean, so the float sum of x there would add its rounding error ~3x over). A row of y is
+ * the same whatever the other rows of x are (every row is computed alone, in the same order), so a request's answer
+ * does not depend on its batch.
  *
  * Layout (cpu_quant.py packs it): a row of W is K / 64 chunks of 64 weights and, where K % 64 == 32, a last block of
  * 32. A chunk's bytes are ordered so that int32 lane j of vpdpbusd sums 4 weights of block j % 2: weight p of the
  * chunk's block h sits at byte 4 (2 (p / 4) + h) + p % 4 of its 64 codes; 4-bit codes keep bytes 0-31 in the low
- * nibbles of 32 bytes and bytes 32-63 in the high ones. The last block keeps its natural order (4-bit: weight i in the
- * low nibble of byte i, weight 16 + i in the high one). Scales and offsets are float16 or float32 [N, K / 32], or
+ * nibbles of 32 bytes and bytes 32-63 in the high ones; 5-bit codes are the 4-bit chunk's 32 bytes of their low four
+ * bits followed by 8 bytes whose bit i (little-endian) is bit 4 of byte i of the 64 codes. The last block keeps its
+ * natural order (4-bit: weight i in the low nibble of byte i, weight 16 + i in the high one; 5-bit: those 16 bytes and
+ * 4 bytes whose bit i is bit 4 of weight i). Scales and offsets are float16 or float32 [N, K / 32], or
  * float32 [N, K / 16] for Q6_K's scale per 16 weights (8-bit codes, K a multiple of 64: `group16`), whose 16-weight
  * halves of a block sit in lanes 0-7 and 8-15 of a chunk's dot product, and whose offsets' term takes x's sums per
  * 16 values.
@@ -102,7 +105,13 @@ static inline __m512i load_codes(const uint8_t *c, int bits) {
     /* the 32 bytes in both halves, the upper half's shifted down a nibble, then the low nibbles of every byte */
     __m512i both = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)c));
     both = _mm512_mask_srli_epi16(both, (__mmask32)0xFFFF0000u, both, 4);
-    return _mm512_and_si512(both, _mm512_set1_epi8(0x0F));
+    __m512i codes = _mm512_and_si512(both, _mm512_set1_epi8(0x0F));
+    if (bits == 5) {  /* the fifth bits: one mask bit a byte, set as 16 */
+        uint64_t high;
+        memcpy(&high, c + 32, sizeof high);
+        codes = _mm512_or_si512(codes, _mm512_maskz_set1_epi8((__mmask64)high, 0x10));
+    }
+    return codes;
 }
 
 static inline __m256i load_tail_codes(const uint8_t *c, int bits) {
@@ -110,7 +119,13 @@ static inline __m256i load_tail_codes(const uint8_t *c, int bits) {
     __m128i packed = _mm_loadu_si128((const __m128i *)c);
     __m128i mask = _mm_set1_epi8(0x0F);
     __m128i lo = _mm_and_si128(packed, mask), hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
-    return _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+    __m256i codes = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+    if (bits == 5) {
+        uint32_t high;
+        memcpy(&high, c + 16, sizeof high);
+        codes = _mm256_or_si256(codes, _mm256_maskz_set1_epi8((__mmask32)high, 0x10));
+    }
+    return codes;
 }
 
 /* Two adjacent floats as the bits of one double (broadcast as a pair). */
@@ -254,10 +269,14 @@ static inline __attribute__((always_inline)) void span(
     }
 SPAN_VARIANT(span4_f16, 4, 0, 1, 0)
 SPAN_VARIANT(span4_f32, 4, 1, 1, 0)
+SPAN_VARIANT(span5_f16, 5, 0, 1, 0)
+SPAN_VARIANT(span5_f32, 5, 1, 1, 0)
 SPAN_VARIANT(span8_f16, 8, 0, 1, 0)
 SPAN_VARIANT(span8_f32, 8, 1, 1, 0)
 SPAN_VARIANT(span4_f16_fine, 4, 0, 2, 0)
 SPAN_VARIANT(span4_f32_fine, 4, 1, 2, 0)
+SPAN_VARIANT(span5_f16_fine, 5, 0, 2, 0)
+SPAN_VARIANT(span5_f32_fine, 5, 1, 2, 0)
 SPAN_VARIANT(span8_f16_fine, 8, 0, 2, 0)
 SPAN_VARIANT(span8_f32_fine, 8, 1, 2, 0)
 SPAN_VARIANT(span8_g16, 8, 1, 1, 1)
@@ -270,16 +289,16 @@ struct braid_weight {
     const void *offsets;
     long n;
     long k;
-    long bits;        /* 4 or 8 */
+    long bits;        /* 4, 5 or 8 */
     long scales_f32;  /* 0: float16 scales and offsets, 1: float32 */
     long group16;     /* 1: a float32 scale and offset per 16 weights (8-bit codes, k % 64 == 0) */
 };
 
 typedef void (*span_fn)(int, const uint8_t *, const void *, const void *, long, long, long, const int8_t *,
                         const float *, const float *, long, long, float *, long);
-static const span_fn SPANS[2][2][2] = {  /* [terms - 1][bits == 8][scales_f32] */
-    {{span4_f16, span4_f32}, {span8_f16, span8_f32}},
-    {{span4_f16_fine, span4_f32_fine}, {span8_f16_fine, span8_f32_fine}},
+static const span_fn SPANS[2][3][2] = {  /* [terms - 1][bits 4, 5, 8][scales_f32] */
+    {{span4_f16, span4_f32}, {span5_f16, span5_f32}, {span8_f16, span8_f32}},
+    {{span4_f16_fine, span4_f32_fine}, {span5_f16_fine, span5_f32_fine}, {span8_f16_fine, span8_f32_fine}},
 };
 static const span_fn SPANS16[2] = {span8_g16, span8_g16_fine};  /* [terms - 1] */
 
@@ -290,8 +309,8 @@ int braid_cpu_quant_linear(const struct braid_weight *w, const float *x, long m,
     const long n = w->n;
     const int k = (int)w->k, bits = (int)w->bits;
     const int g16 = w->group16 != 0;
-    if (m < 0 || n < 0 || k <= 0 || k % BLOCK || (bits != 4 && bits != 8) || ldx < k || ldy < n || threads < 1
-        || (x_terms != 1 && x_terms != 2) || (g16 && (bits != 8 || !w->scales_f32 || k % CHUNK)))
+    if (m < 0 || n < 0 || k <= 0 || k % BLOCK || (bits != 4 && bits != 5 && bits != 8) || ldx < k || ldy < n
+        || threads < 1 || (x_terms != 1 && x_terms != 2) || (g16 && (bits != 8 || !w->scales_f32 || k % CHUNK)))
         return -1;
     if (m == 0 || n == 0) return 0;
     const int nb = k / BLOCK;
@@ -305,7 +324,8 @@ int braid_cpu_quant_linear(const struct braid_weight *w, const float *x, long m,
         return -2;
     }
     float *sx = dx + (size_t)m * nb, *sx16 = sx + (size_t)m * nb;  /* x's sums per 32 and per 16 values */
-    const span_fn fn = g16 ? SPANS16[x_terms - 1] : SPANS[x_terms - 1][bits == 8][w->scales_f32 != 0];
+    const int width = bits == 4 ? 0 : bits == 5 ? 1 : 2;
+    const span_fn fn = g16 ? SPANS16[x_terms - 1] : SPANS[x_terms - 1][width][w->scales_f32 != 0];
     int parallel = threads > 1 && (long)m * n * k >= (1L << 18);
     #pragma omp parallel for num_threads(threads) schedule(static) if (parallel && m > 1)
     for (long r = 0; r < m; r++)

@@ -4,8 +4,8 @@ called through ctypes.
 
 A weight is packed once (`pack`: GGUF blocks of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K or Q6_K) into unsigned codes
 with a scale and offset per 32 weights (Q6_K: 16), w = s c + o, in the byte order cpu_quant.c describes; the 32-weight
-types keep GGUF's float16 d and m exactly (0.625 bytes a weight for Q4_1, 1.125 for Q8_0, Q5_0 and Q5_1), the K-types
-take float32 scales (their d times a 6- or 8-bit scale). `linear` computes x @ W.T in float32; `linear_ref` is the
+types keep GGUF's float16 d and m exactly (0.625 bytes a weight for Q4_1, 0.75 for Q5_0 and Q5_1, 1.125 for Q8_0),
+the K-types take float32 scales (their d times a 6- or 8-bit scale). `linear` computes x @ W.T in float32; `linear_ref` is the
 same arithmetic in plain PyTorch.
 
 `available()` is False where there is no C compiler, the CPU lacks AVX-512 VNNI, or the build fails (the reason:
@@ -43,8 +43,8 @@ class _Weight(ctypes.Structure):
 
 @dataclass(frozen=True, eq=False)
 class PackedWeight:
-    """W [n, k] as cpu_quant.c reads it: codes uint8 [n, k * bits / 8], scales and offsets float16 or float32
-    [n, k / 32], or float32 [n, k / 16] (Q6_K: `group` 16). The tensors must not be modified or resized (the library
+    """W [n, k] as cpu_quant.c reads it: codes uint8 [n, k * bits / 8] (bits 4, 5 or 8), scales and offsets float16
+    or float32 [n, k / 32], or float32 [n, k / 16] (Q6_K: `group` 16). The tensors must not be modified or resized (the library
     holds their addresses)."""
 
     codes: torch.Tensor
@@ -77,8 +77,8 @@ class PackedWeight:
 
 def pack(blocks: torch.Tensor, qtype: str) -> PackedWeight:
     """W held as uint8 GGUF blocks [n, row_bytes] of `qtype` (one of QTYPES; k a multiple of 32) in this module's
-    form. Q4_0/Q4_1/Q4_K take 4-bit codes; Q8_0 (q + 128), Q5_0/Q5_1/Q5_K (the nibble plus 16 times the fifth bit)
-    and Q6_K (q, with a scale d sc and offset -32 d sc per 16 weights) 8-bit ones."""
+    form. Q4_0/Q4_1/Q4_K take 4-bit codes; Q5_0/Q5_1/Q5_K 5-bit ones (the nibble plus 16 times the fifth bit); Q8_0
+    (q + 128) and Q6_K (q, with a scale d sc and offset -32 d sc per 16 weights) 8-bit ones."""
     if qtype not in QTYPES:
         raise ValueError(f"qtype must be one of {', '.join(sorted(QTYPES))}, got {qtype!r}")
     if qtype == "Q6_K":
@@ -87,13 +87,13 @@ def pack(blocks: torch.Tensor, qtype: str) -> PackedWeight:
     terms = nibble_terms(blocks, qtype)
     if len(terms) == 1:
         (codes, scale, offset), bits = terms[0], 4
-    else:  # Q8_0 and the 5-bit types: two 4-bit terms, one with 16 times the other's scale, make one 8-bit code
+    else:  # Q8_0 and the 5-bit types: two terms, one with 16 times the other's scale, make one 8- or 5-bit code
         (c0, s0, o0), (c1, s1, o1) = terms
         if torch.equal(s1, 16 * s0):
             (c0, s0, o0), (c1, s1, o1) = (c1, s1, o1), (c0, s0, o0)
         if not torch.equal(s0, 16 * s1):
-            raise ValueError(f"{qtype}'s two terms do not make one 8-bit code")
-        codes, scale, offset, bits = c1 + 16 * c0, s1, o0 + o1, 8
+            raise ValueError(f"{qtype}'s two terms do not make one code")
+        codes, scale, offset, bits = c1 + 16 * c0, s1, o0 + o1, (5 if qtype in ("Q5_0", "Q5_1", "Q5_K") else 8)
     exact = qtype in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0") and all(
         torch.equal(t.half().float(), t) for t in (scale, offset))  # GGUF's own float16 d and m: kept exactly
     dtype = torch.float16 if exact else torch.float32
@@ -111,16 +111,47 @@ def q6_k_codes(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _order(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes [n, k] in cpu_quant.c's byte order (whole chunks interleaved by block, a last lone block in
-    natural order), two to a byte for 4 bits."""
+    natural order), two to a byte for 4 bits; for 5 bits, each chunk's (and the tail's) low four bits as 4-bit codes,
+    then their fifth bits, one a bit (little-endian: bit i for byte i of the 8-bit order)."""
     n, k = codes.shape
     whole = k // CHUNK * CHUNK
     # weight p of block h of a chunk -> byte 4 (2 (p / 4) + h) + p % 4
     chunks = codes[:, :whole].reshape(n, k // CHUNK, 2, 8, 4).permute(0, 1, 3, 2, 4).reshape(n, -1, 2, 32)
     tail = codes[:, whole:].reshape(n, -1, 2, 16)
-    if bits == 4:
-        chunks = chunks[:, :, 0] | (chunks[:, :, 1] << 4)
-        tail = tail[:, :, 0] | (tail[:, :, 1] << 4)
+    if bits == 5:
+        chunks = torch.cat((_nibble_pairs(chunks & 15), _bit_plane(chunks >> 4)), dim=2)
+        tail = torch.cat((_nibble_pairs(tail & 15), _bit_plane(tail >> 4)), dim=2)
+    elif bits == 4:
+        chunks, tail = _nibble_pairs(chunks), _nibble_pairs(tail)
     return torch.cat((chunks.reshape(n, -1), tail.reshape(n, -1)), dim=1).contiguous()
+
+
+def _nibble_pairs(codes: torch.Tensor) -> torch.Tensor:
+    """[..., 2, h] codes below 16 -> [..., h] bytes: the first h in the low nibbles, the second h in the high ones."""
+    return codes[..., 0, :] | (codes[..., 1, :] << 4)
+
+
+def _bit_plane(bits: torch.Tensor) -> torch.Tensor:
+    """[..., 2, h] zeros and ones -> [..., h / 4] bytes, bit i of the little-endian run for value i (h a multiple of
+    4)."""
+    flat = bits.reshape(*bits.shape[:-2], bits.shape[-2] * bits.shape[-1] // 8, 8).to(torch.int32)
+    weights = 1 << torch.arange(8, dtype=torch.int32, device=bits.device)
+    return (flat * weights).sum(dim=-1).to(torch.uint8)
+
+
+def _unpack_codes(packed: torch.Tensor, bits: int, size: int) -> torch.Tensor:
+    """_order's packing of [n, groups, size] codes undone for one kind of run (chunks of 64, or the 32-weight tail):
+    packed uint8 [n, groups * size * bits / 8] -> codes [n, groups, size] in the run's byte order."""
+    n = packed.shape[0]
+    if bits == 8:
+        return packed.reshape(n, -1, size)
+    if bits == 4:
+        runs = packed.reshape(n, -1, size // 2)
+        return torch.cat((runs & 15, runs >> 4), dim=2)
+    runs = packed.reshape(n, -1, size * 5 // 8)
+    low = runs[:, :, :size // 2]
+    high = (runs[:, :, size // 2:, None] >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1
+    return torch.cat((low & 15, low >> 4), dim=2) | (high.reshape(n, -1, size) << 4)
 
 
 def unpack(weight: PackedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -129,10 +160,8 @@ def unpack(weight: PackedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     n, k = weight.shape
     whole = k // CHUNK * CHUNK
     split = whole * weight.bits // 8
-    chunks, tail = weight.codes[:, :split], weight.codes[:, split:]
-    if weight.bits == 4:
-        chunks = torch.stack((chunks.reshape(n, -1, 32) & 15, chunks.reshape(n, -1, 32) >> 4), dim=2)
-        tail = torch.stack((tail.reshape(n, -1, 16) & 15, tail.reshape(n, -1, 16) >> 4), dim=2)
+    chunks = _unpack_codes(weight.codes[:, :split], weight.bits, CHUNK)
+    tail = _unpack_codes(weight.codes[:, split:], weight.bits, BLOCK)
     chunks = chunks.reshape(n, -1, 8, 2, 4).permute(0, 1, 3, 2, 4).reshape(n, whole)
     codes = torch.cat((chunks, tail.reshape(n, -1)), dim=1)
     return codes, weight.scales.float(), weight.offsets.float()

@@ -38,7 +38,8 @@ def test_pack_keeps_ggufs_values(qtype):
         packed = cpu_quant.pack(blocks, qtype)
         assert packed.shape == (n, k)
         assert torch.equal(cpu_quant.dequantize(packed), reference)
-        assert packed.bits == (8 if qtype in ("Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K") else 4)
+        assert packed.bits == (8 if qtype in ("Q8_0", "Q6_K") else 5 if qtype in ("Q5_0", "Q5_1", "Q5_K") else 4)
+        assert packed.codes.shape == (n, k * packed.bits // 8)
         assert packed.scales.dtype == (torch.float32 if qtype in ("Q4_K", "Q5_K", "Q6_K") else torch.float16)
         assert packed.group == (16 if qtype == "Q6_K" else 32)
 
