@@ -228,6 +228,43 @@ def test_embedded_model_int4_perplexity_within_half_a_percent(embedded_gguf, hf_
     assert decoded_ppl != pool_ppl or not cpu_int4.layout_known()  # the decoded products ran
 
 
+def llamacpp_q4_k_m_qtype(name: str) -> str | None:
+    """The types llama.cpp's Q4_K_M gives SmolLM2-135M: its 576-column projections cannot hold 256-weight K-blocks,
+    so Q4_K falls back to Q5_0 and v_proj's Q6_K to Q8_0; down_proj (1536 columns) is Q6_K, the tied embedding
+    Q8_0."""
+    if not name.endswith(".weight") or "norm" in name:
+        return None
+    kind = name.split(".")[-2]
+    return {"v_proj": "Q8_0", "down_proj": "Q6_K", "embed_tokens": "Q8_0"}.get(kind, "Q5_0")
+
+
+def test_q4_k_m_layout_of_the_embedded_model_perplexity_within_half_a_percent(embedded_gguf, hf_smollm,
+                                                                              smollm_tokenizer, tmp_path):
+    """The embedded model's weights written in llama.cpp's Q4_K_M layout for its width (mostly Q5_0; the real file,
+    from llama.cpp's quantiser, has the same types): over a stdlib module's source, the perplexity through Braid's CPU
+    forms of those weights (torch's int4 op; Braid's integer-dot kernels where they run, 5-bit codes for Q5_0) is within
+    0.5% of transformers computing in float32 with the file's dequantised weights."""
+    import copy
+    import inspect
+    import json.decoder
+
+    reference = copy.deepcopy(hf_smollm)
+    path = tmp_path / "smollm2-q4_k_m-layout.gguf"
+    written = write_quantized_gguf(reference, path, llamacpp_q4_k_m_qtype)  # the weights replaced by the file's
+    assert sum(q == "Q5_0" for q in written.values()) == 5 * reference.config.num_hidden_layers
+    ids = smollm_tokenizer(inspect.getsource(json.decoder), return_tensors="pt").input_ids[:, :768]
+    float_ppl = _perplexity(reference, ids)
+    forms = ["int4"] + (["dot"] if cpu_library().available() else [])
+    for form in forms:
+        quantized = with_int4_linears(reference, path, form=form)
+        kinds = {k for m in quantized.modules() for k in getattr(m, "kinds", [])}
+        assert form in kinds
+        ppl = _perplexity(quantized, ids)
+        print(f"Q4_K_M layout, perplexity over {ids.shape[1]} tokens: float32 {float_ppl:.4f}, {form} {ppl:.4f} "
+              f"({ppl / float_ppl - 1:+.3%})")
+        assert abs(ppl / float_ppl - 1) < 0.005
+
+
 @pytest.mark.parametrize("form", ["int4", "dot"])
 def test_embedded_model_int4_engine_is_within_bf16_rounding(embedded_gguf, hf_smollm, form):
     """The engine on the embedded model with the int4 form (and with Braid's CPU kernels, the default where they
