@@ -180,8 +180,9 @@ class LLM:
 
     @property
     def load_summary(self) -> list[str]:
-        """How the weights were loaded, one line each: their size, the tensors kept quantised per GGUF type, and each
-        quantised tensor dequantised anyway, with the reason (EngineConfig.weight_format)."""
+        """How the weights were loaded, one line each: their size, the tensors kept quantised per GGUF type, and the
+        quantised tensors dequantised anyway, a line per reason with their count and first names
+        (EngineConfig.weight_format)."""
         return list(self.engine.load_summary)
 
     # --- internals ---------------------------------------------------------------------------------------------

@@ -1,7 +1,12 @@
 """What a loaded model's weights occupy and how they are held: the engine's load summary and LLM.memory_stats."""
 from __future__ import annotations
 
+import re
+
 from torch import nn
+
+NAMES_SHOWN = 3
+"""Tensor names the load summary shows for each reason some were dequantised (a Q3_K_M file can have hundreds)."""
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -19,7 +24,8 @@ def weight_bytes(model: nn.Module) -> int:
 def load_summary(model: nn.Module, quantized_names: dict[str, str], dequantized: dict[str, str],
                  form: str = "blocks") -> list[str]:
     """Lines for the log: weight bytes, tensors kept quantised by qtype and how the projections hold them (`form`,
-    see QuantLinear.finalize), and every quantised tensor dequantised anyway with the reason."""
+    see QuantLinear.finalize), and the quantised tensors dequantised anyway: a line per reason, with their count and
+    the first NAMES_SHOWN names in layer order."""
     lines = [f"weights: {weight_bytes(model) / 2**20:.1f} MiB"]
     kept: dict[str, int] = {}
     for name, qtype in quantized_names.items():
@@ -28,8 +34,19 @@ def load_summary(model: nn.Module, quantized_names: dict[str, str], dequantized:
     if kept:
         counts = ", ".join(f"{n} {q}" for q, n in sorted(kept.items()))
         lines.append(_kept_line(counts, form))
-    lines += [f"dequantised: {name} ({why})" for name, why in sorted(dequantized.items())]
+    by_reason: dict[str, list[str]] = {}
+    for name in sorted(dequantized, key=_layer_order):
+        by_reason.setdefault(dequantized[name], []).append(name)
+    for why, names in by_reason.items():
+        count = f"{len(names)} tensors" if len(names) > 1 else "1 tensor"
+        more = f", and {len(names) - NAMES_SHOWN} more" if len(names) > NAMES_SHOWN else ""
+        lines.append(f"dequantised ({why}): {count}: {', '.join(names[:NAMES_SHOWN])}{more}")
     return lines
+
+
+def _layer_order(name: str) -> list[str | int]:
+    """A sort key that orders a name's numbers as numbers (layers.2 before layers.10)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def _kept_line(counts: str, form: str) -> str:
