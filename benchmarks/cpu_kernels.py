@@ -17,10 +17,10 @@ import time
 
 import torch
 
-SHAPES = [("Q4_1", 960, 576), ("Q4_1", 3072, 576), ("Q4_1", 576, 1536), ("Q8_0", 49152, 576), ("Q6_K", 576, 1536),
-          ("Q6_K", 49152, 768)]
-"""The embedded model's q/k/v, gate/up and down projections (Q4_1) and its tied lm_head (Q8_0); Q6_K a down
-projection and an lm_head (k a multiple of 256)."""
+SHAPES = [("Q4_1", 960, 576), ("Q4_1", 3072, 576), ("Q4_1", 576, 1536), ("Q8_0", 49152, 576), ("Q5_0", 960, 576),
+          ("Q5_0", 3072, 576), ("Q6_K", 576, 1536), ("Q6_K", 49152, 768)]
+"""The embedded model's q/k/v, gate/up and down projections (Q4_1) and its tied lm_head (Q8_0); Q5_0 the q/k/v and
+gate/up of llama.cpp's Q4_K_M of it (5-bit codes); Q6_K a down projection and an lm_head (k a multiple of 256)."""
 
 
 def median_us(fn, reps: int) -> float:

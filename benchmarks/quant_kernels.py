@@ -56,7 +56,8 @@ from braid_kernels.quant_stream import STREAM_TYPES, launch_stream_gemv, stream_
 # (N, K) of a weight: Llama-3.1-8B / Qwen3-8B's o_proj, gate_up-like, down-like, a Qwen-sized lm_head, k/v_proj.
 SHAPES = [(4096, 4096), (12288, 4096), (4096, 12288), (151936, 4096), (1024, 4096)]
 L2_BYTES_TO_DEFEAT = 240e6  # 4x the H200's 60 MB L2
-FP16_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+FP16_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q4_K": (0, 2), "Q5_K": (0, 2),
+               "Q6_K": (208,)}
 SWEEP = [QuantGemvConfig(n, k, w) for n in (1, 2, 4) for k in (1024, 2048, 4096) for w in (4, 8)]
 
 
