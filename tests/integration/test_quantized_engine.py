@@ -164,6 +164,46 @@ def test_dot_form_matches_transformers_through_the_same_layers(quantized_model):
         assert_greedy_matches(llm, dot_ref, prompts, steps=12)
 
 
+def qwen2_small_q4_k_m_qtype(name: str) -> str | None:
+    """A Qwen2.5-0.5B Q4_K_M's types (896 wide: Q5_0 where llama.cpp falls back from Q4_K, Q8_0 from Q6_K), with one
+    projection in the Q5_1 a Q5_K_M file would hold."""
+    if not name.endswith(".weight") or "norm" in name:
+        return None
+    kind = name.split(".")[-2]
+    return {"v_proj": "Q8_0", "down_proj": "Q6_K", "embed_tokens": "Q8_0", "up_proj": "Q5_1"}.get(kind, "Q5_0")
+
+
+def test_qwen2_with_q5_projections_matches_transformers(tmp_path, smollm_tokenizer, monkeypatch):
+    """A tiny Qwen2 (q/k/v biases, tied embedding) in a small model's Q4_K_M types: Q5_0 and Q5_1 stay quantised, and
+    the engine matches transformers on the file's dequantised weights, with the projections decoded at load and, where
+    Braid's CPU kernels run, in their 5-bit codes (against the same layers in transformers)."""
+    import transformers
+
+    torch.manual_seed(5)
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**SHAPE, tie_word_embeddings=True))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 4.0)
+            elif name.endswith("proj.bias"):
+                p.normal_(0.0, 0.5)
+    path = str(tmp_path / "tiny-qwen2.gguf")
+    written = write_quantized_gguf(model.eval(), path, qwen2_small_q4_k_m_qtype)
+    assert {"Q5_0", "Q5_1"} <= set(written.values())
+    monkeypatch.setattr(GGUFCheckpoint, "load_tokenizer", lambda self: smollm_tokenizer)
+    prompts = random_prompts([5, 17], SHAPE["vocab_size"], seed=4)
+    with LLM(model=path, **BASE) as llm:
+        summary = "\n".join(llm.load_summary)
+        assert "Q5_0" in llm.load_summary[1] and "Q5_1" in llm.load_summary[1] and "dequantised (" not in summary
+        assert_logprobs_match(llm, model, prompts[1], steps=6)
+        assert_greedy_matches(llm, model, prompts, steps=12)
+    if cpu_library().available():
+        with LLM(model=path, **DOT) as llm:
+            dot_ref = with_int4_linears(model, path, form="dot")
+            assert_logprobs_match(llm, dot_ref, prompts[1], steps=6, abs_tol=2e-2)
+            assert_greedy_matches(llm, dot_ref, prompts, steps=12)
+
+
 def test_native_kernels_are_validated(monkeypatch):
     """cpu_native_kernels=True where the kernels cannot run is a clear error, not a fallback."""
     from braid_kernels import cpu_quant
