@@ -1,7 +1,7 @@
 /* Integer-dot products of quantised weights on x86 CPUs with AVX-512 VNNI: y = x @ W.T for W held as unsigned
  * codes c (4 bits, two a byte; 5 bits, those nibbles and a plane of fifth bits; or 8 bits) with a scale s and offset
- * o per 32 weights of a row (w = s c + o), and float32 x rounded to int8 per 32 values (scale dx; llama.cpp's Q8 rounding of activations), so that each 32-weight
- * block's dot product is one run of vpdpbusd:
+ * o per 32 weights of a row (w = s c + o), and float32 x rounded to int8 per 32 values (scale dx; llama.cpp's Q8
+ * rounding of activations), so that each 32-weight block's dot product is one run of vpdpbusd:
  *
  *     y[m, n] = sum over blocks b of  s[n, b] dx[m, b] (sum of c q over b)  +  o[n, b] dx[m, b] (sum of q over b)
  *

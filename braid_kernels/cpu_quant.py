@@ -1,12 +1,12 @@
-"""Quantised weights' products on x86 CPUs with AVX-512 VNNI: cpu_quant.c (integer dot products of 4- or 8-bit
+"""Quantised weights' products on x86 CPUs with AVX-512 VNNI: cpu_quant.c (integer dot products of 4-, 5- or 8-bit
 weight codes with x rounded to int8 per 32 values, as llama.cpp computes), built on first use (cpu_library.py) and
 called through ctypes.
 
 A weight is packed once (`pack`: GGUF blocks of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K or Q6_K) into unsigned codes
 with a scale and offset per 32 weights (Q6_K: 16), w = s c + o, in the byte order cpu_quant.c describes; the 32-weight
 types keep GGUF's float16 d and m exactly (0.625 bytes a weight for Q4_1, 0.75 for Q5_0 and Q5_1, 1.125 for Q8_0),
-the K-types take float32 scales (their d times a 6- or 8-bit scale). `linear` computes x @ W.T in float32; `linear_ref` is the
-same arithmetic in plain PyTorch.
+the K-types take float32 scales (their d times a 6- or 8-bit scale). `linear` computes x @ W.T in float32;
+`linear_ref` is the same arithmetic in plain PyTorch.
 
 `available()` is False where there is no C compiler, the CPU lacks AVX-512 VNNI, or the build fails (the reason:
 `unavailable_reason()`); callers then keep another path.
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .cpu_library import available, library, unavailable_reason
-from .quant_formats import NIBBLE_QTYPES, TYPE_SIZE, check_blocks, nibble_terms, q6_k_parts
+from .quant_formats import NIBBLE_QTYPES, TYPE_SIZE, check_blocks, little_endian_bits, nibble_terms, q6_k_parts
 
 __all__ = ["PackedWeight", "QTYPES", "available", "dequantize", "dequantize_rows", "linear", "linear_ref", "pack", "quantize_x_ref",
            "unavailable_reason", "unpack"]
@@ -44,8 +44,8 @@ class _Weight(ctypes.Structure):
 @dataclass(frozen=True, eq=False)
 class PackedWeight:
     """W [n, k] as cpu_quant.c reads it: codes uint8 [n, k * bits / 8] (bits 4, 5 or 8), scales and offsets float16
-    or float32 [n, k / 32], or float32 [n, k / 16] (Q6_K: `group` 16). The tensors must not be modified or resized (the library
-    holds their addresses)."""
+    or float32 [n, k / 32], or float32 [n, k / 16] (Q6_K: `group` 16). The tensors must not be modified or resized
+    (the library holds their addresses)."""
 
     codes: torch.Tensor
     scales: torch.Tensor
@@ -150,8 +150,7 @@ def _unpack_codes(packed: torch.Tensor, bits: int, size: int) -> torch.Tensor:
         return torch.cat((runs & 15, runs >> 4), dim=2)
     runs = packed.reshape(n, -1, size * 5 // 8)
     low = runs[:, :, :size // 2]
-    high = (runs[:, :, size // 2:, None] >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1
-    return torch.cat((low & 15, low >> 4), dim=2) | (high.reshape(n, -1, size) << 4)
+    return torch.cat((low & 15, low >> 4), dim=2) | (little_endian_bits(runs[:, :, size // 2:]) << 4)
 
 
 def unpack(weight: PackedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -77,18 +77,20 @@ def _q4_1(b):
     return _f16(b[:, :2]) * _nibbles(b[:, 4:], 16).float() + _f16(b[:, 2:4])
 
 
-def _q5_high(qh: torch.Tensor) -> torch.Tensor:
-    """Q5_0/Q5_1's qh bytes (n, 4), a little-endian uint32 whose bit j is bit 4 of weight j -> (n, 32) in {0, 16}."""
-    bits = (qh[:, :, None] >> torch.arange(8, dtype=torch.uint8, device=qh.device)) & 1  # (n, 4, 8): byte, bit
-    return bits.reshape(-1, 32) << 4
+def little_endian_bits(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., m] -> [..., 8 m] in {0, 1}: bit j of the little-endian run of bytes at position j (Q5_0's and
+    Q5_1's qh, whose bit j is bit 4 of weight j; the CPU kernels' planes of fifth bits)."""
+    bits = (packed[..., None] >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1
+    return bits.reshape(*packed.shape[:-1], packed.shape[-1] * 8)
 
 
 def _q5_0(b):
-    return _f16(b[:, :2]) * ((_nibbles(b[:, 6:], 16) | _q5_high(b[:, 2:6])).to(torch.int8) - 16).float()
+    return _f16(b[:, :2]) * ((_nibbles(b[:, 6:], 16) | (little_endian_bits(b[:, 2:6]) << 4)).to(torch.int8)
+                             - 16).float()
 
 
 def _q5_1(b):
-    return _f16(b[:, :2]) * (_nibbles(b[:, 8:], 16) | _q5_high(b[:, 4:8])).float() + _f16(b[:, 2:4])
+    return _f16(b[:, :2]) * (_nibbles(b[:, 8:], 16) | (little_endian_bits(b[:, 4:8]) << 4)).float() + _f16(b[:, 2:4])
 
 
 def _k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,7 +176,7 @@ def nibble_terms(blocks: torch.Tensor, qtype: str) -> list[tuple[torch.Tensor, t
             qh_at = 2 if qtype == "Q5_0" else 4
             offset = -16 * d if qtype == "Q5_0" else _f16(b[:, 2:4])
             terms = [(_nibbles(b[:, qh_at + 4:], 16), d, offset),
-                     (_q5_high(b[:, qh_at:qh_at + 4]) >> 4, 16 * d, torch.zeros_like(d))]
+                     (little_endian_bits(b[:, qh_at:qh_at + 4]), 16 * d, torch.zeros_like(d))]
     return [(c.reshape(rows, cols), s.reshape(rows, cols // 32), o.reshape(rows, cols // 32)) for c, s, o in terms]
 
 

@@ -99,7 +99,8 @@ def test_load_summary_and_memory_stats(engines, quantized_model):
     mem_auto, mem_plain = auto.memory_stats(), plain.memory_stats()
     assert mem_auto["kv_bytes"] == mem_plain["kv_bytes"] > 0
     if "llama" in path:  # one Q2_K tensor has no kernel: dequantised and said so
-        assert "dequantised (Q2_K: no kernel for this type): 1 tensor: model.layers.1.self_attn.o_proj.weight" in summary
+        one = "dequantised (Q2_K: no kernel for this type): 1 tensor: model.layers.1.self_attn.o_proj.weight"
+        assert one in summary
         assert mem_auto["weight_bytes"] == mem_plain["weight_bytes"]  # the tied table is decoded for the lm_head
     else:  # the untied embedding stays Q4_K (4.5 bits a weight instead of 32)
         table = SHAPE["vocab_size"] * SHAPE["hidden_size"]
@@ -165,12 +166,10 @@ def test_dot_form_matches_transformers_through_the_same_layers(quantized_model):
 
 
 def qwen2_small_q4_k_m_qtype(name: str) -> str | None:
-    """A Qwen2.5-0.5B Q4_K_M's types (896 wide: Q5_0 where llama.cpp falls back from Q4_K, Q8_0 from Q6_K), with one
+    """A Qwen2.5-0.5B Q4_K_M's types (896 wide: the same fallbacks as llamacpp_q4_k_m_qtype's), with the up
     projection in the Q5_1 a Q5_K_M file would hold."""
-    if not name.endswith(".weight") or "norm" in name:
-        return None
-    kind = name.split(".")[-2]
-    return {"v_proj": "Q8_0", "down_proj": "Q6_K", "embed_tokens": "Q8_0", "up_proj": "Q5_1"}.get(kind, "Q5_0")
+    qtype = llamacpp_q4_k_m_qtype(name)
+    return "Q5_1" if qtype is not None and name.split(".")[-2] == "up_proj" else qtype
 
 
 def test_qwen2_with_q5_projections_matches_transformers(tmp_path, smollm_tokenizer, monkeypatch):
