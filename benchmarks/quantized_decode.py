@@ -6,7 +6,7 @@ bf16; throughput Q4_K_M >= 0.8x bf16).
     BRAID_TEST_TOKENIZER=/path/to/tokenizer python benchmarks/quantized_decode.py
         [--config benchmarks/configs/llama-3.1-8b.json] [--formats bf16,Q8_0,Q4_K_M,Q4_K_M:dequantize]
         [--prompt 256] [--tokens 128] [--batch 128] [--batch-prompt 128] [--repeats 3] [--workdir /big/disk]
-        [--layers 8] [--kernel-profile]
+        [--layers 8] [--kernel-profile] [--keep-models /big/disk/models]
     python benchmarks/quantized_decode.py --tiny --device cpu     # CPU smoke run of every code path, ~1 minute
 
 Columns: `weight GB` is llm.memory_stats()["weight_bytes"] (quantised tensors count their GGUF blocks); `batch-1
@@ -26,7 +26,10 @@ half of them), everything else, token_embd included, Q4_K; Q8_0 stores every mat
 tokenizer saved in BRAID_TEST_TOKENIZER (the GGUF files as llama.cpp writes a byte-level BPE tokenizer's metadata;
 without the variable, the embedded model's tokenizer, converted); the GGUF's vocabulary size comes from its
 `{arch}.vocab_size` key, and prompt ids stay below 32,000 (latency.random_prompt). Each model file is written in
---workdir just before its engine loads it and deleted after (peak disk: the bf16 model, 16 GB at 8B).
+--workdir just before its engine loads it and deleted after (peak disk: the bf16 model, 16 GB at 8B); with
+--keep-models DIR they are written in DIR instead, kept, and read from there by later runs of the same shape (two
+source trees compared on one machine, each with its own bf16 row, without writing the files twice; peak disk ~30 GB
+at 8B).
 --layers N keeps the config's first N decoder layers (a quicker run of the same per-layer shapes); --kernel-profile
 adds, per format, the kernels of one more batch-1 generation by GPU time per generated token (torch.profiler; the
 prompt's prefill included), to see which kernels a format spends its token on. On sm_90+ the package's kernels
@@ -37,7 +40,9 @@ best of 2, unless those options are given.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import hashlib
 import json
 import math
 import os
@@ -235,16 +240,26 @@ def model_file(fmt: str, config, shape: dict, workdir: str, tokenizer_dir: str, 
     path = os.path.join(workdir, "bf16" if fmt == "bf16" else f"{fmt}.gguf")
     if os.path.exists(path):
         return path
+    partial = path + ".partial"  # renamed once complete: an interrupted write is never taken for a model
+    remove(partial)
     if fmt == "bf16":
         dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
-        model = build_model(path, tokenizer_dir, "config.json", shape, args.device, dtype)
+        model = build_model(partial, tokenizer_dir, "config.json", shape, args.device, dtype)
         del model
         gc.collect()
         if args.device != "cpu":
             torch.cuda.empty_cache()
-        return path
-    write_random_gguf(path, config, fmt, tokenizer_dir, args.device)
+    else:
+        write_random_gguf(partial, config, fmt, tokenizer_dir, args.device)
+    os.replace(partial, path)
     return path
+
+
+def _shape_name(shape: dict) -> str:
+    """A folder name for the model files of `shape` (a config, after --tiny and --layers): its architecture and a
+    hash of its fields, so that kept files are only reused for the same shape."""
+    digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{shape.get('model_type', 'model')}-{digest}"
 
 
 def remove(path: str) -> None:
@@ -262,7 +277,12 @@ def run(args, shape: dict, tokenizer_dir: str | None) -> tuple[dict, float | Non
     bandwidth = copy_bandwidth() if args.device != "cpu" else None
     formats = args.formats.split(",")
     rows = {}
-    with tempfile.TemporaryDirectory(prefix="quantized_decode-", dir=args.workdir) as workdir:
+    with contextlib.ExitStack() as stack:
+        if args.keep_models is not None:
+            workdir = os.path.join(args.keep_models, _shape_name(shape))
+            os.makedirs(workdir, exist_ok=True)
+        else:
+            workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="quantized_decode-", dir=args.workdir))
         if tokenizer_dir is None:  # the embedded model's, as transformers converts it
             from braidinfer.loader import default_model_path
 
@@ -281,7 +301,7 @@ def run(args, shape: dict, tokenizer_dir: str | None) -> tuple[dict, float | Non
                   f"{row['batch1']:.1f} tok/s, batch {args.batch} {row['batch']:.1f} tok/s", flush=True)
             for note in rows[fmt]["notes"]:
                 print(f"  {note}", flush=True)
-            if all(f.split(":")[0] != base for f in formats[i + 1:]):
+            if args.keep_models is None and all(f.split(":")[0] != base for f in formats[i + 1:]):
                 remove(path)
     return rows, bandwidth
 
@@ -320,6 +340,8 @@ def main() -> None:
     ap.add_argument("--batch-prompt", type=int, help="prompt length of each throughput request (default 128)")
     ap.add_argument("--repeats", type=int, help="timed runs after the warm-up; the best is reported (default 3)")
     ap.add_argument("--workdir", default=None, help="where the model files go (default: the system's temp dir)")
+    ap.add_argument("--keep-models", default=None, metavar="DIR",
+                    help="write the model files in DIR/<shape> and keep them; reuse those already there")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="the config's architecture at a tiny shape (CPU smoke run)")
