@@ -18,8 +18,8 @@
  * natural order (4-bit: weight i in the low nibble of byte i, weight 16 + i in the high one; 5-bit: those 16 bytes and
  * 4 bytes whose bit i is bit 4 of weight i). Scales and offsets are float16 or float32 [N, K / 32], or
  * float32 [N, K / 16] for Q6_K's scale per 16 weights (8-bit codes, K a multiple of 64: `group16`), whose 16-weight
- * halves of a block sit in lanes 0-7 and 8-15 of a chunk's dot product, and whose offsets' term takes x's sums per
- * 16 values.
+ * halves of a block sit in lanes 0-7 and 8-15 of a chunk's dot product, and whose offsets, -32 times the scales, are
+ * not stored; their term takes x's sums per 16 values.
  *
  * Threads: OpenMP, linked against the runtime torch loaded (the same libgomp.so.1), so that the calling thread's team
  * is the one torch's own ops use.
@@ -215,8 +215,10 @@ static inline __attribute__((always_inline)) void tile(
     for (int b = 0; b < ng; b += 16) {  /* the offsets' term, o . (sums of x), folded into the same lanes */
         int count = ng - b;
         __m512 o[4];
-        for (int i = 0; i < RW; i++)
-            o[i] = sixteen((const char *)offsets + (n0 + i) * ng * (f32 ? 4 : 2), b, count, f32);
+        for (int i = 0; i < RW; i++)  /* Q6_K's offsets are -32 times its scales */
+            o[i] = g16 ? _mm512_mul_ps(sixteen((const float *)scales + (n0 + i) * ng, b, count, 1),
+                                       _mm512_set1_ps(-32.0f))
+                       : sixteen((const char *)offsets + (n0 + i) * ng * (f32 ? 4 : 2), b, count, f32);
         for (int j = 0; j < RX; j++) {
             __mmask16 m = count >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << count) - 1);
             __m512 s = _mm512_maskz_loadu_ps(m, sx + (m0 + j) * ng + b);
@@ -244,10 +246,9 @@ static inline __attribute__((always_inline)) void span(
             const char *c = (const char *)codes + (n + PREFETCH_ROWS) * code_stride;
             for (long b = 0; b < 4 * code_stride; b += 64) _mm_prefetch(c + b, _MM_HINT_T0);
             const char *s = (const char *)scales + (n + PREFETCH_ROWS) * scale_stride;
-            const char *o = (const char *)offsets + (n + PREFETCH_ROWS) * scale_stride;
             for (long b = 0; b < 4 * scale_stride; b += 64) {
                 _mm_prefetch(s + b, _MM_HINT_T0);
-                _mm_prefetch(o + b, _MM_HINT_T0);
+                if (!g16) _mm_prefetch((const char *)offsets + (n + PREFETCH_ROWS) * scale_stride + b, _MM_HINT_T0);
             }
         }
         long m = m0;
@@ -291,7 +292,8 @@ struct braid_weight {
     long k;
     long bits;        /* 4, 5 or 8 */
     long scales_f32;  /* 0: float16 scales and offsets, 1: float32 */
-    long group16;     /* 1: a float32 scale and offset per 16 weights (8-bit codes, k % 64 == 0) */
+    long group16;     /* 1: Q6_K, a float32 scale per 16 weights and offsets -32 times it, not stored (`offsets`
+                         unused); 8-bit codes, k % 64 == 0 */
 };
 
 typedef void (*span_fn)(int, const uint8_t *, const void *, const void *, long, long, long, const int8_t *,

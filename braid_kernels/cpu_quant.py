@@ -3,9 +3,10 @@ weight codes with x rounded to int8 per 32 values, as llama.cpp computes), built
 called through ctypes.
 
 A weight is packed once (`pack`: GGUF blocks of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K or Q6_K) into unsigned codes
-with a scale and offset per 32 weights (Q6_K: 16), w = s c + o, in the byte order cpu_quant.c describes; the 32-weight
-types keep GGUF's float16 d and m exactly (0.625 bytes a weight for Q4_1, 0.75 for Q5_0 and Q5_1, 1.125 for Q8_0),
-the K-types take float32 scales (their d times a 6- or 8-bit scale). `linear` computes x @ W.T in float32;
+with a scale and offset per 32 weights (Q6_K: a scale per 16 and offsets -32 times it, not stored), w = s c + o, in
+the byte order cpu_quant.c describes; the 32-weight types keep GGUF's float16 d and m exactly (0.625 bytes a weight
+for Q4_1, 0.75 for Q5_0 and Q5_1, 1.125 for Q8_0), the K-types take float32 scales (their d times a 6- or 8-bit
+scale; Q6_K 1.25 bytes a weight). `linear` computes x @ W.T in float32;
 `linear_ref` is the same arithmetic in plain PyTorch.
 
 `available()` is False where there is no C compiler, the CPU lacks AVX-512 VNNI, or the build fails (the reason:
@@ -44,12 +45,12 @@ class _Weight(ctypes.Structure):
 @dataclass(frozen=True, eq=False)
 class PackedWeight:
     """W [n, k] as cpu_quant.c reads it: codes uint8 [n, k * bits / 8] (bits 4, 5 or 8), scales and offsets float16
-    or float32 [n, k / 32], or float32 [n, k / 16] (Q6_K: `group` 16). The tensors must not be modified or resized
-    (the library holds their addresses)."""
+    or float32 [n, k / 32]; or Q6_K's 8-bit codes with float32 scales [n, k / 16] (`group` 16) and offsets None: -32
+    times the scales. The tensors must not be modified or resized (the library holds their addresses)."""
 
     codes: torch.Tensor
     scales: torch.Tensor
-    offsets: torch.Tensor
+    offsets: torch.Tensor | None
     bits: int
 
     @functools.cached_property
@@ -63,13 +64,14 @@ class PackedWeight:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.offsets))
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.offsets) if t is not None)
 
     @functools.cached_property
     def _struct(self) -> ctypes.c_void_p:
         """A pointer to this weight's struct braid_weight, built on first use (kept alive with it)."""
         n, k = self.shape
-        struct = _Weight(self.codes.data_ptr(), self.scales.data_ptr(), self.offsets.data_ptr(), n, k, self.bits,
+        offsets = None if self.offsets is None else self.offsets.data_ptr()
+        struct = _Weight(self.codes.data_ptr(), self.scales.data_ptr(), offsets, n, k, self.bits,
                          int(self.scales.dtype == torch.float32), int(self.group == 16))
         self.__dict__["_struct_keep"] = struct
         return ctypes.cast(ctypes.pointer(struct), ctypes.c_void_p)
@@ -78,12 +80,12 @@ class PackedWeight:
 def pack(blocks: torch.Tensor, qtype: str) -> PackedWeight:
     """W held as uint8 GGUF blocks [n, row_bytes] of `qtype` (one of QTYPES; k a multiple of 32) in this module's
     form. Q4_0/Q4_1/Q4_K take 4-bit codes; Q5_0/Q5_1/Q5_K 5-bit ones (the nibble plus 16 times the fifth bit); Q8_0
-    (q + 128) and Q6_K (q, with a scale d sc and offset -32 d sc per 16 weights) 8-bit ones."""
+    (q + 128) and Q6_K (q, with a scale d sc per 16 weights and the offset -32 d sc, not stored) 8-bit ones."""
     if qtype not in QTYPES:
         raise ValueError(f"qtype must be one of {', '.join(sorted(QTYPES))}, got {qtype!r}")
     if qtype == "Q6_K":
         codes, scale = q6_k_codes(blocks)
-        return PackedWeight(_order(codes, 8), scale.contiguous(), (-32 * scale).contiguous(), 8)
+        return PackedWeight(_order(codes, 8), scale.contiguous(), None, 8)
     terms = nibble_terms(blocks, qtype)
     if len(terms) == 1:
         (codes, scale, offset), bits = terms[0], 4
@@ -163,7 +165,8 @@ def unpack(weight: PackedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     tail = _unpack_codes(weight.codes[:, split:], weight.bits, BLOCK)
     chunks = chunks.reshape(n, -1, 8, 2, 4).permute(0, 1, 3, 2, 4).reshape(n, whole)
     codes = torch.cat((chunks, tail.reshape(n, -1)), dim=1)
-    return codes, weight.scales.float(), weight.offsets.float()
+    scales = weight.scales.float()
+    return codes, scales, -32 * scales if weight.offsets is None else weight.offsets.float()
 
 
 def dequantize(weight: PackedWeight) -> torch.Tensor:
@@ -177,7 +180,8 @@ def dequantize(weight: PackedWeight) -> torch.Tensor:
 
 def dequantize_rows(weight: PackedWeight, rows: torch.Tensor) -> torch.Tensor:
     """Rows `rows` ([T] int64) of W in float32, [T, k]: an embedding lookup in a table packed for its tied lm_head."""
-    picked = PackedWeight(weight.codes[rows], weight.scales[rows], weight.offsets[rows], weight.bits)
+    offsets = None if weight.offsets is None else weight.offsets[rows]
+    picked = PackedWeight(weight.codes[rows], weight.scales[rows], offsets, weight.bits)
     return dequantize(picked)
 
 

@@ -42,6 +42,8 @@ def test_pack_keeps_ggufs_values(qtype):
         assert packed.codes.shape == (n, k * packed.bits // 8)
         assert packed.scales.dtype == (torch.float32 if qtype in ("Q4_K", "Q5_K", "Q6_K") else torch.float16)
         assert packed.group == (16 if qtype == "Q6_K" else 32)
+        if qtype == "Q6_K":  # a float32 scale per 16 weights, offsets derived (-32 s): 1.25 bytes a weight
+            assert packed.offsets is None and packed.nbytes == n * k * 5 // 4
 
 
 def test_pack_refuses_other_types():
