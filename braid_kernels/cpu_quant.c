@@ -18,8 +18,9 @@
  * natural order (4-bit: weight i in the low nibble of byte i, weight 16 + i in the high one; 5-bit: those 16 bytes and
  * 4 bytes whose bit i is bit 4 of weight i). Scales and offsets are float16 or float32 [N, K / 32], or
  * float32 [N, K / 16] for Q6_K's scale per 16 weights (8-bit codes, K a multiple of 64: `group16`), whose 16-weight
- * halves of a block sit in lanes 0-7 and 8-15 of a chunk's dot product, and whose offsets, -32 times the scales, are
- * not stored; their term takes x's sums per 16 values.
+ * halves of a block sit in lanes 0-7 and 8-15 of a chunk's dot product, and whose offsets' term takes x's sums per
+ * 16 values. Where every offset is a fixed multiple of its scale (Q4_0 -8 d, Q5_0 -16 d, Q8_0 -128 d, Q6_K -32 d sc)
+ * the offsets are not stored (NULL) and computed as that multiple.
  *
  * Threads: OpenMP, linked against the runtime torch loaded (the same libgomp.so.1), so that the calling thread's team
  * is the one torch's own ops use.
@@ -165,7 +166,7 @@ static inline __m512 sixteen(const void *s, int b, int count, int f32) {
 /* y[m][n] for RW rows of W from w_row and RX rows of x: one tile, kept in registers. */
 static inline __attribute__((always_inline)) void tile(
         const int RW, const int RX, int bits, int f32, const int terms, const int g16, int k,
-        const uint8_t *codes, const void *scales, const void *offsets, long n0,
+        const uint8_t *codes, const void *scales, const void *offsets, float factor, long n0,
         const int8_t *q, const float *dx, const float *sx, long m0,
         float *y, long ldy) {
     const int nb = k / BLOCK, chunks = k / CHUNK;
@@ -215,10 +216,10 @@ static inline __attribute__((always_inline)) void tile(
     for (int b = 0; b < ng; b += 16) {  /* the offsets' term, o . (sums of x), folded into the same lanes */
         int count = ng - b;
         __m512 o[4];
-        for (int i = 0; i < RW; i++)  /* Q6_K's offsets are -32 times its scales */
-            o[i] = g16 ? _mm512_mul_ps(sixteen((const float *)scales + (n0 + i) * ng, b, count, 1),
-                                       _mm512_set1_ps(-32.0f))
-                       : sixteen((const char *)offsets + (n0 + i) * ng * (f32 ? 4 : 2), b, count, f32);
+        for (int i = 0; i < RW; i++)  /* stored, or `factor` times the scales */
+            o[i] = offsets ? sixteen((const char *)offsets + (n0 + i) * ng * (f32 ? 4 : 2), b, count, f32)
+                           : _mm512_mul_ps(sixteen((const char *)scales + (n0 + i) * ng * (f32 ? 4 : 2), b, count,
+                                                   f32), _mm512_set1_ps(factor));
         for (int j = 0; j < RX; j++) {
             __mmask16 m = count >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << count) - 1);
             __m512 s = _mm512_maskz_loadu_ps(m, sx + (m0 + j) * ng + b);
@@ -233,11 +234,13 @@ static inline __attribute__((always_inline)) void tile(
 /* Rows [m0, m1) of x against rows [n0, n1) of W. */
 static inline __attribute__((always_inline)) void span(
         int bits, int f32, const int terms, const int g16, int k, const uint8_t *codes, const void *scales,
-        const void *offsets,
+        const void *offsets, float factor,
         long rows_of_w, long n0, long n1,
         const int8_t *q, const float *dx, const float *sx, long m0, long m1, float *y, long ldy) {
     long n = n0;
     const long code_stride = (long)k * bits / 8, scale_stride = (long)(k / BLOCK) * (g16 ? 2 : 1) * (f32 ? 4 : 2);
+/* one tile of RW rows of W and RX rows of x at (n, m) */
+#define TILE(RW, RX) tile(RW, RX, bits, f32, terms, g16, k, codes, scales, offsets, factor, n, q, dx, sx, m, y, ldy)
     for (; n + 4 <= n1; n += 4) {
         /* Rows of W come from L3 or memory once per call: fetch those PREFETCH_ROWS ahead, so that more lines are
          * in flight than the hardware prefetchers keep (one core's reads are latency-bound otherwise: 15% faster
@@ -248,25 +251,28 @@ static inline __attribute__((always_inline)) void span(
             const char *s = (const char *)scales + (n + PREFETCH_ROWS) * scale_stride;
             for (long b = 0; b < 4 * scale_stride; b += 64) {
                 _mm_prefetch(s + b, _MM_HINT_T0);
-                if (!g16) _mm_prefetch((const char *)offsets + (n + PREFETCH_ROWS) * scale_stride + b, _MM_HINT_T0);
+                if (offsets) _mm_prefetch((const char *)offsets + (n + PREFETCH_ROWS) * scale_stride + b, _MM_HINT_T0);
             }
         }
         long m = m0;
-        for (; m + 4 <= m1; m += 4) tile(4, 4, bits, f32, terms, g16, k, codes, scales, offsets, n, q, dx, sx, m, y, ldy);
-        for (; m < m1; m++) tile(4, 1, bits, f32, terms, g16, k, codes, scales, offsets, n, q, dx, sx, m, y, ldy);
+        for (; m + 4 <= m1; m += 4) TILE(4, 4);
+        for (; m < m1; m++) TILE(4, 1);
     }
     for (; n < n1; n++) {
         long m = m0;
-        for (; m + 4 <= m1; m += 4) tile(1, 4, bits, f32, terms, g16, k, codes, scales, offsets, n, q, dx, sx, m, y, ldy);
-        for (; m < m1; m++) tile(1, 1, bits, f32, terms, g16, k, codes, scales, offsets, n, q, dx, sx, m, y, ldy);
+        for (; m + 4 <= m1; m += 4) TILE(1, 4);
+        for (; m < m1; m++) TILE(1, 1);
     }
+#undef TILE
 }
 
 #define SPAN_VARIANT(name, BITS, F32, TERMS, G16) \
-    static void name(int k, const uint8_t *codes, const void *scales, const void *offsets, long rows_of_w, long n0, \
+    static void name(int k, const uint8_t *codes, const void *scales, const void *offsets, float factor, \
+                     long rows_of_w, long n0, \
                      long n1, const int8_t *q, const float *dx, const float *sx, long m0, long m1, float *y, \
                      long ldy) { \
-        span(BITS, F32, TERMS, G16, k, codes, scales, offsets, rows_of_w, n0, n1, q, dx, sx, m0, m1, y, ldy); \
+        span(BITS, F32, TERMS, G16, k, codes, scales, offsets, factor, rows_of_w, n0, n1, q, dx, sx, m0, m1, y, \
+             ldy); \
     }
 SPAN_VARIANT(span4_f16, 4, 0, 1, 0)
 SPAN_VARIANT(span4_f32, 4, 1, 1, 0)
@@ -292,11 +298,11 @@ struct braid_weight {
     long k;
     long bits;        /* 4, 5 or 8 */
     long scales_f32;  /* 0: float16 scales and offsets, 1: float32 */
-    long group16;     /* 1: Q6_K, a float32 scale per 16 weights and offsets -32 times it, not stored (`offsets`
-                         unused); 8-bit codes, k % 64 == 0 */
+    long group16;     /* 1: a float32 scale and offset per 16 weights (8-bit codes, k % 64 == 0) */
+    float offset_factor;  /* offsets NULL: every offset is this times its scale */
 };
 
-typedef void (*span_fn)(int, const uint8_t *, const void *, const void *, long, long, long, const int8_t *,
+typedef void (*span_fn)(int, const uint8_t *, const void *, const void *, float, long, long, long, const int8_t *,
                         const float *, const float *, long, long, float *, long);
 static const span_fn SPANS[2][3][2] = {  /* [terms - 1][bits 4, 5, 8][scales_f32] */
     {{span4_f16, span4_f32}, {span5_f16, span5_f32}, {span8_f16, span8_f32}},
@@ -339,7 +345,8 @@ int braid_cpu_quant_linear(const struct braid_weight *w, const float *x, long m,
         for (long wt = 0; wt < wtasks; wt++) {
             long m0 = xt * XROWS_PER_TASK, m1 = m0 + XROWS_PER_TASK < m ? m0 + XROWS_PER_TASK : m;
             long n0 = wt * WROWS_PER_TASK, n1 = n0 + WROWS_PER_TASK < n ? n0 + WROWS_PER_TASK : n;
-            fn(k, w->codes, w->scales, w->offsets, n, n0, n1, q, dx, g16 ? sx16 : sx, m0, m1, y, ldy);
+            fn(k, w->codes, w->scales, w->offsets, w->offset_factor, n, n0, n1, q, dx, g16 ? sx16 : sx, m0, m1, y,
+               ldy);
         }
     if (!small) { free(q); free(dx); }
     return 0;

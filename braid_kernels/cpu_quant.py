@@ -3,10 +3,11 @@ weight codes with x rounded to int8 per 32 values, as llama.cpp computes), built
 called through ctypes.
 
 A weight is packed once (`pack`: GGUF blocks of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K or Q6_K) into unsigned codes
-with a scale and offset per 32 weights (Q6_K: a scale per 16 and offsets -32 times it, not stored), w = s c + o, in
-the byte order cpu_quant.c describes; the 32-weight types keep GGUF's float16 d and m exactly (0.625 bytes a weight
-for Q4_1, 0.75 for Q5_0 and Q5_1, 1.125 for Q8_0), the K-types take float32 scales (their d times a 6- or 8-bit
-scale; Q6_K 1.25 bytes a weight). `linear` computes x @ W.T in float32;
+with a scale and offset per 32 weights (Q6_K: 16), w = s c + o, in the byte order cpu_quant.c describes; where every
+offset is a fixed multiple of its scale (Q4_0, Q5_0, Q8_0, Q6_K: OFFSET_FACTORS) the offsets are not stored. The
+32-weight types keep GGUF's float16 d and m exactly (0.5625 bytes a weight for Q4_0, 0.625 for Q4_1, 0.6875 for
+Q5_0, 0.75 for Q5_1, 1.0625 for Q8_0), the K-types take float32 scales (their d times a 6- or 8-bit scale; Q6_K 1.25 bytes a
+weight). `linear` computes x @ W.T in float32;
 `linear_ref` is the same arithmetic in plain PyTorch.
 
 `available()` is False where there is no C compiler, the CPU lacks AVX-512 VNNI, or the build fails (the reason:
@@ -32,6 +33,9 @@ CHUNK = 64
 """Weights per interleaved chunk of a row (cpu_quant.c)."""
 QTYPES = NIBBLE_QTYPES | {"Q6_K"}
 """The GGUF types `pack` takes."""
+OFFSET_FACTORS = {"Q4_0": -8.0, "Q5_0": -16.0, "Q8_0": -128.0, "Q6_K": -32.0}
+"""Types whose every offset is this multiple of its scale (GGUF's symmetric codes: w = d (q - 8), d (q - 16), d q
+with q + 128 stored, d sc (q - 32)): packed without offsets."""
 
 
 class _Weight(ctypes.Structure):
@@ -39,19 +43,20 @@ class _Weight(ctypes.Structure):
 
     _fields_ = [("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("offsets", ctypes.c_void_p),
                 ("n", ctypes.c_long), ("k", ctypes.c_long), ("bits", ctypes.c_long), ("scales_f32", ctypes.c_long),
-                ("group16", ctypes.c_long)]
+                ("group16", ctypes.c_long), ("offset_factor", ctypes.c_float)]
 
 
 @dataclass(frozen=True, eq=False)
 class PackedWeight:
     """W [n, k] as cpu_quant.c reads it: codes uint8 [n, k * bits / 8] (bits 4, 5 or 8), scales and offsets float16
-    or float32 [n, k / 32]; or Q6_K's 8-bit codes with float32 scales [n, k / 16] (`group` 16) and offsets None: -32
-    times the scales. The tensors must not be modified or resized (the library holds their addresses)."""
+    or float32 [n, k / 32], or float32 [n, k / 16] (Q6_K: `group` 16); offsets None: `offset_factor` times the
+    scales. The tensors must not be modified or resized (the library holds their addresses)."""
 
     codes: torch.Tensor
     scales: torch.Tensor
     offsets: torch.Tensor | None
     bits: int
+    offset_factor: float = 0.0
 
     @functools.cached_property
     def shape(self) -> tuple[int, int]:
@@ -72,7 +77,7 @@ class PackedWeight:
         n, k = self.shape
         offsets = None if self.offsets is None else self.offsets.data_ptr()
         struct = _Weight(self.codes.data_ptr(), self.scales.data_ptr(), offsets, n, k, self.bits,
-                         int(self.scales.dtype == torch.float32), int(self.group == 16))
+                         int(self.scales.dtype == torch.float32), int(self.group == 16), self.offset_factor)
         self.__dict__["_struct_keep"] = struct
         return ctypes.cast(ctypes.pointer(struct), ctypes.c_void_p)
 
@@ -80,12 +85,13 @@ class PackedWeight:
 def pack(blocks: torch.Tensor, qtype: str) -> PackedWeight:
     """W held as uint8 GGUF blocks [n, row_bytes] of `qtype` (one of QTYPES; k a multiple of 32) in this module's
     form. Q4_0/Q4_1/Q4_K take 4-bit codes; Q5_0/Q5_1/Q5_K 5-bit ones (the nibble plus 16 times the fifth bit); Q8_0
-    (q + 128) and Q6_K (q, with a scale d sc per 16 weights and the offset -32 d sc, not stored) 8-bit ones."""
+    (q + 128) and Q6_K (q, with a scale d sc per 16 weights) 8-bit ones; the offsets of OFFSET_FACTORS' types are not
+    stored."""
     if qtype not in QTYPES:
         raise ValueError(f"qtype must be one of {', '.join(sorted(QTYPES))}, got {qtype!r}")
     if qtype == "Q6_K":
         codes, scale = q6_k_codes(blocks)
-        return PackedWeight(_order(codes, 8), scale.contiguous(), None, 8)
+        return PackedWeight(_order(codes, 8), scale.contiguous(), None, 8, OFFSET_FACTORS[qtype])
     terms = nibble_terms(blocks, qtype)
     if len(terms) == 1:
         (codes, scale, offset), bits = terms[0], 4
@@ -99,6 +105,9 @@ def pack(blocks: torch.Tensor, qtype: str) -> PackedWeight:
     exact = qtype in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0") and all(
         torch.equal(t.half().float(), t) for t in (scale, offset))  # GGUF's own float16 d and m: kept exactly
     dtype = torch.float16 if exact else torch.float32
+    factor = OFFSET_FACTORS.get(qtype)
+    if factor is not None and torch.equal(offset.to(dtype).float(), factor * scale.to(dtype).float()):
+        return PackedWeight(_order(codes, bits), scale.to(dtype).contiguous(), None, bits, factor)
     return PackedWeight(_order(codes, bits), scale.to(dtype).contiguous(), offset.to(dtype).contiguous(), bits)
 
 
@@ -166,7 +175,7 @@ def unpack(weight: PackedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     chunks = chunks.reshape(n, -1, 8, 2, 4).permute(0, 1, 3, 2, 4).reshape(n, whole)
     codes = torch.cat((chunks, tail.reshape(n, -1)), dim=1)
     scales = weight.scales.float()
-    return codes, scales, -32 * scales if weight.offsets is None else weight.offsets.float()
+    return codes, scales, weight.offset_factor * scales if weight.offsets is None else weight.offsets.float()
 
 
 def dequantize(weight: PackedWeight) -> torch.Tensor:
@@ -181,7 +190,7 @@ def dequantize(weight: PackedWeight) -> torch.Tensor:
 def dequantize_rows(weight: PackedWeight, rows: torch.Tensor) -> torch.Tensor:
     """Rows `rows` ([T] int64) of W in float32, [T, k]: an embedding lookup in a table packed for its tied lm_head."""
     offsets = None if weight.offsets is None else weight.offsets[rows]
-    picked = PackedWeight(weight.codes[rows], weight.scales[rows], offsets, weight.bits)
+    picked = PackedWeight(weight.codes[rows], weight.scales[rows], offsets, weight.bits, weight.offset_factor)
     return dequantize(picked)
 
 

@@ -164,7 +164,7 @@ class QuantLinear(nn.Module):
     @property
     def kinds(self) -> list[str]:
         """Per part, how it is held: "float" (buffer part{i}), "blocks" (part{i}), "int4" (part{i}_{j}...) or "dot"
-        (part{i}_codes, _scales, _offsets; a Q6_K part's offsets buffer is None: -32 times its scales)."""
+        (part{i}_codes, _scales, _offsets; the offsets buffer is None for the types of cpu_quant.OFFSET_FACTORS)."""
         return [self._kind(i) for i in range(len(self.qtypes))]
 
     def _kind(self, i: int) -> str:

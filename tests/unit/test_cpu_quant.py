@@ -42,8 +42,13 @@ def test_pack_keeps_ggufs_values(qtype):
         assert packed.codes.shape == (n, k * packed.bits // 8)
         assert packed.scales.dtype == (torch.float32 if qtype in ("Q4_K", "Q5_K", "Q6_K") else torch.float16)
         assert packed.group == (16 if qtype == "Q6_K" else 32)
-        if qtype == "Q6_K":  # a float32 scale per 16 weights, offsets derived (-32 s): 1.25 bytes a weight
-            assert packed.offsets is None and packed.nbytes == n * k * 5 // 4
+        # offsets a fixed multiple of the scales (Q4_0 -8 d, Q5_0 -16 d, Q8_0 -128 d, Q6_K -32 d sc) are not
+        # stored: Q4_0 0.5625 bytes a weight, Q5_0 0.6875, Q8_0 1.0625, Q6_K 1.25
+        derived = qtype in ("Q4_0", "Q5_0", "Q8_0", "Q6_K")
+        assert (packed.offsets is None) == derived
+        per_weight = {"Q4_0": 0.5625, "Q5_0": 0.6875, "Q8_0": 1.0625, "Q6_K": 1.25, "Q4_1": 0.625, "Q5_1": 0.75,
+                      "Q4_K": 0.75, "Q5_K": 0.875}[qtype]
+        assert packed.nbytes == n * k * per_weight
 
 
 def test_pack_refuses_other_types():
