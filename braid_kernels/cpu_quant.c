@@ -268,9 +268,8 @@ static inline __attribute__((always_inline)) void span(
 
 #define SPAN_VARIANT(name, BITS, F32, TERMS, G16) \
     static void name(int k, const uint8_t *codes, const void *scales, const void *offsets, float factor, \
-                     long rows_of_w, long n0, \
-                     long n1, const int8_t *q, const float *dx, const float *sx, long m0, long m1, float *y, \
-                     long ldy) { \
+                     long rows_of_w, long n0, long n1, const int8_t *q, const float *dx, const float *sx, long m0, \
+                     long m1, float *y, long ldy) { \
         span(BITS, F32, TERMS, G16, k, codes, scales, offsets, factor, rows_of_w, n0, n1, q, dx, sx, m0, m1, y, \
              ldy); \
     }
@@ -298,7 +297,7 @@ struct braid_weight {
     long k;
     long bits;        /* 4, 5 or 8 */
     long scales_f32;  /* 0: float16 scales and offsets, 1: float32 */
-    long group16;     /* 1: a float32 scale and offset per 16 weights (8-bit codes, k % 64 == 0) */
+    long group16;     /* 1: a float32 scale (and offset) per 16 weights (8-bit codes, k % 64 == 0) */
     float offset_factor;  /* offsets NULL: every offset is this times its scale */
 };
 

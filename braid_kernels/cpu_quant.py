@@ -6,9 +6,8 @@ A weight is packed once (`pack`: GGUF blocks of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4
 with a scale and offset per 32 weights (Q6_K: 16), w = s c + o, in the byte order cpu_quant.c describes; where every
 offset is a fixed multiple of its scale (Q4_0, Q5_0, Q8_0, Q6_K: OFFSET_FACTORS) the offsets are not stored. The
 32-weight types keep GGUF's float16 d and m exactly (0.5625 bytes a weight for Q4_0, 0.625 for Q4_1, 0.6875 for
-Q5_0, 0.75 for Q5_1, 1.0625 for Q8_0), the K-types take float32 scales (their d times a 6- or 8-bit scale; Q6_K 1.25 bytes a
-weight). `linear` computes x @ W.T in float32;
-`linear_ref` is the same arithmetic in plain PyTorch.
+Q5_0, 0.75 for Q5_1, 1.0625 for Q8_0), the K-types take float32 scales (their d times a 6- or 8-bit scale; Q6_K 1.25
+bytes a weight). `linear` computes x @ W.T in float32; `linear_ref` is the same arithmetic in plain PyTorch.
 
 `available()` is False where there is no C compiler, the CPU lacks AVX-512 VNNI, or the build fails (the reason:
 `unavailable_reason()`); callers then keep another path.
@@ -105,10 +104,11 @@ def pack(blocks: torch.Tensor, qtype: str) -> PackedWeight:
     exact = qtype in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0") and all(
         torch.equal(t.half().float(), t) for t in (scale, offset))  # GGUF's own float16 d and m: kept exactly
     dtype = torch.float16 if exact else torch.float32
+    scale, offset = scale.to(dtype).contiguous(), offset.to(dtype).contiguous()
     factor = OFFSET_FACTORS.get(qtype)
-    if factor is not None and torch.equal(offset.to(dtype).float(), factor * scale.to(dtype).float()):
-        return PackedWeight(_order(codes, bits), scale.to(dtype).contiguous(), None, bits, factor)
-    return PackedWeight(_order(codes, bits), scale.to(dtype).contiguous(), offset.to(dtype).contiguous(), bits)
+    if factor is not None and torch.equal(offset.float(), factor * scale.float()):
+        return PackedWeight(_order(codes, bits), scale, None, bits, factor)
+    return PackedWeight(_order(codes, bits), scale, offset, bits)
 
 
 def q6_k_codes(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
