@@ -28,7 +28,7 @@ import triton.language as tl
 
 from ._checks import check_devices, check_last_dim_contiguous, check_same_dtype, check_shape, check_tensor
 from .int8_rows import Int8Rows, check_int8_rows, store_int8_runs
-from .numerics import INTERPRETED, launch_options, pdl_options, round_to_dtype, wait_for_inputs
+from .numerics import INTERPRETED, launch_options, pdl_options, release_dependents, round_to_dtype, wait_for_inputs
 
 KV_DTYPES = (torch.float16, torch.bfloat16)
 MIN_SPLIT_TOKENS = 32  # fewest KV tokens a slice gets: below it, a program's fixed latency outweighs its reads
@@ -247,6 +247,7 @@ def _decode_kernel(
     """Program (row, KV head, slice): the GROUP q heads of the KV head over the slice's tokens, in the log2 domain
     (qk_scale = scale * log2(e)); with INT8 the output is also written as int8 runs (q8, dx, sx)."""
     wait_for_inputs(PDL)
+    release_dependents(PDL)  # the projection after it (o_proj) starts loading its first weight rows
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)

@@ -108,10 +108,10 @@ def wait_for_inputs(PDL: tl.constexpr):
 def release_dependents(PDL: tl.constexpr):
     """Under PDL: let the next kernel in the stream be scheduled now (griddepcontrol.launch_dependents) rather than
     when this one ends; nothing without PDL. Called, after wait_for_inputs, by the short kernels that a decode step
-    runs just before a GEMV (norms, SiLU-and-mul, x's int8 rounding; on every launch of them, prefill's too, where
-    the dependent starts no earlier than before: it is scheduled once every program has released, i.e. once the
-    last programs have started): their few programs leave most SMs free, and
-    the GEMV (quant_stream.py) loads its first weight rows, which no kernel writes, before waiting for its x. The
+    runs just before a GEMV (norms, SiLU-and-mul, x's int8 rounding, the decode attention before o_proj; on every
+    launch of them, prefill's too, where the dependent starts no earlier than before: it is scheduled once every
+    program has released, i.e. once the last programs have started): their few programs leave most SMs free, and the
+    GEMV (quant_stream.py) loads its first weight rows, which no kernel writes, before waiting for its x. The
     dependent still waits for this kernel's end and writes in its wait_for_inputs. Not called by every kernel: a
     dependent made resident early by a large kernel only holds SM slots it needs (Q4_K_M decode fell from 389 to 328
     tok/s when every kernel released its dependents at its start; benchmarks/RESULTS.md)."""
