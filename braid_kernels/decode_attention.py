@@ -114,7 +114,8 @@ class DecodeWorkspace:
 def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
                      kv_last_page_len: torch.Tensor, scale: float, workspace: DecodeWorkspace | None = None,
                      min_split_tokens: int = MIN_SPLIT_TOKENS, block_n: int | None = None,
-                     num_warps: int | None = None, int8: Int8Rows | None = None) -> torch.Tensor:
+                     num_warps: int | None = None, int8: Int8Rows | None = None,
+                     tables_ready: bool = False) -> torch.Tensor:
     """softmax(q k^T * scale) v for one new token per row over its paged KV -> out [num_rows, num_qo_heads, head_dim].
 
     q: [num_rows, num_qo_heads, head_dim], float16/bfloat16, head_dim a power of two in [16, 256]; q head h attends
@@ -131,6 +132,9 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, kv_indptr: torch.T
     int8: optional Int8Rows of [num_rows, num_qo_heads * head_dim] (int8_rows.empty_int8_rows) that the kernel also
         writes the output into, rounded to int8 runs exactly as quantize_rows(out.flatten(1)) would: the input of
         the integer-dot GEMV of the projection after attention, without a launch of its own.
+    tables_ready: kv_indptr and kv_last_page_len were not written by a kernel of this launch's stream that may still
+        be running (e.g. they were copied from the host before a graph replay): under programmatic dependent launch
+        the kernel then reads them before waiting for the kernel ahead.
     Page numbers and lengths are not range checked (that would synchronise with the GPU).
     """
     num_rows, num_qo_heads, head_dim = _check(q, kv_cache, kv_indptr, kv_indices, kv_last_page_len, scale, workspace,
@@ -156,7 +160,8 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, kv_indptr: torch.T
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), *kv_cache.stride()[:4],
         NUM_QO_HEADS=num_qo_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, PAGE_SIZE=page_size, BLOCK_N=block_n,
-        NUM_SPLITS=workspace.num_splits, INT8=int8 is not None, num_warps=num_warps, num_stages=NUM_STAGES,
+        NUM_SPLITS=workspace.num_splits, INT8=int8 is not None, TABLES_FIRST=tables_ready, num_warps=num_warps,
+        num_stages=NUM_STAGES,
         **options,
     )
     return out
@@ -234,6 +239,20 @@ def _dot(a, b, acc):
 
 
 @triton.jit
+def _row_slices(kv_indptr_ptr, kv_last_page_len_ptr, min_split_tokens, PAGE_SIZE: tl.constexpr,
+                BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """(first page, KV length, slice length, slices with tokens) of this program's row: slices of kv_len /
+    NUM_SPLITS tokens, at least min_split_tokens, rounded up to whole blocks; at least one slice."""
+    row = tl.program_id(0)
+    page_start = tl.load(kv_indptr_ptr + row)
+    num_pages = tl.load(kv_indptr_ptr + row + 1) - page_start
+    kv_len = tl.where(num_pages > 0, (num_pages - 1) * PAGE_SIZE + tl.load(kv_last_page_len_ptr + row), 0)
+    chunk = tl.maximum(tl.cdiv(kv_len, NUM_SPLITS), min_split_tokens)
+    chunk = tl.cdiv(chunk, BLOCK_N) * BLOCK_N
+    return page_start, kv_len, chunk, tl.maximum(tl.cdiv(kv_len, chunk), 1)
+
+
+@triton.jit
 def _decode_kernel(
     q_ptr, cache_ptr, kv_indptr_ptr, kv_indices_ptr, kv_last_page_len_ptr, out_ptr,
     partial_out_ptr, partial_lse_ptr, arrivals_ptr, q8_ptr, dx_ptr, sx_ptr,
@@ -242,22 +261,22 @@ def _decode_kernel(
     cache_page_stride, cache_kv_stride, cache_head_stride, cache_slot_stride,
     NUM_QO_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    INT8: tl.constexpr, PDL: tl.constexpr,
+    INT8: tl.constexpr, TABLES_FIRST: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (row, KV head, slice): the GROUP q heads of the KV head over the slice's tokens, in the log2 domain
-    (qk_scale = scale * log2(e)); with INT8 the output is also written as int8 runs (q8, dx, sx)."""
+    (qk_scale = scale * log2(e)); with INT8 the output is also written as int8 runs (q8, dx, sx). With TABLES_FIRST
+    the row's page-table entries are read before the PDL wait."""
+    if TABLES_FIRST:  # tables no kernel of the step writes: read while the kernel ahead still runs
+        page_start, kv_len, chunk, num_active = _row_slices(kv_indptr_ptr, kv_last_page_len_ptr, min_split_tokens,
+                                                            PAGE_SIZE, BLOCK_N, NUM_SPLITS)
     wait_for_inputs(PDL)
     release_dependents(PDL)  # the projection after it (o_proj) starts loading its first weight rows
+    if not TABLES_FIRST:
+        page_start, kv_len, chunk, num_active = _row_slices(kv_indptr_ptr, kv_last_page_len_ptr, min_split_tokens,
+                                                            PAGE_SIZE, BLOCK_N, NUM_SPLITS)
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    page_start = tl.load(kv_indptr_ptr + row)
-    num_pages = tl.load(kv_indptr_ptr + row + 1) - page_start
-    kv_len = tl.where(num_pages > 0, (num_pages - 1) * PAGE_SIZE + tl.load(kv_last_page_len_ptr + row), 0)
-    # Slice length: kv_len / NUM_SPLITS, at least min_split_tokens, rounded up to whole blocks.
-    chunk = tl.maximum(tl.cdiv(kv_len, NUM_SPLITS), min_split_tokens)
-    chunk = tl.cdiv(chunk, BLOCK_N) * BLOCK_N
-    num_active = tl.maximum(tl.cdiv(kv_len, chunk), 1)
     if split < num_active:
         g = tl.arange(0, GROUP_PAD)
         d = tl.arange(0, HEAD_DIM)

@@ -27,7 +27,7 @@ from ._checks import (
     check_shape,
     check_tensor,
 )
-from .numerics import launch_options, round_to_dtype, wait_for_inputs
+from .numerics import launch_options, release_dependents, round_to_dtype, wait_for_inputs
 from .rmsnorm import rms_norm_ref, rms_scale
 
 
@@ -171,6 +171,7 @@ def _qk_norm_rope_kernel(
 ):
     """Program (token, head) over qkv's heads in column order: q heads, then k heads, then v heads."""
     wait_for_inputs(PDL)
+    release_dependents(PDL)  # the decode attention after this kernel reads its page tables meanwhile
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     half: tl.constexpr = HEAD_DIM // 2

@@ -328,7 +328,7 @@ class _TritonDecode:
     def __call__(self, q: torch.Tensor, cache: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
                  kv_last_page_len: torch.Tensor, int8=None) -> torch.Tensor:
         return self._attend(q, cache, kv_indptr, kv_indices, kv_last_page_len, self._scale, workspace=self._workspace,
-                            int8=int8)
+                            int8=int8, tables_ready=True)  # `plan` copies the tables from the host before a replay
 
 
 @dataclass(frozen=True)

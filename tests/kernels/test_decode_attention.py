@@ -48,12 +48,14 @@ CPU_CASES = {  # name: (lengths, num_qo_heads, num_kv_heads, page_size, num_spli
 }
 
 
+@pytest.mark.parametrize("tables_ready", [False, True])
 @pytest.mark.parametrize("case", sorted(CPU_CASES))
-def test_matches_reference(device, case):
+def test_matches_reference(device, case, tables_ready):
     lengths, num_qo, num_kv, page_size, splits, min_split = CPU_CASES[case]
     q, pool, tables = _inputs(lengths, num_qo, num_kv, 64, page_size, device, seed=len(case))
     ws = DecodeWorkspace.allocate(len(lengths), num_qo, num_kv, 64, splits, device)
-    out = decode_attention(q, pool, *tables, 64**-0.5, workspace=ws, min_split_tokens=min_split, block_n=16)
+    out = decode_attention(q, pool, *tables, 64**-0.5, workspace=ws, min_split_tokens=min_split, block_n=16,
+                           tables_ready=tables_ready)
     _check(q, pool, tables, out)
     assert not ws.arrivals.any(), "a launch must leave the arrival counters at zero"
     # The same workspace again (as a graph replay would use it), other lengths.

@@ -26,16 +26,17 @@ def _kernels(tree: ast.Module):
             yield node
 
 
-WEIGHTS_BEFORE_WAIT = {"_stream_kernel": {"blocks_ptr"}, "_stream_pair_kernel": {"a_blocks_ptr", "b_blocks_ptr"}}
-"""Kernels that load weights (written by no kernel) before waiting for the kernel ahead, and the pointers they may
-read then."""
+READ_BEFORE_WAIT = {"_stream_kernel": {"blocks_ptr"}, "_stream_pair_kernel": {"a_blocks_ptr", "b_blocks_ptr"},
+                    "_decode_kernel": {"kv_indptr_ptr", "kv_last_page_len_ptr"}}
+"""Kernels that load inputs no kernel of a decode step writes (weights; page tables copied from the host) before
+waiting for the kernel ahead, and the pointers they may read then."""
 
 
 def test_every_kernel_launched_with_pdl_waits_for_its_inputs():
     """A kernel launched with programmatic dependent launch (numerics.pdl_options / launch_options, which pass its
     PDL constexpr with Triton's launch_pdl) may start before the kernel ahead of it ends: its first statement must be
     wait_for_inputs(PDL), or it could read stale inputs and break the stream order for the kernels after it; only
-    the kernels of WEIGHTS_BEFORE_WAIT load their weights (no other pointer, no store) first. A kernel that releases
+    the kernels of READ_BEFORE_WAIT load their listed inputs (no other pointer, no store) first. A kernel that releases
     its dependents early does so right after its wait. Checked on the syntax tree of every module of the package; a
     kernel without the PDL parameter cannot take those options (Triton rejects the unknown keyword)."""
     with_pdl = []
@@ -48,11 +49,11 @@ def test_every_kernel_launched_with_pdl_waits_for_its_inputs():
             waits = [i for i, stmt in enumerate(body) if ast.unparse(stmt) == "wait_for_inputs(PDL)"]
             assert waits, f"{path.name}: {kernel.name} never waits"
             before = body[:waits[0]]
-            if before:  # only kernels that read weights first, and nothing else that an earlier kernel may write
+            if before:  # only kernels that read such inputs first, and nothing else that an earlier kernel may write
                 names = {n.id for stmt in before for n in ast.walk(stmt) if isinstance(n, ast.Name)}
                 pointers = {a.arg for a in kernel.args.args if a.arg.endswith("_ptr")}
-                assert kernel.name in WEIGHTS_BEFORE_WAIT, f"{path.name}: {kernel.name} does not wait first"
-                assert names & pointers <= WEIGHTS_BEFORE_WAIT[kernel.name], f"{kernel.name} reads inputs early"
+                assert kernel.name in READ_BEFORE_WAIT, f"{path.name}: {kernel.name} does not wait first"
+                assert names & pointers <= READ_BEFORE_WAIT[kernel.name], f"{kernel.name} reads inputs early"
                 assert "store" not in ast.unparse(before), f"{kernel.name} stores before waiting"
             released = [i for i, stmt in enumerate(body) if ast.unparse(stmt) == "release_dependents(PDL)"]
             assert released in ([], [waits[0] + 1]), f"{kernel.name} releases its dependents before waiting"
