@@ -81,6 +81,7 @@ def default_num_warps(num_splits: int, head_dim: int) -> int:
     return 2 if num_splits * head_dim <= 4096 and head_dim < 128 else 4
 
 
+KV_PREFETCH = True  # with tables_ready: L2 fetches each slice's first block of keys and values before the wait
 NUM_STAGES = 2  # software-pipelining depth of the KV loop: 2 beat Triton's default 3 by 4-6% in that sweep
 
 
@@ -132,9 +133,10 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, kv_indptr: torch.T
     int8: optional Int8Rows of [num_rows, num_qo_heads * head_dim] (int8_rows.empty_int8_rows) that the kernel also
         writes the output into, rounded to int8 runs exactly as quantize_rows(out.flatten(1)) would: the input of
         the integer-dot GEMV of the projection after attention, without a launch of its own.
-    tables_ready: kv_indptr and kv_last_page_len were not written by a kernel of this launch's stream that may still
-        be running (e.g. they were copied from the host before a graph replay): under programmatic dependent launch
-        the kernel then reads them before waiting for the kernel ahead.
+    tables_ready: kv_indptr, kv_indices and kv_last_page_len were not written by a kernel of this launch's stream
+        that may still be running (e.g. they were copied from the host before a graph replay): under programmatic
+        dependent launch the kernel then reads them before waiting for the kernel ahead, and asks L2 for the first
+        keys and values of its slices meanwhile (KV_PREFETCH).
     Page numbers and lengths are not range checked (that would synchronise with the GPU).
     """
     num_rows, num_qo_heads, head_dim = _check(q, kv_cache, kv_indptr, kv_indices, kv_last_page_len, scale, workspace,
@@ -152,6 +154,9 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, kv_indptr: torch.T
     # The int8 rounding reproduces quantize_rows' only without mul+add contraction (launch_options); the plain
     # launch keeps the contraction its float arithmetic was measured with.
     options = launch_options(q) if int8 is not None else pdl_options(q)
+    # 128-byte lines of a key (value) row that L2 fetches before the wait; 0: none
+    row_bytes = head_dim * kv_cache.element_size()
+    kv_lines = row_bytes // 128 if KV_PREFETCH and tables_ready and q.is_cuda and row_bytes >= 128 else 0
     _decode_kernel[(num_rows, num_kv_heads, workspace.num_splits)](
         q, kv_cache, kv_indptr, kv_indices, kv_last_page_len, out,
         workspace.partial_out, workspace.partial_lse, workspace.arrivals,
@@ -160,8 +165,8 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, kv_indptr: torch.T
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), *kv_cache.stride()[:4],
         NUM_QO_HEADS=num_qo_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, PAGE_SIZE=page_size, BLOCK_N=block_n,
-        NUM_SPLITS=workspace.num_splits, INT8=int8 is not None, TABLES_FIRST=tables_ready, num_warps=num_warps,
-        num_stages=NUM_STAGES,
+        NUM_SPLITS=workspace.num_splits, INT8=int8 is not None, TABLES_FIRST=tables_ready, KV_LINES=kv_lines,
+        num_warps=num_warps, num_stages=NUM_STAGES,
         **options,
     )
     return out
@@ -239,6 +244,14 @@ def _dot(a, b, acc):
 
 
 @triton.jit
+def _prefetch(ptrs):
+    """Asks L2 for the 128-byte line holding each address of the pointer tensor ptrs, with no eviction priority of
+    its own; loads nothing into registers (CUDA only: inline PTX)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
 def _row_slices(kv_indptr_ptr, kv_last_page_len_ptr, min_split_tokens, PAGE_SIZE: tl.constexpr,
                 BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr):
     """(first page, KV length, slice length, slices with tokens) of this program's row: slices of kv_len /
@@ -261,32 +274,42 @@ def _decode_kernel(
     cache_page_stride, cache_kv_stride, cache_head_stride, cache_slot_stride,
     NUM_QO_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    INT8: tl.constexpr, TABLES_FIRST: tl.constexpr, PDL: tl.constexpr,
+    INT8: tl.constexpr, TABLES_FIRST: tl.constexpr, KV_LINES: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (row, KV head, slice): the GROUP q heads of the KV head over the slice's tokens, in the log2 domain
     (qk_scale = scale * log2(e)); with INT8 the output is also written as int8 runs (q8, dx, sx). With TABLES_FIRST
-    the row's page-table entries are read before the PDL wait."""
+    the row's page-table entries are read before the PDL wait, and with KV_LINES (128-byte lines a key row) L2 is
+    asked for the slice's first block of keys and values then (a hint: the newest token's, which the kernel ahead
+    writes, are loaded after the wait as every other)."""
+    row = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    d = tl.arange(0, HEAD_DIM)
+    n = tl.arange(0, BLOCK_N)
+    k_base = cache_ptr + kv_head.to(tl.int64) * cache_head_stride
+    v_base = k_base + cache_kv_stride
     if TABLES_FIRST:  # tables no kernel of the step writes: read while the kernel ahead still runs
         page_start, kv_len, chunk, num_active = _row_slices(kv_indptr_ptr, kv_last_page_len_ptr, min_split_tokens,
                                                             PAGE_SIZE, BLOCK_N, NUM_SPLITS)
+        if KV_LINES > 0:  # and L2 fetches the slice's first block of keys and values meanwhile
+            t0 = split * chunk + n
+            t0_mask = (t0 < kv_len) & (t0 < split * chunk + chunk)
+            page0 = tl.load(kv_indices_ptr + page_start + t0 // PAGE_SIZE, mask=t0_mask, other=0).to(tl.int64)
+            slot0 = page0 * cache_page_stride + (t0 % PAGE_SIZE) * cache_slot_stride  # (N,); masked: page 0
+            line = tl.arange(0, KV_LINES) * (HEAD_DIM // KV_LINES)  # (L,) the first column of each 128-byte line
+            _prefetch(k_base + slot0[:, None] + line[None, :])
+            _prefetch(v_base + slot0[:, None] + line[None, :])
     wait_for_inputs(PDL)
     release_dependents(PDL)  # the projection after it (o_proj) starts loading its first weight rows
     if not TABLES_FIRST:
         page_start, kv_len, chunk, num_active = _row_slices(kv_indptr_ptr, kv_last_page_len_ptr, min_split_tokens,
                                                             PAGE_SIZE, BLOCK_N, NUM_SPLITS)
-    row = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
     if split < num_active:
         g = tl.arange(0, GROUP_PAD)
-        d = tl.arange(0, HEAD_DIM)
-        n = tl.arange(0, BLOCK_N)
         head = kv_head * GROUP + g  # (G,) q heads of this KV head
         g_mask = g < GROUP
         q = tl.load(q_ptr + row.to(tl.int64) * q_row_stride + head[:, None] * q_head_stride + d[None, :],
                     mask=g_mask[:, None], other=0.0)  # (G, D)
-        k_base = cache_ptr + kv_head.to(tl.int64) * cache_head_stride
-        v_base = k_base + cache_kv_stride
         start = split * chunk
         end = tl.minimum(start + chunk, kv_len)
         m_i = tl.full((GROUP_PAD,), float("-inf"), tl.float32)

@@ -27,9 +27,11 @@ def _kernels(tree: ast.Module):
 
 
 READ_BEFORE_WAIT = {"_stream_kernel": {"blocks_ptr"}, "_stream_pair_kernel": {"a_blocks_ptr", "b_blocks_ptr"},
-                    "_decode_kernel": {"kv_indptr_ptr", "kv_last_page_len_ptr"}}
+                    "_decode_kernel": {"kv_indptr_ptr", "kv_indices_ptr", "kv_last_page_len_ptr", "cache_ptr"}}
 """Kernels that load inputs no kernel of a decode step writes (weights; page tables copied from the host) before
-waiting for the kernel ahead, and the pointers they may read then."""
+waiting for the kernel ahead, and the pointers they may read then (the decode attention only asks L2 for lines of
+its KV pool then, which loads nothing into registers: L2 is where the kernel ahead's writes of the newest token
+land)."""
 
 
 def test_every_kernel_launched_with_pdl_waits_for_its_inputs():
