@@ -156,7 +156,8 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, kv_indptr: torch.T
     options = launch_options(q) if int8 is not None else pdl_options(q)
     # 128-byte lines of a key (value) row that L2 fetches before the wait; 0: none
     row_bytes = head_dim * kv_cache.element_size()
-    kv_lines = row_bytes // 128 if KV_PREFETCH and tables_ready and q.is_cuda and row_bytes >= 128 else 0
+    prefetches = KV_PREFETCH and tables_ready and options.get("PDL", False) and torch.version.hip is None
+    kv_lines = row_bytes // 128 if prefetches and row_bytes >= 128 else 0
     _decode_kernel[(num_rows, num_kv_heads, workspace.num_splits)](
         q, kv_cache, kv_indptr, kv_indices, kv_last_page_len, out,
         workspace.partial_out, workspace.partial_lse, workspace.arrivals,
@@ -252,6 +253,21 @@ def _prefetch(ptrs):
 
 
 @triton.jit
+def _prefetch_first_block(cache_ptr, kv_indices_ptr, page_start, start, kv_len, kv_head, cache_page_stride,
+                          cache_kv_stride, cache_head_stride, cache_slot_stride, HEAD_DIM: tl.constexpr,
+                          PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, KV_LINES: tl.constexpr):
+    """Asks L2 for the keys and values of the BLOCK_N tokens from `start` of a row's KV (those below kv_len; the
+    others ask for page 0's lines, which every pool has), KV_LINES 128-byte lines a token and head."""
+    t0 = start + tl.arange(0, BLOCK_N)
+    page0 = tl.load(kv_indices_ptr + page_start + t0 // PAGE_SIZE, mask=t0 < kv_len, other=0).to(tl.int64)
+    slot0 = page0 * cache_page_stride + (t0 % PAGE_SIZE) * cache_slot_stride  # (N,)
+    line = tl.arange(0, KV_LINES) * (HEAD_DIM // KV_LINES)  # (L,) the first column of each 128-byte line
+    k_base = cache_ptr + kv_head.to(tl.int64) * cache_head_stride
+    _prefetch(k_base + slot0[:, None] + line[None, :])
+    _prefetch(k_base + cache_kv_stride + slot0[:, None] + line[None, :])
+
+
+@triton.jit
 def _row_slices(kv_indptr_ptr, kv_last_page_len_ptr, min_split_tokens, PAGE_SIZE: tl.constexpr,
                 BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr):
     """(first page, KV length, slice length, slices with tokens) of this program's row: slices of kv_len /
@@ -284,23 +300,20 @@ def _decode_kernel(
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    d = tl.arange(0, HEAD_DIM)
-    n = tl.arange(0, BLOCK_N)
-    k_base = cache_ptr + kv_head.to(tl.int64) * cache_head_stride
-    v_base = k_base + cache_kv_stride
     if TABLES_FIRST:  # tables no kernel of the step writes: read while the kernel ahead still runs
         page_start, kv_len, chunk, num_active = _row_slices(kv_indptr_ptr, kv_last_page_len_ptr, min_split_tokens,
                                                             PAGE_SIZE, BLOCK_N, NUM_SPLITS)
         if KV_LINES > 0:  # and L2 fetches the slice's first block of keys and values meanwhile
-            t0 = split * chunk + n
-            t0_mask = (t0 < kv_len) & (t0 < split * chunk + chunk)
-            page0 = tl.load(kv_indices_ptr + page_start + t0 // PAGE_SIZE, mask=t0_mask, other=0).to(tl.int64)
-            slot0 = page0 * cache_page_stride + (t0 % PAGE_SIZE) * cache_slot_stride  # (N,); masked: page 0
-            line = tl.arange(0, KV_LINES) * (HEAD_DIM // KV_LINES)  # (L,) the first column of each 128-byte line
-            _prefetch(k_base + slot0[:, None] + line[None, :])
-            _prefetch(v_base + slot0[:, None] + line[None, :])
+            if split < num_active:
+                _prefetch_first_block(cache_ptr, kv_indices_ptr, page_start, split * chunk, kv_len, kv_head,
+                                      cache_page_stride, cache_kv_stride, cache_head_stride, cache_slot_stride,
+                                      HEAD_DIM, PAGE_SIZE, BLOCK_N, KV_LINES)
     wait_for_inputs(PDL)
-    release_dependents(PDL)  # the projection after it (o_proj) starts loading its first weight rows
+    release_dependents(PDL)  # the kernel after it (o_proj's GEMV where it writes int8 rows) starts on its weights
+    d = tl.arange(0, HEAD_DIM)
+    n = tl.arange(0, BLOCK_N)
+    k_base = cache_ptr + kv_head.to(tl.int64) * cache_head_stride
+    v_base = k_base + cache_kv_stride
     if not TABLES_FIRST:
         page_start, kv_len, chunk, num_active = _row_slices(kv_indptr_ptr, kv_last_page_len_ptr, min_split_tokens,
                                                             PAGE_SIZE, BLOCK_N, NUM_SPLITS)

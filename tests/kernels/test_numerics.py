@@ -27,11 +27,12 @@ def _kernels(tree: ast.Module):
 
 
 READ_BEFORE_WAIT = {"_stream_kernel": {"blocks_ptr"}, "_stream_pair_kernel": {"a_blocks_ptr", "b_blocks_ptr"},
-                    "_decode_kernel": {"kv_indptr_ptr", "kv_indices_ptr", "kv_last_page_len_ptr", "cache_ptr"}}
+                    "_decode_kernel": {"kv_indptr_ptr", "kv_indices_ptr", "kv_last_page_len_ptr"}}
 """Kernels that load inputs no kernel of a decode step writes (weights; page tables copied from the host) before
-waiting for the kernel ahead, and the pointers they may read then (the decode attention only asks L2 for lines of
-its KV pool then, which loads nothing into registers: L2 is where the kernel ahead's writes of the newest token
-land)."""
+waiting for the kernel ahead, and the pointers they may read then."""
+PREFETCH_BEFORE_WAIT = {"_decode_kernel": {"cache_ptr"}}
+"""Pointers that a kernel may only pass to a `_prefetch...` helper before its wait (L2 hints, which load nothing into
+registers: the decode attention's first KV block, whose newest token the kernel ahead may still be writing)."""
 
 
 def test_every_kernel_launched_with_pdl_waits_for_its_inputs():
@@ -40,7 +41,8 @@ def test_every_kernel_launched_with_pdl_waits_for_its_inputs():
     wait_for_inputs(PDL), or it could read stale inputs and break the stream order for the kernels after it; only
     the kernels of READ_BEFORE_WAIT load their listed inputs (no other pointer, no store) first. A kernel that releases
     its dependents early does so right after its wait (the stream GEMVs release theirs later, in quant_stream's
-    _stream_rows, called after the wait). Checked on the syntax tree of every module of the package; a
+    _stream_rows, called after the wait). Pointers of PREFETCH_BEFORE_WAIT go only to `_prefetch...` helpers before
+    the wait. Checked on the syntax tree of every module of the package; a
     kernel without the PDL parameter cannot take those options (Triton rejects the unknown keyword)."""
     with_pdl = []
     for path in sorted(pathlib.Path(braid_kernels.__file__).parent.glob("*.py")):
@@ -53,10 +55,21 @@ def test_every_kernel_launched_with_pdl_waits_for_its_inputs():
             assert waits, f"{path.name}: {kernel.name} never waits"
             before = body[:waits[0]]
             if before:  # only kernels that read such inputs first, and nothing else that an earlier kernel may write
-                names = {n.id for stmt in before for n in ast.walk(stmt) if isinstance(n, ast.Name)}
                 pointers = {a.arg for a in kernel.args.args if a.arg.endswith("_ptr")}
+                hinted = PREFETCH_BEFORE_WAIT.get(kernel.name, set())
+                names = {n.id for stmt in before for n in ast.walk(stmt) if isinstance(n, ast.Name)} - hinted
                 assert kernel.name in READ_BEFORE_WAIT, f"{path.name}: {kernel.name} does not wait first"
                 assert names & pointers <= READ_BEFORE_WAIT[kernel.name], f"{kernel.name} reads inputs early"
+                for call in (n for stmt in before for n in ast.walk(stmt) if isinstance(n, ast.Call)):
+                    hints = {a.id for a in call.args if isinstance(a, ast.Name)} & hinted
+                    assert not hints or ast.unparse(call.func).startswith("_prefetch"), (
+                        f"{kernel.name} passes {hints} to {ast.unparse(call.func)} before waiting")
+                hint_uses = sum(isinstance(n, ast.Name) and n.id in hinted for stmt in before for n in ast.walk(stmt))
+                hint_args = sum(isinstance(a, ast.Name) and a.id in hinted for stmt in before for n in ast.walk(stmt)
+                                if isinstance(n, ast.Call) and ast.unparse(n.func).startswith("_prefetch")
+                                for a in n.args)
+                assert hint_uses == hint_args, f"{kernel.name} uses {hinted} before waiting other than to prefetch"
+                assert "release_dependents" not in ast.unparse(before), f"{kernel.name} releases before waiting"
                 assert "store" not in ast.unparse(before), f"{kernel.name} stores before waiting"
             released = [i for i, stmt in enumerate(body) if ast.unparse(stmt) == "release_dependents(PDL)"]
             assert released in ([], [waits[0] + 1]), f"{kernel.name} releases its dependents before waiting"
