@@ -76,12 +76,13 @@ def _pdl_supported(device_index: int) -> bool:
 # soon as the kernel before it in the stream ends, without the full serialisation of two dependent launches (a CUDA
 # graph's too), and waits in `wait_for_inputs` until that kernel's writes are visible. Batch-1 decode runs ~10 short
 # kernels per layer, so the gaps matter: Llama-3.1-8B shape on an H200, Q4_K_M 365 -> 389 tok/s, Q8_0 345 -> 367,
-# bf16 199 -> 200 (benchmarks/RESULTS.md). Only the short kernels just before a GEMV trigger their dependents early
-# (release_dependents): with that trigger at every kernel's start Q4_K_M fell to 328 tok/s (presumably the waiting
-# dependents held SM slots the running kernel needed). Every kernel launched with these options takes the PDL
-# constexpr and calls wait_for_inputs(PDL) before its first load or store, weight loads of the kernels that
-# tests/kernels/test_numerics.py lists excepted (it checks the package): the wait is also what orders it after
-# everything earlier in the stream. Decided per device at the first launch on it, so importing the package does not
+# bf16 199 -> 200 (benchmarks/RESULTS.md). Only some kernels trigger their dependents early (release_dependents,
+# which says which and when): with that trigger at every kernel's start Q4_K_M fell to 328 tok/s (presumably the
+# waiting dependents held SM slots the running kernel needed). Every kernel launched with these options takes the PDL
+# constexpr and calls wait_for_inputs(PDL) before its first load or store, except the loads of inputs no kernel of
+# a step writes (weights, host-copied page tables) and L2 prefetch hints, in the kernels that
+# tests/kernels/test_numerics.py lists (it checks the package): the wait is also what orders it after everything
+# earlier in the stream. Decided per device at the first launch on it, so importing the package does not
 # initialise CUDA.
 def pdl_options(t: torch.Tensor) -> dict:
     """Launch keyword arguments of a kernel of the package on t's device: PDL (the kernel's constexpr) and Triton's
@@ -99,7 +100,8 @@ def launch_options(t: torch.Tensor) -> dict:
 @triton.jit
 def wait_for_inputs(PDL: tl.constexpr):
     """Under programmatic dependent launch (PDL): wait for the previous kernel in the stream to finish, its writes
-    visible. Call first in every kernel launched with pdl_options / launch_options; nothing without PDL."""
+    visible. Call in every kernel launched with pdl_options / launch_options before anything the kernels ahead may
+    write is read (see the comment above pdl_options for what may come first); nothing without PDL."""
     if PDL:
         gdc_wait()
 
@@ -107,13 +109,18 @@ def wait_for_inputs(PDL: tl.constexpr):
 @triton.jit
 def release_dependents(PDL: tl.constexpr):
     """Under PDL: let the next kernel in the stream be scheduled now (griddepcontrol.launch_dependents) rather than
-    when this one ends; nothing without PDL. Called, after wait_for_inputs, by the short kernels that a decode step
-    runs just before a GEMV (norms, SiLU-and-mul, x's int8 rounding, the decode attention before o_proj; on every
-    launch of them, prefill's too, where the dependent starts no earlier than before: it is scheduled once every
-    program has released, i.e. once the last programs have started): their few programs leave most SMs free, and the
-    GEMV (quant_stream.py) loads its first weight rows, which no kernel writes, before waiting for its x. The
-    dependent still waits for this kernel's end and writes in its wait_for_inputs. Not called by every kernel: a
-    dependent made resident early by a large kernel only holds SM slots it needs (Q4_K_M decode fell from 389 to 328
-    tok/s when every kernel released its dependents at its start; benchmarks/RESULTS.md)."""
+    when this one ends; nothing without PDL. The dependent is scheduled once every program has released (or ended)
+    and still waits for this kernel's end and writes in its wait_for_inputs. Called:
+    - right after wait_for_inputs by the short kernels that a decode step runs just before a GEMV (norms,
+      SiLU-and-mul, x's int8 rounding), whose few programs leave most SMs free while the GEMV (quant_stream.py) loads
+      its first weight rows, which no kernel writes, before waiting for its x; on every launch of them, prefill's
+      too, where the dependent starts no earlier than before (once the last programs have started);
+    - right after wait_for_inputs by the QK-norm / RoPE kernel (the attention after it reads its host-copied page
+      tables meanwhile) and by the decode attention (o_proj's GEMV after it);
+    - by each program of the stream GEMVs as it starts on its last row (quant_stream._stream_rows): the launch's
+      programs are all resident by then, so what the dependent makes resident takes no slot they need.
+    Not called by every kernel at its start: a dependent made resident early by a large kernel only holds SM slots
+    it needs (Q4_K_M decode fell from 389 to 328 tok/s when every kernel released its dependents at its start;
+    benchmarks/RESULTS.md)."""
     if PDL:
         gdc_launch_dependents()

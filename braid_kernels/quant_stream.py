@@ -209,8 +209,9 @@ def _stream_rows(q_ptr, dx_ptr, sx_ptr, blocks_ptr, out_ptr, N, row_bytes, first
     """out[0, r] for rows r = first, first + step, ... of an [N, row_bytes] matrix, the first row's raw fields given
     (w ... head): x's int8 runs loaded once, then each row's next row loaded before the row is decoded. Called after
     the kernel's wait; under PDL the program releases the kernel after it as it starts on its last row, so that
-    kernel (a norm, SiLU-and-mul, RoPE) is scheduled, once every program has, while the last rows are multiplied:
-    by then the launch's programs are all resident, so what the dependent makes resident takes no slot they need."""
+    kernel (on the decode path a norm, SiLU-and-mul or RoPE; any kernel, which still waits for this one's writes) is
+    scheduled, once every program has, while the last rows are multiplied: by then the launch's programs are all
+    resident, so what the dependent makes resident takes no slot they need."""
     g = tl.arange(0, BLOCK_G)[:, None]  # (BG, 1)
     j = tl.arange(0, WORDS)[None, :]  # (1, W)
     g_ok = g < NUM_GROUPS
@@ -253,7 +254,8 @@ def _stream_kernel(
     the next row's raw fields are loaded before the current row is decoded. The first row's are loaded before
     waiting for the kernel ahead (programmatic dependent launch): weights are written by no kernel, and the norm,
     SiLU-and-mul and rounding kernels that compute x release this one early (numerics.release_dependents), so its
-    first loads overlap them (the decode attention before o_proj releases it too)."""
+    first loads overlap them (the decode attention before o_proj releases it too). Each program releases the kernel
+    after this one as it starts on its last row (_stream_rows)."""
     w, wh, s0, s1, s2, head = _first_row(blocks_ptr, tl.program_id(0), N, row_bytes, QTYPE, TYPE_SIZE, GROUPS, WORDS,
                                          NUM_GROUPS, BLOCK_G)
     wait_for_inputs(PDL)

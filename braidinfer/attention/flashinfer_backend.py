@@ -178,7 +178,8 @@ class _GraphBuffers:
     """Device arrays that captured decode steps read; `FlashInferGraphDecode.plan` refills them before each replay.
 
     The page-table arrays are views of one int32 buffer, [kv_indptr | kv_last_page_len | kv_indices], so a step's
-    tables reach the device in one copy."""
+    tables reach the device in one copy. No kernel may write them: Braid's Triton decode reads them before waiting
+    for the kernel ahead of it (decode_attention's tables_ready)."""
 
     batch_indices: torch.Tensor  # [max_batch] int32: 0, 1, 2, ... (row b's new token belongs to sequence b)
     kv_positions: torch.Tensor  # [max_batch] int32: each row's new token's position in its sequence's KV

@@ -159,19 +159,23 @@ GPU_LENGTHS = {1: [1], 2: [16384, 1], 4: [512, 17, 4096, 1000], 8: [1, 16, 17, 2
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("tables_ready", [False, True])
 @pytest.mark.parametrize("num_rows", sorted(GPU_LENGTHS))
 @pytest.mark.parametrize("name", sorted(REAL))
-def test_real_shapes_on_gpu(name, num_rows):
+def test_real_shapes_on_gpu(name, num_rows, tables_ready):
     num_qo, num_kv, head_dim = REAL[name]
     for lengths in (GPU_LENGTHS[num_rows], [512] * num_rows, [16384] * num_rows):
         q, pool, tables = _inputs(lengths, num_qo, num_kv, head_dim, 16, "cuda", seed=num_rows)
-        _check(q, pool, tables, decode_attention(q, pool, *tables, head_dim**-0.5))
+        _check(q, pool, tables, decode_attention(q, pool, *tables, head_dim**-0.5, tables_ready=tables_ready))
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("tables_ready", [False, True])
 @pytest.mark.parametrize("name", sorted(REAL))
-def test_replays_in_a_cuda_graph_with_new_lengths(name):
-    """Captured once over static page tables, replayed for other lengths (and a pool large enough for all)."""
+def test_replays_in_a_cuda_graph_with_new_lengths(name, tables_ready):
+    """Captured once over static page tables, replayed for other lengths (and a pool large enough for all); with
+    tables_ready as the graph decode launches it (tables copied before each replay, read before the PDL wait, the
+    first KV block prefetched into L2)."""
     num_qo, num_kv, head_dim = REAL[name]
     rows, max_pages = 4, 4 * 1024
     q, pool, _ = _inputs([16 * max_pages // rows] * rows, num_qo, num_kv, head_dim, 16, "cuda")
@@ -182,7 +186,7 @@ def test_replays_in_a_cuda_graph_with_new_lengths(name):
 
     def attend():
         return decode_attention(static["q"], pool, static["indptr"], static["indices"], static["last"],
-                                head_dim**-0.5, workspace=ws)
+                                head_dim**-0.5, workspace=ws, tables_ready=tables_ready)
 
     static["indptr"].copy_(torch.arange(rows + 1, dtype=torch.int32))  # one page each, for the warm-up
     stream = torch.cuda.Stream()
