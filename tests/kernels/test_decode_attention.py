@@ -45,6 +45,7 @@ CPU_CASES = {  # name: (lengths, num_qo_heads, num_kv_heads, page_size, num_spli
     "gqa1-one-slice-each": ([9, 1, 50], 2, 2, 8, 2, 64),
     "gqa8-page16": ([100, 3], 8, 1, 16, 8, 16),
     "more-slices-than-tokens": ([2, 17], 4, 2, 4, 16, 1),
+    "merged-in-two-steps": ([200, 45], 6, 2, 4, 16, 8),  # 13 slices of 16 tokens: more than a merge step takes
 }
 
 
@@ -87,14 +88,15 @@ def test_a_row_without_pages_gets_zeros(device):
     _check(q[1:], pool, [tables[0][1:] - tables[0][1], tables[1], tables[2][1:]], out[1:])
 
 
+@pytest.mark.parametrize("num_qo_heads", [6, 8])  # GQA groups of 3 heads (head by head) and of 4 (one tile)
 @pytest.mark.parametrize("lengths", [[1, 5, 37, 64, 0], [40]])  # split rows, one-slice rows, a row without pages
-def test_int8_output_is_quantize_rows_of_the_output(device, lengths):
+def test_int8_output_is_quantize_rows_of_the_output(device, lengths, num_qo_heads):
     """With `int8`, the kernel also writes its output as int8 runs: byte for byte what quantize_rows makes of the
     output it returns (merged heads and one-slice heads alike, every head of a GQA group), and that output still
     matches the reference. A head written into another head's runs, or a run rounded differently, fails this."""
-    q, pool, tables = _inputs(lengths, 6, 2, 64, 4, device, seed=5)
-    ws = DecodeWorkspace.allocate(len(lengths), 6, 2, 64, 4, device)
-    rows = empty_int8_rows(len(lengths), 6 * 64, q.dtype, device)
+    q, pool, tables = _inputs(lengths, num_qo_heads, 2, 64, 4, device, seed=5)
+    ws = DecodeWorkspace.allocate(len(lengths), num_qo_heads, 2, 64, 4, device)
+    rows = empty_int8_rows(len(lengths), num_qo_heads * 64, q.dtype, device)
     for t in rows[:3]:
         t.fill_(7)  # stale values: every byte must be written
     out = decode_attention(q, pool, *tables, 64**-0.5, workspace=ws, min_split_tokens=8, block_n=16, int8=rows)
