@@ -76,12 +76,13 @@ def default_block_n(head_dim: int) -> int:
 def default_num_warps(num_splits: int, head_dim: int) -> int:
     """2 warps stream the KV fastest at head_dim 64; 4 from head_dim 128 (one row of the Llama-3.1-8B layout, 32 q / 8
     KV heads, on an H100: 7.3 against 7.9 us at 384 tokens, 7.6 against 8.6 at 1k, 14.7 against 15.3 at 4k, with
-    num_stages 2) and wherever the merge's [num_splits, head_dim] float32 tile would need more than 64 registers a
-    thread."""
+    num_stages 2) and wherever num_splits * head_dim > 4096 (the bound was set for a merge that held a [num_splits,
+    head_dim] float32 tile a head, which would have needed more than 64 registers a thread at 2 warps; kept as
+    measured)."""
     return 2 if num_splits * head_dim <= 4096 and head_dim < 128 else 4
 
 
-MERGE_SPLITS = 8  # slices whose partials the merge loads as one tile (all of a short context's)
+MERGE_SPLITS = 8  # slices whose partials' loads the merge issues together, one unrolled step (a short context's all)
 KV_PREFETCH = True  # with tables_ready: L2 fetches each slice's first block of keys and values before the wait
 NUM_STAGES = 2  # software-pipelining depth of the KV loop: 2 beat Triton's default 3 by 4-6% in that sweep
 
@@ -388,7 +389,7 @@ def _merge(partial_out_ptr, partial_lse_ptr, out_ptr, q8_ptr, dx_ptr, sx_ptr, ro
     """out = sum over slices of exp2(lse_s - lse) * out_s for each q head of the group (and its int8 runs with
     INT8). The group's heads (GROUP_P2: GROUP rounded up to a power of two) are merged together, slice by slice with
     a running maximum (as the attention loop runs over blocks), STEP slices unrolled at a time: their loads do not
-    wait for one another (a short context's slices are one step), and every value of a head's (G, D) tile, its lse
+    wait for one another (a short context's slices are one step), and every value of the group's (G, D) tiles, the lse
     loaded across D, stays in the thread that holds it, so the merge needs no exchange between warps. Loads bypass
     L1 (.cg): the partials were written by other SMs during this launch."""
     g = tl.arange(0, GROUP_P2)

@@ -1,6 +1,7 @@
 """decode_attention against its float32 reference: on the CPU through the interpreter at small shapes (rows of 1 token,
-of several pages, with a partial last page; GQA groups of 1, 2 and 3; slices left empty), on the GPU at Qwen3-0.6B and
-SmolLM2-135M head layouts up to 16k tokens, and replayed inside a CUDA graph with the lengths changed in between.
+of several pages, with a partial last page; GQA groups of 1 to 4; slices left empty; merges of one and two steps),
+on the GPU at Qwen3-0.6B and SmolLM2-135M head layouts up to 16k tokens, and replayed inside a CUDA graph with the
+lengths changed in between.
 
 The kernel's output is rounded to bf16, the reference's is float32, so each (row, head) output vector agrees with the
 reference to a bf16 step of itself (relative error ~2e-3). An absolute tolerance cannot tell that from a bug at long
@@ -46,6 +47,7 @@ CPU_CASES = {  # name: (lengths, num_qo_heads, num_kv_heads, page_size, num_spli
     "gqa8-page16": ([100, 3], 8, 1, 16, 8, 16),
     "more-slices-than-tokens": ([2, 17], 4, 2, 4, 16, 1),
     "merged-in-two-steps": ([200, 45], 6, 2, 4, 16, 8),  # 13 slices of 16 tokens: more than a merge step takes
+    "gqa1-merged": ([200, 45], 2, 2, 4, 16, 8),
 }
 
 
@@ -89,13 +91,13 @@ def test_a_row_without_pages_gets_zeros(device):
 
 
 @pytest.mark.parametrize("num_qo_heads", [6, 8])  # GQA groups of 3 heads (head by head) and of 4 (one tile)
-@pytest.mark.parametrize("lengths", [[1, 5, 37, 64, 0], [40]])  # split rows, one-slice rows, a row without pages
-def test_int8_output_is_quantize_rows_of_the_output(device, lengths, num_qo_heads):
+@pytest.mark.parametrize("lengths, num_splits", [([1, 5, 37, 64, 0], 4), ([40], 4), ([200, 45], 16)])
+def test_int8_output_is_quantize_rows_of_the_output(device, lengths, num_splits, num_qo_heads):
     """With `int8`, the kernel also writes its output as int8 runs: byte for byte what quantize_rows makes of the
     output it returns (merged heads and one-slice heads alike, every head of a GQA group), and that output still
     matches the reference. A head written into another head's runs, or a run rounded differently, fails this."""
     q, pool, tables = _inputs(lengths, num_qo_heads, 2, 64, 4, device, seed=5)
-    ws = DecodeWorkspace.allocate(len(lengths), num_qo_heads, 2, 64, 4, device)
+    ws = DecodeWorkspace.allocate(len(lengths), num_qo_heads, 2, 64, num_splits, device)
     rows = empty_int8_rows(len(lengths), num_qo_heads * 64, q.dtype, device)
     for t in rows[:3]:
         t.fill_(7)  # stale values: every byte must be written
