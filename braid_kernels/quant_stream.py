@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .int8_rows import Int8Rows
-from .numerics import pdl_options, release_dependents, round_to_dtype, wait_for_inputs
+from .numerics import pdl_options, round_to_dtype, wait_for_inputs
 from .quant_decode import GROUP_LANES, GROUPS_PER_BLOCK, Q4_K, QTYPE_IDS, block_fields, fp16_bits, \
     k_unpack_scale_min, num_groups
 from .quant_dot import _dp4a
@@ -205,13 +205,9 @@ def _first_row(blocks_ptr, row, N, row_bytes, QTYPE: tl.constexpr, TYPE_SIZE: tl
 @triton.jit
 def _stream_rows(q_ptr, dx_ptr, sx_ptr, blocks_ptr, out_ptr, N, row_bytes, first, step, w, wh, s0, s1, s2, head,
                  QTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr, TYPE_SIZE: tl.constexpr, GROUPS: tl.constexpr,
-                 WORDS: tl.constexpr, NUM_GROUPS: tl.constexpr, BLOCK_G: tl.constexpr, PDL: tl.constexpr):
+                 WORDS: tl.constexpr, NUM_GROUPS: tl.constexpr, BLOCK_G: tl.constexpr):
     """out[0, r] for rows r = first, first + step, ... of an [N, row_bytes] matrix, the first row's raw fields given
-    (w ... head): x's int8 runs loaded once, then each row's next row loaded before the row is decoded. Called after
-    the kernel's wait; under PDL the program releases the kernel after it as it starts on its last row, so that
-    kernel (on the decode path a norm, SiLU-and-mul or RoPE; any kernel, which still waits for this one's writes) is
-    scheduled, once every program has, while the last rows are multiplied: by then the launch's programs are all
-    resident, so what the dependent makes resident takes no slot they need."""
+    (w ... head): x's int8 runs loaded once, then each row's next row loaded before the row is decoded."""
     g = tl.arange(0, BLOCK_G)[:, None]  # (BG, 1)
     j = tl.arange(0, WORDS)[None, :]  # (1, W)
     g_ok = g < NUM_GROUPS
@@ -233,8 +229,6 @@ def _stream_rows(q_ptr, dx_ptr, sx_ptr, blocks_ptr, out_ptr, N, row_bytes, first
         nxt = row + step
         nw, nwh, ns0, ns1, ns2, nhead = _raw_fields(blocks_ptr + nxt.to(tl.int64) * row_bytes, nb, g, j,
                                                     g_ok & (g * 0 + nxt < N), QTYPE, GROUPS)
-        if nxt >= N:
-            release_dependents(PDL)
         c_lo, c_hi, a_lo, b_lo, a_hi, b_hi = _decode_raw(w, wh, s0, s1, s2, head, g, QTYPE, GROUPS)
         dot_lo = tl.sum(_dp4a(c_lo, x_lo), axis=1, keep_dims=True).to(tl.float32)
         dot_hi = tl.sum(_dp4a(c_hi, x_hi), axis=1, keep_dims=True).to(tl.float32)
@@ -260,7 +254,7 @@ def _stream_kernel(
                                          NUM_GROUPS, BLOCK_G)
     wait_for_inputs(PDL)
     _stream_rows(q_ptr, dx_ptr, sx_ptr, blocks_ptr, out_ptr, N, row_bytes, tl.program_id(0), tl.num_programs(0),
-                 w, wh, s0, s1, s2, head, QTYPE, BLOCK_SIZE, TYPE_SIZE, GROUPS, WORDS, NUM_GROUPS, BLOCK_G, PDL)
+                 w, wh, s0, s1, s2, head, QTYPE, BLOCK_SIZE, TYPE_SIZE, GROUPS, WORDS, NUM_GROUPS, BLOCK_G)
 
 
 @triton.jit
@@ -285,8 +279,8 @@ def _stream_pair_kernel(
     if b_pid < 0:
         _stream_rows(q_ptr, dx_ptr, sx_ptr, a_blocks_ptr, a_out_ptr, a_rows, a_row_bytes, pid, a_programs,
                      aw, awh, as0, as1, as2, ahead, A_QTYPE, A_BLOCK_SIZE, A_TYPE_SIZE, A_GROUPS, A_WORDS,
-                     A_NUM_GROUPS, A_BLOCK_G, PDL)
+                     A_NUM_GROUPS, A_BLOCK_G)
     else:
         _stream_rows(q_ptr, dx_ptr, sx_ptr, b_blocks_ptr, b_out_ptr, b_rows, b_row_bytes, b_pid,
                      tl.num_programs(0) - a_programs, bw, bwh, bs0, bs1, bs2, bhead, B_QTYPE, B_BLOCK_SIZE,
-                     B_TYPE_SIZE, B_GROUPS, B_WORDS, B_NUM_GROUPS, B_BLOCK_G, PDL)
+                     B_TYPE_SIZE, B_GROUPS, B_WORDS, B_NUM_GROUPS, B_BLOCK_G)

@@ -40,9 +40,8 @@ def test_every_kernel_launched_with_pdl_waits_for_its_inputs():
     PDL constexpr with Triton's launch_pdl) may start before the kernel ahead of it ends: its first statement must be
     wait_for_inputs(PDL), or it could read stale inputs and break the stream order for the kernels after it; only
     the kernels of READ_BEFORE_WAIT load their listed inputs (no other pointer, no store) first. A kernel that releases
-    its dependents early does so right after its wait (the stream GEMVs release theirs later, in quant_stream's
-    _stream_rows, called after the wait). Pointers of PREFETCH_BEFORE_WAIT go only to `_prefetch...` helpers before
-    the wait. Checked on the syntax tree of every module of the package; a
+    its dependents early does so right after its wait. Pointers of PREFETCH_BEFORE_WAIT go only to `_prefetch...`
+    helpers before the wait. Checked on the syntax tree of every module of the package; a
     kernel without the PDL parameter cannot take those options (Triton rejects the unknown keyword)."""
     with_pdl = []
     for path in sorted(pathlib.Path(braid_kernels.__file__).parent.glob("*.py")):
