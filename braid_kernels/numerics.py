@@ -116,11 +116,9 @@ def release_dependents(PDL: tl.constexpr):
       its first weight rows, which no kernel writes, before waiting for its x; on every launch of them, prefill's
       too, where the dependent starts no earlier than before (once the last programs have started);
     - right after wait_for_inputs by the QK-norm / RoPE kernel (the attention after it reads its host-copied page
-      tables meanwhile) and by the decode attention (o_proj's GEMV after it);
-    - by each program of the stream GEMVs as it starts on its last row (quant_stream._stream_rows): the launch's
-      programs are all resident by then, so what the dependent makes resident takes no slot they need.
-    Not called by every kernel at its start: a dependent made resident early by a large kernel only holds SM slots
-    it needs (Q4_K_M decode fell from 389 to 328 tok/s when every kernel released its dependents at its start;
-    benchmarks/RESULTS.md)."""
+      tables meanwhile) and by the decode attention (o_proj's GEMV after it).
+    Not by the GEMVs: a dependent made resident early by a large kernel only holds SM slots it needs (Q4_K_M decode
+    fell from 389 to 328 tok/s when every kernel released its dependents at its start, and from 429 to 385 when each
+    stream GEMV program released them as it started on its last row; benchmarks/RESULTS.md)."""
     if PDL:
         gdc_launch_dependents()

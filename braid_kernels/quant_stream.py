@@ -248,8 +248,7 @@ def _stream_kernel(
     the next row's raw fields are loaded before the current row is decoded. The first row's are loaded before
     waiting for the kernel ahead (programmatic dependent launch): weights are written by no kernel, and the norm,
     SiLU-and-mul and rounding kernels that compute x release this one early (numerics.release_dependents), so its
-    first loads overlap them (the decode attention before o_proj releases it too). Each program releases the kernel
-    after this one as it starts on its last row (_stream_rows)."""
+    first loads overlap them (the decode attention before o_proj releases it too)."""
     w, wh, s0, s1, s2, head = _first_row(blocks_ptr, tl.program_id(0), N, row_bytes, QTYPE, TYPE_SIZE, GROUPS, WORDS,
                                          NUM_GROUPS, BLOCK_G)
     wait_for_inputs(PDL)
