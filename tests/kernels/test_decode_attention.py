@@ -64,7 +64,7 @@ def test_matches_reference(device, case, tables_ready):
     # The same workspace again (as a graph replay would use it), other lengths.
     q, pool, tables = _inputs(lengths[::-1], num_qo, num_kv, 64, page_size, device, seed=len(case) + 1)
     _check(q, pool, tables, decode_attention(q, pool, *tables, 64**-0.5, workspace=ws, min_split_tokens=min_split,
-                                             block_n=16))
+                                             block_n=16, tables_ready=tables_ready))
 
 
 def test_output_is_float32_attention_rounded_once(device):
@@ -90,9 +90,10 @@ def test_a_row_without_pages_gets_zeros(device):
     _check(q[1:], pool, [tables[0][1:] - tables[0][1], tables[1], tables[2][1:]], out[1:])
 
 
+@pytest.mark.parametrize("tables_ready", [False, True])  # graph decodes write int8 rows with tables_ready
 @pytest.mark.parametrize("num_qo_heads", [6, 8])  # GQA groups of 3 heads (head by head) and of 4 (one tile)
 @pytest.mark.parametrize("lengths, num_splits", [([1, 5, 37, 64, 0], 4), ([40], 4), ([200, 45], 16)])
-def test_int8_output_is_quantize_rows_of_the_output(device, lengths, num_splits, num_qo_heads):
+def test_int8_output_is_quantize_rows_of_the_output(device, lengths, num_splits, num_qo_heads, tables_ready):
     """With `int8`, the kernel also writes its output as int8 runs: byte for byte what quantize_rows makes of the
     output it returns (merged heads and one-slice heads alike, every head of a GQA group), and that output still
     matches the reference. A head written into another head's runs, or a run rounded differently, fails this."""
@@ -101,7 +102,8 @@ def test_int8_output_is_quantize_rows_of_the_output(device, lengths, num_splits,
     rows = empty_int8_rows(len(lengths), num_qo_heads * 64, q.dtype, device)
     for t in rows[:3]:
         t.fill_(7)  # stale values: every byte must be written
-    out = decode_attention(q, pool, *tables, 64**-0.5, workspace=ws, min_split_tokens=8, block_n=16, int8=rows)
+    out = decode_attention(q, pool, *tables, 64**-0.5, workspace=ws, min_split_tokens=8, block_n=16, int8=rows,
+                           tables_ready=tables_ready)
     if lengths[-1] == 0:
         assert not out[-1].any()
         _check(q[:-1], pool, [tables[0][:-1], tables[1], tables[2][:-1]], out[:-1])
