@@ -83,8 +83,17 @@ def default_num_warps(num_splits: int, head_dim: int) -> int:
 
 
 MERGE_SPLITS = 8  # slices whose partials' loads the merge issues together, one unrolled step (a short context's all)
+MERGE_TILE = 4096  # at most this many float32 partials per unrolled step (8 slices of a group of 4 heads of 128,
+# as measured): larger groups take fewer slices a step rather than more registers
 KV_PREFETCH = True  # with tables_ready: L2 fetches each slice's first block of keys and values before the wait
 NUM_STAGES = 2  # software-pipelining depth of the KV loop: 2 beat Triton's default 3 by 4-6% in that sweep
+
+
+def merge_step(group: int, head_dim: int, num_splits: int) -> int:
+    """Slices the merge loads in one unrolled step: MERGE_SPLITS, fewer where the group's (heads, head_dim) tiles
+    would hold more than MERGE_TILE partials a step, and no more than there are slices (all powers of two)."""
+    per_slice = triton.next_power_of_2(group) * head_dim
+    return max(1, min(MERGE_SPLITS, num_splits, MERGE_TILE // per_slice))
 
 
 @dataclass(frozen=True)
@@ -168,7 +177,7 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, kv_indptr: torch.T
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), *kv_cache.stride()[:4],
         NUM_QO_HEADS=num_qo_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, PAGE_SIZE=page_size, BLOCK_N=block_n,
-        GROUP_P2=triton.next_power_of_2(group), MERGE_STEP=min(MERGE_SPLITS, workspace.num_splits),
+        GROUP_P2=triton.next_power_of_2(group), MERGE_STEP=merge_step(group, head_dim, workspace.num_splits),
         NUM_SPLITS=workspace.num_splits, INT8=int8 is not None, TABLES_FIRST=tables_ready, KV_LINES=kv_lines,
         num_warps=num_warps, num_stages=NUM_STAGES,
         **options,

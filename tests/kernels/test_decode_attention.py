@@ -1,5 +1,5 @@
 """decode_attention against its float32 reference: on the CPU through the interpreter at small shapes (rows of 1 token,
-of several pages, with a partial last page; GQA groups of 1 to 4; slices left empty; merges of one and two steps),
+of several pages, with a partial last page; GQA groups of 1 to 16; slices left empty; merges of one, two and four steps),
 on the GPU at Qwen3-0.6B and SmolLM2-135M head layouts up to 16k tokens, and replayed inside a CUDA graph with the
 lengths changed in between.
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from braid_kernels.decode_attention import DecodeWorkspace, decode_attention, decode_attention_ref
+from braid_kernels.decode_attention import DecodeWorkspace, decode_attention, decode_attention_ref, merge_step
 from braid_kernels.int8_rows import empty_int8_rows, quantize_rows
 from tests.support.numerics import ATTENTION_REL_TOL, assert_attention_close, relative_errors
 
@@ -48,7 +48,18 @@ CPU_CASES = {  # name: (lengths, num_qo_heads, num_kv_heads, page_size, num_spli
     "more-slices-than-tokens": ([2, 17], 4, 2, 4, 16, 1),
     "merged-in-two-steps": ([200, 45], 6, 2, 4, 16, 8),  # 13 slices of 16 tokens: more than a merge step takes
     "gqa1-merged": ([200, 45], 2, 2, 4, 16, 8),
+    "gqa16-merged-in-four-steps": ([200, 45], 16, 1, 4, 16, 8),  # 16 x 64 partials a slice: 4 slices a step
 }
+
+
+def test_merge_step_keeps_the_measured_tile():
+    """Eight slices a step for a group of 4 heads of 128 (the Llama/Qwen3-8B layouts it was measured at); larger
+    groups fewer, never more slices than there are."""
+    assert merge_step(4, 128, 32) == 8
+    assert merge_step(8, 128, 32) == 4  # Qwen2.5-7B's group of 7 rounds up to 8
+    assert merge_step(16, 64, 16) == 4
+    assert merge_step(3, 64, 4) == 4
+    assert merge_step(32, 256, 128) == 1
 
 
 @pytest.mark.parametrize("tables_ready", [False, True])
