@@ -1,7 +1,7 @@
 """decode_attention against its float32 reference: on the CPU through the interpreter at small shapes (rows of 1 token,
-of several pages, with a partial last page; GQA groups of 1 to 16; slices left empty; merges of one, two and four steps),
-on the GPU at Qwen3-0.6B and SmolLM2-135M head layouts up to 16k tokens, and replayed inside a CUDA graph with the
-lengths changed in between.
+of several pages, with a partial last page; GQA groups of 1 to 16; slices left empty; merges of one, two and four
+steps), on the GPU at Qwen3-0.6B and SmolLM2-135M head layouts up to 16k tokens, and replayed inside a CUDA graph with
+the lengths changed in between.
 
 The kernel's output is rounded to bf16, the reference's is float32, so each (row, head) output vector agrees with the
 reference to a bf16 step of itself (relative error ~2e-3). An absolute tolerance cannot tell that from a bug at long
