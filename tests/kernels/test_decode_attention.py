@@ -1,7 +1,7 @@
 """decode_attention against its float32 reference: on the CPU through the interpreter at small shapes (rows of 1 token,
 of several pages, with a partial last page; GQA groups of 1 to 16; slices left empty; merges of one, two and four
-steps), on the GPU at Qwen3-0.6B and SmolLM2-135M head layouts up to 16k tokens, and replayed inside a CUDA graph with
-the lengths changed in between.
+steps), on the GPU at Qwen3-0.6B, SmolLM2-135M and Qwen2.5-7B head layouts up to 16k tokens, and replayed inside a
+CUDA graph with the lengths changed in between.
 
 The kernel's output is rounded to bf16, the reference's is float32, so each (row, head) output vector agrees with the
 reference to a bf16 step of itself (relative error ~2e-3). An absolute tolerance cannot tell that from a bug at long
@@ -171,7 +171,8 @@ def test_bad_arguments_are_value_errors(device, case):
         decode_attention(**args)
 
 
-REAL = {"qwen3-0.6b": (16, 8, 128), "smollm2-135m": (9, 3, 64)}  # (num_qo_heads, num_kv_heads, head_dim)
+# (num_qo_heads, num_kv_heads, head_dim); Qwen2.5-7B's group of 7 heads merges 4 slices a step (merge_step)
+REAL = {"qwen3-0.6b": (16, 8, 128), "smollm2-135m": (9, 3, 64), "qwen2.5-7b": (28, 4, 128)}
 GPU_LENGTHS = {1: [1], 2: [16384, 1], 4: [512, 17, 4096, 1000], 8: [1, 16, 17, 255, 256, 2049, 8191, 700]}
 
 
