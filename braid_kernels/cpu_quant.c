@@ -216,10 +216,11 @@ static inline __attribute__((always_inline)) void tile(
     for (int b = 0; b < ng; b += 16) {  /* the offsets' term, o . (sums of x), folded into the same lanes */
         int count = ng - b;
         __m512 o[4];
-        for (int i = 0; i < RW; i++)  /* stored, or `factor` times the scales */
-            o[i] = offsets ? sixteen((const char *)offsets + (n0 + i) * ng * (f32 ? 4 : 2), b, count, f32)
-                           : _mm512_mul_ps(sixteen((const char *)scales + (n0 + i) * ng * (f32 ? 4 : 2), b, count,
-                                                   f32), _mm512_set1_ps(factor));
+        const char *stored = offsets ? (const char *)offsets : (const char *)scales;  /* or `factor` times these */
+        for (int i = 0; i < RW; i++) {
+            o[i] = sixteen(stored + (n0 + i) * ng * (f32 ? 4 : 2), b, count, f32);
+            if (!offsets) o[i] = _mm512_mul_ps(o[i], _mm512_set1_ps(factor));
+        }
         for (int j = 0; j < RX; j++) {
             __mmask16 m = count >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << count) - 1);
             __m512 s = _mm512_maskz_loadu_ps(m, sx + (m0 + j) * ng + b);
