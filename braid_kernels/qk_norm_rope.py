@@ -60,7 +60,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def qk_norm_rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                           kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
                           q_norm_weight: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None,
-                          eps: float = 1e-6) -> torch.Tensor:
+                          eps: float = 1e-6, *, static_weights: bool = False,
+                          positions_ready: bool = False) -> torch.Tensor:
     """q, k = RMSNorm per head (when weights are given), then RoPE; k and v go into the KV pool; returns q.
 
     qkv: [num_tokens, (num_qo_heads + 2 * num_kv_heads) * head_dim], float32/float16/bfloat16, q then k then v
@@ -72,6 +73,12 @@ def qk_norm_rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch
     slot_mapping: [num_tokens] int32/int64, page * page_size + offset of each token's KV slot; a negative slot
         (padding) writes nothing.
     q_norm_weight, k_norm_weight: [head_dim], qkv's dtype (Qwen3's q_norm / k_norm), both or neither; eps for both.
+    static_weights: no kernel that may still be running when this one launches writes the norm weights or cos and
+        sin (a model's parameters and tables): under programmatic dependent launch the norm weights are then
+        loaded before waiting for the kernel ahead.
+    positions_ready: the same holds for positions and slot_mapping (copied from the host before a graph replay):
+        with static_weights, each token's position, slot and rows of cos and sin are then loaded before the wait
+        too, so that only qkv is read after it.
     Returns q: a new [num_tokens, num_qo_heads, head_dim] tensor of qkv's dtype. Positions and slots are not range
     checked (that would synchronise with the GPU).
     """
@@ -88,7 +95,8 @@ def qk_norm_rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch
         *kv_cache.stride()[:4], kv_cache.shape[3],
         NUM_QO_HEADS=num_qo_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         HALF_BLOCK=triton.next_power_of_2(head_dim // 2), HAS_QK_NORM=has_qk_norm,
-        MEAN_BY_RECIPROCAL=qkv.is_cuda, num_warps=1 if head_dim <= 128 else 2, **launch_options(qkv),
+        MEAN_BY_RECIPROCAL=qkv.is_cuda, NORM_FIRST=static_weights, INDEX_FIRST=static_weights and positions_ready,
+        num_warps=1 if head_dim <= 128 else 2, **launch_options(qkv),
     )
     return q
 
@@ -137,23 +145,48 @@ def _check(qkv, positions, cos, sin, kv_cache, slot_mapping, q_norm_weight, k_no
 
 
 @triton.jit
-def _norm_rope(src, norm_ptr, cos_row, sin_row, d, mask, eps, dtype: tl.constexpr, HEAD_DIM: tl.constexpr,
+def _norm_weights(q_norm_ptr, k_norm_ptr, head, d, mask, NUM_QO_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The two halves of the norm weight of qkv head `head` as float32: q_norm's for a q head, k_norm's otherwise
+    (a v head does not use it). Both are loaded and one is selected, bit for bit (a -0.0 weight stays -0.0)."""
+    half: tl.constexpr = HEAD_DIM // 2
+    is_q = head < NUM_QO_HEADS
+    w1 = tl.where(is_q, tl.load(q_norm_ptr + d, mask=mask, other=0.0), tl.load(k_norm_ptr + d, mask=mask, other=0.0))
+    w2 = tl.where(is_q, tl.load(q_norm_ptr + half + d, mask=mask, other=0.0),
+                  tl.load(k_norm_ptr + half + d, mask=mask, other=0.0))
+    return w1.to(tl.float32), w2.to(tl.float32)
+
+
+@triton.jit
+def _token_tables(positions_ptr, slot_mapping_ptr, cos_ptr, sin_ptr, token, cos_row_stride, sin_row_stride, d, mask,
+                  HEAD_DIM: tl.constexpr):
+    """(slot, cos1, cos2, sin1, sin2) of a token: its KV slot, and the halves of its rows of cos and sin as loaded
+    (`_rounded` casts them as the model does)."""
+    half: tl.constexpr = HEAD_DIM // 2
+    position = tl.load(positions_ptr + token).to(tl.int64)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    cos_row, sin_row = cos_ptr + position * cos_row_stride, sin_ptr + position * sin_row_stride
+    return (slot, tl.load(cos_row + d, mask=mask, other=0.0), tl.load(cos_row + half + d, mask=mask, other=0.0),
+            tl.load(sin_row + d, mask=mask, other=0.0), tl.load(sin_row + half + d, mask=mask, other=0.0))
+
+
+@triton.jit
+def _rounded(table, dtype: tl.constexpr):
+    """A half row of cos or sin cast to `dtype` (as the model casts them), as float32."""
+    return round_to_dtype(table.to(tl.float32), dtype)
+
+
+@triton.jit
+def _norm_rope(src, w1, w2, cos1, cos2, sin1, sin2, d, mask, eps, dtype: tl.constexpr, HEAD_DIM: tl.constexpr,
                HAS_NORM: tl.constexpr, MEAN_BY_RECIPROCAL: tl.constexpr):
-    """One head: RMSNorm (optional), then x * cos + rotate_half(x) * sin, each product and the sum rounded to
-    `dtype` -> the two halves as float32 values of `dtype`."""
+    """One head: RMSNorm by the weight halves w1, w2 (optional), then x * cos + rotate_half(x) * sin, each product
+    and the sum rounded to `dtype` -> the two halves as float32 values of `dtype`."""
     half: tl.constexpr = HEAD_DIM // 2
     x1 = tl.load(src + d, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + half + d, mask=mask, other=0.0).to(tl.float32)
     if HAS_NORM:
         scale = rms_scale(tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0), HEAD_DIM, eps, MEAN_BY_RECIPROCAL)
-        w1 = tl.load(norm_ptr + d, mask=mask, other=0.0).to(tl.float32)
-        w2 = tl.load(norm_ptr + half + d, mask=mask, other=0.0).to(tl.float32)
         x1 = round_to_dtype(w1 * round_to_dtype(x1 * scale, dtype), dtype)
         x2 = round_to_dtype(w2 * round_to_dtype(x2 * scale, dtype), dtype)
-    cos1 = round_to_dtype(tl.load(cos_row + d, mask=mask, other=0.0).to(tl.float32), dtype)
-    cos2 = round_to_dtype(tl.load(cos_row + half + d, mask=mask, other=0.0).to(tl.float32), dtype)
-    sin1 = round_to_dtype(tl.load(sin_row + d, mask=mask, other=0.0).to(tl.float32), dtype)
-    sin2 = round_to_dtype(tl.load(sin_row + half + d, mask=mask, other=0.0).to(tl.float32), dtype)
     # rotate_half(x) = cat(-x2, x1)
     out1 = round_to_dtype(round_to_dtype(x1 * cos1, dtype) + round_to_dtype(-x2 * sin1, dtype), dtype)
     out2 = round_to_dtype(round_to_dtype(x2 * cos2, dtype) + round_to_dtype(x1 * sin2, dtype), dtype)
@@ -166,32 +199,47 @@ def _qk_norm_rope_kernel(
     eps, qkv_row_stride, q_row_stride, cos_row_stride, sin_row_stride,
     cache_page_stride, cache_kv_stride, cache_head_stride, cache_slot_stride, page_size,
     NUM_QO_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr,
-    HAS_QK_NORM: tl.constexpr, MEAN_BY_RECIPROCAL: tl.constexpr,
-    PDL: tl.constexpr,
+    HAS_QK_NORM: tl.constexpr, MEAN_BY_RECIPROCAL: tl.constexpr, NORM_FIRST: tl.constexpr,
+    INDEX_FIRST: tl.constexpr, PDL: tl.constexpr,
 ):
-    """Program (token, head) over qkv's heads in column order: q heads, then k heads, then v heads."""
-    wait_for_inputs(PDL)
-    release_dependents(PDL)  # the decode attention after this kernel reads its page tables meanwhile
+    """Program (token, head) over qkv's heads in column order: q heads, then k heads, then v heads. With NORM_FIRST
+    the norm weights, and with INDEX_FIRST the token's position, slot and cos / sin rows, are loaded before the PDL
+    wait (inputs no kernel of the step writes), so that after it only the kernel ahead's qkv is read."""
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
-    half: tl.constexpr = HEAD_DIM // 2
     d = tl.arange(0, HALF_BLOCK)
-    mask = d < half
+    mask = d < HEAD_DIM // 2
+    if NORM_FIRST and HAS_QK_NORM:
+        w1, w2 = _norm_weights(q_norm_ptr, k_norm_ptr, head, d, mask, NUM_QO_HEADS, HEAD_DIM)
+    if INDEX_FIRST:
+        slot, cos1, cos2, sin1, sin2 = _token_tables(positions_ptr, slot_mapping_ptr, cos_ptr, sin_ptr, token,
+                                                     cos_row_stride, sin_row_stride, d, mask, HEAD_DIM)
+    wait_for_inputs(PDL)
+    release_dependents(PDL)  # the decode attention after this kernel reads its page tables meanwhile
+    half: tl.constexpr = HEAD_DIM // 2
     dtype: tl.constexpr = q_ptr.dtype.element_ty
+    if not (NORM_FIRST and HAS_QK_NORM):
+        if HAS_QK_NORM:
+            w1, w2 = _norm_weights(q_norm_ptr, k_norm_ptr, head, d, mask, NUM_QO_HEADS, HEAD_DIM)
+        else:
+            w1 = tl.zeros((HALF_BLOCK,), tl.float32)  # not read without the norm
+            w2 = w1
+    if not INDEX_FIRST:
+        slot, cos1, cos2, sin1, sin2 = _token_tables(positions_ptr, slot_mapping_ptr, cos_ptr, sin_ptr, token,
+                                                     cos_row_stride, sin_row_stride, d, mask, HEAD_DIM)
+    cos1, cos2 = _rounded(cos1, dtype), _rounded(cos2, dtype)
+    sin1, sin2 = _rounded(sin1, dtype), _rounded(sin2, dtype)
     src = qkv_ptr + token * qkv_row_stride + head * HEAD_DIM
-    position = tl.load(positions_ptr + token).to(tl.int64)
-    cos_row, sin_row = cos_ptr + position * cos_row_stride, sin_ptr + position * sin_row_stride
-    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     slot_base = cache_ptr + (slot // page_size) * cache_page_stride + (slot % page_size) * cache_slot_stride
     if head < NUM_QO_HEADS:
-        out1, out2 = _norm_rope(src, q_norm_ptr, cos_row, sin_row, d, mask, eps, dtype, HEAD_DIM, HAS_QK_NORM,
+        out1, out2 = _norm_rope(src, w1, w2, cos1, cos2, sin1, sin2, d, mask, eps, dtype, HEAD_DIM, HAS_QK_NORM,
                                 MEAN_BY_RECIPROCAL)
         dst = q_ptr + token * q_row_stride + head * HEAD_DIM
         tl.store(dst + d, out1.to(dtype), mask=mask)
         tl.store(dst + half + d, out2.to(dtype), mask=mask)
     elif slot >= 0:  # a padding token (negative slot) has no KV slot
         if head < NUM_QO_HEADS + NUM_KV_HEADS:
-            out1, out2 = _norm_rope(src, k_norm_ptr, cos_row, sin_row, d, mask, eps, dtype, HEAD_DIM, HAS_QK_NORM,
+            out1, out2 = _norm_rope(src, w1, w2, cos1, cos2, sin1, sin2, d, mask, eps, dtype, HEAD_DIM, HAS_QK_NORM,
                                     MEAN_BY_RECIPROCAL)
             dst = slot_base + (head - NUM_QO_HEADS) * cache_head_stride  # keys: kv index 0
             tl.store(dst + d, out1.to(dtype), mask=mask)

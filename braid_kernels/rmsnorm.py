@@ -36,34 +36,39 @@ def fused_add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torc
     return rms_norm_ref(h, weight, eps), h
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, static_weight: bool = False) -> torch.Tensor:
     """RMSNorm over the last dimension, rounding as `rms_norm_ref` does.
 
     x: [..., hidden], float32/float16/bfloat16; weight: [hidden], x's dtype; eps: added to the mean square.
+    static_weight: no kernel that may still be running when this one launches writes `weight` (a model's
+    parameter): under programmatic dependent launch the kernel then loads it before waiting for the kernel ahead.
     Returns a new tensor [..., hidden] of x's dtype; x is not modified.
     """
     _check(x, weight, eps)
-    out, _ = _launch(x, None, weight, eps)
+    out, _ = _launch(x, None, weight, eps, static_weight=static_weight)
     return out
 
 
-def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *,
+                       static_weight: bool = False):
     """h = residual + x (rounded to the activation dtype), then RMSNorm of h, in one pass over memory.
 
-    x (a sublayer's output) and residual (the residual stream): [..., hidden], same dtype; weight: [hidden].
+    x (a sublayer's output) and residual (the residual stream): [..., hidden], same dtype; weight: [hidden];
+    static_weight as for `rms_norm`.
     Returns (normed, h), both new tensors [..., hidden]: out of place, so x and residual are left intact
     (vLLM's version overwrites its inputs instead; here no caller has to keep track of which tensor now holds what).
     """
     _check(x, weight, eps, residual)
-    return _launch(x, residual, weight, eps)
+    return _launch(x, residual, weight, eps, static_weight=static_weight)
 
 
-def rms_norm_int8(x: torch.Tensor, weight: torch.Tensor, eps: float, *,
-                  residual: torch.Tensor | None = None) -> tuple[Int8Rows, torch.Tensor | None]:
+def rms_norm_int8(x: torch.Tensor, weight: torch.Tensor, eps: float, *, residual: torch.Tensor | None = None,
+                  static_weight: bool = False) -> tuple[Int8Rows, torch.Tensor | None]:
     """RMSNorm (after the residual add when `residual` is given) with its output written as int8 runs for the
     integer-dot GEMV (int8_rows.py) instead of a tensor: quantize_rows(rms_norm(x)) in one launch, the same bytes.
 
-    x: [M, hidden] (hidden a multiple of 32), float32/float16/bfloat16; weight: [hidden]; residual: None or like x.
+    x: [M, hidden] (hidden a multiple of 32), float32/float16/bfloat16; weight: [hidden]; residual: None or like x;
+    static_weight as for `rms_norm`.
     Returns (rows, h): the Int8Rows of the normed rows (dtype x's), and h = residual + x as a new tensor (None
     without a residual).
     """
@@ -72,7 +77,7 @@ def rms_norm_int8(x: torch.Tensor, weight: torch.Tensor, eps: float, *,
         raise ValueError(f"x must be [rows, hidden], got shape {tuple(x.shape)}")
     check_int8_columns("x", x.shape[1])
     rows = empty_int8_rows(x.shape[0], x.shape[1], x.dtype, x.device)
-    _, h = _launch(x, residual, weight, eps, rows)
+    _, h = _launch(x, residual, weight, eps, rows, static_weight=static_weight)
     return rows, h
 
 
@@ -101,9 +106,10 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-def _launch(x, residual, weight, eps, int8: Int8Rows | None = None):
+def _launch(x, residual, weight, eps, int8: Int8Rows | None = None, static_weight: bool = False):
     """-> (normed, h), shaped like x; h is None without a residual. With `int8`, the normed rows are written there
-    instead (normed is then None)."""
+    instead (normed is then None). A static weight is loaded before the PDL wait, unless it needs the copy that
+    makes it contiguous (a kernel of this stream, which the wait orders)."""
     add = residual is not None
     rows = _rows(x)  # (N, hidden)
     residual_rows = _rows(residual) if add else None
@@ -117,7 +123,8 @@ def _launch(x, residual, weight, eps, int8: Int8Rows | None = None):
             *(int8[:3] if int8 is not None else (None, None, None)),
             rows.stride(0), residual_rows.stride(0) if add else 0, rows.shape[1], float(eps),
             HIDDEN=x.shape[-1], BLOCK=block, SLICE=slice_cols, ADD_RESIDUAL=add, MEAN_BY_RECIPROCAL=x.is_cuda,
-            INT8=int8 is not None, num_warps=min(max(block // 256, 1), 16), **launch_options(rows),
+            INT8=int8 is not None, WEIGHT_FIRST=static_weight and weight.is_contiguous(),
+            num_warps=min(max(block // 256, 1), 16), **launch_options(rows),
         )
     return (out.view(x.shape) if out is not None else None), (residual_out.view(x.shape) if add else None)
 
@@ -143,12 +150,16 @@ def _rms_norm_kernel(
     x_row_stride, residual_row_stride, out_row_stride,  # residual_out shares out's layout (contiguous rows)
     eps,
     HIDDEN: tl.constexpr, BLOCK: tl.constexpr, SLICE: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
-    MEAN_BY_RECIPROCAL: tl.constexpr, INT8: tl.constexpr,
+    MEAN_BY_RECIPROCAL: tl.constexpr, INT8: tl.constexpr, WEIGHT_FIRST: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """Program (row, s): [optionally h = residual + x, stored], then RMSNorm(h) * weight, stored to out or, with
     INT8, as int8 runs (q, dx, sx; int8_rows.py). With SLICE < BLOCK (INT8 only), program s sums the whole row's
-    squares but stores columns [s * SLICE, (s + 1) * SLICE) only (int8_slice)."""
+    squares but stores columns [s * SLICE, (s + 1) * SLICE) only (int8_slice). With WEIGHT_FIRST (a weight no kernel
+    of the step writes) the weight of those columns is loaded before the PDL wait, while the kernel ahead still runs."""
+    if WEIGHT_FIRST:
+        weight = tl.load(weight_ptr + tl.program_id(1) * SLICE + tl.arange(0, SLICE),
+                         mask=tl.program_id(1) * SLICE + tl.arange(0, SLICE) < HIDDEN, other=0.0).to(tl.float32)
     wait_for_inputs(PDL)
     release_dependents(PDL)  # the decode step's GEMV after this kernel starts loading its weights
     row = tl.program_id(0).to(tl.int64)
@@ -156,17 +167,21 @@ def _rms_norm_kernel(
     mask = cols < HIDDEN
     dtype: tl.constexpr = x_ptr.dtype.element_ty
     x = _row_input(x_ptr, residual_ptr, row, x_row_stride, residual_row_stride, cols, mask, dtype, ADD_RESIDUAL)
+    if SLICE < BLOCK:  # this program's columns, loaded again (from cache) with the row rather than after its sum
+        cols = tl.program_id(1) * SLICE + tl.arange(0, SLICE)
+        mask = cols < HIDDEN
+        x_slice = _row_input(x_ptr, residual_ptr, row, x_row_stride, residual_row_stride, cols, mask, dtype,
+                             ADD_RESIDUAL)
     if ADD_RESIDUAL and SLICE == BLOCK:
         tl.store(residual_out_ptr + row * out_row_stride + cols, x.to(dtype), mask=mask)
     scale = rms_scale(tl.sum(x * x, axis=0), HIDDEN, eps, MEAN_BY_RECIPROCAL)
-    if SLICE < BLOCK:  # this program's columns, computed again as above from the same (cached) inputs
-        cols = tl.program_id(1) * SLICE + tl.arange(0, SLICE)
-        mask = cols < HIDDEN
-        x = _row_input(x_ptr, residual_ptr, row, x_row_stride, residual_row_stride, cols, mask, dtype, ADD_RESIDUAL)
+    if SLICE < BLOCK:
+        x = x_slice
         if ADD_RESIDUAL:
             tl.store(residual_out_ptr + row * out_row_stride + cols, x.to(dtype), mask=mask)
     x = round_to_dtype(x * scale, dtype)  # x32.to(dtype): rounded before the weight multiply
-    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if not WEIGHT_FIRST:
+        weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     y = round_to_dtype(weight * x, dtype)
     if INT8:
         store_int8_runs(tl.reshape(y, (SLICE // 32, 32)), row, tl.program_id(1) * (SLICE // 32), q_ptr, dx_ptr,

@@ -118,7 +118,8 @@ class _CapturedForwards:
         # The attention reads its page tables from its static buffers; the metadata gives the rows' KV slots (for
         # the fused kernel that writes them) and counts the rows.
         meta = AttentionMetadata([], self.slot_mapping[:num_rows], num_rows)
-        batch = ForwardBatch(positions=self.positions[:num_rows], meta=meta, attention=attention)
+        batch = ForwardBatch(positions=self.positions[:num_rows], meta=meta, attention=attention,
+                             host_inputs=True)  # positions and slots: _load_inputs' host copy
         self.hidden[:num_rows] = self.model(self.input_ids[:num_rows], batch)
 
 

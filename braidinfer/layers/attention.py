@@ -164,7 +164,8 @@ class PagedAttention(nn.Module):
             norm_weights = (q_norm.weight, k_norm.weight, q_norm.eps)
         q = triton_kernels().qk_norm_rope_write_kv(qkv, batch.positions, *batch.rope.tables,
                                                    batch.attention.kv_cache[self.layer_idx], batch.meta.slot_mapping,
-                                                   *norm_weights)  # (T, qh, hd)
+                                                   *norm_weights, static_weights=True,
+                                                   positions_ready=batch.host_inputs)  # (T, qh, hd)
         rows = qkv.shape[0]
         writes_int8 = self.int8_output and getattr(batch.attention, "writes_int8", False)
         if writes_int8 and int8_input_rows(rows, q.dtype, q.device):

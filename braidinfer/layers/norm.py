@@ -36,8 +36,8 @@ class RMSNorm(nn.Module):
         if self.plan.triton:
             kernels = triton_kernels()
             if residual is None:
-                return kernels.rms_norm(x, self.weight, self.eps)
-            return kernels.fused_add_rms_norm(x, residual, self.weight, self.eps)
+                return kernels.rms_norm(x, self.weight, self.eps, static_weight=True)
+            return kernels.fused_add_rms_norm(x, residual, self.weight, self.eps, static_weight=True)
         if self.plan.cpu and x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous() and (residual is None or (
                 residual.shape == x.shape and residual.dtype == torch.float32 and residual.is_contiguous())):
             from braid_kernels.cpu_norm import rms_norm  # on use: braid_kernels reads TRITON_INTERPRET at import
@@ -87,18 +87,22 @@ class DeferredNorm(Deferred):
         if self._value is None:
             kernels, norm = triton_kernels(), self.norm
             if self.residual is None or self.sum is not None:
-                self._value = kernels.rms_norm(self.x if self.sum is None else self.sum, norm.weight, norm.eps)
+                self._value = kernels.rms_norm(self.x if self.sum is None else self.sum, norm.weight, norm.eps,
+                                               static_weight=True)
             else:
-                self._value, self.sum = kernels.fused_add_rms_norm(self.x, self.residual, norm.weight, norm.eps)
+                self._value, self.sum = kernels.fused_add_rms_norm(self.x, self.residual, norm.weight, norm.eps,
+                                                                   static_weight=True)
         return self._value
 
     def int8_rows(self):
         if self._int8 is None:
             kernels, norm = triton_kernels(), self.norm
             if self.residual is None or self.sum is not None:
-                self._int8, _ = kernels.rms_norm_int8(self.x if self.sum is None else self.sum, norm.weight, norm.eps)
+                self._int8, _ = kernels.rms_norm_int8(self.x if self.sum is None else self.sum, norm.weight, norm.eps,
+                                                      static_weight=True)
             else:
-                self._int8, self.sum = kernels.rms_norm_int8(self.x, norm.weight, norm.eps, residual=self.residual)
+                self._int8, self.sum = kernels.rms_norm_int8(self.x, norm.weight, norm.eps, residual=self.residual,
+                                                             static_weight=True)
         return self._int8
 
 

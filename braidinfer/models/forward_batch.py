@@ -29,3 +29,6 @@ class ForwardBatch:
     meta: AttentionMetadata
     attention: AttentionFn
     rope: Rotation | None = None  # the step's rotary tables, set by the model from positions
+    # positions and meta.slot_mapping were copied from the host before the step (a CUDA-graph replay) and no kernel
+    # writes them: a kernel may read them before waiting for the kernel ahead (programmatic dependent launch)
+    host_inputs: bool = False

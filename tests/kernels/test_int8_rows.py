@@ -64,17 +64,18 @@ def test_int8_rows_hold_x_within_half_a_level(device):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hidden", [64, 576, 96, 2048])  # SmolLM2's 576; not a power of two; 4 slices of 512
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_rms_norm_int8_is_the_rounded_norm(device, dtype, hidden, with_residual):
+@pytest.mark.parametrize("static_weight", [False, True])  # the weight (its slice's) loaded before the PDL wait
+def test_rms_norm_int8_is_the_rounded_norm(device, dtype, hidden, with_residual, static_weight):
     x = _x(3, hidden, dtype, device, seed=hidden)
     w = norm_weight(hidden, dtype, device, generator=torch.Generator().manual_seed(1))
     if with_residual:
         residual = _x(3, hidden, dtype, device, seed=hidden + 1)
         normed, h_want = fused_add_rms_norm(x, residual, w, 1e-6)
-        rows, h = rms_norm_int8(x, w, 1e-6, residual=residual)
+        rows, h = rms_norm_int8(x, w, 1e-6, residual=residual, static_weight=static_weight)
         assert_same_bits(h.cpu(), h_want.cpu())
     else:
         normed = rms_norm(x, w, 1e-6)
-        rows, h = rms_norm_int8(x, w, 1e-6)
+        rows, h = rms_norm_int8(x, w, 1e-6, static_weight=static_weight)
         assert h is None
     _assert_same_rows(rows, quantize_rows(normed))
 

@@ -27,9 +27,12 @@ def _kernels(tree: ast.Module):
 
 
 READ_BEFORE_WAIT = {"_stream_kernel": {"blocks_ptr"}, "_stream_pair_kernel": {"a_blocks_ptr", "b_blocks_ptr"},
-                    "_decode_kernel": {"kv_indptr_ptr", "kv_indices_ptr", "kv_last_page_len_ptr"}}
-"""Kernels that load inputs no kernel of a decode step writes (weights; page tables copied from the host) before
-waiting for the kernel ahead, and the pointers they may read then."""
+                    "_decode_kernel": {"kv_indptr_ptr", "kv_indices_ptr", "kv_last_page_len_ptr"},
+                    "_rms_norm_kernel": {"weight_ptr"},
+                    "_qk_norm_rope_kernel": {"q_norm_ptr", "k_norm_ptr", "positions_ptr", "slot_mapping_ptr", "cos_ptr",
+                                             "sin_ptr"}}
+"""Kernels that load inputs no kernel of a decode step writes (weights, rotary tables; page tables, positions and
+KV slots copied from the host) before waiting for the kernel ahead, and the pointers they may read then."""
 PREFETCH_BEFORE_WAIT = {"_decode_kernel": {"cache_ptr"}}
 """Pointers that a kernel may only pass to a `_prefetch...` helper before its wait (L2 hints, which load nothing into
 registers: the decode attention's first KV block, whose newest token the kernel ahead may still be writing)."""

@@ -42,16 +42,24 @@ def _inputs(config, num_tokens, dtype, device, exact, seed=0, pad_last=True, pag
     return args
 
 
-def _run_both(args):
-    """(q, pool) from the kernel and from the reference, each on its own copy of the pool."""
+def _run_both(args, ready=(False, False)):
+    """(q, pool) from the kernel and from the reference, each on its own copy of the pool; ready: the kernel's
+    (static_weights, positions_ready)."""
     ours, ref = dict(args, kv_cache=args["kv_cache"].clone()), dict(args, kv_cache=args["kv_cache"].clone())
-    return (qk_norm_rope_write_kv(**ours), ours["kv_cache"]), (qk_norm_rope_write_kv_ref(**ref), ref["kv_cache"])
+    flags = dict(static_weights=ready[0], positions_ready=ready[1])
+    return (qk_norm_rope_write_kv(**ours, **flags), ours["kv_cache"]), (qk_norm_rope_write_kv_ref(**ref),
+                                                                         ref["kv_cache"])
 
 
+READY = [(False, False), (True, False), (True, True)]  # what the kernel loads before its PDL wait: nothing, the
+# norm weights, and the positions, slots and rotary rows too
+
+
+@pytest.mark.parametrize("ready", READY)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_same_bits_when_sums_are_exact(device, name, dtype):
-    (q, pool), (q_ref, pool_ref) = _run_both(_inputs(CONFIGS[name], 4, dtype, device, exact=True))
+def test_same_bits_when_sums_are_exact(device, name, dtype, ready):
+    (q, pool), (q_ref, pool_ref) = _run_both(_inputs(CONFIGS[name], 4, dtype, device, exact=True), ready)
     assert_same_bits(q, q_ref)
     assert_same_bits(pool, pool_ref)
 
@@ -128,17 +136,18 @@ REAL = {  # Qwen3-0.6B and SmolLM2-135M
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("ready", READY)
 @pytest.mark.parametrize("num_tokens", [1, 7, 1024])
 @pytest.mark.parametrize("name", sorted(REAL))
-def test_real_shapes_on_gpu(name, num_tokens):
+def test_real_shapes_on_gpu(name, num_tokens, ready):
     config = REAL[name]
     args = _inputs(config, num_tokens, torch.bfloat16, "cuda", exact=False, seed=num_tokens,
                    pad_last=num_tokens > 1, page_size=16, num_pages=256, max_positions=4096)
-    (q, pool), (q_ref, pool_ref) = _run_both(args)
+    (q, pool), (q_ref, pool_ref) = _run_both(args, ready)
     compare = assert_rounding_matches if config["qk_norm"] else assert_same_bits
     compare(q, q_ref)
     compare(pool, pool_ref)
     (q, pool), (q_ref, pool_ref) = _run_both(dict(args, qkv=exact_sum_values(args["qkv"].shape, torch.bfloat16,
-                                                                              "cuda")))
+                                                                              "cuda")), ready)
     assert_same_bits(q, q_ref)
     assert_same_bits(pool, pool_ref)

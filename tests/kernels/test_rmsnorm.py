@@ -13,13 +13,14 @@ HIDDEN = [576, 1024, 100]  # SmolLM2, Qwen3-0.6B, and neither a power of two nor
 EPS = 1e-6
 
 
+@pytest.mark.parametrize("static_weight", [False, True])  # the weight loaded after or before the PDL wait
 @pytest.mark.parametrize("hidden", HIDDEN)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_same_bits_when_sums_are_exact(device, dtype, hidden):
+def test_same_bits_when_sums_are_exact(device, dtype, hidden, static_weight):
     g = torch.Generator().manual_seed(hidden)
     x = exact_sum_values((3, hidden), dtype, device, g)
     weight = norm_weight(hidden, dtype, device, high=96.0, generator=g)  # Qwen3 k_norm-sized
-    assert_same_bits(rms_norm(x, weight, EPS), rms_norm_ref(x, weight, EPS))
+    assert_same_bits(rms_norm(x, weight, EPS, static_weight=static_weight), rms_norm_ref(x, weight, EPS))
 
 
 @pytest.mark.parametrize("hidden", HIDDEN)
@@ -31,13 +32,14 @@ def test_matches_reference_on_random_inputs(device, dtype, hidden):
     assert_rounding_matches(rms_norm(x, weight, EPS), rms_norm_ref(x, weight, EPS))
 
 
+@pytest.mark.parametrize("static_weight", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_add_same_bits_and_inputs_untouched(device, dtype):
+def test_fused_add_same_bits_and_inputs_untouched(device, dtype, static_weight):
     g = torch.Generator().manual_seed(2)
     x, residual = (exact_sum_values((5, 576), dtype, device, g) for _ in range(2))
     weight = norm_weight(576, dtype, device, generator=g)
     x0, residual0 = x.clone(), residual.clone()
-    normed, h = fused_add_rms_norm(x, residual, weight, 1e-5)
+    normed, h = fused_add_rms_norm(x, residual, weight, 1e-5, static_weight=static_weight)
     normed_ref, h_ref = fused_add_rms_norm_ref(x, residual, weight, 1e-5)
     assert_same_bits(h, h_ref)
     assert_same_bits(normed, normed_ref)
@@ -66,6 +68,8 @@ def test_leading_dims_and_strided_rows(device):
     assert_same_bits(out, rms_norm_ref(q, weight, EPS))
     transposed = exact_sum_values((64, 3), torch.bfloat16, device, g).t()  # last dim not contiguous
     assert_same_bits(rms_norm(transposed, weight, EPS), rms_norm_ref(transposed, weight, EPS))
+    strided_weight = torch.stack([weight, -weight], dim=1)[:, 0]  # copied before the launch: read after the wait
+    assert_same_bits(rms_norm(q, strided_weight, EPS, static_weight=True), rms_norm_ref(q, weight, EPS))
 
 
 def test_no_rows(device):
@@ -108,17 +112,18 @@ def test_bad_arguments_are_value_errors(device, call, message):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("static_weight", [False, True])
 @pytest.mark.parametrize("num_tokens", [1, 7, 2048])
 @pytest.mark.parametrize("hidden", [576, 1024])
-def test_real_shapes_on_gpu(num_tokens, hidden):
+def test_real_shapes_on_gpu(num_tokens, hidden, static_weight):
     g = torch.Generator().manual_seed(num_tokens)
     x = (4 * torch.randn(num_tokens, hidden, generator=g)).to(torch.bfloat16).cuda()
     residual = (4 * torch.randn(num_tokens, hidden, generator=g)).to(torch.bfloat16).cuda()
     weight = norm_weight(hidden, torch.bfloat16, "cuda", high=96.0, generator=g)
-    assert_rounding_matches(rms_norm(x, weight, EPS), rms_norm_ref(x, weight, EPS))
-    normed, h = fused_add_rms_norm(x, residual, weight, EPS)
+    assert_rounding_matches(rms_norm(x, weight, EPS, static_weight=static_weight), rms_norm_ref(x, weight, EPS))
+    normed, h = fused_add_rms_norm(x, residual, weight, EPS, static_weight=static_weight)
     normed_ref, h_ref = fused_add_rms_norm_ref(x, residual, weight, EPS)
     assert_same_bits(h, h_ref)
     assert_rounding_matches(normed, normed_ref)
     exact = exact_sum_values((num_tokens, hidden), torch.bfloat16, "cuda", g)
-    assert_same_bits(rms_norm(exact, weight, EPS), rms_norm_ref(exact, weight, EPS))
+    assert_same_bits(rms_norm(exact, weight, EPS, static_weight=static_weight), rms_norm_ref(exact, weight, EPS))
