@@ -80,7 +80,8 @@ def _pdl_supported(device_index: int) -> bool:
 # which says which and when): with that trigger at every kernel's start Q4_K_M fell to 328 tok/s (presumably the
 # waiting dependents held SM slots the running kernel needed). Every kernel launched with these options takes the PDL
 # constexpr and calls wait_for_inputs(PDL) before its first load or store, except the loads of inputs no kernel of
-# a step writes (weights, host-copied page tables) and L2 prefetch hints, in the kernels that
+# a step writes (weights, rotary tables; page tables, positions and KV slots copied from the host) and L2 prefetch
+# hints, in the kernels that
 # tests/kernels/test_numerics.py lists (it checks the package): the wait is also what orders it after everything
 # earlier in the stream. Decided per device at the first launch on it, so importing the package does not
 # initialise CUDA.

@@ -123,10 +123,16 @@ def _launch(x, residual, weight, eps, int8: Int8Rows | None = None, static_weigh
             *(int8[:3] if int8 is not None else (None, None, None)),
             rows.stride(0), residual_rows.stride(0) if add else 0, rows.shape[1], float(eps),
             HIDDEN=x.shape[-1], BLOCK=block, SLICE=slice_cols, ADD_RESIDUAL=add, MEAN_BY_RECIPROCAL=x.is_cuda,
-            INT8=int8 is not None, WEIGHT_FIRST=static_weight and weight.is_contiguous(),
+            INT8=int8 is not None, WEIGHT_FIRST=weight_first(weight, static_weight),
             num_warps=min(max(block // 256, 1), 16), **launch_options(rows),
         )
     return (out.view(x.shape) if out is not None else None), (residual_out.view(x.shape) if add else None)
+
+
+def weight_first(weight: torch.Tensor, static_weight: bool) -> bool:
+    """Whether the kernel loads `weight` before its PDL wait: a static weight, unless it needs the copy that makes
+    it contiguous (a kernel of this stream, which the wait orders it after)."""
+    return static_weight and weight.is_contiguous()
 
 
 INT8_SLICE = 512  # columns per program of a decode step's int8 norm

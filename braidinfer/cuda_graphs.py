@@ -80,7 +80,9 @@ def capture(fn: Callable[[], T], pool=None, stream: torch.cuda.Stream | None = N
 class _CapturedForwards:
     """The model's forward over static buffers of up to `max_rows` rows, for CUDA graphs to capture and replay: token
     ids, positions and KV slots in (one int64 buffer, so a step's inputs are one host-to-device copy), final hidden
-    states out. Subclasses pick the row counts to capture and the attention of each."""
+    states out. Subclasses pick the row counts to capture and the attention of each. No kernel may write the
+    positions or the slots: the QK-norm / RoPE kernel reads them before waiting for the kernel ahead
+    (ForwardBatch.host_inputs); a kernel may fill in only token ids (`ready`)."""
 
     def __init__(self, model: torch.nn.Module, attention: FlashInferAttention, max_rows: int, hidden_size: int,
                  scratch_page: int):
@@ -162,8 +164,8 @@ class DecodeGraphs(_CapturedForwards):
         or None when it fits no graph (the caller runs it eagerly). With `cascade` (the step's split by
         plan_cascade for its bucket, as plan_step gives it) the bucket's cascade graph replays, else the plain one.
         `ready(token id buffer)` runs once the inputs are loaded and the attention planned, before the replay (to
-        fill in token ids only the device has). The result is a view of a static buffer that the next run
-        overwrites."""
+        fill in token ids only the device has; it must write nothing else there). The result is a view of a static
+        buffer that the next run overwrites."""
         batch_size = bucket_for(len(input_ids), self.batch_sizes)
         if batch_size is None:
             return None

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from braid_kernels import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
+from braid_kernels.rmsnorm import weight_first
 from tests.kernels.common import assert_rounding_matches, assert_same_bits, exact_sum_values, norm_weight
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -69,6 +70,7 @@ def test_leading_dims_and_strided_rows(device):
     transposed = exact_sum_values((64, 3), torch.bfloat16, device, g).t()  # last dim not contiguous
     assert_same_bits(rms_norm(transposed, weight, EPS), rms_norm_ref(transposed, weight, EPS))
     strided_weight = torch.stack([weight, -weight], dim=1)[:, 0]  # copied before the launch: read after the wait
+    assert not weight_first(strided_weight, True) and weight_first(weight, True) and not weight_first(weight, False)
     assert_same_bits(rms_norm(q, strided_weight, EPS, static_weight=True), rms_norm_ref(q, weight, EPS))
 
 
