@@ -67,9 +67,13 @@ def uses_stream(num_rows: int, qtype: str, blocks: torch.Tensor, bias: torch.Ten
 
 def stream_programs(n: int, k: int, num_sms: int) -> int:
     """Programs of a launch over n rows of k weights: per SM, 16 at K = 4096 down to 4 at K = 14336 (about the same
-    bytes of rows in flight), at most one per row."""
+    bytes of rows in flight, rounded down to a power of two), at most one per row.
+
+    The rounding was measured at K = 12288 (Qwen3-8B's down projection; H100, benchmarks/RESULTS.md): Q4_K 4096 x
+    12288 took 12.40 us on 4 programs per SM against 14.67 on the 5 that bytes alone give (Q6_K: 17.47 against
+    17.39), and the Qwen3-8B shape's Q4_K_M decode went from 414.8 to 420.8 tok/s."""
     per_sm = max(4, min(32, ROW_BYTES_IN_FLIGHT // max(k, 1)))
-    return max(1, min(n, num_sms * per_sm))
+    return max(1, min(n, num_sms * (1 << (per_sm.bit_length() - 1))))
 
 
 def _stream_consts(qtype: str, k: int) -> dict:

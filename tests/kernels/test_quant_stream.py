@@ -214,9 +214,10 @@ def test_stream_is_taken_only_where_it_applies(device):
 
 def test_stream_launch_shape():
     """The swept launches: 2 warps for rows of 4096 (one for a 128256-row lm_head), 4 for rows of 14336; 16 programs
-    per SM at K = 4096, 4 at 14336, never more programs than rows."""
+    per SM at K = 4096, 4 at 12288 and 14336 (a power of two), never more programs than rows."""
     assert stream_warps("Q4_K", 4096, 4096) == 2 and stream_warps("Q6_K", 1024, 4096) == 2
     assert stream_warps("Q6_K", 128256, 4096) == 1
     assert stream_warps("Q4_K", 4096, 14336) == 4 and stream_warps("Q6_K", 4096, 14336) == 4
     assert stream_programs(28672, 4096, 132) == 132 * 16 and stream_programs(4096, 14336, 132) == 132 * 4
+    assert stream_programs(4096, 12288, 132) == 132 * 4 and stream_programs(4096, 3584, 132) == 132 * 16  # 5, 18
     assert stream_programs(100, 4096, 132) == 100
