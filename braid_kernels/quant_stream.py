@@ -71,7 +71,10 @@ def stream_programs(n: int, k: int, num_sms: int) -> int:
 
     The rounding was measured at K = 12288 (Qwen3-8B's down projection; H100, benchmarks/RESULTS.md): Q4_K 4096 x
     12288 took 12.40 us on 4 programs per SM against 14.67 on the 5 that bytes alone give (Q6_K: 17.47 against
-    17.39), and the Qwen3-8B shape's Q4_K_M decode went from 414.8 to 420.8 tok/s."""
+    17.39), and the Qwen3-8B shape's Q4_K_M decode went from 414.8 to 420.8 tok/s. Compiled offline for sm_90 by
+    Triton 3.6, that Q4_K kernel takes 107 registers a thread on its 4 warps, so only 4 programs fit an SM's 64K
+    registers and a fifth ran as a second wave (the Q6_K kernel, 94 registers, fits 5). The rows of 4096 of the
+    other streamed matrices take 64 (16 programs of 2 warps fit) and rows of 14336 110-124 (4 fit)."""
     per_sm = max(4, min(32, ROW_BYTES_IN_FLIGHT // max(k, 1)))
     return max(1, min(n, num_sms * (1 << (per_sm.bit_length() - 1))))
 
