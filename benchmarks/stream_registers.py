@@ -1,0 +1,94 @@
+"""Registers and shared memory of the streaming GEMV (braid_kernels/quant_stream.py) as compiled for a GPU
+architecture, and whether its default launch fits an SM: no GPU needed (Triton compiles offline with its own ptxas,
+and its bundled cuobjdump reads the result).
+
+    python benchmarks/stream_registers.py [--qtypes Q4_K,Q6_K] [--shapes 4096x4096,4096x12288,...] [--arch 90]
+
+For each matrix (N rows of K weights) the kernel is compiled at the launch's warps (stream_warps) with the
+specialisation a real launch gets (pointers and sizes divisible by 16), and the table gives its registers a thread,
+its shared memory, the programs per SM the default launch asks for (stream_programs) and how many an SM holds at
+once (64K registers, allocated per warp in units of 256; 228 KB of shared memory; 64 warps; 32 programs). A launch
+that asks for more than fit runs the rest as a second wave: at K = 12288 that cost Q4_K 15% (benchmarks/RESULTS.md).
+The registers depend on the Triton version: the GPU machines run the one the numbers in RESULTS.md name.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)  # braid_kernels reads it at import: compile for the GPU, not the interpreter
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from braid_kernels import quant_stream  # noqa: E402
+
+# The two 8B shapes' streamed matrices (rows x columns): q/k, qkv, v, o, gate_up, down, lm_head
+SHAPES = "5120x4096,6144x4096,1024x4096,4096x4096,28672x4096,24576x4096,4096x14336,4096x12288,128256x4096,151936x4096"
+REGISTERS_PER_SM, SHARED_PER_SM, WARPS_PER_SM, PROGRAMS_PER_SM = 65536, 228 * 1024, 64, 32
+POINTERS = {"q_ptr": "*i8", "dx_ptr": "*fp32", "sx_ptr": "*fp32", "blocks_ptr": "*u8", "out_ptr": "*bf16"}
+SIZES = ("N", "K", "row_bytes")
+
+
+def compile_stream(qtype: str, k: int, warps: int, arch: int):
+    """_stream_kernel compiled for sm_<arch> at rows of k weights of qtype on `warps` warps, with PDL."""
+    fn = quant_stream._stream_kernel
+    consts = {**quant_stream._stream_consts(qtype, k), "PDL": True}
+    signature = {**POINTERS, **dict.fromkeys(SIZES, "i32"), **dict.fromkeys(consts, "constexpr")}
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in (*POINTERS, *SIZES)}
+    source = ASTSource(fn=fn, signature=signature, attrs=attrs,
+                       constexprs={(fn.arg_names.index(c),): v for c, v in consts.items()})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+
+
+def registers(compiled) -> int:
+    """Registers a thread of the compiled kernel, read from its cubin."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    match = re.search(r"REG:(\d+)", usage)
+    if match is None:
+        raise SystemExit(f"no register count in cuobjdump's output:\n{usage}")
+    return int(match.group(1))
+
+
+def programs_that_fit(regs: int, shared: int, warps: int) -> int:
+    """Programs of `warps` warps an SM holds at once, by registers, shared memory, warps and programs."""
+    per_warp = -(-regs * 32 // 256) * 256  # registers are allocated to a warp in units of 256
+    by_shared = SHARED_PER_SM // (shared + 1024) if shared else PROGRAMS_PER_SM  # 1 KB reserved a program
+    return min(REGISTERS_PER_SM // (per_warp * warps), by_shared, WARPS_PER_SM // warps, PROGRAMS_PER_SM)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--qtypes", default=",".join(quant_stream.STREAM_TYPES))
+    ap.add_argument("--shapes", default=SHAPES, help="comma-separated NxK (rows x weights a row)")
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100 / H200)")
+    args = ap.parse_args()
+    print(f"Triton {triton.__version__}, sm_{args.arch}")
+    print(f"{'type':<6}{'N x K':>14}{'warps':>7}{'registers':>11}{'shared B':>10}{'asked/SM':>10}{'fit/SM':>8}")
+    sms = 1  # stream_programs per SM: the count for one SM of a matrix with rows enough for every program
+    for shape in args.shapes.split(","):
+        n, k = (int(v) for v in shape.split("x"))
+        for qtype in args.qtypes.split(","):
+            if qtype not in quant_stream.STREAM_TYPES:
+                raise SystemExit(f"{qtype} is not streamed (the streamed types: {quant_stream.STREAM_TYPES})")
+            warps = quant_stream.stream_warps(qtype, n, k)
+            compiled = compile_stream(qtype, k, warps, args.arch)
+            regs, shared = registers(compiled), compiled.metadata.shared
+            asked = quant_stream.stream_programs(1 << 30, k, sms)
+            fit = programs_that_fit(regs, shared, warps)
+            print(f"{qtype:<6}{f'{n}x{k}':>14}{warps:>7}{regs:>11}{shared:>10}{asked:>10}{fit:>8}"
+                  f"{'  second wave' if asked > fit else ''}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
