@@ -108,8 +108,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 def _launch(x, residual, weight, eps, int8: Int8Rows | None = None, static_weight: bool = False):
     """-> (normed, h), shaped like x; h is None without a residual. With `int8`, the normed rows are written there
-    instead (normed is then None). A static weight is loaded before the PDL wait, unless it needs the copy that
-    makes it contiguous (a kernel of this stream, which the wait orders)."""
+    instead (normed is then None). static_weight: see weight_first."""
     add = residual is not None
     rows = _rows(x)  # (N, hidden)
     residual_rows = _rows(residual) if add else None
