@@ -37,13 +37,8 @@ if setup:
     exec(compile(open(setup).read(), setup, "exec"))
 sys.path.append(here)
 import braidinfer
-from braidinfer import LLM, SamplingParams
-from latency import braid_latency, random_prompt
-prompt, tokens, requests = int(prompt), int(tokens), int(requests)
-with LLM(model=gguf, dtype="bfloat16", max_num_seqs=1, max_model_len=prompt + tokens + 16,
-         gpu_memory_utilization=0.3, progress=False) as llm:
-    llm.generate([random_prompt(prompt, 0)], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
-    speeds = [braid_latency(llm, random_prompt(prompt, seed=r + 1), tokens)[1] for r in range(requests)]
+from latency import one_sequence_decode_speeds
+speeds = one_sequence_decode_speeds(gguf, int(prompt), int(tokens), int(requests), 0.3)
 print(json.dumps({"tok_s": speeds, "braidinfer": braidinfer.__file__}), flush=True)
 """
 

@@ -119,6 +119,18 @@ def braid_latency(llm, prompt: list[int], n: int) -> tuple[float, float]:
     return stamps[0] - t0, (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
+def one_sequence_decode_speeds(model: str, prompt: int, tokens: int, requests: int,
+                               gpu_memory_utilization: float) -> list[float]:
+    """Decode tok/s of `requests` greedy ignore_eos requests of `prompt` random tokens and `tokens` new ones (each
+    timed as braid_latency times it), after a 16-token warm-up, on an engine of one sequence loaded from `model`."""
+    from braidinfer import LLM, SamplingParams
+
+    with LLM(model=model, dtype="bfloat16", max_num_seqs=1, max_model_len=prompt + tokens + 16,
+             gpu_memory_utilization=gpu_memory_utilization, progress=False) as llm:
+        llm.generate([random_prompt(prompt, 0)], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+        return [braid_latency(llm, random_prompt(prompt, seed=r + 1), tokens)[1] for r in range(requests)]
+
+
 class _Stamps:
     """A `generate` streamer that only records when each step's tokens arrive (the first call is the prompt)."""
 

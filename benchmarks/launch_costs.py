@@ -38,7 +38,7 @@ import tempfile
 import time
 
 import torch
-from latency import braid_latency, model_config, random_prompt
+from latency import model_config, one_sequence_decode_speeds
 from quantized_decode import CONFIGS, write_random_gguf
 from throughput import device_name
 
@@ -103,15 +103,10 @@ def replace(kinds: list[str]) -> dict[str, int]:
 
 def worker(args) -> None:
     """One run: prints {"kinds", "tok_s", "replaced"} as a JSON line."""
-    from braidinfer import LLM, SamplingParams
-
     kinds = [k for k in args.worker.split("+") if k != "none"]
     calls = replace(kinds)
-    with LLM(model=args.gguf, dtype="bfloat16", max_num_seqs=1, max_model_len=args.prompt + args.tokens + 16,
-             gpu_memory_utilization=args.gpu_memory_utilization, progress=False) as llm:
-        llm.generate([random_prompt(args.prompt, 0)], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
-        speeds = [braid_latency(llm, random_prompt(args.prompt, seed=r + 1), args.tokens)[1]
-                  for r in range(args.requests)]
+    speeds = one_sequence_decode_speeds(args.gguf, args.prompt, args.tokens, args.requests,
+                                        args.gpu_memory_utilization)
     print(json.dumps({"kinds": kinds, "tok_s": speeds, "replaced": calls}), flush=True)
 
 
