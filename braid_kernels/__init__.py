@@ -3,13 +3,7 @@
 Standalone: nothing here imports braidinfer. The kernels need CUDA tensors, or TRITON_INTERPRET=1 set before this
 package is imported to run them on the CPU (slowly; that is how CI tests them).
 """
-from .decode_attention import (
-    DecodeWorkspace,
-    decode_attention,
-    decode_attention_qkv,
-    decode_attention_qkv_ref,
-    decode_attention_ref,
-)
+from .decode_attention import DecodeWorkspace, decode_attention, decode_attention_ref
 from .gemv import (
     fused_add_rms_norm_gemv,
     fused_add_rms_norm_gemv_ref,
@@ -26,7 +20,7 @@ from .rmsnorm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_n
 from .silu_mul import silu_and_mul, silu_and_mul_int8, silu_and_mul_ref
 
 __all__ = [
-    "DecodeWorkspace", "decode_attention", "decode_attention_ref", "decode_attention_qkv", "decode_attention_qkv_ref",
+    "DecodeWorkspace", "decode_attention", "decode_attention_ref",
     "Int8Rows", "empty_int8_rows", "quantize_rows", "quantize_rows_ref", "rms_norm_int8", "silu_and_mul_int8",
     "fused_add_rms_norm", "fused_add_rms_norm_ref",
     "fused_add_rms_norm_gemv", "fused_add_rms_norm_gemv_ref",

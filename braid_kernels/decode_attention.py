@@ -29,8 +29,6 @@ import triton.language as tl
 from ._checks import check_devices, check_last_dim_contiguous, check_same_dtype, check_shape, check_tensor
 from .int8_rows import Int8Rows, check_int8_rows, store_int8_runs
 from .numerics import INTERPRETED, launch_options, pdl_options, release_dependents, round_to_dtype, wait_for_inputs
-from .qk_norm_rope import check_qk_norm_rope_inputs, qk_norm_rope_write_kv_ref
-from .rmsnorm import rms_scale
 
 KV_DTYPES = (torch.float16, torch.bfloat16)
 MIN_SPLIT_TOKENS = 32  # fewest KV tokens a slice gets: below it, a program's fixed latency outweighs its reads
@@ -152,66 +150,8 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, kv_indptr: torch.T
         keys and values of its slices meanwhile (KV_PREFETCH).
     Page numbers and lengths are not range checked (that would synchronise with the GPU).
     """
-    _check(q, kv_cache, kv_indptr, kv_indices, kv_last_page_len, scale, workspace, min_split_tokens, block_n, int8)
-    return _launch(q, kv_cache, kv_indptr, kv_indices, kv_last_page_len, scale, workspace, min_split_tokens, block_n,
-                   num_warps, int8, tables_ready)
-
-
-def decode_attention_qkv_ref(qkv, positions, cos, sin, slot_mapping, kv_cache, kv_indptr, kv_indices,
-                             kv_last_page_len, scale, q_norm_weight=None, k_norm_weight=None,
-                             eps=1e-6) -> torch.Tensor:
-    """What `decode_attention_qkv` computes, composed: qk_norm_rope_write_kv_ref (which writes the new K/V), then
-    decode_attention_ref; same arguments and effect."""
-    q = qk_norm_rope_write_kv_ref(qkv, positions, cos, sin, kv_cache, slot_mapping, q_norm_weight, k_norm_weight, eps)
-    return decode_attention_ref(q, kv_cache, kv_indptr, kv_indices, kv_last_page_len, scale)
-
-
-def decode_attention_qkv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                         slot_mapping: torch.Tensor, kv_cache: torch.Tensor, kv_indptr: torch.Tensor,
-                         kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor, scale: float,
-                         q_norm_weight: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None,
-                         eps: float = 1e-6, *, workspace: DecodeWorkspace | None = None,
-                         min_split_tokens: int = MIN_SPLIT_TOKENS, block_n: int | None = None,
-                         num_warps: int | None = None, int8: Int8Rows | None = None, tables_ready: bool = False,
-                         static_weights: bool = False, positions_ready: bool = False) -> torch.Tensor:
-    """qk_norm_rope_write_kv followed by decode_attention, in one launch: from the qkv projection's output of one new
-    token per row, QK-norm (when weights are given) and rotate q and k, write k and v into the pool at the token's
-    slot, and attend over the row's KV, the new token included -> out [num_rows, num_qo_heads, head_dim].
-
-    A decode step then has no kernel between the qkv projection and the attention: each program rotates its own q
-    heads (a few hundred values), and the program of each row's last slice, which holds the newest token, writes its
-    KV head's new key and value before it attends. q, k and v are rounded as qk_norm_rope_write_kv rounds them.
-
-    qkv, positions, cos, sin, slot_mapping, q_norm_weight, k_norm_weight, eps, static_weights, positions_ready: as
-        kernels.qk_norm_rope.qk_norm_rope_write_kv (one token per row; num_kv_heads and head_dim from kv_cache). The
-        newest token of row i must be the last of the row's KV in the page tables, at slot_mapping[i]; a negative
-        slot (a padding row) writes nothing.
-    kv_cache, kv_indptr, kv_indices, kv_last_page_len, scale, workspace, min_split_tokens, block_n, num_warps, int8,
-        tables_ready: as decode_attention.
-    """
-    num_rows, num_qo_heads, _, head_dim = check_qk_norm_rope_inputs(
-        qkv, positions, cos, sin, kv_cache, slot_mapping, q_norm_weight, k_norm_weight, eps)
-    q = qkv[:, : num_qo_heads * head_dim].view(num_rows, num_qo_heads, head_dim)  # q's heads, read in place
-    _check(q, kv_cache, kv_indptr, kv_indices, kv_last_page_len, scale, workspace, min_split_tokens, block_n, int8)
-    has_qk_norm = q_norm_weight is not None
-    rotation = dict(
-        pointers=(positions, slot_mapping, cos, sin, *((q_norm_weight, k_norm_weight) if has_qk_norm else (qkv, qkv))),
-        scalars=(float(eps), cos.stride(0), sin.stride(0)),
-        constexprs=dict(ROTATE=True, HAS_QK_NORM=has_qk_norm, NORM_FIRST=static_weights,
-                        INDEX_FIRST=static_weights and positions_ready, MEAN_BY_RECIPROCAL=qkv.is_cuda))
-    return _launch(q, kv_cache, kv_indptr, kv_indices, kv_last_page_len, scale, workspace, min_split_tokens, block_n,
-                   num_warps, int8, tables_ready, rotation)
-
-
-_NO_ROTATION = dict(pointers=(None,) * 6, scalars=(0.0, 0, 0),
-                   constexprs=dict(ROTATE=False, HAS_QK_NORM=False, NORM_FIRST=False, INDEX_FIRST=False,
-                                   MEAN_BY_RECIPROCAL=False))
-
-
-def _launch(q, kv_cache, kv_indptr, kv_indices, kv_last_page_len, scale, workspace, min_split_tokens, block_n,
-            num_warps, int8, tables_ready, rotation=_NO_ROTATION) -> torch.Tensor:
-    """The checked launch of decode_attention (rotation: _NO_ROTATION) or decode_attention_qkv (q a view of qkv)."""
-    num_rows, num_qo_heads, head_dim = q.shape
+    num_rows, num_qo_heads, head_dim = _check(q, kv_cache, kv_indptr, kv_indices, kv_last_page_len, scale, workspace,
+                                              min_split_tokens, block_n, int8)
     block_n = default_block_n(head_dim) if block_n is None else block_n
     num_kv_heads, page_size = kv_cache.shape[2], kv_cache.shape[3]
     if workspace is None:
@@ -222,10 +162,9 @@ def _launch(q, kv_cache, kv_indptr, kv_indices, kv_last_page_len, scale, workspa
     if num_rows == 0:
         return out
     group = num_qo_heads // num_kv_heads
-    # The int8 rounding and the rotation reproduce quantize_rows' and qk_norm_rope's only without mul+add
-    # contraction (launch_options); the plain launch keeps the contraction its float arithmetic was measured with.
-    rotates = rotation["constexprs"]["ROTATE"]
-    options = launch_options(q) if int8 is not None or rotates else pdl_options(q)
+    # The int8 rounding reproduces quantize_rows' only without mul+add contraction (launch_options); the plain
+    # launch keeps the contraction its float arithmetic was measured with.
+    options = launch_options(q) if int8 is not None else pdl_options(q)
     # 128-byte lines of a key (value) row that L2 fetches before the wait; 0: none
     row_bytes = head_dim * kv_cache.element_size()
     prefetches = KV_PREFETCH and tables_ready and options.get("PDL", False) and torch.version.hip is None
@@ -233,14 +172,14 @@ def _launch(q, kv_cache, kv_indptr, kv_indices, kv_last_page_len, scale, workspa
     _decode_kernel[(num_rows, num_kv_heads, workspace.num_splits)](
         q, kv_cache, kv_indptr, kv_indices, kv_last_page_len, out,
         workspace.partial_out, workspace.partial_lse, workspace.arrivals,
-        *(int8[:3] if int8 is not None else (None, None, None)), *rotation["pointers"],
-        float(scale) * math.log2(math.e), min_split_tokens, *rotation["scalars"],
+        *(int8[:3] if int8 is not None else (None, None, None)),
+        float(scale) * math.log2(math.e), min_split_tokens,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), *kv_cache.stride()[:4],
         NUM_QO_HEADS=num_qo_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, PAGE_SIZE=page_size, BLOCK_N=block_n,
         GROUP_P2=triton.next_power_of_2(group), MERGE_STEP=merge_step(group, head_dim, workspace.num_splits),
         NUM_SPLITS=workspace.num_splits, INT8=int8 is not None, TABLES_FIRST=tables_ready, KV_LINES=kv_lines,
-        num_warps=num_warps, num_stages=NUM_STAGES, **rotation["constexprs"],
+        num_warps=num_warps, num_stages=NUM_STAGES,
         **options,
     )
     return out
@@ -358,37 +297,22 @@ def _row_slices(kv_indptr_ptr, kv_last_page_len_ptr, min_split_tokens, PAGE_SIZE
 def _decode_kernel(
     q_ptr, cache_ptr, kv_indptr_ptr, kv_indices_ptr, kv_last_page_len_ptr, out_ptr,
     partial_out_ptr, partial_lse_ptr, arrivals_ptr, q8_ptr, dx_ptr, sx_ptr,
-    positions_ptr, slot_mapping_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr,
-    qk_scale, min_split_tokens, eps, cos_row_stride, sin_row_stride,
+    qk_scale, min_split_tokens,
     q_row_stride, q_head_stride, out_row_stride, out_head_stride,
     cache_page_stride, cache_kv_stride, cache_head_stride, cache_slot_stride,
     NUM_QO_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     GROUP_P2: tl.constexpr, MERGE_STEP: tl.constexpr, INT8: tl.constexpr, TABLES_FIRST: tl.constexpr,
-    KV_LINES: tl.constexpr, ROTATE: tl.constexpr, HAS_QK_NORM: tl.constexpr, NORM_FIRST: tl.constexpr,
-    INDEX_FIRST: tl.constexpr, MEAN_BY_RECIPROCAL: tl.constexpr, PDL: tl.constexpr,
+    KV_LINES: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (row, KV head, slice): the GROUP q heads of the KV head over the slice's tokens, in the log2 domain
     (qk_scale = scale * log2(e)); with INT8 the output is also written as int8 runs (q8, dx, sx). With TABLES_FIRST
     the row's page-table entries are read before the PDL wait, and with KV_LINES (128-byte lines a key row) L2 is
     asked for the slice's first block of keys and values then (a hint: the newest token's, which the kernel ahead
-    writes, are loaded after the wait as every other).
-
-    With ROTATE, q_ptr is the qkv projection's output (q heads, then k, then v; q_head_stride HEAD_DIM): each
-    program QK-norms (HAS_QK_NORM) and rotates its q heads as qk_norm_rope does, and the row's last slice also its
-    KV head's new key, which it writes with the new value into the pool at the token's slot before attending (a
-    barrier makes the writes visible to the program's own loads; no other slice holds the newest token). With
-    NORM_FIRST the norm weights, and with INDEX_FIRST the row's position, slot and rows of cos and sin, are loaded
-    before the PDL wait."""
+    writes, are loaded after the wait as every other)."""
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    if ROTATE:
-        if NORM_FIRST:
-            q_w, q_w_swap, k_w, k_w_swap = _norm_weights(q_norm_ptr, k_norm_ptr, HEAD_DIM, HAS_QK_NORM)
-        if INDEX_FIRST:
-            new_slot, cos, sin = _rotation(positions_ptr, slot_mapping_ptr, cos_ptr, sin_ptr, row, cos_row_stride,
-                                           sin_row_stride, HEAD_DIM)
     if TABLES_FIRST:  # tables no kernel of the step writes: read while the kernel ahead still runs
         page_start, kv_len, chunk, num_active = _row_slices(kv_indptr_ptr, kv_last_page_len_ptr, min_split_tokens,
                                                             PAGE_SIZE, BLOCK_N, NUM_SPLITS)
@@ -406,29 +330,12 @@ def _decode_kernel(
     if not TABLES_FIRST:
         page_start, kv_len, chunk, num_active = _row_slices(kv_indptr_ptr, kv_last_page_len_ptr, min_split_tokens,
                                                             PAGE_SIZE, BLOCK_N, NUM_SPLITS)
-    if ROTATE:
-        if not NORM_FIRST:
-            q_w, q_w_swap, k_w, k_w_swap = _norm_weights(q_norm_ptr, k_norm_ptr, HEAD_DIM, HAS_QK_NORM)
-        if not INDEX_FIRST:
-            new_slot, cos, sin = _rotation(positions_ptr, slot_mapping_ptr, cos_ptr, sin_ptr, row, cos_row_stride,
-                                           sin_row_stride, HEAD_DIM)
     if split < num_active:
         g = tl.arange(0, GROUP_PAD)
         head = kv_head * GROUP + g  # (G,) q heads of this KV head
         g_mask = g < GROUP
-        q_rows = q_ptr + row.to(tl.int64) * q_row_stride + head[:, None] * q_head_stride  # (G, 1)
-        if ROTATE:
-            dtype_in: tl.constexpr = out_ptr.dtype.element_ty
-            q = _norm_rope_rows(q_rows, g_mask[:, None], q_w, q_w_swap, cos, sin, eps, dtype_in, HEAD_DIM,
-                                HAS_QK_NORM, MEAN_BY_RECIPROCAL).to(dtype_in)  # (G, D)
-            if (split == num_active - 1) & (new_slot >= 0):  # the newest token is this slice's last
-                _write_new_kv(q_ptr + row.to(tl.int64) * q_row_stride, cache_ptr, new_slot, kv_head, k_w, k_w_swap,
-                              cos, sin, eps, cache_page_stride, cache_kv_stride, cache_head_stride,
-                              cache_slot_stride, NUM_QO_HEADS, NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE, HAS_QK_NORM,
-                              MEAN_BY_RECIPROCAL)
-                tl.debug_barrier()  # the new key and value are in the pool before any thread loads them
-        else:
-            q = tl.load(q_rows + d[None, :], mask=g_mask[:, None], other=0.0)  # (G, D)
+        q = tl.load(q_ptr + row.to(tl.int64) * q_row_stride + head[:, None] * q_head_stride + d[None, :],
+                    mask=g_mask[:, None], other=0.0)  # (G, D)
         start = split * chunk
         end = tl.minimum(start + chunk, kv_len)
         m_i = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
@@ -473,74 +380,6 @@ def _decode_kernel(
                 _merge(partial_out_ptr, partial_lse_ptr, out_ptr, q8_ptr, dx_ptr, sx_ptr, row, kv_head, num_active,
                        out_row_stride, out_head_stride, NUM_QO_HEADS, GROUP, GROUP_P2, HEAD_DIM, NUM_SPLITS,
                        MERGE_STEP, INT8)
-
-
-@triton.jit
-def _norm_weights(q_norm_ptr, k_norm_ptr, HEAD_DIM: tl.constexpr, HAS_QK_NORM: tl.constexpr):
-    """(q_w, q_w_swap, k_w, k_w_swap): the q and k norm weights as float32 [HEAD_DIM] vectors, each also with its
-    halves swapped (the weights of rotate_half's partner columns); zeros without the norm (not read)."""
-    d = tl.arange(0, HEAD_DIM)
-    swap = (d + HEAD_DIM // 2) % HEAD_DIM
-    if HAS_QK_NORM:
-        return (tl.load(q_norm_ptr + d).to(tl.float32), tl.load(q_norm_ptr + swap).to(tl.float32),
-                tl.load(k_norm_ptr + d).to(tl.float32), tl.load(k_norm_ptr + swap).to(tl.float32))
-    else:
-        zeros = tl.zeros((HEAD_DIM,), tl.float32)
-        return zeros, zeros, zeros, zeros
-
-
-@triton.jit
-def _rotation(positions_ptr, slot_mapping_ptr, cos_ptr, sin_ptr, row, cos_row_stride, sin_row_stride,
-              HEAD_DIM: tl.constexpr):
-    """(slot, cos, sin) of a row's new token: its KV slot and its rows of the cos and sin tables as loaded."""
-    d = tl.arange(0, HEAD_DIM)
-    position = tl.load(positions_ptr + row).to(tl.int64)
-    slot = tl.load(slot_mapping_ptr + row).to(tl.int64)
-    return slot, tl.load(cos_ptr + position * cos_row_stride + d), tl.load(sin_ptr + position * sin_row_stride + d)
-
-
-@triton.jit
-def _norm_rope_rows(rows, mask, w, w_swap, cos, sin, eps, dtype: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    HAS_NORM: tl.constexpr, MEAN_BY_RECIPROCAL: tl.constexpr):
-    """Heads whose first elements `rows` (R, 1) points to, masked rows read as zeros: RMSNorm by w (optional), then
-    x * cos + rotate_half(x) * sin, with qk_norm_rope's roundings to `dtype` (cos and sin rows as loaded, cast to
-    `dtype` here as the model does) -> (R, HEAD_DIM) float32 values of `dtype`. rotate_half's partner of column d is
-    column (d + HEAD_DIM / 2) % HEAD_DIM, negated in the first half: loaded as a second tile (from L1)."""
-    half: tl.constexpr = HEAD_DIM // 2
-    d = tl.arange(0, HEAD_DIM)
-    first = d < half
-    x = tl.load(rows + d[None, :], mask=mask, other=0.0).to(tl.float32)  # (R, D)
-    x_swap = tl.load(rows + ((d + half) % HEAD_DIM)[None, :], mask=mask, other=0.0).to(tl.float32)  # (R, D)
-    if HAS_NORM:
-        squares = x * x
-        sum_sq = (tl.sum(tl.where(first[None, :], squares, 0.0), axis=1)
-                  + tl.sum(tl.where(first[None, :], 0.0, squares), axis=1))  # the halves' sums, as qk_norm_rope
-        scale = rms_scale(sum_sq, HEAD_DIM, eps, MEAN_BY_RECIPROCAL)[:, None]  # (R, 1)
-        x = round_to_dtype(w[None, :] * round_to_dtype(x * scale, dtype), dtype)
-        x_swap = round_to_dtype(w_swap[None, :] * round_to_dtype(x_swap * scale, dtype), dtype)
-    cos_r = round_to_dtype(cos.to(tl.float32), dtype)[None, :]
-    sin_r = round_to_dtype(sin.to(tl.float32), dtype)
-    sin_r = tl.where(first, -sin_r, sin_r)[None, :]  # rotate_half(x) = cat(-x2, x1): exact sign flips
-    return round_to_dtype(round_to_dtype(x * cos_r, dtype) + round_to_dtype(x_swap * sin_r, dtype), dtype)
-
-
-@triton.jit
-def _write_new_kv(qkv_row, cache_ptr, slot, kv_head, k_w, k_w_swap, cos, sin, eps, cache_page_stride,
-                  cache_kv_stride, cache_head_stride, cache_slot_stride, NUM_QO_HEADS: tl.constexpr,
-                  NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                  HAS_NORM: tl.constexpr, MEAN_BY_RECIPROCAL: tl.constexpr):
-    """KV head kv_head of a row's new token: its key QK-normed and rotated, and its value as it is, from the row's qkv
-    into the pool at `slot`."""
-    dtype: tl.constexpr = cache_ptr.dtype.element_ty
-    d = tl.arange(0, HEAD_DIM)
-    k_row = qkv_row + (NUM_QO_HEADS + kv_head) * HEAD_DIM + tl.zeros((1, 1), tl.int64)  # (1, 1)
-    k = _norm_rope_rows(k_row, d[None, :] < HEAD_DIM, k_w, k_w_swap, cos, sin, eps, dtype, HEAD_DIM, HAS_NORM,
-                        MEAN_BY_RECIPROCAL)  # (1, D)
-    v = tl.load(qkv_row + (NUM_QO_HEADS + NUM_KV_HEADS + kv_head) * HEAD_DIM + d)
-    base = (cache_ptr + (slot // PAGE_SIZE) * cache_page_stride + (slot % PAGE_SIZE) * cache_slot_stride
-            + kv_head.to(tl.int64) * cache_head_stride)
-    tl.store(base + d[None, :], k.to(dtype))
-    tl.store(base + cache_kv_stride + d, v)
 
 
 @triton.jit

@@ -82,7 +82,7 @@ def qk_norm_rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch
     Returns q: a new [num_tokens, num_qo_heads, head_dim] tensor of qkv's dtype. Positions and slots are not range
     checked (that would synchronise with the GPU).
     """
-    num_tokens, num_qo_heads, num_kv_heads, head_dim = check_qk_norm_rope_inputs(
+    num_tokens, num_qo_heads, num_kv_heads, head_dim = _check(
         qkv, positions, cos, sin, kv_cache, slot_mapping, q_norm_weight, k_norm_weight, eps)
     q = torch.empty((num_tokens, num_qo_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     if num_tokens == 0:
@@ -107,9 +107,7 @@ def _dims(qkv: torch.Tensor, kv_cache: torch.Tensor) -> tuple[int, int, int, int
     return qkv.shape[0], qkv.shape[1] // head_dim - 2 * num_kv_heads, num_kv_heads, head_dim
 
 
-def check_qk_norm_rope_inputs(qkv, positions, cos, sin, kv_cache, slot_mapping, q_norm_weight, k_norm_weight, eps):
-    """Validates qk_norm_rope_write_kv's arguments (ValueError / TypeError naming the bad one) -> (num_tokens,
-    num_qo_heads, num_kv_heads, head_dim); also the rotation inputs of decode_attention.decode_attention_qkv."""
+def _check(qkv, positions, cos, sin, kv_cache, slot_mapping, q_norm_weight, k_norm_weight, eps):
     check_tensor("qkv", qkv, FLOAT_DTYPES, ndim=2)
     check_tensor("kv_cache", kv_cache, FLOAT_DTYPES, ndim=5)
     check_same_dtype(qkv=qkv, kv_cache=kv_cache)

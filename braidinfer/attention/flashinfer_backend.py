@@ -296,24 +296,6 @@ class FlashInferGraphDecode:
         """Whether `attend` can also write its output as int8 runs (Braid's Triton decode serves this batch size)."""
         return self._triton is not None
 
-    @property
-    def attends_qkv(self) -> bool:
-        """Whether `attend_qkv` serves this batch size (Braid's Triton decode)."""
-        return self._triton is not None
-
-    def attend_qkv(self, layer: int, qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
-                   sin: torch.Tensor, slot_mapping: torch.Tensor, q_norm_weight: torch.Tensor | None,
-                   k_norm_weight: torch.Tensor | None, eps: float, positions_ready: bool, int8=None) -> torch.Tensor:
-        """The QK-norm (optional), rotation, K/V write and attention of one new token per row in one launch
-        (kernels.decode_attention.decode_attention_qkv), from the qkv projection's output [b, (qh + 2 kvh) * hd]
-        -> [b, num_qo_heads, head_dim]; int8 as in `attend`. Only where `attends_qkv`."""
-        if self._triton is None:
-            raise ValueError("attend_qkv needs Braid's Triton decode (see attends_qkv)")
-        indices, indptr, last_page_len = self._pages
-        return self._triton.attend_qkv(qkv, positions, cos, sin, slot_mapping, self.kv_cache[layer], indptr,
-                                       indices, last_page_len, q_norm_weight, k_norm_weight, eps, positions_ready,
-                                       int8)
-
 
 def _triton_decode_fits(backend: FlashInferAttention, batch_size: int) -> bool:
     """Whether kernels.decode_attention serves a graph decode of batch_size rows (see TRITON_DECODE_MAX_ROWS)."""
@@ -333,12 +315,7 @@ class _TritonDecode:
     (its arrival counters must persist from replay to replay) and the slice count fixed for the captured grid."""
 
     def __init__(self, backend: FlashInferAttention, batch_size: int, max_num_kv_indices: int):
-        from braid_kernels.decode_attention import (
-            DecodeWorkspace,
-            decode_attention,
-            decode_attention_qkv,
-            default_num_splits,
-        )
+        from braid_kernels.decode_attention import DecodeWorkspace, decode_attention, default_num_splits
 
         device = backend.kv_cache.device
         num_sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -346,20 +323,13 @@ class _TritonDecode:
                                     max_kv_len=max_num_kv_indices * backend.page_size)
         self._workspace = DecodeWorkspace.allocate(batch_size, backend.num_qo_heads, backend.num_kv_heads,
                                                    backend.head_dim, splits, device)
-        self._attend, self._attend_qkv = decode_attention, decode_attention_qkv
+        self._attend = decode_attention
         self._scale = backend.scale
 
     def __call__(self, q: torch.Tensor, cache: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
                  kv_last_page_len: torch.Tensor, int8=None) -> torch.Tensor:
         return self._attend(q, cache, kv_indptr, kv_indices, kv_last_page_len, self._scale, workspace=self._workspace,
                             int8=int8, tables_ready=True)  # `plan` copies the tables from the host before a replay
-
-    def attend_qkv(self, qkv, positions, cos, sin, slot_mapping, cache, kv_indptr, kv_indices, kv_last_page_len,
-                   q_norm_weight, k_norm_weight, eps, positions_ready, int8=None) -> torch.Tensor:
-        return self._attend_qkv(qkv, positions, cos, sin, slot_mapping, cache, kv_indptr, kv_indices,
-                                kv_last_page_len, self._scale, q_norm_weight, k_norm_weight, eps,
-                                workspace=self._workspace, int8=int8, tables_ready=True, static_weights=True,
-                                positions_ready=positions_ready)
 
 
 @dataclass(frozen=True)

@@ -158,33 +158,24 @@ class PagedAttention(nn.Module):
         return out
 
     def _fused(self, qkv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        """The Triton plan. Where the backend attends from qkv (`attends_qkv`: Braid's Triton decode in CUDA-graph
-        decodes), the norms, the rotation and the K/V write run inside the attention's launch; else in
-        qk_norm_rope_write_kv's, before the backend's `attend`."""
         norm_weights = (None, None, 1e-6)
         if self.qk_norms is not None:
             q_norm, k_norm = self.qk_norms
             norm_weights = (q_norm.weight, k_norm.weight, q_norm.eps)
+        q = triton_kernels().qk_norm_rope_write_kv(qkv, batch.positions, *batch.rope.tables,
+                                                   batch.attention.kv_cache[self.layer_idx], batch.meta.slot_mapping,
+                                                   *norm_weights, static_weights=True,
+                                                   positions_ready=batch.host_inputs)  # (T, qh, hd)
         rows = qkv.shape[0]
-        int8 = None
-        if (self.int8_output and getattr(batch.attention, "writes_int8", False)
-                and int8_input_rows(rows, qkv.dtype, qkv.device)):
+        writes_int8 = self.int8_output and getattr(batch.attention, "writes_int8", False)
+        if writes_int8 and int8_input_rows(rows, q.dtype, q.device):
             # the int8 launch runs without mul+add contraction (its rounding reproduces quantize_rows'), so its
             # attention output may differ from the plain launch's in the last bit
-            int8 = triton_kernels().empty_int8_rows(rows, self.q_size, qkv.dtype, qkv.device)
-        if getattr(batch.attention, "attends_qkv", False):
-            o = batch.attention.attend_qkv(self.layer_idx, qkv, batch.positions, *batch.rope.tables,
-                                           batch.meta.slot_mapping, *norm_weights,
-                                           positions_ready=batch.host_inputs, int8=int8)  # (T, qh, hd)
-        else:
-            q = triton_kernels().qk_norm_rope_write_kv(qkv, batch.positions, *batch.rope.tables,
-                                                       batch.attention.kv_cache[self.layer_idx],
-                                                       batch.meta.slot_mapping, *norm_weights, static_weights=True,
-                                                       positions_ready=batch.host_inputs)  # (T, qh, hd)
-            o = (batch.attention.attend(self.layer_idx, q, batch.meta) if int8 is None  # (T, qh, hd)
-                 else batch.attention.attend(self.layer_idx, q, batch.meta, int8=int8))  # only where writes_int8
-        o = o.reshape(rows, self.q_size)
-        return o if int8 is None else AttentionOutput(o, int8)
+            int8 = triton_kernels().empty_int8_rows(rows, self.q_size, q.dtype, q.device)
+            o = batch.attention.attend(self.layer_idx, q, batch.meta, int8=int8)  # (T, qh, hd), and as int8 runs
+            return AttentionOutput(o.reshape(rows, self.q_size), int8)
+        o = batch.attention.attend(self.layer_idx, q, batch.meta)  # (T, qh, hd)
+        return o.reshape(rows, self.q_size)
 
     def kernel_path(self) -> str:
         norm = "qk-norm + " if self.qk_norms is not None else ""
@@ -193,8 +184,7 @@ class PagedAttention(nn.Module):
             int8 = ("; in CUDA-graph decodes of up to 4 rows the Triton decode also writes the output as the "
                     "projection's int8 rows" if self.int8_output else "")
             return (f"attention: {norm}rope + kv write in triton qk_norm_rope_write_kv, then the backend's "
-                    f"attend; in CUDA-graph decodes on Braid's Triton decode, all in one launch "
-                    f"(decode_attention_qkv){int8}")
+                    f"attend{int8}")
         if self.plan.cpu:
             return (f"attention: decoding rows: {norm}{rope}, kv write and attention in braid_kernels/cpu_attention.c "
                     f"(float32 rows, the torch backend's pool); prompt rows: {norm}{rope} in torch, then the backend")

@@ -32,8 +32,7 @@ def test_paths_of_a_cpu_engine_and_of_the_kernel_plan(tmp_path, smollm_tokenizer
         gemv_prologue = "steps of <= 1 row: in the next projection's gemv prologue"
         assert engine.kernel_paths == [
             "linear (qkv_proj, o_proj, gate_up_proj, down_proj): torch F.linear; steps of <= 1 row: triton gemv",
-            "attention (attn): qk-norm + rope + kv write in triton qk_norm_rope_write_kv, then the backend's attend; "
-            "in CUDA-graph decodes on Braid's Triton decode, all in one launch (decode_attention_qkv)",
+            "attention (attn): qk-norm + rope + kv write in triton qk_norm_rope_write_kv, then the backend's attend",
             f"silu_and_mul (act_fn): triton silu_and_mul; {gemv_prologue}",
             "rmsnorm (input_layernorm, post_attention_layernorm): triton rms_norm / fused_add_rms_norm; "
             + gemv_prologue,

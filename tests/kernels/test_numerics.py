@@ -27,8 +27,7 @@ def _kernels(tree: ast.Module):
 
 
 READ_BEFORE_WAIT = {"_stream_kernel": {"blocks_ptr"}, "_stream_pair_kernel": {"a_blocks_ptr", "b_blocks_ptr"},
-                    "_decode_kernel": {"kv_indptr_ptr", "kv_indices_ptr", "kv_last_page_len_ptr", "q_norm_ptr",
-                                       "k_norm_ptr", "positions_ptr", "slot_mapping_ptr", "cos_ptr", "sin_ptr"},
+                    "_decode_kernel": {"kv_indptr_ptr", "kv_indices_ptr", "kv_last_page_len_ptr"},
                     "_rms_norm_kernel": {"weight_ptr"},
                     "_qk_norm_rope_kernel": {"q_norm_ptr", "k_norm_ptr", "positions_ptr", "slot_mapping_ptr", "cos_ptr",
                                              "sin_ptr"}}
