@@ -112,10 +112,12 @@ def release_dependents(PDL: tl.constexpr):
     """Under PDL: let the next kernel in the stream be scheduled now (griddepcontrol.launch_dependents) rather than
     when this one ends; nothing without PDL. The dependent is scheduled once every program has released (or ended)
     and still waits for this kernel's end and writes in its wait_for_inputs. Called:
-    - right after wait_for_inputs by the short kernels that a decode step runs just before a GEMV (norms,
-      SiLU-and-mul, x's int8 rounding), whose few programs leave most SMs free while the GEMV (quant_stream.py) loads
-      its first weight rows, which no kernel writes, before waiting for its x; on every launch of them, prefill's
-      too, where the dependent starts no earlier than before (once the last programs have started);
+    - right after wait_for_inputs by the short kernels that a decode step runs just before an integer-dot GEMV
+      (norms and SiLU-and-mul where they write int8 rows, x's int8 rounding), whose few programs leave most SMs free
+      while the GEMV (quant_stream.py) loads its first weight rows, which no kernel writes, before waiting for its x.
+      Not where they write a tensor (steps of more rows, whose dependent is a GEMM or the dequantising kernel): the
+      release there was never measured to gain, and Q8_0 decode at batch 64 has run ~20% slower since it was added
+      to every launch (benchmarks/RESULTS.md, "Both 8B shapes on an H200 at 833cf04");
     - right after wait_for_inputs by the QK-norm / RoPE kernel (the attention after it reads its host-copied page
       tables meanwhile) and by the decode attention (o_proj's GEMV after it).
     Not by the GEMVs: a dependent made resident early by a large kernel only holds SM slots it needs (Q4_K_M decode

@@ -166,7 +166,8 @@ def _rms_norm_kernel(
         weight = tl.load(weight_ptr + tl.program_id(1) * SLICE + tl.arange(0, SLICE),
                          mask=tl.program_id(1) * SLICE + tl.arange(0, SLICE) < HIDDEN, other=0.0).to(tl.float32)
     wait_for_inputs(PDL)
-    release_dependents(PDL)  # the decode step's GEMV after this kernel starts loading its weights
+    if INT8:  # int8 rows feed a decode step's GEMV, which starts loading its weights meanwhile
+        release_dependents(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < HIDDEN

@@ -80,7 +80,8 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, q_ptr, dx_ptr, sx_ptr, x_row_stride, d,
     """Program (row, block): out[row, cols] = silu(x[row, cols]) * x[row, d + cols] (out: contiguous [M, d]), or
     with INT8 those columns as int8 runs (q, dx, sx; int8_rows.py)."""
     wait_for_inputs(PDL)
-    release_dependents(PDL)  # the decode step's GEMV after this kernel starts loading its weights
+    if INT8:  # int8 rows feed a decode step's GEMV, which starts loading its weights meanwhile
+        release_dependents(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
