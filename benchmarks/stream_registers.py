@@ -14,19 +14,10 @@ The registers depend on the Triton version: the GPU machines run the one the num
 from __future__ import annotations
 
 import argparse
-import os
-import re
-import subprocess
-import sys
-import tempfile
 
-os.environ.pop("TRITON_INTERPRET", None)  # braid_kernels reads it at import: compile for the GPU, not the interpreter
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from kernel_sass import compile_offline, registers  # first: it sets up the import of braid_kernels for the GPU
 
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
 from braid_kernels import quant_stream  # noqa: E402
 
 # The two 8B shapes' streamed matrices (rows x columns): q/k, qkv, v, o, gate_up, down, lm_head
@@ -38,26 +29,8 @@ SIZES = ("N", "K", "row_bytes")
 
 def compile_stream(qtype: str, k: int, warps: int, arch: int):
     """_stream_kernel compiled for sm_<arch> at rows of k weights of qtype on `warps` warps, with PDL."""
-    fn = quant_stream._stream_kernel
     consts = {**quant_stream._stream_consts(qtype, k), "PDL": True}
-    signature = {**POINTERS, **dict.fromkeys(SIZES, "i32"), **dict.fromkeys(consts, "constexpr")}
-    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in (*POINTERS, *SIZES)}
-    source = ASTSource(fn=fn, signature=signature, attrs=attrs,
-                       constexprs={(fn.arg_names.index(c),): v for c, v in consts.items()})
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
-
-
-def registers(compiled) -> int:
-    """Registers a thread of the compiled kernel, read from its cubin."""
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    match = re.search(r"REG:(\d+)", usage)
-    if match is None:
-        raise SystemExit(f"no register count in cuobjdump's output:\n{usage}")
-    return int(match.group(1))
+    return compile_offline(quant_stream._stream_kernel, POINTERS, SIZES, (), consts, warps, None, arch)
 
 
 def programs_that_fit(regs: int, shared: int, warps: int) -> int:

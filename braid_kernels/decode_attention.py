@@ -398,9 +398,12 @@ def _merge(partial_out_ptr, partial_lse_ptr, out_ptr, q8_ptr, dx_ptr, sx_ptr, ro
     """out = sum over slices of exp2(lse_s - lse) * out_s for each q head of the group (and its int8 runs with
     INT8). The group's heads (GROUP_P2: GROUP rounded up to a power of two) are merged together, slice by slice with
     a running maximum (as the attention loop runs over blocks), STEP slices unrolled at a time: their loads do not
-    wait for one another (a short context's slices are one step), and every value of the group's (G, D) tiles, the lse
-    loaded across D, stays in the thread that holds it, so the merge needs no exchange between warps. Loads bypass
-    L1 (.cg): the partials were written by other SMs during this launch."""
+    wait for one another (a short context's slices are one step), and every value of the group's (G, D) tiles stays in
+    the thread that holds it, so the merge needs no exchange between threads: each slice's lse is loaded as a (G,)
+    vector broadcast across D, which Triton loads straight into the tiles' layout. (Loaded as a (G, D) tile whose
+    pointers repeat along D, it got a layout of its own, and each slice cost three layout conversions through shared
+    memory: compiled for sm_90 by Triton 3.6, the one-row graph launch of the 8B layouts had 278 barriers, now 88;
+    benchmarks/kernel_sass.py.) Loads bypass L1 (.cg): the partials were written by other SMs during this launch."""
     g = tl.arange(0, GROUP_P2)
     d = tl.arange(0, HEAD_DIM)
     heads = kv_head * GROUP + g  # (G,)
@@ -414,8 +417,8 @@ def _merge(partial_out_ptr, partial_lse_ptr, out_ptr, q8_ptr, dx_ptr, sx_ptr, ro
             for c in tl.static_range(STEP):
                 partial = first_partial + first + c  # (G,)
                 mask = g_mask & (g * 0 + first + c < num_active)  # (G,) (a vector: the interpreter)
-                lse = tl.load(partial_lse_ptr + partial[:, None] + d[None, :] * 0, mask=mask[:, None],
-                              other=float("-inf"), cache_modifier=".cg")  # (G, D): lse_s across D
+                lse = tl.load(partial_lse_ptr + partial, mask=mask, other=float("-inf"),
+                              cache_modifier=".cg")[:, None]  # (G, 1): lse_s, broadcast across D
                 o = tl.load(partial_out_ptr + partial[:, None] * HEAD_DIM + d[None, :], mask=mask[:, None],
                             other=0.0, cache_modifier=".cg")  # (G, D)
                 m_new = tl.maximum(m, lse)
