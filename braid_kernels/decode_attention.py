@@ -398,27 +398,27 @@ def _merge(partial_out_ptr, partial_lse_ptr, out_ptr, q8_ptr, dx_ptr, sx_ptr, ro
     """out = sum over slices of exp2(lse_s - lse) * out_s for each q head of the group (and its int8 runs with
     INT8). The group's heads (GROUP_P2: GROUP rounded up to a power of two) are merged together, slice by slice with
     a running maximum (as the attention loop runs over blocks), STEP slices unrolled at a time: their loads do not
-    wait for one another (a short context's slices are one step), and every value of the group's (G, D) tiles stays in
-    the thread that holds it, so the merge needs no exchange between threads: each slice's lse is loaded as a (G,)
-    vector broadcast across D, which Triton loads straight into the tiles' layout. (Loaded as a (G, D) tile whose
-    pointers repeat along D, it got a layout of its own, and each slice cost three layout conversions through shared
-    memory: compiled for sm_90 by Triton 3.6, the one-row graph launch of the 8B layouts had 278 barriers, now 88;
-    benchmarks/kernel_sass.py.) Loads bypass L1 (.cg): the partials were written by other SMs during this launch."""
+    wait for one another (a short context's slices are one step). Each slice's lse is loaded as a (G,) vector, and the
+    running maximum, weights and sums are (G,) vectors broadcast across D onto the (G, D) partials: Triton loads and
+    keeps them in the slice layout of those tiles, so no value moves between threads. (The lse loaded as a (G, D)
+    tile whose pointers repeat along D got a layout of its own, and each slice then cost three layout conversions
+    through shared memory. The one-row graph launch of the 8B layouts compiled for sm_90 by Triton 3.6, int8 output:
+    269 barriers and 5,744 SASS instructions then, 77 and 4,008 now; benchmarks/kernel_sass.py.) Loads bypass
+    L1 (.cg): the partials were written by other SMs during this launch."""
     g = tl.arange(0, GROUP_P2)
     d = tl.arange(0, HEAD_DIM)
     heads = kv_head * GROUP + g  # (G,)
     g_mask = g < GROUP
     first_partial = (row * NUM_QO_HEADS + heads) * NUM_SPLITS  # (G,) each head's first slice
-    m = tl.full((GROUP_P2, HEAD_DIM), float("-inf"), tl.float32)  # the largest lse so far, across D
-    total = tl.zeros((GROUP_P2, HEAD_DIM), tl.float32)  # sum of exp2(lse_s - m)
+    m = tl.full((GROUP_P2,), float("-inf"), tl.float32)  # the largest lse so far
+    total = tl.zeros((GROUP_P2,), tl.float32)  # sum of exp2(lse_s - m)
     acc = tl.zeros((GROUP_P2, HEAD_DIM), tl.float32)  # sum of exp2(lse_s - m) * out_s
     for first in tl.static_range(0, NUM_SPLITS, STEP):
         if first < num_active:
             for c in tl.static_range(STEP):
                 partial = first_partial + first + c  # (G,)
                 mask = g_mask & (g * 0 + first + c < num_active)  # (G,) (a vector: the interpreter)
-                lse = tl.load(partial_lse_ptr + partial, mask=mask, other=float("-inf"),
-                              cache_modifier=".cg")[:, None]  # (G, 1): lse_s, broadcast across D
+                lse = tl.load(partial_lse_ptr + partial, mask=mask, other=float("-inf"), cache_modifier=".cg")  # (G,)
                 o = tl.load(partial_out_ptr + partial[:, None] * HEAD_DIM + d[None, :], mask=mask[:, None],
                             other=0.0, cache_modifier=".cg")  # (G, D)
                 m_new = tl.maximum(m, lse)
@@ -426,10 +426,10 @@ def _merge(partial_out_ptr, partial_lse_ptr, out_ptr, q8_ptr, dx_ptr, sx_ptr, ro
                 alpha = tl.exp2(m - m_safe)
                 w = tl.exp2(lse - m_safe)
                 total = total * alpha + w
-                acc = acc * alpha + w * o
+                acc = acc * alpha[:, None] + w[:, None] * o
                 m = m_new
     dtype: tl.constexpr = out_ptr.dtype.element_ty
-    out = round_to_dtype(acc / tl.where(g_mask[:, None], total, 1.0), dtype)  # (G, D)
+    out = round_to_dtype(acc / tl.where(g_mask, total, 1.0)[:, None], dtype)  # (G, D)
     tl.store(out_ptr + row.to(tl.int64) * out_row_stride + heads[:, None] * out_head_stride + d[None, :],
              out.to(dtype), mask=g_mask[:, None])  # to nearest also when interpreted (see kernels.numerics)
     if INT8:
