@@ -9,10 +9,10 @@ compiles with its own ptxas. Run it with the Triton of the GPU machines (3.6) fi
 
 --layout is q heads, KV heads, head_dim (default: the Llama-3.1-8B / Qwen3-8B layout); --splits the slices of the
 graph's workspace (default_num_splits for a graph of --rows rows on 132 SMs); the launch is the graph decode's:
-page tables read before the PDL wait, the first KV block prefetched, int8 output rows for o_proj (--no-int8: the
-plain output). Integer arguments are compiled as divisible by 16 and pointers as 16-byte aligned, as Triton
-specializes a launch whose strides and buffers are (without that, the KV loads are not vectorised and the counts
-mean little). Helpers here also serve benchmarks/stream_registers.py.
+page tables read before the PDL wait, the first KV block prefetched, int8 output rows for o_proj without mul+add
+contraction (--no-int8: the plain output, with it). Integer arguments are compiled as divisible by 16 and pointers
+as 16-byte aligned, as Triton specializes a launch whose strides and buffers are (without that, the KV loads are not
+vectorised and the counts mean little). Helpers here also serve benchmarks/stream_registers.py.
 """
 from __future__ import annotations
 
@@ -43,9 +43,10 @@ ATTENTION_INTS = ("min_split_tokens", "q_row_stride", "q_head_stride", "out_row_
 
 
 def compile_offline(fn, pointers: dict, ints: tuple, floats: tuple, consts: dict, warps: int, stages: int | None,
-                    arch: int):
+                    arch: int, fp_fusion: bool = True):
     """The @triton.jit kernel fn compiled for sm_<arch>: pointers {name: Triton type} 16-byte aligned, ints as i32
-    divisible by 16, floats as fp32, consts as constexprs."""
+    divisible by 16, floats as fp32, consts as constexprs; fp_fusion False as a launch with numerics.launch_options
+    (no mul+add contraction)."""
     types = {**pointers, **dict.fromkeys(ints, "i32"), **dict.fromkeys(floats, "fp32"),
              **dict.fromkeys(consts, "constexpr")}
     missing = set(fn.arg_names) - set(types)
@@ -55,7 +56,9 @@ def compile_offline(fn, pointers: dict, ints: tuple, floats: tuple, consts: dict
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in (*pointers, *ints)}
     source = ASTSource(fn=fn, signature=signature, attrs=attrs,
                        constexprs={(fn.arg_names.index(c),): v for c, v in consts.items()})
-    options = {"num_warps": warps} if stages is None else {"num_warps": warps, "num_stages": stages}
+    options = {"num_warps": warps, "enable_fp_fusion": fp_fusion}
+    if stages is not None:
+        options["num_stages"] = stages
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
@@ -128,7 +131,7 @@ def main() -> None:
                   MERGE_STEP=attention.merge_step(group, head_dim, splits), INT8=not args.no_int8, TABLES_FIRST=True,
                   KV_LINES=head_dim * 2 // 128 if attention.KV_PREFETCH else 0, PDL=True)
     compiled = compile_offline(attention._decode_kernel, ATTENTION_POINTERS, ATTENTION_INTS, ("qk_scale",), consts,
-                               warps, args.stages, args.arch)
+                               warps, args.stages, args.arch, fp_fusion=args.no_int8)  # as decode_attention launches
     counts = sass_counts(compiled)
     print(f"Triton {triton.__version__}, sm_{args.arch}: _decode_kernel, {qo} q / {kv} KV heads of {head_dim}, "
           f"{splits} slices, {warps} warps, {args.stages} stages, {'plain' if args.no_int8 else 'int8'} output")

@@ -403,7 +403,7 @@ def _merge(partial_out_ptr, partial_lse_ptr, out_ptr, q8_ptr, dx_ptr, sx_ptr, ro
     keeps them in the slice layout of those tiles, so no value moves between threads. (The lse loaded as a (G, D)
     tile whose pointers repeat along D got a layout of its own, and each slice then cost three layout conversions
     through shared memory. The one-row graph launch of the 8B layouts compiled for sm_90 by Triton 3.6, int8 output:
-    269 barriers and 5,744 SASS instructions then, 77 and 4,008 now; benchmarks/kernel_sass.py.) Loads bypass
+    269 barriers and 6,000 SASS instructions then, 77 and 4,168 now; benchmarks/kernel_sass.py.) Loads bypass
     L1 (.cg): the partials were written by other SMs during this launch."""
     g = tl.arange(0, GROUP_P2)
     d = tl.arange(0, HEAD_DIM)

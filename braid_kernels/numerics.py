@@ -115,9 +115,10 @@ def release_dependents(PDL: tl.constexpr):
     - right after wait_for_inputs by the short kernels that a decode step runs just before an integer-dot GEMV
       (norms and SiLU-and-mul where they write int8 rows, x's int8 rounding), whose few programs leave most SMs free
       while the GEMV (quant_stream.py) loads its first weight rows, which no kernel writes, before waiting for its x.
-      Not where they write a tensor (steps of more rows, whose dependent is a GEMM or the dequantising kernel): the
-      release there was never measured to gain, and Q8_0 decode at batch 64 has run ~20% slower since it was added
-      to every launch (benchmarks/RESULTS.md, "Both 8B shapes on an H200 at 833cf04");
+      Not where they write a tensor (quantised steps of more rows, whose dependent is a GEMM or the dequantising
+      kernel; bf16 models' steps of 2-8 rows, before a bf16 GEMV): the release there was never measured to gain,
+      and Q8_0 decode at batch 64 has run ~20% slower since it was added to every launch, the suspected cause, not
+      yet measured (benchmarks/RESULTS.md, "Both 8B shapes on an H200 at 833cf04");
     - right after wait_for_inputs by the QK-norm / RoPE kernel (the attention after it reads its host-copied page
       tables meanwhile) and by the decode attention (o_proj's GEMV after it).
     Not by the GEMVs: a dependent made resident early by a large kernel only holds SM slots it needs (Q4_K_M decode
