@@ -70,23 +70,26 @@ def _cuobjdump(compiled, *flags: str) -> str:
         return subprocess.run([tool, *flags, f.name], capture_output=True, text=True, check=True).stdout
 
 
-def registers(compiled) -> int:
-    """Registers a thread of the compiled kernel, read from its cubin."""
+def resource_usage(compiled) -> dict:
+    """Registers a thread and stack bytes of the compiled kernel, read from its cubin."""
     usage = _cuobjdump(compiled, "-res-usage")
-    match = re.search(r"REG:(\d+)", usage)
-    if match is None:
+    regs, stack = re.search(r"REG:(\d+)", usage), re.search(r"STACK:(\d+)", usage)
+    if regs is None:
         raise SystemExit(f"no register count in cuobjdump's output:\n{usage}")
-    return int(match.group(1))
+    return {"registers": int(regs.group(1)), "stack": int(stack.group(1)) if stack else 0}
+
+
+def registers(compiled) -> int:
+    """Registers a thread of the compiled kernel."""
+    return resource_usage(compiled)["registers"]
 
 
 def sass_counts(compiled) -> dict:
     """Instructions of the compiled kernel's SASS, and how many are barriers (BAR) and local-memory spills (LDL,
-    STL); its stack bytes."""
+    STL)."""
     sass = [line for line in _cuobjdump(compiled, "-sass").splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line)]
-    stack = re.search(r"STACK:(\d+)", _cuobjdump(compiled, "-res-usage"))
     return {"instructions": len(sass), "barriers": sum(" BAR" in line for line in sass),
-            "spills": sum(re.search(r"\b(LDL|STL)\b", line) is not None for line in sass),
-            "stack": int(stack.group(1)) if stack else 0}
+            "spills": sum(re.search(r"\b(LDL|STL)\b", line) is not None for line in sass)}
 
 
 def conversions_by_line(compiled) -> collections.Counter:
@@ -132,10 +135,10 @@ def main() -> None:
                   KV_LINES=head_dim * 2 // 128 if attention.KV_PREFETCH else 0, PDL=True)
     compiled = compile_offline(attention._decode_kernel, ATTENTION_POINTERS, ATTENTION_INTS, ("qk_scale",), consts,
                                warps, args.stages, args.arch, fp_fusion=args.no_int8)  # as decode_attention launches
-    counts = sass_counts(compiled)
+    counts, usage = sass_counts(compiled), resource_usage(compiled)
     print(f"Triton {triton.__version__}, sm_{args.arch}: _decode_kernel, {qo} q / {kv} KV heads of {head_dim}, "
           f"{splits} slices, {warps} warps, {args.stages} stages, {'plain' if args.no_int8 else 'int8'} output")
-    print(f"registers {registers(compiled)}, stack {counts['stack']} B, spill instructions {counts['spills']}, "
+    print(f"registers {usage['registers']}, stack {usage['stack']} B, spill instructions {counts['spills']}, "
           f"shared {compiled.metadata.shared} B")
     print(f"SASS instructions {counts['instructions']}, barriers {counts['barriers']}")
     conversions = conversions_by_line(compiled)

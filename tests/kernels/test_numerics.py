@@ -77,9 +77,8 @@ def test_every_kernel_launched_with_pdl_waits_for_its_inputs():
             released = [i for i, stmt in enumerate(body) if ast.unparse(stmt) == "release_dependents(PDL)"
                         or isinstance(stmt, ast.If) and [ast.unparse(s) for s in stmt.body] == [
                             "release_dependents(PDL)"] and not stmt.orelse]
-            assert released in ([], [waits[0] + 1]), f"{kernel.name} releases its dependents other than right after " \
-                                                      "its wait"
-            assert ast.unparse(ast.Module(body, [])).count("release_dependents(") == len(released), (
+            elsewhere = ast.unparse(ast.Module(body, [])).count("release_dependents(") - len(released)
+            assert released in ([], [waits[0] + 1]) and not elsewhere, (
                 f"{kernel.name} releases its dependents other than right after its wait")
             with_pdl.append(kernel.name)
     # the decode path's kernels: norms, activation, x rounding, GEMVs, attention, the quantised kernels
