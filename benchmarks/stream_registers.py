@@ -7,8 +7,10 @@ and its bundled cuobjdump reads the result).
 For each matrix (N rows of K weights) the kernel is compiled at the launch's warps (stream_warps) with the
 specialisation a real launch gets (pointers and sizes divisible by 16), and the table gives its registers a thread,
 its shared memory, the programs per SM the default launch asks for (stream_programs) and how many an SM holds at
-once (64K registers, allocated per warp in units of 256; 228 KB of shared memory; 64 warps; 32 programs). A launch
-that asks for more than fit runs the rest as a second wave: at K = 12288 that cost Q4_K 15% (benchmarks/RESULTS.md).
+once (quant_stream.programs_that_fit at sm_90's limits: 64K registers, allocated per warp in units of 256; 228 KB
+of shared memory; 64 warps; 32 programs). Programs beyond those would run as a second wave (at K = 12288 that cost
+Q4_K 15%, benchmarks/RESULTS.md); the launch reads the compiled kernel's registers and asks for no more than fit
+(quant_stream.resident_programs), so the rows marked "bounded" are where that bound applies.
 The registers depend on the Triton version: the GPU machines run the one the numbers in RESULTS.md name.
 """
 from __future__ import annotations
@@ -22,7 +24,6 @@ from braid_kernels import quant_stream  # noqa: E402
 
 # The two 8B shapes' streamed matrices (rows x columns): q/k, qkv, v, o, gate_up, down, lm_head
 SHAPES = "5120x4096,6144x4096,1024x4096,4096x4096,28672x4096,24576x4096,4096x14336,4096x12288,128256x4096,151936x4096"
-REGISTERS_PER_SM, SHARED_PER_SM, WARPS_PER_SM, PROGRAMS_PER_SM = 65536, 228 * 1024, 64, 32
 POINTERS = {"q_ptr": "*i8", "dx_ptr": "*fp32", "sx_ptr": "*fp32", "blocks_ptr": "*u8", "out_ptr": "*bf16"}
 SIZES = ("N", "K", "row_bytes")
 
@@ -31,13 +32,6 @@ def compile_stream(qtype: str, k: int, warps: int, arch: int):
     """_stream_kernel compiled for sm_<arch> at rows of k weights of qtype on `warps` warps, with PDL."""
     consts = {**quant_stream._stream_consts(qtype, k), "PDL": True}
     return compile_offline(quant_stream._stream_kernel, POINTERS, SIZES, (), consts, warps, None, arch)
-
-
-def programs_that_fit(regs: int, shared: int, warps: int) -> int:
-    """Programs of `warps` warps an SM holds at once, by registers, shared memory, warps and programs."""
-    per_warp = -(-regs * 32 // 256) * 256  # registers are allocated to a warp in units of 256
-    by_shared = SHARED_PER_SM // (shared + 1024) if shared else PROGRAMS_PER_SM  # 1 KB reserved a program
-    return min(REGISTERS_PER_SM // (per_warp * warps), by_shared, WARPS_PER_SM // warps, PROGRAMS_PER_SM)
 
 
 def main() -> None:
@@ -57,10 +51,10 @@ def main() -> None:
             warps = quant_stream.stream_warps(qtype, n, k)
             compiled = compile_stream(qtype, k, warps, args.arch)
             regs, shared = registers(compiled), compiled.metadata.shared
-            asked = quant_stream.stream_programs(1 << 30, k, sms)
-            fit = programs_that_fit(regs, shared, warps)
+            asked = quant_stream.stream_programs(1 << 30, k, sms)  # before the bound by `fit`
+            fit = quant_stream.programs_that_fit(regs, shared, warps)  # sm_90's limits
             print(f"{qtype:<6}{f'{n}x{k}':>14}{warps:>7}{regs:>11}{shared:>10}{asked:>10}{fit:>8}"
-                  f"{'  second wave' if asked > fit else ''}", flush=True)
+                  f"{f'  bounded to {fit}' if asked > fit else ''}", flush=True)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .int8_rows import Int8Rows
-from .numerics import pdl_options, round_to_dtype, wait_for_inputs
+from .numerics import is_interpreted, pdl_options, round_to_dtype, wait_for_inputs
 from .quant_decode import GROUP_LANES, GROUPS_PER_BLOCK, Q4_K, QTYPE_IDS, block_fields, fp16_bits, \
     k_unpack_scale_min, num_groups
 from .quant_dot import _dp4a
@@ -65,18 +65,55 @@ def uses_stream(num_rows: int, qtype: str, blocks: torch.Tensor, bias: torch.Ten
             and 0 < k <= STREAM_MAX_K and bias is None)
 
 
-def stream_programs(n: int, k: int, num_sms: int) -> int:
+def stream_programs(n: int, k: int, num_sms: int, resident: int | None = None) -> int:
     """Programs of a launch over n rows of k weights: per SM, 16 at K = 4096 down to 4 at K = 14336 (about the same
-    bytes of rows in flight, rounded down to a power of two), at most one per row.
+    bytes of rows in flight, rounded down to a power of two), no more than `resident` (the programs of the compiled
+    kernel one SM holds at once, `resident_programs`; None: no bound), at most one per row.
 
-    The rounding was measured at K = 12288 (Qwen3-8B's down projection; H100, benchmarks/RESULTS.md): Q4_K 4096 x
-    12288 took 12.40 us on 4 programs per SM against 14.67 on the 5 that bytes alone give (Q6_K: 17.47 against
-    17.39), and the Qwen3-8B shape's Q4_K_M decode went from 414.8 to 420.8 tok/s. Compiled offline for sm_90 by
-    Triton 3.6, that Q4_K kernel takes 107 registers a thread on its 4 warps, so only 4 programs fit an SM's 64K
-    registers and a fifth ran as a second wave (the Q6_K kernel, 94 registers, fits 5). The rows of 4096 of the
-    other streamed matrices take 64 (16 programs of 2 warps fit) and rows of 14336 110-124 (4 fit)."""
+    Every program walks its share of the rows, so one that does not fit beside the others starts only as a resident
+    one ends and holds the launch up for its whole share: at K = 12288 (Qwen3-8B's down projection; H100,
+    benchmarks/RESULTS.md) Q4_K 4096 x 12288 took 12.40 us on 4 programs per SM against 14.67 on the 5 that bytes
+    alone give, of which 4 fit (107 registers a thread on its 4 warps, compiled for sm_90 by Triton 3.6). Rounded to a
+    power of two, every streamed matrix of the two 8B shapes fits; Q6_K rows of 2048-6144 weights (65-72 registers)
+    do not, hence the bound (benchmarks/stream_registers.py lists both)."""
     per_sm = max(4, min(32, ROW_BYTES_IN_FLIGHT // max(k, 1)))
-    return max(1, min(n, num_sms * (1 << (per_sm.bit_length() - 1))))
+    per_sm = 1 << (per_sm.bit_length() - 1)
+    if resident is not None:
+        per_sm = max(1, min(per_sm, resident))
+    return max(1, min(n, num_sms * per_sm))
+
+
+def programs_that_fit(registers: int, shared: int, warps: int, registers_per_sm: int = 65536,
+                      shared_per_sm: int = 228 * 1024, warps_per_sm: int = 64, programs_per_sm: int = 32) -> int:
+    """Programs of `warps` warps, `registers` registers a thread and `shared` bytes of shared memory that one SM
+    holds at once (the defaults: sm_90's limits): registers are allocated to a warp in units of 256, and the driver
+    reserves 1 KB of shared memory a program that uses any."""
+    per_warp = -(-registers * 32 // 256) * 256
+    by_shared = shared_per_sm // (shared + 1024) if shared else programs_per_sm
+    return max(1, min(registers_per_sm // (per_warp * warps), by_shared, warps_per_sm // warps, programs_per_sm))
+
+
+_RESIDENT: dict[tuple, int] = {}  # resident_programs' results
+
+
+def resident_programs(kernel, args: tuple, consts: dict, num_warps: int, device: torch.device) -> int | None:
+    """Programs of `kernel` compiled for these arguments that one SM of `device` holds at once, from the registers
+    and shared memory of the compiled code (compiled here on the first call, found in Triton's cache by the launch
+    after it); cached per kernel, constexprs, warps and device. None off CUDA and under the interpreter."""
+    if device.type != "cuda" or is_interpreted(kernel):
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (kernel, tuple(sorted(consts.items())), num_warps, index)
+    if key not in _RESIDENT:
+        compiled = kernel.warmup(*args, grid=(1,), num_warps=num_warps, **consts)
+        compiled = compiled.result() if hasattr(compiled, "result") else compiled
+        compiled._init_handles()  # loads the binary, which sets n_regs (as Triton's fused-softmax tutorial reads them)
+        props = torch.cuda.get_device_properties(index)
+        _RESIDENT[key] = programs_that_fit(
+            compiled.n_regs, compiled.metadata.shared, num_warps,
+            triton.runtime.driver.active.utils.get_device_properties(index)["max_num_regs"],
+            props.shared_memory_per_multiprocessor, props.max_threads_per_multi_processor // 32)
+    return _RESIDENT[key]
 
 
 def _stream_consts(qtype: str, k: int) -> dict:
@@ -97,10 +134,13 @@ def launch_stream_gemv(x: Int8Rows, blocks: torch.Tensor, qtype: str, out: torch
     assert num_rows == 1 and qtype in STREAM_TYPES and blocks.shape[1] % 4 == 0
     if n == 0:
         return
-    _stream_kernel[(num_programs or stream_programs(n, k, num_sms),)](
-        x.q, x.dx, x.sx, blocks, out, n, k, blocks.shape[1], **_stream_consts(qtype, k),
-        num_warps=num_warps or stream_warps(qtype, n, k), **pdl_options(blocks),
-    )
+    args = (x.q, x.dx, x.sx, blocks, out, n, k, blocks.shape[1])
+    consts = {**_stream_consts(qtype, k), **pdl_options(blocks)}
+    warps = num_warps or stream_warps(qtype, n, k)
+    if num_programs is None:
+        num_programs = stream_programs(n, k, num_sms, resident_programs(_stream_kernel, args, consts, warps,
+                                                                        blocks.device))
+    _stream_kernel[(num_programs,)](*args, num_warps=warps, **consts)
 
 
 def launch_stream_gemv_pair(x: Int8Rows, a: torch.Tensor, a_qtype: str, b: torch.Tensor, b_qtype: str,
@@ -113,15 +153,22 @@ def launch_stream_gemv_pair(x: Int8Rows, a: torch.Tensor, a_qtype: str, b: torch
     K of a projection's parts). Arguments checked by the caller."""
     (num_rows, k), na, nb = x.q.shape, a.shape[0], b.shape[0]
     assert num_rows == 1 and a_qtype in STREAM_TYPES and b_qtype in STREAM_TYPES and na > 0 and nb > 0
-    programs = max(2, num_programs or stream_programs(na + nb, k, num_sms))
-    a_programs = min(programs - 1, max(1, round(programs * a.numel() / (a.numel() + b.numel()))))
     consts = {prefix + name: value for prefix, qtype in (("A_", a_qtype), ("B_", b_qtype))
               for name, value in _stream_consts(qtype, k).items()}
+    consts.update(pdl_options(a))
+    warps = max(stream_warps(a_qtype, na, k), stream_warps(b_qtype, nb, k))
     out_row = out.view(-1)
-    _stream_pair_kernel[(programs,)](
-        x.q, x.dx, x.sx, a, out_row[:na], na, a.shape[1], a_programs, b, out_row[na:], nb, b.shape[1], **consts,
-        num_warps=max(stream_warps(a_qtype, na, k), stream_warps(b_qtype, nb, k)), **pdl_options(a),
-    )
+
+    def launch_args(programs: int) -> tuple:
+        a_programs = min(programs - 1, max(1, round(programs * a.numel() / (a.numel() + b.numel()))))
+        return x.q, x.dx, x.sx, a, out_row[:na], na, a.shape[1], a_programs, b, out_row[na:], nb, b.shape[1]
+
+    if num_programs is None:
+        asked = max(2, stream_programs(na + nb, k, num_sms))
+        num_programs = stream_programs(na + nb, k, num_sms, resident_programs(_stream_pair_kernel, launch_args(asked),
+                                                                             consts, warps, a.device))
+    programs = max(2, num_programs)
+    _stream_pair_kernel[(programs,)](*launch_args(programs), num_warps=warps, **consts)
 
 
 @triton.jit

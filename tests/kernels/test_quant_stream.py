@@ -19,6 +19,8 @@ from braid_kernels.quant_stream import (
     _first_row,
     launch_stream_gemv,
     launch_stream_gemv_pair,
+    programs_that_fit,
+    resident_programs,
     stream_programs,
     stream_warps,
     uses_stream,
@@ -221,3 +223,56 @@ def test_stream_launch_shape():
     assert stream_programs(28672, 4096, 132) == 132 * 16 and stream_programs(4096, 14336, 132) == 132 * 4
     assert stream_programs(4096, 12288, 132) == 132 * 4 and stream_programs(4096, 3584, 132) == 132 * 16  # 5, 18
     assert stream_programs(100, 4096, 132) == 100
+
+
+def test_stream_programs_are_bounded_by_what_an_sm_holds():
+    """No more programs per SM than `resident` (what the compiled kernel lets an SM hold at once); fewer asked stay
+    as asked; the rows still bound the total."""
+    assert stream_programs(4096, 3584, 132, resident=14) == 132 * 14  # 16 asked
+    assert stream_programs(4096, 2048, 132, resident=28) == 132 * 28  # 32 asked
+    assert stream_programs(4096, 12288, 132, resident=5) == 132 * 4  # 4 asked, 5 fit
+    assert stream_programs(4096, 4096, 132, resident=None) == 132 * 16
+    assert stream_programs(100, 3584, 132, resident=14) == 100
+
+
+def test_programs_that_fit_an_sm():
+    """sm_90's limits, computed by hand: registers go to a warp in units of 256 (72 a thread: 2,304 a warp), shared
+    memory with 1 KB reserved a program, at most 64 warps and 32 programs."""
+    assert programs_that_fit(72, 8, 2) == 14  # 65536 // (2 * 2304); the Q6_K stream kernel at K = 2560-6144
+    assert programs_that_fit(107, 1024, 4) == 4  # 107 * 32 = 3424 -> 3584 a warp: 65536 // 14336
+    assert programs_that_fit(94, 16, 4) == 5  # 3008 -> 3072 a warp
+    assert programs_that_fit(64, 256, 2) == 16
+    assert programs_that_fit(32, 0, 1) == 32  # by registers 64: the 32-program limit
+    assert programs_that_fit(16, 0, 8) == 8  # by warps: 64 // 8
+    assert programs_that_fit(32, 100_000, 1) == 2  # by shared memory: 233472 // 101024
+    assert programs_that_fit(255, 0, 32) == 1  # never fewer than one
+    assert programs_that_fit(72, 8, 2, registers_per_sm=32768) == 7
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="registers of a compiled kernel: CUDA")
+@pytest.mark.parametrize("qtype", STREAM_TYPES)
+def test_default_launch_reads_the_compiled_registers(qtype):
+    """On a GPU the default launch bounds its programs by the compiled kernel's registers: a launch over rows of
+    3584 weights (where sm_90's Q6_K kernel takes 72 registers a thread, benchmarks/stream_registers.py) gives the
+    reference product, and the bound is programs_that_fit of the registers and shared memory of the kernel Triton
+    compiled for that launch."""
+    import braid_kernels.quant_stream as quant_stream
+    from braid_kernels.numerics import pdl_options
+
+    n, k = 1024, 3584
+    blocks = _random_blocks(qtype, n, k, seed=11)
+    planes = _planes(blocks, qtype, "cuda")
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(12)).to(torch.bfloat16)
+    rows = quantize_rows(x.cuda())
+    out = torch.full((1, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    launch_stream_gemv(rows, planes, qtype, out, torch.cuda.get_device_properties(0).multi_processor_count)
+    assert_quant_close(out.cpu(), quant_linear_reference(_int8_rows(x), blocks, qtype).to(torch.bfloat16),
+                       torch.bfloat16)
+    args = (rows.q, rows.dx, rows.sx, planes, out, n, k, planes.shape[1])
+    consts = {**quant_stream._stream_consts(qtype, k), **pdl_options(planes)}
+    warps = stream_warps(qtype, n, k)
+    fit = resident_programs(quant_stream._stream_kernel, args, consts, warps, planes.device)
+    compiled = quant_stream._stream_kernel.warmup(*args, grid=(1,), num_warps=warps, **consts)
+    compiled._init_handles()
+    assert isinstance(fit, int) and 1 <= fit <= 32
+    assert fit == programs_that_fit(compiled.n_regs, compiled.metadata.shared, warps)
