@@ -51,7 +51,7 @@ from braid_kernels.quant_columns import MAX_ROWS as COLUMNS_MAX_ROWS  # noqa: E4
 from braid_kernels.quant_columns import ColumnsConfig, columns_linear, pack_columns  # noqa: E402
 from braid_kernels.quant_columns import launch_config as columns_launch_config  # noqa: E402
 from braid_kernels.quant_gemv import QuantGemvConfig  # noqa: E402
-from braid_kernels.quant_stream import STREAM_TYPES, launch_stream_gemv, stream_programs, stream_warps  # noqa: E402
+from braid_kernels.quant_stream import STREAM_TYPES, default_stream_launch, launch_stream_gemv  # noqa: E402
 
 # (N, K) of a weight: Llama-3.1-8B / Qwen3-8B's o_proj, gate_up-like, down-like, a Qwen-sized lm_head, k/v_proj.
 SHAPES = [(4096, 4096), (12288, 4096), (4096, 12288), (151936, 4096), (1024, 4096)]
@@ -318,7 +318,7 @@ def bench_stream(qtype: str, n: int, k: int) -> None:
     t_dot = time_rotating(lambda w: quant_linear(x, w, qtype, config=config, out=out), quant)
     want = out.float().clone()
     t_default = time_rotating(lambda w: launch_stream_gemv(x, w, qtype, out, num_sms), quant)
-    default = f"{stream_programs(n, k, num_sms)} programs, {stream_warps(qtype, n, k)} warps"
+    default = "{} programs, {} warps".format(*default_stream_launch(x, quant[-1], qtype, out, num_sms))
     results = []
     for per_sm, warps in STREAM_SWEEP:
         try:

@@ -134,13 +134,27 @@ def launch_stream_gemv(x: Int8Rows, blocks: torch.Tensor, qtype: str, out: torch
     assert num_rows == 1 and qtype in STREAM_TYPES and blocks.shape[1] % 4 == 0
     if n == 0:
         return
-    args = (x.q, x.dx, x.sx, blocks, out, n, k, blocks.shape[1])
-    consts = {**_stream_consts(qtype, k), **pdl_options(blocks)}
+    args, consts = _stream_args(x, blocks, qtype, out)
     warps = num_warps or stream_warps(qtype, n, k)
     if num_programs is None:
         num_programs = stream_programs(n, k, num_sms, resident_programs(_stream_kernel, args, consts, warps,
                                                                         blocks.device))
     _stream_kernel[(num_programs,)](*args, num_warps=warps, **consts)
+
+
+def default_stream_launch(x: Int8Rows, blocks: torch.Tensor, qtype: str, out: torch.Tensor,
+                          num_sms: int) -> tuple[int, int]:
+    """(programs, warps) of launch_stream_gemv's default launch with these arguments."""
+    (_, k), n = x.q.shape, blocks.shape[0]
+    warps = stream_warps(qtype, n, k)
+    args, consts = _stream_args(x, blocks, qtype, out)
+    return stream_programs(n, k, num_sms, resident_programs(_stream_kernel, args, consts, warps, blocks.device)), warps
+
+
+def _stream_args(x: Int8Rows, blocks: torch.Tensor, qtype: str, out: torch.Tensor) -> tuple[tuple, dict]:
+    """_stream_kernel's arguments and constexprs (launch options included) for out = x @ W.T."""
+    (_, k), n = x.q.shape, blocks.shape[0]
+    return (x.q, x.dx, x.sx, blocks, out, n, k, blocks.shape[1]), {**_stream_consts(qtype, k), **pdl_options(blocks)}
 
 
 def launch_stream_gemv_pair(x: Int8Rows, a: torch.Tensor, a_qtype: str, b: torch.Tensor, b_qtype: str,
