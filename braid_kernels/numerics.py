@@ -117,8 +117,8 @@ def release_dependents(PDL: tl.constexpr):
       while the GEMV (quant_stream.py) loads its first weight rows, which no kernel writes, before waiting for its x.
       Not where they write a tensor (quantised steps of more rows, whose dependent is a GEMM or the dequantising
       kernel; bf16 models' steps of 2-8 rows, before a bf16 GEMV): the release there was never measured to gain,
-      and Q8_0 decode at batch 64 has run ~20% slower since it was added to every launch, the suspected cause, not
-      yet measured (benchmarks/RESULTS.md, "Both 8B shapes on an H200 at 833cf04");
+      and while it was in every launch Q8_0 decode at batch 64 ran ~20% slower (on an H100, 3,494-3,572 tok/s with
+      it, 4,282-4,365 without; benchmarks/RESULTS.md, "The decode attention's merge on a GPU");
     - right after wait_for_inputs by the QK-norm / RoPE kernel (the attention after it reads its host-copied page
       tables meanwhile) and by the decode attention (o_proj's GEMV after it).
     Not by the GEMVs: a dependent made resident early by a large kernel only holds SM slots it needs (Q4_K_M decode
