@@ -7,10 +7,10 @@ and its bundled cuobjdump reads the result).
 For each matrix (N rows of K weights) the kernel is compiled at the launch's warps (stream_warps) with the
 specialisation a real launch gets (pointers and sizes divisible by 16), and the table gives its registers a thread,
 its shared memory, the programs per SM the default launch asks for (stream_programs) and how many an SM holds at
-once (quant_stream.programs_that_fit at sm_90's limits: 64K registers, allocated per warp in units of 256; 228 KB
-of shared memory; 64 warps; 32 programs). Programs beyond those would run as a second wave (at K = 12288 that cost
-Q4_K 15%, benchmarks/RESULTS.md); the launch reads the compiled kernel's registers and asks for no more than fit
-(quant_stream.resident_programs), so the rows marked "bounded" are where that bound applies.
+once (quant_stream.programs_that_fit at sm_90's limits: 64K registers in four partitions, allocated per warp in
+units of 256; 228 KB of shared memory; 64 warps; 32 programs). Programs beyond those would run as a second wave (at
+K = 12288 that cost Q4_K 15%, benchmarks/RESULTS.md); the launch reads the compiled kernel's registers and asks for
+no more than fit (quant_stream.resident_programs), so the rows marked "bounded" are where that bound applies.
 The registers depend on the Triton version: the GPU machines run the one the numbers in RESULTS.md name.
 """
 from __future__ import annotations

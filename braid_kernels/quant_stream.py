@@ -86,33 +86,38 @@ def stream_programs(n: int, k: int, num_sms: int, resident: int | None = None) -
 def programs_that_fit(registers: int, shared: int, warps: int, registers_per_sm: int = 65536,
                       shared_per_sm: int = 228 * 1024, warps_per_sm: int = 64, programs_per_sm: int = 32) -> int:
     """Programs of `warps` warps, `registers` registers a thread and `shared` bytes of shared memory that one SM
-    holds at once (the defaults: sm_90's limits): registers are allocated to a warp in units of 256, and the driver
-    reserves 1 KB of shared memory a program that uses any."""
+    holds at once (the defaults: sm_90's limits), as CUDA's occupancy calculator counts them (cuda_occupancy.h):
+    registers are allocated to a warp in units of 256 from one of the SM's four register-file partitions, so a warp
+    never straddles two; the driver reserves 1 KB of shared memory a program."""
     per_warp = -(-registers * 32 // 256) * 256
-    by_shared = shared_per_sm // (shared + 1024) if shared else programs_per_sm
-    return max(1, min(registers_per_sm // (per_warp * warps), by_shared, warps_per_sm // warps, programs_per_sm))
+    by_registers = registers_per_sm // 4 // per_warp * 4 // warps
+    by_shared = shared_per_sm // (shared + 1024)
+    return max(1, min(by_registers, by_shared, warps_per_sm // warps, programs_per_sm))
 
 
 _RESIDENT: dict[tuple, int] = {}  # resident_programs' results
+_PROGRAMS_PER_SM = {(8, 6): 16, (8, 7): 16, (8, 9): 24}  # resident programs an SM allows where it is not 32
 
 
 def resident_programs(kernel, args: tuple, consts: dict, num_warps: int, device: torch.device) -> int | None:
     """Programs of `kernel` compiled for these arguments that one SM of `device` holds at once, from the registers
     and shared memory of the compiled code (compiled here on the first call, found in Triton's cache by the launch
-    after it); cached per kernel, constexprs, warps and device. None off CUDA and under the interpreter."""
+    after it); cached per kernel, sizes, constexprs, warps and device. None off CUDA and under the interpreter."""
     if device.type != "cuda" or is_interpreted(kernel):
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (kernel, tuple(sorted(consts.items())), num_warps, index)
+    shape = tuple(a for a in args if isinstance(a, int))  # the launch's sizes: Triton specialises on them too
+    key = (kernel, shape, tuple(sorted(consts.items())), num_warps, index)
     if key not in _RESIDENT:
         compiled = kernel.warmup(*args, grid=(1,), num_warps=num_warps, **consts)
         compiled = compiled.result() if hasattr(compiled, "result") else compiled
         compiled._init_handles()  # loads the binary, which sets n_regs (as Triton's fused-softmax tutorial reads them)
         props = torch.cuda.get_device_properties(index)
-        _RESIDENT[key] = programs_that_fit(
-            compiled.n_regs, compiled.metadata.shared, num_warps,
-            triton.runtime.driver.active.utils.get_device_properties(index)["max_num_regs"],
-            props.shared_memory_per_multiprocessor, props.max_threads_per_multi_processor // 32)
+        _RESIDENT[key] = programs_that_fit(compiled.n_regs, compiled.metadata.shared, num_warps,
+                                           getattr(props, "regs_per_multiprocessor", 65536),
+                                           props.shared_memory_per_multiprocessor,
+                                           props.max_threads_per_multi_processor // 32,
+                                           _PROGRAMS_PER_SM.get((props.major, props.minor), 32))
     return _RESIDENT[key]
 
 
@@ -324,7 +329,7 @@ def _stream_kernel(
                  w, wh, s0, s1, s2, head, QTYPE, BLOCK_SIZE, TYPE_SIZE, GROUPS, WORDS, NUM_GROUPS, BLOCK_G)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["a_programs"])  # one compiled variant for every split of the programs
 def _stream_pair_kernel(
     q_ptr, dx_ptr, sx_ptr, a_blocks_ptr, a_out_ptr, a_rows, a_row_bytes, a_programs,
     b_blocks_ptr, b_out_ptr, b_rows, b_row_bytes,

@@ -20,7 +20,6 @@ from braid_kernels.quant_stream import (
     launch_stream_gemv,
     launch_stream_gemv_pair,
     programs_that_fit,
-    resident_programs,
     stream_programs,
     stream_warps,
     uses_stream,
@@ -236,43 +235,71 @@ def test_stream_programs_are_bounded_by_what_an_sm_holds():
 
 
 def test_programs_that_fit_an_sm():
-    """sm_90's limits, computed by hand: registers go to a warp in units of 256 (72 a thread: 2,304 a warp), shared
-    memory with 1 KB reserved a program, at most 64 warps and 32 programs."""
-    assert programs_that_fit(72, 8, 2) == 14  # 65536 // (2 * 2304); the Q6_K stream kernel at K = 2560-6144
-    assert programs_that_fit(107, 1024, 4) == 4  # 107 * 32 = 3424 -> 3584 a warp: 65536 // 14336
-    assert programs_that_fit(94, 16, 4) == 5  # 3008 -> 3072 a warp
-    assert programs_that_fit(64, 256, 2) == 16
+    """sm_90's limits as CUDA's occupancy calculator applies them, computed by hand: registers go to a warp in units
+    of 256 from one of four 16K partitions (72 a thread: 2,304 a warp, 7 warps a partition), shared memory with 1 KB
+    reserved a program, at most 64 warps and 32 programs."""
+    assert programs_that_fit(72, 8, 2) == 14  # 7 * 4 // 2; the Q6_K stream kernel at K = 2048-4096 on 2 warps
+    assert programs_that_fit(107, 1024, 4) == 4  # 107 * 32 = 3424 -> 3584 a warp: 4 a partition, 16 // 4
+    assert programs_that_fit(94, 16, 4) == 5  # 3008 -> 3072: 5 a partition
+    assert programs_that_fit(64, 256, 2) == 16  # 2048: 8 a partition
+    assert programs_that_fit(104, 0, 2) == 8  # 3328: 4 a partition, 16 // 2 (65536 // (2 * 3328) would say 9)
+    assert programs_that_fit(88, 0, 1) == 20  # 2816: 5 a partition (65536 // 2816 would say 23)
     assert programs_that_fit(32, 0, 1) == 32  # by registers 64: the 32-program limit
     assert programs_that_fit(16, 0, 8) == 8  # by warps: 64 // 8
     assert programs_that_fit(32, 100_000, 1) == 2  # by shared memory: 233472 // 101024
     assert programs_that_fit(255, 0, 32) == 1  # never fewer than one
-    assert programs_that_fit(72, 8, 2, registers_per_sm=32768) == 7
+    assert programs_that_fit(72, 8, 2, registers_per_sm=32768) == 6  # 3 a partition
+
+
+def _driver_occupancy(compiled, warps: int) -> int:
+    """Programs of a compiled Triton kernel one SM holds, as the CUDA driver computes them
+    (cuOccupancyMaxActiveBlocksPerMultiprocessor, with the launch's dynamic shared memory)."""
+    import ctypes
+
+    cuda = ctypes.CDLL("libcuda.so.1")
+    count = ctypes.c_int()
+    rc = cuda.cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(count), ctypes.c_void_p(compiled.function),
+                                                          ctypes.c_int(32 * warps),
+                                                          ctypes.c_size_t(compiled.metadata.shared))
+    assert rc == 0, f"cuOccupancyMaxActiveBlocksPerMultiprocessor returned {rc}"
+    return count.value
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="registers of a compiled kernel: CUDA")
-@pytest.mark.parametrize("qtype", STREAM_TYPES)
-def test_default_launch_reads_the_compiled_registers(qtype):
-    """On a GPU the default launch bounds its programs by the compiled kernel's registers: a launch over rows of
-    3584 weights (where sm_90's Q6_K kernel takes 72 registers a thread, benchmarks/stream_registers.py) gives the
-    reference product, and the bound is programs_that_fit of the registers and shared memory of the kernel Triton
-    compiled for that launch."""
+@pytest.mark.parametrize("pair", [False, True])
+def test_default_launch_is_bounded_by_the_driver_occupancy(pair):
+    """On a GPU the default launch bounds its programs by what an SM holds of the kernel it launches: at rows of 3584
+    weights (where sm_90's Q6_K kernel takes 72 registers a thread, benchmarks/stream_registers.py) the bound equals
+    the CUDA driver's own occupancy count for that compiled kernel, reading it compiles no variant the launch does not
+    use (one new variant for a new width, the pair's split of the programs included), and the product is the
+    reference's."""
     import braid_kernels.quant_stream as quant_stream
-    from braid_kernels.numerics import pdl_options
 
     n, k = 1024, 3584
-    blocks = _random_blocks(qtype, n, k, seed=11)
-    planes = _planes(blocks, qtype, "cuda")
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(12)).to(torch.bfloat16)
     rows = quantize_rows(x.cuda())
-    out = torch.full((1, n), float("nan"), dtype=torch.bfloat16, device="cuda")
-    launch_stream_gemv(rows, planes, qtype, out, torch.cuda.get_device_properties(0).multi_processor_count)
-    assert_quant_close(out.cpu(), quant_linear_reference(_int8_rows(x), blocks, qtype).to(torch.bfloat16),
-                       torch.bfloat16)
-    args = (rows.q, rows.dx, rows.sx, planes, out, n, k, planes.shape[1])
-    consts = {**quant_stream._stream_consts(qtype, k), **pdl_options(planes)}
-    warps = stream_warps(qtype, n, k)
-    fit = resident_programs(quant_stream._stream_kernel, args, consts, warps, planes.device)
-    compiled = quant_stream._stream_kernel.warmup(*args, grid=(1,), num_warps=warps, **consts)
-    compiled._init_handles()
-    assert isinstance(fit, int) and 1 <= fit <= 32
-    assert fit == programs_that_fit(compiled.n_regs, compiled.metadata.shared, warps)
+    kernel = quant_stream._stream_pair_kernel if pair else quant_stream._stream_kernel
+    variants = kernel.device_caches[torch.cuda.current_device()][0]
+    before, resident_before = set(variants), set(quant_stream._RESIDENT)
+    if pair:
+        a, b = _random_blocks("Q4_K", n, k, seed=13), _random_blocks("Q6_K", n, k, seed=14)
+        pa, pb = _planes(a, "Q4_K", "cuda"), _planes(b, "Q6_K", "cuda")
+        out = torch.full((1, 2 * n), float("nan"), dtype=torch.bfloat16, device="cuda")
+        launch_stream_gemv_pair(rows, pa, "Q4_K", pb, "Q6_K", out, num_sms)
+        want = torch.cat([quant_linear_reference(_int8_rows(x), blocks, qtype)
+                          for blocks, qtype in ((a, "Q4_K"), (b, "Q6_K"))], dim=1)
+        warps = max(stream_warps("Q4_K", n, k), stream_warps("Q6_K", n, k))
+    else:
+        blocks = _random_blocks("Q6_K", n, k, seed=11)
+        planes = _planes(blocks, "Q6_K", "cuda")
+        out = torch.full((1, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+        launch_stream_gemv(rows, planes, "Q6_K", out, num_sms)
+        want = quant_linear_reference(_int8_rows(x), blocks, "Q6_K")
+        warps = stream_warps("Q6_K", n, k)
+    assert_quant_close(out.cpu(), want.to(torch.bfloat16), torch.bfloat16)
+    new = [variants[key] for key in set(variants) - before]
+    assert len(new) == 1, f"{len(new)} variants compiled for one launch"
+    compiled = new[0].result() if hasattr(new[0], "result") else new[0]
+    bounds = [fit for key, fit in quant_stream._RESIDENT.items() if key not in resident_before]
+    assert bounds == [_driver_occupancy(compiled, warps)]
