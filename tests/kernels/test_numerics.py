@@ -19,10 +19,11 @@ def test_interpreted_exactly_when_there_is_no_cuda():
 
 
 def _kernels(tree: ast.Module):
-    """The Triton kernels defined in a module: functions decorated with triton.jit whose name ends in _kernel."""
+    """The Triton kernels defined in a module: functions decorated with triton.jit (or triton.jit(...)) whose name
+    ends in _kernel."""
     for node in tree.body:
         if isinstance(node, ast.FunctionDef) and node.name.endswith("_kernel") and any(
-                ast.unparse(d) == "triton.jit" for d in node.decorator_list):
+                ast.unparse(d.func if isinstance(d, ast.Call) else d) == "triton.jit" for d in node.decorator_list):
             yield node
 
 
