@@ -96,7 +96,7 @@ def programs_that_fit(registers: int, shared: int, warps: int, registers_per_sm:
 
 
 _RESIDENT: dict[tuple, int] = {}  # resident_programs' results
-_PROGRAMS_PER_SM = {(8, 6): 16, (8, 7): 16, (8, 9): 24}  # resident programs an SM allows where it is not 32
+_PROGRAMS_PER_SM = {(7, 5): 16, (8, 6): 16, (8, 7): 16, (8, 9): 24}  # resident programs an SM allows where not 32
 
 
 def resident_programs(kernel, args: tuple, consts: dict, num_warps: int, device: torch.device) -> int | None:
