@@ -39,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `braid` command (`python -m braidinfer` too): parses `argv` (sys.argv's by default), runs the subcommand,
+    returns the exit status (2 for a mistake in the arguments or the model, with the message on stderr)."""
     args = _parser().parse_args(argv)
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,

@@ -1,9 +1,10 @@
 """Engine configuration: validated once at construction, then passed down (never patched at run time)."""
 from __future__ import annotations
 
+import os
 from typing import ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from braidinfer.attention.cascade_plan import DEFAULT_MIN_SAVED_TOKENS
 from braidinfer.validation import ValidatedModel
@@ -15,7 +16,9 @@ class EngineConfig(ValidatedModel):
     error_prefix: ClassVar[str] = "invalid engine configuration"
 
     model: str | None = None
-    """A local model directory, a `.gguf` file, a hub id in the local Hugging Face cache, or None for the embedded model."""
+    """A local model directory, a `.gguf` file (a `str` or an `os.PathLike` such as a `pathlib.Path`), a hub id
+    (downloaded into the Hugging Face cache on first use; HF_HUB_OFFLINE=1 keeps to the cache), or None for the
+    embedded model."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights and activations dtype; auto = bfloat16 on CUDA, float32 on CPU."""
     kv_cache_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -119,6 +122,11 @@ class EngineConfig(ValidatedModel):
     """Seed of the engine's generator for requests that give none."""
     progress: bool = True
     """Show progress bars while loading."""
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _path_as_text(cls, value: object) -> object:
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
 
     @model_validator(mode="after")
     def _check_device(self):

@@ -38,6 +38,9 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 class LLMEngine:
+    """One model loaded on one device with its KV page pool, scheduler, runner and sampler; `LLM` drives it from its
+    engine thread. Read-only views for users: `kernel_paths`, `load_summary`, `memory_stats()`, `max_model_len`."""
+
     def __init__(self, config: EngineConfig):
         self.config = config
         self.source = resolve_model(config.model)
@@ -55,11 +58,15 @@ class LLMEngine:
             for module in self.model.modules():
                 if hasattr(module, "decoded_rows"):
                     module.decoded_rows = cpu_int4.DEQUANTIZE_ROWS
+        elif config.cpu_decoded_prefill:
+            log.warning("cpu_decoded_prefill=True changes only projections in torch's CPU int4 form, and this model "
+                        "has none here (weight forms: %s); ignored", ", ".join(sorted(kinds)) or "float")
         self.kv_dtype = kv_cache_dtype(config.kv_cache_dtype, self.device, self.dtype, bool(kinds & {"int4", "dot"}))
         """The KV pool's dtype (EngineConfig.kv_cache_dtype resolved)."""
         self.load_summary = load_summary(self.model, self.source.quantized_names() if self.model.quantized_modules
                                          else {}, self.source.dequantized_names(), form)
         """Lines describing the loaded weights: bytes, tensors kept quantised, tensors dequantised and why."""
+        self.source.release()  # the weights are in memory now: unmap the file
         for line in self.load_summary:
             log.info(line)
         self.kernel_plan = KernelPlan.choose(config.fused_kernels, config.gemv_decode, self.device, "dot" in kinds)

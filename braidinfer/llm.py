@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -32,9 +33,9 @@ class LLM:
     >>> llm.chat([{"role": "user", "content": "Hi"}]).text
     """
 
-    def __init__(self, model: str | None = None, **kwargs: Any):
-        """`model`: a local model directory, a `.gguf` file, a hub id in the local Hugging Face cache, or None for
-        the embedded default model. Other keyword arguments are `EngineConfig` fields (dtype, device,
+    def __init__(self, model: str | os.PathLike | None = None, **kwargs: Any):
+        """`model`: a local model directory, a `.gguf` file (str or path), a hub id (downloaded into the Hugging Face
+        cache on first use), or None for the embedded default model. Other keyword arguments are `EngineConfig` fields (dtype, device,
         max_num_seqs, max_num_batched_tokens, enable_prefix_caching, ...)."""
         self.config = EngineConfig(model=model, **kwargs)
         with without_workers(pick_device(self.config.device)) as threads:

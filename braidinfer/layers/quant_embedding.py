@@ -33,6 +33,7 @@ class QuantEmbedding(nn.Module):
             self.register_buffer(f"packed_{field}", getattr(packed, field), persistent=False)
 
     def set_weight(self, weight: torch.Tensor | QuantizedTensor) -> None:
+        """Takes the table at load: a float tensor (cast), or blocks kept in planes (ValueError on a shape mismatch)."""
         if tuple(weight.shape) != (self.num_embeddings, self.embedding_dim):
             raise ValueError(f"an embedding of shape {tuple(weight.shape)} does not fit "
                              f"[{self.num_embeddings}, {self.embedding_dim}]")

@@ -45,6 +45,9 @@ class GGUFFamily:
     tensor_names: str = ".*"
     """A regular expression of the HF names `tensor` may change: quantised tensors of other names stay blocks
     without being decoded to check (decoding every matrix of a large file at load takes minutes)."""
+    tokenizer_architecture: str | None = None
+    """Where transformers cannot read this architecture's GGUF files: one it can, whose tokenizer handling fits
+    the family's vocabulary; the tokenizer is built from a copy of the file's tokenizer metadata under that name."""
 
     def hooks(self, name: str) -> bool:
         """Whether the tensor hook may change the tensor of this HF name."""
@@ -56,8 +59,10 @@ FAMILIES: Mapping[str, GGUFFamily] = MappingProxyType({
     "qwen3": GGUFFamily("Qwen3ForCausalLM", "qwen3"),
     "qwen2": GGUFFamily("Qwen2ForCausalLM", "qwen2"),
     # llama.cpp keeps ERNIE's interleaved q/k rows (its NORM rope rotates pairs); the model reorders them at load.
+    # transformers reads no ernie4_5 GGUF; ERNIE's SentencePiece vocabulary converts as a Llama one.
     "ernie4_5": GGUFFamily("Ernie4_5ForCausalLM", "ernie4_5",
-                           config=lambda meta, config: config.update(use_bias=config["attention_bias"])),
+                           config=lambda meta, config: config.update(use_bias=config["attention_bias"]),
+                           tokenizer_architecture="llama"),
     "gemma2": GGUFFamily("Gemma2ForCausalLM", "gemma2", layer_names=gguf_gemma.LAYER_NAMES,
                          config=gguf_gemma.gemma2_config, tensor=gguf_gemma.norm_weight,
                          tensor_names=r".*norm\.weight"),

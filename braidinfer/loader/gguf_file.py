@@ -1,12 +1,15 @@
 """GGUF checkpoints: llama.cpp's single-file format, dequantised to Hugging Face tensors with the `gguf` package."""
 from __future__ import annotations
 
+import functools
 import os
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
-from gguf import GGUFReader, dequantize
+from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType, GGUFWriter, GGMLQuantizationType, dequantize
 
 from braidinfer.errors import InvalidModelError, UnsupportedModelError
 from braidinfer.loader.gguf_config import gguf_architecture, gguf_hf_config
@@ -18,7 +21,10 @@ GGUF_MAGIC = b"GGUF"
 
 
 class GGUFCheckpoint:
-    """An open GGUF file; tensors are dequantised to float32 one at a time, in file order."""
+    """An open GGUF file; tensors are dequantised to float32 one at a time, in file order.
+
+    The file stays memory-mapped until `close`, which the engine calls once the weights and the tokenizer are loaded.
+    """
 
     def __init__(self, path: str, reader: GGUFReader, hf_config: dict[str, Any], family: GGUFFamily):
         self.path = path
@@ -28,6 +34,8 @@ class GGUFCheckpoint:
         self.heads = {"q": hf_config["num_attention_heads"], "k": hf_config["num_key_value_heads"]}
         self.params = [(t, hf_name(t.name, family)) for t in reader.tensors if t.name not in NON_PARAMETERS]
         self.tensor_count = len(self.params)
+        self._quantized_names = {name: info.tensor_type.name for info, name in self.params
+                                 if info.tensor_type.name in QUANTIZED_TYPES}
 
     def tensors(self, quantized: bool = False) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
         """(HF name, float32 tensor in HF shape and row order) for every parameter of the file.
@@ -36,6 +44,7 @@ class GGUFCheckpoint:
         instead, except where the family's tensor hook changes the values (then dequantised, noted in
         `dequantized`). Every tensor dequantised despite `quantized` is noted there with the reason.
         """
+        self._check_open()
         self.dequantized: dict[str, str] = {}
         for info, name in self.params:
             qtype = info.tensor_type.name
@@ -48,7 +57,16 @@ class GGUFCheckpoint:
 
     def quantized_names(self) -> dict[str, str]:
         """HF name -> qtype of the tensors `tensors(quantized=True)` yields as QuantizedTensor (from the header)."""
-        return {name: info.tensor_type.name for info, name in self.params if info.tensor_type.name in QUANTIZED_TYPES}
+        return dict(self._quantized_names)
+
+    def close(self) -> None:
+        """Unmaps the file (drops the reader and its tensor table); tensors and the tokenizer cannot be read after."""
+        self.reader = None
+        self.params = []
+
+    def _check_open(self) -> None:
+        if self.reader is None:
+            raise RuntimeError(f"{self.path}: the checkpoint was closed after loading; resolve the model again")
 
     def _dequantized(self, info, name: str) -> torch.Tensor:
         try:
@@ -81,11 +99,48 @@ class GGUFCheckpoint:
         return tensor
 
     def load_tokenizer(self) -> Any:
-        """transformers' conversion of the GGUF vocabulary; the chat template comes from the GGUF metadata."""
-        from transformers import AutoTokenizer
+        """transformers' conversion of the GGUF vocabulary; the chat template comes from the GGUF metadata.
 
-        directory, file = os.path.split(self.path)
-        return AutoTokenizer.from_pretrained(directory, gguf_file=file, local_files_only=True)
+        A family transformers cannot read (`GGUFFamily.tokenizer_architecture`) converts from a small GGUF that
+        holds only the file's tokenizer metadata under an architecture it can. A file without a vocabulary, or
+        one transformers cannot convert, raises InvalidModelError.
+        """
+        self._check_open()
+        if "tokenizer.ggml.tokens" not in self.reader.fields:
+            raise InvalidModelError(f"{self.path} has no tokenizer (no tokenizer.ggml.tokens metadata); Braid reads the "
+                                    "vocabulary from the GGUF file, so use a file exported with it (llama.cpp's "
+                                    "converter writes it)")
+        with tempfile.TemporaryDirectory(prefix="braid-tokenizer-") as scratch:
+            path = self.path
+            if self.family.tokenizer_architecture is not None:
+                path = os.path.join(scratch, "tokenizer.gguf")
+                _write_tokenizer_gguf(self.reader, path, self.family.tokenizer_architecture)
+            directory, file = os.path.split(path)
+            try:
+                return _auto_tokenizer(directory, file)
+            except Exception as e:  # transformers' GGUF conversion raises ValueError, KeyError, TypeError alike
+                raise InvalidModelError(f"{self.path}: transformers cannot build its tokenizer: "
+                                        f"{type(e).__name__}: {e}") from e
+
+
+def _auto_tokenizer(directory: str, file: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(directory, gguf_file=file, local_files_only=True)
+
+
+def _write_tokenizer_gguf(reader: GGUFReader, path: str, architecture: str) -> None:
+    """A GGUF at `path` with the reader's tokenizer.* metadata, no tensors, and `architecture` as its own."""
+    writer = GGUFWriter(path, architecture)
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer."):
+            kind = field.types[0]
+            writer.add_key_value(key, field.contents(), kind,
+                                 sub_type=field.types[-1] if kind == GGUFValueType.ARRAY else None)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 def has_gguf_magic(path: str) -> bool:
@@ -102,12 +157,30 @@ def open_gguf(path: str) -> tuple[dict[str, Any], GGUFCheckpoint]:
     try:
         reader = GGUFReader(path)
     except Exception as e:  # GGUFReader signals a bad file with ValueError, struct or numpy errors alike
-        raise InvalidModelError(f"{path} is not a valid GGUF file: {e}") from None
+        raise InvalidModelError(f"{path} is not a valid GGUF file (truncated or corrupt? {os.path.getsize(path):,} "
+                                f"bytes): {e}") from None
     family = FAMILIES[gguf_architecture(reader, path)]
     if not any(t.name == "token_embd.weight" for t in reader.tensors):
         raise InvalidModelError(f"{path} has no token_embd.weight tensor")
     unknown = [t.name for t in reader.tensors if t.name not in NON_PARAMETERS and hf_name(t.name, family) is None]
     if unknown:
         raise UnsupportedModelError(f"{path} has tensors the engine does not know: {', '.join(unknown[:5])}")
+    undecodable = [f"{t.name} ({t.tensor_type.name})" for t in reader.tensors if not _decodable(t.tensor_type)]
+    if undecodable:
+        raise UnsupportedModelError(f"{path} has tensors of a type Braid cannot decode: {', '.join(undecodable[:5])}"
+                                    f"{' ...' if len(undecodable) > 5 else ''}; requantise the file to a llama.cpp "
+                                    "type such as Q4_K_M or Q8_0")
     hf_config = gguf_hf_config(reader, path)
     return hf_config, GGUFCheckpoint(path, reader, hf_config, family)
+
+
+@functools.cache
+def _decodable(kind: GGMLQuantizationType) -> bool:
+    """Whether the `gguf` package decodes tensors of this type (tried on one block of zeros)."""
+    if kind not in GGML_QUANT_SIZES:
+        return False
+    try:
+        dequantize(np.zeros((1, GGML_QUANT_SIZES[kind][1]), dtype=np.uint8), kind)
+    except NotImplementedError:
+        return False
+    return True

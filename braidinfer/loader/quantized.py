@@ -38,6 +38,7 @@ class QuantizedTensor:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the blocks (the whole tensor's storage)."""
         return self.blocks.numel()
 
     def to(self, device: torch.device | str) -> QuantizedTensor:

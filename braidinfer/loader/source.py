@@ -72,3 +72,10 @@ class ModelSource:
     def load_tokenizer(self) -> Any:
         """The model's transformers tokenizer (a PreTrainedTokenizerBase) with its chat template, loaded offline."""
         return self.checkpoint.load_tokenizer()
+
+    def release(self) -> None:
+        """Closes the checkpoint's files once the engine has loaded what it needs (a GGUF stays memory-mapped until
+        then); `iter_weights` and `load_tokenizer` cannot run afterwards."""
+        close = getattr(self.checkpoint, "close", None)
+        if close is not None:
+            close()

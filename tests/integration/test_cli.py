@@ -33,6 +33,21 @@ def test_chat_keeps_history_and_reuses_it(model_dir, capsys, monkeypatch):
     assert cached_second > 0  # the second turn's prompt starts with the first turn, served from the KV cache
 
 
+def test_python_dash_m_runs_the_command(model_dir):
+    """`python -m braidinfer` is `braid`: the same greedy answer as the engine's, a model given as a pathlib.Path."""
+    import pathlib
+    import subprocess
+    import sys
+
+    with LLM(model=pathlib.Path(model_dir), device="cpu", progress=False) as llm:
+        expected = llm.chat([{"role": "user", "content": "Hello there"}],
+                            SamplingParams(temperature=0, max_tokens=6)).text
+    done = subprocess.run([sys.executable, "-m", "braidinfer", "generate", "Hello there", "--model", model_dir,
+                           "--device", "cpu", "--max-tokens", "6"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == expected + "\n"
+
+
 def test_errors_are_one_line_not_a_traceback(tmp_path, capsys):
     assert main(["generate", "hi", "--model", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err

@@ -342,6 +342,56 @@ def test_gguf_unsupported_architecture(tmp_path):
         resolve_model(path)
 
 
+def test_engine_unmaps_the_gguf_once_loaded(tmp_path, embedded_gguf):
+    """The engine keeps no view of the file after loading: the mapping is gone from the process, the weights it
+    serves are its own copies (greedy tokens unchanged), and the source refuses to stream the weights again."""
+    import transformers
+
+    from braidinfer import LLM, SamplingParams
+    from tests.support.gguf_export import write_gguf
+
+    torch.manual_seed(3)
+    model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**{**TINY, "vocab_size": 49152}, head_dim=32))
+    path = tmp_path / "tiny-qwen3.F32.gguf"
+    write_gguf(model.eval(), path, "qwen3", tokenizer_from=embedded_gguf)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    with LLM(model=str(path), device="cpu", dtype="float32", progress=False) as llm:
+        if os.path.exists("/proc/self/maps"):
+            with open("/proc/self/maps") as maps:
+                assert str(path) not in maps.read()
+        out = llm.generate([5, 6, 7, 8], params)[0].token_ids
+        expected = model.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                                  pad_token_id=0, eos_token_id=None)[0, 4:].tolist()
+        assert out == expected
+        with pytest.raises(RuntimeError, match="closed"):
+            next(llm.engine.source.iter_weights(torch.float32, progress=False))
+
+
+def test_gguf_without_tokenizer_names_it(tiny_qwen3_gguf):
+    source = resolve_model(tiny_qwen3_gguf[0])  # written without tokenizer.* metadata
+    with pytest.raises(InvalidModelError, match="no tokenizer"):
+        source.load_tokenizer()
+
+
+def test_gguf_tensor_type_without_a_decoder_fails_at_resolution(tmp_path):
+    """A type neither the engine nor the gguf package decodes (Q8_1: llama.cpp's activation format) is named when
+    the header is read, before any weight is."""
+    import gguf
+
+    path = tmp_path / "q8_1.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float32))
+    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_1][1]
+    writer.add_tensor("blk.0.attn_output.weight", np.zeros((4, block), dtype=np.uint8),
+                      raw_dtype=gguf.GGMLQuantizationType.Q8_1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UnsupportedModelError, match=r"blk\.0\.attn_output\.weight \(Q8_1\)"):
+        resolve_model(path)
+
+
 # --- errors ---------------------------------------------------------------------------------------------------------
 def test_nonexistent_path(tmp_path):
     missing = tmp_path / "no-such-model"
