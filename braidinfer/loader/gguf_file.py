@@ -35,20 +35,21 @@ class GGUFCheckpoint:
         self.params = [(t, hf_name(t.name, family)) for t in reader.tensors if t.name not in NON_PARAMETERS]
         self.tensor_count = len(self.params)
         self._quantized_names = {name: info.tensor_type.name for info, name in self.params
-                                 if info.tensor_type.name in QUANTIZED_TYPES}
+                                 if info.tensor_type.name in QUANTIZED_TYPES and len(info.shape) >= 2}
 
     def tensors(self, quantized: bool = False) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
         """(HF name, float32 tensor in HF shape and row order) for every parameter of the file.
 
-        quantized: tensors of a type in QUANTIZED_TYPES come as QuantizedTensor (their blocks, rows in HF order)
-        instead, except where the family's tensor hook changes the values (then dequantised, noted in
-        `dequantized`). Every tensor dequantised despite `quantized` is noted there with the reason.
+        quantized: matrices of a type in QUANTIZED_TYPES come as QuantizedTensor (their blocks, rows in HF order)
+        instead (a quantised vector, e.g. a bias, comes dequantised), except where the family's tensor hook changes
+        the values (then dequantised, noted in `dequantized`). Every matrix dequantised despite `quantized` is noted
+        there with the reason.
         """
         self._check_open()
         self.dequantized: dict[str, str] = {}
         for info, name in self.params:
             qtype = info.tensor_type.name
-            if quantized and qtype in QUANTIZED_TYPES:
+            if quantized and qtype in QUANTIZED_TYPES and len(info.shape) >= 2:
                 yield name, self._quantized(info, name, qtype)
                 continue
             if quantized and len(info.shape) >= 2 and qtype not in ("F32", "F16", "BF16"):
@@ -107,8 +108,8 @@ class GGUFCheckpoint:
         """
         self._check_open()
         if "tokenizer.ggml.tokens" not in self.reader.fields:
-            raise InvalidModelError(f"{self.path} has no tokenizer (no tokenizer.ggml.tokens metadata); Braid reads the "
-                                    "vocabulary from the GGUF file, so use a file exported with it (llama.cpp's "
+            raise InvalidModelError(f"{self.path} has no tokenizer (no tokenizer.ggml.tokens metadata); Braid reads "
+                                    "the vocabulary from the GGUF file, so use a file exported with it (llama.cpp's "
                                     "converter writes it)")
         with tempfile.TemporaryDirectory(prefix="braid-tokenizer-") as scratch:
             path = self.path

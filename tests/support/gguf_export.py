@@ -28,11 +28,13 @@ def add_shape_metadata(writer, cfg) -> None:
 
 
 def write_gguf(model, path, arch: str, permute_qk: bool = False, name: str | None = None,
-               extra: Callable | None = None, tokenizer_from: str | None = None, qtype: str | None = None) -> None:
+               extra: Callable | None = None, tokenizer_from: str | None = None, qtype: str | None = None,
+               quantized_biases: bool = False) -> None:
     """`model`: a transformers causal LM; `arch`: the GGUF architecture name (e.g. "llama" for a Mistral, as
     llama.cpp exports it); `extra(writer)` adds family metadata; `tokenizer_from` names a GGUF whose
     tokenizer.* metadata is copied (so that the file loads with a tokenizer); `qtype` (e.g. "Q8_0") stores the
-    2-D weight matrices quantised with the `gguf` package's quantiser (norms and biases stay float32)."""
+    2-D weight matrices quantised with the `gguf` package's quantiser (norms and biases stay float32, unless
+    `quantized_biases`: biases of whole blocks quantised too, which llama.cpp's converter never writes)."""
     import gguf
 
     cfg = model.config
@@ -62,7 +64,7 @@ def write_gguf(model, path, arch: str, permute_qk: bool = False, name: str | Non
         if permute_qk and projection in heads:
             data = llamacpp_permute(data, heads[projection])
         data = np.ascontiguousarray(data)
-        if qtype is not None and data.ndim == 2 and suffix == "weight":
+        if qtype is not None and (data.ndim == 2 and suffix == "weight" or quantized_biases and suffix == "bias"):
             kind = gguf.GGMLQuantizationType[qtype]
             writer.add_tensor(f"{names.get_name(base)}.{suffix}", gguf.quants.quantize(data, kind), raw_dtype=kind)
             continue

@@ -67,3 +67,30 @@ def test_config_builds_qwen2_with_plain_attention(qwen2_gguf):
     assert model.model.layers[0].self_attn.qkv_proj.bias is not None
     assert model.model.layers[0].self_attn.o_proj.bias is None  # attention_bias (true here) is not Qwen2's switch
     assert all(spec.sliding_window is None for spec in model.attention_specs())
+
+
+def test_quantised_biases_load_dequantised(qwen2_gguf, tmp_path):
+    """A file with Q8_0 biases (whole blocks; llama.cpp's converter keeps vectors float, other tools may not): the
+    matrices stay blocks, each bias comes as the gguf package's decoding of its blocks, and the model loads."""
+    import gguf
+
+    from braidinfer.loader.quantized import QuantizedTensor
+    from braidinfer.weights import load_model
+
+    _, ref = qwen2_gguf
+    path = tmp_path / "tiny-qwen2.Q8_0-biases.gguf"
+    write_gguf(ref, path, "qwen2", qtype="Q8_0", quantized_biases=True)
+    source = resolve_model(str(path))
+    assert "model.layers.0.self_attn.q_proj.weight" in source.quantized_names()
+    assert not any(name.endswith(".bias") for name in source.quantized_names())
+    ours = dict(source.iter_weights(torch.float32, progress=False, quantized=True))
+    kind = gguf.GGMLQuantizationType.Q8_0
+    for name, tensor in ref.state_dict().items():
+        if name.endswith(".bias"):
+            expected = gguf.quants.dequantize(gguf.quants.quantize(tensor.float().numpy(), kind), kind)
+            assert not isinstance(ours[name], QuantizedTensor), name
+            assert torch.equal(ours[name], torch.from_numpy(expected)), name
+    cfg = ModelConfig.from_hf_config(source.hf_config)
+    model = load_model(Qwen2ForCausalLM, cfg, source, torch.device("cpu"), torch.float32, progress=False,
+                       quantized=True)
+    assert model.quantized_modules
