@@ -124,6 +124,7 @@ class ChunkStore:
 
     def release(self, chunk: Chunk) -> None:
         """Unpins `chunk` (idempotent); children keep their own pins."""
+        self._check_owned(chunk, "chunk")
         with self._lock:
             if chunk.released or self._chunks.get(chunk.id) is not chunk:
                 return

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import queue
 import time
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from collections.abc import Sequence as Seq
 from typing import Any, Self
@@ -35,14 +37,20 @@ class LLM:
 
     def __init__(self, model: str | os.PathLike | None = None, **kwargs: Any):
         """`model`: a local model directory, a `.gguf` file (str or path), a hub id (downloaded into the Hugging Face
-        cache on first use), or None for the embedded default model. Other keyword arguments are `EngineConfig` fields (dtype, device,
-        max_num_seqs, max_num_batched_tokens, enable_prefix_caching, ...)."""
+        cache on first use), or None for the embedded default model. Other keyword arguments are `EngineConfig`
+        fields (dtype, device, max_num_seqs, max_num_batched_tokens, enable_prefix_caching, ...).
+
+        Call `close()` (or use `with LLM(...) as llm:`) to free the engine at a known point; an LLM collected
+        unclosed stops its engine thread and frees the engine then."""
         self.config = EngineConfig(model=model, **kwargs)
         with without_workers(pick_device(self.config.device)) as threads:
             self.engine = LLMEngine(self.config)
         self.tokenizer = self.engine.tokenizer
         self._loop = EngineLoop(self.engine, intra_op_threads=threads)
         self._client = EngineClient(self.engine, self._loop)
+        # Neither the loop nor the engine refers back to this object, so it can be collected while they run.
+        self._shutdown = weakref.finalize(self, _shut_down, self._loop, self.engine)
+        self._shutdown.atexit = False
         self.chunks = ChunkStore(self._client, self.apply_chat_template)
         """Pinned prompt segments: `llm.chunks.add(text, after=..., kind=...)`, see `braidinfer.chunks`."""
 
@@ -51,9 +59,7 @@ class LLM:
         """Releases every chunk, stops the engine thread (requests still running end with an error) and frees the
         engine's device memory."""
         self.chunks.release_all()
-        self._loop.close()
-        if self._loop.stopped:  # else a step still runs (it did not stop within the loop's join timeout)
-            self.engine.close()
+        self._shutdown()
 
     @property
     def alive(self) -> bool:
@@ -75,7 +81,7 @@ class LLM:
         chunk) that every prompt continues; the prompt text then gets no leading special tokens and may be empty.
         `timeout`: seconds the whole batch may take; past them every request is aborted and RequestTimeoutError
         raised. Returns outputs in prompt order. The caller is woken once per request, when it ends."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = _deadline(timeout)
         prefix, compose = self.chunks.resolve(chunks)
         prompt_list = _as_prompt_list(prompts)
         param_list = _as_param_list(params, len(prompt_list))
@@ -104,7 +110,7 @@ class LLM:
         """Yields CompletionDeltas (text, token ids, logprobs of one step); the last one has finish_reason and
         usage. Leaving early cancels the request. `timeout`: seconds the whole request may take; past them it is
         aborted and RequestTimeoutError raised."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = _deadline(timeout)
         stream = self._submit(prompt, params, SyncChannel(), chunks)
         try:
             while not stream.done:
@@ -161,9 +167,9 @@ class LLM:
         return encode_conversation(self.tokenizer, messages, **template_kwargs)
 
     def num_cached_tokens(self, prompt: list[int]) -> int:
-        """How many leading tokens of `prompt` (token ids) a request submitted now would read from the prefix cache
-        (whole pages; the last token is always computed). Nothing is reserved: a later request may find more or
-        fewer."""
+        """How many leading tokens of `prompt` (token ids, or a prompt as `generate` takes it) a request submitted
+        now would read from the prefix cache (whole pages; the last token is always computed). Nothing is reserved:
+        a later request may find more or fewer."""
         return self._loop.call(self._cached_prefix_length(prompt))
 
     async def anum_cached_tokens(self, prompt: list[int]) -> int:
@@ -188,8 +194,10 @@ class LLM:
 
     # --- internals ---------------------------------------------------------------------------------------------
     def _cached_prefix_length(self, prompt: list[int]):
-        """The engine-thread call behind num_cached_tokens (the last token is always computed)."""
-        return lambda: self.engine.pages.cached_prefix_length(prompt, len(prompt) - 1)
+        """The engine-thread call behind num_cached_tokens (the last token is always computed); the prompt is
+        checked here, in the caller's thread."""
+        ids, pages = self.engine.requests.tokenize(prompt), self.engine.pages
+        return lambda: pages.cached_prefix_length(ids, len(ids) - 1)
 
     def _submit(self, prompt: Prompt, params: SamplingParams | None, channel, chunks: Chunks = None) -> Stream:
         prefix, compose = self.chunks.resolve(chunks)
@@ -203,23 +211,44 @@ class LLM:
         return self._submit(prompt, params, self._client.async_channel(final_only), chunks)
 
 
+def _shut_down(loop: EngineLoop, engine: LLMEngine) -> None:
+    """Stops the engine thread, then frees the engine (LLM.close, or the LLM collected unclosed)."""
+    loop.close()
+    if loop.stopped:  # else a step still runs (it did not stop within the loop's join timeout)
+        engine.close()
+
+
+def _deadline(timeout: Any) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) \
+            or timeout < 0:
+        raise InvalidRequestError(f"timeout must be None or a finite number of seconds >= 0, got {timeout!r}")
+    return time.monotonic() + timeout
+
+
 def _timeout_error(timeout: float) -> RequestTimeoutError:
     return RequestTimeoutError(f"the request ran past its {timeout:.3g} s deadline and was aborted")
 
 
 def _as_prompt_list(prompts) -> list[Prompt]:
     if isinstance(prompts, (str, TokenizedPrompt)) or (
-            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)):
         return [prompts]
-    prompts = list(prompts)
+    if not isinstance(prompts, (list, tuple)):
+        raise InvalidRequestError(f"prompts must be a string, a list of token ids, a TokenizedPrompt or a list of "
+                                  f"them, got {type(prompts).__name__}")
     if not prompts:
         raise InvalidRequestError("no prompts given")
-    return prompts
+    return list(prompts)
 
 
 def _as_param_list(params, n: int) -> list[SamplingParams | None]:
     if params is None or isinstance(params, SamplingParams):
         return [params] * n
+    if not isinstance(params, (list, tuple)):
+        hint = "; build one with SamplingParams(**...)" if isinstance(params, dict) else ""
+        raise InvalidRequestError(f"params must be SamplingParams or a list of them, got {type(params).__name__}{hint}")
     params = list(params)
     if len(params) != n:
         raise InvalidRequestError(f"got {len(params)} SamplingParams for {n} prompts")

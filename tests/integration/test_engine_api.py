@@ -212,6 +212,55 @@ def test_empty_prompt_list_and_bad_params(llm):
         llm.generate(["a", "b"], [GREEDY])
 
 
+@pytest.mark.parametrize("call", [
+    lambda llm: llm.generate(5),
+    lambda llm: llm.generate(None),
+    lambda llm: llm.generate({"a prompt": 1}),
+    lambda llm: llm.generate("x", {"max_tokens": 2}),
+    lambda llm: llm.generate("x", {"max_tokens": 2, "temperature": 0}),
+    lambda llm: llm.generate("x", GREEDY, timeout="1"),
+    lambda llm: llm.generate("x", GREEDY, timeout=float("nan")),
+    lambda llm: llm.generate("x", GREEDY, timeout=-1),
+    lambda llm: list(llm.stream_deltas("x", GREEDY, timeout=True)),
+    lambda llm: llm.chunks.release("chunk-0"),
+    lambda llm: llm.num_cached_tokens(None),
+    lambda llm: llm.num_cached_tokens([1, 2, 10**9]),
+], ids=["int prompt", "None prompt", "dict prompts", "dict params", "dict of two params", "str timeout",
+        "nan timeout", "negative timeout", "bool timeout", "release a string", "cached tokens of None",
+        "cached tokens out of range"])
+def test_bad_arguments_name_the_mistake(llm, call):
+    """Each mistake raises InvalidRequestError before any work, and the engine serves on with nothing held."""
+    with pytest.raises(InvalidRequestError):
+        call(llm)
+    assert _idle(llm)
+    assert llm.generate("still serving", GREEDY)[0].usage.completion_tokens == 16
+
+
+def test_a_tuple_of_ids_is_one_prompt(llm):
+    ids = _prompts(1)[0]
+    assert llm.generate(tuple(ids), GREEDY)[0].token_ids == llm.generate(ids, GREEDY)[0].token_ids
+    assert llm.num_cached_tokens(tuple(ids)) == llm.num_cached_tokens(ids) > 0
+
+
+def test_an_llm_collected_unclosed_stops_its_thread_and_frees_its_engine(llama_dir):
+    import gc
+    import weakref
+
+    def engine_threads():
+        return [t for t in threading.enumerate() if t.name == "braid-engine"]
+
+    before = len(engine_threads())
+    dropped = LLM(model=llama_dir, device="cpu", dtype="float32", page_size=4, max_model_len=256, num_kv_pages=64,
+                  progress=False)
+    dropped.generate("hello", GREEDY)
+    model = weakref.ref(dropped.engine.model)
+    assert len(engine_threads()) == before + 1
+    del dropped
+    gc.collect()
+    assert len(engine_threads()) == before
+    assert model() is None
+
+
 def test_request_that_can_never_fit_is_rejected(llama_dir):
     with LLM(model=llama_dir, device="cpu", dtype="float32", page_size=4, num_kv_pages=8, progress=False) as small:
         with pytest.raises(InvalidRequestError, match="page pool"):
