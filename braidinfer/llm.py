@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import os
 import queue
@@ -48,10 +49,12 @@ class LLM:
         self.tokenizer = self.engine.tokenizer
         self._loop = EngineLoop(self.engine, intra_op_threads=threads)
         self._client = EngineClient(self.engine, self._loop)
-        # Neither the loop nor the engine refers back to this object, so it can be collected while they run.
+        # Neither the loop nor the engine refers back to this object, so it can be dropped while they run.
         self._shutdown = weakref.finalize(self, _shut_down, self._loop, self.engine)
         self._shutdown.atexit = False
-        self.chunks = ChunkStore(self._client, self.apply_chat_template)
+        # The template by the tokenizer, not this object's method: no reference cycle, so dropping the last
+        # reference to an unclosed LLM shuts it down at once, in the dropping thread (not in a later collection).
+        self.chunks = ChunkStore(self._client, functools.partial(encode_conversation, self.tokenizer))
         """Pinned prompt segments: `llm.chunks.add(text, after=..., kind=...)`, see `braidinfer.chunks`."""
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
