@@ -49,7 +49,7 @@ class GGUFCheckpoint:
         self.dequantized: dict[str, str] = {}
         for info, name in self.params:
             qtype = info.tensor_type.name
-            if quantized and qtype in QUANTIZED_TYPES and len(info.shape) >= 2:
+            if quantized and name in self._quantized_names:
                 yield name, self._quantized(info, name, qtype)
                 continue
             if quantized and len(info.shape) >= 2 and qtype not in ("F32", "F16", "BF16"):
@@ -106,6 +106,8 @@ class GGUFCheckpoint:
         holds only the file's tokenizer metadata under an architecture it can. A file without a vocabulary, or
         one transformers cannot convert, raises InvalidModelError.
         """
+        from transformers import AutoTokenizer
+
         self._check_open()
         if "tokenizer.ggml.tokens" not in self.reader.fields:
             raise InvalidModelError(f"{self.path} has no tokenizer (no tokenizer.ggml.tokens metadata); Braid reads "
@@ -118,26 +120,25 @@ class GGUFCheckpoint:
                 _write_tokenizer_gguf(self.reader, path, self.family.tokenizer_architecture)
             directory, file = os.path.split(path)
             try:
-                return _auto_tokenizer(directory, file)
+                return AutoTokenizer.from_pretrained(directory, gguf_file=file, local_files_only=True)
             except Exception as e:  # transformers' GGUF conversion raises ValueError, KeyError, TypeError alike
                 raise InvalidModelError(f"{self.path}: transformers cannot build its tokenizer: "
                                         f"{type(e).__name__}: {e}") from e
 
 
-def _auto_tokenizer(directory: str, file: str) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(directory, gguf_file=file, local_files_only=True)
-
-
-def _write_tokenizer_gguf(reader: GGUFReader, path: str, architecture: str) -> None:
-    """A GGUF at `path` with the reader's tokenizer.* metadata, no tensors, and `architecture` as its own."""
-    writer = GGUFWriter(path, architecture)
+def copy_tokenizer_metadata(reader: GGUFReader, writer: GGUFWriter) -> None:
+    """Adds every tokenizer.* field of `reader` (vocabulary, merges, special ids, chat template) to `writer`."""
     for key, field in reader.fields.items():
         if key.startswith("tokenizer."):
             kind = field.types[0]
             writer.add_key_value(key, field.contents(), kind,
                                  sub_type=field.types[-1] if kind == GGUFValueType.ARRAY else None)
+
+
+def _write_tokenizer_gguf(reader: GGUFReader, path: str, architecture: str) -> None:
+    """A GGUF at `path` with the reader's tokenizer.* metadata, no tensors, and `architecture` as its own."""
+    writer = GGUFWriter(path, architecture)
+    copy_tokenizer_metadata(reader, writer)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from braidinfer.loader.gguf_file import copy_tokenizer_metadata
+
 
 def llamacpp_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's LlamaModel.permute: each head's rows from (half, dim) to (dim, half), pairs for its NORM rope."""
@@ -51,7 +53,7 @@ def write_gguf(model, path, arch: str, permute_qk: bool = False, name: str | Non
     if extra is not None:
         extra(writer)
     if tokenizer_from is not None:
-        _copy_tokenizer(gguf.GGUFReader(tokenizer_from), writer)
+        copy_tokenizer_metadata(gguf.GGUFReader(tokenizer_from), writer)
     model_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
     names = gguf.get_tensor_name_map(model_arch, cfg.num_hidden_layers)
     heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}
@@ -73,14 +75,3 @@ def write_gguf(model, path, arch: str, permute_qk: bool = False, name: str | Non
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-
-
-def _copy_tokenizer(reader, writer) -> None:
-    import gguf
-
-    for key, field in reader.fields.items():
-        if not key.startswith("tokenizer."):
-            continue
-        kind = field.types[0]
-        sub_type = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key, field.contents(), kind, sub_type=sub_type)

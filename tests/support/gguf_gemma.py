@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from braidinfer.loader.gguf_file import copy_tokenizer_metadata
+
 
 def write_gemma_gguf(model, path, tokenizer_gguf: str) -> None:
     """`model`: a Gemma2ForCausalLM or Gemma3ForCausalLM (text) of transformers; `path`: the .gguf to write."""
@@ -32,7 +34,7 @@ def write_gemma_gguf(model, path, tokenizer_gguf: str) -> None:
         if full.get("rope_type", "default") == "linear":
             writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             writer.add_rope_scaling_factor(full["factor"])
-    _copy_tokenizer(writer, tokenizer_gguf)
+    copy_tokenizer_metadata(gguf.GGUFReader(tokenizer_gguf), writer)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA2 if arch == "gemma2" else gguf.MODEL_ARCH.GEMMA3,
                                      cfg.num_hidden_layers)
     for hf_name, tensor in model.state_dict().items():
@@ -47,18 +49,6 @@ def write_gemma_gguf(model, path, tokenizer_gguf: str) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-
-
-def _copy_tokenizer(writer, source: str) -> None:
-    import gguf
-
-    reader = gguf.GGUFReader(source)
-    for key, field in reader.fields.items():
-        if not key.startswith("tokenizer."):
-            continue
-        vtype = field.types[0]
-        sub_type = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key, field.contents(), vtype, sub_type=sub_type)
 
 
 def randomized_gemma_gguf(model, directory, seed: int, tokenizer_gguf: str):
