@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
-from braidinfer.errors import InvalidRequestError
+from braidinfer.errors import EngineDeadError, InvalidRequestError
 from braidinfer.sequence import ComposedSegment
 
 if TYPE_CHECKING:
@@ -91,6 +91,7 @@ class ChunkStore:
         self._chunks: dict[str, Chunk] = {}
         self._ids = itertools.count()
         self._lock = threading.Lock()
+        self._closed = False
 
     def add(self, content: str | list[int], *, after: Chunk | None = None, kind: ChunkKind = "document",
             independent: bool = False) -> Chunk:
@@ -136,6 +137,13 @@ class ChunkStore:
         """Unpins every chunk of this LLM."""
         for chunk in list(self):
             chunk.release()
+
+    def close(self) -> None:
+        """Releases every chunk and refuses new ones (the LLM is closing): an `add` whose prefill was still
+        running raises EngineDeadError instead of returning a handle to pages that are about to go."""
+        with self._lock:
+            self._closed = True
+        self.release_all()
 
     def get(self, chunk_id: str) -> Chunk:
         try:
@@ -219,9 +227,12 @@ class ChunkStore:
     def _register(self, chunk_id: str, kind: ChunkKind, own: list[int], after: Chunk | None, pages: list[int],
                   independent: bool = False) -> Chunk:
         with self._lock:
-            chunk = Chunk(self, chunk_id, kind, own, after, pages, independent)
-            self._chunks[chunk.id] = chunk
-        return chunk
+            if not self._closed:
+                chunk = Chunk(self, chunk_id, kind, own, after, pages, independent)
+                self._chunks[chunk.id] = chunk
+                return chunk
+        self._client.unpin(chunk_id)  # a no-op once the engine is gone
+        raise EngineDeadError(f"the LLM was closed while chunk {chunk_id!r} was being added")
 
     def _check_usable(self, chunk: Any, arg: str) -> None:
         self._check_owned(chunk, arg)

@@ -49,19 +49,18 @@ class LLM:
         self.tokenizer = self.engine.tokenizer
         self._loop = EngineLoop(self.engine, intra_op_threads=threads)
         self._client = EngineClient(self.engine, self._loop)
-        # Neither the loop nor the engine refers back to this object, so it can be dropped while they run.
-        self._shutdown = weakref.finalize(self, _shut_down, self._loop, self.engine)
-        self._shutdown.atexit = False
         # The template by the tokenizer, not this object's method: no reference cycle, so dropping the last
         # reference to an unclosed LLM shuts it down at once, in the dropping thread (not in a later collection).
         self.chunks = ChunkStore(self._client, functools.partial(encode_conversation, self.tokenizer))
         """Pinned prompt segments: `llm.chunks.add(text, after=..., kind=...)`, see `braidinfer.chunks`."""
+        # Neither the chunks, the loop nor the engine refers back to this object, so it can be dropped while they run.
+        self._shutdown = weakref.finalize(self, _shut_down, self.chunks, self._loop, self.engine)
+        self._shutdown.atexit = False
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
     def close(self) -> None:
         """Releases every chunk, stops the engine thread (requests still running end with an error) and frees the
         engine's device memory."""
-        self.chunks.release_all()
         self._shutdown()
 
     @property
@@ -214,8 +213,10 @@ class LLM:
         return self._submit(prompt, params, self._client.async_channel(final_only), chunks)
 
 
-def _shut_down(loop: EngineLoop, engine: LLMEngine) -> None:
-    """Stops the engine thread, then frees the engine (LLM.close, or the LLM collected unclosed)."""
+def _shut_down(chunks: ChunkStore, loop: EngineLoop, engine: LLMEngine) -> None:
+    """Releases the chunks and refuses new ones, stops the engine thread, then frees the engine (LLM.close, or the
+    LLM collected unclosed)."""
+    chunks.close()
     loop.close()
     if loop.stopped:  # else a step still runs (it did not stop within the loop's join timeout)
         engine.close()

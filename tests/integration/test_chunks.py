@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from braidinfer import LLM, SamplingParams
-from braidinfer.errors import InvalidRequestError, OutOfPagesError
+from braidinfer.errors import EngineDeadError, InvalidRequestError, OutOfPagesError
 from tests.support.engines import idle_problems
 
 PS = 8
@@ -149,6 +149,35 @@ def test_close_releases_chunks(tiny_model):
     chunk = llm.chunks.add(_random_ids(40, 20))
     llm.close()
     assert chunk.released and len(llm.chunks) == 0
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["add", "aadd"])
+def test_an_add_racing_close_raises_instead_of_returning_a_live_looking_chunk(tiny_model, monkeypatch, use_async):
+    _, path, _ = tiny_model
+    llm = LLM(model=path, device="cpu", dtype="float32", page_size=PS, num_kv_pages=16, progress=False)
+    client = llm.chunks._client
+    name = "aprefill_and_pin" if use_async else "prefill_and_pin"
+    prefill = getattr(client, name)
+
+    def close_midway(pages):  # the prefill has pinned its pages; another thread closes the LLM before the handle
+        llm.close()
+        return pages
+
+    if use_async:
+        async def racing(*args, **kw):
+            return close_midway(await prefill(*args, **kw))
+    else:
+        def racing(*args, **kw):
+            return close_midway(prefill(*args, **kw))
+    monkeypatch.setattr(client, name, racing)
+    with pytest.raises(EngineDeadError, match="closed while chunk"):
+        if use_async:
+            asyncio.run(llm.chunks.aadd(_random_ids(41, 20)))
+        else:
+            llm.chunks.add(_random_ids(41, 20))
+    assert len(llm.chunks) == 0 and not llm.alive
+    with pytest.raises(EngineDeadError):
+        llm.chunks.add(_random_ids(42, 20))
 
 
 def test_system_message_chunk_is_exact_on_the_embedded_model(embedded_gguf):
