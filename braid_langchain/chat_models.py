@@ -41,6 +41,7 @@ from braid_langchain.structured import (
 from braid_langchain.tool_formats import forced_call_tag, history_call_id, history_calls, rename_arguments
 from braid_langchain.tools import (
     ToolChoice,
+    any_of_schemas,
     forced_call_schema,
     normalize_tool_choice,
     to_openai_tools,
@@ -164,8 +165,9 @@ class ChatBraid(BaseChatModel):
     # --- serialization ------------------------------------------------------------------------------------------
     @classmethod
     def is_lc_serializable(cls) -> bool:
-        """True: a ChatBraid's configuration is plain data (`langchain_core.load.dumps` / `loads` with
-        `valid_namespaces=["braid_langchain"]`)."""
+        """True: a ChatBraid's configuration is plain data. Restore one with `langchain_core.load.loads(text,
+        valid_namespaces=["braid_langchain"], additional_import_mappings={path: path})` where `path` is
+        `("braid_langchain", "chat_models", "ChatBraid")` (langchain-core loads only the classes it maps)."""
         return True
 
     @classmethod
@@ -391,7 +393,8 @@ class ChatBraid(BaseChatModel):
 
         method: "json_schema" (decoding constrained to the schema), "function_calling" (a forced, constrained
         tool call) or "json_mode" (constrained to some JSON object; say in the prompt which keys to use).
-        Constrained decoding always yields valid JSON, so `strict` changes nothing.
+        Constrained decoding yields JSON of the schema, so `strict` changes nothing; a reply cut short (max_tokens,
+        a stop sequence) raises OutputParserException (or with include_raw, is reported in "parsing_error").
         """
         if kwargs:
             raise ValueError(f"with_structured_output got unsupported arguments {sorted(kwargs)}")
@@ -412,8 +415,13 @@ class ChatBraid(BaseChatModel):
                  kwargs: dict[str, Any]) -> _Request:
         """The one request builder: prompt token ids, sampling parameters and how to read the reply."""
         _check_call_args(kwargs)
-        tools = kwargs.get("tools") or []
-        choice = normalize_tool_choice(kwargs.get("tool_choice"), tool_names(tools)) if tools else "none"
+        tools = _openai_tools(kwargs.get("tools") or [])
+        if tools:
+            choice = normalize_tool_choice(kwargs.get("tool_choice"), tool_names(tools))
+        elif normalize_tool_choice(kwargs.get("tool_choice"), []) not in ("auto", "none"):
+            raise ValueError(f"tool_choice {kwargs['tool_choice']!r} needs tools; bind them with bind_tools(...)")
+        else:
+            choice = "none"
         offered = tools if choice != "none" else []
         guided, tool_mode, schema_owner = kwargs.get("guided"), _tool_mode(choice, offered), None
         response = response_format_guided(kwargs.get("response_format"))
@@ -432,7 +440,7 @@ class ChatBraid(BaseChatModel):
             schema_owner = f"the argument schema of tool(s) {tool_names(offered)}"
         elif response is not None and tool_mode == "auto":
             # The reply is either a tool call or the response object, both as constrained JSON.
-            guided = _guided(json_schema={"anyOf": [forced_call_schema(offered, "any"), _schema_of(response)]})
+            guided = _guided(json_schema=any_of_schemas([forced_call_schema(offered, "any"), _schema_of(response)]))
             schema_owner = f"response_format or the argument schema of tool(s) {tool_names(offered)}"
         elif response is not None:
             guided, schema_owner = response, "response_format"
@@ -442,7 +450,7 @@ class ChatBraid(BaseChatModel):
         prompt, opened, budget = thinking.plan_thought(engine.tokenizer, fmt.reasoning, prompt, reasoning,
                                                        max_thought, guided is not None)
         return _Request(_display_name(kwargs.get("model", self.model)), engine, prompt, params, tool_mode,
-                        schema_owner, segments, max_calls, fmt, opened, budget, head)
+                        schema_owner, segments, max_calls, fmt, opened, budget, head, frozenset(tool_names(offered)))
 
     def _sampling_params(self, stop: list[str] | None, guided: GuidedDecoding | None,
                          overrides: dict[str, Any]) -> SamplingParams:
@@ -485,6 +493,7 @@ class _Request:
     opened: bool = False  # the prompt opens the thought (the reply starts inside it)
     budget: thinking.ThoughtBudget | None = None  # the reply is generated thought first, then answer
     head: tuple[int, ...] = ()  # the prompt's first ids, the tuple kept for its system prompt and documents (or ())
+    tools: frozenset[str] | None = None  # the names of the tools offered (None: unknown)
 
     def tokenized(self) -> TokenizedPrompt:
         """The prompt for the engine: ids of its own tokenizer (`_prompt_ids` made them), so not checked one by one,
@@ -492,7 +501,8 @@ class _Request:
         return TokenizedPrompt(self.prompt[len(self.head):], self.engine.tokenizer, head=self.head)
 
     def reply_builder(self) -> ReplyBuilder:
-        calls = self.chat.tools.parser(forced=self.tool_mode == "forced") if self.chat is not None else None
+        calls = (self.chat.tools.parser(forced=self.tool_mode == "forced", tools=self.tools)
+                 if self.chat is not None else None)
         builder = ReplyBuilder(self.model_name, self.tool_mode, max_calls=self.max_calls, calls=calls)
         builder.caching = self.engine.config.enable_prefix_caching
         if self.chat is not None and self.chat.reasoning is not None:
@@ -544,6 +554,15 @@ def _prompt_ids(engine: LLM, messages: list[BaseMessage], tools: list[dict[str, 
     if not with_segments or not chat or chat[0]["role"] != "system":
         return head, prompt, []
     return head, prompt, segment_heads(engine, prompt, messages, base, docs, template_kwargs, head)
+
+
+def _openai_tools(tools: Any) -> list[dict[str, Any]]:
+    """A call's `tools` as OpenAI tool dicts (what `bind_tools` passes, as is; anything else converted)."""
+    if not isinstance(tools, (list, tuple)):
+        raise ValueError(f"tools must be a list of tools, got {type(tools).__name__}")
+    if all(isinstance(t, dict) and isinstance(t.get("function"), dict) for t in tools):
+        return list(tools)
+    return to_openai_tools(tools)
 
 
 def _tool_mode(choice: str, offered: list[dict[str, Any]]) -> ToolMode:

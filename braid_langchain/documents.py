@@ -18,9 +18,19 @@ DOCUMENTS_HEADER = "Use the following documents to answer."
 
 def sort_documents(documents: Sequence[Document | str]) -> list[Document]:
     """Documents (or plain strings) in a stable order: by id (or metadata "source"), then content; duplicates
-    dropped."""
-    unique = {document_key(d): d for d in (Document(d) if isinstance(d, str) else d for d in documents)}
+    dropped. ValueError for anything but a list (or tuple) of them."""
+    if not isinstance(documents, (list, tuple)):
+        raise ValueError(f"documents must be a list of Documents or strings, got {type(documents).__name__}")
+    unique = {document_key(d): d for d in map(_as_document, documents)}
     return [unique[k] for k in sorted(unique)]
+
+
+def _as_document(document: Document | str) -> Document:
+    if isinstance(document, str):
+        return Document(document)
+    if not isinstance(document, Document):
+        raise ValueError(f"documents must be Documents or strings, got a {type(document).__name__}")
+    return document
 
 
 def render_document(document: Document) -> str:

@@ -38,7 +38,8 @@ def structured_output(model: ChatBraid, schema: dict[str, Any] | type, *, method
         guided = (GuidedDecoding(json_schema=close_objects(_json_schema(schema)))
                   if method == "json_schema" else GuidedDecoding(json_object=True))
         llm = model.bind(guided=guided, **trace)
-        parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
+        parser = RunnableLambda(require_complete_json) | (
+            PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser())
     else:
         raise ValueError(f"method must be 'json_schema', 'function_calling' or 'json_mode', got {method!r}")
     if not include_raw:
@@ -73,6 +74,19 @@ def require_valid_call(message: AIMessage) -> AIMessage:
     reason = call.get("error") or f"finish_reason {message.response_metadata.get('finish_reason')!r}"
     raise OutputParserException(f"the tool call {call.get('name')!r} is invalid: {reason}",
                                 llm_output=call.get("args") or "")
+
+
+def require_complete_json(message: AIMessage) -> AIMessage:
+    """`message` as is when its content is a whole JSON value; OutputParserException otherwise (the reply was cut
+    by max_tokens or a stop sequence), where LangChain's JSON parsers would read the part as a truncated object."""
+    try:
+        json.loads(message.content, strict=False)
+    except (TypeError, ValueError) as e:
+        finish = message.response_metadata.get("finish_reason")
+        hint = "; raise max_tokens" if finish == "length" else ""
+        raise OutputParserException(f"the reply is not complete JSON (finish_reason {finish!r}{hint}): {e}",
+                                    llm_output=str(message.content)) from None
+    return message
 
 
 def response_format_guided(response_format: Any) -> Any:

@@ -15,6 +15,7 @@ The thought must be open when phase 1 starts: when the template does not open it
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing, closing
 from dataclasses import dataclass
@@ -105,8 +106,9 @@ class _Delta:
 
 def stream_deltas(engine: Any, prompt: list[int], params: Any, budget: ThoughtBudget,
                   timeout: float | None = None) -> Iterator[Any]:
-    """The reply's deltas, thought then answer (see the module docstring)."""
+    """The reply's deltas, thought then answer (see the module docstring); `timeout`: seconds for both phases."""
     phases = _Phases(budget, engine.tokenizer, prompt, params)
+    deadline = None if timeout is None else time.monotonic() + timeout  # for the whole reply, both phases
     last = None
     with closing(engine.stream_deltas(prompt, phases.first, timeout=timeout)) as first:  # an early stop cancels
         for delta in first:
@@ -117,7 +119,8 @@ def stream_deltas(engine: Any, prompt: list[int], params: Any, budget: ThoughtBu
         return
     close, prompt2, params2 = phases.closing()
     yield close
-    with closing(engine.stream_deltas(prompt2, params2, timeout=timeout)) as second:
+    remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+    with closing(engine.stream_deltas(prompt2, params2, timeout=remaining)) as second:
         for delta in second:
             yield phases.on_second(delta)
 

@@ -41,11 +41,12 @@ class ToolFormat:
     forced_close: str | None = None
     """The text a forced call ends with (default `close`)."""
 
-    def parser(self, *, forced: bool = False) -> ToolCallStream:
-        """A streaming parser of replies in this format; `forced`: the reply is one constrained call."""
+    def parser(self, *, forced: bool = False, tools: Collection[str] | None = None) -> ToolCallStream:
+        """A streaming parser of replies in this format; `forced`: the reply is one constrained call; `tools`: the
+        bound tools' names (None: unknown)."""
         if self.open is None or (forced and forced_call_text(self) == ("", "")):
-            return ToolCallStream(forced=forced)
-        return ToolCallStream(open_tag=self.open, close_tag=self.close)
+            return ToolCallStream(forced=forced, tools=tools)
+        return ToolCallStream(open_tag=self.open, close_tag=self.close, tools=tools)
 
     def call_json(self, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
         return {"name": name, self.args_key: arguments}

@@ -6,13 +6,16 @@ Recognised forms (one reply may hold several calls):
   a block may hold one call, a JSON list of calls, or Mistral's `name[ARGS]{...}`, and may run to the reply's end);
 - a reply that is only JSON: one object `{"name": ..., "arguments": {...}}`, a list of them, or one per line
   (`"parameters"` is accepted for `"arguments"`, as is the OpenAI `{"function": {...}}` wrapping, and
-  arguments given as a JSON string).
+  arguments given as a JSON string). Outside a block, JSON is a call only when shaped exactly like one (no keys
+  but a call's) and, where the bound tools are known, naming one of them: otherwise it is the answer, e.g. an
+  object of a `response_format` that has a "name" field.
 Malformed calls come out as `ParsedCall`s with `args=None` and an `error`; parsing never raises.
 """
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,9 +37,10 @@ Event = str | ParsedCall  # a piece of reply text, or a complete call
 
 
 def parse_tool_calls(text: str, *, forced: bool = False, open_tag: str = TOOL_CALL_OPEN,
-                     close_tag: str | None = TOOL_CALL_CLOSE) -> tuple[str, list[ParsedCall]]:
+                     close_tag: str | None = TOOL_CALL_CLOSE, tools: Collection[str] | None = None
+                     ) -> tuple[str, list[ParsedCall]]:
     """A finished reply split into its text (calls removed, whitespace trimmed) and its calls, in order."""
-    stream = ToolCallStream(forced=forced, open_tag=open_tag, close_tag=close_tag)
+    stream = ToolCallStream(forced=forced, open_tag=open_tag, close_tag=close_tag, tools=tools)
     events = stream.feed(text) + stream.finish()
     return "".join(e for e in events if isinstance(e, str)), [e for e in events if isinstance(e, ParsedCall)]
 
@@ -45,15 +49,17 @@ class ToolCallStream:
     """Feed reply text as it arrives; get back text that is certainly not part of a call, and each call once
     it is complete. `forced`: the whole reply is one constrained JSON call (guided decoding). `open_tag` /
     `close_tag`: what frames a block of calls (`close_tag` None: the block runs to the end of the reply).
+    `tools`: the names of the bound tools (None: unknown), which a reply of bare JSON must call to be a call.
 
     States: "start" (only whitespace so far: a leading `{` or `[` means a JSON reply), "text",
     "call" (inside `<tool_call>`), "json" (a JSON reply, parsed at the end).
     """
 
     def __init__(self, *, forced: bool = False, open_tag: str = TOOL_CALL_OPEN,
-                 close_tag: str | None = TOOL_CALL_CLOSE):
+                 close_tag: str | None = TOOL_CALL_CLOSE, tools: Collection[str] | None = None):
         self._state = "json" if forced else "start"
         self._forced = forced
+        self._tools = None if tools is None else frozenset(tools)
         self._open, self._close = open_tag, close_tag
         self._buf = ""
 
@@ -71,7 +77,7 @@ class ToolCallStream:
             body = buf[:len(buf) - _partial_tag_len(buf, self._close)] if self._close else buf
             return parse_call_block(body, self._open + buf, self._open)
         if state == "json":
-            calls = parse_json_calls(buf)
+            calls = parse_json_calls(buf) if self._forced else parse_json_calls(buf, bare=True, tools=self._tools)
             if calls is not None:
                 return calls
             if self._forced:
@@ -149,12 +155,25 @@ def _named_args_call(part: str, raw: str) -> ParsedCall:
     return ParsedCall(name, value, raw)
 
 
-def parse_json_calls(text: str) -> list[ParsedCall] | None:
-    """The calls in a reply that is only JSON, or None when it is not shaped like tool calls at all."""
+def parse_json_calls(text: str, *, bare: bool = False, tools: Collection[str] | None = None
+                     ) -> list[ParsedCall] | None:
+    """The calls in JSON text, or None when it is not shaped like tool calls at all. `bare`: the text is a whole
+    reply, not a call block, so every item must have no keys but a call's and (with `tools`) name a bound tool."""
     items = _json_items(text)
-    if not items or not all(isinstance(i, dict) and isinstance(_unwrap(i).get("name"), str) for i in items):
+    if not items or not all(_is_call(i, bare, tools) for i in items):
         return None
     return [_to_call(_unwrap(i)) for i in items]
+
+
+_CALL_KEYS = frozenset({"name", "arguments", "parameters", "function", "type", "id"})
+
+
+def _is_call(item: Any, bare: bool, tools: Collection[str] | None) -> bool:
+    if not isinstance(item, dict) or not isinstance((call := _unwrap(item)).get("name"), str):
+        return False
+    if not bare:
+        return True
+    return item.keys() <= _CALL_KEYS and call.keys() <= _CALL_KEYS and (tools is None or call["name"] in tools)
 
 
 def _json_items(text: str) -> list[Any] | None:

@@ -77,14 +77,28 @@ def forced_call_schema(tools: Sequence[dict[str, Any]], choice: str) -> dict[str
     return schema | ({"$defs": defs} if defs else {})
 
 
+def any_of_schemas(schemas: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """JSON schema of what matches any of `schemas`, e.g. a tool call or the response object. Each one's `$defs`
+    move to the root under `<index>.<name>` (a nested `#/$defs/...` would not resolve)."""
+    defs: dict[str, Any] = {}
+    options = [_take_defs(schema, f"{i}.", defs) for i, schema in enumerate(schemas)]
+    return {"anyOf": options} | ({"$defs": defs} if defs else {})
+
+
 def _call_schema(name: str, parameters: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
-    parameters = dict(parameters)
-    local_defs = {**parameters.pop("$defs", {}), **parameters.pop("definitions", {})}
-    renames = {old: f"{name}.{old}" for old in local_defs}
-    defs.update({renames[k]: close_objects(_rename_refs(v, renames)) for k, v in local_defs.items()})
-    arguments = close_objects({"type": "object", **_rename_refs(parameters, renames)})
+    arguments = close_objects({"type": "object", **_take_defs(parameters, f"{name}.", defs)})
     return {"type": "object", "properties": {"name": {"const": name}, "arguments": arguments},
             "required": ["name", "arguments"], "additionalProperties": False}
+
+
+def _take_defs(schema: dict[str, Any], prefix: str, defs: dict[str, Any]) -> dict[str, Any]:
+    """`schema` without its `$defs` (or `definitions`), which go into `defs` as `<prefix><name>`, and with its
+    references renamed to match."""
+    schema = dict(schema)
+    local_defs = {**schema.pop("$defs", {}), **schema.pop("definitions", {})}
+    renames = {old: f"{prefix}{old}" for old in local_defs}
+    defs.update({renames[k]: close_objects(_rename_refs(v, renames)) for k, v in local_defs.items()})
+    return _rename_refs(schema, renames)
 
 
 def _rename_refs(node: Any, renames: dict[str, str]) -> Any:
@@ -95,8 +109,8 @@ def _rename_refs(node: Any, renames: dict[str, str]) -> Any:
     out = {k: _rename_refs(v, renames) for k, v in node.items()}
     ref = node.get("$ref")
     if isinstance(ref, str) and ref.startswith(("#/$defs/", "#/definitions/")):
-        target = ref.split("/", 2)[2]
-        out["$ref"] = f"#/$defs/{renames.get(target, target)}"
+        name, sep, rest = ref.split("/", 2)[2].partition("/")  # a definition, or a path inside one
+        out["$ref"] = f"#/$defs/{renames.get(name, name)}{sep}{rest}"
     return out
 
 

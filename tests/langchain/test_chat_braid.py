@@ -156,6 +156,16 @@ def test_structured_output_is_always_valid_json(chat):
     assert set(raw) == {"raw", "parsed", "parsing_error"}
 
 
+@pytest.mark.parametrize("method", ["json_schema", "json_mode"])
+def test_structured_output_cut_by_max_tokens_raises_instead_of_parsing_a_part(chat, method):
+    short = chat.model_copy(update={"max_tokens": 5})
+    with pytest.raises(OutputParserException, match="not complete JSON.*'length'.*raise max_tokens"):
+        short.with_structured_output(Person, method=method).invoke("Invent a person.")
+    raw = short.with_structured_output(Person, method=method, include_raw=True).invoke("Invent a person.")
+    assert raw["parsed"] is None and isinstance(raw["parsing_error"], OutputParserException)
+    assert raw["raw"].response_metadata["finish_reason"] == "length"
+
+
 def test_leaving_a_stream_early_cancels_the_request(chat):
     engine = engines.get_engine(ENGINE["model"], ENGINE["device"])
 

@@ -243,6 +243,49 @@ def test_create_agent_with_tools_and_a_structured_response_gets_a_call_or_the_ob
         Weather.model_validate_json(reply.content)
 
 
+class Person(BaseModel):
+    name: str
+    age: int
+
+
+def test_a_response_object_with_a_name_field_is_not_taken_for_a_tool_call(chat):
+    reply = chat.bind_tools([get_weather], response_format=Person).invoke("Extract: Alice is 30 years old.",
+                                                                          max_tokens=40)
+    assert reply.tool_calls == [] and reply.response_metadata["finish_reason"] == "stop"
+    assert Person.model_validate_json(reply.content) == Person(name="Alice", age=30)
+
+
+def test_a_response_schema_with_defs_combines_with_tools(chat):
+    schema = {"type": "object", "properties": {"home": {"$ref": "#/$defs/Address"}}, "required": ["home"],
+              "$defs": {"Address": {"type": "object", "properties": {"city": {"type": "string"}},
+                                    "required": ["city"]}}}
+    response_format = {"type": "json_schema", "json_schema": {"name": "Home", "schema": schema}}
+    alone = chat.invoke("Alice lives in Paris. Where?", response_format=response_format, max_tokens=40)
+    with_tools = chat.bind_tools([get_weather]).invoke("Alice lives in Paris. Where?",
+                                                      response_format=response_format, max_tokens=40)
+    assert set(json.loads(alone.content)) == {"home"} and set(json.loads(alone.content)["home"]) == {"city"}
+    if not with_tools.tool_calls:  # the reply may be a call to get_weather or the object
+        assert set(json.loads(with_tools.content)) == {"home"}
+        assert set(json.loads(with_tools.content)["home"]) == {"city"}
+
+
+def test_call_arguments_of_the_wrong_kind_name_the_mistake(chat):
+    from langchain_core.documents import Document
+
+    for documents in ("Paris is in France.", Document("Paris is in France."), [1]):
+        with pytest.raises(ValueError, match="documents must be"):
+            chat.invoke("Where is Paris?", documents=documents)
+    with pytest.raises(ValueError, match="tool_choice 'any' needs tools"):
+        chat.invoke("Weather in Paris?", tool_choice="any")
+    with pytest.raises(ValueError, match="tools must be a list"):
+        chat.invoke("Weather in Paris?", tools=get_weather)
+    # Tools given to the call (not through bind_tools) are converted as bind_tools converts them.
+    direct = chat.invoke("Weather in Paris?", tools=[get_weather], tool_choice="get_weather")
+    bound = chat.bind_tools([get_weather], tool_choice="get_weather").invoke("Weather in Paris?")
+    assert direct.tool_calls[0]["name"] == "get_weather"
+    assert [(c["name"], c["args"]) for c in direct.tool_calls] == [(c["name"], c["args"]) for c in bound.tool_calls]
+
+
 def test_unknown_tool_kwargs_are_still_refused(chat):
     with pytest.raises(ValueError, match="unknown call argument"):
         chat.bind_tools([get_weather], frobnicate=True).invoke("Hi")

@@ -17,7 +17,8 @@ from tests.langchain.conftest import GREEDY, ChatBraidCapabilities
 
 REPETITION_LOOP = (
     "SmolLM2-135M at temperature 0 loops inside the first JSON string ('I'm a cat, I'm a cat, ...') until "
-    "max_tokens, so the object never reaches its second required field (the JSON is valid up to the cut)")
+    "max_tokens, so the object never reaches its second field (the JSON is valid up to the cut, which ChatBraid "
+    "reports rather than return a part of the object)")
 MISSING_KEY = (
     "in JSON mode only the syntax is constrained; SmolLM2-135M, asked for 'setup' and 'punchline', writes only "
     "'setup' and closes the object")
@@ -81,6 +82,11 @@ EXPECTED_FAILURES = {
     "test_structured_output[pydantic]": (REPETITION_LOOP, OutputParserException, _cut_inside_the_object),
     "test_structured_output_async[pydantic]": (REPETITION_LOOP, OutputParserException, _cut_inside_the_object),
     "test_structured_output_pydantic_2_v1": (REPETITION_LOOP, OutputParserException, _cut_inside_the_object),
+    "test_structured_output[typeddict]": (REPETITION_LOOP, OutputParserException, _cut_inside_the_object),
+    "test_structured_output[json_schema]": (REPETITION_LOOP, OutputParserException, _cut_inside_the_object),
+    "test_structured_output_async[typeddict]": (REPETITION_LOOP, OutputParserException, _cut_inside_the_object),
+    "test_structured_output_async[json_schema]": (REPETITION_LOOP, OutputParserException, _cut_inside_the_object),
+    "test_structured_output_optional_param": (REPETITION_LOOP, OutputParserException, _cut_inside_the_object),
     "test_json_mode": (MISSING_KEY, OutputParserException, _complete_object_without_punchline),
     "test_agent_loop[model0]": (NO_UNFORCED_CALL, AssertionError, _prose_instead_of_a_call),
     "test_agent_loop[model1]": (NO_UNFORCED_CALL, AssertionError, _prose_instead_of_a_call),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -145,3 +146,33 @@ def test_the_format_comes_from_the_template_and_the_prompt_may_open_the_thought(
     assert prompt_opens_thought(tok, r1_style, fmt)  # R1-distill's templates open it
     tok.chat_template = "{% for m in messages %}{{ m.content }}{% endfor %}"
     assert reasoning_format(tok) is None
+
+
+def test_a_reply_in_two_phases_keeps_one_deadline(monkeypatch):
+    """A thinking budget splits the reply into two engine requests; `timeout` bounds both together."""
+    from dataclasses import replace
+
+    from braid_langchain import thinking
+    from braid_langchain.reasoning import ReasoningFormat
+    from braidinfer import SamplingParams
+    from braidinfer.outputs import Usage
+
+    clock = [100.0]
+    monkeypatch.setattr(thinking.time, "monotonic", lambda: clock[0])
+    timeouts = []
+
+    class Engine:  # each request takes 0.4 s of the fake clock; phase 1 spends its thought budget
+        @staticmethod
+        def tokenizer(text, add_special_tokens=False):
+            return {"input_ids": [9]}
+
+        def stream_deltas(self, prompt, params, timeout=None):
+            timeouts.append(timeout)
+            clock[0] += 0.4
+            usage = Usage(len(prompt), 0, params.max_tokens)
+            yield replace(thinking._Delta("x", [1] * params.max_tokens, "length"), usage=usage)
+
+    budget = thinking.ThoughtBudget(ReasoningFormat("<think>", "</think>", 7), 4)
+    deltas = list(thinking.stream_deltas(Engine(), [1, 2], SamplingParams(max_tokens=32), budget, timeout=1.0))
+    assert len(deltas) == 3  # the thought, the closing text, the answer
+    assert timeouts == [1.0, pytest.approx(0.6)]

@@ -79,6 +79,28 @@ def test_malformed_calls_become_invalid_never_exceptions():
     assert calls[0].name == "get_weather" and calls[0].args is None
 
 
+def test_a_json_answer_is_a_call_only_when_shaped_like_one_to_a_bound_tool():
+    person = '{"name": "Alice", "age": 30}'  # e.g. a response_format object with a "name" field
+    assert parse_tool_calls(person) == (person, [])
+    assert parse_tool_calls(person, tools=["get_weather"]) == (person, [])
+    unbound = '{"name": "Alice", "arguments": {}}'
+    assert parse_tool_calls(unbound, tools=["get_weather"]) == (unbound, [])
+    assert parse_tool_calls(unbound) == ("", [call("Alice", {})])  # bound tools unknown: shaped like a call
+    bound = '[{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_time"}]'
+    content, calls = parse_tool_calls(bound, tools=["get_weather", "get_time"])
+    assert content == "" and [(c.name, c.args) for c in calls] == [("get_weather", {"city": "Paris"}), ("get_time", {})]
+    assert parse_tool_calls(bound, tools=["get_weather"]) == (bound, [])  # one item is not a call: all text
+    wrapped = '{"type": "function", "function": {"name": "get_time", "arguments": "{}"}}'
+    assert [(c.name, c.args) for c in parse_tool_calls(wrapped, tools=["get_time"])[1]] == [("get_time", {})]
+    # Inside a call block the model meant a call, whatever it names: kept (and reported when it is no tool).
+    block = '<tool_call>{"name": "Alice", "age": 30}</tool_call>'
+    content, calls = parse_tool_calls(block, tools=["get_weather"])
+    assert content == "" and [(c.name, c.args) for c in calls] == [("Alice", {})]
+    # A forced reply is one constrained call.
+    assert parse_tool_calls('{"name": "get_time", "arguments": {}}', forced=True, tools=[]) == (
+        "", [call("get_time", {})])
+
+
 def test_streaming_holds_back_only_what_may_be_a_call():
     stream = ToolCallStream()
     assert stream.feed("Sure") == ["Sure"]
