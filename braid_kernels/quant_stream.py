@@ -142,8 +142,7 @@ def launch_stream_gemv(x: Int8Rows, blocks: torch.Tensor, qtype: str, out: torch
     args, consts = _stream_args(x, blocks, qtype, out)
     warps = num_warps or stream_warps(qtype, n, k)
     if num_programs is None:
-        num_programs = stream_programs(n, k, num_sms, resident_programs(_stream_kernel, args, consts, warps,
-                                                                        blocks.device))
+        num_programs = _bounded_programs(_stream_kernel, args, consts, warps, n, k, num_sms, blocks.device)
     _stream_kernel[(num_programs,)](*args, num_warps=warps, **consts)
 
 
@@ -153,7 +152,14 @@ def default_stream_launch(x: Int8Rows, blocks: torch.Tensor, qtype: str, out: to
     (_, k), n = x.q.shape, blocks.shape[0]
     warps = stream_warps(qtype, n, k)
     args, consts = _stream_args(x, blocks, qtype, out)
-    return stream_programs(n, k, num_sms, resident_programs(_stream_kernel, args, consts, warps, blocks.device)), warps
+    return _bounded_programs(_stream_kernel, args, consts, warps, n, k, num_sms, blocks.device), warps
+
+
+def _bounded_programs(kernel, args: tuple, consts: dict, num_warps: int, n: int, k: int, num_sms: int,
+                      device: torch.device) -> int:
+    """stream_programs of n rows of k weights, bounded by the programs of `kernel` (compiled for `args`,
+    `consts`, `num_warps`) that one SM holds."""
+    return stream_programs(n, k, num_sms, resident_programs(kernel, args, consts, num_warps, device))
 
 
 def _stream_args(x: Int8Rows, blocks: torch.Tensor, qtype: str, out: torch.Tensor) -> tuple[tuple, dict]:
@@ -182,10 +188,9 @@ def launch_stream_gemv_pair(x: Int8Rows, a: torch.Tensor, a_qtype: str, b: torch
         a_programs = min(programs - 1, max(1, round(programs * a.numel() / (a.numel() + b.numel()))))
         return x.q, x.dx, x.sx, a, out_row[:na], na, a.shape[1], a_programs, b, out_row[na:], nb, b.shape[1]
 
-    if num_programs is None:
-        asked = max(2, stream_programs(na + nb, k, num_sms))
-        num_programs = stream_programs(na + nb, k, num_sms, resident_programs(_stream_pair_kernel, launch_args(asked),
-                                                                             consts, warps, a.device))
+    if num_programs is None:  # a_programs is not specialised on: the arguments of any split compile the same code
+        num_programs = _bounded_programs(_stream_pair_kernel, launch_args(2), consts, warps, na + nb, k, num_sms,
+                                         a.device)
     programs = max(2, num_programs)
     _stream_pair_kernel[(programs,)](*launch_args(programs), num_warps=warps, **consts)
 
