@@ -16,6 +16,7 @@ _EXPORTS = {
     "Usage": "braidinfer.outputs",
     "BraidError": "braidinfer.errors",
     "InvalidRequestError": "braidinfer.errors",
+    "GuidedDecoding": "braidinfer.guided",
     "TokenizedPrompt": "braidinfer.tokenized_prompt",
 }
 __all__ = sorted(_EXPORTS)
@@ -23,6 +24,7 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:
     from braidinfer.config import EngineConfig
     from braidinfer.errors import BraidError, InvalidRequestError
+    from braidinfer.guided import GuidedDecoding
     from braidinfer.llm import LLM
     from braidinfer.outputs import CompletionDelta, RequestOutput, Usage
     from braidinfer.sampling_params import SamplingParams

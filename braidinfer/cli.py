@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 
-from braidinfer.errors import BraidError
+from braidinfer.errors import BraidError, InvalidRequestError
 from braidinfer.sampling_params import SamplingParams
 
 DESCRIPTION = """Braid: a local LLM engine with exact KV reuse.
@@ -29,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--top-k", type=int, default=0)
     common.add_argument("--seed", type=int, default=None)
     common.add_argument("--stats", action="store_true", help="print token counts (incl. cached) after each answer")
+    common.add_argument("--traceback", action="store_true", help="on an unexpected error, print its Python traceback")
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", parents=[common], help="stream an answer to one prompt")
     g.add_argument("prompt", help="the prompt text")
@@ -40,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """The `braid` command (`python -m braidinfer` too): parses `argv` (sys.argv's by default), runs the subcommand,
-    returns the exit status (2 for a mistake in the arguments or the model, with the message on stderr)."""
+    returns the exit status: 2 for a mistake in the arguments or the model, 1 for an unexpected error (one line on
+    stderr each; --traceback for the whole trace), 130 for Ctrl-C, 141 when the reader of the output went away."""
     args = _parser().parse_args(argv)
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -58,19 +62,29 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # e.g. `braid generate ... | head`: the rest of the output has no reader
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail again
+        return 141
+    except Exception as e:
+        if args.traceback:
+            traceback.print_exc()
+        print(f"braid: error: {type(e).__name__}: {e}" + ("" if args.traceback else " (--traceback for details)"),
+              file=sys.stderr)
+        return 1
     return 0
 
 
 def _answer(llm, prompt, params: SamplingParams, stats: bool) -> str:
-    parts = []
+    parts, last = [], None
     for delta in llm.stream_deltas(prompt, params):
         parts.append(delta.text)
         print(delta.text, end="", flush=True)
-        if delta.usage is not None and stats:
-            u = delta.usage
-            print(f"\n[prompt {u.prompt_tokens} tokens ({u.cached_prompt_tokens} cached), "
-                  f"completion {u.completion_tokens}, finish: {delta.finish_reason}]", file=sys.stderr, end="")
-    print()
+        last = delta
+    print(flush=True)
+    if stats and last is not None and last.usage is not None:
+        u = last.usage
+        print(f"[prompt {u.prompt_tokens} tokens ({u.cached_prompt_tokens} cached), completion {u.completion_tokens}, "
+              f"finish: {last.finish_reason}]", file=sys.stderr, flush=True)
     return "".join(parts)
 
 
@@ -85,9 +99,15 @@ def _chat(llm, params: SamplingParams, system: str | None, stats: bool) -> None:
         if not line.strip():
             break
         messages.append({"role": "user", "content": line})
-        if interactive:
-            print("braid> ", end="", flush=True)
-        reply = _answer(llm, llm.apply_chat_template(messages), params, stats)
+        try:
+            prompt = llm.apply_chat_template(messages)
+            if interactive:
+                print("braid> ", end="", flush=True)
+            reply = _answer(llm, prompt, params, stats)
+        except InvalidRequestError as e:  # this turn only (e.g. past the context): the conversation goes on
+            messages.pop()
+            print(f"{chr(10) if interactive else ''}braid: error: {e}", file=sys.stderr)
+            continue
         messages.append({"role": "assistant", "content": reply})
 
 

@@ -2,17 +2,21 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from braidinfer.attention.cascade_plan import DEFAULT_MIN_SAVED_TOKENS
 from braidinfer.validation import ValidatedModel
+
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 
 class EngineConfig(ValidatedModel):
     """How to load the model and size the engine. Values discovered at run time (page count, eos ids) live elsewhere."""
 
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)  # 16.0, "16" or True is no page size
     error_prefix: ClassVar[str] = "invalid engine configuration"
 
     model: str | None = None
@@ -130,7 +134,7 @@ class EngineConfig(ValidatedModel):
 
     @model_validator(mode="after")
     def _check_device(self):
-        if self.device is not None and not (self.device == "cpu" or self.device.startswith("cuda")):
+        if self.device is not None and not _DEVICE.fullmatch(self.device):
             raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if (self.device is not None and self.device.startswith("cuda") and self.dtype != "auto"
                 and self.kv_cache_dtype not in ("auto", self.dtype)):

@@ -43,12 +43,15 @@ class ValidatedModel(BaseModel):
     @classmethod
     def describe_error(cls, error: dict[str, Any]) -> str:
         """One failed check in words (pydantic's error dict: loc, msg, type, input)."""
-        loc = ".".join(str(x) for x in error["loc"]) or "value"
+        if not error["loc"]:  # a check of the whole model: its message says what is wrong
+            return error["msg"]
+        loc = ".".join(str(x) for x in error["loc"])
         return f"{loc}: {error['msg']} (got {error.get('input')!r})"
 
     @classmethod
     def _request_error(cls, exc: pydantic.ValidationError) -> InvalidRequestError:
-        errors = exc.errors(include_url=False)
+        # pydantic words a validator's ValueError as "Value error, <its message>": the message alone is meant.
+        errors = [{**e, "msg": e["msg"].removeprefix("Value error, ")} for e in exc.errors(include_url=False)]
         # model_validate runs the overridden __init__ for dict input, so its InvalidRequestError arrives here
         # wrapped once more by pydantic.
         if len(errors) == 1 and isinstance(errors[0].get("ctx", {}).get("error"), InvalidRequestError):

@@ -41,7 +41,10 @@ class SafetensorsCheckpoint:
                                     f"(expected one of: {', '.join(TOKENIZER_FILES)})")
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        try:
+            return AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        except Exception as e:  # transformers' errors vary by file: JSON, config validation, a missing class
+            raise InvalidModelError(f"the tokenizer of {self.path} cannot be loaded: {type(e).__name__}: {e}") from e
 
 
 def read_hf_config(path: str) -> dict[str, Any]:

@@ -64,3 +64,57 @@ def test_unknown_architecture_names_the_supported_ones(model_dir, tmp_path):
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedModelError, match="LlamaForCausalLM.*Qwen3ForCausalLM"):
         LLM(model=str(bad), device="cpu", progress=False)
+
+
+def test_a_closed_output_pipe_ends_quietly(model_dir):
+    """`braid generate ... | head`: the reader goes away; the command exits 141 without a traceback."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "braidinfer", "generate", "Hello there", "--model", model_dir,
+                             "--device", "cpu", "--max-tokens", "50"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the first token: every write finds no reader
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=600) == 141, err[-2000:]
+    assert "Traceback" not in err and "BrokenPipe" not in err
+
+
+def test_a_model_whose_tokenizer_cannot_load_is_one_line(model_dir, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "broken"
+    shutil.copytree(model_dir, bad)
+    (bad / "tokenizer.json").write_text('{"broken')
+    (bad / "tokenizer_config.json").write_text('{"broken')
+    assert main(["generate", "hi", "--model", str(bad), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("braid: error: the tokenizer of") and "Traceback" not in err
+
+
+def test_an_unexpected_error_is_one_line_unless_a_traceback_is_asked_for(model_dir, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(LLM, "stream_deltas", broken)
+    argv = ["generate", "hi", "--model", model_dir, "--device", "cpu"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err  # the load's progress bar, then the one line
+    assert err.splitlines()[-1] == "braid: error: RuntimeError: boom (--traceback for details)"
+    assert "Traceback" not in err
+    assert main(argv + ["--traceback"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.endswith("braid: error: RuntimeError: boom\n")
+
+
+def test_a_turn_that_fails_does_not_end_the_chat(model_dir, capsys, monkeypatch):
+    with LLM(model=model_dir, device="cpu", progress=False) as llm:
+        context = llm.engine.max_model_len
+        expected = llm.chat([{"role": "user", "content": "hello"}], SamplingParams(temperature=0, max_tokens=5)).text
+    too_long = "word " * (2 * context)
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{too_long}\nhello\n\n"))
+    assert main(["chat", "--model", model_dir, "--device", "cpu", "--max-tokens", "5", "--stats"]) == 0
+    out, err = capsys.readouterr()
+    assert [line.split(":")[0] for line in err.splitlines() if line.startswith("braid")] == ["braid"]
+    assert "context" in err
+    assert out == expected + "\n"  # the second turn is answered as the first of the conversation
+    assert len([line for line in err.splitlines() if line.startswith("[prompt")]) == 1
