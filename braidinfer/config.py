@@ -16,7 +16,7 @@ _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 class EngineConfig(ValidatedModel):
     """How to load the model and size the engine. Values discovered at run time (page count, eos ids) live elsewhere."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)  # 16.0, "16" or True is no page size
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)  # no True, "16", 16.0
     error_prefix: ClassVar[str] = "invalid engine configuration"
 
     model: str | None = None

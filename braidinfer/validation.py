@@ -2,6 +2,7 @@
 models whose validation errors reach the caller as one readable `InvalidRequestError`, never a pydantic trace."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import pydantic
@@ -39,6 +40,14 @@ class ValidatedModel(BaseModel):
             return super().model_validate_json(json_data, **kwargs)
         except pydantic.ValidationError as exc:
             raise cls._request_error(exc) from None
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Any:
+        """A copy with `update`'s fields changed and checked as at construction (pydantic's own `model_copy` checks
+        nothing, so it would pass on e.g. a negative temperature); InvalidRequestError on bad values."""
+        if not update:
+            return super().model_copy(deep=deep)
+        copy = super().model_copy(deep=deep)
+        return type(self)(**{name: getattr(copy, name) for name in type(self).model_fields} | dict(update))
 
     @classmethod
     def describe_error(cls, error: dict[str, Any]) -> str:

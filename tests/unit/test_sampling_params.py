@@ -112,3 +112,16 @@ def test_params_are_frozen():
     with pytest.raises(Exception):
         p.temperature = 0.5
     assert p.temperature == 1.0
+
+
+def test_model_copy_checks_what_it_changes():
+    from braidinfer.guided import GuidedDecoding
+
+    base = SamplingParams(temperature=0.5, stop=["x"], guided=GuidedDecoding(json_object=True))
+    copy = base.model_copy(update={"max_tokens": 7, "guided": None, "stop": []})
+    assert (copy.max_tokens, copy.guided, copy.stop, copy.temperature) == (7, None, [], 0.5)
+    assert base.model_copy() == base and base.max_tokens != 7
+    for update, message in [({"temperature": -5}, "'temperature' must be"), ({"top_p": 0.0}, "'top_p' must be"),
+                            ({"bogus": 1}, "unknown sampling parameter 'bogus'")]:
+        with pytest.raises(InvalidRequestError, match=message):
+            base.model_copy(update=update)
