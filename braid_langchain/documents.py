@@ -8,7 +8,7 @@ below) compute A once.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from langchain_core.documents import Document
@@ -18,8 +18,8 @@ DOCUMENTS_HEADER = "Use the following documents to answer."
 
 def sort_documents(documents: Sequence[Document | str]) -> list[Document]:
     """Documents (or plain strings) in a stable order: by id (or metadata "source"), then content; duplicates
-    dropped. ValueError for anything but a list (or tuple) of them."""
-    if not isinstance(documents, (list, tuple)):
+    dropped. ValueError for a string, a Document or a mapping (one document, not a collection of them)."""
+    if isinstance(documents, (str, Document, Mapping)) or not isinstance(documents, Iterable):
         raise ValueError(f"documents must be a list of Documents or strings, got {type(documents).__name__}")
     unique = {document_key(d): d for d in map(_as_document, documents)}
     return [unique[k] for k in sorted(unique)]

@@ -9,6 +9,7 @@ from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
 from langchain_core.output_parsers.openai_tools import JsonOutputKeyToolsParser, PydanticToolsParser
 from langchain_core.exceptions import OutputParserException
 from langchain_core.messages import AIMessage
+from langchain_core.outputs import Generation
 from langchain_core.runnables import Runnable, RunnableLambda, RunnableMap, RunnablePassthrough
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
@@ -38,8 +39,7 @@ def structured_output(model: ChatBraid, schema: dict[str, Any] | type, *, method
         guided = (GuidedDecoding(json_schema=close_objects(_json_schema(schema)))
                   if method == "json_schema" else GuidedDecoding(json_object=True))
         llm = model.bind(guided=guided, **trace)
-        parser = RunnableLambda(require_complete_json) | (
-            PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser())
+        parser = _CompletePydanticParser(pydantic_object=schema) if is_pydantic else _CompleteJsonParser()
     else:
         raise ValueError(f"method must be 'json_schema', 'function_calling' or 'json_mode', got {method!r}")
     if not include_raw:
@@ -76,17 +76,31 @@ def require_valid_call(message: AIMessage) -> AIMessage:
                                 llm_output=call.get("args") or "")
 
 
-def require_complete_json(message: AIMessage) -> AIMessage:
-    """`message` as is when its content is a whole JSON value; OutputParserException otherwise (the reply was cut
-    by max_tokens or a stop sequence), where LangChain's JSON parsers would read the part as a truncated object."""
-    try:
-        json.loads(message.content, strict=False)
-    except (TypeError, ValueError) as e:
-        finish = message.response_metadata.get("finish_reason")
-        hint = "; raise max_tokens" if finish == "length" else ""
-        raise OutputParserException(f"the reply is not complete JSON (finish_reason {finish!r}{hint}): {e}",
-                                    llm_output=str(message.content)) from None
-    return message
+class _Complete:
+    """A LangChain JSON parser that refuses a whole reply that is not complete JSON (cut by max_tokens or a stop
+    sequence), where the parser alone would read the part as a truncated object. Streamed partial objects
+    (`partial=True`) pass as before."""
+
+    def parse_result(self, result: list[Generation], *, partial: bool = False) -> Any:
+        if not partial and result:
+            text = result[0].text
+            try:
+                json.loads(text, strict=False)
+            except ValueError as e:
+                message = getattr(result[0], "message", None)
+                finish = message.response_metadata.get("finish_reason") if message is not None else None
+                hint = "; raise max_tokens" if finish == "length" else ""
+                raise OutputParserException(f"the reply is not complete JSON (finish_reason {finish!r}{hint}): {e}",
+                                            llm_output=text) from None
+        return super().parse_result(result, partial=partial)
+
+
+class _CompleteJsonParser(_Complete, JsonOutputParser):
+    pass
+
+
+class _CompletePydanticParser(_Complete, PydanticOutputParser):
+    pass
 
 
 def response_format_guided(response_format: Any) -> Any:

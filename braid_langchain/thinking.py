@@ -15,11 +15,13 @@ The thought must be open when phase 1 starts: when the template does not open it
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing, closing
 from dataclasses import dataclass
+from time import monotonic
 from typing import Any
+
+from braidinfer.errors import RequestTimeoutError
 
 from braid_langchain.reasoning import ANSWER_SEPARATOR, ReasoningFormat, prompt_opens_thought
 
@@ -108,7 +110,7 @@ def stream_deltas(engine: Any, prompt: list[int], params: Any, budget: ThoughtBu
                   timeout: float | None = None) -> Iterator[Any]:
     """The reply's deltas, thought then answer (see the module docstring); `timeout`: seconds for both phases."""
     phases = _Phases(budget, engine.tokenizer, prompt, params)
-    deadline = None if timeout is None else time.monotonic() + timeout  # for the whole reply, both phases
+    deadline = None if timeout is None else monotonic() + timeout  # for the whole reply, both phases
     last = None
     with closing(engine.stream_deltas(prompt, phases.first, timeout=timeout)) as first:  # an early stop cancels
         for delta in first:
@@ -119,10 +121,13 @@ def stream_deltas(engine: Any, prompt: list[int], params: Any, budget: ThoughtBu
         return
     close, prompt2, params2 = phases.closing()
     yield close
-    remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-    with closing(engine.stream_deltas(prompt2, params2, timeout=remaining)) as second:
-        for delta in second:
-            yield phases.on_second(delta)
+    remaining = None if deadline is None else max(0.0, deadline - monotonic())
+    try:
+        with closing(engine.stream_deltas(prompt2, params2, timeout=remaining)) as second:
+            for delta in second:
+                yield phases.on_second(delta)
+    except RequestTimeoutError:  # its message gives the seconds left for phase 2: say the whole call's
+        raise RequestTimeoutError(f"the request ran past its {timeout:.3g} s deadline and was aborted") from None
 
 
 async def astream_deltas(engine: Any, prompt: list[int], params: Any, budget: ThoughtBudget) -> AsyncIterator[Any]:

@@ -7,8 +7,8 @@ Recognised forms (one reply may hold several calls):
 - a reply that is only JSON: one object `{"name": ..., "arguments": {...}}`, a list of them, or one per line
   (`"parameters"` is accepted for `"arguments"`, as is the OpenAI `{"function": {...}}` wrapping, and
   arguments given as a JSON string). Outside a block, JSON is a call only when shaped exactly like one (no keys
-  but a call's) and, where the bound tools are known, naming one of them: otherwise it is the answer, e.g. an
-  object of a `response_format` that has a "name" field.
+  but a call's): otherwise it is the answer, e.g. an object of a `response_format` that has a "name" field. Where
+  the bound tools are known, a bare call to another name is an invalid call.
 Malformed calls come out as `ParsedCall`s with `args=None` and an `error`; parsing never raises.
 """
 from __future__ import annotations
@@ -49,7 +49,7 @@ class ToolCallStream:
     """Feed reply text as it arrives; get back text that is certainly not part of a call, and each call once
     it is complete. `forced`: the whole reply is one constrained JSON call (guided decoding). `open_tag` /
     `close_tag`: what frames a block of calls (`close_tag` None: the block runs to the end of the reply).
-    `tools`: the names of the bound tools (None: unknown), which a reply of bare JSON must call to be a call.
+    `tools`: the names of the bound tools (None: unknown); a bare JSON call to another name is invalid.
 
     States: "start" (only whitespace so far: a leading `{` or `[` means a JSON reply), "text",
     "call" (inside `<tool_call>`), "json" (a JSON reply, parsed at the end).
@@ -158,22 +158,25 @@ def _named_args_call(part: str, raw: str) -> ParsedCall:
 def parse_json_calls(text: str, *, bare: bool = False, tools: Collection[str] | None = None
                      ) -> list[ParsedCall] | None:
     """The calls in JSON text, or None when it is not shaped like tool calls at all. `bare`: the text is a whole
-    reply, not a call block, so every item must have no keys but a call's and (with `tools`) name a bound tool."""
+    reply, not a call block, so every item must have no keys but a call's, and (with `tools`) a call to a name
+    that is not a bound tool is invalid."""
     items = _json_items(text)
-    if not items or not all(_is_call(i, bare, tools) for i in items):
+    if not items or not all(_is_call(i, bare) for i in items):
         return None
-    return [_to_call(_unwrap(i)) for i in items]
+    calls = [_to_call(_unwrap(i)) for i in items]
+    if not bare or tools is None:
+        return calls
+    return [c if c.name in tools else ParsedCall(c.name, None, c.raw, f"no bound tool is named {c.name!r}")
+            for c in calls]
 
 
 _CALL_KEYS = frozenset({"name", "arguments", "parameters", "function", "type", "id"})
 
 
-def _is_call(item: Any, bare: bool, tools: Collection[str] | None) -> bool:
+def _is_call(item: Any, bare: bool) -> bool:
     if not isinstance(item, dict) or not isinstance((call := _unwrap(item)).get("name"), str):
         return False
-    if not bare:
-        return True
-    return item.keys() <= _CALL_KEYS and call.keys() <= _CALL_KEYS and (tools is None or call["name"] in tools)
+    return not bare or (item.keys() <= _CALL_KEYS and call.keys() <= _CALL_KEYS)
 
 
 def _json_items(text: str) -> list[Any] | None:

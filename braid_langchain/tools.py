@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import unquote
 
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
@@ -109,8 +110,11 @@ def _rename_refs(node: Any, renames: dict[str, str]) -> Any:
     out = {k: _rename_refs(v, renames) for k, v in node.items()}
     ref = node.get("$ref")
     if isinstance(ref, str) and ref.startswith(("#/$defs/", "#/definitions/")):
-        name, sep, rest = ref.split("/", 2)[2].partition("/")  # a definition, or a path inside one
-        out["$ref"] = f"#/$defs/{renames.get(name, name)}{sep}{rest}"
+        segment, sep, rest = ref.split("/", 2)[2].partition("/")  # a definition, or a path inside one
+        name = unquote(segment).replace("~1", "/").replace("~0", "~")  # a JSON pointer in a URI fragment
+        if name in renames:
+            segment = renames[name].replace("~", "~0").replace("/", "~1")
+        out["$ref"] = f"#/$defs/{segment}{sep}{rest}"
     return out
 
 

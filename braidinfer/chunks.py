@@ -101,7 +101,7 @@ class ChunkStore:
         (an independent chunk gets them only if kind="system"). `independent=True`: computed on its own at position
         0, for composed prompts (see the module docs); it has no parent. Raises InvalidRequestError for empty
         content, a released or foreign parent, or a chunk that would pin more of the KV pool than the engine allows
-        (`EngineConfig.max_pinned_fraction`).
+        (`EngineConfig.max_pinned_fraction`); EngineDeadError when the LLM is closed, also while the chunk is added.
         """
         own, prefix = self._prepare(content, after, kind, independent)
         chunk_id = self._new_id()

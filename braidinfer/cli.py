@@ -43,8 +43,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """The `braid` command (`python -m braidinfer` too): parses `argv` (sys.argv's by default), runs the subcommand,
-    returns the exit status: 2 for a mistake in the arguments or the model, 1 for an unexpected error (one line on
-    stderr each; --traceback for the whole trace), 130 for Ctrl-C, 141 when the reader of the output went away."""
+    returns the exit status: 2 for a mistake in the arguments, the model or a piped chat turn, 1 for an unexpected
+    error (one line on stderr each; --traceback for the whole trace), 130 for Ctrl-C, 141 when the reader of the
+    output went away."""
     args = _parser().parse_args(argv)
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -55,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "generate":
                 prompt = args.prompt if args.raw else llm.apply_chat_template([{"role": "user", "content": args.prompt}])
                 _answer(llm, prompt, params, args.stats)
-            else:
-                _chat(llm, params, args.system, args.stats)
+            elif not _chat(llm, params, args.system, args.stats):
+                return 2  # a turn failed in a chat read from a pipe: the script that fed it should know
     except BraidError as e:
         print(f"braid: error: {e}", file=sys.stderr)
         return 2
@@ -88,9 +89,10 @@ def _answer(llm, prompt, params: SamplingParams, stats: bool) -> str:
     return "".join(parts)
 
 
-def _chat(llm, params: SamplingParams, system: str | None, stats: bool) -> None:
+def _chat(llm, params: SamplingParams, system: str | None, stats: bool) -> bool:
+    """Runs the chat; False when input came from a pipe and a turn failed (it was reported and skipped)."""
     messages = [{"role": "system", "content": system}] if system else []
-    interactive = sys.stdin.isatty()
+    interactive, failed = sys.stdin.isatty(), False
     while True:
         try:
             line = input("you> " if interactive else "")
@@ -107,8 +109,10 @@ def _chat(llm, params: SamplingParams, system: str | None, stats: bool) -> None:
         except InvalidRequestError as e:  # this turn only (e.g. past the context): the conversation goes on
             messages.pop()
             print(f"{chr(10) if interactive else ''}braid: error: {e}", file=sys.stderr)
+            failed = True
             continue
         messages.append({"role": "assistant", "content": reply})
+    return interactive or not failed
 
 
 if __name__ == "__main__":

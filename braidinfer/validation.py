@@ -2,6 +2,8 @@
 models whose validation errors reach the caller as one readable `InvalidRequestError`, never a pydantic trace."""
 from __future__ import annotations
 
+import numbers
+import operator
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -14,7 +16,8 @@ from braidinfer.errors import InvalidRequestError
 class ValidatedModel(BaseModel):
     """A frozen model that rejects unknown fields; bad values raise InvalidRequestError naming each field.
 
-    Subclasses set `error_prefix` (what the message starts with; empty for none) and may override `describe_error` for field-specific wording."""
+    Subclasses set `error_prefix` (what the message starts with; empty for none) and may override `describe_error`
+    for field-specific wording. An integer of another type (numpy's) is taken as the int it stands for."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     error_prefix: ClassVar[str] = "invalid settings"
@@ -40,6 +43,14 @@ class ValidatedModel(BaseModel):
             return super().model_validate_json(json_data, **kwargs)
         except pydantic.ValidationError as exc:
             raise cls._request_error(exc) from None
+
+    @pydantic.field_validator("*", mode="before")
+    @classmethod
+    def _plain_integers(cls, value: Any) -> Any:
+        # An integer of another type (numpy's, torch's) is the int it stands for: strict fields would refuse it.
+        if isinstance(value, numbers.Integral) and not isinstance(value, (int, bool)):
+            return operator.index(value)
+        return value
 
     def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Any:
         """A copy with `update`'s fields changed and checked as at construction (pydantic's own `model_copy` checks

@@ -275,6 +275,9 @@ def test_call_arguments_of_the_wrong_kind_name_the_mistake(chat):
     for documents in ("Paris is in France.", Document("Paris is in France."), [1]):
         with pytest.raises(ValueError, match="documents must be"):
             chat.invoke("Where is Paris?", documents=documents)
+    as_list = chat.invoke("Where is Paris?", documents=["Paris is in France."], max_tokens=8).content
+    assert chat.invoke("Where is Paris?", documents=(d for d in ["Paris is in France."]), max_tokens=8).content == \
+        as_list  # any iterable of documents
     with pytest.raises(ValueError, match="tool_choice 'any' needs tools"):
         chat.invoke("Weather in Paris?", tool_choice="any")
     with pytest.raises(ValueError, match="tools must be a list"):

@@ -158,7 +158,7 @@ def test_a_reply_in_two_phases_keeps_one_deadline(monkeypatch):
     from braidinfer.outputs import Usage
 
     clock = [100.0]
-    monkeypatch.setattr(thinking.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(thinking, "monotonic", lambda: clock[0])
     timeouts = []
 
     class Engine:  # each request takes 0.4 s of the fake clock; phase 1 spends its thought budget

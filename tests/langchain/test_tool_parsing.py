@@ -83,13 +83,17 @@ def test_a_json_answer_is_a_call_only_when_shaped_like_one_to_a_bound_tool():
     person = '{"name": "Alice", "age": 30}'  # e.g. a response_format object with a "name" field
     assert parse_tool_calls(person) == (person, [])
     assert parse_tool_calls(person, tools=["get_weather"]) == (person, [])
-    unbound = '{"name": "Alice", "arguments": {}}'
-    assert parse_tool_calls(unbound, tools=["get_weather"]) == (unbound, [])
-    assert parse_tool_calls(unbound) == ("", [call("Alice", {})])  # bound tools unknown: shaped like a call
-    bound = '[{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_time"}]'
-    content, calls = parse_tool_calls(bound, tools=["get_weather", "get_time"])
+    unbound = '{"name": "search", "arguments": {}}'  # shaped like a call to a tool that is not bound: invalid
+    assert parse_tool_calls(unbound, tools=["get_weather"]) == (
+        "", [ParsedCall("search", None, unbound, "no bound tool is named 'search'")])
+    assert parse_tool_calls(unbound) == ("", [call("search", {})])  # bound tools unknown
+    both = '[{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_time"}]'
+    content, calls = parse_tool_calls(both, tools=["get_weather", "get_time"])
     assert content == "" and [(c.name, c.args) for c in calls] == [("get_weather", {"city": "Paris"}), ("get_time", {})]
-    assert parse_tool_calls(bound, tools=["get_weather"]) == (bound, [])  # one item is not a call: all text
+    _, calls = parse_tool_calls(both, tools=["get_weather"])  # the valid call is kept beside the invalid one
+    assert [(c.name, c.args is None) for c in calls] == [("get_weather", False), ("get_time", True)]
+    mixed = '[{"name": "get_weather", "arguments": {}}, {"name": "Alice", "age": 30}]'
+    assert parse_tool_calls(mixed, tools=["get_weather"]) == (mixed, [])  # one item is no call: all text
     wrapped = '{"type": "function", "function": {"name": "get_time", "arguments": "{}"}}'
     assert [(c.name, c.args) for c in parse_tool_calls(wrapped, tools=["get_time"])[1]] == [("get_time", {})]
     # Inside a call block the model meant a call, whatever it names: kept (and reported when it is no tool).
@@ -289,3 +293,19 @@ def test_documents_render_in_a_stable_order():
     assert render_documents([a, b]) == render_documents([b, a, b]) == expected
     assert render_documents([]) == ""
     assert render_documents(["plain text"], header="") == "<document>\nplain text\n</document>"
+
+
+def test_any_of_schemas_hoists_each_ones_defs_and_renames_escaped_refs():
+    from braid_langchain.tools import any_of_schemas
+
+    response = {"type": "object", "properties": {"x": {"$ref": "#/$defs/a~1b"}, "y": {"$ref": "#/$defs/P%20Q"},
+                                                 "z": {"$ref": "#/definitions/C/properties/v"}},
+                "$defs": {"a/b": {"type": "string"}, "P Q": {"type": "integer"}},
+                "definitions": {"C": {"type": "object", "properties": {"v": {"type": "string"}}}}}
+    call = {"type": "object", "properties": {"w": {"$ref": "#/$defs/a~1b"}}, "$defs": {"a/b": {"type": "number"}}}
+    assert any_of_schemas([call, response]) == {
+        "anyOf": [{"type": "object", "properties": {"w": {"$ref": "#/$defs/0.a~1b"}}},
+                  {"type": "object", "properties": {"x": {"$ref": "#/$defs/1.a~1b"}, "y": {"$ref": "#/$defs/1.P Q"},
+                                                    "z": {"$ref": "#/$defs/1.C/properties/v"}}}],
+        "$defs": {"0.a/b": {"type": "number"}, "1.a/b": {"type": "string"}, "1.P Q": {"type": "integer"},
+                  "1.C": {"type": "object", "properties": {"v": {"type": "string"}}, "additionalProperties": False}}}
