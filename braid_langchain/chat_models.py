@@ -450,7 +450,7 @@ class ChatBraid(BaseChatModel):
         prompt, opened, budget = thinking.plan_thought(engine.tokenizer, fmt.reasoning, prompt, reasoning,
                                                        max_thought, guided is not None)
         return _Request(_display_name(kwargs.get("model", self.model)), engine, prompt, params, tool_mode,
-                        schema_owner, segments, max_calls, fmt, opened, budget, head, frozenset(tool_names(offered)))
+                        schema_owner, segments, max_calls, fmt, opened, budget, head, tool_names(offered))
 
     def _sampling_params(self, stop: list[str] | None, guided: GuidedDecoding | None,
                          overrides: dict[str, Any]) -> SamplingParams:
@@ -493,7 +493,7 @@ class _Request:
     opened: bool = False  # the prompt opens the thought (the reply starts inside it)
     budget: thinking.ThoughtBudget | None = None  # the reply is generated thought first, then answer
     head: tuple[int, ...] = ()  # the prompt's first ids, the tuple kept for its system prompt and documents (or ())
-    tools: frozenset[str] | None = None  # the names of the tools offered (None: unknown)
+    tools: Sequence[str] | None = None  # the names of the tools offered (None: unknown)
 
     def tokenized(self) -> TokenizedPrompt:
         """The prompt for the engine: ids of its own tokenizer (`_prompt_ids` made them), so not checked one by one,

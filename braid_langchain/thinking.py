@@ -127,7 +127,7 @@ def stream_deltas(engine: Any, prompt: list[int], params: Any, budget: ThoughtBu
             for delta in second:
                 yield phases.on_second(delta)
     except RequestTimeoutError:  # its message gives the seconds left for phase 2: say the whole call's
-        raise RequestTimeoutError(f"the request ran past its {timeout:.3g} s deadline and was aborted") from None
+        raise RequestTimeoutError.after(timeout) from None
 
 
 async def astream_deltas(engine: Any, prompt: list[int], params: Any, budget: ThoughtBudget) -> AsyncIterator[Any]:

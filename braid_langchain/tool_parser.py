@@ -77,7 +77,7 @@ class ToolCallStream:
             body = buf[:len(buf) - _partial_tag_len(buf, self._close)] if self._close else buf
             return parse_call_block(body, self._open + buf, self._open)
         if state == "json":
-            calls = parse_json_calls(buf) if self._forced else parse_json_calls(buf, bare=True, tools=self._tools)
+            calls = parse_json_calls(buf, bare=not self._forced, tools=self._tools)
             if calls is not None:
                 return calls
             if self._forced:

@@ -108,7 +108,7 @@ def _chat(llm, params: SamplingParams, system: str | None, stats: bool) -> bool:
             reply = _answer(llm, prompt, params, stats)
         except InvalidRequestError as e:  # this turn only (e.g. past the context): the conversation goes on
             messages.pop()
-            print(f"{chr(10) if interactive else ''}braid: error: {e}", file=sys.stderr)
+            print(("\n" if interactive else "") + f"braid: error: {e}", file=sys.stderr)  # off the braid> line
             failed = True
             continue
         messages.append({"role": "assistant", "content": reply})

@@ -335,7 +335,6 @@ def pick_device(device: str | None) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InvalidRequestError(f"device {device!r} was asked for but CUDA is not available")
     picked = torch.device(device)
-    if picked.type == "cuda" and picked.index is not None and picked.index >= torch.cuda.device_count():
-        raise InvalidRequestError(f"device {device!r} was asked for but this machine has "
-                                  f"{torch.cuda.device_count()} CUDA device(s)")
+    if picked.type == "cuda" and picked.index is not None and picked.index >= (count := torch.cuda.device_count()):
+        raise InvalidRequestError(f"device {device!r} was asked for but this machine has {count} CUDA device(s)")
     return picked

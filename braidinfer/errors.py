@@ -3,6 +3,7 @@
 Every user mistake (a bad path, an invalid parameter, a prompt that cannot fit) raises a subclass of
 `BraidError` with a message that names the problem, before any work is scheduled.
 """
+from __future__ import annotations
 
 
 class BraidError(Exception):
@@ -43,3 +44,8 @@ class RequestFailedError(BraidError, RuntimeError):
 
 class RequestTimeoutError(BraidError, TimeoutError):
     """A request ran past the deadline its caller gave; it was aborted and its KV pages freed."""
+
+    @classmethod
+    def after(cls, timeout: float) -> RequestTimeoutError:
+        """The error of a request aborted when its `timeout` seconds ran out."""
+        return cls(f"the request ran past its {timeout:.3g} s deadline and was aborted")

@@ -95,7 +95,7 @@ class LLM:
         try:
             return [collect(s, deadline) for s in streams]
         except queue.Empty:
-            raise _timeout_error(timeout) from None
+            raise RequestTimeoutError.after(timeout) from None
         finally:
             for s in streams:
                 s.cancel()
@@ -120,7 +120,7 @@ class LLM:
                 try:
                     delta = stream.channel.get(wait)
                 except queue.Empty:
-                    raise _timeout_error(timeout) from None
+                    raise RequestTimeoutError.after(timeout) from None
                 yield stream.accept(delta)
         finally:
             stream.cancel()
@@ -229,10 +229,6 @@ def _deadline(timeout: Any) -> float | None:
             or timeout < 0:
         raise InvalidRequestError(f"timeout must be None or a finite number of seconds >= 0, got {timeout!r}")
     return time.monotonic() + timeout
-
-
-def _timeout_error(timeout: float) -> RequestTimeoutError:
-    return RequestTimeoutError(f"the request ran past its {timeout:.3g} s deadline and was aborted")
 
 
 def _as_prompt_list(prompts) -> list[Prompt]:

@@ -55,9 +55,9 @@ class ValidatedModel(BaseModel):
     def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Any:
         """A copy with `update`'s fields changed and checked as at construction (pydantic's own `model_copy` checks
         nothing, so it would pass on e.g. a negative temperature); InvalidRequestError on bad values."""
-        if not update:
-            return super().model_copy(deep=deep)
         copy = super().model_copy(deep=deep)
+        if not update:
+            return copy
         return type(self)(**{name: getattr(copy, name) for name in type(self).model_fields} | dict(update))
 
     @classmethod
