@@ -23,7 +23,7 @@ from braidinfer.memory import num_kv_pages
 from braidinfer.models import ModelConfig, model_class
 from braidinfer.postprocess import OutputProcessor
 from braidinfer.requests import RequestBuilder, RequestLimits
-from braidinfer.runner import ModelRunner
+from braidinfer.runner import ModelRunner, attention_backend_name
 from braidinfer.sampling.guided import GrammarCompiler
 from braidinfer.sampling.logits import sample_batch
 from braidinfer.sampling.sampler import HostTokens, Sampler, make_generator
@@ -49,6 +49,8 @@ class LLMEngine:
         self.device = pick_device(config.device)
         self.dtype = _DTYPES[config.dtype] if config.dtype != "auto" else (
             torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        # refuse an explicit backend that cannot run before the weights load, not after (the runner resolves it)
+        attention_backend_name(config.attention_backend, self.device, self.dtype, self.model_config.head_dim)
         self.tokenizer = self.source.load_tokenizer()
         form = "blocks" if self.device.type == "cuda" else cpu_weight_form(config, self.dtype)
         self.model = load_model(cls, self.model_config, self.source, self.device, self.dtype, config.progress,

@@ -46,7 +46,7 @@ class ModelRunner:
         self.logits_context = logits_context  # entered around compute_logits (StepThreads.wide on the CPU)
         self.device = device
         self.page_size = page_size
-        backend, problem = _backend_name(attention_backend, device, dtype, cfg.head_dim)
+        backend, problem = attention_backend_name(attention_backend, device, dtype, cfg.head_dim)
         use_graphs = backend == "flashinfer" and not enforce_eager
         if not enforce_eager and not use_graphs and device.type == "cuda":
             log.info("CUDA graphs need the FlashInfer attention backend; running eagerly on the torch backend")
@@ -261,7 +261,8 @@ class _RowCopy:
         dst[index[0]] = self.src[index[1]]
 
 
-def _backend_name(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple[str, str | None]:
+def attention_backend_name(name: str, device: torch.device, dtype: torch.dtype,
+                           head_dim: int) -> tuple[str, str | None]:
     """The attention backend that `name` ("auto", "torch" or "flashinfer") resolves to ("torch" or "flashinfer"),
     and why "auto" could not take FlashInfer (None when it did, or when "torch" was asked for)."""
     problem = unsupported_reason(device, dtype, head_dim) if name != "torch" else None

@@ -50,3 +50,18 @@ def test_guided_decoding_is_exported_and_its_errors_read_plainly():
         GuidedDecoding(regex="a+", json_object=True)
     assert str(raised.value) == ("invalid guided decoding: guided decoding takes exactly one of json_schema, "
                                  "json_object, grammar, regex, structural_tag")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the default device must be the CPU")
+def test_flashinfer_on_the_default_cpu_device_is_refused_before_the_weights_load(tiny_model_dir, monkeypatch):
+    """EngineConfig refuses attention_backend='flashinfer' with device='cpu'; with the device left to the engine, the
+    engine refuses it once the device is known, before it reads any weight."""
+    import braidinfer.engine as engine
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the backend was refused")
+
+    monkeypatch.setattr(engine, "load_model", no_load)
+    config = EngineConfig(model=tiny_model_dir("llama"), attention_backend="flashinfer")
+    with pytest.raises(InvalidRequestError, match="attention_backend 'flashinfer' cannot run: it needs a CUDA device"):
+        engine.LLMEngine(config)
