@@ -60,6 +60,19 @@ class ValidatedModel(BaseModel):
             return copy
         return type(self)(**{name: getattr(copy, name) for name in type(self).model_fields} | dict(update))
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in type(self).model_fields:
+            raise AttributeError(f"{type(self).__name__} is immutable: make a changed copy with "
+                                 f".model_copy(update={{{name!r}: ...}})")
+        if not name.startswith("_"):
+            raise AttributeError(f"{type(self).__name__} has no field {name!r}, and is immutable")
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if name in type(self).model_fields:
+            raise AttributeError(f"{type(self).__name__} is immutable: its field {name!r} cannot be deleted")
+        super().__delattr__(name)
+
     @classmethod
     def describe_error(cls, error: dict[str, Any]) -> str:
         """One failed check in words (pydantic's error dict: loc, msg, type, input)."""

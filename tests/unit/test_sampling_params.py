@@ -107,11 +107,15 @@ def test_greedy_property():
     assert not SamplingParams(temperature=1e-3).greedy
 
 
-def test_params_are_frozen():
+def test_params_are_frozen_and_say_how_to_change_them():
     p = SamplingParams()
-    with pytest.raises(Exception):
+    with pytest.raises(AttributeError, match=r"SamplingParams is immutable: .*model_copy\(update=\{'temperature'"):
         p.temperature = 0.5
-    assert p.temperature == 1.0
+    with pytest.raises(AttributeError, match="SamplingParams has no field 'temprature'"):
+        p.temprature = 0.5
+    with pytest.raises(AttributeError, match="its field 'top_k' cannot be deleted"):
+        del p.top_k
+    assert (p.temperature, p.top_k) == (1.0, SamplingParams().top_k) and not hasattr(p, "temprature")
 
 
 def test_model_copy_checks_what_it_changes():
