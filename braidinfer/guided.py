@@ -39,8 +39,10 @@ class GuidedDecoding(ValidatedModel):
         return self
 
     def key(self) -> tuple:
+        """Equal for constraints that compile to the same grammar. Key order counts: a schema's properties are
+        generated in the order it lists them."""
         return (_text(self.json_schema), self.json_object, self.grammar, self.regex, _text(self.structural_tag))
 
 
 def _text(spec: dict[str, Any] | str | None) -> str | None:
-    return spec if isinstance(spec, str) or spec is None else json.dumps(spec, sort_keys=True)
+    return spec if isinstance(spec, str) or spec is None else json.dumps(spec)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -12,13 +13,18 @@ from braidinfer.errors import GrammarCompileError
 from braidinfer.guided import GuidedDecoding
 
 
+CACHED_GRAMMARS = 64
+"""Compiled constraints a GrammarCompiler keeps (least recently used dropped first): a server whose requests each
+bring a new schema would otherwise grow without bound."""
+
+
 class GrammarCompiler:
     """Compiles constraints for one tokenizer (cached by constraint) and hands out a fresh matcher per request."""
 
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int]):
         self._tokenizer, self._vocab_size, self._stop_token_ids = tokenizer, vocab_size, stop_token_ids
         self._compiler = None
-        self._cache: dict[tuple, Any] = {}
+        self._cache: OrderedDict[tuple, Any] = OrderedDict()  # the CACHED_GRAMMARS used last
         self._lock = threading.Lock()
 
     def _xgr(self):
@@ -36,8 +42,12 @@ class GrammarCompiler:
         with self._lock:
             xgr = self._xgr()
             key = guided.key()
-            if key not in self._cache:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+            else:
                 self._cache[key] = self._compile(guided)
+                if len(self._cache) > CACHED_GRAMMARS:
+                    self._cache.popitem(last=False)
             return xgr.GrammarMatcher(self._cache[key])
 
     def _compile(self, guided: GuidedDecoding):

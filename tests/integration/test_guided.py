@@ -167,3 +167,29 @@ def test_bad_constraints_are_clear_errors(llm):
     with pytest.raises(InvalidRequestError, match="cannot be compiled"):
         llm.generate("x", SamplingParams(guided=GuidedDecoding(json_schema='{"type": "obj')))
     assert llm.generate("x", SamplingParams(max_tokens=3))[0].usage.completion_tokens == 3
+
+
+def test_schemas_listing_the_same_properties_in_another_order_keep_their_own_order(llm):
+    """A schema's properties are generated in the order it lists them, so two schemas that differ only in that order
+    are two grammars (the compiled-grammar cache once keyed them by sorted JSON and served the first to both)."""
+    props = {"name": {"type": "string", "maxLength": 4}, "age": {"type": "integer", "maximum": 99}}
+    for order in (["name", "age"], ["age", "name"], ["name", "age"]):
+        schema = {"type": "object", "properties": {k: props[k] for k in order}, "required": ["name", "age"],
+                  "additionalProperties": False}
+        out = llm.generate("x", SamplingParams(temperature=1.0, seed=3, max_tokens=40,
+                                               guided=GuidedDecoding(json_schema=schema)))[0]
+        assert out.finish_reason == "stop" and list(json.loads(out.text, strict=False)) == order, out.text
+
+
+def test_compiled_grammars_are_kept_for_the_most_recently_used_constraints(llm, monkeypatch):
+    """The cache of compiled constraints is bounded: the least recently used is compiled again when asked for."""
+    from braidinfer.sampling import guided as compiled
+
+    grammars = compiled.GrammarCompiler(llm.engine.tokenizer, llm.engine.model_config.vocab_size, [0])
+    monkeypatch.setattr(compiled, "CACHED_GRAMMARS", 2)
+    compiles: list[str] = []
+    compile_once = grammars._compile
+    monkeypatch.setattr(grammars, "_compile", lambda g: compiles.append(g.regex) or compile_once(g))
+    for regex in ["a", "b", "a", "c", "a", "b"]:  # "b" is the least recently used when "c" arrives
+        grammars.matcher(GuidedDecoding(regex=regex))
+    assert compiles == ["a", "b", "c", "b"]
