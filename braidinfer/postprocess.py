@@ -41,7 +41,9 @@ class OutputProcessor:
             seq.logprobs.append(logprobs)
         params, det = seq.params, seq.detokenizer
         # A grammar that has reached its end only allows stop tokens, so a terminated matcher ends the request.
-        grammar_done = seq.matcher is not None and (not seq.matcher.accept_token(token) or seq.matcher.is_terminated())
+        if seq.matcher is not None and not seq.matcher.accept_token(token):  # the mask forbade it: a bug, not a stop
+            raise RuntimeError(f"token {token} was sampled although the request's grammar forbids it")
+        grammar_done = seq.matcher is not None and seq.matcher.is_terminated()
         if grammar_done or token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
             reason, delta = "stop", det.flush()  # the stop token itself is never part of the text
         else:

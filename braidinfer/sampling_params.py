@@ -48,7 +48,10 @@ class SamplingParams(ValidatedModel):
     error_prefix: ClassVar[str] = ""  # each problem names its sampling parameter
 
     temperature: float = Field(1.0, ge=0.0)
+    """Divides the logits before sampling; below 1e-5 the request is greedy; above 1e6 it counts as 1e6."""
     top_k: int = Field(0, ge=-1)
+    """Keep the k most likely tokens and those tied with the k-th (with top-p too, its nucleus breaks such ties);
+    0 or -1 = off."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
@@ -57,10 +60,13 @@ class SamplingParams(ValidatedModel):
     stop_token_ids: list[Annotated[int, Field(ge=0)]] = []
     ignore_eos: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    """Report the chosen token's logprob and the top-n alternatives', of the model's own distribution: before
+    penalties, grammar masks, temperature and filters (as vLLM by default). None = off."""
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     repetition_penalty: float = Field(1.0, gt=0.0)
-    """Divides positive logits (multiplies negative ones) of tokens already in the prompt or output; 1 = off."""
+    """Divides positive logits (multiplies negative ones) of tokens already in the prompt or output; 1 = off. Taken
+    within [1e-6, 1e6]."""
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     """Subtracted from the logits of tokens already generated."""
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)

@@ -40,7 +40,7 @@ def sample_batch(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequence]) -
         raw = logits.float()
         logits = raw.clone()
     try:
-        out = _sample_rows(sampler, logits, seqs)
+        out = _sample_rows(sampler, logits, seqs, raw)
         return SampledBatch(seqs, out.token_ids, out.logprobs)
     except Exception:
         log.exception("sampling a batch of %d failed; sampling its rows one at a time", len(seqs))
@@ -48,7 +48,7 @@ def sample_batch(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequence]) -
     token_ids = []
     for i, seq in enumerate(seqs):
         try:
-            out = _sample_rows(sampler, raw[i : i + 1], [seq])
+            out = _sample_rows(sampler, raw[i : i + 1].clone(), [seq], raw[i : i + 1])
         except Exception as e:
             log.exception("request %s failed", seq.request_id)
             result.failed.append((seq, e))
@@ -61,8 +61,10 @@ def sample_batch(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequence]) -
     return result
 
 
-def _sample_rows(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+def _sample_rows(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequence],
+                 raw: torch.Tensor | None = None) -> SamplerOutput:
     apply_penalties(logits, [s.params for s in seqs], [s.token_ids for s in seqs],
                     [s.num_prompt_tokens for s in seqs])
     apply_token_masks(logits, [s.matcher for s in seqs])
-    return sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
+    # logprobs are of the model's distribution, before penalties and masks (raw: not written into)
+    return sampler(logits, [s.params for s in seqs], [s.generator for s in seqs], raw_logits=raw)

@@ -1,8 +1,8 @@
 """Repetition, presence and frequency penalties, applied to the logits before sampling (greedy included).
 
 Semantics as in vLLM: the repetition penalty (CTRL / Hugging Face) covers tokens of the prompt and the output,
-presence and frequency penalties cover the output only. The engine applies them before the sampler, so requested
-logprobs describe the penalised distribution.
+presence and frequency penalties cover the output only. The engine applies them before the sampler; requested
+logprobs describe the model's distribution before them (braidinfer.sampling.logits), as vLLM's do by default.
 """
 from __future__ import annotations
 
@@ -26,7 +26,9 @@ def apply_penalties(logits: torch.Tensor, params: Sequence[SamplingParams], toke
         if p.repetition_penalty != 1.0:
             seen = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
             seen[ids] = True
-            scaled = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
+            # within [1e-6, 1e6]: float32 holds any logit scaled by it (1e-46 would be 0, a division by it inf)
+            penalty = min(max(p.repetition_penalty, 1e-6), 1e6)
+            scaled = torch.where(row > 0, row / penalty, row * penalty)
             row.copy_(torch.where(seen, scaled, row))
         if p.presence_penalty or p.frequency_penalty:
             counts = torch.bincount(ids[num_prompt_tokens[i]:], minlength=vocab)[:vocab].to(row.dtype)

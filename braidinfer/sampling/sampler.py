@@ -13,6 +13,7 @@ _U64_MASK = (1 << 64) - 1
 # Rows whose top_k is at most this are filtered from a partial top-k selection instead of a full
 # sort of the vocabulary.
 _MAX_TOP_K_CANDIDATES = 1024
+_MAX_TEMPERATURE = 1e6  # see _temperature
 
 
 ARGMAX_CHUNK = 256  # vocabulary entries per chunk of greedy_ids' first pass
@@ -98,6 +99,7 @@ class Sampler:
         logits: torch.Tensor,
         params: list[SamplingParams],
         generators: list[torch.Generator],
+        raw_logits: torch.Tensor | None = None,
     ) -> SamplerOutput:
         """Pick one token per row.
 
@@ -108,7 +110,8 @@ class Sampler:
         temperature, keep the top-k tokens, then the smallest set whose probability reaches top-p (at
         least one token), then the tokens whose probability is at least min-p times the largest, and
         draw from what is left with the row's generator.
-        Logprobs are of the unmodified model distribution (log_softmax of the raw logits).
+        Logprobs are of the model's own distribution (log_softmax of `raw_logits`, the logits before penalties and
+        grammar masks changed them, as vLLM reports them; `logits` when not given): before temperature and filters.
         """
         if logits.dim() != 2 or logits.shape[0] != len(params) or len(params) != len(generators):
             raise ValueError(
@@ -120,12 +123,15 @@ class Sampler:
             # per decode step on an H100). A Triton argmax (3.5 us against torch's 9.3, at a smaller vocabulary) was
             # tried and dropped: its Python launch cost more host time per step than it saved on the GPU.
             return SamplerOutput(token_ids=greedy_ids(logits), logprobs=[None] * len(params))
-        logits = logits.float()
+        if raw_logits is None or raw_logits is logits:
+            raw_logits = logits = logits.float()
+        else:
+            logits, raw_logits = logits.float(), raw_logits.float()
         token_ids = greedy_ids(logits)
         sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
         if sampled_rows:
             self._sample_rows(logits, token_ids, params, generators, sampled_rows)
-        return SamplerOutput(token_ids=token_ids, logprobs=_logprobs(logits, token_ids, params))
+        return SamplerOutput(token_ids=token_ids, logprobs=_logprobs(raw_logits, token_ids, params))
 
     def _sample_rows(
         self,
@@ -157,7 +163,7 @@ def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
     """[S, vocab] float32 probabilities after temperature, top-k, top-p and min-p."""
     vocab = logits.shape[-1]
     # One host-to-device copy for all four per-row settings.
-    settings = _on_device([[p.temperature, _top_k(p, vocab), p.top_p, p.min_p] for p in params], torch.float32,
+    settings = _on_device([[_temperature(p), _top_k(p, vocab), p.top_p, p.min_p] for p in params], torch.float32,
                           logits.device)
     temperature, top_k, top_p, min_p = settings.unbind(dim=1)
     scaled = logits / temperature.unsqueeze(1)
@@ -182,6 +188,13 @@ def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
     if removed is not None:
         scaled.masked_fill_(removed, float("-inf"))
     return torch.softmax(scaled, dim=-1)
+
+
+def _temperature(params: SamplingParams) -> float:
+    """The temperature, at most 1e6: a larger one could be infinite in float32 (a forbidden token's -inf / inf is
+    NaN, and the row with it), and the distribution at 1e6 is uniform over the allowed tokens within float32's
+    resolution. (Below GREEDY_TEMPERATURE a request is greedy and never divides.)"""
+    return min(params.temperature, _MAX_TEMPERATURE)
 
 
 def _top_k(params: SamplingParams, vocab: int) -> int:
@@ -222,8 +235,10 @@ def _top_k_top_p_removed(
         sorted_logits, order = scaled.topk(candidates, dim=-1, sorted=True)
     else:
         sorted_logits, order = scaled.sort(dim=-1, descending=True)
-    rank = torch.arange(candidates, device=scaled.device).unsqueeze(0)
-    removed_sorted = rank >= top_k.unsqueeze(1)
+    # Top-k keeps every token tied with the k-th largest logit (as Hugging Face's top-k does), so that top_k=1
+    # draws among the argmax ties (bf16 logits tie often); a row keeping all candidates removes none of them.
+    kth = sorted_logits.gather(1, (top_k.clamp(max=candidates) - 1).unsqueeze(1))
+    removed_sorted = sorted_logits < kth
     masked = sorted_logits.masked_fill(removed_sorted, float("-inf"))
     if whole_rows:
         whole = top_k >= vocab
@@ -238,8 +253,10 @@ def _top_k_top_p_removed(
     # so that float32 rounding of the cumulative sum cannot cut their tail.
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
     removed_sorted |= (mass_before >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
-    # Tokens outside the candidates start out removed.
+    # Tokens outside the candidates start out removed, except, in a row without top-p, the ties of its k-th logit
+    # (top-k alone is a threshold; a top-p row's nucleus, computed over the candidates, breaks those ties by order).
     removed = torch.ones_like(scaled, dtype=torch.bool).scatter_(1, order, removed_sorted)
+    removed &= (scaled < kth) | (top_p < 1.0).unsqueeze(1)
     filtered = (top_k < vocab) | (top_p < 1.0)
     return removed & filtered.unsqueeze(1)
 

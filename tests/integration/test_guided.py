@@ -193,3 +193,16 @@ def test_compiled_grammars_are_kept_for_the_most_recently_used_constraints(llm, 
     for regex in ["a", "b", "a", "c", "a", "b"]:  # "b" is the least recently used when "c" arrives
         grammars.matcher(GuidedDecoding(regex=regex))
     assert compiles == ["a", "b", "c", "b"]
+
+
+def test_a_token_the_grammar_forbids_fails_the_request_instead_of_ending_it(llm, monkeypatch):
+    """Should a forbidden token ever be sampled (here: the masks switched off), the request fails with an error,
+    rather than ending with finish_reason "stop" and text that breaks its constraint; the engine serves on."""
+    from braidinfer.errors import BraidError
+
+    monkeypatch.setattr("braidinfer.sampling.logits.apply_token_masks", lambda logits, matchers: None)
+    with pytest.raises(BraidError, match="grammar forbids it"):
+        llm.generate("x", SamplingParams(temperature=0, max_tokens=8, guided=GuidedDecoding(regex="(yes|no)")))
+    monkeypatch.undo()
+    out = llm.generate("x", SamplingParams(temperature=0, max_tokens=8, guided=GuidedDecoding(regex="(yes|no)")))[0]
+    assert out.text in ("yes", "no") and out.finish_reason == "stop"

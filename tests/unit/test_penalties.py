@@ -36,3 +36,15 @@ def test_penalty_ranges_are_validated():
         SamplingParams(repetition_penalty=0.0)
     with pytest.raises(InvalidRequestError, match="frequency_penalty"):
         SamplingParams(frequency_penalty=3.0)
+
+
+@pytest.mark.parametrize("penalty, bound", [(1e-46, 1e-6), (1e39, 1e6)])
+def test_repetition_penalties_beyond_float32_act_as_the_nearest_bound(penalty, bound):
+    """1e-46 is 0 in float32 (a positive seen logit divided by it: inf) and 1e39 infinite (a seen logit of 0 times
+    it: NaN); each acts as the bound of [1e-6, 1e6], as transformers computes it in float64."""
+    logits = torch.tensor([[2.0, 0.0, -1.5, 3.0]])
+    apply_penalties(logits, [SamplingParams(repetition_penalty=penalty)], [[0, 1, 2]], [3])
+    values = torch.tensor([[2.0, 0.0, -1.5, 3.0]], dtype=torch.float64)
+    reference = RepetitionPenaltyLogitsProcessor(bound)(torch.tensor([[0, 1, 2]]), values)
+    assert logits.isfinite().all()
+    assert torch.allclose(logits.double(), reference, rtol=1e-6)

@@ -362,3 +362,64 @@ def test_two_pass_argmax_is_argmax_with_ties(dtype):
     got = two_pass_argmax(logits)
     assert got.tolist() == logits.argmax(dim=-1).tolist()
     assert got[:3].tolist() == [0, 501 * ARGMAX_CHUNK - 1, ARGMAX_CHUNK - 1]
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+@pytest.mark.parametrize("path", ["partial", "sorted"])
+def test_top_k_keeps_the_tokens_tied_with_the_kth_as_transformers_does(top_k, path):
+    """Ties with the k-th largest logit stay in (transformers' TopKLogitsWarper: logits below the k-th value go), so
+    top_k=1 draws among the argmax ties; compared on rows with ties at and around the k-th place, from the partial
+    top-k selection and from the full sort (forced by a row in the batch keeping more than 1024 tokens)."""
+    from transformers.generation.logits_process import TopKLogitsWarper
+
+    from braidinfer.sampling.sampler import _filtered_probs
+
+    logits = torch.randn(6, 2048, generator=torch.Generator().manual_seed(4))
+    logits[:, :3] = 5.0  # a three-way tie at the top
+    logits[3:, 3:5] = 4.0  # and in rows 3-5 a tie just below it
+    params = [SamplingParams(temperature=1.0, top_k=top_k)] * 6
+    wide = [SamplingParams(temperature=1.0, top_k=1500)] if path == "sorted" else []
+    rows = torch.cat([logits, logits[:1]]) if wide else logits
+    kept = _filtered_probs(rows.clone(), params + wide)[:6] > 0
+    expected = TopKLogitsWarper(top_k)(None, logits.clone()) > float("-inf")
+    assert torch.equal(kept, expected)
+    assert kept[:, :3].all() and kept.sum().item() == 18  # the whole top tie, nothing else
+    draws = sample(logits.repeat(100, 1), params * 100, [make_generator(5, "cpu")] * 600).token_ids.tolist()
+    assert set(draws) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("temperature", [1e39, 1e300])
+def test_temperatures_beyond_float32_draw_only_allowed_tokens(temperature):
+    """A temperature float32 cannot hold (infinite there) would make a forbidden token's -inf logit NaN, and the whole
+    row NaN; sampling takes it as 1e6, so draws are nearly uniform over the allowed tokens and never others."""
+    from braidinfer.sampling.sampler import _filtered_probs
+
+    logits = torch.randn(200, 50, generator=torch.Generator().manual_seed(7))
+    logits[:, 10:] = float("-inf")  # a grammar allows tokens 0-9 only
+    params = [SamplingParams(temperature=temperature)] * 200
+    probs = _filtered_probs(logits.clone(), params)
+    assert torch.allclose(probs[:, :10], torch.full((200, 10), 0.1)) and not probs[:, 10:].any()
+    assert set(sample(logits, params, [make_generator(8, "cpu")] * 200).token_ids.tolist()) == set(range(10))
+
+
+def test_logprobs_are_of_the_logits_before_penalties_and_grammar_masks(monkeypatch):
+    """As vLLM reports them: the model's distribution, not the penalised or grammar-masked one (which would list
+    forbidden tokens at -inf). The token is still chosen from the penalised, masked logits."""
+    class OnlyTokens:  # a grammar allowing tokens 4 and 5 (its masks written by `masks` below)
+        pass
+
+    values = torch.tensor([[3.0, 2.5, 2.0, 1.0, 0.5, 0.0, -1.0, -2.0]])
+    seq = SimpleNamespace(params=SamplingParams(temperature=0, repetition_penalty=4.0, logprobs=3), token_ids=[0],
+                          num_prompt_tokens=1, matcher=OnlyTokens(), generator=make_generator(0, "cpu"))
+    def masks(logits, matchers):
+        assert matchers == [seq.matcher]
+        logits[:, [0, 1, 2, 3, 6, 7]] = float("-inf")
+
+    monkeypatch.setattr("braidinfer.sampling.logits.apply_token_masks", masks)
+    out = sample_batch(Sampler(), values.clone(), [seq])
+    reference = torch.log_softmax(values.double(), dim=-1)[0].tolist()
+    (entry,) = out.logprobs
+    assert out.token_ids.tolist() == [4] and entry.token_id == 4  # the best allowed token
+    assert entry.logprob == pytest.approx(reference[4], abs=1e-5)
+    assert [t for t, _ in entry.top] == [0, 1, 2]
+    assert [lp for _, lp in entry.top] == pytest.approx(reference[:3], abs=1e-5)
