@@ -81,16 +81,14 @@ class Outbox:
     def __init__(self):
         self._pending: dict[asyncio.AbstractEventLoop, list[tuple[AsyncChannel, list[CompletionDelta]]]] = {}
         # The engine thread adds and flushes; an event loop does too when it tells requests that the engine loop
-        # stopped before they reached it (EngineLoop._submit_batch).
-        self._lock = threading.Lock()
+        # stopped before they reached it (EngineLoop._submit_batch), or a request was aborted before it reached it
+        # (EngineLoop.abort, which a garbage collection may run inside `add`: reentrant).
+        self._lock = threading.RLock()
 
     def add(self, channel: AsyncChannel, deltas: list[CompletionDelta]) -> None:
         """Queues `deltas` (in order) for `channel` until the next flush."""
         with self._lock:
-            batch = self._pending.get(channel.loop)
-            if batch is None:
-                batch = self._pending[channel.loop] = []
-            batch.append((channel, deltas))
+            self._pending.setdefault(channel.loop, []).append((channel, deltas))
 
     def flush(self) -> None:
         """Hands every queued delta to its event loop, in the order they were added."""

@@ -29,6 +29,7 @@ from braidinfer.channels import Outbox
 from braidinfer.engine import LLMEngine
 from braidinfer.errors import EngineDeadError
 from braidinfer.outputs import CompletionDelta
+from braidinfer.postprocess import OutputProcessor
 from braidinfer.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -73,11 +74,13 @@ class EngineLoop:
         self._intra_op_threads = intra_op_threads
         self._pid = os.getpid()  # the thread runs in this process only
         _guard_forked_children()
-        self._inbox: queue.Queue[Sequence | list[Sequence] | _Call | None] = queue.Queue()
+        # SimpleQueue and RLock: a stream dropped in a reference cycle is cancelled (`abort`) by a garbage
+        # collection, which runs in whichever thread allocates next, maybe one inside put() or holding the lock.
+        self._inbox: queue.SimpleQueue[Sequence | list[Sequence] | _Call | None] = queue.SimpleQueue()
         self._batches: dict[asyncio.AbstractEventLoop, list[Sequence]] = {}  # submit_soon's, per event loop
         self._dead: BaseException | None = None  # what killed the loop
         self._closed = False
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self.outbox = Outbox()
         """Deltas for asyncio consumers, sent after every step and every batch of inbox items (engine thread)."""
         self._thread = threading.Thread(target=self._run, name="braid-engine", daemon=True)
@@ -107,16 +110,23 @@ class EngineLoop:
 
     def abort(self, request_id: str) -> None:
         """Asks the engine to end a request; a no-op once the loop stopped (its requests have ended already). A
-        request still waiting in an event loop's batch is dropped from it instead: it never reaches the engine."""
+        request still waiting in an event loop's batch is dropped from it instead: it never reaches the engine, and
+        its stream ends with finish_reason "abort" as the engine would end it."""
+        dropped = None
         with self._lock:
-            for event_loop, batch in self._batches.items():
+            for event_loop, batch in list(self._batches.items()):
                 kept = [seq for seq in batch if seq.request_id != request_id]
                 if len(kept) < len(batch):
+                    dropped = next(seq for seq in batch if seq.request_id == request_id)
                     if kept:
                         self._batches[event_loop] = kept
                     else:  # its flush finds nothing; a loop that closes first is not kept alive by this entry
                         del self._batches[event_loop]
-                    return
+                    break
+        if dropped is not None:
+            OutputProcessor.emit(dropped, "", [], None, "abort")  # a consumer already waiting wakes
+            self.outbox.flush()
+            return
         try:
             self.post(lambda: self.engine.abort(request_id))
         except EngineDeadError:

@@ -163,6 +163,43 @@ def test_a_request_cancelled_before_it_reaches_the_engine_costs_nothing(llm):
     assert _idle(llm)
 
 
+def test_a_stream_closed_by_another_task_before_its_request_reaches_the_engine_wakes_its_consumer(llm):
+    """A consumer already waiting on the stream (e.g. the task writing to an HTTP client) when another task closes
+    it (a disconnect handler), while the request still waits in the event loop's batch: the consumer gets the
+    "abort" delta, as it does once the request runs, instead of waiting forever."""
+    prompt = _prompts(1, seed=11)[0]
+
+    async def main():
+        stream = llm.astream_deltas(prompt, GREEDY)
+        consumer = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0)  # the consumer submitted; the request is still in this event loop's batch
+        await stream.aclose()
+        return await asyncio.wait_for(asyncio.gather(consumer, return_exceptions=True), 60)
+
+    (delta,) = asyncio.run(main())
+    assert (delta.finish_reason, delta.token_ids, delta.usage.prompt_tokens, delta.usage.completion_tokens) == (
+        "abort", [], len(prompt), 0)
+    assert _idle(llm)
+
+
+def test_an_abort_run_by_a_garbage_collection_inside_the_loops_lock_does_not_deadlock(llm):
+    """A stream dropped in a reference cycle is cancelled by the collection that frees it, which runs in whatever
+    thread allocates next, maybe one that holds the engine loop's lock: the abort must not wait for that lock."""
+    loop = llm._loop
+    done = threading.Event()
+
+    def collect_under_the_lock():
+        with loop._lock:  # as submit_soon / _put / abort hold it while they allocate
+            loop.abort("no-such-request")  # what the collected stream's finalizer calls
+        done.set()
+
+    thread = threading.Thread(target=collect_under_the_lock, daemon=True)
+    thread.start()
+    thread.join(60)
+    assert done.is_set(), "abort waited for a lock its own thread holds"
+    assert llm.generate(_prompts(1, seed=12), GREEDY)[0].finish_reason == "length"
+
+
 def test_a_request_submitted_as_its_engine_closes_ends_with_an_error(llama_dir):
     closing = LLM(model=llama_dir, device="cpu", dtype="float32", page_size=4, max_model_len=256, num_kv_pages=64,
                   progress=False)
