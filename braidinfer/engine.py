@@ -244,14 +244,24 @@ class LLMEngine:
         self.output.process(step.sampled, step.tokens.get(), step.logprobs)
 
     def _compose(self, seq: Sequence) -> None:
-        """Copies a composed prompt's chunk KV into its freshly reserved pages (fails it if a chunk is gone)."""
-        pages = [self.pins.get(segment.pin_owner) for segment in seq.compose]
-        gone = [segment.pin_owner for segment, p in zip(seq.compose, pages) if p is None]
-        if gone:
-            self.fail(seq, InvalidRequestError(f"chunks {gone} were released before the request ran"))
-            return
-        self.runner.copy_composed(seq.page_table, [(segment.position, p, segment.num_tokens)
-                                                   for segment, p in zip(seq.compose, pages)])
+        """Copies a composed prompt's chunk KV into its freshly reserved pages. At its first admission it takes a
+        reference on the chunks' pages (fails if a chunk is gone), which it holds to its end; a failure to copy
+        fails this request alone."""
+        if seq.composed_pages is None:
+            pages = [self.pins.get(segment.pin_owner) for segment in seq.compose]
+            gone = [segment.pin_owner for segment, p in zip(seq.compose, pages) if p is None]
+            if gone:
+                self.fail(seq, InvalidRequestError(f"chunks {gone} were released before the request ran"))
+                return
+            for p in pages:
+                self.pages.acquire(p)
+            seq.composed_pages = pages
+        try:
+            self.runner.copy_composed(seq.page_table, [(segment.position, p, segment.num_tokens)
+                                                       for segment, p in zip(seq.compose, seq.composed_pages)])
+        except Exception as e:  # e.g. a model that cannot move keys to another position
+            log.exception("request %s failed", seq.request_id)
+            self.fail(seq, e)
 
     def _pin(self, seq: Sequence) -> None:
         """A chunk's prefill is done: pin its full pages (a root chain in the prefix cache) and end the request.

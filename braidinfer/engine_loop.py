@@ -74,12 +74,12 @@ class EngineLoop:
         self._intra_op_threads = intra_op_threads
         self._pid = os.getpid()  # the thread runs in this process only
         _guard_forked_children()
-        # SimpleQueue and RLock: a stream dropped in a reference cycle is cancelled (`abort`) by a garbage
-        # collection, which runs in whichever thread allocates next, maybe one inside put() or holding the lock.
-        self._inbox: queue.SimpleQueue[Sequence | list[Sequence] | _Call | None] = queue.SimpleQueue()
+        self._inbox: queue.Queue[Sequence | list[Sequence] | _Call | None] = queue.Queue()
         self._batches: dict[asyncio.AbstractEventLoop, list[Sequence]] = {}  # submit_soon's, per event loop
         self._dead: BaseException | None = None  # what killed the loop
         self._closed = False
+        # Reentrant: a stream dropped in a reference cycle is cancelled (`abort`) by a garbage collection, which runs
+        # in whichever thread allocates next, maybe one holding this lock.
         self._lock = threading.RLock()
         self.outbox = Outbox()
         """Deltas for asyncio consumers, sent after every step and every batch of inbox items (engine thread)."""

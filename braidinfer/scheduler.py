@@ -115,6 +115,8 @@ class Scheduler:
             self.waiting.popleft()
             if fresh and seq.compose:
                 self._composing.append(seq)
+            elif fresh and not seq.private:
+                self.pages.count_lookup(seq.num_tokens - 1, seq.num_computed_tokens)  # what _match_prefix found
             if seq.num_cached_prompt_tokens is None:
                 seq.num_cached_prompt_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
             seq.status = SequenceStatus.RUNNING
@@ -180,5 +182,8 @@ class Scheduler:
         elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
         self._release(seq)
+        if seq.composed_pages is not None:  # the chunks' pages it held since its first admission
+            self.pages.release([p for pages in seq.composed_pages for p in pages])
+            seq.composed_pages = None
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason

@@ -65,6 +65,9 @@ class Sequence:
         # A composed prompt: the independent chunks whose KV is copied in at admission; they cover
         # token_ids[:num_composed_tokens].
         self.compose: list[ComposedSegment] = []
+        # The pages of each segment's chunk, referenced from the first admission to the end: a chunk released while
+        # the request runs stays readable for the recompute after a preemption.
+        self.composed_pages: list[tuple[int, ...]] | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -51,16 +51,22 @@ class PageManager:
 
     # --- prefix cache ----------------------------------------------------------------------------------------
     def match_prefix(self, token_ids: Sequence[int], max_tokens: int) -> list[PrefixNode]:
-        """Longest cached chain for a prefix of at most `max_tokens` tokens; takes a reference on each page."""
+        """Longest cached chain for a prefix of at most `max_tokens` tokens; takes a reference on each page. Counted
+        in the hit rate only by `count_lookup`, once the request that looked is admitted."""
         if not self.enable_prefix_caching:
             return []
         chain = self.tree.match(token_ids, max_tokens)
         self.tree.touch(chain)
         for node in chain:
             self._acquire(node.page)
-        self.num_lookup_tokens += max_tokens
-        self.num_cached_tokens_served += len(chain) * self.page_size
         return chain
+
+    def count_lookup(self, num_tokens: int, num_served: int) -> None:
+        """Counts an admitted request's lookup (`stats`' hit rate): `num_served` of the `num_tokens` it looked up came
+        from the cache. A lookup undone because the request could not be admitted yet is not counted."""
+        if self.enable_prefix_caching:
+            self.num_lookup_tokens += num_tokens
+            self.num_cached_tokens_served += num_served
 
     def cached_prefix_length(self, token_ids: Sequence[int], max_tokens: int) -> int:
         """Tokens in the longest cached prefix of at most `max_tokens` tokens (whole pages), looked up only: no
@@ -90,6 +96,12 @@ class PageManager:
                 page_table[i] = node.page
             last_node, num_committed = node, i + 1
         return num_committed, last_node
+
+    def acquire(self, pages: Sequence[int]) -> None:
+        """Takes one more reference on each of `pages`, held already (`release` drops it)."""
+        for p in pages:
+            assert self.ref_counts[p] > 0, f"page {p} is not held"
+            self._acquire(p)
 
     def _acquire(self, page: int) -> None:
         self._num_cached -= self.ref_counts[page] == 0

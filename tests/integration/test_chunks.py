@@ -207,9 +207,9 @@ def _capture_first_logprobs(llm: LLM, prompt, **kwargs) -> torch.Tensor:
     """The log-distribution the engine samples the first token from (recorded at the sampler's input)."""
     inner, rows = llm.engine.sampler, []
 
-    def record(logits, params, generators):
+    def record(logits, params, generators, **kwargs):
         rows.append(logits.float().log_softmax(-1)[0].clone())
-        return inner(logits, params, generators)
+        return inner(logits, params, generators, **kwargs)
 
     llm.engine.sampler = record
     try:
@@ -272,3 +272,24 @@ def test_composed_prompts_are_never_cached_and_reject_mixing(tiny_llms):
         on.generate(question, GREEDY, chunks=[a])
     exact.release()
     assert _idle(on)
+
+
+def test_a_composed_request_preempted_after_its_chunk_was_released_finishes_as_alone(tiny_model):
+    """Releasing a chunk once the request using it runs is allowed: the request holds the chunk's pages to its end,
+    so a preemption (its KV recomputed, the chunk's copied in again) still finishes with the tokens it has alone."""
+    _, path, _ = tiny_model
+    with LLM(model=path, device="cpu", dtype="float32", page_size=PS, num_kv_pages=24, progress=False) as llm:
+        chunk = llm.chunks.add(_random_ids(70, 16), independent=True)
+        question, params = _random_ids(71, 4), SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+        alone = llm.generate(question, params, chunks=[chunk])[0].token_ids
+        hog = llm.stream_deltas(_random_ids(72, 30), SamplingParams(temperature=0, max_tokens=130, ignore_eos=True))
+        next(hog)  # runs, and grows to 20 of the 24 pages
+        tokens = []
+        for delta in llm.stream_deltas(question, params, chunks=[chunk]):
+            tokens += delta.token_ids
+            if len(tokens) == 1:
+                chunk.release()
+        assert llm.engine.scheduler.num_preemptions > 0  # the case under test happened
+        assert tokens == alone
+        assert [d.finish_reason for d in hog][-1] == "length"
+        assert _idle(llm)

@@ -75,6 +75,14 @@ def test_composed_prompt_fails_clearly_and_the_engine_keeps_serving(gpt2):
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     with _llm(path) as llm:
         a, b = (llm.chunks.add(p, independent=True) for p in random_prompts([6, 9], VOCAB, seed=5))
+        # A request running beside it is not taken down with it.
+        bystander_prompt = random_prompts([14], VOCAB, seed=8)[0]
+        bystander = llm.stream_deltas(bystander_prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+        first = next(bystander)
         with pytest.raises(UnsupportedModelError, match="learned"):
             llm.generate(random_prompts([3], VOCAB, seed=6)[0], params, chunks=[a, b])
+        rest = list(bystander)
+        assert rest[-1].finish_reason == "length" and rest[-1].error is None
+        alone = llm.generate(bystander_prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0]
+        assert first.token_ids + [t for d in rest for t in d.token_ids] == alone.token_ids
         assert_greedy_matches(llm, ref, random_prompts([10], VOCAB, seed=7), steps=4)

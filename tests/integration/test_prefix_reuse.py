@@ -60,3 +60,24 @@ def test_identical_prompt_is_served_from_cache_except_last_token(llms):
     b = on.generate(prompt, params)[0]
     assert a.token_ids == b.token_ids
     assert b.usage.cached_prompt_tokens == 56  # the last page holds the last prompt token, which is recomputed
+
+
+def test_cache_statistics_count_what_admitted_requests_reused(tiny_model):
+    """tokens_served_from_cache and cache_hit_rate add up the admitted requests' usage.cached_prompt_tokens, and
+    their lookups: a request waiting for pages (its lookup undone, tried again every step) counts once."""
+    _, path, _ = tiny_model
+    with LLM(model=path, device="cpu", dtype="float32", page_size=8, num_kv_pages=12, progress=False) as llm:
+        g = torch.Generator().manual_seed(4)
+        prefix, hog, tail = (torch.randint(3, 49152, (n,), generator=g).tolist() for n in (33, 30, 40))
+        llm.generate(prefix, SamplingParams(temperature=0, max_tokens=1))  # 4 full pages of it cached
+        pages = llm.engine.pages
+        served_before, lookups_before = pages.num_cached_tokens_served, pages.num_lookup_tokens
+        # The first request holds 9 of the 12 pages for 40 steps; the second (the prefix, then more) waits.
+        outs = llm.generate([hog, prefix + tail], [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+                                                   SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)])
+        assert llm.engine.scheduler.num_preemptions == 0 and outs[1].usage.cached_prompt_tokens > 0
+        stats = llm.cache_stats()
+        assert stats["tokens_served_from_cache"] - served_before == sum(o.usage.cached_prompt_tokens for o in outs)
+        # each looked up its prompt but the last token, once
+        assert pages.num_lookup_tokens - lookups_before == len(hog) - 1 + len(prefix + tail) - 1
+        assert stats["cache_hit_rate"] == pytest.approx(stats["tokens_served_from_cache"] / pages.num_lookup_tokens)

@@ -60,10 +60,10 @@ def test_a_sampler_fault_fails_only_its_request(tiny, monkeypatch):
     poisoned = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, seed=666)  # same tokens, own identity
     sampler = tiny.engine.sampler
 
-    def faulty(logits, params, generators):
+    def faulty(logits, params, generators, **kwargs):
         if any(p is poisoned for p in params):
             raise RuntimeError("injected sampler fault")
-        return sampler(logits, params, generators)
+        return sampler(logits, params, generators, **kwargs)
 
     monkeypatch.setattr(tiny.engine, "sampler", faulty)
     results = _run_all(tiny, prompts, [GREEDY, poisoned, GREEDY, GREEDY])
