@@ -93,7 +93,7 @@ class LLMEngine:
         self.sampler = Sampler()
         grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, sorted(eos_token_ids))
         limits = RequestLimits(self.model_config.vocab_size, max_model_len, num_pages, config.page_size,
-                               self.pins.max_pages)
+                               self.pins.max_pages, getattr(self.model, "cannot_shift_keys", None))
         self.requests = RequestBuilder(config, self.tokenizer, limits, grammars, self.device,
                                        make_generator(config.seed, self.device))
         """Builds and validates requests (any thread)."""
@@ -259,7 +259,7 @@ class LLMEngine:
         try:
             self.runner.copy_composed(seq.page_table, [(segment.position, p, segment.num_tokens)
                                                        for segment, p in zip(seq.compose, seq.composed_pages)])
-        except Exception as e:  # e.g. a model that cannot move keys to another position
+        except Exception as e:  # e.g. a device error
             log.exception("request %s failed", seq.request_id)
             self.fail(seq, e)
 

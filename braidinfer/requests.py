@@ -13,7 +13,7 @@ import torch
 from braidinfer.chat_template import require_valid_unicode
 from braidinfer.config import EngineConfig
 from braidinfer.detokenizer import IncrementalDetokenizer
-from braidinfer.errors import InvalidRequestError
+from braidinfer.errors import InvalidRequestError, UnsupportedModelError
 from braidinfer.outputs import CompletionDelta
 from braidinfer.sampling.guided import GrammarCompiler
 from braidinfer.sampling.sampler import make_generator
@@ -35,6 +35,8 @@ class RequestLimits:
     page_size: int
     max_pinned_pages: int
     """Most pages that chunks may pin together."""
+    cannot_shift_keys: str | None = None
+    """Why the model cannot move a chunk's keys to another position (composed prompts), or None when it can."""
 
 
 class RequestBuilder:
@@ -95,6 +97,8 @@ class RequestBuilder:
         prompt, approximate: private KV, never cached)."""
         if compose and not len(prompt):
             raise InvalidRequestError("a prompt composed from independent chunks needs some text after them")
+        if compose and self.limits.cannot_shift_keys and any(segment.position for segment in compose):
+            raise UnsupportedModelError(self.limits.cannot_shift_keys)
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"params must be SamplingParams, got {type(params).__name__}")

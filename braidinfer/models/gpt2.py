@@ -117,10 +117,12 @@ class GPT2LMHeadModel(nn.Module):
             tensor = tensor.t()  # Conv1D [in, out] -> Linear [out, in]
         return name, tensor
 
+    cannot_shift_keys = ("GPT-2's positions are learned and added before the first layer, so a chunk's keys cannot "
+                         "be moved to another position; compose prompts from chunks with a rotary-embedding model")
+    """Why a composed prompt's chunks cannot be moved (the request builder refuses one before any work)."""
+
     def shift_keys(self, k: torch.Tensor, delta: int) -> torch.Tensor:
-        raise UnsupportedModelError("GPT-2's positions are learned and added before the first layer, so a chunk's "
-                                    "keys cannot be moved to another position; compose prompts from chunks with a "
-                                    "rotary-embedding model")
+        raise UnsupportedModelError(self.cannot_shift_keys)
 
     def attention_specs(self) -> list[AttentionSpec]:
         """Scale 1 / sqrt(head_dim) (1 with scale_attn_weights false), further divided by layer_idx + 1 with

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from braidinfer import LLM, SamplingParams
-from braidinfer.errors import EngineDeadError, InvalidRequestError, OutOfPagesError
+from braidinfer.errors import EngineDeadError, InvalidRequestError, OutOfPagesError, RequestFailedError
 from tests.support.engines import idle_problems
 
 PS = 8
@@ -293,3 +293,25 @@ def test_a_composed_request_preempted_after_its_chunk_was_released_finishes_as_a
         assert tokens == alone
         assert [d.finish_reason for d in hog][-1] == "length"
         assert _idle(llm)
+
+
+def test_a_composed_request_whose_kv_copy_fails_fails_alone(tiny_llms, monkeypatch):
+    """A failure while a composed prompt's chunk KV is copied in (here injected; a device error, say) ends that
+    request alone: a request running beside it finishes with its own tokens, and nothing stays held."""
+    on, off = tiny_llms
+    chunk = on.chunks.add(_random_ids(80, 12), independent=True)
+    other = _random_ids(81, 10)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+    def broken(*args):
+        raise RuntimeError("injected copy fault")
+
+    monkeypatch.setattr(on.engine.runner, "copy_composed", broken)
+    bystander = on.stream_deltas(other, params)
+    first = next(bystander)
+    with pytest.raises(RequestFailedError, match="injected copy fault"):
+        on.generate(_random_ids(82, 4), GREEDY, chunks=[chunk])
+    rest = list(bystander)
+    assert first.token_ids + [t for d in rest for t in d.token_ids] == off.generate(other, params)[0].token_ids
+    chunk.release()
+    assert _idle(on)
