@@ -448,7 +448,7 @@ class ChatBraid(BaseChatModel):
         max_calls = 1 if kwargs.get("parallel_tool_calls") is False else None
         max_thought = kwargs.get("max_reasoning_tokens", self.max_reasoning_tokens)
         prompt, opened, budget = thinking.plan_thought(engine.tokenizer, fmt.reasoning, prompt, reasoning,
-                                                       max_thought, guided is not None)
+                                                       max_thought, guided is not None or bool(params.stop))
         return _Request(_display_name(kwargs.get("model", self.model)), engine, prompt, params, tool_mode,
                         schema_owner, segments, max_calls, fmt, opened, budget, head, tool_names(offered))
 

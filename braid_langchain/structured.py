@@ -67,9 +67,14 @@ def _json_schema(schema: dict[str, Any] | type) -> dict[str, Any]:
 
 def require_valid_call(message: AIMessage) -> AIMessage:
     """`message` as is when it holds a valid tool call; OutputParserException saying why the call is invalid (e.g.
-    cut by max_tokens) otherwise, where LangChain's tool parsers would return None without a word."""
-    if message.tool_calls or not message.invalid_tool_calls:
+    cut by max_tokens) or missing otherwise, where LangChain's tool parsers would return None without a word."""
+    if message.tool_calls:
         return message
+    if not message.invalid_tool_calls:  # e.g. a reasoning model's thought used up max_tokens
+        finish = message.response_metadata.get("finish_reason")
+        hint = "; raise max_tokens, or bound the thought with max_reasoning_tokens" if finish == "length" else ""
+        raise OutputParserException(f"the reply has no tool call (finish_reason {finish!r}{hint})",
+                                    llm_output=str(message.content))
     call = message.invalid_tool_calls[0]
     reason = call.get("error") or f"finish_reason {message.response_metadata.get('finish_reason')!r}"
     raise OutputParserException(f"the tool call {call.get('name')!r} is invalid: {reason}",

@@ -7,7 +7,8 @@ prefills a few tokens), with the request's own constraint (tool call or structur
 applies to the answer only. The caller sees one stream of deltas, as if the model had written `</think>` itself,
 and one usage: completion tokens of both phases and the closing tokens, the prompt as phase 1 read it.
 
-The request's stop strings apply to the answer only (a thought that mentions one goes on).
+The request's stop strings apply to the answer only (a thought that mentions one goes on), so a request with stop
+strings takes two phases too.
 
 The thought must be open when phase 1 starts: when the template does not open it in the generation prompt
 (Qwen3), `<think>\\n` is appended to the prompt first (as the R1-distill templates do).
@@ -43,6 +44,8 @@ class _Phases:
         limit = params.max_tokens if budget.max_tokens is None else min(budget.max_tokens, params.max_tokens)
         self.first = params.model_copy(update={"max_tokens": limit, "guided": None, "stop": [],
                                                "stop_token_ids": [*params.stop_token_ids, budget.fmt.close_token_id]})
+        self.separator = list(tokenizer(ANSWER_SEPARATOR, add_special_tokens=False)["input_ids"])
+        self.newline = list(tokenizer("\n", add_special_tokens=False)["input_ids"])
         self.thought: list[int] = []
         self.first_usage: Any = None
 
@@ -56,7 +59,9 @@ class _Phases:
         if self.closed_by_model:
             ids = ids[:-1]
         if self.ends_here(delta):
-            return delta if not self.closed_by_model else dataclasses.replace(delta, token_ids=ids)
+            if not self.closed_by_model:
+                return delta
+            return dataclasses.replace(delta, token_ids=ids, finish_reason="length")  # no room left to answer
         return dataclasses.replace(delta, token_ids=ids, finish_reason=None, usage=None) if delta.text or ids else None
 
     @property
@@ -65,22 +70,38 @@ class _Phases:
 
     def ends_here(self, last: Any) -> bool:
         """Whether the reply ends with phase 1: an error, an abort, the model's own end of text inside its thought,
-        or max_tokens spent."""
+        max_tokens spent or too few left for the closing text and one answer token, or the model's context reached
+        before the thought's budget (phase 2's prompt would not fit)."""
         if last.finish_reason not in ("stop", "length"):
             return True
         if last.finish_reason == "stop":
-            return not self.closed_by_model
-        return last.usage.completion_tokens >= self.params.max_tokens
+            return not self.closed_by_model or self._no_room()
+        return self._no_room() or last.usage.completion_tokens < self.first.max_tokens
+
+    def _no_room(self) -> bool:
+        return len(self._thought()) + len(self._closing_ids()) >= self.params.max_tokens
+
+    def _thought(self) -> list[int]:
+        return self.thought[:-1] if self.closed_by_model else self.thought
+
+    def _closing_ids(self) -> list[int]:
+        """The closing text's tokens: `</think>` and the separator, after a newline where the engine cuts a thought
+        that does not end with one (the chat templates render a thought so when it comes back in the history, and
+        the prefix cache then finds this reply's tokens)."""
+        close = [self.budget.fmt.close_token_id, *self.separator]
+        thought = self._thought()
+        if self.closed_by_model or not thought or self.tokenizer.decode(thought[-1:]).endswith("\n"):
+            return close
+        return self.newline + close
 
     def closing(self) -> tuple[Any, list[int], Any]:
         """(the delta of the closing text, phase 2's prompt, phase 2's params)."""
-        fmt = self.budget.fmt
-        thought = self.thought[:-1] if self.closed_by_model else self.thought
-        closing_ids = [fmt.close_token_id, *self.tokenizer(ANSWER_SEPARATOR, add_special_tokens=False)["input_ids"]]
+        thought, closing_ids = self._thought(), self._closing_ids()
         self.num_closing = len(closing_ids)
         self.num_thought = len(thought)
-        remaining = max(self.params.max_tokens - self.num_thought - len(closing_ids), 1)
-        delta = _Delta(text=fmt.close + ANSWER_SEPARATOR, token_ids=closing_ids)
+        remaining = self.params.max_tokens - self.num_thought - len(closing_ids)  # >= 1: ends_here checked
+        newline = "\n" if len(closing_ids) > 1 + len(self.separator) else ""
+        delta = _Delta(text=newline + self.budget.fmt.close + ANSWER_SEPARATOR, token_ids=closing_ids)
         return delta, self.prompt + thought + closing_ids, self.params.model_copy(update={"max_tokens": remaining})
 
     def on_second(self, delta: Any) -> Any:
@@ -155,7 +176,8 @@ def plan_thought(tokenizer: Any, fmt: ReasoningFormat | None, prompt: list[int],
 
     `reasoning=False` with a template that opens the thought anyway (R1-distill) closes it empty, as Qwen3's
     template does for `enable_thinking=False`. Two phases are needed for a thinking budget, and for a constrained
-    reply (`constrained`), whose constraint must not apply to the thought."""
+    reply or one with stop strings (`constrained`), whose constraint and stop strings must not apply to the
+    thought."""
     if fmt is None:
         return prompt, False, None
     opened = prompt_opens_thought(tokenizer, prompt, fmt)

@@ -49,12 +49,15 @@ def prompt_of(tok, chat, **kwargs) -> list[int]:
 
 def reference_reply(off: LLM, tok, opened: list[int], max_thought: int):
     """(thought ids, answer ids, [finished sequences]) as the design says, for a prompt that opens the thought:
-    think until `</think>` or max_thought tokens, then `</think>\n\n` and the constrained answer."""
+    think until `</think>` or max_thought tokens, then `</think>\n\n` (after a newline where the thought was cut
+    not ending with one, as the template renders it back) and the constrained answer."""
     close = tok.convert_tokens_to_ids("</think>")
     first = off.generate(opened, SamplingParams(temperature=0, max_tokens=max_thought, stop_token_ids=[close]))[0]
     assert first.finish_reason == "length" or first.token_ids[-1] == close, "the model ended inside its thought"
     thought = [t for t in first.token_ids if t != close]
     closing = [close, *ids(tok, "\n\n")]
+    if first.token_ids[-1] != close and not tok.decode(thought[-1:]).endswith("\n"):
+        closing = ids(tok, "\n") + closing
     second = off.generate(opened + thought + closing, SamplingParams(
         temperature=0, max_tokens=MAX_TOKENS - len(thought) - len(closing), guided=ANSWER))[0]
     return thought, second.token_ids, [opened + first.token_ids, opened + thought + closing + second.token_ids]
@@ -67,15 +70,17 @@ def test_max_reasoning_tokens_closes_the_thought_and_the_answer_follows(qwen3_ch
                       max_reasoning_tokens=max_thought, engine_kwargs=engine_kwargs(1))
     reply = model.invoke("Name a colour.", guided=ANSWER)
     prompt = prompt_of(tok, [{"role": "user", "content": "Name a colour."}])
-    thought, answer, _ = reference_reply(off, tok, prompt + ids(tok, "<think>\n"), max_thought)
+    thought, answer, finished = reference_reply(off, tok, prompt + ids(tok, "<think>\n"), max_thought)
+    closing = finished[1][len(prompt) + len(ids(tok, "<think>\n")) + len(thought):][: -len(answer) or None]
     assert reply.usage_metadata["input_tokens"] == len(prompt) + len(ids(tok, "<think>\n"))  # opened by ChatBraid
     assert len(thought) <= max_thought
     assert reply.content == tok.decode(answer, skip_special_tokens=True) and reply.content in ("red", "green", "blue")
     assert reply.additional_kwargs["reasoning_content"] == tok.decode(thought, skip_special_tokens=True).strip()
     assert "<think>" not in reply.content and "</think>" not in reply.content
-    # The thought's tokens and the closing `</think>` (the prompt's `<think>\n` is not generated).
-    assert reply.usage_metadata["output_token_details"]["reasoning"] == len(thought) + 1
-    assert reply.usage_metadata["output_tokens"] == len(thought) + len(ids(tok, "</think>\n\n")) + len(answer)
+    # The thought's tokens and the closing `</think>`, after its newline (the prompt's `<think>\n` is not generated).
+    assert reply.usage_metadata["output_token_details"]["reasoning"] == len(thought) + len(closing) - len(
+        ids(tok, "\n\n"))
+    assert reply.usage_metadata["output_tokens"] == len(thought) + len(closing) + len(answer)
 
     streamed = None
     for chunk in model.stream("Name a colour.", guided=ANSWER):
@@ -180,7 +185,8 @@ def test_a_forced_call_after_a_thought(qwen3_chat_model):
                       engine_kwargs=engine_kwargs(5))
     reply = model.bind_tools([WEATHER], tool_choice="get_weather").invoke("Weather in Rome?")
     assert [c["name"] for c in reply.tool_calls] == ["get_weather"], reply
-    assert reply.usage_metadata["output_token_details"]["reasoning"] <= 3 + 1
+    # at most 3 thought tokens, a newline where the engine cut the thought, and `</think>`
+    assert reply.usage_metadata["output_token_details"]["reasoning"] <= 3 + 1 + 1
     assert "<tool_call>" not in reply.additional_kwargs.get("reasoning_content", "")
 
 
@@ -213,7 +219,9 @@ def test_r1_template_opens_the_thought_and_its_history_is_reused_exactly(r1_chat
     thought, answer, finished = reference_reply(off, tok, opened, 3)
     assert first.content == tok.decode(answer, skip_special_tokens=True)
     assert first.additional_kwargs["reasoning_content"] == tok.decode(thought, skip_special_tokens=True).strip()
-    assert first.usage_metadata["output_token_details"]["reasoning"] == len(thought) + 1
+    closing = finished[1][len(opened) + len(thought):][: -len(answer) or None]
+    assert first.usage_metadata["output_token_details"]["reasoning"] == len(thought) + len(closing) - len(
+        ids(tok, "\n\n"))  # the thought, a newline where it was cut not ending with one, and `</think>`
 
     second = model.invoke([HumanMessage("Name a colour."), first, HumanMessage("Another?")], guided=ANSWER)
     chat = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": first.content},
@@ -227,3 +235,55 @@ def test_r1_template_opens_the_thought_and_its_history_is_reused_exactly(r1_chat
                        engine_kwargs=engine_kwargs(7)).invoke("Hi")
     closed = prompt_of(tok, [{"role": "user", "content": "Hi"}]) + ids(tok, "\n</think>\n\n")
     assert silent.usage_metadata["input_tokens"] == len(closed)
+
+
+# --- where the thought leaves no room ------------------------------------------------------------------------------
+def test_a_forced_call_whose_thought_used_up_max_tokens_raises_instead_of_returning_none(qwen3_chat_model, ref):
+    """Qwen3 thinks by default; 8 tokens end the reply inside the thought, before any call: function-calling
+    structured output says so, where it returned None without a word."""
+    from langchain_core.exceptions import OutputParserException
+    from pydantic import BaseModel
+
+    class Colour(BaseModel):
+        name: str
+
+    model = ChatBraid(model=qwen3_chat_model, device="cpu", temperature=0, max_tokens=8, engine_kwargs=engine_kwargs(1))
+    with pytest.raises(OutputParserException, match="no tool call .finish_reason 'length'; raise max_tokens"):
+        model.with_structured_output(Colour, method="function_calling").invoke("Name a colour.")
+
+
+@pytest.mark.parametrize("max_thought", [None, 500])
+def test_a_thought_cut_by_the_context_ends_the_reply_with_length(qwen3_chat_model, ref, max_thought):
+    """The model's context (max_model_len 48) ends the thought before its budget or max_tokens: the reply ends there
+    with finish_reason "length", as a plain reply does, instead of phase 2 failing on a prompt past the context."""
+    model = ChatBraid(model=qwen3_chat_model, device="cpu", temperature=0, max_tokens=500, reasoning=True,
+                      max_reasoning_tokens=max_thought, engine_kwargs={**engine_kwargs(1), "max_model_len": 48})
+    reply = model.invoke("Name a colour.", guided=ANSWER)
+    usage = reply.usage_metadata
+    assert reply.response_metadata["finish_reason"] == "length" and reply.content == ""
+    assert usage["input_tokens"] + usage["output_tokens"] == 48
+    engines.close_engine(qwen3_chat_model, "cpu", **engine_kwargs(1), max_model_len=48)
+
+
+@pytest.mark.parametrize("max_tokens, max_thought", [(10, 9), (5, 4), (5, 100)])
+def test_max_tokens_bounds_thought_closing_and_answer_together(qwen3_chat_model, ref, max_tokens, max_thought):
+    """A thought that leaves no room for the closing text and one answer token ends the reply ("length") within
+    max_tokens, where the engine used to close it and answer anyway."""
+    model = ChatBraid(model=qwen3_chat_model, device="cpu", temperature=0, max_tokens=max_tokens,
+                      max_reasoning_tokens=max_thought, engine_kwargs=engine_kwargs(1))
+    reply = model.invoke("Name a colour.")
+    assert reply.usage_metadata["output_tokens"] <= max_tokens
+    assert reply.response_metadata["finish_reason"] == "length"
+
+
+def test_stop_strings_never_cut_the_thought(r1_chat_model):
+    """A stop string the thought contains ends neither the thought nor the reply (it applies to the answer), with or
+    without a thinking budget; before, without one, it cut the thought."""
+    model = ChatBraid(model=r1_chat_model, device="cpu", temperature=0, max_tokens=40, engine_kwargs=engine_kwargs(6))
+    free = model.invoke("Name a colour.")
+    thought = free.additional_kwargs["reasoning_content"]
+    stop = next(word for word in thought.split()[2:] if word.isalpha())  # a word inside the thought
+    for budget in (None, 1000):
+        reply = model.invoke("Name a colour.", stop=[stop], max_reasoning_tokens=budget)
+        assert reply.additional_kwargs["reasoning_content"] == thought
+        assert reply.usage_metadata["output_tokens"] == free.usage_metadata["output_tokens"]

@@ -161,10 +161,15 @@ def test_a_reply_in_two_phases_keeps_one_deadline(monkeypatch):
     monkeypatch.setattr(thinking, "monotonic", lambda: clock[0])
     timeouts = []
 
-    class Engine:  # each request takes 0.4 s of the fake clock; phase 1 spends its thought budget
-        @staticmethod
-        def tokenizer(text, add_special_tokens=False):
+    class Tokenizer:
+        def __call__(self, text, add_special_tokens=False):
             return {"input_ids": [9]}
+
+        def decode(self, ids):
+            return "x" * len(ids)
+
+    class Engine:  # each request takes 0.4 s of the fake clock; phase 1 spends its thought budget
+        tokenizer = Tokenizer()
 
         def stream_deltas(self, prompt, params, timeout=None):
             timeouts.append(timeout)
