@@ -15,6 +15,7 @@ The thought must be open when phase 1 starts: when the template does not open it
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing, closing
@@ -131,6 +132,8 @@ def stream_deltas(engine: Any, prompt: list[int], params: Any, budget: ThoughtBu
                   timeout: float | None = None) -> Iterator[Any]:
     """The reply's deltas, thought then answer (see the module docstring); `timeout`: seconds for both phases."""
     phases = _Phases(budget, engine.tokenizer, prompt, params)
+    if params.guided is not None:  # a constraint that cannot compile fails now, not after the whole thought
+        engine.compile_guided(params.guided)
     deadline = None if timeout is None else monotonic() + timeout  # for the whole reply, both phases
     last = None
     with closing(engine.stream_deltas(prompt, phases.first, timeout=timeout)) as first:  # an early stop cancels
@@ -154,6 +157,8 @@ def stream_deltas(engine: Any, prompt: list[int], params: Any, budget: ThoughtBu
 async def astream_deltas(engine: Any, prompt: list[int], params: Any, budget: ThoughtBudget) -> AsyncIterator[Any]:
     """`stream_deltas` on the event loop."""
     phases = _Phases(budget, engine.tokenizer, prompt, params)
+    if params.guided is not None:
+        await asyncio.to_thread(engine.compile_guided, params.guided)
     last = None
     async with aclosing(engine.astream_deltas(prompt, phases.first)) as first:
         async for delta in first:

@@ -20,6 +20,7 @@ from braidinfer.config import EngineConfig
 from braidinfer.engine import LLMEngine, pick_device
 from braidinfer.engine_loop import EngineLoop
 from braidinfer.errors import InvalidRequestError, RequestTimeoutError
+from braidinfer.guided import GuidedDecoding
 from braidinfer.outputs import CompletionDelta, RequestOutput
 from braidinfer.sampling_params import SamplingParams
 from braidinfer.step_threads import without_workers
@@ -167,6 +168,14 @@ class LLM:
         """Token ids of a conversation rendered by the model's chat template, ready for the assistant's turn.
         Special-token strings inside message contents (a user typing `<|im_end|>`) stay plain text."""
         return encode_conversation(self.tokenizer, messages, **template_kwargs)
+
+    def compile_guided(self, guided: GuidedDecoding) -> None:
+        """Compiles a grammar constraint for this model's tokenizer now (in the calling thread) and keeps it for the
+        requests that use it; GrammarCompileError (an InvalidRequestError) when it cannot be compiled. For a caller
+        that submits the constrained request only later (e.g. after a reasoning model's thought)."""
+        if not isinstance(guided, GuidedDecoding):
+            raise InvalidRequestError(f"guided must be a GuidedDecoding, got {type(guided).__name__}")
+        self.engine.requests.grammars.matcher(guided)
 
     def num_cached_tokens(self, prompt: list[int]) -> int:
         """How many leading tokens of `prompt` (token ids, or a prompt as `generate` takes it) a request submitted

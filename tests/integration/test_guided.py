@@ -206,3 +206,13 @@ def test_a_token_the_grammar_forbids_fails_the_request_instead_of_ending_it(llm,
     monkeypatch.undo()
     out = llm.generate("x", SamplingParams(temperature=0, max_tokens=8, guided=GuidedDecoding(regex="(yes|no)")))[0]
     assert out.text in ("yes", "no") and out.finish_reason == "stop"
+
+
+def test_compile_guided_checks_a_constraint_before_any_request(llm):
+    from braidinfer.errors import GrammarCompileError
+
+    llm.compile_guided(GuidedDecoding(regex="(yes|no)"))
+    with pytest.raises(GrammarCompileError, match="cannot be compiled"):
+        llm.compile_guided(GuidedDecoding(regex="(yes"))
+    with pytest.raises(InvalidRequestError, match="guided must be a GuidedDecoding, got str"):
+        llm.compile_guided("(yes|no)")

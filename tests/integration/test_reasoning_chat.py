@@ -287,3 +287,19 @@ def test_stop_strings_never_cut_the_thought(r1_chat_model):
         reply = model.invoke("Name a colour.", stop=[stop], max_reasoning_tokens=budget)
         assert reply.additional_kwargs["reasoning_content"] == thought
         assert reply.usage_metadata["output_tokens"] == free.usage_metadata["output_tokens"]
+
+
+def test_a_constraint_that_cannot_compile_fails_before_the_thought(qwen3_chat_model, ref):
+    """A two-phase reply compiles its constraint before phase 1: a bad one raises at once, with nothing streamed,
+    as without reasoning (it used to come after the whole thought, or never when the thought used up max_tokens)."""
+    from braidinfer.errors import GrammarCompileError
+
+    model = ChatBraid(model=qwen3_chat_model, device="cpu", temperature=0, max_tokens=8, engine_kwargs=engine_kwargs(1))
+    bad = GuidedDecoding(regex="(unclosed")
+    chunks = []
+    with pytest.raises(GrammarCompileError):
+        for chunk in model.stream("Name a colour.", guided=bad):
+            chunks.append(chunk)
+    assert chunks == []
+    with pytest.raises(GrammarCompileError):
+        asyncio.run(model.ainvoke("Name a colour.", guided=bad))
