@@ -31,7 +31,8 @@ def test_thinking_budget_then_a_constrained_answer(model, budget):
                             guided=GuidedDecoding(regex="(red|green|blue)")) for i in range(3)]
     for reply in replies:
         num_thought = reply.usage_metadata["output_token_details"]["reasoning"]
-        assert "</think>" not in reply.content and num_thought <= budget + 1
+        # the thought, a newline where the engine cut it not ending with one, and `</think>`
+        assert "</think>" not in reply.content and num_thought <= budget + 2
         if reply.content == "":  # random weights may end the text inside the thought (end of text, no answer)
             assert reply.response_metadata["finish_reason"] == "stop" and num_thought <= budget
         else:
