@@ -80,30 +80,28 @@ class _Phases:
         return self._no_room() or last.usage.completion_tokens < self.first.max_tokens
 
     def _no_room(self) -> bool:
-        return len(self._thought()) + len(self._closing_ids()) >= self.params.max_tokens
+        return len(self._thought()) + len(self._closing().token_ids) >= self.params.max_tokens
 
     def _thought(self) -> list[int]:
         return self.thought[:-1] if self.closed_by_model else self.thought
 
-    def _closing_ids(self) -> list[int]:
-        """The closing text's tokens: `</think>` and the separator, after a newline where the engine cuts a thought
-        that does not end with one (the chat templates render a thought so when it comes back in the history, and
-        the prefix cache then finds this reply's tokens)."""
-        close = [self.budget.fmt.close_token_id, *self.separator]
-        thought = self._thought()
+    def _closing(self) -> _Delta:
+        """The closing text: `</think>` and the separator, after a newline where the engine cuts a thought that does
+        not end with one (the chat templates render a thought so when it comes back in the history, and the prefix
+        cache then finds this reply's tokens)."""
+        fmt, thought = self.budget.fmt, self._thought()
+        close = _Delta(text=fmt.close + ANSWER_SEPARATOR, token_ids=[fmt.close_token_id, *self.separator])
         if self.closed_by_model or not thought or self.tokenizer.decode(thought[-1:]).endswith("\n"):
             return close
-        return self.newline + close
+        return _Delta(text="\n" + close.text, token_ids=self.newline + close.token_ids)
 
     def closing(self) -> tuple[Any, list[int], Any]:
         """(the delta of the closing text, phase 2's prompt, phase 2's params)."""
-        thought, closing_ids = self._thought(), self._closing_ids()
-        self.num_closing = len(closing_ids)
+        thought, close = self._thought(), self._closing()
+        self.num_closing = len(close.token_ids)
         self.num_thought = len(thought)
-        remaining = self.params.max_tokens - self.num_thought - len(closing_ids)  # >= 1: ends_here checked
-        newline = "\n" if len(closing_ids) > 1 + len(self.separator) else ""
-        delta = _Delta(text=newline + self.budget.fmt.close + ANSWER_SEPARATOR, token_ids=closing_ids)
-        return delta, self.prompt + thought + closing_ids, self.params.model_copy(update={"max_tokens": remaining})
+        remaining = self.params.max_tokens - self.num_thought - self.num_closing  # >= 1: ends_here checked
+        return close, self.prompt + thought + close.token_ids, self.params.model_copy(update={"max_tokens": remaining})
 
     def on_second(self, delta: Any) -> Any:
         if delta.usage is None:
