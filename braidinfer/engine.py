@@ -44,8 +44,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.source = resolve_model(config.model)
-        self.model_config = ModelConfig.from_hf_config(self.source.hf_config)
-        cls = model_class(self.model_config)  # fails fast on an unsupported architecture
+        self.model_config = ModelConfig.from_hf_config(self.source.hf_config, self.source.generation_config)
+        cls = model_class(self.model_config)
         self.device = pick_device(config.device)
         self.dtype = _DTYPES[config.dtype] if config.dtype != "auto" else (
             torch.bfloat16 if self.device.type == "cuda" else torch.float32)

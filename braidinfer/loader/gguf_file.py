@@ -3,21 +3,27 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType, GGUFWriter, GGMLQuantizationType, dequantize
+from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType, GGUFWriter, GGMLQuantizationType, Keys, dequantize
 
-from braidinfer.errors import InvalidModelError, UnsupportedModelError
-from braidinfer.loader.gguf_config import gguf_architecture, gguf_hf_config
+from braidinfer.errors import BraidError, InvalidModelError, UnsupportedModelError
+from braidinfer.loader.gguf_config import gguf_architecture, gguf_hf_config, metadata
 from braidinfer.loader.gguf_families import FAMILIES, GGUFFamily
 from braidinfer.loader.gguf_tensors import NON_PARAMETERS, hf_name, permuted_projection, unpermute_rows
+from braidinfer.loader.lfs import check_not_lfs_pointer
 from braidinfer.loader.quantized import QUANTIZED_TYPES, QuantizedTensor
 
 GGUF_MAGIC = b"GGUF"
+# The parts of a split GGUF are named "%s-%05d-of-%05d.gguf" (llama.cpp's llama_split_path; gguf-py's GGUFWriter).
+_SPLIT_NAME = re.compile(r"(?P<stem>.+)-\d{5}-of-(?P<count>\d{5})\.gguf")
+# GGUFReader builds GGMLQuantizationType(id) from each tensor's type id: Python's enum error for an id it lacks.
+_UNKNOWN_TYPE = re.compile(r"(\d+)\)? is not a valid GGMLQuantizationType")
 
 
 class GGUFCheckpoint:
@@ -156,11 +162,15 @@ def has_gguf_magic(path: str) -> bool:
 
 def open_gguf(path: str) -> tuple[dict[str, Any], GGUFCheckpoint]:
     """Parses the GGUF header (metadata and tensor table, no tensor data) into (hf_config, checkpoint)."""
+    check_not_lfs_pointer(path)
     try:
         reader = GGUFReader(path)
     except Exception as e:  # GGUFReader signals a bad file with ValueError, struct or numpy errors alike
-        raise InvalidModelError(f"{path} is not a valid GGUF file (truncated or corrupt? {os.path.getsize(path):,} "
-                                f"bytes): {e}") from None
+        raise _reader_error(path, e) from None
+    num_parts = metadata(reader, Keys.Split.LLM_KV_SPLIT_COUNT, 1)
+    if num_parts > 1:  # checked first: only the first part has general.architecture
+        raise UnsupportedModelError(f"{path} is one part of a GGUF split into {num_parts} files; "
+                                    f"{merge_split_hint(path)}")
     family = FAMILIES[gguf_architecture(reader, path)]
     if not any(t.name == "token_embd.weight" for t in reader.tensors):
         raise InvalidModelError(f"{path} has no token_embd.weight tensor")
@@ -174,6 +184,43 @@ def open_gguf(path: str) -> tuple[dict[str, Any], GGUFCheckpoint]:
                                     "type such as Q4_K_M or Q8_0")
     hf_config = gguf_hf_config(reader, path)
     return hf_config, GGUFCheckpoint(path, reader, hf_config, family)
+
+
+def split_part(path: str) -> tuple[str, int] | None:
+    """(NAME, N) when the file is named like a part of a split GGUF, NAME-0000k-of-0000N.gguf; else None."""
+    match = _SPLIT_NAME.fullmatch(os.path.basename(path))
+    return (match["stem"], int(match["count"])) if match else None
+
+
+def merge_split_hint(path: str) -> str:
+    """What to do with a part of a split GGUF: merge the parts with llama.cpp's tool (the first part names them)."""
+    directory = os.path.dirname(path)
+    part = split_part(path)
+    first = os.path.join(directory, f"{part[0]}-00001-of-{part[1]:05d}.gguf") if part else path
+    merged = os.path.join(directory, f"{part[0] if part else 'merged'}.gguf")
+    return (f"split GGUFs are not supported: merge the parts into one file with `llama-gguf-split --merge {first} "
+            f"{merged}` and load that file")
+
+
+def _reader_error(path: str, error: Exception) -> BraidError:
+    """The error for a file GGUFReader cannot parse: a tensor type newer than the installed `gguf`, or corruption."""
+    unknown = _UNKNOWN_TYPE.search(str(error)) if isinstance(error, ValueError) else None
+    if unknown:
+        return UnsupportedModelError(f"{path} has a tensor of type id {unknown[1]}, which the installed gguf package "
+                                     f"(version {_package_version('gguf')}) does not know: upgrade it "
+                                     "(`pip install -U gguf`), or requantise the file to a llama.cpp type such as "
+                                     "Q4_K_M or Q8_0")
+    return InvalidModelError(f"{path} is not a valid GGUF file (truncated or corrupt? {os.path.getsize(path):,} "
+                             f"bytes): {error}")
+
+
+def _package_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:  # e.g. run from a source tree
+        return "unknown"
 
 
 @functools.cache

@@ -1,6 +1,8 @@
-"""Hugging Face model directories: config.json, tokenizer files and safetensors weights (single file or sharded)."""
+"""Hugging Face model directories: config.json, generation_config.json, tokenizer files and safetensors weights
+(single file or sharded)."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 from collections.abc import Iterator
@@ -9,9 +11,11 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from braidinfer.errors import InvalidModelError
+from braidinfer.errors import InvalidModelError, UnsupportedModelError
+from braidinfer.loader.lfs import check_not_lfs_pointer
 
 CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # Any one of these lets AutoTokenizer build a tokenizer without the network.
@@ -52,6 +56,30 @@ def read_hf_config(path: str) -> dict[str, Any]:
     file = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(file):
         raise InvalidModelError(f"{path} is not a model directory: it has no {CONFIG_FILE}")
+    return _read_json_object(file)
+
+
+def read_generation_config(path: str) -> dict[str, Any]:
+    """The directory's generation_config.json as a dict, {} when it has none; InvalidModelError if it is not a JSON
+    object. Instruct checkpoints often list their end-of-turn token only there (Llama 3's <|eot_id|>)."""
+    file = os.path.join(path, GENERATION_CONFIG_FILE)
+    return _read_json_object(file) if os.path.isfile(file) else {}
+
+
+def check_not_prequantized(path: str, config: dict[str, Any]) -> None:
+    """UnsupportedModelError for a checkpoint whose safetensors hold pre-quantised weights (FP8, GPTQ, AWQ,
+    bitsandbytes, compressed-tensors: config.json has a quantization_config); the engine loads float weights only,
+    and without this check the extra scale tensors fail the load late, one tensor name at a time."""
+    quantization = config.get("quantization_config")
+    if quantization is None:
+        return
+    method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else "unknown"
+    raise UnsupportedModelError(f"{os.path.join(path, CONFIG_FILE)} has a quantization_config (quant_method "
+                                f"{method!r}): Braid does not load pre-quantised safetensors; use the model's bf16 "
+                                "checkpoint, or a GGUF of it (e.g. Q4_K_M or Q8_0), which Braid serves quantised")
+
+
+def _read_json_object(file: str) -> dict[str, Any]:
     try:
         with open(file, encoding="utf-8") as f:
             config = json.load(f)
@@ -71,7 +99,10 @@ def open_hf_dir(path: str) -> SafetensorsCheckpoint:
     if os.path.isfile(single):
         return SafetensorsCheckpoint(path, [single], _count_tensors(single))
     legacy = [f for f in _LEGACY_WEIGHTS if os.path.exists(os.path.join(path, f))]
+    ggufs = sorted(glob.glob(os.path.join(glob.escape(path), "*.gguf")))
     hint = f" (found {', '.join(legacy)}; only safetensors weights are supported)" if legacy else ""
+    if ggufs:  # config.json makes the directory a safetensors one; a GGUF beside it loads by its own path
+        hint += f"; to load a GGUF file instead, pass its path: {', '.join(ggufs)}"
     raise InvalidModelError(f"model directory {path} has {CONFIG_FILE} but no weights: "
                             f"expected {SINGLE_FILE} or {INDEX_FILE}{hint}")
 
@@ -88,10 +119,13 @@ def _open_sharded(path: str, index: str) -> SafetensorsCheckpoint:
     missing = [f for f in files if not os.path.isfile(f)]
     if missing:
         raise InvalidModelError(f"{index} names shards that are missing: {', '.join(missing)}")
+    for file in files:  # a truncated or corrupt shard (an interrupted copy) fails here, not midway through the load
+        _count_tensors(file)
     return SafetensorsCheckpoint(path, files, len(weight_map))
 
 
 def _count_tensors(file: str) -> int:
+    check_not_lfs_pointer(file)
     try:  # opening parses only the header table; no tensor data is read
         with safe_open(file, framework="pt", device="cpu") as f:
             return len(f.keys())

@@ -4,10 +4,11 @@ from __future__ import annotations
 import glob
 import os
 
-from braidinfer.errors import InvalidModelError, ModelNotFoundError
+from braidinfer.errors import InvalidModelError, ModelNotFoundError, UnsupportedModelError
 from braidinfer.loader.embedded import default_model_path
-from braidinfer.loader.gguf_file import has_gguf_magic, open_gguf
-from braidinfer.loader.hf import CONFIG_FILE, open_hf_dir, read_hf_config
+from braidinfer.loader.gguf_file import has_gguf_magic, merge_split_hint, open_gguf, split_part
+from braidinfer.loader.hf import (CONFIG_FILE, check_not_prequantized, open_hf_dir, read_generation_config,
+                                  read_hf_config)
 from braidinfer.loader.download import download_model
 from braidinfer.loader.hub import find_cached_model, hub_offline, looks_like_hub_id, parse_hub_spec
 from braidinfer.loader.source import ModelSource
@@ -55,10 +56,15 @@ def _from_directory(path: str, name: str | None) -> ModelSource:
     name = name or os.path.basename(path)
     if os.path.isfile(os.path.join(path, CONFIG_FILE)):
         hf_config = read_hf_config(path)
-        return ModelSource(name, path, "safetensors", hf_config, open_hf_dir(path))
+        check_not_prequantized(path, hf_config)
+        return ModelSource(name, path, "safetensors", hf_config, open_hf_dir(path), read_generation_config(path))
     ggufs = sorted(glob.glob(os.path.join(glob.escape(path), "*.gguf")))
     if len(ggufs) == 1:  # e.g. a hub snapshot of a GGUF-only repository
         return _from_gguf(ggufs[0], name)
+    parts = {split_part(f) for f in ggufs}
+    if len(parts) == 1 and None not in parts:  # all named NAME-0000k-of-0000N.gguf, one NAME and N
+        raise UnsupportedModelError(f"{path} holds the parts of one split GGUF "
+                                    f"({', '.join(map(os.path.basename, ggufs))}); {merge_split_hint(ggufs[0])}")
     if ggufs:
         raise InvalidModelError(f"{path} holds several GGUF files ({', '.join(map(os.path.basename, ggufs))}); "
                                 "pass the path of the one to load")

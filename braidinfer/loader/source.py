@@ -28,7 +28,9 @@ class ModelSource:
     """A model found on local disk, ready to load; building one reads metadata only, never weights.
 
     `name` is a display name (directory name, GGUF file stem or hub id), `path` the directory or `.gguf` file,
-    `format` is "safetensors" or "gguf", and `hf_config` a config.json-style dict (synthesised for GGUF).
+    `format` is "safetensors" or "gguf", `hf_config` a config.json-style dict (synthesised for GGUF), and
+    `generation_config` the directory's generation_config.json ({} when absent, and for GGUF, whose end-of-turn ids
+    are already in `hf_config`).
     """
 
     name: str
@@ -36,6 +38,7 @@ class ModelSource:
     format: str
     hf_config: dict[str, Any]
     checkpoint: Checkpoint = field(repr=False, compare=False)
+    generation_config: dict[str, Any] = field(default_factory=dict)
 
     def __hash__(self) -> int:  # hf_config is a dict, so hash by identity of the files instead
         return hash((self.path, self.format))

@@ -29,24 +29,31 @@ class ModelConfig:
     attention_bias: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    """config.json's eos_token_id, then generation_config.json's (transformers' generate stops on the latter;
+    instruct checkpoints often list their end-of-turn token only there: Llama 3's 128009, Gemma 2's 107)."""
     hf_config: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
     """The whole config.json (read-only), for the keys only one family has (sliding_window, soft-caps, ...): each
     model file reads and validates its own."""
 
     @classmethod
-    def from_hf_config(cls, cfg: dict[str, Any]) -> ModelConfig:
-        """Reads a config.json-style dict; missing required keys give an InvalidModelError naming them."""
+    def from_hf_config(cls, cfg: dict[str, Any], generation_config: Mapping[str, Any] | None = None) -> ModelConfig:
+        """Reads a config.json-style dict, and the stop ids of a generation_config.json-style one; an architecture the
+        engine does not implement gives an UnsupportedModelError naming it, missing required keys an
+        InvalidModelError naming them."""
+        from braidinfer.models.registry import check_architecture  # not at the top: the registry imports this module
+
         cfg = _with_standard_names(cfg)
         archs = cfg.get("architectures") or []
         architecture = archs[0] if archs else _architecture_from_model_type(cfg.get("model_type"))
+        check_architecture(architecture, cfg)  # first: a multimodal config keeps its sizes under text_config
         required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
         missing = [k for k in required if k not in cfg]
         if missing:
             raise InvalidModelError(f"model config lacks required keys: {', '.join(missing)}")
         num_heads = cfg["num_attention_heads"]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
-        eos = cfg.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+        eos_ids = _token_ids(cfg.get("eos_token_id"), "config.json eos_token_id")
+        eos_ids += _token_ids((generation_config or {}).get("eos_token_id"), "generation_config.json eos_token_id")
         rope_theta = cfg.get("rope_theta")
         rope_scaling = cfg.get("rope_scaling")
         params = cfg.get("rope_parameters")  # transformers >= 5 folds theta and scaling into one dict
@@ -72,7 +79,7 @@ class ModelConfig:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", False)),
             bos_token_id=cfg.get("bos_token_id"),
-            eos_token_ids=eos_ids,
+            eos_token_ids=tuple(dict.fromkeys(eos_ids)),
             hf_config=MappingProxyType(dict(cfg)),
         )
 
@@ -96,6 +103,14 @@ def _with_standard_names(cfg: dict[str, Any]) -> dict[str, Any]:
     if cfg.get("model_type") in _TIED_BY_DEFAULT:
         cfg.setdefault("tie_word_embeddings", True)
     return cfg
+
+
+def _token_ids(value: Any, key: str) -> tuple[int, ...]:
+    """A token-id setting (None, an id, or a list of ids) as a tuple; InvalidModelError naming `key` otherwise."""
+    ids = [] if value is None else value if isinstance(value, (list, tuple)) else [value]
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise InvalidModelError(f"{key} must be a token id or a list of token ids, not {value!r}")
+    return tuple(ids)
 
 
 def _architecture_from_model_type(model_type: str | None) -> str:

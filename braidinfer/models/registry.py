@@ -1,6 +1,9 @@
 """Maps a checkpoint's architecture name to the model class that implements it."""
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from torch import nn
 
 from braidinfer.errors import UnsupportedModelError
@@ -30,10 +33,18 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
 
 
 def model_class(cfg: ModelConfig) -> type[nn.Module]:
-    try:
-        return ARCHITECTURES[cfg.architecture]
-    except KeyError:
-        supported = ", ".join(sorted(ARCHITECTURES))
-        raise UnsupportedModelError(
-            f"architecture {cfg.architecture!r} is not supported; supported architectures: {supported}"
-        ) from None
+    check_architecture(cfg.architecture, cfg.hf_config)
+    return ARCHITECTURES[cfg.architecture]
+
+
+def check_architecture(architecture: str, hf_config: Mapping[str, Any]) -> None:
+    """UnsupportedModelError naming `architecture` and the supported ones unless a model file implements it."""
+    if architecture in ARCHITECTURES:
+        return
+    multimodal = ""
+    if "text_config" in hf_config:  # Gemma3ForConditionalGeneration, Qwen2VLForConditionalGeneration, ...
+        multimodal = (" (a multimodal checkpoint: its language model's config is under text_config; Braid serves "
+                      "text-only causal language models)")
+    supported = ", ".join(sorted(ARCHITECTURES))
+    raise UnsupportedModelError(
+        f"architecture {architecture!r} is not supported{multimodal}; supported architectures: {supported}")

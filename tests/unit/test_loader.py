@@ -11,6 +11,7 @@ import math
 import os
 import re
 import shutil
+import struct
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ import torch
 
 from braidinfer.errors import InvalidModelError, ModelNotFoundError, UnsupportedModelError
 from braidinfer.loader import ModelSource, default_model_path, resolve_model
+from braidinfer.models import ModelConfig
 from tests.conftest import build_tiny_model
 from tests.support.gguf_export import add_shape_metadata, llamacpp_permute
 
@@ -140,6 +142,24 @@ def test_sharded_safetensors_missing_shard(tmp_path):
         resolve_model(tmp_path)
 
 
+def _save_tiny_llama(path) -> None:
+    import transformers
+
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).save_pretrained(path, max_shard_size="100KB")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_sharded_safetensors_corrupt_shard(tmp_path, damage):
+    """A shard cut short (an interrupted copy) or overwritten is named when the model resolves, before any weight is
+    read (the engine used to fail midway through the load with safetensors' own error)."""
+    _save_tiny_llama(tmp_path)
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[-1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-100] if damage == "truncated" else b"not a safetensors file")
+    with pytest.raises(InvalidModelError, match=re.escape(str(shard))):
+        resolve_model(tmp_path)
+
+
 def test_directory_tokenizer(tiny_dir, smollm_tokenizer):
     tok = resolve_model(tiny_dir[0]).load_tokenizer()
     assert tok("Hello there")["input_ids"] == smollm_tokenizer("Hello there")["input_ids"]
@@ -154,6 +174,80 @@ def test_directory_without_tokenizer(tmp_path, tiny_dir):
     source = resolve_model(path)  # weights and config are enough to resolve
     with pytest.raises(InvalidModelError, match="tokenizer"):
         source.load_tokenizer()
+
+
+@pytest.mark.parametrize("eos, expected", [(7, (2, 7)), ([2, 7, 9], (2, 7, 9)), (None, (2,))])
+def test_generation_config_eos_joins_the_stop_ids(tmp_path, eos, expected):
+    """generation_config.json's eos_token_id (an id or a list) adds to config.json's (2 here), as Llama 3 Instruct's
+    <|eot_id|> does; transformers' generate stops on it."""
+    _save_tiny_llama(tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": eos}))
+    source = resolve_model(tmp_path)
+    assert source.generation_config["eos_token_id"] == eos
+    assert ModelConfig.from_hf_config(source.hf_config, source.generation_config).eos_token_ids == expected
+    assert ModelConfig.from_hf_config(source.hf_config).eos_token_ids == (2,)
+
+
+def test_generation_config_with_a_bad_eos_names_it(tmp_path):
+    _save_tiny_llama(tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": "<|eot_id|>"}))
+    source = resolve_model(tmp_path)
+    with pytest.raises(InvalidModelError, match="generation_config.json eos_token_id"):
+        ModelConfig.from_hf_config(source.hf_config, source.generation_config)
+
+
+def test_engine_stops_on_generation_config_eos_like_transformers(tmp_path, smollm_tokenizer):
+    """The engine's greedy reply ends where transformers' generate (which reads generation_config.json) ends it:
+    on a stop id listed only in generation_config.json."""
+    from transformers import AutoModelForCausalLM
+
+    from braidinfer import LLM, SamplingParams
+
+    ref = build_tiny_model("llama", tmp_path, smollm_tokenizer)
+    prompt = [5, 6, 7, 8]
+    free = ref.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                        eos_token_id=None, pad_token_id=0)[0, 4:].tolist()
+    stop = next(t for i, t in enumerate(free) if i > 0 and t not in free[:i])  # ends the reply mid-way
+    (tmp_path / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [2, stop]}))
+    expected = AutoModelForCausalLM.from_pretrained(tmp_path).generate(
+        torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=0)[0, 4:].tolist()
+    assert expected == free[:free.index(stop) + 1]
+    with LLM(model=str(tmp_path), device="cpu", dtype="float32", progress=False) as llm:
+        out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=8))[0]
+    assert (out.token_ids, out.finish_reason) == (expected, "stop")
+
+
+@pytest.mark.parametrize("quant_method", ["fp8", "gptq", "awq", "bitsandbytes", "compressed-tensors"])
+def test_prequantized_safetensors_is_refused_up_front(tmp_path, quant_method):
+    """A checkpoint whose config.json has a quantization_config holds quantised weights plus scale tensors; it is
+    refused when it resolves, naming the method, not when a scale tensor finds no place in the model."""
+    _save_tiny_llama(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": quant_method}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedModelError, match=f"quant_method '{quant_method}'.*bf16.*GGUF"):
+        resolve_model(tmp_path)
+
+
+LFS_POINTER = (b"version https://git-lfs.github.com/spec/v1\n"
+               b"oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 538090408\n")
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "sharded", "gguf", "directory of a gguf"])
+def test_git_lfs_pointer_says_to_fetch_the_file(tmp_path, layout):
+    """A clone made without Git LFS holds ~130-byte pointers in place of the weights: the error says so."""
+    target = tmp_path / "model.gguf" if layout == "gguf" else tmp_path
+    if layout == "safetensors":
+        (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+        pointer = tmp_path / "model.safetensors"
+    elif layout == "sharded":
+        _save_tiny_llama(tmp_path)
+        pointer = sorted(tmp_path.glob("model-*.safetensors"))[0]
+    else:
+        pointer = tmp_path / "model.gguf"
+    pointer.write_bytes(LFS_POINTER)
+    with pytest.raises(InvalidModelError, match=re.escape(str(pointer)) + ".*Git LFS pointer.*git lfs pull"):
+        resolve_model(target)
 
 
 # --- the local Hugging Face hub cache ------------------------------------------------------------------------------
@@ -392,6 +486,67 @@ def test_gguf_tensor_type_without_a_decoder_fails_at_resolution(tmp_path):
         resolve_model(path)
 
 
+def _set_tensor_type(path, name: str, type_id: int) -> None:
+    """Rewrites the type id of `name` in the GGUF tensor table (an entry: name length, name, n_dims, dims, type)."""
+    data = bytearray(path.read_bytes())
+    key = name.encode()
+    at = data.index(struct.pack("<Q", len(key)) + key) + 8 + len(key)
+    n_dims = struct.unpack_from("<I", data, at)[0]
+    struct.pack_into("<I", data, at + 4 + 8 * n_dims, type_id)
+    path.write_bytes(bytes(data))
+
+
+def test_gguf_tensor_type_unknown_to_the_gguf_package(tmp_path):
+    """A type id newer than the installed `gguf` package (llama.cpp adds types) is named with the package's version,
+    not reported as a corrupt file."""
+    from importlib.metadata import version
+
+    import gguf
+
+    path = tmp_path / "newtype.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float32))
+    writer.add_tensor("blk.0.attn_norm.weight", np.ones(32, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    type_id = 1000
+    assert type_id not in {int(t) for t in gguf.GGMLQuantizationType}
+    _set_tensor_type(path, "blk.0.attn_norm.weight", type_id)
+    with pytest.raises(UnsupportedModelError, match=rf"type id {type_id}\b.*gguf package \(version "
+                                                    rf"{re.escape(version('gguf'))}\).*upgrade.*requantise"):
+        resolve_model(path)
+
+
+def test_split_gguf_is_refused_with_the_merge_command(tmp_path, tiny_llama_gguf):
+    """A GGUF split by llama.cpp's gguf-split (NAME-0000k-of-0000N.gguf, split.count metadata): each part and the
+    directory of the parts are refused naming the merge command (the first part used to fail for lacking the others'
+    tensors, the others for lacking general.architecture)."""
+    import gguf
+
+    reader = gguf.GGUFReader(tiny_llama_gguf[0])
+    writer = gguf.GGUFWriter(str(tmp_path / "tiny.gguf"), "llama", split_max_tensors=8)
+    for field in reader.fields.values():
+        if field.name.startswith("llama."):
+            writer.add_key_value(field.name, field.contents(), field.types[0],
+                                 sub_type=field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None)
+    for tensor in reader.tensors:
+        writer.add_tensor(tensor.name, np.array(tensor.data), raw_dtype=tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    parts = sorted(tmp_path.glob("*.gguf"))
+    assert [p.name for p in parts[:2]] == [f"tiny-0000{i}-of-{len(parts):05d}.gguf" for i in (1, 2)]
+    merge = re.escape(f"llama-gguf-split --merge {parts[0]} {tmp_path / 'tiny.gguf'}")
+    for part in parts:
+        with pytest.raises(UnsupportedModelError, match=f"{re.escape(str(part))} is one part.*not supported.*{merge}"):
+            resolve_model(part)
+    with pytest.raises(UnsupportedModelError, match=f"parts of one split GGUF.*not supported.*{merge}"):
+        resolve_model(tmp_path)
+
+
 # --- errors ---------------------------------------------------------------------------------------------------------
 def test_nonexistent_path(tmp_path):
     missing = tmp_path / "no-such-model"
@@ -417,6 +572,27 @@ def test_config_without_weights(tmp_path):
     with pytest.raises(InvalidModelError, match="model.safetensors") as info:
         resolve_model(tmp_path)
     assert str(tmp_path) in str(info.value)
+
+
+def test_config_beside_a_gguf_names_the_gguf(tmp_path, tiny_qwen3_gguf):
+    """config.json makes a directory a safetensors one; with only a .gguf beside it, the error names that file."""
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen3ForCausalLM"]}))
+    shutil.copy(tiny_qwen3_gguf[0], tmp_path / "model-Q8_0.gguf")
+    with pytest.raises(InvalidModelError, match=re.escape(str(tmp_path / "model-Q8_0.gguf"))):
+        resolve_model(tmp_path)
+
+
+@pytest.mark.parametrize("config_class", ["Gemma3Config", "Qwen2VLConfig"])
+def test_multimodal_checkpoint_is_refused_by_architecture(config_class):
+    """A vision-language checkpoint keeps its language model's sizes under text_config: the error names its
+    architecture (not the sizes missing at the top level)."""
+    import transformers
+
+    architecture = config_class.replace("Config", "ForConditionalGeneration")
+    config = {**getattr(transformers, config_class)().to_dict(), "architectures": [architecture]}
+    assert "text_config" in config and "hidden_size" not in config
+    with pytest.raises(UnsupportedModelError, match=f"'{architecture}' is not supported.*text_config"):
+        ModelConfig.from_hf_config(config)
 
 
 def test_corrupt_config_json(tmp_path):
