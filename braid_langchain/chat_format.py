@@ -1,7 +1,7 @@
 """What a checkpoint's chat template expects of the conversation, read once per tokenizer: its tool-call format,
 its reasoning format, and whether it accepts a system role. Gemma's templates raise on a system role and on any role
 but user and model in turn: the system message is folded into the first user turn (as Gemma's own documentation
-does), and tool results become user turns. Pure apart from the per-tokenizer cache."""
+does), and a later system message and tool results become user turns. Pure apart from the per-tokenizer cache."""
 from __future__ import annotations
 
 import threading
@@ -59,7 +59,7 @@ def _added_tokens(tokenizer: Any) -> frozenset[str]:
 def template_inputs(fmt: ChatFormat, chat: list[dict[str, Any]], tools: list[dict[str, Any]],
                     reasoning: bool | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """(messages, template kwargs) for the chat template: tools where the family wants them, the reasoning switch,
-    and the system message folded into the first user turn for templates without a system role."""
+    and for templates without a system role, system messages as user turns (see `fold_system`)."""
     chat, kwargs = template_tools(fmt.tools, chat, tools)
     if not fmt.system_role:
         chat = merge_consecutive(fold_system([_as_user(m) if m["role"] == "tool" else m for m in chat]))
@@ -72,11 +72,16 @@ def _as_user(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def fold_system(chat: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The leading system message's text put before the first user message's (a user message is created when
-    the conversation has none)."""
-    if not chat or chat[0]["role"] != "system":
+    """`chat` without system messages, for templates without a system role: the leading one's text put before the
+    first user message's (a user message is created when the conversation has none), any later one made a user
+    turn (`merge_consecutive` then joins it with the user turns beside it, as such templates want roles to
+    alternate)."""
+    if not chat:
         return chat
-    system, rest = chat[0]["content"], chat[1:]
+    rest = [{**m, "role": "user"} if m["role"] == "system" else m for m in chat[1:]]
+    if chat[0]["role"] != "system":
+        return [chat[0], *rest]
+    system = chat[0]["content"]
     if not system:
         return rest
     if rest and rest[0]["role"] == "user":

@@ -376,10 +376,18 @@ class ChatBraid(BaseChatModel):
                    tool_choice: ToolChoice = None, strict: bool | None = None, parallel_tool_calls: bool | None = None,
                    **kwargs: Any) -> Runnable[LanguageModelInput, AIMessage]:
         """Binds tools (anything `convert_to_openai_tool` accepts). `tool_choice`: None/"auto" (the model
-        decides), "none", "any"/"required"/True (some tool must be called) or a tool name; a required call is
-        produced with constrained decoding, so it always parses (`strict` is accepted and changes nothing).
+        decides), "none", "any"/"required"/True (some tool must be called) or a tool name, also in the providers' dict
+        forms (`{"type": "any"}`, `{"type": "function", "function": {"name": ...}}`, `{"type": "tool", "name": ...}`).
         `parallel_tool_calls=False`: at most one call per reply (later ones are dropped). Other keyword arguments
-        are call arguments (e.g. `response_format`)."""
+        are call arguments (e.g. `response_format`).
+
+        `strict` is accepted for LangChain's interface and changes nothing; what is constrained depends on
+        `tool_choice` alone. A required call ("any"/"required"/True or a name) is decoded under a grammar of the
+        tools' argument schemas, so unless cut short (max_tokens) it parses to a bound tool with arguments of its
+        schema. In auto mode the model writes calls in free text and they are parsed, not constrained, even with
+        `strict=True`: arguments are not checked against the schema, and a malformed call comes back in
+        `invalid_tool_calls` with an `error` (with a `response_format` too, the reply is constrained to a call of a
+        bound tool or the response object)."""
         formatted = to_openai_tools(tools)
         normalize_tool_choice(tool_choice, tool_names(formatted))  # a bad choice fails here, not at the call
         if parallel_tool_calls is not None:

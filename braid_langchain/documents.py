@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
 
 from langchain_core.documents import Document
 
@@ -17,8 +16,9 @@ DOCUMENTS_HEADER = "Use the following documents to answer."
 
 
 def sort_documents(documents: Sequence[Document | str]) -> list[Document]:
-    """Documents (or plain strings) in a stable order: by id (or metadata "source"), then content; duplicates
-    dropped. ValueError for a string, a Document or a mapping (one document, not a collection of them)."""
+    """Documents (or plain strings) in a stable order: by id (or metadata "source"), then content; duplicates (the
+    same source and content, whatever other metadata) dropped. ValueError for a string, a Document or a mapping
+    (one document, not a collection of them)."""
     if isinstance(documents, (str, Document, Mapping)) or not isinstance(documents, Iterable):
         raise ValueError(f"documents must be a list of Documents or strings, got {type(documents).__name__}")
     unique = {document_key(d): d for d in map(_as_document, documents)}
@@ -34,9 +34,10 @@ def _as_document(document: Document | str) -> Document:
 
 
 def render_document(document: Document) -> str:
-    """One document as a self-contained block; its text depends only on the document, not on its position."""
-    source = document.id or document.metadata.get("source")
-    attrs = f' source={json.dumps(str(source), ensure_ascii=False)}' if source is not None else ""
+    """One document as a self-contained block; its text depends only on the document's source and content (see
+    `document_key`), not on its position or other metadata."""
+    source = document_source(document)
+    attrs = f' source={json.dumps(source, ensure_ascii=False)}' if source else ""
     return f"<document{attrs}>\n{document.page_content}\n</document>"
 
 
@@ -54,10 +55,13 @@ def render_sorted_documents(documents: Sequence[Document], *, header: str = DOCU
     return "\n".join([header, *blocks]) if header else "\n".join(blocks)
 
 
-def document_key(document: Document) -> tuple[str, str, str]:
-    """What identifies a document's rendering and order: (id or source, content, metadata as JSON)."""
-    source: Any = document.id or document.metadata.get("source") or ""
-    metadata = document.metadata
-    # json.dumps's own text for {}, without its ~2.5 us of machinery: the key is built twice per document per call.
-    return (str(source), document.page_content, "{}" if metadata == {} else json.dumps(metadata, sort_keys=True,
-                                                                                          default=str))
+def document_source(document: Document) -> str:
+    """The source a document is rendered with: its id, else its metadata "source" ("" for none)."""
+    source = document.id or document.metadata.get("source")
+    return "" if source is None else str(source)
+
+
+def document_key(document: Document) -> tuple[str, str]:
+    """What identifies a document's rendering and order: (source, content). Other metadata is left out, as the
+    rendering leaves it out: the same passage returned by two retrievers, each with its own score, is one document."""
+    return document_source(document), document.page_content

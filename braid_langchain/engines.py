@@ -14,6 +14,8 @@ import os
 import threading
 from typing import TYPE_CHECKING, Any
 
+from braid_langchain.pinning import drop_pins
+
 if TYPE_CHECKING:
     from braidinfer import LLM
 
@@ -39,7 +41,7 @@ def get_engine(model: str | None, device: str | None, dtype: str = "auto", **eng
         engine = _engines.get(key)
         if engine is None or not engine.alive:
             if engine is not None:
-                engine.close()  # dead or closed already: this lets go of its chunks and thread
+                _close(engine)  # dead or closed already: this lets go of its chunks and thread
             from braidinfer import LLM
 
             engine = _engines[key] = LLM(model=model, device=device, dtype=dtype, progress=False, **engine_kwargs)
@@ -57,7 +59,7 @@ def close_engine(model: str | None, device: str | None, dtype: str = "auto", **e
     with _lock:
         engine = _engines.pop(engine_key(model, device, dtype, **engine_kwargs), None)
     if engine is not None:
-        engine.close()
+        _close(engine)
 
 
 def close_all() -> None:
@@ -66,7 +68,13 @@ def close_all() -> None:
         engines = list(_engines.values())
         _engines.clear()
     for engine in engines:
-        engine.close()
+        _close(engine)
+
+
+def _close(engine: LLM) -> None:
+    """Closes `engine` and drops ChatBraid's pins on it (they would otherwise live until the engine is collected)."""
+    drop_pins(engine)
+    engine.close()
 
 
 def _forget_parent_engines() -> None:

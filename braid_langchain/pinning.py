@@ -11,7 +11,9 @@ once, for its own prompt. A prompt that starts with a known head tuple (`prompt_
 with them only past it: where each rendering leaves that head is kept with them.
 
 Pins are best effort: a registry per engine keeps the most recently used chunks (LRU, bounded); when the engine
-refuses a pin (its pin budget is full) the oldest half is released and the call goes on unpinned.
+refuses a pin (its pin budget is full) the oldest half is released and the call goes on unpinned. The registry
+refers to its engine weakly, so it never keeps a closed or dropped engine (weights, KV pages) alive; `drop_pins`
+releases an engine's pins and forgets them when `engines` closes it.
 
 Usage accounting: a pin prefill computes part of the prompt before the call's request runs, and the engine then
 counts that part as read from the cache. So when a call has to prefill, `pin` first asks the engine how much of the
@@ -25,7 +27,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from braidinfer.errors import InvalidRequestError, OutOfPagesError
+from braidinfer.errors import EngineDeadError, InvalidRequestError, OutOfPagesError
 
 from braid_langchain.documents import document_key, render_sorted_documents
 from braid_langchain.messages import content_text, to_chat_messages
@@ -132,7 +134,9 @@ class PrefixPins:
     """The chunks ChatBraid pinned on one engine, keyed by their whole token prefix."""
 
     def __init__(self, llm: LLM, max_chunks: int = MAX_PINNED_CHUNKS):
-        self.llm = llm
+        # Weakly: the module registry holds these pins as long as the engine lives, and a strong reference here
+        # would make that forever (every closed or replaced engine kept with its weights and KV pages).
+        self._llm = weakref.ref(llm)
         self.max_chunks = max_chunks
         self._chunks: OrderedDict[str, Chunk] = OrderedDict()  # by chunk id, least recently used first
         # By whole-prefix length: a lookup compares the prompt with the few chunks of its length (a list comparison
@@ -140,6 +144,14 @@ class PrefixPins:
         self._by_end: dict[int, list[Chunk]] = {}
         self._heads: OrderedDict[Hashable, HeadRenderings] = OrderedDict()
         self._lock = threading.Lock()
+
+    @property
+    def llm(self) -> LLM:
+        """The engine these chunks are pinned on (EngineDeadError once it was collected)."""
+        llm = self._llm()
+        if llm is None:
+            raise EngineDeadError("the engine these prefixes were pinned on is gone")
+        return llm
 
     def pin(self, prompt: list[int], segments: Sequence[tuple[int, str]]) -> int | None:
         """Makes sure prompt[:end] is pinned for every (end, kind) segment (creating chunks as needed).
@@ -287,3 +299,11 @@ def pins_for(llm: LLM) -> PrefixPins:
         if pins is None:
             pins = _registry[llm] = PrefixPins(llm)
         return pins
+
+
+def drop_pins(llm: LLM) -> None:
+    """Releases the chunks pinned on `llm` and forgets its registry entry (the engine is closing)."""
+    with _registry_lock:
+        pins = _registry.pop(llm, None)
+    if pins is not None:
+        pins.release_all()

@@ -5,9 +5,12 @@ tool call becomes one `tool_call_chunk`; the last chunk, and only it, carries `u
 `response_metadata` and `chunk_position="last"`.
 
 `finish_reason` follows OpenAI: "tool_calls" when the turn ended with a call, "length" when max_tokens (or the
-context) cut the reply, "stop" otherwise. A malformed call (a call cut by max_tokens included) becomes an
-invalid tool call whose `error` says why; LangChain's own merging of streamed chunks drops that `error`, so
-`ReplyBuilder.errors` keeps it for the non-streaming result (see `with_errors`).
+context) cut the reply, "stop" otherwise. A malformed call (a call cut by max_tokens included, and a reply that
+holds no call where tool_choice demanded one) becomes an invalid tool call whose `error` says why and whose `args`
+are the text the model wrote. LangChain's own merging of streamed chunks drops that `error` and decides validity
+by parsing `args` leniently (an unclosed `{"city": "Par` would become a valid call), so a streamed invalid call
+carries text that parses as an object JSON-quoted (`invalid_args`), and `ReplyBuilder.errors` keeps the reason and
+the text for the non-streaming result (see `with_errors`).
 
 A call that wants only the whole reply and has no callbacks to feed (`invoke` without handlers) uses
 `collect`/`collected` instead of `add`: the same reply as one chunk, without a LangChain object per delta.
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 from langchain_core.language_models.chat_models import generate_from_stream
 from langchain_core.messages import AIMessage, AIMessageChunk
@@ -51,6 +54,13 @@ class Thought(str):
     """A piece of the reply's reasoning (`<think>` text), which goes to `additional_kwargs["reasoning_content"]`."""
 
 
+class CallError(NamedTuple):
+    """Why a tool call is invalid, and the text the model wrote for it."""
+
+    reason: str
+    raw: str
+
+
 class ReplyBuilder:
     """Turns one request's engine deltas into LangChain chunks. `tool_mode`: "off" (plain text), "auto" (calls
     parsed from the reply), "forced" (the reply is one constrained JSON call)."""
@@ -63,8 +73,8 @@ class ReplyBuilder:
         self._num_calls = 0
         self.max_calls = max_calls
         """Most tool calls kept from the reply (parallel_tool_calls=False: 1); later ones are dropped."""
-        self.errors: dict[str, str] = {}
-        """Call id -> why the call is invalid, for every invalid call so far."""
+        self.errors: dict[str, CallError] = {}
+        """Call id -> why the call is invalid and its text, for every invalid call so far."""
         self.caching = True
         """Whether the engine keeps computed prompt tokens (prefix caching); when not, cache_creation is 0."""
         self.max_cache_read: int | None = None
@@ -154,9 +164,18 @@ class ReplyBuilder:
             args = json.dumps(event.args, ensure_ascii=False)
         else:
             args = invalid_args(event.raw)
-            cause = "the reply was cut by max_tokens (finish_reason 'length') inside this call: " if cut else ""
-            self.errors[call_id] = cause + (event.error or "malformed tool call")
+            self.errors[call_id] = CallError(self._reason(event, cut), event.raw)
         return tool_call_chunk(name=event.name, args=args, id=call_id, index=index)
+
+    def _reason(self, event: ParsedCall, cut: bool) -> str:
+        """Why `event`, an invalid call, is invalid; `cut`: max_tokens ended the reply."""
+        error = event.error or "malformed tool call"
+        if not cut:
+            return error
+        if event.raw.strip():
+            return f"the reply was cut by max_tokens (finish_reason 'length') inside this call: {error}"
+        hint = ", or bound the thought with max_reasoning_tokens" if self.thoughts is not None else ""
+        return f"{error} (finish_reason 'length'; raise max_tokens{hint})"  # e.g. the thought used them up
 
     def _finish(self, message: AIMessageChunk, chunk: EngineDelta) -> AIMessageChunk:
         metadata, usage = self._ending(chunk)
@@ -181,12 +200,17 @@ def _reasoning_kwargs(thought: str) -> dict[str, Any]:
     return {"reasoning_content": str(thought)} if thought else {}  # a plain str: chunks merge by type
 
 
-def with_errors(message: Any, errors: dict[str, str]) -> Any:
-    """`message` (an AIMessage) with each invalid tool call's `error` filled in from `errors` (call id -> why)."""
+def with_errors(message: Any, errors: dict[str, CallError]) -> Any:
+    """`message` (an AIMessage) with each invalid tool call's `error` filled in, and its `args` set back to the text
+    the model wrote, from `errors` (call id -> why and that text)."""
     if not errors or not message.invalid_tool_calls:
         return message
-    invalid = [{**tc, "error": tc.get("error") or errors.get(tc.get("id") or "")} for tc in message.invalid_tool_calls]
+    invalid = [_with_error(tc, errors.get(tc.get("id") or "")) for tc in message.invalid_tool_calls]
     return message.model_copy(update={"invalid_tool_calls": invalid})
+
+
+def _with_error(call: Any, error: CallError | None) -> Any:
+    return call if error is None else {**call, "args": error.raw, "error": call.get("error") or error.reason}
 
 
 def usage_metadata(usage: EngineUsage, max_cache_read: int | None = None, caching: bool = True) -> UsageMetadata:
@@ -202,10 +226,11 @@ def usage_metadata(usage: EngineUsage, max_cache_read: int | None = None, cachin
 
 
 def invalid_args(raw: str) -> str:
-    """The args string of a malformed call. LangChain re-parses streamed args leniently (closing brackets), so
-    raw text that would parse to an object is passed as a JSON string and the call stays invalid."""
+    """The args string of a malformed call in a streamed chunk. LangChain re-parses streamed args leniently
+    (closing brackets) and reads empty args as `{}`, so raw text that is empty or would parse to an object is
+    passed as a JSON string and the call stays invalid (`with_errors` puts the raw text back)."""
     try:
-        lenient: Any = parse_partial_json(raw)
+        lenient: Any = parse_partial_json(raw) if raw else {}  # LangChain's own reading (AIMessageChunk)
     except Exception:  # any parse failure keeps the call invalid, which is the point
         return raw
     return json.dumps(raw, ensure_ascii=False) if isinstance(lenient, dict) else raw

@@ -46,7 +46,7 @@ class ToolFormat:
         bound tools' names (None: unknown)."""
         if self.open is None or (forced and forced_call_text(self) == ("", "")):
             return ToolCallStream(forced=forced, tools=tools)
-        return ToolCallStream(open_tag=self.open, close_tag=self.close, tools=tools)
+        return ToolCallStream(forced=forced, open_tag=self.open, close_tag=self.close, tools=tools)
 
     def call_json(self, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
         return {"name": name, self.args_key: arguments}

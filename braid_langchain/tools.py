@@ -34,19 +34,35 @@ def tool_names(tools: Sequence[dict[str, Any]]) -> list[str]:
 def normalize_tool_choice(tool_choice: ToolChoice, names: Sequence[str]) -> str:
     """"auto", "none", "any" (some tool must be called) or the name of the tool that must be called.
 
-    Accepts None/"auto", "none"/False, "any"/"required"/True, a tool name, and
-    `{"type": "function", "function": {"name": ...}}`.
+    Accepts None/"auto", "none"/False, "any"/"required"/True, a tool name, and the dict forms of the providers:
+    `{"type": "auto" | "none" | "any" | "required"}`, `{"type": "function", "function": {"name": ...}}` (OpenAI
+    chat), `{"type": "function", "name": ...}` (OpenAI responses) and `{"type": "tool", "name": ...}` (Anthropic).
     """
+    if isinstance(tool_choice, dict):
+        tool_choice = _dict_choice(tool_choice)
     if tool_choice is None or tool_choice == "auto":
         return "auto"
     if tool_choice is False or tool_choice == "none":
         return "none"
     if tool_choice is True or tool_choice in ("any", "required"):
         return "any"
-    name = tool_choice.get("function", {}).get("name") if isinstance(tool_choice, dict) else tool_choice
-    if not isinstance(name, str) or name not in names:
+    if not isinstance(tool_choice, str) or tool_choice not in names:
         raise ValueError(f"tool_choice {tool_choice!r} names no bound tool; bound tools: {list(names)} "
                          "(or use 'auto', 'none', 'any' or 'required')")
+    return tool_choice
+
+
+def _dict_choice(tool_choice: dict[str, Any]) -> str:
+    """The string form of a dict `tool_choice`: its mode, or the name of the tool it names."""
+    kind = tool_choice.get("type")
+    if kind in ("auto", "none", "any", "required"):
+        return kind
+    function = tool_choice.get("function")
+    name = function.get("name") if kind == "function" and isinstance(function, dict) else tool_choice.get("name")
+    if kind not in ("function", "tool") or not isinstance(name, str):
+        raise ValueError(f"unsupported tool_choice form {tool_choice!r}; use {{'type': 'auto' | 'none' | 'any' | "
+                         "'required'}, {'type': 'function', 'function': {'name': ...}}, {'type': 'function', "
+                         "'name': ...} or {'type': 'tool', 'name': ...}")
     return name
 
 

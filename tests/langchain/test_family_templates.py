@@ -80,6 +80,14 @@ def test_gemma_folds_the_system_prompt_into_the_first_user_turn(family_dirs):
     assert model.invoke([SystemMessage("Be brief."), HumanMessage("Hi")]).usage_metadata["input_tokens"] > 0
 
 
+def test_gemma_gets_a_later_system_message_as_a_user_turn(family_dirs):
+    model = ChatBraid(model=family_dirs["gemma2"], device="cpu", temperature=0, max_tokens=2)
+    messages = [HumanMessage("Hi"), AIMessage("Hello"), SystemMessage("Now answer in French."), HumanMessage("Bye")]
+    text = _prompt_text(model, messages)
+    assert "<start_of_turn>user\nNow answer in French.\n\nBye<end_of_turn>\n<start_of_turn>model\n" in text
+    assert model.invoke(messages).usage_metadata["input_tokens"] > 0
+
+
 @pytest.mark.parametrize("family", ["qwen2.5", "mistral", "llama3.1", "phi4-mini"])  # gemma2: JSON, as SmolLM2
 def test_a_forced_call_parses_in_every_family(family_dirs, family):
     model = ChatBraid(model=family_dirs[family], device="cpu", temperature=0, max_tokens=96)

@@ -3,11 +3,13 @@ prompt, reused across calls, bounded, and best effort when the engine refuses a 
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 
 from langchain_core.documents import Document
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 
-from braid_langchain import ChatBraid, engines, render_documents
+from braid_langchain import ChatBraid, engines, pinning, render_documents
 from braid_langchain.pinning import PrefixPins, common_prefix_length, pins_for, segment_ends
 from tests.langchain.conftest import ENGINE, GREEDY
 
@@ -151,3 +153,31 @@ def test_a_chain_released_from_outside_is_pinned_again_and_a_pinned_one_reused()
     assert [c.prefix_token_ids for c in again] == [c.prefix_token_ids for c in first]
     pins.release_all()
     assert len(pins) == 0 and llm.cache_stats()["pinned"] == 0
+
+
+def test_closing_an_engine_drops_its_pins_and_frees_it(tiny_model_dir):
+    chat = ChatBraid(model=tiny_model_dir("llama"), device="cpu", dtype="float32", temperature=0.0, max_tokens=2,
+                     engine_kwargs={"page_size": 4, "max_model_len": 256})
+    chat.invoke([SYSTEM, HumanMessage("Hi")])
+    llm = chat._engine({})
+    pinned = list(llm.chunks)
+    assert pinned and len(pins_for(llm)) == len(pinned)
+    engines.close_engine(chat.model, chat.device, chat.dtype, **chat.engine_kwargs)
+    assert llm not in pinning._registry and all(c.released for c in pinned)
+    closed = weakref.ref(llm)
+    del llm
+    gc.collect()
+    assert closed() is None  # nothing of ChatBraid's keeps a closed engine (weights, KV pages) alive
+
+
+def test_the_pin_registry_does_not_keep_an_engine_alive(tiny_model_dir):
+    from braidinfer import LLM
+
+    llm = LLM(model=tiny_model_dir("llama"), device="cpu", dtype="float32", page_size=4, max_model_len=256,
+              progress=False)
+    prompt = llm.apply_chat_template([{"role": "system", "content": SYSTEM.content}, {"role": "user", "content": "Hi"}])
+    assert pins_for(llm).pin(prompt, [(16, "system")]) is not None and len(pins_for(llm)) == 1
+    dropped = weakref.ref(llm)
+    del llm  # never closed: collected, it frees its engine (see braidinfer.LLM), unless something still holds it
+    gc.collect()
+    assert dropped() is None

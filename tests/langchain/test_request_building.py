@@ -64,3 +64,14 @@ def test_sorted_rendering_equals_render_documents_for_every_prefix():
     for i in range(len(docs) + 1):
         assert render_sorted_documents(docs[:i]) == render_documents(docs[:i])
         assert render_sorted_documents(docs[:i], header="") == render_documents(docs[:i], header="")
+
+
+def test_a_document_is_rendered_once_whatever_its_other_metadata():
+    # The same passage from two retrievers (EnsembleRetriever, MultiQueryRetriever), each with its own score.
+    fr = [Document("Paris is the capital of France.", metadata={"source": "wiki/fr", "score": s}) for s in (0.9, 0.8)]
+    other = Document("Paris is the capital of France.", metadata={"source": "wiki/paris", "score": 0.9})
+    assert len(sort_documents([*fr, other])) == 2
+    assert render_documents([*fr, other]) == render_documents([fr[1], other]) == "\n".join([
+        "Use the following documents to answer.",
+        '<document source="wiki/fr">\nParis is the capital of France.\n</document>',
+        '<document source="wiki/paris">\nParis is the capital of France.\n</document>'])

@@ -11,7 +11,7 @@ import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from braid_langchain.chat_format import fold_system
+from braid_langchain.chat_format import ChatFormat, fold_system, template_inputs
 from braid_langchain.messages import to_chat_messages
 from braid_langchain.reasoning import THINK_CLOSE, THINK_OPEN, ReasoningFormat, ThoughtSplitter
 from braid_langchain.tool_formats import (
@@ -124,6 +124,16 @@ def test_gemma_gets_the_system_prompt_in_the_first_user_turn():
     assert text == "<s><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
 
 
+def test_gemma_gets_a_later_system_message_as_a_user_turn():
+    gemma = ChatFormat(JSON, None, system_role=False, single_tokens=frozenset())
+    chat = to_chat_messages([SystemMessage("Be brief."), HumanMessage("Hi"), AIMessage("Hello"),
+                             SystemMessage("Now answer in French."), HumanMessage("Bye")])
+    chat, kwargs = template_inputs(gemma, chat, [], None)
+    assert render("gemma2", chat, add_generation_prompt=True, **kwargs) == (
+        "<s><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello<end_of_turn>\n"
+        "<start_of_turn>user\nNow answer in French.\n\nBye<end_of_turn>\n<start_of_turn>model\n")
+
+
 def test_mistral_call_ids_are_nine_alphanumerics_and_stable():
     a = history_call_id(MISTRAL, "call_0123456789abcdef01234567")
     assert len(a) == 9 and a.isalnum() and a == history_call_id(MISTRAL, "call_0123456789abcdef01234567")
@@ -163,6 +173,28 @@ def test_mistral_named_calls_in_a_row():
 def test_malformed_calls_are_invalid_with_a_reason(text, open_tag, close_tag, name):
     _, calls = parse_tool_calls(text, open_tag=open_tag, close_tag=close_tag)
     assert len(calls) == 1 and calls[0].args is None and calls[0].error and calls[0].name == name
+
+
+@pytest.mark.parametrize("text, fmt", [
+    ('<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>', HERMES),
+    ('[TOOL_CALLS] [{"name": "rm_rf", "arguments": {}}]', MISTRAL),
+    ('[TOOL_CALLS]rm_rf[ARGS]{}', MISTRAL),
+    ('<|python_tag|>{"name": "rm_rf", "parameters": {}}', LLAMA3),
+    ('<|tool_call|>[{"name": "rm_rf", "arguments": {}}]<|/tool_call|>', PHI4),
+    ('{"name": "rm_rf", "arguments": {}}', JSON),
+])
+def test_a_call_to_an_unbound_tool_is_invalid_in_every_format(text, fmt):
+    stream = fmt.parser(tools=["get_weather"])
+    calls = stream.feed(text) + stream.finish()
+    assert [(c.name, c.args, c.error) for c in calls] == [("rm_rf", None, "no bound tool is named 'rm_rf'")]
+
+
+@pytest.mark.parametrize("fmt", [HERMES, MISTRAL, LLAMA3, PHI4, GENERIC, JSON])
+@pytest.mark.parametrize("text", ["", " \n"])  # e.g. a stop string hit first, or the thought used up max_tokens
+def test_a_forced_reply_without_a_call_is_one_invalid_call_in_every_format(fmt, text):
+    stream = fmt.parser(forced=True, tools=["get_weather"])
+    events = stream.feed(text) + stream.finish()
+    assert [(c.name, c.args, c.error) for c in events] == [(None, None, "the reply holds no tool call")]
 
 
 def test_streamed_parsing_matches_whole_text_parsing_for_every_split():

@@ -41,8 +41,12 @@ def named(calls):
     ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>', "",
      [call("get_weather", {"city": "Paris"})]),
     ('Let me check.\n<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>\n'
-     '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>\nDone.', "Let me check.Done.",
+     '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>\nDone.', "Let me check.\nDone.",
      [call("get_weather", {"city": "Paris"}), call("get_time", {})]),
+    ('Hello <tool_call>{"name": "get_time", "arguments": {}}</tool_call> bye', "Hello bye", [call("get_time", {})]),
+    ('Hello<tool_call>{"name": "get_time", "arguments": {}}</tool_call>\n\nbye', "Hello\n\nbye",
+     [call("get_time", {})]),
+    ('  <tool_call>{"name": "get_time", "arguments": {}}</tool_call> bye ', "bye", [call("get_time", {})]),
     ('{"name": "get_weather", "arguments": {"city": "Paris"}}', "", [call("get_weather", {"city": "Paris"})]),
     ('  [{"name": "get_time", "arguments": {}}, {"name": "get_time", "parameters": {}}]', "",
      [call("get_time", {}), call("get_time", {})]),
@@ -96,13 +100,34 @@ def test_a_json_answer_is_a_call_only_when_shaped_like_one_to_a_bound_tool():
     assert parse_tool_calls(mixed, tools=["get_weather"]) == (mixed, [])  # one item is no call: all text
     wrapped = '{"type": "function", "function": {"name": "get_time", "arguments": "{}"}}'
     assert [(c.name, c.args) for c in parse_tool_calls(wrapped, tools=["get_time"])[1]] == [("get_time", {})]
-    # Inside a call block the model meant a call, whatever it names: kept (and reported when it is no tool).
+    # Inside a call block the model meant a call, whatever it names: kept, and invalid when it is no bound tool.
     block = '<tool_call>{"name": "Alice", "age": 30}</tool_call>'
     content, calls = parse_tool_calls(block, tools=["get_weather"])
-    assert content == "" and [(c.name, c.args) for c in calls] == [("Alice", {})]
+    assert content == "" and [(c.name, c.args, c.error) for c in calls] == [
+        ("Alice", None, "no bound tool is named 'Alice'")]
+    assert [(c.name, c.args) for c in parse_tool_calls(block)[1]] == [("Alice", {})]  # bound tools unknown
     # A forced reply is one constrained call.
     assert parse_tool_calls('{"name": "get_time", "arguments": {}}', forced=True, tools=[]) == (
         "", [call("get_time", {})])
+
+
+@pytest.mark.parametrize("tools", [["get_weather"], None])
+def test_a_json_reply_that_starts_like_a_call_but_does_not_parse_is_an_invalid_call(tools):
+    cut = '{"name": "get_weather", "arguments": {"city": "Par'  # e.g. max_tokens
+    assert parse_tool_calls(cut, tools=tools) == (
+        "", [ParsedCall("get_weather", None, cut, "the reply is not a complete JSON tool call")])
+    after_text = 'Checking. <tool_call>{"name": "get_weather", "arguments": {}}</tool_call> ' + cut
+    content, calls = parse_tool_calls(after_text, tools=tools)
+    assert content == "Checking." and [(c.name, c.args is None) for c in calls] == [
+        ("get_weather", False), ("get_weather", True)]
+    for cut_in_name in ('{"name": "get_wea', '{"name": '):
+        assert parse_tool_calls(cut_in_name, tools=tools) == (
+            "", [ParsedCall(None, None, cut_in_name, "the reply is not a complete JSON tool call")])
+    # JSON answers that do not parse stay text: another name than a bound tool's, or no leading "name" key.
+    for other in ('{"name": "Alice", "age":', '{"name": "Ali'):
+        assert parse_tool_calls(other, tools=["get_weather"]) == (other, [])
+    answer = '{"setup": "Why?", "punchline": "Becau'
+    assert parse_tool_calls(answer, tools=tools) == (answer, [])
 
 
 def test_streaming_holds_back_only_what_may_be_a_call():
@@ -110,7 +135,7 @@ def test_streaming_holds_back_only_what_may_be_a_call():
     assert stream.feed("Sure") == ["Sure"]
     assert stream.feed(", one moment <tool") == [", one moment"]  # "<tool" may open a call; " " may precede one
     assert stream.feed('_call>{"name": "get_time", ') == []
-    assert stream.feed('"arguments": {}}</tool_call> ok') == [call("get_time", {}), "ok"]
+    assert stream.feed('"arguments": {}}</tool_call> ok') == [call("get_time", {}), " ok"]  # one separator kept
     assert stream.finish() == []
 
 
@@ -118,7 +143,7 @@ def test_streaming_char_by_char_equals_whole():
     text = 'Hi there.\n<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>\nBye  '
     stream = ToolCallStream()
     events = [e for ch in text for e in stream.feed(ch)] + stream.finish()
-    assert "".join(e for e in events if isinstance(e, str)) == "Hi there.Bye"
+    assert "".join(e for e in events if isinstance(e, str)) == "Hi there.\nBye"
     assert [e for e in events if isinstance(e, ParsedCall)] == [call("get_weather", {"city": "Paris"})]
 
 
@@ -126,6 +151,9 @@ def test_streaming_char_by_char_equals_whole():
 @pytest.mark.parametrize("choice, expected", [
     (None, "auto"), ("auto", "auto"), ("none", "none"), (False, "none"), ("any", "any"), ("required", "any"),
     (True, "any"), ("get_time", "get_time"), ({"type": "function", "function": {"name": "get_time"}}, "get_time"),
+    ({"type": "auto"}, "auto"), ({"type": "none"}, "none"), ({"type": "any"}, "any"), ({"type": "required"}, "any"),
+    ({"type": "tool", "name": "get_time"}, "get_time"),  # Anthropic
+    ({"type": "function", "name": "get_time"}, "get_time"),  # OpenAI responses
 ])
 def test_normalize_tool_choice(choice, expected):
     assert normalize_tool_choice(choice, ["get_weather", "get_time"]) == expected
@@ -134,6 +162,14 @@ def test_normalize_tool_choice(choice, expected):
 def test_unknown_tool_choice_names_the_bound_tools():
     with pytest.raises(ValueError, match=r"names no bound tool; bound tools: \['get_time'\]"):
         normalize_tool_choice("get_weather", ["get_time"])
+    with pytest.raises(ValueError, match=r"'get_weather' names no bound tool"):
+        normalize_tool_choice({"type": "tool", "name": "get_weather"}, ["get_time"])
+
+
+@pytest.mark.parametrize("choice", [{"type": "function"}, {"type": "web_search"}, {"name": "get_time"}])
+def test_unsupported_tool_choice_forms_say_so(choice):
+    with pytest.raises(ValueError, match=r"unsupported tool_choice form .*\{'type': 'tool', 'name': \.\.\.\}"):
+        normalize_tool_choice(choice, ["get_time"])
 
 
 def test_forced_call_schema():
@@ -221,6 +257,21 @@ def test_truncated_forced_call_stays_invalid_after_lenient_merge():
     assert message.invalid_tool_calls[0]["error"] == (
         "the reply was cut by max_tokens (finish_reason 'length') inside this call: "
         "the reply is not a complete JSON tool call")
+    assert message.invalid_tool_calls[0]["args"] == "".join(texts)  # the text the model wrote, not JSON-quoted
+
+
+@pytest.mark.parametrize("finish, error", [
+    ("stop", "the reply holds no tool call"),  # e.g. a stop string hit first
+    ("length", "the reply holds no tool call (finish_reason 'length'; raise max_tokens)"),
+])
+def test_an_empty_forced_reply_is_an_invalid_call_not_a_call_named_nothing(finish, error):
+    streamed, collected = ReplyBuilder("m", "forced"), ReplyBuilder("m", "forced")
+    chunks = streamed.add(engine_chunk("", finish))
+    collected.collect(engine_chunk("", finish))
+    for message in (with_errors(chunks[0].message, streamed.errors), collected.result().generations[0].message):
+        assert message.tool_calls == []
+        assert [(tc["name"], tc["args"], tc["error"]) for tc in message.invalid_tool_calls] == [(None, "", error)]
+        assert message.response_metadata["finish_reason"] == finish
 
 
 def test_finish_reason_is_tool_calls_when_a_call_ends_the_turn():
@@ -258,6 +309,9 @@ def test_cache_read_is_capped_by_what_was_cached_before_the_call():
                  '<tool_call>{"name": "b", "arguments": {}}</tool_call>', ""], "stop"),
     ("forced", None, ['{"name": "get_weather", ', '"arguments": {"city": "Par'], "length"),
     ("forced", None, ['{"name": "get_weather", ', '"arguments": {"city": "Paris"}}'], "stop"),
+    ("forced", None, [], "length"),
+    ("auto", None, ['Hello <tool_call>{"name": "get_time", "arguments": {}}</tool_call> ', "bye"], "stop"),
+    ("auto", None, ['{"name": "get_weather", ', '"arguments": {"city": "Par'], "length"),
 ])
 def test_collected_reply_and_result_equal_langchains_merge_of_the_streamed_chunks(mode, max_calls, texts, finish):
     from langchain_core.language_models.chat_models import generate_from_stream
