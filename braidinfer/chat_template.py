@@ -36,15 +36,16 @@ def require_valid_unicode(text: str, what: str) -> None:
 
 
 def encode_conversation(tokenizer: Any, messages: list[dict[str, Any]], **template_kwargs: Any) -> list[int]:
-    """Token ids of `messages` rendered by the tokenizer's chat template (`template_kwargs` go to the template,
-    add_generation_prompt defaults to True). Special-token strings inside the messages (contents, tool calls, ...)
-    and inside `tools` and `documents` are encoded as plain text. Raises InvalidRequestError for an empty
-    conversation, a malformed message, invalid Unicode, a tokenizer without a template, or a template that cannot
-    render the messages."""
+    """Token ids of `messages` rendered by the tokenizer's chat template (`template_kwargs` go to the template;
+    add_generation_prompt defaults to True, or to False with continue_final_message=True, which it cannot be combined
+    with: the assistant's last message then ends the prompt, open for the model to go on). Special-token strings
+    inside the messages (contents, tool calls, ...) and inside `tools` and `documents` are encoded as plain text.
+    Raises InvalidRequestError for an empty conversation, a malformed message, invalid Unicode, a tokenizer without a
+    template, or a template that cannot render the messages."""
     _check_messages(messages)
     if getattr(tokenizer, "chat_template", None) is None:
         raise InvalidRequestError("the model's tokenizer has no chat template")
-    template_kwargs.setdefault("add_generation_prompt", True)
+    template_kwargs.setdefault("add_generation_prompt", not template_kwargs.get("continue_final_message", False))
     specials = special_token_strings(tokenizer)
     for i, message in enumerate(messages):  # a role is part of the template's frame: it cannot be escaped
         if any(s in message["role"] for s in specials):

@@ -53,9 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         from braidinfer.llm import LLM  # imported late so --help stays fast
 
         with LLM(model=args.model, device=args.device, dtype=args.dtype) as llm:
-            if args.command == "generate":
-                prompt = args.prompt if args.raw else llm.apply_chat_template([{"role": "user", "content": args.prompt}])
-                _answer(llm, prompt, params, args.stats)
+            if args.command == "generate" and args.raw:
+                _answer(llm, args.prompt, params, args.stats)
+            elif args.command == "generate":
+                _require_chat_template(llm, "; use --raw to send the prompt as is")
+                _answer(llm, llm.apply_chat_template([{"role": "user", "content": args.prompt}]), params, args.stats)
             elif not _chat(llm, params, args.system, args.stats):
                 return 2  # a turn failed in a chat read from a pipe: the script that fed it should know
     except BraidError as e:
@@ -89,9 +91,27 @@ def _answer(llm, prompt, params: SamplingParams, stats: bool) -> str:
     return "".join(parts)
 
 
+def _require_chat_template(llm, hint: str) -> None:
+    if getattr(llm.tokenizer, "chat_template", None) is None:
+        raise InvalidRequestError(f"the model's tokenizer has no chat template{hint}")
+
+
+def _has_system_role(llm) -> bool:
+    """Whether the chat template renders a system message: Gemma's raise on one (their documentation puts the system
+    text in the first user turn instead)."""
+    try:
+        llm.apply_chat_template([{"role": "system", "content": "system"}, {"role": "user", "content": "user"}])
+    except InvalidRequestError:
+        return False
+    return True
+
+
 def _chat(llm, params: SamplingParams, system: str | None, stats: bool) -> bool:
-    """Runs the chat; False when input came from a pipe and a turn failed (it was reported and skipped)."""
-    messages = [{"role": "system", "content": system}] if system else []
+    """Runs the chat; False when input came from a pipe and a turn failed (it was reported and skipped). For a
+    template without a system role, the system prompt goes before the first user message's text."""
+    _require_chat_template(llm, "; braid chat needs one (braid generate --raw sends a prompt as is)")
+    folded = system if system and not _has_system_role(llm) else None
+    messages = [{"role": "system", "content": system}] if system and not folded else []
     interactive, failed = sys.stdin.isatty(), False
     while True:
         try:
@@ -100,7 +120,7 @@ def _chat(llm, params: SamplingParams, system: str | None, stats: bool) -> bool:
             break
         if not line.strip():
             break
-        messages.append({"role": "user", "content": line})
+        messages.append({"role": "user", "content": f"{folded}\n\n{line}" if folded and not messages else line})
         try:
             prompt = llm.apply_chat_template(messages)
             if interactive:

@@ -24,10 +24,15 @@ class IncrementalDetokenizer:
 
     Text is released only when final: never while it ends in an incomplete UTF-8 sequence, and never
     while it could still be the beginning of a stop string. The concatenation of every delta and
-    `flush()` equals `tokenizer.decode(output_ids, skip_special_tokens=...)` (less a trailing
-    incomplete character), cut at the first token after which that text holds a stop string: before
-    the stop string (after it with include_stop_str_in_output); when one token completes several,
-    at the one that starts first, and of those starting together the shortest.
+    `flush()` is the text the output ids add after the prompt's last few tokens (`context`, at most
+    `_PROMPT_CONTEXT_TOKENS`): `decode(context + output_ids)` less `decode(context)`, both with
+    `skip_special_tokens=...`, less a trailing incomplete character. For byte-level BPE tokenizers
+    that is `decode(output_ids)`; for SentencePiece-style decoders that drop the leading space of a
+    text, the first word keeps the space it has after the prompt, so that a client joining prompt
+    and deltas gets what decoding both gives.
+    The text is cut at the first token after which it holds a stop string: before the stop string
+    (after it with include_stop_str_in_output); when one token completes several, at the one that
+    starts first, and of those starting together the shortest.
     """
 
     def __init__(
@@ -77,11 +82,15 @@ class IncrementalDetokenizer:
     def flush(self) -> str:
         """Release all held-back text, for a request that finished other than by a stop string.
 
-        A trailing incomplete UTF-8 sequence is dropped. Returns "" once stopped.
+        A trailing incomplete UTF-8 sequence is dropped (with any stray bytes just before it: all decode to U+FFFD);
+        a whole U+FFFD character at the end is kept. Returns "" once stopped.
         """
         if self._stopped:
             return ""
-        tail = self._decode_window()[1].rstrip(_REPLACEMENT)
+        prefix, full = self._decode_window()
+        tail = full[len(prefix) :]
+        if not self._ends_in_replacement_character():
+            tail = tail.rstrip(_REPLACEMENT)
         self._prefix_offset = self._read_offset = len(self._ids)
         delta, _ = self._release(tail)
         delta += self._pending
@@ -92,15 +101,32 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
 
+    def _ends_in_replacement_character(self) -> bool:
+        """Whether the last unread id with text ends in a whole U+FFFD character (SmolLM2's vocabulary has it as a
+        token), not in an incomplete one: its text, encoded again, gives that id back, where the text of a
+        character's first bytes (U+FFFD too) encodes to the ids of U+FFFD's own bytes."""
+        for token in reversed(self._ids[self._read_offset :]):
+            text = self._decode([token])
+            if text:
+                return text.endswith(_REPLACEMENT) and self._tokenizer.encode(text, add_special_tokens=False) == [token]
+        return False
+
     def _decode_window(self) -> tuple[str, str]:
-        """(text of ids[prefix_offset:read_offset], text the later ids add to it)."""
-        prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
-        full = self._decode(self._ids[self._prefix_offset :])
-        return prefix, full[len(prefix) :]
+        """(text of ids[prefix_offset:read_offset], text of ids[prefix_offset:])."""
+        return (self._decode(self._ids[self._prefix_offset : self._read_offset]),
+                self._decode(self._ids[self._prefix_offset :]))
 
     def _decode_new(self) -> str:
         """Text the unread ids add, or "" while it would end in an incomplete character."""
-        prefix, new = self._decode_window()
+        prefix, full = self._decode_window()
+        if full == prefix:
+            # Ids that add no text (special tokens skipped, e.g. EOS repeated under ignore_eos) leave the window, as
+            # the decoder drops them: kept, every later add would decode all of them again. The next token is read
+            # after the same text as before them (not after them alone, which would cost a SentencePiece-style
+            # decoder the next word's leading space).
+            del self._ids[self._read_offset :]
+            return ""
+        new = full[len(prefix) :]
         if not new or new.endswith(_REPLACEMENT):
             # Keep the ids unread: the next token may complete the character.
             return ""

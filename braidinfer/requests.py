@@ -52,6 +52,7 @@ class RequestBuilder:
         `add_special_tokens` is False: a prompt that continues after chunks). A `TokenizedPrompt` of this engine's
         tokenizer has only its range checked (its head once per head object); one of another tokenizer is checked like
         a list."""
+        _check_prompt_type(prompt)
         if isinstance(prompt, TokenizedPrompt):
             if prompt.tokenizer is not self.tokenizer:
                 return self.tokenize(prompt.ids())
@@ -64,8 +65,6 @@ class RequestBuilder:
                 return list(self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
             except Exception as e:  # named here rather than surfacing from deep inside the tokenizer
                 raise InvalidRequestError(f"the tokenizer cannot encode the prompt: {type(e).__name__}: {e}") from e
-        if not isinstance(prompt, (list, tuple)):
-            raise InvalidRequestError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
         ids = list(prompt)
         if not ids:
             raise InvalidRequestError("prompt is empty")
@@ -81,11 +80,20 @@ class RequestBuilder:
         head, token_ids = prompt.head, prompt.token_ids
         if not head and not token_ids:
             raise InvalidRequestError("prompt is empty")
-        vocab = self.limits.vocab_size
-        in_range = not token_ids or (min(token_ids) >= 0 and max(token_ids) < vocab)
-        if not in_range or (head and not self._checked_heads.valid(head)):
+        if not self._ints_in_range(token_ids) or (head and not self._checked_heads.valid(head)):
             return self.tokenize(prompt.ids())  # the list check, which names the bad ids
         return prompt.ids()
+
+    def _ints_in_range(self, ids: list[int]) -> bool:
+        """Whether every id is an int in [0, vocab_size), checked by `sum`, `min` and `max`, which run in C: a float
+        (or a numpy scalar) among ints makes the sum a float (a numpy scalar), anything else makes it fail."""
+        if not ids:
+            return True
+        try:
+            total = sum(ids)
+        except TypeError:
+            return False
+        return type(total) is int and min(ids) >= 0 and max(ids) < self.limits.vocab_size
 
     def sequence(self, prompt: str | list[int] | TokenizedPrompt, params: SamplingParams | None = None,
                  sink: Sink | None = None, request_id: str | None = None, prefix: list[int] | None = None,
@@ -95,6 +103,7 @@ class RequestBuilder:
         `prefix`: token ids the prompt continues (chunks); the prompt may then be empty and a string prompt gets no
         leading special tokens. `compose`: the independent chunks whose KV stands for prefix tokens (a composed
         prompt, approximate: private KV, never cached)."""
+        _check_prompt_type(prompt)
         if compose and not len(prompt):
             raise InvalidRequestError("a prompt composed from independent chunks needs some text after them")
         if compose and self.limits.cannot_shift_keys and any(segment.position for segment in compose):
@@ -149,3 +158,17 @@ class RequestBuilder:
         seq = Sequence(f"prefill-{next(self._ids)}", ids, SamplingParams(max_tokens=1), 0, sink, prefill_only=True)
         seq.private, seq.pin_owner = private, pin_owner
         return seq
+
+
+def _check_prompt_type(prompt) -> None:
+    """Raises InvalidRequestError unless `prompt` is of a type a prompt can be, before anything takes its length; of a
+    TokenizedPrompt, that its ids are in a list or tuple (not a numpy array or tensor: those convert with .tolist())."""
+    if isinstance(prompt, TokenizedPrompt):
+        for field in ("head", "token_ids"):
+            ids = getattr(prompt, field)
+            if not isinstance(ids, (list, tuple)):
+                hint = " (convert it with .tolist())" if hasattr(ids, "tolist") else ""
+                raise InvalidRequestError(
+                    f"TokenizedPrompt.{field} must be a list of ints, got {type(ids).__name__}{hint}")
+    elif not isinstance(prompt, (str, list, tuple)):
+        raise InvalidRequestError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")

@@ -125,6 +125,21 @@ def test_invalid_chunk_use_is_rejected_before_any_work(tiny_llms):
     assert _idle(on) and len(on.chunks) == 0
 
 
+def test_a_prompt_neither_text_nor_ids_is_named_with_chunks(tiny_llms):
+    on, _ = tiny_llms
+    chained, independent = on.chunks.add(_random_ids(24, 12)), on.chunks.add(_random_ids(25, 12), independent=True)
+    for chunk in (chained, independent):
+        for bad in (None, 2.5):
+            with pytest.raises(InvalidRequestError, match=f"a prompt is a string or a list of token ids, got "
+                                                          f"{type(bad).__name__}"):
+                on.generate([bad], GREEDY, chunks=chunk)
+        with pytest.raises(InvalidRequestError, match="got int"):
+            list(on.stream(5, GREEDY, chunks=chunk))
+    chained.release()
+    independent.release()
+    assert _idle(on)
+
+
 def test_cancelled_async_add_leaves_nothing_pinned(tiny_llms):
     on, _ = tiny_llms
 

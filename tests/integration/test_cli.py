@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import io
 import json
+import pathlib
+import shutil
 
 import pytest
 
 from braidinfer import LLM, SamplingParams
 from braidinfer.cli import main
-from braidinfer.errors import UnsupportedModelError
+from braidinfer.errors import InvalidRequestError, UnsupportedModelError
+
+FIXTURES = pathlib.Path(__file__).parent.parent / "fixtures"
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +123,44 @@ def test_a_turn_that_fails_does_not_end_the_chat(model_dir, capsys, monkeypatch)
     assert "context" in err
     assert out == expected + "\n"  # the second turn is answered as the first of the conversation
     assert len([line for line in err.splitlines() if line.startswith("[prompt")]) == 1
+
+
+def _with_template(model_dir, path, template: str | None) -> str:
+    """A copy of the model at `path` whose tokenizer has `template` as its chat template (None: no template)."""
+    from transformers import AutoTokenizer
+
+    shutil.copytree(model_dir, path)
+    (path / "chat_template.jinja").unlink(missing_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_a_model_without_a_chat_template_points_to_raw(model_dir, tmp_path, capsys, monkeypatch):
+    bare = _with_template(model_dir, tmp_path / "bare", None)
+    argv = ["--model", bare, "--device", "cpu", "--max-tokens", "3"]
+    assert main(["generate", "hi", *argv]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "braid: error: the model's tokenizer has no chat template; use --raw to send the prompt as is")
+    assert main(["generate", "hi", "--raw", *argv]) == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n\n"))
+    assert main(["chat", *argv]) == 2
+    assert "no chat template; braid chat needs one" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_chat_folds_the_system_prompt_into_the_first_turn_for_a_template_without_a_system_role(
+        model_dir, tmp_path, capsys, monkeypatch):
+    gemma = _with_template(model_dir, tmp_path / "gemma", (FIXTURES / "gemma2_chat_template.jinja").read_text())
+    greedy = SamplingParams(temperature=0, max_tokens=5)
+    with LLM(model=gemma, device="cpu", progress=False) as llm:
+        with pytest.raises(InvalidRequestError, match="System role not supported"):
+            llm.apply_chat_template([{"role": "system", "content": "Be terse."}, {"role": "user", "content": "hello"}])
+        conversation = [{"role": "user", "content": "Be terse.\n\nhello"}]
+        first = llm.chat(conversation, greedy).text
+        conversation += [{"role": "assistant", "content": first}, {"role": "user", "content": "again"}]
+        second = llm.chat(conversation, greedy).text
+    assert first and second
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\nagain\n\n"))
+    assert main(["chat", "--system", "Be terse.", "--model", gemma, "--device", "cpu", "--max-tokens", "5"]) == 0
+    assert capsys.readouterr().out == f"{first}\n{second}\n"

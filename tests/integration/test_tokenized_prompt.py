@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 
 from braidinfer import LLM, SamplingParams, TokenizedPrompt
@@ -66,6 +67,23 @@ def test_ids_of_another_tokenizer_are_checked_one_by_one(llm, ids, message):
 def test_own_ids_out_of_the_model_vocabulary_are_refused(llm, ids, message):
     with pytest.raises(InvalidRequestError, match=message):
         llm.generate(TokenizedPrompt(ids, llm.tokenizer), GREEDY)
+
+
+@pytest.mark.parametrize("token_ids, head, message", [
+    ("hello", (), "TokenizedPrompt.token_ids must be a list of ints, got str$"),
+    (np.array([1, 2]), (), r"TokenizedPrompt.token_ids must be a list of ints, got ndarray \(convert it with"),
+    ([1], np.array([2]), "TokenizedPrompt.head must be a list of ints, got ndarray"),
+    ([1, 2.0, 3], (), "must be ints in"),  # min and max alone find nothing wrong
+    ([19556.0, 665.5], (), "must be ints in"),
+    ([1, "2"], (), "must be ints in"),
+    ([1, None], (), "must be ints in"),
+    ([1, np.int64(2)], (), "must be ints in"),
+])
+def test_malformed_ids_are_named(llm, token_ids, head, message):
+    for tokenizer in (llm.tokenizer, OtherTokenizer()):
+        with pytest.raises(InvalidRequestError, match=message):
+            llm.generate(TokenizedPrompt(token_ids, tokenizer, head=head), GREEDY)
+    assert llm.generate([1, 2, 3], GREEDY)[0].usage.completion_tokens == GREEDY.max_tokens
 
 
 def test_ids_of_another_tokenizer_in_range_are_served(llm):

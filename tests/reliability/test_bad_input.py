@@ -177,6 +177,14 @@ def test_ordinary_conversations_keep_their_token_ids(llm):
             llm.tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"])
 
 
+def test_continue_final_message_leaves_the_last_message_open(llm):
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "The answer is"}]
+    rendered = llm.tokenizer.apply_chat_template(messages, continue_final_message=True, tokenize=False)
+    ids = llm.apply_chat_template(messages, continue_final_message=True)
+    assert ids == list(llm.tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    assert llm.tokenizer.decode(ids).endswith("assistant\nThe answer is")
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(prompt=user_text)
 def test_any_prompt_is_served_or_clearly_rejected(llm, prompt):

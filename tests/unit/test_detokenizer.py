@@ -97,6 +97,23 @@ def test_window_stays_short(tok):
     assert "".join(deltas) == tok.decode(ids)
 
 
+def test_tokens_without_text_do_not_grow_the_window(tok):
+    """Skipped special tokens (EOS repeated under ignore_eos) leave the window instead of being decoded again on
+    every later add, and the text around them is what decode gives."""
+    windows = []
+
+    class Recording:
+        def decode(self, ids, **kwargs):
+            windows.append(len(ids))
+            return tok.decode(ids, **kwargs)
+
+    ids = tok.encode("Hello") + [IM_END] * 300 + tok.encode(" world 世界")
+    deltas, _, _, det = stream(Recording(), ids, tok.encode("Say hi."))
+    assert max(windows) <= 12
+    assert len(det._ids) <= 12  # what the next add would decode
+    assert "".join(deltas) == tok.decode(ids, skip_special_tokens=True) == "Hello world 世界"
+
+
 STOP_TEXT = "The answer is 42.\nEND_OF_ANSWER and then more text"
 
 
@@ -167,6 +184,14 @@ def test_flush_keeps_text_before_a_trailing_incomplete_character(tok):
     assert deltas[-2:] == ["", " "] and "".join(deltas) == "ok "
 
 
+@pytest.mark.parametrize("after", [[], [IM_END]])
+def test_flush_keeps_a_trailing_replacement_character(tok, after):
+    ids = tok.encode("price: 5\ufffd")
+    assert tok.decode(ids[-1:]) == "\ufffd"  # a token of its own, not the start of a character
+    deltas, _, _, _ = stream(tok, ids + after)
+    assert "".join(deltas) == "price: 5\ufffd"
+
+
 def test_stray_bytes_inside_the_text_are_released(tok):
     ids = tok.encode("a\U00040000b")  # this vocabulary has no token for the leading byte 0xF1
     assert "\ufffd" in tok.decode(ids)
@@ -186,11 +211,19 @@ def metaspace_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<unk>": 0, "▁Hello": 1, "▁world": 2, "▁how": 3, "▁are": 4, "?": 5}
+    vocab = {"<unk>": 0, "▁Hello": 1, "▁world": 2, "▁how": 3, "▁are": 4, "?": 5, "</s>": 6}
     model = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     model.pre_tokenizer = pre_tokenizers.Metaspace()
     model.decoder = decoders.Metaspace()
-    return PreTrainedTokenizerFast(tokenizer_object=model, unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=model, unk_token="<unk>", eos_token="</s>")
+
+
+def test_a_skipped_special_token_keeps_the_next_words_space():
+    sp = metaspace_tokenizer()
+    output = [1] + [6] * 20 + [2, 3]  # "</s>" (special) repeated between two words
+    deltas, _, _, det = stream(sp, output)
+    assert "".join(deltas) == "Hello world how" == sp.decode(output, skip_special_tokens=True)
+    assert len(det._ids) <= 2
 
 
 def test_first_token_keeps_its_leading_space_after_a_prompt():
