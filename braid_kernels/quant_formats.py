@@ -61,8 +61,8 @@ def _f16(b: torch.Tensor) -> torch.Tensor:
 
 def _nibbles(qs: torch.Tensor, group: int) -> torch.Tensor:
     """Bytes (n, g * group) -> (n, g * 2 * group): each group of bytes' low nibbles, then its high nibbles."""
-    qs = qs.reshape(qs.shape[0], -1, 1, group)
-    return torch.cat((qs & 0x0F, qs >> 4), dim=2).reshape(qs.shape[0], -1)
+    qs = qs.reshape(qs.shape[0], qs.shape[1] // group, 1, group)  # sizes given: n may be 0 (an empty lookup)
+    return torch.cat((qs & 0x0F, qs >> 4), dim=2).reshape(qs.shape[0], qs.shape[1] * 2 * group)
 
 
 def _q8_0(b):

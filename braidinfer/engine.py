@@ -120,7 +120,7 @@ class LLMEngine:
                 + [f"fallback: {f}" for f in self.runner.fallbacks])
 
     def memory_stats(self) -> dict[str, int]:
-        """Bytes of the weights (each storage once; quantised ones as their blocks) and of the KV page pool."""
+        """Bytes of the weights as held (each storage once; see `LLM.memory_stats`) and of the KV page pool."""
         kv = self.runner.kv_cache
         return {"weight_bytes": weight_bytes(self.model), "kv_bytes": kv.numel() * kv.element_size()}
 

@@ -192,8 +192,9 @@ class LLM:
         return self._loop.call(self.engine.pages.stats)
 
     def memory_stats(self) -> dict[str, int]:
-        """Device memory the engine holds: weight_bytes (quantised weights count their GGUF blocks) and kv_bytes
-        (the KV page pool). See `load_summary` for which weights stayed quantised."""
+        """Memory the engine holds: weight_bytes (the weights as held, each storage once: quantised ones on CUDA as
+        their GGUF blocks, on the CPU in the form `load_summary` names) and kv_bytes (the KV page pool). See
+        `load_summary` for which weights stayed quantised."""
         return self._loop.call(self.engine.memory_stats)
 
     @property

@@ -67,6 +67,7 @@ def _kept_line(counts: str, form: str) -> str:
 
         types = "/".join(q for q in BLOCK_SIZE if q in NIBBLE_QTYPES)  # the formats table's order: Q8_0 first
         return (f"quantised tensors ({counts}): projections of {types} in torch's CPU int4 form, others decoded to "
-                "float at load; embeddings kept quantised")
+                "float at load; embeddings kept quantised, but for a tied table whose lm_head is decoded to float "
+                "(it shares that float copy)")
     return (f"quantised tensors ({counts}): projections decoded to float at load for the CPU's matmul, untied "
             "embeddings kept quantised")

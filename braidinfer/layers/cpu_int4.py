@@ -79,7 +79,7 @@ def linear(x: torch.Tensor, terms: list[Int4Term], decoded_rows: int | None = No
     if decoded_rows is not None and x.shape[0] >= decoded_rows and terms[0][1].shape[1] % 64 == 0 \
             and layout_known():
         return _decoded_linear(x, terms)
-    xb = x.to(torch.bfloat16)
+    xb = x.to(torch.bfloat16).contiguous()  # the op requires it (a float32 x's strides survive `.to`)
     (packed, scales_zeros), *rest = terms
     if not rest:  # one term: the product is bfloat16 either way, converted straight to x's dtype
         return _MM(xb, packed, GROUP, scales_zeros).to(x.dtype)

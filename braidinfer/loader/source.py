@@ -56,7 +56,10 @@ class ModelSource:
         bar = tqdm(total=self.checkpoint.tensor_count, desc=f"Loading {self.name}", unit="tensor",
                    disable=not progress, leave=False)
         with bar:
-            tensors = self.checkpoint.tensors(quantized=True) if quantized and self.quantized_names() else \
+            # A GGUF is read with quantized=True even when none of its types has a kernel: that read notes each
+            # tensor dequantised, and why, for the load summary.
+            quantizable = getattr(self.checkpoint, "quantized_names", None) is not None
+            tensors = self.checkpoint.tensors(quantized=True) if quantized and quantizable else \
                 self.checkpoint.tensors()
             for name, tensor in tensors:
                 yield name, tensor if isinstance(tensor, QuantizedTensor) else tensor.to(dtype)

@@ -69,6 +69,18 @@ def test_int4_linear_matches_the_decoded_weights(qtype, rows):
     assert err <= 3 * _bf16_error(x, weight), (err, _bf16_error(x, weight))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_linear_takes_rows_that_are_not_contiguous(dtype):
+    """The int4 op refuses strided input; the layer gives it a contiguous copy (a float32 x's strides survive the
+    cast to bfloat16)."""
+    torch.manual_seed(0)
+    blocks = _blocks(48, 512, "Q4_0", seed=1)
+    layer = _int4_layer([(blocks, "Q4_0")], 512)
+    x = torch.randn(512, 3).t().to(dtype)  # [3, 512], a column-major view
+    assert not x.is_contiguous()
+    torch.testing.assert_close(layer(x), layer(x.contiguous()), rtol=0, atol=0)
+
+
 needs_packing = pytest.mark.skipif(not cpu_int4.layout_known(),
                                    reason="this torch build packs int4 codes in another layout (not AVX-512)")
 

@@ -76,6 +76,23 @@ def test_loader_keeps_supported_types_quantised(quantized_llama):
     assert set(source.quantized_names()) == {n for n, q in written.items() if q in QUANTIZED_TYPES}
 
 
+def test_a_gguf_of_types_without_kernels_names_every_tensor_it_dequantises(tmp_path):
+    """No tensor of a type with a kernel: every matrix is still noted as dequantised, with the reason (the load
+    summary's line), as when one other type has a kernel."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPE, tie_word_embeddings=True)).eval()
+    written = write_quantized_gguf(model, tmp_path / "q2k.gguf", lambda n: "Q2_K" if n.endswith(".weight") and
+                                   not n.endswith("norm.weight") else None)
+    source = resolve_model(str(tmp_path / "q2k.gguf"))
+    assert not source.quantized_names()
+    tensors = dict(source.iter_weights(torch.float32, progress=False, quantized=True))
+    assert not any(isinstance(t, QuantizedTensor) for t in tensors.values())
+    quantized = {n for n, q in written.items() if q == "Q2_K"}
+    assert quantized and source.dequantized_names() == dict.fromkeys(quantized, "Q2_K: no kernel for this type")
+
+
 def test_loader_dequantises_everything_by_default(quantized_llama):
     path, ref, _ = quantized_llama
     tensors = dict(resolve_model(path).iter_weights(torch.float32, progress=False))
@@ -185,6 +202,15 @@ def test_quant_embedding_matches_reference(qtype):
     table.set_weight(QuantizedTensor(blocks, qtype, (40, 256)))
     ids = torch.tensor([3, 0, 39, 3])
     assert torch.equal(table(ids), _reference(blocks, qtype)[ids])
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1", "Q4_K", "Q6_K"])
+def test_quant_embedding_of_no_ids_is_empty_like_nn_embedding(qtype):
+    blocks = _blocks(40, 256, qtype, 7)
+    table = QuantEmbedding(40, 256, torch.float32)
+    table.set_weight(QuantizedTensor(blocks, qtype, (40, 256)))
+    ids = torch.tensor([], dtype=torch.long)
+    assert torch.equal(table(ids), F.embedding(ids, _reference(blocks, qtype)))
 
 
 def test_family_tensor_hook_dequantises_what_it_changes(quantized_llama):
