@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import glob
 import os
 import re
 import tempfile
@@ -158,6 +159,11 @@ def has_gguf_magic(path: str) -> bool:
             return f.read(4) == GGUF_MAGIC
     except OSError:
         return False
+
+
+def gguf_files_in(directory: str) -> list[str]:
+    """The `.gguf` files directly inside a directory, sorted by name."""
+    return sorted(glob.glob(os.path.join(glob.escape(directory), "*.gguf")))
 
 
 def open_gguf(path: str) -> tuple[dict[str, Any], GGUFCheckpoint]:

@@ -2,7 +2,6 @@
 (single file or sharded)."""
 from __future__ import annotations
 
-import glob
 import json
 import os
 from collections.abc import Iterator
@@ -12,6 +11,7 @@ import torch
 from safetensors import safe_open
 
 from braidinfer.errors import InvalidModelError, UnsupportedModelError
+from braidinfer.loader.gguf_file import gguf_files_in
 from braidinfer.loader.lfs import check_not_lfs_pointer
 
 CONFIG_FILE = "config.json"
@@ -99,7 +99,7 @@ def open_hf_dir(path: str) -> SafetensorsCheckpoint:
     if os.path.isfile(single):
         return SafetensorsCheckpoint(path, [single], _count_tensors(single))
     legacy = [f for f in _LEGACY_WEIGHTS if os.path.exists(os.path.join(path, f))]
-    ggufs = sorted(glob.glob(os.path.join(glob.escape(path), "*.gguf")))
+    ggufs = gguf_files_in(path)
     hint = f" (found {', '.join(legacy)}; only safetensors weights are supported)" if legacy else ""
     if ggufs:  # config.json makes the directory a safetensors one; a GGUF beside it loads by its own path
         hint += f"; to load a GGUF file instead, pass its path: {', '.join(ggufs)}"

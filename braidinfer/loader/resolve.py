@@ -1,12 +1,11 @@
 """Turns what the user passed as `model` (nothing, a path, or a hub id) into a `ModelSource`."""
 from __future__ import annotations
 
-import glob
 import os
 
 from braidinfer.errors import InvalidModelError, ModelNotFoundError, UnsupportedModelError
 from braidinfer.loader.embedded import default_model_path
-from braidinfer.loader.gguf_file import has_gguf_magic, merge_split_hint, open_gguf, split_part
+from braidinfer.loader.gguf_file import gguf_files_in, has_gguf_magic, merge_split_hint, open_gguf, split_part
 from braidinfer.loader.hf import (CONFIG_FILE, check_not_prequantized, open_hf_dir, read_generation_config,
                                   read_hf_config)
 from braidinfer.loader.download import download_model
@@ -58,7 +57,7 @@ def _from_directory(path: str, name: str | None) -> ModelSource:
         hf_config = read_hf_config(path)
         check_not_prequantized(path, hf_config)
         return ModelSource(name, path, "safetensors", hf_config, open_hf_dir(path), read_generation_config(path))
-    ggufs = sorted(glob.glob(os.path.join(glob.escape(path), "*.gguf")))
+    ggufs = gguf_files_in(path)
     if len(ggufs) == 1:  # e.g. a hub snapshot of a GGUF-only repository
         return _from_gguf(ggufs[0], name)
     parts = {split_part(f) for f in ggufs}
