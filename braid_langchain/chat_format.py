@@ -9,15 +9,12 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from braidinfer.chat_template import special_token_strings
+from braidinfer.chat_template import fold_system, has_system_role, special_token_strings
 
 from braid_langchain.messages import merge_consecutive
 from braid_langchain.reasoning import ReasoningFormat, reasoning_format
 from braid_langchain.reasoning import template_kwargs as reasoning_kwargs
 from braid_langchain.tool_formats import ToolFormat, detect_tool_format, template_tools
-
-_NO_SYSTEM_ROLE = "System role not supported"  # raise_exception text of the Gemma 1/2/3 templates
-
 
 @dataclass(frozen=True)
 class ChatFormat:
@@ -44,7 +41,7 @@ def chat_format(tokenizer: Any) -> ChatFormat:
     template = getattr(tokenizer, "chat_template", None)
     template = template if isinstance(template, str) else None
     fmt = ChatFormat(detect_tool_format(template), reasoning_format(tokenizer),
-                     system_role=not (template and _NO_SYSTEM_ROLE in template),
+                     system_role=has_system_role(tokenizer),
                      single_tokens=_added_tokens(tokenizer))
     with _lock:
         _formats[tokenizer] = fmt
@@ -69,21 +66,3 @@ def template_inputs(fmt: ChatFormat, chat: list[dict[str, Any]], tools: list[dic
 def _as_user(result: dict[str, Any]) -> dict[str, Any]:
     name = f" {result['name']}" if result.get("name") else ""
     return {"role": "user", "content": f"Result of the tool call{name}:\n{result['content']}"}
-
-
-def fold_system(chat: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """`chat` without system messages, for templates without a system role: the leading one's text put before the
-    first user message's (a user message is created when the conversation has none), any later one made a user
-    turn (`merge_consecutive` then joins it with the user turns beside it, as such templates want roles to
-    alternate)."""
-    if not chat:
-        return chat
-    rest = [{**m, "role": "user"} if m["role"] == "system" else m for m in chat[1:]]
-    if chat[0]["role"] != "system":
-        return [chat[0], *rest]
-    system = chat[0]["content"]
-    if not system:
-        return rest
-    if rest and rest[0]["role"] == "user":
-        return [{**rest[0], "content": f"{system}\n\n{rest[0]['content']}"}, *rest[1:]]
-    return [{"role": "user", "content": system}, *rest]

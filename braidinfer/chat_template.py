@@ -68,6 +68,36 @@ def special_token_strings(tokenizer: Any) -> list[str]:
     return sorted((s for s in strings if s), key=lambda s: (-len(s), s))
 
 
+def has_system_role(tokenizer: Any) -> bool:
+    """Whether the tokenizer's chat template renders a system message (True without a template). Gemma's templates
+    raise on one; their documentation puts the system text in the first user turn instead (see `fold_system`)."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return True
+    probe = [{"role": "system", "content": "system"}, {"role": "user", "content": "user"}]
+    try:
+        _render(tokenizer, probe, {"add_generation_prompt": True})
+    except InvalidRequestError:
+        return False
+    return True
+
+
+def fold_system(chat: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`chat` without system messages, for templates without a system role: the leading one's text put before the
+    first user message's (a user message is created when the conversation has none), any later one made a user
+    turn (to be joined with the user turns beside it where a template wants roles to alternate)."""
+    if not chat:
+        return chat
+    rest = [{**m, "role": "user"} if m["role"] == "system" else m for m in chat[1:]]
+    if chat[0]["role"] != "system":
+        return [chat[0], *rest]
+    system = chat[0]["content"]
+    if not system:
+        return rest
+    if rest and rest[0]["role"] == "user":
+        return [{**rest[0], "content": f"{system}\n\n{rest[0]['content']}"}, *rest[1:]]
+    return [{"role": "user", "content": system}, *rest]
+
+
 # --- validation and rendering ------------------------------------------------------------------------------------
 def _check_messages(messages: Any) -> None:
     if not isinstance(messages, (list, tuple)) or not messages:

@@ -6,6 +6,7 @@ import os
 import sys
 import traceback
 
+from braidinfer.chat_template import fold_system, has_system_role
 from braidinfer.errors import BraidError, InvalidRequestError
 from braidinfer.sampling_params import SamplingParams
 
@@ -96,22 +97,12 @@ def _require_chat_template(llm, hint: str) -> None:
         raise InvalidRequestError(f"the model's tokenizer has no chat template{hint}")
 
 
-def _has_system_role(llm) -> bool:
-    """Whether the chat template renders a system message: Gemma's raise on one (their documentation puts the system
-    text in the first user turn instead)."""
-    try:
-        llm.apply_chat_template([{"role": "system", "content": "system"}, {"role": "user", "content": "user"}])
-    except InvalidRequestError:
-        return False
-    return True
-
-
 def _chat(llm, params: SamplingParams, system: str | None, stats: bool) -> bool:
     """Runs the chat; False when input came from a pipe and a turn failed (it was reported and skipped). For a
     template without a system role, the system prompt goes before the first user message's text."""
     _require_chat_template(llm, "; braid chat needs one (braid generate --raw sends a prompt as is)")
-    folded = system if system and not _has_system_role(llm) else None
-    messages = [{"role": "system", "content": system}] if system and not folded else []
+    as_given = has_system_role(llm.tokenizer)
+    messages = [{"role": "system", "content": system}] if system else []
     interactive, failed = sys.stdin.isatty(), False
     while True:
         try:
@@ -120,9 +111,9 @@ def _chat(llm, params: SamplingParams, system: str | None, stats: bool) -> bool:
             break
         if not line.strip():
             break
-        messages.append({"role": "user", "content": f"{folded}\n\n{line}" if folded and not messages else line})
+        messages.append({"role": "user", "content": line})
         try:
-            prompt = llm.apply_chat_template(messages)
+            prompt = llm.apply_chat_template(messages if as_given else fold_system(messages))
             if interactive:
                 print("braid> ", end="", flush=True)
             reply = _answer(llm, prompt, params, stats)

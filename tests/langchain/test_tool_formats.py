@@ -11,7 +11,7 @@ import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from braid_langchain.chat_format import ChatFormat, fold_system, template_inputs
+from braid_langchain.chat_format import ChatFormat, template_inputs
 from braid_langchain.messages import to_chat_messages
 from braid_langchain.reasoning import THINK_CLOSE, THINK_OPEN, ReasoningFormat, ThoughtSplitter
 from braid_langchain.tool_formats import (
@@ -30,6 +30,7 @@ from braid_langchain.tool_formats import (
 )
 from braid_langchain.tool_parser import parse_tool_calls
 from braid_langchain.tools import forced_call_schema
+from braidinfer.chat_template import fold_system
 
 FIXTURES = pathlib.Path(__file__).parents[1] / "fixtures"
 TEMPLATES = {"qwen2.5": "qwen2_5", "qwen3": "qwen3", "mistral": "mistral_v0.3", "llama3.1": "llama3.1",
