@@ -53,9 +53,13 @@ class RequestBuilder:
         tokenizer has only its range checked (its head once per head object); one of another tokenizer is checked like
         a list."""
         _check_prompt_type(prompt)
+        return self._tokenize(prompt, add_special_tokens)
+
+    def _tokenize(self, prompt: str | list[int] | TokenizedPrompt, add_special_tokens: bool = True) -> list[int]:
+        """`tokenize` of a prompt whose type was checked."""
         if isinstance(prompt, TokenizedPrompt):
             if prompt.tokenizer is not self.tokenizer:
-                return self.tokenize(prompt.ids())
+                return self._tokenize(prompt.ids())
             return self._own_ids(prompt)
         if isinstance(prompt, str):
             if not prompt:
@@ -81,7 +85,7 @@ class RequestBuilder:
         if not head and not token_ids:
             raise InvalidRequestError("prompt is empty")
         if not self._ints_in_range(token_ids) or (head and not self._checked_heads.valid(head)):
-            return self.tokenize(prompt.ids())  # the list check, which names the bad ids
+            return self._tokenize(prompt.ids())  # the list check, which names the bad ids
         return prompt.ids()
 
     def _ints_in_range(self, ids: list[int]) -> bool:
@@ -112,9 +116,9 @@ class RequestBuilder:
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"params must be SamplingParams, got {type(params).__name__}")
         if prefix:
-            ids = prefix + (self.tokenize(prompt, add_special_tokens=False) if len(prompt) else [])
+            ids = prefix + (self._tokenize(prompt, add_special_tokens=False) if len(prompt) else [])
         else:
-            ids = self.tokenize(prompt)
+            ids = self._tokenize(prompt)
         max_model_len = self.limits.max_model_len
         if len(ids) >= max_model_len:
             raise InvalidRequestError(
