@@ -31,6 +31,7 @@ from braid_langchain.messages import to_chat_messages
 from braid_langchain.pinning import pins_for, segment_heads
 from braid_langchain.prompt_cache import split_prompt_ids
 from braid_langchain.reasoning import ThoughtSplitter
+from braid_langchain.strict_tools import Validators, argument_validators
 from braid_langchain.streaming import ReplyBuilder, ToolMode, with_errors
 from braid_langchain.structured import (
     StructuredOutputMethod,
@@ -59,7 +60,7 @@ EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "seed", "repetition_penalty",
                     "presence_penalty", "frequency_penalty")
 _CALL_ARGS = frozenset({"tools", "tool_choice", "guided", "documents", "model", "response_format",
-                        "parallel_tool_calls", "reasoning", "max_reasoning_tokens", *_SAMPLING_FIELDS})
+                        "parallel_tool_calls", "strict", "reasoning", "max_reasoning_tokens", *_SAMPLING_FIELDS})
 _IGNORED_CALL_ARGS = frozenset({"stream", "ls_structured_output_format"})  # LangChain's own routing hints
 _ENGINE_FIELDS = ("model", "device", "dtype")  # EngineConfig fields that have a ChatBraid field of their own
 
@@ -381,17 +382,20 @@ class ChatBraid(BaseChatModel):
         `parallel_tool_calls=False`: at most one call per reply (later ones are dropped). Other keyword arguments
         are call arguments (e.g. `response_format`).
 
-        `strict` is accepted for LangChain's interface and changes nothing; what is constrained depends on
-        `tool_choice` alone. A required call ("any"/"required"/True or a name) is decoded under a grammar of the
-        tools' argument schemas, so unless cut short (max_tokens) it parses to a bound tool with arguments of its
-        schema. In auto mode the model writes calls in free text and they are parsed, not constrained, even with
-        `strict=True`: arguments are not checked against the schema, and a malformed call comes back in
-        `invalid_tool_calls` with an `error` (with a `response_format` too, the reply is constrained to a call of a
-        bound tool or the response object)."""
+        What is constrained depends on `tool_choice`: a required call ("any"/"required"/True or a name) is decoded
+        under a grammar of the tools' argument schemas, so unless cut short (max_tokens) it parses to a bound tool
+        with arguments of its schema. In auto mode the model writes calls in free text and they are parsed, not
+        constrained; a malformed call comes back in `invalid_tool_calls` with an `error` (with a `response_format`
+        too, the reply is constrained to a call of a bound tool or the response object). `strict=True`: every call's
+        arguments are also checked against its tool's schema, and a call that does not match is an invalid call
+        whose `error` names the mismatch (a schema that is not valid JSON schema raises ValueError here)."""
         formatted = to_openai_tools(tools)
         normalize_tool_choice(tool_choice, tool_names(formatted))  # a bad choice fails here, not at the call
         if parallel_tool_calls is not None:
             kwargs["parallel_tool_calls"] = parallel_tool_calls
+        if strict:
+            argument_validators(formatted)  # a schema jsonschema cannot use fails here, not at the call
+            kwargs["strict"] = True
         return self.bind(tools=formatted, tool_choice=tool_choice, **kwargs)
 
     def with_structured_output(self, schema: dict[str, Any] | type, *, include_raw: bool = False,
@@ -457,8 +461,9 @@ class ChatBraid(BaseChatModel):
         max_thought = kwargs.get("max_reasoning_tokens", self.max_reasoning_tokens)
         prompt, opened, budget = thinking.plan_thought(engine.tokenizer, fmt.reasoning, prompt, reasoning,
                                                        max_thought, guided is not None or bool(params.stop))
+        validators = argument_validators(offered) if kwargs.get("strict") and offered else None
         return _Request(_display_name(kwargs.get("model", self.model)), engine, prompt, params, tool_mode,
-                        schema_owner, segments, max_calls, fmt, opened, budget, head, tool_names(offered))
+                        schema_owner, segments, max_calls, fmt, opened, budget, head, tool_names(offered), validators)
 
     def _sampling_params(self, stop: list[str] | None, guided: GuidedDecoding | None,
                          overrides: dict[str, Any]) -> SamplingParams:
@@ -502,6 +507,7 @@ class _Request:
     budget: thinking.ThoughtBudget | None = None  # the reply is generated thought first, then answer
     head: tuple[int, ...] = ()  # the prompt's first ids, the tuple kept for its system prompt and documents (or ())
     tools: Sequence[str] | None = None  # the names of the tools offered (None: unknown)
+    validators: Validators | None = None  # strict=True: each offered tool's argument check
 
     def tokenized(self) -> TokenizedPrompt:
         """The prompt for the engine: ids of its own tokenizer (`_prompt_ids` made them), so not checked one by one,
@@ -511,7 +517,8 @@ class _Request:
     def reply_builder(self) -> ReplyBuilder:
         calls = (self.chat.tools.parser(forced=self.tool_mode == "forced", tools=self.tools)
                  if self.chat is not None else None)
-        builder = ReplyBuilder(self.model_name, self.tool_mode, max_calls=self.max_calls, calls=calls)
+        builder = ReplyBuilder(self.model_name, self.tool_mode, max_calls=self.max_calls, calls=calls,
+                               validators=self.validators)
         builder.caching = self.engine.config.enable_prefix_caching
         if self.chat is not None and self.chat.reasoning is not None:
             builder.thoughts = ThoughtSplitter(self.chat.reasoning, opened=self.opened)

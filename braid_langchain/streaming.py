@@ -29,6 +29,7 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.utils.json import parse_partial_json
 
 from braid_langchain.reasoning import ThoughtSplitter
+from braid_langchain.strict_tools import Validators, checked
 from braid_langchain.tool_parser import ParsedCall, ToolCallStream
 
 ToolMode = Literal["off", "auto", "forced"]
@@ -66,13 +67,14 @@ class ReplyBuilder:
     parsed from the reply), "forced" (the reply is one constrained JSON call)."""
 
     def __init__(self, model_name: str, tool_mode: ToolMode = "off", *, max_calls: int | None = None,
-                 calls: ToolCallStream | None = None):
+                 calls: ToolCallStream | None = None, validators: Validators | None = None):
         self.model_name = model_name
         # `calls`: a parser of the model's own call format (default: Hermes blocks and bare JSON).
         self._calls = None if tool_mode == "off" else calls or ToolCallStream(forced=tool_mode == "forced")
         self._num_calls = 0
         self.max_calls = max_calls
         """Most tool calls kept from the reply (parallel_tool_calls=False: 1); later ones are dropped."""
+        self._validators = validators  # strict=True: calls whose arguments do not match their schema are invalid
         self.errors: dict[str, CallError] = {}
         """Call id -> why the call is invalid and its text, for every invalid call so far."""
         self.caching = True
@@ -160,6 +162,8 @@ class ReplyBuilder:
             return None
         index, self._num_calls = self._num_calls, self._num_calls + 1
         call_id = f"call_{uuid.uuid4().hex[:24]}"
+        if self._validators:
+            event = checked(event, self._validators)
         if event.args is not None:
             args = json.dumps(event.args, ensure_ascii=False)
         else:
