@@ -110,12 +110,21 @@ class Scheduler:
                     continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self._reserve(seq, seq.num_computed_tokens + n):
+                need = self.pages.pages_for(seq.num_computed_tokens + n)
                 self._release(seq)
-                break
+                if self.running:  # pages come back as they finish
+                    break
+                # Nothing runs, so nothing gives pages back: the rest are pinned, or held by composed prompts
+                # waiting behind it. Waiting would spin the engine forever with every later request behind it.
+                self.waiting.popleft()
+                self._rejected.append((seq, f"request needs {need} KV pages to go on but only "
+                                            f"{self.pages.num_available} of the pool's {self.pages.num_pages} can be "
+                                            "had (the others are held by chunks); release chunks or lower max_tokens"))
+                continue
             self.waiting.popleft()
             if fresh and seq.compose:
                 self._composing.append(seq)
-            elif fresh and not seq.private:
+            elif fresh and not seq.private and seq.num_cached_prompt_tokens is None:  # not a preempted one's return
                 self.pages.count_lookup(seq.num_tokens - 1, seq.num_computed_tokens)  # what _match_prefix found
             if seq.num_cached_prompt_tokens is None:
                 seq.num_cached_prompt_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
@@ -134,10 +143,12 @@ class Scheduler:
         seq.last_node = chain[-1] if chain else None
 
     def _never_fits(self, seq: Sequence) -> str | None:
-        """Why `seq` (just matched against the cache) can never run next to the pinned pages, or None if it can."""
+        """Why `seq` (just matched against the cache) can never run next to the pinned pages, or None if it can.
+        The pages of released chunks that a composed prompt still holds (see `finish`) are not usable either."""
         pm = self.pages
         need = pm.pages_for(seq.num_prompt_tokens + seq.max_tokens)
-        usable = pm.num_pages - pm.num_pinned + sum(1 for p in seq.page_table if pm.pin_counts[p])
+        held = {p for pages in seq.composed_pages or () for p in pages if not pm.pin_counts[p]}
+        usable = pm.num_pages - pm.num_pinned - len(held) + sum(1 for p in seq.page_table if pm.pin_counts[p])
         if need <= usable:
             return None
         return (f"request needs up to {need} KV pages ({seq.num_prompt_tokens} prompt + {seq.max_tokens} output "
@@ -168,11 +179,18 @@ class Scheduler:
         seq.reset_kv()
 
     def preempt(self, seq: Sequence) -> None:
-        """Returns a running sequence's pages and puts it first in line; it will be recomputed (prompt + output)."""
+        """Returns a running sequence's pages and puts it first in line; it will be recomputed (prompt + output).
+        Preempted composed prompts stay ahead of all others: they hold their chunks' pages (see `finish`), which
+        only they can use, so a sequence waiting ahead of one for pages could wait forever once a chunk is released
+        (its pages then neither pinned, cached nor free)."""
         self.running.remove(seq)
         self._release(seq)
         seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
+        if seq.composed_pages is not None:
+            self.waiting.appendleft(seq)
+        else:
+            holding = next((i for i, s in enumerate(self.waiting) if s.composed_pages is None), len(self.waiting))
+            self.waiting.insert(holding, seq)
         self.num_preemptions += 1
 
     def finish(self, seq: Sequence, reason: str) -> None:

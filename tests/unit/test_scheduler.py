@@ -57,3 +57,77 @@ def test_preemption_takes_the_newest_and_it_resumes_from_cache():
         _step(sched)
     assert a.num_output_tokens == b.num_output_tokens == 12
     assert pm.num_free + pm.num_cached == pm.num_pages
+
+
+def test_a_composed_prompt_holding_a_released_chunks_pages_is_not_starved():
+    """A composed prompt holds its chunks' pages from its first admission to its end; once the chunk is released
+    only it can free them. Preempted, it must not wait behind a sequence that needs those pages: nothing would run."""
+    pm = PageManager(12, 8)
+    sched = Scheduler(pm, max_num_seqs=2, max_num_batched_tokens=256)
+    whole = _seq("h", 16, max_tokens=80)  # 96 tokens: the whole pool
+    sched.add(whole)
+    _step(sched)
+    composed = _seq("ww", 4, max_tokens=40)
+    composed.composed_pages = [pm.allocate(4)]  # the released chunk's pages, referenced by `composed` alone
+    sched.add(composed)
+    for _ in range(500):
+        if not sched.has_work():
+            break
+        _step(sched)
+    assert sched.num_preemptions >= 2  # both were preempted at least once
+    assert whole.num_output_tokens == 80 and composed.num_output_tokens == 40
+    assert pm.num_free + pm.num_cached == pm.num_pages
+
+
+def test_preempted_sequences_wait_behind_preempted_composed_prompts():
+    sched = Scheduler(PageManager(100, 4), max_num_seqs=4, max_num_batched_tokens=64)
+    composed, plain, late = _seq("a", 4), _seq("bb", 4), _seq("ccc", 4)
+    sched.add(composed)
+    sched.add(plain)
+    _step(sched)
+    composed.composed_pages = [[]]  # as the engine sets it at the first admission
+    sched.add(late)
+    sched.preempt(composed)
+    sched.preempt(plain)
+    assert list(sched.waiting) == [composed, plain, late]
+
+
+def test_a_preempted_sequence_is_counted_in_the_hit_rate_once():
+    pm = PageManager(6, 4)
+    sched = Scheduler(pm, max_num_seqs=4, max_num_batched_tokens=64)
+    a, b = _seq("a", 8, max_tokens=12), _seq("bb", 8, max_tokens=12)
+    sched.add(a)
+    sched.add(b)
+    while sched.has_work():
+        _step(sched)
+    assert sched.num_preemptions > 0
+    assert pm.num_lookup_tokens == 7 + 7  # each request's prompt but its last token, looked up at its admission
+    assert pm.num_cached_tokens_served == 0  # two unrelated prompts: nothing of either was in the cache before
+
+
+def test_a_composed_prompt_that_cannot_fit_beside_its_released_chunks_pages_is_rejected():
+    """Its released chunk's pages are neither pinned nor usable (it holds them to its end): counted as usable, the
+    request was admitted, ran until it preempted itself and then could never come back."""
+    pm = PageManager(40, 4)
+    pm.adopt_as_pins(pm.allocate(10))  # another chunk, pinned
+    seq = _seq("w", 48, max_tokens=70)  # needs 30 pages: 40 - 10 pinned would do
+    seq.composed_pages = [pm.allocate(10)]  # a chunk it composes, released since: 20 pages are left to it
+    sched = Scheduler(pm, max_num_seqs=4, max_num_batched_tokens=64)
+    sched.add(seq)
+    assert _step(sched).seqs == []
+    [(rejected, reason)] = sched.take_rejected()
+    assert rejected is seq and "needs up to 30 KV pages" in reason and "only 20 of the pool's 40" in reason
+
+
+def test_with_nothing_running_a_request_that_cannot_get_its_pages_is_rejected_not_kept_first_in_line():
+    """Two composed prompts holding released chunks' pages: the first fits the pool, but not beside the second's
+    held pages, and nothing runs that could give pages back. Kept first in line, nothing would ever run again."""
+    pm = PageManager(12, 4)
+    first, second = _seq("a", 24, max_tokens=4), _seq("bb", 4, max_tokens=4)
+    first.composed_pages, second.composed_pages = [pm.allocate(2)], [pm.allocate(6)]
+    sched = Scheduler(pm, max_num_seqs=4, max_num_batched_tokens=64)
+    sched.add(first)
+    sched.add(second)
+    assert _step(sched).seqs == [second]
+    [(rejected, reason)] = sched.take_rejected()
+    assert rejected is first and "needs 6 KV pages to go on but only 4 of the pool's 12" in reason
