@@ -68,6 +68,20 @@ class PrefixTree:
     def push_evictable(self, node: PrefixNode) -> None:
         """Called when a leaf's page loses its last reference: it becomes a candidate for eviction."""
         heapq.heappush(self._lru, (node.last_access, id(node), node))
+        if len(self._lru) > 2 * len(self.node_of_page) + 64:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Drops the heap's stale entries (a leaf pushed again since, or gone from the tree, or now a parent, which
+        `_remove` pushes again once it is a leaf): a prefix reused and released over and over is never evicted, and
+        its leaf got one more entry per release. Amortised: the heap has at most one entry per node afterwards."""
+        live = {}
+        for entry in self._lru:
+            stamp, key, node = entry
+            if stamp == node.last_access and not node.children and self.node_of_page.get(node.page) is node:
+                live[key] = entry
+        self._lru = list(live.values())
+        heapq.heapify(self._lru)
 
     def evict(self, is_free_leaf) -> int | None:
         """Removes the least recently used unreferenced leaf and returns its page, or None if there is none.

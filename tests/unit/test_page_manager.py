@@ -189,3 +189,14 @@ class PagePoolMachine(RuleBasedStateMachine):
 
 TestPagePool = PagePoolMachine.TestCase
 TestPagePool.settings = settings(max_examples=150, stateful_step_count=30, deadline=None)
+
+
+def test_a_prefix_reused_over_and_over_keeps_the_eviction_heap_bounded_and_lru_order():
+    pm = PageManager(num_pages=16, page_size=PS)
+    old = _hold(pm, list(range(8)))
+    pm.release(old["pages"])
+    for _ in range(2000):  # e.g. one system prompt, request after request: never evicted
+        pm.release(_hold(pm, list(range(100, 108)) + [1])["pages"])
+    assert len(pm.tree._lru) <= 2 * len(pm.tree) + 64  # it had an entry per release: 2,000 and more
+    pm.allocate(pm.num_free)
+    assert sorted(pm.allocate(2)) == sorted(old["pages"])  # the least recently used prefix goes first
