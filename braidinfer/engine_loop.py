@@ -112,6 +112,8 @@ class EngineLoop:
         """Asks the engine to end a request; a no-op once the loop stopped (its requests have ended already). A
         request still waiting in an event loop's batch is dropped from it instead: it never reaches the engine, and
         its stream ends with finish_reason "abort" as the engine would end it."""
+        if self._forked:  # before taking the lock: another thread of the parent may have held it at the fork
+            return
         dropped = None
         with self._lock:
             for event_loop, batch in list(self._batches.items()):

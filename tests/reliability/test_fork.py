@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import queue
+import threading
 
 import pytest
 from langchain_core.messages import HumanMessage
@@ -113,3 +114,31 @@ def test_forked_loop_is_not_alive(parent_llm):
 
 def _report_alive(llm: LLM, results) -> None:
     _report(results, lambda: llm.alive)
+
+
+def test_a_child_forked_while_the_loop_lock_was_held_can_close_an_inherited_stream(parent_llm):
+    """The fork copies the engine loop's lock in whatever state another thread left it: held, it never opens in the
+    child, so nothing there may wait on it (closing a stream aborts its request)."""
+    stream = parent_llm.stream_deltas(PROMPT, SamplingParams(max_tokens=64, ignore_eos=True))
+    next(stream)
+    held, release = threading.Event(), threading.Event()
+
+    def inside_the_lock():  # stands for a parent thread in the middle of a submit at the fork
+        with parent_llm._loop._lock:
+            held.set()
+            release.wait()
+
+    holder = threading.Thread(target=inside_the_lock, daemon=True)
+    holder.start()
+    held.wait()
+    try:
+        result = _run_worker("fork", _close_inherited, stream)
+    finally:
+        release.set()
+        holder.join()
+        stream.close()
+    assert result == ("ok", "closed")
+
+
+def _close_inherited(stream, results) -> None:
+    _report(results, lambda: (stream.close(), "closed")[1])
