@@ -248,11 +248,12 @@ def _top_k_top_p_removed(
             return None
     else:
         sorted_probs = torch.softmax(masked, dim=-1)
-    # A token stays in the nucleus while the probability before it is still short of top_p, so the
-    # first token (exactly 0 before it, top_p > 0) always stays. Rows with top_p == 1 skip the test
-    # so that float32 rounding of the cumulative sum cannot cut their tail.
+    # A token stays in the nucleus while the probability before it is still short of top_p. Rows with top_p == 1
+    # skip the test so that float32 rounding of the cumulative sum cannot cut their tail. The first token always
+    # stays: a top_p below float32's range is 0 here, which would remove it too.
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
     removed_sorted |= (mass_before >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
+    removed_sorted[:, 0] = False
     # Tokens outside the candidates start out removed, except, in a row without top-p, the ties of its k-th logit
     # (top-k alone is a threshold; a top-p row's nucleus, computed over the candidates, breaks those ties by order).
     removed = torch.ones_like(scaled, dtype=torch.bool).scatter_(1, order, removed_sorted)

@@ -160,9 +160,10 @@ def test_large_top_k_draws_from_exactly_the_top_k(top_k):
     assert max(ranks) > 0.9 * top_k
 
 
-def test_tiny_top_p_keeps_only_the_best_token():
+@pytest.mark.parametrize("top_p", [1e-6, 1e-46, 1e-300])  # the last two round to 0 in float32
+def test_tiny_top_p_keeps_only_the_best_token(top_p):
     logits = torch.randn(200, 50, generator=torch.Generator().manual_seed(5))
-    params = [SamplingParams(temperature=3.0, top_p=1e-6)] * 200
+    params = [SamplingParams(temperature=3.0, top_p=top_p)] * 200
     out = sample(logits, params, [make_generator(0, "cpu")] * 200)
     assert out.token_ids.tolist() == logits.argmax(dim=-1).tolist()
 
