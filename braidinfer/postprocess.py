@@ -50,7 +50,8 @@ class OutputProcessor:
             delta, stopped = det.add(token)
             reason = "stop" if stopped else None
             if reason is None and (seq.num_output_tokens >= seq.max_tokens or len(seq.token_ids) >= self.max_model_len):
-                reason, delta = "length", delta + det.flush()
+                delta += det.flush()  # the text it held back may complete a stop string, which then ends it
+                reason = "stop" if det.stopped else "length"
         if reason is None:
             self.emit(seq, delta, [token], logprobs)
         else:
