@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import itertools
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -140,12 +141,13 @@ class ChatBraid(BaseChatModel):
     """Pin the system prompt and each document as engine chunks, so they stay computed under memory pressure
     (see `braid_langchain.pinning`); reuse is exact either way."""
     timeout: float | None = Field(None, gt=0)
-    """Deadline of one call in seconds (pinning, queueing and generation); past it the request is aborted, its KV
-    pages freed, and `braidinfer.errors.RequestTimeoutError` (a `TimeoutError`) raised. None = no deadline."""
+    """Deadline of one call in seconds (pinning, queueing and generation, retries included; it starts once the
+    engine is loaded); past it the request is aborted, its KV pages freed, and `braidinfer.errors.RequestTimeoutError`
+    (a `TimeoutError`) raised. None = no deadline."""
     max_retries: int = Field(2, ge=0)
     """Retries of a call that failed for a transient reason: a CUDA out-of-memory error in its engine step, or an
     engine whose loop died (the retry runs on a freshly loaded engine). Invalid requests are never retried, nor a
-    stream that has already yielded output."""
+    call whose output already reached a stream's consumer or a callback, nor one past its `timeout`."""
     engine_kwargs: Dict[str, Any] = Field(default_factory=dict)  # noqa: UP006 (`dict` here is BaseModel.dict)
     """Further `braidinfer.config.EngineConfig` fields for the engine (e.g. `max_num_seqs`, `max_model_len`,
     `gpu_memory_utilization`, `enforce_eager`, `enable_prefix_caching`); ChatBraids with equal settings share
@@ -226,14 +228,17 @@ class ChatBraid(BaseChatModel):
     @_signed
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        if run_manager is not None and run_manager.handlers:  # callbacks see every delta
+            builder, first, chunks = self._start_stream(messages, stop, run_manager, kwargs)
+            with closing(chunks):
+                result = generate_from_stream(itertools.chain([first] if first is not None else [], chunks))
+            return _with_call_errors(result, builder)
+        call = self._begin(kwargs)
+
         def attempt() -> ChatResult:
-            deadline = _deadline(self.timeout)
-            request = self._request(messages, stop, self._engine(kwargs), kwargs)
+            request = self._attempt_request(call, messages, stop, kwargs)
             builder = request.reply_builder()
-            if run_manager is not None and run_manager.handlers:  # callbacks see every delta
-                result = generate_from_stream(self._stream_request(request, builder, deadline, run_manager))
-                return _with_call_errors(result, builder)
-            self._collect_request(request, builder, deadline)
+            self._collect_request(request, builder, call.deadline)
             return builder.result()
 
         return retries.retrying(self.max_retries)(attempt)
@@ -241,29 +246,25 @@ class ChatBraid(BaseChatModel):
     @_signed
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        if run_manager is not None and run_manager.handlers:  # callbacks see every delta
+            builder, first, chunks = await self._astart_stream(messages, stop, run_manager, kwargs)
+            async with aclosing(chunks):
+                result = await agenerate_from_stream(_prepended(first, chunks))
+            return _with_call_errors(result, builder)
+        call = await self._abegin(kwargs)
+
         async def attempt() -> ChatResult:
-            deadline = _deadline(self.timeout)
-            request = self._request(messages, stop, await self._aengine(kwargs), kwargs)
+            request = await self._aattempt_request(call, messages, stop, kwargs)
             builder = request.reply_builder()
-            if run_manager is not None and run_manager.handlers:  # callbacks see every delta
-                result = await agenerate_from_stream(self._astream_request(request, builder, deadline, run_manager))
-                return _with_call_errors(result, builder)
             # The whole reply built once on the event loop: no chunk per delta, no executor hop as agenerate_from_stream
-            await self._acollect_request(request, builder, deadline)
+            await self._acollect_request(request, builder, call.deadline)
             return builder.result()
 
         return await retries.acall(self.max_retries, attempt)
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
-        def start() -> tuple[Iterator[ChatGenerationChunk], ChatGenerationChunk | None]:
-            deadline = _deadline(self.timeout)
-            request = self._request(messages, stop, self._engine(kwargs), kwargs)
-            builder = request.reply_builder()
-            chunks = self._stream_request(request, builder, deadline, run_manager)
-            return chunks, next(chunks, None)  # failures up to the first chunk are retried
-
-        chunks, first = retries.retrying(self.max_retries)(start)
+        _, first, chunks = self._start_stream(messages, stop, run_manager, kwargs)
         with closing(chunks):  # a consumer that stops after the first chunk ends the request now
             if first is not None:
                 yield first
@@ -272,19 +273,69 @@ class ChatBraid(BaseChatModel):
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any
                        ) -> AsyncIterator[ChatGenerationChunk]:
-        async def start() -> tuple[AsyncIterator[ChatGenerationChunk], ChatGenerationChunk | None]:
-            deadline = _deadline(self.timeout)
-            request = self._request(messages, stop, await self._aengine(kwargs), kwargs)
-            builder = request.reply_builder()
-            chunks = self._astream_request(request, builder, deadline, run_manager)
-            return chunks, await anext(chunks, None)
-
-        chunks, first = await retries.aretrying(self.max_retries)(start)
+        _, first, chunks = await self._astart_stream(messages, stop, run_manager, kwargs)
         async with aclosing(chunks):
             if first is not None:
                 yield first
                 async for chunk in chunks:
                     yield chunk
+
+    def _start_stream(self, messages: list[BaseMessage], stop: list[str] | None,
+                      run_manager: CallbackManagerForLLMRun | None, kwargs: dict[str, Any]
+                      ) -> tuple[ReplyBuilder, ChatGenerationChunk | None, Iterator[ChatGenerationChunk]]:
+        """Starts a streamed reply: (its builder, its first chunk or None, the chunks after it). Failures are retried
+        only up to the first chunk: from then on the consumer and the callbacks have seen output, which a retry
+        would send them again."""
+        call = self._begin(kwargs)
+
+        def start() -> tuple[ReplyBuilder, ChatGenerationChunk | None, Iterator[ChatGenerationChunk]]:
+            request = self._attempt_request(call, messages, stop, kwargs)
+            builder = request.reply_builder()
+            chunks = self._stream_request(request, builder, call.deadline, run_manager)
+            return builder, next(chunks, None), chunks
+
+        return retries.retrying(self.max_retries)(start)
+
+    async def _astart_stream(self, messages: list[BaseMessage], stop: list[str] | None,
+                             run_manager: AsyncCallbackManagerForLLMRun | None, kwargs: dict[str, Any]
+                             ) -> tuple[ReplyBuilder, ChatGenerationChunk | None, AsyncIterator[ChatGenerationChunk]]:
+        """`_start_stream` for async callers."""
+        call = await self._abegin(kwargs)
+
+        async def start() -> tuple[ReplyBuilder, ChatGenerationChunk | None, AsyncIterator[ChatGenerationChunk]]:
+            request = await self._aattempt_request(call, messages, stop, kwargs)
+            builder = request.reply_builder()
+            chunks = self._astream_request(request, builder, call.deadline, run_manager)
+            return builder, await anext(chunks, None), chunks
+
+        return await retries.aretrying(self.max_retries)(start)
+
+    def _begin(self, kwargs: dict[str, Any]) -> _Call:
+        """A call's engine, loaded first, then its deadline: loading is no part of `timeout`."""
+        engine = self._engine(kwargs)
+        return _Call(engine, _deadline(self.timeout))
+
+    async def _abegin(self, kwargs: dict[str, Any]) -> _Call:
+        """`_begin` for async callers (loading off the event loop)."""
+        engine = await self._aengine(kwargs)
+        return _Call(engine, _deadline(self.timeout))
+
+    def _attempt_request(self, call: _Call, messages: list[BaseMessage], stop: list[str] | None,
+                         kwargs: dict[str, Any]) -> _Request:
+        """The request of one attempt of `call`; raises RequestTimeoutError when the call's deadline passed before
+        it (retries do not renew the deadline)."""
+        retries.remaining(call.deadline)
+        if not call.engine.alive:  # it died in the attempt before: this one runs on a freshly loaded engine
+            call.engine = self._engine(kwargs)
+        return self._request(messages, stop, call.engine, kwargs)
+
+    async def _aattempt_request(self, call: _Call, messages: list[BaseMessage], stop: list[str] | None,
+                                kwargs: dict[str, Any]) -> _Request:
+        """`_attempt_request` for async callers."""
+        retries.remaining(call.deadline)
+        if not call.engine.alive:
+            call.engine = await self._aengine(kwargs)
+        return self._request(messages, stop, call.engine, kwargs)
 
     def _stream_request(self, request: _Request, builder: ReplyBuilder, deadline: float | None,
                         run_manager: CallbackManagerForLLMRun | None) -> Iterator[ChatGenerationChunk]:
@@ -492,6 +543,15 @@ def _new_sampling_params(values: tuple[Any, ...], stop: list[str], guided: Guide
     return SamplingParams(**dict(zip(_SAMPLING_FIELDS, values)), stop=stop, guided=guided)
 
 
+@dataclass
+class _Call:
+    """What the attempts of one call share: its engine (replaced where it died, for the retry) and its deadline
+    (a `time.monotonic()` value, None = none)."""
+
+    engine: LLM
+    deadline: float | None
+
+
 @dataclass(frozen=True)
 class _Request:
     model_name: str
@@ -594,6 +654,15 @@ def _check_call_args(kwargs: dict[str, Any]) -> None:
 
 def _deadline(timeout: float | None) -> float | None:
     return None if timeout is None else time.monotonic() + timeout
+
+
+async def _prepended(first: ChatGenerationChunk | None, rest: AsyncIterator[ChatGenerationChunk]
+                     ) -> AsyncIterator[ChatGenerationChunk]:
+    """`first` (unless None, which ends the stream), then `rest`."""
+    if first is not None:
+        yield first
+        async for chunk in rest:
+            yield chunk
 
 
 def _with_call_errors(result: ChatResult, builder: ReplyBuilder) -> ChatResult:

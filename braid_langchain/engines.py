@@ -10,6 +10,7 @@ threads do not exist in it), so its ChatBraid loads a fresh engine on first use.
 """
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from typing import TYPE_CHECKING, Any
@@ -19,15 +20,17 @@ from braid_langchain.pinning import drop_pins
 if TYPE_CHECKING:
     from braidinfer import LLM
 
-EngineKey = tuple  # (model, device, dtype), then the sorted (name, value) pairs of further EngineConfig settings
+EngineKey = tuple  # (model, device, dtype) as the engine resolves them, then sorted further EngineConfig settings
 
 _engines: dict[EngineKey, LLM] = {}
 _lock = threading.Lock()
 
 
 def engine_key(model: str | None, device: str | None, dtype: str = "auto", **engine_kwargs: Any) -> EngineKey:
-    """The registry key of one engine configuration (`engine_kwargs`: further `EngineConfig` fields)."""
-    return (model, device, dtype, *sorted(engine_kwargs.items()))
+    """The registry key of one engine configuration (`engine_kwargs`: further `EngineConfig` fields), with device
+    and dtype as the engine would resolve them, so that equivalent settings share one engine: on a CPU-only host
+    device None and "cpu" are one key, "cuda" and "cuda:0" are one, and dtype "auto" is the dtype it stands for."""
+    return (model, *_placement(device, dtype), *sorted(engine_kwargs.items()))
 
 
 def get_engine(model: str | None, device: str | None, dtype: str = "auto", **engine_kwargs: Any) -> LLM:
@@ -69,6 +72,37 @@ def close_all() -> None:
         _engines.clear()
     for engine in engines:
         _close(engine)
+
+
+def _placement(device: str | None, dtype: str) -> tuple[str | None, str]:
+    """(device, dtype) resolved as `braidinfer.engine.LLMEngine` resolves them, without loading anything; a device
+    the engine would refuse stays as given (loading it raises the engine's error)."""
+    device, dtype = _resolved(device, dtype)
+    if device == "cuda":
+        import torch
+
+        # A bare "cuda" is the current device: 0 until the process picks another, which initialises CUDA (not
+        # done here: a process that initialised CUDA can no longer fork working children).
+        device = f"cuda:{torch.cuda.current_device() if torch.cuda.is_initialized() else 0}"
+    return device, dtype
+
+
+@functools.lru_cache(maxsize=64)
+def _resolved(device: str | None, dtype: str) -> tuple[str | None, str]:
+    """`_placement` but for a bare "cuda", kept as is; cached, since every call looks its engine up and
+    probing CUDA and building a torch.device took ~3 us of each lookup (measured on CPU)."""
+    from braidinfer.engine import pick_device, pick_dtype
+    from braidinfer.errors import InvalidRequestError
+
+    try:
+        picked = pick_device(device)
+    except InvalidRequestError:
+        return device, dtype
+    try:
+        dtype = str(pick_dtype(dtype, picked)).removeprefix("torch.")
+    except KeyError:  # not a dtype: EngineConfig refuses it when the engine is built
+        pass
+    return str(picked), dtype
 
 
 def _close(engine: LLM) -> None:

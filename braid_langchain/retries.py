@@ -10,6 +10,7 @@ A deadline is a `time.monotonic()` value (None = none); running past it raises
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Awaitable, Callable
 from concurrent import futures
@@ -109,6 +110,17 @@ def _pool() -> futures.ThreadPoolExecutor:
         if _executor is None:
             _executor = futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="braid-pin")
         return _executor
+
+
+def _forget_parent_pool() -> None:
+    """Runs in a forked child: the parent's pool came along without its worker threads (work submitted to it would
+    never run), and its lock may have been held by a parent thread at the fork; the child makes its own on use."""
+    global _executor, _executor_lock
+    _executor, _executor_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX only; elsewhere processes are spawned, not forked
+    os.register_at_fork(after_in_child=_forget_parent_pool)
 
 
 def _timeout_type() -> Any:

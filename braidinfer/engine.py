@@ -47,8 +47,7 @@ class LLMEngine:
         self.model_config = ModelConfig.from_hf_config(self.source.hf_config, self.source.generation_config)
         cls = model_class(self.model_config)
         self.device = pick_device(config.device)
-        self.dtype = _DTYPES[config.dtype] if config.dtype != "auto" else (
-            torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.dtype = pick_dtype(config.dtype, self.device)
         # refuse an explicit backend that cannot run before the weights load, not after (the runner resolves it)
         attention_backend_name(config.attention_backend, self.device, self.dtype, self.model_config.head_dim)
         self.tokenizer = self.source.load_tokenizer()
@@ -341,6 +340,13 @@ def kv_cache_dtype(name: str, device: torch.device, dtype: torch.dtype, quantise
         raise InvalidRequestError(f"kv_cache_dtype {name!r} differs from the model's dtype "
                                   f"({str(dtype).removeprefix('torch.')}), which needs device 'cpu'")
     return kv
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The model dtype of EngineConfig.dtype on `device`: "auto" is bfloat16 on CUDA and float32 on the CPU."""
+    if dtype != "auto":
+        return _DTYPES[dtype]
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def pick_device(device: str | None) -> torch.device:

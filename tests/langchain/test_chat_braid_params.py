@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
+import time
+from contextlib import aclosing, closing
 
 import pytest
 import torch
+from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.load import dumps, loads
 from langchain_core.messages import HumanMessage
 from langchain_core.prompts import ChatPromptTemplate
@@ -16,7 +20,7 @@ from langchain_core.tools import tool
 from langchain_core.utils.json import parse_partial_json
 from pydantic import BaseModel
 
-from braid_langchain import ChatBraid, engines
+from braid_langchain import ChatBraid, engines, retries
 from braidinfer.errors import EngineDeadError, InvalidRequestError, RequestFailedError, RequestTimeoutError
 from tests.conftest import build_tiny_model
 from tests.support.engines import idle_problems
@@ -81,6 +85,23 @@ def test_engine_kwargs_reach_the_engine_and_engines_are_shared_per_configuration
         ChatBraid(model=tiny_llama, **TINY, engine_kwargs={"dtype": "float16"})
 
 
+def test_equivalent_devices_and_dtypes_share_an_engine_key(tiny_llama):
+    on = "cuda:0" if torch.cuda.is_available() else "cpu"  # what device None picks (EngineConfig.device)
+    auto = "bfloat16" if on.startswith("cuda") else "float32"  # what dtype "auto" stands for there
+    key = engines.engine_key(tiny_llama, on, auto, page_size=4)
+    assert engines.engine_key(tiny_llama, None, page_size=4) == key
+    assert engines.engine_key(tiny_llama, on, "auto", page_size=4) == key
+    assert engines.engine_key(tiny_llama, "cuda", "float16") == engines.engine_key(tiny_llama, "cuda:0", "float16")
+    assert engines.engine_key(tiny_llama, on, "float16") != engines.engine_key(tiny_llama, on, "float32")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="device None means CUDA here")
+def test_default_device_and_dtype_reuse_the_engine_of_their_concrete_values(tiny_chat, tiny_llama):
+    engine = _engine(tiny_chat)  # device "cpu", dtype "float32"
+    assert _engine(ChatBraid(model=tiny_llama, engine_kwargs=tiny_chat.engine_kwargs)) is engine
+    assert engine.engine.dtype == torch.float32 and engine.engine.device == torch.device("cpu")
+
+
 # --- timeout -----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("how", ["invoke", "stream", "ainvoke"])
 def test_timeout_aborts_the_request_and_frees_its_pages(tiny_chat, monkeypatch, how):
@@ -99,6 +120,118 @@ def test_timeout_aborts_the_request_and_frees_its_pages(tiny_chat, monkeypatch, 
     monkeypatch.undo()
     assert not idle_problems(llm)  # aborted, nothing left running or holding pages (pins aside)
     assert tiny_chat.invoke("Hello there").content == expected  # and the engine serves on
+
+
+class Tokens(BaseCallbackHandler):
+    """Collects the tokens LangChain's callbacks see."""
+
+    def __init__(self):
+        self.tokens: list[str] = []
+
+    def on_llm_new_token(self, token: str, **kwargs) -> None:
+        self.tokens.append(token)
+
+
+CALLS = ["invoke", "invoke with callbacks", "stream", "ainvoke", "ainvoke with callbacks", "astream"]
+
+
+def _call(chat: ChatBraid, how: str, text: str) -> str:
+    """`text` sent through one of ChatBraid's entry points (CALLS); returns the reply's content."""
+    config = {"callbacks": [Tokens()]} if how.endswith("with callbacks") else None
+
+    async def astream() -> str:
+        return "".join([chunk.content async for chunk in chat.astream(text)])
+
+    if how.startswith("invoke"):
+        return chat.invoke(text, config=config).content
+    if how.startswith("ainvoke"):
+        return asyncio.run(chat.ainvoke(text, config=config)).content
+    return "".join(chunk.content for chunk in chat.stream(text)) if how == "stream" else asyncio.run(astream())
+
+
+def _pin_deadlines(monkeypatch, before=lambda deadline: None) -> list[float | None]:
+    """Records the deadline that each attempt pins its prefixes under (every attempt pins first, sync or async),
+    running `before(deadline)` first; returns the record."""
+    deadlines, pin, apin = [], ChatBraid._pin, ChatBraid._apin
+
+    def recorded(request, builder, deadline):
+        deadlines.append(deadline)
+        before(deadline)
+        pin(request, builder, deadline)
+
+    async def arecorded(request, builder, deadline):
+        deadlines.append(deadline)
+        before(deadline)
+        await apin(request, builder, deadline)
+
+    monkeypatch.setattr(ChatBraid, "_pin", staticmethod(recorded))
+    monkeypatch.setattr(ChatBraid, "_apin", staticmethod(arecorded))
+    return deadlines
+
+
+@pytest.mark.parametrize("how", CALLS)
+def test_the_deadline_starts_once_the_engine_is_loaded(tiny_chat, monkeypatch, how):
+    expected = tiny_chat.invoke("Hello there").content
+    get_engine, loaded_at = engines.get_engine, []
+
+    def slow_load(*args, **kwargs):  # a cold engine: loading takes a while
+        engine = get_engine(*args, **kwargs)
+        threading.Event().wait(0.05)
+        loaded_at.append(time.monotonic())
+        return engine
+
+    monkeypatch.setattr(engines, "get_engine", slow_load)
+    deadlines = _pin_deadlines(monkeypatch)
+    chat = tiny_chat.model_copy(update={"timeout": 60.0})
+    assert _call(chat, how, "Hello there") == expected
+    assert len(deadlines) == 1 and deadlines[0] >= loaded_at[0] + 60.0
+
+
+@pytest.mark.parametrize("how", CALLS)
+def test_retries_keep_the_calls_deadline(tiny_chat, monkeypatch, how):
+    expected = tiny_chat.invoke("Hello there").content
+
+    def fail_twice(deadline):
+        if len(deadlines) <= 2:
+            raise EngineDeadError("injected transient failure")
+
+    deadlines = _pin_deadlines(monkeypatch, fail_twice)
+    chat = tiny_chat.model_copy(update={"timeout": 60.0, "max_retries": 2})
+    assert _call(chat, how, "Hello there") == expected
+    assert len(deadlines) == 3 and deadlines[0] is not None and deadlines[0] == deadlines[1] == deadlines[2]
+
+
+@pytest.mark.parametrize("how", CALLS)
+def test_no_retry_starts_past_the_calls_deadline(tiny_chat, monkeypatch, how):
+    def fail_past_the_deadline(deadline):
+        while time.monotonic() < deadline:
+            threading.Event().wait(deadline - time.monotonic())
+        raise EngineDeadError("injected transient failure")
+
+    deadlines = _pin_deadlines(monkeypatch, fail_past_the_deadline)
+    chat = tiny_chat.model_copy(update={"timeout": 0.05, "max_retries": 2})
+    with pytest.raises(RequestTimeoutError):
+        _call(chat, how, "Hello there")
+    assert len(deadlines) == 1
+
+
+def test_a_forked_child_runs_work_under_a_deadline():
+    hang_guard_s = 60  # far above the child's normal run (milliseconds); reached only when the work never runs
+    assert retries.call_within(time.monotonic() + hang_guard_s, lambda: "parent") == "parent"  # the pool is up
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report what call_within gave, then leave without pytest's teardown
+        try:
+            os.write(write, retries.call_within(time.monotonic() + hang_guard_s, lambda: "child").encode())
+        except BaseException as e:
+            os.write(write, type(e).__name__.encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as reader:
+        reported = reader.read()
+    os.waitpid(pid, 0)
+    assert reported == "child"
 
 
 # --- max_retries -------------------------------------------------------------------------------------------------
@@ -129,6 +262,68 @@ def test_retries_stop_at_max_retries(tiny_chat, monkeypatch):
     _oom_first_runs(monkeypatch, _engine(tiny_chat), times=2)
     with pytest.raises(RequestFailedError, match="OutOfMemoryError"):
         tiny_chat.model_copy(update={"max_retries": 1}).invoke("Hello there")
+
+
+def _oom_after_deltas(monkeypatch, llm, after: int) -> list[int]:
+    """The engine's first streamed request fails with CUDA's out-of-memory error after `after` deltas (a transient
+    failure); returns the counter of streamed requests."""
+    stream, astream, calls = llm.stream_deltas, llm.astream_deltas, [0]
+
+    def failure() -> RequestFailedError:
+        error = RequestFailedError("step failed (injected)")
+        error.__cause__ = torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return error
+
+    def flaky(*args, **kwargs):
+        calls[0] += 1
+        with closing(stream(*args, **kwargs)) as deltas:
+            for i, delta in enumerate(deltas):
+                if calls[0] == 1 and i == after:
+                    raise failure()
+                yield delta
+
+    async def aflaky(*args, **kwargs):
+        calls[0] += 1
+        async with aclosing(astream(*args, **kwargs)) as deltas:
+            i = 0
+            async for delta in deltas:
+                if calls[0] == 1 and i == after:
+                    raise failure()
+                i += 1
+                yield delta
+
+    monkeypatch.setattr(llm, "stream_deltas", flaky)
+    monkeypatch.setattr(llm, "astream_deltas", aflaky)
+    return calls
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_a_failure_after_callbacks_saw_tokens_is_not_retried(tiny_chat, monkeypatch, asynchronous):
+    expected = tiny_chat.invoke("Hello there").content
+    assert len(tiny_chat.get_token_ids(expected)) > 2  # the failure below comes mid-reply
+    calls = _oom_after_deltas(monkeypatch, _engine(tiny_chat), after=2)
+    handler = Tokens()
+    config = {"callbacks": [handler]}
+    with pytest.raises(RequestFailedError, match="step failed"):
+        if asynchronous:
+            asyncio.run(tiny_chat.ainvoke("Hello there", config=config))
+        else:
+            tiny_chat.invoke("Hello there", config=config)
+    seen = "".join(handler.tokens)
+    assert calls[0] == 1 and seen and expected.startswith(seen)  # each token once, as the first attempt made it
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_a_failure_before_callbacks_saw_a_token_is_retried(tiny_chat, monkeypatch, asynchronous):
+    expected = tiny_chat.invoke("Hello there").content
+    calls = _oom_after_deltas(monkeypatch, _engine(tiny_chat), after=0)
+    handler = Tokens()
+    config = {"callbacks": [handler]}
+    if asynchronous:
+        reply = asyncio.run(tiny_chat.ainvoke("Hello there", config=config))
+    else:
+        reply = tiny_chat.invoke("Hello there", config=config)
+    assert calls[0] == 2 and reply.content == "".join(handler.tokens) == expected
 
 
 def test_a_dead_engine_is_replaced_and_the_call_retried(tiny_chat, monkeypatch):
