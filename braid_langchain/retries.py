@@ -2,7 +2,8 @@
 
 Transient, so retried: a request failed by a CUDA out-of-memory error in its engine step (the engine keeps serving,
 and memory may be free a moment later), and an engine whose loop died (the engine registry loads a fresh one on
-the next call). Never retried: invalid requests, timeouts, and anything else the engine raises on purpose.
+the next call). Never retried: invalid requests, timeouts, an engine that was closed (the user's decision: a retry
+would load it again), and anything else the engine raises on purpose.
 
 A deadline is a `time.monotonic()` value (None = none); running past it raises
 `braidinfer.errors.RequestTimeoutError`, a `TimeoutError`.
@@ -31,8 +32,8 @@ def is_transient(error: BaseException) -> bool:
     """Whether a failed call may succeed when tried again (see the module docs)."""
     from braidinfer.errors import EngineDeadError, RequestFailedError
 
-    if isinstance(error, EngineDeadError):
-        return True
+    if isinstance(error, EngineDeadError):  # its loop died of its cause; without one, it was closed
+        return error.__cause__ is not None
     if isinstance(error, RequestFailedError):  # the engine wraps what broke inside a step as the cause
         return any(cls.__name__ == "OutOfMemoryError" for cls in type(error.__cause__).__mro__)
     return False

@@ -193,7 +193,7 @@ def test_retries_keep_the_calls_deadline(tiny_chat, monkeypatch, how):
 
     def fail_twice(deadline):
         if len(deadlines) <= 2:
-            raise EngineDeadError("injected transient failure")
+            raise EngineDeadError("injected transient failure") from Fatal("a dead loop")
 
     deadlines = _pin_deadlines(monkeypatch, fail_twice)
     chat = tiny_chat.model_copy(update={"timeout": 60.0, "max_retries": 2})
@@ -206,7 +206,7 @@ def test_no_retry_starts_past_the_calls_deadline(tiny_chat, monkeypatch, how):
     def fail_past_the_deadline(deadline):
         while time.monotonic() < deadline:
             threading.Event().wait(deadline - time.monotonic())
-        raise EngineDeadError("injected transient failure")
+        raise EngineDeadError("injected transient failure") from Fatal("a dead loop")
 
     deadlines = _pin_deadlines(monkeypatch, fail_past_the_deadline)
     chat = tiny_chat.model_copy(update={"timeout": 0.05, "max_retries": 2})
@@ -343,6 +343,21 @@ def test_a_dead_engine_is_replaced_and_the_call_retried(tiny_chat, monkeypatch):
     assert _engine(tiny_chat) not in (first, second)
 
 
+def test_a_call_on_an_engine_closed_meanwhile_is_not_retried(tiny_chat, monkeypatch):
+    """Closing an engine is the user's decision: its calls fail, and no retry loads it again."""
+    llm = _engine(tiny_chat)
+    generate = llm.generate
+
+    def closed_meanwhile(*args, **kwargs):
+        llm.close()
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(llm, "generate", closed_meanwhile)
+    with pytest.raises(EngineDeadError, match="was closed"):
+        tiny_chat.model_copy(update={"max_retries": 2}).invoke("Hello there")
+    assert not engines.is_loaded(tiny_chat.model, tiny_chat.device, tiny_chat.dtype, **tiny_chat.engine_kwargs)
+
+
 def test_invalid_requests_are_never_retried(tiny_chat, monkeypatch):
     llm = _engine(tiny_chat)
     make, calls = llm.engine.requests.sequence, [0]
@@ -375,7 +390,7 @@ def test_async_retries_keep_tenacitys_attempts_and_waits(monkeypatch, failures, 
     async def flaky():
         calls[0] += 1
         if calls[0] <= failures:
-            raise EngineDeadError(f"injected failure {calls[0]}")
+            raise EngineDeadError(f"injected failure {calls[0]}") from Fatal("a dead loop")
         return "ok"
 
     monkeypatch.setattr(asyncio, "sleep", sleep)
