@@ -650,6 +650,9 @@ def _check_call_args(kwargs: dict[str, Any]) -> None:
     unknown = sorted(set(kwargs) - _CALL_ARGS - _IGNORED_CALL_ARGS)
     if unknown:
         raise ValueError(f"ChatBraid got unknown call argument(s) {unknown}; it accepts {sorted(_CALL_ARGS)}")
+    budget = kwargs.get("max_reasoning_tokens")  # the field's own check (ge=1) does not see call arguments
+    if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 1):
+        raise ValueError(f"max_reasoning_tokens must be an int >= 1 (or None), got {budget!r}")
 
 
 def _deadline(timeout: float | None) -> float | None:

@@ -40,6 +40,14 @@ def test_invalid_parameters_fail_at_construction(field, value, message):
         ChatBraid(**{**ENGINE, field: value})
 
 
+@pytest.mark.parametrize("budget", [0, -3, 2.5])
+def test_a_bad_max_reasoning_tokens_call_argument_is_refused_like_the_field(chat, budget):
+    with pytest.raises(ValidationError):
+        ChatBraid(max_reasoning_tokens=budget)
+    with pytest.raises(ValueError, match=f"max_reasoning_tokens must be an int >= 1 \\(or None\\), got {budget!r}"):
+        chat.invoke("Hi", max_reasoning_tokens=budget)
+
+
 def test_invalid_call_arguments(chat):
     with pytest.raises(ValueError, match=r"unknown call argument\(s\) \['temprature'\]"):
         chat.invoke("Hi", temprature=0)
