@@ -143,40 +143,17 @@ class Scheduler:
         seq.last_node = chain[-1] if chain else None
 
     def _never_fits(self, seq: Sequence) -> str | None:
-        """Why `seq` (just matched against the cache) can never run next to the pinned pages, or None if it can."""
+        """Why `seq` (just matched against the cache) can never run next to the pinned pages, or None if it can.
+        The pages of released chunks that a composed prompt still holds (see `finish`) are not usable either."""
         pm = self.pages
         need = pm.pages_for(seq.num_prompt_tokens + seq.max_tokens)
-        usable = self._usable_pages(seq, pm.num_pinned)
+        held = {p for pages in seq.composed_pages or () for p in pages if not pm.pin_counts[p]}
+        usable = pm.num_pages - pm.num_pinned - len(held) + sum(1 for p in seq.page_table if pm.pin_counts[p])
         if need <= usable:
             return None
         return (f"request needs up to {need} KV pages ({seq.num_prompt_tokens} prompt + {seq.max_tokens} output "
                 f"tokens) but only {usable} of the pool's {pm.num_pages} are not pinned by chunks; release chunks or "
                 "lower max_tokens")
-
-    def starved_by_pin(self, pages: list[int]) -> str | None:
-        """Why pinning `pages` would leave a started request (running, or preempted and waiting to go on) unable to
-        ever finish, or None. It was admitted next to the pins it saw; a later pin must not take its room (it would
-        fail midway, after its output had begun)."""
-        pm = self.pages
-        pinning = frozenset(pages)
-        num_pinned = pm.num_pinned + pm.num_new_pins(pages)
-        for seq in (*self.running, *self.waiting):
-            if seq.num_cached_prompt_tokens is None or seq.prefill_only or seq.is_finished:
-                continue  # not started, or a chunk's prefill (it ends with its pin)
-            need = pm.pages_for(seq.num_prompt_tokens + seq.max_tokens)
-            usable = self._usable_pages(seq, num_pinned, pinning)
-            if need > usable:
-                return (f"cannot pin {len(pages)} more KV pages: request {seq.request_id} needs up to {need} of the "
-                        f"pool's {pm.num_pages} and would be left {usable}; release chunks, or pin once it ends")
-        return None
-
-    def _usable_pages(self, seq: Sequence, num_pinned: int, pinning: frozenset[int] = frozenset()) -> int:
-        """The pages `seq` can ever have with `num_pinned` pages pinned (`pinning` about to be): not those pinned,
-        unless it shares them, nor those of released chunks that a composed prompt holds (see `finish`)."""
-        pm = self.pages
-        held = {p for pages in seq.composed_pages or () for p in pages if not pm.pin_counts[p]}
-        shared = sum(1 for p in seq.page_table if pm.pin_counts[p] or p in pinning)
-        return pm.num_pages - num_pinned - len(held) + shared
 
     def _reserve(self, seq: Sequence, num_tokens: int) -> bool:
         """Makes seq.page_table cover `num_tokens` slots; False if the pool cannot."""

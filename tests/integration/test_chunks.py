@@ -86,25 +86,6 @@ def test_pins_are_refused_beyond_the_pool_share_and_requests_that_cannot_fit_get
         assert _idle(llm)
 
 
-def test_a_pin_that_would_leave_a_running_request_without_room_is_refused(tiny_model, async_scheduling):
-    """A request admitted next to the pins it saw keeps its room: a later pin that would take it is refused (before,
-    the pin was taken and the request failed midway, its output begun, once it came back from a preemption)."""
-    _, path, _ = tiny_model
-    with LLM(model=path, device="cpu", dtype="float32", page_size=PS, num_kv_pages=16, max_pinned_fraction=0.5,
-             async_scheduling=async_scheduling, progress=False) as llm:
-        whole = SamplingParams(temperature=0, max_tokens=14 * PS, ignore_eos=True)  # 16 pages: the whole pool
-        tokens, refused = [], None
-        for delta in llm.stream_deltas(_random_ids(10, 2 * PS), whole):
-            tokens += delta.token_ids
-            if refused is None:
-                with pytest.raises(OutOfPagesError, match=r"request \S+ needs up to 16 of the pool's 16") as refused:
-                    llm.chunks.add(_random_ids(11, 4 * PS))
-        assert len(tokens) == 14 * PS and delta.finish_reason == "length"
-        assert len(llm.chunks) == 0 and _idle(llm)
-        assert llm.chunks.add(_random_ids(11, 4 * PS))  # once it ended
-        assert _idle(llm, pinned=4)
-
-
 def test_request_sharing_pinned_pages_may_use_them(tiny_model, async_scheduling):
     _, path, _ = tiny_model
     with LLM(model=path, device="cpu", dtype="float32", page_size=PS, num_kv_pages=16, max_pinned_fraction=0.5,
