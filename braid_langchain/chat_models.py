@@ -85,8 +85,9 @@ class ChatBraid(BaseChatModel):
     prompt, since a model that has not seen the schema fills it poorly), `response_format` (OpenAI style:
     `{"type": "json_object"}`, `{"type": "json_schema", "json_schema": {"schema": ...}}`, or a pydantic class /
     JSON schema; the reply is constrained to it, or to a tool call when tools are offered), `parallel_tool_calls`
-    (False: at most one tool call per reply), `model` (another model for this call), `reasoning` and
-    `max_reasoning_tokens` (below), and the sampling fields below.
+    (False: at most one tool call per reply), `strict` (True: tool calls' arguments are checked against their
+    schemas, see `bind_tools`), `model` (another model for this call), `reasoning` and `max_reasoning_tokens`
+    (below), and the sampling fields below.
 
     Reasoning models (Qwen3, DeepSeek-R1-distill: a template that knows `</think>`) reply with their thought in
     `additional_kwargs["reasoning_content"]` (LangChain's "reasoning" content blocks), never in `content`, and count
@@ -275,10 +276,8 @@ class ChatBraid(BaseChatModel):
                        ) -> AsyncIterator[ChatGenerationChunk]:
         _, first, chunks = await self._astart_stream(messages, stop, run_manager, kwargs)
         async with aclosing(chunks):
-            if first is not None:
-                yield first
-                async for chunk in chunks:
-                    yield chunk
+            async for chunk in _prepended(first, chunks):
+                yield chunk
 
     def _start_stream(self, messages: list[BaseMessage], stop: list[str] | None,
                       run_manager: CallbackManagerForLLMRun | None, kwargs: dict[str, Any]

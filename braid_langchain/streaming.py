@@ -162,13 +162,14 @@ class ReplyBuilder:
             return None
         index, self._num_calls = self._num_calls, self._num_calls + 1
         call_id = f"call_{uuid.uuid4().hex[:24]}"
-        if self._validators:
+        complete = event.args is not None
+        if complete and self._validators:
             event = checked(event, self._validators)
         if event.args is not None:
             args = json.dumps(event.args, ensure_ascii=False)
-        else:
+        else:  # a complete call that fails its schema was not cut, whatever ended the reply after it
             args = invalid_args(event.raw)
-            self.errors[call_id] = CallError(self._reason(event, cut), event.raw)
+            self.errors[call_id] = CallError(event.error if complete else self._reason(event, cut), event.raw)
         return tool_call_chunk(name=event.name, args=args, id=call_id, index=index)
 
     def _reason(self, event: ParsedCall, cut: bool) -> str:

@@ -4,7 +4,10 @@ A required call is decoded under a grammar of the schemas already, so this matte
 free text (tool_choice "auto"), which are parsed, not constrained. Pure apart from jsonschema."""
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 from braid_langchain.tool_parser import ParsedCall
@@ -14,11 +17,17 @@ Validators = Mapping[str, Any]  # tool name -> a jsonschema validator of its arg
 
 def argument_validators(tools: Sequence[dict[str, Any]]) -> Validators:
     """One validator per OpenAI-format tool dict, for its `parameters` schema (none: any object). Raises ValueError
-    naming the tool when a schema is not a valid JSON schema."""
+    naming the tool when a schema is not a valid JSON schema. Built once per distinct set of tools: checking the
+    schemas takes milliseconds, and the same tools come call after call."""
+    return _validators(json.dumps(tools, sort_keys=True, default=str))
+
+
+@functools.lru_cache(maxsize=64)
+def _validators(tools_json: str) -> Validators:
     from jsonschema import exceptions, validators
 
     found = {}
-    for tool in tools:
+    for tool in json.loads(tools_json):
         function = tool["function"]
         schema = function.get("parameters") or {"type": "object"}
         cls = validators.validator_for(schema)
@@ -28,7 +37,7 @@ def argument_validators(tools: Sequence[dict[str, Any]]) -> Validators:
             raise ValueError(f"tool {function['name']!r} has an invalid argument schema, so strict=True cannot "
                              f"check its calls: {e.message}") from None
         found[function["name"]] = cls(schema)
-    return found
+    return MappingProxyType(found)  # shared by every call with these tools: read-only
 
 
 def checked(call: ParsedCall, validators: Validators) -> ParsedCall:

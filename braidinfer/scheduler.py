@@ -54,7 +54,8 @@ class Scheduler:
         return composing
 
     def take_rejected(self) -> list[tuple[Sequence, str]]:
-        """Waiting sequences that can never fit next to the pinned pages, with the reason (the caller fails them)."""
+        """Waiting sequences that can never fit next to the pinned pages, or that cannot get their pages while
+        nothing runs that could give pages back, with the reason (the caller fails them)."""
         rejected, self._rejected = self._rejected, []
         return rejected
 
@@ -179,8 +180,8 @@ class Scheduler:
         seq.reset_kv()
 
     def preempt(self, seq: Sequence) -> None:
-        """Returns a running sequence's pages and puts it first in line; it will be recomputed (prompt + output).
-        Preempted composed prompts stay ahead of all others: they hold their chunks' pages (see `finish`), which
+        """Returns a running sequence's pages and puts it back in line, ahead of every sequence not preempted; it will
+        be recomputed (prompt + output). Preempted composed prompts stay ahead of all others: they hold their chunks' pages (see `finish`), which
         only they can use, so a sequence waiting ahead of one for pages could wait forever once a chunk is released
         (its pages then neither pinned, cached nor free)."""
         self.running.remove(seq)

@@ -101,3 +101,12 @@ def test_strict_checks_a_call_the_model_writes_in_auto_mode(chat):
     [invalid] = strict.invalid_tool_calls
     assert invalid["name"] == "get_forecast" and "at 'days'" in invalid["error"] and "is not of type 'integer'" in \
         invalid["error"]
+
+
+def test_a_mismatched_call_before_max_tokens_cut_the_reply_is_not_called_cut():
+    validators = argument_validators(to_openai_tools([get_forecast]))
+    text = '<tool_call>{"name": "get_forecast", "arguments": {"city": 3}}</tool_call> and then'
+    builder = ReplyBuilder("m", "auto", validators=validators)
+    builder.collect(engine_chunk(text, "length"))
+    [invalid] = builder.result().generations[0].message.invalid_tool_calls
+    assert invalid["error"].startswith("the arguments of 'get_forecast' do not match its schema at 'city'")
