@@ -181,9 +181,9 @@ class Scheduler:
 
     def preempt(self, seq: Sequence) -> None:
         """Returns a running sequence's pages and puts it back in line, ahead of every sequence not preempted; it will
-        be recomputed (prompt + output). Preempted composed prompts stay ahead of all others: they hold their chunks' pages (see `finish`), which
-        only they can use, so a sequence waiting ahead of one for pages could wait forever once a chunk is released
-        (its pages then neither pinned, cached nor free)."""
+        be recomputed (prompt + output). Preempted composed prompts stay ahead of all others: they hold their chunks'
+        pages (see `finish`), which only they can use, so a sequence waiting ahead of one for pages could wait forever
+        once a chunk is released (its pages then neither pinned, cached nor free)."""
         self.running.remove(seq)
         self._release(seq)
         seq.status = SequenceStatus.WAITING
