@@ -44,12 +44,18 @@ def test_max_num_seqs_limits_admission():
     assert batch.seqs == seqs[:2] and seqs[2].status is SequenceStatus.WAITING
 
 
-def test_preemption_takes_the_newest_and_it_resumes_from_cache():
+def _two_on_a_tight_pool():
+    """(pages, scheduler, a, b): two 8-token prompts of 12 output tokens each, added to a pool of 6 pages of 4."""
     pm = PageManager(6, 4)
     sched = Scheduler(pm, max_num_seqs=4, max_num_batched_tokens=64)
     a, b = _seq("a", 8, max_tokens=12), _seq("bb", 8, max_tokens=12)
     sched.add(a)
     sched.add(b)
+    return pm, sched, a, b
+
+
+def test_preemption_takes_the_newest_and_it_resumes_from_cache():
+    pm, sched, a, b = _two_on_a_tight_pool()
     while b.status is not SequenceStatus.WAITING or sched.num_preemptions == 0:
         _step(sched)
     assert a.status is SequenceStatus.RUNNING and sched.waiting[0] is b and b.page_table == []
@@ -93,11 +99,7 @@ def test_preempted_sequences_wait_behind_preempted_composed_prompts():
 
 
 def test_a_preempted_sequence_is_counted_in_the_hit_rate_once():
-    pm = PageManager(6, 4)
-    sched = Scheduler(pm, max_num_seqs=4, max_num_batched_tokens=64)
-    a, b = _seq("a", 8, max_tokens=12), _seq("bb", 8, max_tokens=12)
-    sched.add(a)
-    sched.add(b)
+    pm, sched, _, _ = _two_on_a_tight_pool()
     while sched.has_work():
         _step(sched)
     assert sched.num_preemptions > 0
