@@ -18,7 +18,7 @@ from braidinfer.outputs import CompletionDelta
 from braidinfer.sampling.guided import GrammarCompiler
 from braidinfer.sampling.sampler import make_generator
 from braidinfer.sampling_params import SamplingParams
-from braidinfer.sequence import ComposedSegment, Sequence
+from braidinfer.sequence import ComposedSegment, Sequence, kv_tokens
 from braidinfer.tokenized_prompt import CheckedHeads, TokenizedPrompt
 
 Sink = Callable[[CompletionDelta], None]
@@ -126,9 +126,10 @@ class RequestBuilder:
                 "(prompt plus at least one generated token must fit)")
         max_tokens = min(params.max_tokens, max_model_len - len(ids))
         capacity = self.limits.num_pages * self.limits.page_size
-        if len(ids) + max_tokens > capacity:
+        if kv_tokens(len(ids), max_tokens) > capacity:
             raise InvalidRequestError(
-                f"request needs up to {len(ids) + max_tokens} tokens of KV cache but the page pool holds {capacity}; "
+                f"request needs up to {kv_tokens(len(ids), max_tokens)} tokens of KV cache ({len(ids)} prompt + "
+                f"{max_tokens} output tokens, the last never fed back) but the page pool holds {capacity}; "
                 "lower max_tokens or give the engine more KV memory")
         seq = Sequence(request_id or f"req-{next(self._ids)}", ids, params, max_tokens, sink)
         if compose:

@@ -147,7 +147,7 @@ class Scheduler:
         """Why `seq` (just matched against the cache) can never run next to the pinned pages, or None if it can.
         The pages of released chunks that a composed prompt still holds (see `finish`) are not usable either."""
         pm = self.pages
-        need = pm.pages_for(seq.num_prompt_tokens + seq.max_tokens)
+        need = pm.pages_for(seq.max_kv_tokens)
         held = {p for pages in seq.composed_pages or () for p in pages if not pm.pin_counts[p]}
         usable = pm.num_pages - pm.num_pinned - len(held) + sum(1 for p in seq.page_table if pm.pin_counts[p])
         if need <= usable:

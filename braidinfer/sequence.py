@@ -26,6 +26,12 @@ class ComposedSegment:
     num_tokens: int
 
 
+def kv_tokens(num_prompt_tokens: int, max_tokens: int) -> int:
+    """Most tokens whose KV a request of this prompt and max_tokens ever holds: the prompt and every output token but
+    the last, which is sampled and never fed back (a chunk's prefill, max_tokens 0: its prompt)."""
+    return num_prompt_tokens + max(max_tokens - 1, 0)
+
+
 class Sequence:
     """token_ids = prompt + output. KV exists for token_ids[:num_computed_tokens], in page_table's pages.
 
@@ -73,6 +79,11 @@ class Sequence:
     def num_tokens(self) -> int:
         """Tokens so far, those still on the device included."""
         return len(self.token_ids) + self.num_pending_tokens
+
+    @property
+    def max_kv_tokens(self) -> int:
+        """Most tokens whose KV this request ever holds: see `kv_tokens`."""
+        return kv_tokens(self.num_prompt_tokens, self.max_tokens)
 
     @property
     def num_composed_tokens(self) -> int:

@@ -91,3 +91,19 @@ def test_cancelling_preempted_requests_leaks_nothing(tiny_llama, async_schedulin
             else:  # cancelled or finished: what it streamed is the start of its answer
                 assert ids == expected_ids[: len(ids)] and expected_text.startswith(text)
         assert not idle_problems(tight)
+
+
+def test_a_request_whose_kv_fills_the_pool_exactly_runs(tiny_llama, async_scheduling):
+    """The last output token is sampled, never fed back: a request writes the KV of its prompt and max_tokens - 1
+    outputs. 12 + 9 tokens on a pool of 5 pages of 4 runs to its end (counting 21, it was refused as never fitting)
+    and gives the tokens it gets in a roomy pool; one token more is refused."""
+    prompt = _prompts(1, seed=5)[0][:12]
+    params = SamplingParams(temperature=0, max_tokens=9, ignore_eos=True)
+    with tiny_engine(tiny_llama) as roomy:
+        [expected] = roomy.generate([prompt], params)
+    with tiny_engine(tiny_llama, num_kv_pages=5, async_scheduling=async_scheduling) as exact:
+        [out] = exact.generate([prompt], params)
+        assert out.token_ids == expected.token_ids and len(out.token_ids) == 9
+        with pytest.raises(InvalidRequestError, match="needs up to 21 tokens of KV cache"):
+            exact.generate([prompt], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+        assert not idle_problems(exact)
