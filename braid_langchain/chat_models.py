@@ -10,7 +10,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import aclosing, closing, contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Dict, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
@@ -20,7 +20,7 @@ from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.tools import BaseTool
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 from typing_extensions import Self
 
 from braidinfer.tokenized_prompt import TokenizedPrompt
@@ -62,6 +62,8 @@ _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "see
                     "presence_penalty", "frequency_penalty")
 _CALL_ARGS = frozenset({"tools", "tool_choice", "guided", "documents", "model", "response_format",
                         "parallel_tool_calls", "strict", "reasoning", "max_reasoning_tokens", *_SAMPLING_FIELDS})
+_ReasoningBudget = Annotated[int | None, Field(ge=1)]  # max_reasoning_tokens, the field and the call argument
+_REASONING_BUDGET = TypeAdapter(_ReasoningBudget)
 _IGNORED_CALL_ARGS = frozenset({"stream", "ls_structured_output_format"})  # LangChain's own routing hints
 _ENGINE_FIELDS = ("model", "device", "dtype")  # EngineConfig fields that have a ChatBraid field of their own
 
@@ -133,7 +135,7 @@ class ChatBraid(BaseChatModel):
     reasoning: bool | None = None
     """Reasoning models: True/False switches thinking through the chat template (`enable_thinking`; a template
     that always thinks gets an empty, closed thought for False); None keeps the model's default."""
-    max_reasoning_tokens: int | None = Field(None, ge=1)
+    max_reasoning_tokens: _ReasoningBudget = None
     """Reasoning models: the most tokens of thought; past it the thought is closed (`</think>`) and the model
     answers. None = no limit but max_tokens. Ignored for models that do not reason."""
     streaming: bool = False
@@ -649,9 +651,12 @@ def _check_call_args(kwargs: dict[str, Any]) -> None:
     unknown = sorted(set(kwargs) - _CALL_ARGS - _IGNORED_CALL_ARGS)
     if unknown:
         raise ValueError(f"ChatBraid got unknown call argument(s) {unknown}; it accepts {sorted(_CALL_ARGS)}")
-    budget = kwargs.get("max_reasoning_tokens")  # the field's own check (ge=1) does not see call arguments
-    if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 1):
-        raise ValueError(f"max_reasoning_tokens must be an int >= 1 (or None), got {budget!r}")
+    if "max_reasoning_tokens" in kwargs:  # the field's own check does not see call arguments: the same one here
+        budget = kwargs["max_reasoning_tokens"]
+        try:
+            kwargs["max_reasoning_tokens"] = _REASONING_BUDGET.validate_python(budget)
+        except ValidationError:
+            raise ValueError(f"max_reasoning_tokens must be an int >= 1 (or None), got {budget!r}") from None
 
 
 def _deadline(timeout: float | None) -> float | None:

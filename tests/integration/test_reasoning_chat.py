@@ -77,6 +77,12 @@ def test_max_reasoning_tokens_closes_the_thought_and_the_answer_follows(qwen3_ch
     assert reply.content == tok.decode(answer, skip_special_tokens=True) and reply.content in ("red", "green", "blue")
     assert reply.additional_kwargs["reasoning_content"] == tok.decode(thought, skip_special_tokens=True).strip()
     assert "<think>" not in reply.content and "</think>" not in reply.content
+    # The call argument takes what the field takes (an integral float too) and gives the same reply.
+    unbound = ChatBraid(model=qwen3_chat_model, device="cpu", temperature=0, max_tokens=MAX_TOKENS,
+                        engine_kwargs=engine_kwargs(1))
+    again = unbound.invoke("Name a colour.", guided=ANSWER, max_reasoning_tokens=float(max_thought))
+    assert again.content == reply.content
+    assert again.additional_kwargs["reasoning_content"] == reply.additional_kwargs["reasoning_content"]
     # The thought's tokens and the closing `</think>`, after its newline (the prompt's `<think>\n` is not generated).
     assert reply.usage_metadata["output_token_details"]["reasoning"] == len(thought) + len(closing) - len(
         ids(tok, "\n\n"))
