@@ -81,7 +81,8 @@ def call_within(deadline: float | None, fn: Callable[[], T]) -> T:
     """fn() (blocking engine work that takes no deadline itself, e.g. pinning), given up on at `deadline`.
 
     With a deadline fn runs in a worker thread; past the deadline the caller gets RequestTimeoutError and fn
-    finishes on its own (a pin that completes late stays pinned, for later calls)."""
+    finishes on its own (a pin that completes late stays pinned, for later calls); one still queued behind busy
+    workers never runs."""
     if deadline is None:
         return fn()
     left = remaining(deadline)
@@ -89,6 +90,7 @@ def call_within(deadline: float | None, fn: Callable[[], T]) -> T:
     try:
         return future.result(timeout=left)
     except futures.TimeoutError:
+        future.cancel()  # no-op once it runs
         raise _timeout_error() from None
 
 

@@ -234,6 +234,24 @@ def test_a_forked_child_runs_work_under_a_deadline():
     assert reported == "child"
 
 
+def test_work_still_queued_at_its_deadline_never_runs():
+    """A pin queued behind the pool's busy workers and given up on never runs (it ran late, pinning a chunk that
+    nobody would use or release); one that started finishes."""
+    release, started, ran = threading.Event(), [], []
+
+    def busy():
+        started.append(1)
+        release.wait()
+
+    hold = [retries._pool().submit(busy) for _ in range(4)]  # every worker
+    with pytest.raises(RequestTimeoutError):
+        retries.call_within(time.monotonic() + 0.05, lambda: ran.append("late"))
+    release.set()
+    for future in hold:
+        future.result()
+    assert retries.call_within(time.monotonic() + 60, lambda: "after") == "after"  # the workers are free again
+    assert len(started) == 4 and ran == []
+
 # --- max_retries -------------------------------------------------------------------------------------------------
 def _oom_first_runs(monkeypatch, llm, times: int) -> list[int]:
     """The first `times` forwards raise CUDA's out-of-memory error; returns the call counter."""
