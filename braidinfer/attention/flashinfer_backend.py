@@ -25,6 +25,7 @@ takes 6.8 us a layer where FlashInfer takes 9.0 at batch 1 (Qwen3-0.6B heads), 5
 batch 1-8; at 4k-16k tokens it runs at 0.8x-1.1x FlashInfer's speed (benchmarks/decode_attention.py). Qwen3-0.6B's
 graph replay at batch 1 and 512 tokens went from 1.054 to 0.961 ms."""
 TRITON_DECODE_HEAD_DIMS = (64, 128)  # the head dims that benchmark and the GPU tests cover
+INT_WORKSPACE_BYTES = 8 << 20  # what each FlashInfer wrapper allocates for its plan (the schedule its kernels read)
 
 
 def unsupported_reason(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
@@ -68,6 +69,23 @@ def decode_options(num_qo_heads: int, num_kv_heads: int) -> dict:
     return {"use_tensor_cores": True} if num_qo_heads // num_kv_heads not in DECODE_GROUP_SIZES else {}
 
 
+class PlanSlot:
+    """An int workspace (where a FlashInfer wrapper's plan puts the schedule its kernels read) that the CUDA-graph
+    wrappers of one role share across their batch sizes, e.g. the decode graphs' wrappers of one layer spec. Each
+    wrapper would otherwise hold its own 8 MiB: 50 of them (400 MiB) at max_num_seqs=256. Only one graph replays at a
+    time, and a wrapper plans before its replay; `owner` is the planner whose plan the slot holds, so that one that
+    skips planning when its step has the same shape as before (FlashInferGraphDecode) knows whether it still may."""
+
+    def __init__(self, device: torch.device):
+        self.buffer = torch.empty(INT_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self.owner: object | None = None
+
+    def share(self, wrapper, float_workspace: torch.Tensor):
+        """`wrapper` (a FlashInfer wrapper, before its first plan) with this slot as its int workspace."""
+        wrapper.reset_workspace_buffer(float_workspace, self.buffer)
+        return wrapper
+
+
 class FlashInferAttention:
     """Same call as TorchAttention; `plan(meta)` runs once per step, before the forward, for all layers.
 
@@ -101,6 +119,13 @@ class FlashInferAttention:
         self._append_kv = flashinfer.append_paged_kv_cache
         self._planned: AttentionMetadata | None = None  # the step that plan() last prepared
         self._wrappers: list = []  # per distinct spec, the wrapper planned for the step
+        self._plan_slots: dict[tuple, PlanSlot] = {}
+
+    def plan_slot(self, *role) -> PlanSlot:
+        """The int workspace that the CUDA-graph wrappers of `role` (e.g. "decode", spec index) share."""
+        if role not in self._plan_slots:
+            self._plan_slots[role] = PlanSlot(self.kv_cache.device)
+        return self._plan_slots[role]
 
     @property
     def plain_reason(self) -> str | None:
@@ -221,14 +246,16 @@ class FlashInferGraphDecode:
         self._buffers = buffers
         indptr, last_page_len = buffers.kv_indptr[: b + 1], buffers.kv_last_page_len[:b]
         self._wrappers, self._triton = [], None  # one FlashInfer wrapper per distinct spec, or the Triton kernel
+        self._slots: list[PlanSlot] = []  # the wrappers' int workspaces, shared with the other batch sizes
         if _triton_decode_fits(backend, b):
             self._triton = _TritonDecode(backend, b, buffers.kv_indices.numel())
         else:
-            self._wrappers = [flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self._slots = [backend.plan_slot("decode", i) for i in range(len(self._specs))]
+            self._wrappers = [slot.share(flashinfer.BatchDecodeWithPagedKVCacheWrapper(
                 backend.workspace, kv_layout="HND", use_cuda_graph=True, paged_kv_indptr_buffer=indptr,
                 paged_kv_indices_buffer=buffers.kv_indices, paged_kv_last_page_len_buffer=last_page_len,
-                **backend.decode_options)
-                for _ in self._specs]
+                **backend.decode_options), backend.workspace)
+                for slot in self._slots]
         self._kv_positions = buffers.kv_positions[:b]
         self._positions: torch.Tensor | None = None  # the step's positions (plan's argument), copied by __call__
         self._copying_layer: int | None = None  # the first layer that calls __call__: it copies them, once a step
@@ -250,7 +277,8 @@ class FlashInferGraphDecode:
         replay (or the eager warm-up run)."""
         b, max_batch = self.batch_size, len(self._buffers.kv_last_page_len)
         self._positions = positions
-        if self._triton is not None or kv_indptr == self._planned_indptr:
+        if self._triton is not None or (kv_indptr == self._planned_indptr
+                                        and all(slot.owner is self for slot in self._slots)):
             # Same schedule: one copy of [indptr | last_page_len (at its offset) | indices] into the static tables.
             host = torch.zeros(2 * max_batch + 1 + len(kv_indices), dtype=torch.int32)
             host[: b + 1] = torch.tensor(kv_indptr, dtype=torch.int32)
@@ -267,6 +295,8 @@ class FlashInferGraphDecode:
         for wrapper, spec in zip(self._wrappers, self._specs):
             wrapper.plan(indptr, indices, last_page_len, *self._dims, q_data_type=dtype, kv_data_type=dtype,
                          **spec_kwargs(spec))
+        for slot in self._slots:
+            slot.owner = self
         self._planned_indptr = list(kv_indptr)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata):
@@ -366,10 +396,12 @@ class FlashInferGraphPrefill:
         self.num_rows = num_rows
         self._dims = (backend.num_qo_heads, backend.num_kv_heads, backend.head_dim, backend.page_size)
         self._specs, self._spec_index = backend.distinct_specs, backend.spec_index
-        self._wrappers = [flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+        # Every token count shares one int workspace per spec: plan() runs before each replay.
+        self._wrappers = [backend.plan_slot("prefill", i).share(flashinfer.BatchPrefillWithPagedKVCacheWrapper(
             backend.workspace, "HND", use_cuda_graph=True, qo_indptr_buf=buffers.qo_indptr,
             paged_kv_indptr_buf=buffers.kv_indptr, paged_kv_indices_buf=buffers.kv_indices,
-            paged_kv_last_page_len_buf=buffers.kv_last_page_len, backend="fa2") for _ in self._specs]
+            paged_kv_last_page_len_buf=buffers.kv_last_page_len, backend="fa2"), backend.workspace)
+            for i in range(len(self._specs))]
 
     def plan(self, num_tokens: int, pages: list[int], kv_len: int, scratch_page: int) -> None:
         """The next replay: the sequence's last `num_tokens` (<= num_rows) of its `kv_len` KV tokens are new (their

@@ -93,6 +93,40 @@ GRAPH_STEPS = {1: ([1], [700]), 4: ([1, 16, 17, 300], [1000, 2, 48, 33]),
                16: ([1 + 61 * i for i in range(16)], [16 * (i + 1) for i in range(16)])}
 
 
+def _captured(dec, num_qo: int, hd: int):
+    """(graph, q, out): `dec`'s attention captured once over one page per row; replays read q, write out."""
+    b = dec.batch_size
+    q = torch.zeros(b, num_qo, hd, dtype=torch.bfloat16, device="cuda")
+    dec.plan(list(range(b + 1)), list(range(b)), [1] * b, positions=torch.zeros(b, device="cuda"))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        dec.attend(0, q, None)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            out = dec.attend(0, q, None)
+    torch.cuda.current_stream().wait_stream(stream)
+    return graph, q, out
+
+
+def _replay_step(dec, captured, lengths, ref_backend, g) -> None:
+    """Plans a step of rows with these context lengths on random pages, replays the captured graph on random
+    queries, and compares with the torch backend."""
+    graph, q, out = captured
+    b, (_, num_qo, hd) = dec.batch_size, q.shape
+    need = [-(-n // PAGE_SIZE) for n in lengths]
+    pages = torch.randperm(ref_backend.kv_cache.shape[1], device="cuda", generator=g)[: sum(need)]
+    tables = pages.split(need)
+    indptr = torch.tensor([0, *need]).cumsum(0).tolist()
+    last = [n - (p - 1) * PAGE_SIZE for n, p in zip(lengths, need)]
+    dec.plan(indptr, pages.tolist(), last, positions=torch.tensor(lengths, device="cuda") - 1)
+    q.copy_(torch.randn(b, num_qo, hd, device="cuda", generator=g))
+    graph.replay()
+    spans = [SeqSpan(i, 1, n, t) for i, (n, t) in enumerate(zip(lengths, tables))]
+    ref = ref_backend.attend(0, q.float(), AttentionMetadata(spans, torch.zeros(b), b))
+    assert_attention_close(out, ref.view_as(out))
+
+
 @pytest.mark.parametrize("heads", sorted(HEADS))
 def test_graph_decoders_replay_like_the_torch_backend(heads):
     """Each batch size's FlashInferGraphDecode captured once (over one page per row) and replayed for steps of other
@@ -106,29 +140,26 @@ def test_graph_decoders_replay_like_the_torch_backend(heads):
     for b, steps in GRAPH_STEPS.items():
         dec = decoders[b]
         assert dec.uses_triton_kernel == (b <= TRITON_DECODE_MAX_ROWS)
-        q = torch.zeros(b, num_qo, hd, dtype=torch.bfloat16, device="cuda")
-        dec.plan(list(range(b + 1)), list(range(b)), [1] * b, positions=torch.zeros(b, device="cuda"))
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            dec.attend(0, q, None)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=stream):
-                out = dec.attend(0, q, None)
-        torch.cuda.current_stream().wait_stream(stream)
+        captured = _captured(dec, num_qo, hd)
         for lengths in steps:
-            need = [-(-n // PAGE_SIZE) for n in lengths]
-            pages = torch.randperm(2048, device="cuda", generator=g)[: sum(need)]
-            tables = pages.split(need)
-            indptr = torch.tensor([0, *need]).cumsum(0).tolist()
-            last = [n - (p - 1) * PAGE_SIZE for n, p in zip(lengths, need)]
-            dec.plan(indptr, pages.tolist(), last, positions=torch.tensor(lengths, device="cuda") - 1)
-            q.copy_(torch.randn(b, num_qo, hd, device="cuda", generator=g))
-            graph.replay()
-            spans = [SeqSpan(i, 1, n, t) for i, (n, t) in enumerate(zip(lengths, tables))]
-            ref = ref_backend.attend(0, q.float(), AttentionMetadata(spans, torch.zeros(b), b))
-            assert_attention_close(out, ref.view_as(out))
+            _replay_step(dec, captured, lengths, ref_backend, g)
 
+
+def test_graph_decoders_sharing_a_plan_slot_replay_in_turn():
+    """FlashInfer's graph decoders of every batch size keep their plans in one int workspace (PlanSlot). A decoder
+    whose step has the same page counts as its last one skips planning, unless another batch size planned since:
+    16 long rows (split KV) and 24 short rows in turn, each step the torch backend's output."""
+    num_qo, num_kv, hd = HEADS["16q8kv-hd128"]
+    g = torch.Generator(device="cuda").manual_seed(4)
+    pool = torch.randn(1, 2048, 2, num_kv, PAGE_SIZE, hd, device="cuda", generator=g).to(torch.bfloat16)
+    fi = FlashInferAttention(pool, hd**-0.5, num_qo)
+    ref_backend = TorchAttention(pool.float(), hd**-0.5)
+    decoders = fi.graph_decoders([16, 24], max_num_kv_indices=2048)
+    assert decoders[16]._wrappers[0]._int_workspace_buffer is decoders[24]._wrappers[0]._int_workspace_buffer
+    captured = {b: _captured(decoders[b], num_qo, hd) for b in (16, 24)}
+    steps = {16: [1000 + 37 * i for i in range(16)], 24: [3 + i for i in range(24)]}
+    for b in (16, 24, 16, 24, 24, 16):
+        _replay_step(decoders[b], captured[b], steps[b], ref_backend, g)
 
 @pytest.fixture(scope="module", params=sorted(SHAPES))
 def engines(request, tmp_path_factory, smollm_tokenizer):
