@@ -11,9 +11,10 @@ once, for its own prompt. A prompt that starts with a known head tuple (`prompt_
 with them only past it: where each rendering leaves that head is kept with them.
 
 Pins are best effort: a registry per engine keeps the most recently used chunks (LRU, bounded); when the engine
-refuses a pin (its pin budget is full) the oldest half is released and the call goes on unpinned. The registry
-refers to its engine weakly, so it never keeps a closed or dropped engine (weights, KV pages) alive; `drop_pins`
-releases an engine's pins and forgets them when `engines` closes it.
+refuses a pin (its pin budget is full) the oldest half is released and the call goes on unpinned; when it refuses one
+for now (a started request needs the room: PinWouldStarveError) the call goes on unpinned and no pin is released.
+The registry refers to its engine weakly, so it never keeps a closed or dropped engine (weights, KV pages) alive;
+`drop_pins` releases an engine's pins and forgets them when `engines` closes it.
 
 Usage accounting: a pin prefill computes part of the prompt before the call's request runs, and the engine then
 counts that part as read from the cache. So when a call has to prefill, `pin` first asks the engine how much of the
@@ -27,7 +28,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from braidinfer.errors import EngineDeadError, InvalidRequestError, OutOfPagesError
+from braidinfer.errors import EngineDeadError, InvalidRequestError, OutOfPagesError, PinWouldStarveError
 
 from braid_langchain.documents import document_key, render_sorted_documents
 from braid_langchain.messages import content_text, to_chat_messages
@@ -166,6 +167,8 @@ class PrefixPins:
                     cached_before = self.llm.num_cached_tokens(prompt)
                 try:
                     chunk = self.llm.chunks.add(self._own(prompt, end, parent), after=parent, kind=kind)
+                except PinWouldStarveError:  # a running request needs the room for now: unpinned this time
+                    return cached_before
                 except _REFUSED:
                     self._release_oldest_half()  # make room for next time
                     return cached_before
@@ -183,6 +186,8 @@ class PrefixPins:
                     cached_before = await self.llm.anum_cached_tokens(prompt)
                 try:
                     chunk = await self.llm.chunks.aadd(self._own(prompt, end, parent), after=parent, kind=kind)
+                except PinWouldStarveError:
+                    return cached_before
                 except _REFUSED:
                     self._release_oldest_half()
                     return cached_before

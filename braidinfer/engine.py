@@ -14,7 +14,7 @@ import torch
 
 from braidinfer import heap
 from braidinfer.config import EngineConfig
-from braidinfer.errors import InvalidRequestError, OutOfPagesError
+from braidinfer.errors import InvalidRequestError, OutOfPagesError, PinWouldStarveError
 from braidinfer.kv.page_manager import PageManager
 from braidinfer.kv.pins import Pins
 from braidinfer.layers import KernelPlan, cpu_int4, describe_kernels, select_kernels
@@ -266,6 +266,10 @@ class LLMEngine:
         """A chunk's prefill is done: pin its full pages (a root chain in the prefix cache) and end the request.
         A private (independent) chunk keeps all its pages, the partial last one too, outside the cache."""
         pages = seq.page_table if seq.private else seq.page_table[: seq.num_committed_pages]
+        problem = self.scheduler.starved_by_pin(pages)
+        if problem:
+            self.fail(seq, PinWouldStarveError(problem))
+            return
         try:
             self.pins.pin(seq.pin_owner, pages, private=seq.private)
         except OutOfPagesError as e:

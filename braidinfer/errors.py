@@ -34,6 +34,11 @@ class OutOfPagesError(BraidError, RuntimeError):
     """The KV page pool cannot hold what was asked of it."""
 
 
+class PinWouldStarveError(OutOfPagesError):
+    """A chunk's pin was refused for now: it would take pages that a started request needs to finish. Pinning again
+    once that request has ended can succeed; releasing other chunks does not help it."""
+
+
 class EngineDeadError(BraidError, RuntimeError):
     """The engine loop stopped; requests that were waiting on it fail with this error."""
 

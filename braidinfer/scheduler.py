@@ -144,17 +144,44 @@ class Scheduler:
         seq.last_node = chain[-1] if chain else None
 
     def _never_fits(self, seq: Sequence) -> str | None:
-        """Why `seq` (just matched against the cache) can never run next to the pinned pages, or None if it can.
-        The pages of released chunks that a composed prompt still holds (see `finish`) are not usable either."""
+        """Why `seq` (just matched against the cache) can never run next to the pinned pages, or None if it can."""
         pm = self.pages
         need = pm.pages_for(seq.max_kv_tokens)
-        held = {p for pages in seq.composed_pages or () for p in pages if not pm.pin_counts[p]}
-        usable = pm.num_pages - pm.num_pinned - len(held) + sum(1 for p in seq.page_table if pm.pin_counts[p])
+        usable = self._usable_pages(seq, pm.num_pinned)
         if need <= usable:
             return None
         return (f"request needs up to {need} KV pages ({seq.num_prompt_tokens} prompt + {seq.max_tokens} output "
                 f"tokens) but only {usable} of the pool's {pm.num_pages} are not pinned by chunks; release chunks or "
                 "lower max_tokens")
+
+    def starved_by_pin(self, pages: list[int]) -> str | None:
+        """Why pinning `pages` would take the room that a started request (running, or preempted and waiting to go
+        on) needs to finish, or None. It was admitted next to the pins it saw; left too few pages by a later pin, it
+        would fail midway, its output begun, once preempted. One that lacks the room already is not counted:
+        refusing the pin would not save it."""
+        pm = self.pages
+        pinning = frozenset(pages)
+        num_pinned = pm.num_pinned + pm.num_new_pins(pages)
+        for seq in (*self.running, *self.waiting):
+            if seq.num_cached_prompt_tokens is None or seq.prefill_only or seq.is_finished:
+                continue  # not started, or a chunk's prefill (it ends with its pin)
+            need, left = pm.pages_for(seq.max_kv_tokens), self._usable_pages(seq, num_pinned, pinning)
+            if left < need <= self._usable_pages(seq, pm.num_pinned):
+                return (f"cannot pin {len(pages)} KV pages now: request {seq.request_id} needs up to {need} of the "
+                        f"pool's {pm.num_pages} and would be left {left}; pin again once it has ended")
+        return None
+
+    def _usable_pages(self, seq: Sequence, num_pinned: int, pinning: frozenset[int] = frozenset()) -> int:
+        """The pages `seq` can ever have with `num_pinned` pages pinned (`pinning` about to be): not those pinned,
+        unless its prefix shares them (its page table, or when preempted the cached prefix it will match), nor
+        those of released chunks that a composed prompt holds (see `finish`)."""
+        pm = self.pages
+        held = {p for pages in seq.composed_pages or () for p in pages if not pm.pin_counts[p]}
+        own = seq.page_table
+        if not own and not seq.private:
+            own = pm.cached_pages(seq.token_ids, seq.num_tokens - 1)
+        shared = sum(1 for p in own if pm.pin_counts[p] or p in pinning)
+        return pm.num_pages - num_pinned - len(held) + shared
 
     def _reserve(self, seq: Sequence, num_tokens: int) -> bool:
         """Makes seq.page_table cover `num_tokens` slots; False if the pool cannot."""

@@ -71,9 +71,13 @@ class PageManager:
     def cached_prefix_length(self, token_ids: Sequence[int], max_tokens: int) -> int:
         """Tokens in the longest cached prefix of at most `max_tokens` tokens (whole pages), looked up only: no
         reference is taken and nothing is touched."""
+        return len(self.cached_pages(token_ids, max_tokens)) * self.page_size
+
+    def cached_pages(self, token_ids: Sequence[int], max_tokens: int) -> list[int]:
+        """The pages of the longest cached prefix of at most `max_tokens` tokens, looked up only."""
         if not self.enable_prefix_caching:
-            return 0
-        return len(self.tree.match(token_ids, max_tokens)) * self.page_size
+            return []
+        return [node.page for node in self.tree.match(token_ids, max_tokens)]
 
     def commit(self, token_ids: Sequence[int], num_tokens: int, page_table: Sequence[int], num_committed: int,
                last_node: PrefixNode | None) -> tuple[int, PrefixNode | None]:

@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from braidinfer import LLM, SamplingParams
-from braidinfer.errors import EngineDeadError, InvalidRequestError, OutOfPagesError, RequestFailedError
+from braidinfer.errors import (
+    EngineDeadError,
+    InvalidRequestError,
+    OutOfPagesError,
+    PinWouldStarveError,
+    RequestFailedError,
+)
 from tests.support.engines import idle_problems
 
 PS = 8
@@ -85,6 +91,26 @@ def test_pins_are_refused_beyond_the_pool_share_and_requests_that_cannot_fit_get
         assert llm.generate(_random_ids(8, 4 * PS), big)[0].usage.completion_tokens == 8 * PS
         assert _idle(llm)
 
+
+def test_a_pin_that_would_leave_a_running_request_without_room_is_refused_for_now(tiny_model, async_scheduling):
+    """A request admitted next to the pins it saw keeps its room: a later pin that would take it is refused with
+    PinWouldStarveError (before, the pin was taken and the request failed midway, its output begun, once it came
+    back from a preemption); once the request has ended the same pin is taken."""
+    _, path, _ = tiny_model
+    with LLM(model=path, device="cpu", dtype="float32", page_size=PS, num_kv_pages=16, max_pinned_fraction=0.5,
+             async_scheduling=async_scheduling, progress=False) as llm:
+        whole = SamplingParams(temperature=0, max_tokens=14 * PS, ignore_eos=True)  # KV of 16 pages: the pool
+        tokens, refused = [], None
+        for delta in llm.stream_deltas(_random_ids(10, 2 * PS), whole):
+            tokens += delta.token_ids
+            if refused is None:
+                with pytest.raises(PinWouldStarveError, match=r"request \S+ needs up to 16 of the pool's 16") as e:
+                    llm.chunks.add(_random_ids(11, 4 * PS))
+                refused = e
+        assert len(tokens) == 14 * PS and delta.finish_reason == "length"
+        assert len(llm.chunks) == 0 and _idle(llm)
+        assert llm.chunks.add(_random_ids(11, 4 * PS))
+        assert _idle(llm, pinned=4)
 
 def test_request_sharing_pinned_pages_may_use_them(tiny_model, async_scheduling):
     _, path, _ = tiny_model

@@ -11,6 +11,7 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 
 from braid_langchain import ChatBraid, engines, pinning, render_documents
 from braid_langchain.pinning import PrefixPins, common_prefix_length, pins_for, segment_ends
+from braidinfer.errors import OutOfPagesError, PinWouldStarveError
 from tests.langchain.conftest import ENGINE, GREEDY
 
 SYSTEM = SystemMessage("You are a careful librarian. Answer from the documents only, in one short sentence, and "
@@ -105,6 +106,28 @@ def test_the_registry_is_bounded_and_best_effort():
     pins.release_all()
     assert llm.cache_stats()["pinned"] == 0 and len(llm.chunks) == 0
 
+
+def test_a_pin_refused_for_now_releases_no_other_pin(monkeypatch):
+    """The engine refuses a pin for now when a started request needs the room (PinWouldStarveError): the call goes
+    on unpinned and the other pins stay; a full pin budget (OutOfPagesError) releases the oldest half instead."""
+    llm = _engine()
+    pins_for(llm).release_all()
+    pins = PrefixPins(llm, max_chunks=4)
+    chat = ChatBraid(**GREEDY, max_tokens=4)
+    requests = [_request(chat, [SystemMessage(f"System prompt number {i}. " + SYSTEM.content), HumanMessage("Hi")])
+                for i in range(4)]
+    for request in requests[:2]:
+        pins.pin(request.prompt, request.segments)
+    kept = list(llm.chunks)
+    for error, left in ((PinWouldStarveError("a running request needs the room"), 2),
+                        (OutOfPagesError("chunks already pin 8"), 1)):
+        def refuse(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(llm.chunks, "add", refuse)
+        assert pins.pin(requests[2].prompt, requests[2].segments) == llm.num_cached_tokens(requests[2].prompt)
+        assert len(pins) == left and list(llm.chunks) == kept[2 - left:]
+    pins.release_all()
 
 def test_prompt_ids_reuse_the_system_head_and_equal_the_whole_encoding():
     from braid_langchain import prompt_cache

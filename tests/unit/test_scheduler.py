@@ -133,3 +133,26 @@ def test_with_nothing_running_a_request_that_cannot_get_its_pages_is_rejected_no
     assert _step(sched).seqs == [second]
     [(rejected, reason)] = sched.take_rejected()
     assert rejected is first and "needs 6 KV pages to go on but only 4 of the pool's 12" in reason
+
+
+def test_a_pin_is_weighed_against_a_preempted_requests_pinned_prefix():
+    """A preempted request holds no pages, but the pinned pages its prompt starts with are still its own to use:
+    a pin that leaves it room is not refused, one that does not is (counting them as none, the first was refused
+    and the second was not)."""
+    pm = PageManager(10, 4)
+    sched = Scheduler(pm, max_num_seqs=4, max_num_batched_tokens=64)
+    chunk = _seq("c", 8, max_tokens=2)
+    sched.add(chunk)
+    _step(sched)
+    pinned = chunk.page_table[:2]
+    pm.pin(pinned)  # as the engine pins a chunk once its prefill is done
+    sched.finish(chunk, "stop")
+    seq = Sequence("s", chunk.token_ids[:8] + list(range(50, 54)), None, 25)  # KV of 36 tokens: 9 pages
+    sched.add(seq)
+    _step(sched)
+    assert seq.page_table[:2] == pinned
+    sched.preempt(seq)
+    assert seq.page_table == [] and seq.num_cached_prompt_tokens == 8
+    other = pm.allocate(2)  # another chunk's prefill, about to be pinned
+    assert sched.starved_by_pin(other[:1]) is None  # 10 - 3 pinned + 2 of its own = 9 pages: enough
+    assert "request s needs up to 9 of the pool's 10 and would be left 8" in sched.starved_by_pin(other)
