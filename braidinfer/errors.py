@@ -35,8 +35,8 @@ class OutOfPagesError(BraidError, RuntimeError):
 
 
 class PinWouldStarveError(OutOfPagesError):
-    """A chunk's pin was refused for now: it would take pages that a started request needs to finish. Pinning again
-    once that request has ended can succeed; releasing other chunks does not help it."""
+    """A chunk's pin was refused for now: it would take pages that a started request needs to finish (the pin budget
+    itself had room). Pinning again once that request has ended can succeed."""
 
 
 class EngineDeadError(BraidError, RuntimeError):

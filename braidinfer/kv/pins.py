@@ -24,16 +24,21 @@ class Pins:
         `private` pages (outside the cache, held by the caller) turn the caller's references into the pin.
         Raises OutOfPagesError, pinning nothing, when the pins would exceed the budget."""
         assert owner not in self._owned, f"{owner} is pinned already"
-        total = self.pages.num_pinned + self.pages.num_new_pins(pages)
-        if total > self.max_pages:
-            raise OutOfPagesError(
-                f"cannot pin {len(pages)} more KV pages: chunks already pin {self.pages.num_pinned} and may pin at "
-                f"most {self.max_pages} of the pool's {self.pages.num_pages}{self._budget_hint}; release chunks first")
+        problem = self.over_budget(pages)
+        if problem:
+            raise OutOfPagesError(problem)
         if private:
             self.pages.adopt_as_pins(pages)
         else:
             self.pages.pin(pages)
         self._owned[owner] = tuple(pages)
+
+    def over_budget(self, pages: Sequence[int]) -> str | None:
+        """Why pinning `pages` would exceed the budget, or None."""
+        if self.pages.num_pinned + self.pages.num_new_pins(pages) <= self.max_pages:
+            return None
+        return (f"cannot pin {len(pages)} more KV pages: chunks already pin {self.pages.num_pinned} and may pin at "
+                f"most {self.max_pages} of the pool's {self.pages.num_pages}{self._budget_hint}; release chunks first")
 
     def unpin(self, owner: str) -> None:
         """Drops `owner`'s pin (a no-op for an owner that holds none, e.g. one released twice)."""

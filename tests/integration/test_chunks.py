@@ -112,6 +112,26 @@ def test_a_pin_that_would_leave_a_running_request_without_room_is_refused_for_no
         assert llm.chunks.add(_random_ids(11, 4 * PS))
         assert _idle(llm, pinned=4)
 
+
+def test_a_full_pin_budget_is_named_before_a_running_requests_room(tiny_model, async_scheduling):
+    """A pin both over the budget and taking a started request's room is refused as over the budget (OutOfPagesError,
+    not PinWouldStarveError): releasing chunks is what makes room, and ChatBraid releases its oldest pins on it."""
+    _, path, _ = tiny_model
+    with LLM(model=path, device="cpu", dtype="float32", page_size=PS, num_kv_pages=16, max_pinned_fraction=0.5,
+             async_scheduling=async_scheduling, progress=False) as llm:
+        a = llm.chunks.add(_random_ids(6, 5 * PS))
+        tight = SamplingParams(temperature=0, max_tokens=8 * PS, ignore_eos=True)  # KV of 10 pages; 11 are unpinned
+        refused = None
+        for delta in llm.stream_deltas(_random_ids(10, 2 * PS), tight):
+            if refused is None:
+                with pytest.raises(OutOfPagesError, match="already pin 5") as e:
+                    llm.chunks.add(_random_ids(11, 4 * PS))  # 9 > 8 pinned, and it would leave the request 7
+                refused = e
+                assert not isinstance(refused.value, PinWouldStarveError)
+        assert delta.finish_reason == "length" and len(llm.chunks) == 1
+        a.release()
+        assert _idle(llm)
+
 def test_request_sharing_pinned_pages_may_use_them(tiny_model, async_scheduling):
     _, path, _ = tiny_model
     with LLM(model=path, device="cpu", dtype="float32", page_size=PS, num_kv_pages=16, max_pinned_fraction=0.5,
