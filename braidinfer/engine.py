@@ -266,11 +266,13 @@ class LLMEngine:
         """A chunk's prefill is done: pin its full pages (a root chain in the prefix cache) and end the request.
         A private (independent) chunk keeps all its pages, the partial last one too, outside the cache."""
         pages = seq.page_table if seq.private else seq.page_table[: seq.num_committed_pages]
-        # A full budget is the answer to give first: releasing chunks makes room, which also helps a started request.
-        problem = self.pins.over_budget(pages) is None and self.scheduler.starved_by_pin(pages)
-        if problem:
-            self.fail(seq, PinWouldStarveError(problem))
-            return
+        # A full budget is the answer to give first (pins.pin raises it): releasing chunks makes room, which also
+        # helps a started request.
+        if self.pins.over_budget(pages) is None:
+            problem = self.scheduler.starved_by_pin(pages)
+            if problem:
+                self.fail(seq, PinWouldStarveError(problem))
+                return
         try:
             self.pins.pin(seq.pin_owner, pages, private=seq.private)
         except OutOfPagesError as e:

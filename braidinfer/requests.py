@@ -126,9 +126,10 @@ class RequestBuilder:
                 "(prompt plus at least one generated token must fit)")
         max_tokens = min(params.max_tokens, max_model_len - len(ids))
         capacity = self.limits.num_pages * self.limits.page_size
-        if kv_tokens(len(ids), max_tokens) > capacity:
+        need = kv_tokens(len(ids), max_tokens)
+        if need > capacity:
             raise InvalidRequestError(
-                f"request needs up to {kv_tokens(len(ids), max_tokens)} tokens of KV cache ({len(ids)} prompt + "
+                f"request needs up to {need} tokens of KV cache ({len(ids)} prompt + "
                 f"{max_tokens} output tokens, the last never fed back) but the page pool holds {capacity}; "
                 "lower max_tokens or give the engine more KV memory")
         seq = Sequence(request_id or f"req-{next(self._ids)}", ids, params, max_tokens, sink)
