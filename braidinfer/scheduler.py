@@ -93,6 +93,7 @@ class Scheduler:
         return preempted
 
     def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        stuck: set[int] = set()  # ids of sequences that could not get their pages with nothing running, this step
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq.num_pending_tokens:  # preempted with a token in flight: admitted once it is on the host
@@ -116,11 +117,20 @@ class Scheduler:
                 if self.running:  # pages come back as they finish
                     break
                 # Nothing runs, so nothing gives pages back: the rest are pinned, or held by composed prompts
-                # waiting behind it. Waiting would spin the engine forever with every later request behind it.
+                # waiting behind it. One of those goes first if it has not been stuck too: its end frees its pages.
+                stuck.add(id(seq))
+                holder = next((s for s in self.waiting if id(s) not in stuck and self._holds_pages(s)), None)
+                if holder is not None:
+                    self.waiting.remove(holder)
+                    self.waiting.appendleft(holder)
+                    continue
+                # Waiting would spin the engine forever with every later request behind it.
                 self.waiting.popleft()
                 self._rejected.append((seq, f"request needs {need} KV pages to go on but only "
                                             f"{self.pages.num_available} of the pool's {self.pages.num_pages} can be "
                                             "had (the others are held by chunks); release chunks or lower max_tokens"))
+                if self._holds_pages(seq):
+                    break  # its end gives its pages back to those behind it, next step
                 continue
             self.waiting.popleft()
             if fresh and seq.compose:
@@ -134,6 +144,10 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)
             budget -= n
+
+    def _holds_pages(self, seq: Sequence) -> bool:
+        """Whether `seq` holds pages of released chunks that only its end gives back (see `finish`)."""
+        return any(not self.pages.pin_counts[p] for pages in seq.composed_pages or () for p in pages)
 
     def _match_prefix(self, seq: Sequence) -> None:
         # The last token is always computed: its logits give the next token.

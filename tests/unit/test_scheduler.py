@@ -121,9 +121,21 @@ def test_a_composed_prompt_that_cannot_fit_beside_its_released_chunks_pages_is_r
     assert rejected is seq and "needs up to 30 KV pages" in reason and "only 20 of the pool's 40" in reason
 
 
-def test_with_nothing_running_a_request_that_cannot_get_its_pages_is_rejected_not_kept_first_in_line():
+def _run_out(sched: Scheduler) -> None:
+    """Steps until nothing is left, failing rejected sequences as the engine does."""
+    for _ in range(200):
+        if not sched.has_work():
+            return
+        _step(sched)
+        for seq, _ in sched.take_rejected():
+            sched.finish(seq, "error")
+    raise AssertionError("the scheduler never finished")
+
+
+def test_with_nothing_running_a_composed_prompt_holding_pages_goes_ahead_of_one_that_needs_them():
     """Two composed prompts holding released chunks' pages: the first fits the pool, but not beside the second's
-    held pages, and nothing runs that could give pages back. Kept first in line, nothing would ever run again."""
+    held pages, and nothing runs that could give pages back. The second fits beside the first's: it goes first, and
+    its end gives the first its pages (rejecting the first, or keeping it first in line for ever, were both wrong)."""
     pm = PageManager(12, 4)
     first, second = _seq("a", 24, max_tokens=4), _seq("bb", 4, max_tokens=4)
     first.composed_pages, second.composed_pages = [pm.allocate(2)], [pm.allocate(6)]
@@ -131,8 +143,30 @@ def test_with_nothing_running_a_request_that_cannot_get_its_pages_is_rejected_no
     sched.add(first)
     sched.add(second)
     assert _step(sched).seqs == [second]
+    assert sched.take_rejected() == []
+    _run_out(sched)
+    assert first.finish_reason == second.finish_reason == "length"
+    assert first.num_output_tokens == second.num_output_tokens == 4
+    assert pm.num_free + pm.num_cached == pm.num_pages
+
+
+def test_with_nothing_running_one_of_two_composed_prompts_that_block_each_other_is_rejected():
+    """Each fits the pool but not beside the other's held pages: one is rejected, and once its end gives its pages
+    back the other runs (rejected in the same step, both failed)."""
+    pm = PageManager(12, 4)
+    first, second = _seq("a", 28, max_tokens=4), _seq("bb", 28, max_tokens=4)
+    first.composed_pages, second.composed_pages = [pm.allocate(4)], [pm.allocate(4)]
+    sched = Scheduler(pm, max_num_seqs=4, max_num_batched_tokens=64)
+    sched.add(first)
+    sched.add(second)
+    assert _step(sched).seqs == []
     [(rejected, reason)] = sched.take_rejected()
-    assert rejected is first and "needs 6 KV pages to go on but only 4 of the pool's 12" in reason
+    assert "needs 7 KV pages to go on but only 4 of the pool's 12" in reason
+    sched.finish(rejected, "error")
+    _run_out(sched)
+    other = first if rejected is second else second
+    assert other.finish_reason == "length" and other.num_output_tokens == 4
+    assert pm.num_free + pm.num_cached == pm.num_pages
 
 
 def test_a_pin_is_weighed_against_a_preempted_requests_pinned_prefix():
