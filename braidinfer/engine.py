@@ -225,14 +225,20 @@ class LLMEngine:
         return _Step(batch, sampled.seqs, tokens, sampled.logprobs)
 
     def _advance(self, batch: ScheduledBatch) -> None:
-        """The batch's KV is computed (or queued): count it, publish full pages, pin finished chunk prefills."""
+        """The batch's KV is computed (or queued): count it, publish full pages, pin finished chunk prefills.
+
+        Pins come after every commit: a request that computed a chunk's prefix in the same step has its copy of those
+        pages replaced by the chunk's (or the chunk's by its) when it commits, and only then are they seen shared."""
+        prefilled = []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             if seq.is_finished:  # ended by its previous token, processed after this step was launched
                 continue
             seq.num_computed_tokens += n
             self.scheduler.commit(seq)
             if seq.prefill_only and seq.num_computed_tokens == seq.num_tokens:
-                self._pin(seq)
+                prefilled.append(seq)
+        for seq in prefilled:
+            self._pin(seq)
 
     def _postprocess(self, step: _Step) -> None:
         """Appends a step's sampled tokens (waiting for them to reach the host)."""

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from braidinfer import LLM, SamplingParams
+from braidinfer.config import EngineConfig
+from braidinfer.engine import LLMEngine
 from braidinfer.errors import (
     EngineDeadError,
     InvalidRequestError,
@@ -111,6 +113,31 @@ def test_a_pin_that_would_leave_a_running_request_without_room_is_refused_for_no
         assert len(llm.chunks) == 0 and _idle(llm)
         assert llm.chunks.add(_random_ids(11, 4 * PS))
         assert _idle(llm, pinned=4)
+
+
+def test_a_chunk_and_a_request_computing_its_prefix_in_one_step_share_the_pages(tiny_model):
+    """Admitted in the same step, a chunk's prefill and a request that starts with the chunk's tokens both compute
+    them, each in its own pages; committing, the later one switches to the earlier one's. The pin was weighed
+    before the request's commit: the request, whose KV takes the whole pool, was counted as owning none of the pinned
+    pages, and the pin was refused with PinWouldStarveError."""
+    _, path, _ = tiny_model
+    engine = LLMEngine(EngineConfig(model=path, device="cpu", dtype="float32", page_size=PS, num_kv_pages=16,
+                                    max_pinned_fraction=0.5, progress=False))
+    prefix = _random_ids(12, 4 * PS)
+    chunk = engine.requests.prefill(prefix, "chunk")
+    whole = SamplingParams(temperature=0, max_tokens=11 * PS + 1, ignore_eos=True)  # KV of 16 pages: the pool
+    seq = engine.requests.sequence(prefix + _random_ids(13, PS), whole)
+    engine.add(chunk)
+    engine.add(seq)
+    engine.step()
+    assert chunk.finish_reason == "stop" and len(chunk.pinned_pages) == 4
+    assert seq.page_table[:4] == chunk.pinned_pages
+    while engine.has_work():
+        engine.step()
+    assert seq.finish_reason == "length" and seq.num_output_tokens == 11 * PS + 1
+    engine.unpin("chunk")
+    assert engine.pages.stats()["in_use"] == 0
+    engine.close()
 
 
 def test_a_full_pin_budget_is_named_before_a_running_requests_room(tiny_model, async_scheduling):
