@@ -74,7 +74,9 @@ class EngineLoop:
         self._intra_op_threads = intra_op_threads
         self._pid = os.getpid()  # the thread runs in this process only
         _guard_forked_children()
-        self._inbox: queue.Queue[Sequence | list[Sequence] | _Call | None] = queue.Queue()
+        # A SimpleQueue's put is reentrant (a garbage collection inside one may cancel a stream, which puts again);
+        # queue.Queue's is not: its lock would deadlock the thread.
+        self._inbox: queue.SimpleQueue[Sequence | list[Sequence] | _Call | None] = queue.SimpleQueue()
         self._batches: dict[asyncio.AbstractEventLoop, list[Sequence]] = {}  # submit_soon's, per event loop
         self._dead: BaseException | None = None  # what killed the loop
         self._closed = False

@@ -17,6 +17,7 @@ from braidinfer import SamplingParams
 from braidinfer.channels import SyncChannel
 from braidinfer.errors import EngineDeadError, InvalidRequestError, RequestFailedError
 from braidinfer.client import collect as _collect
+from braidinfer.sequence import Sequence
 from tests.support.engines import held_between_steps, idle_problems, tiny_engine
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -45,10 +46,11 @@ def _run_all(llm, prompts, params):
 
     async def main():
         with held_between_steps(llm):
+            inbox = _counted_inbox(llm)
             tasks = [asyncio.ensure_future(one(p, sp)) for p, sp in zip(prompts, params)]
             await asyncio.sleep(0)  # each task submits its request and waits for its first chunk
             await asyncio.sleep(0)  # the requests of that iteration go to the engine loop's inbox
-            _wait_until_queued(llm, len(prompts))
+            _wait_until_queued(inbox, len(prompts))
         return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), DEADLINE_S)
 
     return asyncio.run(main())
@@ -146,10 +148,11 @@ def test_when_the_loop_dies_every_caller_gets_an_error(tiny_llama):
 
     first = caller("running", lambda: llm.generate(_prompts(1), GREEDY))
     assert entered.wait(DEADLINE_S)
+    inbox = _counted_inbox(llm)
     # These reach the engine's inbox while the step runs: the engine never sees them before it dies.
     queued = [caller(f"queued-{i}", lambda: llm.generate(_prompts(2), GREEDY)) for i in range(2)]
     queued.append(caller("async", lambda: _raise_first(asyncio.run(streams()))))
-    _wait_until_queued(llm, 2 * 2 + 2)
+    _wait_until_queued(inbox, 2 * 2 + 2)
     release.set()
     for t in [first, *queued]:
         t.join(DEADLINE_S)
@@ -225,17 +228,35 @@ def _within_deadline(fn):
     return box["result"]
 
 
-def _wait_until_queued(llm, n):
+class _CountedInbox:
+    """The engine loop's inbox, counting the requests put in it (a SimpleQueue cannot be looked into); the engine
+    thread, held or inside a step, takes none of them meanwhile."""
+
+    def __init__(self, inbox):
+        self._inbox, self.requests = inbox, 0
+
+    def put(self, item):
+        self.requests += len(item) if isinstance(item, list) else isinstance(item, Sequence)
+        self._inbox.put(item)
+
+    def __getattr__(self, name):
+        return getattr(self._inbox, name)
+
+
+def _counted_inbox(llm) -> _CountedInbox:
+    """Counts the requests submitted to `llm` from now on (the same queue underneath)."""
+    llm._loop._inbox = _CountedInbox(llm._loop._inbox)
+    return llm._loop._inbox
+
+
+def _wait_until_queued(inbox: _CountedInbox, n):
     """Waits until `n` requests sit in the engine loop's inbox (the submissions of the queued callers; those of one
     event-loop iteration arrive as one list)."""
-    def queued():
-        return sum(len(item) if isinstance(item, list) else 1 for item in list(llm._loop._inbox.queue))
-
     for _ in range(DEADLINE_S * 100):
-        if queued() >= n:
+        if inbox.requests >= n:
             return
         threading.Event().wait(0.01)
-    raise AssertionError(f"only {queued()} of {n} requests reached the inbox")
+    raise AssertionError(f"only {inbox.requests} of {n} requests reached the inbox")
 
 
 def test_an_out_of_memory_error_in_the_forward_fails_that_step_and_the_engine_keeps_serving(tiny, monkeypatch):
