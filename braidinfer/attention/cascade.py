@@ -102,15 +102,16 @@ class FlashInferCascadeDecode:
         self._in_group = buffers.in_group[:b]
         # Both levels share the backend's float workspace: they run one after the other on one stream. Each level's
         # plan has an int workspace that every batch size shares (plan() runs before each replay).
-        self._shared = backend.plan_slot("cascade shared").share(flashinfer.BatchPrefillWithPagedKVCacheWrapper(
-            backend.workspace, "HND", use_cuda_graph=True, qo_indptr_buf=buffers.shared_qo_indptr[: b + 1],
-            paged_kv_indptr_buf=buffers.shared_kv_indptr[: b + 1], paged_kv_indices_buf=buffers.shared_kv_indices,
-            paged_kv_last_page_len_buf=buffers.shared_kv_last_page_len[:b], backend="fa2"), backend.workspace)
+        self._shared = backend.plan_slot("cascade shared").wrapper(
+            flashinfer.BatchPrefillWithPagedKVCacheWrapper, "HND", use_cuda_graph=True,
+            qo_indptr_buf=buffers.shared_qo_indptr[: b + 1], paged_kv_indptr_buf=buffers.shared_kv_indptr[: b + 1],
+            paged_kv_indices_buf=buffers.shared_kv_indices,
+            paged_kv_last_page_len_buf=buffers.shared_kv_last_page_len[:b], backend="fa2")
         own_indptr, own_last_page_len = buffers.own_kv_indptr[: b + 1], buffers.own_kv_last_page_len[:b]
-        self._own = backend.plan_slot("cascade own").share(flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            backend.workspace, kv_layout="HND", use_cuda_graph=True, paged_kv_indptr_buffer=own_indptr,
-            paged_kv_indices_buffer=buffers.own_kv_indices, paged_kv_last_page_len_buffer=own_last_page_len,
-            **backend.decode_options), backend.workspace)
+        self._own = backend.plan_slot("cascade own").wrapper(
+            flashinfer.BatchDecodeWithPagedKVCacheWrapper, kv_layout="HND", use_cuda_graph=True,
+            paged_kv_indptr_buffer=own_indptr, paged_kv_indices_buffer=buffers.own_kv_indices,
+            paged_kv_last_page_len_buffer=own_last_page_len, **backend.decode_options)
         self._own_pages = (buffers.own_kv_indices, own_indptr, own_last_page_len)  # the new token's page is own
         self._max_num_kv_indices = len(buffers.own_kv_indices)
         self._append_kv = flashinfer.append_paged_kv_cache

@@ -76,13 +76,15 @@ class PlanSlot:
     time, and a wrapper plans before its replay; `owner` is the planner whose plan the slot holds, so that one that
     skips planning when its step has the same shape as before (FlashInferGraphDecode) knows whether it still may."""
 
-    def __init__(self, device: torch.device):
-        self.buffer = torch.empty(INT_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+    def __init__(self, float_workspace: torch.Tensor):
+        self.float_workspace = float_workspace  # the backend's, which every wrapper shares
+        self.buffer = torch.empty(INT_WORKSPACE_BYTES, dtype=torch.uint8, device=float_workspace.device)
         self.owner: object | None = None
 
-    def share(self, wrapper, float_workspace: torch.Tensor):
-        """`wrapper` (a FlashInfer wrapper, before its first plan) with this slot as its int workspace."""
-        wrapper.reset_workspace_buffer(float_workspace, self.buffer)
+    def wrapper(self, cls, *args, **kwargs):
+        """A FlashInfer wrapper `cls(float workspace, *args, **kwargs)` whose plans go to this slot."""
+        wrapper = cls(self.float_workspace, *args, **kwargs)
+        wrapper.reset_workspace_buffer(self.float_workspace, self.buffer)
         return wrapper
 
 
@@ -124,7 +126,7 @@ class FlashInferAttention:
     def plan_slot(self, *role) -> PlanSlot:
         """The int workspace that the CUDA-graph wrappers of `role` (e.g. "decode", spec index) share."""
         if role not in self._plan_slots:
-            self._plan_slots[role] = PlanSlot(self.kv_cache.device)
+            self._plan_slots[role] = PlanSlot(self.workspace)
         return self._plan_slots[role]
 
     @property
@@ -251,10 +253,10 @@ class FlashInferGraphDecode:
             self._triton = _TritonDecode(backend, b, buffers.kv_indices.numel())
         else:
             self._slots = [backend.plan_slot("decode", i) for i in range(len(self._specs))]
-            self._wrappers = [slot.share(flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-                backend.workspace, kv_layout="HND", use_cuda_graph=True, paged_kv_indptr_buffer=indptr,
-                paged_kv_indices_buffer=buffers.kv_indices, paged_kv_last_page_len_buffer=last_page_len,
-                **backend.decode_options), backend.workspace)
+            self._wrappers = [slot.wrapper(
+                flashinfer.BatchDecodeWithPagedKVCacheWrapper, kv_layout="HND", use_cuda_graph=True,
+                paged_kv_indptr_buffer=indptr, paged_kv_indices_buffer=buffers.kv_indices,
+                paged_kv_last_page_len_buffer=last_page_len, **backend.decode_options)
                 for slot in self._slots]
         self._kv_positions = buffers.kv_positions[:b]
         self._positions: torch.Tensor | None = None  # the step's positions (plan's argument), copied by __call__
@@ -397,10 +399,10 @@ class FlashInferGraphPrefill:
         self._dims = (backend.num_qo_heads, backend.num_kv_heads, backend.head_dim, backend.page_size)
         self._specs, self._spec_index = backend.distinct_specs, backend.spec_index
         # Every token count shares one int workspace per spec: plan() runs before each replay.
-        self._wrappers = [backend.plan_slot("prefill", i).share(flashinfer.BatchPrefillWithPagedKVCacheWrapper(
-            backend.workspace, "HND", use_cuda_graph=True, qo_indptr_buf=buffers.qo_indptr,
+        self._wrappers = [backend.plan_slot("prefill", i).wrapper(
+            flashinfer.BatchPrefillWithPagedKVCacheWrapper, "HND", use_cuda_graph=True, qo_indptr_buf=buffers.qo_indptr,
             paged_kv_indptr_buf=buffers.kv_indptr, paged_kv_indices_buf=buffers.kv_indices,
-            paged_kv_last_page_len_buf=buffers.kv_last_page_len, backend="fa2"), backend.workspace)
+            paged_kv_last_page_len_buf=buffers.kv_last_page_len, backend="fa2")
             for i in range(len(self._specs))]
 
     def plan(self, num_tokens: int, pages: list[int], kv_len: int, scratch_page: int) -> None:
