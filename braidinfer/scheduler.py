@@ -109,15 +109,20 @@ class Scheduler:
                     self.waiting.popleft()
                     self._release(seq)
                     self._rejected.append((seq, problem))
+                    if self._holds_pages(seq):
+                        break  # its end gives its pages back to those behind it, next step
                     continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self._reserve(seq, seq.num_computed_tokens + n):
-                need = self.pages.pages_for(seq.num_computed_tokens + n)
+            if self.running:
+                if not self._reserve(seq, seq.num_computed_tokens + n):
+                    self._release(seq)
+                    break  # pages come back as the running ones finish
+            elif not (self._fits_alone(seq) and self._reserve(seq, seq.num_computed_tokens + n)):
+                # Nothing runs, so nothing gives pages back but the composed prompts waiting behind it, at their end
+                # (the rest are pinned). Admitted for its next chunk only, it would preempt itself for ever when it
+                # needs the rest: one of those goes first instead, if it has not been found unable to as well.
+                need = self.pages.pages_for(seq.max_kv_tokens) - len(seq.page_table)
                 self._release(seq)
-                if self.running:  # pages come back as they finish
-                    break
-                # Nothing runs, so nothing gives pages back: the rest are pinned, or held by composed prompts
-                # waiting behind it. One of those goes first if it has not been stuck too: its end frees its pages.
                 stuck.add(id(seq))
                 holder = next((s for s in self.waiting if id(s) not in stuck and self._holds_pages(s)), None)
                 if holder is not None:
@@ -126,7 +131,7 @@ class Scheduler:
                     continue
                 # Waiting would spin the engine forever with every later request behind it.
                 self.waiting.popleft()
-                self._rejected.append((seq, f"request needs {need} KV pages to go on but only "
+                self._rejected.append((seq, f"request needs up to {need} more KV pages but only "
                                             f"{self.pages.num_available} of the pool's {self.pages.num_pages} can be "
                                             "had (the others are held by chunks); release chunks or lower max_tokens"))
                 if self._holds_pages(seq):
@@ -144,6 +149,10 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)
             budget -= n
+
+    def _fits_alone(self, seq: Sequence) -> bool:
+        """Whether the pages `seq` can have now (besides those it holds) take all its KV to its end."""
+        return self.pages.pages_for(seq.max_kv_tokens) - len(seq.page_table) <= self.pages.num_available
 
     def _holds_pages(self, seq: Sequence) -> bool:
         """Whether `seq` holds pages of released chunks that only its end gives back (see `finish`)."""

@@ -1,6 +1,8 @@
 """Continuous batching decisions, driven without a model: each step 'computes' what was scheduled."""
 from __future__ import annotations
 
+import pytest
+
 from braidinfer.kv.page_manager import PageManager
 from braidinfer.scheduler import Scheduler
 from braidinfer.sequence import Sequence, SequenceStatus
@@ -150,23 +152,46 @@ def test_with_nothing_running_a_composed_prompt_holding_pages_goes_ahead_of_one_
     assert pm.num_free + pm.num_cached == pm.num_pages
 
 
-def test_with_nothing_running_one_of_two_composed_prompts_that_block_each_other_is_rejected():
+@pytest.mark.parametrize("budget", [64, 16], ids=["whole prompts", "chunked prefill"])
+def test_with_nothing_running_one_of_two_composed_prompts_that_block_each_other_is_rejected(budget):
     """Each fits the pool but not beside the other's held pages: one is rejected, and once its end gives its pages
-    back the other runs (rejected in the same step, both failed)."""
+    back the other runs. Rejected in the same step, both failed; admitted for a first chunk that fits, the first
+    preempted itself for ever when it needed the rest (composed prompts are private: nothing cached to go on from)."""
     pm = PageManager(12, 4)
     first, second = _seq("a", 28, max_tokens=4), _seq("bb", 28, max_tokens=4)
+    first.private = second.private = True
     first.composed_pages, second.composed_pages = [pm.allocate(4)], [pm.allocate(4)]
+    sched = Scheduler(pm, max_num_seqs=4, max_num_batched_tokens=budget)
+    sched.add(first)
+    sched.add(second)
+    assert _step(sched).seqs == []
+    [(rejected, reason)] = sched.take_rejected()
+    assert "needs up to 8 more KV pages but only 4 of the pool's 12" in reason
+    sched.finish(rejected, "error")
+    _run_out(sched)
+    other = first if rejected is second else second
+    assert other.finish_reason == "length" and other.num_output_tokens == 4
+    assert sched.num_preemptions == 0
+    assert pm.num_free + pm.num_cached == pm.num_pages
+
+
+def test_a_composed_prompt_that_never_fits_is_rejected_alone_in_its_step():
+    """The second never fits beside the pins and its own held pages and is rejected; the first, waiting on the
+    second's held pages, goes on once they are given back (it was rejected in the same step, before they were)."""
+    pm = PageManager(12, 4)
+    pm.adopt_as_pins(pm.allocate(2))
+    first, second = _seq("a", 20, max_tokens=1), _seq("bb", 28, max_tokens=1)
+    first.private = second.private = True
+    first.composed_pages, second.composed_pages = [pm.allocate(3)], [pm.allocate(4)]
     sched = Scheduler(pm, max_num_seqs=4, max_num_batched_tokens=64)
     sched.add(first)
     sched.add(second)
     assert _step(sched).seqs == []
     [(rejected, reason)] = sched.take_rejected()
-    assert "needs 7 KV pages to go on but only 4 of the pool's 12" in reason
-    sched.finish(rejected, "error")
+    assert rejected is second and "needs up to 7 KV pages" in reason
+    sched.finish(second, "error")
     _run_out(sched)
-    other = first if rejected is second else second
-    assert other.finish_reason == "length" and other.num_output_tokens == 4
-    assert pm.num_free + pm.num_cached == pm.num_pages
+    assert first.finish_reason == "length" and first.num_output_tokens == 1
 
 
 def test_a_pin_is_weighed_against_a_preempted_requests_pinned_prefix():
