@@ -93,7 +93,7 @@ class Scheduler:
         return preempted
 
     def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
-        stuck: set[int] = set()  # ids of sequences that could not get their pages with nothing running, this step
+        stuck: dict[int, int] = {}  # id -> pages needed, of those unable to go on with nothing running, this step
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq.num_pending_tokens:  # preempted with a token in flight: admitted once it is on the host
@@ -109,7 +109,7 @@ class Scheduler:
                     self.waiting.popleft()
                     self._release(seq)
                     self._rejected.append((seq, problem))
-                    if self._holds_pages(seq):
+                    if self._num_held(seq):
                         break  # its end gives its pages back to those behind it, next step
                     continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
@@ -121,20 +121,22 @@ class Scheduler:
                 # Nothing runs, so nothing gives pages back but the composed prompts waiting behind it, at their end
                 # (the rest are pinned). Admitted for its next chunk only, it would preempt itself for ever when it
                 # needs the rest: one of those goes first instead, if it has not been found unable to as well.
-                need = self.pages.pages_for(seq.max_kv_tokens) - len(seq.page_table)
+                stuck[id(seq)] = self.pages.pages_for(seq.max_kv_tokens) - len(seq.page_table)
                 self._release(seq)
-                stuck.add(id(seq))
-                holder = next((s for s in self.waiting if id(s) not in stuck and self._holds_pages(s)), None)
+                holder = next((s for s in self.waiting if id(s) not in stuck and self._num_held(s)), None)
                 if holder is not None:
                     self.waiting.remove(holder)
                     self.waiting.appendleft(holder)
                     continue
-                # Waiting would spin the engine forever with every later request behind it.
-                self.waiting.popleft()
-                self._rejected.append((seq, f"request needs up to {need} more KV pages but only "
-                                            f"{self.pages.num_available} of the pool's {self.pages.num_pages} can be "
-                                            "had (the others are held by chunks); release chunks or lower max_tokens"))
-                if self._holds_pages(seq):
+                # Waiting would spin the engine forever with every later request behind it. Of those found unable
+                # to go on, the one holding the most pages fails: its end gives the most back.
+                victim = max((s for s in self.waiting if id(s) in stuck), key=self._num_held)
+                self.waiting.remove(victim)
+                self._rejected.append((victim, f"request needs up to {stuck[id(victim)]} more KV pages but only "
+                                               f"{self.pages.num_available} of the pool's {self.pages.num_pages} can "
+                                               "be had (the others are held by chunks); release chunks or lower "
+                                               "max_tokens"))
+                if self._num_held(victim):
                     break  # its end gives its pages back to those behind it, next step
                 continue
             self.waiting.popleft()
@@ -154,9 +156,9 @@ class Scheduler:
         """Whether the pages `seq` can have now (besides those it holds) take all its KV to its end."""
         return self.pages.pages_for(seq.max_kv_tokens) - len(seq.page_table) <= self.pages.num_available
 
-    def _holds_pages(self, seq: Sequence) -> bool:
-        """Whether `seq` holds pages of released chunks that only its end gives back (see `finish`)."""
-        return any(not self.pages.pin_counts[p] for pages in seq.composed_pages or () for p in pages)
+    def _num_held(self, seq: Sequence) -> int:
+        """The pages of released chunks that `seq` holds, which only its end gives back (see `finish`)."""
+        return sum(1 for pages in seq.composed_pages or () for p in pages if not self.pages.pin_counts[p])
 
     def _match_prefix(self, seq: Sequence) -> None:
         # The last token is always computed: its logits give the next token.

@@ -175,6 +175,22 @@ def test_with_nothing_running_one_of_two_composed_prompts_that_block_each_other_
     assert pm.num_free + pm.num_cached == pm.num_pages
 
 
+def test_of_composed_prompts_that_block_each_other_the_one_holding_most_pages_is_rejected():
+    """Three hold 2, 4 and 2 pages and need 7, 7 and 8 of the pool's 12: none fits beside the others' held pages.
+    Failing the one with 4 lets the first go (7 <= 12 - 2 - 2), then the third; failing the last one tried (the
+    third, 2 pages) left the first short too, and it was failed as well."""
+    pm = PageManager(12, 4)
+    seqs = _seq("a", 24, max_tokens=5), _seq("bb", 24, max_tokens=5), _seq("ccc", 28, max_tokens=5)
+    sched = Scheduler(pm, max_num_seqs=4, max_num_batched_tokens=64)
+    for seq, held in zip(seqs, (2, 4, 2)):
+        seq.private = True
+        seq.composed_pages = [pm.allocate(held)]
+        sched.add(seq)
+    _run_out(sched)
+    assert [seq.finish_reason for seq in seqs] == ["length", "error", "length"]
+    assert pm.num_free + pm.num_cached == pm.num_pages
+
+
 def test_a_composed_prompt_that_never_fits_is_rejected_alone_in_its_step():
     """The second never fits beside the pins and its own held pages and is rejected; the first, waiting on the
     second's held pages, goes on once they are given back (it was rejected in the same step, before they were)."""
