@@ -109,7 +109,7 @@ class Scheduler:
                     self.waiting.popleft()
                     self._release(seq)
                     self._rejected.append((seq, problem))
-                    if self._num_held(seq):
+                    if self._held_pages(seq):
                         break  # its end gives its pages back to those behind it, next step
                     continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
@@ -123,20 +123,20 @@ class Scheduler:
                 # needs the rest: one of those goes first instead, if it has not been found unable to as well.
                 stuck[id(seq)] = self.pages.pages_for(seq.max_kv_tokens) - len(seq.page_table)
                 self._release(seq)
-                holder = next((s for s in self.waiting if id(s) not in stuck and self._num_held(s)), None)
+                holder = next((s for s in self.waiting if id(s) not in stuck and self._held_pages(s)), None)
                 if holder is not None:
                     self.waiting.remove(holder)
                     self.waiting.appendleft(holder)
                     continue
                 # Waiting would spin the engine forever with every later request behind it. Of those found unable
                 # to go on, the one holding the most pages fails: its end gives the most back.
-                victim = max((s for s in self.waiting if id(s) in stuck), key=self._num_held)
+                victim = max((s for s in self.waiting if id(s) in stuck), key=lambda s: len(self._held_pages(s)))
                 self.waiting.remove(victim)
                 self._rejected.append((victim, f"request needs up to {stuck[id(victim)]} more KV pages but only "
                                                f"{self.pages.num_available} of the pool's {self.pages.num_pages} can "
                                                "be had (the others are held by chunks); release chunks or lower "
                                                "max_tokens"))
-                if self._num_held(victim):
+                if self._held_pages(victim):
                     break  # its end gives its pages back to those behind it, next step
                 continue
             self.waiting.popleft()
@@ -156,9 +156,9 @@ class Scheduler:
         """Whether the pages `seq` can have now (besides those it holds) take all its KV to its end."""
         return self.pages.pages_for(seq.max_kv_tokens) - len(seq.page_table) <= self.pages.num_available
 
-    def _num_held(self, seq: Sequence) -> int:
+    def _held_pages(self, seq: Sequence) -> set[int]:
         """The pages of released chunks that `seq` holds, which only its end gives back (see `finish`)."""
-        return sum(1 for pages in seq.composed_pages or () for p in pages if not self.pages.pin_counts[p])
+        return {p for pages in seq.composed_pages or () for p in pages if not self.pages.pin_counts[p]}
 
     def _match_prefix(self, seq: Sequence) -> None:
         # The last token is always computed: its logits give the next token.
@@ -201,7 +201,7 @@ class Scheduler:
         unless its prefix shares them (its page table, or when preempted the cached prefix it will match), nor
         those of released chunks that a composed prompt holds (see `finish`)."""
         pm = self.pages
-        held = {p for pages in seq.composed_pages or () for p in pages if not pm.pin_counts[p]}
+        held = self._held_pages(seq)
         own = seq.page_table
         if not own and not seq.private:
             own = pm.cached_pages(seq.token_ids, seq.num_tokens - 1)

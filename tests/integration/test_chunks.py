@@ -159,6 +159,7 @@ def test_a_full_pin_budget_is_named_before_a_running_requests_room(tiny_model, a
         a.release()
         assert _idle(llm)
 
+
 def test_request_sharing_pinned_pages_may_use_them(tiny_model, async_scheduling):
     _, path, _ = tiny_model
     with LLM(model=path, device="cpu", dtype="float32", page_size=PS, num_kv_pages=16, max_pinned_fraction=0.5,
