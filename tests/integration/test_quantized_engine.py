@@ -223,6 +223,17 @@ def _perplexity(model, ids: torch.Tensor) -> float:
     return torch.nn.functional.cross_entropy(logits, ids[0, 1:]).exp().item()
 
 
+def _hf_logprobs(hf_model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, vocab] log-probabilities of every position of ids [1, T] from transformers' model as loaded (float32) and
+    from a bfloat16 copy of it: how far bfloat16 rounding alone moves them."""
+    import copy
+
+    with torch.no_grad():
+        exact = torch.log_softmax(hf_model(ids).logits[0].float(), -1)
+        bf16 = torch.log_softmax(copy.deepcopy(hf_model).bfloat16()(ids).logits[0].float(), -1)
+    return exact, bf16
+
+
 def test_embedded_model_int4_perplexity_within_half_a_percent(embedded_gguf, hf_smollm, smollm_tokenizer):
     """Issue target: the embedded model's perplexity over a stdlib module's source through the int4 form is within
     0.5% of the float32 decoding's (transformers' own load of the GGUF); also with the attention over bfloat16 q, K
@@ -311,8 +322,6 @@ def test_embedded_model_int4_engine_is_within_bf16_rounding(embedded_gguf, hf_sm
     in bfloat16 is from its float32 (int4, within 1.25x: it rounds the projections' inputs and scales to bfloat16)
     or far closer (dot: the inputs in two int8 terms per 32 values, ~16 bits), with the default KV pool holding K and
     V in bfloat16 (kv_cache_dtype "auto"); under a third of the float weights' bytes."""
-    import copy
-
     if form == "dot":
         require_cpu_kernels()
     default_kv = {**(INT4 if form == "int4" else DOT), "kv_cache_dtype": "auto"}
@@ -323,10 +332,7 @@ def test_embedded_model_int4_engine_is_within_bf16_rounding(embedded_gguf, hf_sm
         a, p = llm.generate(prompt, params)[0], plain.generate(prompt, params)[0]
         assert llm.memory_stats()["weight_bytes"] < 0.3 * plain.memory_stats()["weight_bytes"]
     assert a.token_ids == p.token_ids
-    ids = torch.tensor([prompt + p.token_ids])
-    with torch.no_grad():
-        exact = torch.log_softmax(hf_smollm(ids).logits[0].float(), -1)
-        bf16 = torch.log_softmax(copy.deepcopy(hf_smollm).bfloat16()(ids).logits[0].float(), -1)
+    exact, bf16 = _hf_logprobs(hf_smollm, torch.tensor([prompt + p.token_ids]))
     worst_int4 = worst_bf16 = 0.0
     for step, (la, lp) in enumerate(zip(a.logprobs, p.logprobs)):
         row = len(prompt) - 1 + step
@@ -347,7 +353,6 @@ def test_decoded_prefill_is_opt_in(embedded_gguf, hf_smollm, smollm_tokenizer, m
     and more multiply by the decoded weights (cpu_int4._decoded_linear), and the first token's top logprobs are as
     close to the float32 engine's (the GGUF dequantised at load) as bfloat16 rounding, or as the int4 op's are (the
     product rounds the weights to bfloat16 on AMX CPUs; the scales are bfloat16 in both forms)."""
-    import copy
     import inspect
     import json.decoder
 
@@ -369,10 +374,7 @@ def test_decoded_prefill_is_opt_in(embedded_gguf, hf_smollm, smollm_tokenizer, m
         assert bool(rows) == on and all(r >= cpu_int4.DEQUANTIZE_ROWS for r in rows)
     int4_gap, decoded_gap = (max(abs(top[token] - value) for token, value in exact.items() if token in top)
                              for top in tops)
-    with torch.no_grad():
-        ids = torch.tensor([prompt])
-        hf_exact = torch.log_softmax(hf_smollm(ids).logits[0, -1].float(), -1)
-        hf_bf16 = torch.log_softmax(copy.deepcopy(hf_smollm).bfloat16()(ids).logits[0, -1].float(), -1)
+    hf_exact, hf_bf16 = (logprobs[-1] for logprobs in _hf_logprobs(hf_smollm, torch.tensor([prompt])))
     bf16_gap = max(abs(hf_bf16[token].item() - hf_exact[token].item()) for token in exact)
     print(f"first-token top-5 logprobs, max gap to the float32 engine: decoded prefill {decoded_gap:.3g}, int4 op "
           f"{int4_gap:.3g}; transformers bf16 to its float32 {bf16_gap:.3g}")
