@@ -55,14 +55,16 @@ def test_sampling_does_not_synchronise(no_sync, name):
 
 def test_greedy_ids_is_argmax_on_cuda_with_ties(no_sync):
     """Greedy rows take the two-pass argmax on CUDA (vocabularies of whole chunks): the same ids as torch's argmax,
-    the first of tied maxima included, for Llama 3's and an indivisible vocabulary, without synchronising."""
-    from braidinfer.sampling.sampler import ARGMAX_CHUNK, greedy_ids
+    the first of tied maxima included, for Llama 3's and an indivisible vocabulary, without synchronising; batches
+    above TWO_PASS_ARGMAX_MAX_ROWS take the one-pass argmax, with the same result."""
+    from braidinfer.sampling.sampler import ARGMAX_CHUNK, TWO_PASS_ARGMAX_MAX_ROWS, greedy_ids
 
-    for vocab in (128256, 1000):
+    for vocab, rows in ((128256, 8), (128256, TWO_PASS_ARGMAX_MAX_ROWS), (128256, 2 * TWO_PASS_ARGMAX_MAX_ROWS),
+                        (1000, 8)):
         torch.cuda.set_sync_debug_mode("default")  # building the logits may synchronise (a host index list)
         g = torch.Generator(device="cuda")
-        g.manual_seed(vocab)
-        logits = torch.randint(-4, 5, (8, vocab), device="cuda", generator=g).to(torch.bfloat16)
+        g.manual_seed(vocab + rows)
+        logits = torch.randint(-4, 5, (rows, vocab), device="cuda", generator=g).to(torch.bfloat16)
         logits[1, [ARGMAX_CHUNK - 1, 3 * ARGMAX_CHUNK]] = 9.0
         torch.cuda.set_sync_debug_mode("error")
         got = greedy_ids(logits)
