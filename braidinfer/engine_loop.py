@@ -13,11 +13,13 @@ without a CUDA graph), where `LLM.generate` gets all of them admitted in one ste
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import logging
 import os
 import queue
 import threading
+import weakref
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
@@ -87,6 +89,7 @@ class EngineLoop:
         """Deltas for asyncio consumers, sent after every step and every batch of inbox items (engine thread)."""
         self._thread = threading.Thread(target=self._run, name="braid-engine", daemon=True)
         self._thread.start()
+        _stop_at_exit(self)
 
     @property
     def alive(self) -> bool:
@@ -275,6 +278,24 @@ class EngineLoop:
 
 
 _fork_guard_registered = False
+_open_loops: weakref.WeakSet[EngineLoop] = weakref.WeakSet()  # what _close_open_loops closes at exit
+
+
+def _stop_at_exit(loop: EngineLoop) -> None:
+    """Closes `loop` when the interpreter exits, if nothing closed it before.
+
+    Its thread is a daemon (an LLM left open must not keep the process alive), but a daemon thread still inside a
+    step when the interpreter finalises is ended by Python as it takes the GIL back from torch, and that unwinds
+    through torch's C++ frames: "terminate called without an active exception", and the process aborts (exit code
+    134) instead of exiting. A script that breaks out of a stream, or returns just after its last answer, leaves a
+    step running that way. Closing at exit lets the step finish first (the join's timeout bounds the wait)."""
+    _open_loops.add(loop)
+
+
+@atexit.register
+def _close_open_loops() -> None:
+    for loop in list(_open_loops):
+        loop.close()
 
 
 def _guard_forked_children() -> None:
