@@ -27,6 +27,12 @@ def structured_output(model: ChatBraid, schema: dict[str, Any] | type, *, method
     """model | parser, or with include_raw a map to {"raw", "parsed", "parsing_error"}."""
     from braidinfer.guided import GuidedDecoding
 
+    if isinstance(schema, type) and schema.__module__ == "builtins":
+        # LangChain would read the type's signature: "no signature found for builtin type", or for some a schema of
+        # its constructor's arguments.
+        raise ValueError(f"schema must be a pydantic model class, a TypedDict, a JSON schema dict or a function, got "
+                         f"the built-in type {schema.__name__}; wrap it in a model, e.g. `class Answer(BaseModel): "
+                         f"value: {schema.__name__}`")
     is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
     trace = {"ls_structured_output_format": {"kwargs": {"method": method}, "schema": schema}}
     if method == "function_calling":

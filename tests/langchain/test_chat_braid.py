@@ -156,6 +156,15 @@ def test_structured_output_is_always_valid_json(chat):
     assert set(raw) == {"raw", "parsed", "parsing_error"}
 
 
+@pytest.mark.parametrize("schema", [int, list, dict])
+@pytest.mark.parametrize("method", ["json_schema", "function_calling"])
+def test_a_built_in_type_as_schema_is_refused_with_a_way_out(chat, schema, method):
+    """Before, int failed inside inspect ("no signature found for builtin type") and list passed as a tool named
+    "list" with its constructor's arguments."""
+    with pytest.raises(ValueError, match=rf"built-in type {schema.__name__}; wrap it in a model"):
+        chat.with_structured_output(schema, method=method)
+
+
 @pytest.mark.parametrize("method", ["json_schema", "json_mode"])
 def test_structured_output_cut_by_max_tokens_raises_instead_of_parsing_a_part(chat, method):
     short = chat.model_copy(update={"max_tokens": 5})
