@@ -29,8 +29,17 @@ _lock = threading.Lock()
 def engine_key(model: str | None, device: str | None, dtype: str = "auto", **engine_kwargs: Any) -> EngineKey:
     """The registry key of one engine configuration (`engine_kwargs`: further `EngineConfig` fields), with device
     and dtype as the engine would resolve them, so that equivalent settings share one engine: on a CPU-only host
-    device None and "cpu" are one key, "cuda" and "cuda:0" are one, and dtype "auto" is the dtype it stands for."""
-    return (model, *_placement(device, dtype), *sorted(engine_kwargs.items()))
+    device None and "cpu" are one key, "cuda" and "cuda:0" are one, dtype "auto" is the dtype it stands for, and a
+    local model path is its real absolute path ("model.gguf", "./model.gguf" and its absolute path are one key)."""
+    return (_model_key(model), *_placement(device, dtype), *sorted(engine_kwargs.items()))
+
+
+def _model_key(model: str | None) -> str | None:
+    """An existing local path as its real absolute path (as the engine opens it: `~` expanded); else as given."""
+    if model is None:
+        return None
+    path = os.path.expanduser(os.fspath(model))
+    return os.path.realpath(path) if os.path.exists(path) else model
 
 
 def get_engine(model: str | None, device: str | None, dtype: str = "auto", **engine_kwargs: Any) -> LLM:

@@ -95,6 +95,19 @@ def test_equivalent_devices_and_dtypes_share_an_engine_key(tiny_llama):
     assert engines.engine_key(tiny_llama, on, "float16") != engines.engine_key(tiny_llama, on, "float32")
 
 
+def test_one_model_directory_written_two_ways_is_one_engine_key(tiny_llama, tmp_path, monkeypatch):
+    """A relative path, the absolute one and one through a symlink open the same files: one engine, not three loads
+    of the same weights (before, the key was the string as written)."""
+    monkeypatch.chdir(os.path.dirname(tiny_llama))
+    link = tmp_path / "link"
+    link.symlink_to(tiny_llama)
+    key = engines.engine_key(tiny_llama, "cpu")
+    assert engines.engine_key(os.path.basename(tiny_llama), "cpu") == key
+    assert engines.engine_key(os.path.join(".", os.path.basename(tiny_llama), ""), "cpu") == key
+    assert engines.engine_key(str(link), "cpu") == key
+    assert engines.engine_key("org/not-a-local-dir", "cpu")[0] == "org/not-a-local-dir"  # a hub id stays as given
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="device None means CUDA here")
 def test_default_device_and_dtype_reuse_the_engine_of_their_concrete_values(tiny_chat, tiny_llama):
     engine = _engine(tiny_chat)  # device "cpu", dtype "float32"
