@@ -79,7 +79,8 @@ class EngineConfig(ValidatedModel):
     processes, other engines, this one's weights, activations and KV pages). The KV pool takes what `max_num_seqs`
     requests of `max_model_len` tokens can use, within this; construction fails if not even one such request fits."""
     cpu_kv_cache_bytes: int = Field(1 << 30, ge=1 << 16)
-    """Most bytes of the KV page pool on the CPU (it holds at most `max_num_seqs` requests of `max_model_len`)."""
+    """Most bytes of the KV page pool on the CPU (it holds at most `max_num_seqs` requests of `max_model_len`). The
+    pool is reserved, not resident: RAM is taken as its pages are first written."""
     num_kv_pages: int | None = Field(None, ge=1)
     """Exact number of KV pages, overriding the memory-based sizing (useful in tests)."""
     enable_prefix_caching: bool = True

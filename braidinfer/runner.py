@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import mmap
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
@@ -21,6 +23,16 @@ from braidinfer.scheduler import ScheduledBatch
 from braidinfer.step_plan import Capabilities, PathConfig, StepFacts, StepPath, plan_step
 
 log = logging.getLogger(__name__)
+
+
+def _zeroed_pool(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.zeros(shape): on the CPU in private anonymous memory (mmap), which the OS hands out zeroed and commits
+    page by page as it is first written. torch.zeros writes every byte, so the CPU pool's whole size (1 GiB by
+    default: cpu_kv_cache_bytes) was resident from the start, where a chat writes a few MiB of it."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if device.type != "cpu" or nbytes == 0:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return torch.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE), dtype=dtype).view(shape)
 
 
 class ModelRunner:
@@ -56,10 +68,9 @@ class ModelRunner:
         if kv_dtype not in (None, dtype) and device.type != "cpu":
             # the engine refuses this first (engine.kv_cache_dtype): nothing on CUDA reads a pool of another dtype
             raise ValueError(f"a KV pool of {kv_dtype} under a {dtype} model needs the CPU")
-        self.kv_cache = torch.zeros(
-            cfg.num_hidden_layers, num_pool_pages, 2, cfg.num_key_value_heads, page_size, kv_head_dim,
-            dtype=kv_dtype or dtype, device=device,
-        )
+        self.kv_cache = _zeroed_pool(
+            (cfg.num_hidden_layers, num_pool_pages, 2, cfg.num_key_value_heads, page_size, kv_head_dim),
+            kv_dtype or dtype, device)
         pad_heads(model, kv_head_dim)
         specs = model.attention_specs()
         self.attention: AttentionBackend = (
