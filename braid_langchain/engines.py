@@ -34,12 +34,24 @@ def engine_key(model: str | None, device: str | None, dtype: str = "auto", **eng
     return (_model_key(model), *_placement(device, dtype), *sorted(engine_kwargs.items()))
 
 
+_path_keys: dict[str, str] = {}  # a local model path as written -> its key, fixed when first seen
+
+
 def _model_key(model: str | None) -> str | None:
-    """An existing local path as its real absolute path (as the engine opens it: `~` expanded); else as given."""
+    """An existing local path as its real absolute path (as the engine opens it: `~` expanded); else as given.
+
+    A path's key is kept once found: no file system calls on the request path after the first, and an engine whose
+    path was moved or re-linked since it loaded is still found (and closed) by the path it was asked for."""
     if model is None:
         return None
-    path = os.path.expanduser(os.fspath(model))
-    return os.path.realpath(path) if os.path.exists(path) else model
+    text = os.fspath(model)
+    key = _path_keys.get(text)
+    if key is None:
+        path = os.path.expanduser(text)
+        if not os.path.exists(path):
+            return text
+        key = _path_keys[text] = os.path.realpath(path)
+    return key
 
 
 def get_engine(model: str | None, device: str | None, dtype: str = "auto", **engine_kwargs: Any) -> LLM:

@@ -1,6 +1,7 @@
 """`with_structured_output` for ChatBraid: guided decoding makes the JSON valid, a LangChain parser reads it."""
 from __future__ import annotations
 
+import builtins
 import json
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Literal
@@ -27,7 +28,7 @@ def structured_output(model: ChatBraid, schema: dict[str, Any] | type, *, method
     """model | parser, or with include_raw a map to {"raw", "parsed", "parsing_error"}."""
     from braidinfer.guided import GuidedDecoding
 
-    if isinstance(schema, type) and schema.__module__ == "builtins":
+    if isinstance(schema, type) and getattr(builtins, schema.__name__, None) is schema:
         # LangChain would read the type's signature: "no signature found for builtin type", or for some a schema of
         # its constructor's arguments.
         raise ValueError(f"schema must be a pydantic model class, a TypedDict, a JSON schema dict or a function, got "

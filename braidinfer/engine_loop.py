@@ -19,6 +19,7 @@ import logging
 import os
 import queue
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from concurrent import futures
@@ -195,17 +196,23 @@ class EngineLoop:
         """True once the loop thread has ended (after close, or when it died)."""
         return not self._thread.is_alive()
 
-    def close(self) -> None:
+    def close(self, timeout: float = 30.0) -> None:
+        """Stops the loop after the step under way and waits up to `timeout` seconds for its thread to end."""
+        self._ask_to_stop()
+        self._join(timeout)
+
+    def _ask_to_stop(self) -> None:
         if self._forked:  # the thread, its inbox and its lock belong to the parent process
             self._closed = True
             return
         with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._inbox.put(None)
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout=30)
+            if not self._closed:
+                self._closed = True
+                self._inbox.put(None)
+
+    def _join(self, timeout: float) -> None:
+        if not self._forked and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=timeout)
 
     def _run(self) -> None:
         torch.set_num_threads(self._intra_op_threads)
@@ -292,10 +299,21 @@ def _stop_at_exit(loop: EngineLoop) -> None:
     _open_loops.add(loop)
 
 
+_EXIT_WAIT_S = 30.0  # the longest the interpreter's exit waits for engine threads to finish their steps
+
+
 @atexit.register
 def _close_open_loops() -> None:
-    for loop in list(_open_loops):
-        loop.close()
+    loops = list(_open_loops)
+    for loop in loops:  # all at once: each finishes its step while the others do
+        loop._ask_to_stop()
+    deadline = time.monotonic() + _EXIT_WAIT_S
+    for loop in loops:
+        loop._join(max(0.0, deadline - time.monotonic()))
+    if any(not loop.stopped and not loop._forked for loop in loops):
+        log.warning("an engine thread was still inside a step %.0f s after the interpreter began to exit; the "
+                    "process may abort (\"terminate called without an active exception\"): close LLMs before exiting",
+                    _EXIT_WAIT_S)
 
 
 def _guard_forked_children() -> None:

@@ -30,7 +30,7 @@ def _zeroed_pool(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devic
     page by page as it is first written. torch.zeros writes every byte, so the CPU pool's whole size (1 GiB by
     default: cpu_kv_cache_bytes) was resident from the start, where a chat writes a few MiB of it."""
     nbytes = math.prod(shape) * dtype.itemsize
-    if device.type != "cpu" or nbytes == 0:
+    if device.type != "cpu" or nbytes == 0 or not hasattr(mmap, "MAP_PRIVATE"):  # Windows' mmap has no flags
         return torch.zeros(shape, dtype=dtype, device=device)
     return torch.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE), dtype=dtype).view(shape)
 

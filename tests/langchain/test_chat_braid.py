@@ -165,6 +165,14 @@ def test_a_built_in_type_as_schema_is_refused_with_a_way_out(chat, schema, metho
         chat.with_structured_output(schema, method=method)
 
 
+def test_a_model_defined_outside_a_module_is_not_taken_for_a_built_in(chat):
+    """A class made by exec() without __name__ in its globals has the __module__ "builtins": still a model."""
+    scope = {"BaseModel": BaseModel}
+    exec("class Answer(BaseModel):\n    value: int", scope)
+    assert scope["Answer"].__module__ == "builtins"
+    chat.with_structured_output(scope["Answer"])  # builds, as for any pydantic model
+
+
 @pytest.mark.parametrize("method", ["json_schema", "json_mode"])
 def test_structured_output_cut_by_max_tokens_raises_instead_of_parsing_a_part(chat, method):
     short = chat.model_copy(update={"max_tokens": 5})

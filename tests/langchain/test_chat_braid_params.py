@@ -105,6 +105,9 @@ def test_one_model_directory_written_two_ways_is_one_engine_key(tiny_llama, tmp_
     assert engines.engine_key(os.path.basename(tiny_llama), "cpu") == key
     assert engines.engine_key(os.path.join(".", os.path.basename(tiny_llama), ""), "cpu") == key
     assert engines.engine_key(str(link), "cpu") == key
+    link.unlink()
+    link.symlink_to(tmp_path)  # re-pointed after use: the path still names the engine it loaded
+    assert engines.engine_key(str(link), "cpu") == key
     assert engines.engine_key("org/not-a-local-dir", "cpu")[0] == "org/not-a-local-dir"  # a hub id stays as given
 
 
