@@ -47,8 +47,10 @@ def _model_key(model: str | None) -> str | None:
     text = os.fspath(model)
     key = _path_keys.get(text)
     if key is None:
-        path = os.path.expanduser(text)
-        if not os.path.exists(path):
+        from braidinfer.loader.resolve import local_model_path
+
+        path = local_model_path(text)  # what the engine loads from, as it decides it
+        if path is None:
             return text
         key = _path_keys[text] = os.path.realpath(path)
     return key

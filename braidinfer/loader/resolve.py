@@ -29,14 +29,20 @@ def resolve_model(model: str | os.PathLike | None) -> ModelSource:
     text = os.fspath(model)
     if not text:
         raise ModelNotFoundError("model is an empty string: pass a path, a hub id, or None for the embedded model")
-    path = os.path.expanduser(text)
-    if os.path.exists(path):
+    path = local_model_path(text)
+    if path is not None:
         return source_from_path(path)
     if looks_like_hub_id(text):
         repo_id, selector = parse_hub_spec(text)
         local = find_cached_model(repo_id, selector) if hub_offline() else download_model(repo_id, selector)
         return source_from_path(local, name=text)
     raise ModelNotFoundError(f"model path {text!r} does not exist")
+
+
+def local_model_path(model: str | os.PathLike) -> str | None:
+    """The existing local file or directory that `model` names (`~` expanded), or None: a hub id, or nothing."""
+    path = os.path.expanduser(os.fspath(model))
+    return path if os.path.exists(path) else None
 
 
 def source_from_path(path: str, name: str | None = None) -> ModelSource:
