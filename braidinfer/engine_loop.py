@@ -90,7 +90,7 @@ class EngineLoop:
         """Deltas for asyncio consumers, sent after every step and every batch of inbox items (engine thread)."""
         self._thread = threading.Thread(target=self._run, name="braid-engine", daemon=True)
         self._thread.start()
-        _stop_at_exit(self)
+        _open_loops.add(self)  # closed at exit unless closed before (_close_open_loops)
 
     @property
     def alive(self) -> bool:
@@ -286,24 +286,18 @@ class EngineLoop:
 
 _fork_guard_registered = False
 _open_loops: weakref.WeakSet[EngineLoop] = weakref.WeakSet()  # what _close_open_loops closes at exit
-
-
-def _stop_at_exit(loop: EngineLoop) -> None:
-    """Closes `loop` when the interpreter exits, if nothing closed it before.
-
-    Its thread is a daemon (an LLM left open must not keep the process alive), but a daemon thread still inside a
-    step when the interpreter finalises is ended by Python as it takes the GIL back from torch, and that unwinds
-    through torch's C++ frames: "terminate called without an active exception", and the process aborts (exit code
-    134) instead of exiting. A script that breaks out of a stream, or returns just after its last answer, leaves a
-    step running that way. Closing at exit lets the step finish first (the join's timeout bounds the wait)."""
-    _open_loops.add(loop)
-
-
 _EXIT_WAIT_S = 30.0  # the longest the interpreter's exit waits for engine threads to finish their steps
 
 
 @atexit.register
 def _close_open_loops() -> None:
+    """Closes the engine loops still open when the interpreter exits.
+
+    Their threads are daemons (an LLM left open must not keep the process alive), but a daemon thread still inside a
+    step when the interpreter finalises is ended by Python as it takes the GIL back from torch, and that unwinds
+    through torch's C++ frames: "terminate called without an active exception", and the process aborts (exit code
+    134) instead of exiting. A script that breaks out of a stream, or returns just after its last answer, leaves a
+    step running that way. Closing at exit lets the step finish first (within _EXIT_WAIT_S)."""
     loops = list(_open_loops)
     for loop in loops:  # all at once: each finishes its step while the others do
         loop._ask_to_stop()
